@@ -1,0 +1,15 @@
+"""tttla_jax — test-time training layers with KV binding, and their exact rewriting as
+linear attention (Test-Time Training with KV Binding Is Secretly Linear Attention,
+arXiv 2602.21204).
+
+Public API (see README "API map"):
+    tt.linear_attention(q, k, v, ...)   plain / decayed linear attention, three forms
+    tt.delta_rule(q, k, v, beta, ...)   (gated) DeltaNet, recurrent and chunked (WY)
+    tt.rules                            fast-weight update rules (LaCT, TTT, Titans, ...)
+    tt.reference                        float64 per-token loops that read like the SPEC
+"""
+from tttla_jax.ops import linear_attention
+from tttla_jax import reference, rules
+
+__version__ = "0.1.0"
+__all__ = ["linear_attention", "reference", "rules"]
