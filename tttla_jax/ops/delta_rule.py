@@ -1,0 +1,236 @@
+"""DeltaNet and gated DeltaNet (SPEC §1), recurrent and chunked (WY / UT form).
+
+Axis names as in :mod:`tttla_jax.ops.linear_attention` (``B T H K V C N``).
+
+The recurrence (update-then-query; token t sees its own write)::
+
+    S   ← exp(g_t) · S_{t-1}                 g_t = log_decay[t] (0 if absent)
+    u_t = β_t (v_t − k_t S)                  S_t = S + k_tᵀ u_t
+    o_t = (scale · q_t) S_t
+
+Forms (same outputs, final state and gradients; ``tests/test_delta_rule.py`` checks
+both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`):
+
+* ``recurrent`` — ``lax.scan`` over tokens, rematerialised in blocks so the backward
+  pass stores one state per block, not one per token.
+* ``chunked`` — the WY / UT representation (Yang et al., 2024, "Parallelizing Linear
+  Transformers with the Delta Rule over Sequence Length", §3; gated: Yang, Kautz &
+  Hatamizadeh, 2024, "Gated Delta Networks", §3.3). Inside chunk n, with ``S`` the
+  state before the chunk and ``b`` the in-chunk inclusive cumulative log-decay::
+
+      (I + A) U = β V − (β e^b K) S,   A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j
+
+  so ``U = W_v − W_k S`` with ``[W_v, W_k] = (I + A)⁻¹ [β V, β e^b K]`` (one unit
+  lower-triangular solve per chunk, independent of S). Then with
+  ``P_ij = [j ≤ i] e^{b_i − b_j} q_i·k_j`` and ``K̃ = e^{b_C − b} K``::
+
+      o     = (e^b Q − P W_k) S + P W_v
+      S_new = (e^{b_C} I − K̃ᵀ W_k) S + K̃ᵀ W_v  =:  M_n S + D_n
+
+  Everything but the last line is computed for all chunks at once with batched
+  matmuls; the scan over chunks only does ``S ← M_n S + D_n`` (one K×K by K×V product).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+from tttla_jax import _checks
+from tttla_jax.ops.linear_attention import _pad_time, chunk_layout, unchunk_layout
+
+IMPLS = ("recurrent", "chunked", "pallas", "auto")
+
+# Tokens per rematerialised block of the token scan (see ops/linear_attention.py).
+_REMAT_BLOCK = 128
+
+
+def _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, "[B, T, H, D]")
+        _checks.check_floating(name, x)
+    B, T, H, K = q.shape
+    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(
+            f"v: expected shape [B, T, H, V] with (B, T, H) = {(B, T, H)} (from q), got {tuple(v.shape)}"
+        )
+    V = v.shape[3]
+    if T == 0:
+        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
+    _checks.check_shape("beta", beta, (B, T, H), "[B, T, H]")
+    _checks.check_floating("beta", beta)
+    if log_decay is not None:
+        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
+        _checks.check_floating("log_decay", log_decay)
+    if initial_state is not None:
+        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+        _checks.check_floating("initial_state", initial_state)
+    _checks.check_choice("impl", impl, IMPLS)
+    _checks.check_positive_int("chunk_size", chunk_size)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    return B, T, H, K, V
+
+
+def delta_rule(
+    q: Float[Array, "b t h k"],
+    k: Float[Array, "b t h k"],
+    v: Float[Array, "b t h v"],
+    beta: Float[Array, "b t h"],
+    *,
+    log_decay: Optional[Float[Array, "b t h"]] = None,
+    scale: Optional[float] = None,
+    initial_state: Optional[Float[Array, "b h k v"]] = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    impl: str = "auto",
+):
+    """(Gated) delta rule: ``S_t = (I − β_t k_tᵀ k_t) e^{g_t} S_{t−1} + β_t k_tᵀ v_t``, ``o_t = (scale·q_t) S_t``.
+
+    SPEC §1 rows "delta rule" and "gated delta rule": the decay (if any) is applied
+    first, then ``u_t = β_t (v_t − k_t S)``, ``S ← S + k_tᵀ u_t``; token t reads the
+    state after its own write. No feature map or normalisation is applied inside
+    (normalise k yourself: with ‖k_t‖ = 1 and β_t ∈ (0, 2) each step is a contraction).
+
+    Args:
+      q, k: ``[B, T, H, K]`` queries and keys.
+      v: ``[B, T, H, V]`` values.
+      beta: ``[B, T, H]`` write strengths β_t (the inner learning rate).
+      log_decay: optional ``[B, T, H]`` log-decay ``g_t`` (≤ 0 for a contraction; not
+        enforced) — the gated delta rule.
+      scale: query scale, default ``K ** -0.5``.
+      initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
+      output_final_state: also return the state after the last token.
+      chunk_size: chunk length of the chunked form.
+      impl: ``"recurrent"`` | ``"chunked"`` | ``"pallas"`` (not implemented yet) |
+        ``"auto"`` (the chunked form).
+
+    Returns:
+      ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` in float32
+      (float64 for float64 inputs), or ``None`` unless ``output_final_state``.
+    """
+    B, T, H, K, V = _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale)
+    if scale is None:
+        scale = K ** -0.5
+    if impl == "auto":
+        # Hook for a fused kernel: when tttla_jax.kernels gains a delta-rule kernel
+        # (GPU/TPU), dispatch to it here for supported backends/shapes, e.g.
+        #   if kernels.delta_rule_supported(q, K, V): impl = "pallas"
+        # On CPU the chunked XLA form is the fast path.
+        impl = "chunked"
+    if impl == "pallas":
+        raise NotImplementedError(
+            "delta_rule(impl='pallas'): no Pallas kernel for the delta rule exists yet; "
+            "use impl='chunked' (the fast XLA form) or impl='recurrent'"
+        )
+
+    sd = _checks.state_dtype(q, k, v, beta, log_decay, initial_state)
+    qf = q.astype(sd) * jnp.asarray(scale, sd)
+    kf, vf, bf = k.astype(sd), v.astype(sd), beta.astype(sd)
+    g = None if log_decay is None else log_decay.astype(sd)
+    S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
+    if impl == "recurrent":
+        o, S = _recurrent(qf, kf, vf, bf, g, S0)
+    else:
+        o, S = _chunked(qf, kf, vf, bf, g, S0, chunk_size)
+    return o.astype(q.dtype), (S if output_final_state else None)
+
+
+# --------------------------------------------------------------------------- recurrent
+
+
+def _recurrent(q, k, v, beta, g, S0):
+    """Token-by-token ``lax.scan``; zero-padded tokens (β=0, g=0, k=0) leave S unchanged."""
+    B, T, H, K = q.shape
+    blk = min(_REMAT_BLOCK, T)
+    Tp = -(-T // blk) * blk
+    gated = g is not None
+
+    def tm(x):  # [B, T, H, ...] -> [nb, blk, B, H, ...] time-major blocks
+        x = _pad_time(x, Tp)
+        x = jnp.moveaxis(x, 1, 0)
+        return x.reshape((Tp // blk, blk) + x.shape[1:])
+
+    xs = (tm(q), tm(k), tm(v), tm(beta)) + ((tm(g),) if gated else ())
+
+    def step(S, x):
+        if gated:
+            qt, kt, vt, bt, gt = x
+            S = jnp.exp(gt)[..., None, None] * S
+        else:
+            qt, kt, vt, bt = x
+        u = bt[..., None] * (vt - jnp.einsum("bhk,bhkv->bhv", kt, S))
+        S = S + kt[..., :, None] * u[..., None, :]
+        return S, jnp.einsum("bhk,bhkv->bhv", qt, S)
+
+    @jax.checkpoint
+    def block(S, xb):
+        return lax.scan(step, S, xb)
+
+    S, o = lax.scan(block, S0, xs)
+    o = o.reshape((Tp,) + o.shape[2:])[:T]
+    return jnp.moveaxis(o, 0, 1), S
+
+
+# --------------------------------------------------------------------------- chunked
+
+
+def _chunked(q, k, v, beta, g, S0, chunk_size):
+    """WY / UT chunked form (module docstring); padded tokens have β = g = k = 0."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    dt = q.dtype
+    qc, kc, vc = chunk_layout(q, C), chunk_layout(k, C), chunk_layout(v, C)  # [B,H,N,C,D]
+    bc = chunk_layout(beta, C)  # [B,H,N,C]
+    incl = jnp.tril(jnp.ones((C, C), bool))  # j <= i
+    strict = jnp.tril(jnp.ones((C, C), bool), -1)  # j < i
+
+    # One batched product gives both Q Kᵀ and K Kᵀ of every chunk.
+    QK = jnp.einsum("bhnik,bhnjk->bhnij", jnp.concatenate([qc, kc], axis=-2), kc)
+    if g is None:
+        P = jnp.where(incl, QK[..., :C, :], 0.0)
+        A = jnp.where(strict, QK[..., C:, :], 0.0) * bc[..., :, None]
+        rhs_k = bc[..., None] * kc
+        Kt = kc
+        Qt0 = qc
+        decay_C = None
+    else:
+        b = jnp.cumsum(chunk_layout(g, C), axis=-1)  # [B,H,N,C] inclusive, in-chunk
+        bC = b[..., -1:]  # [B,H,N,1]
+        # Mask *before* exp: only b_i − b_j with j ≤ i (≤ 0 for g ≤ 0) is exponentiated,
+        # so strong decay over a long chunk cannot overflow (nor produce inf·0 = NaN).
+        E = jnp.exp(jnp.where(incl, b[..., :, None] - b[..., None, :], 0.0))
+        P = jnp.where(incl, QK[..., :C, :] * E, 0.0)
+        A = jnp.where(strict, QK[..., C:, :] * E, 0.0) * bc[..., :, None]
+        eb = jnp.exp(b)[..., None]
+        rhs_k = (bc[..., None] * eb) * kc
+        Kt = jnp.exp(bC - b)[..., None] * kc  # e^{b_C − b_j} k_j
+        Qt0 = eb * qc
+        decay_C = jnp.exp(bC)[..., None]  # [B,H,N,1,1]
+
+    # [W_v, W_k] = (I + A)^{-1} [β V, β e^b K]  (unit lower-triangular solve)
+    rhs = jnp.concatenate([bc[..., None] * vc, rhs_k], axis=-1)  # [B,H,N,C,V+K]
+    W = lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)
+    # Per-chunk transition: S_new = M S + D with D = K̃ᵀ W_v, M = e^{b_C} I − K̃ᵀ W_k.
+    KW = jnp.einsum("bhnck,bhncx->bhnkx", Kt, W)  # [B,H,N,K,V+K]
+    D = KW[..., :V]
+    eye = jnp.eye(K, dtype=dt)
+    M = (eye if decay_C is None else decay_C * eye) - KW[..., V:]
+
+    def step(S, x):
+        Mn, Dn = x
+        return jnp.einsum("bhkj,bhjv->bhkv", Mn, S) + Dn, S  # emit the state *before* the chunk
+
+    S_final, S_prev = lax.scan(step, S0, (jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0)))
+    S_prev = jnp.moveaxis(S_prev, 0, 2)  # [B,H,N,K,V]
+
+    # o = (e^b Q − P W_k) S_prev + P W_v
+    PW = jnp.einsum("bhnij,bhnjx->bhnix", P, W)  # [B,H,N,C,V+K]
+    Qt = Qt0 - PW[..., V:]
+    o = jnp.einsum("bhnck,bhnkv->bhncv", Qt, S_prev) + PW[..., :V]
+    return unchunk_layout(o, T), S_final
