@@ -1,0 +1,136 @@
+"""Benchmark: the forms of tt.linear_attention on this machine (issue 2).
+
+Forward and forward+backward wall time of each implementation for B=4, H=4, K=V=64,
+float32, causal with log-decay, over T in {512, 2048, 8192, 32768}; plus the achieved
+GFLOP/s of the chunked form against the machine's measured 2-D matmul GFLOP/s.
+
+    python benchmarks/forms.py [--T 512 2048 8192 32768] [--repeats 5] [--out benchmarks/results/forms.json]
+
+FLOPs counted for the chunked causal forward (per chunk of C tokens, ignoring the
+elementwise decay work): ``QKᵀ`` 2C²K, ``(A)V`` 2C²V, chunk state ``KᵀV`` 2CKV,
+inter-chunk read ``Q S`` 2CKV. Forward+backward is counted as 3× the forward.
+The associative form materialises T·K·V floats per (B, H) and is skipped where that
+exceeds ``--assoc-max-gb``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tttla_jax as tt
+
+
+def timeit(fn, *args, repeats=5):
+    out = fn(*args)
+    jax.block_until_ready(out)  # compile + warm up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def matmul_gflops(n=2048, repeats=5):
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    t = timeit(f, a, repeats=repeats)
+    return 2 * n**3 / t / 1e9
+
+
+def chunked_flops(B, T, H, K, V, C):
+    N = -(-T // C)
+    per_chunk = 2 * C * C * K + 2 * C * C * V + 4 * C * K * V
+    return B * H * N * per_chunk
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[512, 2048, 8192, 32768])
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--impls", nargs="+", default=["recurrent", "associative", "chunked"])
+    p.add_argument("--assoc-max-gb", type=float, default=2.0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forms.json"))
+    a = p.parse_args(argv)
+    B, H, K, V, C = a.B, a.H, a.D, a.D, a.chunk_size
+
+    peak = matmul_gflops()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.default_backend()}; 2-D matmul 2048^3 float32: {peak:.1f} GFLOP/s")
+    rows = []
+    for T in a.T:
+        rng = np.random.default_rng(T)
+        q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
+        k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
+        g = jnp.asarray(-rng.uniform(0, 0.1, size=(B, T, H)), jnp.float32)
+        for impl in a.impls:
+            if impl == "associative" and B * H * T * K * V * 4 * 3 / 2**30 > a.assoc_max_gb:
+                rows.append(dict(T=T, impl=impl, fwd_s=None, fwdbwd_s=None, note="skipped: memory"))
+                print(f"T={T:6d} {impl:12s} skipped (T·K·V states exceed --assoc-max-gb)")
+                continue
+
+            def fwd(q, k, v, g, impl=impl):
+                return tt.linear_attention(q, k, v, log_decay=g, impl=impl, chunk_size=C)[0]
+
+            def loss(q, k, v, g, impl=impl):
+                return jnp.sum(fwd(q, k, v, g, impl) ** 2)
+
+            f = jax.jit(fwd)
+            fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+            tf = timeit(f, q, k, v, g, repeats=a.repeats)
+            tfb = timeit(fb, q, k, v, g, repeats=a.repeats)
+            row = dict(T=T, impl=impl, fwd_s=tf, fwdbwd_s=tfb,
+                       fwd_tok_s=B * T / tf, fwdbwd_tok_s=B * T / tfb)
+            if impl == "chunked":
+                fl = chunked_flops(B, T, H, K, V, C)
+                row.update(fwd_gflops=fl / tf / 1e9, fwdbwd_gflops=3 * fl / tfb / 1e9)
+                row.update(fwd_frac_peak=row["fwd_gflops"] / peak, fwdbwd_frac_peak=row["fwdbwd_gflops"] / peak)
+            rows.append(row)
+            extra = (f"  {row['fwd_gflops']:6.1f} / {row['fwdbwd_gflops']:6.1f} GFLOP/s "
+                     f"({100 * row['fwd_frac_peak']:.0f}% / {100 * row['fwdbwd_frac_peak']:.0f}% of matmul)"
+                     if impl == "chunked" else "")
+            print(f"T={T:6d} {impl:12s} fwd {tf * 1e3:9.2f} ms   fwd+bwd {tfb * 1e3:9.2f} ms{extra}", flush=True)
+
+    def get(T, impl, key):
+        for r in rows:
+            if r["T"] == T and r["impl"] == impl:
+                return r.get(key)
+
+    print("\n| T | " + " | ".join(f"{i} fwd ms | {i} fwd+bwd ms" for i in a.impls) + " |")
+    print("|---|" + "---|---|" * len(a.impls))
+    for T in a.T:
+        cells = []
+        for impl in a.impls:
+            for key in ("fwd_s", "fwdbwd_s"):
+                x = get(T, impl, key)
+                cells.append("—" if x is None else f"{x * 1e3:.1f}")
+        print(f"| {T} | " + " | ".join(cells) + " |")
+    summary = {}
+    if 8192 in a.T and {"recurrent", "chunked"} <= set(a.impls):
+        summary["speedup_fwdbwd_chunked_vs_recurrent_T8192"] = get(8192, "recurrent", "fwdbwd_s") / get(8192, "chunked", "fwdbwd_s")
+    if {8192, 32768} <= set(a.T) and "chunked" in a.impls:
+        summary["chunked_fwdbwd_T32768_over_4x_T8192"] = get(32768, "chunked", "fwdbwd_s") / (4 * get(8192, "chunked", "fwdbwd_s"))
+    print("\nsummary:", json.dumps(summary, indent=1))
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", mode="causal+decay"),
+                       machine=dict(cpu_count=os.cpu_count(), processor=platform.processor(),
+                                    jax=jax.__version__, backend=jax.default_backend()),
+                       matmul_gflops=peak, rows=rows, summary=summary), fh, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
