@@ -1,0 +1,618 @@
+"""Pallas kernels for chunked causal / block-causal linear attention (SPEC §1, issue 5).
+
+The recurrence (update-then-query, token t sees its own write)::
+
+    S_t = exp(g_t) · S_{t-1} + k_tᵀ v_t,      o_t = (scale · q_t) S_t     (mode="causal")
+
+and ``mode="chunk"`` (block causal: every query of chunk c reads the state after the
+chunks < c). Per chunk of ``C`` tokens, with ``b`` the in-chunk inclusive cumulative
+log-decay, ``γ_i = exp(b_i)``, ``λ_j = exp(b_C − b_j)``, ``Γ = exp(b_C)`` and the decay
+mask ``D_ij = exp(b_i − b_j)·[j ≤ i]`` (Yang et al., 2024, "Gated Linear Attention" §3)::
+
+    causal:  O = (Q Kᵀ ⊙ D) V + (γ ⊙ Q) S          chunk:  O = Q S
+    both:    S ← Γ S + (λ ⊙ K)ᵀ V
+
+Two backends behind one wrapper, chosen by the platform being *lowered for*
+(:func:`jax.lax.platform_dependent`, so ``jax.export(..., platforms=["tpu"])`` from a CPU
+host produces the Mosaic kernel):
+
+* GPU (``cuda``/``rocm``): Pallas' Triton lowering, one program per (batch, head, value
+  block) with an in-kernel ``fori_loop`` over chunks carrying the ``[K, BV]`` state in
+  registers.
+* TPU: Mosaic, grid ``(batch, head, value block, chunk)`` with the chunk axis
+  ``"arbitrary"`` (sequential) and the state in a VMEM scratch buffer.
+* any other platform (CPU): the GPU-style kernel in Pallas interpret mode (slow; for
+  tests), so the same call works everywhere.
+
+Backward (``jax.custom_vjp``). No per-chunk state is stored or re-materialised in HBM;
+the backward is three sweeps of the same two kernels:
+
+* ``dQ`` is the forward kernel run on ``(dO, V, K)`` with initial state ``S_0ᵀ``
+  (``dq_i = Σ_{j≤i} D_ij (do_i·v_j) k_j + γ_i do_i S_{c-1}ᵀ``: the transposed process);
+* ``dK, dV, dS_0`` come from one reverse sweep over chunks carrying ``dS``::
+
+      dV = (Q Kᵀ ⊙ D)ᵀ dO + (λ ⊙ K) dS,   dK = (dO Vᵀ ⊙ D)ᵀ Q + λ ⊙ (V dSᵀ),
+      dS ← Γ dS + (γ ⊙ Q)ᵀ dO             (chunk mode: no intra terms, γ ≡ 1)
+
+* the log-decay gradient needs no kernel: with ``B_t`` the global cumulative log-decay,
+  every term depends on ``B`` through ``exp(B_query − B_key)`` factors, so
+  ``∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = T−1]⟨S_T, dS_T⟩`` (chunk mode: the query term of
+  chunk c lands on the last token of chunk c−1), and ``dg`` is its reverse cumulative sum.
+
+Accumulation is float32 (float64 for float64 inputs, interpret mode only); matmul
+operands are in the input dtype (bfloat16 / float16 / float32).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float
+
+from tttla_jax import _checks
+
+MODES = ("causal", "chunk")
+HEAD_DIMS = (16, 32, 64, 128, 256)
+CHUNK_SIZES = (16, 32, 64, 128, 256)
+COMPILED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# Causal mode: the chunk is only a tiling choice; an unsupported chunk_size falls back to this.
+DEFAULT_CAUSAL_CHUNK = 64
+# TPU: refuse a call whose estimated VMEM footprint exceeds this (v7x has 64 MiB per core).
+TPU_VMEM_CAP = 48 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- block sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling and compiler knobs, per platform. ``None`` means the platform default.
+
+    Attributes:
+      block_v_gpu: value-dim tile per Triton program (state ``[K, block_v]`` lives in
+        registers). Default 64 for ``K ≤ 128``, 32 for ``K = 256`` (capped at ``V``).
+      block_v_tpu: value-dim tile per Mosaic program; a multiple of 128 or ``V``. Default ``V``.
+      num_warps: Triton warps per program (default 4; 8 when ``K·block_v ≥ 128·64``).
+      num_stages: Triton pipelining stages (default 1: the chunk loop is a carried recurrence).
+      vmem_limit_bytes: Mosaic scoped-VMEM limit (default: 2× the estimate, ≥ 16 MiB).
+    """
+
+    block_v_gpu: Optional[int] = None
+    block_v_tpu: Optional[int] = None
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+    vmem_limit_bytes: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("block_v_gpu", "block_v_tpu", "num_warps", "num_stages", "vmem_limit_bytes"):
+            val = getattr(self, name)
+            if val is not None:
+                _checks.check_positive_int(f"BlockSizes.{name}", val)
+        for name in ("block_v_gpu", "num_warps"):
+            val = getattr(self, name)
+            if val is not None and val & (val - 1):
+                raise ValueError(f"BlockSizes.{name}: expected a power of two, got {val}")
+        if self.block_v_gpu is not None and self.block_v_gpu < 16:
+            raise ValueError(f"BlockSizes.block_v_gpu: expected >= 16 (tl.dot minimum), got {self.block_v_gpu}")
+
+    def gpu(self, K: int, V: int) -> tuple[int, int, int]:
+        """Resolved ``(block_v, num_warps, num_stages)`` for the Triton kernel."""
+        bv = self.block_v_gpu or (64 if K <= 128 else 32)
+        bv = min(bv, V)
+        if V % bv:
+            raise ValueError(f"BlockSizes.block_v_gpu: {bv} does not divide V = {V}")
+        nw = self.num_warps or (8 if K * bv >= 128 * 64 else 4)
+        return bv, nw, self.num_stages or 1
+
+    def tpu(self, K: int, V: int) -> int:
+        """Resolved value-dim tile for the Mosaic kernel."""
+        bv = self.block_v_tpu or V
+        if bv != V and (bv % 128 or V % bv):
+            raise ValueError(
+                f"BlockSizes.block_v_tpu: expected V = {V} or a multiple of 128 dividing V, got {bv}")
+        return bv
+
+
+# --------------------------------------------------------------------------- support checks
+
+
+def _is_compiled_dtype(dt) -> bool:
+    return any(jnp.dtype(dt) == jnp.dtype(d) for d in COMPILED_DTYPES)
+
+
+def unsupported_reason(dtype, mode: str, K: int, V: int, chunk_size: Optional[int] = None,
+                       interpret: bool = False) -> Optional[str]:
+    """Why the kernel cannot run this call (``None`` if it can)."""
+    if mode not in MODES:
+        return f"mode={mode!r} is not supported by the Pallas kernel (supported: {MODES}); use impl='chunked'"
+    if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
+        return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
+                "float64 only in interpret mode)")
+    for name, d in (("K", K), ("V", V)):
+        if d not in HEAD_DIMS:
+            return f"head dim {name} = {d} is not supported (expected one of {HEAD_DIMS})"
+    if mode == "chunk" and chunk_size is not None and chunk_size not in CHUNK_SIZES:
+        return f"chunk_size = {chunk_size} is not supported in mode='chunk' (expected one of {CHUNK_SIZES})"
+    return None
+
+
+def auto_supported(q, mode: str, K: int, V: int, chunk_size: Optional[int] = None) -> bool:
+    """``impl="auto"`` hook: use the kernel only on GPU/TPU and for shapes it supports."""
+    if jax.default_backend() not in ("gpu", "cuda", "rocm", "tpu"):
+        return False
+    return unsupported_reason(jnp.result_type(q), mode, K, V, chunk_size) is None
+
+
+# --------------------------------------------------------------------------- chunk math (shared)
+
+
+def _dot(a, b, acc, ta=False, tb=False):
+    """``a @ b`` with optional transposes, accumulating in ``acc``."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    prec = lax.Precision.HIGHEST if a.dtype in (jnp.float32, jnp.float64) else None
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
+
+
+def _decay_mask(bcol, C):
+    """``D_ij = exp(b_i − b_j)·[j ≤ i]`` from the column ``b`` ``[C, 1]`` (masked before exp)."""
+    rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    brow = jnp.sum(jnp.where(rows == cols, bcol, 0.0), axis=0, keepdims=True)  # [1, C]
+    lower = cols <= rows
+    return jnp.where(lower, jnp.exp(jnp.where(lower, bcol - brow, 0.0)), 0.0)
+
+
+def _fwd_chunk(q, k, v, bcol, bC, S, *, scale, causal, cdt, acc):
+    """One chunk forward: returns ``(O [C, BV] in acc, S_next [K, BV])``."""
+    C = q.shape[0]
+    qs = q.astype(acc) * scale
+    lam = jnp.exp(bC - bcol)  # [C, 1]
+    if causal:
+        D = _decay_mask(bcol, C)
+        A = _dot(qs.astype(cdt), k, acc, tb=True) * D
+        o = _dot(A.astype(cdt), v, acc) + _dot((qs * jnp.exp(bcol)).astype(cdt), S.astype(cdt), acc)
+    else:
+        o = _dot(qs.astype(cdt), S.astype(cdt), acc)
+    S = jnp.exp(bC) * S + _dot((k.astype(acc) * lam).astype(cdt), v, acc, ta=True)
+    return o, S
+
+
+def _dkv_chunk(q, k, v, do, bcol, bC, dS, *, scale, causal, cdt, acc):
+    """One chunk of the reverse sweep: ``(dK partial over this V block, dV, dS_prev)``."""
+    C = q.shape[0]
+    qs = (q.astype(acc) * scale).astype(cdt)
+    lam = jnp.exp(bC - bcol)
+    dSc = dS.astype(cdt)
+    dv = _dot((k.astype(acc) * lam).astype(cdt), dSc, acc)
+    dk = _dot(v, dSc, acc, tb=True) * lam
+    if causal:
+        D = _decay_mask(bcol, C)
+        A = _dot(qs, k, acc, tb=True) * D
+        dA = _dot(do, v, acc, tb=True) * D
+        dv = dv + _dot(A.astype(cdt), do, acc, ta=True)
+        dk = dk + _dot(dA.astype(cdt), qs, acc, ta=True)
+        qg = (qs.astype(acc) * jnp.exp(bcol)).astype(cdt)
+    else:
+        qg = qs
+    dS = jnp.exp(bC) * dS + _dot(qg, do, acc, ta=True)
+    return dk, dv, dS
+
+
+# --------------------------------------------------------------------------- GPU (Triton)
+
+
+def _gpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, C, N, scale, causal, cdt, acc):
+    def body(c, S):
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        bC = b_ref[pl.ds(t0 + C - 1, 1), :]
+        o, S = _fwd_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], bC, S,
+                          scale=scale, causal=causal, cdt=cdt, acc=acc)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+        return S
+
+    st_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(acc)).astype(st_ref.dtype)
+
+
+def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0_ref, *,
+                    C, N, scale, causal, cdt, acc):
+    def body(i, dS):
+        t0 = pl.multiple_of((N - 1 - i) * C, C)
+        sl = pl.ds(t0, C)
+        bC = b_ref[pl.ds(t0 + C - 1, 1), :]
+        dk, dv, dS = _dkv_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :], b_ref[sl, :],
+                                bC, dS, scale=scale, causal=causal, cdt=cdt, acc=acc)
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        return dS
+
+    ds0_ref[...] = lax.fori_loop(0, N, body, dst_ref[...].astype(acc)).astype(ds0_ref.dtype)
+
+
+# --------------------------------------------------------------------------- TPU (Mosaic)
+
+
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, causal, cdt, acc):
+    c = pl.program_id(3)
+
+    @pl.when(c == 0)
+    def _():
+        s_scr[...] = s0_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    o, S = _fwd_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], b_ref[C - 1:C, :], s_scr[...],
+                      scale=scale, causal=causal, cdt=cdt, acc=acc)
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = S
+
+    @pl.when(c == N - 1)
+    def _():
+        st_ref[...] = S.astype(st_ref.dtype)
+
+
+def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0_ref, ds_scr, *,
+                    N, scale, causal, cdt, acc):
+    c = pl.program_id(3)
+
+    @pl.when(c == 0)
+    def _():
+        ds_scr[...] = dst_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    dk, dv, dS = _dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], b_ref[...], b_ref[C - 1:C, :],
+                            ds_scr[...], scale=scale, causal=causal, cdt=cdt, acc=acc)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    ds_scr[...] = dS
+
+    @pl.when(c == N - 1)
+    def _():
+        ds0_ref[...] = dS.astype(ds0_ref.dtype)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def chunk_costs(K: int, V: int, C: int, causal: bool, n_vblocks: int = 1) -> dict:
+    """FLOPs and transcendentals of one chunk of one (batch, head), forward and backward.
+
+    Forward: ``Q Kᵀ`` (2C²K, once per value block), ``A V`` (2C²V), ``(γQ) S`` (2CKV),
+    ``(λK)ᵀ V`` (2CKV). Backward: the dQ sweep is one forward; the dK/dV sweep is
+    ``Q Kᵀ`` and ``dO Vᵀ`` (2C²K + 2C²V), ``Aᵀ dO`` (2C²V), ``dAᵀ Q`` (2C²K) and three
+    C·K·V products (6CKV).
+    """
+    if causal:
+        fwd = 2 * C * C * K * n_vblocks + 2 * C * C * V + 4 * C * K * V
+        dkv = 2 * C * C * K * n_vblocks + 4 * C * C * V + 2 * C * C * K + 6 * C * K * V
+        trans = (C * C + 3 * C) * n_vblocks
+    else:
+        fwd = 4 * C * K * V
+        dkv = 6 * C * K * V
+        trans = 2 * C * n_vblocks
+    return {"fwd_flops": fwd, "bwd_flops": fwd + dkv, "transcendentals": trans}
+
+
+def _cost(BH, N, K, V, C, causal, nvb, itemsize, bwd):
+    cc = chunk_costs(K, V, C, causal, nvb)
+    T = N * C
+    if not bwd:
+        flops = cc["fwd_flops"]
+        nbytes = BH * (T * (2 * K * nvb + 2 * V) * itemsize + T * 4 + 2 * K * V * 4)
+    else:
+        flops = cc["bwd_flops"] - cc["fwd_flops"]
+        nbytes = BH * (T * (2 * K * nvb + 2 * V) * itemsize + T * 4 + T * (K * nvb + V) * 4 + 2 * K * V * 4)
+    return pl.CostEstimate(flops=int(BH * N * flops), transcendentals=int(BH * N * cc["transcendentals"]),
+                           bytes_accessed=int(nbytes))
+
+
+def tpu_vmem_estimate(K: int, V: int, C: int, bv: int, itemsize: int, acc_size: int = 4) -> int:
+    """Bytes of VMEM the Mosaic kernels need (double-buffered blocks, scratch, C×C temporaries)."""
+    lane = lambda n: -(-n // 128) * 128  # noqa: E731  (minor dims are padded to 128 lanes)
+    blocks = C * lane(K) * 2 * itemsize + 2 * C * lane(bv) * itemsize + C * 128 * acc_size
+    outs = C * lane(K) * acc_size + C * lane(bv) * acc_size
+    state = 3 * K * lane(bv) * acc_size
+    temps = 6 * C * lane(C) * acc_size
+    return 2 * (blocks + outs) + state + temps
+
+
+# --------------------------------------------------------------------------- pallas_call builders
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static configuration of one call (hashable: it is a nondiff argument of the custom_vjp)."""
+
+    C: int
+    causal: bool
+    block_sizes: BlockSizes
+    interpret: Any  # None | "gpu" | "tpu" | pltpu.InterpretParams
+
+
+def _acc(dtype):
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _fwd_call(backend, interp, q, k, v, b, S0, *, scale, cfg, out_dtype):
+    """``(O [B, H, Tp, V] in out_dtype, S_T [B, H, K, V] in acc)`` with the chosen backend."""
+    B, H, Tp, K = q.shape
+    V = v.shape[-1]
+    C = cfg.C
+    N = Tp // C
+    cdt = q.dtype
+    acc = _acc(cdt)
+    out_shape = (jax.ShapeDtypeStruct((B, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), acc))
+    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc)
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n: (i, j, 0, n))
+        return pl.pallas_call(
+            functools.partial(_gpu_fwd_kernel, C=C, N=N, **kw),
+            out_shape=out_shape,
+            grid=(B, H, V // bv),
+            in_specs=[full(K), full(K), vblk, full(1), sblk],
+            out_specs=(vblk, sblk),
+            compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+            cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+            interpret=bool(interp),
+            name="tttla_linear_attention_fwd_triton",
+        )(q, k, v, b, S0)
+    bv = cfg.block_sizes.tpu(K, V)
+    rev = lambda c: c  # noqa: E731
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, rev(c), 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, rev(c), n))
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
+    return pl.pallas_call(
+        functools.partial(_tpu_fwd_kernel, N=N, **kw),
+        out_shape=out_shape,
+        grid=(B, H, V // bv, N),
+        in_specs=[tok(K), tok(K), vblk, tok(1), sblk],
+        out_specs=(vblk, sblk),
+        scratch_shapes=[pltpu.VMEM((K, bv), acc)],
+        compiler_params=_tpu_params(cfg, K, V, bv, cdt),
+        cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+        interpret=interp or False,
+        name="tttla_linear_attention_fwd_mosaic",
+    )(q, k, v, b, S0)
+
+
+def _dkv_call(backend, interp, q, k, v, do, b, dST, *, scale, cfg):
+    """Reverse sweep: ``(dK, dV [acc], dS_0 [acc])``; dK is summed over value blocks."""
+    B, H, Tp, K = q.shape
+    V = v.shape[-1]
+    C = cfg.C
+    N = Tp // C
+    cdt = q.dtype
+    acc = _acc(cdt)
+    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc)
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        nvb = V // bv
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n: (i, j, 0, n))
+        dkblk = pl.BlockSpec((None, None, None, Tp, K), lambda i, j, n: (n, i, j, 0, 0))
+        dk, dv, dS0 = pl.pallas_call(
+            functools.partial(_gpu_dkv_kernel, C=C, N=N, **kw),
+            out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
+                       jax.ShapeDtypeStruct((B, H, K, V), acc)),
+            grid=(B, H, nvb),
+            in_specs=[full(K), full(K), vblk, vblk, full(1), sblk],
+            out_specs=(dkblk, vblk, sblk),
+            compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+            cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
+            interpret=bool(interp),
+            name="tttla_linear_attention_dkv_triton",
+        )(q, k, v, do, b, dST)
+        return jnp.sum(dk, axis=0), dv, dS0
+    bv = cfg.block_sizes.tpu(K, V)
+    nvb = V // bv
+    rev = lambda c: N - 1 - c  # noqa: E731
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, rev(c), 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, rev(c), n))
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
+    dkblk = pl.BlockSpec((None, None, None, C, K), lambda i, j, n, c: (n, i, j, rev(c), 0))
+    dk, dv, dS0 = pl.pallas_call(
+        functools.partial(_tpu_dkv_kernel, N=N, **kw),
+        out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
+                   jax.ShapeDtypeStruct((B, H, K, V), acc)),
+        grid=(B, H, nvb, N),
+        in_specs=[tok(K), tok(K), vblk, vblk, tok(1), sblk],
+        out_specs=(dkblk, vblk, sblk),
+        scratch_shapes=[pltpu.VMEM((K, bv), acc)],
+        compiler_params=_tpu_params(cfg, K, V, bv, cdt),
+        cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
+        interpret=interp or False,
+        name="tttla_linear_attention_dkv_mosaic",
+    )(q, k, v, do, b, dST)
+    return jnp.sum(dk, axis=0), dv, dS0
+
+
+def _tpu_params(cfg, K, V, bv, cdt):
+    est = tpu_vmem_estimate(K, V, cfg.C, bv, jnp.dtype(cdt).itemsize, jnp.dtype(_acc(cdt)).itemsize)
+    if est > TPU_VMEM_CAP:
+        raise ValueError(
+            f"TPU kernel: estimated VMEM {est / 2**20:.1f} MiB for K={K}, block_v={bv}, chunk={cfg.C} "
+            f"exceeds {TPU_VMEM_CAP / 2**20:.0f} MiB; use a smaller chunk_size or BlockSizes.block_v_tpu")
+    limit = cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est)
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"), vmem_limit_bytes=int(limit))
+
+
+def _dispatch(call, cfg, *args, **kw):
+    """Run ``call(backend, interp, *args)`` on the backend of the platform being lowered for."""
+    kw = dict(kw, cfg=cfg)
+    it = cfg.interpret
+    if it is not None:
+        if isinstance(it, str) and it == "gpu" or it is True:
+            return call("gpu", True, *args, **kw)
+        if isinstance(it, str) and it == "tpu":
+            it = pltpu.InterpretParams(uninitialized_memory="nan")
+        return call("tpu", it, *args, **kw)
+    return lax.platform_dependent(
+        *args,
+        cuda=lambda *a: call("gpu", False, *a, **kw),
+        rocm=lambda *a: call("gpu", False, *a, **kw),
+        tpu=lambda *a: call("tpu", False, *a, **kw),
+        default=lambda *a: call("gpu", True, *a, **kw),
+    )
+
+
+# --------------------------------------------------------------------------- layout + custom_vjp
+
+
+def _to_kernel(x, Tp):
+    """``[B, T, H, D]`` → ``[B, H, Tp, D]`` (zero-padded tokens)."""
+    T = x.shape[1]
+    x = jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _cum_decay(g, C, Tp):
+    """In-chunk inclusive cumulative log-decay as a column ``[B, H, Tp, 1]`` (accumulation dtype)."""
+    B, T, H = g.shape
+    g = jnp.pad(g, ((0, 0), (0, Tp - T), (0, 0)))
+    b = jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
+    return jnp.swapaxes(b, 1, 2)[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _la(q, k, v, g, S0, scale, cfg):
+    return _la_fwd(q, k, v, g, S0, scale, cfg)[0]
+
+
+def _la_fwd(q, k, v, g, S0, scale, cfg):
+    T = q.shape[1]
+    Tp = -(-T // cfg.C) * cfg.C
+    acc = _acc(q.dtype)
+    b = _cum_decay(g.astype(acc), cfg.C, Tp)
+    o, S = _dispatch(_fwd_call, cfg, _to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp), b,
+                     S0.astype(acc), scale=scale, out_dtype=q.dtype)
+    o = jnp.swapaxes(o, 1, 2)[:, :T]
+    return (o, S), (q, k, v, g, S0, S)
+
+
+def _la_bwd(scale, cfg, res, cts):
+    q, k, v, g, S0, S_T = res
+    do, dST = cts
+    B, T, H, K = q.shape
+    C = cfg.C
+    Tp = -(-T // C) * C
+    N = Tp // C
+    acc = _acc(q.dtype)
+    b = _cum_decay(g.astype(acc), C, Tp)
+    qh, kh, vh, doh = (_to_kernel(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
+    dST = dST.astype(acc)
+    # dQ (w.r.t. the scaled query): the forward kernel on the transposed process (dO, V, K; S_0ᵀ).
+    dqs, _ = _dispatch(_fwd_call, cfg, doh, vh, kh, b, jnp.swapaxes(S0.astype(acc), -1, -2),
+                       scale=1.0, out_dtype=acc)
+    dk, dv, dS0 = _dispatch(_dkv_call, cfg, qh, kh, vh, doh, b, dST, scale=scale)
+    # log-decay: dL/dB_t = q_t·dq_t (query side) − k_t·dk_t (key side) + [t = T−1]<S_T, dS_T>.
+    qdq = jnp.sum(qh.astype(acc) * scale * dqs, axis=-1)  # [B, H, Tp]
+    kdk = jnp.sum(kh.astype(acc) * dk, axis=-1)
+    if not cfg.causal:  # chunk c's queries read the state after token cC − 1
+        per_chunk = jnp.sum(qdq.reshape(B, H, N, C), axis=-1)
+        qdq = jnp.zeros((B, H, N, C), acc).at[:, :, :-1, C - 1].set(per_chunk[:, :, 1:]).reshape(B, H, Tp)
+    dB = (qdq - kdk)[:, :, :T]
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dB, -1), axis=-1), -1) + jnp.sum(S_T * dST, axis=(-2, -1))[..., None]
+    dq = jnp.swapaxes(dqs * scale, 1, 2)[:, :T]
+    dk = jnp.swapaxes(dk, 1, 2)[:, :T]
+    dv = jnp.swapaxes(dv, 1, 2)[:, :T]
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            jnp.swapaxes(dg, 1, 2).astype(g.dtype), dS0.astype(S0.dtype))
+
+
+_la.defvjp(_la_fwd, _la_bwd)
+
+
+# --------------------------------------------------------------------------- public wrapper
+
+
+def linear_attention(
+    q: Float[Array, "b t h k"],
+    k: Float[Array, "b t h k"],
+    v: Float[Array, "b t h v"],
+    *,
+    scale: Optional[float] = None,
+    log_decay: Optional[Float[Array, "b t h"]] = None,
+    initial_state: Optional[Float[Array, "b h k v"]] = None,
+    output_final_state: bool = False,
+    mode: str = "causal",
+    chunk_size: int = 64,
+    block_sizes: Optional[BlockSizes] = None,
+    interpret: Any = None,
+):
+    """Chunked (block-)causal linear attention with optional log-decay, as a Pallas kernel.
+
+    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (SPEC §1); ``mode="chunk"``
+    reads the state after the previous chunk. Same contract as
+    :func:`tttla_jax.linear_attention` (``impl="pallas"`` calls this).
+
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; K and V in ``HEAD_DIMS``; any T.
+      scale: query scale (default ``K ** -0.5``).
+      log_decay: optional ``[B, T, H]`` log-decay ``g``.
+      initial_state: optional ``[B, H, K, V]`` state ``S_0``.
+      output_final_state: also return ``S_T`` (float32; float64 for float64 inputs).
+      mode: ``"causal"`` or ``"chunk"``.
+      chunk_size: chunk length; semantic for ``mode="chunk"`` (must be in ``CHUNK_SIZES``),
+        a tiling choice for ``"causal"`` (unsupported values fall back to 64; shortened to
+        the next power of two ≥ T for short sequences).
+      block_sizes: :class:`BlockSizes` (per-platform tiling / compiler knobs).
+      interpret: ``None`` (compiled on GPU/TPU, interpret mode elsewhere), ``"gpu"`` (the
+        Triton-style kernel in interpret mode), ``"tpu"`` (the Mosaic kernel in interpret
+        mode with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
+
+    Returns:
+      ``(o [B, T, H, V] in q's dtype, S_T or None)``.
+
+    Raises:
+      ValueError: at trace time for bad shapes or an unsupported mode/dtype/head dim/chunk.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, "[B, T, H, D]")
+        _checks.check_floating(name, x)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
+    _checks.check_shape("v", v, (B, T, H, V), "[B, T, H, V] (from q)")
+    if T == 0:
+        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
+    if log_decay is not None:
+        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
+    if initial_state is not None:
+        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    _checks.check_positive_int("chunk_size", chunk_size)
+    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)):
+        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if interpret is not None and not (interpret is True or interpret in ("gpu", "tpu")
+                                      or isinstance(interpret, pltpu.InterpretParams)):
+        raise ValueError(f"interpret: expected None, True, 'gpu', 'tpu' or pltpu.InterpretParams, got {interpret!r}")
+    interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and jax.default_backend() == "cpu")
+    reason = unsupported_reason(q.dtype, mode, K, V, chunk_size, interpret=interp_any)
+    if reason is not None:
+        raise ValueError(f"impl='pallas': {reason}")
+    if mode == "causal":
+        C = chunk_size if chunk_size in CHUNK_SIZES else DEFAULT_CAUSAL_CHUNK
+        C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
+    else:
+        C = chunk_size
+    if jnp.dtype(q.dtype) == jnp.float64 and interpret is None:
+        interpret = "gpu"  # float64 has no compiled kernel: interpret mode (CPU tests)
+    cfg = _Cfg(C=C, causal=mode == "causal", block_sizes=block_sizes or BlockSizes(), interpret=interpret)
+    cfg.block_sizes.gpu(K, V)  # validate both platforms' tiles at trace time
+    cfg.block_sizes.tpu(K, V)
+    acc = _acc(q.dtype)
+    g = jnp.zeros((B, T, H), acc) if log_decay is None else log_decay
+    S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state
+    scale = K ** -0.5 if scale is None else float(scale)
+    o, S = _la(q, k, v, g, S0, scale, cfg)
+    return o, (S if output_final_state else None)
