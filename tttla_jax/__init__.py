@@ -7,9 +7,10 @@ Public API (see README "API map"):
     tt.delta_rule(q, k, v, beta, ...)   (gated) DeltaNet, recurrent and chunked (WY)
     tt.rules                            fast-weight update rules (LaCT, TTT, Titans, ...)
     tt.reference                        float64 per-token loops that read like the SPEC
+    tt.testing                          the equivalence harness (forms, states, gradients)
 """
-from tttla_jax.ops import linear_attention
-from tttla_jax import reference, rules
+from tttla_jax.ops import delta_rule, linear_attention
+from tttla_jax import reference, rules, testing
 
 __version__ = "0.1.0"
-__all__ = ["linear_attention", "reference", "rules"]
+__all__ = ["delta_rule", "linear_attention", "reference", "rules", "testing"]

@@ -5,6 +5,7 @@ Python loops (unrolled at trace time) so that ``jax.grad`` of a reference gives 
 reference gradients. The ``lax.scan`` rules and every parallel form are tested against
 these loops at 1e-10 in float64.
 """
+from tttla_jax.reference.delta import delta_rule_loop
 from tttla_jax.reference.linear import linear_attention_loop
 
-__all__ = ["linear_attention_loop"]
+__all__ = ["delta_rule_loop", "linear_attention_loop"]

@@ -1,0 +1,142 @@
+"""A single linear fast layer ``f(k) = k W`` trained by one gradient step per token:
+plain / decayed linear attention (dot-product loss) and (gated) DeltaNet (MSE loss).
+
+These are the end of the paper's ladder (V6, SPEC §7) and the clean cases of SPEC §2:
+
+* dot-product loss ``ℓ_t(W) = −⟨k_t W, v_t⟩``: ``∇_W ℓ = −k_tᵀ v_t`` does not depend on W,
+  so one step of size 1 is ``W_t = W_{t−1} + k_tᵀ v_t`` — linear attention (Theorem 5.2
+  with ``φ = id``, ``g = v``). A forget gate ``W ← exp(g_t) W`` before the step gives the
+  decayed (Mamba-2 / RetNet style) variant.
+* MSE loss ``ℓ_t(W) = ½‖k_t W − v_t‖²`` with step ``β_t``: ``W_t = W_{t−1} + k_tᵀ β_t (v_t − k_t W_{t−1})``
+  — the delta rule (DeltaNet; gated DeltaNet with the forget gate first).
+
+``recurrent`` runs exactly that inner step in a ``lax.scan`` over tokens (the inner gradient
+in closed form, :func:`inner_grad`, tested against ``jax.grad`` of :func:`inner_loss`);
+``parallel`` dispatches to the chunked forms of :func:`tttla_jax.linear_attention` and
+:func:`tttla_jax.delta_rule` (and ``"associative"`` for linear attention). Reads are
+``o_t = (scale·q_t) W_t`` (update-then-query) as in SPEC §1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tttla_jax import _checks
+from tttla_jax.ops.delta_rule import delta_rule
+from tttla_jax.ops.linear_attention import linear_attention
+from tttla_jax.rules.base import Rule
+
+LOSSES = ("dot", "mse")
+
+
+def inner_loss(W, k, v, loss: str):
+    """Per-token inner loss of the linear fast layer, ``W [K, V]``, ``k [K]``, ``v [V]``."""
+    pred = k @ W
+    if loss == "dot":
+        return -jnp.vdot(pred, v)
+    return 0.5 * jnp.sum((pred - v) ** 2)
+
+
+def inner_grad(W, k, v, loss: str):
+    """Closed form of ``∇_W inner_loss``: ``−kᵀv`` (dot) or ``kᵀ(kW − v)`` (MSE). Batched over
+    leading axes of ``k [..., K]``, ``v [..., V]``, ``W [..., K, V]``."""
+    if loss == "dot":
+        return -k[..., :, None] * v[..., None, :]
+    r = jnp.einsum("...k,...kv->...v", k, W) - v
+    return k[..., :, None] * r[..., None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearFastWeightRule(Rule):
+    """One gradient step per token on a linear fast layer (SPEC §1–§2).
+
+    Attributes:
+      loss: ``"dot"`` (linear attention) or ``"mse"`` (delta rule).
+      gated: apply the forget gate ``W ← exp(g_t)·W`` before each step (``log_decay`` input).
+      scale: query scale, default ``K**-0.5``.
+      chunk_size: chunk length of the parallel (chunked) form.
+    """
+
+    loss: str = "dot"
+    gated: bool = False
+    scale: Optional[float] = None
+    chunk_size: int = 64
+
+    def __post_init__(self):
+        _checks.check_choice("loss", self.loss, LOSSES)
+        _checks.check_positive_int("chunk_size", self.chunk_size)
+
+    def init_state(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
+        return jnp.zeros((batch, heads, key_dim, value_dim), dtype)
+
+    def _check(self, q, k, v, lr, log_decay):
+        _checks.check_rank("q", q, 4, "[B, T, H, K]")
+        B, T, H, _ = q.shape
+        if self.loss == "mse":
+            if lr is None:
+                raise ValueError("lr: the MSE (delta) rule needs a per-token step size lr [B, T, H], got None")
+            _checks.check_shape("lr", lr, (B, T, H), "[B, T, H]")
+        elif lr is not None:
+            raise ValueError("lr: the dot-product rule takes no per-token step size (it is 1); got an array")
+        if self.gated:
+            if log_decay is None:
+                raise ValueError("log_decay: gated=True needs log_decay [B, T, H], got None")
+            _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
+        elif log_decay is not None:
+            raise ValueError("log_decay: gated=False takes no log_decay; got an array")
+
+    def recurrent(self, q, k, v, lr=None, log_decay=None, initial_state=None, output_final_state=True):
+        """The TTT view: a ``lax.scan`` over tokens of one inner gradient step each.
+
+        Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, lr / log_decay ``[B, T, H]``,
+        state ``[B, H, K, V]``. Returns ``(o, W_T or None)``.
+        """
+        self._check(q, k, v, lr, log_decay)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        sd = _checks.state_dtype(q, k, v)
+        scale = K ** -0.5 if self.scale is None else self.scale
+        W0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
+        _checks.check_shape("initial_state", W0, (B, H, K, V), "[B, H, K, V]")
+        lr_ = jnp.ones((B, T, H), sd) if lr is None else lr.astype(sd)
+        g_ = jnp.zeros((B, T, H), sd) if log_decay is None else log_decay.astype(sd)
+        xs = tuple(jnp.moveaxis(x.astype(sd), 1, 0) for x in (q, k, v, lr_, g_))
+
+        def step(W, x):
+            qt, kt, vt, lt, gt = x
+            W = jnp.exp(gt)[..., None, None] * W
+            W = W - lt[..., None, None] * inner_grad(W, kt, vt, self.loss)
+            return W, jnp.einsum("bhk,bhkv->bhv", scale * qt, W)
+
+        W, o = lax.scan(step, W0, xs)
+        return jnp.moveaxis(o, 0, 1).astype(q.dtype), (W if output_final_state else None)
+
+    def breaks_associativity(self):
+        return None
+
+    def parallel(self, q, k, v, lr=None, log_decay=None, initial_state=None, output_final_state=True,
+                 impl: str = "chunked"):
+        """Chunked (or, for the dot loss, associative) form via the linear-attention ops."""
+        self._check(q, k, v, lr, log_decay)
+        if self.loss == "dot":
+            _checks.check_choice("impl", impl, ("chunked", "associative", "pallas"))
+            return linear_attention(q, k, v, scale=self.scale, log_decay=log_decay,
+                                    initial_state=initial_state, output_final_state=output_final_state,
+                                    chunk_size=self.chunk_size, impl=impl)
+        _checks.check_choice("impl", impl, ("chunked",))
+        return delta_rule(q, k, v, lr, log_decay=log_decay, scale=self.scale, initial_state=initial_state,
+                          output_final_state=output_final_state, chunk_size=self.chunk_size, impl=impl)
+
+
+def LinearAttentionRule(gated: bool = False, **kw) -> LinearFastWeightRule:
+    """Linear attention (``gated``: decayed) as a TTT rule: dot-product loss, step 1."""
+    return LinearFastWeightRule(loss="dot", gated=gated, **kw)
+
+
+def DeltaRule(gated: bool = False, **kw) -> LinearFastWeightRule:
+    """DeltaNet (``gated``: gated DeltaNet) as a TTT rule: MSE loss, step ``β_t``."""
+    return LinearFastWeightRule(loss="mse", gated=gated, **kw)
