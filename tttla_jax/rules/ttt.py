@@ -1,0 +1,644 @@
+"""TTT-Linear and TTT-MLP (Sun et al., 2024) as fast-weight rules — SPEC §4, exact
+reference semantics including the reference implementation's quirks.
+
+Per (batch, head) the fast network is ``f(x) = x W + b`` (TTT-Linear, ``W [D, D]``,
+``b [D]``) or ``f(x) = gelu(x W1 + b1) W2 + b2`` (TTT-MLP, ``W1 [D, F]``, ``W2 [F, D]``,
+``F = 4D`` in the paper; tanh-approximate GELU). Tokens are processed in mini-batches of
+``C = mini_batch_size``; inside a mini-batch every gradient is taken at the mini-batch's
+*initial* weights (SPEC §4):
+
+    Z_j = f(k_j),  G_j = ∇_Z ½‖LN(Z_j) − (v_j − k_j)‖²              (inner gradient)
+    eta[i, j] = token_eta[i] · lr[j]                                 (j ≤ i)
+    W_i = W − Σ_{j≤i} eta[i, j] k_jᵀ G_j,   b_i = b − Σ_{j≤i} eta[i, j] G_j
+    o_i = q_i + LN(q_i W_i + b_i)
+
+and the next mini-batch starts from the last row's ``(W, b)``. A trailing partial
+mini-batch of ``r`` tokens uses ``token_eta[:r]``. ``LN`` is a per-head LayerNorm with
+learnable scale/bias and eps 1e-6 (biased variance). TTT-MLP back-propagates ``G2`` (at
+``Z2``) to ``G1 = (G2 W2ᵀ) ⊙ gelu'(Z1)`` with the reference's hand-written tanh-GELU
+derivative and its rounded constants 0.79788456 / 0.1070322243 (:func:`gelu_tanh_grad`);
+the forward GELU uses the exact ``sqrt(2/π)``. Row i's weights follow the same formula
+through both layers, with ``x2_j = gelu(Z1_j)`` in place of ``k_j`` for ``W2``.
+
+Two forms of one mini-batch, proven equal in the tests:
+
+* ``form="dual"`` (the reference's matmul form): ``Z̄ = Q W − (eta ⊙ tril(Q Kᵀ)) G
+  + b − tril(eta) G`` — never materialises per-row weights.
+* ``form="primal"``: per-row weights ``W_i = W − token_eta[i] · cumsum_j(lr_j k_jᵀ G_j)``
+  materialised (``[C, D, D]`` per head), then ``o_i = q_i + LN(q_i W_i + b_i)``.
+
+Inner gradients are in closed form (:func:`ln_l2_grad` back-propagates through the
+LayerNorm by hand, as the reference's ``ln_fused_l2_bwd``); the tests check them
+against ``jax.grad`` of the inner loss. The outer gradient is ordinary autodiff through
+the ``lax.scan`` over mini-batches.
+
+Associativity (SPEC §4 note, §2): the inner LayerNorm makes ``G`` a nonlinear function of
+the state and is applied again on the read, the bias and the ``q`` residual (with the
+``v − k`` target) violate ``f(x) = φ(x) W``; TTT-MLP also updates its feature map
+(``W1``). There is no parallel scan; ``parallel`` raises :class:`NotAssociativeError`.
+Dropping LN, bias and residual (``layer_norm=bias=residual=False``) with
+``mini_batch_size=1`` leaves ``W ← W + β kᵀ(v − k W)``, ``o = q W`` with
+``β_t = token_eta[0] · lr_t`` — exactly the delta rule (DeltaNet, SPEC §1); see
+:meth:`TTTLinearRule.delta_rule_inputs`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float
+
+from tttla_jax import _checks
+from tttla_jax.rules.base import NotAssociativeError, Rule, register
+
+FORMS = ("dual", "primal")
+LN_EPS = 1e-6
+
+# The reference's hand-written tanh-GELU derivative constants (SPEC §4): sqrt(2/π) and
+# 3 · 0.044715 · sqrt(2/π), both rounded. Kept exactly to match the reference.
+_GELU_C = 0.79788456
+_GELU_C3 = 0.1070322243
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+
+
+# ----------------------------------------------------------------------------- states
+
+
+class TTTLinearState(NamedTuple):
+    """TTT-Linear fast weights per batch element: ``W [B, H, D, D]``, ``b [B, H, D]``."""
+
+    W: Float[Array, "b h d d"]
+    b: Float[Array, "b h d"]
+
+
+class TTTMLPState(NamedTuple):
+    """TTT-MLP fast weights: ``W1 [B, H, D, F]``, ``b1 [B, H, F]``, ``W2 [B, H, F, D]``,
+    ``b2 [B, H, D]``."""
+
+    W1: Float[Array, "b h d f"]
+    b1: Float[Array, "b h f"]
+    W2: Float[Array, "b h f d"]
+    b2: Float[Array, "b h d"]
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def gelu_tanh(x):
+    """Tanh-approximate GELU, ``0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))`` (forward)."""
+    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))
+
+
+def gelu_tanh_grad(x):
+    """The reference's hand-written tanh-GELU derivative (SPEC §4), rounded constants:
+    ``t = tanh(0.79788456 x (1 + 0.044715 x²))``,
+    ``0.5 x (1 − t²)(0.79788456 + 0.1070322243 x²) + 0.5 (1 + t)``.
+
+    Differs from the exact derivative of :func:`gelu_tanh` by ~1e-10 (relative).
+    """
+    t = jnp.tanh(_GELU_C * x * (1.0 + 0.044715 * x * x))
+    return 0.5 * x * (1.0 - t * t) * (_GELU_C + _GELU_C3 * x * x) + 0.5 * (1.0 + t)
+
+
+def layer_norm(x: Float[Array, "... d"], scale, bias, eps: float = LN_EPS) -> Float[Array, "... d"]:
+    """``scale · (x − mean) / sqrt(var + eps) + bias`` over the last axis (biased var)."""
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    return scale * (xc / jnp.sqrt(var + eps)) + bias
+
+
+def ln_l2_grad(z: Float[Array, "... d"], target: Float[Array, "... d"], scale, bias,
+               eps: float = LN_EPS) -> Float[Array, "... d"]:
+    """Closed-form ``∇_z ½‖LN(z) − target‖²`` per row (SPEC §4; the reference's
+    ``ln_fused_l2_bwd``): with ``x̂ = (z − μ)/σ``, ``g = scale ⊙ (LN(z) − target)``,
+
+        ∇_z = (D g − Σ_d g − x̂ Σ_d (g ⊙ x̂)) / (D σ).
+    """
+    D = z.shape[-1]
+    mu = jnp.mean(z, axis=-1, keepdims=True)
+    zc = z - mu
+    std = jnp.sqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + eps)
+    xhat = zc / std
+    g = (scale * xhat + bias - target) * scale
+    return (D * g - jnp.sum(g, axis=-1, keepdims=True)
+            - xhat * jnp.sum(g * xhat, axis=-1, keepdims=True)) / (D * std)
+
+
+def ttt_linear_inner_grad(W, b, k, v, ln_scale=None, ln_bias=None, *, eps: float = LN_EPS,
+                          layer_norm: bool = True, bias: bool = True, residual: bool = True):
+    """Closed-form per-token inner gradients of TTT-Linear at fixed ``(W, b)`` (SPEC §4).
+
+    ``ℓ_j = ½‖LN(k_j W + b) − (v_j − k_j)‖²``; returns ``(G, gW)`` with ``G_j = ∇_Z ℓ_j``
+    ``[..., C, D]`` and ``gW_j = k_jᵀ G_j`` ``[..., C, D, D]`` (``∇_b ℓ_j = G_j``).
+
+    Args:
+      W: ``[..., D, D]``; b: ``[..., D]``; k, v: ``[..., C, D]``; ln_scale, ln_bias:
+        broadcastable to ``[..., C, D]``.
+    """
+    Z = jnp.einsum("...cd,...de->...ce", k, W)
+    if bias:
+        Z = Z + b[..., None, :]
+    G = _grad_z(Z, v - k if residual else v, ln_scale, ln_bias, eps, layer_norm)
+    return G, jnp.einsum("...cd,...ce->...cde", k, G)
+
+
+def ttt_mlp_inner_grad(W1, b1, W2, b2, k, v, ln_scale=None, ln_bias=None, *, eps: float = LN_EPS,
+                       layer_norm: bool = True, bias: bool = True, residual: bool = True):
+    """Closed-form per-token inner gradients of TTT-MLP at fixed weights (SPEC §4).
+
+    ``Z1 = k W1 + b1``, ``x2 = gelu(Z1)``, ``Z2 = x2 W2 + b2``; ``G2 = ∇_{Z2} ℓ``,
+    ``G1 = (G2 W2ᵀ) ⊙ gelu'(Z1)`` with the reference's rounded derivative. Returns
+    ``(G1, G2, x2)``, each ``[..., C, ·]``; the weight gradients are ``k_jᵀ G1_j`` and
+    ``x2_jᵀ G2_j``.
+    """
+    Z1 = jnp.einsum("...cd,...df->...cf", k, W1)
+    if bias:
+        Z1 = Z1 + b1[..., None, :]
+    x2 = gelu_tanh(Z1)
+    Z2 = jnp.einsum("...cf,...fd->...cd", x2, W2)
+    if bias:
+        Z2 = Z2 + b2[..., None, :]
+    G2 = _grad_z(Z2, v - k if residual else v, ln_scale, ln_bias, eps, layer_norm)
+    G1 = jnp.einsum("...cd,...fd->...cf", G2, W2) * gelu_tanh_grad(Z1)
+    return G1, G2, x2
+
+
+def _grad_z(Z, target, scale, bias, eps, use_ln):
+    if use_ln:
+        return ln_l2_grad(Z, target, scale, bias, eps)
+    return Z - target
+
+
+def _token_eta_lr(token_eta, lr):
+    """``eta[..., i, j] = token_eta[i] · lr[..., j]`` masked to ``j ≤ i``; ``lr [..., C]``."""
+    C = lr.shape[-1]
+    eta = token_eta[:, None] * lr[..., None, :]
+    return jnp.where(jnp.tril(jnp.ones((C, C), bool)), eta, 0.0)
+
+
+def default_token_eta(mini_batch_size: int, offset=None, dtype=jnp.float32) -> Float[Array, "c"]:
+    """``token_eta[i] = max(0, 1/(i+1) + offset_i)`` (SPEC §4; offsets are learnable, 0 at init)."""
+    base = 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=dtype)
+    if offset is not None:
+        base = base + offset
+    return jnp.maximum(base, 0.0)
+
+
+def ttt_lr(x, w_lr, b_lr, *, base_lr: float, head_dim: int):
+    """``lr[j] = base_lr · sigmoid(x_j w_lr + b_lr) / hd`` per head (SPEC §4).
+
+    Args:
+      x: ``[B, T, Dm]`` layer input; w_lr: ``[Dm, H]``; b_lr: ``[H]``. Returns ``[B, T, H]``.
+    """
+    return base_lr * jax.nn.sigmoid(jnp.einsum("btm,mh->bth", x, w_lr) + b_lr) / head_dim
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+@dataclasses.dataclass(frozen=True)
+class _TTTBase(Rule):
+    mini_batch_size: int = 16
+    form: str = "dual"
+    eps: float = LN_EPS
+    layer_norm: bool = True
+    bias: bool = True
+    residual: bool = True
+
+    def __post_init__(self):
+        _checks.check_positive_int("mini_batch_size", self.mini_batch_size)
+        _checks.check_choice("form", self.form, FORMS)
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"eps: expected a positive float, got {self.eps!r}")
+
+    # --------------------------------------------------------------- shared plumbing
+    def _validate_tokens(self, q, k, v, lr, token_eta, ln_scale, ln_bias):
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            _checks.check_rank(name, x, 4, "[B, T, H, D]")
+            _checks.check_floating(name, x)
+        B, T, H, D = q.shape
+        if T == 0:
+            raise ValueError("q: expected at least one token (T >= 1), got T = 0")
+        _checks.check_shape("k", k, (B, T, H, D), "[B, T, H, D] (from q)")
+        _checks.check_shape("v", v, (B, T, H, D),
+                            "[B, T, H, D] (from q; the target v − k and the residual need V = D)")
+        _checks.check_shape("lr", lr, (B, T, H), "[B, T, H] (from q)")
+        _checks.check_floating("lr", lr)
+        _checks.check_shape("token_eta", token_eta, (self.mini_batch_size,),
+                            f"[mini_batch_size] with mini_batch_size = {self.mini_batch_size}")
+        _checks.check_floating("token_eta", token_eta)
+        if self.layer_norm:
+            for name, x in (("ln_scale", ln_scale), ("ln_bias", ln_bias)):
+                if x is None:
+                    raise ValueError(f"{name}: required with layer_norm=True (shape [H, D] = {(H, D)})")
+                _checks.check_shape(name, x, (H, D), "[H, D] (from q)")
+                _checks.check_floating(name, x)
+        return B, T, H, D
+
+    def _check_state_leaves(self, state, cls, expected):
+        if not isinstance(state, cls):
+            if isinstance(state, (tuple, list)) and len(state) == len(cls._fields):
+                state = cls(*state)
+            else:
+                raise ValueError(
+                    f"state: expected a {cls.__name__} (see init_state) with fields {cls._fields}, "
+                    f"got {type(state).__name__}")
+        for name, x, (shape, layout) in zip(cls._fields, state, expected):
+            _checks.check_shape(f"state.{name}", x, shape, layout)
+            _checks.check_floating(f"state.{name}", x)
+        return state
+
+    def _scan(self, step, xs, token_eta, st):
+        """Scan ``step(st, x, token_eta) -> (st, o)`` over full mini-batches, then the
+        trailing partial one with ``token_eta[:r]``. ``xs``: tuple of ``[B, T, H, …]``."""
+        C = self.mini_batch_size
+        T = xs[0].shape[1]
+        N, r = divmod(T, C)
+
+        def blocks(x, start, n, c):  # [B, T, H, ...] -> [n, B, H, c, ...]
+            x = x[:, start:start + n * c]
+            x = x.reshape((x.shape[0], n, c) + x.shape[2:])
+            return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+        outs = []
+        if N > 0:
+            st, o = lax.scan(lambda s, x: step(s, x, token_eta), st,
+                             tuple(blocks(x, 0, N, C) for x in xs))
+            o = jnp.moveaxis(o, 3, 2)  # [N, B, C, H, D]
+            outs.append(jnp.moveaxis(o, 0, 1).reshape((o.shape[1], N * C) + o.shape[3:]))
+        if r > 0:
+            st, o = step(st, tuple(blocks(x, N * C, 1, r)[0] for x in xs), token_eta[:r])
+            outs.append(jnp.moveaxis(o, 2, 1))  # [B, r, H, D]
+        return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), st
+
+    def _read_out(self, q, Zbar, gamma, beta):
+        y = layer_norm(Zbar, gamma, beta, self.eps) if self.layer_norm else Zbar
+        return q + y if self.residual else y
+
+    def _ln_params(self, ln_scale, ln_bias, sd):
+        if not self.layer_norm:
+            return None, None
+        return (ln_scale.astype(sd)[:, None, :], ln_bias.astype(sd)[:, None, :])  # [H, 1, D]
+
+    def _nonassoc_parts(self):
+        parts = []
+        if self.layer_norm:
+            parts.append("the inner LayerNorm (LN(Z) in the inner loss makes the gradient G a "
+                         "nonlinear function of the fast weights, and LN(q W_i + b_i) is applied on the read)")
+        if self.bias:
+            parts.append("the fast-weight bias b (f(x) = x W + b is not φ(x) W)")
+        if self.residual:
+            parts.append("the q residual with the v − k target")
+        return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTLinearRule(_TTTBase):
+    """TTT-Linear (Sun et al.), SPEC §4; the module docstring has the math.
+
+    Attributes:
+      mini_batch_size: ``C`` (16 in the paper); gradients inside a mini-batch are taken at
+        its initial weights.
+      form: ``"dual"`` (matmul form, default) or ``"primal"`` (per-row weights).
+      eps: inner LayerNorm epsilon (1e-6).
+      layer_norm, bias, residual: ablation switches (all on = the reference). ``residual``
+        toggles both the ``q +`` in the output and the ``− k`` in the target. All off with
+        ``mini_batch_size=1`` is the delta rule (:meth:`delta_rule_inputs`).
+    """
+
+    def breaks_associativity(self) -> str:
+        parts = self._nonassoc_parts()
+        if parts:
+            return ("TTT-Linear has no associative scan: " + "; ".join(parts)
+                    + " (SPEC §4 note: dropping LayerNorm, bias and residual gives DeltaNet)")
+        return ("without LayerNorm, bias and residual TTT-Linear is the (mini-batch) delta rule, "
+                "whose update W ← W + β kᵀ(v − k W) depends on W, so no plain associative scan; "
+                "with mini_batch_size=1 use TTTLinearRule.delta_rule_inputs and tt.delta_rule's "
+                "chunked (WY) form")
+
+    def init_state(self, W: Float[Array, "h d d"], b: Optional[Float[Array, "h d"]],
+                   batch: int) -> TTTLinearState:
+        """Broadcast the learned ``W [H, D, D]`` and ``b [H, D]`` (None = zeros) over ``batch``."""
+        W = jnp.asarray(W)
+        _checks.check_rank("W", W, 3, "[H, D, D]")
+        _checks.check_floating("W", W)
+        H, D = W.shape[0], W.shape[1]
+        _checks.check_shape("W", W, (H, D, D), f"[H, D, D] with (H, D) = {(H, D)}")
+        if b is None:
+            b = jnp.zeros((H, D), W.dtype)
+        b = jnp.asarray(b)
+        _checks.check_shape("b", b, (H, D), "[H, D] (from W)")
+        _checks.check_floating("b", b)
+        sd = _checks.state_dtype(W, b)
+        return TTTLinearState(jnp.broadcast_to(W.astype(sd), (batch, H, D, D)),
+                              jnp.broadcast_to(b.astype(sd), (batch, H, D)))
+
+    def _step(self, st, x, token_eta, gamma, beta):
+        W, b = st
+        q, k, v, lr = x  # [B, H, c, D] ×3, [B, H, c]
+        Z = jnp.einsum("bhcd,bhde->bhce", k, W)
+        if self.bias:
+            Z = Z + b[:, :, None, :]
+        G = _grad_z(Z, v - k if self.residual else v, gamma, beta, self.eps, self.layer_norm)
+        eta = _token_eta_lr(token_eta, lr)  # [B, H, c, c], lower triangular
+        if self.form == "dual":
+            attn = jnp.einsum("bhid,bhjd->bhij", q, k)
+            Zbar = jnp.einsum("bhid,bhde->bhie", q, W) - jnp.einsum("bhij,bhje->bhie", eta * attn, G)
+            if self.bias:
+                Zbar = Zbar + b[:, :, None, :] - jnp.einsum("bhij,bhje->bhie", eta, G)
+            last = eta[:, :, -1, :]  # eta[c−1, j]
+            W_new = W - jnp.einsum("bhj,bhjd,bhje->bhde", last, k, G)
+            b_new = b - jnp.einsum("bhj,bhje->bhe", last, G) if self.bias else b
+        else:
+            te = token_eta[:, None, None]
+            cum = jnp.cumsum(jnp.einsum("bhj,bhjd,bhje->bhjde", lr, k, G), axis=2)
+            Wi = W[:, :, None] - te * cum  # [B, H, c, D, D] per-row weights
+            Zbar = jnp.einsum("bhid,bhide->bhie", q, Wi)
+            W_new = Wi[:, :, -1]
+            if self.bias:
+                bi = b[:, :, None] - token_eta[:, None] * jnp.cumsum(lr[..., None] * G, axis=2)
+                Zbar = Zbar + bi
+                b_new = bi[:, :, -1]
+            else:
+                b_new = b
+        return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta)
+
+    def recurrent(
+        self,
+        q: Float[Array, "b t h d"],
+        k: Float[Array, "b t h d"],
+        v: Float[Array, "b t h d"],
+        lr: Float[Array, "b t h"],
+        token_eta: Float[Array, "c"],
+        ln_scale: Optional[Float[Array, "h d"]],
+        ln_bias: Optional[Float[Array, "h d"]],
+        state: TTTLinearState,
+        output_final_state: bool = True,
+    ):
+        """``lax.scan`` over mini-batches (SPEC §4), in ``self.form``.
+
+        Args:
+          q, k, v: ``[B, T, H, D]``; lr: ``[B, T, H]`` per-token ``lr[j]`` (base_lr and
+            1/D already applied); token_eta: ``[mini_batch_size]``; ln_scale, ln_bias:
+            ``[H, D]`` (unused with ``layer_norm=False``); state: :class:`TTTLinearState`.
+          output_final_state: return the final fast weights (else ``None``).
+
+        Returns:
+          ``(o [B, T, H, D]`` in q's dtype, final :class:`TTTLinearState` (float32/64) or None).
+        """
+        B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
+        state = self._check_state_leaves(
+            state, TTTLinearState, (((B, H, D, D), "[B, H, D, D] (from q)"), ((B, H, D), "[B, H, D] (from q)")))
+        sd = _checks.state_dtype(q, k, v, lr, token_eta, ln_scale, ln_bias, *state)
+        gamma, beta = self._ln_params(ln_scale, ln_bias, sd)
+        st = TTTLinearState(*(x.astype(sd) for x in state))
+        xs = tuple(x.astype(sd) for x in (q, k, v, lr))
+        step = lambda s, x, te: self._step(s, x, te, gamma, beta)
+        o, st = self._scan(step, xs, token_eta.astype(sd), st)
+        return o.astype(q.dtype), (st if output_final_state else None)
+
+    __call__ = recurrent
+
+    def delta_rule_inputs(self, q, k, v, lr, token_eta, state: TTTLinearState):
+        """The delta-rule problem this rule *is* when LN, bias and residual are dropped and
+        ``mini_batch_size == 1`` (SPEC §4 note, SPEC §1 delta rule with ``scale = 1``).
+
+        Returns a dict ``(q, k, v, beta, initial_state, scale)`` for ``tt.delta_rule``:
+        ``beta = token_eta[0] · lr`` ``[B, T, H]`` and ``initial_state = state.W`` (``[B, H,
+        K, V]`` with K = V = D). Raises ``ValueError`` for any other configuration.
+        """
+        if self.layer_norm or self.bias or self.residual or self.mini_batch_size != 1:
+            raise ValueError(
+                "delta_rule_inputs: needs layer_norm=bias=residual=False and mini_batch_size=1, got "
+                f"layer_norm={self.layer_norm}, bias={self.bias}, residual={self.residual}, "
+                f"mini_batch_size={self.mini_batch_size}")
+        self._validate_tokens(q, k, v, lr, token_eta, None, None)
+        return dict(q=q, k=k, v=v, beta=token_eta[0] * lr, initial_state=state.W, scale=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTMLPRule(_TTTBase):
+    """TTT-MLP (Sun et al.), SPEC §4: ``f(x) = gelu(x W1 + b1) W2 + b2``; same schedule,
+    same attributes as :class:`TTTLinearRule` (the delta-rule reduction does not apply)."""
+
+    def breaks_associativity(self) -> str:
+        parts = self._nonassoc_parts()
+        parts.append("the GELU hidden layer, whose weights W1 are updated (a time-varying "
+                     "feature map φ_t, SPEC §2)")
+        return "TTT-MLP has no associative scan: " + "; ".join(parts)
+
+    def init_state(self, W1, b1, W2, b2, batch: int) -> TTTMLPState:
+        """Broadcast ``W1 [H, D, F]``, ``b1 [H, F]``, ``W2 [H, F, D]``, ``b2 [H, D]`` (biases
+        may be None = zeros) over ``batch``."""
+        W1, W2 = jnp.asarray(W1), jnp.asarray(W2)
+        _checks.check_rank("W1", W1, 3, "[H, D, F]")
+        _checks.check_floating("W1", W1)
+        H, D, F = W1.shape
+        _checks.check_shape("W2", W2, (H, F, D), "[H, F, D] (from W1)")
+        _checks.check_floating("W2", W2)
+        b1 = jnp.zeros((H, F), W1.dtype) if b1 is None else jnp.asarray(b1)
+        b2 = jnp.zeros((H, D), W2.dtype) if b2 is None else jnp.asarray(b2)
+        _checks.check_shape("b1", b1, (H, F), "[H, F] (from W1)")
+        _checks.check_shape("b2", b2, (H, D), "[H, D] (from W1)")
+        _checks.check_floating("b1", b1)
+        _checks.check_floating("b2", b2)
+        sd = _checks.state_dtype(W1, b1, W2, b2)
+        bc = lambda x: jnp.broadcast_to(x.astype(sd), (batch,) + x.shape)
+        return TTTMLPState(bc(W1), bc(b1), bc(W2), bc(b2))
+
+    def _step(self, st, x, token_eta, gamma, beta):
+        W1, b1, W2, b2 = st
+        q, k, v, lr = x
+        G1, G2, x2 = ttt_mlp_inner_grad(W1, b1, W2, b2, k, v, gamma, beta, eps=self.eps,
+                                        layer_norm=self.layer_norm, bias=self.bias,
+                                        residual=self.residual)
+        eta = _token_eta_lr(token_eta, lr)
+        last = eta[:, :, -1, :]
+        if self.form == "dual":
+            Z1bar = (jnp.einsum("bhid,bhdf->bhif", q, W1)
+                     - jnp.einsum("bhij,bhjf->bhif", eta * jnp.einsum("bhid,bhjd->bhij", q, k), G1))
+            if self.bias:
+                Z1bar = Z1bar + b1[:, :, None, :] - jnp.einsum("bhij,bhjf->bhif", eta, G1)
+            x2bar = gelu_tanh(Z1bar)
+            Z2bar = (jnp.einsum("bhif,bhfd->bhid", x2bar, W2)
+                     - jnp.einsum("bhij,bhjd->bhid", eta * jnp.einsum("bhif,bhjf->bhij", x2bar, x2), G2))
+            if self.bias:
+                Z2bar = Z2bar + b2[:, :, None, :] - jnp.einsum("bhij,bhjd->bhid", eta, G2)
+            W1n = W1 - jnp.einsum("bhj,bhjd,bhjf->bhdf", last, k, G1)
+            W2n = W2 - jnp.einsum("bhj,bhjf,bhjd->bhfd", last, x2, G2)
+            b1n = b1 - jnp.einsum("bhj,bhjf->bhf", last, G1) if self.bias else b1
+            b2n = b2 - jnp.einsum("bhj,bhjd->bhd", last, G2) if self.bias else b2
+        else:
+            te = token_eta[:, None, None]
+            W1i = W1[:, :, None] - te * jnp.cumsum(jnp.einsum("bhj,bhjd,bhjf->bhjdf", lr, k, G1), axis=2)
+            W2i = W2[:, :, None] - te * jnp.cumsum(jnp.einsum("bhj,bhjf,bhjd->bhjfd", lr, x2, G2), axis=2)
+            Z1bar = jnp.einsum("bhid,bhidf->bhif", q, W1i)
+            if self.bias:
+                b1i = b1[:, :, None] - token_eta[:, None] * jnp.cumsum(lr[..., None] * G1, axis=2)
+                b2i = b2[:, :, None] - token_eta[:, None] * jnp.cumsum(lr[..., None] * G2, axis=2)
+                Z1bar = Z1bar + b1i
+            Z2bar = jnp.einsum("bhif,bhifd->bhid", gelu_tanh(Z1bar), W2i)
+            if self.bias:
+                Z2bar = Z2bar + b2i
+                b1n, b2n = b1i[:, :, -1], b2i[:, :, -1]
+            else:
+                b1n, b2n = b1, b2
+            W1n, W2n = W1i[:, :, -1], W2i[:, :, -1]
+        return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta)
+
+    def recurrent(
+        self,
+        q: Float[Array, "b t h d"],
+        k: Float[Array, "b t h d"],
+        v: Float[Array, "b t h d"],
+        lr: Float[Array, "b t h"],
+        token_eta: Float[Array, "c"],
+        ln_scale: Optional[Float[Array, "h d"]],
+        ln_bias: Optional[Float[Array, "h d"]],
+        state: TTTMLPState,
+        output_final_state: bool = True,
+    ):
+        """``lax.scan`` over mini-batches (SPEC §4); arguments as
+        :meth:`TTTLinearRule.recurrent` with a :class:`TTTMLPState`."""
+        B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
+        if not isinstance(state, (TTTMLPState, tuple, list)) or len(state) != 4:
+            raise ValueError(f"state: expected a TTTMLPState (W1, b1, W2, b2), got {type(state).__name__}")
+        W1 = jnp.asarray(state[0])
+        _checks.check_rank("state.W1", W1, 4, "[B, H, D, F]")
+        F = W1.shape[-1]
+        state = self._check_state_leaves(state, TTTMLPState, (
+            ((B, H, D, F), "[B, H, D, F] (from q)"), ((B, H, F), "[B, H, F] (from q, W1)"),
+            ((B, H, F, D), "[B, H, F, D] (from q, W1)"), ((B, H, D), "[B, H, D] (from q)")))
+        sd = _checks.state_dtype(q, k, v, lr, token_eta, ln_scale, ln_bias, *state)
+        gamma, beta = self._ln_params(ln_scale, ln_bias, sd)
+        st = TTTMLPState(*(x.astype(sd) for x in state))
+        xs = tuple(x.astype(sd) for x in (q, k, v, lr))
+        step = lambda s, x, te: self._step(s, x, te, gamma, beta)
+        o, st = self._scan(step, xs, token_eta.astype(sd), st)
+        return o.astype(q.dtype), (st if output_final_state else None)
+
+    __call__ = recurrent
+
+
+# ----------------------------------------------------------------------------- functional ops
+
+
+def _initial(rule, initial_state, weights, names, B, H, D):
+    if initial_state is not None:
+        return initial_state
+    if any(w is None for w in weights[::2]):
+        raise ValueError(f"{names[0]}: required when initial_state is None")
+    st = rule.init_state(*weights, B)
+    leaves = tuple(st)
+    if leaves[0].shape[1:3] != (H, D):
+        raise ValueError(
+            f"{names[0]}: expected leading dims [H, D] = {(H, D)} (from q), got shape {tuple(leaves[0].shape[1:])}")
+    return st
+
+
+def ttt_linear(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t h d"],
+    v: Float[Array, "b t h d"],
+    lr: Float[Array, "b t h"],
+    *,
+    W: Optional[Float[Array, "h d d"]] = None,
+    b: Optional[Float[Array, "h d"]] = None,
+    ln_scale: Optional[Float[Array, "h d"]],
+    ln_bias: Optional[Float[Array, "h d"]],
+    token_eta: Float[Array, "c"],
+    mini_batch_size: int = 16,
+    initial_state: Optional[TTTLinearState] = None,
+    output_final_state: bool = False,
+    form: str = "dual",
+):
+    """TTT-Linear core op (SPEC §4): ``o_i = q_i + LN(q_i W_i + b_i)`` with mini-batch
+    gradient steps on ``½‖LN(k W + b) − (v − k)‖²``.
+
+    Args:
+      q, k, v: ``[B, T, H, D]``. lr: ``[B, T, H]`` per-token rates (``base_lr ·
+        sigmoid(·) / D`` already applied, see :func:`ttt_lr`). W: ``[H, D, D]``, b:
+        ``[H, D]`` learned initial fast weights; ``initial_state``
+        (:class:`TTTLinearState`, ``[B, H, D, D]`` / ``[B, H, D]``) overrides them.
+      ln_scale, ln_bias: ``[H, D]`` inner LayerNorm. token_eta: ``[mini_batch_size]``
+        (see :func:`default_token_eta`). form: ``"dual"`` or ``"primal"``.
+
+    Returns:
+      ``(o, state)``; ``state`` is the final :class:`TTTLinearState` or ``None``.
+    """
+    rule = TTTLinearRule(mini_batch_size=mini_batch_size, form=form)
+    _checks.check_rank("q", q, 4, "[B, T, H, D]")
+    B, _, H, D = q.shape
+    st = _initial(rule, initial_state, (W, b), ("W", "b"), B, H, D)
+    return rule.recurrent(q, k, v, lr, token_eta, ln_scale, ln_bias, st, output_final_state)
+
+
+def ttt_mlp(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t h d"],
+    v: Float[Array, "b t h d"],
+    lr: Float[Array, "b t h"],
+    *,
+    W1: Optional[Float[Array, "h d f"]] = None,
+    b1: Optional[Float[Array, "h f"]] = None,
+    W2: Optional[Float[Array, "h f d"]] = None,
+    b2: Optional[Float[Array, "h d"]] = None,
+    ln_scale: Optional[Float[Array, "h d"]],
+    ln_bias: Optional[Float[Array, "h d"]],
+    token_eta: Float[Array, "c"],
+    mini_batch_size: int = 16,
+    initial_state: Optional[TTTMLPState] = None,
+    output_final_state: bool = False,
+    form: str = "dual",
+):
+    """TTT-MLP core op (SPEC §4): ``f(x) = gelu(x W1 + b1) W2 + b2``, ``o = q + LN(f̄(q))``.
+
+    Arguments as :func:`ttt_linear` with ``W1 [H, D, F]``, ``b1 [H, F]``, ``W2 [H, F, D]``,
+    ``b2 [H, D]`` (``F = 4D`` in the paper) or an ``initial_state`` :class:`TTTMLPState`.
+    """
+    rule = TTTMLPRule(mini_batch_size=mini_batch_size, form=form)
+    _checks.check_rank("q", q, 4, "[B, T, H, D]")
+    B, _, H, D = q.shape
+    st = _initial(rule, initial_state, (W1, b1, W2, b2), ("W1", "b1", "W2", "b2"), B, H, D)
+    return rule.recurrent(q, k, v, lr, token_eta, ln_scale, ln_bias, st, output_final_state)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@register("ttt_linear")
+def _registry_linear():
+    """(rule, builder): ``builder(rule, seed, dtype)`` -> positional args of ``rule.recurrent``."""
+    return TTTLinearRule(mini_batch_size=4), _example_inputs
+
+
+@register("ttt_mlp")
+def _registry_mlp():
+    return TTTMLPRule(mini_batch_size=4), _example_inputs
+
+
+def _example_inputs(rule, seed: int = 0, dtype=jnp.float64, B=1, T=11, H=2, D=4, F=None):
+    """(q, k, v, lr, token_eta, ln_scale, ln_bias, state) with O(1)-scaled random values;
+    lr of the reference's size (``base_lr · sigmoid / D`` with base_lr = 1)."""
+    rng = np.random.default_rng(seed)
+    C = rule.mini_batch_size
+    F = 4 * D if F is None else F
+    arr = lambda x: jnp.asarray(x, dtype)
+    q = arr(rng.normal(size=(B, T, H, D)))
+    k = arr(rng.normal(size=(B, T, H, D)))
+    v = arr(rng.normal(size=(B, T, H, D)))
+    lr = arr(rng.uniform(0.2, 1.0, size=(B, T, H)) / D)
+    token_eta = arr(1.0 / np.arange(1, C + 1) + rng.uniform(-0.05, 0.05, size=C))
+    ln_scale = arr(1.0 + 0.2 * rng.normal(size=(H, D)))
+    ln_bias = arr(0.1 * rng.normal(size=(H, D)))
+    if isinstance(rule, TTTMLPRule):
+        st = rule.init_state(arr(rng.normal(size=(H, D, F)) / np.sqrt(D)), arr(0.1 * rng.normal(size=(H, F))),
+                             arr(rng.normal(size=(H, F, D)) / np.sqrt(F)), arr(0.1 * rng.normal(size=(H, D))), B)
+    else:
+        st = rule.init_state(arr(rng.normal(size=(H, D, D)) / np.sqrt(D)), arr(0.1 * rng.normal(size=(H, D))), B)
+    return q, k, v, lr, token_eta, ln_scale, ln_bias, st
