@@ -1,0 +1,472 @@
+"""Token mixers: linear attention, (gated) DeltaNet and sliding-window softmax attention.
+
+Every mixer follows the protocol described in :mod:`tttla_jax.nn` (``Mixer``):
+keyword configuration, an explicit ``mode``, ``init_cache(batch_size)`` and
+``__call__(x, *, cache=None, positions=None) -> (y, new_cache)`` with the fast-weight
+state carried explicitly in and out.
+
+Axis names: ``B`` batch, ``T`` tokens, ``H`` heads, ``D`` head dim, ``W`` width,
+``w`` attention window.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from tttla_jax import _checks
+from tttla_jax.nn.layers import RMSNorm, ShortConv, apply_rope, dense, l2_normalize, partitioned
+from tttla_jax.ops.delta_rule import delta_rule
+from tttla_jax.ops.linear_attention import linear_attention
+
+#: Layer modes and the op ``impl`` each maps to (``tt.linear_attention`` / ``tt.delta_rule``).
+MODES = ("recurrent", "parallel", "pallas", "auto")
+MODE_TO_IMPL = {"recurrent": "recurrent", "parallel": "chunked", "pallas": "pallas", "auto": "auto"}
+
+Cache = dict  # a flat dict of arrays (a pytree); its keys are documented per mixer
+
+
+def resolve_heads(width: int, num_heads: int, head_dim: Optional[int]) -> int:
+    """Validate ``(width, num_heads, head_dim)`` and return the head dim.
+
+    ``head_dim=None`` means ``width // num_heads`` and then ``num_heads`` must divide
+    ``width``; an explicit ``head_dim`` may differ (the projections map ``W → H·D``).
+    """
+    _checks.check_positive_int("width", width)
+    _checks.check_positive_int("num_heads", num_heads)
+    if head_dim is None:
+        if width % num_heads:
+            raise ValueError(
+                f"num_heads: must divide width when head_dim is not given, got width={width}, "
+                f"num_heads={num_heads} (width % num_heads = {width % num_heads}); pass head_dim "
+                f"explicitly or pick num_heads among the divisors of {width}")
+        return width // num_heads
+    _checks.check_positive_int("head_dim", head_dim)
+    return head_dim
+
+
+def _check_mode(cls_name: str, mode: str, supported: tuple) -> None:
+    _checks.check_choice("mode", mode, MODES)
+    if mode not in supported:
+        raise ValueError(
+            f"mode: {cls_name} does not support mode={mode!r}; supported modes are {supported}")
+
+
+def _check_cache(cache: Cache, expected: dict) -> None:
+    """``expected`` maps key -> (shape, layout string)."""
+    if not isinstance(cache, dict):
+        raise ValueError(f"cache: expected a dict with keys {sorted(expected)}, got {type(cache).__name__}")
+    missing = sorted(set(expected) - set(cache))
+    if missing:
+        raise ValueError(f"cache: missing keys {missing}; expected keys {sorted(expected)} "
+                         f"(build it with init_cache(batch_size))")
+    for key, (shape, layout) in expected.items():
+        _checks.check_shape(f"cache[{key!r}]", cache[key], shape, layout)
+
+
+class Mixer(nnx.Module):
+    """Base class of token mixers (see the protocol in :mod:`tttla_jax.nn`).
+
+    Subclasses set ``supported_modes`` and implement ``init_cache`` and ``__call__``.
+    """
+
+    supported_modes: tuple = MODES
+
+    def init_cache(self, batch_size: int) -> Cache:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x, *, cache: Optional[Cache] = None, positions=None):  # pragma: no cover
+        raise NotImplementedError
+
+    # shared helpers -----------------------------------------------------------------
+    def _heads(self, y: Array, B: int, T: int) -> Array:
+        return y.reshape(B, T, self.num_heads, self.head_dim)
+
+    def _state_dtype(self):
+        return jnp.float64 if jnp.dtype(self.dtype or self.param_dtype) == jnp.float64 else jnp.float32
+
+    def _act_dtype(self):
+        return jnp.dtype(self.dtype or self.param_dtype)
+
+
+class DecayGate(nnx.Module):
+    """Per-head data-dependent scalar log-decay (Mamba-2 / gated DeltaNet style).
+
+    ``g_t = −exp(A_log) · softplus(x_t W_a + dt_bias)`` with ``W_a`` ``[W, H]``,
+    ``A_log, dt_bias`` ``[H]``; ``g_t ≤ 0`` so ``exp(g_t) ∈ (0, 1]`` (Dao & Gu, 2024,
+    "Transformers are SSMs", §7; Yang et al., 2024, "Gated Delta Networks", eq. 10).
+    Parameters: ``W·H + 2H``.
+    """
+
+    def __init__(self, width: int, num_heads: int, *, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.proj = dense(width, num_heads, ("embed", "heads"), rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype)
+
+        def a_init(key, shape, dt):  # A ~ U[1, 16]
+            return jnp.log(jax.random.uniform(key, shape, dt, 1.0, 16.0))
+
+        def dt_init(key, shape, dt):  # softplus(dt_bias) ~ logU[1e-3, 1e-1]
+            u = jax.random.uniform(key, shape, dt)
+            d = jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            return d + jnp.log(-jnp.expm1(-d))  # inverse softplus
+
+        self.A_log = nnx.Param(partitioned(a_init, ("heads",))(rngs.params(), (num_heads,), param_dtype))
+        self.dt_bias = nnx.Param(partitioned(dt_init, ("heads",))(rngs.params(), (num_heads,), param_dtype))
+
+    def __call__(self, x: Float[Array, "b t w"]) -> Float[Array, "b t h"]:
+        sd = _checks.state_dtype(x, self.A_log[...])
+        a = self.proj(x).astype(sd) + self.dt_bias[...].astype(sd)
+        return -jnp.exp(self.A_log[...].astype(sd)) * jax.nn.softplus(a)
+
+
+FEATURE_MAPS = ("identity", "elu+1", "silu+l2")
+
+
+def feature_map(name: str, x: Array) -> Array:
+    """``identity``; ``elu+1`` (Katharopoulos et al., 2020); ``silu+l2`` (``l2norm(silu(x))`` over D)."""
+    if name == "identity":
+        return x
+    if name == "elu+1":
+        return jax.nn.elu(x) + 1
+    if name == "silu+l2":
+        return l2_normalize(jax.nn.silu(x))
+    raise ValueError(f"feature_map: got {name!r}, expected one of {FEATURE_MAPS}")
+
+
+class LinearAttention(Mixer):
+    """Causal linear attention with a feature map and an optional scalar decay gate.
+
+    ``q, k, v = φ(x W_q), φ(x W_k), x W_v`` per head; ``S_t = e^{g_t} S_{t−1} + k_tᵀ v_t``,
+    ``o_t = (D^{−1/2} q_t) S_t`` (SPEC §1, linear / decayed rows), then a per-head RMSNorm
+    and ``o_proj``. Runs on :func:`tttla_jax.linear_attention` with ``mode="causal"``.
+
+    Args:
+      width: model width ``W``.
+      num_heads: heads ``H``.
+      head_dim: ``D`` (default ``W // H``); keys and values both use ``D``.
+      feature_map: ``"identity"`` | ``"elu+1"`` | ``"silu+l2"`` applied to q and k.
+      use_decay: add the data-dependent per-head log-decay gate (:class:`DecayGate`).
+      chunk_size: chunk length of the parallel (chunked) form.
+      mode: ``"recurrent"`` | ``"parallel"`` | ``"pallas"`` | ``"auto"`` → op impl
+        ``recurrent`` | ``chunked`` | ``pallas`` | ``auto``.
+      norm_eps: epsilon of the output norm.
+
+    Parameters: ``4·W·H·D + D`` (+ ``W·H + 2H`` with ``use_decay``).
+
+    Cache: ``{"state": [B, H, D, D]}`` in float32 (float64 for a float64 layer).
+    """
+
+    supported_modes = MODES
+
+    def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
+                 feature_map: str = "elu+1", use_decay: bool = False, chunk_size: int = 64,
+                 mode: str = "auto", norm_eps: float = 1e-6, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.head_dim = resolve_heads(width, num_heads, head_dim)
+        _checks.check_choice("feature_map", feature_map, FEATURE_MAPS)
+        _checks.check_positive_int("chunk_size", chunk_size)
+        _check_mode(type(self).__name__, mode, self.supported_modes)
+        self.width, self.num_heads = width, num_heads
+        self.feature_map, self.use_decay = feature_map, use_decay
+        self.chunk_size, self.mode = chunk_size, mode
+        self.dtype, self.param_dtype = dtype, param_dtype
+        HD = num_heads * self.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.gate = DecayGate(width, num_heads, **kw) if use_decay else None
+        self.out_norm = RMSNorm(self.head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                axis_name="head_dim")
+        self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+
+    def init_cache(self, batch_size: int) -> Cache:
+        _checks.check_positive_int("batch_size", batch_size)
+        D = self.head_dim
+        return {"state": jnp.zeros((batch_size, self.num_heads, D, D), self._state_dtype())}
+
+    def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
+                 positions: Optional[Int[Array, "b t"]] = None):
+        """Returns ``(y [B, T, W], {"state": S_T})``; ``positions`` is accepted and unused."""
+        _checks.check_rank("x", x, 3, "[B, T, W]")
+        B, T, W = x.shape
+        if W != self.width:
+            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        if cache is None:
+            cache = self.init_cache(B)
+        D, H = self.head_dim, self.num_heads
+        _check_cache(cache, {"state": ((B, H, D, D), "[B, H, D, D]")})
+        q = feature_map(self.feature_map, self._heads(self.q_proj(x), B, T))
+        k = feature_map(self.feature_map, self._heads(self.k_proj(x), B, T))
+        v = self._heads(self.v_proj(x), B, T)
+        g = None if self.gate is None else self.gate(x)
+        o, S = linear_attention(q, k, v, log_decay=g, initial_state=cache["state"],
+                                output_final_state=True, mode="causal",
+                                chunk_size=self.chunk_size, impl=MODE_TO_IMPL[self.mode])
+        o = self.out_norm(o).reshape(B, T, H * D)
+        return self.o_proj(o), {"state": S.astype(cache["state"].dtype)}
+
+
+DELTA_FEATURE_MAPS = ("silu+l2", "l2", "identity")
+
+
+class DeltaNet(Mixer):
+    """(Gated) DeltaNet: the delta rule with learned write strengths (SPEC §1).
+
+    ``q, k, v = conv(x W_q), conv(x W_k), conv(x W_v)`` (optional short causal conv, each
+    followed by SiLU), then q, k through ``feature_map`` (``silu+l2``: SiLU then L2 norm
+    over D, the default — with the conv the SiLU is the conv's); ``β_t = σ(x_t W_β)``;
+    optional gate ``g_t`` (:class:`DecayGate`, gated DeltaNet). Then
+    ``S ← e^{g_t} S``, ``S ← S + β_t k_tᵀ (v_t − k_t S)``, ``o_t = (D^{−1/2} q_t) S`` via
+    :func:`tttla_jax.delta_rule`, a per-head RMSNorm and ``o_proj``. (Yang et al., 2024,
+    "Parallelizing Linear Transformers with the Delta Rule", §4; gated: Yang, Kautz &
+    Hatamizadeh, 2024.)
+
+    Args:
+      width, num_heads, head_dim: as :class:`LinearAttention`.
+      use_short_conv: causal depthwise conv of ``conv_size`` taps on q, k, v.
+      conv_size: conv taps.
+      feature_map: ``"silu+l2"`` | ``"l2"`` | ``"identity"`` on q and k (after the conv).
+      use_gate: gated DeltaNet (data-dependent log-decay).
+      chunk_size: chunk length of the parallel (WY) form.
+      mode: ``"recurrent"`` | ``"parallel"`` | ``"auto"``; ``"pallas"`` is rejected (no
+        delta-rule kernel exists yet).
+
+    Parameters: ``4·W·H·D + W·H + D`` (+ ``3·conv_size·H·D`` with the conv, + ``W·H + 2H``
+    with the gate).
+
+    Cache: ``{"state": [B, H, D, D]}`` plus, with the conv, ``"conv_q"``, ``"conv_k"``,
+    ``"conv_v"``: the last ``conv_size − 1`` pre-conv inputs ``[B, conv_size−1, H·D]``.
+    """
+
+    supported_modes = ("recurrent", "parallel", "auto")
+
+    def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
+                 use_short_conv: bool = True, conv_size: int = 4, feature_map: str = "silu+l2",
+                 use_gate: bool = False, chunk_size: int = 64, mode: str = "auto",
+                 norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.head_dim = resolve_heads(width, num_heads, head_dim)
+        _checks.check_choice("feature_map", feature_map, DELTA_FEATURE_MAPS)
+        _checks.check_positive_int("chunk_size", chunk_size)
+        _checks.check_positive_int("conv_size", conv_size)
+        _check_mode(type(self).__name__, mode, self.supported_modes)
+        self.width, self.num_heads = width, num_heads
+        self.use_short_conv, self.conv_size = use_short_conv, conv_size
+        self.feature_map, self.use_gate = feature_map, use_gate
+        self.chunk_size, self.mode = chunk_size, mode
+        self.dtype, self.param_dtype = dtype, param_dtype
+        HD = num_heads * self.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.b_proj = dense(width, num_heads, ("embed", "heads"), **kw)
+        if use_short_conv:
+            self.q_conv = ShortConv(HD, conv_size, **kw)
+            self.k_conv = ShortConv(HD, conv_size, **kw)
+            self.v_conv = ShortConv(HD, conv_size, **kw)
+        else:
+            self.q_conv = self.k_conv = self.v_conv = None
+        self.gate = DecayGate(width, num_heads, **kw) if use_gate else None
+        self.out_norm = RMSNorm(self.head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                axis_name="head_dim")
+        self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+
+    def _cache_spec(self, B: int) -> dict:
+        D, H = self.head_dim, self.num_heads
+        spec = {"state": ((B, H, D, D), "[B, H, D, D]")}
+        if self.use_short_conv:
+            for name in ("conv_q", "conv_k", "conv_v"):
+                spec[name] = ((B, self.conv_size - 1, H * D), "[B, conv_size-1, H*D]")
+        return spec
+
+    def init_cache(self, batch_size: int) -> Cache:
+        _checks.check_positive_int("batch_size", batch_size)
+        spec = self._cache_spec(batch_size)
+        cache = {"state": jnp.zeros(spec["state"][0], self._state_dtype())}
+        for name in ("conv_q", "conv_k", "conv_v"):
+            if name in spec:
+                cache[name] = jnp.zeros(spec[name][0], self._act_dtype())
+        return cache
+
+    def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
+                 positions: Optional[Int[Array, "b t"]] = None):
+        """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused."""
+        _checks.check_rank("x", x, 3, "[B, T, W]")
+        B, T, W = x.shape
+        if W != self.width:
+            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        if cache is None:
+            cache = self.init_cache(B)
+        _check_cache(cache, self._cache_spec(B))
+        new_cache = {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            q, new_cache["conv_q"] = self.q_conv(q, cache["conv_q"])
+            k, new_cache["conv_k"] = self.k_conv(k, cache["conv_k"])
+            v, new_cache["conv_v"] = self.v_conv(v, cache["conv_v"])
+        q, k, v = self._heads(q, B, T), self._heads(k, B, T), self._heads(v, B, T)
+        if self.feature_map == "silu+l2":
+            if not self.use_short_conv:  # the conv already ends with SiLU
+                q, k = jax.nn.silu(q), jax.nn.silu(k)
+            q, k = l2_normalize(q), l2_normalize(k)
+        elif self.feature_map == "l2":
+            q, k = l2_normalize(q), l2_normalize(k)
+        sd = _checks.state_dtype(x, self.b_proj.kernel[...])
+        beta = jax.nn.sigmoid(self.b_proj(x).astype(sd)).astype(q.dtype)
+        g = None if self.gate is None else self.gate(x)
+        o, S = delta_rule(q, k, v, beta, log_decay=g, initial_state=cache["state"],
+                          output_final_state=True, chunk_size=self.chunk_size,
+                          impl=MODE_TO_IMPL[self.mode])
+        new_cache["state"] = S.astype(cache["state"].dtype)
+        D, H = self.head_dim, self.num_heads
+        o = self.out_norm(o).reshape(B, T, H * D)
+        return self.o_proj(o), new_cache
+
+
+class SlidingWindowAttention(Mixer):
+    """Causal softmax attention over a sliding window of ``window`` tokens, with RoPE.
+
+    Token at position ``p`` attends to keys at positions ``p − window < p' ≤ p``:
+    ``o = softmax(q Kᵀ / √D + mask) V`` (Beltagy et al., 2020; the hybrid partner of
+    LaCT-LLM). Keys are rotated (:func:`apply_rope`) before they are cached.
+
+    Modes: ``"parallel"`` (and ``"auto"``) attends from all T queries to
+    ``[cached keys ; T new keys]`` with a banded mask in one shot (``O(T·(w+T))`` memory;
+    no blockwise kernel yet); ``"recurrent"`` runs a ``lax.scan`` over tokens, each step
+    appending one key to the rolling cache and attending — exactly what decoding does.
+    ``"pallas"`` is rejected.
+
+    Parameters: ``4·W·H·D``.
+
+    Cache: ``"k", "v"`` ``[B, window, H, D]`` (the last ``window`` rotated keys and values,
+    in the activation dtype), ``"kpos"`` ``[B, window]`` int32 (their positions, −1 for an
+    empty slot) and ``"pos"`` ``[B]`` int32 (the next position, used when ``positions``
+    is not passed).
+    """
+
+    supported_modes = ("recurrent", "parallel", "auto")
+
+    def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
+                 window: int = 64, use_rope: bool = True, rope_base: float = 10000.0,
+                 mode: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.head_dim = resolve_heads(width, num_heads, head_dim)
+        _checks.check_positive_int("window", window)
+        _check_mode(type(self).__name__, mode, self.supported_modes)
+        if use_rope and self.head_dim % 2:
+            raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim}")
+        self.width, self.num_heads, self.window = width, num_heads, window
+        self.use_rope, self.rope_base, self.mode = use_rope, rope_base, mode
+        self.dtype, self.param_dtype = dtype, param_dtype
+        HD = num_heads * self.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+
+    def _cache_spec(self, B: int) -> dict:
+        w, H, D = self.window, self.num_heads, self.head_dim
+        return {"k": ((B, w, H, D), "[B, window, H, D]"), "v": ((B, w, H, D), "[B, window, H, D]"),
+                "kpos": ((B, w), "[B, window]"), "pos": ((B,), "[B]")}
+
+    def init_cache(self, batch_size: int) -> Cache:
+        _checks.check_positive_int("batch_size", batch_size)
+        w, H, D, dt = self.window, self.num_heads, self.head_dim, self._act_dtype()
+        return {"k": jnp.zeros((batch_size, w, H, D), dt), "v": jnp.zeros((batch_size, w, H, D), dt),
+                "kpos": jnp.full((batch_size, w), -1, jnp.int32),
+                "pos": jnp.zeros((batch_size,), jnp.int32)}
+
+    def _attend(self, q, k, v, qpos, cache):
+        """One parallel step: T queries against ``[cache ; T new keys]``. Returns (o, cache')."""
+        w = self.window
+        kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+        vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+        kpos = jnp.concatenate([cache["kpos"], qpos.astype(jnp.int32)], axis=1)  # [B, w+T]
+        sd = _checks.state_dtype(q, kk)
+        s = jnp.einsum("bthd,bshd->bhts", q.astype(sd), kk.astype(sd)) * (self.head_dim ** -0.5)
+        kp, qp = kpos[:, None, :], qpos[:, :, None]
+        mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [B, T, w+T]
+        s = jnp.where(mask[:, None], s, jnp.finfo(sd).min)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bhts,bshd->bthd", p, vv.astype(sd)).astype(q.dtype)
+        n = kk.shape[1]
+        new = {"k": kk[:, n - w:], "v": vv[:, n - w:], "kpos": kpos[:, n - w:],
+               "pos": qpos[:, -1].astype(jnp.int32) + 1}
+        return o, new
+
+    def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
+                 positions: Optional[Int[Array, "b t"]] = None):
+        """Returns ``(y [B, T, W], new_cache)``.
+
+        ``positions`` ``[B, T]`` (or ``[T]``) absolute integer positions; default
+        ``cache["pos"] + arange(T)``. They drive both RoPE and the window mask.
+        """
+        _checks.check_rank("x", x, 3, "[B, T, W]")
+        B, T, W = x.shape
+        if W != self.width:
+            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        if cache is None:
+            cache = self.init_cache(B)
+        _check_cache(cache, self._cache_spec(B))
+        if positions is None:
+            positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        positions = jnp.asarray(positions)
+        if positions.ndim == 1:
+            positions = jnp.broadcast_to(positions[None], (B, T))
+        _checks.check_shape("positions", positions, (B, T), "[B, T]")
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+        positions = positions.astype(jnp.int32)
+        q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.use_rope:
+            q = apply_rope(q, positions, base=self.rope_base)
+            k = apply_rope(k, positions, base=self.rope_base)
+        if self.mode == "recurrent":
+            def step(c, xs):
+                qt, kt, vt, pt = xs
+                o, c = self._attend(qt[:, None], kt[:, None], vt[:, None], pt[:, None], c)
+                return c, o[:, 0]
+
+            tm = lambda a: jnp.moveaxis(a, 1, 0)
+            new_cache, o = lax.scan(step, cache, (tm(q), tm(k), tm(v), tm(positions)))
+            o = jnp.moveaxis(o, 0, 1)
+        else:
+            o, new_cache = self._attend(q, k, v, positions, cache)
+        y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return y, new_cache
+
+
+#: Mixer registry: config name -> class. ``LMConfig.mixers`` entries are keys of this.
+MIXERS: dict[str, type] = {
+    "linear_attention": LinearAttention,
+    "delta_net": DeltaNet,
+    "swa": SlidingWindowAttention,
+}
+
+
+def register_mixer(name: str, cls: type) -> type:
+    """Add a mixer class to :data:`MIXERS` (used by the rule-zoo layers)."""
+    if not (isinstance(cls, type) and issubclass(cls, Mixer)):
+        raise ValueError(f"cls: expected a subclass of tttla_jax.nn.Mixer, got {cls!r}")
+    MIXERS[name] = cls
+    return cls
+
+
+#: Constructor arguments every mixer receives from the model (not settable per mixer).
+COMMON_ARGS = ("width", "num_heads", "head_dim", "mode", "dtype", "param_dtype", "rngs")
+
+
+def mixer_options(cls: type) -> tuple:
+    """Keyword options a mixer accepts beyond :data:`COMMON_ARGS` (e.g. ``chunk_size``)."""
+    params = inspect.signature(cls.__init__).parameters
+    return tuple(n for n, p in params.items()
+                 if n != "self" and n not in COMMON_ARGS and p.kind == p.KEYWORD_ONLY)
