@@ -1,0 +1,114 @@
+"""The reduction (SPEC §2): readings equal the rules; Theorems 5.1 and 5.3 as tests."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tttla_jax as tt
+from tttla_jax.reduce import Reading, momentum_coefficients, reduce
+
+
+def reduction_form(rule):
+    return lambda **kw: (reduce(rule, **kw).outputs(), None)
+
+
+@pytest.mark.parametrize("loss", ["dot", "mse"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_linear_rule_reading_equals_recurrence(loss, gated):
+    rule = tt.rules.LinearFastWeightRule(loss=loss, gated=gated)
+    shapes = dict(q=(2, 13, 2, 4), k=(2, 13, 2, 4), v=(2, 13, 2, 3), initial_state=(2, 2, 4, 3))
+    kinds = dict(k="unit")
+    if loss == "mse":
+        shapes["lr"], kinds["lr"] = (2, 13, 2), "rate"
+    if gated:
+        shapes["log_decay"], kinds["log_decay"] = (2, 13, 2), "logdecay"
+    x = tt.testing.random_inputs(shapes, seed=7, dtype=jnp.float64, kinds=kinds)
+    report = tt.testing.check_equivalence(
+        {"recurrent": rule.recurrent, "reduction": reduction_form(rule)}, x, check_state=False)
+    report.assert_ok()
+    assert report.max_error() < 1e-10
+    assert reduce(rule, **x).associative
+
+
+def test_momentum_coefficients_by_definition():
+    rng = np.random.default_rng(0)
+    al = rng.uniform(size=6)
+    c = np.asarray(momentum_coefficients(jnp.asarray(al)))
+    for t in range(6):
+        for i in range(6):
+            want = sum(np.prod(al[i + 1:j + 1]) for j in range(i, t + 1)) if i <= t else 0.0
+            assert abs(c[t, i] - want) < 1e-14, (t, i)
+
+
+def _mlp_features(x, theta):
+    return jnp.tanh(x @ theta)
+
+
+@pytest.mark.parametrize("loss", ["mse", "dot"])
+def test_theorem_5_1_mlp_all_layers_updated(loss):
+    """One inner step on f(x) = tanh(x Θ) W, updating Θ *and* W:
+    f_{t+1}(q) = φ_{t+1}(q) (W_t + φ_t(k)ᵀ g_t(k)),  g = −η ∂L/∂f(k)."""
+    rng = np.random.default_rng(1)
+    Kd, F, V, eta = 5, 7, 3, 0.3
+    theta = jnp.asarray(rng.normal(size=(Kd, F)) / np.sqrt(Kd))
+    W = jnp.asarray(rng.normal(size=(F, V)) / np.sqrt(F))
+    q, k = (jnp.asarray(rng.normal(size=Kd)) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=V))
+
+    def L_of_f(f):
+        return 0.5 * jnp.sum((f - v) ** 2) if loss == "mse" else -jnp.vdot(f, v)
+
+    def L(params):
+        th, w = params
+        return L_of_f(_mlp_features(k, th) @ w)
+
+    g_th, g_w = jax.grad(L)((theta, W))
+    theta1, W1 = theta - eta * g_th, W - eta * g_w
+    o_ttt = _mlp_features(q, theta1) @ W1
+
+    f_k = _mlp_features(k, theta) @ W
+    v_hat = -eta * jax.grad(L_of_f)(f_k)  # effective value g_t(k)
+    q_hat = _mlp_features(q, theta1)  # post-update features
+    k_hat = _mlp_features(k, theta)  # pre-update features
+    o_la = q_hat @ (W + jnp.outer(k_hat, v_hat))
+    np.testing.assert_allclose(o_la, o_ttt, atol=1e-13)
+    # and the pre-update query features would be wrong: Θ changed, so the reading is
+    # history-dependent (no associative scan).
+    assert float(jnp.abs(_mlp_features(q, theta) @ (W + jnp.outer(k_hat, v_hat)) - o_ttt).max()) > 1e-4
+
+
+def test_theorem_5_3_per_token_momentum():
+    """ΔW_t = ∇L_t + α_t ΔW_{t−1}, W_{t+1} = W_t − η ΔW_t with static φ and MSE loss:
+    o_t = φ(q_t)(W_0 + Σ_{i≤t} φ(k_i)ᵀ m_i),  m_i = g_i(k_i) · c[t, i]."""
+    rng = np.random.default_rng(2)
+    T, Kd, F, V, eta = 9, 4, 6, 3, 0.2
+    theta = jnp.asarray(rng.normal(size=(Kd, F)) / 2)
+    W0 = jnp.asarray(rng.normal(size=(F, V)) / 3)
+    q, k = (jnp.asarray(rng.normal(size=(T, Kd))) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(T, V)))
+    alpha = jnp.asarray(rng.uniform(0.2, 0.9, size=T))
+    phi = lambda x: _mlp_features(x, theta)
+
+    W, dW, outs, gs = W0, jnp.zeros_like(W0), [], []
+    for t in range(T):
+        f_k = phi(k[t]) @ W
+        gs.append(-eta * (f_k - v[t]))  # −η ∂L/∂f for L = ½‖f − v‖²
+        grad_W = jnp.outer(phi(k[t]), f_k - v[t])
+        dW = grad_W + alpha[t] * dW
+        W = W - eta * dW
+        outs.append(phi(q[t]) @ W)
+    o_ttt = jnp.stack(outs)
+
+    c = momentum_coefficients(alpha)  # [T, T]
+    reading = Reading(q=phi(q)[None, :, None], k=phi(k)[None, :, None], v=jnp.stack(gs)[None, :, None],
+                      mask=c[None, None], state_coef=jnp.ones((1, 1, T)), initial_state=W0[None, None])
+    np.testing.assert_allclose(reading.outputs()[0, :, 0], o_ttt, atol=1e-12)
+    # a single product (instead of the cumulative coefficient) is wrong — the SPEC's warning
+    prod_only = jnp.tril(jnp.exp(jnp.cumsum(jnp.log(alpha))[:, None] - jnp.cumsum(jnp.log(alpha))[None, :]))
+    wrong = Reading(reading.q, reading.k, reading.v, prod_only[None, None], reading.state_coef, reading.initial_state)
+    assert float(jnp.abs(wrong.outputs()[0, :, 0] - o_ttt).max()) > 1e-3
+
+
+def test_reduce_unknown_rule():
+    with pytest.raises(NotImplementedError, match="no reduction registered for Rule"):
+        reduce(tt.rules.Rule())
