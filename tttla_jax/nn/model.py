@@ -1,0 +1,250 @@
+"""Decoder-only language model built from per-layer token mixers (hybrids are one config line).
+
+``tokens → embed → L × [x + mixer(norm(x)); x + SwiGLU(norm(x))] → norm → tied head``.
+
+Axis names: ``B`` batch, ``T`` tokens, ``W`` width, ``V`` vocabulary (here: logits axis).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from tttla_jax import _checks
+from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned
+from tttla_jax.nn.mixers import MIXERS, MODES, mixer_options, resolve_heads
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _check_dtype(name: str, dt) -> None:
+    if dt is None and name == "dtype":
+        return
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}: expected a floating dtype{' or None' if name == 'dtype' else ''}, got {dt!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """Configuration of :class:`LanguageModel`, validated when it is built.
+
+    Every inconsistency raises a ``ValueError`` naming the field here, before any
+    parameter is allocated or anything is compiled.
+
+    Attributes:
+      vocab_size: vocabulary size (embedding rows; the head is tied to the embedding).
+      width: model width ``W``.
+      num_layers: number of blocks ``L``.
+      num_heads: heads of every mixer.
+      head_dim: per-head dim (default ``width // num_heads``, then ``num_heads`` must
+        divide ``width``).
+      mixers: a mixer name (every layer) or a tuple of ``num_layers`` names from
+        :data:`tttla_jax.nn.mixers.MIXERS`, e.g. ``("delta_net", "swa") * 2`` for a hybrid.
+      mixer_options: per mixer name, keyword options of that mixer, e.g.
+        ``{"swa": {"window": 128}, "delta_net": {"use_gate": True, "chunk_size": 32}}``;
+        ``"mode"`` here overrides :attr:`mode` for that mixer. Stored as a sorted tuple
+        of pairs (hashable); read it back with :meth:`options_for`.
+      mode: layer mode for every mixer (``"recurrent" | "parallel" | "pallas" | "auto"``).
+      mlp_hidden: SwiGLU hidden width (default ``8·W/3`` rounded up to a multiple of 8).
+      norm_eps: RMSNorm epsilon.
+      dtype: activation dtype (default: ``param_dtype``).
+      param_dtype: parameter dtype.
+      remat: rematerialise every block in the backward pass (``jax.checkpoint``).
+      embed_init_std: std of the normal embedding initialiser.
+    """
+
+    vocab_size: int
+    width: int
+    num_layers: int
+    num_heads: int
+    head_dim: Optional[int] = None
+    mixers: Union[str, tuple] = "linear_attention"
+    mixer_options: Any = ()
+    mode: str = "auto"
+    mlp_hidden: Optional[int] = None
+    norm_eps: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    embed_init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "width", "num_layers", "num_heads"):
+            _checks.check_positive_int(name, getattr(self, name))
+        try:
+            resolve_heads(self.width, self.num_heads, self.head_dim)
+        except ValueError as e:
+            raise ValueError(f"LMConfig: {e}") from None
+        _checks.check_choice("mode", self.mode, MODES)
+        mixers = (self.mixers,) * self.num_layers if isinstance(self.mixers, str) else self.mixers
+        if not isinstance(mixers, (tuple, list)) or len(mixers) != self.num_layers:
+            raise ValueError(
+                f"mixers: expected a mixer name or a sequence of num_layers={self.num_layers} names, "
+                f"got {self.mixers!r}")
+        for i, m in enumerate(mixers):
+            if m not in MIXERS:
+                raise ValueError(f"mixers[{i}]: unknown mixer {m!r}, expected one of {tuple(MIXERS)}")
+        object.__setattr__(self, "mixers", tuple(mixers))
+        opts = self.mixer_options
+        opts = dict(opts) if isinstance(opts, Mapping) else {k: dict(v) for k, v in opts}
+        for name, kw in opts.items():
+            if name not in MIXERS:
+                raise ValueError(f"mixer_options: unknown mixer {name!r}, expected one of {tuple(MIXERS)}")
+            if not isinstance(kw, Mapping):
+                raise ValueError(f"mixer_options[{name!r}]: expected a dict of options, got {kw!r}")
+            allowed = mixer_options(MIXERS[name]) + ("mode",)
+            bad = sorted(set(kw) - set(allowed))
+            if bad:
+                raise ValueError(f"mixer_options[{name!r}]: unknown options {bad}, expected a subset of {allowed}")
+        for name in set(self.mixers):
+            mode = opts.get(name, {}).get("mode", self.mode)
+            _checks.check_choice(f"mode (for mixer {name!r})", mode, MODES)
+            supported = MIXERS[name].supported_modes
+            if mode not in supported:
+                raise ValueError(
+                    f"mode: mixer {name!r} does not support mode={mode!r}; supported modes are "
+                    f"{supported} (override it with mixer_options={{{name!r}: {{'mode': ...}}}})")
+        object.__setattr__(self, "mixer_options",
+                           tuple(sorted((k, tuple(sorted(dict(v).items()))) for k, v in opts.items())))
+        if self.mlp_hidden is not None:
+            _checks.check_positive_int("mlp_hidden", self.mlp_hidden)
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ValueError(f"norm_eps: expected a positive float, got {self.norm_eps!r}")
+        _check_dtype("dtype", self.dtype)
+        _check_dtype("param_dtype", self.param_dtype)
+
+    @property
+    def hidden(self) -> int:
+        """SwiGLU hidden width."""
+        return self.mlp_hidden if self.mlp_hidden is not None else _round_up(8 * self.width // 3, 8)
+
+    def options_for(self, mixer: str) -> dict:
+        """The keyword options given for ``mixer`` (may include ``"mode"``)."""
+        return dict(dict(self.mixer_options).get(mixer, ()))
+
+
+def build_mixer(config: LMConfig, name: str, *, rngs: nnx.Rngs):
+    """Instantiate mixer ``name`` with the model-wide fields of ``config`` and its options."""
+    opts = config.options_for(name)
+    mode = opts.pop("mode", config.mode)
+    return MIXERS[name](width=config.width, num_heads=config.num_heads, head_dim=config.head_dim,
+                        mode=mode, dtype=config.dtype, param_dtype=config.param_dtype,
+                        rngs=rngs, **opts)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))``."""
+
+    def __init__(self, config: LMConfig, mixer: str, *, rngs: nnx.Rngs):
+        kw = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        self.mixer_norm = RMSNorm(config.width, eps=config.norm_eps, **kw)
+        self.mixer = build_mixer(config, mixer, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, **kw)
+        self.mlp = SwiGLU(config.width, config.hidden, rngs=rngs, **kw)
+
+    def __call__(self, x, cache=None, positions=None):
+        h, cache = self.mixer(self.mixer_norm(x), cache=cache, positions=positions)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
+
+
+def _block_apply(block, x, cache, positions):
+    return block(x, cache, positions)
+
+
+def _block_apply_remat(block, x, cache, positions):
+    # jax.checkpoint on the functional (graphdef, state) view of the block: blocks never
+    # mutate their variables, so nothing needs writing back (and, unlike nnx.remat, this
+    # also works on a model merged inside another transform such as lax.scan).
+    graphdef, state = nnx.split(block)
+
+    def f(state, x, cache, positions):
+        return nnx.merge(graphdef, state)(x, cache, positions)
+
+    return jax.checkpoint(f)(state, x, cache, positions)
+
+
+class LanguageModel(nnx.Module):
+    """Decoder-only LM: embedding, ``num_layers`` :class:`Block` s, final RMSNorm, tied head.
+
+    ``__call__(tokens, *, cache=None, positions=None) -> (logits, new_cache)``: a full
+    forward is ``model(tokens)``; prefill is the same call (the returned cache is the
+    state after the prompt); decoding feeds one (or a few) tokens with the cache.
+    Logits are float32 (float64 for a float64 model).
+
+    Cache: ``{"pos": [B] int32 next position, "layers": (mixer cache per layer, ...)}``.
+    """
+
+    def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, LMConfig):
+            raise ValueError(f"config: expected an LMConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = nnx.Embed(
+            config.vocab_size, config.width, dtype=config.dtype, param_dtype=config.param_dtype,
+            embedding_init=partitioned(nnx.initializers.normal(config.embed_init_std), ("vocab", "embed")),
+            rngs=rngs)
+        self.blocks = nnx.List([Block(config, m, rngs=rngs) for m in config.mixers])
+        self.final_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=config.dtype,
+                                  param_dtype=config.param_dtype)
+
+    def init_cache(self, batch_size: int) -> dict:
+        """An empty cache for ``batch_size`` sequences (position 0, zero fast weights)."""
+        _checks.check_positive_int("batch_size", batch_size)
+        return {"pos": jnp.zeros((batch_size,), jnp.int32),
+                "layers": tuple(b.mixer.init_cache(batch_size) for b in self.blocks)}
+
+    def __call__(self, tokens: Int[Array, "b t"], *, cache: Optional[dict] = None,
+                 positions: Optional[Int[Array, "b t"]] = None):
+        """Returns ``(logits [B, T, V], new_cache)``.
+
+        ``positions`` default to ``cache["pos"] + arange(T)`` (``arange(T)`` without a cache).
+        """
+        _checks.check_rank("tokens", tokens, 2, "[B, T]")
+        if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+            raise ValueError(f"tokens: expected an integer dtype, got {jnp.result_type(tokens)}")
+        B, T = tokens.shape
+        if T == 0:
+            raise ValueError("tokens: expected at least one token (T >= 1), got T = 0")
+        if cache is None:
+            cache = self.init_cache(B)
+        if not (isinstance(cache, dict) and "pos" in cache and "layers" in cache):
+            raise ValueError("cache: expected the dict returned by init_cache / a previous call "
+                             f"(keys 'pos', 'layers'), got {type(cache).__name__}")
+        if len(cache["layers"]) != len(self.blocks):
+            raise ValueError(f"cache['layers']: expected {len(self.blocks)} layer caches, "
+                             f"got {len(cache['layers'])}")
+        _checks.check_shape("cache['pos']", cache["pos"], (B,), "[B]")
+        if positions is None:
+            positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        positions = jnp.asarray(positions)
+        if positions.ndim == 1:
+            positions = jnp.broadcast_to(positions[None], (B, T))
+        _checks.check_shape("positions", positions, (B, T), "[B, T]")
+        positions = positions.astype(jnp.int32)
+
+        x = self.embed(tokens)
+        apply = _block_apply_remat if self.config.remat else _block_apply
+        new_layers = []
+        for block, c in zip(self.blocks, cache["layers"]):
+            x, c = apply(block, x, c, positions)
+            new_layers.append(c)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x)
+        sd = _checks.state_dtype(logits)
+        return logits.astype(sd), {"pos": positions[:, -1] + 1, "layers": tuple(new_layers)}
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of scalar parameters (``nnx.Param`` leaves) of ``model``."""
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
