@@ -38,8 +38,9 @@ class Reading:
       q, k: ``[B, T, H, K̂]`` effective queries / keys (scale already folded into q).
       v: ``[B, T, H, V]`` effective values.
       mask: ``[B, H, T, T]`` (or broadcastable) weight of key s for query t.
-      state_coef: ``[B, H, T]`` (or broadcastable) coefficient ``a_t`` of the initial state.
-      initial_state: ``[B, H, K̂, V]`` ``S_0``.
+      state_coef: ``[B, H, T]`` (or broadcastable) coefficient ``a_t`` of the initial state;
+        or a tuple of them, one per initial state (Titans has a memory and a momentum buffer).
+      initial_state: ``[B, H, K̂, V]`` ``S_0``, or a tuple of such states.
       associative: whether (★)'s ingredients are available up front (an associative /
         chunked parallel form exists); ``False`` for a sequential reading.
       breaks: ``None``, or the sentence naming the component that makes it sequential.
@@ -60,8 +61,10 @@ class Reading:
         """Evaluate (★) in attention form: ``((Q̂K̂ᵀ) ⊙ M) V̂ + a ⊙ (Q̂ S_0)``."""
         A = jnp.einsum("bthk,bshk->bhts", self.q, self.k) * self.mask
         o = jnp.einsum("bhts,bshv->bthv", A, self.v)
-        o = o + jnp.moveaxis(self.state_coef, -1, 1)[..., None] * jnp.einsum(
-            "bthk,bhkv->bthv", self.q, self.initial_state)
+        states = self.initial_state if isinstance(self.initial_state, tuple) else (self.initial_state,)
+        coefs = self.state_coef if isinstance(self.state_coef, tuple) else (self.state_coef,)
+        for a, S0 in zip(coefs, states):
+            o = o + jnp.moveaxis(a, -1, 1)[..., None] * jnp.einsum("bthk,bhkv->bthv", self.q, S0)
         return o if self.post is None else self.post(o)
 
 
@@ -75,6 +78,24 @@ def decay_mask(log_decay, *, include_diagonal: bool = True):
     keep = jnp.tril(jnp.ones((T, T), bool), 0 if include_diagonal else -1)
     diff = jnp.where(keep, G[..., :, None] - G[..., None, :], 0.0)
     return jnp.where(keep, jnp.exp(diff), 0.0)
+
+
+def segment_products(x):
+    """``P[..., n, l] = Π_{s=l+1..n} x[..., s]`` for ``l ≤ n`` (1 on the diagonal), else 0.
+
+    ``x`` ``[..., N]`` → ``[..., N, N]``; a scan (``P_n = x_n P_{n−1} + e_n``), so zeros in
+    ``x`` (full forgetting) are exact and nothing underflows through division.
+    """
+    N = x.shape[-1]
+    onehots = jnp.moveaxis(jnp.broadcast_to(jnp.eye(N, dtype=x.dtype), x.shape[:-1] + (N, N)), -2, 0)
+
+    def step(P, inp):
+        x_n, e_n = inp
+        P = x_n[..., None] * P + e_n
+        return P, P
+
+    _, P = lax.scan(step, jnp.zeros(x.shape, x.dtype), (jnp.moveaxis(x, -1, 0), onehots))
+    return jnp.moveaxis(P, 0, -2)
 
 
 def momentum_coefficients(alpha):
@@ -154,3 +175,64 @@ def _reduce_linear(rule: LinearFastWeightRule, q, k, v, lr=None, log_decay=None,
     _, vhat = lax.scan(step, S0, xs)
     return Reading(qh, kh, jnp.moveaxis(vhat, 0, 1), mask, a, S0, associative=True,
                    breaks=None)
+
+
+def _register_titans():
+    from tttla_jax.rules.titans import TitansRule
+
+    @register_reducer(TitansRule)
+    def _reduce_titans(rule: TitansRule, q, k, v, theta, momentum, decay, state):
+        """Titans, linear memory (SPEC §5). With ``u_n = Σ_{t∈n} k_tᵀ v̂_t``,
+        ``v̂_t = θ_t (2/V)(v_t − k_t W_ref)``, ``E[j,i] = Π_{s=i+1..j} η_s``,
+        ``A[n,l] = Π_{s=l+1..n}(1 − α_s)`` and ``C = A E`` (chunk indices 0…N, 0 = start):
+
+            M_n = A[n,0] M_0 + (Σ_{j≥1} A[n,j] E[j,0]) S_0 + Σ_{1≤i≤n} C[n,i] u_i
+
+        so token t reads (★) with ``M[t,s] = C[r(t), n(s)]·[n(s) ≤ r(t)]``, ``r(t) = ⌊(t+1)/c⌋``,
+        ``n(s) = ⌊s/c⌋ + 1`` — momentum and decay only re-weight the values (Theorem 5.3).
+        With ``batch_size`` set, ``W_ref`` of each TTT batch is the memory after the previous
+        one, obtained here by running the rule on the prefix: a sequential reading.
+        """
+        if rule.memory != "linear":
+            raise NotImplementedError(
+                "reduce(TitansRule): the MLP memory's reading has history-dependent features "
+                "(its first layer is updated); only memory='linear' is reduced")
+        B, T, H, K, V, N = rule._validate(q, k, v, theta, momentum, decay, state)
+        sd = _checks.state_dtype(q, k, v)
+        c = rule.chunk_size
+        M0, S0 = state.memory.astype(sd), state.momentum.astype(sd)
+        ones = jnp.ones((B, H, 1), sd)
+        E = segment_products(jnp.concatenate([ones, momentum.astype(sd)], -1))  # [B,H,N+1,N+1]
+        A = segment_products(jnp.concatenate([ones, 1 - decay.astype(sd)], -1))
+        Cm = jnp.einsum("bhnj,bhji->bhni", A, E)
+        t = jnp.arange(T)
+        r = (t + 1) // c  # memory index read by token t
+        n = t // c + 1  # chunk (1-based) written by token s
+        mask = Cm[:, :, r][:, :, :, n] * (n[None, :] <= r[:, None])
+        coef_M = A[:, :, r, 0]
+        coef_S = jnp.einsum("bhnj,bhj->bhn", A[..., 1:], E[..., 1:, 0])[:, :, r]
+        # W_ref per token: the memory at the start of its TTT batch
+        if rule.batch_size is None:
+            W_ref = jnp.broadcast_to(M0[:, None], (B, T, H, K, V))
+            associative, breaks = True, None
+        else:
+            refs, st = [], state
+            for start in range(0, T, rule.batch_size):
+                refs.append(jnp.broadcast_to(st.memory.astype(sd)[:, None],
+                                             (B, min(rule.batch_size, T - start), H, K, V)))
+                end = min(start + rule.batch_size, T)
+                if end < T:  # memory after this batch = rule run on the prefix
+                    Np = -(-end // c)
+                    _, st = rule.recurrent(q[:, :end], k[:, :end], v[:, :end], theta[:, :end],
+                                           momentum[..., :Np], decay[..., :Np], state)
+            W_ref = jnp.concatenate(refs, axis=1)
+            associative = False
+            breaks = ("W_ref (the memory at the start of each TTT batch) is produced by the "
+                      "previous batch, so the effective values depend on the history")
+        kf, vf = k.astype(sd), v.astype(sd)
+        vhat = theta.astype(sd)[..., None] * (2.0 / V) * (vf - jnp.einsum("bthk,bthkv->bthv", kf, W_ref))
+        return Reading(q.astype(sd), kf, vhat, mask, (coef_M, coef_S), (M0, S0),
+                       associative=associative, breaks=breaks)
+
+
+_register_titans()
