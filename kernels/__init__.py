@@ -3,7 +3,7 @@
 ``tt.linear_attention(..., impl="pallas")`` calls :func:`linear_attention`;
 ``impl="auto"`` asks :func:`auto_supported` first.
 """
-from tttla_jax.kernels.linear_attention import (
+from tttla_jax.kernels.linear_attention_kernel import (
     BlockSizes,
     auto_supported,
     chunk_costs,

@@ -143,9 +143,15 @@ def unsupported_reason(dtype, mode: str, K: int, V: int, chunk_size: Optional[in
     return None
 
 
+def _host_platform() -> str:
+    """The default backend of this process (only for ``auto`` and the float64 guard; the
+    compiled backend itself is chosen by the lowering platform)."""
+    return jax.default_backend()
+
+
 def auto_supported(q, mode: str, K: int, V: int, chunk_size: Optional[int] = None) -> bool:
     """``impl="auto"`` hook: use the kernel only on GPU/TPU and for shapes it supports."""
-    if jax.default_backend() not in ("gpu", "cuda", "rocm", "tpu"):
+    if _host_platform() not in ("gpu", "cuda", "rocm", "tpu"):
         return False
     return unsupported_reason(jnp.result_type(q), mode, K, V, chunk_size) is None
 
@@ -512,7 +518,10 @@ def _la_bwd(scale, cfg, res, cts):
     qh, kh, vh, doh = (_to_kernel(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
     dST = dST.astype(acc)
     # dQ (w.r.t. the scaled query): the forward kernel on the transposed process (dO, V, K; S_0ᵀ).
-    dqs, _ = _dispatch(_fwd_call, cfg, doh, vh, kh, b, jnp.swapaxes(S0.astype(acc), -1, -2),
+    # Its value dim is K: BlockSizes.block_v_* tile V, so this pass uses the platform defaults.
+    cfg_dq = dataclasses.replace(cfg, block_sizes=dataclasses.replace(
+        cfg.block_sizes, block_v_gpu=None, block_v_tpu=None))
+    dqs, _ = _dispatch(_fwd_call, cfg_dq, doh, vh, kh, b, jnp.swapaxes(S0.astype(acc), -1, -2),
                        scale=1.0, out_dtype=acc)
     dk, dv, dS0 = _dispatch(_dkv_call, cfg, qh, kh, vh, doh, b, dST, scale=scale)
     # log-decay: dL/dB_t = q_t·dq_t (query side) − k_t·dk_t (key side) + [t = T−1]<S_T, dS_T>.
@@ -596,7 +605,7 @@ def linear_attention(
     if interpret is not None and not (interpret is True or interpret in ("gpu", "tpu")
                                       or isinstance(interpret, pltpu.InterpretParams)):
         raise ValueError(f"interpret: expected None, True, 'gpu', 'tpu' or pltpu.InterpretParams, got {interpret!r}")
-    interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and jax.default_backend() == "cpu")
+    interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and _host_platform() == "cpu")
     reason = unsupported_reason(q.dtype, mode, K, V, chunk_size, interpret=interp_any)
     if reason is not None:
         raise ValueError(f"impl='pallas': {reason}")

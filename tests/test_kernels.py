@@ -1,0 +1,285 @@
+"""Pallas linear-attention kernels (issue 5), run in interpret mode on CPU.
+
+Layers of truth: the float64 loop of SPEC §1 (:func:`tttla_jax.reference.linear_attention_loop`)
+and the XLA chunked form (``tt.linear_attention(impl="chunked")``, itself checked against the
+loop in ``test_linear_attention.py``). Both backends' kernels are interpreted: the Triton-style
+kernel (``interpret="gpu"``) and the Mosaic kernel (``interpret="tpu"``, i.e.
+``pltpu.InterpretParams(uninitialized_memory="nan")`` so a read of uninitialised VMEM or
+output memory poisons the result).
+
+Tolerances (documented): float64 1e-10 absolute (O(1) inputs); float32 inputs 1e-4 relative to
+the truth's max magnitude; bfloat16 inputs 3e-2 relative (operands are bf16, accumulation f32),
+against the float64 chunked form evaluated on the same bf16-rounded inputs.
+
+Shapes are tiny (interpret mode is slow); lowering for real backends is in
+``test_kernels_lowering.py``.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tttla_jax as tt
+from tttla_jax.kernels import BlockSizes, auto_supported
+from tttla_jax.kernels import linear_attention as kernel_la
+from tttla_jax.kernels import unsupported_reason
+from tttla_jax.reference import linear_attention_loop
+
+ARGNUMS = (0, 1, 2, 3, 4)  # q, k, v, log_decay, initial_state
+
+
+def make_inputs(seed, B, T, H, K, V, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(B, T, H, K)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, H, V)), dtype)
+    g = jnp.asarray(-rng.uniform(0.0, 0.3, size=(B, T, H)), jnp.float32 if dtype != jnp.float64 else dtype)
+    S0 = jnp.asarray(rng.normal(size=(B, H, K, V)), jnp.float32 if dtype != jnp.float64 else dtype)
+    return q, k, v, g, S0
+
+
+def loss_of(fn):
+    """Scalar of outputs and final state with fixed generic cotangents."""
+    def loss(q, k, v, g, S0):
+        o, S = fn(q, k, v, g, S0)
+        wo = jnp.sin(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)).astype(jnp.float64)
+        ws = jnp.cos(jnp.arange(S.size, dtype=jnp.float32).reshape(S.shape)).astype(jnp.float64)
+        return jnp.sum(o.astype(jnp.float64) * wo) + jnp.sum(S.astype(jnp.float64) * ws)
+    return loss
+
+
+def eval_all(fn, args, jit=True):
+    """``((o, S), (dq, dk, dv, dg, dS0))`` as float64 NumPy arrays (one compile for both)."""
+    def with_aux(*a):
+        out = fn(*a)
+        return loss_of(lambda *_: out)(*a), out
+
+    vg = jax.value_and_grad(with_aux, argnums=ARGNUMS, has_aux=True)
+    if jit:
+        vg = jax.jit(vg)
+    (_, out), grads = vg(*args)
+    to_np = lambda t: tuple(np.asarray(x, np.float64) for x in t)  # noqa: E731
+    return to_np(out), to_np(grads)
+
+
+def kernel(mode, C, interpret, **kw):
+    def fn(q, k, v, g, S0):
+        return kernel_la(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
+                         output_final_state=True, interpret=interpret, **kw)
+    return fn
+
+
+def chunked(mode, C):
+    def fn(q, k, v, g, S0):
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
+                                   output_final_state=True, impl="chunked")
+    return fn
+
+
+def loop(mode, C):
+    def fn(q, k, v, g, S0):
+        return linear_attention_loop(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C)
+    return fn
+
+
+def assert_close(got, want, atol=0.0, rel=None, what=""):
+    names = ("o", "S") if len(got) == 2 else ("dq", "dk", "dv", "dg", "dS0")
+    for name, x, y in zip(names, got, want):
+        assert x.shape == y.shape, (what, name, x.shape, y.shape)
+        tol = atol if rel is None else rel * max(1.0, float(np.max(np.abs(y))))
+        np.testing.assert_allclose(x, y, atol=tol, rtol=0, err_msg=f"{what}: {name}")
+
+
+def to_f64(args):
+    return tuple(jnp.asarray(x, jnp.float64) for x in args)
+
+
+# float64 inputs against the loop: T = 21 with C = 16 (T not a multiple of the chunk), K != V,
+# two value blocks on the Triton-style kernel (block_v_gpu = 16 < V = 32).
+F64_SHAPE = dict(B=1, T=21, H=2, K=16, V=32)
+F64_C = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_truth(mode):
+    args = make_inputs(0, **F64_SHAPE)
+    return eval_all(loop(mode, F64_C), args, jit=False)
+
+
+@pytest.mark.parametrize("interpret", ["gpu", "tpu"])
+@pytest.mark.parametrize("mode", ["causal", "chunk"])
+def test_float64_matches_loop(mode, interpret):
+    args = make_inputs(0, **F64_SHAPE)
+    bs = BlockSizes(block_v_gpu=16)
+    out, grads = eval_all(kernel(mode, F64_C if mode == "chunk" else 16, interpret, block_sizes=bs), args)
+    out_r, grads_r = _loop_truth(mode)
+    assert_close(out, out_r, atol=1e-10, what=f"{interpret} {mode} outputs")
+    assert_close(grads, grads_r, atol=1e-10, what=f"{interpret} {mode} grads")
+
+
+@pytest.mark.parametrize("T", [1, pytest.param(16, marks=pytest.mark.slow), pytest.param(17, marks=pytest.mark.slow)])
+def test_float64_short_and_boundary_T(T):
+    """T = 1, exactly one chunk, one chunk + 1 token; causal mode against the chunked form."""
+    args = make_inputs(1, 1, T, 1, 16, 16)
+    got = eval_all(kernel("causal", 16, "gpu"), args)
+    want = eval_all(chunked("causal", 16), args)
+    assert_close(got[0], want[0], atol=1e-10, what=f"T={T} outputs")
+    assert_close(got[1], want[1], atol=1e-10, what=f"T={T} grads")
+
+
+@pytest.mark.parametrize("interpret,mode", [
+    ("gpu", "causal"), ("tpu", "chunk"),
+    pytest.param("gpu", "chunk", marks=pytest.mark.slow), pytest.param("tpu", "causal", marks=pytest.mark.slow)])
+def test_float32_head_dim_64(interpret, mode):
+    """float32 inputs, K = V = 64, T = 45 (C = 16): against the float64 chunked form."""
+    args = make_inputs(2, 1, 45, 2, 64, 64, jnp.float32)
+    out, grads = eval_all(kernel(mode, 16, interpret), args)
+    o, S = jax.eval_shape(kernel(mode, 16, interpret), *args)
+    assert o.dtype == jnp.float32 and S.dtype == jnp.float32
+    out_r, grads_r = eval_all(chunked(mode, 16), to_f64(args))
+    assert_close(out, out_r, rel=1e-4, what=f"f32 {interpret} {mode} outputs")
+    assert_close(grads, grads_r, rel=1e-4, what=f"f32 {interpret} {mode} grads")
+
+
+@pytest.mark.slow
+def test_float32_tpu_two_value_blocks():
+    """Mosaic kernel with V = 256 split into two 128-wide value blocks (dK summed over blocks)."""
+    args = make_inputs(3, 1, 20, 1, 16, 256, jnp.float32)
+    fn = kernel("chunk", 16, "tpu", block_sizes=BlockSizes(block_v_tpu=128))
+    out, grads = eval_all(fn, args)
+    out_r, grads_r = eval_all(chunked("chunk", 16), to_f64(args))
+    assert_close(out, out_r, rel=1e-4, what="tpu 2 value blocks outputs")
+    assert_close(grads, grads_r, rel=1e-4, what="tpu 2 value blocks grads")
+
+
+@pytest.mark.parametrize("interpret,mode", [
+    ("gpu", "chunk"), ("tpu", "causal"),
+    pytest.param("gpu", "causal", marks=pytest.mark.slow), pytest.param("tpu", "chunk", marks=pytest.mark.slow)])
+def test_bfloat16(interpret, mode):
+    args = make_inputs(4, 1, 40, 2, 64, 64, jnp.bfloat16)
+    o, S = jax.eval_shape(kernel(mode, 16, interpret), *args)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    out, grads = eval_all(kernel(mode, 16, interpret), args)
+    out_r, grads_r = eval_all(chunked(mode, 16), to_f64(args))
+    assert_close(out, out_r, rel=3e-2, what=f"bf16 {interpret} {mode} outputs")
+    assert_close(grads, grads_r, rel=3e-2, what=f"bf16 {interpret} {mode} grads")
+
+
+def test_no_decay_no_initial_state():
+    """Optional arguments absent: gradients w.r.t. q, k, v only; S_T still returned."""
+    q, k, v, _, _ = make_inputs(5, 1, 19, 2, 16, 16)
+
+    def kfn(q, k, v):
+        return kernel_la(q, k, v, mode="causal", chunk_size=16, output_final_state=True, interpret="gpu")
+
+    def cfn(q, k, v):
+        return tt.linear_attention(q, k, v, mode="causal", chunk_size=16, output_final_state=True, impl="chunked")
+
+    def val_grad(fn):
+        def loss(q, k, v):
+            o, S = fn(q, k, v)
+            return jnp.sum(jnp.sin(o)) + jnp.sum(S ** 2), (o, S)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+    (_, out_k), g_k = val_grad(kfn)(q, k, v)
+    (_, out_c), g_c = val_grad(cfn)(q, k, v)
+    for a, b in zip(out_k + g_k, out_c + g_c):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-10)
+    o, S = jax.eval_shape(lambda q, k, v: kernel_la(q, k, v, chunk_size=16, interpret="gpu"), q, k, v)
+    assert S is None and o.shape == (1, 19, 2, 16)
+
+
+def test_vmap_and_checkpoint():
+    """vmap over an extra leading axis, and jax.checkpoint around the kernel under grad."""
+    args = make_inputs(6, 1, 12, 1, 16, 16)
+    stacked = tuple(jnp.stack([x, 0.5 * x]) for x in args)
+    o_v, S_v = jax.jit(jax.vmap(kernel("causal", 16, "gpu")))(*stacked)
+    o_c, S_c = jax.vmap(chunked("causal", 16))(*stacked)
+    np.testing.assert_allclose(np.asarray(o_v), np.asarray(o_c), atol=1e-10)
+    np.testing.assert_allclose(np.asarray(S_v), np.asarray(S_c), atol=1e-10)
+    g_ckpt = jax.jit(jax.grad(loss_of(jax.checkpoint(kernel("causal", 16, "gpu"))), argnums=ARGNUMS))(*args)
+    g_ref = jax.grad(loss_of(chunked("causal", 16)), argnums=ARGNUMS)(*args)
+    for a, c in zip(g_ckpt, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-10)
+
+
+def test_public_dispatch_impl_pallas_and_auto():
+    """tt.linear_attention(impl="pallas") reaches the kernel (platform-chosen: interpret on CPU)."""
+    q, k, v, g, S0 = make_inputs(7, 1, 10, 1, 16, 16, jnp.float32)
+    o, S = tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, output_final_state=True,
+                               chunk_size=16, impl="pallas")
+    o_c, S_c = tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, output_final_state=True,
+                                   chunk_size=16, impl="chunked")
+    np.testing.assert_allclose(np.asarray(o), np.asarray(o_c), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(S), np.asarray(S_c), atol=1e-4)
+    # CPU host: auto never picks the kernel (the XLA chunked form is the fast path here).
+    assert jax.default_backend() == "cpu"
+    assert not auto_supported(q, "causal", 16, 16)
+    assert not auto_supported(q, "none", 16, 16)
+
+
+def test_unsupported_reason_table():
+    assert unsupported_reason(jnp.bfloat16, "causal", 64, 128) is None
+    assert unsupported_reason(jnp.float32, "chunk", 256, 256, 64) is None
+    assert "mode='none'" in unsupported_reason(jnp.float32, "none", 64, 64)
+    assert "K = 96" in unsupported_reason(jnp.float32, "causal", 96, 64)
+    assert "V = 512" in unsupported_reason(jnp.float32, "causal", 64, 512)
+    assert "float64" in unsupported_reason(jnp.float64, "causal", 64, 64)
+    assert unsupported_reason(jnp.float64, "causal", 64, 64, interpret=True) is None
+    assert "chunk_size = 48" in unsupported_reason(jnp.float32, "chunk", 64, 64, 48)
+
+
+@pytest.mark.parametrize(
+    "kwargs,shapes,match",
+    [
+        (dict(mode="none"), (16, 16), r"impl='pallas': mode='none' is not supported"),
+        (dict(), (96, 16), r"head dim K = 96 is not supported"),
+        (dict(), (16, 512), r"head dim V = 512 is not supported"),
+        (dict(mode="chunk", chunk_size=24), (16, 16), r"chunk_size = 24 is not supported"),
+        (dict(block_sizes=BlockSizes(block_v_tpu=96)), (16, 256), r"block_v_tpu: expected V = 256"),
+        (dict(interpret="cuda"), (16, 16), r"interpret: expected None, True"),
+    ],
+)
+def test_bad_inputs_fail_loudly(kwargs, shapes, match):
+    K, V = shapes
+    q, k, v, _, _ = make_inputs(8, 1, 4, 1, K, V, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        kernel_la(q, k, v, **kwargs)
+
+
+def test_bad_shapes_and_block_sizes():
+    q, k, v, g, S0 = make_inputs(9, 1, 4, 2, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match=r"log_decay: expected shape \[B, T, H\] = \(1, 4, 2\), got \(1, 4\)"):
+        kernel_la(q, k, v, log_decay=g[..., 0])
+    with pytest.raises(ValueError, match=r"initial_state: expected shape \[B, H, K, V\]"):
+        kernel_la(q, k, v, initial_state=S0[0])
+    with pytest.raises(ValueError, match=r"k: expected shape"):
+        kernel_la(q, k[:, :3], v)
+    with pytest.raises(ValueError, match=r"q, k, v: expected one dtype"):
+        kernel_la(q, k.astype(jnp.bfloat16), v)
+    with pytest.raises(ValueError, match=r"BlockSizes.block_v_gpu: expected a power of two, got 48"):
+        BlockSizes(block_v_gpu=48)
+    with pytest.raises(ValueError, match=r"BlockSizes.num_warps: expected a positive int, got 0"):
+        BlockSizes(num_warps=0)
+    with pytest.raises(ValueError, match=r"BlockSizes.block_v_gpu: 32 does not divide V = 48"):
+        BlockSizes(block_v_gpu=32).gpu(64, 48)
+    with pytest.raises(dataclasses_frozen_error()):
+        BlockSizes().num_warps = 2  # frozen
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_float64_needs_interpret_off_cpu(monkeypatch):
+    """float64 has no compiled kernel: on a GPU/TPU host an explicit impl='pallas' refuses it."""
+    import tttla_jax.kernels.linear_attention_kernel as mod
+
+    q, k, v, _, _ = make_inputs(10, 1, 4, 1, 16, 16)
+    monkeypatch.setattr(mod, "_host_platform", lambda: "gpu")
+    with pytest.raises(ValueError, match=r"dtype float64 is not supported"):
+        mod.linear_attention(q, k, v)
