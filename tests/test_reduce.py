@@ -114,21 +114,24 @@ def test_reduce_unknown_rule():
         reduce(tt.rules.Rule())
 
 
+@pytest.mark.parametrize("memory", ["linear", "mlp"])
 @pytest.mark.parametrize("batch_size", [None, 4, 8])
 @pytest.mark.parametrize("T", [11, 12, 1])
-def test_titans_reading_equals_recurrence(batch_size, T):
+def test_titans_reading_equals_recurrence(memory, batch_size, T):
     from tttla_jax.rules.titans import TitansRule, _example_inputs
 
-    rule = TitansRule(chunk_size=4, batch_size=batch_size)
+    rule = TitansRule(chunk_size=4, batch_size=batch_size, memory=memory)
     q, k, v, theta, eta, alpha, state = _example_inputs(rule, seed=3, T=T)
     # a non-zero initial momentum buffer exercises the second initial-state term
-    state = state._replace(momentum=state.momentum + 0.1)
+    state = state._replace(momentum=jax.tree_util.tree_map(lambda m: m + 0.1, state.momentum))
     o_rec, st = rule.recurrent(q, k, v, theta, eta, alpha, state)
     reading = reduce(rule, q, k, v, theta, eta, alpha, state)
     np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
-    assert reading.associative == (batch_size is None)
+    assert reading.associative == (batch_size is None and memory == "linear")
     if batch_size is not None:
         assert "W_ref" in reading.breaks
+    if memory == "mlp":
+        assert "first memory layer W1 is updated" in reading.breaks
 
 
 def test_titans_reading_gradients_match():

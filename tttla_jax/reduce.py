@@ -139,6 +139,11 @@ def reduce(rule, *args, **kwargs) -> Reading:
 _REDUCERS = {}
 
 
+def has_reducer(rule) -> bool:
+    """Whether :func:`reduce` knows ``rule``'s family."""
+    return any(isinstance(rule, cls) for cls in _REDUCERS)
+
+
 def register_reducer(cls):
     def deco(fn):
         _REDUCERS[cls] = fn
@@ -178,29 +183,33 @@ def _reduce_linear(rule: LinearFastWeightRule, q, k, v, lr=None, log_decay=None,
 
 
 def _register_titans():
-    from tttla_jax.rules.titans import TitansRule
+    from tttla_jax.rules.titans import TitansRule, _act, _act_grad
 
     @register_reducer(TitansRule)
     def _reduce_titans(rule: TitansRule, q, k, v, theta, momentum, decay, state):
-        """Titans, linear memory (SPEC §5). With ``u_n = Σ_{t∈n} k_tᵀ v̂_t``,
-        ``v̂_t = θ_t (2/V)(v_t − k_t W_ref)``, ``E[j,i] = Π_{s=i+1..j} η_s``,
-        ``A[n,l] = Π_{s=l+1..n}(1 − α_s)`` and ``C = A E`` (chunk indices 0…N, 0 = start):
+        """Titans (SPEC §5). With ``u_n = Σ_{t∈n} k_tᵀ v̂_t``, ``v̂_t = θ_t (2/V)(v_t − k_t W_ref)``,
+        ``E[j,i] = Π_{s=i+1..j} η_s``, ``A[n,l] = Π_{s=l+1..n}(1 − α_s)`` and ``C = A E``
+        (chunk indices 0…N, 0 = start):
 
             M_n = A[n,0] M_0 + (Σ_{j≥1} A[n,j] E[j,0]) S_0 + Σ_{1≤i≤n} C[n,i] u_i
 
         so token t reads (★) with ``M[t,s] = C[r(t), n(s)]·[n(s) ≤ r(t)]``, ``r(t) = ⌊(t+1)/c⌋``,
         ``n(s) = ⌊s/c⌋ + 1`` — momentum and decay only re-weight the values (Theorem 5.3).
+
+        MLP memory ``M(x) = act(x W1) W2``: the same coefficients apply to both layers, so the
+        query features ``q̂_t = act(q_t W1_{r(t)})`` are themselves a masked linear attention
+        of the first layer's per-token gradients — a history-dependent feature map (Theorem
+        5.2), hence a sequential reading; ``k̂_s = act(k_s W1_ref)``,
+        ``v̂_s = θ_s (2/V)(v_s − k̂_s W2_ref)``.
+
         With ``batch_size`` set, ``W_ref`` of each TTT batch is the memory after the previous
         one, obtained here by running the rule on the prefix: a sequential reading.
         """
-        if rule.memory != "linear":
-            raise NotImplementedError(
-                "reduce(TitansRule): the MLP memory's reading has history-dependent features "
-                "(its first layer is updated); only memory='linear' is reduced")
         B, T, H, K, V, N = rule._validate(q, k, v, theta, momentum, decay, state)
         sd = _checks.state_dtype(q, k, v)
         c = rule.chunk_size
-        M0, S0 = state.memory.astype(sd), state.momentum.astype(sd)
+        cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(sd), tree)
+        M0, S0 = cast(state.memory), cast(state.momentum)
         ones = jnp.ones((B, H, 1), sd)
         E = segment_products(jnp.concatenate([ones, momentum.astype(sd)], -1))  # [B,H,N+1,N+1]
         A = segment_products(jnp.concatenate([ones, 1 - decay.astype(sd)], -1))
@@ -209,30 +218,44 @@ def _register_titans():
         r = (t + 1) // c  # memory index read by token t
         n = t // c + 1  # chunk (1-based) written by token s
         mask = Cm[:, :, r][:, :, :, n] * (n[None, :] <= r[:, None])
-        coef_M = A[:, :, r, 0]
-        coef_S = jnp.einsum("bhnj,bhj->bhn", A[..., 1:], E[..., 1:, 0])[:, :, r]
-        # W_ref per token: the memory at the start of its TTT batch
+        coefs = (A[:, :, r, 0], jnp.einsum("bhnj,bhj->bhn", A[..., 1:], E[..., 1:, 0])[:, :, r])
+
+        def per_token(M, length):  # [B, H, ...] -> [B, length, H, ...]
+            return jax.tree_util.tree_map(
+                lambda x: jnp.broadcast_to(x[:, None], (B, length) + x.shape[1:]), M)
+
+        breaks = []
         if rule.batch_size is None:
-            W_ref = jnp.broadcast_to(M0[:, None], (B, T, H, K, V))
-            associative, breaks = True, None
-        else:
+            W_ref = per_token(M0, T)
+        else:  # W_ref of each TTT batch = memory after the previous batch (rule run on the prefix)
             refs, st = [], state
             for start in range(0, T, rule.batch_size):
-                refs.append(jnp.broadcast_to(st.memory.astype(sd)[:, None],
-                                             (B, min(rule.batch_size, T - start), H, K, V)))
                 end = min(start + rule.batch_size, T)
-                if end < T:  # memory after this batch = rule run on the prefix
+                refs.append(per_token(cast(st.memory), end - start))
+                if end < T:
                     Np = -(-end // c)
                     _, st = rule.recurrent(q[:, :end], k[:, :end], v[:, :end], theta[:, :end],
                                            momentum[..., :Np], decay[..., :Np], state)
-            W_ref = jnp.concatenate(refs, axis=1)
-            associative = False
-            breaks = ("W_ref (the memory at the start of each TTT batch) is produced by the "
-                      "previous batch, so the effective values depend on the history")
-        kf, vf = k.astype(sd), v.astype(sd)
-        vhat = theta.astype(sd)[..., None] * (2.0 / V) * (vf - jnp.einsum("bthk,bthkv->bthv", kf, W_ref))
-        return Reading(q.astype(sd), kf, vhat, mask, (coef_M, coef_S), (M0, S0),
-                       associative=associative, breaks=breaks)
+            W_ref = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *refs)
+            breaks.append("W_ref (the memory at the start of each TTT batch) is produced by the "
+                          "previous batch, so the effective values depend on the history")
+        qf, kf, vf, th = q.astype(sd), k.astype(sd), v.astype(sd), theta.astype(sd)[..., None]
+        if rule.memory == "linear":
+            vhat = th * (2.0 / V) * (vf - jnp.einsum("bthk,bthkv->bthv", kf, W_ref))
+            return Reading(qf, kf, vhat, mask, coefs, (M0, S0), associative=not breaks,
+                           breaks="; ".join(breaks) or None)
+        (W1r, W2r), (W10, W20), (S10, S20) = W_ref, M0, S0
+        act = _act(rule.activation)
+        z = jnp.einsum("bthk,bthkf->bthf", kf, W1r)
+        khat = act(z)
+        e = th * (2.0 / V) * (jnp.einsum("bthf,bthfv->bthv", khat, W2r) - vf)
+        vhat = -e
+        d = jnp.einsum("bthv,bthfv->bthf", e, W2r) * _act_grad(rule.activation, z)  # ∇_{W1} ℓ = kᵀ d
+        zq = Reading(qf, kf, -d, mask, coefs, (W10, S10)).outputs()  # q_t W1_{r(t)}
+        breaks.append("the first memory layer W1 is updated, so the query features "
+                      "act(q_t W1_{r(t)}) depend on the history (Theorem 5.2, time-varying feature map)")
+        return Reading(act(zq), khat, vhat, mask, coefs, (W20, S20), associative=False,
+                       breaks="; ".join(breaks))
 
 
 _register_titans()

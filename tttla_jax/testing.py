@@ -84,6 +84,13 @@ def _leaves(x):
     return [l for l in jax.tree_util.tree_leaves(x) if l is not None]
 
 
+def _is_floating_tree(x) -> bool:
+    """An input is differentiated when it is a pytree whose leaves are all floating arrays."""
+    leaves = _leaves(x)
+    return bool(leaves) and all(hasattr(l, "dtype") and jnp.issubdtype(l.dtype, jnp.floating)
+                                for l in leaves)
+
+
 def _scalar_of(out):
     """Generic scalar of a pytree of outputs (fixed sin/cos cotangents, computed in float64
     when x64 is enabled, else float32)."""
@@ -131,7 +138,8 @@ def check_equivalence(
     Args:
       forms: name → callable ``(**inputs) -> (outputs, state)`` (``state`` may be any
         pytree, or ``None``).
-      inputs: keyword inputs shared by all forms; floating arrays are differentiated.
+      inputs: keyword inputs shared by all forms (arrays or pytrees of arrays, e.g. a
+        state NamedTuple); inputs whose leaves are all floating are differentiated.
       baseline: the form the others are compared with (default: the first).
       grad_wrt: names of inputs to differentiate (default: every floating input).
       tol: relative tolerance; default from :data:`DEFAULT_TOLERANCES` by the inputs' dtype.
@@ -149,14 +157,13 @@ def check_equivalence(
     baseline = names[0] if baseline is None else baseline
     if baseline not in forms:
         raise ValueError(f"baseline: got {baseline!r}, expected one of {tuple(names)}")
-    float_names = [n for n, x in inputs.items()
-                   if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    float_names = [n for n, x in inputs.items() if _is_floating_tree(x)]
     grad_wrt = list(float_names if grad_wrt is None else grad_wrt)
     for n in grad_wrt:
         if n not in float_names:
             raise ValueError(f"grad_wrt: {n!r} is not a floating input; floating inputs are {tuple(float_names)}")
     if tol is None:
-        dts = [jnp.dtype(jnp.result_type(inputs[n])) for n in float_names]
+        dts = [jnp.dtype(l.dtype) for n in float_names for l in _leaves(inputs[n])]
         tol = max((DEFAULT_TOLERANCES.get(d, 1e-4) for d in dts), default=1e-10)
 
     def run(fn):
@@ -216,3 +223,31 @@ def random_inputs(shapes: Mapping[str, tuple], *, seed: int = 0, dtype=jnp.float
             raise ValueError(f"kinds[{name!r}]: got {kind!r}, expected 'normal', 'unit', 'logdecay' or 'rate'")
         out[name] = jnp.asarray(x, dtype)
     return out
+
+
+def check_rule(rule, args: Sequence, *, reduction: bool = True, **kwargs) -> Report:
+    """Check a rule: ``recurrent`` vs ``parallel`` (when ``rule.breaks_associativity()`` is
+    ``None``) vs its linear-attention reading (``tt.reduce``, outputs only, when a reducer is
+    registered). ``args`` are the positional inputs of ``rule.recurrent`` (as produced by
+    the registry's builders, :data:`tttla_jax.rules.REGISTRY`); other keyword arguments go
+    to :func:`check_equivalence`.
+    """
+    from tttla_jax.reduce import has_reducer, reduce as reduce_rule  # deferred: imports the rules
+
+    names = [f"arg{i}" for i in range(len(args))]
+    inputs = dict(zip(names, args))
+
+    def positional(fn):
+        return lambda **kw: fn(*[kw[n] for n in names])
+
+    forms = {"recurrent": positional(rule.recurrent)}
+    if rule.breaks_associativity() is None:
+        forms["parallel"] = positional(rule.parallel)
+    report = check_equivalence(forms, inputs, **kwargs) if len(forms) > 1 else Report("recurrent", [])
+    if reduction and has_reducer(rule):
+        red = check_equivalence(
+            {"recurrent": positional(rule.recurrent),
+             "reduction": positional(lambda *a: reduce_rule(rule, *a).outputs())},
+            inputs, check_state=False, **kwargs)
+        report.entries.extend(red.entries)
+    return report

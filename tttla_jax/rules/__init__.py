@@ -6,6 +6,8 @@ parallel form (``None`` if there is one).
 """
 from tttla_jax.rules.base import NotAssociativeError, REGISTRY, Rule, register
 from tttla_jax.rules.linear import DeltaRule, LinearAttentionRule, LinearFastWeightRule
+from tttla_jax.rules.titans import TitansRule, TitansState, titans
+from tttla_jax.rules.ttt import TTTLinearRule, TTTMLPRule, ttt_linear, ttt_mlp
 
 __all__ = [
     "DeltaRule",
@@ -14,5 +16,12 @@ __all__ = [
     "NotAssociativeError",
     "REGISTRY",
     "Rule",
+    "TTTLinearRule",
+    "TTTMLPRule",
+    "TitansRule",
+    "TitansState",
     "register",
+    "titans",
+    "ttt_linear",
+    "ttt_mlp",
 ]

@@ -28,7 +28,7 @@ from jax import lax
 from tttla_jax import _checks
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
-from tttla_jax.rules.base import Rule
+from tttla_jax.rules.base import Rule, register
 
 LOSSES = ("dot", "mse")
 
@@ -140,3 +140,23 @@ def LinearAttentionRule(gated: bool = False, **kw) -> LinearFastWeightRule:
 def DeltaRule(gated: bool = False, **kw) -> LinearFastWeightRule:
     """DeltaNet (``gated``: gated DeltaNet) as a TTT rule: MSE loss, step ``β_t``."""
     return LinearFastWeightRule(loss="mse", gated=gated, **kw)
+
+
+def _example_inputs(rule: LinearFastWeightRule, seed: int = 0, dtype=jnp.float64, B=1, T=11, H=2, K=4, V=3):
+    """(q, k, v, lr, log_decay, initial_state) with O(1)-scaled random values (k unit-norm)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arr = lambda x: jnp.asarray(x, dtype)
+    k = rng.normal(size=(B, T, H, K))
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    lr = arr(rng.uniform(0.05, 0.95, size=(B, T, H))) if rule.loss == "mse" else None
+    g = arr(-rng.uniform(0.0, 0.3, size=(B, T, H))) if rule.gated else None
+    return (arr(rng.normal(size=(B, T, H, K))), arr(k), arr(rng.normal(size=(B, T, H, V))), lr, g,
+            arr(rng.normal(size=(B, H, K, V))))
+
+
+for _name, _loss, _gated in (("linear_attention", "dot", False), ("decayed_linear_attention", "dot", True),
+                             ("delta_net", "mse", False), ("gated_delta_net", "mse", True)):
+    register(_name)(lambda _l=_loss, _g=_gated: (LinearFastWeightRule(loss=_l, gated=_g, chunk_size=4),
+                                                 _example_inputs))
