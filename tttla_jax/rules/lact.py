@@ -1,0 +1,690 @@
+"""LaCT: large-chunk test-time training with SwiGLU fast weights (SPEC §3), and its
+parallel (linear-attention) forms where the math allows (SPEC §2, §7).
+
+Fast weights per (batch, head), stored output-major as in the reference:
+``W0, W2 ∈ [dh, dk]``, ``W1 ∈ [dv, dh]``; for a column x,
+``f(x) = W1 (silu(W0 x) ⊙ (W2 x))``. With ``fast_net="linear"``: ``f(x) = W1 x``,
+``W1 ∈ [dv, dk]`` (ladder V3+). In the library's row layout a token ``x [dk]`` gives
+``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` and ``f = h W1ᵀ``.
+
+Schedule (SPEC §3, "apply, then update"): chunk c's queries read the weights before
+chunk c's update; chunk starts strictly below ``T − C`` update; the last chunk (full or
+partial) is apply-only. Per updating chunk: gradient ascent on
+``Σ_i lr_x[i] ⟨f(k_i), v_i⟩`` separately per matrix, in closed form
+(:func:`inner_grads`):
+
+    dW1 = Σ_i v_i (lr1_i ⊙ h_i)ᵀ,     u_i = W1ᵀ v_i,
+    dW0 = Σ_i (u_i ⊙ b_i ⊙ silu'(a_i)) (lr0_i ⊙ k_i)ᵀ,   dW2 = Σ_i (u_i ⊙ silu(a_i)) (lr2_i ⊙ k_i)ᵀ,
+
+with ``a = W0 k``, ``b = W2 k``, ``silu'(a) = σ(a)(1 + a(1 − σ(a)))``; then chunk-mean
+momentum ``dW ← dW + mean(m)·dW_prev`` (buffer = post-momentum, pre-Muon dW), Muon NS5,
+``W ← W + dW`` and weight norm (post: rows rescaled to their initial norm; pre: an
+unnormalised accumulator ``W_main`` and a normalised working copy).
+
+Parallel form (update only W1, no weight norm: φ is static and the update is a sum):
+``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` for every chunk at once, momentum
+``M_i = ᾱ_i M_{i−1} + G_i`` as an associative scan, optional per-chunk NS5 batched
+over chunks, an exclusive prefix sum ``S_c = W1_0 + Σ_{i<c} U_i``, and
+``o = φ(q) S_cᵀ`` (SPEC §7).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+from tttla_jax import _checks
+from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
+from tttla_jax.rules.base import NotAssociativeError, Rule, register
+
+NS5_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+FAST_NETS = ("swiglu", "linear")
+UPDATES = ("all", "w1")
+WEIGHT_NORMS = ("post", "pre", None)
+ORDERS = ("apply_then_update", "update_then_query")
+IMPLS = ("auto", "recurrent", "parallel")
+MUON_DTYPES = (None, "bfloat16", "float32", "float64")
+
+_WN_EPS = 1e-5
+_NS_EPS = 1e-7
+
+
+class LaCTState(NamedTuple):
+    """Fast-weight state carried across chunks (and across calls, e.g. when decoding).
+
+    All arrays ``[B, H, rows, cols]`` (``norm``: ``[B, H, rows, 1]``). Entries for W0/W2
+    are ``None`` with ``fast_net="linear"``.
+
+    Attributes:
+      w: working fast weights ``(w0, w1, w2)`` — the ones applied to queries.
+      main: pre-norm accumulators ``W_main`` (``weight_norm="pre"``), else ``None``.
+      mom: momentum buffers (post-momentum, pre-Muon dW), else ``None``.
+      norm: initial row norms ``‖W^(0)‖_row`` used by weight norm, else ``None``.
+    """
+
+    w: Tuple
+    main: Optional[Tuple] = None
+    mom: Optional[Tuple] = None
+    norm: Optional[Tuple] = None
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _row_norm(W):
+    return jnp.sqrt(jnp.sum(W * W, axis=-1, keepdims=True))
+
+
+def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... r c"]:
+    """Muon orthogonalisation NS5 (SPEC §3 step 5) over the last two axes.
+
+    Transpose if rows > cols; ``X = X / (‖X‖_F + 1e-7)``; five iterations
+    ``A = X Xᵀ; B = b·A + (c·A)·A; X = a·X + B X`` with the reference coefficients;
+    transpose back. ``dtype=None`` computes in ``G``'s dtype. ``dtype="bfloat16"`` mimics the
+    reference: the input is rounded to bfloat16 and every op's result is rounded to
+    bfloat16 (matmuls accumulate in float32, then round). Output dtype is ``G``'s.
+    """
+    out_dtype = G.dtype
+    X = G
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:
+        X = jnp.swapaxes(X, -1, -2)
+    if dtype is None or jnp.dtype(dtype) == out_dtype:
+        X = X / (jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)) + _NS_EPS)
+
+        def it(X, abc):  # one iteration; a lax.scan over the 5 coefficient rows keeps the graph small
+            a, b, c = abc[0], abc[1], abc[2]
+            A = jnp.einsum("...ij,...kj->...ik", X, X)
+            Bm = b * A + jnp.einsum("...ij,...jk->...ik", c * A, A)
+            return a * X + jnp.einsum("...ij,...jk->...ik", Bm, X), None
+
+        X, _ = lax.scan(it, X, jnp.asarray(NS5_COEFFS, X.dtype))
+    else:
+        lo = jnp.dtype(dtype)
+        f32 = jnp.float32
+
+        def r(x):  # round to the low precision
+            return x.astype(lo)
+
+        def mm(x, y, eq):  # low-precision matmul: f32 accumulation, rounded result
+            return r(jnp.einsum(eq, x.astype(f32), y.astype(f32)))
+
+        X = r(X)
+        nrm = r(jnp.sqrt(jnp.sum(X.astype(f32) ** 2, axis=(-2, -1), keepdims=True)))
+        X = r(X / r(nrm + jnp.asarray(_NS_EPS, lo)))
+        for a, b, c in NS5_COEFFS:
+            a, b, c = (jnp.asarray(z, lo) for z in (a, b, c))
+            A = mm(X, X, "...ij,...kj->...ik")
+            Bm = r(r(b * A) + mm(r(c * A), A, "...ij,...jk->...ik"))
+            X = r(r(a * X) + mm(Bm, X, "...ij,...jk->...ik"))
+        X = X.astype(out_dtype)
+    if transposed:
+        X = jnp.swapaxes(X, -1, -2)
+    return X
+
+
+def features(Ws, x, fast_net):
+    """φ(x): ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` (swiglu) or ``x`` (linear); x ``[B, H, C, dk]``."""
+    if fast_net == "linear":
+        return x
+    W0, _, W2 = Ws
+    return jax.nn.silu(jnp.einsum("bhck,bhdk->bhcd", x, W0)) * jnp.einsum("bhck,bhdk->bhcd", x, W2)
+
+
+def apply_fast(Ws, x, fast_net):
+    """``f(x) = φ(x) W1ᵀ`` for a chunk of row vectors ``x [B, H, C, dk]`` → ``[B, H, C, dv]``."""
+    return jnp.einsum("bhcd,bhvd->bhcv", features(Ws, x, fast_net), Ws[1])
+
+
+def inner_grads(Ws, k, v, lrs, fast_net, which):
+    """Closed-form ``∂/∂W_x Σ_i lr_x[i] ⟨f(k_i), v_i⟩`` for the matrices in ``which`` (SPEC §3 step 3).
+
+    ``k [B, H, C, dk]``, ``v [B, H, C, dv]``, ``lrs = (lr0, lr1, lr2)`` each ``[B, H, C, 1]``
+    (per token) or ``[B, H, C, D]`` (per input channel of that matrix). Returns a tuple
+    ``(dW0, dW1, dW2)`` with ``None`` for matrices not in ``which``.
+    """
+    lr0, lr1, lr2 = lrs
+    if fast_net == "linear":
+        return (None, jnp.einsum("bhcv,bhck->bhvk", v, lr1 * k), None)
+    W0, W1, W2 = Ws
+    a = jnp.einsum("bhck,bhdk->bhcd", k, W0)
+    b = jnp.einsum("bhck,bhdk->bhcd", k, W2)
+    sig = jax.nn.sigmoid(a)
+    sa = a * sig
+    h = sa * b
+    dW1 = jnp.einsum("bhcv,bhcd->bhvd", v, lr1 * h) if 1 in which else None
+    dW0 = dW2 = None
+    if 0 in which or 2 in which:
+        u = jnp.einsum("bhcv,bhvd->bhcd", v, W1)  # W1ᵀ v
+        if 0 in which:
+            da = u * b * sig * (1.0 + a * (1.0 - sig))
+            dW0 = jnp.einsum("bhcd,bhck->bhdk", da, lr0 * k)
+        if 2 in which:
+            dW2 = jnp.einsum("bhcd,bhck->bhdk", u * sa, lr2 * k)
+    return (dW0, dW1, dW2)
+
+
+# --------------------------------------------------------------------------- the rule config
+
+
+@dataclasses.dataclass(frozen=True)
+class LaCTRule(Rule):
+    """LaCT fast-weight rule (SPEC §3) and the knobs of the paper's ladder (SPEC §7).
+
+    Attributes:
+      chunk_size: C, tokens per update (the reference uses 2048).
+      fast_net: "swiglu" (``f(x) = W1(silu(W0 x) ⊙ W2 x)``) or "linear" (``f(x) = W1 x``).
+      update: "all" (W0, W1, W2) or "w1" (only the last layer; W0/W2 are frozen: neither
+        updated nor re-normalised, so φ is static).
+      weight_norm: "post" (reference), "pre" or None.
+      use_momentum: chunk-mean momentum (needs the ``momentum`` input ``[B, T, H]``).
+      muon: apply NS5 to each update.
+      muon_dtype: None (NS in the computation dtype) or "bfloat16" (reference rounding).
+      ascent: True = the reference update ``W ← W + lr ∇⟨f(k), v⟩``; False flips its sign
+        (equivalently: the values are negated).
+      q_is_k: outputs read the keys (``f(k)``) instead of the queries (paper anomaly).
+      inner_steps: gradient steps per chunk; each step recomputes the gradient at the
+        current weights and applies momentum, Muon, the update and weight norm.
+      order: "apply_then_update" (reference) or "update_then_query" (every chunk, the last
+        included, updates; its queries then read the updated weights, as Theorem 5.1).
+      constant_lr: if set, the ``lr`` argument is ignored and every token uses this value
+        for every matrix (ladder V4+: "no per-token lr").
+    """
+
+    chunk_size: int = 2048
+    fast_net: str = "swiglu"
+    update: str = "all"
+    weight_norm: Optional[str] = "post"
+    use_momentum: bool = False
+    muon: bool = False
+    muon_dtype: Optional[str] = None
+    ascent: bool = True
+    q_is_k: bool = False
+    inner_steps: int = 1
+    order: str = "apply_then_update"
+    constant_lr: Optional[float] = None
+
+    def __post_init__(self):
+        _checks.check_positive_int("chunk_size", self.chunk_size)
+        _checks.check_choice("fast_net", self.fast_net, FAST_NETS)
+        _checks.check_choice("update", self.update, UPDATES)
+        _checks.check_choice("weight_norm", self.weight_norm, WEIGHT_NORMS)
+        _checks.check_choice("order", self.order, ORDERS)
+        _checks.check_positive_int("inner_steps", self.inner_steps)
+        md = self.muon_dtype
+        if md is not None and not isinstance(md, str):
+            try:
+                md = jnp.dtype(md).name
+            except TypeError:
+                pass
+            object.__setattr__(self, "muon_dtype", md)
+        _checks.check_choice("muon_dtype", self.muon_dtype, MUON_DTYPES)
+        if self.constant_lr is not None and not isinstance(self.constant_lr, (int, float)):
+            raise ValueError(f"constant_lr: expected a Python float or None, got {self.constant_lr!r}")
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def linear(self) -> bool:
+        return self.fast_net == "linear"
+
+    @property
+    def updated(self) -> Tuple[int, ...]:
+        """Indices of the matrices that are updated (0, 1, 2 = W0, W1, W2)."""
+        return (1,) if (self.linear or self.update == "w1") else (0, 1, 2)
+
+    @property
+    def matrices(self) -> Tuple[int, ...]:
+        return (1,) if self.linear else (0, 1, 2)
+
+    def breaks_associativity(self) -> Optional[str]:
+        if 0 in self.updated:
+            return ("update='all' updates W0 and W2, so the feature map φ(x) = silu(x W0ᵀ) ⊙ (x W2ᵀ) "
+                    "changes with history (a time-varying feature map): the update is not a "
+                    "sum over chunks (SPEC §2)")
+        if self.weight_norm is not None:
+            return (f"weight_norm={self.weight_norm!r}: the row renormalisation of W1 is not "
+                    "additive, Norm(A + B) ≠ Norm(A) + Norm(B) (SPEC §2)")
+        if self.inner_steps != 1:
+            return (f"inner_steps={self.inner_steps}: the parallel form implements one inner "
+                    "step per chunk")
+        return None
+
+    # ----------------------------------------------------------------- state
+    def init_state(self, w0, w1, w2, batch_size: int) -> LaCTState:
+        """Initial state from the learned fast weights (``[H, r, c]`` or ``[B, H, r, c]``).
+
+        Working weights start at ``W^(0)`` (also for pre-norm: the first chunk uses the raw
+        weights), accumulators at ``W^(0)``, momentum buffers at zero.
+        """
+        ws = self._broadcast_weights(w0, w1, w2, batch_size)
+        dt = _checks.state_dtype(*[w for w in ws if w is not None])
+        ws = tuple(None if w is None else w.astype(jnp.promote_types(w.dtype, dt)) for w in ws)
+        upd = self.updated
+        main = tuple(w if (i in upd) else None for i, w in enumerate(ws)) if self.weight_norm == "pre" else None
+        mom = tuple(jnp.zeros_like(w) if (i in upd) else None for i, w in enumerate(ws)) if self.use_momentum else None
+        norm = (tuple(_row_norm(w) if (i in upd) else None for i, w in enumerate(ws))
+                if self.weight_norm is not None else None)
+        return LaCTState(w=ws, main=main, mom=mom, norm=norm)
+
+    def _broadcast_weights(self, w0, w1, w2, B):
+        out = []
+        for i, (name, w) in enumerate((("w0", w0), ("w1", w1), ("w2", w2))):
+            if i not in self.matrices:
+                if w is not None:
+                    raise ValueError(f"{name}: fast_net='linear' has only w1; expected None, got shape {tuple(jnp.shape(w))}")
+                out.append(None)
+                continue
+            if w is None:
+                raise ValueError(f"{name}: required for fast_net={self.fast_net!r}, got None")
+            _checks.check_floating(name, w)
+            w = jnp.asarray(w)
+            if w.ndim == 3:
+                w = jnp.broadcast_to(w[None], (B,) + w.shape)
+            elif w.ndim != 4:
+                raise ValueError(f"{name}: expected a rank-3 [H, rows, cols] or rank-4 [B, H, rows, cols] "
+                                 f"array, got shape {tuple(w.shape)}")
+            elif w.shape[0] != B:
+                raise ValueError(f"{name}: expected batch size B = {B} (from k) on axis 0, got shape {tuple(w.shape)}")
+            out.append(w)
+        return tuple(out)
+
+    # ----------------------------------------------------------------- validation
+    def _prepare(self, q, k, v, lr, momentum, state):
+        """Validate and normalise inputs; returns (q, k, v, lrs, m, state, cdt, out_dtype)."""
+        if self.q_is_k:
+            if q is not None:
+                _checks.check_rank("q", q, 4, "[B, T, H, K]")
+            q = k
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x is None:
+                raise ValueError(f"{name}: required, got None")
+            _checks.check_rank(name, x, 4, "[B, T, H, D]")
+            _checks.check_floating(name, x)
+        B, T, H, K = k.shape
+        if T == 0:
+            raise ValueError("k: expected at least one token (T >= 1), got T = 0")
+        _checks.check_shape("q", q, (B, T, H, K), "[B, T, H, K] (from k)")
+        if tuple(v.shape[:3]) != (B, T, H):
+            raise ValueError(f"v: expected shape [B, T, H, V] with (B, T, H) = {(B, T, H)} (from k), got {tuple(v.shape)}")
+        V = v.shape[3]
+        if not isinstance(state, LaCTState):
+            raise ValueError(f"state: expected a LaCTState (see LaCTRule.init_state), got {type(state).__name__}")
+        ws = state.w
+        W1 = ws[1]
+        if self.linear:
+            _checks.check_shape("w1", W1, (B, H, V, K), "[B, H, dv, dk] (linear fast net; dv from v, dk from k)")
+            Dh = K
+        else:
+            if ws[0] is None or ws[2] is None:
+                raise ValueError("w0/w2: required for fast_net='swiglu', got None")
+            Dh = ws[0].shape[2]
+            _checks.check_shape("w0", ws[0], (B, H, Dh, K), "[B, H, dh, dk] (dk from k)")
+            _checks.check_shape("w2", ws[2], (B, H, Dh, K), "[B, H, dh, dk] (dh from w0, dk from k)")
+            _checks.check_shape("w1", W1, (B, H, V, Dh), "[B, H, dv, dh] (dv from v, dh from w0)")
+        cdt = _checks.state_dtype(q, k, v, *[w for w in ws if w is not None])
+        # learning rates -> three arrays [B, T, H, 1 or D_x]
+        in_dims = (K, Dh, K)
+        if self.constant_lr is not None:
+            lrs = tuple(jnp.full((B, T, H, 1), self.constant_lr, cdt) for _ in range(3))
+        else:
+            lrs = _normalise_lr(lr, B, T, H, in_dims, self.matrices)
+            lrs = tuple(None if x is None else x.astype(cdt) for x in lrs)
+        if self.use_momentum:
+            if momentum is None:
+                raise ValueError("momentum: use_momentum=True needs a [B, T, H] momentum input, got None")
+            _checks.check_shape("momentum", momentum, (B, T, H), "[B, T, H]")
+            _checks.check_floating("momentum", momentum)
+            m = jnp.asarray(momentum, cdt)
+        else:
+            m = None
+        cast = lambda t: None if t is None else tuple(None if x is None else x.astype(cdt) for x in t)
+        state = LaCTState(w=cast(state.w), main=cast(state.main), mom=cast(state.mom), norm=cast(state.norm))
+        return (q.astype(cdt), k.astype(cdt), v.astype(cdt), lrs, m, state, cdt, v.dtype)
+
+    # ----------------------------------------------------------------- one update
+    def _update(self, st: LaCTState, k, v, lrs, m_bar):
+        """One gradient step on one chunk (SPEC §3 steps 3–7); returns the new state."""
+        upd = self.updated
+        sign = 1.0 if self.ascent else -1.0
+        g = inner_grads(st.w, k, v, lrs, self.fast_net, upd)
+        dW = [None if x is None else sign * x for x in g]
+        mom = st.mom
+        if self.use_momentum:
+            new_mom = list(mom)
+            for i in upd:
+                dW[i] = dW[i] + m_bar[:, :, None, None] * mom[i]
+                new_mom[i] = dW[i]
+            mom = tuple(new_mom)
+        if self.muon:
+            md = None if self.muon_dtype is None else jnp.dtype(self.muon_dtype)
+            for i in upd:
+                dW[i] = newton_schulz5(dW[i], md)
+        w = list(st.w)
+        main = st.main
+        if self.weight_norm == "pre":
+            main = list(main)
+            for i in upd:
+                main[i] = main[i] + dW[i]
+                w[i] = main[i] / (_row_norm(main[i]) + _WN_EPS) * st.norm[i]
+            main = tuple(main)
+        else:
+            for i in upd:
+                w[i] = w[i] + dW[i]
+                if self.weight_norm == "post":
+                    w[i] = w[i] / (_row_norm(w[i]) + _WN_EPS) * st.norm[i]
+        return LaCTState(w=tuple(w), main=main, mom=mom, norm=st.norm)
+
+    def _steps(self, st, k, v, lrs, m_bar):
+        for _ in range(self.inner_steps):
+            st = self._update(st, k, v, lrs, m_bar)
+        return st
+
+    # ----------------------------------------------------------------- recurrent form
+    def recurrent(
+        self,
+        q: Optional[Float[Array, "b t h k"]],
+        k: Float[Array, "b t h k"],
+        v: Float[Array, "b t h v"],
+        lr,
+        state: LaCTState,
+        momentum: Optional[Float[Array, "b t h"]] = None,
+        output_final_state: bool = False,
+    ):
+        """The reference schedule as a ``lax.scan`` over chunks (SPEC §3).
+
+        Args:
+          q, k: ``[B, T, H, dk]`` (q may be None with ``q_is_k``); v: ``[B, T, H, dv]``.
+          lr: ``[B, T, H, 3]`` (lr0, lr1, lr2 per token), ``[B, T, H, 3, D]`` (per input
+            channel; needs dk == dh) or a tuple ``(lr0, lr1, lr2)`` of ``[B, T, H]`` /
+            ``[B, T, H, D_x]`` arrays (D_x = dk, dh, dk; lr0/lr2 may be None for the
+            linear fast net). Ignored when ``constant_lr`` is set.
+          state: :class:`LaCTState` from :meth:`init_state` (or a previous call).
+          momentum: ``[B, T, H]`` in (0, 1), required iff ``use_momentum``.
+          output_final_state: also return the final state.
+
+        Returns:
+          ``(o, state)``: ``o [B, T, H, dv]`` in v's dtype; the final :class:`LaCTState`
+          (float32/float64) or ``None``.
+        """
+        q, k, v, lrs, m, st, cdt, odt = self._prepare(q, k, v, lr, momentum, state)
+        B, T, H, _ = k.shape
+        C = self.chunk_size
+        N = -(-T // C)
+        lrs = tuple(jnp.zeros((B, T, H, 1), cdt) if x is None else x for x in lrs)
+        qc, kc, vc = (chunk_layout(x, C) for x in (q, k, v))  # [B, H, N, C, d]
+        lrc = tuple(chunk_layout(x, C) for x in lrs)
+        if m is not None:
+            # chunk means over the real tokens of each chunk
+            counts = jnp.asarray([min(C, T - i * C) for i in range(N)], cdt)
+            mbar = jnp.sum(chunk_layout(m, C), axis=3) / counts  # [B, H, N]
+        else:
+            mbar = jnp.zeros((B, H, N), cdt)
+        tm = lambda x: jnp.moveaxis(x, 2, 0)  # chunk axis first for scan
+        net = self.fast_net
+
+        if self.order == "apply_then_update":
+            def step(s, x):
+                qi, ki, vi, l0, l1, l2, mb = x
+                o = apply_fast(s.w, qi, net)
+                return self._steps(s, ki, vi, (l0, l1, l2), mb), o
+
+            n_upd = N - 1
+            outs = []
+            if n_upd > 0:
+                xs = tuple(tm(x[:, :, :n_upd]) for x in (qc, kc, vc) + lrc + (mbar,))
+                st, o_upd = lax.scan(step, st, xs)
+                outs.append(jnp.moveaxis(o_upd, 0, 2))
+            outs.append(apply_fast(st.w, qc[:, :, N - 1], net)[:, :, None])
+            o = jnp.concatenate(outs, axis=2)
+        else:
+            def step(s, x):
+                qi, ki, vi, l0, l1, l2, mb = x
+                s = self._steps(s, ki, vi, (l0, l1, l2), mb)
+                return s, apply_fast(s.w, qi, net)
+
+            xs = tuple(tm(x) for x in (qc, kc, vc) + lrc + (mbar,))
+            st, o = lax.scan(step, st, xs)
+            o = jnp.moveaxis(o, 0, 2)
+        o = unchunk_layout(o, T).astype(odt)
+        return o, (st if output_final_state else None)
+
+    # ----------------------------------------------------------------- parallel form
+    def parallel(
+        self,
+        q: Optional[Float[Array, "b t h k"]],
+        k: Float[Array, "b t h k"],
+        v: Float[Array, "b t h v"],
+        lr,
+        state: LaCTState,
+        momentum: Optional[Float[Array, "b t h"]] = None,
+        output_final_state: bool = False,
+    ):
+        """Chunk-parallel form (SPEC §7) for static φ and no weight norm (ladder V2–V6).
+
+        ``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` for all chunks in one einsum; momentum
+        ``M_i = ᾱ_i M_{i−1} + G_i`` by ``lax.associative_scan``; ``U_i = NS5(M_i)`` (Muon,
+        batched over chunks) or ``M_i``; ``S_c = W1_0 + Σ_{i<c} U_i`` (``i ≤ c`` for
+        "update_then_query"); ``o = φ(q) S_cᵀ``. Same arguments and returns as
+        :meth:`recurrent`. Raises :class:`NotAssociativeError` naming the breaking
+        component otherwise.
+        """
+        why = self.breaks_associativity()
+        if why is not None:
+            raise NotAssociativeError(f"LaCTRule has no parallel form: {why}")
+        q, k, v, lrs, m, st, cdt, odt = self._prepare(q, k, v, lr, momentum, state)
+        B, T, H, K = k.shape
+        C = self.chunk_size
+        N = -(-T // C)
+        net = self.fast_net
+        W1_0 = st.w[1]
+        sign = 1.0 if self.ascent else -1.0
+        # number of updating chunks and their tokens
+        if self.order == "apply_then_update":
+            n_upd = N - 1
+            T_upd = n_upd * C
+        else:
+            n_upd = N
+            T_upd = T
+        qc = chunk_layout(q, C)                                  # [B, H, N, C, dk]
+        phi_q = features(st.w, qc.reshape(B, H, N * C, K), net).reshape(B, H, N, C, -1)
+        if n_upd == 0:
+            S = W1_0[:, :, None]
+            new_w1, new_mom = W1_0, (None if st.mom is None else st.mom[1])
+        else:
+            P_len = n_upd * C  # updating tokens, zero-padded to whole chunks (update_then_query)
+            tok = lambda x: jnp.moveaxis(_pad_tokens(x[:, :T_upd], P_len), 2, 1)  # -> [B, H, P_len, ...]
+            phi_k = features(st.w, tok(k), net)                      # [B, H, P_len, dh]
+            l1 = tok(lrs[1])                                         # [B, H, P_len, 1|dh]
+            vv = tok(v)                                              # [B, H, P_len, dv]
+            pk = _chunk_tokens(l1 * phi_k, C, n_upd)                # [B, H, n, C, dh]
+            vk = _chunk_tokens(sign * vv, C, n_upd)                 # [B, H, n, C, dv]
+            G = jnp.einsum("bhncv,bhncd->bhnvd", vk, pk)            # [B, H, n, dv, dh]
+            if self.use_momentum:
+                counts = jnp.asarray([min(C, T - i * C) for i in range(n_upd)], cdt)
+                mm = _chunk_tokens(tok(m), C, n_upd)
+                abar = jnp.sum(mm, axis=-1) / counts                 # [B, H, n]
+                a = jnp.broadcast_to(abar[..., None, None], G.shape)
+
+                def combine(x, y):
+                    return x[0] * y[0], y[0] * x[1] + y[1]
+
+                P, Mz = lax.associative_scan(combine, (a, G), axis=2)
+                M = Mz + P * st.mom[1][:, :, None]
+                new_mom = M[:, :, -1]
+            else:
+                M = G
+                new_mom = None if st.mom is None else st.mom[1]
+            if self.muon:
+                md = None if self.muon_dtype is None else jnp.dtype(self.muon_dtype)
+                U = newton_schulz5(M, md)
+            else:
+                U = M
+            incl = jnp.cumsum(U, axis=2)                              # Σ_{i≤c} U_i
+            new_w1 = W1_0 + incl[:, :, -1]
+            if self.order == "apply_then_update":
+                excl = jnp.concatenate([jnp.zeros_like(incl[:, :, :1]), incl], axis=2)  # N = n_upd + 1
+                S = W1_0[:, :, None] + excl
+            else:
+                S = W1_0[:, :, None] + incl
+        o = jnp.einsum("bhncd,bhnvd->bhncv", phi_q, jnp.broadcast_to(S, (B, H, N) + W1_0.shape[2:]))
+        o = unchunk_layout(o, T).astype(odt)
+        if not output_final_state:
+            return o, None
+        w = list(st.w)
+        w[1] = new_w1
+        mom = st.mom
+        if mom is not None:
+            mom = (None, new_mom, None)
+        return o, LaCTState(w=tuple(w), main=st.main, mom=mom, norm=st.norm)
+
+    def __call__(self, q, k, v, lr, state, momentum=None, output_final_state=False, impl="auto"):
+        """Dispatch: ``impl="auto"`` uses :meth:`parallel` when allowed, else :meth:`recurrent`."""
+        _checks.check_choice("impl", impl, IMPLS)
+        if impl == "parallel" or (impl == "auto" and self.breaks_associativity() is None):
+            return self.parallel(q, k, v, lr, state, momentum, output_final_state)
+        return self.recurrent(q, k, v, lr, state, momentum, output_final_state)
+
+
+def _pad_tokens(x, L):
+    """Zero-pad axis 1 (tokens) of ``[B, T, ...]`` to length L."""
+    T = x.shape[1]
+    if T == L:
+        return x
+    return jnp.pad(x, [(0, 0), (0, L - T)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _chunk_tokens(x, C, n):
+    """``[B, H, n·C, ...]`` → ``[B, H, n, C, ...]`` (the token axis already holds whole chunks)."""
+    return x.reshape(x.shape[:2] + (n, C) + x.shape[3:])
+
+
+def _normalise_lr(lr, B, T, H, in_dims, matrices):
+    """lr → (lr0, lr1, lr2), each ``[B, T, H, 1]`` or ``[B, T, H, D_x]`` (None if unused)."""
+    names = ("lr0", "lr1", "lr2")
+    if lr is None:
+        raise ValueError("lr: required (shape [B, T, H, 3], [B, T, H, 3, D] or a tuple (lr0, lr1, lr2)), got None")
+    if isinstance(lr, (tuple, list)):
+        if len(lr) != 3:
+            raise ValueError(f"lr: expected a tuple (lr0, lr1, lr2) of 3 arrays, got {len(lr)} entries")
+        out = []
+        for i, (name, x) in enumerate(zip(names, lr)):
+            if i not in matrices:
+                out.append(None)
+                continue
+            if x is None:
+                raise ValueError(f"{name}: required, got None")
+            _checks.check_floating(name, x)
+            x = jnp.asarray(x)
+            if x.ndim == 3:
+                _checks.check_shape(name, x, (B, T, H), "[B, T, H] (from k)")
+                x = x[..., None]
+            elif x.ndim == 4:
+                _checks.check_shape(name, x, (B, T, H, in_dims[i]),
+                                    f"[B, T, H, D] with D = {in_dims[i]} (input dim of W{i}, from k)")
+            else:
+                raise ValueError(f"{name}: expected shape [B, T, H] = {(B, T, H)} or [B, T, H, D], got {tuple(x.shape)}")
+            out.append(x)
+        return tuple(out)
+    _checks.check_floating("lr", lr)
+    lr = jnp.asarray(lr)
+    if lr.ndim == 4:
+        _checks.check_shape("lr", lr, (B, T, H, 3), "[B, T, H, 3] (lr0, lr1, lr2; B, T, H from k)")
+        return tuple(lr[..., i, None] if i in matrices else None for i in range(3))
+    if lr.ndim == 5:
+        D = lr.shape[-1]
+        if lr.shape[:4] != (B, T, H, 3):
+            raise ValueError(f"lr: expected shape [B, T, H, 3, D] with (B, T, H) = {(B, T, H)} (from k), got {tuple(lr.shape)}")
+        for i in matrices:
+            if in_dims[i] != D:
+                raise ValueError(f"lr: per-channel shape [B, T, H, 3, D] needs D = {in_dims[i]} (input dim of W{i}), "
+                                 f"got {tuple(lr.shape)}; pass a tuple (lr0, lr1, lr2) for different dims")
+        return tuple(lr[..., i, :] if i in matrices else None for i in range(3))
+    raise ValueError(f"lr: expected shape [B, T, H, 3] = {(B, T, H, 3)}, [B, T, H, 3, D] or a tuple, got {tuple(lr.shape)}")
+
+
+# --------------------------------------------------------------------------- functional op
+
+
+def lact_swiglu(
+    q: Optional[Float[Array, "b t h k"]],
+    k: Float[Array, "b t h k"],
+    v: Float[Array, "b t h v"],
+    lr,
+    *,
+    w0: Float[Array, "... dh k"],
+    w1: Float[Array, "... v dh"],
+    w2: Float[Array, "... dh k"],
+    chunk_size: int,
+    momentum: Optional[Float[Array, "b t h"]] = None,
+    muon: bool = False,
+    muon_dtype=None,
+    weight_norm: Optional[str] = "post",
+    update: str = "all",
+    ascent: bool = True,
+    order: str = "apply_then_update",
+    q_is_k: bool = False,
+    inner_steps: int = 1,
+    output_final_state: bool = False,
+    impl: str = "auto",
+):
+    """LaCT with SwiGLU fast weights (SPEC §3): ``f(x) = W1 (silu(W0 x) ⊙ (W2 x))``.
+
+    Apply-then-update chunk by chunk; per-matrix per-token learning rates; optional
+    chunk-mean momentum (given iff ``momentum`` is not None), Muon NS5 and weight norm.
+    ``impl="auto"`` takes the parallel form when it exists (``update="w1"``,
+    ``weight_norm=None``, one inner step), else the ``lax.scan`` form.
+
+    Args:
+      q, k: ``[B, T, H, dk]``; v: ``[B, T, H, dv]``.
+      lr: ``[B, T, H, 3]`` (lr0, lr1, lr2), ``[B, T, H, 3, D]`` per channel, or a tuple.
+      w0, w2: ``[H, dh, dk]`` or ``[B, H, dh, dk]``; w1: ``[H, dv, dh]`` or ``[B, H, dv, dh]``.
+      momentum: ``[B, T, H]`` or None (no momentum).
+
+    Returns:
+      ``(o, state)``: ``o [B, T, H, dv]``; a :class:`LaCTState` if ``output_final_state``
+      (``state.w`` = final fast weights, ``state.mom`` = momentum buffers) else None.
+    """
+    rule = LaCTRule(chunk_size=chunk_size, fast_net="swiglu", update=update, weight_norm=weight_norm,
+                    use_momentum=momentum is not None, muon=muon, muon_dtype=muon_dtype, ascent=ascent,
+                    q_is_k=q_is_k, inner_steps=inner_steps, order=order)
+    _checks.check_rank("k", k, 4, "[B, T, H, K]")
+    state = rule.init_state(w0, w1, w2, k.shape[0])
+    return rule(q, k, v, lr, state, momentum=momentum, output_final_state=output_final_state, impl=impl)
+
+
+@register("lact")
+def _registry_entry():
+    """(rule, builder): ``builder(rule, seed, dtype)`` -> positional args of ``rule.recurrent``."""
+    return LaCTRule(chunk_size=4, use_momentum=True, muon=True), _example_inputs
+
+
+def _example_inputs(rule: LaCTRule, seed: int = 0, dtype=jnp.float64, B=1, T=11, H=2, K=4, Dh=6, V=3):
+    """(q, k, v, lr, state, momentum) with O(1)-scaled random values."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if rule.linear:
+        Dh = K
+    q = jnp.asarray(rng.normal(size=(B, T, H, K)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, H, V)), dtype)
+    lr = jnp.asarray(rng.uniform(0.01, 0.1, size=(B, T, H, 3)), dtype)
+    m = jnp.asarray(rng.uniform(0.1, 0.9, size=(B, T, H)), dtype) if rule.use_momentum else None
+    w1 = jnp.asarray(rng.normal(size=(H, V, Dh)) / np.sqrt(Dh), dtype)
+    if rule.linear:
+        w0 = w2 = None
+    else:
+        w0 = jnp.asarray(rng.normal(size=(H, Dh, K)) / np.sqrt(K), dtype)
+        w2 = jnp.asarray(rng.normal(size=(H, Dh, K)) / np.sqrt(K), dtype)
+    return q, k, v, lr, rule.init_state(w0, w1, w2, B), m
