@@ -151,3 +151,18 @@ def test_titans_reading_gradients_match():
     g2 = jax.grad(loss_red, argnums=tuple(range(7)))(*args)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(layer_norm=False, bias=False, residual=False),
+                                   dict(bias=False), dict(residual=False)])
+@pytest.mark.parametrize("T", [11, 12, 1])
+def test_ttt_linear_reading_equals_recurrence(flags, T):
+    from tttla_jax.rules.ttt import TTTLinearRule, _example_inputs
+
+    rule = TTTLinearRule(mini_batch_size=4, **flags)
+    args = _example_inputs(rule, seed=5, T=T)
+    o_rec, _ = rule.recurrent(*args)
+    reading = reduce(rule, *args)
+    np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
+    assert not reading.associative
+    assert reading.breaks == rule.breaks_associativity()

@@ -259,3 +259,73 @@ def _register_titans():
 
 
 _register_titans()
+
+
+def _register_ttt():
+    from tttla_jax.rules.ttt import TTTLinearRule, layer_norm
+
+    @register_reducer(TTTLinearRule)
+    def _reduce_ttt_linear(rule: TTTLinearRule, q, k, v, lr, token_eta, ln_scale, ln_bias, state,
+                           output_final_state=True):
+        """TTT-Linear (SPEC §4) read as masked linear attention followed by ``q + LN(·)``.
+
+        With the bias as an extra key/query dimension (``k̂ = [k, 1]``, ``q̂ = [q, 1]``,
+        ``S_0 = [W_0; b_0]``) and effective values ``v̂_j = −lr_j G_j``:
+
+            Z̄_i = q̂_i (S_0 + Σ_j M[i, j] k̂_jᵀ v̂_j),   o_i = q_i + LN(Z̄_i)
+
+        with ``M[i, j] = token_eta[pos(i)]`` inside a mini-batch (``j ≤ i``) and
+        ``token_eta[C−1]`` for keys of earlier mini-batches (the carried last-row weights).
+        ``G_j = ∇_Z ½‖LN(Z_j) − (v_j − k_j)‖²`` is taken at the mini-batch's initial weights,
+        which the earlier mini-batches produce — a sequential reading (computed here with
+        ``jax.grad``, independently of the rule's closed form). The read-out LayerNorm and
+        residual are the reading's ``post`` map: the linear part is exact linear attention.
+        """
+        B, T, H, D = rule._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
+        sd = _checks.state_dtype(q, k, v)
+        C = rule.mini_batch_size
+        qf, kf, vf, lrf, te = (x.astype(sd) for x in (q, k, v, lr, token_eta))
+        gamma = beta = None
+        if rule.layer_norm:
+            gamma, beta = ln_scale.astype(sd), ln_bias.astype(sd)
+        target = vf - kf if rule.residual else vf
+        W, b = state.W.astype(sd), state.b.astype(sd)
+
+        def inner_loss(Z, tgt):
+            y = layer_norm(Z, gamma, beta, rule.eps) if rule.layer_norm else Z
+            return 0.5 * jnp.sum((y - tgt) ** 2)
+
+        vhats = []
+        for start in range(0, T, C):
+            end = min(start + C, T)
+            kj, tj = kf[:, start:end], target[:, start:end]
+            Z = jnp.einsum("bthd,bhde->bthe", kj, W) + (b[:, None] if rule.bias else 0.0)
+            vh = -lrf[:, start:end, :, None] * jax.grad(inner_loss)(Z, tj)
+            vhats.append(vh)
+            last = te[end - start - 1]  # the next mini-batch starts from the last row's weights
+            W = W + last * jnp.einsum("bthd,bthe->bhde", kj, vh)
+            if rule.bias:
+                b = b + last * jnp.sum(vh, axis=1)
+        vhat = jnp.concatenate(vhats, axis=1)
+        t = jnp.arange(T)
+        mb, pos = t // C, t % C
+        same = (mb[:, None] == mb[None, :]) & (t[None, :] <= t[:, None])
+        earlier = mb[None, :] < mb[:, None]
+        mask = jnp.where(same, te[pos][:, None], 0.0) + jnp.where(earlier, te[C - 1], 0.0)
+        W0, b0 = state.W.astype(sd), state.b.astype(sd)
+        if rule.bias:
+            one = jnp.ones((B, T, H, 1), sd)
+            qh, kh = jnp.concatenate([qf, one], -1), jnp.concatenate([kf, one], -1)
+            S0 = jnp.concatenate([W0, b0[:, :, None, :]], axis=2)
+        else:
+            qh, kh, S0 = qf, kf, W0
+
+        def post(Zbar):
+            y = layer_norm(Zbar, gamma, beta, rule.eps) if rule.layer_norm else Zbar
+            return qf + y if rule.residual else y
+
+        return Reading(qh, kh, vhat, mask, jnp.ones((B, H, T), sd), S0, associative=False,
+                       breaks=rule.breaks_associativity(), post=post)
+
+
+_register_ttt()
