@@ -20,8 +20,8 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
 
       (I + A) U = β V − (β e^b K) S,   A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j
 
-  so ``U = W_v − W_k S`` with ``[W_v, W_k] = (I + A)⁻¹ [β V, β e^b K]`` (one unit
-  lower-triangular solve per chunk, independent of S). Then with
+  so ``U = W_v − W_k S`` with ``[W_v, W_k] = (I + A)⁻¹ [β V, β e^b K]`` (the inverse of
+  one unit lower-triangular matrix per chunk, by block doubling; independent of S). Then with
   ``P_ij = [j ≤ i] e^{b_i − b_j} q_i·k_j`` and ``K̃ = e^{b_C − b} K``::
 
       o     = (e^b Q − P W_k) S + P W_v
@@ -179,58 +179,134 @@ def _recurrent(q, k, v, beta, g, S0):
 # --------------------------------------------------------------------------- chunked
 
 
+def _inverse_by_doubling(A):
+    """``(I + A)⁻¹`` for strictly lower-triangular ``A`` ``[..., C, C]``, by block doubling.
+
+    A unit lower-triangular matrix ``[[L11, 0], [L21, L22]]`` has inverse
+    ``[[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]]``. Starting from the 1×1 diagonal blocks
+    (inverse 1), each level merges pairs of diagonal blocks of size s into blocks of
+    size 2s with two batched matmuls; ``log2 C`` levels, ≈ (2/3) C³ flops per matrix.
+    (XLA:CPU's batched ``triangular_solve`` is a sequential expander loop, ~50× slower
+    here.) C is zero-padded to a power of two; padded rows/columns stay identity.
+    """
+    C = A.shape[-1]
+    Cp = 1 << max(0, (C - 1).bit_length())
+    if Cp != C:
+        A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, Cp - C), (0, Cp - C)])
+    batch = A.shape[:-2]
+    D = jnp.ones(batch + (Cp, 1, 1), A.dtype)  # inverses of the diagonal blocks, size s
+    s = 1
+    while s < Cp:
+        m = Cp // (2 * s)
+        # the m diagonal blocks of size 2s of A, and their lower-left s×s corners
+        Ad = jnp.diagonal(A.reshape(batch + (m, 2 * s, m, 2 * s)), axis1=-4, axis2=-2)
+        L21 = jnp.moveaxis(Ad, -1, -3)[..., s:, :s]  # [..., m, s, s]
+        Dp = D.reshape(batch + (m, 2, s, s))
+        D11, D22 = Dp[..., 0, :, :], Dp[..., 1, :, :]
+        X21 = -jnp.matmul(jnp.matmul(D22, L21), D11)
+        D = jnp.concatenate(
+            [jnp.concatenate([D11, jnp.zeros_like(D11)], -1), jnp.concatenate([X21, D22], -1)], -2
+        )
+        s *= 2
+    return D.reshape(batch + (Cp, Cp))[..., :C, :C]
+
+
+@jax.custom_jvp
+def unit_lower_inverse(A: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
+    """``T = (I + A)⁻¹`` for strictly lower-triangular ``A`` (the UT transform's matrix).
+
+    Differentiated analytically, ``dT = −T dA T`` (so reverse mode is two matmuls and does
+    not store the doubling levels). Only the strictly lower part of ``A`` is meaningful.
+    """
+    return _inverse_by_doubling(A)
+
+
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (A,), (dA,) = primals, tangents
+    T = unit_lower_inverse(A)
+    return T, -jnp.matmul(jnp.matmul(T, dA), T)
+
+
+def _chunk_scan_loop(M, D, S0):
+    def step(S, x):
+        Mn, Dn = x
+        return jnp.matmul(Mn, S) + Dn, S  # emit the state *before* the chunk
+
+    return lax.scan(step, S0, (M, D))
+
+
+@jax.custom_jvp
+def _chunk_scan(M, D, S0):
+    """``S_{n+1} = M_n S_n + D_n`` over chunks n (leading axis); returns ``(S_N, [S_0 … S_{N−1}])``.
+
+    The JVP ``dS_{n+1} = M_n dS_n + (dM_n S_n + dD_n)`` is written so that the
+    ``dM_n S_n`` term is one batched matmul outside the loop: after transposition the
+    reverse scan only carries ``Gₙ = M_nᵀ G_{n+1} + …`` and ``dM = G Sᵀ`` is batched too,
+    which halves the sequential work of the backward pass.
+    """
+    return _chunk_scan_loop(M, D, S0)
+
+
+@_chunk_scan.defjvp
+def _chunk_scan_jvp(primals, tangents):
+    (M, D, S0), (dM, dD, dS0) = primals, tangents
+    S_final, S_prev = _chunk_scan(M, D, S0)
+    X = jnp.matmul(dM, S_prev) + dD
+    dS_final, dS_prev = _chunk_scan_loop(M, X, dS0)
+    return (S_final, S_prev), (dS_final, dS_prev)
+
+
 def _chunked(q, k, v, beta, g, S0, chunk_size):
-    """WY / UT chunked form (module docstring); padded tokens have β = g = k = 0."""
+    """WY / UT chunked form (module docstring); padded tokens have β = g = k = 0.
+
+    CPU notes: ``[B, H, N, C, ·]`` layout so every product is a plain batched matmul
+    with the batch axes leading; K is transposed once (``kT``) so the two Gram products
+    are NN matmuls; products are not concatenated (the copies cost more than the extra
+    dot launches); ``(I + A)⁻¹`` by block doubling (:func:`unit_lower_inverse`).
+    """
     B, T, H, K = q.shape
-    V = v.shape[-1]
     C = min(chunk_size, T)
     dt = q.dtype
     qc, kc, vc = chunk_layout(q, C), chunk_layout(k, C), chunk_layout(v, C)  # [B,H,N,C,D]
-    bc = chunk_layout(beta, C)  # [B,H,N,C]
+    bc = chunk_layout(beta, C)[..., None]  # [B,H,N,C,1]
     incl = jnp.tril(jnp.ones((C, C), bool))  # j <= i
     strict = jnp.tril(jnp.ones((C, C), bool), -1)  # j < i
-
-    # One batched product gives both Q Kᵀ and K Kᵀ of every chunk.
-    QK = jnp.einsum("bhnik,bhnjk->bhnij", jnp.concatenate([qc, kc], axis=-2), kc)
+    kT = jnp.swapaxes(kc, -1, -2)  # [B,H,N,K,C]
+    QK = jnp.matmul(qc, kT)  # q_i·k_j
+    KK = jnp.matmul(kc, kT)  # k_i·k_j
     if g is None:
-        P = jnp.where(incl, QK[..., :C, :], 0.0)
-        A = jnp.where(strict, QK[..., C:, :], 0.0) * bc[..., :, None]
-        rhs_k = bc[..., None] * kc
+        P = jnp.where(incl, QK, 0.0)
+        A = jnp.where(strict, KK, 0.0) * bc
+        rhs_k = bc * kc
         Kt = kc
         Qt0 = qc
-        decay_C = None
+        eye_decay = jnp.eye(K, dtype=dt)
     else:
         b = jnp.cumsum(chunk_layout(g, C), axis=-1)  # [B,H,N,C] inclusive, in-chunk
         bC = b[..., -1:]  # [B,H,N,1]
         # Mask *before* exp: only b_i − b_j with j ≤ i (≤ 0 for g ≤ 0) is exponentiated,
         # so strong decay over a long chunk cannot overflow (nor produce inf·0 = NaN).
         E = jnp.exp(jnp.where(incl, b[..., :, None] - b[..., None, :], 0.0))
-        P = jnp.where(incl, QK[..., :C, :] * E, 0.0)
-        A = jnp.where(strict, QK[..., C:, :] * E, 0.0) * bc[..., :, None]
-        eb = jnp.exp(b)[..., None]
-        rhs_k = (bc[..., None] * eb) * kc
-        Kt = jnp.exp(bC - b)[..., None] * kc  # e^{b_C − b_j} k_j
+        P = jnp.where(incl, QK * E, 0.0)
+        A = jnp.where(strict, KK * E, 0.0) * bc
+        eb = jnp.exp(b)[..., None]  # e^{b_i} ≤ 1
+        rhs_k = (bc * eb) * kc
+        Kt = jnp.exp(bC - b)[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
         Qt0 = eb * qc
-        decay_C = jnp.exp(bC)[..., None]  # [B,H,N,1,1]
+        eye_decay = jnp.exp(bC)[..., None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
 
-    # [W_v, W_k] = (I + A)^{-1} [β V, β e^b K]  (unit lower-triangular solve)
-    rhs = jnp.concatenate([bc[..., None] * vc, rhs_k], axis=-1)  # [B,H,N,C,V+K]
-    W = lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)
+    # [W_v, W_k] = (I + A)^{-1} [β V, β e^b K]  (unit lower-triangular system)
+    Tinv = unit_lower_inverse(A)
+    Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,N,C,V]
+    Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,N,C,K]
     # Per-chunk transition: S_new = M S + D with D = K̃ᵀ W_v, M = e^{b_C} I − K̃ᵀ W_k.
-    KW = jnp.einsum("bhnck,bhncx->bhnkx", Kt, W)  # [B,H,N,K,V+K]
-    D = KW[..., :V]
-    eye = jnp.eye(K, dtype=dt)
-    M = (eye if decay_C is None else decay_C * eye) - KW[..., V:]
-
-    def step(S, x):
-        Mn, Dn = x
-        return jnp.einsum("bhkj,bhjv->bhkv", Mn, S) + Dn, S  # emit the state *before* the chunk
-
-    S_final, S_prev = lax.scan(step, S0, (jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0)))
+    D = jnp.einsum("bhnck,bhncv->bhnkv", Kt, Wv)
+    M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
+    S_final, S_prev = _chunk_scan(jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0), S0)
     S_prev = jnp.moveaxis(S_prev, 0, 2)  # [B,H,N,K,V]
 
     # o = (e^b Q − P W_k) S_prev + P W_v
-    PW = jnp.einsum("bhnij,bhnjx->bhnix", P, W)  # [B,H,N,C,V+K]
-    Qt = Qt0 - PW[..., V:]
-    o = jnp.einsum("bhnck,bhnkv->bhncv", Qt, S_prev) + PW[..., :V]
+    Qt = Qt0 - jnp.matmul(P, Wk)
+    o = jnp.matmul(Qt, S_prev) + jnp.matmul(P, Wv)
     return unchunk_layout(o, T), S_final
