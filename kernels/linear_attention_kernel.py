@@ -371,12 +371,19 @@ def _fwd_call(backend, interp, q, k, v, b, S0, *, scale, cfg, out_dtype):
             interpret=bool(interp),
             name="tttla_linear_attention_fwd_triton",
         )(q, k, v, b, S0)
+    if jnp.dtype(cdt) == jnp.float16:  # Mosaic has no float16 vector loads on v5e: compute in float32
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        cdt = jnp.float32
+        kw["cdt"] = cdt
+    f16_out = jnp.dtype(out_dtype) == jnp.float16
+    if f16_out:
+        out_shape = (jax.ShapeDtypeStruct((B, H, Tp, V), jnp.float32), out_shape[1])
     bv = cfg.block_sizes.tpu(K, V)
     rev = lambda c: c  # noqa: E731
     tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, rev(c), 0))  # noqa: E731
     vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, rev(c), n))
     sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
-    return pl.pallas_call(
+    o, S = pl.pallas_call(
         functools.partial(_tpu_fwd_kernel, N=N, **kw),
         out_shape=out_shape,
         grid=(B, H, V // bv, N),
@@ -388,6 +395,7 @@ def _fwd_call(backend, interp, q, k, v, b, S0, *, scale, cfg, out_dtype):
         interpret=interp or False,
         name="tttla_linear_attention_fwd_mosaic",
     )(q, k, v, b, S0)
+    return (o.astype(out_dtype) if f16_out else o), S
 
 
 def _dkv_call(backend, interp, q, k, v, do, b, dST, *, scale, cfg):
@@ -419,6 +427,10 @@ def _dkv_call(backend, interp, q, k, v, do, b, dST, *, scale, cfg):
             name="tttla_linear_attention_dkv_triton",
         )(q, k, v, do, b, dST)
         return jnp.sum(dk, axis=0), dv, dS0
+    if jnp.dtype(cdt) == jnp.float16:  # as in _fwd_call: float32 on TPU
+        q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+        cdt = jnp.float32
+        kw["cdt"] = cdt
     bv = cfg.block_sizes.tpu(K, V)
     nvb = V // bv
     rev = lambda c: N - 1 - c  # noqa: E731
@@ -614,8 +626,6 @@ def linear_attention(
         C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     else:
         C = chunk_size
-    if jnp.dtype(q.dtype) == jnp.float64 and interpret is None:
-        interpret = "gpu"  # float64 has no compiled kernel: interpret mode (CPU tests)
     cfg = _Cfg(C=C, causal=mode == "causal", block_sizes=block_sizes or BlockSizes(), interpret=interpret)
     cfg.block_sizes.gpu(K, V)  # validate both platforms' tiles at trace time
     cfg.block_sizes.tpu(K, V)
