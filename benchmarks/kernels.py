@@ -1,0 +1,155 @@
+"""Benchmark: the Pallas linear-attention kernel vs the XLA chunked form (issue 5).
+
+On a GPU or TPU host: forward and forward+backward tokens/s of
+``tt.linear_attention(impl="pallas")`` and ``impl="chunked"`` (causal, with log-decay,
+bfloat16 inputs, K = V in {64, 128, 256}).
+
+On any host (and the only numbers on a CPU host, where the kernel runs only in interpret
+mode): the analytic roofline per token for an H100 SXM and a TPU v5e, so the expected speed
+is on record — FLOPs per token, HBM bytes per token, arithmetic intensity, and the roofline
+tokens/s ``min(peak FLOP/s / FLOPs, bandwidth / bytes)``. On CPU the XLA chunked form is
+also timed (float32) for reference.
+
+    python benchmarks/kernels.py [--T 2048 8192] [--B 4] [--H 16] [--repeats 5]
+                                 [--out benchmarks/results/kernels.json]
+
+FLOP model (per chunk of C tokens and head, :func:`tttla_jax.kernels.chunk_costs`): forward
+``QKᵀ`` 2C²K (once per value block), ``AV`` 2C²V, ``(γQ)S`` 2CKV, ``(λK)ᵀV`` 2CKV; backward =
+one forward (the dQ sweep) + the dK/dV sweep. Bytes model: every sweep reads its token
+inputs once per value block, writes its outputs (o in the input dtype, gradients in
+float32), plus the gates and the state in/out once per sequence (T = 8192). The roofline ignores the C×C ``exp`` work and
+assumes enough (batch·head·value-block) programs to fill the chip; the chunk loop is
+sequential per program, so a small B·H will fall below it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tttla_jax as tt
+from tttla_jax.kernels import BlockSizes, chunk_costs
+
+# Published peak numbers (dense bf16 matmul, HBM bandwidth).
+CHIPS = {
+    "H100-SXM": dict(flops=989e12, bw=3.35e12, platform="gpu"),
+    "TPU-v5e": dict(flops=197e12, bw=819e9, platform="tpu"),
+}
+
+
+def roofline_per_token(K, V, C, H, itemsize, platform_, T=8192):
+    """Analytic FLOPs and HBM bytes per token (all H heads) for forward and forward+backward."""
+    if platform_ == "gpu":
+        bv, bv_dq = BlockSizes().gpu(K, V)[0], BlockSizes().gpu(V, K)[0]
+    else:
+        bv, bv_dq = BlockSizes().tpu(K, V), BlockSizes().tpu(V, K)
+    nvb, nvb_dq = V // bv, K // bv_dq  # the dQ sweep tiles K (its "value" dim)
+    cc = chunk_costs(K, V, C, True, nvb)
+    state = 2 * K * V * 4 / T  # S_0 in, S_T out (float32) once per sequence: the state stays on chip
+    fwd_bytes = (2 * K * nvb + V) * itemsize + V * itemsize + 4 + state
+    dq_bytes = (2 * V * nvb_dq + K) * itemsize + K * 4 + 4  # dO, V (per K block), K; dQ in f32
+    dkv_bytes = (2 * K * nvb + 2 * V) * itemsize + (K * nvb + V) * 4 + 4 + state
+    epilogue = (2 * K * itemsize + 2 * K * 4) + 3 * 4  # dg: q·dq − k·dk, reverse cumsum
+    fb_bytes = fwd_bytes + dq_bytes + dkv_bytes + epilogue
+    out = {}
+    for name, flops, nbytes in (("fwd", cc["fwd_flops"] / C, fwd_bytes), ("fwd_bwd", (cc["fwd_flops"] + cc["bwd_flops"]) / C, fb_bytes)):
+        out[name] = dict(flops=H * flops, bytes=H * nbytes, intensity=flops / nbytes)
+    return out
+
+
+def timeit(fn, *args, repeats=5):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def make(B, T, H, K, V, dtype):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(B, T, H, K)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, H, V)), dtype)
+    g = jnp.asarray(-rng.uniform(0.0, 0.1, size=(B, T, H)), jnp.float32)
+    return q, k, v, g
+
+
+def measure(impl, B, T, H, K, V, C, dtype, repeats):
+    q, k, v, g = make(B, T, H, K, V, dtype)
+
+    def fwd(q, k, v, g):
+        return tt.linear_attention(q, k, v, log_decay=g, chunk_size=C, impl=impl)[0]
+
+    def loss(q, k, v, g):
+        return jnp.sum(fwd(q, k, v, g).astype(jnp.float32))
+
+    f = jax.jit(fwd)
+    fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    t_f = timeit(f, q, k, v, g, repeats=repeats)
+    t_fb = timeit(fb, q, k, v, g, repeats=repeats)
+    return dict(fwd_tokens_per_s=B * T / t_f, fwd_bwd_tokens_per_s=B * T / t_fb, fwd_s=t_f, fwd_bwd_s=t_fb)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=None)
+    p.add_argument("--B", type=int, default=None)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
+    a = p.parse_args(argv)
+    backend = jax.default_backend()
+    accel = backend in ("gpu", "tpu")
+    C, H = a.chunk_size, a.H
+    result = dict(backend=backend, devices=[str(d) for d in jax.devices()], host=platform.node(),
+                  jax=jax.__version__, chunk_size=C, H=H, roofline=[], measured=[])
+
+    print(f"# analytic roofline per token (H={H} heads, C={C}, T=8192, bfloat16 inputs, causal with decay)")
+    print(f"{'chip':10s} {'K=V':>4s} {'pass':8s} {'MFLOP/tok':>10s} {'KB/tok':>8s} {'FLOP/B':>7s} "
+          f"{'bound':>7s} {'Mtok/s':>8s}")
+    for chip, spec in CHIPS.items():
+        for d in a.head_dims:
+            rf = roofline_per_token(d, d, C, H, 2, spec["platform"])
+            for pas, r in rf.items():
+                t_compute, t_mem = r["flops"] / spec["flops"], r["bytes"] / spec["bw"]
+                tok_s = 1.0 / max(t_compute, t_mem)
+                bound = "compute" if t_compute > t_mem else "memory"
+                print(f"{chip:10s} {d:4d} {pas:8s} {r['flops'] / 1e6:10.2f} {r['bytes'] / 1e3:8.1f} "
+                      f"{r['intensity']:7.1f} {bound:>7s} {tok_s / 1e6:8.1f}")
+                result["roofline"].append(dict(chip=chip, K=d, V=d, pass_=pas, flops_per_token=r["flops"],
+                                               bytes_per_token=r["bytes"], intensity=r["intensity"],
+                                               bound=bound, roofline_tokens_per_s=tok_s))
+
+    Ts = a.T or ([2048, 8192] if accel else [1024])
+    B = a.B or (4 if accel else 1)
+    impls = ["pallas", "chunked"] if accel else ["chunked"]
+    dtype = jnp.bfloat16 if accel else jnp.float32
+    heads = H if accel else 4
+    print(f"\n# measured on {backend} ({jax.devices()[0]}), B={B}, H={heads}, {jnp.dtype(dtype).name}"
+          + ("" if accel else "  [CPU: the kernel runs only in interpret mode, not timed]"))
+    print(f"{'impl':8s} {'T':>6s} {'K=V':>4s} {'fwd tok/s':>12s} {'fwd+bwd tok/s':>14s}")
+    for T in Ts:
+        for d in a.head_dims:
+            for impl in impls:
+                r = measure(impl, B, T, heads, d, d, C, dtype, a.repeats)
+                print(f"{impl:8s} {T:6d} {d:4d} {r['fwd_tokens_per_s']:12.0f} {r['fwd_bwd_tokens_per_s']:14.0f}")
+                result["measured"].append(dict(impl=impl, B=B, T=T, H=heads, K=d, V=d,
+                                               dtype=jnp.dtype(dtype).name, **r))
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
