@@ -20,6 +20,8 @@ reference outer gradients.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,32 +55,67 @@ def _ln(z, scale, bias, eps):
     return scale * (z - mu) / jnp.sqrt(var + eps) + bias
 
 
-def _ttt_loop(f_read, f_inner, params, q, k, v, lr, token_eta, ln_scale, ln_bias, C, eps,
-              layer_norm, residual):
-    B, T, H, D = q.shape
-    ln = (lambda z: _ln(z, jnp.asarray(ln_scale, f64), jnp.asarray(ln_bias, f64), eps)) if layer_norm \
-        else (lambda z: z)
+def _f(p, x, act):
+    """The fast network per (batch, head): ``x W + b`` (2 leaves) or the GELU MLP (4 leaves);
+    a ``None`` bias is dropped."""
+    if len(p) == 2:
+        W, b = p
+        z = jnp.einsum("bhd,bhde->bhe", x, W)
+        return z if b is None else z + b
+    W1, b1, W2, b2 = p
+    h = act(jnp.einsum("bhd,bhdf->bhf", x, W1) + b1)
+    return jnp.einsum("bhf,bhfd->bhd", h, W2) + b2
 
-    def loss(p, kt, vt):
-        # Σ_{b,h} ℓ_j: every (b, h) block of θ only sees its own term.
+
+def _maybe_ln(z, ln_scale, ln_bias, eps, layer_norm):
+    return _ln(z, ln_scale, ln_bias, eps) if layer_norm else z
+
+
+# The per-token pieces are jitted (compiled once per shape, reused for every token) so the
+# unrolled loop stays cheap to run and to differentiate; the loop structure is unchanged.
+_STATIC = ("eps", "layer_norm", "residual", "gelu_grad")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _token_grad(p, kt, vt, ln_scale, ln_bias, *, eps, layer_norm, residual, gelu_grad):
+    """g_j = ∇_θ ½‖LN(f(k_j; θ)) − (v_j − k_j)‖², by autodiff (summed over (b, h): every
+    (b, h) block of θ only sees its own term)."""
+    act = gelu_inner if gelu_grad == "reference" else gelu
+
+    def loss(p):
         target = vt - kt if residual else vt
-        return 0.5 * jnp.sum((ln(f_inner(p, kt)) - target) ** 2)
+        return 0.5 * jnp.sum((_maybe_ln(_f(p, kt, act), ln_scale, ln_bias, eps, layer_norm) - target) ** 2)
 
+    return jax.grad(loss)(p)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _read(p, qt, ln_scale, ln_bias, *, eps, layer_norm, residual, gelu_grad):
+    """o = q + LN(f(q; θ_i)) (plain GELU on the read)."""
+    y = _maybe_ln(_f(p, qt, gelu), ln_scale, ln_bias, eps, layer_norm)
+    return qt + y if residual else y
+
+
+def _ttt_loop(params, q, k, v, lr, token_eta, ln_scale, ln_bias, C, **static):
+    T = q.shape[1]
+    if static["layer_norm"]:
+        ln_scale, ln_bias = jnp.asarray(ln_scale, f64), jnp.asarray(ln_bias, f64)
+    else:
+        ln_scale = ln_bias = None
     p = params
     outs = []
     for s in range(0, T, C):
-        idx = list(range(s, min(s + C, T)))
-        grads = [jax.grad(loss)(p, k[:, t].astype(f64), v[:, t].astype(f64)) for t in idx]
+        idx = list(range(s, min(s + C, T)))  # a trailing partial mini-batch uses token_eta[:r]
+        grads = [_token_grad(p, k[:, t].astype(f64), v[:, t].astype(f64), ln_scale, ln_bias, **static)
+                 for t in idx]  # all at the mini-batch's initial weights
+        acc = jax.tree_util.tree_map(jnp.zeros_like, p)  # Σ_{j≤i} lr[j] g_j
         for i, t in enumerate(idx):
-            p_row = p
-            for j in range(i + 1):
-                eta_ij = jnp.asarray(token_eta[i], f64) * lr[:, idx[j]].astype(f64)  # [B, H]
-                p_row = jax.tree_util.tree_map(
-                    lambda w, g: w - eta_ij.reshape(eta_ij.shape + (1,) * (w.ndim - 2)) * g,
-                    p_row, grads[j])
-            qt = q[:, t].astype(f64)
-            y = ln(f_read(p_row, qt))
-            outs.append(qt + y if residual else y)
+            lr_i = lr[:, t].astype(f64)  # [B, H]
+            acc = jax.tree_util.tree_map(
+                lambda a, g: a + lr_i.reshape(lr_i.shape + (1,) * (g.ndim - 2)) * g, acc, grads[i])
+            # θ_i = θ − Σ_{j≤i} eta[i, j] g_j with eta[i, j] = token_eta[i] · lr[j]
+            p_row = jax.tree_util.tree_map(lambda w, a: w - jnp.asarray(token_eta[i], f64) * a, p, acc)
+            outs.append(_read(p_row, q[:, t].astype(f64), ln_scale, ln_bias, **static))
         p = p_row  # the last row's weights start the next mini-batch
     return jnp.stack(outs, axis=1), p
 
@@ -100,14 +137,9 @@ def ttt_linear_loop(q, k, v, lr, *, W, b, ln_scale, ln_bias, token_eta, mini_bat
     """
     B = q.shape[0]
     W, b = _per_batch(W, B, 4), _per_batch(b, B, 3)
-
-    def f(p, x):
-        Wp, bp = p
-        z = jnp.einsum("bhd,bhde->bhe", x, Wp)
-        return z + bp if bias else z
-
-    o, (Wf, bf) = _ttt_loop(f, f, (W, b), q, k, v, lr, token_eta, ln_scale, ln_bias,
-                            mini_batch_size, eps, layer_norm, residual)
+    o, (Wf, bf) = _ttt_loop((W, b if bias else None), q, k, v, lr, token_eta, ln_scale, ln_bias,
+                            mini_batch_size, eps=eps, layer_norm=layer_norm, residual=residual,
+                            gelu_grad="reference")
     return o, (Wf, bf if bias else b)
 
 
@@ -121,14 +153,7 @@ def ttt_mlp_loop(q, k, v, lr, *, W1, b1, W2, b2, ln_scale, ln_bias, token_eta, m
     """
     B = q.shape[0]
     params = (_per_batch(W1, B, 4), _per_batch(b1, B, 3), _per_batch(W2, B, 4), _per_batch(b2, B, 3))
-    act_inner = {"reference": gelu_inner, "autodiff": gelu}[gelu_grad]
-
-    def make(act):
-        def f(p, x):
-            W1p, b1p, W2p, b2p = p
-            h = act(jnp.einsum("bhd,bhdf->bhf", x, W1p) + b1p)
-            return jnp.einsum("bhf,bhfd->bhd", h, W2p) + b2p
-        return f
-
-    return _ttt_loop(make(gelu), make(act_inner), params, q, k, v, lr, token_eta, ln_scale,
-                     ln_bias, mini_batch_size, eps, True, True)
+    if gelu_grad not in ("reference", "autodiff"):
+        raise ValueError(f"gelu_grad: got {gelu_grad!r}, expected one of ('reference', 'autodiff')")
+    return _ttt_loop(params, q, k, v, lr, token_eta, ln_scale, ln_bias, mini_batch_size, eps=eps,
+                     layer_norm=True, residual=True, gelu_grad=gelu_grad)

@@ -531,14 +531,14 @@ class TTTMLPRule(_TTTBase):
 def _initial(rule, initial_state, weights, names, B, H, D):
     if initial_state is not None:
         return initial_state
-    if any(w is None for w in weights[::2]):
-        raise ValueError(f"{names[0]}: required when initial_state is None")
-    st = rule.init_state(*weights, B)
-    leaves = tuple(st)
-    if leaves[0].shape[1:3] != (H, D):
+    for name, w in zip(names[::2], weights[::2]):
+        if w is None:
+            raise ValueError(f"{name}: required when initial_state is None")
+    W = jnp.asarray(weights[0])
+    if W.shape[:2] != (H, D):
         raise ValueError(
-            f"{names[0]}: expected leading dims [H, D] = {(H, D)} (from q), got shape {tuple(leaves[0].shape[1:])}")
-    return st
+            f"{names[0]}: expected leading dims [H, D] = {(H, D)} (from q), got shape {tuple(W.shape)}")
+    return rule.init_state(*weights, B)
 
 
 def ttt_linear(
