@@ -61,20 +61,18 @@ def titans_loop(q, k, v, theta, momentum, decay, *, W0, chunk_size, batch_size=N
     W_ref = M
     Ms = [M]  # Ms[n] = M_n
 
-    def token_loss(W, kt, vt, th):
-        # Σ_{b,h} θ_t ℓ_t(W): each (b, h) block of W only sees its own term.
-        err = _read(W, kt, activation) - vt
-        return jnp.sum(th * jnp.mean(err ** 2, axis=-1))
+    def chunk_loss(W, n):
+        # Σ_{t∈n} θ_t ℓ_t(W), summed over (b, h): each (b, h) block of W sees only its terms.
+        total = 0.0
+        for t in range(n * c, min((n + 1) * c, T)):
+            err = _read(W, k[:, t].astype(f64), activation) - v[:, t].astype(f64)
+            total = total + jnp.sum(theta[:, t].astype(f64) * jnp.mean(err ** 2, axis=-1))
+        return total
 
     for n in range(N):
         if batch_size is not None and (n * c) % batch_size == 0:
             W_ref = M  # start of a TTT batch
-        u = jax.tree_util.tree_map(jnp.zeros_like, M)
-        for t in range(n * c, min((n + 1) * c, T)):
-            kt, vt = k[:, t].astype(f64), v[:, t].astype(f64)
-            th = theta[:, t].astype(f64)
-            grad = jax.grad(token_loss)(W_ref, kt, vt, th)
-            u = jax.tree_util.tree_map(lambda a, g: a - g, u, grad)
+        u = jax.tree_util.tree_map(jnp.negative, jax.grad(chunk_loss)(W_ref, n))
         eta = momentum[:, :, n].astype(f64)[:, :, None, None]
         alpha = decay[:, :, n].astype(f64)[:, :, None, None]
         S = jax.tree_util.tree_map(lambda s, un: eta * s + un, S, u)

@@ -318,10 +318,9 @@ class TitansRule(Rule):
         if impl == "recurrent":
             o, st = self._recurrent(qc, kc, vc, thc, eta, alpha, st)
         elif impl == "associative":
-            o, st = self._segments(self._assoc_segment, qc, kc, vc, thc, eta, alpha, st, seg_pad=1)
+            o, st = self._segments(self._assoc_segment, qc, kc, vc, thc, eta, alpha, st)
         else:
-            Lb = self._block_chunks(N)
-            o, st = self._segments(self._chunked_segment, qc, kc, vc, thc, eta, alpha, st, seg_pad=Lb)
+            o, st = self._chunked(qc, kc, vc, thc, eta, alpha, st)
         return unchunk_layout(o, T).astype(q.dtype), st
 
     # recurrent ---------------------------------------------------------------
@@ -351,11 +350,11 @@ class TitansRule(Rule):
 
     # segments (TTT batches) --------------------------------------------------
 
-    def _segments(self, seg_fn, qc, kc, vc, thc, eta, alpha, st, seg_pad):
+    def _segments(self, seg_fn, qc, kc, vc, thc, eta, alpha, st):
         """Scan over TTT batches (one segment if ``batch_size`` is None), padding the chunk
         axis with no-op chunks; the carried state is the one after the last *real* chunk."""
         N = qc.shape[2]
-        Ls = -(-N // seg_pad) * seg_pad if self.batch_size is None else self.batch_size // self.chunk_size
+        Ls = N if self.batch_size is None else self.batch_size // self.chunk_size
         Np = -(-N // Ls) * Ls
         pad = lambda x, val=0.0: jnp.pad(x, [(0, 0)] * 2 + [(0, Np - N)] + [(0, 0)] * (x.ndim - 3),
                                          constant_values=val)
@@ -424,41 +423,53 @@ class TitansRule(Rule):
             L -= 1
         return L
 
-    def _chunked_segment(self, q, k, v, th, eta, alpha, M_in, S_in, nvalid):
-        """One TTT batch (``W_ref = M_in``) as a scan over blocks of L chunks."""
-        B, H, Ls, c, K = q.shape
+    def _chunked(self, q, k, v, th, eta, alpha, st):
+        """One ``lax.scan`` over blocks of L chunks; ``W_ref`` is refreshed at the blocks
+        that start a TTT batch (L divides the chunks per batch), else stays ``M_0``."""
+        B, H, N, c, K = q.shape
         V = v.shape[-1]
-        L = self._block_chunks(Ls)  # the same L as _run chose (Ls is a multiple of it)
-        nblk = Ls // L
-        W_ref = M_in
-        # effective values ṽ = (2/V) θ (v − k W_ref): u_n = Σ_{s∈n} k_sᵀ ṽ_s
-        vt = (2.0 / V) * th[..., None] * (v - jnp.einsum("bhnck,bhkv->bhncv", k, W_ref))
+        L = self._block_chunks(N)
+        nb = None if self.batch_size is None else self.batch_size // c
+        Np = -(-N // L) * L
+        nblk = Np // L
+        pad = lambda x, val=0.0: jnp.pad(x, [(0, 0)] * 2 + [(0, Np - N)] + [(0, 0)] * (x.ndim - 3),
+                                         constant_values=val)
+        # padded chunks: no tokens (θ = 0), η = 1, α = 0; they lie after the last real
+        # chunk, and the carried state is the one after row nvalid of each block.
         blk = lambda x: jnp.moveaxis(x.reshape((B, H, nblk, L) + x.shape[3:]), 2, 0)
-        bvalid = jnp.clip(nvalid - L * jnp.arange(nblk), 0, L)
+        xs = (blk(pad(q)), blk(pad(k)), blk(pad(v)), blk(pad(th)), blk(pad(eta, 1.0)),
+              blk(pad(alpha, 0.0)), jnp.clip(N - L * jnp.arange(nblk), 0, L), jnp.arange(nblk))
         # static token maps inside a block of L·c tokens: chunk of a key (1 … L) and the
         # memory index a query reads (0 … L; 0 = the block's incoming memory)
         pos = np.arange(L * c)
         ch = pos // c + 1
         rd = pos // c + (pos % c == c - 1)
         tiny = jnp.finfo(q.dtype).tiny
+        n1 = L + 1
+        s_gt_i = np.arange(n1)[:, None] > np.arange(n1)[None, :]  # [s, i]: s > i
+        lower = np.tril(np.ones((n1, n1), bool))
 
-        def seg_logs(x):  # [B,H,L] per-chunk log factors -> [B,H,L+1,L+1] products
-            x = jnp.concatenate([jnp.zeros_like(x[..., :1]), jnp.log(jnp.maximum(x, tiny))], -1)
-            n = L + 1
-            s_gt_i = np.arange(n)[:, None] > np.arange(n)[None, :]  # [s, i]: s > i
-            z = jnp.where(s_gt_i, x[..., :, None], 0.0)
-            cum = jnp.cumsum(z, axis=-2)  # cum[j, i] = Σ_{i<s≤j} x_s
-            return jnp.where(np.tril(np.ones((n, n), bool)), jnp.exp(cum), 0.0)
+        def seg_prod(x):
+            """[B,H,L] per-chunk factors -> [B,H,L+1,L+1], P[j, i] = Π_{s=i+1..j} x_s (j ≥ i),
+            as exp of an in-block segment sum of logs (no cumprod-and-divide; factors
+            below the smallest normal are clamped so exact zeros give no NaN)."""
+            lx = jnp.concatenate([jnp.zeros_like(x[..., :1]), jnp.log(jnp.maximum(x, tiny))], -1)
+            cum = jnp.cumsum(jnp.where(s_gt_i, lx[..., :, None], 0.0), axis=-2)  # Σ_{i<s≤j}
+            return jnp.where(lower, jnp.exp(cum), 0.0)
 
         def block(carry, x):
-            M, S = carry
-            qb, kb, vb, eb, ab, nv = x  # [B,H,L,c,·], [B,H,L]
-            E = seg_logs(eb)  # E[j, i] = Π_{s=i+1..j} η_s
-            A = seg_logs(1 - ab)  # A[j, l] = Π_{s=l+1..j} (1 − α_s)
-            C = jnp.einsum("bhjl,bhli->bhji", A[..., :, 1:], E[..., 1:, :])
+            M, S, W_ref = carry
+            qb, kb, vb, tb, eb, ab, nv, j = x  # [B,H,L,c,·], [B,H,L], scalars
+            if nb is not None:
+                W_ref = jnp.where((j * L) % nb == 0, M, W_ref)
             qf = qb.reshape(B, H, L * c, K)
             kf = kb.reshape(B, H, L * c, K)
-            vf = vb.reshape(B, H, L * c, V)
+            # effective values ṽ = (2/V) θ (v − k W_ref), so that u_n = Σ_{s∈n} k_sᵀ ṽ_s
+            vf = (2.0 / V) * tb.reshape(B, H, L * c, 1) * (
+                vb.reshape(B, H, L * c, V) - jnp.einsum("bhsk,bhkv->bhsv", kf, W_ref))
+            E = seg_prod(eb)  # E[j, i] = Π_{s=i+1..j} η_s
+            A = seg_prod(1 - ab)  # A[j, l] = Π_{s=l+1..j} (1 − α_s)
+            C = jnp.einsum("bhjl,bhli->bhji", A[..., :, 1:], E[..., 1:, :])
             D = C[..., rd[:, None], ch[None, :]]  # [B,H,Lc,Lc], zero where chunk(s) > r(t)
             att = jnp.einsum("bhtk,bhsk->bhts", qf, kf) * D
             o = (jnp.einsum("bhts,bhsv->bhtv", att, vf)
@@ -472,12 +483,11 @@ class TitansRule(Rule):
                      + jnp.einsum("bhsk,bhsv->bhkv", kf * Er[..., ch][..., None], vf))
             M_new = (Ar0[..., None, None] * M + Cr[..., 0, None, None] * S
                      + jnp.einsum("bhsk,bhsv->bhkv", kf * Cr[..., ch][..., None], vf))
-            return (M_new, S_new), o.reshape(B, H, L, c, V)
+            return (M_new, S_new, W_ref), o.reshape(B, H, L, c, V)
 
-        xs = (blk(q), blk(k), blk(vt), blk(eta), blk(alpha), bvalid)
-        (M, S), o = lax.scan(block, (M_in, S_in), xs)
-        o = jnp.moveaxis(o, 0, 2).reshape(B, H, Ls, c, V)
-        return (M, S), o
+        (M, S, _), o = lax.scan(block, (st.memory, st.momentum, st.memory), xs)
+        o = jnp.moveaxis(o, 0, 2).reshape(B, H, Np, c, V)[:, :, :N]
+        return o, TitansState(M, S)
 
 
 # ----------------------------------------------------------------------------- functional
