@@ -1,0 +1,61 @@
+"""Flax NNX modules: building blocks, token mixers, the language model and decoding.
+
+Mixer protocol (every token mixer follows it; the rule-zoo layers — LaCT, TTT, Titans,
+ViT³ — are added the same way and registered with :func:`register_mixer`):
+
+* **Construction** — keyword-only config: ``width``, ``num_heads``, ``head_dim=None``
+  (``width // num_heads``), rule fields (``chunk_size``, ``window``, gates, ...), then
+  ``mode``, ``dtype``, ``param_dtype``, ``rngs``. Bad values raise ``ValueError`` at
+  construction, naming the field. Parameter initialisers carry logical sharding names
+  (``"embed"``, ``"heads"``, ``"mlp"``, ``"vocab"``, ``"head_dim"``, ``"conv"``; see
+  :mod:`tttla_jax.nn.layers`).
+* **Mode** — ``"recurrent"`` (the ``lax.scan`` / memorisation view), ``"parallel"``
+  (the linear-attention view: chunked / associative forms), ``"pallas"`` (the kernel),
+  ``"auto"`` (the fastest supported form). A class attribute ``supported_modes`` lists
+  what the layer can do; any other mode raises ``ValueError`` at construction (a rule
+  without a parallel form, e.g. a non-associative one, leaves out ``"parallel"`` and
+  says why). All supported modes give the same outputs and gradients (checked in
+  float64 at 1e-10).
+* **Call** — ``y, new_cache = mixer(x, *, cache=None, positions=None)`` with ``x``
+  ``[B, T, W]`` → ``y`` ``[B, T, W]``. The cache is a flat dict of arrays carrying the
+  fast-weight state explicitly in and out (plus conv states, sliding-window keys and,
+  for chunk-causal rules such as LaCT, the buffer of the current partial chunk and its
+  length). ``cache=None`` means ``init_cache(B)``; the returned cache is always the state
+  after the last token, so prefill is a plain call. ``positions`` (``[B, T]`` int,
+  absolute) are used by layers with positional terms (RoPE, windows) and ignored by
+  others; the model always passes them.
+* **Cache** — ``init_cache(batch_size)`` returns zeros of the right shapes (fast
+  weights in float32, float64 for a float64 layer). Invariant: for any split of a
+  sequence into pieces, calling the mixer on the pieces in order, threading the cache,
+  gives the same outputs and final cache as one call on the whole sequence (for any T,
+  not only multiples of ``chunk_size``).
+* **Transforms** — the call is pure (no variable is mutated), so ``jax.jit``,
+  ``jax.grad``, ``jax.checkpoint`` and ``jax.vmap`` over ``nnx.split``/``nnx.merge``
+  states all work.
+
+Exports:
+    RMSNorm, SwiGLU, ShortConv, apply_rope           building blocks
+    Mixer, LinearAttention, DeltaNet, SlidingWindowAttention, MIXERS, register_mixer
+    LMConfig, LanguageModel, Block, count_params
+    init_cache, prefill, decode_step, generate, sample_logits
+"""
+from tttla_jax.nn.layers import RMSNorm, ShortConv, SwiGLU, apply_rope
+from tttla_jax.nn.mixers import (
+    MIXERS,
+    MODES,
+    DeltaNet,
+    LinearAttention,
+    Mixer,
+    SlidingWindowAttention,
+    register_mixer,
+)
+from tttla_jax.nn.model import Block, LanguageModel, LMConfig, count_params
+from tttla_jax.nn.decode import decode_step, generate, init_cache, prefill, sample_logits
+
+__all__ = [
+    "RMSNorm", "ShortConv", "SwiGLU", "apply_rope",
+    "MIXERS", "MODES", "DeltaNet", "LinearAttention", "Mixer", "SlidingWindowAttention",
+    "register_mixer",
+    "Block", "LanguageModel", "LMConfig", "count_params",
+    "decode_step", "generate", "init_cache", "prefill", "sample_logits",
+]

@@ -1,0 +1,273 @@
+"""Token mixers (tttla_jax.nn.mixers): mode equivalence, decoding, transforms, counts, errors.
+
+float64 checks at 1e-10 (models built with dtype = param_dtype = float64); float32 mode
+agreement at 1e-4 (documented tolerance: chunked vs token-scan summation order).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tttla_jax.nn.layers import apply_rope
+from tttla_jax.nn.mixers import DeltaNet, LinearAttention, SlidingWindowAttention
+
+F64 = jnp.float64
+B, T, W, H = 2, 7, 8, 2
+TOL = 1e-10
+
+CASES = {
+    "la_elu": (LinearAttention, dict(feature_map="elu+1", chunk_size=4)),
+    "la_decay_silul2": (LinearAttention, dict(feature_map="silu+l2", use_decay=True, chunk_size=4)),
+    "delta_noconv_l2": (DeltaNet, dict(use_short_conv=False, feature_map="l2", chunk_size=4)),
+    "gated_delta_conv": (DeltaNet, dict(use_gate=True, chunk_size=3, conv_size=3)),
+    "swa_rope": (SlidingWindowAttention, dict(window=4)),
+}
+NOGRAD_KEYS = ("kpos", "pos")  # integer cache entries
+SPLITS = ((5, 6), (3,))  # piece boundaries; 5 and 3 are not multiples of the chunk size
+
+
+def make(case, mode, dtype=F64, param_dtype=F64, seed=0, **over):
+    cls, kw = CASES[case]
+    return cls(width=W, num_heads=H, mode=mode, dtype=dtype, param_dtype=param_dtype,
+               rngs=nnx.Rngs(seed), **{**kw, **over})
+
+
+def inputs(dtype=F64, t=T, seed=1):
+    return jax.random.normal(jax.random.key(seed), (B, t, W), dtype)
+
+
+def max_diff(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x, F64) - jnp.asarray(y, F64))))
+               for x, y in zip(la, lb))
+
+
+def loss_fn(graphdef):
+    def loss(params, x, cache):
+        y, c = nnx.merge(graphdef, params)(x, cache=cache)
+        w = jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape)
+        extra = sum(jnp.sum(jnp.sin(v.astype(F64))) for k, v in c.items() if k not in NOGRAD_KEYS)
+        return jnp.sum(y * w) + extra
+    return loss
+
+
+@functools.lru_cache(maxsize=None)
+def run(case, mode):
+    """Everything the float64 tests compare, computed in one jitted function per (case, mode):
+    the call from a non-trivial cache (the cache after a random 3-token prefix), gradients
+    w.r.t. parameters, inputs and the float entries of that cache, the full forward from an
+    empty cache and the same sequence fed in pieces."""
+    m = make(case, mode)
+    gd, params = nnx.split(m)
+    loss = loss_fn(gd)
+
+    @jax.jit
+    def f(params, x, x0):
+        m = nnx.merge(gd, params)
+        _, cache = m(x0)
+        y, c = m(x, cache=cache)
+        fc = {k: v for k, v in cache.items() if k not in NOGRAD_KEYS}
+        ic = {k: v for k, v in cache.items() if k in NOGRAD_KEYS}
+        g = jax.grad(lambda p, x, fc: loss(p, x, {**fc, **ic}), argnums=(0, 1, 2))(params, x, fc)
+        y_full, c_full = m(x)
+        pieces = []
+        for split in SPLITS:
+            c2, ys, start = m.init_cache(B), [], 0
+            for stop in (*split, T):
+                yp, c2 = m(x[:, start:stop], cache=c2)
+                ys.append(yp)
+                start = stop
+            pieces.append((jnp.concatenate(ys, axis=1), c2))
+        return dict(y=y, c=c, g=g, y_full=y_full, c_full=c_full, pieces=pieces)
+
+    return f(params, inputs(), inputs(seed=2, t=3))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recurrent_and_parallel_agree_f64(case):
+    """Outputs, final cache and gradients w.r.t. parameters, inputs and initial cache."""
+    r0, r1 = run(case, "recurrent"), run(case, "parallel")
+    assert r0["y"].dtype == F64 and r0["y"].shape == (B, T, W)
+    assert max_diff(r0["y"], r1["y"]) < TOL
+    assert max_diff(r0["c"], r1["c"]) < TOL
+    assert jax.tree.structure(r0["g"]) == jax.tree.structure(r1["g"])
+    assert max_diff(r0["g"], r1["g"]) < TOL
+    # the gradients are not trivially zero (every parameter, the input and the cache)
+    assert all(float(jnp.max(jnp.abs(l))) > 0 for l in jax.tree.leaves(r0["g"]))
+    # starting from the non-trivial cache matters
+    assert max_diff(r0["y"], r0["y_full"]) > 1e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["recurrent", "parallel"])
+def test_pieces_equal_full_forward(case, mode):
+    """Prefill + token-by-token decoding (pieces 5, 1, 1) and pieces (3, 4) equal one full
+    call, outputs and final cache."""
+    r = run(case, mode)
+    for y, c in r["pieces"]:
+        assert max_diff(y, r["y_full"]) < TOL
+        assert max_diff(c, r["c_full"]) < TOL
+
+
+def test_eager_decode_step_matches():
+    """Outside jit too: one prefill and one single-token step from the returned cache."""
+    m = make("gated_delta_conv", "recurrent")
+    x = inputs()
+    y_full, _ = m(x)
+    _, c = m(x[:, :6])
+    y_last, _ = m(x[:, 6:], cache=c)
+    assert max_diff(y_last, y_full[:, 6:]) < TOL
+
+
+@pytest.mark.parametrize("case", ["la_decay_silul2", "gated_delta_conv", "swa_rope"])
+def test_jit_vmap_checkpoint(case):
+    m = make(case, "parallel")
+    x = inputs()
+    y, c = m(x)
+    gd, params = nnx.split(m)
+
+    @jax.jit
+    def f(params, x):
+        return nnx.merge(gd, params)(x)
+
+    yj, cj = f(params, x)
+    assert max_diff(yj, y) < TOL and max_diff(cj, c) < TOL
+
+    # jax.vmap over a batch of two models (stacked parameter states)
+    m2 = make(case, "parallel", seed=5)
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, nnx.state(m2))
+    yv, _ = jax.vmap(f, in_axes=(0, None))(stacked, x)
+    y2, _ = m2(x)
+    assert max_diff(yv[0], y) < TOL and max_diff(yv[1], y2) < TOL
+    assert max_diff(y, y2) > 1e-3  # the two models really differ
+
+    # jax.checkpoint around the call gives the same gradient
+    loss = loss_fn(gd)
+    cache0 = m.init_cache(B)
+    g_plain = jax.grad(loss)(params, x, cache0)
+    g_remat = jax.grad(jax.checkpoint(loss))(params, x, cache0)
+    assert max_diff(g_plain, g_remat) < TOL
+
+
+def test_auto_mode_equals_parallel_linear_attention():
+    x = inputs()
+    ya, _ = make("la_decay_silul2", "auto")(x)
+    yp, _ = make("la_decay_silul2", "parallel")(x)
+    assert max_diff(ya, yp) < TOL
+
+
+@pytest.mark.parametrize("case", ["la_decay_silul2", "gated_delta_conv", "swa_rope"])
+def test_float32_modes_agree_and_dtypes(case):
+    x = inputs(jnp.float32)
+    ys = [make(case, mode, dtype=jnp.float32, param_dtype=jnp.float32)(x)[0]
+          for mode in ("recurrent", "parallel")]
+    assert ys[0].dtype == jnp.float32
+    np.testing.assert_allclose(ys[0], ys[1], atol=1e-4, rtol=1e-4)
+    # bfloat16 activations with float32 parameters: bf16 output, fast weights in float32
+    m = make(case, "parallel", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    y, c = m(x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    if "state" in c:
+        assert c["state"].dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+
+
+def test_sliding_window_matches_naive_loop():
+    """SWA against a per-query float64 loop: softmax over the last `window` positions."""
+    window = 3
+    m = make("swa_rope", "parallel", window=window)
+    x = inputs()
+    y, _ = m(x)
+    pos = jnp.arange(T)
+    D = W // H
+    q = apply_rope(m.q_proj(x).reshape(B, T, H, D), pos)
+    k = apply_rope(m.k_proj(x).reshape(B, T, H, D), pos)
+    v = m.v_proj(x).reshape(B, T, H, D)
+    q, k, v = (np.asarray(a) for a in (q, k, v))
+    o = np.zeros((B, T, H, D))
+    for t in range(T):
+        lo = max(0, t - window + 1)
+        s = np.einsum("bhd,bshd->bhs", q[:, t], k[:, lo:t + 1]) / np.sqrt(D)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o[:, t] = np.einsum("bhs,bshd->bhd", p, v[:, lo:t + 1])
+    ref = m.o_proj(jnp.asarray(o).reshape(B, T, H * D))
+    assert max_diff(y, ref) < TOL
+
+
+def test_rope_positions_are_relative():
+    """<R(p)q, R(p')k> depends only on p - p' (RoPE), so shifting all positions is a no-op
+    for attention scores; and apply_rope at position 0 is the identity."""
+    q = jax.random.normal(jax.random.key(0), (1, 5, 2, 6), F64)
+    k = jax.random.normal(jax.random.key(1), (1, 5, 2, 6), F64)
+    pos = jnp.arange(5)
+    s0 = jnp.einsum("bthd,bshd->bhts", apply_rope(q, pos), apply_rope(k, pos))
+    s1 = jnp.einsum("bthd,bshd->bhts", apply_rope(q, pos + 11), apply_rope(k, pos + 11))
+    assert max_diff(s0, s1) < TOL
+    assert max_diff(apply_rope(q, jnp.zeros(5, jnp.int32)), q) == 0.0
+    assert max_diff(s0, jnp.einsum("bthd,bshd->bhts", q, k)) > 1e-3
+
+
+def count(m):
+    return sum(int(p.size) for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+
+def test_parameter_counts_by_hand():
+    D = 3  # explicit head dim != W // H
+    HD = H * D
+    kw = dict(width=W, num_heads=H, head_dim=D, rngs=nnx.Rngs(0))
+    assert count(LinearAttention(**kw)) == 4 * W * HD + D
+    assert count(LinearAttention(use_decay=True, **kw)) == 4 * W * HD + D + W * H + 2 * H
+    assert count(DeltaNet(use_short_conv=False, **kw)) == 4 * W * HD + W * H + D
+    assert count(DeltaNet(conv_size=4, **kw)) == 4 * W * HD + W * H + D + 3 * 4 * HD
+    assert count(DeltaNet(conv_size=4, use_gate=True, **kw)) == (
+        4 * W * HD + W * H + D + 3 * 4 * HD + W * H + 2 * H)
+    assert count(SlidingWindowAttention(width=W, num_heads=H, head_dim=4, rngs=nnx.Rngs(0))) == 4 * W * H * 4
+
+
+def test_parameters_carry_logical_sharding():
+    m = DeltaNet(width=W, num_heads=H, use_gate=True, rngs=nnx.Rngs(0))
+    assert m.q_proj.kernel.out_sharding == ("embed", "heads")
+    assert m.o_proj.kernel.out_sharding == ("heads", "embed")
+    assert m.q_conv.kernel.out_sharding == ("conv", "heads")
+    assert m.gate.A_log.out_sharding == ("heads",)
+    assert m.out_norm.scale.out_sharding == ("head_dim",)
+
+
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (LinearAttention, dict(num_heads=3), r"num_heads: must divide width"),
+    (LinearAttention, dict(mode="fast"), r"mode: got 'fast', expected one of"),
+    (LinearAttention, dict(feature_map="relu"), r"feature_map: got 'relu'"),
+    (LinearAttention, dict(chunk_size=0), r"chunk_size: expected a positive int"),
+    (DeltaNet, dict(mode="pallas"), r"DeltaNet does not support mode='pallas'"),
+    (DeltaNet, dict(feature_map="elu+1"), r"feature_map: got 'elu\+1'"),
+    (SlidingWindowAttention, dict(mode="pallas"), r"SlidingWindowAttention does not support mode='pallas'"),
+    (SlidingWindowAttention, dict(window=0), r"window: expected a positive int"),
+    (SlidingWindowAttention, dict(head_dim=3), r"head_dim: RoPE needs an even head dim"),
+])
+def test_bad_config_raises(cls, kwargs, match):
+    base = dict(width=W, num_heads=H, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=match):
+        cls(**{**base, **kwargs})
+
+
+def test_bad_call_inputs_raise():
+    m = make("gated_delta_conv", "parallel")
+    with pytest.raises(ValueError, match=r"x: expected \[B, T, W\] with W = 8"):
+        m(jnp.zeros((B, T, 5), F64))
+    with pytest.raises(ValueError, match=r"x: expected a rank-3 array"):
+        m(jnp.zeros((T, W), F64))
+    c = m.init_cache(B)
+    with pytest.raises(ValueError, match=r"cache: missing keys \['conv_q'\]"):
+        m(inputs(), cache={k: v for k, v in c.items() if k != "conv_q"})
+    with pytest.raises(ValueError, match=r"cache\['state'\]: expected shape \[B, H, D, D\] = \(2, 2, 4, 4\)"):
+        m(inputs(), cache={**c, "state": jnp.zeros((B, H, 4, 5))})
+    s = make("swa_rope", "parallel")
+    with pytest.raises(ValueError, match=r"positions: expected shape \[B, T\]"):
+        s(inputs(), positions=jnp.zeros((B, T + 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"positions: expected an integer dtype"):
+        s(inputs(), positions=jnp.zeros((B, T), F64))
