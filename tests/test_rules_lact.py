@@ -208,8 +208,8 @@ def test_float32_close_to_float64():
     rule = LaCTRule(chunk_size=4, weight_norm="post", use_momentum=True, muon=True)
     inp64 = make(5, T=13)
     inp32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), inp64)
-    o64 = rule_fn(rule)(*(inp64[a] for a in ARGS))[0]
-    o32 = rule_fn(rule)(*(inp32[a] for a in ARGS))[0]
+    o64 = jit_fast(rule_fn(rule))(*(inp64[a] for a in ARGS))[0]
+    o32 = jit_fast(rule_fn(rule))(*(inp32[a] for a in ARGS))[0]
     assert o32.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(o64)))
     np.testing.assert_allclose(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale)
@@ -332,39 +332,39 @@ def test_newton_schulz_matches_reference_and_bf16_is_plausible():
 def test_bf16_muon_option_runs_and_differs_plausibly():
     inp = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), make(12, T=13, lr_scale=1.0))
     args = tuple(inp[a] for a in ARGS)
-    o32 = rule_fn(LaCTRule(chunk_size=4, use_momentum=True, muon=True))(*args)[0]
-    obf = jax.jit(rule_fn(LaCTRule(chunk_size=4, use_momentum=True, muon=True, muon_dtype="bfloat16")))(*args)[0]
+    o32 = jit_fast(rule_fn(LaCTRule(chunk_size=4, use_momentum=True, muon=True)))(*args)[0]
+    fbf = rule_fn(LaCTRule(chunk_size=4, use_momentum=True, muon=True, muon_dtype=jnp.bfloat16))
+    # also under grad: one compiled value_and_grad gives the outputs and d/dv
+    (_, out), (g,) = value_and_grads(fbf, (2,))(*args)
+    obf = out[0]
     assert obf.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(obf)))
     rel = float(jnp.linalg.norm(obf - o32) / jnp.linalg.norm(o32))
     assert 1e-5 < rel < 0.3, rel
-    # also under grad
-    g = jax.grad(lambda v: jnp.sum(rule_fn(LaCTRule(chunk_size=4, muon=True, muon_dtype=jnp.bfloat16))(
-        args[0], args[1], v, *args[3:])[0]))(args[2])
-    assert bool(jnp.all(jnp.isfinite(g)))
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
 
 
 # --------------------------------------------------------------------------- transformations / API
 
 
 def test_vmap_jit_checkpoint():
-    rule = LaCTRule(chunk_size=4, weight_norm="pre", use_momentum=True, muon=True)
+    rule = LaCTRule(chunk_size=4, weight_norm="pre", use_momentum=True)
     inps = [make(s, T=9) for s in (13, 14)]
     fn = rule_fn(rule)
     stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *inps)
-    o_v = jax.jit(jax.vmap(fn))(*(stacked[a] for a in ARGS))[0]
-    for j, inp in enumerate(inps):
-        np.testing.assert_allclose(np.asarray(o_v[j]), np.asarray(fn(*(inp[a] for a in ARGS))[0]), atol=1e-12)
+    o_v = jit_fast(jax.vmap(fn))(*(stacked[a] for a in ARGS))[0]
+    o_1 = jit_fast(fn)(*(inps[1][a] for a in ARGS))[0]
+    np.testing.assert_allclose(np.asarray(o_v[1]), np.asarray(o_1), atol=1e-12)
     args = tuple(inps[0][a] for a in ARGS)
-    g1 = jax.grad(scalar_loss(fn), argnums=(2, 6))(*args)
-    g2 = jax.jit(jax.grad(scalar_loss(jax.checkpoint(fn)), argnums=(2, 6)))(*args)
+    g1 = jit_fast(jax.grad(scalar_loss(fn), argnums=(2, 6)))(*args)
+    g2 = jit_fast(jax.grad(scalar_loss(jax.checkpoint(fn)), argnums=(2, 6)))(*args)
     assert_close_tree(g1, g2, 1e-12, what="checkpoint grads")
 
 
 def test_functional_op_matches_rule_and_state_resume():
     inp = make(15, T=11)
     o, S = lact_swiglu(inp["q"], inp["k"], inp["v"], inp["lr"], w0=inp["w0"][0], w1=inp["w1"][0],
-                       w2=inp["w2"][0], chunk_size=4, momentum=inp["m"], muon=True, output_final_state=True)
-    rule = LaCTRule(chunk_size=4, use_momentum=True, muon=True)
+                       w2=inp["w2"][0], chunk_size=4, momentum=inp["m"], output_final_state=True)
+    rule = LaCTRule(chunk_size=4, use_momentum=True)
     o_r, W_r, m_r = rule_fn(rule)(*(inp[a] for a in ARGS))  # [B, H, ...] weights (B = 1): same values
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_r), atol=1e-13)
     assert isinstance(S, LaCTState)
@@ -375,7 +375,7 @@ def test_functional_op_matches_rule_and_state_resume():
     st = rule.init_state(inp12["w0"], inp12["w1"], inp12["w2"], 1)
     sl = lambda x, a, b: x[:, a:b]
     lr_a = tuple(sl(x, 0, 8) for x in inp12["lr"])
-    rule_ut = LaCTRule(chunk_size=4, use_momentum=True, muon=True, order="update_then_query")
+    rule_ut = LaCTRule(chunk_size=4, use_momentum=True, order="update_then_query")
     oa, Sa = rule_ut.recurrent(sl(inp12["q"], 0, 8), sl(inp12["k"], 0, 8), sl(inp12["v"], 0, 8), lr_a, st,
                                sl(inp12["m"], 0, 8), output_final_state=True)
     lr_b = tuple(sl(x, 8, 12) for x in inp12["lr"])
