@@ -56,8 +56,8 @@ def vit3_glu_loop(q, k, v, *, W1, W2, scale=9 ** -0.5, lr=1.0, normalize=True, u
 
 
 def conv3x3_loop(x, W):
-    """Depthwise 3×3 conv with zero padding; x ``[Hg, Wg]``, W ``[3, 3]`` (one channel)."""
-    Hg, Wg = x.shape
+    """Depthwise 3×3 conv with zero padding; x ``[Hg, Wg, C]``, W ``[3, 3, C]`` (per channel)."""
+    Hg, Wg = x.shape[:2]
     rows = []
     for i in range(Hg):
         row = []
@@ -74,25 +74,23 @@ def conv3x3_loop(x, W):
 
 def vit3_conv_loop(q, k, v, *, W, grid, scale=9 ** -0.5, lr=1.0, normalize=True):
     """q, k, v ``[B, N, C]`` with ``N = Hg·Wg`` (row-major), W ``[3, 3, C]``.
-    Returns ``(o [B, N, C], W' [B, 3, 3, C])``."""
+    Returns ``(o [B, N, C], W' [B, 3, 3, C])``. Channels are independent (depthwise), so
+    they are carried along as a trailing axis; ``jax.grad`` of the loss summed over
+    channels gives each channel's own gradient."""
     B, N, C = q.shape
     Hg, Wg = grid
     outs, Ws = [], []
     for b in range(B):
-        ob, wb = [], []
-        for c in range(C):
-            qg, kg, vg = (x[b, :, c].astype(f64).reshape(Hg, Wg) for x in (q, k, v))
+        qg, kg, vg = (x[b].astype(f64).reshape(Hg, Wg, C) for x in (q, k, v))
 
-            def loss(w):
-                return -scale / N * jnp.sum(conv3x3_loop(kg, w) * vg)
+        def loss(w):  # Σ_c L_c(w[..., c]), L_c = −(s/N) Σ_p conv(k, w)[p, c] v[p, c]
+            return -scale / N * jnp.sum(conv3x3_loop(kg, w) * vg)
 
-            w = W[:, :, c].astype(f64)
-            g = jax.grad(loss)(w)
-            if normalize:  # over the 9 taps of this channel
-                g = g / (jnp.sqrt(jnp.sum(g ** 2)) + 1.0)
-            w = w - lr * g
-            ob.append(conv3x3_loop(qg, w).reshape(N))
-            wb.append(w)
-        outs.append(jnp.stack(ob, axis=-1))
-        Ws.append(jnp.stack(wb, axis=-1))
+        w = W.astype(f64)
+        g = jax.grad(loss)(w)
+        if normalize:  # over the 9 taps of each channel
+            g = g / (jnp.sqrt(jnp.sum(g ** 2, axis=(0, 1))) + 1.0)
+        w = w - lr * g
+        outs.append(conv3x3_loop(qg, w).reshape(N, C))
+        Ws.append(w)
     return jnp.stack(outs), jnp.stack(Ws)
