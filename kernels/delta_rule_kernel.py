@@ -1,0 +1,352 @@
+"""Pallas forward kernel for the chunked (gated) delta rule (SPEC §1, issue 5 stretch).
+
+Recurrence (decay first, then the delta step; token t reads its own write)::
+
+    S ← exp(g_t) S_{t-1},   u_t = β_t (v_t − k_t S),   S_t = S + k_tᵀ u_t,   o_t = (scale·q_t) S_t
+
+Per chunk (WY / UT form, Yang et al. 2024 "Parallelizing Linear Transformers with the Delta
+Rule over Sequence Length"; gated: "Gated Delta Networks"), with ``b`` the in-chunk inclusive
+cumulative log-decay, ``A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j`` and
+``P_ij = [j ≤ i] e^{b_i − b_j} q_i·k_j``::
+
+    W_v = (I + A)⁻¹ (β V),   W_k = (I + A)⁻¹ (β e^b K),   U = W_v − W_k S
+    O = (e^b Q) S + P U,     S ← e^{b_C} S + (e^{b_C − b} K)ᵀ U
+
+``(I + A)⁻¹`` is computed in-kernel by doubling, ``Σ_n (−A)ⁿ = Π_i (I + (−A)^{2^i})``
+(``A`` is strictly lower triangular, so the product has log2(C) factors).
+
+Backends and dispatch as :mod:`tttla_jax.kernels.linear_attention_kernel` (Triton: one
+program per (batch, head, value block) looping over chunks; Mosaic: grid
+(batch, head, value block, chunk) with the chunk axis sequential and the state in VMEM).
+
+**Status:** the forward is a kernel; the backward is *not* yet: ``jax.custom_vjp`` recomputes
+the same chunk math in XLA (``lax.scan`` over chunks, each chunk rematerialised, so only one
+``[K, V]`` state per chunk is kept) and differentiates it. All in-kernel math is float32
+(float64 for float64 inputs in interpret mode) whatever the input dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float
+
+from tttla_jax import _checks
+from tttla_jax.kernels.linear_attention_kernel import (
+    CHUNK_SIZES,
+    HEAD_DIMS,
+    TPU_VMEM_CAP,
+    BlockSizes,
+    _acc,
+    _decay_mask,
+    _dot,
+    _host_platform,
+    _is_compiled_dtype,
+    _to_kernel,
+    _cum_decay,
+    tpu_vmem_estimate,
+)
+
+
+def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[int] = None,
+                                  interpret: bool = False) -> Optional[str]:
+    """Why the delta-rule kernel cannot run this call (``None`` if it can)."""
+    if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
+        return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
+                "float64 only in interpret mode)")
+    for name, d in (("K", K), ("V", V)):
+        if d not in HEAD_DIMS:
+            return f"head dim {name} = {d} is not supported (expected one of {HEAD_DIMS})"
+    return None
+
+
+def delta_rule_supported(q, K: int, V: int) -> bool:
+    """``impl="auto"`` hook for ``tt.delta_rule``: only on GPU/TPU and for supported shapes."""
+    if _host_platform() not in ("gpu", "cuda", "rocm", "tpu"):
+        return False
+    return delta_rule_unsupported_reason(jnp.result_type(q), K, V) is None
+
+
+# --------------------------------------------------------------------------- chunk math
+
+
+def _unit_lower_inverse(A, acc):
+    """``(I + A)⁻¹`` for strictly lower-triangular ``A`` [C, C] by doubling."""
+    C = A.shape[0]
+    eye = (lax.broadcasted_iota(jnp.int32, (C, C), 0) == lax.broadcasted_iota(jnp.int32, (C, C), 1)).astype(acc)
+    X = -A
+    R = eye + X
+    n = 2
+    while n < C:
+        X = _dot(X, X, acc)
+        R = _dot(R, eye + X, acc)
+        n *= 2
+    return R
+
+
+def _delta_chunk(q, k, v, beta, bcol, bC, S, *, scale, acc):
+    """One chunk: ``(O [C, BV], S_next [K, BV])``; every operand in ``acc``."""
+    C = q.shape[0]
+    qs = q.astype(acc) * scale
+    kf = k.astype(acc)
+    vf = v.astype(acc)
+    beta = beta.astype(acc)
+    D = _decay_mask(bcol, C)
+    rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    A = jnp.where(cols < rows, beta * _dot(kf, kf, acc, tb=True) * D, 0.0)
+    Tinv = _unit_lower_inverse(A, acc)
+    eb = jnp.exp(bcol)
+    Wv = _dot(Tinv, beta * vf, acc)
+    Wk = _dot(Tinv, beta * eb * kf, acc)
+    U = Wv - _dot(Wk, S, acc)
+    P = _dot(qs, kf, acc, tb=True) * D
+    o = _dot(qs * eb, S, acc) + _dot(P, U, acc)
+    S = jnp.exp(bC) * S + _dot(kf * jnp.exp(bC - bcol), U, acc, ta=True)
+    return o, S
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _gpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, s0_ref, o_ref, st_ref, *, C, N, scale, acc):
+    def body(c, S):
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        bC = b_ref[pl.ds(t0 + C - 1, 1), :]
+        o, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :], bC, S,
+                            scale=scale, acc=acc)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+        return S
+
+    st_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(acc)).astype(st_ref.dtype)
+
+
+def _tpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, acc):
+    c = pl.program_id(3)
+
+    @pl.when(c == 0)
+    def _():
+        s_scr[...] = s0_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    o, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], b_ref[C - 1:C, :],
+                        s_scr[...], scale=scale, acc=acc)
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = S
+
+    @pl.when(c == N - 1)
+    def _():
+        st_ref[...] = S.astype(st_ref.dtype)
+
+
+def _cost(BH, N, K, V, C, nvb, itemsize):
+    lg = max(1, (C - 1).bit_length() - 1)
+    per_chunk = nvb * (2 * C * C * K * 2 + 2 * lg * 2 * C ** 3 + 2 * C * C * K) + 2 * C * C * V \
+        + 2 * C * K * V * 3 + 2 * C * C * V
+    return pl.CostEstimate(flops=int(BH * N * per_chunk), transcendentals=int(BH * N * nvb * (C * C + 2 * C)),
+                           bytes_accessed=int(BH * N * C * ((2 * K * nvb + 2 * V) * itemsize + 8) + BH * 8 * K * V))
+
+
+def _call(backend, interp, q, k, v, beta, b, S0, *, scale, cfg):
+    B, H, Tp, K = q.shape
+    V = v.shape[-1]
+    C = cfg.C
+    N = Tp // C
+    acc = _acc(q.dtype)
+    out_dtype = q.dtype
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n: (i, j, 0, n))
+        return pl.pallas_call(
+            functools.partial(_gpu_kernel, C=C, N=N, scale=scale, acc=acc),
+            out_shape=(jax.ShapeDtypeStruct((B, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), acc)),
+            grid=(B, H, V // bv),
+            in_specs=[full(K), full(K), vblk, full(1), full(1), sblk],
+            out_specs=(vblk, sblk),
+            compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+            cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+            interpret=bool(interp),
+            name="tttla_delta_rule_fwd_triton",
+        )(q, k, v, beta, b, S0)
+    if jnp.dtype(q.dtype) == jnp.float16:  # Mosaic: no float16 vector loads on v5e
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    o_dt = jnp.float32 if jnp.dtype(out_dtype) == jnp.float16 else out_dtype
+    bv = cfg.block_sizes.tpu(K, V)
+    est = tpu_vmem_estimate(K, V, C, bv, jnp.dtype(q.dtype).itemsize, jnp.dtype(acc).itemsize) + 8 * C * C * 4
+    if est > TPU_VMEM_CAP:
+        raise ValueError(f"TPU delta-rule kernel: estimated VMEM {est / 2**20:.1f} MiB exceeds "
+                         f"{TPU_VMEM_CAP / 2**20:.0f} MiB; use a smaller chunk_size")
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, c, 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, c, n))
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
+    o, S = pl.pallas_call(
+        functools.partial(_tpu_kernel, N=N, scale=scale, acc=acc),
+        out_shape=(jax.ShapeDtypeStruct((B, H, Tp, V), o_dt), jax.ShapeDtypeStruct((B, H, K, V), acc)),
+        grid=(B, H, V // bv, N),
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), sblk],
+        out_specs=(vblk, sblk),
+        scratch_shapes=[pltpu.VMEM((K, bv), acc)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=int(cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est))),
+        cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+        interpret=interp or False,
+        name="tttla_delta_rule_fwd_mosaic",
+    )(q, k, v, beta, b, S0)
+    return o.astype(out_dtype), S
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    C: int
+    block_sizes: BlockSizes
+    interpret: Any
+
+
+def _dispatch(cfg, *args, scale):
+    it = cfg.interpret
+    call = functools.partial(_call, scale=scale, cfg=cfg)
+    if it is not None:
+        if it is True or (isinstance(it, str) and it == "gpu"):
+            return call("gpu", True, *args)
+        if isinstance(it, str) and it == "tpu":
+            it = pltpu.InterpretParams(uninitialized_memory="nan")
+        return call("tpu", it, *args)
+    return lax.platform_dependent(
+        *args,
+        cuda=lambda *a: call("gpu", False, *a),
+        rocm=lambda *a: call("gpu", False, *a),
+        tpu=lambda *a: call("tpu", False, *a),
+        default=lambda *a: call("gpu", True, *a),
+    )
+
+
+# --------------------------------------------------------------------------- XLA twin (backward)
+
+
+def _xla_forward(q, k, v, beta, b, S0, scale, C):
+    """The same chunk math in XLA: scan over chunks, vmapped over (B, H); inputs in kernel layout."""
+    B, H, Tp, K = q.shape
+    N = Tp // C
+    acc = _acc(q.dtype)
+
+    def split(x):  # [B, H, Tp, d] -> [N, B, H, C, d]
+        return jnp.moveaxis(x.reshape(B, H, N, C, x.shape[-1]), 2, 0)
+
+    chunk = jax.vmap(jax.vmap(functools.partial(_delta_chunk, scale=scale, acc=acc)))
+
+    @jax.checkpoint
+    def step(S, xs):
+        qc, kc, vc, bc, gc = xs
+        o, S = chunk(qc, kc, vc, bc, gc, gc[:, :, C - 1:C, :], S)
+        return S, o
+
+    S, o = lax.scan(step, S0.astype(acc), tuple(split(x) for x in (q, k, v, beta, b)))
+    return jnp.moveaxis(o, 0, 2).reshape(B, H, Tp, -1).astype(q.dtype), S
+
+
+# --------------------------------------------------------------------------- custom_vjp + wrapper
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _dr(q, k, v, beta, g, S0, scale, cfg):
+    return _dr_fwd(q, k, v, beta, g, S0, scale, cfg)[0]
+
+
+def _prep(q, k, v, beta, g, C):
+    T = q.shape[1]
+    Tp = -(-T // C) * C
+    acc = _acc(q.dtype)
+    b = _cum_decay(g.astype(acc), C, Tp)
+    bet = _to_kernel(beta.astype(acc)[..., None], Tp)
+    return (_to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp), bet, b), T
+
+
+def _dr_fwd(q, k, v, beta, g, S0, scale, cfg):
+    (qh, kh, vh, bet, b), T = _prep(q, k, v, beta, g, cfg.C)
+    o, S = _dispatch(cfg, qh, kh, vh, bet, b, S0.astype(_acc(q.dtype)), scale=scale)
+    return (jnp.swapaxes(o, 1, 2)[:, :T], S), (q, k, v, beta, g, S0)
+
+
+def _dr_bwd(scale, cfg, res, cts):
+    q, k, v, beta, g, S0 = res
+
+    def f(q, k, v, beta, g, S0):
+        (qh, kh, vh, bet, b), T = _prep(q, k, v, beta, g, cfg.C)
+        o, S = _xla_forward(qh, kh, vh, bet, b, S0.astype(_acc(q.dtype)), scale, cfg.C)
+        return jnp.swapaxes(o, 1, 2)[:, :T], S
+
+    _, vjp = jax.vjp(f, q, k, v, beta, g, S0)
+    do, dS = cts
+    return vjp((do.astype(q.dtype), dS))
+
+
+_dr.defvjp(_dr_fwd, _dr_bwd)
+
+
+def delta_rule(
+    q: Float[Array, "b t h k"],
+    k: Float[Array, "b t h k"],
+    v: Float[Array, "b t h v"],
+    beta: Float[Array, "b t h"],
+    *,
+    scale: Optional[float] = None,
+    log_decay: Optional[Float[Array, "b t h"]] = None,
+    initial_state: Optional[Float[Array, "b h k v"]] = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    block_sizes: Optional[BlockSizes] = None,
+    interpret: Any = None,
+):
+    """(Gated) delta rule, forward as a Pallas kernel: ``u_t = β_t(v_t − k_t e^{g_t}S)``,
+    ``S_t = e^{g_t}S + k_tᵀu_t``, ``o_t = (scale·q_t)S_t`` (SPEC §1, rows "delta rule").
+
+    Same contract as :func:`tttla_jax.delta_rule` (``impl="pallas"``). ``chunk_size`` is a
+    tiling choice (unsupported values fall back to 64; shortened for short sequences);
+    ``block_sizes`` / ``interpret`` as :func:`tttla_jax.kernels.linear_attention`.
+
+    Returns:
+      ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V] float32/float64 or None)``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.check_rank(name, x, 4, "[B, T, H, D]")
+        _checks.check_floating(name, x)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
+    _checks.check_shape("v", v, (B, T, H, V), "[B, T, H, V] (from q)")
+    _checks.check_shape("beta", beta, (B, T, H), "[B, T, H]")
+    if T == 0:
+        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
+    if log_decay is not None:
+        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
+    if initial_state is not None:
+        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    _checks.check_positive_int("chunk_size", chunk_size)
+    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)):
+        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and _host_platform() == "cpu")
+    reason = delta_rule_unsupported_reason(q.dtype, K, V, chunk_size, interpret=interp_any)
+    if reason is not None:
+        raise ValueError(f"delta_rule(impl='pallas'): {reason}")
+    C = chunk_size if chunk_size in CHUNK_SIZES else 64
+    C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
+    cfg = _Cfg(C=C, block_sizes=block_sizes or BlockSizes(), interpret=interpret)
+    cfg.block_sizes.gpu(K, V)
+    cfg.block_sizes.tpu(K, V)
+    acc = _acc(q.dtype)
+    g = jnp.zeros((B, T, H), acc) if log_decay is None else log_decay
+    S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state
+    scale = K ** -0.5 if scale is None else float(scale)
+    o, S = _dr(q, k, v, beta, g, S0, scale, cfg)
+    return o, (S if output_final_state else None)

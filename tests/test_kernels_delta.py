@@ -1,0 +1,122 @@
+"""Pallas delta-rule kernel (issue 5 stretch): forward kernel, backward by the XLA twin.
+
+Truth: the float64 loop :func:`tttla_jax.reference.delta_rule_loop` (SPEC §1) and the XLA
+chunked form ``tt.delta_rule(impl="chunked")``. Tolerances as ``test_kernels.py``: float64
+1e-10 absolute; bfloat16 inputs 3e-2 relative to the truth's max magnitude (the kernel
+computes in float32 after reading bf16 inputs). Keys are L2-normalised and β ∈ (0.1, 0.9),
+the regime where the delta rule is a contraction.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import tttla_jax as tt
+from tttla_jax.kernels import BlockSizes, delta_rule_supported
+from tttla_jax.kernels import delta_rule as kernel_dr
+from tttla_jax.reference import delta_rule_loop
+
+ARGNUMS = (0, 1, 2, 3, 4, 5)  # q, k, v, beta, log_decay, initial_state
+
+
+def make_inputs(seed, B, T, H, K, V, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    side = dtype if dtype == jnp.float64 else jnp.float32
+    q = jnp.asarray(rng.normal(size=(B, T, H, K)), dtype)
+    k = rng.normal(size=(B, T, H, K))
+    k = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, H, V)), dtype)
+    beta = jnp.asarray(rng.uniform(0.1, 0.9, size=(B, T, H)), side)
+    g = jnp.asarray(-rng.uniform(0.0, 0.3, size=(B, T, H)), side)
+    S0 = jnp.asarray(rng.normal(size=(B, H, K, V)), side)
+    return q, k, v, beta, g, S0
+
+
+def eval_all(fn, args, jit=True):
+    def with_aux(*a):
+        o, S = fn(*a)
+        wo = jnp.sin(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape)).astype(jnp.float64)
+        ws = jnp.cos(jnp.arange(S.size, dtype=jnp.float32).reshape(S.shape)).astype(jnp.float64)
+        return jnp.sum(o.astype(jnp.float64) * wo) + jnp.sum(S.astype(jnp.float64) * ws), (o, S)
+
+    vg = jax.value_and_grad(with_aux, argnums=ARGNUMS, has_aux=True)
+    (_, out), grads = (jax.jit(vg) if jit else vg)(*args)
+    to_np = lambda t: tuple(np.asarray(x, np.float64) for x in t)  # noqa: E731
+    return to_np(out), to_np(grads)
+
+
+def kernel(interpret, C=16, **kw):
+    def fn(q, k, v, beta, g, S0):
+        return kernel_dr(q, k, v, beta, log_decay=g, initial_state=S0, chunk_size=C,
+                         output_final_state=True, interpret=interpret, **kw)
+    return fn
+
+
+def chunked(q, k, v, beta, g, S0):
+    return tt.delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, chunk_size=16,
+                         output_final_state=True, impl="chunked")
+
+
+def loop(q, k, v, beta, g, S0):
+    return delta_rule_loop(q, k, v, beta, log_decay=g, initial_state=S0)
+
+
+def assert_close(got, want, atol=0.0, rel=None, what=""):
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert x.shape == y.shape, (what, i, x.shape, y.shape)
+        tol = atol if rel is None else rel * max(1.0, float(np.max(np.abs(y))))
+        np.testing.assert_allclose(x, y, atol=tol, rtol=0, err_msg=f"{what}: leaf {i}")
+
+
+SHAPE = dict(B=1, T=18, H=2, K=16, V=32)  # two chunks of 16, the second partial
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_truth():
+    return eval_all(loop, make_inputs(0, **SHAPE), jit=False)
+
+
+@pytest.mark.parametrize("interpret", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
+def test_float64_matches_loop(interpret):
+    args = make_inputs(0, **SHAPE)
+    out, grads = eval_all(kernel(interpret, block_sizes=BlockSizes(block_v_gpu=16)), args)
+    out_r, grads_r = _loop_truth()
+    assert_close(out, out_r, atol=1e-10, what=f"{interpret} outputs")
+    assert_close(grads, grads_r, atol=1e-10, what=f"{interpret} grads (q, k, v, beta, g, S0)")
+
+
+def test_bfloat16_head_dim_64():
+    args = make_inputs(1, 1, 20, 1, 64, 64, jnp.bfloat16)
+    o, S = jax.eval_shape(kernel("gpu"), *args)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    out, grads = eval_all(kernel("gpu"), args)
+    out_r, grads_r = eval_all(chunked, tuple(jnp.asarray(x, jnp.float64) for x in args))
+    assert_close(out, out_r, rel=3e-2, what="bf16 outputs")
+    assert_close(grads, grads_r, rel=3e-2, what="bf16 grads")
+
+
+@pytest.mark.parametrize("platform,call", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_export(platform, call, head_dim):
+    def loss(q, k, v, beta, g, S0):
+        o, S = kernel_dr(q, k, v, beta, log_decay=g, initial_state=S0, output_final_state=True)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
+
+    B, T, H, D = 2, 150, 2, head_dim
+    args = ([jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)] * 3
+            + [jax.ShapeDtypeStruct((B, T, H), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)])
+    exp = export.export(jax.jit(jax.value_and_grad(loss, argnums=ARGNUMS)), platforms=[platform],
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    assert exp.mlir_module().count(call) == 1  # forward kernel; the backward is XLA
+
+
+def test_bad_inputs_and_auto():
+    q, k, v, beta, g, S0 = make_inputs(2, 1, 4, 1, 16, 16, jnp.float32)
+    with pytest.raises(ValueError, match=r"head dim K = 96 is not supported"):
+        kernel_dr(*make_inputs(2, 1, 4, 1, 96, 16, jnp.float32)[:4])
+    with pytest.raises(ValueError, match=r"beta: expected shape \[B, T, H\] = \(1, 4, 1\), got \(1, 4\)"):
+        kernel_dr(q, k, v, beta[..., 0])
+    assert not delta_rule_supported(q, 16, 16)  # CPU host: auto keeps the XLA chunked form
