@@ -1,1 +1,1 @@
-"""Training entry points (``python -m train``)."""
+"""Training entry points (``python -m train``): config, data (grain), MQAR, checkpoints, loop."""

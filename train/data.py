@@ -1,0 +1,102 @@
+"""Data: the embedded byte corpus (Python's ``pydoc_data`` topics) and grain pipelines.
+
+Both tasks are grain ``DataLoader`` s over random-access sources with ``worker_count=0``,
+so the iterator state (``get_state()``, a few bytes of JSON) fully determines the next
+batch: it is saved in every checkpoint and a resumed run sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import grain.python as grain
+
+from train.mqar import mqar_batch
+
+HELDOUT_FRACTION = 0.05
+
+
+def corpus_bytes() -> np.ndarray:
+    """The embedded corpus as uint8 bytes (topics joined in sorted-key order)."""
+    import pydoc_data.topics
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return np.frombuffer(text.encode("utf-8"), np.uint8)
+
+
+def corpus_split():
+    """``(train, heldout)`` bytes: the last 5% of the corpus is the fixed held-out split."""
+    data = corpus_bytes()
+    cut = int(len(data) * (1 - HELDOUT_FRACTION))
+    return data[:cut], data[cut:]
+
+
+class WindowSource(grain.RandomAccessDataSource):
+    """Non-overlapping windows of ``seq_len + 1`` bytes (inputs and next-byte targets)."""
+
+    def __init__(self, data: np.ndarray, seq_len: int):
+        self.data, self.seq_len = data, seq_len
+        self.n = (len(data) - 1) // seq_len
+        if self.n < 1:
+            raise ValueError(f"seq_len: corpus split of {len(data)} bytes is too short for seq_len={seq_len}")
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        w = self.data[i * self.seq_len: (i + 1) * self.seq_len + 1].astype(np.int32)
+        return {"inputs": w[:-1], "targets": w[1:], "mask": np.ones(self.seq_len, bool)}
+
+
+class MQARSource(grain.RandomAccessDataSource):
+    """An (effectively infinite) stream of MQAR examples, example ``i`` seeded by ``(seed, i)``."""
+
+    def __init__(self, seed: int, *, seq_len, num_kv, vocab_size, power_a, size: int = 2 ** 30):
+        self.seed, self.size = seed, size
+        self.kw = dict(seq_len=seq_len, num_kv=num_kv, vocab_size=vocab_size, power_a=power_a)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        b = mqar_batch(self.seed, [i], **self.kw)
+        return {k: v[0] for k, v in b.items()}
+
+
+def _mqar_kw(cfg):
+    return dict(seq_len=cfg.seq_len, num_kv=cfg.mqar_kv, vocab_size=cfg.vocab_size,
+                power_a=cfg.mqar_power_a)
+
+
+def train_loader(cfg) -> grain.DataLoader:
+    """The training pipeline: shuffled (LM, reshuffled every epoch) batches, forever."""
+    if cfg.task == "lm":
+        source = WindowSource(corpus_split()[0], cfg.seq_len)
+        sampler = grain.IndexSampler(len(source), shuffle=True, seed=cfg.seed, num_epochs=None,
+                                     shard_options=grain.NoSharding())
+    else:
+        source = MQARSource(cfg.seed, **_mqar_kw(cfg))
+        sampler = grain.IndexSampler(len(source), shuffle=False, num_epochs=None,
+                                     shard_options=grain.NoSharding())
+    return grain.DataLoader(data_source=source, sampler=sampler,
+                            operations=[grain.Batch(cfg.batch_size, drop_remainder=True)],
+                            worker_count=0)
+
+
+def eval_batches(cfg) -> list:
+    """The fixed evaluation set as a list of batches (numpy dicts).
+
+    LM: the first ``eval_batches * batch_size`` windows of the held-out split (fewer if it
+    is shorter). MQAR: ``mqar_test_examples`` examples from a seed disjoint from training.
+    """
+    if cfg.task == "lm":
+        src = WindowSource(corpus_split()[1], cfg.seq_len)
+        n = min(len(src), cfg.eval_batches * cfg.batch_size)
+        items = [src[i] for i in range(n)]
+        out = []
+        for s in range(0, n, cfg.batch_size):
+            chunk = items[s:s + cfg.batch_size]
+            out.append({k: np.stack([c[k] for c in chunk]) for k in chunk[0]})
+        return out
+    test_seed = cfg.seed + 1_000_003
+    n = cfg.mqar_test_examples
+    return [mqar_batch(test_seed, range(s, min(s + cfg.batch_size, n)), **_mqar_kw(cfg))
+            for s in range(0, n, cfg.batch_size)]

@@ -1,0 +1,328 @@
+"""The main training job: ``run(config)``.
+
+Determinism (what makes kill + resume bitwise identical to an uninterrupted run): the
+step is a pure jitted function of (parameters, optimiser state, batch); the batch order
+is a function of the seed and the grain iterator state; all of these, the RNG key and
+the step are in the checkpoint. Metrics records (``metrics.jsonl``) hold only values
+computed from that state, except the wall-clock fields ``time`` and ``tokens_per_s``.
+On resume, records after the restored step are dropped before training continues.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tttla_jax.nn.decode import generate
+from tttla_jax.nn.model import LanguageModel, LMConfig, count_params
+from train import data as data_lib
+from train.checkpoint import Checkpointer, check_writable
+from train.config import STRUCTURAL, TrainConfig
+
+WALL_CLOCK_FIELDS = ("time", "tokens_per_s")
+SAMPLE_PROMPT = "The "
+
+
+def _eprint(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def build_model(cfg: TrainConfig) -> LanguageModel:
+    opts = {}
+    if "swa" in cfg.mixers:
+        opts["swa"] = {"window": cfg.window}
+    for m in ("delta_net", "linear_attention"):
+        if m in cfg.mixers:
+            opts[m] = {"chunk_size": cfg.chunk_size}
+    lm = LMConfig(vocab_size=cfg.vocab_size, width=cfg.width, num_layers=cfg.num_layers,
+                  num_heads=cfg.num_heads, mixers=cfg.mixers, mixer_options=opts,
+                  param_dtype=jnp.float32)
+    return LanguageModel(lm, rngs=nnx.Rngs(cfg.seed))
+
+
+def make_optimizer(cfg: TrainConfig):
+    """AdamW with linear warm-up, cosine decay and global-norm clipping; decay on matrices."""
+    sched = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    return tx, sched
+
+
+def _masked_nll(logits, targets, mask):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    correct = ((jnp.argmax(logits, -1) == targets) & mask).astype(jnp.float32)
+    return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct)
+
+
+def make_steps(graphdef, rest, tx, sched):
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits, _ = model(batch["inputs"])
+        s, n, c = _masked_nll(logits, batch["targets"], batch["mask"])
+        return s / jnp.maximum(n, 1.0), (n, c)
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+        (loss, (n, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "accuracy": c / jnp.maximum(n, 1.0)}
+        return params, opt_state, metrics
+
+    @jax.jit
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits, _ = model(batch["inputs"])
+        return _masked_nll(logits, batch["targets"], batch["mask"])
+
+    return train_step, eval_step
+
+
+def evaluate(eval_step, params, batches) -> dict:
+    s = n = c = 0.0
+    for b in batches:
+        bs, bn, bc = eval_step(params, {k: jnp.asarray(v) for k, v in b.items()})
+        s, n, c = s + float(bs), n + float(bn), c + float(bc)
+    loss = s / max(n, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_accuracy": c / max(n, 1.0)}
+
+
+class Progress:
+    """A plain-text progress bar on stderr: step, loss, tokens/s, ETA."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = None
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, tok_s: float, force: bool = False):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0, self.s0 = now, step
+        if not force and now - self.last < (0.25 if self.tty else 5.0):
+            return
+        self.last = now
+        done = step - self.s0
+        rate = done / (now - self.t0) if now > self.t0 and done > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        frac = step / self.total
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        eta_s = "?" if math.isnan(eta) else f"{int(eta) // 60}m{int(eta) % 60:02d}s"
+        line = (f"step {step:>6d}/{self.total} [{bar}] loss {loss:.4f} "
+                f"{tok_s / 1e3:7.1f}k tok/s ETA {eta_s}")
+        if self.tty:
+            sys.stderr.write("\r" + line)
+            if force:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _write_jsonl_atomic(path: str, records: list) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a kill: everything before it is kept
+    return out
+
+
+def plot_metrics(records: list, path: str, title: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install -e '.[train]'); skipping the loss plot")
+        return False
+    tr = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    ev = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    """Train (or resume) according to ``cfg``; returns a summary dict.
+
+    Runs with 64-bit types disabled (the default jax setting) whatever the caller's
+    setting, so a run inside a float64 test session is the same as on the command line.
+    """
+    with jax.enable_x64(False):
+        return _run(cfg, log)
+
+
+def _run(cfg: TrainConfig, log) -> dict:
+    run_dir = cfg.run_dir
+    check_writable(run_dir)  # fails here, before anything is compiled or trained
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    ckpt = Checkpointer(run_dir, keep=cfg.keep)
+    try:
+        existing = ckpt.steps()
+        if existing and not cfg.resume:
+            raise SystemExit(
+                f"error: {os.path.abspath(run_dir)} already holds checkpoints (steps {existing}); "
+                f"pass --resume to continue that run, or --ckpt-dir to start a new one")
+
+        model = build_model(cfg)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx, sched = make_optimizer(cfg)
+        opt_state = tx.init(params)
+        rng = jax.random.key_data(jax.random.key(cfg.seed))
+        state = (params, opt_state, rng)
+        leaves, treedef = jax.tree.flatten(state)
+        it = iter(data_lib.train_loader(cfg))
+        start, records = 0, []
+
+        if cfg.resume:
+            found = ckpt.restore_latest(leaves, log=log)
+            if found is None:
+                if existing:
+                    log("no valid checkpoint left to resume from: starting from step 0")
+                else:
+                    log(f"--resume: no checkpoint in {ckpt.root}: starting from step 0")
+            else:
+                start, rleaves, meta = found
+                saved = meta.get("config", {})
+                diff = [k for k in STRUCTURAL
+                        if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(cfg, k)))]
+                if diff:
+                    raise SystemExit(
+                        "error: --resume with a different config: " + ", ".join(
+                            f"{k}={saved.get(k)!r} in the checkpoint vs {getattr(cfg, k)!r}" for k in diff))
+                state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in rleaves])
+                it.set_state(meta["data_state"].encode())
+                records = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
+                log(f"resumed from step {start} ({os.path.join(ckpt.root, str(start))})")
+        _write_jsonl_atomic(metrics_path, records)
+        params, opt_state, rng = state
+
+        n_params = count_params(model)
+        log(f"model: {cfg.num_layers} layers {list(cfg.mixers)}, width {cfg.width}, "
+            f"{n_params / 1e6:.3f}M parameters; task {cfg.task}; steps {cfg.steps}; run dir {run_dir}")
+        train_step, eval_step = make_steps(graphdef, rest, tx, sched)
+        evals = data_lib.eval_batches(cfg)
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        progress = Progress(cfg.steps, start, cfg.progress)
+        t_start = time.perf_counter()
+        f = open(metrics_path, "a")
+
+        def emit(rec):
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            records.append(rec)
+
+        def save(step):
+            flat = jax.tree.leaves((params, opt_state, rng))
+            ckpt.save(step, flat, {"config": _jsonable(dataclasses.asdict(cfg)),
+                                   "data_state": it.get_state().decode()})
+
+        step = start
+        t_last, s_last = time.perf_counter(), start
+        while step < cfg.steps:
+            batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+            params, opt_state, m = train_step(params, opt_state, batch)
+            step += 1
+            if cfg.throttle:
+                time.sleep(cfg.throttle)
+            last = step == cfg.steps
+            if step % cfg.log_every == 0 or last:
+                m = {k: float(v) for k, v in m.items()}
+                m["lr"] = float(sched(step - 1))  # the rate used by this step's update
+                now = time.perf_counter()
+                tok_s = (step - s_last) * tokens_per_step / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                emit({"kind": "train", "step": step, **m, "tokens_per_s": tok_s,
+                      "time": now - t_start})
+                progress.update(step, m["loss"], tok_s, force=last)
+            if step % cfg.eval_every == 0 or last:
+                ev = evaluate(eval_step, params, evals)
+                emit({"kind": "eval", "step": step, **ev, "time": time.perf_counter() - t_start})
+            if step % cfg.ckpt_every == 0 or last:
+                save(step)
+        f.close()
+
+        final_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
+        if final_eval is None:  # resumed at the end: evaluate the restored state
+            final_eval = {"step": step, **evaluate(eval_step, params, evals)}
+        summary = {"step": step, "start_step": start, "run_dir": run_dir, "n_params": n_params,
+                   "metrics_path": metrics_path, "final_eval": final_eval,
+                   "checkpoints": ckpt.steps(), "params": params}
+        if cfg.task == "lm":
+            log(f"held-out: loss {final_eval['eval_loss']:.4f} nats/byte, perplexity "
+                f"{final_eval['eval_ppl']:.3f}, {final_eval['eval_loss'] / math.log(2):.3f} bits/byte")
+        else:
+            log(f"MQAR test accuracy {final_eval['eval_accuracy']:.4f} "
+                f"({cfg.mqar_test_examples} examples x {cfg.mqar_kv} queries)")
+        if cfg.plot:
+            png = os.path.join(run_dir, "loss.png")
+            if plot_metrics(records, png, f"{cfg.preset}: {'/'.join(cfg.mixers)}"):
+                summary["plot"] = png
+                log(f"loss curve: {png}")
+        log(f"metrics: {metrics_path}; checkpoints: {ckpt.root} steps {ckpt.steps()}")
+        if cfg.task == "lm" and cfg.sample_tokens:
+            m = nnx.merge(graphdef, params, rest)
+            prompt = jnp.asarray(np.frombuffer(SAMPLE_PROMPT.encode(), np.uint8).astype(np.int32)[None])
+            key = jax.random.wrap_key_data(rng)
+            out = generate(m, prompt, cfg.sample_tokens, rng=key, temperature=0.8, top_k=40)
+            text = bytes(np.asarray(out[0]).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+            summary["sample"] = SAMPLE_PROMPT + text
+            log("sample (temperature 0.8, top-k 40):\n" + SAMPLE_PROMPT + text)
+        return summary
+    finally:
+        ckpt.close()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    return x
