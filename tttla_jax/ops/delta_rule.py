@@ -14,8 +14,8 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
 * ``recurrent`` — ``lax.scan`` over tokens, rematerialised in blocks so the backward
   pass stores one state per block, not one per token.
 * ``chunked`` — the WY / UT representation (Yang et al., 2024, "Parallelizing Linear
-  Transformers with the Delta Rule over Sequence Length", §3; gated: Yang, Kautz &
-  Hatamizadeh, 2024, "Gated Delta Networks", §3.3). Inside chunk n, with ``S`` the
+  Transformers with the Delta Rule over Sequence Length"; gated: Yang, Kautz &
+  Hatamizadeh, 2024, "Gated Delta Networks"). Inside chunk n, with ``S`` the
   state before the chunk and ``b`` the in-chunk inclusive cumulative log-decay::
 
       (I + A) U = β V − (β e^b K) S,   A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j
@@ -27,8 +27,12 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
       o     = (e^b Q − P W_k) S + P W_v
       S_new = (e^{b_C} I − K̃ᵀ W_k) S + K̃ᵀ W_v  =:  M_n S + D_n
 
-  Everything but the last line is computed for all chunks at once with batched
-  matmuls; the scan over chunks only does ``S ← M_n S + D_n`` (one K×K by K×V product).
+  ``A, P, W_v, W_k, M_n, D_n`` do not depend on S and are computed for all chunks at
+  once with batched matmuls; the sequential scan over chunks only does
+  ``S ← M_n S + D_n`` (one K×K by K×V product), and the outputs are again batched
+  over chunks given the state before each chunk. For cache locality the chunks are
+  processed in groups of ``_GROUP_CHUNKS`` (an outer ``lax.scan`` carrying S, its body
+  rematerialised for the backward pass).
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ IMPLS = ("recurrent", "chunked", "pallas", "auto")
 
 # Tokens per rematerialised block of the token scan (see ops/linear_attention.py).
 _REMAT_BLOCK = 128
+# Chunks per group of the chunked form (see _chunked).
+_GROUP_CHUNKS = 8
 
 
 def _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale):
@@ -112,6 +118,11 @@ def delta_rule(
     Returns:
       ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` in float32
       (float64 for float64 inputs), or ``None`` unless ``output_final_state``.
+
+    Raises:
+      ValueError: a shape, dtype, ``impl`` or ``chunk_size`` is wrong (the message names
+        the argument, what it got and what was expected). Raised at trace time.
+      NotImplementedError: ``impl="pallas"`` (no delta-rule kernel yet).
     """
     B, T, H, K, V = _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale)
     if scale is None:
@@ -257,25 +268,25 @@ def _chunk_scan_jvp(primals, tangents):
     return (S_final, S_prev), (dS_final, dS_prev)
 
 
-def _chunked(q, k, v, beta, g, S0, chunk_size):
-    """WY / UT chunked form (module docstring); padded tokens have β = g = k = 0.
+def _chunk_group(qc, kc, vc, bc, gc, S0):
+    """One group of chunks, all tensors ``[B, H, G, C, ·]`` (beta/log-decay ``[B, H, G, C]``).
 
-    CPU notes: ``[B, H, N, C, ·]`` layout so every product is a plain batched matmul
-    with the batch axes leading; K is transposed once (``kT``) so the two Gram products
-    are NN matmuls; products are not concatenated (the copies cost more than the extra
-    dot launches); ``(I + A)⁻¹`` by block doubling (:func:`unit_lower_inverse`).
+    Returns ``(S after the group, o [B, H, G, C, V])``. Module docstring for the math.
+
+    CPU notes: every product is a plain batched matmul with the batch axes leading; K is
+    transposed once (``kT``) so both Gram products are NN matmuls; products are not
+    concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
+    block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
     """
-    B, T, H, K = q.shape
-    C = min(chunk_size, T)
-    dt = q.dtype
-    qc, kc, vc = chunk_layout(q, C), chunk_layout(k, C), chunk_layout(v, C)  # [B,H,N,C,D]
-    bc = chunk_layout(beta, C)[..., None]  # [B,H,N,C,1]
+    C, K = kc.shape[-2], kc.shape[-1]
+    dt = qc.dtype
+    bc = bc[..., None]  # [B,H,G,C,1]
     incl = jnp.tril(jnp.ones((C, C), bool))  # j <= i
     strict = jnp.tril(jnp.ones((C, C), bool), -1)  # j < i
-    kT = jnp.swapaxes(kc, -1, -2)  # [B,H,N,K,C]
+    kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
     QK = jnp.matmul(qc, kT)  # q_i·k_j
     KK = jnp.matmul(kc, kT)  # k_i·k_j
-    if g is None:
+    if gc is None:
         P = jnp.where(incl, QK, 0.0)
         A = jnp.where(strict, KK, 0.0) * bc
         rhs_k = bc * kc
@@ -283,8 +294,8 @@ def _chunked(q, k, v, beta, g, S0, chunk_size):
         Qt0 = qc
         eye_decay = jnp.eye(K, dtype=dt)
     else:
-        b = jnp.cumsum(chunk_layout(g, C), axis=-1)  # [B,H,N,C] inclusive, in-chunk
-        bC = b[..., -1:]  # [B,H,N,1]
+        b = jnp.cumsum(gc, axis=-1)  # [B,H,G,C] inclusive, in-chunk
+        bC = b[..., -1:]  # [B,H,G,1]
         # Mask *before* exp: only b_i − b_j with j ≤ i (≤ 0 for g ≤ 0) is exponentiated,
         # so strong decay over a long chunk cannot overflow (nor produce inf·0 = NaN).
         E = jnp.exp(jnp.where(incl, b[..., :, None] - b[..., None, :], 0.0))
@@ -298,15 +309,51 @@ def _chunked(q, k, v, beta, g, S0, chunk_size):
 
     # [W_v, W_k] = (I + A)^{-1} [β V, β e^b K]  (unit lower-triangular system)
     Tinv = unit_lower_inverse(A)
-    Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,N,C,V]
-    Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,N,C,K]
+    Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
+    Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
     # Per-chunk transition: S_new = M S + D with D = K̃ᵀ W_v, M = e^{b_C} I − K̃ᵀ W_k.
     D = jnp.einsum("bhnck,bhncv->bhnkv", Kt, Wv)
     M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
     S_final, S_prev = _chunk_scan(jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0), S0)
-    S_prev = jnp.moveaxis(S_prev, 0, 2)  # [B,H,N,K,V]
+    S_prev = jnp.moveaxis(S_prev, 0, 2)  # [B,H,G,K,V]
 
     # o = (e^b Q − P W_k) S_prev + P W_v
     Qt = Qt0 - jnp.matmul(P, Wk)
     o = jnp.matmul(Qt, S_prev) + jnp.matmul(P, Wv)
-    return unchunk_layout(o, T), S_final
+    return S_final, o
+
+
+def _chunked(q, k, v, beta, g, S0, chunk_size, group=None, remat=True):
+    """WY / UT chunked form (module docstring); padded tokens have β = g = k = 0.
+
+    The N chunks are processed in groups of ``group`` chunks (a ``lax.scan`` over groups
+    carrying S): inside a group everything is batched over its chunks, so the
+    ``[B, H, G, C, C]`` intermediates stay cache-sized instead of growing with T (on
+    this CPU, T = 8192: ≈2× faster forward and ≈1.6× faster forward+backward than one
+    all-chunks batch). With ``remat`` the group body is rematerialised, so the backward
+    pass stores one state per group rather than every ``C × C`` intermediate.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    G = min(group or _GROUP_CHUNKS, N)
+    NG = -(-N // G)
+    Tp = NG * G * C
+
+    def to_groups(x):  # [B, T, H, ...] -> [NG, B, H, G, C, ...]
+        x = _pad_time(x, Tp)
+        x = x.reshape((B, NG, G, C, H) + x.shape[3:])
+        return jnp.moveaxis(x, (1, 4), (0, 2))
+
+    xs = (to_groups(q), to_groups(k), to_groups(v), to_groups(beta),
+          None if g is None else to_groups(g))
+
+    def body(S, x):
+        return _chunk_group(*x, S)
+
+    if remat:
+        body = jax.checkpoint(body)
+    S_final, o = lax.scan(body, S0, xs)  # o: [NG, B, H, G, C, V]
+    o = jnp.moveaxis(o, (0, 2), (1, 4)).reshape(B, Tp, H, V)
+    return o[:, :T], S_final
