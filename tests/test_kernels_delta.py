@@ -88,6 +88,7 @@ def test_float64_matches_loop(interpret):
     assert_close(grads, grads_r, atol=1e-10, what=f"{interpret} grads (q, k, v, beta, g, S0)")
 
 
+@pytest.mark.slow
 def test_bfloat16_head_dim_64():
     args = make_inputs(1, 1, 20, 1, 64, 64, jnp.bfloat16)
     o, S = jax.eval_shape(kernel("gpu"), *args)
