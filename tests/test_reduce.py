@@ -166,3 +166,53 @@ def test_ttt_linear_reading_equals_recurrence(flags, T):
     np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
     assert not reading.associative
     assert reading.breaks == rule.breaks_associativity()
+
+
+LACT_CASES = [
+    dict(weight_norm="post", update="all", use_momentum=True),  # V0 without Muon
+    dict(weight_norm="pre", update="all"),
+    dict(weight_norm="post", update="w1", use_momentum=True, order="update_then_query"),
+    dict(weight_norm=None, update="w1", use_momentum=True),  # V2 without Muon
+    dict(weight_norm=None, fast_net="linear", use_momentum=True, ascent=False),
+]
+
+
+@pytest.mark.parametrize("cfg", LACT_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("T", [11, 3])
+def test_lact_reading_equals_recurrence(cfg, T):
+    from tttla_jax.rules.lact import LaCTRule, _example_inputs
+
+    rule = LaCTRule(chunk_size=4, **cfg)
+    args = _example_inputs(rule, seed=6, T=T)
+    o_rec, _ = rule.recurrent(*args)
+    reading = reduce(rule, *args)
+    np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
+    assert reading.associative == (rule.breaks_associativity() is None)
+    if cfg.get("weight_norm"):
+        assert reading.mask.ndim == 5  # weight norm = per-value-channel, data-dependent decay
+
+
+def test_lact_reading_gradients_match():
+    from tttla_jax.rules.lact import LaCTRule, _example_inputs
+
+    rule = LaCTRule(chunk_size=4, weight_norm="post", update="all", use_momentum=True)
+    q, k, v, lr, st, m = _example_inputs(rule, seed=8, T=10)
+    w = jnp.sin(jnp.arange(v.size)).reshape(v.shape)
+
+    def run(fn):
+        return lambda q, k, v, lr, st, m: jnp.sum(fn(q, k, v, lr, st, m) * w)
+
+    g_rec = jax.grad(run(lambda *a: rule.recurrent(*a)[0]), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, lr, st, m)
+    g_red = jax.grad(run(lambda *a: reduce(rule, *a).outputs()), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, lr, st, m)
+    for a, b in zip(jax.tree_util.tree_leaves(g_rec), jax.tree_util.tree_leaves(g_red)):
+        np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+def test_lact_muon_has_no_token_reading():
+    from tttla_jax.reduce import NoReadingError, has_reducer
+    from tttla_jax.rules.lact import LaCTRule, _example_inputs
+
+    rule = LaCTRule(chunk_size=4, muon=True)
+    assert not has_reducer(rule)
+    with pytest.raises(NoReadingError, match="muon=True: NS5"):
+        reduce(rule, *_example_inputs(rule, seed=0, T=9))

@@ -37,7 +37,8 @@ class Reading:
     Attributes:
       q, k: ``[B, T, H, K̂]`` effective queries / keys (scale already folded into q).
       v: ``[B, T, H, V]`` effective values.
-      mask: ``[B, H, T, T]`` (or broadcastable) weight of key s for query t.
+      mask: ``[B, H, T, T]`` (or broadcastable) weight of key s for query t; or
+        ``[B, H, T, T, V]`` for a per-value-channel weight.
       state_coef: ``[B, H, T]`` (or broadcastable) coefficient ``a_t`` of the initial state;
         or a tuple of them, one per initial state (Titans has a memory and a momentum buffer).
       initial_state: ``[B, H, K̂, V]`` ``S_0``, or a tuple of such states.
@@ -58,13 +59,23 @@ class Reading:
     post: Optional[Callable] = None
 
     def outputs(self):
-        """Evaluate (★) in attention form: ``((Q̂K̂ᵀ) ⊙ M) V̂ + a ⊙ (Q̂ S_0)``."""
-        A = jnp.einsum("bthk,bshk->bhts", self.q, self.k) * self.mask
-        o = jnp.einsum("bhts,bshv->bthv", A, self.v)
+        """Evaluate (★) in attention form: ``((Q̂K̂ᵀ) ⊙ M) V̂ + a ⊙ (Q̂ S_0)``.
+
+        A mask ``[B, H, T, T, V]`` (and coefficients ``[B, H, T, V]``) weighs each value
+        channel separately — the reading of weight normalisation, a data-dependent
+        per-channel rescaling of the state.
+        """
+        A = jnp.einsum("bthk,bshk->bhts", self.q, self.k)
+        if jnp.ndim(self.mask) == 5:
+            o = jnp.einsum("bhts,bhtsv,bshv->bthv", A, self.mask, self.v)
+        else:
+            o = jnp.einsum("bhts,bshv->bthv", A * self.mask, self.v)
         states = self.initial_state if isinstance(self.initial_state, tuple) else (self.initial_state,)
         coefs = self.state_coef if isinstance(self.state_coef, tuple) else (self.state_coef,)
         for a, S0 in zip(coefs, states):
-            o = o + jnp.moveaxis(a, -1, 1)[..., None] * jnp.einsum("bthk,bhkv->bthv", self.q, S0)
+            qS = jnp.einsum("bthk,bhkv->bthv", self.q, S0)
+            a = jnp.moveaxis(a, 2, 1)  # [B, T, H] or [B, T, H, V]
+            o = o + (a if a.ndim == 4 else a[..., None]) * qS
         return o if self.post is None else self.post(o)
 
 
@@ -129,7 +140,7 @@ def reduce(rule, *args, **kwargs) -> Reading:
     attention, decayed, DeltaNet, gated DeltaNet); other families register a reducer with
     :func:`register_reducer`.
     """
-    for cls, fn in _REDUCERS.items():
+    for cls, (fn, supports) in _REDUCERS.items():
         if isinstance(rule, cls):
             return fn(rule, *args, **kwargs)
     raise NotImplementedError(f"rule: no reduction registered for {type(rule).__name__}; "
@@ -140,13 +151,19 @@ _REDUCERS = {}
 
 
 def has_reducer(rule) -> bool:
-    """Whether :func:`reduce` knows ``rule``'s family."""
-    return any(isinstance(rule, cls) for cls in _REDUCERS)
+    """Whether :func:`reduce` has a reading for this rule (family and configuration)."""
+    return any(isinstance(rule, cls) and supports(rule) for cls, (_, supports) in _REDUCERS.items())
 
 
-def register_reducer(cls):
+class NoReadingError(ValueError):
+    """The configuration has no token-level linear-attention reading; the message says why."""
+
+
+def register_reducer(cls, supports: Callable = lambda rule: True):
+    """Register ``fn(rule, *inputs) -> Reading`` for rules of ``cls`` (``supports(rule)``: the
+    configurations it reads; others raise :class:`NoReadingError` from ``fn``)."""
     def deco(fn):
-        _REDUCERS[cls] = fn
+        _REDUCERS[cls] = (fn, supports)
         return fn
     return deco
 
@@ -329,3 +346,118 @@ def _register_ttt():
 
 
 _register_ttt()
+
+
+def _register_lact():
+    from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
+    from tttla_jax.rules.lact import LaCTRule, _row_norm, features
+
+    def supports(rule):
+        return not rule.muon and rule.inner_steps == 1
+
+    @register_reducer(LaCTRule, supports)
+    def _reduce_lact(rule: LaCTRule, q, k, v, lr, state, momentum=None, output_final_state=False):
+        """LaCT (SPEC §3) read as linear attention on the last layer W1 (Theorems 5.2–5.3).
+
+        Row form ``S = W1ᵀ`` ``[dh, dv]``. Chunk j's write is ``Σ_{s∈j} k̂_sᵀ v̂_s`` with
+        ``k̂_s = lr1_s ⊙ φ_j(k_s)`` (features with the weights chunk j updates from — pre-update),
+        ``v̂_s = ±v_s`` (ascent / descent), and queries read ``q̂_t = φ(q_t)`` with the weights
+        their chunk applies (post-update features in the sense of Theorem 5.1). Momentum
+        re-weights chunk j's write by ``Σ_{i=j..r−1} Π_{s=j+1..i} ᾱ_s`` (Theorem 5.3).
+        Weight normalisation rescales rows of W1 (value channels of S) by the data-dependent
+        ``n0 / ‖·‖_row`` — a per-channel, history-dependent decay of the state, so the mask is
+        ``[B, H, T, T, V]`` and the reading is sequential. With ``update="all"`` φ changes
+        with history (its W0/W2 trajectory is taken from the rule's own update steps).
+
+        Not read: ``muon=True`` (NS5 of a chunk's summed update is not a sum of per-token
+        writes) and ``inner_steps > 1`` (later steps' gradients depend on W1).
+        """
+        if not supports(rule):
+            why = ("muon=True: NS5 of a chunk's summed update is not a sum of per-token writes "
+                   "(the read is still linear in per-chunk states; see LaCTRule.parallel)"
+                   if rule.muon else
+                   f"inner_steps={rule.inner_steps}: later inner steps' gradients depend on W1")
+            raise NoReadingError(f"reduce(LaCTRule): no token-level linear-attention reading: {why}")
+        q, k, v, lrs, m, st, cdt, odt = rule._prepare(q, k, v, lr, momentum, state)
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        C = rule.chunk_size
+        N = -(-T // C)
+        atu = rule.order == "apply_then_update"
+        n_upd = N - 1 if atu else N
+        sign = 1.0 if rule.ascent else -1.0
+        lrs = tuple(jnp.zeros((B, T, H, 1), cdt) if x is None else x for x in lrs)
+        qc, kc, vc = (chunk_layout(x, C) for x in (q, k, v))
+        lrc = tuple(chunk_layout(x, C) for x in lrs)
+        if m is not None:
+            counts = jnp.asarray([min(C, T - i * C) for i in range(N)], cdt)
+            mbar = jnp.sum(chunk_layout(m, C), axis=3) / counts
+        else:
+            mbar = jnp.zeros((B, H, N), cdt)
+        # the rule's own trajectory: states at the start of every chunk (for φ's history)
+        states = [st]
+        for c in range(n_upd):
+            states.append(rule._steps(states[-1], kc[:, :, c], vc[:, :, c],
+                                      tuple(x[:, :, c] for x in lrc), mbar[:, :, c]))
+        readw = [states[c] if atu else states[c + 1] for c in range(N)]
+        qhat = jnp.stack([features(readw[c].w, qc[:, :, c], rule.fast_net) for c in range(N)], 2)
+        khat = jnp.stack([lrc[1][:, :, c] * features(states[c].w, kc[:, :, c], rule.fast_net)
+                          if c < n_upd else jnp.zeros_like(qhat[:, :, c]) for c in range(N)], 2)
+        vhat = sign * vc
+        # W1 path, recomputed here from the writes: G_j, momentum M_j, per-row norm factors
+        W1_0 = st.w[1]
+        M0 = st.mom[1] if (rule.use_momentum and st.mom is not None) else jnp.zeros_like(W1_0)
+        n0 = st.norm[1] if rule.weight_norm is not None else None
+        G = [jnp.einsum("bhcv,bhcd->bhvd", vhat[:, :, j], khat[:, :, j]) for j in range(n_upd)]
+        Ms, Mprev, W1, Wm, D = [], M0, W1_0, W1_0, [jnp.ones((B, H, V), cdt)]
+        for j in range(n_upd):
+            Mj = G[j] + (mbar[:, :, j, None, None] * Mprev if rule.use_momentum else 0.0)
+            Ms.append(Mj)
+            Mprev = Mj
+            if rule.weight_norm == "post":
+                X = W1 + Mj
+                d = n0[..., 0] / (_row_norm(X)[..., 0] + 1e-5)
+                W1 = X * d[..., None]
+            elif rule.weight_norm == "pre":
+                Wm = Wm + Mj
+                d = n0[..., 0] / (_row_norm(Wm)[..., 0] + 1e-5)
+            else:
+                d = jnp.ones((B, H, V), cdt)
+            D.append(d)
+        D = jnp.stack(D, 2)  # [B, H, n_upd + 1, V]: factor applied when state r is formed
+        R = n_upd + 1  # state indices 0..n_upd
+        # E[r, i]: per-channel weight of M_i in state r (i < r); a[r]: weight of W1_0
+        if rule.weight_norm == "pre":
+            E = jnp.where((jnp.arange(R)[:, None] > jnp.arange(n_upd)[None, :])[None, None, :, :, None],
+                          D[:, :, :, None, :], 0.0)
+            a = D
+        else:
+            Pd = segment_products(jnp.moveaxis(D, -1, 2))  # [B, H, V, R, R]: Π_{l=i+1..r} D_l
+            Pd = jnp.moveaxis(Pd, 2, -1)  # [B, H, R, R, V]
+            a = Pd[:, :, :, 0]
+            E = Pd[:, :, :, :n_upd] * (jnp.arange(R)[:, None] > jnp.arange(n_upd)[None, :])[None, None, :, :, None]
+        # momentum: M_i = Σ_{j≤i} P[i, j] G_j + Pm[i] M0
+        abar = mbar[:, :, :n_upd] if rule.use_momentum else jnp.zeros((B, H, n_upd), cdt)
+        Pfull = segment_products(jnp.concatenate([jnp.ones((B, H, 1), cdt), abar], -1))  # index 0 = M0
+        P, Pm = Pfull[:, :, 1:, 1:], Pfull[:, :, 1:, 0]
+        coefG = jnp.einsum("bhriv,bhij->bhrjv", E, P)  # [B, H, R, n_upd, V]
+        coefM = jnp.einsum("bhriv,bhi->bhrv", E, Pm)
+        # token level: query t reads state r(t); key s belongs to updating chunk j(s)
+        t = jnp.arange(N * C)
+        r = t // C if atu else t // C + 1
+        j = jnp.minimum(t // C, max(n_upd - 1, 0))
+        keep = ((t // C)[None, :] < n_upd) & (j[None, :] < r[:, None])
+        if n_upd:
+            mask = coefG[:, :, r][:, :, :, j] * keep[None, None, :, :, None]
+        else:
+            mask = jnp.zeros((B, H, N * C, N * C, V), cdt)
+        tok = lambda x: unchunk_layout(x, T)
+        mask = mask[:, :, :T, :T]
+        return Reading(tok(qhat), tok(khat), tok(vhat), mask,
+                       (a[:, :, r[:T]], coefM[:, :, r[:T]]),
+                       (jnp.swapaxes(W1_0, -1, -2), jnp.swapaxes(M0, -1, -2)),
+                       associative=rule.breaks_associativity() is None,
+                       breaks=rule.breaks_associativity())
+
+
+_register_lact()

@@ -5,12 +5,15 @@ where the math allows, ``parallel(...)``; ``breaks_associativity()`` names what 
 parallel form (``None`` if there is one).
 """
 from tttla_jax.rules.base import NotAssociativeError, REGISTRY, Rule, register
+from tttla_jax.rules.lact import LaCTRule, LaCTState, lact_swiglu, newton_schulz5
 from tttla_jax.rules.linear import DeltaRule, LinearAttentionRule, LinearFastWeightRule
 from tttla_jax.rules.titans import TitansRule, TitansState, titans
 from tttla_jax.rules.ttt import TTTLinearRule, TTTMLPRule, ttt_linear, ttt_mlp
 
 __all__ = [
     "DeltaRule",
+    "LaCTRule",
+    "LaCTState",
     "LinearAttentionRule",
     "LinearFastWeightRule",
     "NotAssociativeError",
@@ -20,6 +23,8 @@ __all__ = [
     "TTTMLPRule",
     "TitansRule",
     "TitansState",
+    "lact_swiglu",
+    "newton_schulz5",
     "register",
     "titans",
     "ttt_linear",
