@@ -1,6 +1,6 @@
 """Benchmark: Titans (SPEC §5) recurrent vs parallel forms, and ViT³ (SPEC §6), on this CPU.
 
-Titans: linear memory, float32, B=1, H=4, K=V=64, chunk_size 16, T=4096, with
+Titans: linear memory, float32, B=1, H=4, K=V=64, chunk_size 16 and 1, T=4096, with
 ``batch_size=None`` (W_ref = W0, one parallel segment) and ``batch_size=64`` (a scan
 over TTT batches of 4 chunks with the parallel form inside). Forms: ``recurrent``
 (``lax.scan`` over chunks), ``chunked`` (blocks of ``block_tokens`` tokens: masked
@@ -91,7 +91,7 @@ def main(argv=None):
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=4)
     p.add_argument("--D", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 1])
     p.add_argument("--block-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[0, 64], help="0 means None")
     p.add_argument("--impls", nargs="+", default=["recurrent", "chunked", "associative"])
@@ -103,19 +103,22 @@ def main(argv=None):
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__} on {jax.default_backend()}, load average {os.getloadavg()[0]:.1f}")
     rows = []
-    for bs in a.batch_sizes:
-        for impl in a.impls:
-            rows.append(bench_titans(impl, bs or None, a.B, a.T, a.H, a.D, a.chunk_size, a.block_tokens, a.repeats))
-            print(rows[-1], flush=True)
+    for c in a.chunk_sizes:
+        for bs in a.batch_sizes:
+            for impl in a.impls:
+                if impl == "associative" and a.T // c > 1024:
+                    continue  # one K×V memory per chunk, twice, plus the scan's levels
+                rows.append(bench_titans(impl, bs or None, a.B, a.T, a.H, a.D, c, a.block_tokens, a.repeats))
+                print(rows[-1], flush=True)
     for part in ("glu", "conv"):
         for impl in ("recurrent", "parallel"):
             rows.append(bench_vit3(part, impl, a.vit_B, (14, 14), a.H, a.D, a.repeats))
             print(rows[-1], flush=True)
 
-    hdr = f"{'op':14} {'impl':12} {'batch':>6} {'T':>6} {'fwd tok/s':>12} {'fwd+bwd tok/s':>14} {'compile s':>10}"
+    hdr = f"{'op':14} {'impl':12} {'c':>3} {'batch':>6} {'T':>6} {'fwd tok/s':>12} {'fwd+bwd tok/s':>14} {'compile s':>10}"
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in rows:
-        print(f"{r['op']:14} {r['impl']:12} {str(r['batch_size']):>6} {r['T']:>6} {r['fwd_tok_s']:>12.3e} "
+        print(f"{r['op']:14} {r['impl']:12} {str(r.get('chunk_size', '-')):>3} {str(r['batch_size']):>6} {r['T']:>6} {r['fwd_tok_s']:>12.3e} "
               f"{r['fwd_bwd_tok_s']:>14.3e} {r['compile_fwd_s'] + r['compile_fwd_bwd_s']:>10.1f}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     meta = dict(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),

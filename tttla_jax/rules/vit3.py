@@ -298,10 +298,10 @@ def vit3_conv(
 
 @register("vit3_glu")
 def _registry_glu():
-    """(rule, builder): ``builder(seed, dtype)`` -> positional args of ``rule.recurrent``."""
+    """(rule, builder): ``builder(rule, seed, dtype)`` -> positional args of ``rule.recurrent``."""
     import numpy as np
 
-    def build(seed=0, dtype=jnp.float64, B=1, N=12, H=2, K=3, V=4):
+    def build(rule, seed=0, dtype=jnp.float64, B=1, N=12, H=2, K=3, V=4):
         r = np.random.default_rng(seed)
         return (jnp.asarray(r.normal(size=(B, N, H, K)), dtype), jnp.asarray(r.normal(size=(B, N, H, K)), dtype),
                 jnp.asarray(r.normal(size=(B, N, H, V)), dtype), jnp.asarray(r.normal(size=(H, K, V)), dtype),
@@ -314,9 +314,10 @@ def _registry_glu():
 def _registry_conv():
     import numpy as np
 
-    def build(seed=0, dtype=jnp.float64, B=1, C=3):
+    def build(rule, seed=0, dtype=jnp.float64, B=1, C=3):
         r = np.random.default_rng(seed)
-        x = lambda: jnp.asarray(r.normal(size=(B, 12, C)), dtype)
+        N = rule.grid[0] * rule.grid[1]
+        x = lambda: jnp.asarray(r.normal(size=(B, N, C)), dtype)
         return x(), x(), x(), jnp.asarray(r.normal(size=(3, 3, C)), dtype)
 
     return ViT3ConvRule(grid=(3, 4)), build
