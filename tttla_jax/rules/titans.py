@@ -45,7 +45,12 @@ Forms (``impl``):
   the outputs of a block are the masked linear attention
   ``(Q Kᵀ ⊙ D) Ṽ + a ⊙ (Q M_in) + f ⊙ (Q S_in)`` with ``D[t, s] = C[r(t), chunk(s)]`` and
   effective values ``ṽ_s = (2/V) θ_s (v_s − k_s W_ref)`` (theorem 5.3: momentum only
-  re-weights the values); a ``lax.scan`` carries ``(S, M)`` across blocks.
+  re-weights the values); a ``lax.scan`` carries ``(S, M)`` across blocks. The products
+  are taken in log space, so this form assumes the gates the SPEC produces
+  (``η_n = sigmoid(·) ≥ 0``, ``α_n = sigmoid(·) ≤ 1``): a factor ``η_n`` or ``1 − α_n``
+  below the smallest normal number (including exact zeros) is clamped to it, and a
+  *negative* factor would lose its sign — use ``"recurrent"`` or ``"associative"`` for
+  gates outside ``[0, 1]``.
 
 Associativity and TTT batches: with ``batch_size`` set, ``W_ref`` of batch b is the
 memory produced by batch b−1, so the surprise of batch b depends on the scan itself and
