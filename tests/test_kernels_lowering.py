@@ -111,10 +111,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp
     from jax.experimental import topologies
-    from tttla_jax.kernels import BlockSizes, linear_attention as kla
+    from tttla_jax.kernels import BlockSizes, delta_rule, linear_attention as kla
 
     devs = {}
     for topo_name, dtype, K, V, mode, C, vmem in json.loads(sys.argv[1]):
+        # mode "delta": the delta-rule kernel (beta rides in the log_decay slot's shape)
         if topo_name not in devs:
             devs[topo_name] = topologies.get_topology_desc(topo_name, platform="tpu").devices[0]
         dev = devs[topo_name]
@@ -123,8 +124,12 @@ _COMPILE_SCRIPT = textwrap.dedent(
         bs = BlockSizes(vmem_limit_bytes=vmem) if vmem else None
 
         def loss(q, k, v, g, S0):
-            o, S = kla(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
-                       output_final_state=True, block_sizes=bs)
+            if mode == "delta":
+                o, S = delta_rule(q, k, v, jax.nn.sigmoid(g), log_decay=g, initial_state=S0, chunk_size=C,
+                                  output_final_state=True, block_sizes=bs)
+            else:
+                o, S = kla(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
+                           output_final_state=True, block_sizes=bs)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
         B, T, H = 2, 300, 2
@@ -149,9 +154,11 @@ _COMPILE_CASES = [
     ["v5e:2x2", "float32", 256, 256, "causal", 256, 256 * 1024],
     ["v6e:2x2", "bfloat16", 256, 256, "chunk", 128, None],
     ["v6e:2x2", "float32", 64, 128, "causal", 64, None],
+    ["v5e:2x2", "bfloat16", 128, 128, "delta", 64, None],
+    ["v6e:2x2", "float16", 256, 256, "delta", 64, None],
 ]
 _FULL_SWEEP = [[t, d, hd, hd, m, 64, None] for t in ("v5e:2x2", "v6e:2x2")
-               for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk")]
+               for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk", "delta")]
 
 
 def _run_tpu_compile(cases):
