@@ -122,6 +122,13 @@ class LMConfig:
             raise ValueError(f"norm_eps: expected a positive float, got {self.norm_eps!r}")
         _check_dtype("dtype", self.dtype)
         _check_dtype("param_dtype", self.param_dtype)
+        # Build every distinct mixer abstractly (shapes only, no allocation, no compile) so
+        # a mixer's own validation (e.g. RoPE needs an even head_dim) fails here.
+        for name in sorted(set(self.mixers)):
+            try:
+                nnx.eval_shape(lambda: build_mixer(self, name, rngs=nnx.Rngs(0)))
+            except ValueError as e:
+                raise ValueError(f"LMConfig: mixer {name!r}: {e}") from None
 
     @property
     def hidden(self) -> int:
