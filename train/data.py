@@ -6,6 +6,8 @@ batch: it is saved in every checkpoint and a resumed run sees exactly the same b
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import grain.python as grain
 
@@ -37,6 +39,10 @@ class WindowSource(grain.RandomAccessDataSource):
         self.n = (len(data) - 1) // seq_len
         if self.n < 1:
             raise ValueError(f"seq_len: corpus split of {len(data)} bytes is too short for seq_len={seq_len}")
+        self.sha = hashlib.sha256(data.tobytes()).hexdigest()[:16]
+
+    def __repr__(self):  # grain checks the source of a restored iterator state by repr
+        return f"WindowSource(bytes={len(self.data)}, sha256={self.sha}, seq_len={self.seq_len})"
 
     def __len__(self):
         return self.n
@@ -55,6 +61,9 @@ class MQARSource(grain.RandomAccessDataSource):
 
     def __len__(self):
         return self.size
+
+    def __repr__(self):
+        return f"MQARSource(seed={self.seed}, size={self.size}, {self.kw})"
 
     def __getitem__(self, i):
         b = mqar_batch(self.seed, [i], **self.kw)
