@@ -499,7 +499,6 @@ class LaCTRule(Rule):
         qc = chunk_layout(q, C)                                  # [B, H, N, C, dk]
         phi_q = features(st.w, qc.reshape(B, H, N * C, K), net).reshape(B, H, N, C, -1)
         if n_upd == 0:
-            S = W1_0[:, :, None]
             new_w1, new_mom = W1_0, (None if st.mom is None else st.mom[1])
         else:
             P_len = n_upd * C  # updating tokens, zero-padded to whole chunks (update_then_query)
@@ -509,35 +508,43 @@ class LaCTRule(Rule):
             vv = tok(v)                                              # [B, H, P_len, dv]
             pk = _chunk_tokens(l1 * phi_k, C, n_upd)                # [B, H, n, C, dh]
             vk = _chunk_tokens(sign * vv, C, n_upd)                 # [B, H, n, C, dv]
-            G = jnp.einsum("bhncv,bhncd->bhnvd", vk, pk)            # [B, H, n, dv, dh]
+            G = jnp.einsum("bhncv,bhncd->bhnvd", vk, pk)            # [B, H, n, dv, dh]: all chunks at once
+            Gs = jnp.moveaxis(G, 2, 0)                               # [n, B, H, dv, dh]
             if self.use_momentum:
                 counts = jnp.asarray([min(C, T - i * C) for i in range(n_upd)], cdt)
                 mm = _chunk_tokens(tok(m), C, n_upd)
-                abar = jnp.sum(mm, axis=-1) / counts                 # [B, H, n]
-                a = jnp.broadcast_to(abar[..., None, None], G.shape)
+                abar = jnp.moveaxis(jnp.sum(mm, axis=-1) / counts, 2, 0)  # [n, B, H] chunk means
 
-                def combine(x, y):
-                    return x[0] * y[0], y[0] * x[1] + y[1]
+                def mstep(M, x):  # M_i = ᾱ_i M_{i−1} + G_i (linear, elementwise: cheap)
+                    g, a = x
+                    M = a[..., None, None] * M + g
+                    return M, M
 
-                P, Mz = lax.associative_scan(combine, (a, G), axis=2)
-                M = Mz + P * st.mom[1][:, :, None]
-                new_mom = M[:, :, -1]
+                new_mom, Ms = lax.scan(mstep, st.mom[1], (Gs, abar))
             else:
-                M = G
+                Ms = Gs
                 new_mom = None if st.mom is None else st.mom[1]
-            if self.muon:
+            if self.muon:  # per-chunk NS5, batched over all chunks (the expensive part, in parallel)
                 md = None if self.muon_dtype is None else jnp.dtype(self.muon_dtype)
-                U = newton_schulz5(M, md)
+                Us = newton_schulz5(Ms, md)
             else:
-                U = M
-            incl = jnp.cumsum(U, axis=2)                              # Σ_{i≤c} U_i
-            new_w1 = W1_0 + incl[:, :, -1]
-            if self.order == "apply_then_update":
-                excl = jnp.concatenate([jnp.zeros_like(incl[:, :, :1]), incl], axis=2)  # N = n_upd + 1
-                S = W1_0[:, :, None] + excl
-            else:
-                S = W1_0[:, :, None] + incl
-        o = jnp.einsum("bhncd,bhnvd->bhncv", phi_q, jnp.broadcast_to(S, (B, H, N) + W1_0.shape[2:]))
+                Us = Ms
+            if self.order == "apply_then_update":  # the last chunk reads S_{N-1} and adds nothing
+                Us = jnp.concatenate([Us, jnp.zeros_like(Us[:1])], axis=0)
+            apply_first = self.order == "apply_then_update"
+
+            def pstep(S, x):  # prefix sum S_c = W1_0 + Σ_{i<c} U_i fused with the reads φ(q_c) S_cᵀ
+                pq, u = x
+                if apply_first:
+                    o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
+                    return S + u, o
+                S = S + u
+                return S, jnp.einsum("bhcd,bhvd->bhcv", pq, S)
+
+            new_w1, o = lax.scan(pstep, W1_0, (jnp.moveaxis(phi_q, 2, 0), Us))
+            o = jnp.moveaxis(o, 0, 2)                                 # [B, H, N, C, dv]
+        if n_upd == 0:
+            o = jnp.einsum("bhncd,bhvd->bhncv", phi_q, W1_0)
         o = unchunk_layout(o, T).astype(odt)
         if not output_final_state:
             return o, None

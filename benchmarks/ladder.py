@@ -1,0 +1,114 @@
+"""Ladder benchmark (SPEC §7, paper Table 2): tokens/s of the TTT operator, V0–V6.
+
+Recurrent (``lax.scan`` over chunks) and parallel (chunk-parallel linear-attention form,
+V2–V6 only) forward throughput on this machine's CPU, float32, B=1, T=8192, 4 heads of
+dim 128 (dk = dh = dv = 128), chunk sizes 64 and 512; the parallel/recurrent ratio is
+printed next to the paper's GPU ratio. Prints a Markdown table and writes
+``benchmarks/results/ladder.json``.
+
+    python benchmarks/ladder.py [--T 8192] [--heads 4] [--dim 128] [--chunks 64 512] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tttla_jax.rules.ladder import PRESETS, ladder
+
+# paper Table 2 (GPU): recurrent / parallel tokens per second, millions
+PAPER = {
+    "v0": (4.30, None), "v1": (10.60, None), "v2": (11.02, 30.18), "v3": (12.95, 49.69),
+    "v4": (13.31, 53.99), "v5": (14.40, 57.28), "v6": (89.67, 124.6),
+}
+
+
+def make_inputs(rule, B, T, H, D, seed=0):
+    rng = np.random.default_rng(seed)
+    f32 = jnp.float32
+    q = jnp.asarray(rng.normal(size=(B, T, H, D)) / np.sqrt(D), f32)
+    k = jnp.asarray(rng.normal(size=(B, T, H, D)) / np.sqrt(D), f32)
+    v = jnp.asarray(rng.normal(size=(B, T, H, D)), f32)
+    lr = jnp.asarray(rng.uniform(1e-4, 1e-3, size=(B, T, H, 3)), f32)
+    m = jnp.asarray(rng.uniform(0.5, 0.95, size=(B, T, H)), f32)
+    w1 = jnp.asarray(rng.normal(size=(H, D, D)) / np.sqrt(D), f32)
+    if rule.linear:
+        w0 = w2 = None
+    else:
+        w0 = jnp.asarray(rng.normal(size=(H, D, D)) / np.sqrt(D), f32)
+        w2 = jnp.asarray(rng.normal(size=(H, D, D)) / np.sqrt(D), f32)
+    return q, k, v, lr, rule.init_state(w0, w1, w2, B), m
+
+
+def time_fn(fn, args, reps):
+    out = jax.block_until_ready(fn(*args))  # compile + warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ladder.json"))
+    a = ap.parse_args()
+    B, T, H, D = 1, a.T, a.heads, a.dim
+    rows = []
+    for C in a.chunks:
+        for name in PRESETS:
+            rule = ladder(name, chunk_size=C)
+            args = make_inputs(rule, B, T, H, D)
+            rec = jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.recurrent(q, k, v, lr, st, m)[0])
+            t_rec, o_rec = time_fn(rec, args, a.reps)
+            row = dict(variant=name, chunk_size=C, recurrent_tok_s=T * B / t_rec, parallel_tok_s=None,
+                       ratio=None, max_rel_diff=None)
+            if rule.breaks_associativity() is None:
+                par = jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.parallel(q, k, v, lr, st, m)[0])
+                t_par, o_par = time_fn(par, args, a.reps)
+                row["parallel_tok_s"] = T * B / t_par
+                row["ratio"] = t_rec / t_par
+                row["max_rel_diff"] = float(jnp.max(jnp.abs(o_par - o_rec)) / jnp.max(jnp.abs(o_rec)))
+            pr, pp = PAPER[name]
+            row["paper_recurrent_Mtok_s"], row["paper_parallel_Mtok_s"] = pr, pp
+            row["paper_ratio"] = None if pp is None else pp / pr
+            rows.append(row)
+            print(f"  C={C} {name}: rec {row['recurrent_tok_s']:.0f} tok/s"
+                  + (f", par {row['parallel_tok_s']:.0f} tok/s" if row["parallel_tok_s"] else ""), flush=True)
+    v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in rows if r["variant"] == "v0"}
+    print()
+    print(f"LaCT ladder, forward, CPU ({platform.processor() or platform.machine()}, "
+          f"{jax.device_count()} device), float32, B={B}, T={T}, H={H}, dk=dh=dv={D}")
+    print()
+    print("| variant | C | recurrent tok/s | parallel tok/s | par/rec | paper par/rec (GPU) | V6-par / V0-rec |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        par = "—" if r["parallel_tok_s"] is None else f"{r['parallel_tok_s']:,.0f}"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        pratio = "—" if r["paper_ratio"] is None else f"{r['paper_ratio']:.2f}x"
+        vs = ""
+        if r["variant"] == "v6" and r["parallel_tok_s"]:
+            vs = f"{r['parallel_tok_s'] / v0[r['chunk_size']]:.1f}x"
+        print(f"| {r['variant']} | {r['chunk_size']} | {r['recurrent_tok_s']:,.0f} | {par} | {ratio} | {pratio} | {vs} |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(dict(config=dict(B=B, T=T, H=H, dk=D, dh=D, dv=D, dtype="float32", reps=a.reps,
+                                   backend=jax.default_backend(), jax=jax.__version__,
+                                   cpu_count=os.cpu_count()), rows=rows), f, indent=2)
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

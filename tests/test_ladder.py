@@ -1,0 +1,252 @@
+"""The ladder (SPEC §7): presets, parallel forms of V2–V6 against the lax.scan rule, V6 as
+tt.linear_attention, and the anomaly presets.
+
+Tolerances (documented): float64 1e-10 absolute (outputs, final W1 and momentum buffer,
+gradients w.r.t. q, k, v, lr, momentum and the initial fast weights); float32 1e-4
+relative to the float64 output's max magnitude (the parallel form sums the chunk updates
+in a different order than the scan).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tttla_jax as tt
+from tttla_jax.rules.base import NotAssociativeError
+from tttla_jax.rules.ladder import ANOMALIES, PRESETS, ladder
+from tttla_jax.rules.lact import LaCTRule
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_fast(f):
+    return jax.jit(f, compiler_options=FAST_COMPILE)
+
+
+def make(rule, seed=0, B=1, T=11, H=2, K=4, Dh=5, V=3, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    if rule.linear:
+        Dh = K
+    q = jnp.asarray(rng.normal(size=(B, T, H, K)), dtype)
+    k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), dtype)
+    v = jnp.asarray(rng.normal(size=(B, T, H, V)), dtype)
+    lr = jnp.asarray(rng.uniform(0.05, 0.5, size=(B, T, H, 3)), dtype)
+    m = jnp.asarray(rng.uniform(0.1, 0.9, size=(B, T, H)), dtype)
+    w1 = jnp.asarray(rng.normal(size=(B, H, V, Dh)) / np.sqrt(Dh), dtype)
+    w0 = None if rule.linear else jnp.asarray(rng.normal(size=(B, H, Dh, K)) / np.sqrt(K), dtype)
+    w2 = None if rule.linear else jnp.asarray(rng.normal(size=(B, H, Dh, K)) / np.sqrt(K), dtype)
+    return q, k, v, lr, m, w0, w1, w2
+
+
+def form(rule, impl):
+    def fn(q, k, v, lr, m, w0, w1, w2):
+        st = rule.init_state(w0, w1, w2, k.shape[0])
+        o, S = getattr(rule, impl)(q, k, v, lr, st, m if rule.use_momentum else None, output_final_state=True)
+        return o, S.w[1], (S.mom[1] if S.mom is not None else None)
+    return fn
+
+
+def scalar(fn):
+    def loss(*args):
+        tot = 0.0
+        for j, x in enumerate(x for x in jax.tree_util.tree_leaves(fn(*args)) if x is not None):
+            w = jnp.cos(jnp.arange(x.size, dtype=jnp.float64).reshape(x.shape) * (0.3 + 0.2 * j))
+            tot = tot + jnp.sum(x.astype(jnp.float64) * w)
+        return tot
+    return loss
+
+
+def close(a, b, atol, what):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb), what
+    for i, (x, y) in enumerate(zip(la, lb)):
+        assert x.shape == y.shape, (what, i, x.shape, y.shape)
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol,
+                                   err_msg=f"{what} leaf {i}")
+
+
+def both(rule, args, grads):
+    """Outputs (and gradients w.r.t. every differentiable input) of both forms, one compile each."""
+    nums = tuple(i for i, x in enumerate(args) if x is not None and not (i == 4 and not rule.use_momentum))
+    res = []
+    for impl in ("recurrent", "parallel"):
+        fn = form(rule, impl)
+        if grads:
+            def wa(*a, fn=fn):
+                out = fn(*a)
+                return scalar(lambda *_: out)(*a), out
+            (_, out), g = jit_fast(jax.value_and_grad(wa, argnums=nums, has_aux=True))(*args)
+            res.append((out, g))
+        else:
+            res.append((jit_fast(fn)(*args), None))
+    return res
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_presets_are_cumulative_table2():
+    r = {n: ladder(n, chunk_size=8) for n in PRESETS}
+    assert (r["v0"].update, r["v0"].weight_norm, r["v0"].use_momentum, r["v0"].muon, r["v0"].fast_net,
+            r["v0"].constant_lr) == ("all", "post", True, True, "swiglu", None)
+    assert r["v1"] == LaCTRule(chunk_size=8, update="w1", weight_norm="post", use_momentum=True, muon=True)
+    assert r["v2"] == LaCTRule(chunk_size=8, update="w1", weight_norm=None, use_momentum=True, muon=True)
+    assert r["v3"] == LaCTRule(chunk_size=8, update="w1", weight_norm=None, use_momentum=True, muon=True,
+                               fast_net="linear")
+    assert r["v4"].constant_lr == 1e-3 and r["v4"].fast_net == "linear"
+    assert not r["v5"].use_momentum and r["v5"].muon and r["v5"].constant_lr == 1e-3
+    assert r["v6"] == LaCTRule(chunk_size=8, update="w1", weight_norm=None, use_momentum=False, muon=False,
+                               fast_net="linear", constant_lr=1e-3)
+    assert [r[n].breaks_associativity() is None for n in PRESETS] == [False, False] + [True] * 5
+    assert ladder("ascent").ascent is False and ladder("q_is_k").q_is_k
+    assert ladder("inner_steps", inner_steps=5).inner_steps == 5
+    assert ladder("v2", chunk_size=16, constant_lr=0.5).constant_lr == 0.5
+    with pytest.raises(ValueError, match=r"name: got 'v7', expected one of"):
+        ladder("v7")
+    with pytest.raises(ValueError, match=r"overrides: unknown LaCTRule fields \['lr'\]"):
+        ladder("v1", lr=0.1)
+
+
+@pytest.mark.parametrize("name,component", [("v0", "update='all'"), ("v1", "weight_norm='post'"),
+                                            ("inner_steps", "update='all'")])
+def test_parallel_on_v0_v1_raises_naming_component(name, component):
+    rule = ladder(name, chunk_size=4)
+    assert component in rule.breaks_associativity()
+    q, k, v, lr, m, w0, w1, w2 = make(rule)
+    with pytest.raises(NotAssociativeError, match=r"LaCTRule has no parallel form: " + component.replace("'", ".")):
+        rule.parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
+    # impl="auto" falls back to the recurrent form instead of raising
+    o, _ = rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
+    assert o.shape == v.shape
+    with pytest.raises(NotAssociativeError, match="inner_steps=3"):
+        ladder("v2", inner_steps=3).parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
+
+
+# --------------------------------------------------------------------------- recurrent == parallel
+
+
+GRAD_CASES = [("v2", 11), ("v3", 12), ("v5", 11)]
+
+
+@pytest.mark.parametrize("name,T", GRAD_CASES)
+def test_parallel_equals_recurrent_with_grads_float64(name, T):
+    rule = ladder(name, chunk_size=4)
+    args = make(rule, T=T)
+    (o_r, g_r), (o_p, g_p) = both(rule, args, grads=True)
+    assert o_p[0].dtype == jnp.float64
+    close(o_p, o_r, 1e-10, f"{name} outputs/final W1/momentum")
+    close(g_p, g_r, 1e-10, f"{name} gradients")
+    assert float(jnp.max(jnp.abs(g_r[2]))) > 1e-6  # d/dv is not trivially zero
+
+
+@pytest.mark.parametrize("name", ["v2", "v3", "v4", "v5", "v6"])
+@pytest.mark.parametrize("T", [1, 4, 9, 12])
+def test_parallel_equals_recurrent_shapes_float64(name, T):
+    """T = 1, one chunk only (T = C), T not a multiple of C, T a multiple of C."""
+    rule = ladder(name, chunk_size=4)
+    (o_r, _), (o_p, _) = both(rule, make(rule, seed=T, T=T, B=2), grads=False)
+    close(o_p, o_r, 1e-10, f"{name} T={T}")
+
+
+@pytest.mark.parametrize("extra", [dict(muon=False), dict(use_momentum=False), dict(constant_lr=None),
+                                   dict(fast_net="swiglu", order="update_then_query"), dict(q_is_k=True),
+                                   dict(ascent=False)])
+def test_parallel_equals_recurrent_variants_float64(extra):
+    """V2 with and without Muon/momentum, per-token lr, the other order, anomalies."""
+    rule = ladder("v3", chunk_size=3, **extra)
+    (o_r, _), (o_p, _) = both(rule, make(rule, seed=3, T=10), grads=False)
+    close(o_p, o_r, 1e-10, f"v3 {extra}")
+
+
+def test_parallel_per_channel_lr_and_muon_bf16():
+    rule = ladder("v2", chunk_size=3, constant_lr=None)
+    q, k, v, lr, m, w0, w1, w2 = make(rule, seed=4, T=10, K=4, Dh=4)
+    lr = jnp.broadcast_to(lr[..., None], lr.shape + (4,)) * jnp.linspace(0.5, 1.5, 4)
+    (o_r, _), (o_p, _) = both(rule, (q, k, v, lr, m, w0, w1, w2), grads=False)
+    close(o_p, o_r, 1e-10, "per-channel lr")
+    rule16 = ladder("v2", chunk_size=3, muon_dtype="bfloat16")
+    a32 = tuple(None if x is None else x.astype(jnp.float32) for x in (q, k, v, lr, m, w0, w1, w2))
+    (o_r, _), (o_p, _) = both(rule16, a32, grads=False)
+    close(o_p, o_r, 1e-5, "bf16 NS: same rounding in both forms")
+
+
+def test_parallel_float32_tolerance():
+    rule = ladder("v3", chunk_size=4, constant_lr=None)
+    a64 = make(rule, seed=5, T=23)
+    a32 = tuple(None if x is None else x.astype(jnp.float32) for x in a64)
+    o64 = jit_fast(form(rule, "recurrent"))(*a64)[0]
+    scale = float(jnp.max(jnp.abs(o64)))
+    for impl in ("recurrent", "parallel"):
+        o32 = jit_fast(form(rule, impl))(*a32)[0]
+        assert o32.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale)
+
+
+def test_auto_picks_parallel_and_functional_impl():
+    rule = ladder("v2", chunk_size=4)
+    q, k, v, lr, m, w0, w1, w2 = make(rule, T=9)
+    o_a, _ = rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m, impl="auto")
+    o_p, _ = rule.parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
+    np.testing.assert_array_equal(np.asarray(o_a), np.asarray(o_p))
+    o_f, _ = tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, momentum=m, muon=True,
+                                       weight_norm=None, update="w1", impl="parallel")
+    o_fr, _ = tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, momentum=m, muon=True,
+                                        weight_norm=None, update="w1", impl="recurrent")
+    np.testing.assert_allclose(np.asarray(o_f), np.asarray(o_fr), atol=1e-10)
+    with pytest.raises(NotAssociativeError, match="weight_norm='post'"):
+        tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, update="w1", impl="parallel")
+
+
+# --------------------------------------------------------------------------- V6 and anomalies
+
+
+@pytest.mark.parametrize("T,C", [(1, 4), (11, 4), (12, 4), (7, 16)])
+def test_v6_equals_linear_attention(T, C):
+    """V6 = chunk-causal linear attention with initial state W1_0ᵀ, v̂ = lr·v, scale 1."""
+    lr_c = 0.3
+    rule = ladder("v6", chunk_size=C, constant_lr=lr_c)
+    q, k, v, lr, m, w0, w1, w2 = make(rule, seed=6, T=T, B=2)
+
+    def ours(q, k, v, w1):
+        return rule.parallel(q, k, v, None, rule.init_state(None, w1, None, 2))[0]
+
+    def theirs(q, k, v, w1):
+        return tt.linear_attention(q, k, lr_c * v, scale=1.0, mode="chunk", chunk_size=C,
+                                   initial_state=jnp.swapaxes(w1, -1, -2))[0]
+    close(ours(q, k, v, w1), theirs(q, k, v, w1), 1e-10, "V6 outputs")
+    close(rule.recurrent(q, k, v, None, rule.init_state(None, w1, None, 2))[0], theirs(q, k, v, w1), 1e-10,
+          "V6 recurrent outputs")
+    g1 = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1, 2, 3))(q, k, v, w1)
+    g2 = jax.grad(lambda *a: jnp.sum(jnp.sin(theirs(*a))), argnums=(0, 1, 2, 3))(q, k, v, w1)
+    close(g1, g2, 1e-10, "V6 gradients")
+
+
+@pytest.mark.parametrize("name", ["v0", "v2", "v4"])
+def test_ascent_equals_descent_with_negated_values(name):
+    """Flipping the update sign is the same as negating the values (outputs never read v)."""
+    up = ladder(name, chunk_size=4)
+    down = ladder(name, chunk_size=4, ascent=False)
+    q, k, v, lr, m, w0, w1, w2 = make(up, seed=7, T=11)
+    impl = "recurrent" if name == "v0" else "parallel"
+    f_up = jit_fast(form(up, impl))
+    f_down = jit_fast(form(down, impl))
+    a = f_up(q, k, v, lr, m, w0, w1, w2)
+    b = f_down(q, k, -v, lr, m, w0, w1, w2)
+    close(a[:2], b[:2], 1e-12, "ascent(v) == descent(-v)")
+    c = f_down(q, k, v, lr, m, w0, w1, w2)
+    assert float(jnp.max(jnp.abs(c[0] - a[0]))) > 1e-3  # and descent on v really differs
+
+
+def test_q_is_k_and_inner_steps_presets_run():
+    """The anomaly presets are the V0 rule with one knob changed; q is ignored with q_is_k."""
+    base = ladder("v0", chunk_size=4)
+    q, k, v, lr, m, w0, w1, w2 = make(base, seed=8, T=11)
+    st = base.init_state(w0, w1, w2, 1)
+    qk = ladder("q_is_k", chunk_size=4)
+    o1, _ = qk(q, k, v, lr, st, m)
+    o2, _ = base(k, k, v, lr, st, m)
+    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), atol=1e-12)
+    o_n, _ = ladder("inner_steps", chunk_size=4, inner_steps=3)(q, k, v, lr, st, m)
+    o_b, _ = base(q, k, v, lr, st, m)
+    np.testing.assert_allclose(np.asarray(o_n[:, :4]), np.asarray(o_b[:, :4]), atol=1e-12)  # first chunk: W^(0)
+    assert float(jnp.max(jnp.abs(o_n[:, 4:] - o_b[:, 4:]))) > 1e-4
