@@ -214,6 +214,14 @@ def test_public_dispatch_impl_pallas_and_auto():
                                    chunk_size=16, impl="chunked")
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_c), atol=1e-4)
     np.testing.assert_allclose(np.asarray(S), np.asarray(S_c), atol=1e-4)
+    # float64 without an explicit interpret flag: the platform-chosen (CPU: interpreted) kernel.
+    q64, k64, v64, g64, S64 = make_inputs(7, 1, 5, 1, 16, 16)
+    o64, S64_T = tt.linear_attention(q64, k64, v64, log_decay=g64, initial_state=S64, output_final_state=True,
+                                     impl="pallas")
+    o64_c, S64_c = tt.linear_attention(q64, k64, v64, log_decay=g64, initial_state=S64, output_final_state=True,
+                                       impl="chunked")
+    np.testing.assert_allclose(np.asarray(o64), np.asarray(o64_c), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(S64_T), np.asarray(S64_c), atol=1e-12)
     # CPU host: auto never picks the kernel (the XLA chunked form is the fast path here).
     assert jax.default_backend() == "cpu"
     assert not auto_supported(q, "causal", 16, 16)
