@@ -11,8 +11,9 @@ FLOPs counted for the chunked forward per chunk of C tokens (elementwise work ig
 Gram products ``Q Kᵀ``, ``K Kᵀ`` 4C²K; ``(I + A)⁻¹`` by block doubling ≈ (2/3)C³;
 ``W_v, W_k`` 2C²(V+K); ``D, M`` 2CK(V+K); the chunk scan 2K²V; outputs
 ``P W_k`` 2C²K, ``Q̃ S`` 2CKV, ``P W_v`` 2C²V. Recurrent: ≈ 7KV per token.
-Forward+backward is counted as 3× the forward. Timings are medians; the machine's
-load average is recorded because the CPU may be shared.
+Forward+backward is counted as 3× the forward. Variants are timed interleaved, repeat
+by repeat; the table shows the minimum over repeats (the JSON also has medians) and
+the load average is recorded, because the CPU may be shared with other jobs.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def main(argv=None):
         v = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
         beta = jnp.asarray(rng.uniform(0.1, 0.9, size=(B, T, H)), jnp.float32)
         g = jnp.asarray(-rng.uniform(0, 0.1, size=(B, T, H)), jnp.float32)
+        fns = {}
         for impl, C in variants:
             def fwd(q, k, v, beta, g, impl=impl, C=C):
                 return delta_rule(q, k, v, beta, log_decay=g if gated else None, impl=impl,
@@ -96,18 +98,30 @@ def main(argv=None):
             def loss(q, k, v, beta, g, impl=impl, C=C):
                 return jnp.sum(fwd(q, k, v, beta, g, impl, C) ** 2)
 
-            f = jax.jit(fwd)
-            fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
-            tf = timeit(f, q, k, v, beta, g, repeats=a.repeats)
-            tfb = timeit(fb, q, k, v, beta, g, repeats=a.repeats)
+            fns[(impl, C)] = (jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))))
+            for fn in fns[(impl, C)]:
+                jax.block_until_ready(fn(q, k, v, beta, g))  # compile + warm up
+        # Interleave the variants repeat by repeat so a shared, fluctuating CPU load hits
+        # them alike; report the minimum (least disturbed) and the median.
+        times = {key: ([], []) for key in fns}
+        for _ in range(a.repeats):
+            for key, pair in fns.items():
+                for fn, acc in zip(pair, times[key]):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(q, k, v, beta, g))
+                    acc.append(time.perf_counter() - t0)
+        for (impl, C), (tf_all, tfb_all) in times.items():
+            tf, tfb = min(tf_all), min(tfb_all)
             fl = chunked_flops(B, T, H, K, V, C) if impl == "chunked" else recurrent_flops(B, T, H, K, V)
             name = impl if C is None else f"{impl}(C={C})"
             row = dict(T=T, impl=impl, chunk_size=C, fwd_s=tf, fwdbwd_s=tfb,
+                       fwd_s_median=float(np.median(tf_all)), fwdbwd_s_median=float(np.median(tfb_all)),
                        fwd_tok_s=B * T / tf, fwdbwd_tok_s=B * T / tfb,
                        fwd_gflops=fl / tf / 1e9, fwdbwd_gflops=3 * fl / tfb / 1e9)
             rows.append(row)
             print(f"T={T:6d} {name:16s} fwd {tf * 1e3:9.2f} ms   fwd+bwd {tfb * 1e3:9.2f} ms   "
-                  f"({row['fwd_gflops']:5.1f} / {row['fwdbwd_gflops']:5.1f} GFLOP/s)", flush=True)
+                  f"({row['fwd_gflops']:5.1f} / {row['fwdbwd_gflops']:5.1f} GFLOP/s; medians "
+                  f"{row['fwd_s_median'] * 1e3:.1f} / {row['fwdbwd_s_median'] * 1e3:.1f} ms)", flush=True)
 
     names = [impl if C is None else f"{impl}(C={C})" for impl, C in variants]
 
@@ -134,7 +148,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_sizes=a.chunk_sizes, dtype="float32",
-                                   gated=gated, repeats=a.repeats, statistic="median"),
+                                   gated=gated, repeats=a.repeats, statistic="min over interleaved repeats (medians also given)"),
                        machine=dict(cpu_count=os.cpu_count(), processor=platform.processor(),
                                     jax=jax.__version__, backend=jax.default_backend(),
                                     loadavg_start=load0[0], loadavg_end=load1[0]),
