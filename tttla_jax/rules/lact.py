@@ -676,6 +676,12 @@ def _registry_entry():
     return LaCTRule(chunk_size=4, use_momentum=True, muon=True), _example_inputs
 
 
+@register("lact_v2")
+def _registry_entry_v2():
+    """Ladder V2 (only W1, no weight norm, momentum, Muon): has a parallel form."""
+    return LaCTRule(chunk_size=4, update="w1", weight_norm=None, use_momentum=True, muon=True), _example_inputs
+
+
 def _example_inputs(rule: LaCTRule, seed: int = 0, dtype=jnp.float64, B=1, T=11, H=2, K=4, Dh=6, V=3):
     """(q, k, v, lr, state, momentum) with O(1)-scaled random values."""
     import numpy as np
