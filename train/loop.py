@@ -69,16 +69,28 @@ def _masked_nll(logits, targets, mask):
     return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct)
 
 
-def make_steps(graphdef, rest, tx, sched):
-    def loss_fn(params, batch):
+_STEP_CACHE: dict = {}
+
+
+def make_steps(graphdef, cfg: TrainConfig):
+    """Jitted ``train_step(params, rest, opt_state, batch)`` and ``eval_step(params, rest,
+    batch)``, cached per (model graph, optimiser settings) so repeated runs in one process
+    (tests, resumes) reuse the compiled code."""
+    opt_fields = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "b1", "b2", "grad_clip")
+    key = (graphdef, tuple(getattr(cfg, f) for f in opt_fields))
+    if key in _STEP_CACHE:
+        return _STEP_CACHE[key]
+    tx, _ = make_optimizer(cfg)
+
+    def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         logits, _ = model(batch["inputs"])
         s, n, c = _masked_nll(logits, batch["targets"], batch["mask"])
         return s / jnp.maximum(n, 1.0), (n, c)
 
     @jax.jit
-    def train_step(params, opt_state, batch):
-        (loss, (n, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    def train_step(params, rest, opt_state, batch):
+        (loss, (n, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
@@ -86,11 +98,12 @@ def make_steps(graphdef, rest, tx, sched):
         return params, opt_state, metrics
 
     @jax.jit
-    def eval_step(params, batch):
+    def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         logits, _ = model(batch["inputs"])
         return _masked_nll(logits, batch["targets"], batch["mask"])
 
+    _STEP_CACHE[key] = (train_step, eval_step)
     return train_step, eval_step
 
 
@@ -247,7 +260,8 @@ def _run(cfg: TrainConfig, log) -> dict:
         n_params = count_params(model)
         log(f"model: {cfg.num_layers} layers {list(cfg.mixers)}, width {cfg.width}, "
             f"{n_params / 1e6:.3f}M parameters; task {cfg.task}; steps {cfg.steps}; run dir {run_dir}")
-        train_step, eval_step = make_steps(graphdef, rest, tx, sched)
+        train_step, eval_step = make_steps(graphdef, cfg)
+        eval_fn = lambda p, b: eval_step(p, rest, b)
         evals = data_lib.eval_batches(cfg)
         tokens_per_step = cfg.batch_size * cfg.seq_len
         progress = Progress(cfg.steps, start, cfg.progress)
@@ -268,7 +282,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         t_last, s_last = time.perf_counter(), start
         while step < cfg.steps:
             batch = {k: jnp.asarray(v) for k, v in next(it).items()}
-            params, opt_state, m = train_step(params, opt_state, batch)
+            params, opt_state, m = train_step(params, rest, opt_state, batch)
             step += 1
             if cfg.throttle:
                 time.sleep(cfg.throttle)
@@ -283,7 +297,7 @@ def _run(cfg: TrainConfig, log) -> dict:
                       "time": now - t_start})
                 progress.update(step, m["loss"], tok_s, force=last)
             if step % cfg.eval_every == 0 or last:
-                ev = evaluate(eval_step, params, evals)
+                ev = evaluate(eval_fn, params, evals)
                 emit({"kind": "eval", "step": step, **ev, "time": time.perf_counter() - t_start})
             if step % cfg.ckpt_every == 0 or last:
                 save(step)
@@ -291,7 +305,7 @@ def _run(cfg: TrainConfig, log) -> dict:
 
         final_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
         if final_eval is None:  # resumed at the end: evaluate the restored state
-            final_eval = {"step": step, **evaluate(eval_step, params, evals)}
+            final_eval = {"step": step, **evaluate(eval_fn, params, evals)}
         summary = {"step": step, "start_step": start, "run_dir": run_dir, "n_params": n_params,
                    "metrics_path": metrics_path, "final_eval": final_eval,
                    "checkpoints": ckpt.steps(), "params": params}
