@@ -137,7 +137,7 @@ def test_pieces_equal_full_forward(case, mode):
 
 
 def test_jit_vmap_checkpoint():
-    case = "gated_delta_conv"
+    case = "la_decay_silul2"
     m = make(case, "parallel")
     x = inputs()
     gd, params = nnx.split(m)
