@@ -295,3 +295,16 @@ def test_bad_call_inputs_raise():
         s(inputs(), positions=jnp.zeros((B, T + 1), jnp.int32))
     with pytest.raises(ValueError, match=r"positions: expected an integer dtype"):
         s(inputs(), positions=jnp.zeros((B, T), F64))
+
+
+def test_pallas_mode_linear_attention_matches_parallel():
+    """mode="pallas" runs the Pallas kernel (interpret mode on CPU; it needs a head dim in
+    {16, 32, ...}); float32 tolerance 1e-5."""
+    x = jax.random.normal(jax.random.key(0), (1, 5, 16), jnp.float32)
+    ys = []
+    for mode in ("pallas", "parallel"):
+        m = LinearAttention(width=16, num_heads=1, mode=mode, chunk_size=16, use_decay=True,
+                            rngs=nnx.Rngs(0))
+        ys.append(m(x))
+    np.testing.assert_allclose(ys[0][0], ys[1][0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(ys[0][1]["state"], ys[1][1]["state"], atol=1e-5, rtol=1e-5)
