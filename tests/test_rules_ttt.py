@@ -6,6 +6,8 @@ input (q, k, v, lr, token_eta, LN scale/bias and the initial fast weights); floa
 inputs 1e-4 relative to the reference's max magnitude (the inner LayerNorm divides by a
 per-token std, which amplifies float32 rounding a little; T ≤ 40 here).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,10 +107,11 @@ CASES = [
     ("linear", 3, 7),
     ("linear", 4, 1),
     ("linear", 1, 3),
-    ("mlp", 3, 5),
+    ("mlp", 2, 4),
     ("mlp", 4, 3),
 ]
-SLOW_CASES = [("linear", 4, 16), ("linear", 5, 13), ("mlp", 4, 11), ("mlp", 1, 4), ("mlp", 2, 1)]
+SLOW_CASES = [("linear", 4, 16), ("linear", 5, 13), ("mlp", 3, 5), ("mlp", 4, 11), ("mlp", 1, 4),
+              ("mlp", 2, 1)]
 
 
 @pytest.mark.parametrize("family,C,T", CASES)
@@ -125,7 +128,7 @@ def test_dual_and_primal_match_reference_float64_sweep(family, C, T):
 def test_functional_ops_initial_state_per_batch_grads():
     """``initial_state`` (per batch element) overrides W, b; gradients w.r.t. it match."""
     rule = TTTLinearRule(mini_batch_size=4)
-    q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=3, B=2, T=9)
+    q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=3, B=2, T=4)
     st = TTTLinearState(st.W * jnp.asarray([1.0, 0.5])[:, None, None, None], st.b + 0.1)  # differ per b
 
     def api(W0, b0):
@@ -142,17 +145,15 @@ def test_functional_ops_initial_state_per_batch_grads():
     vr, gr = jax.value_and_grad(ref, argnums=(0, 1))(*st)
     np.testing.assert_allclose(va, vr, atol=1e-10)
     close(ga, gr, 1e-10, what="grad S0")
-    o, s = ttt_linear(q, k, v, lr, W=st.W[0], b=st.b[0], ln_scale=g, ln_bias=bt, token_eta=te,
-                      mini_batch_size=4)
-    assert s is None and o.shape == q.shape
 
     rule = TTTMLPRule(mini_batch_size=4)
-    q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=4, B=1, T=6)
+    q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=4, B=1, T=3)
     o1, s1 = ttt_mlp(q, k, v, lr, ln_scale=g, ln_bias=bt, token_eta=te, mini_batch_size=4,
-                     initial_state=st, output_final_state=True, form="primal")
+                     initial_state=st, output_final_state=True)
     o2, s2 = ttt_mlp(q, k, v, lr, W1=st.W1[0], b1=st.b1[0], W2=st.W2[0], b2=st.b2[0], ln_scale=g,
-                     ln_bias=bt, token_eta=te, mini_batch_size=4, output_final_state=True)
-    close((o1, tuple(s1)), (o2, tuple(s2)), 1e-12, what="mlp api")
+                     ln_bias=bt, token_eta=te, mini_batch_size=4)
+    assert s2 is None and isinstance(s1, TTTMLPState)
+    np.testing.assert_allclose(o1, o2, atol=1e-12)
 
 
 def test_closed_form_inner_grads_equal_autodiff():
@@ -170,10 +171,15 @@ def test_closed_form_inner_grads_equal_autodiff():
 
     # TTT-Linear: G_j = ∇_Z ℓ_j and k_jᵀ G_j = ∇_W ℓ_j, token by token
     G, gW = ttt_linear_inner_grad(W, b, k, v, g, bt)
+
+    @jax.jit
+    @functools.partial(jax.grad, argnums=(0, 1))
+    def lin_grad(W_, b_, kj, vj):
+        z = jnp.einsum("bhd,bhde->bhe", kj, W_) + b_
+        return 0.5 * jnp.sum((layer_norm(z, g[:, 0], bt[:, 0]) - (vj - kj)) ** 2)
+
     for j in range(C):
-        lj = lambda W_, b_: 0.5 * jnp.sum(
-            (layer_norm(jnp.einsum("bhd,bhde->bhe", k[:, :, j], W_) + b_, g[:, 0], bt[:, 0]) - (v - k)[:, :, j]) ** 2)
-        dW, db = jax.grad(lj, argnums=(0, 1))(W, b)
+        dW, db = lin_grad(W, b, k[:, :, j], v[:, :, j])
         np.testing.assert_allclose(gW[:, :, j], dW, atol=1e-12)
         np.testing.assert_allclose(G[:, :, j], db, atol=1e-12)
 
@@ -182,13 +188,17 @@ def test_closed_form_inner_grads_equal_autodiff():
     W1, b1 = a(B, H, D, F, sc=0.5), a(B, H, F, sc=0.1)
     W2, b2 = a(B, H, F, D, sc=0.25), a(B, H, D, sc=0.1)
     G1, G2, x2 = ttt_mlp_inner_grad(W1, b1, W2, b2, k, v, g, bt)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    @functools.partial(jax.grad, argnums=(1, 2, 3, 4))
+    def mlp_grad(act, W1_, b1_, W2_, b2_, kj, vj):
+        h = act(jnp.einsum("bhd,bhdf->bhf", kj, W1_) + b1_)
+        z2 = jnp.einsum("bhf,bhfd->bhd", h, W2_) + b2_
+        return 0.5 * jnp.sum((layer_norm(z2, g[:, 0], bt[:, 0]) - (vj - kj)) ** 2)
+
     for act, tol in ((gelu_inner, 1e-12), (gelu, 1e-8)):
         for j in range(C):
-            def lj(W1_, b1_, W2_, b2_):
-                h = act(jnp.einsum("bhd,bhdf->bhf", k[:, :, j], W1_) + b1_)
-                z2 = jnp.einsum("bhf,bhfd->bhd", h, W2_) + b2_
-                return 0.5 * jnp.sum((layer_norm(z2, g[:, 0], bt[:, 0]) - (v - k)[:, :, j]) ** 2)
-            d = jax.grad(lj, argnums=(0, 1, 2, 3))(W1, b1, W2, b2)
+            d = mlp_grad(act, W1, b1, W2, b2, k[:, :, j], v[:, :, j])
             np.testing.assert_allclose(jnp.einsum("bhd,bhf->bhdf", k[:, :, j], G1[:, :, j]), d[0], atol=tol)
             np.testing.assert_allclose(G1[:, :, j], d[1], atol=tol)
             np.testing.assert_allclose(jnp.einsum("bhf,bhd->bhfd", x2[:, :, j], G2[:, :, j]), d[2], atol=tol)
@@ -203,7 +213,7 @@ def test_zero_lr_means_no_update():
     for cls in (TTTLinearRule, TTTMLPRule):
         for form in ("dual", "primal"):
             rule = cls(mini_batch_size=4, form=form)
-            q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=5, B=2, T=7)
+            q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=5, B=2, T=3)
             f = jax.jit(rule.recurrent)
             o, s = f(q, k, v, jnp.zeros_like(lr), te, g, bt, st)
             close(tuple(s), tuple(st), 0.0, what="state unchanged")
@@ -218,8 +228,7 @@ def test_zero_lr_means_no_update():
             np.testing.assert_allclose(o2, o, atol=1e-12)
 
 
-@pytest.mark.parametrize("flags", [dict(layer_norm=False), dict(bias=False), dict(residual=False),
-                                   dict(layer_norm=False, bias=False, residual=False)])
+@pytest.mark.parametrize("flags", [dict(layer_norm=False), dict(bias=False, residual=False)])
 def test_ablation_switches_match_reference(flags):
     *xs, st = _example_inputs(TTTLinearRule(mini_batch_size=3), seed=6, B=1, T=7)
     args = tuple(xs) + (learned(st),)
@@ -262,15 +271,15 @@ def test_parallel_raises_and_names_layernorm():
     assert isinstance(s, TTTMLPState) and o.dtype == F64
 
 
-@pytest.mark.parametrize("cls", [TTTLinearRule, TTTMLPRule])
-def test_float32_tolerance(cls):
-    rule = cls(mini_batch_size=8)
-    *xs, st = _example_inputs(rule, seed=8, B=1, T=37, H=2, D=8)
+@pytest.mark.parametrize("family", ["linear", "mlp"])
+def test_float32_tolerance(family):
+    cls = TTTMLPRule if family == "mlp" else TTTLinearRule
+    rule = cls(mini_batch_size=3)
+    *xs, st = _example_inputs(rule, seed=8, B=2, T=7, H=2, D=4)
     args32 = tuple(x.astype(jnp.float32) for x in xs) + (tuple(x.astype(jnp.float32) for x in learned(st)),)
-    args64 = jax.tree_util.tree_map(lambda x: x.astype(F64), args32)
-    o_r, s_r = rule_fn(rule)(*args64)
+    o_r, s_r = ref_fn(rule)(*jax.tree_util.tree_map(lambda x: x.astype(F64), args32))
     for form in ("dual", "primal"):
-        o, s = rule_fn(cls(mini_batch_size=8, form=form))(*args32)
+        o, s = jax.jit(rule_fn(cls(mini_batch_size=3, form=form)))(*args32)
         assert o.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in s)
         np.testing.assert_allclose(o, o_r, atol=1e-4 * float(jnp.abs(o_r).max()))
         for a, b in zip(s, s_r):
@@ -278,17 +287,17 @@ def test_float32_tolerance(cls):
 
 
 def test_jit_vmap_grad_checkpoint():
-    rule = TTTMLPRule(mini_batch_size=4)
-    *xs, st = _example_inputs(rule, seed=9, B=1, T=6, dtype=jnp.float32)
+    rule = TTTLinearRule(mini_batch_size=4)
+    *xs, st = _example_inputs(rule, seed=9, B=1, T=4, dtype=jnp.float32)
     f = jax.jit(rule.recurrent)
     o, s = f(*xs, st)
     stack = lambda x: jnp.stack([x, 0.5 * x])
     ov, sv = jax.vmap(f)(*(stack(x) for x in xs), jax.tree_util.tree_map(stack, st))
     o1, s1 = f(*(0.5 * x for x in xs), jax.tree_util.tree_map(lambda x: 0.5 * x, st))
-    close((ov[0], ov[1], sv.W2[1]), (o, o1, s1.W2), 1e-5, 1e-5, what="vmap")
-    loss = lambda W1: f(*xs, st._replace(W1=W1))[0].sum()
-    g = jax.jit(jax.grad(loss))(st.W1)
-    g2 = jax.jit(jax.grad(jax.checkpoint(loss)))(st.W1)
+    close((ov[0], ov[1], sv.W[1]), (o, o1, s1.W), 1e-5, 1e-5, what="vmap")
+    loss = lambda W1: f(*xs, st._replace(W=W1))[0].sum()
+    g = jax.jit(jax.grad(loss))(st.W)
+    g2 = jax.jit(jax.grad(jax.checkpoint(loss)))(st.W)
     assert float(jnp.abs(g).max()) > 0
     np.testing.assert_allclose(g, g2, rtol=1e-5, atol=1e-6)
 
