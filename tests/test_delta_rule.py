@@ -147,6 +147,31 @@ def test_chunked_and_recurrent_any_shape(T, K, V, C, gated, seed):
         assert_close_tree(outs["recurrent"], (o_r, S_r), 1e-10, what="recurrent vs loop")
 
 
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    T=st.integers(1, 1500),
+    B=st.integers(1, 3),
+    K=st.sampled_from([2, 5, 16, 33, 64]),
+    V=st.sampled_from([1, 6, 32, 65]),
+    C=st.sampled_from([1, 5, 32, 64, 100]),
+    gated=st.booleans(),
+    state=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_slow_sweep_chunked_vs_recurrent_with_grads(T, B, K, V, C, gated, state, seed):
+    """Slow sweep (-m slow): wider shapes incl. many groups of chunks; outputs, state and
+    gradients of the chunked form against the recurrent one in float64."""
+    q, k, v, beta, g, S0 = make_inputs(seed, B, T, 2, K, V, gated=gated, state=state)
+    argnums = (0, 1, 2, 3) + ((4,) if gated else ())
+    res = {}
+    for impl in FORMS:
+        fn = run_form(impl, C, gated)
+        loss_aux = lambda *a, fn=fn: (loss_of(fn)(*a), fn(*a))
+        res[impl] = jax.jit(jax.value_and_grad(loss_aux, argnums=argnums, has_aux=True))(q, k, v, beta, g, S0)
+    assert_close_tree(res["chunked"], res["recurrent"], 1e-9, what="chunked vs recurrent")
+
+
 @pytest.mark.parametrize("impl", FORMS)
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
 def test_low_precision_tolerance(impl, dtype, rtol):
