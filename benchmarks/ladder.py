@@ -63,12 +63,13 @@ def main():
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--chunks", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", default=list(PRESETS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ladder.json"))
     a = ap.parse_args()
     B, T, H, D = 1, a.T, a.heads, a.dim
     rows = []
     for C in a.chunks:
-        for name in PRESETS:
+        for name in a.variants:
             rule = ladder(name, chunk_size=C)
             args = make_inputs(rule, B, T, H, D)
             rec = jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.recurrent(q, k, v, lr, st, m)[0])
@@ -88,6 +89,7 @@ def main():
             print(f"  C={C} {name}: rec {row['recurrent_tok_s']:.0f} tok/s"
                   + (f", par {row['parallel_tok_s']:.0f} tok/s" if row["parallel_tok_s"] else ""), flush=True)
     v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in rows if r["variant"] == "v0"}
+    v0 = {c: v0.get(c, float("nan")) for c in a.chunks}
     print()
     print(f"LaCT ladder, forward, CPU ({platform.processor() or platform.machine()}, "
           f"{jax.device_count()} device), float32, B={B}, T={T}, H={H}, dk=dh=dv={D}")
