@@ -10,10 +10,9 @@ Axis names: ``B`` batch, ``T`` tokens, ``H`` heads, ``D`` head dim, ``W`` width,
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from tttla_jax import _checks
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned
