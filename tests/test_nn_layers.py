@@ -1,0 +1,51 @@
+"""Building blocks (tttla_jax.nn.layers) against their one-line definitions, float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tttla_jax.nn.layers import RMSNorm, ShortConv, SwiGLU
+
+F64 = jnp.float64
+
+
+def test_rmsnorm_matches_definition():
+    n = RMSNorm(6, eps=1e-5, param_dtype=F64)
+    n.scale[...] = jnp.arange(1.0, 7.0, dtype=F64)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (3, 6), F64))
+    ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * np.arange(1.0, 7.0)
+    np.testing.assert_allclose(n(jnp.asarray(x)), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"x: expected last axis of size 6"):
+        n(jnp.zeros((3, 5), F64))
+
+
+def test_short_conv_matches_loop_and_streams():
+    K, F, T = 3, 4, 6
+    conv = ShortConv(F, K, activation=False, param_dtype=F64, rngs=nnx.Rngs(0))
+    w = np.asarray(conv.kernel[...])
+    x = np.asarray(jax.random.normal(jax.random.key(1), (2, T, F), F64))
+    y, state = conv(jnp.asarray(x))
+    xp = np.concatenate([np.zeros((2, K - 1, F)), x], axis=1)  # zeros before the start
+    ref = np.stack([sum(w[j] * xp[:, t + j] for j in range(K)) for t in range(T)], axis=1)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(state, x[:, T - K + 1:])  # the last K-1 inputs
+    # token by token with the state == whole sequence
+    s, ys = conv.init_state(2, F64), []
+    for t in range(T):
+        yt, s = conv(jnp.asarray(x[:, t:t + 1]), s)
+        ys.append(yt)
+    np.testing.assert_allclose(jnp.concatenate(ys, 1), y, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"state: expected shape \[B, kernel_size-1, F\]"):
+        conv(jnp.asarray(x), jnp.zeros((2, K, F), F64))
+
+
+def test_swiglu_matches_definition_and_count():
+    m = SwiGLU(4, 6, param_dtype=F64, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (5, 4), F64)
+    g, u, d = (np.asarray(p.kernel[...]) for p in (m.gate, m.up, m.down))
+    xn = np.asarray(x)
+    a = xn @ g
+    ref = ((a / (1 + np.exp(-a))) * (xn @ u)) @ d
+    np.testing.assert_allclose(m(x), ref, rtol=1e-12, atol=1e-12)
+    assert sum(int(p.size) for p in jax.tree.leaves(nnx.state(m, nnx.Param))) == 3 * 4 * 6
