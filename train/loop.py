@@ -69,6 +69,37 @@ def _masked_nll(logits, targets, mask):
     return jnp.sum(nll * m), jnp.sum(m), jnp.sum(correct)
 
 
+def sparse_logits(model: LanguageModel, tokens, index):
+    """Logits only at ``index`` ([B, Q] positions): ``[B, Q, V]``.
+
+    Same computation as ``model(tokens)[0]`` gathered at ``index`` (checked in the tests),
+    but the tied head (the dominant cost at vocab 8192) runs on Q positions, not T. It
+    mirrors :meth:`LanguageModel.__call__` (embed, blocks, final norm, ``embed.attend``).
+    """
+    B, T = tokens.shape
+    cache = model.init_cache(B)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    x = model.embed(tokens)
+    for block, c in zip(model.blocks, cache["layers"]):
+        x, _ = block(x, c, positions)
+    x = jnp.take_along_axis(x, index[..., None], axis=1)
+    logits = model.embed.attend(model.final_norm(x))
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+def _forward_loss(model, batch, sparse_queries: int):
+    if sparse_queries:  # MQAR: exactly `sparse_queries` scored positions per row
+        mask = batch["mask"]
+        index = jnp.argsort(~mask, axis=1, stable=True)[:, :sparse_queries].astype(jnp.int32)
+        logits = sparse_logits(model, batch["inputs"], index)
+        targets = jnp.take_along_axis(batch["targets"], index, axis=1)
+        mask = jnp.take_along_axis(mask, index, axis=1)
+    else:
+        logits, _ = model(batch["inputs"])
+        targets, mask = batch["targets"], batch["mask"]
+    return _masked_nll(logits, targets, mask)
+
+
 _STEP_CACHE: dict = {}
 
 
@@ -77,15 +108,15 @@ def make_steps(graphdef, cfg: TrainConfig):
     batch)``, cached per (model graph, optimiser settings) so repeated runs in one process
     (tests, resumes) reuse the compiled code."""
     opt_fields = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "b1", "b2", "grad_clip")
-    key = (graphdef, tuple(getattr(cfg, f) for f in opt_fields))
+    sparse = cfg.mqar_kv if cfg.task == "mqar" else 0
+    key = (graphdef, sparse, tuple(getattr(cfg, f) for f in opt_fields))
     if key in _STEP_CACHE:
         return _STEP_CACHE[key]
     tx, _ = make_optimizer(cfg)
 
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits, _ = model(batch["inputs"])
-        s, n, c = _masked_nll(logits, batch["targets"], batch["mask"])
+        s, n, c = _forward_loss(model, batch, sparse)
         return s / jnp.maximum(n, 1.0), (n, c)
 
     @jax.jit
@@ -100,8 +131,7 @@ def make_steps(graphdef, cfg: TrainConfig):
     @jax.jit
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits, _ = model(batch["inputs"])
-        return _masked_nll(logits, batch["targets"], batch["mask"])
+        return _forward_loss(model, batch, sparse)
 
     _STEP_CACHE[key] = (train_step, eval_step)
     return train_step, eval_step
