@@ -3,8 +3,9 @@
 Tolerances (documented): float64 1e-10 absolute (O(1)-scaled inputs, lr of the
 reference's size ~1/D) for outputs, final fast weights and outer gradients w.r.t. every
 input (q, k, v, lr, token_eta, LN scale/bias and the initial fast weights); float32
-inputs 1e-4 relative to the reference's max magnitude (the inner LayerNorm divides by a
-per-token std, which amplifies float32 rounding a little; T ≤ 40 here).
+inputs 5e-6 relative to the float64 loop's max magnitude (measured ≤ 2.6e-7 at T = 7,
+both families and forms; the margin covers error growth with T and the inner
+LayerNorm's division by a per-token std).
 """
 import functools
 
@@ -214,7 +215,7 @@ def test_zero_lr_means_no_update():
         for form in ("dual", "primal"):
             rule = cls(mini_batch_size=4, form=form)
             q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=5, B=2, T=3)
-            f = jax.jit(rule.recurrent)
+            f = jax.jit(functools.partial(rule.recurrent, output_final_state=True))
             o, s = f(q, k, v, jnp.zeros_like(lr), te, g, bt, st)
             close(tuple(s), tuple(st), 0.0, what="state unchanged")
             if cls is TTTLinearRule:
@@ -243,7 +244,7 @@ def test_reduces_to_delta_rule():
     ``S_t = S_{t−1} + β_t k_tᵀ (v_t − k_t S_{t−1})``, ``o_t = q_t S_t``, ``β_t = token_eta[0] lr_t``."""
     rule = TTTLinearRule(mini_batch_size=1, layer_norm=False, bias=False, residual=False)
     q, k, v, lr, te, _, _, st = _example_inputs(rule, seed=7, B=2, T=9)
-    o, s = rule.recurrent(q, k, v, lr, te, None, None, st)
+    o, s = rule.recurrent(q, k, v, lr, te, None, None, st, output_final_state=True)
     d = rule.delta_rule_inputs(q, k, v, lr, te, st)
     S, outs = d["initial_state"], []
     for t in range(q.shape[1]):
@@ -267,7 +268,7 @@ def test_parallel_raises_and_names_layernorm():
     assert "delta rule" in TTTLinearRule(layer_norm=False, bias=False, residual=False).breaks_associativity()
     assert {"ttt_linear", "ttt_mlp"} <= set(REGISTRY)
     rule, build = REGISTRY["ttt_mlp"]()
-    o, s = rule.recurrent(*build(rule, 0, F64))
+    o, s = rule.recurrent(*build(rule, 0, F64), output_final_state=True)
     assert isinstance(s, TTTMLPState) and o.dtype == F64
 
 
@@ -281,15 +282,15 @@ def test_float32_tolerance(family):
     for form in ("dual", "primal"):
         o, s = jax.jit(rule_fn(cls(mini_batch_size=3, form=form)))(*args32)
         assert o.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in s)
-        np.testing.assert_allclose(o, o_r, atol=1e-4 * float(jnp.abs(o_r).max()))
+        np.testing.assert_allclose(o, o_r, atol=5e-6 * float(jnp.abs(o_r).max()))
         for a, b in zip(s, s_r):
-            np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.abs(b).max()))
+            np.testing.assert_allclose(a, b, atol=5e-6 * float(jnp.abs(b).max()))
 
 
 def test_jit_vmap_grad_checkpoint():
     rule = TTTLinearRule(mini_batch_size=4)
     *xs, st = _example_inputs(rule, seed=9, B=1, T=4, dtype=jnp.float32)
-    f = jax.jit(rule.recurrent)
+    f = jax.jit(functools.partial(rule.recurrent, output_final_state=True))
     o, s = f(*xs, st)
     stack = lambda x: jnp.stack([x, 0.5 * x])
     ov, sv = jax.vmap(f)(*(stack(x) for x in xs), jax.tree_util.tree_map(stack, st))

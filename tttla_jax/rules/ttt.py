@@ -378,7 +378,7 @@ class TTTLinearRule(_TTTBase):
         ln_scale: Optional[Float[Array, "h d"]],
         ln_bias: Optional[Float[Array, "h d"]],
         state: TTTLinearState,
-        output_final_state: bool = True,
+        output_final_state: bool = False,
     ):
         """``lax.scan`` over mini-batches (SPEC §4), in ``self.form``.
 
@@ -501,7 +501,7 @@ class TTTMLPRule(_TTTBase):
         ln_scale: Optional[Float[Array, "h d"]],
         ln_bias: Optional[Float[Array, "h d"]],
         state: TTTMLPState,
-        output_final_state: bool = True,
+        output_final_state: bool = False,
     ):
         """``lax.scan`` over mini-batches (SPEC §4); arguments as
         :meth:`TTTLinearRule.recurrent` with a :class:`TTTMLPState`."""
