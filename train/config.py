@@ -156,9 +156,10 @@ STRUCTURAL = ("task", "seed", "batch_size", "seq_len", "vocab_size", "width", "n
 PRESETS = {
     # Byte-level LM on pydoc_data, about 2 minutes on 2 CPU cores.
     "lm-tiny": {},
-    # MQAR at the smallest benchmark setting (seq_len 64, 4 key-value pairs, vocab 8192).
+    # MQAR at the smallest benchmark setting (seq_len 64, 4 key-value pairs, vocab 8192):
+    # ~80% test accuracy after 600 steps (3 min on 2 loaded CPU cores).
     "mqar": dict(task="mqar", vocab_size=8192, seq_len=64, mqar_kv=4, width=64, num_layers=2,
-                 num_heads=2, mixers=("delta_net",), batch_size=32, steps=600, lr=3e-3,
+                 num_heads=2, mixers=("delta_net",), batch_size=32, steps=600, lr=1e-2,
                  warmup_steps=50, weight_decay=0.0, eval_every=200, ckpt_every=200,
                  sample_tokens=0),
 }
