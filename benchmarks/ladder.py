@@ -108,8 +108,11 @@ def main():
     with open(a.out, "w") as f:
         json.dump(dict(config=dict(B=B, T=T, H=H, dk=D, dh=D, dv=D, dtype="float32", reps=a.reps,
                                    backend=jax.default_backend(), jax=jax.__version__,
-                                   cpu_count=os.cpu_count()), rows=rows), f, indent=2)
-    print(f"\nwrote {a.out}")
+                                   cpu_count=os.cpu_count(), loadavg_1_5_15=os.getloadavg(),
+                                   note="the machine was shared with other jobs; see loadavg"),
+                       rows=rows), f, indent=2)
+    print(f"\nload average (1, 5, 15 min) at the end: {os.getloadavg()} on {os.cpu_count()} CPUs")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
