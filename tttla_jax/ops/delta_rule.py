@@ -31,7 +31,7 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
   once with batched matmuls; the sequential scan over chunks only does
   ``S ← M_n S + D_n`` (one K×K by K×V product), and the outputs are again batched
   over chunks given the state before each chunk. For cache locality the chunks are
-  processed in groups of ``_GROUP_CHUNKS`` (an outer ``lax.scan`` carrying S, its body
+  processed in groups of ``_GROUP_CHUNKS`` = 4 (an outer ``lax.scan`` carrying S, its body
   rematerialised for the backward pass).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ IMPLS = ("recurrent", "chunked", "pallas", "auto")
 # Tokens per rematerialised block of the token scan (see ops/linear_attention.py).
 _REMAT_BLOCK = 128
 # Chunks per group of the chunked form (see _chunked).
-_GROUP_CHUNKS = 8
+_GROUP_CHUNKS = 4
 
 
 def _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale):
@@ -295,7 +295,10 @@ def _chunk_group(qc, kc, vc, bc, gc, S0):
         Qt0 = qc
         eye_decay = jnp.eye(K, dtype=dt)
     else:
-        b = jnp.cumsum(gc, axis=-1)  # [B,H,G,C] inclusive, in-chunk
+        # inclusive in-chunk cumulative log-decay [B,H,G,C], as a matmul with the upper-
+        # triangular ones matrix (on XLA:CPU, jnp.cumsum's reduce-window got fused into
+        # the C×C exp below; the matmul form measured ~15-20% faster overall).
+        b = jnp.matmul(gc, jnp.triu(jnp.ones((C, C), dt)))
         bC = b[..., -1:]  # [B,H,G,1]
         # Mask *before* exp: only b_i − b_j with j ≤ i (≤ 0 for g ≤ 0) is exponentiated,
         # so strong decay over a long chunk cannot overflow (nor produce inf·0 = NaN).
