@@ -2,7 +2,7 @@
 
 With no arguments: preset ``lm-tiny``, a 2-layer DeltaNet / sliding-window-attention
 hybrid byte-level LM on Python's embedded ``pydoc_data`` text (LaCT is not implemented
-yet), about 2-3 minutes on 2 CPU cores; checkpoints, ``metrics.jsonl`` and ``loss.png``
+yet), about 75 s on 2 mostly idle CPU cores (3.4 min when heavily shared); checkpoints, ``metrics.jsonl`` and ``loss.png``
 in ``runs/lm-tiny/``.
 """
 import sys
