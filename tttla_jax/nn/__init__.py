@@ -38,6 +38,7 @@ Exports:
     Mixer, LinearAttention, DeltaNet, SlidingWindowAttention, MIXERS, register_mixer
     LMConfig, LanguageModel, Block, count_params
     init_cache, prefill, decode_step, generate, sample_logits
+    load_reference_weights, export_reference_weights, prefixed_weight_map   (weights.py)
 """
 from tttla_jax.nn.layers import RMSNorm, ShortConv, SwiGLU, apply_rope
 from tttla_jax.nn.mixers import (
@@ -51,6 +52,7 @@ from tttla_jax.nn.mixers import (
 )
 from tttla_jax.nn.model import Block, LanguageModel, LMConfig, count_params
 from tttla_jax.nn.decode import decode_step, generate, init_cache, prefill, sample_logits
+from tttla_jax.nn.weights import export_reference_weights, load_reference_weights, prefixed_weight_map
 
 __all__ = [
     "RMSNorm", "ShortConv", "SwiGLU", "apply_rope",
@@ -58,4 +60,5 @@ __all__ = [
     "register_mixer",
     "Block", "LanguageModel", "LMConfig", "count_params",
     "decode_step", "generate", "init_cache", "prefill", "sample_logits",
+    "load_reference_weights", "export_reference_weights", "prefixed_weight_map",
 ]
