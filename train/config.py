@@ -14,6 +14,7 @@ from typing import Optional
 from tttla_jax.nn.mixers import MIXERS
 
 TASKS = ("lm", "mqar")
+DISTRIBUTED = ("auto", "on", "off")
 
 # (seq_len, num_kv_pairs) of the standard MQAR benchmark (Zoology, Arora et al. 2023).
 MQAR_SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
@@ -56,6 +57,16 @@ class TrainConfig:
       progress: show the progress bar on stderr.
       plot: write loss.png (needs matplotlib).
       throttle: seconds to sleep after every step (only to test kill/resume).
+      mesh: device mesh "data=D,fsdp=F" (either may be omitted: 1); "" puts every device
+        on the data axis. Parameters and optimiser state are sharded over fsdp by their
+        logical axis names, batches over data x fsdp (see train/distributed.py).
+      distributed: "auto" calls jax.distributed.initialize when a coordinator, process
+        count or process id is given (flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+        JAX_PROCESS_ID); "on" always (cluster auto-detection on TPU pods, SLURM, ...);
+        "off" never.
+      coordinator: "host:port" of process 0 for jax.distributed.initialize.
+      num_processes: number of processes (0: from the environment).
+      process_id: index of this process (-1: from the environment).
     """
 
     preset: str = "lm-tiny"
@@ -92,6 +103,11 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     throttle: float = 0.0
+    mesh: str = ""
+    distributed: str = "auto"
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -119,6 +135,16 @@ class TrainConfig:
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a float in [0, 1), got {getattr(self, name)!r}")
+        from train.distributed import parse_mesh  # validates the mesh string
+        parse_mesh(self.mesh)
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {self.distributed!r}")
+        if isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) \
+                or self.num_processes < 0:
+            raise ValueError(f"num_processes: expected an integer >= 0, got {self.num_processes!r}")
+        if isinstance(self.process_id, bool) or not isinstance(self.process_id, int) \
+                or self.process_id < -1:
+            raise ValueError(f"process_id: expected an integer >= -1, got {self.process_id!r}")
         mixers = (self.mixers,) if isinstance(self.mixers, str) else tuple(self.mixers)
         for m in mixers:
             if m not in MIXERS:
@@ -241,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="+", choices=tuple(MIXERS), default=None, help=help_)
         elif f.name == "task":
             p.add_argument(flag, choices=TASKS, default=None, help=help_)
+        elif f.name == "distributed":
+            p.add_argument(flag, choices=DISTRIBUTED, default=None, help=help_)
         else:
             p.add_argument(flag, type=typ, default=None, help=help_)
     return p
