@@ -9,10 +9,12 @@ Public API (see README "API map"):
     tt.reference                        float64 per-token loops that read like the SPEC
     tt.testing                          the equivalence harness (forms, states, gradients)
     tt.reduce(rule, *inputs)            a rule's linear-attention reading (Theorems 5.1–5.3)
+    tt.nn                               Flax NNX layers, the language model, decoding
+    tttla_jax.kernels                   Pallas kernels (imported on demand)
 """
 from tttla_jax.ops import delta_rule, linear_attention
-from tttla_jax import reference, rules, testing
+from tttla_jax import nn, reference, rules, testing
 from tttla_jax.reduce import Reading, reduce  # noqa: E402  (tt.reduce is the function)
 
 __version__ = "0.1.0"
-__all__ = ["Reading", "delta_rule", "linear_attention", "reduce", "reference", "rules", "testing"]
+__all__ = ["Reading", "delta_rule", "linear_attention", "nn", "reduce", "reference", "rules", "testing"]

@@ -112,8 +112,9 @@ def delta_rule(
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
       output_final_state: also return the state after the last token.
       chunk_size: chunk length of the chunked form.
-      impl: ``"recurrent"`` | ``"chunked"`` | ``"pallas"`` (not implemented yet) |
-        ``"auto"`` (the chunked form).
+      impl: ``"recurrent"`` | ``"chunked"`` | ``"pallas"`` (the Pallas forward kernel of
+        :mod:`tttla_jax.kernels`, backward in XLA; interpret mode on a CPU host) |
+        ``"auto"`` (the kernel on GPU/TPU where it supports the shape, else chunked).
 
     Returns:
       ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` in float32
@@ -122,22 +123,22 @@ def delta_rule(
     Raises:
       ValueError: a shape, dtype, ``impl`` or ``chunk_size`` is wrong (the message names
         the argument, what it got and what was expected). Raised at trace time.
-      NotImplementedError: ``impl="pallas"`` (no delta-rule kernel yet).
+      ValueError: ``impl="pallas"`` on a shape/dtype the kernel does not support (the
+        message gives the reason; ``"auto"`` falls back silently).
     """
     B, T, H, K, V = _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale)
     if scale is None:
         scale = K ** -0.5
     if impl == "auto":
-        # Hook for a fused kernel: when tttla_jax.kernels gains a delta-rule kernel
-        # (GPU/TPU), dispatch to it here for supported backends/shapes, e.g.
-        #   if kernels.delta_rule_supported(q, K, V): impl = "pallas"
-        # On CPU the chunked XLA form is the fast path.
-        impl = "chunked"
+        # The fused forward kernel on GPU/TPU for supported shapes; on CPU the chunked XLA
+        # form is the fast path.
+        impl = "pallas" if _kernel_supported(q, K, V) else "chunked"
     if impl == "pallas":
-        raise NotImplementedError(
-            "delta_rule(impl='pallas'): no Pallas kernel for the delta rule exists yet; "
-            "use impl='chunked' (the fast XLA form) or impl='recurrent'"
-        )
+        from tttla_jax import kernels  # deferred: kernels sit below ops in the data flow
+
+        return kernels.delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
+                                  initial_state=initial_state,
+                                  output_final_state=output_final_state, chunk_size=chunk_size)
 
     sd = _checks.state_dtype(q, k, v, beta, log_decay, initial_state)
     qf = q.astype(sd) * jnp.asarray(scale, sd)
@@ -361,3 +362,11 @@ def _chunked(q, k, v, beta, g, S0, chunk_size, group=None, remat=True):
     S_final, o = lax.scan(body, S0, xs)  # o: [NG, B, H, G, C, V]
     o = jnp.moveaxis(o, (0, 2), (1, 4)).reshape(B, Tp, H, V)
     return o[:, :T], S_final
+
+
+def _kernel_supported(q, K: int, V: int) -> bool:
+    try:
+        from tttla_jax import kernels
+    except ImportError:  # pragma: no cover
+        return False
+    return kernels.delta_rule_supported(q, K, V)

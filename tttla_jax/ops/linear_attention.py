@@ -111,7 +111,7 @@ def linear_attention(
     if scale is None:
         scale = K ** -0.5
     if impl == "auto":
-        impl = _auto_impl(q, mode, K, V)
+        impl = _auto_impl(q, mode, K, V, chunk_size)
     if impl == "pallas":
         from tttla_jax import kernels  # deferred: kernels are optional at import time
 
@@ -131,14 +131,14 @@ def linear_attention(
     return o.astype(q.dtype), (S if output_final_state else None)
 
 
-def _auto_impl(q, mode, K, V) -> str:
+def _auto_impl(q, mode, K, V, chunk_size) -> str:
     # The kernel dispatch for GPU/TPU is added by tttla_jax.kernels (issue 5); on CPU the
     # chunked XLA form is the fast path.
     try:
         from tttla_jax import kernels
 
         pick = getattr(kernels, "auto_supported", None)
-        if pick is not None and pick(q, mode, K, V):
+        if pick is not None and pick(q, mode, K, V, chunk_size=chunk_size):
             return "pallas"
     except ImportError:  # pragma: no cover
         pass

@@ -6,27 +6,38 @@ parallel form (``None`` if there is one).
 """
 from tttla_jax.rules.base import NotAssociativeError, REGISTRY, Rule, register
 from tttla_jax.rules.lact import LaCTRule, LaCTState, lact_swiglu, newton_schulz5
+from tttla_jax.rules.ladder import ANOMALIES as LADDER_ANOMALIES, PRESETS as LADDER_PRESETS, ladder
 from tttla_jax.rules.linear import DeltaRule, LinearAttentionRule, LinearFastWeightRule
 from tttla_jax.rules.titans import TitansRule, TitansState, titans
-from tttla_jax.rules.ttt import TTTLinearRule, TTTMLPRule, ttt_linear, ttt_mlp
+from tttla_jax.rules.ttt import TTTLinearRule, TTTLinearState, TTTMLPRule, TTTMLPState, ttt_linear, ttt_mlp
+from tttla_jax.rules.vit3 import ViT3ConvRule, ViT3GLURule, vit3_conv, vit3_glu
 
 __all__ = [
     "DeltaRule",
     "LaCTRule",
     "LaCTState",
+    "LADDER_ANOMALIES",
+    "LADDER_PRESETS",
     "LinearAttentionRule",
     "LinearFastWeightRule",
     "NotAssociativeError",
     "REGISTRY",
     "Rule",
     "TTTLinearRule",
+    "TTTLinearState",
     "TTTMLPRule",
+    "TTTMLPState",
+    "ViT3ConvRule",
+    "ViT3GLURule",
     "TitansRule",
     "TitansState",
     "lact_swiglu",
+    "ladder",
     "newton_schulz5",
     "register",
     "titans",
     "ttt_linear",
     "ttt_mlp",
+    "vit3_conv",
+    "vit3_glu",
 ]
