@@ -331,6 +331,40 @@ class DeltaNet(Mixer):
         return self.o_proj(o), new_cache
 
 
+def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
+    """Causal softmax attention of T queries against ``[cached keys ; T new keys]``.
+
+    Query at position ``p`` attends to keys at positions ``p − window < p' ≤ p`` (slots
+    with position −1 are empty): ``o = softmax(q Kᵀ / √D + mask) V``. Shared by
+    :class:`SlidingWindowAttention` and the hybrid branch of the LaCT layer.
+
+    Args:
+      q, k, v: ``[B, T, H, D]`` (q, k already rotated).
+      qpos: ``[B, T]`` int positions of the new tokens.
+      cache: ``{"k", "v": [B, window, H, D], "kpos": [B, window]}`` (other keys ignored).
+      window: attention window.
+
+    Returns:
+      ``(o [B, T, H, D], {"k", "v", "kpos", "pos"})``: the last ``window`` keys/values and
+      their positions, and the next position.
+    """
+    w = window
+    kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+    vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+    kpos = jnp.concatenate([cache["kpos"], qpos.astype(jnp.int32)], axis=1)  # [B, w+T]
+    sd = _checks.state_dtype(q, kk)
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(sd), kk.astype(sd)) * (q.shape[-1] ** -0.5)
+    kp, qp = kpos[:, None, :], qpos[:, :, None]
+    mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [B, T, w+T]
+    s = jnp.where(mask[:, None], s, jnp.finfo(sd).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhts,bshd->bthd", p, vv.astype(sd)).astype(q.dtype)
+    n = kk.shape[1]
+    new = {"k": kk[:, n - w:], "v": vv[:, n - w:], "kpos": kpos[:, n - w:],
+           "pos": qpos[:, -1].astype(jnp.int32) + 1}
+    return o, new
+
+
 class SlidingWindowAttention(Mixer):
     """Causal softmax attention over a sliding window of ``window`` tokens, with RoPE.
 
@@ -386,21 +420,7 @@ class SlidingWindowAttention(Mixer):
 
     def _attend(self, q, k, v, qpos, cache):
         """One parallel step: T queries against ``[cache ; T new keys]``. Returns (o, cache')."""
-        w = self.window
-        kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
-        vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
-        kpos = jnp.concatenate([cache["kpos"], qpos.astype(jnp.int32)], axis=1)  # [B, w+T]
-        sd = _checks.state_dtype(q, kk)
-        s = jnp.einsum("bthd,bshd->bhts", q.astype(sd), kk.astype(sd)) * (self.head_dim ** -0.5)
-        kp, qp = kpos[:, None, :], qpos[:, :, None]
-        mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [B, T, w+T]
-        s = jnp.where(mask[:, None], s, jnp.finfo(sd).min)
-        p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("bhts,bshd->bthd", p, vv.astype(sd)).astype(q.dtype)
-        n = kk.shape[1]
-        new = {"k": kk[:, n - w:], "v": vv[:, n - w:], "kpos": kpos[:, n - w:],
-               "pos": qpos[:, -1].astype(jnp.int32) + 1}
-        return o, new
+        return sliding_window_attend(q, k, v, qpos, cache, window=self.window)
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
                  positions: Optional[Int[Array, "b t"]] = None):
