@@ -84,3 +84,16 @@ def ladder(name: str, *, chunk_size: int = 2048, **overrides) -> LaCTRule:
         raise ValueError(f"overrides: unknown LaCTRule fields {sorted(unknown)}")
     cfg.update(overrides)
     return LaCTRule(**cfg)
+
+
+def _register_presets():
+    """Every ladder step and anomaly preset joins the rule registry (as ``ladder_<name>``)
+    so the registry-driven equivalence test checks each one (small chunk for the tests)."""
+    from tttla_jax.rules.base import register
+    from tttla_jax.rules.lact import _example_inputs
+
+    for name in PRESETS + ANOMALIES:
+        register(f"ladder_{name}")(lambda name=name: (ladder(name, chunk_size=4), _example_inputs))
+
+
+_register_presets()
