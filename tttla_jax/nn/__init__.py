@@ -39,6 +39,7 @@ Exports:
     LMConfig, LanguageModel, Block, count_params
     init_cache, prefill, decode_step, generate, sample_logits
     load_reference_weights, export_reference_weights, prefixed_weight_map   (weights.py)
+    TTTLinear, TTTMLP (ttt.py), TitansMemory (titans.py)   mixers "ttt_linear", "ttt_mlp", "titans"
 """
 from tttla_jax.nn.layers import RMSNorm, ShortConv, SwiGLU, apply_rope
 from tttla_jax.nn.mixers import (
@@ -53,6 +54,8 @@ from tttla_jax.nn.mixers import (
 from tttla_jax.nn.model import Block, LanguageModel, LMConfig, count_params
 from tttla_jax.nn.decode import decode_step, generate, init_cache, prefill, sample_logits
 from tttla_jax.nn.weights import export_reference_weights, load_reference_weights, prefixed_weight_map
+from tttla_jax.nn.ttt import TTTLinear, TTTMLP  # registers "ttt_linear", "ttt_mlp"
+from tttla_jax.nn.titans import TitansMemory  # registers "titans"
 
 __all__ = [
     "RMSNorm", "ShortConv", "SwiGLU", "apply_rope",
@@ -61,4 +64,5 @@ __all__ = [
     "Block", "LanguageModel", "LMConfig", "count_params",
     "decode_step", "generate", "init_cache", "prefill", "sample_logits",
     "load_reference_weights", "export_reference_weights", "prefixed_weight_map",
+    "TTTLinear", "TTTMLP", "TitansMemory",
 ]

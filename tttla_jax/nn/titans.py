@@ -1,0 +1,233 @@
+"""Titans neural-memory layer (Behrouz et al., 2025, "Titans: Learning to Memorize at Test
+Time", §3.1) on :mod:`tttla_jax.rules.titans` (SPEC §5).
+
+Layer (per token ``x ∈ R^W``, heads ``H`` of size ``D``)::
+
+    q, k, v = x W_q, x W_k, x W_v         (q, k L2-normalised per head with qk_norm)
+    θ_t = max_lr · sigmoid(x_t w_θ)        (per-token inner learning rate, per head)
+    η_n = sigmoid(pool_c(x) w_η)           (per-chunk momentum, per head)
+    α_n = sigmoid(pool_c(x) w_α)           (per-chunk forgetting, per head)
+    o   = Titans memory read (SPEC §5):  o_t = M_{⌊(t+1)/c⌋}(q_t)
+    y   = o_proj(RMSNorm_head(o))
+
+``pool_c`` is the mean over the chunk's tokens; since ``w_η`` and ``w_α`` are linear it is
+applied to the per-token projections (``mean(x) w = mean(x w)``). The memory is linear
+(``M(k) = k W``, ``W_0 [H, D, D]`` learned) or a 2-layer MLP (``act(k W1) W2``).
+
+TTT batches: the surprise of a token is taken at ``W_ref``, the memory at the start of its
+TTT batch of ``batch_size`` tokens (a multiple of ``chunk_size``), counted from the first
+token the cache has seen. The layer runs the rule once per TTT batch with
+``batch_size=None`` (``W_ref`` = the batch's initial memory — exactly the rule's
+``batch_size`` semantics) inside a ``lax.scan`` (:mod:`tttla_jax.nn._segments`), which
+also gives the decoding cache: the memory and momentum at the last TTT-batch boundary
+plus the per-token inputs of the partial batch, re-run with the next tokens, so any split
+of a sequence equals one call.
+
+Modes: ``"recurrent"`` → the rule's ``lax.scan`` over chunks; ``"parallel"`` → its
+parallel form inside each TTT batch (``chunked`` masked linear attention for the linear
+memory, ``associative`` scan for the MLP memory); ``"auto"`` → chunked (linear) or
+recurrent (MLP). ``"pallas"`` is rejected.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from tttla_jax import _checks
+from tttla_jax.nn._segments import run_segments
+from tttla_jax.nn.layers import RMSNorm, dense, l2_normalize, partitioned
+from tttla_jax.nn.mixers import Mixer, _check_cache, _check_mode, register_mixer, resolve_heads
+from tttla_jax.rules.titans import ACTIVATIONS, MEMORIES, TitansRule, TitansState
+
+__all__ = ["TitansMemory"]
+
+
+def _normal(std):
+    def init(key, shape, dtype):
+        return std * jax.random.normal(key, shape, dtype)
+    return init
+
+
+class TitansMemory(Mixer):
+    """Titans neural memory as a token mixer (module docstring has the math).
+
+    Args:
+      width: model width ``W``. num_heads: ``H``. head_dim: ``D`` (default ``W // H``).
+      chunk_size: ``c``, tokens per momentum / forgetting gate.
+      batch_size: TTT batch in tokens (a positive multiple of ``chunk_size``); ``W_ref``
+        is refreshed at every TTT-batch start. ``batch_size = chunk_size`` is the most
+        sequential variant.
+      memory: ``"linear"`` or ``"mlp"``. mlp_expansion: hidden width ``F = mlp_expansion·D``.
+      activation: ``"gelu"`` (exact) or ``"silu"`` between the MLP memory's layers.
+      max_lr: upper bound of ``θ_t``.
+      qk_norm: L2-normalise q and k per head.
+      block_tokens: block length of the rule's chunked form.
+      mode: ``"recurrent"`` | ``"parallel"`` | ``"auto"``.
+
+    Parameters (``HD = H·D``): ``4·W·HD`` (q, k, v, o) ``+ 3·W·H`` (θ, η, α) ``+ D``
+    (output norm) ``+ H·D²`` (linear ``W_0``) or ``+ 2·H·D·F`` (MLP ``W_0``).
+    """
+
+    supported_modes = ("recurrent", "parallel", "auto")
+
+    def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
+                 chunk_size: int = 16, batch_size: int = 64, memory: str = "linear",
+                 mlp_expansion: int = 4, activation: str = "gelu", max_lr: float = 0.1,
+                 qk_norm: bool = True, block_tokens: int = 64, norm_eps: float = 1e-6,
+                 mode: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.head_dim = resolve_heads(width, num_heads, head_dim)
+        _checks.check_positive_int("chunk_size", chunk_size)
+        if batch_size is None:
+            raise ValueError(
+                "batch_size: a layer needs a finite TTT batch (a multiple of chunk_size) so that "
+                "decoding can resume at TTT-batch boundaries; got None")
+        _checks.check_positive_int("batch_size", batch_size)
+        if batch_size % chunk_size:
+            raise ValueError(f"batch_size: expected a multiple of chunk_size = {chunk_size}, got {batch_size}")
+        _checks.check_choice("memory", memory, MEMORIES)
+        _checks.check_choice("activation", activation, ACTIVATIONS)
+        _checks.check_positive_int("mlp_expansion", mlp_expansion)
+        _checks.check_positive_int("block_tokens", block_tokens)
+        if not (isinstance(max_lr, (int, float)) and max_lr > 0):
+            raise ValueError(f"max_lr: expected a positive float, got {max_lr!r}")
+        _check_mode(type(self).__name__, mode, self.supported_modes)
+        self.width, self.num_heads = width, num_heads
+        self.chunk_size, self.batch_size, self.memory = chunk_size, batch_size, memory
+        self.mlp_expansion, self.activation, self.max_lr = mlp_expansion, activation, float(max_lr)
+        self.qk_norm, self.block_tokens, self.mode = qk_norm, block_tokens, mode
+        self.dtype, self.param_dtype = dtype, param_dtype
+        H, D, HD = num_heads, self.head_dim, num_heads * self.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.theta_proj = dense(width, H, ("embed", None), **kw)
+        self.eta_proj = dense(width, H, ("embed", None), **kw)
+        self.alpha_proj = dense(width, H, ("embed", None), **kw)
+        if memory == "linear":
+            self.W0 = nnx.Param(partitioned(_normal(D ** -0.5), (None, "head_dim", None))(
+                rngs.params(), (H, D, D), param_dtype))
+            self.W0_1 = self.W0_2 = None
+        else:
+            F = mlp_expansion * D
+            self.W0 = None
+            self.W0_1 = nnx.Param(partitioned(_normal(D ** -0.5), (None, "head_dim", None))(
+                rngs.params(), (H, D, F), param_dtype))
+            self.W0_2 = nnx.Param(partitioned(_normal(F ** -0.5), (None, None, "head_dim"))(
+                rngs.params(), (H, F, D), param_dtype))
+        self.out_norm = RMSNorm(D, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                axis_name="head_dim")
+        self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+
+    # ----------------------------------------------------------------- rule / state
+    def _rule(self) -> TitansRule:
+        return TitansRule(chunk_size=self.chunk_size, batch_size=None, memory=self.memory,
+                          activation=self.activation, block_tokens=self.block_tokens)
+
+    def _W0(self):
+        if self.memory == "linear":
+            return self.W0[...]
+        return (self.W0_1[...], self.W0_2[...])
+
+    def _state_keys(self):
+        if self.memory == "linear":
+            return ("memory", "momentum")
+        return ("memory_1", "memory_2", "momentum_1", "momentum_2")
+
+    def _to_flat(self, st: TitansState) -> dict:
+        if self.memory == "linear":
+            return {"memory": st.memory, "momentum": st.momentum}
+        return {"memory_1": st.memory[0], "memory_2": st.memory[1],
+                "momentum_1": st.momentum[0], "momentum_2": st.momentum[1]}
+
+    def _from_flat(self, c: dict) -> TitansState:
+        if self.memory == "linear":
+            return TitansState(c["memory"], c["momentum"])
+        return TitansState((c["memory_1"], c["memory_2"]), (c["momentum_1"], c["momentum_2"]))
+
+    def _cache_spec(self, B: int) -> dict:
+        H, D, P = self.num_heads, self.head_dim, self.batch_size
+        if self.memory == "linear":
+            spec = {k: ((B, H, D, D), "[B, H, D, D]") for k in ("memory", "momentum")}
+        else:
+            F = self.mlp_expansion * D
+            spec = {"memory_1": ((B, H, D, F), "[B, H, D, F]"), "momentum_1": ((B, H, D, F), "[B, H, D, F]"),
+                    "memory_2": ((B, H, F, D), "[B, H, F, D]"), "momentum_2": ((B, H, F, D), "[B, H, F, D]")}
+        for name in ("buf_q", "buf_k", "buf_v"):
+            spec[name] = ((B, P - 1, H, D), "[B, batch_size-1, H, D]")
+        for name in ("buf_theta", "buf_eta", "buf_alpha"):
+            spec[name] = ((B, P - 1, H), "[B, batch_size-1, H]")
+        spec["buf_len"] = ((B,), "[B]")
+        return spec
+
+    def init_cache(self, batch_size: int) -> dict:
+        """Fresh decoding state: ``M = W_0`` (learned, broadcast), momentum 0 (float32 /
+        float64) at the last TTT-batch boundary; ``"buf_q"``, ``"buf_k"``, ``"buf_v"``
+        ``[B, P−1, H, D]`` and ``"buf_theta"``, ``"buf_eta"``, ``"buf_alpha"`` ``[B, P−1, H]``
+        (θ and the pre-pooling gate projections) of the partial TTT batch, ``"buf_len"``
+        ``[B]`` its valid length (``P = batch_size``)."""
+        _checks.check_positive_int("batch_size", batch_size)
+        H, D, P = self.num_heads, self.head_dim, self.batch_size
+        sd, ad = self._state_dtype(), self._act_dtype()
+        W0 = jax.tree_util.tree_map(lambda w: w.astype(sd), self._W0())
+        cache = self._to_flat(self._rule().init_state(W0, batch_size))
+        for name in ("buf_q", "buf_k", "buf_v"):
+            cache[name] = jnp.zeros((batch_size, P - 1, H, D), ad)
+        for name in ("buf_theta", "buf_eta", "buf_alpha"):
+            cache[name] = jnp.zeros((batch_size, P - 1, H), sd)
+        cache["buf_len"] = jnp.zeros((batch_size,), jnp.int32)
+        return cache
+
+    # ----------------------------------------------------------------- forward
+    def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[dict] = None,
+                 positions: Optional[Int[Array, "b t"]] = None):
+        """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused."""
+        _checks.check_rank("x", x, 3, "[B, T, W]")
+        B, T, W = x.shape
+        if W != self.width:
+            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        empty = cache is None
+        if empty:
+            cache = self.init_cache(B)
+        _check_cache(cache, self._cache_spec(B))
+        H, D, c, P = self.num_heads, self.head_dim, self.chunk_size, self.batch_size
+        q, k, v = (p(x).reshape(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:
+            q, k = l2_normalize(q), l2_normalize(k)
+        sd = cache["buf_theta"].dtype
+        theta = self.max_lr * jax.nn.sigmoid(self.theta_proj(x).astype(sd))
+        eta_pre, alpha_pre = self.eta_proj(x).astype(sd), self.alpha_proj(x).astype(sd)
+        rule = self._rule()
+        mode = self.mode
+
+        def step(st, seg):
+            qs, ks, vs, th, ep, ap = seg
+            pool = lambda a: jnp.moveaxis(jnp.mean(a.reshape(B, P // c, c, H), axis=2), 1, 2)
+            eta, alpha = jax.nn.sigmoid(pool(ep)), jax.nn.sigmoid(pool(ap))  # [B, H, N]
+            if mode == "recurrent":
+                o, st2 = rule.recurrent(qs, ks, vs, th, eta, alpha, st)
+            elif mode == "parallel":
+                o, st2 = rule.parallel(qs, ks, vs, th, eta, alpha, st)
+            else:
+                o, st2 = rule(qs, ks, vs, th, eta, alpha, st, impl="auto")
+            st2 = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), st2, st)
+            return st2, o
+
+        names = ("buf_q", "buf_k", "buf_v", "buf_theta", "buf_eta", "buf_alpha")
+        bufs = tuple(cache[n] for n in names)
+        o, st, nbufs, nlen = run_segments(step, self._from_flat(cache),
+                                          (q, k, v, theta, eta_pre, alpha_pre), bufs,
+                                          cache["buf_len"], P, empty=empty)
+        new_cache = self._to_flat(st)
+        for name, b, old in zip(names, nbufs, bufs):
+            new_cache[name] = b.astype(old.dtype)
+        new_cache["buf_len"] = nlen
+        o = self.out_norm(o.astype(self._act_dtype())).reshape(B, T, H * D)
+        return self.o_proj(o), new_cache
+
+
+register_mixer("titans", TitansMemory)
