@@ -5,10 +5,13 @@ temporary directory renamed when complete) holds
 
 * ``arrays``: every array of the training state (parameters, optimiser state, RNG key)
   as a flat ``{"a0000": ..., ...}`` dict in ``jax.tree`` leaf order;
-* ``meta`` (JSON): the step, the config, the grain iterator state and a SHA-256 digest
-  of all array bytes.
+* ``meta`` (JSON): the step, the config, the grain iterator state and a digest of all
+  arrays (:func:`train.distributed.checksum`: exact on-device sums, hashed).
 
-Restoring recomputes the digest; a checkpoint that fails to load or whose digest does
+Arrays may be sharded over a device mesh and over several processes: orbax writes each
+shard from the process that owns it and restores into the shardings of the target
+(``like_leaves`` ``jax.ShapeDtypeStruct`` s with ``sharding``), so a checkpoint can be
+restored on another mesh. Restoring recomputes the digest; a checkpoint that fails to load or whose digest does
 not match is reported, moved to ``<run_dir>/ckpt_corrupt/`` (never deleted) and the
 next older one is tried.
 """
@@ -23,6 +26,8 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from train.distributed import checksum
 
 
 class CheckpointDirError(RuntimeError):
@@ -78,27 +83,33 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, leaves, meta: dict) -> None:
-        host = [np.asarray(x) for x in leaves]
-        meta = dict(meta, step=int(step), digest=digest(host))
+        """Save ``leaves`` (jax or numpy arrays, possibly sharded) and ``meta`` (JSON).
+
+        Every process must call it (orbax writes each shard from its owner; the JSON is
+        written by process 0)."""
+        leaves = list(leaves)
+        meta = dict(meta, step=int(step), digest=checksum(leaves))
         self.manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(_as_dict(host)), meta=ocp.args.JsonSave(meta)))
+            arrays=ocp.args.StandardSave(_as_dict(leaves)), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
     def _restore(self, step: int, like_leaves):
-        target = _as_dict([jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in like_leaves])
+        target = _as_dict([x if isinstance(x, jax.ShapeDtypeStruct)
+                           else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                           for x in like_leaves])
         out = self.manager.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         arrays, meta = out["arrays"], out["meta"]
         if set(arrays) != set(target):
             raise ValueError(f"array names differ from the training state ({len(arrays)} vs {len(target)})")
-        leaves = [np.asarray(arrays[k]) for k in sorted(target)]
+        leaves = [arrays[k] for k in sorted(target)]
         for k, a, t in zip(sorted(target), leaves, [target[k] for k in sorted(target)]):
             if a.shape != t.shape or a.dtype != t.dtype:
                 raise ValueError(f"{k}: restored {a.dtype}{a.shape}, expected {t.dtype}{t.shape}")
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise ValueError(f"metadata does not describe step {step}: {str(meta)[:200]}")
-        if digest(leaves) != meta.get("digest"):
-            raise ValueError("SHA-256 of the restored arrays does not match the digest saved with them")
+        if checksum(leaves) != meta.get("digest"):
+            raise ValueError("the checksum of the restored arrays does not match the one saved with them")
         return leaves, meta
 
     def restore_latest(self, like_leaves, log=print):
@@ -119,10 +130,17 @@ class Checkpointer:
         return None
 
     def quarantine(self, step: int) -> str:
-        os.makedirs(self.corrupt_dir, exist_ok=True)
+        """Move checkpoint ``step`` to ``ckpt_corrupt/`` (process 0 moves, all wait)."""
         src = os.path.join(self.root, str(step))
-        dest = os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-        shutil.move(src, dest)
+        dest = os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(self.corrupt_dir, exist_ok=True)
+            if os.path.exists(dest):
+                dest += f"-{os.getpid()}"
+            shutil.move(src, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
         self.manager.close()
         self._open()
         return dest
@@ -136,9 +154,12 @@ def load_final(run_dir: str):
     without a template (for tests and inspection)."""
     root = os.path.abspath(os.path.join(run_dir, "ckpt"))
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
-                                 item_names=("arrays", "meta"))
+                                 item_handlers={"arrays": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
     step = mngr.latest_step()
-    out = mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(),
+    shapes = mngr.item_metadata(step)["arrays"]  # restore as numpy, whatever mesh saved it
+    like = {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+    out = mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(like),
                                                      meta=ocp.args.JsonRestore()))
     mngr.close()
     arrays = out["arrays"]

@@ -75,8 +75,23 @@ def _mqar_kw(cfg):
                 power_a=cfg.mqar_power_a)
 
 
-def train_loader(cfg) -> grain.DataLoader:
-    """The training pipeline: shuffled (LM, reshuffled every epoch) batches, forever."""
+def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.DataLoader:
+    """The training pipeline: shuffled (LM, reshuffled every epoch) batches, forever.
+
+    With ``process_count > 1`` (multi-host) process ``i`` reads only its
+    ``batch_size / process_count`` rows of every global batch: grain shards the sampler's
+    global record sequence by process (``ShardOptions(i, n)``: records ``i, i+n, ...``), so
+    the union of the processes' rows of batch ``b`` is exactly the records of batch ``b``
+    of a single-process run (in another row order).
+    """
+    if cfg.batch_size % process_count:
+        raise ValueError(f"batch_size: expected a multiple of the {process_count} processes, "
+                         f"got {cfg.batch_size}")
+    if process_count > 1:
+        shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
+                                   drop_remainder=True)
+    else:
+        shard = grain.NoSharding()
     if cfg.task == "lm":
         source = WindowSource(corpus_split()[0], cfg.seq_len)
         sampler = grain.IndexSampler(len(source), shuffle=True, seed=cfg.seed, num_epochs=None,
@@ -85,8 +100,9 @@ def train_loader(cfg) -> grain.DataLoader:
         source = MQARSource(cfg.seed, **_mqar_kw(cfg))
         sampler = grain.IndexSampler(len(source), shuffle=False, num_epochs=None,
                                      shard_options=grain.NoSharding())
-    return grain.DataLoader(data_source=source, sampler=sampler,
-                            operations=[grain.Batch(cfg.batch_size, drop_remainder=True)],
+    return grain.DataLoader(data_source=source, sampler=sampler, shard_options=shard,
+                            operations=[grain.Batch(cfg.batch_size // process_count,
+                                                    drop_remainder=True)],
                             worker_count=0)
 
 
@@ -109,3 +125,14 @@ def eval_batches(cfg) -> list:
     n = cfg.mqar_test_examples
     return [mqar_batch(test_seed, range(s, min(s + cfg.batch_size, n)), **_mqar_kw(cfg))
             for s in range(0, n, cfg.batch_size)]
+
+
+def pad_batch(batch: dict, rows: int) -> dict:
+    """``batch`` padded with masked-out rows (token 0, mask False) to ``rows`` rows, so
+    every evaluation batch has the sharded batch shape; padded rows add nothing to the
+    masked sums."""
+    have = len(batch["mask"])
+    if have == rows:
+        return batch
+    return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}

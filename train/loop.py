@@ -25,6 +25,7 @@ from flax import nnx
 from tttla_jax.nn.decode import generate
 from tttla_jax.nn.model import LanguageModel, LMConfig, count_params
 from train import data as data_lib
+from train import distributed as dist
 from train.checkpoint import Checkpointer, check_writable
 from train.config import STRUCTURAL, TrainConfig
 
@@ -103,13 +104,20 @@ def _forward_loss(model, batch, sparse_queries: int):
 _STEP_CACHE: dict = {}
 
 
-def make_steps(graphdef, cfg: TrainConfig):
+def make_steps(graphdef, cfg: TrainConfig, mesh=None, shardings=None):
     """Jitted ``train_step(params, rest, opt_state, batch)`` and ``eval_step(params, rest,
-    batch)``, cached per (model graph, optimiser settings) so repeated runs in one process
-    (tests, resumes) reuse the compiled code."""
+    batch)``, cached per (model graph, optimiser settings, mesh) so repeated runs in one
+    process (tests, resumes) reuse the compiled code.
+
+    With ``shardings = (params, rest, opt_state, batch)`` (NamedSharding trees on ``mesh``)
+    the steps are jitted with those ``in_shardings`` / ``out_shardings`` (metrics
+    replicated): the SPMD partitioner inserts the FSDP all-gathers and the gradient
+    reductions over ``("data", "fsdp")``.
+    """
     opt_fields = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "b1", "b2", "grad_clip")
     sparse = cfg.mqar_kv if cfg.task == "mqar" else 0
-    key = (graphdef, sparse, tuple(getattr(cfg, f) for f in opt_fields))
+    key = (graphdef, sparse, tuple(getattr(cfg, f) for f in opt_fields),
+           None if mesh is None else dist.mesh_key(mesh))
     if key in _STEP_CACHE:
         return _STEP_CACHE[key]
     tx, _ = make_optimizer(cfg)
@@ -119,7 +127,6 @@ def make_steps(graphdef, cfg: TrainConfig):
         s, n, c = _forward_loss(model, batch, sparse)
         return s / jnp.maximum(n, 1.0), (n, c)
 
-    @jax.jit
     def train_step(params, rest, opt_state, batch):
         (loss, (n, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -128,11 +135,18 @@ def make_steps(graphdef, cfg: TrainConfig):
                    "accuracy": c / jnp.maximum(n, 1.0)}
         return params, opt_state, metrics
 
-    @jax.jit
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         return _forward_loss(model, batch, sparse)
 
+    if shardings is None:
+        train_step, eval_step = jax.jit(train_step), jax.jit(eval_step)
+    else:
+        p_sh, r_sh, o_sh, b_sh = shardings
+        rep = dist.replicated(mesh)
+        train_step = jax.jit(train_step, in_shardings=(p_sh, r_sh, o_sh, b_sh),
+                             out_shardings=(p_sh, o_sh, rep))
+        eval_step = jax.jit(eval_step, in_shardings=(p_sh, r_sh, b_sh), out_shardings=rep)
     _STEP_CACHE[key] = (train_step, eval_step)
     return train_step, eval_step
 
@@ -242,8 +256,55 @@ def run(cfg: TrainConfig, log=print) -> dict:
         return _run(cfg, log)
 
 
+def resolve_run_dir(cfg: TrainConfig, log=print) -> str:
+    """The run directory: ``--ckpt-dir`` as given, else ``runs/<preset>``.
+
+    Without ``--ckpt-dir`` the command just works when repeated: if ``runs/<preset>``
+    already holds checkpoints, a new run goes to the first free ``runs/<preset>-2``,
+    ``-3``, ...; ``--resume`` continues the most recent of them. With an explicit
+    ``--ckpt-dir`` that holds checkpoints, ``--resume`` is required (an error otherwise).
+    """
+    if cfg.ckpt_dir:
+        return cfg.ckpt_dir
+    base = cfg.run_dir
+
+    def has_ckpt(d):
+        c = os.path.join(d, "ckpt")
+        return os.path.isdir(c) and any(n.isdigit() for n in os.listdir(c))
+
+    candidates = [base] + [f"{base}-{i}" for i in range(2, 10_000)]
+    used = []
+    for d in candidates:
+        if not has_ckpt(d):
+            break
+        used.append(d)
+    if cfg.resume:
+        return used[-1] if used else base
+    free = candidates[len(used)]
+    if used:
+        log(f"note: {used[-1]} holds an earlier run; this run writes to {free} "
+            f"(--resume continues the most recent run; --ckpt-dir picks a directory)")
+    return free
+
+
 def _run(cfg: TrainConfig, log) -> dict:
-    run_dir = cfg.run_dir
+    pid, nproc = jax.process_index(), jax.process_count()
+    lead = pid == 0
+    if not lead:  # only process 0 talks, writes metrics and plots
+        log = lambda *a, **k: None  # noqa: E731
+    mesh = dist.make_mesh(cfg.mesh)
+    shards = dist.batch_shards(mesh)
+    if cfg.batch_size % shards or cfg.batch_size % nproc:
+        raise ValueError(f"batch_size: expected a multiple of the mesh's data x fsdp = {shards} "
+                         f"devices and of the {nproc} processes, got {cfg.batch_size}")
+    run_dir = resolve_run_dir(cfg, log)
+    if nproc > 1:  # every process must use process 0's choice
+        from jax.experimental import multihost_utils
+        idx = np.asarray([(["", *[f"-{i}" for i in range(2, 10_000)]]).index(
+            run_dir[len(cfg.run_dir):]) if not cfg.ckpt_dir else 0], np.int32)
+        idx = int(multihost_utils.broadcast_one_to_all(idx)[0])
+        if not cfg.ckpt_dir:
+            run_dir = cfg.run_dir + ("" if idx == 0 else f"-{idx + 1}")
     check_writable(run_dir)  # fails here, before anything is compiled or trained
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     ckpt = Checkpointer(run_dir, keep=cfg.keep)
@@ -257,15 +318,27 @@ def _run(cfg: TrainConfig, log) -> dict:
         model = build_model(cfg)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx, sched = make_optimizer(cfg)
-        opt_state = tx.init(params)
-        rng = jax.random.key_data(jax.random.key(cfg.seed))
+        p_sh = dist.param_shardings(params, mesh)
+        r_sh = dist.state_shardings(rest, mesh)
+        rep = dist.replicated(mesh)
+        b_sh = dist.batch_sharding(mesh)
+        # place the initial state on the mesh (a jitted identity also works multi-process)
+        params = jax.jit(lambda x: x, out_shardings=p_sh)(params)
+        rest = jax.jit(lambda x: x, out_shardings=r_sh)(rest)
+        o_sh = dist.opt_shardings(tx, jax.eval_shape(tx.init, params), p_sh, mesh)
+        opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+        rng = jax.jit(lambda: jax.random.key_data(jax.random.key(cfg.seed)), out_shardings=rep)()
         state = (params, opt_state, rng)
         leaves, treedef = jax.tree.flatten(state)
-        it = iter(data_lib.train_loader(cfg))
+        state_sh = jax.tree.leaves((p_sh, o_sh, rep))
+        if len(state_sh) != len(leaves):
+            raise AssertionError(f"{len(state_sh)} shardings for {len(leaves)} state arrays")
+        it = iter(data_lib.train_loader(cfg, pid, nproc))
         start, records = 0, []
 
         if cfg.resume:
-            found = ckpt.restore_latest(leaves, log=log)
+            like = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(leaves, state_sh)]
+            found = ckpt.restore_latest(like, log=log)
             if found is None:
                 if existing:
                     log("no valid checkpoint left to resume from: starting from step 0")
@@ -280,38 +353,44 @@ def _run(cfg: TrainConfig, log) -> dict:
                     raise SystemExit(
                         "error: --resume with a different config: " + ", ".join(
                             f"{k}={saved.get(k)!r} in the checkpoint vs {getattr(cfg, k)!r}" for k in diff))
-                state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in rleaves])
-                it.set_state(meta["data_state"].encode())
+                state = jax.tree.unflatten(treedef, rleaves)
+                it.set_state(dist.data_state_to_local(meta["data_state"], pid, nproc))
                 records = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
                 log(f"resumed from step {start} ({os.path.join(ckpt.root, str(start))})")
-        _write_jsonl_atomic(metrics_path, records)
+        if lead:
+            _write_jsonl_atomic(metrics_path, records)
         params, opt_state, rng = state
 
         n_params = count_params(model)
+        mesh_s = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
         log(f"model: {cfg.num_layers} layers {list(cfg.mixers)}, width {cfg.width}, "
             f"{n_params / 1e6:.3f}M parameters; task {cfg.task}; steps {cfg.steps}; run dir {run_dir}")
-        train_step, eval_step = make_steps(graphdef, cfg)
+        if mesh.size > 1 or nproc > 1:
+            log(f"mesh: {mesh_s} over {mesh.size} devices, {nproc} process(es)")
+        train_step, eval_step = make_steps(graphdef, cfg, mesh, (p_sh, r_sh, o_sh, b_sh))
         eval_fn = lambda p, b: eval_step(p, rest, b)
-        evals = data_lib.eval_batches(cfg)
+        evals = [dist.global_batch(dist.process_rows(data_lib.pad_batch(b, cfg.batch_size)),
+                                   b_sh, cfg.batch_size) for b in data_lib.eval_batches(cfg)]
         tokens_per_step = cfg.batch_size * cfg.seq_len
-        progress = Progress(cfg.steps, start, cfg.progress)
+        progress = Progress(cfg.steps, start, cfg.progress and lead)
         t_start = time.perf_counter()
-        f = open(metrics_path, "a")
+        f = open(metrics_path, "a") if lead else None
 
         def emit(rec):
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+            if f is not None:
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
             records.append(rec)
 
         def save(step):
             flat = jax.tree.leaves((params, opt_state, rng))
             ckpt.save(step, flat, {"config": _jsonable(dataclasses.asdict(cfg)),
-                                   "data_state": it.get_state().decode()})
+                                   "data_state": dist.data_state_to_global(it.get_state(), pid, nproc)})
 
         step = start
         t_last, s_last = time.perf_counter(), start
         while step < cfg.steps:
-            batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+            batch = dist.global_batch(next(it), b_sh, cfg.batch_size)
             params, opt_state, m = train_step(params, rest, opt_state, batch)
             step += 1
             if cfg.throttle:
@@ -331,37 +410,51 @@ def _run(cfg: TrainConfig, log) -> dict:
                 emit({"kind": "eval", "step": step, **ev, "time": time.perf_counter() - t_start})
             if step % cfg.ckpt_every == 0 or last:
                 save(step)
-        f.close()
+        if f is not None:
+            f.close()
 
         final_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
         if final_eval is None:  # resumed at the end: evaluate the restored state
             final_eval = {"step": step, **evaluate(eval_fn, params, evals)}
         summary = {"step": step, "start_step": start, "run_dir": run_dir, "n_params": n_params,
                    "metrics_path": metrics_path, "final_eval": final_eval,
-                   "checkpoints": ckpt.steps(), "params": params}
+                   "checkpoints": ckpt.steps(), "params": params, "mesh": dict(mesh.shape),
+                   "process_count": nproc}
         if cfg.task == "lm":
             log(f"held-out: loss {final_eval['eval_loss']:.4f} nats/byte, perplexity "
                 f"{final_eval['eval_ppl']:.3f}, {final_eval['eval_loss'] / math.log(2):.3f} bits/byte")
         else:
             log(f"MQAR test accuracy {final_eval['eval_accuracy']:.4f} "
                 f"({cfg.mqar_test_examples} examples x {cfg.mqar_kv} queries)")
-        if cfg.plot:
+        if cfg.plot and lead:
             png = os.path.join(run_dir, "loss.png")
             if plot_metrics(records, png, f"{cfg.preset}: {'/'.join(cfg.mixers)}"):
                 summary["plot"] = png
                 log(f"loss curve: {png}")
         log(f"metrics: {metrics_path}; checkpoints: {ckpt.root} steps {ckpt.steps()}")
         if cfg.task == "lm" and cfg.sample_tokens:
-            m = nnx.merge(graphdef, params, rest)
-            prompt = jnp.asarray(np.frombuffer(SAMPLE_PROMPT.encode(), np.uint8).astype(np.int32)[None])
-            key = jax.random.wrap_key_data(rng)
-            out = generate(m, prompt, cfg.sample_tokens, rng=key, temperature=0.8, top_k=40)
-            text = bytes(np.asarray(out[0]).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
-            summary["sample"] = SAMPLE_PROMPT + text
-            log("sample (temperature 0.8, top-k 40):\n" + SAMPLE_PROMPT + text)
+            # sample from a host copy of the (possibly sharded) parameters on one device
+            host = _host_copy((params, rest, rng))
+            if lead:
+                hp, hr, hrng = host
+                m = nnx.merge(graphdef, hp, hr)
+                prompt = jnp.asarray(np.frombuffer(SAMPLE_PROMPT.encode(), np.uint8).astype(np.int32)[None])
+                key = jax.random.wrap_key_data(jnp.asarray(hrng))
+                out = generate(m, prompt, cfg.sample_tokens, rng=key, temperature=0.8, top_k=40)
+                text = bytes(np.asarray(out[0]).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+                summary["sample"] = SAMPLE_PROMPT + text
+                log("sample (temperature 0.8, top-k 40):\n" + SAMPLE_PROMPT + text)
         return summary
     finally:
         ckpt.close()
+
+
+def _host_copy(tree):
+    """Numpy copy of a tree of (possibly multi-process sharded) arrays on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 def _jsonable(x):
