@@ -194,7 +194,7 @@ BASE = dict(vocab_size=V, width=8, num_layers=2, num_heads=2)
     (dict(mixers="mamba"), r"mixers\[0\]: unknown mixer 'mamba', expected one of \('linear_attention', 'delta_net', 'swa'"),
     (dict(mixers=("swa",)), r"mixers: expected a mixer name or a sequence of num_layers=2 names"),
     (dict(mixer_options={"swa": {"windw": 4}}), r"mixer_options\['swa'\]: unknown options \['windw'\], expected a subset of"),
-    (dict(mixer_options={"lact": {}}), r"mixer_options: unknown mixer 'lact'"),
+    (dict(mixer_options={"no_such_mixer": {}}), r"mixer_options: unknown mixer 'no_such_mixer'"),
     (dict(mixers="swa", mode="pallas"), r"mode: mixer 'swa' does not support mode='pallas'"),
     (dict(mode="fastest"), r"mode: got 'fastest', expected one of"),
     (dict(vocab_size=0), r"vocab_size: expected a positive int, got 0"),

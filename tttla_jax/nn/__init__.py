@@ -40,6 +40,7 @@ Exports:
     init_cache, prefill, decode_step, generate, sample_logits
     load_reference_weights, export_reference_weights, prefixed_weight_map   (weights.py)
     TTTLinear, TTTMLP (ttt.py), TitansMemory (titans.py)   mixers "ttt_linear", "ttt_mlp", "titans"
+    LaCTLayer (lact.py)   mixer "lact" (LaCT-LLM, ladder presets V0-V6 and anomalies)
 """
 from tttla_jax.nn.layers import RMSNorm, ShortConv, SwiGLU, apply_rope
 from tttla_jax.nn.mixers import (
@@ -56,6 +57,7 @@ from tttla_jax.nn.decode import decode_step, generate, init_cache, prefill, samp
 from tttla_jax.nn.weights import export_reference_weights, load_reference_weights, prefixed_weight_map
 from tttla_jax.nn.ttt import TTTLinear, TTTMLP  # registers "ttt_linear", "ttt_mlp"
 from tttla_jax.nn.titans import TitansMemory  # registers "titans"
+from tttla_jax.nn.lact import LaCTLayer  # registers "lact"
 
 __all__ = [
     "RMSNorm", "ShortConv", "SwiGLU", "apply_rope",
@@ -64,5 +66,5 @@ __all__ = [
     "Block", "LanguageModel", "LMConfig", "count_params",
     "decode_step", "generate", "init_cache", "prefill", "sample_logits",
     "load_reference_weights", "export_reference_weights", "prefixed_weight_map",
-    "TTTLinear", "TTTMLP", "TitansMemory",
+    "TTTLinear", "TTTMLP", "TitansMemory", "LaCTLayer",
 ]

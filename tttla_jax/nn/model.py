@@ -223,7 +223,8 @@ class LanguageModel(nnx.Module):
         B, T = tokens.shape
         if T == 0:
             raise ValueError("tokens: expected at least one token (T >= 1), got T = 0")
-        if cache is None:
+        fresh = cache is None  # mixers then get cache=None (a fresh sequence, known statically)
+        if fresh:
             cache = self.init_cache(B)
         if not (isinstance(cache, dict) and "pos" in cache and "layers" in cache):
             raise ValueError("cache: expected the dict returned by init_cache / a previous call "
@@ -244,7 +245,7 @@ class LanguageModel(nnx.Module):
         apply = _block_apply_remat if self.config.remat else _block_apply
         new_layers = []
         for block, c in zip(self.blocks, cache["layers"]):
-            x, c = apply(block, x, c, positions)
+            x, c = apply(block, x, None if fresh else c, positions)
             new_layers.append(c)
         x = self.final_norm(x)
         logits = self.embed.attend(x)
