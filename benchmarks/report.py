@@ -1,0 +1,108 @@
+"""Render the benchmark JSON files under ``benchmarks/results/`` as Markdown tables.
+
+The README's benchmark section is this script's output (so every number there traces back
+to a JSON file written by a benchmark run, with its machine and load average):
+
+    python benchmarks/report.py [--results benchmarks/results] [--only forms ladder ...]
+
+Missing files are reported as "not run" rather than skipped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _f(x, nd=0):
+    if x is None:
+        return "—"
+    if isinstance(x, (int, float)):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def forms(d):
+    c, m = d["config"], d["machine"]
+    rows = [[_f(r["T"]), r["impl"], _f(r.get("fwd_s") and 1e3 * r["fwd_s"], 1),
+             _f(r.get("fwdbwd_s") and 1e3 * r["fwdbwd_s"], 1), _f(r.get("fwdbwd_gflops"), 1)]
+            for r in d["rows"]]
+    head = (f"`tt.linear_attention` forms — B={c['B']}, H={c['H']}, K=V={c['K']}, float32, chunk "
+            f"{c['chunk_size']}; {m.get('cpu_count')} CPUs, load average "
+            f"{_f(m.get('loadavg_start'), 1)}→{_f(m.get('loadavg_end'), 1)}; measured 2-D matmul "
+            f"{_f(d.get('matmul_gflops'), 0)} GFLOP/s")
+    return head, _table(["T", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s"], rows)
+
+
+def delta_rule(d):
+    c, m = d["config"], d["machine"]
+    rows = [[_f(r["T"]), r["impl"] + (f" C={r['chunk_size']}" if r.get("chunk_size") else ""),
+             _f(1e3 * r["fwd_s"], 1), _f(1e3 * r["fwdbwd_s"], 1), _f(r.get("fwdbwd_gflops"), 1)]
+            for r in d["rows"]]
+    head = (f"`tt.delta_rule` (gated) — B={c['B']}, H={c['H']}, K=V={c['K']}, {c['dtype']}; "
+            f"{m.get('cpu_count')} CPUs, load average {_f(m.get('loadavg_start'), 1)}→"
+            f"{_f(m.get('loadavg_end'), 1)}")
+    return head, _table(["T", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s"], rows)
+
+
+def ladder(d):
+    c = d["config"]
+    rows = [[r["variant"], _f(r["chunk_size"]), _f(r["recurrent_tok_s"]), _f(r.get("parallel_tok_s")),
+             _f(r.get("ratio"), 2), _f(r.get("paper_ratio"), 2)] for r in d["rows"]]
+    la = c.get("loadavg_1_5_15") or [c.get("loadavg")]
+    head = (f"LaCT ladder (paper Table 2 throughput columns) — forward, B={c['B']}, T={c['T']}, "
+            f"H={c['H']}, head dim {c['dk']}, {c['dtype']}; {c.get('cpu_count')} CPUs, load average "
+            f"{_f(la[0], 1)}")
+    return head, _table(["variant", "chunk", "recurrent tok/s", "parallel tok/s", "parallel/recurrent",
+                         "paper (GPU) ratio"], rows)
+
+
+def rules(d):
+    m = d["meta"]
+    rows = [[r["rule"], r["form"], _f(r["fwd_tok_s"]), _f(r["fwd_bwd_tok_s"])] for r in d["rows"]]
+    head = (f"Every rule family — B=1, T={m['T']}, H={m['H']}, head dim {m['D']}, {m['dtype']}; "
+            f"{m['cpus']} CPUs, load average {_f(m['loadavg_start'], 1)}→{_f(m['loadavg_end'], 1)}")
+    return head, _table(["rule", "form", "fwd tok/s", "fwd+bwd tok/s"], rows)
+
+
+def kernels(d):
+    rows = [[r["chip"], f"{r['K']}×{r['V']}", r["pass_"], _f(r["flops_per_token"] / 1e6, 2),
+             _f(r["bytes_per_token"] / 1e3, 1), _f(r["intensity"], 1), r["bound"],
+             _f(r["roofline_tokens_per_s"] / 1e6, 1)] for r in d["roofline"]]
+    head = (f"Pallas linear-attention kernel: analytic roofline per token (chunk {d['chunk_size']}; "
+            f"no GPU/TPU here, so measured rows are the CPU interpret/XLA path only)")
+    return head, _table(["chip", "K×V", "pass", "MFLOP/token", "KB/token", "FLOP/byte", "bound",
+                         "roofline Mtok/s"], rows)
+
+
+RENDERERS = {"forms": forms, "delta_rule": delta_rule, "ladder": ladder, "rules": rules, "kernels": kernels}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--only", nargs="*", default=None, choices=tuple(RENDERERS))
+    a = p.parse_args(argv)
+    for name, fn in RENDERERS.items():
+        if a.only and name not in a.only:
+            continue
+        d = _load(os.path.join(a.results, f"{name}.json"))
+        if d is None:
+            print(f"**{name}**: not run (python benchmarks/{name}.py)\n")
+            continue
+        head, table = fn(d)
+        print(f"**{head}**\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
