@@ -13,6 +13,8 @@ from train.config import parse_args
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
+    from train.distributed import init_distributed
+    init_distributed(cfg)  # multi-host: before any JAX computation
     from train.loop import run  # after argument parsing: --help stays fast
     try:
         run(cfg)
