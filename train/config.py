@@ -54,6 +54,12 @@ class TrainConfig:
       mqar_kv: key-value pairs per MQAR sequence (seq_len >= 4 * mqar_kv).
       mqar_power_a: power-law exponent of the query distances.
       mqar_test_examples: size of the fixed MQAR test set.
+      lact_preset: LaCT ladder step or anomaly of the "lact" mixer ("v0" … "v6",
+        "ascent", "q_is_k", "inner_steps"; tttla_jax.nn.lact.LACT_PRESETS).
+      lact_window: sliding-window size of the LaCT layer's softmax-attention branch (the
+        LaCT-LLM hybrid); 0 for the fast-weight branch alone.
+      lact_base_lr: inner learning rate of the LaCT layer at a zero lr projection (and the
+        constant lr of the presets without per-token lr, V4+).
       progress: show the progress bar on stderr.
       plot: write loss.png (needs matplotlib).
       throttle: seconds to sleep after every step (only to test kill/resume).
@@ -100,6 +106,9 @@ class TrainConfig:
     mqar_kv: int = 4
     mqar_power_a: float = 0.01
     mqar_test_examples: int = 256
+    lact_preset: str = "v0"
+    lact_window: int = 0
+    lact_base_lr: float = 1e-3
     progress: bool = True
     plot: bool = True
     throttle: float = 0.0
@@ -135,6 +144,13 @@ class TrainConfig:
         for name in ("b1", "b2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a float in [0, 1), got {getattr(self, name)!r}")
+        from tttla_jax.nn.lact import LACT_PRESETS
+        if self.lact_preset not in LACT_PRESETS:
+            raise ValueError(f"lact_preset: expected one of {LACT_PRESETS}, got {self.lact_preset!r}")
+        if isinstance(self.lact_window, bool) or not isinstance(self.lact_window, int) or self.lact_window < 0:
+            raise ValueError(f"lact_window: expected an integer >= 0, got {self.lact_window!r}")
+        if not self.lact_base_lr > 0:
+            raise ValueError(f"lact_base_lr: expected a positive float, got {self.lact_base_lr!r}")
         from train.distributed import parse_mesh  # validates the mesh string
         parse_mesh(self.mesh)
         if self.distributed not in DISTRIBUTED:
@@ -177,7 +193,8 @@ class TrainConfig:
 # order or the optimiser trajectory). The others (steps, logging, ...) may change.
 STRUCTURAL = ("task", "seed", "batch_size", "seq_len", "vocab_size", "width", "num_layers",
               "num_heads", "mixers", "window", "chunk_size", "lr", "min_lr_ratio", "warmup_steps",
-              "weight_decay", "b1", "b2", "grad_clip", "mqar_kv", "mqar_power_a")
+              "weight_decay", "b1", "b2", "grad_clip", "mqar_kv", "mqar_power_a",
+              "lact_preset", "lact_window", "lact_base_lr")
 
 PRESETS = {
     # Byte-level LM on pydoc_data: 73 s on 2 near-idle CPU cores, held-out 1.99 bits/byte.
@@ -267,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="+", choices=tuple(MIXERS), default=None, help=help_)
         elif f.name == "task":
             p.add_argument(flag, choices=TASKS, default=None, help=help_)
+        elif f.name == "lact_preset":
+            from tttla_jax.nn.lact import LACT_PRESETS
+            p.add_argument(flag, choices=LACT_PRESETS, default=None, help=help_)
         elif f.name == "distributed":
             p.add_argument(flag, choices=DISTRIBUTED, default=None, help=help_)
         else:

@@ -44,6 +44,9 @@ def build_model(cfg: TrainConfig) -> LanguageModel:
     for m in ("delta_net", "linear_attention"):
         if m in cfg.mixers:
             opts[m] = {"chunk_size": cfg.chunk_size}
+    if "lact" in cfg.mixers:
+        opts["lact"] = {"preset": cfg.lact_preset, "chunk_size": cfg.chunk_size,
+                        "window": cfg.lact_window or None, "base_lr": cfg.lact_base_lr}
     lm = LMConfig(vocab_size=cfg.vocab_size, width=cfg.width, num_layers=cfg.num_layers,
                   num_heads=cfg.num_heads, mixers=cfg.mixers, mixer_options=opts,
                   param_dtype=jnp.float32)
