@@ -13,7 +13,7 @@ from typing import Optional
 
 from tttla_jax.nn.mixers import MIXERS
 
-TASKS = ("lm", "mqar")
+TASKS = ("lm", "mqar", "vit")
 DISTRIBUTED = ("auto", "on", "off")
 
 # (seq_len, num_kv_pairs) of the standard MQAR benchmark (Zoology, Arora et al. 2023).
@@ -25,9 +25,10 @@ class TrainConfig:
     """Everything a training run depends on (saved in every checkpoint).
 
     Attributes (the command-line help repeats these):
-      preset: name of the preset the defaults came from ("lm-tiny" or "mqar").
+      preset: name of the preset the defaults came from ("lm-tiny", "mqar" or "vit").
       task: "lm" (byte-level language modelling on the embedded corpus, Python's own
-        ``pydoc_data`` topics) or "mqar" (multi-query associative recall).
+        ``pydoc_data`` topics), "mqar" (multi-query associative recall) or "vit" (ViT³
+        classifier on scikit-learn's 8x8 digits, see train/vit.py; needs the train extra).
       seed: seed of the parameters, the data order and the sampling key.
       steps: number of optimiser steps.
       batch_size: sequences per step.
@@ -63,6 +64,7 @@ class TrainConfig:
       progress: show the progress bar on stderr.
       plot: write loss.png (needs matplotlib).
       throttle: seconds to sleep after every step (only to test kill/resume).
+      patch_size: side of the square patches of the vit task (8x8 images; must divide 8).
       mesh: device mesh "data=D,fsdp=F" (either may be omitted: 1); "" puts every device
         on the data axis. Parameters and optimiser state are sharded over fsdp by their
         logical axis names, batches over data x fsdp (see train/distributed.py).
@@ -117,6 +119,7 @@ class TrainConfig:
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1
+    patch_size: int = 2
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -182,6 +185,14 @@ class TrainConfig:
             if self.seq_len < 4 * self.mqar_kv:
                 raise ValueError(f"seq_len: MQAR needs seq_len >= 4 * mqar_kv = {4 * self.mqar_kv}, "
                                  f"got {self.seq_len}")
+        if self.task == "vit":  # checks of train/vit.py's task, before anything is built
+            if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) \
+                    or self.patch_size <= 0 or 8 % self.patch_size:
+                raise ValueError(f"patch_size: expected 1, 2, 4 or 8 (a divisor of the 8x8 digits), "
+                                 f"got {self.patch_size!r}")
+            from train.vit import have_sklearn, sklearn_missing_message
+            if not have_sklearn():
+                raise ValueError(f"task: {sklearn_missing_message()}")
 
     @property
     def run_dir(self) -> str:
@@ -194,7 +205,7 @@ class TrainConfig:
 STRUCTURAL = ("task", "seed", "batch_size", "seq_len", "vocab_size", "width", "num_layers",
               "num_heads", "mixers", "window", "chunk_size", "lr", "min_lr_ratio", "warmup_steps",
               "weight_decay", "b1", "b2", "grad_clip", "mqar_kv", "mqar_power_a",
-              "lact_preset", "lact_window", "lact_base_lr")
+              "lact_preset", "lact_window", "lact_base_lr", "patch_size")
 
 PRESETS = {
     # Byte-level LM on pydoc_data: 73 s on 2 near-idle CPU cores, held-out 1.99 bits/byte.
@@ -205,6 +216,10 @@ PRESETS = {
                  num_heads=2, mixers=("delta_net",), batch_size=32, steps=600, lr=1e-2,
                  warmup_steps=50, weight_decay=0.0, eval_every=200, ckpt_every=200,
                  sample_tokens=0),
+    # ViT³ classifier on scikit-learn's 8x8 digits (train/vit.py): 2x2 patches (4x4 grid).
+    "vit": dict(task="vit", patch_size=2, width=64, num_layers=2, num_heads=2, batch_size=64,
+                steps=600, lr=3e-3, warmup_steps=50, weight_decay=0.05, eval_every=200,
+                ckpt_every=200, sample_tokens=0),
 }
 
 
@@ -264,11 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "clipping, grain data, orbax checkpoints (resumable bitwise), JSONL metrics and "
                      "a loss plot."),
         epilog="Defaults in [brackets] are those of --preset lm-tiny; --preset mqar changes: " + ", ".join(
-            f"{k}={v}" for k, v in PRESETS["mqar"].items()),
+            f"{k}={v}" for k, v in PRESETS["mqar"].items()) + "; --preset vit changes: " + ", ".join(
+            f"{k}={v}" for k, v in PRESETS["vit"].items()),
         allow_abbrev=False)
     p.add_argument("--preset", choices=tuple(PRESETS), default="lm-tiny",
                    help="defaults to start from (lm-tiny: byte LM on pydoc_data; mqar: "
-                        f"associative recall, settings (seq_len, kv) in {MQAR_SETTINGS})")
+                        f"associative recall, settings (seq_len, kv) in {MQAR_SETTINGS}; vit: ViT3 "
+                        "classifier on scikit-learn's 8x8 digits, needs pip install -e '.[train]')")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "preset":
             continue

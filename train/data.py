@@ -96,6 +96,9 @@ def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.D
         source = WindowSource(corpus_split()[0], cfg.seq_len)
         sampler = grain.IndexSampler(len(source), shuffle=True, seed=cfg.seed, num_epochs=None,
                                      shard_options=grain.NoSharding())
+    elif cfg.task == "vit":  # scikit-learn's 8x8 digits (train/vit.py)
+        from train import vit
+        source, sampler = vit.train_source(cfg)
     else:
         source = MQARSource(cfg.seed, **_mqar_kw(cfg))
         sampler = grain.IndexSampler(len(source), shuffle=False, num_epochs=None,
@@ -111,7 +114,11 @@ def eval_batches(cfg) -> list:
 
     LM: the first ``eval_batches * batch_size`` windows of the held-out split (fewer if it
     is shorter). MQAR: ``mqar_test_examples`` examples from a seed disjoint from training.
+    vit: the whole held-out test split of the digits (train/vit.py).
     """
+    if cfg.task == "vit":
+        from train import vit
+        return vit.eval_batches(cfg)
     if cfg.task == "lm":
         src = WindowSource(corpus_split()[1], cfg.seq_len)
         n = min(len(src), cfg.eval_batches * cfg.batch_size)

@@ -38,6 +38,9 @@ def _eprint(*a):
 
 
 def build_model(cfg: TrainConfig) -> LanguageModel:
+    if cfg.task == "vit":  # a ViTClassifier (train/vit.py)
+        from train import vit
+        return vit.build_model(cfg)
     opts = {}
     if "swa" in cfg.mixers:
         opts["swa"] = {"window": cfg.window}
@@ -92,6 +95,9 @@ def sparse_logits(model: LanguageModel, tokens, index):
 
 
 def _forward_loss(model, batch, sparse_queries: int):
+    if "images" in batch:  # vit task: (sum NLL, images, correct) per image
+        from train import vit
+        return vit.forward_loss(model, batch)
     if sparse_queries:  # MQAR: exactly `sparse_queries` scored positions per row
         mask = batch["mask"]
         index = jnp.argsort(~mask, axis=1, stable=True)[:, :sparse_queries].astype(jnp.int32)
@@ -366,7 +372,8 @@ def _run(cfg: TrainConfig, log) -> dict:
 
         n_params = count_params(model)
         mesh_s = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
-        log(f"model: {cfg.num_layers} layers {list(cfg.mixers)}, width {cfg.width}, "
+        mixer_names = ["vit3"] * cfg.num_layers if cfg.task == "vit" else list(cfg.mixers)
+        log(f"model: {cfg.num_layers} layers {mixer_names}, width {cfg.width}, "
             f"{n_params / 1e6:.3f}M parameters; task {cfg.task}; steps {cfg.steps}; run dir {run_dir}")
         if mesh.size > 1 or nproc > 1:
             log(f"mesh: {mesh_s} over {mesh.size} devices, {nproc} process(es)")
@@ -375,6 +382,9 @@ def _run(cfg: TrainConfig, log) -> dict:
         evals = [dist.global_batch(dist.process_rows(data_lib.pad_batch(b, cfg.batch_size)),
                                    b_sh, cfg.batch_size) for b in data_lib.eval_batches(cfg)]
         tokens_per_step = cfg.batch_size * cfg.seq_len
+        if cfg.task == "vit":  # patch tokens
+            from train import vit
+            tokens_per_step = cfg.batch_size * vit.tokens_per_image(cfg)
         progress = Progress(cfg.steps, start, cfg.progress and lead)
         t_start = time.perf_counter()
         f = open(metrics_path, "a") if lead else None
@@ -426,12 +436,15 @@ def _run(cfg: TrainConfig, log) -> dict:
         if cfg.task == "lm":
             log(f"held-out: loss {final_eval['eval_loss']:.4f} nats/byte, perplexity "
                 f"{final_eval['eval_ppl']:.3f}, {final_eval['eval_loss'] / math.log(2):.3f} bits/byte")
+        elif cfg.task == "vit":
+            log(f"test accuracy {final_eval['eval_accuracy']:.4f} on the held-out digits "
+                f"(test loss {final_eval['eval_loss']:.4f})")
         else:
             log(f"MQAR test accuracy {final_eval['eval_accuracy']:.4f} "
                 f"({cfg.mqar_test_examples} examples x {cfg.mqar_kv} queries)")
         if cfg.plot and lead:
             png = os.path.join(run_dir, "loss.png")
-            if plot_metrics(records, png, f"{cfg.preset}: {'/'.join(cfg.mixers)}"):
+            if plot_metrics(records, png, f"{cfg.preset}: {'/'.join(mixer_names)}"):
                 summary["plot"] = png
                 log(f"loss curve: {png}")
         log(f"metrics: {metrics_path}; checkpoints: {ckpt.root} steps {ckpt.steps()}")
