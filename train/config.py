@@ -170,7 +170,7 @@ class TrainConfig:
                 raise ValueError(f"mixers: unknown mixer {m!r}, expected names from {tuple(MIXERS)}")
         if len(mixers) == 1:
             mixers = mixers * self.num_layers
-        elif len(mixers) != self.num_layers:
+        elif len(mixers) != self.num_layers and self.task != "vit":  # vit: every layer is ViT3
             raise ValueError(f"mixers: expected 1 or num_layers={self.num_layers} names, got {len(mixers)}: "
                              f"{mixers}")
         object.__setattr__(self, "mixers", mixers)
