@@ -85,8 +85,12 @@ def run_segments(step: Callable, state, xs: Sequence, bufs: Sequence, n, period:
         sel = select(i + 1 == m, st2, sel)
         return (st2, sel), out
 
-    (_, new_state), outs = lax.scan(
-        body, (state, state), (jnp.arange(nb, dtype=jnp.int32), tuple(seg(c) for c in comp)))
+    segs = tuple(seg(c) for c in comp)
+    if nb == 1:  # e.g. a decoding step: no loop
+        (_, new_state), out0 = body((state, state), (jnp.int32(0), tuple(s[0] for s in segs)))
+        outs = out0[None]
+    else:
+        (_, new_state), outs = lax.scan(body, (state, state), (jnp.arange(nb, dtype=jnp.int32), segs))
     outs = jnp.moveaxis(outs, 0, 1).reshape((B, Lp) + outs.shape[3:])
     out = jax.vmap(lambda o, s: lax.dynamic_slice_in_dim(o, s, T, 0))(outs, n)
     start = m * P

@@ -146,10 +146,13 @@ def load_reference_weights(layer, arrays: Mapping[str, Any], *, strict: bool = T
     problems, updates = [], []
     unknown = sorted(set(arrays) - set(wmap))
     missing = sorted(set(wmap) - set(arrays))
+    count = 0
     if strict and unknown:
         problems.append(f"unknown names (not in {type(layer).__name__}'s reference map): {unknown}")
+        count += len(unknown)
     if strict and missing:
         problems.append(f"missing names: {missing}")
+        count += len(missing)
     for name, (path, to_jax, to_torch) in wmap.items():
         if name not in arrays:
             continue
@@ -159,17 +162,19 @@ def load_reference_weights(layer, arrays: Mapping[str, Any], *, strict: bool = T
         got_arr = np.asarray(arrays[name])
         if tuple(got_arr.shape) != expected:
             problems.append(f"shape mismatch for {name!r}: got {tuple(got_arr.shape)}, expected {expected}")
+            count += 1
             continue
         value = np.asarray(to_jax(got_arr))
         if tuple(value.shape) != tuple(current.shape):  # a broken map, not bad input
             problems.append(f"{name!r}: to_jax produced shape {tuple(value.shape)}, but the parameter "
                             f"at {path} has shape {tuple(current.shape)}")
+            count += 1
             continue
         updates.append((var, value, current.dtype))
     if problems:
         raise ValueError(
             f"arrays: cannot load reference weights into {type(layer).__name__} "
-            f"({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
+            f"({count} problem(s)):\n  - " + "\n  - ".join(problems))
     for var, value, dt in updates:
         var[...] = jnp.asarray(value, dtype=dt)
     return layer
