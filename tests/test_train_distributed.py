@@ -1,7 +1,9 @@
 """The training job beyond one device: a 2x2 (data, fsdp) mesh and two processes
 (jax.distributed.initialize, CPU collectives) against the single-device run.
 
-Every case runs in subprocesses with ``XLA_FLAGS=--xla_force_host_platform_device_count``
+The two-process *training* runs are marked slow (each process compiles the model; about
+3 minutes on a loaded 2-core machine); the default suite keeps the cheaper two-process
+check of the data path and the cross-process batch. Every case runs in subprocesses with ``XLA_FLAGS=--xla_force_host_platform_device_count``
 (it must be set before jax is imported). The model is tiny (2 sliding-window layers,
 width 32) so each subprocess compiles one train and one eval step.
 """
@@ -154,6 +156,68 @@ def _check_two_process_run(run_dir, outs, root, n_devices, mesh_s):
     assert sorted(os.listdir(run_dir / "ckpt")) == ["3", "6"]
 
 
+TWO_PROCESS_DATA = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp
+    from train.config import make_config
+    from train.distributed import (batch_sharding, data_state_to_global, global_batch,
+                                   init_distributed, make_mesh, replicated)
+    cfg = make_config("lm-tiny", batch_size=8, seq_len=32, mesh="data=2",
+                      coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    assert init_distributed(cfg)
+    from train.data import train_loader
+    assert jax.process_count() == 2 and jax.device_count() == 2
+    mesh = make_mesh(cfg.mesh)
+    it = iter(train_loader(cfg, jax.process_index(), jax.process_count()))
+    next(it)
+    local = next(it)
+    assert local["inputs"].shape == (4, 32)          # this process reads half of the batch
+    b = global_batch(local, batch_sharding(mesh), cfg.batch_size)
+    # order-independent digests of the global batch, computed by a cross-process program
+    f = jax.jit(lambda x: (jnp.sum(x), jnp.sum(x * x), jnp.sum(jnp.sin(x.astype(jnp.float32)))),
+                out_shardings=replicated(mesh))
+    s1, s2, s3 = f(b["inputs"])
+    print("RESULT" + json.dumps({"sums": [int(s1), int(s2), float(s3)], "shape": list(b["inputs"].shape),
+                                 "state": data_state_to_global(it.get_state(), jax.process_index(), 2)}))
+""")
+
+
+def test_two_processes_assemble_the_single_process_batch(tmp_path):
+    """Cheap multi-host check (no model): two processes x 1 device with
+    jax.distributed.initialize read their halves of a batch (grain sharding by process
+    index), assemble the global array, reduce it across processes, and save the same
+    process-independent iterator state as a single-process run."""
+    import jax.numpy as jnp
+    from train.config import make_config
+    from train.data import train_loader
+    coord = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_DATA, coord, str(i)], cwd=REPO,
+                              env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    res = []
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-4000:]
+        res.append(json.loads([ln for ln in o.splitlines() if ln.startswith("RESULT")][-1][6:]))
+    it = iter(train_loader(make_config("lm-tiny", batch_size=8, seq_len=32)))
+    next(it)
+    x = next(it)["inputs"]
+    want = [int(x.sum()), int((x * x).sum()), float(jnp.sum(jnp.sin(jnp.asarray(x, jnp.float32))))]
+    for r in res:
+        assert r["shape"] == [8, 32]
+        assert r["sums"][:2] == want[:2]
+        assert abs(r["sums"][2] - want[2]) <= 1e-5 * (1 + abs(want[2]))
+        assert json.loads(r["state"]) == json.loads(it.get_state())
+
+
+@pytest.mark.slow
 def test_two_processes_data_parallel_agree_with_one_device(single_process, tmp_path):
     """Two local processes x 1 CPU device, jax.distributed.initialize (gloo CPU
     collectives), mesh data=2: each process reads half of every batch (grain sharding by
