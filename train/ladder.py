@@ -21,7 +21,7 @@ Writes ``<out>/ladder.md`` and ``<out>/ladder.json`` (``<out>`` defaults to
 ``<out>/<variant>/`` (re-running continues or reuses finished runs).
 
 Default size (LM): 2 LaCT layers (fast-weight branch only), width 64, 2 heads, chunk 32,
-sequences of 128 bytes, batch 16, 300 steps per variant.
+sequences of 128 bytes, batch 16, 200 steps per variant.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ INNER_STEPS = (1, 2, 4, 8)
 # Ladder model/budget per task (any TrainConfig field; CLI flags override).
 LADDER = {
     "lm-tiny": dict(mixers=("lact",), width=64, num_layers=2, num_heads=2, chunk_size=32,
-                    seq_len=128, batch_size=16, steps=300, lr=3e-3, warmup_steps=30,
+                    seq_len=128, batch_size=16, steps=200, lr=3e-3, warmup_steps=20,
                     eval_batches=8, lact_window=0),
     "mqar": dict(mixers=("lact",), width=64, num_layers=2, num_heads=2, chunk_size=16,
                  seq_len=64, mqar_kv=4, batch_size=32, steps=400, lr=1e-2, warmup_steps=40,
@@ -218,7 +218,8 @@ def markdown(report: dict) -> str:
             f"{'—' if rec is None else f'{rec:,.0f}'} | {'—' if par is None else f'{par:,.0f}'} | "
             f"{'—' if not (rec and par) else f'{par / rec:.2f}x'} |")
     if report.get("inner_steps_sweep"):
-        lines += ["", "Inner steps at inference (the trained V0 model; paper §4): inner loss "
+        lines += ["", f"Inner steps at inference (the trained {report['sweep_variant'].upper()} model; "
+                  "paper §4): inner loss "
                   "`-<f(k), v>` per token of the updating chunks, before and after the chunk's "
                   "update, mean over LaCT layers.", "",
                   "| inner steps | inner loss before | inner loss after | task loss | "
@@ -251,6 +252,8 @@ def build_parser():
     p.add_argument("--lact-window", type=int, help="add the SWA branch (LaCT-LLM hybrid) [0]")
     p.add_argument("--inner-steps", type=int, nargs="*", default=list(INNER_STEPS),
                    help="inner steps at inference for the V0 sweep (empty: skip) [1 2 4 8]")
+    p.add_argument("--sweep-variant", choices=VARIANTS, default="v0",
+                   help="the trained variant of the inner-steps sweep [v0]")
     p.add_argument("--throughput-tokens", type=int, default=4096,
                    help="sequence length of the operator throughput measurement [4096]")
     p.add_argument("--throughput-reps", type=int, default=3)
@@ -286,7 +289,7 @@ def main(argv=None) -> dict:
                "n_params": summary["n_params"], "train_wall_s": time.perf_counter() - t}
         _log(f"[{variant}] eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.3f}, accuracy "
              f"{ev['eval_accuracy']:.3f}) in {row['train_wall_s']:.0f} s")
-        if variant == "v0" and a.inner_steps:
+        if variant == a.sweep_variant and a.inner_steps:
             sweep = inner_steps_sweep(cfg, summary["params"], tuple(a.inner_steps))
         D = cfg.width // cfg.num_heads
         with jax.enable_x64(False):
@@ -308,7 +311,7 @@ def main(argv=None) -> dict:
                        "head_dim": cfg0.width // cfg0.num_heads, "chunk_size": cfg0.chunk_size,
                        "batch": 1, "dtype": "float32", "reps": a.throughput_reps},
         "machine": f"CPU {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
-        "rows": rows, "inner_steps_sweep": sweep,
+        "rows": rows, "inner_steps_sweep": sweep, "sweep_variant": a.sweep_variant,
         "wall_clock_s": time.perf_counter() - t0, "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
     md = markdown(report)
