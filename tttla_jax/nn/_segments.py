@@ -16,6 +16,10 @@ The ``n`` buffered and ``T`` new tokens are gathered into one left-aligned strea
 scan, so no per-segment states are stored) and the new buffer is the tail after it.
 Padding tokens come after every valid token, so causality keeps them out of every valid
 output; they reach only states after segment ``m``, which are discarded.
+
+Without a cache (training, prefill from scratch) nothing is buffered: the leading whole
+segments go through the rule in one call (its own scan) and the remainder in a second
+call, with no padding and no gather.
 """
 from __future__ import annotations
 
@@ -31,35 +35,39 @@ def run_segments(step: Callable, state, xs: Sequence, bufs: Sequence, n, period:
     """Stream ``xs`` through ``step`` in segments of ``period`` tokens.
 
     Args:
-      step: ``step(state, seg) -> (state', out)`` with ``seg`` a tuple of ``[B, P, ...]``
-        arrays (one per input) and ``out`` ``[B, P, ...]``; ``state`` a pytree whose
-        leaves have a leading batch axis.
+      step: ``step(state, seg) -> (state', out)`` with ``seg`` a tuple of ``[B, L, ...]``
+        arrays (one per input) and ``out`` ``[B, L, ...]``; ``state`` a pytree whose
+        leaves have a leading batch axis. ``L`` is ``P``, or (with ``empty``) any multiple
+        of ``P`` (segments counted from its first token) or a remainder ``< P``.
       state: fast weights at the last segment boundary.
       xs: new per-token inputs, each ``[B, T, ...]``.
       bufs: buffered inputs of the partial segment, each ``[B, P − 1, ...]`` (first ``n``
         valid), matching ``xs`` beyond the time axis.
       n: ``[B]`` int, valid buffered tokens (``0 ≤ n < P``).
       period: ``P``.
-      empty: statically known empty buffer (``cache=None``): skips the buffer, so a plain
-        forward of ``T`` tokens runs ``ceil(T / P)`` segments, not ``ceil((T + P − 1) / P)``.
+      empty: statically known empty buffer (``cache=None``, the training path): no buffer,
+        no gather, no padding: ``step`` runs once on the ``⌊T/P⌋·P`` leading tokens (the
+        rule's own scan over segments) and once on the remainder.
 
     Returns:
       ``(out [B, T, ...], state at the last boundary, new bufs, new n)``.
     """
     P = period
     B, T = xs[0].shape[:2]
-    nbuf = 0 if empty else P - 1
+    if empty:
+        return _run_from_start(step, state, xs, P)
+    nbuf = P - 1
     L = nbuf + T
     nb = -(-L // P)
     Lp = nb * P
-    n = jnp.zeros((B,), jnp.int32) if empty else jnp.asarray(n, jnp.int32)
+    n = jnp.asarray(n, jnp.int32)
     # compact stream: [buffer[:n], x, zeros]; length Lp + P − 1 (extra tail for the new buffer)
     Lc = Lp + P - 1
     idx = jnp.arange(Lc, dtype=jnp.int32)[None]
-    src = idx if empty else jnp.where(idx < n[:, None], idx, idx + (nbuf - n[:, None]))
+    src = jnp.where(idx < n[:, None], idx, idx + (nbuf - n[:, None]))
 
     def compact(buf, x):
-        parts = [x] if empty else [buf.astype(x.dtype), x]
+        parts = [buf.astype(x.dtype), x]
         total = nbuf + T
         pad = (Lc + nbuf + 1) - total
         cat = jnp.concatenate(parts + [jnp.zeros((B, pad) + x.shape[2:], x.dtype)], axis=1)
@@ -67,7 +75,7 @@ def run_segments(step: Callable, state, xs: Sequence, bufs: Sequence, n, period:
         s = jnp.broadcast_to(s.reshape(s.shape + (1,) * (x.ndim - 2)), (B, Lc) + x.shape[2:])
         return jnp.take_along_axis(cat, s, axis=1)
 
-    comp = [compact(None if empty else b, x) for b, x in zip(bufs if not empty else [None] * len(xs), xs)]
+    comp = [compact(b, x) for b, x in zip(bufs, xs)]
     m = (n + T) // P  # segments fully valid after this call
 
     def seg(a):  # [B, Lc, ...] -> [nb, B, P, ...]
@@ -97,3 +105,20 @@ def run_segments(step: Callable, state, xs: Sequence, bufs: Sequence, n, period:
     new_bufs = tuple(jax.vmap(lambda c, s: lax.dynamic_slice_in_dim(c, s, P - 1, 0))(c, start)
                      for c in comp)
     return out, new_state, new_bufs, (n + T - start).astype(jnp.int32)
+
+
+def _run_from_start(step, state, xs, P):
+    """``run_segments`` for an empty buffer: static split into whole segments + remainder."""
+    B, T = xs[0].shape[:2]
+    m = T // P
+    outs = []
+    if m:
+        state, o = step(state, tuple(x[:, :m * P] for x in xs))
+        outs.append(o)
+    rem = tuple(x[:, m * P:] for x in xs)
+    if T > m * P:
+        _, o = step(state, rem)
+        outs.append(o)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    bufs = tuple(jnp.pad(r, [(0, 0), (0, P - 1 - r.shape[1])] + [(0, 0)] * (r.ndim - 2)) for r in rem)
+    return out, state, bufs, jnp.full((B,), T - m * P, jnp.int32)

@@ -16,12 +16,11 @@ applied to the per-token projections (``mean(x) w = mean(x w)``). The memory is 
 
 TTT batches: the surprise of a token is taken at ``W_ref``, the memory at the start of its
 TTT batch of ``batch_size`` tokens (a multiple of ``chunk_size``), counted from the first
-token the cache has seen. The layer runs the rule once per TTT batch with
-``batch_size=None`` (``W_ref`` = the batch's initial memory — exactly the rule's
-``batch_size`` semantics) inside a ``lax.scan`` (:mod:`tttla_jax.nn._segments`), which
-also gives the decoding cache: the memory and momentum at the last TTT-batch boundary
-plus the per-token inputs of the partial batch, re-run with the next tokens, so any split
-of a sequence equals one call.
+token the cache has seen (the rule's ``batch_size``). The decoding cache holds the memory
+and momentum at the last TTT-batch boundary plus the per-token inputs of the partial batch,
+re-run with the next tokens (:mod:`tttla_jax.nn._segments`), so any split of a sequence
+equals one call. The gates of a trailing partial chunk are pooled over its tokens and
+zeros (they never reach an output: no token of a partial chunk reads its update).
 
 Modes: ``"recurrent"`` → the rule's ``lax.scan`` over chunks; ``"parallel"`` → its
 parallel form inside each TTT batch (``chunked`` masked linear attention for the linear
@@ -125,7 +124,7 @@ class TitansMemory(Mixer):
 
     # ----------------------------------------------------------------- rule / state
     def _rule(self) -> TitansRule:
-        return TitansRule(chunk_size=self.chunk_size, batch_size=None, memory=self.memory,
+        return TitansRule(chunk_size=self.chunk_size, batch_size=self.batch_size, memory=self.memory,
                           activation=self.activation, block_tokens=self.block_tokens)
 
     def _W0(self):
@@ -206,7 +205,12 @@ class TitansMemory(Mixer):
 
         def step(st, seg):
             qs, ks, vs, th, ep, ap = seg
-            pool = lambda a: jnp.moveaxis(jnp.mean(a.reshape(B, P // c, c, H), axis=2), 1, 2)
+            N = -(-qs.shape[1] // c)
+
+            def pool(a):  # [B, L, H] -> [B, H, N]: mean over each chunk (zero-padded at the end)
+                a = jnp.pad(a, ((0, 0), (0, N * c - a.shape[1]), (0, 0)))
+                return jnp.moveaxis(jnp.mean(a.reshape(B, N, c, H), axis=2), 1, 2)
+
             eta, alpha = jax.nn.sigmoid(pool(ep)), jax.nn.sigmoid(pool(ap))  # [B, H, N]
             if mode == "recurrent":
                 o, st2 = rule.recurrent(qs, ks, vs, th, eta, alpha, st)
