@@ -156,14 +156,34 @@ def test_existing_checkpoints_without_resume_is_an_error(reference):
         run(tiny(d))
 
 
+def test_repeated_default_runs_get_fresh_directories(tmp_path, monkeypatch):
+    """Without --ckpt-dir, running the README command twice just works: the second run
+    goes to runs/<preset>-2; --resume continues the most recent one."""
+    from train.loop import resolve_run_dir
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config("lm-tiny")
+    notes = []
+    assert resolve_run_dir(cfg, notes.append) == "runs/lm-tiny" and not notes
+    os.makedirs("runs/lm-tiny/ckpt/400")
+    assert resolve_run_dir(cfg, notes.append) == "runs/lm-tiny-2"
+    assert "runs/lm-tiny holds an earlier run" in notes[0] and "runs/lm-tiny-2" in notes[0]
+    os.makedirs("runs/lm-tiny-2/ckpt/100")
+    assert resolve_run_dir(cfg, notes.append) == "runs/lm-tiny-3"
+    assert resolve_run_dir(make_config("lm-tiny", resume=True)) == "runs/lm-tiny-2"
+    explicit = make_config("lm-tiny", ckpt_dir="runs/lm-tiny")
+    assert resolve_run_dir(explicit) == "runs/lm-tiny"   # explicit: --resume or an error
+
+
 def test_cli_overrides_and_errors(capsys):
     cfg = parse_args(["--steps", "200", "--lr", "3e-3", "--mixers", "delta_net"])
     assert cfg.steps == 200 and cfg.lr == 3e-3 and cfg.mixers == ("delta_net",) * cfg.num_layers
     assert parse_args(["--preset", "mqar"]).vocab_size == 8192
     assert parse_args(["--plot", "false"]).plot is False
     for argv, expect in [(["--bogus"], "valid flags: .*--steps"),
-                         (["--mixers", "lact"], "choose from .*delta_net"),
-                         (["--preset", "vit"], "choose from .*lm-tiny"),
+                         (["--mixers", "bogus"], "choose from .*delta_net"),
+                         (["--lact-preset", "v9"], "choose from .*v6"),
+                         (["--mesh", "data=0"], "mesh: axis 'data' needs a positive integer"),
+                         (["--preset", "bogus"], "choose from .*lm-tiny.*vit"),
                          (["--steps", "zero"], "invalid int value"),
                          (["--steps", "-1"], "steps: expected a positive integer"),
                          (["--mixers", "swa", "swa", "swa"], "mixers: expected 1 or num_layers=2")]:
@@ -182,7 +202,7 @@ def test_config_validation():
         make_config("mqar", seq_len=32, mqar_kv=16)
     with pytest.raises(ValueError, match="unknown config fields"):
         make_config("lm-tiny", stepz=3)
-    assert set(PRESETS) == {"lm-tiny", "mqar"}
+    assert set(PRESETS) == {"lm-tiny", "mqar", "vit"}
 
 
 @pytest.mark.parametrize("L,kv", [(64, 4), (128, 8), (256, 16), (512, 64)])
