@@ -299,7 +299,26 @@ def main(argv=None) -> dict:
         _log(f"[{variant}] operator: recurrent {tp['recurrent_tok_s']:,.0f} tok/s"
              + ("" if tp["parallel_tok_s"] is None else f", parallel {tp['parallel_tok_s']:,.0f} tok/s"))
         rows.append(row)
-    report = {
+        _write_report(out, _report(a, cfg0, rows, sweep, t0))  # partial results survive a stop
+    report = _report(a, cfg0, rows, sweep, t0)
+    md = _write_report(out, report)
+    print()
+    print(md)
+    print(f"wrote {os.path.join(out, 'ladder.md')} and ladder.json")
+    return report
+
+
+def _write_report(out, report) -> str:
+    md = markdown(report)
+    with open(os.path.join(out, "ladder.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "ladder.md"), "w") as f:
+        f.write(md)
+    return md
+
+
+def _report(a, cfg0, rows, sweep, t0) -> dict:
+    return {
         "preset": a.preset, "task": cfg0.task, "seed": a.seed,
         "model": (f"{cfg0.num_layers} LaCT layers" + (f" + SWA({cfg0.lact_window}) branch"
                                                       if cfg0.lact_window else "")
@@ -314,15 +333,6 @@ def main(argv=None) -> dict:
         "rows": rows, "inner_steps_sweep": sweep, "sweep_variant": a.sweep_variant,
         "wall_clock_s": time.perf_counter() - t0, "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
-    md = markdown(report)
-    with open(os.path.join(out, "ladder.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, "ladder.md"), "w") as f:
-        f.write(md)
-    print()
-    print(md)
-    print(f"wrote {os.path.join(out, 'ladder.md')} and ladder.json")
-    return report
 
 
 if __name__ == "__main__":
