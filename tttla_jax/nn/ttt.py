@@ -304,7 +304,14 @@ class _TTTLayer(Mixer):
         ``[H, 1, F]`` ↔ ``[H, F]``; depthwise ``Conv1d`` weights ``[HD, 1, K]`` ↔ ``[K, HD]``.
         The reference's o_proj and post_norm act on ``width`` features, so porting needs
         ``num_heads · head_dim == width`` (the reference's only configuration).
+
+        Raises:
+          ValueError: if ``num_heads · head_dim != width``.
         """
+        if self.num_heads * self.head_dim != self.width:
+            raise ValueError(
+                f"head_dim: the reference layout needs num_heads * head_dim == width, got "
+                f"{self.num_heads} * {self.head_dim} != {self.width}")
         return self._common_weight_map()
 
 
