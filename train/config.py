@@ -216,7 +216,9 @@ PRESETS = {
                  num_heads=2, mixers=("delta_net",), batch_size=32, steps=600, lr=1e-2,
                  warmup_steps=50, weight_decay=0.0, eval_every=200, ckpt_every=200,
                  sample_tokens=0),
-    # ViT³ classifier on scikit-learn's 8x8 digits (train/vit.py): 2x2 patches (4x4 grid).
+    # ViT³ classifier on scikit-learn's 8x8 digits (train/vit.py): 2x2 patches (4x4 grid),
+    # 0.130M parameters. Measured: test accuracy 0.978 (352/360) at step 600 (0.969 at 200);
+    # 10 min wall on 2 CPU cores under load 14-16 (165 s CPU time in total).
     "vit": dict(task="vit", patch_size=2, width=64, num_layers=2, num_heads=2, batch_size=64,
                 steps=600, lr=3e-3, warmup_steps=50, weight_decay=0.05, eval_every=200,
                 ckpt_every=200, sample_tokens=0),
