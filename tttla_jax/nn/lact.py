@@ -111,9 +111,10 @@ class LaCTLayer(Mixer):
         form: only for associative presets, V2–V6), ``"pallas"`` (only for plain linear
         attention, V6-like: ``tt.linear_attention(mode="chunk", impl="pallas")``) or
         ``"auto"`` (V6-like → ``tt.linear_attention(impl="auto")``; associative →
-        parallel; else recurrent). The mode is the form of a call from an empty cache
-        (training, prefill); a call that continues a non-empty cache (decoding) runs the
-        chunk recurrence.
+        parallel; else recurrent). The mode is the form of a call without a cache
+        (``cache=None``: training, and prefill through ``LanguageModel``, which passes
+        ``None`` on a fresh call); a call with a cache (decoding, chunked prefill) runs
+        the rule's chunk update in a masked scan whatever the mode (same results).
       dtype, param_dtype, rngs: as every mixer.
 
     Raises:
@@ -539,12 +540,9 @@ class LaCTLayer(Mixer):
         fast_keys = [key for key in self._cache_spec(B)
                      if key not in ("pos",) and not key.startswith("attn_")]
         fc = {key: cache[key] for key in fast_keys}
-        if given:  # fresh sequence (empty buffer) -> the mode's form; else the masked chunk scan
-            o, new_fc = lax.cond(jnp.all(fc["buf_len"] == 0),
-                                 lambda ops: self._fresh(*ops[:5]),
-                                 lambda ops: self._stream(*ops),
-                                 (q, k, v, lr, m, fc))
-        else:
+        if given:  # continue the cache: the masked chunk scan (rows with buf_len 0 start from W^(0))
+            o, new_fc = self._stream(q, k, v, lr, m, fc)
+        else:      # a fresh sequence: the mode's form
             o, new_fc = self._fresh(q, k, v, lr, m)
 
         H, D = self.num_heads, self.head_dim
