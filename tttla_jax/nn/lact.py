@@ -352,8 +352,8 @@ class LaCTLayer(Mixer):
             qa = apply_rope(q.reshape(B, T, Ha, Da), positions, base=self.rope_base)
             ka = apply_rope(k.reshape(B, T, Ha, Da), positions, base=self.rope_base)
             attn = (qa, ka, v.reshape(B, T, Ha, Da))
-        s, o = self.qk_scale[...].astype(q.dtype), self.qk_offset[...].astype(q.dtype)
-        fq, fk, fv = q * s[:, 0] + o[:, 0], k * s[:, 1] + o[:, 1], v
+        sc, off = self.qk_scale[...].astype(q.dtype), self.qk_offset[...].astype(q.dtype)
+        fq, fk, fv = q * sc[:, 0] + off[:, 0], k * sc[:, 1] + off[:, 1], v
         fq, fk, fv = (a.reshape(B, T, H, D) for a in (fq, fk, fv))
         if self.qkv_silu:
             fq, fk = jax.nn.silu(fq), jax.nn.silu(fk)
