@@ -480,7 +480,8 @@ def _register_lact():
             M_u = ᾱ_u M_{u−1} + G_u,   X_u = NS5(M_u) (Muon) or M_u,   W1 ← Norm(W1 + X_u).
 
         * Momentum (Theorem 5.3) re-weights event j's write in state r by
-          ``Σ_{i=j..r−1} Π_{s=j+1..i} ᾱ_s``.
+          ``Σ_{i=j..r−1} Π_{s=j+1..i} ᾱ_s`` (without Muon; with Muon it acts inside the
+          values, before NS5).
         * Weight normalisation rescales rows of W1 (value channels of S) by the data-dependent
           ``n0 / ‖·‖_row``: a per-channel, history-dependent decay of the state, so the mask is
           ``[B, H, T, S, V]`` and the reading is sequential. Post-norm:
