@@ -3,8 +3,8 @@
 With no arguments: preset ``lm-tiny``, a 2-layer byte-level LM on Python's embedded
 ``pydoc_data`` text in the LaCT-LLM style — a LaCT layer (V0: SwiGLU fast weights,
 Muon, momentum, per-token lr) with its in-layer sliding-window attention branch, then a
-sliding-window attention layer; 300 steps, held-out 2.41 bits/byte. It used 190 s of CPU
-time on the shared 2-core machine (load ~15; idle-machine wall time not measured yet).
+sliding-window attention layer; 250 steps, held-out 2.55 bits/byte, 2 min 45 s on the
+2-core machine shared at load average ~4 (idle-machine time not measured).
 Checkpoints, ``metrics.jsonl`` and ``loss.png`` in ``runs/lm-tiny/``; running it again
 writes ``runs/lm-tiny-2/`` (``--resume`` continues the most recent run). Multi-device:
 ``--mesh data=2,fsdp=2``; multi-host: ``--coordinator host:port --num-processes N

@@ -81,7 +81,7 @@ class TrainConfig:
     preset: str = "lm-tiny"
     task: str = "lm"
     seed: int = 0
-    steps: int = 300
+    steps: int = 250
     batch_size: int = 16
     seq_len: int = 128
     vocab_size: int = 256
@@ -209,10 +209,10 @@ STRUCTURAL = ("task", "seed", "batch_size", "seq_len", "vocab_size", "width", "n
               "lact_preset", "lact_window", "lact_base_lr", "patch_size")
 
 PRESETS = {
-    # Byte-level LM on pydoc_data, LaCT (V0) + SWA hybrid, 0.124M parameters: held-out
-    # 2.41 bits/byte (ppl 5.31). 190 s of CPU time (user+sys) measured on the 2-core machine
-    # shared at load average ~15 (19 min wall); not yet timed on idle cores (expected under
-    # 3 min). The previous DeltaNet/SWA default (width 96, 400 steps): 73 s, 1.99 bits/byte.
+    # Byte-level LM on pydoc_data, LaCT (V0) + SWA hybrid, 0.124M parameters, 250 steps:
+    # held-out 2.55 bits/byte (ppl 5.84) in 2 min 45 s on the 2-core machine shared at load
+    # average ~4 (300 steps: 2.41 bits/byte, 3 min 22 s). The previous DeltaNet/SWA default
+    # (width 96, 400 steps): 73 s, 1.99 bits/byte.
     "lm-tiny": {},
     # MQAR at the smallest benchmark setting (seq_len 64, 4 key-value pairs, vocab 8192):
     # ~80% test accuracy after 600 steps (3 min on 2 loaded CPU cores).
