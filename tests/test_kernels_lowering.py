@@ -164,7 +164,9 @@ _FULL_SWEEP = [[t, d, hd, hd, m, 64, None] for t in ("v5e:2x2", "v6e:2x2")
 def _run_tpu_compile(cases):
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("libtpu is not installed (pip install -e '.[tpu-check]'): TPU compile check skipped")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: the pytest process itself may hold libtpu's lockfile (jax
+    # probes the TPU plugin at backend start-up when libtpu is installed).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
                           capture_output=True, text=True, timeout=1800)
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
