@@ -208,6 +208,7 @@ def test_lact_reading_equals_recurrence(cfg, T):
         assert reading.mask.ndim == 5  # weight norm = per-value-channel, data-dependent decay
 
 
+@pytest.mark.slow  # the registry test checks every LaCT preset's reading gradients by default
 def test_lact_reading_gradients_match():
     from tttla_jax.rules.lact import LaCTRule, _example_inputs
 

@@ -6,12 +6,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tttla_jax.rules.lact import apply_fast
 from tttla_jax.rules.ladder import ladder
 from train.ladder import VARIANTS, main, operator_throughput
 
 
+@pytest.mark.slow  # ~1 min of compiles on 2 idle cores; the ladder's pieces are tested below
 def test_ladder_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "ladder"
     rep = main(["--variants", "v5", "v6", "--sweep-variant", "v6", "--steps", "3", "--width", "16",
