@@ -41,7 +41,7 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax.nn.layers import RMSNorm, apply_rope, dense, partitioned
 from tttla_jax.nn.mixers import (MODES, Cache, Mixer, _check_cache, _check_mode, register_mixer,
-                                 resolve_heads, sliding_window_attend)
+                                 resolve_heads, resolve_positions, sliding_window_attend)
 from tttla_jax.nn.weights import (identity, jax_to_torch_linear, torch_linear_to_jax)
 from tttla_jax.ops.linear_attention import chunk_layout, linear_attention, unchunk_layout
 from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState, apply_fast
@@ -526,15 +526,7 @@ class LaCTLayer(Mixer):
             _check_cache(cache, self._cache_spec(B))
         else:
             cache = self.init_cache(B)
-        if positions is None:
-            positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        positions = jnp.asarray(positions)
-        if positions.ndim == 1:
-            positions = jnp.broadcast_to(positions[None], (B, T))
-        _checks.check_shape("positions", positions, (B, T), "[B, T]")
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
-        positions = positions.astype(jnp.int32)
+        positions = resolve_positions(positions, cache, B, T)
 
         q, k, v, lr, m, attn = self._project(x, positions)
         fast_keys = [key for key in self._cache_spec(B)

@@ -70,6 +70,20 @@ def _check_cache(cache: Cache, expected: dict) -> None:
         _checks.check_shape(f"cache[{key!r}]", cache[key], shape, layout)
 
 
+def resolve_positions(positions, cache: Cache, B: int, T: int) -> Array:
+    """Absolute token positions ``[B, T]`` int32: ``positions`` as given (``[T]`` is
+    broadcast over the batch) or, if ``None``, continuing from ``cache["pos"]``."""
+    if positions is None:
+        positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = jnp.broadcast_to(positions[None], (B, T))
+    _checks.check_shape("positions", positions, (B, T), "[B, T]")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+    return positions.astype(jnp.int32)
+
+
 class Mixer(nnx.Module):
     """Base class of token mixers (see the protocol in :mod:`tttla_jax.nn`).
 
@@ -436,15 +450,7 @@ class SlidingWindowAttention(Mixer):
         if cache is None:
             cache = self.init_cache(B)
         _check_cache(cache, self._cache_spec(B))
-        if positions is None:
-            positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        positions = jnp.asarray(positions)
-        if positions.ndim == 1:
-            positions = jnp.broadcast_to(positions[None], (B, T))
-        _checks.check_shape("positions", positions, (B, T), "[B, T]")
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
-        positions = positions.astype(jnp.int32)
+        positions = resolve_positions(positions, cache, B, T)
         q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.use_rope:
             q = apply_rope(q, positions, base=self.rope_base)

@@ -46,7 +46,8 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax.nn._segments import run_segments
 from tttla_jax.nn.layers import ShortConv, dense, partitioned
-from tttla_jax.nn.mixers import Mixer, _check_cache, _check_mode, register_mixer, resolve_heads
+from tttla_jax.nn.mixers import (Mixer, _check_cache, _check_mode, register_mixer, resolve_heads,
+                                 resolve_positions)
 from tttla_jax.nn.weights import identity, jax_to_torch_linear, torch_linear_to_jax
 from tttla_jax.rules.ttt import (
     TTTLinearRule, TTTLinearState, TTTMLPRule, TTTMLPState, default_token_eta, gelu_tanh, ttt_lr,
@@ -211,14 +212,7 @@ class _TTTLayer(Mixer):
         if empty:
             cache = self.init_cache(B)
         _check_cache(cache, self._cache_spec(B))
-        if positions is None:
-            positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        positions = jnp.asarray(positions)
-        if positions.ndim == 1:
-            positions = jnp.broadcast_to(positions[None], (B, T))
-        _checks.check_shape("positions", positions, (B, T), "[B, T]")
-        if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+        positions = resolve_positions(positions, cache, B, T)
         H, D, C = self.num_heads, self.head_dim, self.mini_batch_size
         new_cache = {}
         if self.share_qk:
