@@ -36,6 +36,7 @@ from jaxtyping import Array, Float
 from tttla_jax import _checks
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, dense, partitioned
 from tttla_jax.nn.mixers import MODES, _check_mode, resolve_heads
+from tttla_jax.nn.model import _check_dtype
 from tttla_jax.nn.weights import identity, jax_to_torch_linear, torch_linear_to_jax
 from tttla_jax.rules.vit3 import SCALE, vit3_conv, vit3_glu
 
@@ -210,17 +211,6 @@ class ViT3Block(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-
-
-def _check_dtype(name: str, dt) -> None:
-    if dt is None and name == "dtype":
-        return
-    try:
-        ok = jnp.issubdtype(jnp.dtype(dt), jnp.floating)
-    except TypeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}: expected a floating dtype{' or None' if name == 'dtype' else ''}, got {dt!r}")
 
 
 def _round_up(n: int, m: int) -> int:
