@@ -341,7 +341,7 @@ class LaCTLayer(Mixer):
         """Fast-branch q, k, v ``[B, T, H, D]``, lr ``[B, T, H, 3]`` (or None), momentum
         ``[B, T, H]`` (or None) and the attention branch's (q, k, v) (or None)."""
         B, T, _ = x.shape
-        H, D, HD = self.num_heads, self.head_dim, self.num_heads * self.head_dim
+        H, D = self.num_heads, self.head_dim
         Ha, Da = self.num_attn_heads, self.attn_head_dim
         sd = _checks.state_dtype(x, self.qkv.kernel[...])
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
@@ -515,10 +515,7 @@ class LaCTLayer(Mixer):
         ``positions`` ``[B, T]`` (or ``[T]``) absolute positions for RoPE and the window;
         default ``cache["pos"] + arange(T)``.
         """
-        _checks.check_rank("x", x, 3, "[B, T, W]")
-        B, T, W = x.shape
-        if W != self.width:
-            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        B, T = self._check_x(x)
         if T == 0:
             raise ValueError("x: expected at least one token (T >= 1), got T = 0")
         given = cache is not None

@@ -99,6 +99,13 @@ class Mixer(nnx.Module):
         raise NotImplementedError
 
     # shared helpers -----------------------------------------------------------------
+    def _check_x(self, x) -> tuple:
+        """``x`` must be ``[B, T, W]`` with ``W = self.width``; returns ``(B, T)``."""
+        _checks.check_rank("x", x, 3, "[B, T, W]")
+        if x.shape[-1] != self.width:
+            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        return x.shape[0], x.shape[1]
+
     def _heads(self, y: Array, B: int, T: int) -> Array:
         return y.reshape(B, T, self.num_heads, self.head_dim)
 
@@ -209,10 +216,7 @@ class LinearAttention(Mixer):
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
                  positions: Optional[Int[Array, "b t"]] = None):
         """Returns ``(y [B, T, W], {"state": S_T})``; ``positions`` is accepted and unused."""
-        _checks.check_rank("x", x, 3, "[B, T, W]")
-        B, T, W = x.shape
-        if W != self.width:
-            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        B, T = self._check_x(x)
         if cache is None:
             cache = self.init_cache(B)
         D, H = self.head_dim, self.num_heads
@@ -313,10 +317,7 @@ class DeltaNet(Mixer):
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
                  positions: Optional[Int[Array, "b t"]] = None):
         """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused."""
-        _checks.check_rank("x", x, 3, "[B, T, W]")
-        B, T, W = x.shape
-        if W != self.width:
-            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        B, T = self._check_x(x)
         if cache is None:
             cache = self.init_cache(B)
         _check_cache(cache, self._cache_spec(B))
@@ -443,10 +444,7 @@ class SlidingWindowAttention(Mixer):
         ``positions`` ``[B, T]`` (or ``[T]``) absolute integer positions; default
         ``cache["pos"] + arange(T)``. They drive both RoPE and the window mask.
         """
-        _checks.check_rank("x", x, 3, "[B, T, W]")
-        B, T, W = x.shape
-        if W != self.width:
-            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        B, T = self._check_x(x)
         if cache is None:
             cache = self.init_cache(B)
         _check_cache(cache, self._cache_spec(B))

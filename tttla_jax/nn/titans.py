@@ -185,10 +185,7 @@ class TitansMemory(Mixer):
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[dict] = None,
                  positions: Optional[Int[Array, "b t"]] = None):
         """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused."""
-        _checks.check_rank("x", x, 3, "[B, T, W]")
-        B, T, W = x.shape
-        if W != self.width:
-            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        B, T = self._check_x(x)
         empty = cache is None
         if empty:
             cache = self.init_cache(B)

@@ -204,10 +204,7 @@ class _TTTLayer(Mixer):
         ``cache["pos"] + arange(T)``; RoPE uses ``positions mod mini_batch_size``.
         Mini-batches are counted from the first token the cache has seen.
         """
-        _checks.check_rank("x", x, 3, "[B, T, W]")
-        B, T, W = x.shape
-        if W != self.width:
-            raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
+        B, T = self._check_x(x)
         empty = cache is None
         if empty:
             cache = self.init_cache(B)
