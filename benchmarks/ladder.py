@@ -6,6 +6,17 @@ dim 128 (dk = dh = dv = 128), chunk sizes 64 and 512; the parallel/recurrent rat
 printed next to the paper's GPU ratio. Prints a Markdown table and writes
 ``benchmarks/results/ladder.json``.
 
+Why the ratios are near 1 on a CPU (and 2.7–4x on the paper's GPU): both forms do the same
+FLOPs, and for V2–V5 most of them are Muon's Newton–Schulz iterations on the dv×dh update,
+once per chunk in both forms (5 × 3 matmuls of 128³ per head per chunk: ~90% of the time at
+C=64). The parallel form hoists φ(q), φ(k) out of the chunk loop; on an accelerator it also
+turns the chunk loop into an associative scan and batched NS, which fills the device — on
+two cores there is nothing left to fill.
+
+The host's malloc is tuned first (:func:`tttla_jax.host.tune_malloc`; ``--no-tune-malloc`` to
+measure glibc's defaults): XLA:CPU page-faults its large temporaries back in on every call
+otherwise, which costs the cheap variants (V6) up to ~40% of their time.
+
     python benchmarks/ladder.py [--T 8192] [--heads 4] [--dim 128] [--chunks 64 512] [--reps 3]
 """
 from __future__ import annotations
@@ -13,14 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tttla_jax.rules.ladder import PRESETS, ladder
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup, timeit  # noqa: E402
+
+from tttla_jax.rules.ladder import PRESETS, ladder  # noqa: E402
 
 # paper Table 2 (GPU): recurrent / parallel tokens per second, millions
 PAPER = {
@@ -47,13 +60,8 @@ def make_inputs(rule, B, T, H, D, seed=0):
 
 
 def time_fn(fn, args, reps):
-    out = jax.block_until_ready(fn(*args))  # compile + warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t)
-    return best, out
+    t = timeit(fn, *args, repeats=reps)["best"]
+    return t, fn(*args)
 
 
 def main():
@@ -65,7 +73,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=list(PRESETS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ladder.json"))
+    ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = ap.parse_args()
+    start = setup(tune=not a.no_tune_malloc)
     B, T, H, D = 1, a.T, a.heads, a.dim
     rows = []
     for C in a.chunks:
@@ -91,8 +101,8 @@ def main():
     v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in rows if r["variant"] == "v0"}
     v0 = {c: v0.get(c, float("nan")) for c in a.chunks}
     print()
-    print(f"LaCT ladder, forward, CPU ({platform.processor() or platform.machine()}, "
-          f"{jax.device_count()} device), float32, B={B}, T={T}, H={H}, dk=dh=dv={D}")
+    m = machine(start)
+    print(f"LaCT ladder, forward, float32, B={B}, T={T}, H={H}, dk=dh=dv={D}; {describe(m)}")
     print()
     print("| variant | C | recurrent tok/s | parallel tok/s | par/rec | paper par/rec (GPU) | V6-par / V0-rec |")
     print("|---|---|---|---|---|---|---|")
@@ -107,11 +117,8 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(dict(config=dict(B=B, T=T, H=H, dk=D, dh=D, dv=D, dtype="float32", reps=a.reps,
-                                   backend=jax.default_backend(), jax=jax.__version__,
-                                   cpu_count=os.cpu_count(), loadavg_1_5_15=os.getloadavg(),
-                                   note="the machine was shared with other jobs; see loadavg"),
-                       rows=rows), f, indent=2)
-    print(f"\nload average (1, 5, 15 min) at the end: {os.getloadavg()} on {os.cpu_count()} CPUs")
+                                   timing="best of reps after one compile/warm-up call"),
+                       machine=m, rows=rows), f, indent=2)
     print(f"wrote {a.out}")
 
 

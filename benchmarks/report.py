@@ -56,15 +56,19 @@ def delta_rule(d):
 
 
 def ladder(d):
-    c = d["config"]
+    c, m = d["config"], d["machine"]
+    v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in d["rows"] if r["variant"] == "v0"}
     rows = [[r["variant"], _f(r["chunk_size"]), _f(r["recurrent_tok_s"]), _f(r.get("parallel_tok_s")),
-             _f(r.get("ratio"), 2), _f(r.get("paper_ratio"), 2)] for r in d["rows"]]
-    la = c.get("loadavg_1_5_15") or [c.get("loadavg")]
+             _f(r.get("ratio"), 2), _f(r.get("paper_ratio"), 2),
+             _f(r["parallel_tok_s"] / v0[r["chunk_size"]], 1)
+             if r["variant"] == "v6" and r.get("parallel_tok_s") and r["chunk_size"] in v0 else ""]
+            for r in d["rows"]]
+    malloc = "malloc tuned" if m["malloc"]["tuned"] else "glibc default malloc"
     head = (f"LaCT ladder (paper Table 2 throughput columns) — forward, B={c['B']}, T={c['T']}, "
-            f"H={c['H']}, head dim {c['dk']}, {c['dtype']}; {c.get('cpu_count')} CPUs, load average "
-            f"{_f(la[0], 1)}")
+            f"H={c['H']}, head dim {c['dk']}, {c['dtype']}; {m['cpu_count']} CPUs, {malloc}, load average "
+            f"{_f(m['loadavg_start'][0], 1)}→{_f(m['loadavg_end'][0], 1)}")
     return head, _table(["variant", "chunk", "recurrent tok/s", "parallel tok/s", "parallel/recurrent",
-                         "paper (GPU) ratio"], rows)
+                         "paper (GPU) ratio", "V6 parallel / V0 recurrent (paper 29x)"], rows)
 
 
 def rules(d):

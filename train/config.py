@@ -65,6 +65,9 @@ class TrainConfig:
       progress: show the progress bar on stderr.
       plot: write loss.png (needs matplotlib).
       throttle: seconds to sleep after every step (only to test kill/resume).
+      tune_malloc: keep freed host memory in the process (glibc mallopt; see
+        tttla_jax.host.tune_malloc): XLA:CPU otherwise page-faults its large temporaries
+        back in on every step.
       patch_size: side of the square patches of the vit task (8x8 images; must divide 8).
       mesh: device mesh "data=D,fsdp=F" (either may be omitted: 1); "" puts every device
         on the data axis. Parameters and optimiser state are sharded over fsdp by their
@@ -115,6 +118,7 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     throttle: float = 0.0
+    tune_malloc: bool = True
     mesh: str = ""
     distributed: str = "auto"
     coordinator: str = ""

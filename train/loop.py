@@ -261,6 +261,9 @@ def run(cfg: TrainConfig, log=print) -> dict:
     Runs with 64-bit types disabled (the default jax setting) whatever the caller's
     setting, so a run inside a float64 test session is the same as on the command line.
     """
+    if cfg.tune_malloc:
+        from tttla_jax.host import tune_malloc
+        tune_malloc()
     with jax.enable_x64(False):
         return _run(cfg, log)
 

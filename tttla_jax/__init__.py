@@ -11,6 +11,7 @@ Public API (see README "API map"):
     tt.reduce(rule, *inputs)            a rule's linear-attention reading (Theorems 5.1–5.3)
     tt.nn                               Flax NNX layers, the language model, decoding
     tttla_jax.kernels                   Pallas kernels (imported on demand)
+    tttla_jax.host.tune_malloc()        keep freed host memory in-process (XLA:CPU speed; opt-in)
 """
 from tttla_jax.ops import delta_rule, linear_attention
 from tttla_jax import nn, reference, rules, testing

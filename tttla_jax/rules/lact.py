@@ -22,13 +22,13 @@ momentum ``dW ← dW + mean(m)·dW_prev`` (buffer = post-momentum, pre-Muon dW),
 unnormalised accumulator ``W_main`` and a normalised working copy).
 
 Parallel form (update only W1, no weight norm: φ is static and the update is a sum):
-φ(q), φ(k) for all tokens and ``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` for every chunk in one
-einsum (no dependence on the state), then the three linear recurrences — momentum
+φ(q), φ(k) for all tokens at once (no dependence on the state), then the chunk sums
+``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` and three linear recurrences — momentum
 ``M_i = ᾱ_i M_{i−1} + G_i``, per-chunk ``U_i = NS5(M_i)`` (Muon), exclusive prefix sum
 ``S_c = W1_0 + Σ_{i<c} U_i`` — and the reads ``o = φ(q) S_cᵀ`` (SPEC §7). On XLA:CPU
-the recurrences run as one fused ``lax.scan`` over chunks (cache-resident; a batched NS
-over all chunks measured 4–10x slower); on an accelerator they could equally be an
-associative scan and a batched NS.
+the sums, recurrences and reads run as one fused ``lax.scan`` over chunks (cache-resident;
+hoisting G into one dot over all chunks or a batched NS over all chunks measured 1.2–10x
+slower); on an accelerator they could equally be an associative scan and a batched NS.
 """
 from __future__ import annotations
 
@@ -138,11 +138,12 @@ def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... 
 
 
 def features(Ws, x, fast_net):
-    """φ(x): ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` (swiglu) or ``x`` (linear); x ``[B, H, C, dk]``."""
+    """φ(x): ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` (swiglu) or ``x`` (linear); x ``[..., B, H, C, dk]``
+    (leading axes, e.g. a chunk axis, are batched over with the same weights ``[B, H, dh, dk]``)."""
     if fast_net == "linear":
         return x
     W0, _, W2 = Ws
-    return jax.nn.silu(jnp.einsum("bhck,bhdk->bhcd", x, W0)) * jnp.einsum("bhck,bhdk->bhcd", x, W2)
+    return jax.nn.silu(jnp.einsum("...bhck,bhdk->...bhcd", x, W0)) * jnp.einsum("...bhck,bhdk->...bhcd", x, W2)
 
 
 def apply_fast(Ws, x, fast_net):
@@ -475,8 +476,8 @@ class LaCTRule(Rule):
     ):
         """Chunk-parallel form (SPEC §7) for static φ and no weight norm (ladder V2–V6).
 
-        ``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` for all chunks in one einsum; then one scan over
-        chunks for ``M_i = ᾱ_i M_{i−1} + G_i``, ``U_i = NS5(M_i)`` (Muon) or ``M_i``,
+        φ(q), φ(k) for all tokens at once (W0, W2 are never updated); then one scan over
+        chunks for ``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)``, ``M_i = ᾱ_i M_{i−1} + G_i``, ``U_i = NS5(M_i)`` (Muon) or ``M_i``,
         ``S_c = W1_0 + Σ_{i<c} U_i`` (``i ≤ c`` for "update_then_query") and
         ``o = φ(q) S_cᵀ``. Same arguments and returns as
         :meth:`recurrent`. Raises :class:`NotAssociativeError` naming the breaking
@@ -492,65 +493,57 @@ class LaCTRule(Rule):
         net = self.fast_net
         W1_0 = st.w[1]
         sign = 1.0 if self.ascent else -1.0
-        # number of updating chunks and their tokens
-        if self.order == "apply_then_update":
-            n_upd = N - 1
-            T_upd = n_upd * C
-        else:
-            n_upd = N
-            T_upd = T
-        qc = chunk_layout(q, C)                                  # [B, H, N, C, dk]
-        phi_q = features(st.w, qc.reshape(B, H, N * C, K), net).reshape(B, H, N, C, -1)
+        apply_first = self.order == "apply_then_update"
+        n_upd = N - 1 if apply_first else N  # updating chunks (the last one only reads in apply-then-update)
+        # φ for all tokens at once with the static W0, W2 (in [B, H, tokens, d]: one large dot per
+        # head), then chunk axis first, [N, B, H, C, d], so every scan step reads one contiguous block.
+        def phi(x, n):  # the first n chunks of x [B, T, H, dk] -> φ [n, B, H, C, dh]
+            xb = chunk_layout(_pad_tokens(x, N * C)[:, :n * C], C).reshape(B, H, n * C, K)
+            return jnp.moveaxis(features(st.w, xb, net).reshape(B, H, n, C, -1), 2, 0)
+
+        phi_q = phi(q, N)                                         # [N, B, H, C, dh]
         if n_upd == 0:
+            o = jnp.einsum("nbhcd,bhvd->nbhcv", phi_q, W1_0)
             new_w1, new_mom = W1_0, (None if st.mom is None else st.mom[1])
         else:
-            P_len = n_upd * C  # updating tokens, zero-padded to whole chunks (update_then_query)
-            tok = lambda x: jnp.moveaxis(_pad_tokens(x[:, :T_upd], P_len), 2, 1)  # -> [B, H, P_len, ...]
-            phi_k = features(st.w, tok(k), net)                      # [B, H, P_len, dh]
-            l1 = tok(lrs[1])                                         # [B, H, P_len, 1|dh]
-            vv = tok(v)                                              # [B, H, P_len, dv]
-            pk = _chunk_tokens(l1 * phi_k, C, n_upd)                # [B, H, n, C, dh]
-            vk = _chunk_tokens(sign * vv, C, n_upd)                 # [B, H, n, C, dv]
-            G = jnp.einsum("bhncv,bhncd->bhnvd", vk, pk)            # [B, H, n, dv, dh]: all chunks at once
-            Gs = jnp.moveaxis(G, 2, 0)                               # [n, B, H, dv, dh]
+            upd = lambda x: _scan_layout(x, C, N)[:n_upd]         # noqa: E731  [n, B, H, C, ...]
+            pk = upd(lrs[1]) * phi(k, n_upd)                      # lr1 ⊙ φ(k), zero on padding
+            sv = sign * upd(v)
             if self.use_momentum:
                 counts = jnp.asarray([min(C, T - i * C) for i in range(n_upd)], cdt)
-                mm = _chunk_tokens(tok(m), C, n_upd)
-                abar = jnp.moveaxis(jnp.sum(mm, axis=-1) / counts, 2, 0)  # [n, B, H] chunk means
+                abar = jnp.sum(upd(m[..., None])[..., 0], axis=-1) / counts[:, None, None]  # [n, B, H]
                 M0 = st.mom[1]
             else:
                 abar = jnp.zeros((n_upd, B, H), cdt)
                 M0 = jnp.zeros_like(W1_0)
             md = None if self.muon_dtype is None else jnp.dtype(self.muon_dtype)
             use_mom, muon = self.use_momentum, self.muon
-            apply_first = self.order == "apply_then_update"
 
-            # What is left after hoisting every data-dependent matmul out of the loop (φ, G):
-            # three linear recurrences over chunks, fused into one cache-resident scan:
-            #   M_i = ᾱ_i M_{i−1} + G_i;  U_i = NS5(M_i) (Muon) or M_i;  S_c = W1_0 + Σ_{i<c} U_i,
-            # and the reads o_c = φ(q_c) S_cᵀ. (A batched NS over all chunks at once is ~4–10x
-            # slower on XLA:CPU: its 512-matrix temporaries do not stay in cache.)
+            # With φ hoisted, what is left are three linear recurrences over chunks — momentum
+            # M_i = ᾱ_i M_{i−1} + G_i with G_i = Σ_{t∈i} (±v_t)ᵀ (lr1_t φ(k_t)), U_i = NS5(M_i)
+            # (Muon) or M_i, S_c = W1_0 + Σ_{i<c} U_i — and the reads o_c = φ(q_c) S_cᵀ, fused in
+            # one scan. On XLA:CPU this is the fast layout: G_i and the read are computed where
+            # the chunk's blocks are cache-resident, as small batched dots over (B, H); hoisting
+            # G for all chunks into one dot, a batched NS over every chunk, or an exclusive
+            # cumsum of stacked states each measured 1.2–10x slower here. On an accelerator the
+            # same recurrences could be an associative scan (SPEC §7).
             def step(carry, x):
                 M, S = carry
-                pq, g, a = x
+                pq, pkc, svc, a = x
                 if apply_first:
                     o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
+                g = jnp.einsum("bhcv,bhcd->bhvd", svc, pkc)
                 M = a[..., None, None] * M + g if use_mom else g
-                U = newton_schulz5(M, md) if muon else M
-                S = S + U
+                S = S + (newton_schulz5(M, md) if muon else M)
                 if not apply_first:
                     o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
                 return (M, S), o
 
-            phi_q_t = jnp.moveaxis(phi_q, 2, 0)                       # [N, B, H, C, dh]
-            (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (phi_q_t[:n_upd], Gs, abar))
+            (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (phi_q[:n_upd], pk, sv, abar))
             if apply_first:  # the last chunk only reads
-                o = jnp.concatenate([o, jnp.einsum("bhcd,bhvd->bhcv", phi_q_t[N - 1], new_w1)[None]], axis=0)
-            o = jnp.moveaxis(o, 0, 2)                                 # [B, H, N, C, dv]
+                o = jnp.concatenate([o, jnp.einsum("bhcd,bhvd->bhcv", phi_q[N - 1], new_w1)[None]], axis=0)
             new_mom = M_last if self.use_momentum else (None if st.mom is None else st.mom[1])
-        if n_upd == 0:
-            o = jnp.einsum("bhncd,bhvd->bhncv", phi_q, W1_0)
-        o = unchunk_layout(o, T).astype(odt)
+        o = _unscan_layout(o, T).astype(odt)
         if not output_final_state:
             return o, None
         w = list(st.w)
@@ -576,9 +569,17 @@ def _pad_tokens(x, L):
     return jnp.pad(x, [(0, 0), (0, L - T)] + [(0, 0)] * (x.ndim - 2))
 
 
-def _chunk_tokens(x, C, n):
-    """``[B, H, n·C, ...]`` → ``[B, H, n, C, ...]`` (the token axis already holds whole chunks)."""
-    return x.reshape(x.shape[:2] + (n, C) + x.shape[3:])
+def _scan_layout(x, C, N):
+    """``[B, T, H, ...]`` → ``[N, B, H, C, ...]``, zero-padding the tokens to ``N·C``."""
+    B, T, H = x.shape[:3]
+    x = _pad_tokens(x, N * C).reshape((B, N, C, H) + x.shape[3:])
+    return jnp.moveaxis(x, (1, 3), (0, 2))
+
+
+def _unscan_layout(x, T):
+    """Inverse of :func:`_scan_layout`: ``[N, B, H, C, ...]`` → ``[B, T, H, ...]``."""
+    N, B, H, C = x.shape[:4]
+    return jnp.moveaxis(x, (0, 2), (1, 3)).reshape((B, N * C, H) + x.shape[4:])[:, :T]
 
 
 def _normalise_lr(lr, B, T, H, in_dims, matrices):

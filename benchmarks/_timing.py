@@ -1,0 +1,60 @@
+"""Shared timing and machine record for the benchmark scripts.
+
+Every script times with :func:`timeit` (one call to compile and warm up, then ``repeats``
+timed calls; the best and the median are returned) and stores :func:`machine` in its JSON,
+so every number carries the load average it was measured at and whether the host's
+malloc was tuned (:func:`tttla_jax.host.tune_malloc`, called by :func:`setup`).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+from tttla_jax.host import tune_malloc
+
+
+def setup(tune: bool = True) -> dict:
+    """Call first in a benchmark's ``main``: tunes malloc (unless ``tune=False``) and returns
+    the start record (load average, malloc) to pass to :func:`machine`."""
+    rec = tune_malloc() if tune else {"tuned": False, "reason": "--no-tune-malloc", "settings": {}}
+    return {"loadavg_start": os.getloadavg(), "malloc": rec, "t0": time.time()}
+
+
+def timeit(fn, *args, repeats: int = 5) -> dict:
+    """``{"best": s, "median": s, "compile": s}`` for ``fn(*args)`` (jax arrays blocked on)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return {"best": min(ts), "median": statistics.median(ts), "compile": compile_s}
+
+
+def machine(start: dict) -> dict:
+    """The machine record for a result JSON: CPU, cores, jax, backend, load average at the
+    start and end, malloc tuning, wall time."""
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "loadavg_start": list(start["loadavg_start"]),
+        "loadavg_end": list(os.getloadavg()),
+        "malloc": start["malloc"],
+        "wall_s": time.time() - start["t0"],
+    }
+
+
+def describe(m: dict) -> str:
+    """One line for the printed table's caption."""
+    tuned = "malloc tuned" if m["malloc"]["tuned"] else f"malloc default ({m['malloc']['reason']})"
+    return (f"CPU {m['cpu']}, {m['cpu_count']} cores, jax {m['jax']} ({m['backend']}), {tuned}, "
+            f"load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}")
