@@ -6,6 +6,8 @@ gradients w.r.t. q, k, v, lr, momentum and the initial fast weights); float32 1e
 relative to the float64 output's max magnitude (the parallel form sums the chunk updates
 in a different order than the scan).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,10 +40,16 @@ def make(rule, seed=0, B=1, T=11, H=2, K=4, Dh=5, V=3, dtype=jnp.float64):
     return q, k, v, lr, m, w0, w1, w2
 
 
+PARALLEL = ("chunked", "associative")  # the two layouts of LaCTRule.parallel
+
+
 def form(rule, impl):
+    """impl: "recurrent", "parallel" (its auto choice) or one of PARALLEL."""
+    method = functools.partial(rule.parallel, impl=impl) if impl in PARALLEL else getattr(rule, impl)
+
     def fn(q, k, v, lr, m, w0, w1, w2):
         st = rule.init_state(w0, w1, w2, k.shape[0])
-        o, S = getattr(rule, impl)(q, k, v, lr, st, m if rule.use_momentum else None, output_final_state=True)
+        o, S = method(q, k, v, lr, st, m if rule.use_momentum else None, output_final_state=True)
         return o, S.w[1], (S.mom[1] if S.mom is not None else None)
     return fn
 
@@ -66,10 +74,11 @@ def close(a, b, atol, what):
 
 
 def both(rule, args, grads):
-    """Outputs (and gradients w.r.t. every differentiable input) of both forms, one compile each."""
+    """Outputs (and gradients w.r.t. every differentiable input) of the recurrent form and of
+    each parallel layout, one compile each: ``[recurrent, chunked, associative]``."""
     nums = tuple(i for i, x in enumerate(args) if x is not None and not (i == 4 and not rule.use_momentum))
     res = []
-    for impl in ("recurrent", "parallel"):
+    for impl in ("recurrent",) + PARALLEL:
         fn = form(rule, impl)
         if grads:
             def wa(*a, fn=fn):
@@ -132,10 +141,11 @@ GRAD_CASES = [("v2", 11), ("v3", 12), ("v5", 11)]
 def test_parallel_equals_recurrent_with_grads_float64(name, T):
     rule = ladder(name, chunk_size=4)
     args = make(rule, T=T)
-    (o_r, g_r), (o_p, g_p) = both(rule, args, grads=True)
-    assert o_p[0].dtype == jnp.float64
-    close(o_p, o_r, 1e-10, f"{name} outputs/final W1/momentum")
-    close(g_p, g_r, 1e-10, f"{name} gradients")
+    (o_r, g_r), *pars = both(rule, args, grads=True)
+    for impl, (o_p, g_p) in zip(PARALLEL, pars):
+        assert o_p[0].dtype == jnp.float64
+        close(o_p, o_r, 1e-10, f"{name} {impl} outputs/final W1/momentum")
+        close(g_p, g_r, 1e-10, f"{name} {impl} gradients")
     assert float(jnp.max(jnp.abs(g_r[2]))) > 1e-6  # d/dv is not trivially zero
 
 
@@ -144,8 +154,9 @@ def test_parallel_equals_recurrent_with_grads_float64(name, T):
 def test_parallel_equals_recurrent_shapes_float64(name, T):
     """T = 1, one chunk only (T = C), T not a multiple of C, T a multiple of C."""
     rule = ladder(name, chunk_size=4)
-    (o_r, _), (o_p, _) = both(rule, make(rule, seed=T, T=T, B=2), grads=False)
-    close(o_p, o_r, 1e-10, f"{name} T={T}")
+    (o_r, _), *pars = both(rule, make(rule, seed=T, T=T, B=2), grads=False)
+    for impl, (o_p, _) in zip(PARALLEL, pars):
+        close(o_p, o_r, 1e-10, f"{name} {impl} T={T}")
 
 
 @pytest.mark.parametrize("extra", [dict(muon=False), dict(use_momentum=False), dict(constant_lr=None),
@@ -154,20 +165,23 @@ def test_parallel_equals_recurrent_shapes_float64(name, T):
 def test_parallel_equals_recurrent_variants_float64(extra):
     """V2 with and without Muon/momentum, per-token lr, the other order, anomalies."""
     rule = ladder("v3", chunk_size=3, **extra)
-    (o_r, _), (o_p, _) = both(rule, make(rule, seed=3, T=10), grads=False)
-    close(o_p, o_r, 1e-10, f"v3 {extra}")
+    (o_r, _), *pars = both(rule, make(rule, seed=3, T=10), grads=False)
+    for impl, (o_p, _) in zip(PARALLEL, pars):
+        close(o_p, o_r, 1e-10, f"v3 {impl} {extra}")
 
 
 def test_parallel_per_channel_lr_and_muon_bf16():
     rule = ladder("v2", chunk_size=3, constant_lr=None)
     q, k, v, lr, m, w0, w1, w2 = make(rule, seed=4, T=10, K=4, Dh=4)
     lr = jnp.broadcast_to(lr[..., None], lr.shape + (4,)) * jnp.linspace(0.5, 1.5, 4)
-    (o_r, _), (o_p, _) = both(rule, (q, k, v, lr, m, w0, w1, w2), grads=False)
-    close(o_p, o_r, 1e-10, "per-channel lr")
+    (o_r, _), *pars = both(rule, (q, k, v, lr, m, w0, w1, w2), grads=False)
+    for impl, (o_p, _) in zip(PARALLEL, pars):
+        close(o_p, o_r, 1e-10, f"per-channel lr, {impl}")
     rule16 = ladder("v2", chunk_size=3, muon_dtype="bfloat16")
     a32 = tuple(None if x is None else x.astype(jnp.float32) for x in (q, k, v, lr, m, w0, w1, w2))
-    (o_r, _), (o_p, _) = both(rule16, a32, grads=False)
-    close(o_p, o_r, 1e-5, "bf16 NS: same rounding in both forms")
+    (o_r, _), *pars = both(rule16, a32, grads=False)
+    for impl, (o_p, _) in zip(PARALLEL, pars):
+        close(o_p, o_r, 1e-5, f"bf16 NS: same rounding in both forms ({impl})")
 
 
 def test_parallel_float32_tolerance():
@@ -176,7 +190,7 @@ def test_parallel_float32_tolerance():
     a32 = tuple(None if x is None else x.astype(jnp.float32) for x in a64)
     o64 = jit_fast(form(rule, "recurrent"))(*a64)[0]
     scale = float(jnp.max(jnp.abs(o64)))
-    for impl in ("recurrent", "parallel"):
+    for impl in ("recurrent",) + PARALLEL:
         o32 = jit_fast(form(rule, impl))(*a32)[0]
         assert o32.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale)
@@ -195,6 +209,15 @@ def test_auto_picks_parallel_and_functional_impl():
     np.testing.assert_allclose(np.asarray(o_f), np.asarray(o_fr), atol=1e-10)
     with pytest.raises(NotAssociativeError, match="weight_norm='post'"):
         tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, update="w1", impl="parallel")
+    # the parallel form's own choice on this (CPU) backend is the chunked layout; __call__
+    # reaches each layout by name; an unknown layout is an error listing the choices
+    st = rule.init_state(w0, w1, w2, 1)
+    o_c, _ = rule.parallel(q, k, v, lr, st, m, impl="chunked")
+    np.testing.assert_array_equal(np.asarray(o_p), np.asarray(o_c))
+    o_as, _ = rule(q, k, v, lr, st, m, impl="associative")
+    np.testing.assert_allclose(np.asarray(o_as), np.asarray(o_c), atol=1e-10)
+    with pytest.raises(ValueError, match=r"impl: got 'scan', expected one of \('auto', 'chunked', 'associative'\)"):
+        rule.parallel(q, k, v, lr, st, m, impl="scan")
 
 
 # --------------------------------------------------------------------------- V6 and anomalies

@@ -24,6 +24,7 @@ cotangents), so a form that gets one element's gradient wrong cannot hide behind
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import jax
@@ -227,7 +228,7 @@ def random_inputs(shapes: Mapping[str, tuple], *, seed: int = 0, dtype=jnp.float
 
 def check_rule(rule, args: Sequence, *, reduction: bool = True, **kwargs) -> Report:
     """Check a rule: ``recurrent`` vs ``parallel`` (when ``rule.breaks_associativity()`` is
-    ``None``) vs its linear-attention reading (``tt.reduce``, outputs only, when a reducer is
+    ``None``; plus every layout in ``rule.parallel_impls()`` when the rule lists several) vs its linear-attention reading (``tt.reduce``, outputs only, when a reducer is
     registered). ``args`` are the positional inputs of ``rule.recurrent`` (as produced by
     the registry's builders, :data:`tttla_jax.rules.REGISTRY`); other keyword arguments go
     to :func:`check_equivalence`.
@@ -243,6 +244,9 @@ def check_rule(rule, args: Sequence, *, reduction: bool = True, **kwargs) -> Rep
     forms = {"recurrent": positional(rule.recurrent)}
     if rule.breaks_associativity() is None:
         forms["parallel"] = positional(rule.parallel)
+        # rules with several parallel layouts list them; each is checked on its own
+        for impl in getattr(rule, "parallel_impls", lambda: ())():
+            forms[f"parallel[{impl}]"] = positional(functools.partial(rule.parallel, impl=impl))
     report = check_equivalence(forms, inputs, **kwargs) if len(forms) > 1 else Report("recurrent", [])
     if reduction and has_reducer(rule):
         red = check_equivalence(

@@ -56,7 +56,8 @@ FAST_NETS = ("swiglu", "linear")
 UPDATES = ("all", "w1")
 WEIGHT_NORMS = ("post", "pre", None)
 ORDERS = ("apply_then_update", "update_then_query")
-IMPLS = ("auto", "recurrent", "parallel")
+IMPLS = ("auto", "recurrent", "parallel", "chunked", "associative")
+PARALLEL_IMPLS = ("auto", "chunked", "associative")
 MUON_DTYPES = (None, "bfloat16", "float32", "float64")
 
 _WN_EPS = 1e-5
@@ -473,19 +474,34 @@ class LaCTRule(Rule):
         state: LaCTState,
         momentum: Optional[Float[Array, "b t h"]] = None,
         output_final_state: bool = False,
+        impl: str = "auto",
     ):
-        """Chunk-parallel form (SPEC §7) for static φ and no weight norm (ladder V2–V6).
+        """Parallel forms (SPEC §7) for static φ and no weight norm (ladder V2–V6).
 
-        φ(q), φ(k) for all tokens at once (W0, W2 are never updated); then one scan over
-        chunks for ``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)``, ``M_i = ᾱ_i M_{i−1} + G_i``, ``U_i = NS5(M_i)`` (Muon) or ``M_i``,
-        ``S_c = W1_0 + Σ_{i<c} U_i`` (``i ≤ c`` for "update_then_query") and
-        ``o = φ(q) S_cᵀ``. Same arguments and returns as
-        :meth:`recurrent`. Raises :class:`NotAssociativeError` naming the breaking
-        component otherwise.
+        φ(q), φ(k) for all tokens at once (W0, W2 are never updated), the chunk sums
+        ``G_i = Σ_{t∈i} lr1_t (±v_t)ᵀ φ(k_t)``, then three linear recurrences over chunks —
+        ``M_i = ᾱ_i M_{i−1} + G_i``, ``U_i = NS5(M_i)`` (Muon) or ``M_i``,
+        ``S_c = W1_0 + Σ_{i<c} U_i`` (``i ≤ c`` for "update_then_query") — and the reads
+        ``o = φ(q) S_cᵀ``. Two layouts of the same arithmetic:
+
+        * ``impl="chunked"``: one fused ``lax.scan`` over chunks computes G_i, the
+          recurrences and the read of each chunk (cache-resident; the fast form on CPU).
+        * ``impl="associative"``: every G_i in one batched dot, the momentum as a
+          ``lax.associative_scan`` over ``(ᾱ_i, G_i)`` pairs, NS5 batched over all chunks, the
+          prefix sum as a ``cumsum`` and the reads as one batched dot — log-depth, for
+          accelerators with parallelism to fill (the paper's parallel form). Holds one
+          ``[dv, dh]`` matrix per chunk and head at once.
+        * ``impl="auto"``: ``"chunked"`` on CPU, ``"associative"`` on GPU/TPU.
+
+        Same other arguments and returns as :meth:`recurrent`. Raises
+        :class:`NotAssociativeError` naming the breaking component otherwise.
         """
+        _checks.check_choice("impl", impl, PARALLEL_IMPLS)
         why = self.breaks_associativity()
         if why is not None:
             raise NotAssociativeError(f"LaCTRule has no parallel form: {why}")
+        if impl == "auto":
+            impl = "chunked" if jax.default_backend() == "cpu" else "associative"
         q, k, v, lrs, m, st, cdt, odt = self._prepare(q, k, v, lr, momentum, state)
         B, T, H, K = k.shape
         C = self.chunk_size
@@ -539,7 +555,26 @@ class LaCTRule(Rule):
                     o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
                 return (M, S), o
 
-            (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (phi_q[:n_upd], pk, sv, abar))
+            if impl == "chunked":
+                (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (phi_q[:n_upd], pk, sv, abar))
+            else:  # associative: every chunk at once, log-depth momentum scan
+                G = jnp.einsum("nbhcv,nbhcd->nbhvd", sv, pk)           # [n, B, H, dv, dh]
+                if use_mom:
+                    # M_i = ᾱ_i M_{i−1} + G_i  ⇔  (A_i, X_i) = (ᾱ_i, G_i) ∘ … with
+                    # (a1, X1) ∘ (a2, X2) = (a1·a2, a2·X1 + X2); then M_i = A_i M_0 + X_i.
+                    def combine(x1, x2):
+                        (a1, X1), (a2, X2) = x1, x2
+                        return a1 * a2, a2[..., None, None] * X1 + X2
+
+                    A, X = lax.associative_scan(combine, (abar, G))
+                    Ms = A[..., None, None] * M0 + X
+                else:
+                    Ms = G
+                U = newton_schulz5(Ms, md) if muon else Ms
+                S_incl = W1_0 + jnp.cumsum(U, axis=0)                   # S after chunk i's update
+                M_last, new_w1 = Ms[-1], S_incl[-1]
+                S_read = jnp.concatenate([W1_0[None], S_incl[:-1]], axis=0) if apply_first else S_incl
+                o = jnp.einsum("nbhcd,nbhvd->nbhcv", phi_q[:n_upd], S_read)
             if apply_first:  # the last chunk only reads
                 o = jnp.concatenate([o, jnp.einsum("bhcd,bhvd->bhcv", phi_q[N - 1], new_w1)[None]], axis=0)
             new_mom = M_last if self.use_momentum else (None if st.mom is None else st.mom[1])
@@ -554,11 +589,20 @@ class LaCTRule(Rule):
         return o, LaCTState(w=tuple(w), main=st.main, mom=mom, norm=st.norm)
 
     def __call__(self, q, k, v, lr, state, momentum=None, output_final_state=False, impl="auto"):
-        """Dispatch: ``impl="auto"`` uses :meth:`parallel` when allowed, else :meth:`recurrent`."""
+        """Dispatch: ``impl="auto"`` uses :meth:`parallel` when allowed, else :meth:`recurrent`;
+        ``"parallel"`` is the parallel form's own auto choice; ``"chunked"``/``"associative"``
+        pick one parallel form."""
         _checks.check_choice("impl", impl, IMPLS)
+        if impl in ("chunked", "associative"):
+            return self.parallel(q, k, v, lr, state, momentum, output_final_state, impl=impl)
         if impl == "parallel" or (impl == "auto" and self.breaks_associativity() is None):
             return self.parallel(q, k, v, lr, state, momentum, output_final_state)
         return self.recurrent(q, k, v, lr, state, momentum, output_final_state)
+
+    def parallel_impls(self) -> Tuple[str, ...]:
+        """The parallel forms :func:`tttla_jax.testing.check_rule` compares (none if the
+        configuration has no parallel form)."""
+        return () if self.breaks_associativity() is not None else ("chunked", "associative")
 
 
 def _pad_tokens(x, L):
