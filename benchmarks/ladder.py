@@ -85,35 +85,41 @@ def main():
             rec = jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.recurrent(q, k, v, lr, st, m)[0])
             t_rec, o_rec = time_fn(rec, args, a.reps)
             row = dict(variant=name, chunk_size=C, recurrent_tok_s=T * B / t_rec, parallel_tok_s=None,
-                       ratio=None, max_rel_diff=None)
+                       ratio=None, max_rel_diff=None, parallel_associative_tok_s=None, associative_ratio=None,
+                       associative_max_rel_diff=None)
             if rule.breaks_associativity() is None:
-                par = jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.parallel(q, k, v, lr, st, m)[0])
-                t_par, o_par = time_fn(par, args, a.reps)
-                row["parallel_tok_s"] = T * B / t_par
-                row["ratio"] = t_rec / t_par
-                row["max_rel_diff"] = float(jnp.max(jnp.abs(o_par - o_rec)) / jnp.max(jnp.abs(o_rec)))
+                for impl in ("chunked", "associative"):
+                    par = jax.jit(lambda q, k, v, lr, st, m, rule=rule, impl=impl:
+                                  rule.parallel(q, k, v, lr, st, m, impl=impl)[0])
+                    t_par, o_par = time_fn(par, args, a.reps)
+                    key = "" if impl == "chunked" else "associative_"
+                    row[f"parallel_{key}tok_s"] = T * B / t_par
+                    row[f"{key}ratio"] = t_rec / t_par
+                    row[f"{key}max_rel_diff"] = float(jnp.max(jnp.abs(o_par - o_rec)) / jnp.max(jnp.abs(o_rec)))
             pr, pp = PAPER[name]
             row["paper_recurrent_Mtok_s"], row["paper_parallel_Mtok_s"] = pr, pp
             row["paper_ratio"] = None if pp is None else pp / pr
             rows.append(row)
             print(f"  C={C} {name}: rec {row['recurrent_tok_s']:.0f} tok/s"
-                  + (f", par {row['parallel_tok_s']:.0f} tok/s" if row["parallel_tok_s"] else ""), flush=True)
+                  + (f", par {row['parallel_tok_s']:.0f} tok/s (associative {row['parallel_associative_tok_s']:.0f})"
+                     if row["parallel_tok_s"] else ""), flush=True)
     v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in rows if r["variant"] == "v0"}
     v0 = {c: v0.get(c, float("nan")) for c in a.chunks}
     print()
     m = machine(start)
     print(f"LaCT ladder, forward, float32, B={B}, T={T}, H={H}, dk=dh=dv={D}; {describe(m)}")
     print()
-    print("| variant | C | recurrent tok/s | parallel tok/s | par/rec | paper par/rec (GPU) | V6-par / V0-rec |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | C | recurrent tok/s | parallel (chunked) tok/s | par/rec | parallel (associative) tok/s "
+          "| assoc/rec | paper par/rec (GPU) | V6-par / V0-rec |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
     for r in rows:
-        par = "—" if r["parallel_tok_s"] is None else f"{r['parallel_tok_s']:,.0f}"
-        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        pratio = "—" if r["paper_ratio"] is None else f"{r['paper_ratio']:.2f}x"
         vs = ""
         if r["variant"] == "v6" and r["parallel_tok_s"]:
             vs = f"{r['parallel_tok_s'] / v0[r['chunk_size']]:.1f}x"
-        print(f"| {r['variant']} | {r['chunk_size']} | {r['recurrent_tok_s']:,.0f} | {par} | {ratio} | {pratio} | {vs} |")
+        print(f"| {r['variant']} | {r['chunk_size']} | {r['recurrent_tok_s']:,.0f} | {fmt(r['parallel_tok_s'], ',.0f')} "
+              f"| {fmt(r['ratio'], '.2f')} | {fmt(r['parallel_associative_tok_s'], ',.0f')} "
+              f"| {fmt(r['associative_ratio'], '.2f')} | {fmt(r['paper_ratio'], '.2f')} | {vs} |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(dict(config=dict(B=B, T=T, H=H, dk=D, dh=D, dv=D, dtype="float32", reps=a.reps,
