@@ -5,44 +5,43 @@ B=4, H=4, K=V=64, float32, gated delta rule (log-decay in [-0.1, 0]), k L2-norma
 β in (0.1, 0.9), over T in {512, 2048, 8192}. Prints a table and writes JSON.
 
     python benchmarks/delta_rule.py [--T 512 2048 8192] [--repeats 5] [--chunk-sizes 64]
-                                    [--no-gate] [--out benchmarks/results/delta_rule.json]
+                                    [--no-gate] [--matmul-n 1024] [--no-tune-malloc]
+                                    [--out benchmarks/results/delta_rule.json]
 
 FLOPs counted for the chunked forward per chunk of C tokens (elementwise work ignored):
 Gram products ``Q Kᵀ``, ``K Kᵀ`` 4C²K; ``(I + A)⁻¹`` by block doubling ≈ (2/3)C³;
 ``W_v, W_k`` 2C²(V+K); ``D, M`` 2CK(V+K); the chunk scan 2K²V; outputs
 ``P W_k`` 2C²K, ``Q̃ S`` 2CKV, ``P W_v`` 2C²V. Recurrent: ≈ 7KV per token.
-Forward+backward is counted as 3× the forward. Variants are timed interleaved, repeat
-by repeat; the table shows the minimum over repeats (the JSON also has medians) and
-the load average is recorded, because the CPU may be shared with other jobs.
+Forward+backward is counted as 3× the forward.
+
+Timing: ``benchmarks/_timing.timeit`` — one compile + warm-up call, then ``--repeats``
+timed calls; the table and ``fwd_s``/``fwdbwd_s`` report the **minimum** (``["best"]``, as
+before the shared helper), the JSON also has the medians (``*_median``). Since the move to
+the shared helper each variant's repeats run back to back (they used to be interleaved,
+repeat by repeat, across variants), so a load change during the run can favour one
+variant. The JSON's ``machine`` record has the load average at start and end and whether
+malloc was tuned (``--no-tune-malloc``: glibc's defaults), because the CPU may be shared.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tttla_jax.ops.delta_rule import delta_rule
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup, timeit  # noqa: E402
 
-
-def timeit(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+from tttla_jax.ops.delta_rule import delta_rule  # noqa: E402
 
 
 def matmul_gflops(n=1024, repeats=5):
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
-    t = timeit(jax.jit(lambda a: a @ a), a, repeats=repeats)
+    t = timeit(jax.jit(lambda a: a @ a), a, repeats=repeats)["median"]
     return 2 * n**3 / t / 1e9
 
 
@@ -67,16 +66,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", nargs="+", default=["recurrent", "chunked"])
     p.add_argument("--no-gate", action="store_true", help="plain DeltaNet (no log-decay)")
+    p.add_argument("--matmul-n", type=int, default=1024, help="size of the reference 2-D matmul [1024]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "delta_rule.json"))
+    p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
+    start = setup(tune=not a.no_tune_malloc)
     B, H, K, V = a.B, a.H, a.D, a.D
     gated = not a.no_gate
 
-    load0 = os.getloadavg()
-    peak = matmul_gflops()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.default_backend()}; 1024^3 float32 matmul: {peak:.1f} GFLOP/s; "
-          f"load average {load0[0]:.1f}")
+    peak = matmul_gflops(a.matmul_n)
+    print(f"{a.matmul_n}^3 float32 matmul: {peak:.1f} GFLOP/s (median)")
     variants = [(impl, None) for impl in a.impls if impl != "chunked"]
     if "chunked" in a.impls:
         variants += [("chunked", C) for C in a.chunk_sizes]
@@ -89,7 +88,6 @@ def main(argv=None):
         v = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
         beta = jnp.asarray(rng.uniform(0.1, 0.9, size=(B, T, H)), jnp.float32)
         g = jnp.asarray(-rng.uniform(0, 0.1, size=(B, T, H)), jnp.float32)
-        fns = {}
         for impl, C in variants:
             def fwd(q, k, v, beta, g, impl=impl, C=C):
                 return delta_rule(q, k, v, beta, log_decay=g if gated else None, impl=impl,
@@ -98,24 +96,14 @@ def main(argv=None):
             def loss(q, k, v, beta, g, impl=impl, C=C):
                 return jnp.sum(fwd(q, k, v, beta, g, impl, C) ** 2)
 
-            fns[(impl, C)] = (jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))))
-            for fn in fns[(impl, C)]:
-                jax.block_until_ready(fn(q, k, v, beta, g))  # compile + warm up
-        # Interleave the variants repeat by repeat so a shared, fluctuating CPU load hits
-        # them alike; report the minimum (least disturbed) and the median.
-        times = {key: ([], []) for key in fns}
-        for _ in range(a.repeats):
-            for key, pair in fns.items():
-                for fn, acc in zip(pair, times[key]):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(fn(q, k, v, beta, g))
-                    acc.append(time.perf_counter() - t0)
-        for (impl, C), (tf_all, tfb_all) in times.items():
-            tf, tfb = min(tf_all), min(tfb_all)
+            f, fb = jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+            t_f = timeit(f, q, k, v, beta, g, repeats=a.repeats)
+            t_fb = timeit(fb, q, k, v, beta, g, repeats=a.repeats)
+            tf, tfb = t_f["best"], t_fb["best"]
             fl = chunked_flops(B, T, H, K, V, C) if impl == "chunked" else recurrent_flops(B, T, H, K, V)
             name = impl if C is None else f"{impl}(C={C})"
             row = dict(T=T, impl=impl, chunk_size=C, fwd_s=tf, fwdbwd_s=tfb,
-                       fwd_s_median=float(np.median(tf_all)), fwdbwd_s_median=float(np.median(tfb_all)),
+                       fwd_s_median=t_f["median"], fwdbwd_s_median=t_fb["median"],
                        fwd_tok_s=B * T / tf, fwdbwd_tok_s=B * T / tfb,
                        fwd_gflops=fl / tf / 1e9, fwdbwd_gflops=3 * fl / tfb / 1e9)
             rows.append(row)
@@ -142,17 +130,16 @@ def main(argv=None):
             summary[f"speedup_chunked_C{C0}_vs_recurrent_T{T}"] = dict(
                 fwd=get(T, "recurrent", None, "fwd_s") / get(T, "chunked", C0, "fwd_s"),
                 fwdbwd=get(T, "recurrent", None, "fwdbwd_s") / get(T, "chunked", C0, "fwdbwd_s"))
-    load1 = os.getloadavg()
     print("\nsummary:", json.dumps(summary, indent=1))
-    print(f"load average at start / end: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} cores")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_sizes=a.chunk_sizes, dtype="float32",
-                                   gated=gated, repeats=a.repeats, statistic="min over interleaved repeats (medians also given)"),
-                       machine=dict(cpu_count=os.cpu_count(), processor=platform.processor(),
-                                    jax=jax.__version__, backend=jax.default_backend(),
-                                    loadavg_start=load0[0], loadavg_end=load1[0]),
-                       matmul_gflops=peak, rows=rows, summary=summary), fh, indent=1)
+                                   gated=gated, repeats=a.repeats, matmul_n=a.matmul_n,
+                                   statistic="min over repeats after one compile/warm-up call, each variant's "
+                                             "repeats back to back (medians also given)"),
+                       machine=m, matmul_gflops=peak, rows=rows, summary=summary), fh, indent=1)
     print(f"wrote {a.out}")
 
 

@@ -4,7 +4,14 @@ Forward and forward+backward wall time of each implementation for B=4, H=4, K=V=
 float32, causal with log-decay, over T in {512, 2048, 8192, 32768}; plus the achieved
 GFLOP/s of the chunked form against the machine's measured 2-D matmul GFLOP/s.
 
-    python benchmarks/forms.py [--T 512 2048 8192 32768] [--repeats 5] [--out benchmarks/results/forms.json]
+    python benchmarks/forms.py [--T 512 2048 8192 32768] [--repeats 5] [--matmul-n 2048]
+                               [--no-tune-malloc] [--out benchmarks/results/forms.json]
+
+Each time is the **median** of ``--repeats`` calls after one compile + warm-up call
+(``benchmarks/_timing.timeit(...)["median"]``, as before the shared helper, so older
+results stay comparable). The JSON's ``machine`` record (``_timing.machine``) has the CPU,
+the load average at start and end and whether malloc was tuned (``--no-tune-malloc``:
+glibc's defaults).
 
 FLOPs counted for the chunked causal forward (per chunk of C tokens, ignoring the
 elementwise decay work): ``QKᵀ`` 2C²K, ``(A)V`` 2C²V, chunk state ``KᵀV`` 2CKV,
@@ -17,31 +24,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import tttla_jax as tt
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup, timeit  # noqa: E402
+
+import tttla_jax as tt  # noqa: E402
 
 
-def timeit(fn, *args, repeats=5):
-    out = fn(*args)
-    jax.block_until_ready(out)  # compile + warm up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+def median_s(fn, *args, repeats=5):
+    return timeit(fn, *args, repeats=repeats)["median"]
 
 
 def matmul_gflops(n=2048, repeats=5):
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    t = timeit(f, a, repeats=repeats)
+    t = median_s(f, a, repeats=repeats)
     return 2 * n**3 / t / 1e9
 
 
@@ -61,13 +63,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", nargs="+", default=["recurrent", "associative", "chunked"])
     p.add_argument("--assoc-max-gb", type=float, default=2.0)
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the reference 2-D matmul [2048]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forms.json"))
+    p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
+    start = setup(tune=not a.no_tune_malloc)
     B, H, K, V, C = a.B, a.H, a.D, a.D, a.chunk_size
 
-    peak = matmul_gflops()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.default_backend()}; 2-D matmul 2048^3 float32: {peak:.1f} GFLOP/s")
+    peak = matmul_gflops(a.matmul_n)
+    print(f"2-D matmul {a.matmul_n}^3 float32: {peak:.1f} GFLOP/s")
     rows = []
     for T in a.T:
         rng = np.random.default_rng(T)
@@ -89,8 +93,8 @@ def main(argv=None):
 
             f = jax.jit(fwd)
             fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-            tf = timeit(f, q, k, v, g, repeats=a.repeats)
-            tfb = timeit(fb, q, k, v, g, repeats=a.repeats)
+            tf = median_s(f, q, k, v, g, repeats=a.repeats)
+            tfb = median_s(fb, q, k, v, g, repeats=a.repeats)
             row = dict(T=T, impl=impl, fwd_s=tf, fwdbwd_s=tfb,
                        fwd_tok_s=B * T / tf, fwdbwd_tok_s=B * T / tfb)
             if impl == "chunked":
@@ -123,12 +127,14 @@ def main(argv=None):
     if {8192, 32768} <= set(a.T) and "chunked" in a.impls:
         summary["chunked_fwdbwd_T32768_over_4x_T8192"] = get(32768, "chunked", "fwdbwd_s") / (4 * get(8192, "chunked", "fwdbwd_s"))
     print("\nsummary:", json.dumps(summary, indent=1))
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
-        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", mode="causal+decay"),
-                       machine=dict(cpu_count=os.cpu_count(), processor=platform.processor(),
-                                    jax=jax.__version__, backend=jax.default_backend()),
-                       matmul_gflops=peak, rows=rows, summary=summary), fh, indent=1)
+        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", mode="causal+decay",
+                                   repeats=a.repeats, matmul_n=a.matmul_n,
+                                   statistic="median of repeats after one compile/warm-up call"),
+                       machine=m, matmul_gflops=peak, rows=rows, summary=summary), fh, indent=1)
     print(f"wrote {a.out}")
 
 

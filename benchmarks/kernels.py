@@ -11,7 +11,12 @@ tokens/s ``min(peak FLOP/s / FLOPs, bandwidth / bytes)``. On CPU the XLA chunked
 also timed (float32) for reference.
 
     python benchmarks/kernels.py [--T 2048 8192] [--B 4] [--H 16] [--repeats 5]
-                                 [--out benchmarks/results/kernels.json]
+                                 [--no-tune-malloc] [--out benchmarks/results/kernels.json]
+
+Measured times are the **median** of ``--repeats`` calls after one compile + warm-up call
+(``benchmarks/_timing.timeit(...)["median"]``, as before the shared helper); the JSON's
+``machine`` record (``_timing.machine``) has the backend, the load average at start and end
+and whether malloc was tuned (``--no-tune-malloc``: glibc's defaults).
 
 FLOP model (per chunk of C tokens and head, :func:`tttla_jax.kernels.chunk_costs`): forward
 ``QKᵀ`` 2C²K (once per value block), ``AV`` 2C²V, ``(γQ)S`` 2CKV, ``(λK)ᵀV`` 2CKV; backward =
@@ -26,15 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import tttla_jax as tt
-from tttla_jax.kernels import BlockSizes, chunk_costs
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup, timeit  # noqa: E402
+
+import tttla_jax as tt  # noqa: E402
+from tttla_jax.kernels import BlockSizes, chunk_costs  # noqa: E402
 
 # Published peak numbers (dense bf16 matmul, HBM bandwidth).
 CHIPS = {
@@ -63,16 +70,6 @@ def roofline_per_token(K, V, C, H, itemsize, platform_, T=8192):
     return out
 
 
-def timeit(fn, *args, repeats=5):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def make(B, T, H, K, V, dtype):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(B, T, H, K)), dtype)
@@ -93,8 +90,8 @@ def measure(impl, B, T, H, K, V, C, dtype, repeats):
 
     f = jax.jit(fwd)
     fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
-    t_f = timeit(f, q, k, v, g, repeats=repeats)
-    t_fb = timeit(fb, q, k, v, g, repeats=repeats)
+    t_f = timeit(f, q, k, v, g, repeats=repeats)["median"]
+    t_fb = timeit(fb, q, k, v, g, repeats=repeats)["median"]
     return dict(fwd_tokens_per_s=B * T / t_f, fwd_bwd_tokens_per_s=B * T / t_fb, fwd_s=t_f, fwd_bwd_s=t_fb)
 
 
@@ -107,12 +104,15 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
+    p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
+    start = setup(tune=not a.no_tune_malloc)
     backend = jax.default_backend()
     accel = backend in ("gpu", "tpu")
     C, H = a.chunk_size, a.H
-    result = dict(backend=backend, devices=[str(d) for d in jax.devices()], host=platform.node(),
-                  jax=jax.__version__, chunk_size=C, H=H, roofline=[], measured=[])
+    # the device's name is kept next to the shared machine record, which only counts devices
+    result = dict(device=str(jax.devices()[0]), chunk_size=C, H=H, repeats=a.repeats,
+                  statistic="median of repeats after one compile/warm-up call", roofline=[], measured=[])
 
     print(f"# analytic roofline per token (H={H} heads, C={C}, T=8192, bfloat16 inputs, causal with decay)")
     print(f"{'chip':10s} {'K=V':>4s} {'pass':8s} {'MFLOP/tok':>10s} {'KB/tok':>8s} {'FLOP/B':>7s} "
@@ -145,7 +145,9 @@ def main(argv=None):
                 print(f"{impl:8s} {T:6d} {d:4d} {r['fwd_tokens_per_s']:12.0f} {r['fwd_bwd_tokens_per_s']:14.0f}")
                 result["measured"].append(dict(impl=impl, B=B, T=T, H=heads, K=d, V=d,
                                                dtype=jnp.dtype(dtype).name, **r))
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    result["machine"] = m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {a.out}")

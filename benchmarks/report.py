@@ -32,14 +32,31 @@ def _load(path):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
+def _load1(x):
+    """1-minute load average from a machine record: ``benchmarks/_timing.machine`` stores
+    ``os.getloadavg()`` (1, 5, 15 min) as a list, older files stored the 1-minute value alone."""
+    return x[0] if isinstance(x, (list, tuple)) and x else x
+
+
+def _machine(m):
+    """'2 CPUs, malloc tuned, load average 1.2→1.4' from a shared ``_timing.machine`` record
+    or an older file's ad-hoc fields (``cpus`` instead of ``cpu_count``; no ``malloc``; only
+    the end load average as ``loadavg_1_5_15``; no load average at all: shown as —)."""
+    parts = [f"{m.get('cpu_count', m.get('cpus'))} CPUs"]
+    if "malloc" in m:
+        parts.append("malloc tuned" if m["malloc"]["tuned"] else "glibc default malloc")
+    end = m.get("loadavg_end", m.get("loadavg_1_5_15"))
+    parts.append(f"load average {_f(_load1(m.get('loadavg_start')), 1)}→{_f(_load1(end), 1)}")
+    return ", ".join(parts)
+
+
 def forms(d):
     c, m = d["config"], d["machine"]
     rows = [[_f(r["T"]), r["impl"], _f(r.get("fwd_s") and 1e3 * r["fwd_s"], 1),
              _f(r.get("fwdbwd_s") and 1e3 * r["fwdbwd_s"], 1), _f(r.get("fwdbwd_gflops"), 1)]
             for r in d["rows"]]
     head = (f"`tt.linear_attention` forms — B={c['B']}, H={c['H']}, K=V={c['K']}, float32, chunk "
-            f"{c['chunk_size']}; {m.get('cpu_count')} CPUs, load average "
-            f"{_f(m.get('loadavg_start'), 1)}→{_f(m.get('loadavg_end'), 1)}; measured 2-D matmul "
+            f"{c['chunk_size']}; {_machine(m)}; measured 2-D matmul "
             f"{_f(d.get('matmul_gflops'), 0)} GFLOP/s")
     return head, _table(["T", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s"], rows)
 
@@ -50,32 +67,31 @@ def delta_rule(d):
              _f(1e3 * r["fwd_s"], 1), _f(1e3 * r["fwdbwd_s"], 1), _f(r.get("fwdbwd_gflops"), 1)]
             for r in d["rows"]]
     head = (f"`tt.delta_rule` (gated) — B={c['B']}, H={c['H']}, K=V={c['K']}, {c['dtype']}; "
-            f"{m.get('cpu_count')} CPUs, load average {_f(m.get('loadavg_start'), 1)}→"
-            f"{_f(m.get('loadavg_end'), 1)}")
+            f"{_machine(m)}")
     return head, _table(["T", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP/s"], rows)
 
 
 def ladder(d):
-    c, m = d["config"], d["machine"]
+    c = d["config"]
+    m = d.get("machine", c)  # older files kept cpu_count and the load average in config
     v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in d["rows"] if r["variant"] == "v0"}
     rows = [[r["variant"], _f(r["chunk_size"]), _f(r["recurrent_tok_s"]), _f(r.get("parallel_tok_s")),
              _f(r.get("ratio"), 2), _f(r.get("paper_ratio"), 2),
              _f(r["parallel_tok_s"] / v0[r["chunk_size"]], 1)
              if r["variant"] == "v6" and r.get("parallel_tok_s") and r["chunk_size"] in v0 else ""]
             for r in d["rows"]]
-    malloc = "malloc tuned" if m["malloc"]["tuned"] else "glibc default malloc"
     head = (f"LaCT ladder (paper Table 2 throughput columns) — forward, B={c['B']}, T={c['T']}, "
-            f"H={c['H']}, head dim {c['dk']}, {c['dtype']}; {m['cpu_count']} CPUs, {malloc}, load average "
-            f"{_f(m['loadavg_start'][0], 1)}→{_f(m['loadavg_end'][0], 1)}")
+            f"H={c['H']}, head dim {c['dk']}, {c['dtype']}; {_machine(m)}")
     return head, _table(["variant", "chunk", "recurrent tok/s", "parallel tok/s", "parallel/recurrent",
                          "paper (GPU) ratio", "V6 parallel / V0 recurrent (paper 29x)"], rows)
 
 
 def rules(d):
-    m = d["meta"]
+    c = d["meta"]
+    m = d.get("machine", c)  # older files kept cpus and the load average in meta
     rows = [[r["rule"], r["form"], _f(r["fwd_tok_s"]), _f(r["fwd_bwd_tok_s"])] for r in d["rows"]]
-    head = (f"Every rule family — B=1, T={m['T']}, H={m['H']}, head dim {m['D']}, {m['dtype']}; "
-            f"{m['cpus']} CPUs, load average {_f(m['loadavg_start'], 1)}→{_f(m['loadavg_end'], 1)}")
+    head = (f"Every rule family — B=1, T={c['T']}, H={c['H']}, head dim {c['D']}, {c['dtype']}; "
+            f"{_machine(m)}")
     return head, _table(["rule", "form", "fwd tok/s", "fwd+bwd tok/s"], rows)
 
 

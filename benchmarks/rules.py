@@ -8,12 +8,14 @@ token grid = 4096 tokens). Forms: ``recurrent`` (the ``lax.scan`` rule) and ``pa
 dual (matmul) and primal (per-row) forms. Inputs come from each family's registry
 builder (the same generator the equivalence tests use), at benchmark size.
 
-Each timing is the minimum over ``--repeats`` calls after one compile + warm-up call
-(min rather than median: the machine is shared, and the minimum is the least disturbed
-estimate); the 1-minute load average at start and end is recorded in the JSON.
+Each timing is the **minimum** over ``--repeats`` calls after one compile + warm-up call
+(``benchmarks/_timing.timeit(...)["best"]``; min rather than median: the machine is shared,
+and the minimum is the least disturbed estimate); the JSON's ``machine`` record
+(``_timing.machine``) has the load average at start and end and whether malloc was tuned
+(``--no-tune-malloc``: glibc's defaults).
 
     python benchmarks/rules.py [--T 4096] [--repeats 3] [--only lact ttt_linear ...]
-        [--out benchmarks/results/rules.json]
+        [--no-tune-malloc] [--out benchmarks/results/rules.json]
 
 Family-specific sweeps with more knobs: ``benchmarks/ladder.py`` (LaCT V0–V6),
 ``benchmarks/rules_ttt.py`` (TTT dual vs primal), ``benchmarks/rules_titans_vit3.py``,
@@ -24,15 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-import tttla_jax as tt
-from tttla_jax.rules import REGISTRY
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup, timeit  # noqa: E402
+
+import tttla_jax as tt  # noqa: E402
+from tttla_jax.rules import REGISTRY  # noqa: E402
 
 
 def _cases(T: int, H: int, D: int):
@@ -70,18 +73,6 @@ def _tokens(label: str, args) -> int:
     return int(x.shape[0] * x.shape[1])
 
 
-def _time(fn, args, repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return min(ts), compile_s
-
-
 def bench(label, rule, form, args, repeats):
     call = getattr(rule, form)
 
@@ -97,8 +88,8 @@ def bench(label, rule, form, args, repeats):
 
     fwd = jax.jit(out)
     fb = jax.jit(jax.value_and_grad(loss, argnums=tuple(floating)))
-    t_f, c_f = _time(fwd, args, repeats)
-    t_b, c_b = _time(fb, args, repeats)
+    tf, tb = timeit(fwd, *args, repeats=repeats), timeit(fb, *args, repeats=repeats)
+    t_f, c_f, t_b, c_b = tf["best"], tf["compile"], tb["best"], tb["compile"]
     n = _tokens(label, args)
     return dict(rule=label, form=form, tokens=n, fwd_s=t_f, fwd_bwd_s=t_b, fwd_tok_s=n / t_f,
                 fwd_bwd_tok_s=n / t_b, compile_fwd_s=c_f, compile_fwd_bwd_s=c_b)
@@ -112,8 +103,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", nargs="*", default=None, help="labels (prefix match) to run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rules.json"))
+    p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
-    load0 = os.getloadavg()[0]
+    start = setup(tune=not a.no_tune_malloc)
     rows = []
     print(f"{'rule':28s} {'form':10s} {'fwd tok/s':>12s} {'fwd+bwd tok/s':>14s} {'compile s':>10s}")
     for label, rule, reg, shapes in _cases(a.T, a.H, a.D):
@@ -127,13 +119,14 @@ def main(argv=None):
             rows.append(r)
             print(f"{label:28s} {form:10s} {r['fwd_tok_s']:12.0f} {r['fwd_bwd_tok_s']:14.0f} "
                   f"{r['compile_fwd_s'] + r['compile_fwd_bwd_s']:10.1f}", flush=True)
-    meta = dict(jax=jax.__version__, backend=jax.default_backend(), cpus=os.cpu_count(),
-                platform=platform.platform(), T=a.T, H=a.H, D=a.D, dtype="float32", repeats=a.repeats,
-                statistic="min over repeats", loadavg_start=load0, loadavg_end=os.getloadavg()[0])
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    meta = dict(T=a.T, H=a.H, D=a.D, dtype="float32", repeats=a.repeats,
+                statistic="min over repeats after one compile/warm-up call")
+    m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {a.out} (load average {meta['loadavg_start']:.1f} -> {meta['loadavg_end']:.1f})")
+        json.dump(dict(meta=meta, machine=m, rows=rows), f, indent=1)
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -10,39 +10,38 @@ ViT³: N=196 tokens (14×14 grid), B=8, GLU part H=4 heads of 64, conv part C=64
 ``recurrent`` (the gradient step) vs ``parallel`` (the linear-attention rewrite).
 
 Forward and forward+backward (gradient of ``sum(o) + sum(final state)`` w.r.t. every
-input and the initial fast weights) tokens/s: median of ``--repeats`` timed calls after
-one compile + warm-up call (compile time reported separately). The machine is shared
-(2 cores, other jobs running): treat absolute numbers as indicative, ratios as the result.
+input and the initial fast weights) tokens/s: **median** of ``--repeats`` timed calls after
+one compile + warm-up call (``benchmarks/_timing.timeit(...)["median"]``, as before the
+shared helper; compile time reported separately). The machine is shared (2 cores, other
+jobs running): treat absolute numbers as indicative, ratios as the result; the JSON's
+``machine`` record (``_timing.machine``) has the load average at start and end and whether
+malloc was tuned (``--no-tune-malloc``: glibc's defaults).
 
-    python benchmarks/rules_titans_vit3.py [--T 4096] [--repeats 3] \
-        [--out benchmarks/results/rules_titans_vit3.json]
+    python benchmarks/rules_titans_vit3.py [--T 4096] [--repeats 3] [--vit-grid 14] \
+        [--no-tune-malloc] [--out benchmarks/results/rules_titans_vit3.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tttla_jax.rules.titans import TitansRule, TitansState, _example_inputs
-from tttla_jax.rules.vit3 import vit3_conv, vit3_glu
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup, timeit  # noqa: E402
+
+from tttla_jax.rules.titans import TitansRule, TitansState, _example_inputs  # noqa: E402
+from tttla_jax.rules.vit3 import vit3_conv, vit3_glu  # noqa: E402
 
 
-def timeit(fn, *args, repeats=3):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    compile_s = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)), compile_s
+def median_s(fn, *args, repeats=3):
+    """(median seconds, compile + first-call seconds)."""
+    t = timeit(fn, *args, repeats=repeats)
+    return t["median"], t["compile"]
 
 
 def total(tree):
@@ -59,8 +58,8 @@ def bench_titans(impl, batch_size, B, T, H, D, c, block, repeats):
 
     fwd = jax.jit(run)
     fb = jax.jit(jax.value_and_grad(lambda *a: total(run(*a)), argnums=tuple(range(8))))
-    t_f, c_f = timeit(fwd, *args, repeats=repeats)
-    t_b, c_b = timeit(fb, *args, repeats=repeats)
+    t_f, c_f = median_s(fwd, *args, repeats=repeats)
+    t_b, c_b = median_s(fb, *args, repeats=repeats)
     return dict(op="titans_linear", impl=impl, batch_size=batch_size, B=B, T=T, H=H, D=D, chunk_size=c,
                 block_tokens=block, fwd_s=t_f, fwd_bwd_s=t_b, fwd_tok_s=B * T / t_f,
                 fwd_bwd_tok_s=B * T / t_b, compile_fwd_s=c_f, compile_fwd_bwd_s=c_b)
@@ -78,8 +77,8 @@ def bench_vit3(part, impl, B, grid, H, D, repeats):
         run = lambda q, k, v, W: vit3_conv(q, k, v, W=W, grid=grid, impl=impl, output_final_state=True)
     fwd = jax.jit(run)
     fb = jax.jit(jax.value_and_grad(lambda *a: total(run(*a)), argnums=tuple(range(len(args)))))
-    t_f, c_f = timeit(fwd, *args, repeats=repeats)
-    t_b, c_b = timeit(fb, *args, repeats=repeats)
+    t_f, c_f = median_s(fwd, *args, repeats=repeats)
+    t_b, c_b = median_s(fb, *args, repeats=repeats)
     return dict(op=f"vit3_{part}", impl=impl, batch_size=None, B=B, T=N, H=H if part == "glu" else 1, D=D,
                 fwd_s=t_f, fwd_bwd_s=t_b, fwd_tok_s=B * N / t_f, fwd_bwd_tok_s=B * N / t_b,
                 compile_fwd_s=c_f, compile_fwd_bwd_s=c_b)
@@ -96,12 +95,12 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="*", default=[0, 64], help="0 means None")
     p.add_argument("--impls", nargs="+", default=["recurrent", "chunked", "associative"])
     p.add_argument("--vit-B", type=int, default=8)
+    p.add_argument("--vit-grid", type=int, default=14, help="ViT³ token grid side [14]")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "rules_titans_vit3.json"))
+    p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.default_backend()}, load average {os.getloadavg()[0]:.1f}")
+    start = setup(tune=not a.no_tune_malloc)
     rows = []
     for c in a.chunk_sizes:
         for bs in a.batch_sizes:
@@ -112,7 +111,7 @@ def main(argv=None):
                 print(rows[-1], flush=True)
     for part in ("glu", "conv"):
         for impl in ("recurrent", "parallel"):
-            rows.append(bench_vit3(part, impl, a.vit_B, (14, 14), a.H, a.D, a.repeats))
+            rows.append(bench_vit3(part, impl, a.vit_B, (a.vit_grid, a.vit_grid), a.H, a.D, a.repeats))
             print(rows[-1], flush=True)
 
     hdr = f"{'op':14} {'impl':12} {'c':>3} {'batch':>6} {'T':>6} {'fwd tok/s':>12} {'fwd+bwd tok/s':>14} {'compile s':>10}"
@@ -120,12 +119,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['op']:14} {r['impl']:12} {str(r.get('chunk_size', '-')):>3} {str(r['batch_size']):>6} {r['T']:>6} {r['fwd_tok_s']:>12.3e} "
               f"{r['fwd_bwd_tok_s']:>14.3e} {r['compile_fwd_s'] + r['compile_fwd_bwd_s']:>10.1f}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    meta = dict(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                jax=jax.__version__, backend=jax.default_backend(), load_average=os.getloadavg()[0],
+    m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    meta = dict(repeats=a.repeats, statistic="median of repeats after one compile/warm-up call",
                 note="shared 2-core CPU with other jobs running; ratios are the result")
     with open(a.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, machine=m, rows=rows), f, indent=1)
     print(f"wrote {a.out}")
 
 
