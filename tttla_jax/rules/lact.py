@@ -138,6 +138,47 @@ def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... 
     return X
 
 
+def newton_schulz5_factored(P: Float[Array, "... r n"], Q: Float[Array, "... n c"]) -> Float[Array, "... r c"]:
+    """``newton_schulz5(P @ Q)`` computed through the rank-``n`` factors (same math, fewer FLOPs
+    when ``n`` is small, e.g. one chunk's gradient ``G = Vᵀ Φ`` with C tokens < d).
+
+    Every NS5 iterate of ``X = P Q`` keeps the form ``X_j = P_j Q``: with ``K = Q Qᵀ`` and
+    ``M_j = P_jᵀ P_j`` (both n×n), ``A = X Xᵀ = P K Pᵀ`` and
+    ``(b·A + c·A²) X = P (b·K M + c·(K M)²) Q``, so
+    ``P_{j+1} = P_j (a·I + b·K M_j + c·(K M_j)²)``; the Frobenius norm is
+    ``‖X‖² = Σ K ⊙ M``. Cost per iteration ``4rn² + 4n³`` instead of ``4r²c + 2r³``
+    (r ≤ c after the same transposition rule as :func:`newton_schulz5`). Computes in the
+    inputs' dtype (no low-precision mimicry: use :func:`newton_schulz5` for that).
+    """
+    transposed = P.shape[-2] > Q.shape[-1]
+    if transposed:  # Xᵀ = Qᵀ Pᵀ
+        P, Q = jnp.swapaxes(Q, -1, -2), jnp.swapaxes(P, -1, -2)
+    K = jnp.einsum("...ic,...jc->...ij", Q, Q)
+    gram = lambda P: jnp.einsum("...ri,...rj->...ij", P, P)  # noqa: E731
+    nrm = jnp.sqrt(jnp.sum(K * gram(P), axis=(-2, -1), keepdims=True))
+    P = P / (nrm + _NS_EPS)
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
+
+    def it(P, abc):
+        a, b, c = abc[0], abc[1], abc[2]
+        KM = jnp.einsum("...ij,...jk->...ik", K, gram(P))
+        poly = a * eye + b * KM + c * jnp.einsum("...ij,...jk->...ik", KM, KM)
+        return jnp.einsum("...ri,...ij->...rj", P, poly), None
+
+    P, _ = lax.scan(it, P, jnp.asarray(NS5_COEFFS, P.dtype))
+    X = jnp.einsum("...ri,...ic->...rc", P, Q)
+    return jnp.swapaxes(X, -1, -2) if transposed else X
+
+
+def _low_rank_ns_pays(rows: int, cols: int, n: int) -> bool:
+    """Whether :func:`newton_schulz5_factored` does fewer FLOPs than the dense NS5 for a
+    ``rows × cols`` matrix of rank ≤ ``n`` (five iterations plus set-up and the final product)."""
+    r, c = min(rows, cols), max(rows, cols)
+    dense = 5 * (4 * r * r * c + 2 * r ** 3)
+    factored = 5 * (4 * r * n * n + 4 * n ** 3) + 2 * n * n * c + 2 * r * n * c
+    return factored < dense
+
+
 def features(Ws, x, fast_net):
     """φ(x): ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` (swiglu) or ``x`` (linear); x ``[..., B, H, C, dk]``
     (leading axes, e.g. a chunk axis, are batched over with the same weights ``[B, H, dh, dk]``)."""
@@ -534,6 +575,12 @@ class LaCTRule(Rule):
                 M0 = jnp.zeros_like(W1_0)
             md = None if self.muon_dtype is None else jnp.dtype(self.muon_dtype)
             use_mom, muon = self.use_momentum, self.muon
+            # Without momentum, U_i = NS5(G_i) and G_i = (±V_i)ᵀ (lr1 ⊙ φ(K_i)) has rank ≤ C: NS5
+            # runs on the factors when that is cheaper (chunks shorter than about half the head
+            # dim; same math, newton_schulz5_factored) — the recurrent form keeps the dense NS5.
+            low_rank = (muon and not use_mom and (md is None or md == cdt)
+                        and _low_rank_ns_pays(v.shape[-1], phi_q.shape[-1], C))
+            sw = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
 
             # With φ hoisted, what is left are three linear recurrences over chunks — momentum
             # M_i = ᾱ_i M_{i−1} + G_i with G_i = Σ_{t∈i} (±v_t)ᵀ (lr1_t φ(k_t)), U_i = NS5(M_i)
@@ -548,9 +595,12 @@ class LaCTRule(Rule):
                 pq, pkc, svc, a = x
                 if apply_first:
                     o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
-                g = jnp.einsum("bhcv,bhcd->bhvd", svc, pkc)
-                M = a[..., None, None] * M + g if use_mom else g
-                S = S + (newton_schulz5(M, md) if muon else M)
+                if low_rank:
+                    S = S + newton_schulz5_factored(sw(svc), pkc)
+                else:
+                    g = jnp.einsum("bhcv,bhcd->bhvd", svc, pkc)
+                    M = a[..., None, None] * M + g if use_mom else g
+                    S = S + (newton_schulz5(M, md) if muon else M)
                 if not apply_first:
                     o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
                 return (M, S), o
@@ -558,7 +608,7 @@ class LaCTRule(Rule):
             if impl == "chunked":
                 (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (phi_q[:n_upd], pk, sv, abar))
             else:  # associative: every chunk at once, log-depth momentum scan
-                G = jnp.einsum("nbhcv,nbhcd->nbhvd", sv, pk)           # [n, B, H, dv, dh]
+                G = None if low_rank else jnp.einsum("nbhcv,nbhcd->nbhvd", sv, pk)  # [n, B, H, dv, dh]
                 if use_mom:
                     # M_i = ᾱ_i M_{i−1} + G_i  ⇔  (A_i, X_i) = (ᾱ_i, G_i) ∘ … with
                     # (a1, X1) ∘ (a2, X2) = (a1·a2, a2·X1 + X2); then M_i = A_i M_0 + X_i.
@@ -570,9 +620,12 @@ class LaCTRule(Rule):
                     Ms = A[..., None, None] * M0 + X
                 else:
                     Ms = G
-                U = newton_schulz5(Ms, md) if muon else Ms
+                if low_rank:
+                    U = newton_schulz5_factored(sw(sv), pk)
+                else:
+                    U = newton_schulz5(Ms, md) if muon else Ms
                 S_incl = W1_0 + jnp.cumsum(U, axis=0)                   # S after chunk i's update
-                M_last, new_w1 = Ms[-1], S_incl[-1]
+                M_last, new_w1 = (None if Ms is None else Ms[-1]), S_incl[-1]
                 S_read = jnp.concatenate([W1_0[None], S_incl[:-1]], axis=0) if apply_first else S_incl
                 o = jnp.einsum("nbhcd,nbhvd->nbhcv", phi_q[:n_upd], S_read)
             if apply_first:  # the last chunk only reads
