@@ -534,6 +534,10 @@ class LaCTRule(Rule):
           ``[dv, dh]`` matrix per chunk and head at once.
         * ``impl="auto"``: ``"chunked"`` on CPU, ``"associative"`` on GPU/TPU.
 
+        Without momentum (ladder V5) each ``U_i = NS5(G_i)`` runs on the rank-C factors of
+        ``G_i`` when that needs fewer FLOPs (:func:`newton_schulz5_factored`; chunks shorter
+        than about half the head dim), in both layouts.
+
         Same other arguments and returns as :meth:`recurrent`. Raises
         :class:`NotAssociativeError` naming the breaking component otherwise.
         """
