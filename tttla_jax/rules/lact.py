@@ -180,12 +180,11 @@ def _low_rank_ns_pays(rows: int, cols: int, n: int) -> bool:
 
 
 def features(Ws, x, fast_net):
-    """φ(x): ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` (swiglu) or ``x`` (linear); x ``[..., B, H, C, dk]``
-    (leading axes, e.g. a chunk axis, are batched over with the same weights ``[B, H, dh, dk]``)."""
+    """φ(x): ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` (swiglu) or ``x`` (linear); x ``[B, H, C, dk]``."""
     if fast_net == "linear":
         return x
     W0, _, W2 = Ws
-    return jax.nn.silu(jnp.einsum("...bhck,bhdk->...bhcd", x, W0)) * jnp.einsum("...bhck,bhdk->...bhcd", x, W2)
+    return jax.nn.silu(jnp.einsum("bhck,bhdk->bhcd", x, W0)) * jnp.einsum("bhck,bhdk->bhcd", x, W2)
 
 
 def apply_fast(Ws, x, fast_net):
@@ -589,11 +588,11 @@ class LaCTRule(Rule):
             # With φ hoisted, what is left are three linear recurrences over chunks — momentum
             # M_i = ᾱ_i M_{i−1} + G_i with G_i = Σ_{t∈i} (±v_t)ᵀ (lr1_t φ(k_t)), U_i = NS5(M_i)
             # (Muon) or M_i, S_c = W1_0 + Σ_{i<c} U_i — and the reads o_c = φ(q_c) S_cᵀ, fused in
-            # one scan. On XLA:CPU this is the fast layout: G_i and the read are computed where
-            # the chunk's blocks are cache-resident, as small batched dots over (B, H); hoisting
-            # G for all chunks into one dot, a batched NS over every chunk, or an exclusive
-            # cumsum of stacked states each measured 1.2–10x slower here. On an accelerator the
-            # same recurrences could be an associative scan (SPEC §7).
+            # one scan ("chunked"). On XLA:CPU this is the fast layout: G_i and the read are
+            # computed where the chunk's blocks are cache-resident, as small batched dots over
+            # (B, H); hoisting G for all chunks into one dot, a batched NS over every chunk, or an
+            # exclusive cumsum of stacked states each measured 1.2–10x slower here — which is
+            # exactly what the "associative" layout below does, for accelerators (SPEC §7).
             def step(carry, x):
                 M, S = carry
                 pq, pkc, svc, a = x
