@@ -35,7 +35,8 @@ def _require():
 
 def test_notebooks_exist():
     names = {p.name for p in NOTEBOOKS}
-    for want in ("01_ttt_is_linear_attention.ipynb", "03_speed_and_scaling.ipynb"):
+    for want in ("01_ttt_is_linear_attention.ipynb", "02_anomalies.ipynb",
+                 "03_speed_and_scaling.ipynb"):
         assert want in names, f"notebooks/{want} missing; found {sorted(names)}"
 
 
