@@ -1,5 +1,13 @@
-"""The reduction (SPEC §2): readings equal the rules; Theorems 5.1 and 5.3 as tests."""
+"""The reduction (SPEC §2): readings equal the rules; Theorems 5.1 and 5.3 as tests.
+
+The rule-vs-reading comparisons run the rule's ``lax.scan`` form and the reading's attention
+form in one jitted function compiled with XLA's cheap CPU pipeline (op-by-op eager dispatch
+of the readings was most of this file's time; the numerics checked do not depend on
+backend optimisation). The reading's static fields (``associative``, ``breaks``, array
+ranks and shapes) are recorded while tracing.
+"""
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +18,34 @@ import tttla_jax as tt
 from tttla_jax.reduce import Reading, momentum_coefficients, reduce
 
 
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_fast(fn):
+    return jax.jit(fn, compiler_options=FAST)
+
+
 def reduction_form(rule):
     return lambda **kw: (reduce(rule, **kw).outputs(), None)
+
+
+def rule_and_reading(rule, args):
+    """``(recurrent outputs, reading outputs, reading metadata)`` from one compiled call.
+
+    The metadata namespace has the reading's ``associative`` and ``breaks`` and the shapes of
+    ``q``, ``k``, ``v`` and ``mask`` (static values recorded at trace time) and the mask's
+    minimum (NaN for an empty mask)."""
+    meta = {}
+
+    def f(*a):
+        r = reduce(rule, *a)
+        meta.update(associative=r.associative, breaks=r.breaks,
+                    **{f"{n}_shape": tuple(getattr(r, n).shape) for n in ("q", "k", "v", "mask")})
+        mask_min = jnp.min(r.mask) if r.mask.size else jnp.nan  # no key positions: no writes
+        return rule.recurrent(*a)[0], r.outputs(), mask_min
+
+    o_rec, o_red, mask_min = jit_fast(f)(*args)
+    return o_rec, o_red, types.SimpleNamespace(mask_min=float(mask_min), **meta)
 
 
 @pytest.mark.parametrize("loss", ["dot", "mse"])
@@ -126,9 +160,8 @@ def test_titans_reading_equals_recurrence(memory, batch_size, T):
     q, k, v, theta, eta, alpha, state = _example_inputs(rule, seed=3, T=T)
     # a non-zero initial momentum buffer exercises the second initial-state term
     state = state._replace(momentum=jax.tree_util.tree_map(lambda m: m + 0.1, state.momentum))
-    o_rec, st = rule.recurrent(q, k, v, theta, eta, alpha, state)
-    reading = reduce(rule, q, k, v, theta, eta, alpha, state)
-    np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
+    o_rec, o_red, reading = rule_and_reading(rule, (q, k, v, theta, eta, alpha, state))
+    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
     assert reading.associative == (batch_size is None and memory == "linear")
     if batch_size is not None:
         assert "W_ref" in reading.breaks
@@ -149,8 +182,8 @@ def test_titans_reading_gradients_match():
     def loss_red(*a):
         return jnp.sum(reduce(rule, *a).outputs() * w)
 
-    g1 = jax.grad(loss_rec, argnums=tuple(range(7)))(*args)
-    g2 = jax.grad(loss_red, argnums=tuple(range(7)))(*args)
+    g1, g2 = jit_fast(lambda *a: (jax.grad(loss_rec, argnums=tuple(range(7)))(*a),
+                                  jax.grad(loss_red, argnums=tuple(range(7)))(*a)))(*args)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, atol=1e-10)
 
@@ -163,9 +196,8 @@ def test_ttt_linear_reading_equals_recurrence(flags, T):
 
     rule = TTTLinearRule(mini_batch_size=4, **flags)
     args = _example_inputs(rule, seed=5, T=T)
-    o_rec, _ = rule.recurrent(*args)
-    reading = reduce(rule, *args)
-    np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
+    o_rec, o_red, reading = rule_and_reading(rule, args)
+    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
     assert not reading.associative
     assert reading.breaks == rule.breaks_associativity()
 
@@ -200,12 +232,11 @@ def test_lact_reading_equals_recurrence(cfg, T):
 
     rule = LaCTRule(chunk_size=4, **cfg)
     args = _example_inputs(rule, seed=6, T=T)
-    o_rec, _ = rule.recurrent(*args)
-    reading = reduce(rule, *args)
-    np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
+    o_rec, o_red, reading = rule_and_reading(rule, args)
+    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
     assert reading.associative == (rule.breaks_associativity() is None)
     if cfg.get("weight_norm"):
-        assert reading.mask.ndim == 5  # weight norm = per-value-channel, data-dependent decay
+        assert len(reading.mask_shape) == 5  # weight norm = per-value-channel, data-dependent decay
 
 
 @pytest.mark.slow  # the registry test checks every LaCT preset's reading gradients by default
@@ -232,7 +263,15 @@ def test_lact_muon_reading_is_virtual_tokens():
 
     rule = LaCTRule(chunk_size=4, update="w1", weight_norm=None, use_momentum=True, muon=True)  # V2
     q, k, v, lr, st, m = _example_inputs(rule, seed=9, T=11)
-    reading = reduce(rule, q, k, v, lr, st, m)
+    meta = {}
+
+    def f(*a):
+        r = reduce(rule, *a)
+        meta.update(associative=r.associative, breaks=r.breaks)
+        return r.k, r.v, r.mask, r.outputs(), rule.recurrent(*a)[0]
+
+    reading_k, reading_v, reading_mask, o_red, o_rec = jit_fast(f)(q, k, v, lr, st, m)
+    reading = types.SimpleNamespace(k=reading_k, v=reading_v, mask=reading_mask, **meta)
     Dh = st.w[1].shape[-1]
     n_upd = 2  # chunks 0, 1 update; chunk 2 (3 tokens) is apply-only
     assert reading.k.shape == (1, n_upd * Dh, 2, Dh)
@@ -251,7 +290,7 @@ def test_lact_muon_reading_is_virtual_tokens():
     mask = np.broadcast_to(reading.mask, (1, 2, 11, n_upd * Dh))[0, 0]
     want = (np.arange(11)[:, None] // 4) > (np.arange(n_upd * Dh)[None, :] // Dh)
     np.testing.assert_array_equal(mask, want.astype(float))
-    np.testing.assert_allclose(reading.outputs(), rule.recurrent(q, k, v, lr, st, m)[0], atol=1e-10)
+    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
 
 
 @pytest.mark.slow
@@ -285,13 +324,12 @@ def test_ttt_mlp_reading_equals_recurrence(flags, T):
 
     rule = TTTMLPRule(mini_batch_size=4, **flags)
     args = _example_inputs(rule, seed=5, T=T)
-    o_rec, _ = rule.recurrent(*args)
-    reading = reduce(rule, *args)
-    np.testing.assert_allclose(reading.outputs(), o_rec, atol=1e-10)
+    o_rec, o_red, reading = rule_and_reading(rule, args)
+    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
     assert not reading.associative
     assert "time-varying feature map" in reading.breaks
     F = args[-1].W1.shape[-1]
-    assert reading.q.shape[-1] == F + (1 if rule.bias else 0)  # hidden features (+ the bias)
+    assert reading.q_shape[-1] == F + (1 if rule.bias else 0)  # hidden features (+ the bias)
 
 
 def test_ttt_mlp_query_features_depend_on_history():
@@ -301,10 +339,13 @@ def test_ttt_mlp_query_features_depend_on_history():
 
     rule = TTTMLPRule(mini_batch_size=4, layer_norm=False, bias=False, residual=False)
     args = _example_inputs(rule, seed=2, T=9)
-    q, W1 = args[0], args[-1].W1
-    reading = reduce(rule, *args)
-    static = dataclasses.replace(reading, q=gelu_tanh(jnp.einsum("bthd,bhdf->bthf", q, W1)))
-    assert float(jnp.abs(static.outputs() - rule.recurrent(*args)[0]).max()) > 1e-3
+
+    def static_phi_error(*a):
+        q, W1 = a[0], a[-1].W1
+        static = dataclasses.replace(reduce(rule, *a), q=gelu_tanh(jnp.einsum("bthd,bhdf->bthf", q, W1)))
+        return jnp.abs(static.outputs() - rule.recurrent(*a)[0]).max()
+
+    assert float(jit_fast(static_phi_error)(*args)) > 1e-3
 
 
 # the defaults (with gradients) are the registry's "vit3_glu" / "vit3_conv" entries
@@ -319,13 +360,12 @@ def test_vit3_reading_equals_rule(cfg):
     base, build = tt.rules.REGISTRY[name]()
     rule = dataclasses.replace(base, **cfg)
     args = build(rule, seed=3, dtype=jnp.float64)
-    o, _ = rule.recurrent(*args)
-    reading = reduce(rule, *args)
-    np.testing.assert_allclose(reading.outputs(), o, atol=1e-10)
+    o, o_red, reading = rule_and_reading(rule, args)
+    np.testing.assert_allclose(o_red, o, atol=1e-10)
     assert reading.associative and reading.breaks is None
-    assert float(jnp.min(reading.mask)) == 1.0  # non-causal: every query reads every key
+    assert reading.mask_min == 1.0  # non-causal: every query reads every key
     if name == "vit3_conv":
-        assert reading.q.shape[-1] == 9 and reading.v.shape[-1] == 1  # 3×3 window features, K = 9, V = 1
+        assert reading.q_shape[-1] == 9 and reading.v_shape[-1] == 1  # 3×3 window features, K = 9, V = 1
 
 
 @pytest.mark.slow
