@@ -104,8 +104,9 @@ F64_C = 16
 
 @functools.lru_cache(maxsize=None)
 def _loop_truth(mode):
+    # jitted: eager op-by-op differentiation of the per-token loop cost more than compiling it
     args = make_inputs(0, **F64_SHAPE)
-    return eval_all(loop(mode, F64_C), args, jit=False)
+    return eval_all(loop(mode, F64_C), args)
 
 
 @pytest.mark.parametrize("interpret", ["gpu", "tpu"])
@@ -196,11 +197,11 @@ def test_vmap_and_checkpoint():
     args = make_inputs(6, 1, 12, 1, 16, 16)
     stacked = tuple(jnp.stack([x, 0.5 * x]) for x in args)
     o_v, S_v = jax.jit(jax.vmap(kernel("causal", 16, "gpu")))(*stacked)
-    o_c, S_c = jax.vmap(chunked("causal", 16))(*stacked)
+    o_c, S_c = jax.jit(jax.vmap(chunked("causal", 16)))(*stacked)
     np.testing.assert_allclose(np.asarray(o_v), np.asarray(o_c), atol=1e-10)
     np.testing.assert_allclose(np.asarray(S_v), np.asarray(S_c), atol=1e-10)
     g_ckpt = jax.jit(jax.grad(loss_of(jax.checkpoint(kernel("causal", 16, "gpu"))), argnums=ARGNUMS))(*args)
-    g_ref = jax.grad(loss_of(chunked("causal", 16)), argnums=ARGNUMS)(*args)
+    g_ref = jax.jit(jax.grad(loss_of(chunked("causal", 16)), argnums=ARGNUMS))(*args)
     for a, c in zip(g_ckpt, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-10)
 
