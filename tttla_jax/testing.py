@@ -167,36 +167,37 @@ def check_equivalence(
         dts = [jnp.dtype(l.dtype) for n in float_names for l in _leaves(inputs[n])]
         tol = max((DEFAULT_TOLERANCES.get(d, 1e-4) for d in dts), default=1e-10)
 
-    def run(fn):
-        call = lambda kw: fn(**kw)
-        return (jax.jit(call) if jit else call)(dict(inputs))
+    with_grads = bool(check_grads and grad_wrt)
 
-    def grads(fn):
+    def evaluate(fn):
+        """(outputs, gradients or None) of one form: a single compile computes both."""
+        if not with_grads:
+            call = lambda kw: fn(**kw)  # noqa: E731
+            return (jax.jit(call) if jit else call)(dict(inputs)), None
+
         def scalar(diff):
             kw = dict(inputs)
             kw.update(diff)
             out = fn(**kw)
-            if not check_state and isinstance(out, tuple) and len(out) == 2:
-                out = out[0]
-            return _scalar_of(out)
-        g = jax.grad(scalar)
-        g = jax.jit(g) if jit else g
-        return g({n: inputs[n] for n in grad_wrt})
+            diff_out = out[0] if not check_state and isinstance(out, tuple) and len(out) == 2 else out
+            return _scalar_of(diff_out), out
 
-    ref_out = run(forms[baseline])
-    ref_grads = grads(forms[baseline]) if check_grads and grad_wrt else None
+        vg = jax.value_and_grad(scalar, has_aux=True)
+        (_, out), g = (jax.jit(vg) if jit else vg)({n: inputs[n] for n in grad_wrt})
+        return out, g
+
+    ref_out, ref_grads = evaluate(forms[baseline])
     entries = []
     for name in names:
         if name == baseline:
             continue
-        out = run(forms[name])
+        out, g = evaluate(forms[name])
         o, s = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
         ro, rs = ref_out if isinstance(ref_out, tuple) and len(ref_out) == 2 else (ref_out, None)
         _compare(name, "output", o, ro, tol, entries)
         if check_state and (rs is not None or s is not None):
             _compare(name, "state", s, rs, tol, entries)
         if ref_grads is not None:
-            g = grads(forms[name])
             for n in grad_wrt:
                 _compare(name, f"grad[{n}]", g[n], ref_grads[n], tol, entries)
     return Report(baseline, entries)
