@@ -95,6 +95,18 @@ def rope_angles(positions: Int[Array, "b t"], dim: int, base: float = 10000.0, d
     return jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
 
 
+def check_positions(positions, B: int, T: int) -> Array:
+    """Absolute token positions as ``[B, T]`` int32: ``[T]`` is broadcast over the batch;
+    any other shape or a non-integer dtype is an error naming ``positions``."""
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = jnp.broadcast_to(positions[None], (B, T))
+    _checks.check_shape("positions", positions, (B, T), "[B, T]")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+    return positions.astype(jnp.int32)
+
+
 def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"], *,
                base: float = 10000.0) -> Float[Array, "b t h d"]:
     """Rotary position embedding (Su et al., 2021, "RoFormer", eq. 34), rotate-half layout.
@@ -112,12 +124,7 @@ def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"], *,
     B, T, H, D = x.shape
     if D % 2:
         raise ValueError(f"x: RoPE needs an even head dim, got D = {D}")
-    positions = jnp.asarray(positions)
-    if positions.ndim == 1:
-        positions = jnp.broadcast_to(positions[None], (B, T))
-    _checks.check_shape("positions", positions, (B, T), "[B, T]")
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+    positions = check_positions(positions, B, T)
     sd = _checks.state_dtype(x)
     cos, sin = rope_angles(positions, D, base, sd)
     xf = x.astype(sd)

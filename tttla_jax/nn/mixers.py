@@ -21,7 +21,8 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
-from tttla_jax.nn.layers import RMSNorm, ShortConv, apply_rope, dense, l2_normalize, partitioned
+from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions, dense, l2_normalize,
+                                 partitioned)
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
 
@@ -75,13 +76,7 @@ def resolve_positions(positions, cache: Cache, B: int, T: int) -> Array:
     broadcast over the batch) or, if ``None``, continuing from ``cache["pos"]``."""
     if positions is None:
         positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    positions = jnp.asarray(positions)
-    if positions.ndim == 1:
-        positions = jnp.broadcast_to(positions[None], (B, T))
-    _checks.check_shape("positions", positions, (B, T), "[B, T]")
-    if not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
-    return positions.astype(jnp.int32)
+    return check_positions(positions, B, T)
 
 
 class Mixer(nnx.Module):

@@ -16,7 +16,7 @@ from jaxtyping import Array, Int
 
 from tttla_jax import _checks
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned
-from tttla_jax.nn.mixers import MIXERS, MODES, mixer_options, resolve_heads
+from tttla_jax.nn.mixers import MIXERS, MODES, mixer_options, resolve_heads, resolve_positions
 
 
 def _round_up(n: int, m: int) -> int:
@@ -233,13 +233,7 @@ class LanguageModel(nnx.Module):
             raise ValueError(f"cache['layers']: expected {len(self.blocks)} layer caches, "
                              f"got {len(cache['layers'])}")
         _checks.check_shape("cache['pos']", cache["pos"], (B,), "[B]")
-        if positions is None:
-            positions = cache["pos"][:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        positions = jnp.asarray(positions)
-        if positions.ndim == 1:
-            positions = jnp.broadcast_to(positions[None], (B, T))
-        _checks.check_shape("positions", positions, (B, T), "[B, T]")
-        positions = positions.astype(jnp.int32)
+        positions = resolve_positions(positions, cache, B, T)
 
         x = self.embed(tokens)
         apply = _block_apply_remat if self.config.remat else _block_apply
