@@ -1,7 +1,8 @@
 """Shared timing and machine record for the benchmark scripts.
 
 Every script times with :func:`timeit` (one call to compile and warm up, then ``repeats``
-timed calls; the best and the median are returned) and stores :func:`machine` in its JSON,
+timed calls; the best and the median are returned) or, to compare forms of one computation,
+:func:`interleaved` (the forms take turns in every round) and stores :func:`machine` in its JSON,
 so every number carries the load average it was measured at and whether the host's
 malloc was tuned (:func:`tttla_jax.host.tune_malloc`, called by :func:`setup`).
 """
@@ -35,6 +36,29 @@ def timeit(fn, *args, repeats: int = 5) -> dict:
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t0)
     return {"best": min(ts), "median": statistics.median(ts), "compile": compile_s}
+
+
+def interleaved(fns: dict, *args, rounds: int = 7) -> dict:
+    """Time several functions of the same arguments against each other: one call each to
+    compile and warm up, then ``rounds`` rounds in which every function runs once, in turn.
+
+    A slow spell of the machine then hits every function in the same round instead of one
+    function's whole series, so the ratio of medians is far steadier than two separate
+    :func:`timeit` series. Returns ``{name: {"best", "median", "compile", "samples"}}``.
+    """
+    out = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        out[name] = {"compile": time.perf_counter() - t0, "samples": []}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            out[name]["samples"].append(time.perf_counter() - t0)
+    for rec in out.values():
+        rec["best"], rec["median"] = min(rec["samples"]), statistics.median(rec["samples"])
+    return out
 
 
 def machine(start: dict) -> dict:

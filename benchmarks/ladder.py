@@ -17,7 +17,7 @@ The host's malloc is tuned first (:func:`tttla_jax.host.tune_malloc`; ``--no-tun
 measure glibc's defaults): XLA:CPU page-faults its large temporaries back in on every call
 otherwise, which costs the cheap variants (V6) up to ~40% of their time.
 
-    python benchmarks/ladder.py [--T 8192] [--heads 4] [--dim 128] [--chunks 64 512] [--reps 3]
+    python benchmarks/ladder.py [--T 8192] [--heads 4] [--dim 128] [--chunks 64 512] [--rounds 7]
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import describe, machine, setup, timeit  # noqa: E402
+from _timing import describe, interleaved, machine, setup  # noqa: E402
 
 from tttla_jax.rules.ladder import PRESETS, ladder  # noqa: E402
 
@@ -59,18 +59,13 @@ def make_inputs(rule, B, T, H, D, seed=0):
     return q, k, v, lr, rule.init_state(w0, w1, w2, B), m
 
 
-def time_fn(fn, args, reps):
-    t = timeit(fn, *args, repeats=reps)["best"]
-    return t, fn(*args)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--chunks", type=int, nargs="+", default=[64, 512])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds; the forms take turns in each")
     ap.add_argument("--variants", nargs="+", default=list(PRESETS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ladder.json"))
     ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
@@ -82,20 +77,27 @@ def main():
         for name in a.variants:
             rule = ladder(name, chunk_size=C)
             args = make_inputs(rule, B, T, H, D)
-            rec = jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.recurrent(q, k, v, lr, st, m)[0])
-            t_rec, o_rec = time_fn(rec, args, a.reps)
-            row = dict(variant=name, chunk_size=C, recurrent_tok_s=T * B / t_rec, parallel_tok_s=None,
-                       ratio=None, max_rel_diff=None, parallel_associative_tok_s=None, associative_ratio=None,
-                       associative_max_rel_diff=None)
-            if rule.breaks_associativity() is None:
-                for impl in ("chunked", "associative"):
-                    par = jax.jit(lambda q, k, v, lr, st, m, rule=rule, impl=impl:
-                                  rule.parallel(q, k, v, lr, st, m, impl=impl)[0])
-                    t_par, o_par = time_fn(par, args, a.reps)
-                    key = "" if impl == "chunked" else "associative_"
-                    row[f"parallel_{key}tok_s"] = T * B / t_par
-                    row[f"{key}ratio"] = t_rec / t_par
-                    row[f"{key}max_rel_diff"] = float(jnp.max(jnp.abs(o_par - o_rec)) / jnp.max(jnp.abs(o_rec)))
+            forms = {"recurrent": jax.jit(lambda q, k, v, lr, st, m, rule=rule: rule.recurrent(q, k, v, lr, st, m)[0])}
+            for impl in rule.parallel_impls():
+                forms[impl] = jax.jit(lambda q, k, v, lr, st, m, rule=rule, impl=impl:
+                                      rule.parallel(q, k, v, lr, st, m, impl=impl)[0])
+            t = interleaved(forms, *args, rounds=a.rounds)
+            o_rec = forms["recurrent"](*args)
+            rec = t["recurrent"]
+            row = dict(variant=name, chunk_size=C, recurrent_tok_s=T * B / rec["median"], parallel_tok_s=None,
+                       ratio=None, ratio_rounds=None, max_rel_diff=None, parallel_associative_tok_s=None,
+                       associative_ratio=None, associative_max_rel_diff=None,
+                       samples_s={f: t[f]["samples"] for f in t}, compile_s={f: t[f]["compile"] for f in t})
+            for impl in rule.parallel_impls():
+                key = "" if impl == "chunked" else "associative_"
+                par = t[impl]
+                row[f"parallel_{key}tok_s"] = T * B / par["median"]
+                row[f"{key}ratio"] = rec["median"] / par["median"]
+                o_par = forms[impl](*args)
+                row[f"{key}max_rel_diff"] = float(jnp.max(jnp.abs(o_par - o_rec)) / jnp.max(jnp.abs(o_rec)))
+            if row["ratio"] is not None:  # the spread of the per-round ratios: the noise of this row
+                per_round = [r / p for r, p in zip(rec["samples"], t["chunked"]["samples"])]
+                row["ratio_rounds"] = [min(per_round), max(per_round)]
             pr, pp = PAPER[name]
             row["paper_recurrent_Mtok_s"], row["paper_parallel_Mtok_s"] = pr, pp
             row["paper_ratio"] = None if pp is None else pp / pr
@@ -109,21 +111,23 @@ def main():
     m = machine(start)
     print(f"LaCT ladder, forward, float32, B={B}, T={T}, H={H}, dk=dh=dv={D}; {describe(m)}")
     print()
-    print("| variant | C | recurrent tok/s | parallel (chunked) tok/s | par/rec | parallel (associative) tok/s "
-          "| assoc/rec | paper par/rec (GPU) | V6-par / V0-rec |")
+    print("| variant | C | recurrent tok/s | parallel (chunked) tok/s | par/rec (per-round range) "
+          "| parallel (associative) tok/s | assoc/rec | paper par/rec (GPU) | V6-par / V0-rec |")
     print("|---|---|---|---|---|---|---|---|---|")
     fmt = lambda x, spec: "—" if x is None else format(x, spec)  # noqa: E731
+    rng = lambda x: "" if x is None else f" ({x[0]:.2f}–{x[1]:.2f})"  # noqa: E731
     for r in rows:
         vs = ""
         if r["variant"] == "v6" and r["parallel_tok_s"]:
             vs = f"{r['parallel_tok_s'] / v0[r['chunk_size']]:.1f}x"
         print(f"| {r['variant']} | {r['chunk_size']} | {r['recurrent_tok_s']:,.0f} | {fmt(r['parallel_tok_s'], ',.0f')} "
-              f"| {fmt(r['ratio'], '.2f')} | {fmt(r['parallel_associative_tok_s'], ',.0f')} "
+              f"| {fmt(r['ratio'], '.2f')}{rng(r['ratio_rounds'])} | {fmt(r['parallel_associative_tok_s'], ',.0f')} "
               f"| {fmt(r['associative_ratio'], '.2f')} | {fmt(r['paper_ratio'], '.2f')} | {vs} |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump(dict(config=dict(B=B, T=T, H=H, dk=D, dh=D, dv=D, dtype="float32", reps=a.reps,
-                                   timing="best of reps after one compile/warm-up call"),
+        json.dump(dict(config=dict(B=B, T=T, H=H, dk=D, dh=D, dv=D, dtype="float32", rounds=a.rounds,
+                                   timing="median of rounds after one compile/warm-up call each; the forms "
+                                          "of a variant take turns in every round (_timing.interleaved)"),
                        machine=m, rows=rows), f, indent=2)
     print(f"wrote {a.out}")
 

@@ -76,14 +76,16 @@ def ladder(d):
     m = d.get("machine", c)  # older files kept cpu_count and the load average in config
     v0 = {r["chunk_size"]: r["recurrent_tok_s"] for r in d["rows"] if r["variant"] == "v0"}
     rows = [[r["variant"], _f(r["chunk_size"]), _f(r["recurrent_tok_s"]), _f(r.get("parallel_tok_s")),
-             _f(r.get("ratio"), 2), _f(r.get("parallel_associative_tok_s")), _f(r.get("associative_ratio"), 2),
+             _f(r.get("ratio"), 2) + (f" ({r['ratio_rounds'][0]:.2f}–{r['ratio_rounds'][1]:.2f})"
+                                       if r.get("ratio_rounds") else ""),
+             _f(r.get("parallel_associative_tok_s")), _f(r.get("associative_ratio"), 2),
              _f(r.get("paper_ratio"), 2),
              _f(r["parallel_tok_s"] / v0[r["chunk_size"]], 1)
              if r["variant"] == "v6" and r.get("parallel_tok_s") and r["chunk_size"] in v0 else ""]
             for r in d["rows"]]
     head = (f"LaCT ladder (paper Table 2 throughput columns) — forward, B={c['B']}, T={c['T']}, "
             f"H={c['H']}, head dim {c['dk']}, {c['dtype']}; {_machine(m)}")
-    return head, _table(["variant", "chunk", "recurrent tok/s", "parallel (chunked) tok/s", "chunked/recurrent",
+    return head, _table(["variant", "chunk", "recurrent tok/s", "parallel (chunked) tok/s", "chunked/recurrent (range over rounds)",
                          "parallel (associative) tok/s", "associative/recurrent", "paper (GPU) par/rec",
                          "V6 parallel / V0 recurrent (paper 29x)"], rows)
 

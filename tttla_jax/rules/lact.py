@@ -22,18 +22,19 @@ momentum ``dW ← dW + mean(m)·dW_prev`` (buffer = post-momentum, pre-Muon dW),
 unnormalised accumulator ``W_main`` and a normalised working copy).
 
 Parallel form (update only W1, no weight norm: φ is static and the update is a sum):
-φ(q), φ(k) for all tokens at once (no dependence on the state), then the chunk sums
-``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` and three linear recurrences — momentum
-``M_i = ᾱ_i M_{i−1} + G_i``, per-chunk ``U_i = NS5(M_i)`` (Muon), exclusive prefix sum
-``S_c = W1_0 + Σ_{i<c} U_i`` — and the reads ``o = φ(q) S_cᵀ`` (SPEC §7). On XLA:CPU
-the sums, recurrences and reads run as one fused ``lax.scan`` over chunks (cache-resident;
-hoisting G into one dot over all chunks or a batched NS over all chunks measured 1.2–10x
-slower); on an accelerator they could equally be an associative scan and a batched NS.
+φ(q), φ(k) do not depend on the state, so every chunk's sum
+``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` is known up front; what is left are three linear
+recurrences — momentum ``M_i = ᾱ_i M_{i−1} + G_i``, per-chunk ``U_i = NS5(M_i)`` (Muon),
+exclusive prefix sum ``S_c = W1_0 + Σ_{i<c} U_i`` — and the reads ``o = φ(q) S_cᵀ``
+(SPEC §7). On XLA:CPU φ, the sums, recurrences and reads run as one fused ``lax.scan``
+over chunks (cache-resident; hoisting φ or G over all chunks, or a batched NS over all
+chunks, measured slower here); for accelerators the same arithmetic is laid out as an
+associative scan, a batched NS and a cumsum (``impl="associative"``).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -518,15 +519,16 @@ class LaCTRule(Rule):
     ):
         """Parallel forms (SPEC §7) for static φ and no weight norm (ladder V2–V6).
 
-        φ(q), φ(k) for all tokens at once (W0, W2 are never updated), the chunk sums
+        φ(q), φ(k) with the static W0, W2 (never updated, so no chunk waits on another), the chunk sums
         ``G_i = Σ_{t∈i} lr1_t (±v_t)ᵀ φ(k_t)``, then three linear recurrences over chunks —
         ``M_i = ᾱ_i M_{i−1} + G_i``, ``U_i = NS5(M_i)`` (Muon) or ``M_i``,
         ``S_c = W1_0 + Σ_{i<c} U_i`` (``i ≤ c`` for "update_then_query") — and the reads
         ``o = φ(q) S_cᵀ``. Two layouts of the same arithmetic:
 
-        * ``impl="chunked"``: one fused ``lax.scan`` over chunks computes G_i, the
-          recurrences and the read of each chunk (cache-resident; the fast form on CPU).
-        * ``impl="associative"``: every G_i in one batched dot, the momentum as a
+        * ``impl="chunked"``: one fused ``lax.scan`` over chunks computes φ of the chunk, G_i,
+          the recurrences and the read of each chunk (cache-resident; the fast form on CPU).
+        * ``impl="associative"``: φ for all tokens in one dot per head, every G_i in one
+          batched dot, the momentum as a
           ``lax.associative_scan`` over ``(ᾱ_i, G_i)`` pairs, NS5 batched over all chunks, the
           prefix sum as a ``cumsum`` and the reads as one batched dot — log-depth, for
           accelerators with parallelism to fill (the paper's parallel form). Holds one
@@ -555,23 +557,17 @@ class LaCTRule(Rule):
         sign = 1.0 if self.ascent else -1.0
         apply_first = self.order == "apply_then_update"
         n_upd = N - 1 if apply_first else N  # updating chunks (the last one only reads in apply-then-update)
-        # φ for all tokens at once with the static W0, W2 (in [B, H, tokens, d]: one large dot per
-        # head), then chunk axis first, [N, B, H, C, d], so every scan step reads one contiguous block.
-        def phi(x, n):  # the first n chunks of x [B, T, H, dk] -> φ [n, B, H, C, dh]
-            xb = chunk_layout(_pad_tokens(x, N * C)[:, :n * C], C).reshape(B, H, n * C, K)
-            return jnp.moveaxis(features(st.w, xb, net).reshape(B, H, n, C, -1), 2, 0)
-
-        phi_q = phi(q, N)                                         # [N, B, H, C, dh]
+        lay = lambda x: _scan_layout(x, C, N)  # noqa: E731  [B, T, H, ...] -> [N, B, H, C, ...]
+        phi = lambda x: features(st.w, x, net)  # noqa: E731  φ with the static W0, W2 (identity if linear)
+        qs = lay(q)                                               # [N, B, H, C, dk]
         if n_upd == 0:
-            o = jnp.einsum("nbhcd,bhvd->nbhcv", phi_q, W1_0)
+            o = jnp.einsum("bhcd,bhvd->bhcv", phi(qs[0]), W1_0)[None]
             new_w1, new_mom = W1_0, (None if st.mom is None else st.mom[1])
         else:
-            upd = lambda x: _scan_layout(x, C, N)[:n_upd]         # noqa: E731  [n, B, H, C, ...]
-            pk = upd(lrs[1]) * phi(k, n_upd)                      # lr1 ⊙ φ(k), zero on padding
-            sv = sign * upd(v)
+            ks, l1s, sv = lay(k)[:n_upd], lay(lrs[1])[:n_upd], sign * lay(v)[:n_upd]  # lr1 is 0 on padding
             if self.use_momentum:
                 counts = jnp.asarray([min(C, T - i * C) for i in range(n_upd)], cdt)
-                abar = jnp.sum(upd(m[..., None])[..., 0], axis=-1) / counts[:, None, None]  # [n, B, H]
+                abar = jnp.sum(lay(m[..., None])[:n_upd, ..., 0], axis=-1) / counts[:, None, None]  # [n, B, H]
                 M0 = st.mom[1]
             else:
                 abar = jnp.zeros((n_upd, B, H), cdt)
@@ -582,35 +578,46 @@ class LaCTRule(Rule):
             # runs on the factors when that is cheaper (chunks shorter than about half the head
             # dim; same math, newton_schulz5_factored) — the recurrent form keeps the dense NS5.
             low_rank = (muon and not use_mom and (md is None or md == cdt)
-                        and _low_rank_ns_pays(v.shape[-1], phi_q.shape[-1], C))
+                        and _low_rank_ns_pays(v.shape[-1], W1_0.shape[-1], C))
             sw = lambda x: jnp.swapaxes(x, -1, -2)  # noqa: E731
 
-            # With φ hoisted, what is left are three linear recurrences over chunks — momentum
-            # M_i = ᾱ_i M_{i−1} + G_i with G_i = Σ_{t∈i} (±v_t)ᵀ (lr1_t φ(k_t)), U_i = NS5(M_i)
-            # (Muon) or M_i, S_c = W1_0 + Σ_{i<c} U_i — and the reads o_c = φ(q_c) S_cᵀ, fused in
-            # one scan ("chunked"). On XLA:CPU this is the fast layout: G_i and the read are
-            # computed where the chunk's blocks are cache-resident, as small batched dots over
-            # (B, H); hoisting G for all chunks into one dot, a batched NS over every chunk, or an
-            # exclusive cumsum of stacked states each measured 1.2–10x slower here — which is
-            # exactly what the "associative" layout below does, for accelerators (SPEC §7).
-            def step(carry, x):
-                M, S = carry
-                pq, pkc, svc, a = x
-                if apply_first:
-                    o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
-                if low_rank:
-                    S = S + newton_schulz5_factored(sw(svc), pkc)
-                else:
-                    g = jnp.einsum("bhcv,bhcd->bhvd", svc, pkc)
-                    M = a[..., None, None] * M + g if use_mom else g
-                    S = S + (newton_schulz5(M, md) if muon else M)
-                if not apply_first:
-                    o = jnp.einsum("bhcd,bhvd->bhcv", pq, S)
-                return (M, S), o
-
             if impl == "chunked":
-                (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (phi_q[:n_upd], pk, sv, abar))
+                # Three linear recurrences over chunks — momentum M_i = ᾱ_i M_{i−1} + G_i with
+                # G_i = Σ_{t∈i} (±v_t)ᵀ (lr1_t φ(k_t)), U_i = NS5(M_i) (Muon) or M_i,
+                # S_c = W1_0 + Σ_{i<c} U_i — and the reads o_c = φ(q_c) S_cᵀ, fused in one scan
+                # with φ of the chunk computed in the step. On XLA:CPU this is the fast layout:
+                # every block is cache-resident when it is used. Measured slower here: φ hoisted
+                # for all tokens (XLA runs the four large φ dots concurrently on two cores and
+                # streams [T, dh] temporaries; 0.95–1.0x of the recurrent form instead of
+                # 1.03–1.08x), G for all chunks in one dot, a batched NS over every chunk, or an
+                # exclusive cumsum of stacked states — the "associative" layout below, for
+                # accelerators (SPEC §7).
+                def step(carry, x):
+                    M, S = carry
+                    qc, kc, l1, svc, a = x
+                    if apply_first:
+                        o = jnp.einsum("bhcd,bhvd->bhcv", phi(qc), S)
+                    pkc = l1 * phi(kc)
+                    if low_rank:
+                        S = S + newton_schulz5_factored(sw(svc), pkc)
+                    else:
+                        g = jnp.einsum("bhcv,bhcd->bhvd", svc, pkc)
+                        M = a[..., None, None] * M + g if use_mom else g
+                        S = S + (newton_schulz5(M, md) if muon else M)
+                    if not apply_first:
+                        o = jnp.einsum("bhcd,bhvd->bhcv", phi(qc), S)
+                    return (M, S), o
+
+                (M_last, new_w1), o = lax.scan(step, (M0, W1_0), (qs[:n_upd], ks, l1s, sv, abar))
             else:  # associative: every chunk at once, log-depth momentum scan
+                # φ for all tokens at once ([B, H, tokens, d]: one large dot per head), then
+                # chunk axis first.
+                def phi_all(xs):  # [n, B, H, C, dk] -> [n, B, H, C, dh]
+                    n = xs.shape[0]
+                    xb = jnp.moveaxis(xs, 0, 2).reshape(B, H, n * C, K)
+                    return jnp.moveaxis(phi(xb).reshape(B, H, n, C, -1), 2, 0)
+
+                pk = l1s * phi_all(ks)
                 G = None if low_rank else jnp.einsum("nbhcv,nbhcd->nbhvd", sv, pk)  # [n, B, H, dv, dh]
                 if use_mom:
                     # M_i = ᾱ_i M_{i−1} + G_i  ⇔  (A_i, X_i) = (ᾱ_i, G_i) ∘ … with
@@ -630,9 +637,9 @@ class LaCTRule(Rule):
                 S_incl = W1_0 + jnp.cumsum(U, axis=0)                   # S after chunk i's update
                 M_last, new_w1 = (None if Ms is None else Ms[-1]), S_incl[-1]
                 S_read = jnp.concatenate([W1_0[None], S_incl[:-1]], axis=0) if apply_first else S_incl
-                o = jnp.einsum("nbhcd,nbhvd->nbhcv", phi_q[:n_upd], S_read)
+                o = jnp.einsum("nbhcd,nbhvd->nbhcv", phi_all(qs[:n_upd]), S_read)
             if apply_first:  # the last chunk only reads
-                o = jnp.concatenate([o, jnp.einsum("bhcd,bhvd->bhcv", phi_q[N - 1], new_w1)[None]], axis=0)
+                o = jnp.concatenate([o, jnp.einsum("bhcd,bhvd->bhcv", phi(qs[N - 1]), new_w1)[None]], axis=0)
             new_mom = M_last if self.use_momentum else (None if st.mom is None else st.mom[1])
         o = _unscan_layout(o, T).astype(odt)
         if not output_final_state:
