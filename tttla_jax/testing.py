@@ -18,8 +18,9 @@ Tolerances default by dtype (:data:`DEFAULT_TOLERANCES`): float64 1e-10, float32
 bfloat16 3e-2, all *relative to the baseline's max magnitude* of the compared quantity
 (an absolute floor of the same size for all-zero quantities).
 
-Gradients are taken of a generic scalar ``Σ sin(i)·o_i + Σ cos(j)·S_j`` (fixed pseudo-random
-cotangents), so a form that gets one element's gradient wrong cannot hide behind a sum.
+Gradients are taken of a generic scalar ``Σ_i w_i·o_i + Σ_j w'_j·S_j`` (fixed sinusoidal
+cotangents, different for every element and leaf), so a form that gets one element's
+gradient wrong cannot hide behind a sum.
 """
 from __future__ import annotations
 
