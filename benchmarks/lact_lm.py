@@ -3,9 +3,10 @@
 ``LanguageModel`` with ``num_layers`` LaCT mixers (``tt.nn.LaCTLayer``, no attention
 branch unless ``--window``), width 128, 4 heads of dim 32, sequence 128, batch 16,
 vocabulary 256, float32, on this machine's CPU. One step = ``jax.value_and_grad`` of the
-next-token cross-entropy w.r.t. all parameters (no optimiser update), jitted; the **best**
-(minimum) of ``--reps`` timed steps after a compile + warm-up step
-(``benchmarks/_timing.timeit(...)["best"]``, as before the shared helper). Presets ``v0``
+next-token cross-entropy w.r.t. all parameters (no optimiser update), jitted; the **median**
+of ``--reps`` rounds after a compile + warm-up step, the modes of a preset taking turns in
+every round (``benchmarks/_timing.interleaved``), so the parallel/recurrent speed-up (the
+paper's end-to-end 1.19x for V2, SPEC §7) is not at the mercy of one slow spell. Presets ``v0``
 (recurrent only: not associative) and ``v2`` (``auto`` = the rule's parallel form) by
 default. Prints a Markdown table and writes ``benchmarks/results/lact_lm.json`` with the
 shared ``machine`` record (load average at start and end, malloc tuning — the machine is
@@ -28,7 +29,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import describe, machine, setup, timeit  # noqa: E402
+from _timing import describe, interleaved, machine, setup  # noqa: E402
 
 from tttla_jax.nn import LanguageModel, LMConfig  # noqa: E402
 
@@ -62,9 +63,10 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)), jnp.int32)
     rows = []
-    print(f"| preset | mode | form | compile+first step s | step ms | tokens/s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| preset | mode | form | compile+first step s | step ms (median) | tokens/s | vs recurrent |")
+    print("|---|---|---|---|---|---|---|")
     for preset in a.presets:
+        steps, forms = {}, {}
         for mode in a.modes:
             opts = {"preset": preset, "chunk_size": a.chunk}
             if a.window:
@@ -73,16 +75,23 @@ def main(argv=None):
                 cfg = LMConfig(vocab_size=a.vocab, width=a.width, num_layers=a.layers, num_heads=a.heads,
                                mixers="lact", mixer_options={"lact": opts}, mode=mode)
             except ValueError as e:
-                print(f"| {preset} | {mode} | — | — | — | ({e}) |")
+                print(f"| {preset} | {mode} | — | — | — | ({e}) | |")
                 continue
-            model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-            form = model.blocks[0].mixer._form
+            model = LanguageModel(cfg, rngs=nnx.Rngs(0))  # same seed: the same parameters in every mode
+            forms[mode] = model.blocks[0].mixer._form
             graphdef, params = nnx.split(model)
-            t = timeit(step_fn(graphdef), params, tokens, repeats=a.reps)
-            first, best = t["compile"], t["best"]
-            tps = a.batch * a.seq / best
-            rows.append(dict(preset=preset, mode=mode, form=form, first_s=first, step_s=best, tokens_per_s=tps))
-            print(f"| {preset} | {mode} | {form} | {first:.1f} | {best * 1e3:.1f} | {tps:,.0f} |", flush=True)
+            steps[mode] = (lambda f, p: (lambda toks: f(p, toks)))(step_fn(graphdef), params)
+        t = interleaved(steps, tokens, rounds=a.reps)  # the modes of a preset take turns in every round
+        for mode in steps:
+            med = t[mode]["median"]
+            ref = t.get("recurrent", {}).get("median")
+            row = dict(preset=preset, mode=mode, form=forms[mode], first_s=t[mode]["compile"], step_s=med,
+                       tokens_per_s=a.batch * a.seq / med, samples_s=t[mode]["samples"],
+                       speedup_vs_recurrent=None if ref is None else ref / med)
+            rows.append(row)
+            sp = "—" if row["speedup_vs_recurrent"] is None else f"{row['speedup_vs_recurrent']:.2f}x"
+            print(f"| {preset} | {mode} | {row['form']} | {row['first_s']:.1f} | {med * 1e3:.1f} "
+                  f"| {row['tokens_per_s']:,.0f} | {sp} |", flush=True)
     m = machine(start)
     print(f"\n{describe(m)}")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -91,7 +100,8 @@ def main(argv=None):
                                    vocab=a.vocab, chunk=a.chunk, window=a.window, dtype="float32",
                                    reps=a.reps,
                                    note="forward + backward (value_and_grad of the LM loss), no optimiser; "
-                                        "best of reps after one compile/warm-up step; the machine may be "
+                                        "median of reps interleaved rounds after one compile/warm-up step; "
+                                        "the machine may be "
                                         "shared with other jobs, see machine.loadavg_start/end"),
                        machine=m, results=rows), fh, indent=2)
     print(f"wrote {a.out}")
