@@ -35,9 +35,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
+from tttla_jax.ops import varlen
 
 MODES = ("causal", "chunk", "none")
 IMPLS = ("recurrent", "associative", "chunked", "pallas", "auto")
@@ -47,7 +48,7 @@ IMPLS = ("recurrent", "associative", "chunked", "pallas", "auto")
 _REMAT_BLOCK = 128
 
 
-def _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale):
+def _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale, cu_seqlens=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[B, T, H, D]")
         _checks.check_floating(name, x)
@@ -63,7 +64,12 @@ def _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale):
     if log_decay is not None:
         _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
         _checks.check_floating("log_decay", log_decay)
-    if initial_state is not None:
+    if cu_seqlens is not None:
+        N = varlen.check_cu_seqlens(cu_seqlens, B, T)
+        if initial_state is not None:
+            _checks.check_shape("initial_state", initial_state, (N, H, K, V),
+                                "[N, H, K, V] (one state per packed sequence, N from cu_seqlens)")
+    elif initial_state is not None:
         _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
     _checks.check_choice("mode", mode, MODES)
     _checks.check_choice("impl", impl, IMPLS)
@@ -85,6 +91,7 @@ def linear_attention(
     mode: str = "causal",
     chunk_size: int = 64,
     impl: str = "auto",
+    cu_seqlens: Optional[Int[Array, "n1"]] = None,
 ):
     """Causal / block-causal / bidirectional linear attention with optional scalar decay.
 
@@ -102,14 +109,25 @@ def linear_attention(
       chunk_size: chunk length for ``impl="chunked"`` and for ``mode="chunk"``.
       impl: ``"recurrent"`` | ``"associative"`` | ``"chunked"`` | ``"pallas"`` | ``"auto"``
         (the chunked XLA form on CPU).
+      cu_seqlens: optional ``[N + 1]`` int offsets of N packed sequences in a batch of one
+        (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
+        initial state, no state crossing a boundary, ``mode="chunk"`` blocks counted from
+        its start, ``mode="none"`` reading its own final state. ``initial_state`` and the
+        returned state are then ``[N, H, K, V]``, one per sequence. Not with ``"pallas"``.
 
     Returns:
-      ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` in float32
-      (float64 for float64 inputs) or ``None`` unless ``output_final_state``.
+      ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` (``[N, H, K, V]``
+      with ``cu_seqlens``) in float32 (float64 for float64 inputs) or ``None`` unless
+      ``output_final_state``.
     """
-    B, T, H, K, V = _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale)
+    B, T, H, K, V = _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale, cu_seqlens)
     if scale is None:
         scale = K ** -0.5
+    if cu_seqlens is not None:
+        if impl == "pallas":
+            raise ValueError("impl='pallas': packed sequences (cu_seqlens) are not supported by the Pallas "
+                             "kernel; use impl='chunked' (or 'auto')")
+        impl = "chunked" if impl == "auto" else impl
     if impl == "auto":
         impl = _auto_impl(q, mode, K, V, chunk_size)
     if impl == "pallas":
@@ -125,6 +143,13 @@ def linear_attention(
     qf = q.astype(sd) * jnp.asarray(scale, sd)
     kf, vf = k.astype(sd), v.astype(sd)
     g = jnp.zeros((B, T, H), sd) if log_decay is None else log_decay.astype(sd)
+    if cu_seqlens is not None:
+        N = cu_seqlens.shape[0] - 1
+        h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
+        form = {"recurrent": _recurrent_varlen, "associative": _associative_varlen,
+                "chunked": _chunked_varlen}[impl]
+        o, S = form(qf, kf, vf, g, h0, mode, chunk_size, cu_seqlens)
+        return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     form = {"recurrent": _recurrent, "associative": _associative, "chunked": _chunked}[impl]
     o, S = form(qf, kf, vf, g, S0, mode, chunk_size)
@@ -265,9 +290,9 @@ def _chunked(q, k, v, g, S0, mode, chunk_size):
         return jnp.transpose(x, perm)
 
     if mode == "none":
-        _, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, False, False)
+        _, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, False, False)
         return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
-    o, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, mode == "causal", True)
+    o, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, mode == "causal", True)
     o = jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(B, N * C, H, -1)[:, :T]
     return o, S_final
 
@@ -301,23 +326,32 @@ def _chunk_fwd_step(S, x, intra, emit):
     return S_next, o
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _chunk_scan(q, k, v, g, S0, intra, emit):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _chunk_scan(q, k, v, g, S0, first, H0, intra, emit):
     """Scan over chunks. Inputs ``[N, B, H, C, D]``, gates ``[N, B, H, C]``, state ``[B, H, K, V]``.
 
-    Returns ``(o [N, B, H, C, V] or None, S_final)``.
+    ``first [N]`` (bool) and ``H0 [N, B, H, K, V]``, for packed sequences (``cu_seqlens``):
+    a chunk with ``first`` set starts from ``H0`` instead of the carried state, and the
+    state after every chunk is returned too. Both ``None`` otherwise.
+
+    Returns ``(o [N, B, H, C, V] or None, S_final)``, plus ``S_after [N, B, H, K, V]`` with
+    resets.
     """
-    S, o = lax.scan(lambda S, x: _chunk_fwd_step(S, x, intra, emit), S0, (q, k, v, g))
-    return o, S
+    out, _ = _chunk_scan_fwd(q, k, v, g, S0, first, H0, intra, emit)
+    return out
 
 
-def _chunk_scan_fwd(q, k, v, g, S0, intra, emit):
+def _chunk_scan_fwd(q, k, v, g, S0, first, H0, intra, emit):
     def step(S, x):
-        S_next, o = _chunk_fwd_step(S, x, intra, emit)
-        return S_next, (o, S)  # keep the state *before* each chunk for the backward
+        qn, kn, vn, gn, f, h = x
+        if f is not None:  # the first chunk of a packed sequence starts from its own state
+            S = jnp.where(f, h, S)
+        S_next, o = _chunk_fwd_step(S, (qn, kn, vn, gn), intra, emit)
+        return S_next, (o, S, None if f is None else S_next)  # the state *before* each chunk for the backward
 
-    S, (o, S_prev) = lax.scan(step, S0, (q, k, v, g))
-    return (o, S), (q, k, v, g, S_prev)
+    S, (o, S_prev, S_after) = lax.scan(step, S0, (q, k, v, g, first, H0))
+    out = (o, S) if first is None else (o, S, S_after)
+    return out, (q, k, v, g, S_prev, first, S_after)
 
 
 def _chunk_scan_bwd(intra, emit, res, cts):
@@ -326,15 +360,20 @@ def _chunk_scan_bwd(intra, emit, res, cts):
     With P = Q Kᵀ, A = P ⊙ D (causal; chunk mode has no A and γ ≡ 1):
       dA = dO Vᵀ,  dV = Aᵀ dO + (λK) dS',  dP = dA ⊙ D,
       dQ = dP K + γ ⊙ (dO Sᵀ),  dK = dPᵀ Q + λ ⊙ (V dS'ᵀ),  dS = Γ dS' + (γQ)ᵀ dO,
-    and the log-decay gradient through D, γ, λ, Γ followed by a reverse cumsum.
+    and the log-decay gradient through D, γ, λ, Γ followed by a reverse cumsum. With
+    resets, the cotangent of a returned after-state joins dS', and a first chunk's dS goes
+    to its H0 instead of the chunk before.
     """
-    q, k, v, g, S_prev = res
-    do, dS_final = cts
+    q, k, v, g, S_prev, first, _ = res
+    do, dS_final = cts[0], cts[1]
+    dS_after = cts[2] if first is not None else None
     if do is None or not emit:
         do = None
 
     def step(dS, x):
-        qn, kn, vn, gn, S, don = x
+        qn, kn, vn, gn, S, don, f, dSa = x
+        if dSa is not None:
+            dS = dS + dSa
         D, gamma, lam, Gam = _decay_terms(gn)
         kl = kn * lam[..., None]
         # contributions through the state update S' = Γ S + (λK)ᵀ V
@@ -367,11 +406,109 @@ def _chunk_scan_bwd(intra, emit, res, cts):
                 dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
         db = db.at[..., -1].add(dbC)
         dg = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)  # b = cumsum(g)
-        return dS_prev, (dq, dk, dv, dg)
+        dH0 = None
+        if f is not None:  # a first chunk read H0, not the chunk before
+            dH0 = jnp.where(f, dS_prev, 0.0)
+            dS_prev = jnp.where(f, 0.0, dS_prev)
+        return dS_prev, (dq, dk, dv, dg, dH0)
 
-    xs = (q, k, v, g, S_prev, do)
-    dS0, (dq, dk, dv, dg) = lax.scan(step, dS_final, xs, reverse=True)
-    return dq, dk, dv, dg, dS0
+    xs = (q, k, v, g, S_prev, do, first, dS_after)
+    dS0, (dq, dk, dv, dg, dH0) = lax.scan(step, dS_final, xs, reverse=True)
+    return dq, dk, dv, dg, dS0, None, dH0
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+
+# --------------------------------------------------------------------------- packed sequences
+
+
+def _varlen_chunks(q, k, v, g, h0, C, cu_seqlens):
+    """Re-chunked inputs (:mod:`tttla_jax.ops.varlen`) and each chunk's reset state."""
+    lay = varlen.layout(cu_seqlens, q.shape[1], C)
+    xs = tuple(varlen.to_chunks(x, lay) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
+    H0 = jnp.take(h0, lay.seq, axis=0)[:, None]                 # [Nc, 1, H, K, V]
+    return lay, xs, H0
+
+
+def _varlen_outputs(o, S_after, qc, h0, lay, mode):
+    """Scatter the chunk outputs back to tokens; final states; ``mode="none"`` reads them."""
+    S_final = varlen.final_states(S_after, h0, lay)                # [N, H, K, V]
+    if mode == "none":  # every query reads its own sequence's final state
+        o = jnp.einsum("nbhck,nbhkv->nbhcv", qc, jnp.take(S_final, lay.seq, axis=0)[:, None])
+    return varlen.from_chunks(o, lay), S_final
+
+
+def _chunked_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+    """:func:`_chunked` on packed sequences: each sequence cut into its own chunks, the chunk
+    scan resetting to the sequence's initial state on its first chunk (same custom VJP)."""
+    lay, (qc, kc, vc, gc), H0 = _varlen_chunks(q, k, v, g, h0, chunk_size, cu_seqlens)
+    S0 = jnp.zeros_like(H0[0])
+    emit = mode != "none"
+    o, _, S_after = _chunk_scan(qc, kc, vc, gc, S0, lay.first, H0, mode == "causal", emit)
+    return _varlen_outputs(o, S_after, qc, h0, lay, mode)
+
+
+def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+    """Token scan on packed sequences, in the re-chunked layout: an outer scan over chunks
+    (resetting on each sequence's first chunk; rematerialised per chunk) around the token
+    scan of :func:`_recurrent`."""
+    lay, xs, H0 = _varlen_chunks(q, k, v, g, h0, chunk_size, cu_seqlens)
+    tm = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731  [1, H, C, ...] -> [C, 1, H, ...]
+
+    def token(S, x):
+        qt, kt, vt, gt = x
+        S = jnp.exp(gt)[..., None, None] * S + kt[..., :, None] * vt[..., None, :]
+        return S, jnp.einsum("bhk,bhkv->bhv", qt, S)
+
+    @jax.checkpoint
+    def chunk(S, x):
+        qn, kn, vn, gn, f, h = x
+        S = jnp.where(f, h, S)
+        S_next, o = lax.scan(token, S, tuple(tm(y) for y in (qn, kn, vn, gn)))
+        if mode == "chunk":  # block causal: the whole chunk reads the state before it
+            o = jnp.einsum("bhck,bhkv->bhcv", qn, S)
+        else:
+            o = jnp.moveaxis(o, 0, 2)
+        return S_next, (o, S_next)
+
+    _, (o, S_after) = lax.scan(chunk, jnp.zeros_like(H0[0]), xs + (lay.first, H0))
+    return _varlen_outputs(o, S_after, xs[0], h0, lay, mode)
+
+
+def _associative_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+    """Segmented ``lax.associative_scan``: a pair that starts a sequence does not combine with
+    what is before it, ``(g1, X1, r1) ∘ (g2, X2, r2) = (g2, X2, 1)`` if ``r2`` else
+    ``(g1 + g2, exp(g2)·X1 + X2, r1)``; then ``S_t = X_t + exp(G_t)·h0[n_t]``."""
+    T = q.shape[1]
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)
+    n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), cu.shape[0] - 2)  # sequence of each token
+    pos = t - cu[n_t]                                                            # position in it
+    r = jnp.broadcast_to((pos == 0)[None, :, None], g.shape)
+    X = k[..., :, None] * v[..., None, :]  # [1, T, H, K, V]
+
+    def combine(a, b):
+        g1, X1, r1 = a
+        g2, X2, r2 = b
+        keep = jnp.logical_not(r2)
+        return (jnp.where(keep, g1, 0.0) + g2,
+                jnp.where(keep[..., None, None], jnp.exp(g2)[..., None, None] * X1, 0.0) + X2,
+                r1 | r2)
+
+    G, S, _ = lax.associative_scan(combine, (g, X, r), axis=1)
+    H0t = jnp.take(h0, n_t, axis=0)[None]                       # [1, T, H, K, V]
+    S = S + jnp.exp(G)[..., None, None] * H0t                    # S_t for every t
+    last = cu[1:] - 1
+    S_final = jnp.where((cu[1:] > cu[:-1])[:, None, None, None], S[0, jnp.maximum(last, 0)], h0)
+    if mode == "causal":
+        o = jnp.einsum("bthk,bthkv->bthv", q, S)
+    elif mode == "none":
+        o = jnp.einsum("bthk,bthkv->bthv", q, jnp.take(S_final, n_t, axis=0)[None])
+    else:  # block causal within each sequence: read the state before the token's block
+        start = pos - pos % chunk_size                          # block start, in the sequence
+        before = cu[n_t] + start - 1                             # the token before the block (global)
+        R = jnp.where((start == 0)[:, None, None, None], jnp.take(h0, n_t, axis=0),
+                      S[0, jnp.maximum(before, 0)])
+        o = jnp.einsum("bthk,bthkv->bthv", q, R[None])
+    return o, S_final
