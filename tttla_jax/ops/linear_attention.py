@@ -327,31 +327,38 @@ def _chunk_fwd_step(S, x, intra, emit):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _chunk_scan(q, k, v, g, S0, first, H0, intra, emit):
+def _chunk_scan(q, k, v, g, S0, h0, marks, intra, emit):
     """Scan over chunks. Inputs ``[N, B, H, C, D]``, gates ``[N, B, H, C]``, state ``[B, H, K, V]``.
 
-    ``first [N]`` (bool) and ``H0 [N, B, H, K, V]``, for packed sequences (``cu_seqlens``):
-    a chunk with ``first`` set starts from ``H0`` instead of the carried state, and the
-    state after every chunk is returned too. Both ``None`` otherwise.
+    Packed sequences (``cu_seqlens``): ``h0 [Ns, B, H, K, V]``, the initial states of the
+    sequences, and ``marks = (first, ends, seq)``, per chunk: it is the first / the last of
+    its sequence, and which sequence it belongs to. A first chunk starts from its sequence's
+    ``h0`` instead of the carried state; the state after a last chunk is its sequence's
+    final state (sequences without a chunk keep ``h0``). Both ``None`` otherwise.
 
-    Returns ``(o [N, B, H, C, V] or None, S_final)``, plus ``S_after [N, B, H, K, V]`` with
-    resets.
+    Returns ``(o [N, B, H, C, V] or None, S_final)``, plus the final states
+    ``[Ns, B, H, K, V]`` with ``marks``.
     """
-    out, _ = _chunk_scan_fwd(q, k, v, g, S0, first, H0, intra, emit)
+    out, _ = _chunk_scan_fwd(q, k, v, g, S0, h0, marks, intra, emit)
     return out
 
 
-def _chunk_scan_fwd(q, k, v, g, S0, first, H0, intra, emit):
-    def step(S, x):
-        qn, kn, vn, gn, f, h = x
-        if f is not None:  # the first chunk of a packed sequence starts from its own state
-            S = jnp.where(f, h, S)
+def _chunk_scan_fwd(q, k, v, g, S0, h0, marks, intra, emit):
+    def step(carry, x):
+        S, SF = carry
+        qn, kn, vn, gn, m = x
+        if m is not None:  # the first chunk of a packed sequence starts from its own state
+            f, e, n = m
+            S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False), S)
         S_next, o = _chunk_fwd_step(S, (qn, kn, vn, gn), intra, emit)
-        return S_next, (o, S, None if f is None else S_next)  # the state *before* each chunk for the backward
+        if m is not None:  # ... and its last chunk leaves the sequence's final state
+            cur = lax.dynamic_index_in_dim(SF, n, 0, keepdims=False)
+            SF = lax.dynamic_update_index_in_dim(SF, jnp.where(e, S_next, cur), n, 0)
+        return (S_next, SF), (o, S)  # keep the state *before* each chunk for the backward
 
-    S, (o, S_prev, S_after) = lax.scan(step, S0, (q, k, v, g, first, H0))
-    out = (o, S) if first is None else (o, S, S_after)
-    return out, (q, k, v, g, S_prev, first, S_after)
+    (S, SF), (o, S_prev) = lax.scan(step, (S0, h0), (q, k, v, g, marks))
+    out = (o, S) if marks is None else (o, S, SF)
+    return out, (q, k, v, g, S_prev, marks)
 
 
 def _chunk_scan_bwd(intra, emit, res, cts):
@@ -360,20 +367,27 @@ def _chunk_scan_bwd(intra, emit, res, cts):
     With P = Q Kᵀ, A = P ⊙ D (causal; chunk mode has no A and γ ≡ 1):
       dA = dO Vᵀ,  dV = Aᵀ dO + (λK) dS',  dP = dA ⊙ D,
       dQ = dP K + γ ⊙ (dO Sᵀ),  dK = dPᵀ Q + λ ⊙ (V dS'ᵀ),  dS = Γ dS' + (γQ)ᵀ dO,
-    and the log-decay gradient through D, γ, λ, Γ followed by a reverse cumsum. With
-    resets, the cotangent of a returned after-state joins dS', and a first chunk's dS goes
-    to its H0 instead of the chunk before.
+    and the log-decay gradient through D, γ, λ, Γ followed by a reverse cumsum. Packed
+    sequences: a last chunk's dS' is its sequence's final-state cotangent, and a first
+    chunk's dS goes to its sequence's ``h0`` instead of the chunk before.
     """
-    q, k, v, g, S_prev, first, _ = res
+    q, k, v, g, S_prev, marks = res
     do, dS_final = cts[0], cts[1]
-    dS_after = cts[2] if first is not None else None
+    dSF = cts[2] if marks is not None else None
     if do is None or not emit:
         do = None
+    dh0 = None
+    if marks is not None:  # sequences without a chunk return h0 itself
+        first, _, seq = marks
+        has = jnp.zeros(dSF.shape[:1], jnp.int32).at[seq].add(first.astype(jnp.int32)) > 0
+        dh0 = jnp.where(has.reshape((-1,) + (1,) * (dSF.ndim - 1)), 0.0, dSF)
 
-    def step(dS, x):
-        qn, kn, vn, gn, S, don, f, dSa = x
-        if dSa is not None:
-            dS = dS + dSa
+    def step(carry, x):
+        dS, dh0 = carry
+        qn, kn, vn, gn, S, don, m = x
+        if m is not None:
+            f, e, n = m
+            dS = jnp.where(e, lax.dynamic_index_in_dim(dSF, n, 0, keepdims=False), dS)
         D, gamma, lam, Gam = _decay_terms(gn)
         kl = kn * lam[..., None]
         # contributions through the state update S' = Γ S + (λK)ᵀ V
@@ -406,15 +420,15 @@ def _chunk_scan_bwd(intra, emit, res, cts):
                 dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
         db = db.at[..., -1].add(dbC)
         dg = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)  # b = cumsum(g)
-        dH0 = None
-        if f is not None:  # a first chunk read H0, not the chunk before
-            dH0 = jnp.where(f, dS_prev, 0.0)
+        if m is not None:  # a first chunk read its sequence's h0, not the chunk before
+            cur = lax.dynamic_index_in_dim(dh0, n, 0, keepdims=False)
+            dh0 = lax.dynamic_update_index_in_dim(dh0, cur + jnp.where(f, dS_prev, 0.0), n, 0)
             dS_prev = jnp.where(f, 0.0, dS_prev)
-        return dS_prev, (dq, dk, dv, dg, dH0)
+        return (dS_prev, dh0), (dq, dk, dv, dg)
 
-    xs = (q, k, v, g, S_prev, do, first, dS_after)
-    dS0, (dq, dk, dv, dg, dH0) = lax.scan(step, dS_final, xs, reverse=True)
-    return dq, dk, dv, dg, dS0, None, dH0
+    xs = (q, k, v, g, S_prev, do, marks)
+    (dS0, dh0), (dq, dk, dv, dg) = lax.scan(step, (dS_final, dh0), xs, reverse=True)
+    return dq, dk, dv, dg, dS0, dh0, None
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
@@ -423,37 +437,32 @@ _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 # --------------------------------------------------------------------------- packed sequences
 
 
-def _varlen_chunks(q, k, v, g, h0, C, cu_seqlens):
-    """Re-chunked inputs (:mod:`tttla_jax.ops.varlen`) and each chunk's reset state."""
-    lay = varlen.layout(cu_seqlens, q.shape[1], C)
-    xs = tuple(varlen.to_chunks(x, lay) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
-    H0 = jnp.take(h0, lay.seq, axis=0)[:, None]                 # [Nc, 1, H, K, V]
-    return lay, xs, H0
+def _chunked_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+    """:func:`_chunked` on packed sequences: each sequence cut into its own chunks
+    (:mod:`tttla_jax.ops.varlen`), the chunk scan resetting to the sequence's initial state
+    on its first chunk and keeping its final state after its last (same custom VJP)."""
+    lay = varlen.layout(cu_seqlens, q.shape[1], chunk_size)
+    qc, kc, vc, gc = (varlen.to_chunks(x, lay) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
+    emit = mode != "none"
+    o, _, SF = _chunk_scan(qc, kc, vc, gc, jnp.zeros_like(h0[0])[None], h0[:, None],
+                           (lay.first, lay.ends, lay.seq), mode == "causal", emit)
+    return _varlen_outputs(o, qc, SF[:, 0], lay, mode)
 
 
-def _varlen_outputs(o, S_after, qc, h0, lay, mode):
-    """Scatter the chunk outputs back to tokens; final states; ``mode="none"`` reads them."""
-    S_final = varlen.final_states(S_after, h0, lay)                # [N, H, K, V]
-    if mode == "none":  # every query reads its own sequence's final state
+def _varlen_outputs(o, qc, S_final, lay, mode):
+    """Chunk outputs back to tokens; ``mode="none"``: every query reads its own sequence's
+    final state."""
+    if mode == "none":
         o = jnp.einsum("nbhck,nbhkv->nbhcv", qc, jnp.take(S_final, lay.seq, axis=0)[:, None])
     return varlen.from_chunks(o, lay), S_final
-
-
-def _chunked_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
-    """:func:`_chunked` on packed sequences: each sequence cut into its own chunks, the chunk
-    scan resetting to the sequence's initial state on its first chunk (same custom VJP)."""
-    lay, (qc, kc, vc, gc), H0 = _varlen_chunks(q, k, v, g, h0, chunk_size, cu_seqlens)
-    S0 = jnp.zeros_like(H0[0])
-    emit = mode != "none"
-    o, _, S_after = _chunk_scan(qc, kc, vc, gc, S0, lay.first, H0, mode == "causal", emit)
-    return _varlen_outputs(o, S_after, qc, h0, lay, mode)
 
 
 def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
     """Token scan on packed sequences, in the re-chunked layout: an outer scan over chunks
     (resetting on each sequence's first chunk; rematerialised per chunk) around the token
     scan of :func:`_recurrent`."""
-    lay, xs, H0 = _varlen_chunks(q, k, v, g, h0, chunk_size, cu_seqlens)
+    lay = varlen.layout(cu_seqlens, q.shape[1], chunk_size)
+    xs = tuple(varlen.to_chunks(x, lay) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
     tm = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731  [1, H, C, ...] -> [C, 1, H, ...]
 
     def token(S, x):
@@ -463,8 +472,8 @@ def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
 
     @jax.checkpoint
     def chunk(S, x):
-        qn, kn, vn, gn, f, h = x
-        S = jnp.where(f, h, S)
+        qn, kn, vn, gn, f, n = x
+        S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False)[None], S)
         S_next, o = lax.scan(token, S, tuple(tm(y) for y in (qn, kn, vn, gn)))
         if mode == "chunk":  # block causal: the whole chunk reads the state before it
             o = jnp.einsum("bhck,bhkv->bhcv", qn, S)
@@ -472,8 +481,8 @@ def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
             o = jnp.moveaxis(o, 0, 2)
         return S_next, (o, S_next)
 
-    _, (o, S_after) = lax.scan(chunk, jnp.zeros_like(H0[0]), xs + (lay.first, H0))
-    return _varlen_outputs(o, S_after, xs[0], h0, lay, mode)
+    _, (o, S_after) = lax.scan(chunk, jnp.zeros_like(h0[:1]), xs + (lay.first, lay.seq))
+    return _varlen_outputs(o, xs[0], varlen.final_states(S_after, h0, lay), lay, mode)
 
 
 def _associative_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):

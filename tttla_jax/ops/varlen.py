@@ -33,6 +33,7 @@ class Layout(NamedTuple):
     first: jax.Array  # [Nc] bool: the chunk is the first of its sequence (the state resets)
     last: jax.Array   # [N] int32: the last chunk of each sequence (-1 for an empty one)
     slot: jax.Array   # [T] int32: each token's flat slot ``chunk * C + position``
+    ends: jax.Array   # [Nc] bool: the chunk is the last of its sequence
 
 
 def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
@@ -77,7 +78,8 @@ def layout(cu_seqlens, T: int, C: int) -> Layout:
     n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1)
     loc = t - cu[n_t]
     slot = (co[n_t] + loc // C) * C + loc % C
-    return Layout(tok, valid, seq, first, last, slot.astype(jnp.int32))
+    ends = real & (j == co[seq + 1] - 1)
+    return Layout(tok, valid, seq, first, last, slot.astype(jnp.int32), ends)
 
 
 def to_chunks(x, lay: Layout):
