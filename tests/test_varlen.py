@@ -131,3 +131,22 @@ def test_initial_state_per_sequence_and_pallas_are_checked():
         tt.linear_attention(x["q"], x["k"], x["v"], initial_state=x["h0"][:2], cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens.*not supported by the Pallas"):
         tt.linear_attention(x["q"], x["k"], x["v"], cu_seqlens=cu, impl="pallas")
+
+
+def test_vmap_over_rows_each_with_its_own_packing():
+    """A [B, T] batch of packed rows: vmap over rows, each with its own cu_seqlens (same N)."""
+    cu1, x = _packed(seed=1)
+    lens2 = (1, 3, 10, 4, 0, 8)
+    cu2 = jnp.asarray(np.concatenate([[0], np.cumsum(lens2)]), jnp.int32)
+    _, y = _packed(seed=2)
+    stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
+    xs = {n: stack(x[n], y[n]) for n in x}
+
+    def row(cu, q, k, v, g, h0):
+        return _packed_form(cu, "causal", "chunked")(q, k, v, g, h0)
+
+    o, S = jax.vmap(row)(stack(cu1, cu2), **xs)
+    for i, (cu, inp) in enumerate(((cu1, x), (cu2, y))):
+        o_ref, S_ref = _per_sequence(cu, "causal")(**inp)
+        np.testing.assert_allclose(o[i], o_ref, atol=1e-10)
+        np.testing.assert_allclose(S[i], S_ref, atol=1e-10)
