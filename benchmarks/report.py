@@ -119,7 +119,16 @@ def lact_lm(d):
     return head, _table(["preset", "mode", "form", "step ms", "tokens/s", "vs recurrent (paper V2: 1.19x)"], rows)
 
 
-RENDERERS = {"forms": forms, "delta_rule": delta_rule, "ladder": ladder, "lact_lm": lact_lm,
+def varlen(d):
+    c, m = d["config"], d["machine"]
+    rows = [[r.get("op", "linear_attention"), _f(r["N"]), _f(r["longest"]), r["form"], _f(1e3 * r["fwd_s"], 1), _f(1e3 * r["fwdbwd_s"], 1),
+             _f(r["token_slots"])] for r in d["rows"]]
+    head = (f"Packed sequences (`cu_seqlens`), chunked forms — T={c['T']} tokens in N sequences, "
+            f"H={c['H']}, K=V={c['K']}, chunk {c['chunk']}, {c['dtype']}; {_machine(m)}")
+    return head, _table(["op", "N", "longest", "form", "fwd ms", "fwd+bwd ms", "token slots computed"], rows)
+
+
+RENDERERS = {"forms": forms, "delta_rule": delta_rule, "ladder": ladder, "lact_lm": lact_lm, "varlen": varlen,
              "lact_lm_d128": lact_lm, "rules": rules, "kernels": kernels}
 
 

@@ -2,8 +2,9 @@
 
 T tokens in N sequences of random lengths (seeded; log-normal around T / N), B=1, H=4,
 K=V=64, float32, causal with log-decay, chunk 64. Three ways to run them through
-``tt.linear_attention(impl="chunked")``, forward and forward+backward (gradient of a sum of
-the outputs and final states w.r.t. q, k, v, log-decay and the initial states):
+``tt.linear_attention`` and ``tt.delta_rule`` (gated; L2-normalised keys, β in (0, 1)), both
+``impl="chunked"``, forward and forward+backward (gradient of a sum of the outputs and
+final states w.r.t. q, k, v, log-decay and the initial states):
 
 * ``packed``: one call with ``cu_seqlens`` (re-chunked: ``T // C + N`` chunk slots);
 * ``padded batch``: the N sequences zero-padded to the longest one, as a batch of N —
@@ -14,7 +15,7 @@ the outputs and final states w.r.t. q, k, v, log-decay and the initial states):
 Times are medians of interleaved rounds (``_timing.interleaved``). Prints a Markdown table
 and writes ``benchmarks/results/varlen.json``.
 
-    python benchmarks/varlen.py [--T 8192] [--N 1 8 64] [--rounds 7] [--no-tune-malloc]
+    python benchmarks/varlen.py [--T 8192] [--N 1 8 64] [--ops linear_attention delta_rule] [--rounds 7]
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--ops", nargs="+", default=["linear_attention", "delta_rule"],
+                    choices=["linear_attention", "delta_rule"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "varlen.json"))
     ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = ap.parse_args()
@@ -59,13 +62,25 @@ def main():
     q, k = (jnp.asarray(rng.normal(size=(1, T, H, D)) / np.sqrt(D), f32) for _ in range(2))
     v = jnp.asarray(rng.normal(size=(1, T, H, D)), f32)
     g = jnp.asarray(-rng.uniform(0.0, 0.1, size=(1, T, H)), f32)
+    beta = jnp.asarray(rng.uniform(0.1, 0.9, size=(1, T, H)), f32)
+    kn = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     rows = []
-    print("| N | longest | form | fwd ms | fwd+bwd ms | tokens computed |")
-    print("|---|---|---|---|---|---|")
-    for N in a.N:
-        L = lengths(T, N, rng)
+    print("| op | N | longest | form | fwd ms | fwd+bwd ms | tokens computed |")
+    print("|---|---|---|---|---|---|---|")
+    for op_name, N in [(o, n) for o in a.ops for n in a.N]:
+        if op_name == "linear_attention":
+            def op(q, k, v, g, **kw):
+                return tt.linear_attention(q, k, v, log_decay=g, **kw)
+        else:
+            def op(q, k, v, g, **kw):
+                return tt.delta_rule(q, k, v, beta_of(k), log_decay=g, **kw)
+        # β is a fixed input, laid out like the keys it goes with (padded for the padded batch)
+        beta_of = (lambda k: beta if k.shape[0] == 1 else pad(beta, idx, msk))  # noqa: E731
+        kk = k if op_name == "linear_attention" else kn
+        r = np.random.default_rng(1000 + N)  # the same packing for every op
+        L = lengths(T, N, r)
         cu = jnp.asarray(np.concatenate([[0], np.cumsum(L)]), jnp.int32)
-        h0 = jnp.asarray(rng.normal(size=(N, H, D, D)) * 0.1, f32)
+        h0 = jnp.asarray(r.normal(size=(N, H, D, D)) * 0.1, f32)
         Lmax = int(L.max())
         idx = np.zeros((N, Lmax), int)
         msk = np.zeros((N, Lmax), bool)
@@ -82,24 +97,23 @@ def main():
 
         # the packing is an argument (traced), as in training where it comes with the batch
         def packed(q, k, v, g, h0, cu, idx, msk, back):
-            return tt.linear_attention(q, k, v, log_decay=g, initial_state=h0, output_final_state=True,
-                                       chunk_size=C, impl="chunked", cu_seqlens=cu)
+            return op(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=C, impl="chunked",
+                      cu_seqlens=cu)
 
         def padded(q, k, v, g, h0, cu, idx, msk, back):
             P = lambda x: pad(x, idx, msk)  # noqa: E731
-            o, S = tt.linear_attention(P(q), P(k), P(v), log_decay=P(g), initial_state=h0,
-                                       output_final_state=True, chunk_size=C, impl="chunked")
+            o, S = op(P(q), P(k), P(v), P(g), initial_state=h0, output_final_state=True, chunk_size=C,
+                      impl="chunked")
             return o[back[0], back[1]][None], S
 
         def stream(q, k, v, g, h0, cu, idx, msk, back):
-            return tt.linear_attention(q, k, v, log_decay=g, initial_state=h0[:1], output_final_state=True,
-                                       chunk_size=C, impl="chunked")
+            return op(q, k, v, g, initial_state=h0[:1], output_final_state=True, chunk_size=C, impl="chunked")
 
         def loss(f):
             return lambda *x: sum(jnp.sum(y) for y in f(*x))
 
         forms = {"packed": packed, "padded batch": padded, "one stream": stream}
-        args = (q, k, v, g, h0, cu, idx, msk, back)
+        args = (q, kk, v, g, h0, cu, idx, msk, back)
         fwd = interleaved({n: jax.jit(f) for n, f in forms.items()}, *args, rounds=a.rounds)
         bwd = interleaved({n: jax.jit(jax.grad(loss(f), argnums=(0, 1, 2, 3, 4))) for n, f in forms.items()},
                           *args, rounds=a.rounds)
@@ -108,10 +122,10 @@ def main():
         agree = float(max(jnp.max(jnp.abs(o_pk - o_pd)), jnp.max(jnp.abs(S_pk - S_pd))))
         computed = {"packed": (T // C + N) * C, "padded batch": N * Lmax, "one stream": T}
         for name in forms:
-            row = dict(N=N, longest=Lmax, form=name, fwd_s=fwd[name]["median"], fwdbwd_s=bwd[name]["median"],
+            row = dict(op=op_name, N=N, longest=Lmax, form=name, fwd_s=fwd[name]["median"], fwdbwd_s=bwd[name]["median"],
                        token_slots=computed[name], packed_vs_padded_max_abs_diff=agree)
             rows.append(row)
-            print(f"| {N} | {Lmax} | {name} | {row['fwd_s'] * 1e3:.1f} | {row['fwdbwd_s'] * 1e3:.1f} "
+            print(f"| {op_name} | {N} | {Lmax} | {name} | {row['fwd_s'] * 1e3:.1f} | {row['fwdbwd_s'] * 1e3:.1f} "
                   f"| {computed[name]:,} |", flush=True)
     m = machine(start)
     print(f"\n{describe(m)}")

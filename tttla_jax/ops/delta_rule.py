@@ -85,14 +85,9 @@ def _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale, 
     if log_decay is not None:
         _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
         _checks.check_floating("log_decay", log_decay)
-    if cu_seqlens is not None:
-        N = varlen.check_cu_seqlens(cu_seqlens, B, T)
-        if initial_state is not None:
-            _checks.check_shape("initial_state", initial_state, (N, H, K, V),
-                                "[N, H, K, V] (one state per packed sequence, N from cu_seqlens)")
-    elif initial_state is not None:
-        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    state_shape, state_layout = varlen.state_shape(cu_seqlens, B, T, H, K, V)
     if initial_state is not None:
+        _checks.check_shape("initial_state", initial_state, state_shape, state_layout)
         _checks.check_floating("initial_state", initial_state)
     _checks.check_choice("impl", impl, IMPLS)
     _checks.check_positive_int("chunk_size", chunk_size)

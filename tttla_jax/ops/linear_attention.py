@@ -64,13 +64,9 @@ def _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale, 
     if log_decay is not None:
         _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
         _checks.check_floating("log_decay", log_decay)
-    if cu_seqlens is not None:
-        N = varlen.check_cu_seqlens(cu_seqlens, B, T)
-        if initial_state is not None:
-            _checks.check_shape("initial_state", initial_state, (N, H, K, V),
-                                "[N, H, K, V] (one state per packed sequence, N from cu_seqlens)")
-    elif initial_state is not None:
-        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
+    state_shape, state_layout = varlen.state_shape(cu_seqlens, B, T, H, K, V)
+    if initial_state is not None:
+        _checks.check_shape("initial_state", initial_state, state_shape, state_layout)
     _checks.check_choice("mode", mode, MODES)
     _checks.check_choice("impl", impl, IMPLS)
     _checks.check_positive_int("chunk_size", chunk_size)
@@ -442,19 +438,20 @@ def _chunked_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
     (:mod:`tttla_jax.ops.varlen`), the chunk scan resetting to the sequence's initial state
     on its first chunk and keeping its final state after its last (same custom VJP)."""
     lay = varlen.layout(cu_seqlens, q.shape[1], chunk_size)
-    qc, kc, vc, gc = (varlen.to_chunks(x, lay) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
+    # the layout's derivative by gathers (the chunk scan is a custom_vjp: no forward mode anyway)
+    qc, kc, vc, gc = (varlen.to_chunks(x, lay, gather_vjp=True) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
     emit = mode != "none"
     o, _, SF = _chunk_scan(qc, kc, vc, gc, jnp.zeros_like(h0[0])[None], h0[:, None],
                            (lay.first, lay.ends, lay.seq), mode == "causal", emit)
-    return _varlen_outputs(o, qc, SF[:, 0], lay, mode)
+    return _varlen_outputs(o, qc, SF[:, 0], lay, mode, gather_vjp=True)
 
 
-def _varlen_outputs(o, qc, S_final, lay, mode):
+def _varlen_outputs(o, qc, S_final, lay, mode, gather_vjp=False):
     """Chunk outputs back to tokens; ``mode="none"``: every query reads its own sequence's
     final state."""
     if mode == "none":
         o = jnp.einsum("nbhck,nbhkv->nbhcv", qc, jnp.take(S_final, lay.seq, axis=0)[:, None])
-    return varlen.from_chunks(o, lay), S_final
+    return varlen.from_chunks(o, lay, gather_vjp=gather_vjp), S_final
 
 
 def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
