@@ -26,6 +26,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
+from tttla_jax.ops.varlen import check_cu_seqlens
 
 
 def partitioned(init, axes: tuple):
@@ -180,12 +181,22 @@ class ShortConv(nnx.Module):
     def init_state(self, batch_size: int, dtype=jnp.float32) -> Float[Array, "b k1 f"]:
         return jnp.zeros((batch_size, self.kernel_size - 1, self.features), dtype)
 
-    def __call__(self, x: Float[Array, "b t f"], state: Optional[Float[Array, "b k1 f"]] = None):
-        """Returns ``(y [B, T, F], new_state [B, K−1, F])``."""
+    def __call__(self, x: Float[Array, "b t f"], state: Optional[Float[Array, "b k1 f"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
+        """Returns ``(y [B, T, F], new_state [B, K−1, F])``.
+
+        ``cu_seqlens`` ``[N + 1]``: ``x`` is ``[1, T, F]`` holding N packed sequences
+        (offsets as in :mod:`tttla_jax.ops.varlen`), ``state`` and ``new_state`` are per
+        sequence, ``[N, K−1, F]``; each sequence is convolved exactly as if it ran alone (a
+        tap reaching before a sequence's start reads that sequence's state, zeros by
+        default). Works with a traced ``cu_seqlens``.
+        """
         _checks.check_rank("x", x, 3, "[B, T, F]")
         B, T, F = x.shape
         if F != self.features:
             raise ValueError(f"x: expected [B, T, F] with F = {self.features}, got {tuple(x.shape)}")
+        if cu_seqlens is not None:
+            return self._packed(x, state, cu_seqlens)
         Km1 = self.kernel_size - 1
         if state is None:
             state = jnp.zeros((B, Km1, F), x.dtype)
@@ -200,3 +211,37 @@ class ShortConv(nnx.Module):
             y = jax.nn.silu(y)
         new_state = xs[:, xs.shape[1] - Km1:] if Km1 else xs[:, :0]
         return y.astype(dt), new_state.astype(state.dtype)
+
+    def _packed(self, x, state, cu_seqlens):
+        """The ``cu_seqlens`` form of :meth:`__call__` (see there)."""
+        _, T, F = x.shape
+        N = check_cu_seqlens(cu_seqlens, x.shape[0], T)
+        Km1 = self.kernel_size - 1
+        if state is None:
+            state = jnp.zeros((N, Km1, F), x.dtype)
+        _checks.check_shape("state", state, (N, Km1, F),
+                            "[N, kernel_size-1, F] (one state per packed sequence, N from cu_seqlens)")
+        dt = self.dtype or x.dtype
+        sd = _checks.state_dtype(x, self.kernel[...])
+        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        # One source array: every sequence's state (rows n*(K-1) ...) then the T tokens.
+        src = jnp.concatenate([state.astype(x.dtype).reshape(N * Km1, F), x[0]], axis=0)
+
+        def gather(pos, n):
+            """Rows of ``src`` for sequence-relative inputs at token index ``pos`` of sequence
+            ``n``: the token itself if ``pos >= cu[n]``, else the sequence's state slot."""
+            in_seq = pos >= cu[n]
+            from_state = n * Km1 + jnp.clip(pos - cu[n] + Km1, 0, max(Km1 - 1, 0))
+            idx = jnp.where(in_seq, N * Km1 + jnp.clip(pos, 0, max(T - 1, 0)), from_state)
+            return jnp.take(src, idx, axis=0, mode="clip")
+
+        t = jnp.arange(T, dtype=jnp.int32)
+        n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
+        w = self.kernel[...].astype(sd)
+        y = sum(w[j] * gather(t - Km1 + j, n_t).astype(sd) for j in range(self.kernel_size))
+        if self.activation:
+            y = jax.nn.silu(y)
+        n = jnp.arange(N, dtype=jnp.int32)
+        pos = cu[1:, None] - Km1 + jnp.arange(Km1, dtype=jnp.int32)[None]  # [N, K-1]
+        new_state = gather(pos, jnp.broadcast_to(n[:, None], pos.shape))
+        return y[None].astype(dt), new_state.astype(state.dtype)

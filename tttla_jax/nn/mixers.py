@@ -3,7 +3,9 @@
 Every mixer follows the protocol described in :mod:`tttla_jax.nn` (``Mixer``):
 keyword configuration, an explicit ``mode``, ``init_cache(batch_size)`` and
 ``__call__(x, *, cache=None, positions=None) -> (y, new_cache)`` with the fast-weight
-state carried explicitly in and out.
+state carried explicitly in and out. :class:`LinearAttention` and :class:`DeltaNet` also
+take ``cu_seqlens`` (packed variable-length sequences, ``x`` ``[1, T, W]``, caches in and
+out per sequence ``[N, ...]``; see :mod:`tttla_jax.ops.varlen`).
 
 Axis names: ``B`` batch, ``T`` tokens, ``H`` heads, ``D`` head dim, ``W`` width,
 ``w`` attention window.
@@ -25,6 +27,7 @@ from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions
                                  partitioned)
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
+from tttla_jax.ops.varlen import check_cu_seqlens
 
 #: Layer modes and the op ``impl`` each maps to (``tt.linear_attention`` / ``tt.delta_rule``).
 MODES = ("recurrent", "parallel", "pallas", "auto")
@@ -100,6 +103,13 @@ class Mixer(nnx.Module):
         if x.shape[-1] != self.width:
             raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
         return x.shape[0], x.shape[1]
+
+    def _cache_batch(self, B: int, T: int, cu_seqlens) -> tuple:
+        """``(batch, layout)`` of the cache: ``B``, or ``N`` packed sequences with
+        ``cu_seqlens`` (validated: ``x`` must then be ``[1, T, W]``)."""
+        if cu_seqlens is None:
+            return B, "B"
+        return check_cu_seqlens(cu_seqlens, B, T), "N"
 
     def _heads(self, y: Array, B: int, T: int) -> Array:
         return y.reshape(B, T, self.num_heads, self.head_dim)
@@ -177,6 +187,11 @@ class LinearAttention(Mixer):
     Parameters: ``4·W·H·D + D`` (+ ``W·H + 2H`` with ``use_decay``).
 
     Cache: ``{"state": [B, H, D, D]}`` in float32 (float64 for a float64 layer).
+
+    Packed sequences: ``__call__(x, cu_seqlens=cu)`` with ``x`` ``[1, T, W]`` and
+    ``cu = [0, T_1, T_1 + T_2, …, T]`` runs every sequence as if alone; the cache in
+    (optional) and out is per sequence, ``{"state": [N, H, D, D]}``, so decoding continues
+    with batch size N.
     """
 
     supported_modes = MODES
@@ -209,20 +224,27 @@ class LinearAttention(Mixer):
         return {"state": jnp.zeros((batch_size, self.num_heads, D, D), self._state_dtype())}
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
-        """Returns ``(y [B, T, W], {"state": S_T})``; ``positions`` is accepted and unused."""
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
+        """Returns ``(y [B, T, W], {"state": S_T})``; ``positions`` is accepted and unused.
+
+        ``cu_seqlens`` ``[N + 1]``: packed sequences in ``x`` ``[1, T, W]``; the cache is
+        then ``{"state": [N, H, D, D]}`` (see the class doc).
+        """
         B, T = self._check_x(x)
+        NB, nb = self._cache_batch(B, T, cu_seqlens)
         if cache is None:
-            cache = self.init_cache(B)
+            cache = self.init_cache(NB)
         D, H = self.head_dim, self.num_heads
-        _check_cache(cache, {"state": ((B, H, D, D), "[B, H, D, D]")})
+        _check_cache(cache, {"state": ((NB, H, D, D), f"[{nb}, H, D, D]")})
         q = feature_map(self.feature_map, self._heads(self.q_proj(x), B, T))
         k = feature_map(self.feature_map, self._heads(self.k_proj(x), B, T))
         v = self._heads(self.v_proj(x), B, T)
         g = None if self.gate is None else self.gate(x)
         o, S = linear_attention(q, k, v, log_decay=g, initial_state=cache["state"],
                                 output_final_state=True, mode="causal",
-                                chunk_size=self.chunk_size, impl=MODE_TO_IMPL[self.mode])
+                                chunk_size=self.chunk_size, impl=MODE_TO_IMPL[self.mode],
+                                cu_seqlens=cu_seqlens)
         o = self.out_norm(o).reshape(B, T, H * D)
         return self.o_proj(o), {"state": S.astype(cache["state"].dtype)}
 
@@ -257,6 +279,10 @@ class DeltaNet(Mixer):
 
     Cache: ``{"state": [B, H, D, D]}`` plus, with the conv, ``"conv_q"``, ``"conv_k"``,
     ``"conv_v"``: the last ``conv_size − 1`` pre-conv inputs ``[B, conv_size−1, H·D]``.
+
+    Packed sequences: ``__call__(x, cu_seqlens=cu)`` as :class:`LinearAttention`; every cache
+    entry is per sequence (batch N), and the short convs do not cross a boundary (a tap
+    before a sequence's start reads that sequence's conv state).
     """
 
     supported_modes = ("recurrent", "parallel", "auto")
@@ -292,12 +318,12 @@ class DeltaNet(Mixer):
                                 axis_name="head_dim")
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
 
-    def _cache_spec(self, B: int) -> dict:
+    def _cache_spec(self, B: int, b: str = "B") -> dict:
         D, H = self.head_dim, self.num_heads
-        spec = {"state": ((B, H, D, D), "[B, H, D, D]")}
+        spec = {"state": ((B, H, D, D), f"[{b}, H, D, D]")}
         if self.use_short_conv:
             for name in ("conv_q", "conv_k", "conv_v"):
-                spec[name] = ((B, self.conv_size - 1, H * D), "[B, conv_size-1, H*D]")
+                spec[name] = ((B, self.conv_size - 1, H * D), f"[{b}, conv_size-1, H*D]")
         return spec
 
     def init_cache(self, batch_size: int) -> Cache:
@@ -310,18 +336,25 @@ class DeltaNet(Mixer):
         return cache
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
-        """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused."""
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
+        """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused.
+
+        ``cu_seqlens`` ``[N + 1]``: packed sequences in ``x`` ``[1, T, W]``, caches per
+        sequence (batch N; see the class doc).
+        """
         B, T = self._check_x(x)
+        NB, nb = self._cache_batch(B, T, cu_seqlens)
         if cache is None:
-            cache = self.init_cache(B)
-        _check_cache(cache, self._cache_spec(B))
+            cache = self.init_cache(NB)
+        _check_cache(cache, self._cache_spec(NB, nb))
         new_cache = {}
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
-            q, new_cache["conv_q"] = self.q_conv(q, cache["conv_q"])
-            k, new_cache["conv_k"] = self.k_conv(k, cache["conv_k"])
-            v, new_cache["conv_v"] = self.v_conv(v, cache["conv_v"])
+            conv = dict(cu_seqlens=cu_seqlens) if cu_seqlens is not None else {}
+            q, new_cache["conv_q"] = self.q_conv(q, cache["conv_q"], **conv)
+            k, new_cache["conv_k"] = self.k_conv(k, cache["conv_k"], **conv)
+            v, new_cache["conv_v"] = self.v_conv(v, cache["conv_v"], **conv)
         q, k, v = self._heads(q, B, T), self._heads(k, B, T), self._heads(v, B, T)
         if self.feature_map == "silu+l2":
             if not self.use_short_conv:  # the conv already ends with SiLU
@@ -334,7 +367,7 @@ class DeltaNet(Mixer):
         g = None if self.gate is None else self.gate(x)
         o, S = delta_rule(q, k, v, beta, log_decay=g, initial_state=cache["state"],
                           output_final_state=True, chunk_size=self.chunk_size,
-                          impl=MODE_TO_IMPL[self.mode])
+                          impl=MODE_TO_IMPL[self.mode], cu_seqlens=cu_seqlens)
         new_cache["state"] = S.astype(cache["state"].dtype)
         D, H = self.head_dim, self.num_heads
         o = self.out_norm(o).reshape(B, T, H * D)
