@@ -119,10 +119,16 @@ def test_layout_covers_every_token_once():
     (np.asarray([[0, 26]]), 1, r"1-D integer array \[N \+ 1\]"),
     (np.asarray([0]), 1, r"1-D integer array \[N \+ 1\]"),
 ])
-def test_bad_cu_seqlens_is_named(cu, B, match):
+@pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
+def test_bad_cu_seqlens_is_named(cu, B, match, op):
+    """Both packed ops validate cu_seqlens through tttla_jax.ops.varlen.check_cu_seqlens."""
     q = jnp.ones((B, 26, H, K))
+    v = jnp.ones((B, 26, H, V))
     with pytest.raises(ValueError, match=match):
-        tt.linear_attention(q, q, jnp.ones((B, 26, H, V)), cu_seqlens=jnp.asarray(cu))
+        if op == "linear_attention":
+            tt.linear_attention(q, q, v, cu_seqlens=jnp.asarray(cu))
+        else:
+            tt.delta_rule(q, q, v, jnp.ones((B, 26, H)), cu_seqlens=jnp.asarray(cu))
 
 
 def test_initial_state_per_sequence_and_pallas_are_checked():

@@ -124,21 +124,6 @@ def test_one_sequence_equals_unpacked_and_no_state_crosses_a_boundary():
     np.testing.assert_array_equal(Sa, S0)
 
 
-@pytest.mark.parametrize("cu, B, match", [
-    (np.asarray([0, 3, 26]), 2, "batch of one"),
-    (np.asarray([1, 3, 26]), 1, "start at 0 and end at T = 26"),
-    (np.asarray([0, 3, 25]), 1, "start at 0 and end at T = 26"),
-    (np.asarray([0, 9, 3, 26]), 1, "non-decreasing"),
-    (np.asarray([0.0, 26.0]), 1, "integer dtype"),
-    (np.asarray([[0, 26]]), 1, r"1-D integer array \[N \+ 1\]"),
-    (np.asarray([0]), 1, r"1-D integer array \[N \+ 1\]"),
-])
-def test_bad_cu_seqlens_is_named(cu, B, match):
-    q = jnp.ones((B, 26, H, K))
-    with pytest.raises(ValueError, match=match):
-        tt.delta_rule(q, q, jnp.ones((B, 26, H, V)), jnp.ones((B, 26, H)), cu_seqlens=jnp.asarray(cu))
-
-
 def test_initial_state_per_sequence_and_pallas_are_checked():
     cu, x = _packed()
     args = (x["q"], x["k"], x["v"], x["beta"])
