@@ -1,4 +1,4 @@
-"""Benchmark: the forms of tt.linear_attention on this machine (issue 2).
+"""Benchmark: the forms of tt.linear_attention on this machine.
 
 Forward and forward+backward wall time of each implementation for B=4, H=4, K=V=64,
 float32, causal with log-decay, over T in {512, 2048, 8192, 32768}; plus the achieved

@@ -1,4 +1,4 @@
-"""Benchmark: the Pallas linear-attention kernel vs the XLA chunked form (issue 5).
+"""Benchmark: the Pallas linear-attention kernel vs the XLA chunked form.
 
 On a GPU or TPU host: forward and forward+backward tokens/s of
 ``tt.linear_attention(impl="pallas")`` and ``impl="chunked"`` (causal, with log-decay,

@@ -6,7 +6,7 @@ vocabulary 256, float32, on this machine's CPU. One step = ``jax.value_and_grad`
 next-token cross-entropy w.r.t. all parameters (no optimiser update), jitted; the **median**
 of ``--reps`` rounds after a compile + warm-up step, the modes of a preset taking turns in
 every round (``benchmarks/_timing.interleaved``), so the parallel/recurrent speed-up (the
-paper's end-to-end 1.19x for V2, SPEC §7) is not at the mercy of one slow spell. Presets ``v0``
+paper's end-to-end 1.19x for V2, docs/ladder.md) is not at the mercy of one slow spell. Presets ``v0``
 (recurrent only: not associative) and ``v2`` (``auto`` = the rule's parallel form) by
 default. Prints a Markdown table and writes ``benchmarks/results/lact_lm.json`` with the
 shared ``machine`` record (load average at start and end, malloc tuning — the machine is

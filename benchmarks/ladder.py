@@ -1,4 +1,4 @@
-"""Ladder benchmark (SPEC §7, paper Table 2): tokens/s of the TTT operator, V0–V6.
+"""Ladder benchmark (docs/ladder.md, paper Table 2): tokens/s of the TTT operator, V0–V6.
 
 Recurrent (``lax.scan`` over chunks) and parallel (chunk-parallel linear-attention form,
 V2–V6 only) forward throughput on this machine's CPU, float32, B=1, T=8192, 4 heads of

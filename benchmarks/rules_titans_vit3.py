@@ -1,4 +1,4 @@
-"""Benchmark: Titans (SPEC §5) recurrent vs parallel forms, and ViT³ (SPEC §6), on this CPU.
+"""Benchmark: Titans (docs/rules/titans.md) recurrent vs parallel forms, and ViT³ (docs/rules/vit3.md), on this CPU.
 
 Titans: linear memory, float32, B=1, H=4, K=V=64, chunk_size 16 and 1, T=4096, with
 ``batch_size=None`` (W_ref = W0, one parallel segment) and ``batch_size=64`` (a scan

@@ -1,4 +1,4 @@
-"""Benchmark: TTT-Linear and TTT-MLP rules (SPEC §4), dual vs primal form, on this CPU.
+"""Benchmark: TTT-Linear and TTT-MLP rules (docs/rules/ttt.md), dual vs primal form, on this CPU.
 
 Forward and forward+backward (gradient of ``sum(o)`` w.r.t. q, k, v, lr and the initial
 fast weights) throughput in tokens/s, float32, B=1, H=4, hd=64, mini-batch 16, T=4096

@@ -1,4 +1,4 @@
-"""Pallas forward kernel for the chunked (gated) delta rule (SPEC §1, issue 5 stretch).
+"""Pallas forward kernel for the chunked (gated) delta rule (docs/linear_attention.md).
 
 Recurrence (decay first, then the delta step; token t reads its own write)::
 
@@ -309,7 +309,7 @@ def delta_rule(
     interpret: Any = None,
 ):
     """(Gated) delta rule, forward as a Pallas kernel: ``u_t = β_t(v_t − k_t e^{g_t}S)``,
-    ``S_t = e^{g_t}S + k_tᵀu_t``, ``o_t = (scale·q_t)S_t`` (SPEC §1, rows "delta rule").
+    ``S_t = e^{g_t}S + k_tᵀu_t``, ``o_t = (scale·q_t)S_t`` (docs/linear_attention.md, rows "delta rule").
 
     Same contract as :func:`tttla_jax.delta_rule` (``impl="pallas"``). ``chunk_size`` is a
     tiling choice (unsupported values fall back to 64; shortened for short sequences);

@@ -1,4 +1,4 @@
-"""Pallas kernels for chunked causal / block-causal linear attention (SPEC §1, issue 5).
+"""Pallas kernels for chunked causal / block-causal linear attention (docs/linear_attention.md).
 
 The recurrence (update-then-query, token t sees its own write)::
 
@@ -573,7 +573,7 @@ def linear_attention(
 ):
     """Chunked (block-)causal linear attention with optional log-decay, as a Pallas kernel.
 
-    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (SPEC §1); ``mode="chunk"``
+    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (docs/linear_attention.md); ``mode="chunk"``
     reads the state after the previous chunk. Same contract as
     :func:`tttla_jax.linear_attention` (``impl="pallas"`` calls this).
 

@@ -1,4 +1,4 @@
-"""tt.delta_rule (DeltaNet / gated DeltaNet, SPEC §1): every form against the float64 loop.
+"""tt.delta_rule (DeltaNet / gated DeltaNet, docs/linear_attention.md): every form against the float64 loop.
 
 Inputs are realistic (k L2-normalised, β in (0, 1), log-decay in [-0.3, 0]) so every
 step ``S ← (I − β kᵀk) e^g S + β kᵀ v`` is a contraction and the recurrence is stable.

@@ -1,6 +1,6 @@
-"""Pallas linear-attention kernels (issue 5), run in interpret mode on CPU.
+"""Pallas linear-attention kernels, run in interpret mode on CPU.
 
-Layers of truth: the float64 loop of SPEC §1 (:func:`tttla_jax.reference.linear_attention_loop`)
+Layers of truth: the float64 loop of docs/linear_attention.md (:func:`tttla_jax.reference.linear_attention_loop`)
 and the XLA chunked form (``tt.linear_attention(impl="chunked")``, itself checked against the
 loop in ``test_linear_attention.py``). Both backends' kernels are interpreted: the Triton-style
 kernel (``interpret="gpu"``) and the Mosaic kernel (``interpret="tpu"``, i.e.

@@ -1,6 +1,6 @@
-"""Pallas delta-rule kernel (issue 5 stretch): forward kernel, backward by the XLA twin.
+"""Pallas delta-rule kernel: forward kernel, backward by the XLA twin.
 
-Truth: the float64 loop :func:`tttla_jax.reference.delta_rule_loop` (SPEC §1) and the XLA
+Truth: the float64 loop :func:`tttla_jax.reference.delta_rule_loop` (docs/linear_attention.md) and the XLA
 chunked form ``tt.delta_rule(impl="chunked")``. Tolerances as ``test_kernels.py``: float64
 1e-10 absolute; bfloat16 inputs 3e-2 relative to the truth's max magnitude (the kernel
 computes in float32 after reading bf16 inputs). Keys are L2-normalised and β ∈ (0.1, 0.9),

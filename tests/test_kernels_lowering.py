@@ -1,4 +1,4 @@
-"""The Pallas kernels lower for their real targets from a CPU host (issue 5).
+"""The Pallas kernels lower for their real targets from a CPU host.
 
 * ``jax.export`` for ``platforms=["cuda"]`` must contain the Triton custom calls (forward,
   dQ sweep, dK/dV sweep) and for ``["tpu"]`` the Mosaic custom calls, for every supported

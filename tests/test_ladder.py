@@ -1,4 +1,4 @@
-"""The ladder (SPEC §7): presets, parallel forms of V2–V6 against the lax.scan rule, V6 as
+"""The ladder (docs/ladder.md): presets, parallel forms of V2–V6 against the lax.scan rule, V6 as
 tt.linear_attention, and the anomaly presets.
 
 Tolerances (documented): float64 1e-10 absolute (outputs, final W1 and momentum buffer,

@@ -1,4 +1,4 @@
-"""tt.linear_attention: every form against the float64 loop of SPEC §1.
+"""tt.linear_attention: every form against the float64 loop of docs/linear_attention.md.
 
 Tolerances (documented): float64 1e-10 (absolute, on O(1)-scaled inputs); float32
 inputs 1e-4 relative to the reference's max magnitude; bfloat16 inputs 3e-2 relative

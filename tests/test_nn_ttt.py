@@ -153,7 +153,7 @@ def test_pieces_equal_full_forward(case, mode):
 
 def test_ttt_linear_layer_is_projections_plus_rule_op():
     """The layer from an empty cache == projections, interleaved RoPE (position mod C),
-    the lr gate, ``ttt_linear`` on the whole sequence, post LN, gate, o_proj (SPEC §4)."""
+    the lr gate, ``ttt_linear`` on the whole sequence, post LN, gate, o_proj (docs/rules/ttt.md)."""
     def check(m, x):
         C, K = m.mini_batch_size, m.conv_kernel
         y, _ = m(x)

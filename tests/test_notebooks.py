@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ runs top to bottom at small size (issue 8).
+"""Every notebook in notebooks/ runs top to bottom at small size.
 
 Each notebook has a parameter cell (tagged ``parameters``) that reads ``TTTLA_NB_SMALL``;
 with ``TTTLA_NB_SMALL=1`` the sizes shrink and the gradient checks are skipped, so a

@@ -1,4 +1,4 @@
-"""The reduction (SPEC §2): readings equal the rules; Theorems 5.1 and 5.3 as tests.
+"""The reduction (docs/ttt_as_linear_attention.md): readings equal the rules; Theorems 5.1 and 5.3 as tests.
 
 The rule-vs-reading comparisons run the rule's ``lax.scan`` form and the reading's attention
 form in one jitted function compiled with XLA's cheap CPU pipeline (op-by-op eager dispatch
@@ -139,7 +139,7 @@ def test_theorem_5_3_per_token_momentum():
     reading = Reading(q=phi(q)[None, :, None], k=phi(k)[None, :, None], v=jnp.stack(gs)[None, :, None],
                       mask=c[None, None], state_coef=jnp.ones((1, 1, T)), initial_state=W0[None, None])
     np.testing.assert_allclose(reading.outputs()[0, :, 0], o_ttt, atol=1e-12)
-    # a single product (instead of the cumulative coefficient) is wrong — the SPEC's warning
+    # a single product (instead of the cumulative coefficient) is wrong — the warning in docs/ttt_as_linear_attention.md
     prod_only = jnp.tril(jnp.exp(jnp.cumsum(jnp.log(alpha))[:, None] - jnp.cumsum(jnp.log(alpha))[None, :]))
     wrong = Reading(reading.q, reading.k, reading.v, prod_only[None, None], reading.state_coef, reading.initial_state)
     assert float(jnp.abs(wrong.outputs()[0, :, 0] - o_ttt).max()) > 1e-3
@@ -257,7 +257,7 @@ def test_lact_reading_gradients_match():
 
 
 def test_lact_muon_reading_is_virtual_tokens():
-    """SPEC §7 with Muon: ``S_c = W1_0 + Σ_{i<c} NS5(M_i)``. The reading writes each chunk's
+    """docs/ladder.md with Muon: ``S_c = W1_0 + Σ_{i<c} NS5(M_i)``. The reading writes each chunk's
     ``NS5(M_i)ᵀ`` as ``dh`` virtual tokens with one-hot keys, read by later chunks only."""
     from tttla_jax.rules.lact import LaCTRule, _example_inputs, newton_schulz5
 
@@ -304,7 +304,7 @@ def test_lact_muon_bfloat16_ns_reading_is_close():
     args = _example_inputs(rule, seed=6, T=11)
     o = rule.recurrent(*args)[0]
     err = float(jnp.abs(reduce(rule, *args).outputs() - o).max())
-    # SPEC §3: bfloat16 NS moves outputs by ~10 % relative; the reading is within that
+    # docs/rules/lact.md: bfloat16 NS moves outputs by ~10 % relative; the reading is within that
     bf16_effect = float(jnp.abs(dataclasses.replace(rule, muon_dtype=None).recurrent(*args)[0] - o).max())
     assert 0 < bf16_effect < 0.1 * float(jnp.abs(o).max())
     assert err < 0.1 * float(jnp.abs(o).max()), (err, bf16_effect)
@@ -319,7 +319,7 @@ TTT_MLP_CASES = [(dict(), 1), (dict(layer_norm=False, bias=False, residual=False
 
 @pytest.mark.parametrize("flags,T", TTT_MLP_CASES, ids=lambda c: (_ids(c) or "reference") if isinstance(c, dict) else f"T={c}")
 def test_ttt_mlp_reading_equals_recurrence(flags, T):
-    """Theorem 5.1/5.2 for an MLP fast weight with all layers updated (TTT-MLP, SPEC §4)."""
+    """Theorem 5.1/5.2 for an MLP fast weight with all layers updated (TTT-MLP, docs/rules/ttt.md)."""
     from tttla_jax.rules.ttt import TTTMLPRule, _example_inputs
 
     rule = TTTMLPRule(mini_batch_size=4, **flags)
@@ -355,7 +355,7 @@ VIT3_CONV = [dict(grid=(1, 1)), dict(grid=(2, 5), normalize=False, lr=0.3)]
 
 @pytest.mark.parametrize("cfg", VIT3_GLU + VIT3_CONV, ids=str)
 def test_vit3_reading_equals_rule(cfg):
-    """ViT³ (SPEC §6): non-causal linear attention with a mask of ones, S_0 = the fast weight."""
+    """ViT³ (docs/rules/vit3.md): non-causal linear attention with a mask of ones, S_0 = the fast weight."""
     name = "vit3_conv" if "grid" in cfg else "vit3_glu"
     base, build = tt.rules.REGISTRY[name]()
     rule = dataclasses.replace(base, **cfg)

@@ -1,4 +1,4 @@
-"""One registry of every rule and preset drives the equivalence checks (issue 4):
+"""One registry of every rule and preset drives the equivalence checks:
 recurrent == parallel (where the rule has one) == reduction (every rule has a
 linear-attention reading), outputs, final state and gradients w.r.t. every input,
 float64 at 1e-10.

@@ -1,10 +1,10 @@
-"""LaCT rule (SPEC §3): the lax.scan form against the float64 chunk loop of the reference.
+"""LaCT rule (docs/rules/lact.md): the lax.scan form against the float64 chunk loop of the reference.
 
 Tolerances (documented): float64 1e-10 absolute on O(1)-scaled inputs (outputs, final
 fast weights and momentum buffers, outer gradients w.r.t. q, k, v, learning rates,
 momentum and the initial fast weights); float32 inputs 1e-4 relative to the float64
 result's max magnitude. The bfloat16 Newton–Schulz option is only checked for plausibility
-(SPEC §3: it moves outputs by ~10 %).
+(docs/rules/lact.md: it moves outputs by ~10 %).
 """
 import functools
 

@@ -1,7 +1,7 @@
-"""Linear attention and DeltaNet as TTT rules (SPEC §1–§2), and the equivalence harness itself.
+"""Linear attention and DeltaNet as TTT rules (docs/linear_attention.md, docs/ttt_as_linear_attention.md), and the equivalence harness itself.
 
 The rule's recurrent form is a token scan of inner gradient steps; it must equal the
-float64 reference loops of SPEC §1 (which are written as state updates, not gradients)
+float64 reference loops of docs/linear_attention.md (which are written as state updates, not gradients)
 and the parallel forms — outputs, final state and gradients, at 1e-10 in float64.
 """
 import jax

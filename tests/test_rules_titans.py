@@ -1,4 +1,4 @@
-"""Titans (SPEC §5): scan rule and parallel forms against the float64 reference loop.
+"""Titans (docs/rules/titans.md): scan rule and parallel forms against the float64 reference loop.
 
 Tolerances (documented): float64 1e-10 absolute (O(1)-scaled inputs) for outputs,
 final memory and outer gradients; float32 inputs 2e-5 relative to the reference's max
@@ -210,7 +210,7 @@ def test_closed_form_inner_grad_equals_jax_grad(memory, act):
 
 
 def test_c1_batch1_no_momentum_is_the_delta_rule():
-    """SPEC §2: MSE loss => delta rule. c = 1, batch 1, η = α = 0: β_t = 2θ_t/V, scale 1."""
+    """docs/ttt_as_linear_attention.md: MSE loss => delta rule. c = 1, batch 1, η = α = 0: β_t = 2θ_t/V, scale 1."""
     dr = pytest.importorskip("tttla_jax.ops.delta_rule")
     rule = TitansRule(chunk_size=1, batch_size=1)
     (q, k, v, th, eta, alpha), W0 = inputs(rule, seed=8, T=9)

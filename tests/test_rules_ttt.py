@@ -1,4 +1,4 @@
-"""TTT-Linear / TTT-MLP (SPEC §4): scan rule (dual and primal) against the float64 loop.
+"""TTT-Linear / TTT-MLP (docs/rules/ttt.md): scan rule (dual and primal) against the float64 loop.
 
 Tolerances (documented): float64 1e-10 absolute (O(1)-scaled inputs, lr of the
 reference's size ~1/D) for outputs, final fast weights and outer gradients w.r.t. every
@@ -240,7 +240,7 @@ def test_ablation_switches_match_reference(flags):
 
 
 def test_reduces_to_delta_rule():
-    """SPEC §4 note: without LN, bias and residual, mini-batch 1, TTT-Linear *is* DeltaNet:
+    """docs/rules/ttt.md note: without LN, bias and residual, mini-batch 1, TTT-Linear *is* DeltaNet:
     ``S_t = S_{t−1} + β_t k_tᵀ (v_t − k_t S_{t−1})``, ``o_t = q_t S_t``, ``β_t = token_eta[0] lr_t``."""
     rule = TTTLinearRule(mini_batch_size=1, layer_norm=False, bias=False, residual=False)
     q, k, v, lr, te, _, _, st = _example_inputs(rule, seed=7, B=2, T=9)

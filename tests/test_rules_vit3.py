@@ -1,5 +1,5 @@
-"""ViT³ (SPEC §6): GLU and 3×3 depthwise-conv fast weights against the float64 loops,
-and the §6 reduction to (non-causal / sliding-window) linear attention.
+"""ViT³ (docs/rules/vit3.md): GLU and 3×3 depthwise-conv fast weights against the float64 loops,
+and the reduction (docs/rules/vit3.md) to (non-causal / sliding-window) linear attention.
 
 Tolerances (documented): float64 1e-10 absolute for outputs, updated weights and outer
 gradients; float32 inputs 1e-5 relative to the reference's max magnitude (one step, no
@@ -103,7 +103,7 @@ def test_glu_norm_axis_is_the_input_axis():
 
 @pytest.mark.parametrize("normalize", [False, True])
 def test_glu_reduces_to_noncausal_linear_attention(normalize):
-    """SPEC §6: with only W1 updating, o = φ(q) ⊙ (q (W1 + kᵀ(η ⊙ v ⊙ φ(k)))), φ = silu(· W2):
+    """docs/rules/vit3.md: with only W1 updating, o = φ(q) ⊙ (q (W1 + kᵀ(η ⊙ v ⊙ φ(k)))), φ = silu(· W2):
     tt.linear_attention(mode="none") with initial state W1, times φ(q)."""
     q, k, v, W1, W2 = glu_inputs(3, B=2, N=9)
     N = q.shape[1]
@@ -159,7 +159,7 @@ def test_conv_matches_lax_conv_and_closed_form_grad():
 
 
 def test_conv_is_sliding_window_linear_attention():
-    """SPEC §6: o_p = Σ_δ q_{p+δ} ⊙ (W_δ + Σ_{p'} k_{p'+δ} ⊙ v̂_{p'}), v̂ = c (s/N) v — written
+    """docs/rules/vit3.md: o_p = Σ_δ q_{p+δ} ⊙ (W_δ + Σ_{p'} k_{p'+δ} ⊙ v̂_{p'}), v̂ = c (s/N) v — written
     out here with numpy over the 3×3 window, independent of the rule's parallel form."""
     grid, C = (3, 3), 2
     q, k, v, W = (np.asarray(x) for x in conv_inputs(6, B=1, grid=grid, C=C))

@@ -1,7 +1,7 @@
 """``python -m train.ladder``: the paper's simplification ladder at small scale.
 
 Trains one small LM (or MQAR model, ``--preset mqar``) per LaCT variant — the ladder
-V0 … V6 (SPEC §7, paper Table 2: each step removes one component of LaCT, V2 onwards
+V0 … V6 (docs/ladder.md, paper Table 2: each step removes one component of LaCT, V2 onwards
 has a parallel form, V6 is plain linear attention) and the anomalies of paper Table 1
 (``ascent``: the inner update's sign flipped; ``q_is_k``: the layer reads its keys
 instead of its queries) — with the same budget, seed and data order, then reports

@@ -6,7 +6,7 @@ independent of the run seed, into 1,437 training and 360 held-out test images (2
 Pixels (0..16) are scaled to ``[0, 1]`` and standardised with the training mean and std.
 
 The model is :class:`tttla_jax.nn.ViTClassifier` (patch embedding, ViT³ blocks — GLU and
-3×3 depthwise-conv fast weights, SPEC §6 — mean pooling, linear head). Training goes
+3×3 depthwise-conv fast weights, docs/rules/vit3.md — mean pooling, linear head). Training goes
 through the same loop as the language-model presets (:func:`train.loop.run`): grain
 pipeline with checkpointed iterator state, AdamW + warm-up + cosine + clipping, orbax
 checkpoints, ``--resume``, metrics JSONL and a loss plot, device meshes. The loop calls

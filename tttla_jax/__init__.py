@@ -6,7 +6,7 @@ Public API (see README "API map"):
     tt.linear_attention(q, k, v, ...)   plain / decayed linear attention, three forms
     tt.delta_rule(q, k, v, beta, ...)   (gated) DeltaNet, recurrent and chunked (WY)
     tt.rules                            fast-weight update rules (LaCT, TTT, Titans, ...)
-    tt.reference                        float64 per-token loops that read like the SPEC
+    tt.reference                        float64 per-token loops that read like the math in docs/
     tt.testing                          the equivalence harness (forms, states, gradients)
     tt.reduce(rule, *inputs)            a rule's linear-attention reading (Theorems 5.1–5.3)
     tt.nn                               Flax NNX layers, the language model, decoding

@@ -1,4 +1,4 @@
-"""The reduction: every fast-weight rule read as (masked) linear attention (SPEC §2).
+"""The reduction: every fast-weight rule read as (masked) linear attention (docs/ttt_as_linear_attention.md).
 
 The paper's Theorems 5.1–5.3 say that a TTT layer whose fast network is
 ``f(x) = φ(x; Θ) W`` (last layer linear, bias-free) computes
@@ -17,7 +17,7 @@ history, so no associative scan exists) and which component makes it so.
 The sum in (★) runs over *key positions* s — the tokens for token-level writes. A write
 that is a full matrix rather than a sum of per-token ``k̂ᵀv̂`` (LaCT's Muon: NS5 of a
 chunk's momentum) is still linear attention: ``X = Σ_a e_aᵀ X[a]``, i.e. ``dh`` virtual
-tokens with one-hot keys, read block-causally by later chunks (SPEC §7).
+tokens with one-hot keys, read block-causally by later chunks (docs/ladder.md).
 
 Readings are O(T²) per head: they are for checking and explaining, not for speed; the
 fast parallel forms live on each rule (``rule.parallel``) and in :mod:`tttla_jax.ops`.
@@ -223,7 +223,7 @@ def _register_titans():
 
     @register_reducer(TitansRule)
     def _reduce_titans(rule: TitansRule, q, k, v, theta, momentum, decay, state):
-        """Titans (SPEC §5). With ``u_n = Σ_{t∈n} k_tᵀ v̂_t``, ``v̂_t = θ_t (2/V)(v_t − k_t W_ref)``,
+        """Titans (docs/rules/titans.md). With ``u_n = Σ_{t∈n} k_tᵀ v̂_t``, ``v̂_t = θ_t (2/V)(v_t − k_t W_ref)``,
         ``E[j,i] = Π_{s=i+1..j} η_s``, ``A[n,l] = Π_{s=l+1..n}(1 − α_s)`` and ``C = A E``
         (chunk indices 0…N, 0 = start):
 
@@ -304,7 +304,7 @@ def _register_ttt():
     @register_reducer(TTTLinearRule)
     def _reduce_ttt_linear(rule: TTTLinearRule, q, k, v, lr, token_eta, ln_scale, ln_bias, state,
                            output_final_state=True):
-        """TTT-Linear (SPEC §4) read as masked linear attention followed by ``q + LN(·)``.
+        """TTT-Linear (docs/rules/ttt.md) read as masked linear attention followed by ``q + LN(·)``.
 
         With the bias as an extra key/query dimension (``k̂ = [k, 1]``, ``q̂ = [q, 1]``,
         ``S_0 = [W_0; b_0]``) and effective values ``v̂_j = −lr_j G_j``:
@@ -379,7 +379,7 @@ def _register_ttt():
     @register_reducer(TTTMLPRule)
     def _reduce_ttt_mlp(rule: TTTMLPRule, q, k, v, lr, token_eta, ln_scale, ln_bias, state,
                         output_final_state=True):
-        """TTT-MLP (SPEC §4) read as Theorem 5.1/5.2 for an MLP fast weight with **all** layers
+        """TTT-MLP (docs/rules/ttt.md) read as Theorem 5.1/5.2 for an MLP fast weight with **all** layers
         updated: the last layer is linear, so
 
             Z̄2_i = q̂_i (S_0 + Σ_j M[i, j] k̂_jᵀ v̂_j),   o_i = q_i + LN(Z̄2_i)
@@ -468,7 +468,7 @@ def _register_lact():
 
     @register_reducer(LaCTRule)
     def _reduce_lact(rule: LaCTRule, q, k, v, lr, state, momentum=None, output_final_state=False):
-        """LaCT (SPEC §3) read as linear attention on the last layer W1 (Theorems 5.2–5.3, SPEC §7).
+        """LaCT (docs/rules/lact.md) read as linear attention on the last layer W1 (Theorems 5.2–5.3, docs/ladder.md).
 
         Row form ``S = W1ᵀ`` ``[dh, dv]``. The rule performs ``U = n_upd · inner_steps``
         update events (``n_upd`` updating chunks, ``inner_steps`` gradient steps each); event
@@ -488,13 +488,13 @@ def _register_lact():
           ``W1_r = Π_{l≤r} D_l W1_0 + Σ_{u<r} Π_{l=u+1..r} D_l X_u``; pre-norm:
           ``W1_r = D_r (W_main,0 + Σ_{u<r} X_u)`` for ``r ≥ 1`` and the raw ``W1_0`` for ``r = 0``
           (two initial states).
-        * Muon (SPEC §2, §7 "with Muon: ``S_c = W1_0 + Σ_{i<c} NS5(M_i)``"): ``X_u`` is a full
+        * Muon (docs/ttt_as_linear_attention.md, docs/ladder.md "with Muon: ``S_c = W1_0 + Σ_{i<c} NS5(M_i)``"): ``X_u`` is a full
           ``[dv, dh]`` matrix, not a sum of the chunk's token writes. Any matrix is a sum of
           ``dh`` rank-one writes, ``X_uᵀ = Σ_a e_aᵀ X_uᵀ[a]``, so event u contributes ``dh``
           *virtual tokens* with one-hot keys ``e_a`` and values the rows of ``X_uᵀ``, read
           block-causally (by the queries of later chunks) with the same per-channel weights
           as above; ``S = U · dh`` key positions. (★) then reads
-          ``o_t = φ(q_t)(W1_0 + Σ_{u<r(t)} E[r(t), u] ⊙ NS5(M_u)ᵀ)`` — exactly SPEC §7's
+          ``o_t = φ(q_t)(W1_0 + Σ_{u<r(t)} E[r(t), u] ⊙ NS5(M_u)ᵀ)`` — exactly docs/ladder.md's
           scan → per-chunk NS → prefix sum. The initial momentum buffer enters NS5 (hence
           the values) nonlinearly and is not a separate initial state.
         * ``inner_steps > 1``: every inner step is one more event, with its own pre-update
@@ -630,7 +630,7 @@ def _register_vit3():
 
     @register_reducer(ViT3GLURule)
     def _reduce_vit3_glu(rule: ViT3GLURule, q, k, v, W1, W2):
-        """ViT³ GLU part (SPEC §6) as non-causal linear attention (Theorem 5.1, one full-batch step).
+        """ViT³ GLU part (docs/rules/vit3.md) as non-causal linear attention (Theorem 5.1, one full-batch step).
 
         ``f(x) = (x W1) ⊙ silu(x W2)`` is linear in W1, so after one step on
         ``L = −(s/N) Σ ⟨f(k), v⟩`` with the normalised gradient ``g ← g / (‖g‖_in + 1)``:
@@ -668,7 +668,7 @@ def _register_vit3():
 
     @register_reducer(ViT3ConvRule)
     def _reduce_vit3_conv(rule: ViT3ConvRule, q, k, v, W):
-        """ViT³ 3×3 depthwise-conv part (SPEC §6) as one non-causal linear attention per channel.
+        """ViT³ 3×3 depthwise-conv part (docs/rules/vit3.md) as one non-causal linear attention per channel.
 
         Channels are the heads; the 3×3 neighbourhood is the key/query feature map
         (im2col): ``q̂_p = [q_{p+δ}]_δ``, ``k̂_p = [k_{p+δ}]_δ`` ``∈ R⁹`` (zero outside the

@@ -1,6 +1,6 @@
 """Segment-aligned streaming for rules that update their fast weights once per segment.
 
-TTT (mini-batches of ``C`` tokens, SPEC §4) and Titans (TTT batches, SPEC §5) take every
+TTT (mini-batches of ``C`` tokens, docs/rules/ttt.md) and Titans (TTT batches, docs/rules/titans.md) take every
 inner gradient of a segment at the segment's *initial* weights. A trailing partial
 segment therefore cannot be folded into the state: the next tokens of the same segment
 still need the gradients at the segment's initial weights. The decoding cache thus holds

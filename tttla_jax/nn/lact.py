@@ -1,6 +1,6 @@
-"""The LaCT-LLM layer (SPEC §3 "Layer around it"): SwiGLU fast weights trained in large
+"""The LaCT-LLM layer (docs/rules/lact.md "Layer around it"): SwiGLU fast weights trained in large
 chunks at test time, optionally summed with a sliding-window softmax-attention branch,
-with every rung of the paper's simplification ladder (SPEC §7) selectable by name.
+with every rung of the paper's simplification ladder (docs/ladder.md) selectable by name.
 
 Per token (row vectors; ``H`` fast-weight heads of dim ``D``, ``W`` width)::
 
@@ -12,7 +12,7 @@ Per token (row vectors; ``H`` fast-weight heads of dim ``D``, ``W`` width)::
     q̃, k̃         = RoPE(q̃), RoPE(k̃)                        (positions p; heads of the attention branch)
     lr0,lr1,lr2  = softplus(x W_lr + b_lr + softplus⁻¹(base_lr))      per head and token
     m            = sigmoid(x W_m + b_m)                    per head and token (momentum)
-    o_ttt        = LaCT(q̃, k̃, ṽ, lr, m; W0, W1, W2)      chunk-causal, apply-then-update (SPEC §3)
+    o_ttt        = LaCT(q̃, k̃, ṽ, lr, m; W0, W1, W2)      chunk-causal, apply-then-update (docs/rules/lact.md)
     o_ttt        = RMSNorm_head(o_ttt) · silu(x W_g + b_g)   per-head norm and scalar gate
     y            = (o_ttt + SWA(q, k, v)) W_o              (SWA branch only with ``window``)
 
@@ -47,7 +47,7 @@ from tttla_jax.ops.linear_attention import chunk_layout, linear_attention, unchu
 from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState, apply_fast
 from tttla_jax.rules.ladder import ANOMALIES, PRESETS, ladder
 
-#: Every preset name accepted by ``LaCTLayer(preset=...)``: the ladder (SPEC §7) and the
+#: Every preset name accepted by ``LaCTLayer(preset=...)``: the ladder (docs/ladder.md) and the
 #: anomalies of paper Table 1 (all on top of V0).
 LACT_PRESETS = PRESETS + ANOMALIES
 
@@ -73,8 +73,8 @@ def _fast_weight_init(fan_in: int):
 
 
 class LaCTLayer(Mixer):
-    """LaCT-LLM token mixer: large-chunk TTT with SwiGLU fast weights (SPEC §3), optionally
-    hybrid with sliding-window attention, any ladder step or anomaly by name (SPEC §7).
+    """LaCT-LLM token mixer: large-chunk TTT with SwiGLU fast weights (docs/rules/lact.md), optionally
+    hybrid with sliding-window attention, any ladder step or anomaly by name (docs/ladder.md).
 
     Args:
       width: model width ``W``.
@@ -396,7 +396,7 @@ class LaCTLayer(Mixer):
 
     def _linear_attention(self, q, k, v, lr, st0: LaCTState, impl: str):
         """V6-like rule as ``tt.linear_attention(mode="chunk")``:
-        ``o = q (W1ᵀ + Σ_{chunks before} kᵀ (±lr1·v))`` (SPEC §7, V6; Theorem 5.2 with a
+        ``o = q (W1ᵀ + Σ_{chunks before} kᵀ (±lr1·v))`` (docs/ladder.md, V6; Theorem 5.2 with a
         learned initial state). The last chunk's values are zeroed so the returned state is
         the one before it (apply-only, as the rule)."""
         rule = self.rule

@@ -170,7 +170,7 @@ class LinearAttention(Mixer):
     """Causal linear attention with a feature map and an optional scalar decay gate.
 
     ``q, k, v = φ(x W_q), φ(x W_k), x W_v`` per head; ``S_t = e^{g_t} S_{t−1} + k_tᵀ v_t``,
-    ``o_t = (D^{−1/2} q_t) S_t`` (SPEC §1, linear / decayed rows), then a per-head RMSNorm
+    ``o_t = (D^{−1/2} q_t) S_t`` (docs/linear_attention.md, linear / decayed rows), then a per-head RMSNorm
     and ``o_proj``. Runs on :func:`tttla_jax.linear_attention` with ``mode="causal"``.
 
     Args:
@@ -253,7 +253,7 @@ DELTA_FEATURE_MAPS = ("silu+l2", "l2", "identity")
 
 
 class DeltaNet(Mixer):
-    """(Gated) DeltaNet: the delta rule with learned write strengths (SPEC §1).
+    """(Gated) DeltaNet: the delta rule with learned write strengths (docs/linear_attention.md).
 
     ``q, k, v = conv(x W_q), conv(x W_k), conv(x W_v)`` (optional short causal conv, each
     followed by SiLU), then q, k through ``feature_map`` (``silu+l2``: SiLU then L2 norm

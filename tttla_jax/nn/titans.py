@@ -1,5 +1,5 @@
 """Titans neural-memory layer (Behrouz et al., 2025, "Titans: Learning to Memorize at Test
-Time", §3.1) on :mod:`tttla_jax.rules.titans` (SPEC §5).
+Time", §3.1) on :mod:`tttla_jax.rules.titans` (docs/rules/titans.md).
 
 Layer (per token ``x ∈ R^W``, heads ``H`` of size ``D``)::
 
@@ -7,7 +7,7 @@ Layer (per token ``x ∈ R^W``, heads ``H`` of size ``D``)::
     θ_t = max_lr · sigmoid(x_t w_θ)        (per-token inner learning rate, per head)
     η_n = sigmoid(pool_c(x) w_η)           (per-chunk momentum, per head)
     α_n = sigmoid(pool_c(x) w_α)           (per-chunk forgetting, per head)
-    o   = Titans memory read (SPEC §5):  o_t = M_{⌊(t+1)/c⌋}(q_t)
+    o   = Titans memory read (docs/rules/titans.md):  o_t = M_{⌊(t+1)/c⌋}(q_t)
     y   = o_proj(RMSNorm_head(o))
 
 ``pool_c`` is the mean over the chunk's tokens; since ``w_η`` and ``w_α`` are linear it is

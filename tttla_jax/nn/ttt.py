@@ -1,5 +1,5 @@
 """TTT-Linear and TTT-MLP layers (Sun et al., 2024, "Learning to (Learn at Test Time)"),
-as the official PyTorch TTT implementation's ``TTTLinear`` / ``TTTMLP`` (SPEC §4).
+as the official PyTorch TTT implementation's ``TTTLinear`` / ``TTTMLP`` (docs/rules/ttt.md).
 
 Layer (per token ``x ∈ R^W``, heads ``H`` of size ``D``)::
 
@@ -8,14 +8,14 @@ Layer (per token ``x ∈ R^W``, heads ``H`` of size ``D``)::
     XQ, XK ← RoPE(XQ, XK; position mod C)                (interleaved pairs, base rope_theta)
     lr_j = base_lr · sigmoid(x_j w_lr + b_lr) / D        (per head; Sec. 2.7 "learnable η")
     token_eta_i = max(0, 1/(i+1) + learnable_token_idx_i) (i = position inside the mini-batch)
-    o = TTT core (tttla_jax.rules.ttt, SPEC §4)          (o_i = XQ_i + LN(XQ_i W_i + b_i))
+    o = TTT core (tttla_jax.rules.ttt, docs/rules/ttt.md)          (o_i = XQ_i + LN(XQ_i W_i + b_i))
     y = o_proj( [gelu_tanh(x W_g) ⊙] post_norm(o) )
 
 The core is :class:`tttla_jax.rules.ttt.TTTLinearRule` / :class:`TTTMLPRule`; this module
 implements none of its math. Modes map to the rule's two exact forms of a mini-batch:
 ``"recurrent"`` → ``form="primal"`` (per-row weights ``W_i`` materialised, the per-token
 view), ``"parallel"`` and ``"auto"`` → ``form="dual"`` (matmuls). There is no associative
-scan across mini-batches (the inner LayerNorm, bias and residual break it, SPEC §4 note),
+scan across mini-batches (the inner LayerNorm, bias and residual break it, docs/rules/ttt.md note),
 so ``"pallas"`` is rejected.
 
 RoPE: the reference permutes q, k into a rotate-half layout, rotates and permutes back,
@@ -307,7 +307,7 @@ class _TTTLayer(Mixer):
 
 
 class TTTLinear(_TTTLayer):
-    """TTT-Linear layer (SPEC §4; module docstring): fast weights ``W1 [H, D, D]``
+    """TTT-Linear layer (docs/rules/ttt.md; module docstring): fast weights ``W1 [H, D, D]``
     (normal, std ``init_std``) and ``b1 [H, D]`` (zeros).
 
     Args:
@@ -343,7 +343,7 @@ class TTTLinear(_TTTLayer):
 
 
 class TTTMLP(_TTTLayer):
-    """TTT-MLP layer (SPEC §4): fast network ``gelu_tanh(x W1 + b1) W2 + b2`` with
+    """TTT-MLP layer (docs/rules/ttt.md): fast network ``gelu_tanh(x W1 + b1) W2 + b2`` with
     ``W1 [H, D, F]``, ``W2 [H, F, D]`` (``F = mlp_expansion · D``, 4 in the reference;
     normal std ``init_std``), ``b1 [H, F]``, ``b2 [H, D]`` (zeros).
 

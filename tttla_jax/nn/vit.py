@@ -1,7 +1,7 @@
 """ViT³: the vision test-time-training token mixer and a small image classifier.
 
 The mixer follows the ViT³ reference block (Han et al., 2025, "ViT³: Unlocking Test-Time
-Training in Vision", §4; SPEC §6): one fused projection gives ``q, k, v`` for two
+Training in Vision", §4; docs/rules/vit3.md): one fused projection gives ``q, k, v`` for two
 fast-weight parts that each take **one full-batch inner gradient step on all N tokens**
 (non-causal, inner learning rate 1) and are then read with the queries:
 
@@ -12,7 +12,7 @@ fast-weight parts that each take **one full-batch inner gradient step on all N t
 
 both with the inner loss ``−(s/N) Σ_i ⟨f(k_i), v_i⟩`` (``s = 9^−1/2``) and gradient
 normalisation ``g / (‖g‖_in + 1)``. Their outputs are concatenated (``H·D + D``) and
-projected back to the width. By SPEC §6 / the paper's theorem 5.1 the same outputs come
+projected back to the width. By docs/rules/vit3.md / the paper's theorem 5.1 the same outputs come
 from non-causal linear attention (GLU part) and a 3×3 sliding-window linear attention
 (conv part): ``mode="parallel"`` runs those forms, ``mode="recurrent"`` the gradient
 step; they agree to 1e-10 in float64 (tests/test_nn_vit.py).
@@ -78,7 +78,7 @@ class ViT3Block(nnx.Module):
     ``[q1 | k1 | v1 | q2 | k2 | v2] = x W_qkv + b`` (widths ``H·D ×3`` then ``D ×3``);
     ``o1 = vit3_glu(q1, k1, v1; W1, W2)`` per head, ``o2 = vit3_conv(q2, k2, v2; W3)`` on
     the ``grid`` of tokens; ``y = [o1 | o2] W_proj + b``. This is the reference ``TTT``
-    block of ViT³ (Han et al., 2025, §4 and its released code; SPEC §6), including its
+    block of ViT³ (Han et al., 2025, §4 and its released code; docs/rules/vit3.md), including its
     initialisation (normal, std 0.02, for the projections and ``W1, W2, W3``; the reference's
     ``head_dim = width // num_heads`` unless ``head_dim`` is given). The fast weights
     ``W1, W2, W3`` are learned initial states; the inner step is taken anew for every

@@ -1,4 +1,4 @@
-"""DeltaNet and gated DeltaNet (SPEC §1), recurrent and chunked (WY / UT form).
+"""DeltaNet and gated DeltaNet (docs/linear_attention.md), recurrent and chunked (WY / UT form).
 
 Axis names as in :mod:`tttla_jax.ops.linear_attention` (``B T H K V C N``).
 
@@ -112,7 +112,7 @@ def delta_rule(
 ):
     """(Gated) delta rule: ``S_t = (I − β_t k_tᵀ k_t) e^{g_t} S_{t−1} + β_t k_tᵀ v_t``, ``o_t = (scale·q_t) S_t``.
 
-    SPEC §1 rows "delta rule" and "gated delta rule": the decay (if any) is applied
+    docs/linear_attention.md rows "delta rule" and "gated delta rule": the decay (if any) is applied
     first, then ``u_t = β_t (v_t − k_t S)``, ``S ← S + k_tᵀ u_t``; token t reads the
     state after its own write. No feature map or normalisation is applied inside
     (normalise k yourself: with ‖k_t‖ = 1 and β_t ∈ (0, 2) each step is a contraction).

@@ -1,4 +1,4 @@
-"""Linear attention, plain and decayed, in three equivalent forms (SPEC §1).
+"""Linear attention, plain and decayed, in three equivalent forms (docs/linear_attention.md).
 
 Axis names used throughout the library (documented once, here):
 ``B`` batch, ``T`` tokens, ``H`` heads, ``K`` key/query head dim, ``V`` value head dim,
@@ -20,11 +20,11 @@ checks each against the float64 loop in :mod:`tttla_jax.reference`):
 * ``recurrent`` — ``lax.scan`` over tokens (rematerialised in blocks so the backward pass
   does not store T states).
 * ``associative`` — ``lax.associative_scan`` over ``(g, X)`` pairs with
-  ``(g1, X1) ∘ (g2, X2) = (g1 + g2, exp(g2)·X1 + X2)`` (the log-space version of SPEC §1 (a)).
+  ``(g1, X1) ∘ (g2, X2) = (g1 + g2, exp(g2)·X1 + X2)`` (the log-space version of docs/linear_attention.md (a)).
   Materialises T states of size K×V: for tests and short sequences.
 * ``chunked`` — inside a chunk ``(Q Kᵀ ⊙ D) V`` with the decay mask
   ``D_ij = exp(b_i − b_j)·[j ≤ i]`` (``b`` the in-chunk cumulative log-decay), across
-  chunks a scan over chunk states (SPEC §1 (b); Yang et al., 2024, "Gated Linear
+  chunks a scan over chunk states (docs/linear_attention.md (b); Yang et al., 2024, "Gated Linear
   Attention", §3). The fast path on CPU.
 """
 from __future__ import annotations
@@ -91,7 +91,7 @@ def linear_attention(
 ):
     """Causal / block-causal / bidirectional linear attention with optional scalar decay.
 
-    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (SPEC §1; the
+    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (docs/linear_attention.md; the
     "decayed" row is Mamba-2/RetNet style with one log-decay per token and head).
 
     Args:
@@ -153,7 +153,7 @@ def linear_attention(
 
 
 def _auto_impl(q, mode, K, V, chunk_size) -> str:
-    # The kernel dispatch for GPU/TPU is added by tttla_jax.kernels (issue 5); on CPU the
+    # The kernel dispatch for GPU/TPU is added by tttla_jax.kernels; on CPU the
     # chunked XLA form is the fast path.
     try:
         from tttla_jax import kernels

@@ -1,4 +1,4 @@
-"""Plain float64 per-token loops that read like SPEC.md — the first layer of truth.
+"""Plain float64 per-token loops that read like the math in docs/ — the first layer of truth.
 
 One module per family; nothing here is fast. They are written with ``jax.numpy`` on
 Python loops (unrolled at trace time) so that ``jax.grad`` of a reference gives the

@@ -1,4 +1,4 @@
-"""Reference loop for SPEC §1 delta rule (DeltaNet) and gated delta rule.
+"""Reference loop for docs/linear_attention.md delta rule (DeltaNet) and gated delta rule.
 
 Token by token in float64, written with ``jax.numpy`` on a Python loop (unrolled at
 trace time) so that ``jax.grad`` through it gives the reference gradients. Every form of
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 
 def delta_rule_loop(q, k, v, beta, *, log_decay=None, scale=None, initial_state=None):
-    """SPEC §1, token by token (update-then-query: token t sees its own write).
+    """docs/linear_attention.md, token by token (update-then-query: token t sees its own write).
 
     For t = 0 … T−1::
 

@@ -1,13 +1,13 @@
-"""Reference loop for SPEC §3 LaCT (SwiGLU fast weights), chunk by chunk, in float64.
+"""Reference loop for docs/rules/lact.md LaCT (SwiGLU fast weights), chunk by chunk, in float64.
 
-Written to be read next to the SPEC, not to be fast: Python loops over batch, head and
+Written to be read next to docs/, not to be fast: Python loops over batch, head and
 chunk; the inner gradient of each token's ``⟨f(k_i), v_i⟩`` is taken with ``jax.grad``
 (so it is independent of the closed form in :mod:`tttla_jax.rules.lact`), then weighted
 by the per-token (or per-input-channel) learning rate and summed over the chunk.
 Everything is ``jax.numpy``, so ``jax.grad`` through this loop gives reference outer
 gradients.
 
-Notation (column vectors, as SPEC §3): ``W0, W2 ∈ [dh, dk]``, ``W1 ∈ [dv, dh]``,
+Notation (column vectors, as docs/rules/lact.md): ``W0, W2 ∈ [dh, dk]``, ``W1 ∈ [dv, dh]``,
 ``f(x) = W1 (silu(W0 x) ⊙ (W2 x))``; with ``fast_net="linear"``: ``f(x) = W1 x``,
 ``W1 ∈ [dv, dk]``.
 """
@@ -26,7 +26,7 @@ NS5_COEFFS = (
 
 
 def ns5_loop(G):
-    """SPEC §3 step 5 on one matrix, float64: transpose if rows > cols, Frobenius-normalise
+    """docs/rules/lact.md step 5 on one matrix, float64: transpose if rows > cols, Frobenius-normalise
     with 1e-7, five Newton–Schulz iterations ``A = X Xᵀ; X = a X + (b A + c A A) X``."""
     X = G
     transposed = X.shape[0] > X.shape[1]
@@ -54,7 +54,7 @@ def _row_norm(W):
 def lact_loop(q, k, v, lr, *, w0, w1, w2, chunk_size, momentum=None, muon=False,
               weight_norm="post", update="all", ascent=True, order="apply_then_update",
               q_is_k=False, inner_steps=1, fast_net="swiglu"):
-    """SPEC §3 LaCT, one (batch, head) at a time (vmapped), one chunk at a time (Python loop).
+    """docs/rules/lact.md LaCT, one (batch, head) at a time (vmapped), one chunk at a time (Python loop).
 
     Args:
       q, k: ``[B, T, H, dk]``; v: ``[B, T, H, dv]``.

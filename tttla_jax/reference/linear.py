@@ -1,7 +1,7 @@
-"""Reference loop for SPEC §1 linear attention (plain and decayed).
+"""Reference loop for docs/linear_attention.md linear attention (plain and decayed).
 
 Nothing here is fast or differentiable-by-design; it is NumPy-free of tricks so a
-reader can check each line against the SPEC. The ``lax.scan`` rules and every parallel
+reader can check each line against docs/. The ``lax.scan`` rules and every parallel
 form are tested against these loops (``tests/``). Gradients of the reference are taken
 with ``jax.grad`` through the jnp version of the same loop (:func:`linear_attention_loop`
 is written with ``jax.numpy`` operations on Python loops, unrolled at trace time).
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=None,
                           mode="causal", chunk_size=64):
-    """SPEC §1, token by token. Shapes as :func:`tttla_jax.linear_attention`; returns (o, S_T).
+    """docs/linear_attention.md, token by token. Shapes as :func:`tttla_jax.linear_attention`; returns (o, S_T).
 
     For t = 0 … T−1:  ``S ← exp(g_t)·S + k_tᵀ v_t``;  causal: ``o_t = (scale·q_t) S``;
     chunk: ``o_t = (scale·q_t) R`` where R is the state after the previous chunk;

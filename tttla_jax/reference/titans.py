@@ -1,4 +1,4 @@
-"""Reference loop for SPEC §5, Titans neural memory — read it next to the SPEC.
+"""Reference loop for docs/rules/titans.md, Titans neural memory — read it next to that page.
 
 Per head, the memory is either linear, ``M(x) = x W``, or a 2-layer MLP
 ``M(x) = act(x W1) W2`` (no biases). The inner loss of token t is
@@ -43,7 +43,7 @@ def _read(W, x, activation):
 
 def titans_loop(q, k, v, theta, momentum, decay, *, W0, chunk_size, batch_size=None,
                 activation="gelu"):
-    """SPEC §5 chunk by chunk, token by token, in float64. Returns ``(o, M_N)``.
+    """docs/rules/titans.md chunk by chunk, token by token, in float64. Returns ``(o, M_N)``.
 
     Shapes: q, k ``[B, T, H, K]``; v ``[B, T, H, V]``; theta ``[B, T, H]``; momentum,
     decay ``[B, H, N]`` with ``N = ceil(T / chunk_size)``; ``W0`` ``[H, K, V]`` (linear)

@@ -1,4 +1,4 @@
-"""Reference loop for SPEC §4, TTT-Linear and TTT-MLP (Sun et al.) — read it next to the SPEC.
+"""Reference loop for docs/rules/ttt.md, TTT-Linear and TTT-MLP (Sun et al.) — read it next to that page.
 
 Per (batch, head) fast network ``f(x; θ)``: ``x W + b`` (linear) or
 ``gelu(x W1 + b1) W2 + b2`` (MLP, tanh GELU). Mini-batches of C tokens; for a mini-batch
@@ -13,7 +13,7 @@ r tokens uses ``token_eta[:r]``. The inner gradient is ``jax.grad`` of ℓ_j (au
 through the LayerNorm — independent of the closed form in :mod:`tttla_jax.rules.ttt`).
 The one place where the reference implementation is not plain autodiff is the GELU's
 backward: it uses a hand-written tanh-GELU derivative with rounded constants
-(SPEC §4); :func:`gelu_inner` carries exactly that derivative as a ``custom_jvp``
+(docs/rules/ttt.md); :func:`gelu_inner` carries exactly that derivative as a ``custom_jvp``
 (``gelu_grad="autodiff"`` uses the exact derivative instead). Everything runs in float64
 on Python loops unrolled at trace time, so ``jax.grad`` of these functions gives the
 reference outer gradients.
@@ -37,7 +37,7 @@ def gelu(x):
 
 @jax.custom_jvp
 def gelu_inner(x):
-    """Tanh GELU whose derivative is the reference's hand-written one (SPEC §4)."""
+    """Tanh GELU whose derivative is the reference's hand-written one (docs/rules/ttt.md)."""
     return gelu(x)
 
 
@@ -128,7 +128,7 @@ def _per_batch(x, B, rank):
 
 def ttt_linear_loop(q, k, v, lr, *, W, b, ln_scale, ln_bias, token_eta, mini_batch_size,
                     eps=1e-6, layer_norm=True, bias=True, residual=True):
-    """SPEC §4 TTT-Linear, token by token, in float64. Returns ``(o, (W, b))``.
+    """docs/rules/ttt.md TTT-Linear, token by token, in float64. Returns ``(o, (W, b))``.
 
     Shapes: q, k, v ``[B, T, H, D]``; lr ``[B, T, H]``; token_eta ``[C]``; W ``[H, D, D]``
     or ``[B, H, D, D]``; b ``[H, D]`` or ``[B, H, D]``; ln_scale, ln_bias ``[H, D]``.
@@ -145,7 +145,7 @@ def ttt_linear_loop(q, k, v, lr, *, W, b, ln_scale, ln_bias, token_eta, mini_bat
 
 def ttt_mlp_loop(q, k, v, lr, *, W1, b1, W2, b2, ln_scale, ln_bias, token_eta, mini_batch_size,
                  eps=1e-6, gelu_grad="reference"):
-    """SPEC §4 TTT-MLP, token by token, in float64. Returns ``(o, (W1, b1, W2, b2))``.
+    """docs/rules/ttt.md TTT-MLP, token by token, in float64. Returns ``(o, (W1, b1, W2, b2))``.
 
     ``gelu_grad="reference"`` back-propagates the inner loss through the GELU with the
     reference's rounded hand-written derivative; ``"autodiff"`` with the exact one.

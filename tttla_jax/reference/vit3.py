@@ -1,4 +1,4 @@
-"""Reference loops for SPEC §6, ViT³ (one full-batch TTT step, non-causal), float64.
+"""Reference loops for docs/rules/vit3.md, ViT³ (one full-batch TTT step, non-causal), float64.
 
 GLU part, per (batch, head) with ``W1, W2`` ``[K, V]``:
 ``f(x) = (x W1) ⊙ silu(x W2)``, ``L = −(s/N) Σ_i ⟨f(k_i), v_i⟩``, ``g = ∇L`` (by

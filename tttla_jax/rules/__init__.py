@@ -1,4 +1,4 @@
-"""Fast-weight update rules, one module per family (SPEC §2–§6).
+"""Fast-weight update rules, one module per family (docs/ttt_as_linear_attention.md, docs/rules/lact.md, docs/rules/ttt.md, docs/rules/titans.md, docs/rules/vit3.md).
 
 Each rule is a frozen config dataclass with ``recurrent(...)`` (the ``lax.scan`` form) and,
 where the math allows, ``parallel(...)``; ``breaks_associativity()`` names what prevents a

@@ -1,5 +1,5 @@
-"""LaCT: large-chunk test-time training with SwiGLU fast weights (SPEC §3), and its
-parallel (linear-attention) forms where the math allows (SPEC §2, §7).
+"""LaCT: large-chunk test-time training with SwiGLU fast weights (docs/rules/lact.md), and its
+parallel (linear-attention) forms where the math allows (docs/ttt_as_linear_attention.md, docs/ladder.md).
 
 Fast weights per (batch, head), stored output-major as in the reference:
 ``W0, W2 ∈ [dh, dk]``, ``W1 ∈ [dv, dh]``; for a column x,
@@ -7,7 +7,7 @@ Fast weights per (batch, head), stored output-major as in the reference:
 ``W1 ∈ [dv, dk]`` (ladder V3+). In the library's row layout a token ``x [dk]`` gives
 ``h = silu(x W0ᵀ) ⊙ (x W2ᵀ)`` and ``f = h W1ᵀ``.
 
-Schedule (SPEC §3, "apply, then update"): chunk c's queries read the weights before
+Schedule (docs/rules/lact.md, "apply, then update"): chunk c's queries read the weights before
 chunk c's update; chunk starts strictly below ``T − C`` update; the last chunk (full or
 partial) is apply-only. Per updating chunk: gradient ascent on
 ``Σ_i lr_x[i] ⟨f(k_i), v_i⟩`` separately per matrix, in closed form
@@ -26,7 +26,7 @@ Parallel form (update only W1, no weight norm: φ is static and the update is a 
 ``G_i = Σ_{t∈i} lr1_t v_tᵀ φ(k_t)`` is known up front; what is left are three linear
 recurrences — momentum ``M_i = ᾱ_i M_{i−1} + G_i``, per-chunk ``U_i = NS5(M_i)`` (Muon),
 exclusive prefix sum ``S_c = W1_0 + Σ_{i<c} U_i`` — and the reads ``o = φ(q) S_cᵀ``
-(SPEC §7). On XLA:CPU φ, the sums, recurrences and reads run as one fused ``lax.scan``
+(docs/ladder.md). On XLA:CPU φ, the sums, recurrences and reads run as one fused ``lax.scan``
 over chunks (cache-resident; hoisting φ or G over all chunks, or a batched NS over all
 chunks, measured slower here); for accelerators the same arithmetic is laid out as an
 associative scan, a batched NS and a cumsum (``impl="associative"``).
@@ -92,7 +92,7 @@ def _row_norm(W):
 
 
 def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... r c"]:
-    """Muon orthogonalisation NS5 (SPEC §3 step 5) over the last two axes.
+    """Muon orthogonalisation NS5 (docs/rules/lact.md step 5) over the last two axes.
 
     Transpose if rows > cols; ``X = X / (‖X‖_F + 1e-7)``; five iterations
     ``A = X Xᵀ; B = b·A + (c·A)·A; X = a·X + B X`` with the reference coefficients;
@@ -194,7 +194,7 @@ def apply_fast(Ws, x, fast_net):
 
 
 def inner_grads(Ws, k, v, lrs, fast_net, which):
-    """Closed-form ``∂/∂W_x Σ_i lr_x[i] ⟨f(k_i), v_i⟩`` for the matrices in ``which`` (SPEC §3 step 3).
+    """Closed-form ``∂/∂W_x Σ_i lr_x[i] ⟨f(k_i), v_i⟩`` for the matrices in ``which`` (docs/rules/lact.md step 3).
 
     ``k [B, H, C, dk]``, ``v [B, H, C, dv]``, ``lrs = (lr0, lr1, lr2)`` each ``[B, H, C, 1]``
     (per token) or ``[B, H, C, D]`` (per input channel of that matrix). Returns a tuple
@@ -226,7 +226,7 @@ def inner_grads(Ws, k, v, lrs, fast_net, which):
 
 @dataclasses.dataclass(frozen=True)
 class LaCTRule(Rule):
-    """LaCT fast-weight rule (SPEC §3) and the knobs of the paper's ladder (SPEC §7).
+    """LaCT fast-weight rule (docs/rules/lact.md) and the knobs of the paper's ladder (docs/ladder.md).
 
     Attributes:
       chunk_size: C, tokens per update (the reference uses 2048).
@@ -297,10 +297,10 @@ class LaCTRule(Rule):
         if 0 in self.updated:
             return ("update='all' updates W0 and W2, so the feature map φ(x) = silu(x W0ᵀ) ⊙ (x W2ᵀ) "
                     "changes with history (a time-varying feature map): the update is not a "
-                    "sum over chunks (SPEC §2)")
+                    "sum over chunks (docs/ttt_as_linear_attention.md)")
         if self.weight_norm is not None:
             return (f"weight_norm={self.weight_norm!r}: the row renormalisation of W1 is not "
-                    "additive, Norm(A + B) ≠ Norm(A) + Norm(B) (SPEC §2)")
+                    "additive, Norm(A + B) ≠ Norm(A) + Norm(B) (docs/ttt_as_linear_attention.md)")
         if self.inner_steps != 1:
             return (f"inner_steps={self.inner_steps}: the parallel form implements one inner "
                     "step per chunk")
@@ -400,7 +400,7 @@ class LaCTRule(Rule):
 
     # ----------------------------------------------------------------- one update
     def _update(self, st: LaCTState, k, v, lrs, m_bar):
-        """One gradient step on one chunk (SPEC §3 steps 3–7); returns the new state."""
+        """One gradient step on one chunk (docs/rules/lact.md steps 3–7); returns the new state."""
         upd = self.updated
         sign = 1.0 if self.ascent else -1.0
         g = inner_grads(st.w, k, v, lrs, self.fast_net, upd)
@@ -447,7 +447,7 @@ class LaCTRule(Rule):
         momentum: Optional[Float[Array, "b t h"]] = None,
         output_final_state: bool = False,
     ):
-        """The reference schedule as a ``lax.scan`` over chunks (SPEC §3).
+        """The reference schedule as a ``lax.scan`` over chunks (docs/rules/lact.md).
 
         Args:
           q, k: ``[B, T, H, dk]`` (q may be None with ``q_is_k``); v: ``[B, T, H, dv]``.
@@ -517,7 +517,7 @@ class LaCTRule(Rule):
         output_final_state: bool = False,
         impl: str = "auto",
     ):
-        """Parallel forms (SPEC §7) for static φ and no weight norm (ladder V2–V6).
+        """Parallel forms (docs/ladder.md) for static φ and no weight norm (ladder V2–V6).
 
         φ(q), φ(k) with the static W0, W2 (never updated, so no chunk waits on another), the chunk sums
         ``G_i = Σ_{t∈i} lr1_t (±v_t)ᵀ φ(k_t)``, then three linear recurrences over chunks —
@@ -591,7 +591,7 @@ class LaCTRule(Rule):
                 # streams [T, dh] temporaries; 0.95–1.0x of the recurrent form instead of
                 # 1.03–1.08x), G for all chunks in one dot, a batched NS over every chunk, or an
                 # exclusive cumsum of stacked states — the "associative" layout below, for
-                # accelerators (SPEC §7).
+                # accelerators (docs/ladder.md).
                 def step(carry, x):
                     M, S = carry
                     qc, kc, l1, svc, a = x
@@ -758,7 +758,7 @@ def lact_swiglu(
     output_final_state: bool = False,
     impl: str = "auto",
 ):
-    """LaCT with SwiGLU fast weights (SPEC §3): ``f(x) = W1 (silu(W0 x) ⊙ (W2 x))``.
+    """LaCT with SwiGLU fast weights (docs/rules/lact.md): ``f(x) = W1 (silu(W0 x) ⊙ (W2 x))``.
 
     Apply-then-update chunk by chunk; per-matrix per-token learning rates; optional
     chunk-mean momentum (given iff ``momentum`` is not None), Muon NS5 and weight norm.

@@ -1,6 +1,6 @@
-"""The paper's simplification ladder (SPEC §7, paper Table 2) as named LaCT presets.
+"""The paper's simplification ladder (docs/ladder.md, paper Table 2) as named LaCT presets.
 
-Applied cumulatively to LaCT (SPEC §3):
+Applied cumulatively to LaCT (docs/rules/lact.md):
 
 ==========  ==============================================================
 ``"v0"``    LaCT baseline: all layers updated, post weight norm, per-token lr,
@@ -59,7 +59,7 @@ def ladder(name: str, *, chunk_size: int = 2048, **overrides) -> LaCTRule:
     """The LaCT rule config of ladder step ``name`` ("v0" … "v6") or an anomaly preset.
 
     Args:
-      name: "v0" … "v6" (SPEC §7, cumulative) or "ascent", "q_is_k", "inner_steps" (on V0).
+      name: "v0" … "v6" (docs/ladder.md, cumulative) or "ascent", "q_is_k", "inner_steps" (on V0).
       chunk_size: C (the reference uses 2048).
       **overrides: any :class:`LaCTRule` field, applied last (e.g. ``constant_lr=0.01``,
         ``inner_steps=4``).

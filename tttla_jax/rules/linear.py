@@ -1,7 +1,7 @@
 """A single linear fast layer ``f(k) = k W`` trained by one gradient step per token:
 plain / decayed linear attention (dot-product loss) and (gated) DeltaNet (MSE loss).
 
-These are the end of the paper's ladder (V6, SPEC §7) and the clean cases of SPEC §2:
+These are the end of the paper's ladder (V6, docs/ladder.md) and the clean cases of docs/ttt_as_linear_attention.md:
 
 * dot-product loss ``ℓ_t(W) = −⟨k_t W, v_t⟩``: ``∇_W ℓ = −k_tᵀ v_t`` does not depend on W,
   so one step of size 1 is ``W_t = W_{t−1} + k_tᵀ v_t`` — linear attention (Theorem 5.2
@@ -14,7 +14,7 @@ These are the end of the paper's ladder (V6, SPEC §7) and the clean cases of SP
 in closed form, :func:`inner_grad`, tested against ``jax.grad`` of :func:`inner_loss`);
 ``parallel`` dispatches to the chunked forms of :func:`tttla_jax.linear_attention` and
 :func:`tttla_jax.delta_rule` (and ``"associative"`` for linear attention). Reads are
-``o_t = (scale·q_t) W_t`` (update-then-query) as in SPEC §1.
+``o_t = (scale·q_t) W_t`` (update-then-query) as in docs/linear_attention.md.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def inner_grad(W, k, v, loss: str):
 
 @dataclasses.dataclass(frozen=True)
 class LinearFastWeightRule(Rule):
-    """One gradient step per token on a linear fast layer (SPEC §1–§2).
+    """One gradient step per token on a linear fast layer (docs/linear_attention.md, docs/ttt_as_linear_attention.md).
 
     Attributes:
       loss: ``"dot"`` (linear attention) or ``"mse"`` (delta rule).

@@ -1,4 +1,4 @@
-"""Titans neural memory (Behrouz et al., 2025) as a fast-weight rule (SPEC §5).
+"""Titans neural memory (Behrouz et al., 2025) as a fast-weight rule (docs/rules/titans.md).
 
 Per head the memory is linear, ``M(x) = x W`` (``W`` ``[K, V]``), or a 2-layer MLP,
 ``M(x) = act(x W1) W2`` (``W1`` ``[K, F]``, ``W2`` ``[F, V]``, no biases — the
@@ -13,10 +13,10 @@ Chunks n = 1 … N of ``c = chunk_size`` tokens (``N = ceil(T / c)``)::
     M_n = (1 − α_n) M_{n−1} + S_n,   M_0 = W_0       (forgetting)
     o_t = M_{⌊(t+1)/c⌋}(q_t)                        (t 0-based)
 
-Index semantics of the read (SPEC §5, made explicit): the *last* token of every full
+Index semantics of the read (docs/rules/titans.md, made explicit): the *last* token of every full
 chunk reads the memory updated with its own chunk (``t = nc − 1`` reads ``M_n``); all
 other tokens of chunk n read ``M_{n−1}``. With ``c = 1`` every token reads its own
-write (update-then-query, as SPEC §1). When ``T`` is not a multiple of ``c`` the
+write (update-then-query, as docs/linear_attention.md). When ``T`` is not a multiple of ``c`` the
 trailing partial chunk is **not** dropped: its tokens read ``M_{N−1}`` (so none of them
 reads its own chunk's update) and its update (momentum ``η_N``, decay ``α_N``, surprise
 summed over the tokens present) is part of the returned final state ``M_N``.
@@ -31,7 +31,7 @@ Inner gradients are in closed form (:func:`titans_inner_grad`), for the linear m
 
 Forms (``impl``):
 
-* ``"recurrent"`` — ``lax.scan`` over chunks, faithful to the SPEC.
+* ``"recurrent"`` — ``lax.scan`` over chunks, faithful to the reference (docs/rules/titans.md).
 * ``"associative"`` — within a TTT batch ``W_ref`` is fixed, so every ``u_n`` is known
   up front and ``(S_n, M_n)`` is an affine function of ``(S_{n−1}, M_{n−1})`` with the
   scalar 2×2 matrix ``A_n = [[η_n, 0], [η_n, 1 − α_n]]`` and offset ``(u_n, u_n)``:
@@ -46,7 +46,7 @@ Forms (``impl``):
   ``(Q Kᵀ ⊙ D) Ṽ + a ⊙ (Q M_in) + f ⊙ (Q S_in)`` with ``D[t, s] = C[r(t), chunk(s)]`` and
   effective values ``ṽ_s = (2/V) θ_s (v_s − k_s W_ref)`` (theorem 5.3: momentum only
   re-weights the values); a ``lax.scan`` carries ``(S, M)`` across blocks. The products
-  are taken in log space, so this form assumes the gates the SPEC produces
+  are taken in log space, so this form assumes the gates of docs/rules/titans.md
   (``η_n = sigmoid(·) ≥ 0``, ``α_n = sigmoid(·) ≤ 1``): a factor ``η_n`` or ``1 − α_n``
   below the smallest normal number (including exact zeros) is clamped to it, and a
   *negative* factor would lose its sign — use ``"recurrent"`` or ``"associative"`` for
@@ -121,7 +121,7 @@ def _read(W, x, activation="gelu"):
 
 
 def titans_inner_grad(W: Memory, k, v, theta, *, activation: str = "gelu") -> Memory:
-    """Closed-form ``Σ_t θ_t ∇_W ℓ_t(W)`` with ``ℓ_t = mean_d (M(k_t) − v_t)²`` (SPEC §5).
+    """Closed-form ``Σ_t θ_t ∇_W ℓ_t(W)`` with ``ℓ_t = mean_d (M(k_t) − v_t)²`` (docs/rules/titans.md).
 
     Linear: ``(2/V) Σ_t θ_t k_tᵀ (k_t W − v_t)``. MLP (``z = k W1``, ``h = act(z)``,
     ``e = (2/V) θ (h W2 − v)``): ``∇W2 = hᵀ e``, ``∇W1 = kᵀ ((e W2ᵀ) ⊙ act'(z))``.
@@ -158,7 +158,7 @@ def _lead(x, n):
 
 @dataclasses.dataclass(frozen=True)
 class TitansRule(Rule):
-    """Titans neural memory, SPEC §5 (module docstring has the math and the index quirks).
+    """Titans neural memory, docs/rules/titans.md (module docstring has the math and the index quirks).
 
     Attributes:
       chunk_size: ``c``, tokens per momentum/decay chunk.
@@ -513,7 +513,7 @@ def titans(
     impl: str = "auto",
     activation: str = "gelu",
 ):
-    """Titans neural memory (SPEC §5): ``o_t = M_{⌊(t+1)/c⌋}(q_t)``.
+    """Titans neural memory (docs/rules/titans.md): ``o_t = M_{⌊(t+1)/c⌋}(q_t)``.
 
     ``u_n = −Σ_{t∈n} θ_t ∇ℓ_t(W_ref)``, ``S_n = η_n S_{n−1} + u_n``,
     ``M_n = (1 − α_n) M_{n−1} + S_n``, ``M_0 = W_0``; see :mod:`tttla_jax.rules.titans`.

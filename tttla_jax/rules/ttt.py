@@ -1,11 +1,11 @@
-"""TTT-Linear and TTT-MLP (Sun et al., 2024) as fast-weight rules — SPEC §4, exact
+"""TTT-Linear and TTT-MLP (Sun et al., 2024) as fast-weight rules — docs/rules/ttt.md, exact
 reference semantics including the reference implementation's quirks.
 
 Per (batch, head) the fast network is ``f(x) = x W + b`` (TTT-Linear, ``W [D, D]``,
 ``b [D]``) or ``f(x) = gelu(x W1 + b1) W2 + b2`` (TTT-MLP, ``W1 [D, F]``, ``W2 [F, D]``,
 ``F = 4D`` in the paper; tanh-approximate GELU). Tokens are processed in mini-batches of
 ``C = mini_batch_size``; inside a mini-batch every gradient is taken at the mini-batch's
-*initial* weights (SPEC §4):
+*initial* weights (docs/rules/ttt.md):
 
     Z_j = f(k_j),  G_j = ∇_Z ½‖LN(Z_j) − (v_j − k_j)‖²              (inner gradient)
     eta[i, j] = token_eta[i] · lr[j]                                 (j ≤ i)
@@ -32,13 +32,13 @@ LayerNorm by hand, as the reference's ``ln_fused_l2_bwd``); the tests check them
 against ``jax.grad`` of the inner loss. The outer gradient is ordinary autodiff through
 the ``lax.scan`` over mini-batches.
 
-Associativity (SPEC §4 note, §2): the inner LayerNorm makes ``G`` a nonlinear function of
+Associativity (docs/rules/ttt.md note, §2): the inner LayerNorm makes ``G`` a nonlinear function of
 the state and is applied again on the read, the bias and the ``q`` residual (with the
 ``v − k`` target) violate ``f(x) = φ(x) W``; TTT-MLP also updates its feature map
 (``W1``). There is no parallel scan; ``parallel`` raises :class:`NotAssociativeError`.
 Dropping LN, bias and residual (``layer_norm=bias=residual=False``) with
 ``mini_batch_size=1`` leaves ``W ← W + β kᵀ(v − k W)``, ``o = q W`` with
-``β_t = token_eta[0] · lr_t`` — exactly the delta rule (DeltaNet, SPEC §1); see
+``β_t = token_eta[0] · lr_t`` — exactly the delta rule (DeltaNet, docs/linear_attention.md); see
 :meth:`TTTLinearRule.delta_rule_inputs`.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ from tttla_jax.rules.base import NotAssociativeError, Rule, register
 FORMS = ("dual", "primal")
 LN_EPS = 1e-6
 
-# The reference's hand-written tanh-GELU derivative constants (SPEC §4): sqrt(2/π) and
+# The reference's hand-written tanh-GELU derivative constants (docs/rules/ttt.md): sqrt(2/π) and
 # 3 · 0.044715 · sqrt(2/π), both rounded. Kept exactly to match the reference.
 _GELU_C = 0.79788456
 _GELU_C3 = 0.1070322243
@@ -94,7 +94,7 @@ def gelu_tanh(x):
 
 
 def gelu_tanh_grad(x):
-    """The reference's hand-written tanh-GELU derivative (SPEC §4), rounded constants:
+    """The reference's hand-written tanh-GELU derivative (docs/rules/ttt.md), rounded constants:
     ``t = tanh(0.79788456 x (1 + 0.044715 x²))``,
     ``0.5 x (1 − t²)(0.79788456 + 0.1070322243 x²) + 0.5 (1 + t)``.
 
@@ -114,7 +114,7 @@ def layer_norm(x: Float[Array, "... d"], scale, bias, eps: float = LN_EPS) -> Fl
 
 def ln_l2_grad(z: Float[Array, "... d"], target: Float[Array, "... d"], scale, bias,
                eps: float = LN_EPS) -> Float[Array, "... d"]:
-    """Closed-form ``∇_z ½‖LN(z) − target‖²`` per row (SPEC §4; the reference's
+    """Closed-form ``∇_z ½‖LN(z) − target‖²`` per row (docs/rules/ttt.md; the reference's
     ``ln_fused_l2_bwd``): with ``x̂ = (z − μ)/σ``, ``g = scale ⊙ (LN(z) − target)``,
 
         ∇_z = (D g − Σ_d g − x̂ Σ_d (g ⊙ x̂)) / (D σ).
@@ -131,7 +131,7 @@ def ln_l2_grad(z: Float[Array, "... d"], target: Float[Array, "... d"], scale, b
 
 def ttt_linear_inner_grad(W, b, k, v, ln_scale=None, ln_bias=None, *, eps: float = LN_EPS,
                           layer_norm: bool = True, bias: bool = True, residual: bool = True):
-    """Closed-form per-token inner gradients of TTT-Linear at fixed ``(W, b)`` (SPEC §4).
+    """Closed-form per-token inner gradients of TTT-Linear at fixed ``(W, b)`` (docs/rules/ttt.md).
 
     ``ℓ_j = ½‖LN(k_j W + b) − (v_j − k_j)‖²``; returns ``(G, gW)`` with ``G_j = ∇_Z ℓ_j``
     ``[..., C, D]`` and ``gW_j = k_jᵀ G_j`` ``[..., C, D, D]`` (``∇_b ℓ_j = G_j``).
@@ -149,7 +149,7 @@ def ttt_linear_inner_grad(W, b, k, v, ln_scale=None, ln_bias=None, *, eps: float
 
 def ttt_mlp_inner_grad(W1, b1, W2, b2, k, v, ln_scale=None, ln_bias=None, *, eps: float = LN_EPS,
                        layer_norm: bool = True, bias: bool = True, residual: bool = True):
-    """Closed-form per-token inner gradients of TTT-MLP at fixed weights (SPEC §4).
+    """Closed-form per-token inner gradients of TTT-MLP at fixed weights (docs/rules/ttt.md).
 
     ``Z1 = k W1 + b1``, ``x2 = gelu(Z1)``, ``Z2 = x2 W2 + b2``; ``G2 = ∇_{Z2} ℓ``,
     ``G1 = (G2 W2ᵀ) ⊙ gelu'(Z1)`` with the reference's rounded derivative. Returns
@@ -182,7 +182,7 @@ def _token_eta_lr(token_eta, lr):
 
 
 def default_token_eta(mini_batch_size: int, offset=None, dtype=jnp.float32) -> Float[Array, "c"]:
-    """``token_eta[i] = max(0, 1/(i+1) + offset_i)`` (SPEC §4; offsets are learnable, 0 at init)."""
+    """``token_eta[i] = max(0, 1/(i+1) + offset_i)`` (docs/rules/ttt.md; offsets are learnable, 0 at init)."""
     base = 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=dtype)
     if offset is not None:
         base = base + offset
@@ -190,7 +190,7 @@ def default_token_eta(mini_batch_size: int, offset=None, dtype=jnp.float32) -> F
 
 
 def ttt_lr(x, w_lr, b_lr, *, base_lr: float, head_dim: int):
-    """``lr[j] = base_lr · sigmoid(x_j w_lr + b_lr) / hd`` per head (SPEC §4).
+    """``lr[j] = base_lr · sigmoid(x_j w_lr + b_lr) / hd`` per head (docs/rules/ttt.md).
 
     Args:
       x: ``[B, T, Dm]`` layer input; w_lr: ``[Dm, H]``; b_lr: ``[H]``. Returns ``[B, T, H]``.
@@ -299,7 +299,7 @@ class _TTTBase(Rule):
 
 @dataclasses.dataclass(frozen=True)
 class TTTLinearRule(_TTTBase):
-    """TTT-Linear (Sun et al.), SPEC §4; the module docstring has the math.
+    """TTT-Linear (Sun et al.), docs/rules/ttt.md; the module docstring has the math.
 
     Attributes:
       mini_batch_size: ``C`` (16 in the paper); gradients inside a mini-batch are taken at
@@ -315,7 +315,7 @@ class TTTLinearRule(_TTTBase):
         parts = self._nonassoc_parts()
         if parts:
             return ("TTT-Linear has no associative scan: " + "; ".join(parts)
-                    + " (SPEC §4 note: dropping LayerNorm, bias and residual gives DeltaNet)")
+                    + " (docs/rules/ttt.md note: dropping LayerNorm, bias and residual gives DeltaNet)")
         return ("without LayerNorm, bias and residual TTT-Linear is the (mini-batch) delta rule, "
                 "whose update W ← W + β kᵀ(v − k W) depends on W, so no plain associative scan; "
                 "with mini_batch_size=1 use TTTLinearRule.delta_rule_inputs and tt.delta_rule's "
@@ -380,7 +380,7 @@ class TTTLinearRule(_TTTBase):
         state: TTTLinearState,
         output_final_state: bool = False,
     ):
-        """``lax.scan`` over mini-batches (SPEC §4), in ``self.form``.
+        """``lax.scan`` over mini-batches (docs/rules/ttt.md), in ``self.form``.
 
         Args:
           q, k, v: ``[B, T, H, D]``; lr: ``[B, T, H]`` per-token ``lr[j]`` (base_lr and
@@ -406,7 +406,7 @@ class TTTLinearRule(_TTTBase):
 
     def delta_rule_inputs(self, q, k, v, lr, token_eta, state: TTTLinearState):
         """The delta-rule problem this rule *is* when LN, bias and residual are dropped and
-        ``mini_batch_size == 1`` (SPEC §4 note, SPEC §1 delta rule with ``scale = 1``).
+        ``mini_batch_size == 1`` (docs/rules/ttt.md note, docs/linear_attention.md delta rule with ``scale = 1``).
 
         Returns a dict ``(q, k, v, beta, initial_state, scale)`` for ``tt.delta_rule``:
         ``beta = token_eta[0] · lr`` ``[B, T, H]`` and ``initial_state = state.W`` (``[B, H,
@@ -423,13 +423,13 @@ class TTTLinearRule(_TTTBase):
 
 @dataclasses.dataclass(frozen=True)
 class TTTMLPRule(_TTTBase):
-    """TTT-MLP (Sun et al.), SPEC §4: ``f(x) = gelu(x W1 + b1) W2 + b2``; same schedule,
+    """TTT-MLP (Sun et al.), docs/rules/ttt.md: ``f(x) = gelu(x W1 + b1) W2 + b2``; same schedule,
     same attributes as :class:`TTTLinearRule` (the delta-rule reduction does not apply)."""
 
     def breaks_associativity(self) -> str:
         parts = self._nonassoc_parts()
         parts.append("the GELU hidden layer, whose weights W1 are updated (a time-varying "
-                     "feature map φ_t, SPEC §2)")
+                     "feature map φ_t, docs/ttt_as_linear_attention.md)")
         return "TTT-MLP has no associative scan: " + "; ".join(parts)
 
     def init_state(self, W1, b1, W2, b2, batch: int) -> TTTMLPState:
@@ -503,7 +503,7 @@ class TTTMLPRule(_TTTBase):
         state: TTTMLPState,
         output_final_state: bool = False,
     ):
-        """``lax.scan`` over mini-batches (SPEC §4); arguments as
+        """``lax.scan`` over mini-batches (docs/rules/ttt.md); arguments as
         :meth:`TTTLinearRule.recurrent` with a :class:`TTTMLPState`."""
         B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
         if not isinstance(state, (TTTMLPState, tuple, list)) or len(state) != 4:
@@ -557,7 +557,7 @@ def ttt_linear(
     output_final_state: bool = False,
     form: str = "dual",
 ):
-    """TTT-Linear core op (SPEC §4): ``o_i = q_i + LN(q_i W_i + b_i)`` with mini-batch
+    """TTT-Linear core op (docs/rules/ttt.md): ``o_i = q_i + LN(q_i W_i + b_i)`` with mini-batch
     gradient steps on ``½‖LN(k W + b) − (v − k)‖²``.
 
     Args:
@@ -596,7 +596,7 @@ def ttt_mlp(
     output_final_state: bool = False,
     form: str = "dual",
 ):
-    """TTT-MLP core op (SPEC §4): ``f(x) = gelu(x W1 + b1) W2 + b2``, ``o = q + LN(f̄(q))``.
+    """TTT-MLP core op (docs/rules/ttt.md): ``f(x) = gelu(x W1 + b1) W2 + b2``, ``o = q + LN(f̄(q))``.
 
     Arguments as :func:`ttt_linear` with ``W1 [H, D, F]``, ``b1 [H, F]``, ``W2 [H, F, D]``,
     ``b2 [H, D]`` (``F = 4D`` in the paper) or an ``initial_state`` :class:`TTTMLPState`.

@@ -1,5 +1,5 @@
 """ViT³ fast weights (Han et al., 2025, "ViT³: Unlocking Test-Time Training in Vision"),
-SPEC §6: one full-batch inner step on all N tokens, learning rate 1.0, non-causal.
+docs/rules/vit3.md: one full-batch inner step on all N tokens, learning rate 1.0, non-causal.
 
 Two parts per layer (their outputs are concatenated and projected by the layer):
 
@@ -19,7 +19,7 @@ implementation's choice (``g.norm(dim=-2)`` on ``[.., K, V]``, ``dim=[-2, -1]`` 
 ``[C, 1, 3, 3]``), and it is what keeps the reduction exact: a per-output-column factor
 is a diagonal on the right, ``kᵀ(v̂) diag(c) = kᵀ(v̂ ⊙ c)``, so it folds into the values.
 
-Reduction (SPEC §6, theorem 5.1), the ``parallel`` forms below:
+Reduction (docs/rules/vit3.md, theorem 5.1), the ``parallel`` forms below:
 
 * GLU: ``o = φ'(q) ⊙ (q (W1 + kᵀ v̂))`` with ``v̂ = lr·c ⊙ (s/N) v ⊙ φ(k)`` — non-causal
   linear attention (``tt.linear_attention(q, k, v̂, scale=1, initial_state=W1,
@@ -62,13 +62,13 @@ def _normalize(g, axis):
 
 @dataclasses.dataclass(frozen=True)
 class ViT3GLURule(Rule):
-    """ViT³ GLU fast weight, SPEC §6 (module docstring has the math).
+    """ViT³ GLU fast weight, docs/rules/vit3.md (module docstring has the math).
 
     Attributes:
       scale: ``s`` in the loss, default ``9^−1/2`` (the reference's choice).
       lr: inner learning rate (1.0 in ViT³).
       normalize: apply ``g / (‖g‖_in + 1)`` (norm over K, per output column).
-      update_W2: also step W2 (ViT³ does); False freezes φ (the §6 reduction's setting).
+      update_W2: also step W2 (ViT³ does); False freezes φ (the setting of the reduction in docs/rules/vit3.md).
     """
 
     scale: float = SCALE
@@ -126,7 +126,7 @@ class ViT3GLURule(Rule):
         return o.astype(q.dtype), (W1n, W2n)
 
     def parallel(self, q, k, v, W1, W2):
-        """The linear-attention view (SPEC §6): ``φ'(q) ⊙ LA_none(q, k, v̂; S0 = W1)``."""
+        """The linear-attention view (docs/rules/vit3.md): ``φ'(q) ⊙ LA_none(q, k, v̂; S0 = W1)``."""
         B, N, H, K, V = self._validate(q, k, v, W1, W2)
         sd, (qf, kf, vf, W1f, W2f) = self._cast(q, k, v, W1, W2)
         _, g2 = self._grads(kf, vf, W1f, W2f)  # W2's step (W1's comes out of the attention)
@@ -158,7 +158,7 @@ def vit3_glu(
     output_final_state: bool = False,
     impl: str = "auto",
 ):
-    """ViT³ GLU part (SPEC §6): one step on ``−(s/N) Σ ⟨(k W1) ⊙ silu(k W2), v⟩``, read ``f'(q)``.
+    """ViT³ GLU part (docs/rules/vit3.md): one step on ``−(s/N) Σ ⟨(k W1) ⊙ silu(k W2), v⟩``, read ``f'(q)``.
 
     Args:
       q, k: ``[B, N, H, K]``; v: ``[B, N, H, V]`` (N tokens, non-causal).
@@ -188,7 +188,7 @@ def _shift(x, a, b):
 
 @dataclasses.dataclass(frozen=True)
 class ViT3ConvRule(Rule):
-    """ViT³ 3×3 depthwise-conv fast weight, SPEC §6 (module docstring has the math).
+    """ViT³ 3×3 depthwise-conv fast weight, docs/rules/vit3.md (module docstring has the math).
 
     Attributes:
       grid: ``(Hg, Wg)`` token grid, tokens row-major (``n = i·Wg + j``).
@@ -278,7 +278,7 @@ def vit3_conv(
     output_final_state: bool = False,
     impl: str = "auto",
 ):
-    """ViT³ 3×3 depthwise-conv part (SPEC §6): one step on ``−(s/N) Σ ⟨conv(k, W), v⟩``,
+    """ViT³ 3×3 depthwise-conv part (docs/rules/vit3.md): one step on ``−(s/N) Σ ⟨conv(k, W), v⟩``,
     read ``conv(q, W')``.
 
     Args:
