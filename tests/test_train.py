@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from train.checkpoint import CheckpointDirError, load_final
-from train.config import PRESETS, TrainConfig, make_config, parse_args
-from train.loop import WALL_CLOCK_FIELDS, read_metrics, run
-from train.mqar import mqar_batch, mqar_example
+from tttla_jax.train.checkpoint import CheckpointDirError, load_final
+from tttla_jax.train.config import PRESETS, TrainConfig, make_config, parse_args
+from tttla_jax.train.loop import WALL_CLOCK_FIELDS, read_metrics, run
+from tttla_jax.train.mqar import mqar_batch, mqar_example
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,7 +143,7 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path, capsys):
     t0 = time.time()
     with pytest.raises(CheckpointDirError, match="not writable.*--ckpt-dir"):
         run(tiny(bad))
-    from train.__main__ import main
+    from tttla_jax.train.__main__ import main
     assert main(["--ckpt-dir", str(bad), "--steps", "5"]) == 2
     err = capsys.readouterr().err
     assert "not writable" in err and str(bad) in err
@@ -159,7 +159,7 @@ def test_existing_checkpoints_without_resume_is_an_error(reference):
 def test_repeated_default_runs_get_fresh_directories(tmp_path, monkeypatch):
     """Without --ckpt-dir, running the README command twice just works: the second run
     goes to runs/<preset>-2; --resume continues the most recent one."""
-    from train.loop import resolve_run_dir
+    from tttla_jax.train.loop import resolve_run_dir
     monkeypatch.chdir(tmp_path)
     cfg = make_config("lm-tiny")
     notes = []
@@ -265,7 +265,7 @@ def test_sparse_logits_match_full_forward():
     """The MQAR loss's gathered head equals the model's full forward at those positions."""
     import jax
     import jax.numpy as jnp
-    from train.loop import build_model, sparse_logits
+    from tttla_jax.train.loop import build_model, sparse_logits
     with jax.enable_x64(False):
         cfg = make_config("mqar", vocab_size=64, seq_len=16, mqar_kv=2, width=16, num_heads=2)
         model = build_model(cfg)
@@ -276,3 +276,41 @@ def test_sparse_logits_match_full_forward():
         want = jnp.take_along_axis(full, index[..., None], axis=1)
         assert got.shape == (3, 2, 64)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+PACKAGING_CHECK = """
+import importlib.util, runpy, sys
+import tttla_jax.train.config
+assert importlib.util.find_spec("train") is None, "a top-level `train` package is installed"
+print("tttla_jax.train at", tttla_jax.train.__path__[0])
+"""
+
+ONE_COPY_CHECK = """
+import runpy, sys
+sys.argv = ["train", "--help"]
+try:
+    runpy.run_module("train", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code == 0, e.code
+bare = sorted(m for m in sys.modules if m.split(".")[0] == "train")
+assert bare == ["train"], bare     # only the launcher package itself
+assert "tttla_jax.train.config" in sys.modules
+print("one copy")
+"""
+
+
+def test_packaging_train_inside_the_package(tmp_path):
+    """The training code is installed as ``tttla_jax.train`` (no top-level ``train`` that a
+    user's own train.py could shadow); ``python -m train`` from the repository root runs the
+    same modules (imported as ``tttla_jax.train.*``, one copy), ``python -m tttla_jax.train``
+    works from anywhere."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    outside = subprocess.run([sys.executable, "-c", PACKAGING_CHECK], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert outside.returncode == 0, outside.stderr
+    helped = subprocess.run([sys.executable, "-m", "tttla_jax.train", "--help"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--preset" in helped.stdout, helped.stderr
+    root = subprocess.run([sys.executable, "-c", ONE_COPY_CHECK], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert root.returncode == 0 and "one copy" in root.stdout, root.stdout + root.stderr

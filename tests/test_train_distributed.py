@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from train.distributed import (data_state_to_global, data_state_to_local, parse_mesh, spec_for)
+from tttla_jax.train.distributed import (data_state_to_global, data_state_to_local, parse_mesh, spec_for)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,9 +50,9 @@ def _losses(run_dir, key="loss", kind="train"):
 SINGLE_PROCESS = textwrap.dedent("""
     import json, os, shutil, sys
     import jax, numpy as np
-    from train.config import make_config
-    from train.checkpoint import load_final
-    from train.loop import run
+    from tttla_jax.train.config import make_config
+    from tttla_jax.train.checkpoint import load_final
+    from tttla_jax.train.loop import run
     assert jax.device_count() == 4
     tiny, root = json.loads(sys.argv[1]), sys.argv[2]
     tiny["mixers"] = tuple(tiny["mixers"])
@@ -161,13 +161,13 @@ def _check_two_process_run(run_dir, outs, root, n_devices, mesh_s):
 TWO_PROCESS_DATA = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp
-    from train.config import make_config
-    from train.distributed import (batch_sharding, data_state_to_global, global_batch,
+    from tttla_jax.train.config import make_config
+    from tttla_jax.train.distributed import (batch_sharding, data_state_to_global, global_batch,
                                    init_distributed, make_mesh, replicated)
     cfg = make_config("lm-tiny", batch_size=8, seq_len=32, mesh="data=2",
                       coordinator=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
     assert init_distributed(cfg)
-    from train.data import train_loader
+    from tttla_jax.train.data import train_loader
     assert jax.process_count() == 2 and jax.device_count() == 2
     mesh = make_mesh(cfg.mesh)
     it = iter(train_loader(cfg, jax.process_index(), jax.process_count()))
@@ -190,8 +190,8 @@ def test_two_processes_assemble_the_single_process_batch(tmp_path):
     index), assemble the global array, reduce it across processes, and save the same
     process-independent iterator state as a single-process run."""
     import jax.numpy as jnp
-    from train.config import make_config
-    from train.data import train_loader
+    from tttla_jax.train.config import make_config
+    from tttla_jax.train.data import train_loader
     coord = f"localhost:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_DATA, coord, str(i)], cwd=REPO,
                               env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -264,8 +264,8 @@ def test_fsdp_spec_rule():
 
 def test_data_state_round_trip_over_process_counts():
     import grain.python as grain
-    from train.config import make_config
-    from train.data import train_loader
+    from tttla_jax.train.config import make_config
+    from tttla_jax.train.data import train_loader
     cfg = make_config("lm-tiny", batch_size=8, seq_len=32)
     single = iter(train_loader(cfg))
     for _ in range(3):

@@ -10,7 +10,7 @@ import pytest
 
 from tttla_jax.rules.lact import apply_fast
 from tttla_jax.rules.ladder import ladder
-from train.ladder import VARIANTS, main, operator_throughput
+from tttla_jax.train.ladder import VARIANTS, main, operator_throughput
 
 
 @pytest.mark.slow  # ~1 min of compiles on 2 idle cores; the ladder's pieces are tested below

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from train import vit
-from train.checkpoint import load_final
-from train.config import make_config, parse_args
-from train.loop import WALL_CLOCK_FIELDS, read_metrics, run
+from tttla_jax.train import vit
+from tttla_jax.train.checkpoint import load_final
+from tttla_jax.train.config import make_config, parse_args
+from tttla_jax.train.loop import WALL_CLOCK_FIELDS, read_metrics, run
 
 needs_sklearn = pytest.mark.skipif(
     not vit.have_sklearn(),

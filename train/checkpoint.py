@@ -6,7 +6,7 @@ temporary directory renamed when complete) holds
 * ``arrays``: every array of the training state (parameters, optimiser state, RNG key)
   as a flat ``{"a0000": ..., ...}`` dict in ``jax.tree`` leaf order;
 * ``meta`` (JSON): the step, the config, the grain iterator state and a digest of all
-  arrays (:func:`train.distributed.checksum`: exact on-device sums, hashed).
+  arrays (:func:`tttla_jax.train.distributed.checksum`: exact on-device sums, hashed).
 
 Arrays may be sharded over a device mesh and over several processes: orbax writes each
 shard from the process that owns it and restores into the shardings of the target
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from train.distributed import checksum
+from tttla_jax.train.distributed import checksum
 
 
 class CheckpointDirError(RuntimeError):

@@ -159,7 +159,7 @@ class TrainConfig:
             raise ValueError(f"lact_window: expected an integer >= 0, got {self.lact_window!r}")
         if not self.lact_base_lr > 0:
             raise ValueError(f"lact_base_lr: expected a positive float, got {self.lact_base_lr!r}")
-        from train.distributed import parse_mesh  # validates the mesh string
+        from tttla_jax.train.distributed import parse_mesh  # validates the mesh string
         parse_mesh(self.mesh)
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {self.distributed!r}")
@@ -195,7 +195,7 @@ class TrainConfig:
                     or self.patch_size <= 0 or 8 % self.patch_size:
                 raise ValueError(f"patch_size: expected 1, 2, 4 or 8 (a divisor of the 8x8 digits), "
                                  f"got {self.patch_size!r}")
-            from train.vit import have_sklearn, sklearn_missing_message
+            from tttla_jax.train.vit import have_sklearn, sklearn_missing_message
             if not have_sklearn():
                 raise ValueError(f"task: {sklearn_missing_message()}")
 

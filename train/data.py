@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 import grain.python as grain
 
-from train.mqar import mqar_batch
+from tttla_jax.train.mqar import mqar_batch
 
 HELDOUT_FRACTION = 0.05
 
@@ -97,7 +97,7 @@ def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.D
         sampler = grain.IndexSampler(len(source), shuffle=True, seed=cfg.seed, num_epochs=None,
                                      shard_options=grain.NoSharding())
     elif cfg.task == "vit":  # scikit-learn's 8x8 digits (train/vit.py)
-        from train import vit
+        from tttla_jax.train import vit
         source, sampler = vit.train_source(cfg)
     else:
         source = MQARSource(cfg.seed, **_mqar_kw(cfg))
@@ -117,7 +117,7 @@ def eval_batches(cfg) -> list:
     vit: the whole held-out test split of the digits (train/vit.py).
     """
     if cfg.task == "vit":
-        from train import vit
+        from tttla_jax.train import vit
         return vit.eval_batches(cfg)
     if cfg.task == "lm":
         src = WindowSource(corpus_split()[1], cfg.seq_len)

@@ -19,7 +19,7 @@ with ``in_shardings``/``out_shardings``) inserts the collectives. What this modu
 * **Batches** — sharded over ``("data", "fsdp")`` jointly on the batch axis: every device
   holds ``batch_size / (data·fsdp)`` rows. Each process reads only its own rows (grain
   ``ShardOptions(shard_index=process_index, shard_count=process_count)``, see
-  :mod:`train.data`) and :func:`global_batch` assembles the global array with
+  :mod:`tttla_jax.train.data`) and :func:`global_batch` assembles the global array with
   :func:`jax.make_array_from_process_local_data`.
 * **Data-iterator state** — grain's iterator state depends on the process index; the
   checkpoint stores it in the single-process form (:func:`data_state_to_global`) and each
@@ -165,7 +165,7 @@ def spec_for(shape: tuple, logical: Optional[tuple], mesh: Mesh) -> P:
     for i, (size, name) in enumerate(zip(shape, logical)):
         if name is not None and name not in LOGICAL_RULES:
             raise ValueError(f"logical axis {name!r} has no mesh rule; add it to "
-                             f"train.distributed.LOGICAL_RULES (known: {tuple(LOGICAL_RULES)})")
+                             f"tttla_jax.train.distributed.LOGICAL_RULES (known: {tuple(LOGICAL_RULES)})")
         if LOGICAL_RULES.get(name) == "fsdp" and size % f == 0 and (best is None or size > shape[best]):
             best = i
     if best is None:

@@ -68,7 +68,7 @@ def _log(*a):
 
 
 def variant_config(preset: str, variant: str, out: str, overrides: dict):
-    from train.config import make_config
+    from tttla_jax.train.config import make_config
     kw = dict(LADDER[preset])
     kw.update(overrides)
     steps = kw["steps"]
@@ -157,7 +157,7 @@ def _lact_layers_inner_loss(model, tokens, inner_steps: int):
 
 
 def lm_with_inner_steps(cfg, inner_steps: int):
-    """The ladder LM of ``cfg`` (as :func:`train.loop.build_model`) with its LaCT layers
+    """The ladder LM of ``cfg`` (as :func:`tttla_jax.train.loop.build_model`) with its LaCT layers
     built with ``inner_steps`` gradient steps per chunk (same parameters)."""
     from flax import nnx
     from tttla_jax.nn.model import LanguageModel, LMConfig
@@ -175,8 +175,8 @@ def lm_with_inner_steps(cfg, inner_steps: int):
 def inner_steps_sweep(cfg, params, steps=INNER_STEPS) -> list:
     """Evaluate the trained model ``params`` with ``n`` inner steps per chunk."""
     from flax import nnx
-    from train import data as data_lib
-    from train.loop import evaluate, make_steps
+    from tttla_jax.train import data as data_lib
+    from tttla_jax.train.loop import evaluate, make_steps
     rows = []
     evals = data_lib.eval_batches(cfg)
     with jax.enable_x64(False):
@@ -263,7 +263,7 @@ def build_parser():
 
 def main(argv=None) -> dict:
     a = build_parser().parse_args(argv)
-    from train.loop import run
+    from tttla_jax.train.loop import run
     t0 = time.perf_counter()
     out = a.out or os.path.join("runs", "ladder", a.preset)
     os.makedirs(out, exist_ok=True)

@@ -24,10 +24,10 @@ from flax import nnx
 
 from tttla_jax.nn.decode import generate
 from tttla_jax.nn.model import LanguageModel, LMConfig, count_params
-from train import data as data_lib
-from train import distributed as dist
-from train.checkpoint import Checkpointer, check_writable
-from train.config import STRUCTURAL, TrainConfig
+from tttla_jax.train import data as data_lib
+from tttla_jax.train import distributed as dist
+from tttla_jax.train.checkpoint import Checkpointer, check_writable
+from tttla_jax.train.config import STRUCTURAL, TrainConfig
 
 WALL_CLOCK_FIELDS = ("time", "tokens_per_s")
 SAMPLE_PROMPT = "The "
@@ -39,7 +39,7 @@ def _eprint(*a):
 
 def build_model(cfg: TrainConfig) -> LanguageModel:
     if cfg.task == "vit":  # a ViTClassifier (train/vit.py)
-        from train import vit
+        from tttla_jax.train import vit
         return vit.build_model(cfg)
     opts = {}
     if "swa" in cfg.mixers:
@@ -96,7 +96,7 @@ def sparse_logits(model: LanguageModel, tokens, index):
 
 def _forward_loss(model, batch, sparse_queries: int):
     if "images" in batch:  # vit task: (sum NLL, images, correct) per image
-        from train import vit
+        from tttla_jax.train import vit
         return vit.forward_loss(model, batch)
     if sparse_queries:  # MQAR: exactly `sparse_queries` scored positions per row
         mask = batch["mask"]
@@ -386,7 +386,7 @@ def _run(cfg: TrainConfig, log) -> dict:
                                    b_sh, cfg.batch_size) for b in data_lib.eval_batches(cfg)]
         tokens_per_step = cfg.batch_size * cfg.seq_len
         if cfg.task == "vit":  # patch tokens
-            from train import vit
+            from tttla_jax.train import vit
             tokens_per_step = cfg.batch_size * vit.tokens_per_image(cfg)
         progress = Progress(cfg.steps, start, cfg.progress and lead)
         t_start = time.perf_counter()

@@ -7,7 +7,7 @@ Pixels (0..16) are scaled to ``[0, 1]`` and standardised with the training mean 
 
 The model is :class:`tttla_jax.nn.ViTClassifier` (patch embedding, ViT³ blocks — GLU and
 3×3 depthwise-conv fast weights, docs/rules/vit3.md — mean pooling, linear head). Training goes
-through the same loop as the language-model presets (:func:`train.loop.run`): grain
+through the same loop as the language-model presets (:func:`tttla_jax.train.loop.run`): grain
 pipeline with checkpointed iterator state, AdamW + warm-up + cosine + clipping, orbax
 checkpoints, ``--resume``, metrics JSONL and a loss plot, device meshes. The loop calls
 the hooks here when ``cfg.task == "vit"``: :func:`build_model`, :func:`train_source`,
