@@ -131,7 +131,7 @@ def main(argv=None):
     print(describe(m))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
-        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", mode="causal+decay",
+        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", masking="causal", decay=True,
                                    repeats=a.repeats, matmul_n=a.matmul_n,
                                    statistic="median of repeats after one compile/warm-up call"),
                        machine=m, matmul_gflops=peak, rows=rows, summary=summary), fh, indent=1)

@@ -2,9 +2,9 @@
 
 The recurrence (update-then-query, token t sees its own write)::
 
-    S_t = exp(g_t) · S_{t-1} + k_tᵀ v_t,      o_t = (scale · q_t) S_t     (mode="causal")
+    S_t = exp(g_t) · S_{t-1} + k_tᵀ v_t,      o_t = (scale · q_t) S_t     (masking="causal")
 
-and ``mode="chunk"`` (block causal: every query of chunk c reads the state after the
+and ``masking="chunk"`` (block causal: every query of chunk c reads the state after the
 chunks < c). Per chunk of ``C`` tokens, with ``b`` the in-chunk inclusive cumulative
 log-decay, ``γ_i = exp(b_i)``, ``λ_j = exp(b_C − b_j)``, ``Γ = exp(b_C)`` and the decay
 mask ``D_ij = exp(b_i − b_j)·[j ≤ i]`` (Yang et al., 2024, "Gated Linear Attention" §3)::
@@ -21,7 +21,7 @@ host produces the Mosaic kernel):
   registers.
 * TPU: Mosaic, grid ``(batch, head, value block, chunk)`` with the chunk axis
   ``"arbitrary"`` (sequential) and the state in a VMEM scratch buffer.
-* any other platform (CPU): the GPU-style kernel in Pallas interpret mode (slow; for
+* any other platform (CPU): the GPU-style kernel in Pallas interpret masking (slow; for
   tests), so the same call works everywhere.
 
 Backward (``jax.custom_vjp``). No per-chunk state is stored or re-materialised in HBM;
@@ -32,14 +32,14 @@ the backward is three sweeps of the same two kernels:
 * ``dK, dV, dS_0`` come from one reverse sweep over chunks carrying ``dS``::
 
       dV = (Q Kᵀ ⊙ D)ᵀ dO + (λ ⊙ K) dS,   dK = (dO Vᵀ ⊙ D)ᵀ Q + λ ⊙ (V dSᵀ),
-      dS ← Γ dS + (γ ⊙ Q)ᵀ dO             (chunk mode: no intra terms, γ ≡ 1)
+      dS ← Γ dS + (γ ⊙ Q)ᵀ dO             (chunk masking: no intra terms, γ ≡ 1)
 
 * the log-decay gradient needs no kernel: with ``B_t`` the global cumulative log-decay,
   every term depends on ``B`` through ``exp(B_query − B_key)`` factors, so
-  ``∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = T−1]⟨S_T, dS_T⟩`` (chunk mode: the query term of
+  ``∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = T−1]⟨S_T, dS_T⟩`` (chunk masking: the query term of
   chunk c lands on the last token of chunk c−1), and ``dg`` is its reverse cumulative sum.
 
-Accumulation is float32 (float64 for float64 inputs, interpret mode only); matmul
+Accumulation is float32 (float64 for float64 inputs, interpret masking only); matmul
 operands are in the input dtype (bfloat16 / float16 / float32).
 """
 from __future__ import annotations
@@ -58,11 +58,11 @@ from jaxtyping import Array, Float
 
 from tttla_jax import _checks
 
-MODES = ("causal", "chunk")
+MASKINGS = ("causal", "chunk")
 HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64, 128, 256)
 COMPILED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# Causal mode: the chunk is only a tiling choice; an unsupported chunk_size falls back to this.
+# Causal masking: the chunk is only a tiling choice; an unsupported chunk_size falls back to this.
 DEFAULT_CAUSAL_CHUNK = 64
 # TPU: refuse a call whose estimated VMEM footprint exceeds this (v7x has 64 MiB per core).
 TPU_VMEM_CAP = 48 * 1024 * 1024
@@ -127,19 +127,19 @@ def _is_compiled_dtype(dt) -> bool:
     return any(jnp.dtype(dt) == jnp.dtype(d) for d in COMPILED_DTYPES)
 
 
-def unsupported_reason(dtype, mode: str, K: int, V: int, chunk_size: Optional[int] = None,
+def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional[int] = None,
                        interpret: bool = False) -> Optional[str]:
     """Why the kernel cannot run this call (``None`` if it can)."""
-    if mode not in MODES:
-        return f"mode={mode!r} is not supported by the Pallas kernel (supported: {MODES}); use impl='chunked'"
+    if masking not in MASKINGS:
+        return f"masking={masking!r} is not supported by the Pallas kernel (supported: {MASKINGS}); use impl='chunked'"
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
         return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
-                "float64 only in interpret mode)")
+                "float64 only in interpret masking)")
     for name, d in (("K", K), ("V", V)):
         if d not in HEAD_DIMS:
             return f"head dim {name} = {d} is not supported (expected one of {HEAD_DIMS})"
-    if mode == "chunk" and chunk_size is not None and chunk_size not in CHUNK_SIZES:
-        return f"chunk_size = {chunk_size} is not supported in mode='chunk' (expected one of {CHUNK_SIZES})"
+    if masking == "chunk" and chunk_size is not None and chunk_size not in CHUNK_SIZES:
+        return f"chunk_size = {chunk_size} is not supported in masking='chunk' (expected one of {CHUNK_SIZES})"
     return None
 
 
@@ -149,11 +149,11 @@ def _host_platform() -> str:
     return jax.default_backend()
 
 
-def auto_supported(q, mode: str, K: int, V: int, chunk_size: Optional[int] = None) -> bool:
+def auto_supported(q, masking: str, K: int, V: int, chunk_size: Optional[int] = None) -> bool:
     """``impl="auto"`` hook: use the kernel only on GPU/TPU and for shapes it supports."""
     if _host_platform() not in ("gpu", "cuda", "rocm", "tpu"):
         return False
-    return unsupported_reason(jnp.result_type(q), mode, K, V, chunk_size) is None
+    return unsupported_reason(jnp.result_type(q), masking, K, V, chunk_size) is None
 
 
 # --------------------------------------------------------------------------- chunk math (shared)
@@ -566,14 +566,15 @@ def linear_attention(
     log_decay: Optional[Float[Array, "b t h"]] = None,
     initial_state: Optional[Float[Array, "b h k v"]] = None,
     output_final_state: bool = False,
-    mode: str = "causal",
+    masking: str = "causal",
     chunk_size: int = 64,
     block_sizes: Optional[BlockSizes] = None,
     interpret: Any = None,
+    mode: Optional[str] = None,  # TEMPORARY alias, removed at integration
 ):
     """Chunked (block-)causal linear attention with optional log-decay, as a Pallas kernel.
 
-    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (docs/linear_attention.md); ``mode="chunk"``
+    ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (docs/linear_attention.md); ``masking="chunk"``
     reads the state after the previous chunk. Same contract as
     :func:`tttla_jax.linear_attention` (``impl="pallas"`` calls this).
 
@@ -583,21 +584,23 @@ def linear_attention(
       log_decay: optional ``[B, T, H]`` log-decay ``g``.
       initial_state: optional ``[B, H, K, V]`` state ``S_0``.
       output_final_state: also return ``S_T`` (float32; float64 for float64 inputs).
-      mode: ``"causal"`` or ``"chunk"``.
-      chunk_size: chunk length; semantic for ``mode="chunk"`` (must be in ``CHUNK_SIZES``),
+      masking: ``"causal"`` or ``"chunk"``.
+      chunk_size: chunk length; semantic for ``masking="chunk"`` (must be in ``CHUNK_SIZES``),
         a tiling choice for ``"causal"`` (unsupported values fall back to 64; shortened to
         the next power of two ≥ T for short sequences).
       block_sizes: :class:`BlockSizes` (per-platform tiling / compiler knobs).
-      interpret: ``None`` (compiled on GPU/TPU, interpret mode elsewhere), ``"gpu"`` (the
-        Triton-style kernel in interpret mode), ``"tpu"`` (the Mosaic kernel in interpret
-        mode with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
+      interpret: ``None`` (compiled on GPU/TPU, interpret masking elsewhere), ``"gpu"`` (the
+        Triton-style kernel in interpret masking), ``"tpu"`` (the Mosaic kernel in interpret
+        masking with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
 
     Returns:
       ``(o [B, T, H, V] in q's dtype, S_T or None)``.
 
     Raises:
-      ValueError: at trace time for bad shapes or an unsupported mode/dtype/head dim/chunk.
+      ValueError: at trace time for bad shapes or an unsupported masking/dtype/head dim/chunk.
     """
+    if mode is not None:  # TEMPORARY alias, removed at integration
+        masking = mode
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[B, T, H, D]")
         _checks.check_floating(name, x)
@@ -618,15 +621,15 @@ def linear_attention(
                                       or isinstance(interpret, pltpu.InterpretParams)):
         raise ValueError(f"interpret: expected None, True, 'gpu', 'tpu' or pltpu.InterpretParams, got {interpret!r}")
     interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and _host_platform() == "cpu")
-    reason = unsupported_reason(q.dtype, mode, K, V, chunk_size, interpret=interp_any)
+    reason = unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=interp_any)
     if reason is not None:
         raise ValueError(f"impl='pallas': {reason}")
-    if mode == "causal":
+    if masking == "causal":
         C = chunk_size if chunk_size in CHUNK_SIZES else DEFAULT_CAUSAL_CHUNK
         C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     else:
         C = chunk_size
-    cfg = _Cfg(C=C, causal=mode == "causal", block_sizes=block_sizes or BlockSizes(), interpret=interpret)
+    cfg = _Cfg(C=C, causal=masking == "causal", block_sizes=block_sizes or BlockSizes(), interpret=interpret)
     cfg.block_sizes.gpu(K, V)  # validate both platforms' tiles at trace time
     cfg.block_sizes.tpu(K, V)
     acc = _acc(q.dtype)

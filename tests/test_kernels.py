@@ -66,14 +66,14 @@ def eval_all(fn, args, jit=True):
 
 def kernel(mode, C, interpret, **kw):
     def fn(q, k, v, g, S0):
-        return kernel_la(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
+        return kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=C,
                          output_final_state=True, interpret=interpret, **kw)
     return fn
 
 
 def chunked(mode, C):
     def fn(q, k, v, g, S0):
-        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=C,
                                    output_final_state=True, impl="chunked")
     return fn
 
@@ -173,10 +173,10 @@ def test_no_decay_no_initial_state():
     q, k, v, _, _ = make_inputs(5, 1, 19, 2, 16, 16)
 
     def kfn(q, k, v):
-        return kernel_la(q, k, v, mode="causal", chunk_size=16, output_final_state=True, interpret="gpu")
+        return kernel_la(q, k, v, masking="causal", chunk_size=16, output_final_state=True, interpret="gpu")
 
     def cfn(q, k, v):
-        return tt.linear_attention(q, k, v, mode="causal", chunk_size=16, output_final_state=True, impl="chunked")
+        return tt.linear_attention(q, k, v, masking="causal", chunk_size=16, output_final_state=True, impl="chunked")
 
     def val_grad(fn):
         def loss(q, k, v):
@@ -232,7 +232,7 @@ def test_public_dispatch_impl_pallas_and_auto():
 def test_unsupported_reason_table():
     assert unsupported_reason(jnp.bfloat16, "causal", 64, 128) is None
     assert unsupported_reason(jnp.float32, "chunk", 256, 256, 64) is None
-    assert "mode='none'" in unsupported_reason(jnp.float32, "none", 64, 64)
+    assert "masking='none'" in unsupported_reason(jnp.float32, "none", 64, 64)
     assert "K = 96" in unsupported_reason(jnp.float32, "causal", 96, 64)
     assert "V = 512" in unsupported_reason(jnp.float32, "causal", 64, 512)
     assert "float64" in unsupported_reason(jnp.float64, "causal", 64, 64)
@@ -243,10 +243,10 @@ def test_unsupported_reason_table():
 @pytest.mark.parametrize(
     "kwargs,shapes,match",
     [
-        (dict(mode="none"), (16, 16), r"impl='pallas': mode='none' is not supported"),
+        (dict(masking="none"), (16, 16), r"impl='pallas': masking='none' is not supported"),
         (dict(), (96, 16), r"head dim K = 96 is not supported"),
         (dict(), (16, 512), r"head dim V = 512 is not supported"),
-        (dict(mode="chunk", chunk_size=24), (16, 16), r"chunk_size = 24 is not supported"),
+        (dict(masking="chunk", chunk_size=24), (16, 16), r"chunk_size = 24 is not supported"),
         (dict(block_sizes=BlockSizes(block_v_tpu=96)), (16, 256), r"block_v_tpu: expected V = 256"),
         (dict(interpret="cuda"), (16, 16), r"interpret: expected None, True"),
     ],

@@ -35,7 +35,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 
 def fwd_bwd(mode, chunk_size=64, **kw):
     def loss(q, k, v, g, S0):
-        o, S = kernel_la(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=chunk_size,
+        o, S = kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=chunk_size,
                          output_final_state=True, **kw)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
@@ -100,7 +100,7 @@ def test_cpu_lowering_has_no_accelerator_kernel():
     [
         (512, 64, jnp.bfloat16, {}, r"head dim K = 512 is not supported"),
         (64, 96, jnp.float32, {}, r"head dim V = 96 is not supported"),
-        (64, 64, jnp.float32, dict(mode="chunk", chunk_size=100), r"chunk_size = 100 is not supported"),
+        (64, 64, jnp.float32, dict(masking="chunk", chunk_size=100), r"chunk_size = 100 is not supported"),
         (64, 64, jnp.int8, {}, r"q: expected a floating dtype"),
     ],
 )
@@ -148,7 +148,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                 o, S = delta_rule(q, k, v, jax.nn.sigmoid(g), log_decay=g, initial_state=S0, chunk_size=C,
                                   output_final_state=True, block_sizes=bs)
             else:
-                o, S = kla(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C,
+                o, S = kla(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=C,
                            output_final_state=True, block_sizes=bs)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 

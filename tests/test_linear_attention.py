@@ -47,7 +47,7 @@ def loss_of(fn):
 
 def run_form(impl, mode, C):
     def fn(q, k, v, g, S0):
-        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, mode=mode,
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, masking=mode,
                                    chunk_size=C, impl=impl, output_final_state=True)
     return fn
 
@@ -186,7 +186,7 @@ def test_jit_vmap_grad():
         (dict(q=np.zeros((2, 8, 3))), r"q: expected a rank-4 array .*got shape \(2, 8, 3\)"),
         (dict(initial_state=np.zeros((2, 3, 5, 4))), r"initial_state: expected shape \[B, H, K, V\] = \(2, 3, 4, 5\), got \(2, 3, 5, 4\)"),
         (dict(log_decay=np.zeros((2, 8, 3, 1))), r"log_decay: expected shape \[B, T, H\] = \(2, 8, 3\), got \(2, 8, 3, 1\)"),
-        (dict(mode="causal2"), r"mode: got 'causal2', expected one of \('causal', 'chunk', 'none'\)"),
+        (dict(masking="causal2"), r"masking: got 'causal2', expected one of \('causal', 'chunk', 'none'\)"),
         (dict(impl="fast"), r"impl: got 'fast', expected one of"),
         (dict(chunk_size=0), r"chunk_size: expected a positive int, got 0"),
         (dict(chunk_size=-4), r"chunk_size: expected a positive int, got -4"),

@@ -35,7 +35,7 @@ def _per_sequence(cu, mode):
                 states.append(h0[n])
                 continue
             o, S = tt.linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], log_decay=g[:, a:b],
-                                       initial_state=h0[n][None], output_final_state=True, mode=mode,
+                                       initial_state=h0[n][None], output_final_state=True, masking=mode,
                                        chunk_size=C, impl="recurrent")
             outs.append(o)
             states.append(S[0])
@@ -45,7 +45,7 @@ def _per_sequence(cu, mode):
 
 def _packed_form(cu, mode, impl):
     def f(q, k, v, g, h0):
-        return tt.linear_attention(q, k, v, log_decay=g, initial_state=h0, output_final_state=True, mode=mode,
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=h0, output_final_state=True, masking=mode,
                                    chunk_size=C, impl=impl, cu_seqlens=cu)
     return f
 

@@ -7,11 +7,11 @@ Axis names used throughout the library (documented once, here):
 The recurrence (update-then-query; token t sees its own write)::
 
     S_t = exp(g_t) · S_{t-1} + k_tᵀ v_t        g_t = log_decay[t] ≤ 0 (0 if absent)
-    o_t = (scale · q_t) S_t                      (mode="causal")
+    o_t = (scale · q_t) S_t                      (masking="causal")
 
-``mode="chunk"`` (block causal, as LaCT's apply-then-update): every query of chunk c
+``masking="chunk"`` (block causal, as LaCT's apply-then-update): every query of chunk c
 reads the state after chunks < c, ``o_t = (scale·q_t) S_{cC-1}`` (``S_{-1} = S_0``, the
-initial state); ``mode="none"`` (bidirectional, as ViT³): every query reads the final
+initial state); ``masking="none"`` (bidirectional, as ViT³): every query reads the final
 state ``S_{T-1}``.
 
 Forms (all give the same outputs, final state and gradients; ``tests/test_linear_attention.py``
@@ -40,7 +40,7 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax.ops import varlen
 
-MODES = ("causal", "chunk", "none")
+MASKINGS = ("causal", "chunk", "none")
 IMPLS = ("recurrent", "associative", "chunked", "pallas", "auto")
 
 # Tokens per rematerialised block of the token scan: the backward pass of the
@@ -48,7 +48,7 @@ IMPLS = ("recurrent", "associative", "chunked", "pallas", "auto")
 _REMAT_BLOCK = 128
 
 
-def _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale, cu_seqlens=None):
+def _validate(q, k, v, log_decay, initial_state, masking, chunk_size, impl, scale, cu_seqlens=None):
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.check_rank(name, x, 4, "[B, T, H, D]")
         _checks.check_floating(name, x)
@@ -67,7 +67,7 @@ def _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale, 
     state_shape, state_layout = varlen.state_shape(cu_seqlens, B, T, H, K, V)
     if initial_state is not None:
         _checks.check_shape("initial_state", initial_state, state_shape, state_layout)
-    _checks.check_choice("mode", mode, MODES)
+    _checks.check_choice("masking", masking, MASKINGS)
     _checks.check_choice("impl", impl, IMPLS)
     _checks.check_positive_int("chunk_size", chunk_size)
     if scale is not None and not isinstance(scale, (int, float)):
@@ -84,10 +84,11 @@ def linear_attention(
     log_decay: Optional[Float[Array, "b t h"]] = None,
     initial_state: Optional[Float[Array, "b h k v"]] = None,
     output_final_state: bool = False,
-    mode: str = "causal",
+    masking: str = "causal",
     chunk_size: int = 64,
     impl: str = "auto",
     cu_seqlens: Optional[Int[Array, "n1"]] = None,
+    mode: Optional[str] = None,  # TEMPORARY alias, removed at integration
 ):
     """Causal / block-causal / bidirectional linear attention with optional scalar decay.
 
@@ -101,14 +102,14 @@ def linear_attention(
       log_decay: optional ``[B, T, H]`` log-decay ``g_t`` (≤ 0 for a contraction; not enforced).
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
       output_final_state: also return the state after the last token.
-      mode: ``"causal"`` | ``"chunk"`` (block causal with blocks of ``chunk_size``) | ``"none"``.
-      chunk_size: chunk length for ``impl="chunked"`` and for ``mode="chunk"``.
+      masking: ``"causal"`` | ``"chunk"`` (block causal with blocks of ``chunk_size``) | ``"none"``.
+      chunk_size: chunk length for ``impl="chunked"`` and for ``masking="chunk"``.
       impl: ``"recurrent"`` | ``"associative"`` | ``"chunked"`` | ``"pallas"`` | ``"auto"``
         (the chunked XLA form on CPU).
       cu_seqlens: optional ``[N + 1]`` int offsets of N packed sequences in a batch of one
         (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
-        initial state, no state crossing a boundary, ``mode="chunk"`` blocks counted from
-        its start, ``mode="none"`` reading its own final state. ``initial_state`` and the
+        initial state, no state crossing a boundary, ``masking="chunk"`` blocks counted from
+        its start, ``masking="none"`` reading its own final state. ``initial_state`` and the
         returned state are then ``[N, H, K, V]``, one per sequence. Not with ``"pallas"``.
 
     Returns:
@@ -116,7 +117,9 @@ def linear_attention(
       with ``cu_seqlens``) in float32 (float64 for float64 inputs) or ``None`` unless
       ``output_final_state``.
     """
-    B, T, H, K, V = _validate(q, k, v, log_decay, initial_state, mode, chunk_size, impl, scale, cu_seqlens)
+    if mode is not None:  # TEMPORARY alias, removed at integration
+        masking = mode
+    B, T, H, K, V = _validate(q, k, v, log_decay, initial_state, masking, chunk_size, impl, scale, cu_seqlens)
     if scale is None:
         scale = K ** -0.5
     if cu_seqlens is not None:
@@ -125,7 +128,7 @@ def linear_attention(
                              "kernel; use impl='chunked' (or 'auto')")
         impl = "chunked" if impl == "auto" else impl
     if impl == "auto":
-        impl = _auto_impl(q, mode, K, V, chunk_size)
+        impl = _auto_impl(q, masking, K, V, chunk_size)
     if impl == "pallas":
         from tttla_jax import kernels  # deferred: kernels are optional at import time
 
@@ -133,7 +136,7 @@ def linear_attention(
         if fn is None:
             raise NotImplementedError("impl='pallas': the Pallas kernel is not available in this build")
         return fn(q, k, v, scale=scale, log_decay=log_decay, initial_state=initial_state,
-                  output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+                  output_final_state=output_final_state, masking=masking, chunk_size=chunk_size)
 
     sd = _checks.state_dtype(q, k, v)
     qf = q.astype(sd) * jnp.asarray(scale, sd)
@@ -144,22 +147,22 @@ def linear_attention(
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
         form = {"recurrent": _recurrent_varlen, "associative": _associative_varlen,
                 "chunked": _chunked_varlen}[impl]
-        o, S = form(qf, kf, vf, g, h0, mode, chunk_size, cu_seqlens)
+        o, S = form(qf, kf, vf, g, h0, masking, chunk_size, cu_seqlens)
         return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     form = {"recurrent": _recurrent, "associative": _associative, "chunked": _chunked}[impl]
-    o, S = form(qf, kf, vf, g, S0, mode, chunk_size)
+    o, S = form(qf, kf, vf, g, S0, masking, chunk_size)
     return o.astype(q.dtype), (S if output_final_state else None)
 
 
-def _auto_impl(q, mode, K, V, chunk_size) -> str:
+def _auto_impl(q, masking, K, V, chunk_size) -> str:
     # The kernel dispatch for GPU/TPU is added by tttla_jax.kernels; on CPU the
     # chunked XLA form is the fast path.
     try:
         from tttla_jax import kernels
 
         pick = getattr(kernels, "auto_supported", None)
-        if pick is not None and pick(q, mode, K, V, chunk_size=chunk_size):
+        if pick is not None and pick(q, masking, K, V, chunk_size=chunk_size):
             return "pallas"
     except ImportError:  # pragma: no cover
         pass
@@ -178,7 +181,7 @@ def _pad_time(x, T_pad, axis=1):
     return jnp.pad(x, pad)
 
 
-def _recurrent(q, k, v, g, S0, mode, chunk_size):
+def _recurrent(q, k, v, g, S0, masking, chunk_size):
     """Token-by-token ``lax.scan``; zero-padded tokens (g=0, k=0) leave the state unchanged."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -197,9 +200,9 @@ def _recurrent(q, k, v, g, S0, mode, chunk_size):
         S, R = carry
         qt, kt, vt, gt, t = x
         S = jnp.exp(gt)[..., None, None] * S + kt[..., :, None] * vt[..., None, :]
-        if mode == "causal":
+        if masking == "causal":
             o = jnp.einsum("bhk,bhkv->bhv", qt, S)
-        elif mode == "chunk":
+        elif masking == "chunk":
             o = jnp.einsum("bhk,bhkv->bhv", qt, R)
             R = jnp.where((t + 1) % chunk_size == 0, S, R)
         else:
@@ -213,7 +216,7 @@ def _recurrent(q, k, v, g, S0, mode, chunk_size):
     (S, _), o = lax.scan(block, (S0, S0), xs)
     o = o.reshape((Tp,) + o.shape[2:])[:T]
     o = jnp.moveaxis(o, 0, 1)
-    if mode == "none":
+    if masking == "none":
         o = jnp.einsum("bthk,bhkv->bthv", q, S)
     return o, S
 
@@ -221,7 +224,7 @@ def _recurrent(q, k, v, g, S0, mode, chunk_size):
 # --------------------------------------------------------------------------- associative
 
 
-def _associative(q, k, v, g, S0, mode, chunk_size):
+def _associative(q, k, v, g, S0, masking, chunk_size):
     """``lax.associative_scan`` over ``(cumulative log-decay, state)`` pairs."""
     B, T, H, K = q.shape
     X = k[..., :, None] * v[..., None, :]  # [B, T, H, K, V]
@@ -234,9 +237,9 @@ def _associative(q, k, v, g, S0, mode, chunk_size):
     G, S = lax.associative_scan(combine, (g, X), axis=1)
     S = S + jnp.exp(G)[..., None, None] * S0[:, None]  # S_t for every t: [B, T, H, K, V]
     S_final = S[:, -1]
-    if mode == "causal":
+    if masking == "causal":
         o = jnp.einsum("bthk,bthkv->bthv", q, S)
-    elif mode == "none":
+    elif masking == "none":
         o = jnp.einsum("bthk,bhkv->bthv", q, S_final)
     else:
         N = -(-T // chunk_size)
@@ -267,7 +270,7 @@ def unchunk_layout(x, T):
     return x[:, :T]
 
 
-def _chunked(q, k, v, g, S0, mode, chunk_size):
+def _chunked(q, k, v, g, S0, masking, chunk_size):
     """Chunk-parallel form: masked matmuls inside chunks, a scan over chunks carrying the state.
 
     The scan runs over chunks with all (B, H) pairs of one chunk batched in each step:
@@ -277,7 +280,7 @@ def _chunked(q, k, v, g, S0, mode, chunk_size):
     only the state before each chunk and recomputes the intra-chunk products.
     """
     B, T, H, K = q.shape
-    C = min(chunk_size, T) if mode != "chunk" else chunk_size
+    C = min(chunk_size, T) if masking != "chunk" else chunk_size
     N = -(-T // C)
 
     def tm(x):  # [B, T, H, ...] -> [N, B, H, C, ...]
@@ -285,10 +288,10 @@ def _chunked(q, k, v, g, S0, mode, chunk_size):
         perm = (1, 0, 3, 2) + tuple(range(4, x.ndim))
         return jnp.transpose(x, perm)
 
-    if mode == "none":
+    if masking == "none":
         _, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, False, False)
         return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
-    o, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, mode == "causal", True)
+    o, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, masking == "causal", True)
     o = jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(B, N * C, H, -1)[:, :T]
     return o, S_final
 
@@ -360,7 +363,7 @@ def _chunk_scan_fwd(q, k, v, g, S0, h0, marks, intra, emit):
 def _chunk_scan_bwd(intra, emit, res, cts):
     """Reverse scan: carry dS (cotangent of the state after the chunk).
 
-    With P = Q Kᵀ, A = P ⊙ D (causal; chunk mode has no A and γ ≡ 1):
+    With P = Q Kᵀ, A = P ⊙ D (causal; chunk masking has no A and γ ≡ 1):
       dA = dO Vᵀ,  dV = Aᵀ dO + (λK) dS',  dP = dA ⊙ D,
       dQ = dP K + γ ⊙ (dO Sᵀ),  dK = dPᵀ Q + λ ⊙ (V dS'ᵀ),  dS = Γ dS' + (γQ)ᵀ dO,
     and the log-decay gradient through D, γ, λ, Γ followed by a reverse cumsum. Packed
@@ -433,28 +436,28 @@ _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 # --------------------------------------------------------------------------- packed sequences
 
 
-def _chunked_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+def _chunked_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
     """:func:`_chunked` on packed sequences: each sequence cut into its own chunks
     (:mod:`tttla_jax.ops.varlen`), the chunk scan resetting to the sequence's initial state
     on its first chunk and keeping its final state after its last (same custom VJP)."""
     lay = varlen.layout(cu_seqlens, q.shape[1], chunk_size)
     # the layout's derivative by gathers (the chunk scan is a custom_vjp: no forward mode anyway)
     qc, kc, vc, gc = (varlen.to_chunks(x, lay, gather_vjp=True) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
-    emit = mode != "none"
+    emit = masking != "none"
     o, _, SF = _chunk_scan(qc, kc, vc, gc, jnp.zeros_like(h0[0])[None], h0[:, None],
-                           (lay.first, lay.ends, lay.seq), mode == "causal", emit)
-    return _varlen_outputs(o, qc, SF[:, 0], lay, mode, gather_vjp=True)
+                           (lay.first, lay.ends, lay.seq), masking == "causal", emit)
+    return _varlen_outputs(o, qc, SF[:, 0], lay, masking, gather_vjp=True)
 
 
-def _varlen_outputs(o, qc, S_final, lay, mode, gather_vjp=False):
-    """Chunk outputs back to tokens; ``mode="none"``: every query reads its own sequence's
+def _varlen_outputs(o, qc, S_final, lay, masking, gather_vjp=False):
+    """Chunk outputs back to tokens; ``masking="none"``: every query reads its own sequence's
     final state."""
-    if mode == "none":
+    if masking == "none":
         o = jnp.einsum("nbhck,nbhkv->nbhcv", qc, jnp.take(S_final, lay.seq, axis=0)[:, None])
     return varlen.from_chunks(o, lay, gather_vjp=gather_vjp), S_final
 
 
-def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+def _recurrent_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
     """Token scan on packed sequences, in the re-chunked layout: an outer scan over chunks
     (resetting on each sequence's first chunk; rematerialised per chunk) around the token
     scan of :func:`_recurrent`."""
@@ -472,17 +475,17 @@ def _recurrent_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
         qn, kn, vn, gn, f, n = x
         S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False)[None], S)
         S_next, o = lax.scan(token, S, tuple(tm(y) for y in (qn, kn, vn, gn)))
-        if mode == "chunk":  # block causal: the whole chunk reads the state before it
+        if masking == "chunk":  # block causal: the whole chunk reads the state before it
             o = jnp.einsum("bhck,bhkv->bhcv", qn, S)
         else:
             o = jnp.moveaxis(o, 0, 2)
         return S_next, (o, S_next)
 
     _, (o, S_after) = lax.scan(chunk, jnp.zeros_like(h0[:1]), xs + (lay.first, lay.seq))
-    return _varlen_outputs(o, xs[0], varlen.final_states(S_after, h0, lay), lay, mode)
+    return _varlen_outputs(o, xs[0], varlen.final_states(S_after, h0, lay), lay, masking)
 
 
-def _associative_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
+def _associative_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
     """Segmented ``lax.associative_scan``: a pair that starts a sequence does not combine with
     what is before it, ``(g1, X1, r1) ∘ (g2, X2, r2) = (g2, X2, 1)`` if ``r2`` else
     ``(g1 + g2, exp(g2)·X1 + X2, r1)``; then ``S_t = X_t + exp(G_t)·h0[n_t]``."""
@@ -507,9 +510,9 @@ def _associative_varlen(q, k, v, g, h0, mode, chunk_size, cu_seqlens):
     S = S + jnp.exp(G)[..., None, None] * H0t                    # S_t for every t
     last = cu[1:] - 1
     S_final = jnp.where((cu[1:] > cu[:-1])[:, None, None, None], S[0, jnp.maximum(last, 0)], h0)
-    if mode == "causal":
+    if masking == "causal":
         o = jnp.einsum("bthk,bthkv->bthv", q, S)
-    elif mode == "none":
+    elif masking == "none":
         o = jnp.einsum("bthk,bthkv->bthv", q, jnp.take(S_final, n_t, axis=0)[None])
     else:  # block causal within each sequence: read the state before the token's block
         start = pos - pos % chunk_size                          # block start, in the sequence
