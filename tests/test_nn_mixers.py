@@ -1,7 +1,7 @@
-"""Token mixers (tttla_jax.nn.mixers): mode equivalence, decoding, transforms, counts, errors.
+"""Token mixers (tttla_jax.nn.mixers): implementation equivalence, decoding, transforms, counts, errors.
 
-float64 checks at 1e-10 (models built with dtype = param_dtype = float64); float32 mode
-agreement at 1e-4 (documented tolerance: chunked vs token-scan summation order).
+float64 checks at 1e-10 (models built with dtype = param_dtype = float64); float32
+implementation agreement at 1e-4 (documented tolerance: chunked vs token-scan summation order).
 """
 import functools
 
@@ -34,9 +34,9 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
-def make(case, mode, dtype=F64, param_dtype=F64, seed=0, **over):
+def make(case, impl, dtype=F64, param_dtype=F64, seed=0, **over):
     cls, kw = CASES[case]
-    return cls(width=W, num_heads=H, mode=mode, dtype=dtype, param_dtype=param_dtype,
+    return cls(width=W, num_heads=H, impl=impl, dtype=dtype, param_dtype=param_dtype,
                rngs=nnx.Rngs(seed), **{**kw, **over})
 
 
@@ -75,12 +75,12 @@ def random_cache(m, seed=2):
 
 
 @functools.lru_cache(maxsize=None)
-def run(case, mode):
-    """Everything the float64 tests compare, computed in one jitted function per (case, mode):
+def run(case, impl):
+    """Everything the float64 tests compare, computed in one jitted function per (case, impl):
     the call from a non-trivial cache with its gradients w.r.t. parameters, inputs and the
     float entries of that cache; the full forward from an empty cache and the same sequence
     fed in pieces."""
-    m = make(case, mode)
+    m = make(case, impl)
     gd, params = nnx.split(m)
     cache = random_cache(m)
     fc = {k: v for k, v in cache.items() if k not in NOGRAD_KEYS}
@@ -111,9 +111,9 @@ def run(case, mode):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_recurrent_and_parallel_agree_f64(case):
+def test_recurrent_and_chunked_agree_f64(case):
     """Outputs, final cache and gradients w.r.t. parameters, inputs and initial cache."""
-    r0, r1 = run(case, "recurrent"), run(case, "parallel")
+    r0, r1 = run(case, "recurrent"), run(case, "chunked")
     assert r0["y"].dtype == F64 and r0["y"].shape == (B, T, W)
     assert max_diff(r0["y"], r1["y"]) < TOL
     assert max_diff(r0["c"], r1["c"]) < TOL
@@ -126,11 +126,11 @@ def test_recurrent_and_parallel_agree_f64(case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("mode", ["recurrent", "parallel"])
-def test_pieces_equal_full_forward(case, mode):
+@pytest.mark.parametrize("impl", ["recurrent", "chunked"])
+def test_pieces_equal_full_forward(case, impl):
     """Prefill + token-by-token decoding (pieces 5, 1, 1) equals one full call, outputs and
     final cache."""
-    r = run(case, mode)
+    r = run(case, impl)
     for y, c in r["pieces"]:
         assert max_diff(y, r["y_full"]) < TOL
         assert max_diff(c, r["c_full"]) < TOL
@@ -138,7 +138,7 @@ def test_pieces_equal_full_forward(case, mode):
 
 def test_jit_vmap_checkpoint():
     case = "la_decay_silul2"
-    m = make(case, "parallel")
+    m = make(case, "chunked")
     x = inputs()
     gd, params = nnx.split(m)
 
@@ -150,7 +150,7 @@ def test_jit_vmap_checkpoint():
     assert max_diff(yj, y) < TOL and max_diff(cj, c) < TOL
 
     # jax.vmap over a batch of two models (stacked parameter states)
-    m2 = make(case, "parallel", seed=5)
+    m2 = make(case, "chunked", seed=5)
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, nnx.state(m2))
     loss = loss_fn(gd)
     cache0 = m.init_cache(B)
@@ -170,20 +170,20 @@ def test_jit_vmap_checkpoint():
     assert max_diff(g_plain, g_remat) < TOL
 
 
-def test_auto_mode_equals_parallel_linear_attention():
+def test_auto_impl_equals_chunked_linear_attention():
     x = inputs()
     ya, _ = make("la_decay_silul2", "auto")(x)
-    yp, _ = make("la_decay_silul2", "parallel")(x)
+    yp, _ = make("la_decay_silul2", "chunked")(x)
     assert max_diff(ya, yp) < TOL
 
 
 @pytest.mark.parametrize("case", ["la_decay_silul2", "gated_delta_conv", "swa_rope"])
-def test_float32_modes_agree_and_dtypes(case):
-    """float32: recurrent and parallel agree to 1e-4 (summation order); bfloat16
+def test_float32_impls_agree_and_dtypes(case):
+    """float32: recurrent and chunked agree to 1e-4 (summation order); bfloat16
     activations with float32 parameters give a bfloat16 output and float32 fast weights."""
     x = inputs(jnp.float32)
-    ms = [make(case, mode, dtype=jnp.float32, param_dtype=jnp.float32) for mode in ("recurrent", "parallel")]
-    mb = make(case, "parallel", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    ms = [make(case, impl, dtype=jnp.float32, param_dtype=jnp.float32) for impl in ("recurrent", "chunked")]
+    mb = make(case, "chunked", dtype=jnp.bfloat16, param_dtype=jnp.float32)
     graphs = [nnx.split(mm) for mm in (*ms, mb)]
 
     @jit
@@ -203,7 +203,7 @@ def test_float32_modes_agree_and_dtypes(case):
 def test_sliding_window_matches_naive_loop():
     """SWA against a per-query float64 loop: softmax over the last `window` positions."""
     window = 3
-    m = make("swa_rope", "parallel", window=window)
+    m = make("swa_rope", "chunked", window=window)
     x = inputs()
     y, _ = m(x)
     pos = jnp.arange(T)
@@ -264,12 +264,18 @@ def test_parameters_carry_logical_sharding():
 
 @pytest.mark.parametrize("cls,kwargs,match", [
     (LinearAttention, dict(num_heads=3), r"num_heads: must divide width"),
-    (LinearAttention, dict(mode="fast"), r"mode: got 'fast', expected one of"),
+    (LinearAttention, dict(impl="fast"), r"impl: got 'fast', expected one of \('auto', 'pallas', 'chunked', "
+                                         r"'recurrent', 'associative'\) \(the implementation vocabulary is"),
+    (LinearAttention, dict(impl="dual"), r"impl: LinearAttention does not support impl='dual'; supported: "
+                                         r"\('auto', 'pallas', 'chunked', 'recurrent', 'associative'\)"),
+    (LinearAttention, dict(impl="parallel"), r"impl: got 'parallel'"),
     (LinearAttention, dict(feature_map="relu"), r"feature_map: got 'relu'"),
     (LinearAttention, dict(chunk_size=0), r"chunk_size: expected a positive int"),
-    (DeltaNet, dict(mode="pallas"), r"DeltaNet does not support mode='pallas'"),
+    (DeltaNet, dict(impl="associative"), r"impl: DeltaNet does not support impl='associative'; "
+                                         r"supported: \('auto', 'pallas', 'chunked', 'recurrent'\)"),
     (DeltaNet, dict(feature_map="elu+1"), r"feature_map: got 'elu\+1'"),
-    (SlidingWindowAttention, dict(mode="pallas"), r"SlidingWindowAttention does not support mode='pallas'"),
+    (SlidingWindowAttention, dict(impl="pallas"), r"impl: SlidingWindowAttention does not support "
+                                                  r"impl='pallas'; supported: \('auto', 'chunked', 'recurrent'\)"),
     (SlidingWindowAttention, dict(window=0), r"window: expected a positive int"),
     (SlidingWindowAttention, dict(head_dim=3), r"head_dim: RoPE needs an even head dim"),
 ])
@@ -280,7 +286,7 @@ def test_bad_config_raises(cls, kwargs, match):
 
 
 def test_bad_call_inputs_raise():
-    m = make("gated_delta_conv", "parallel")
+    m = make("gated_delta_conv", "chunked")
     with pytest.raises(ValueError, match=r"x: expected \[B, T, W\] with W = 8"):
         m(jnp.zeros((B, T, 5), F64))
     with pytest.raises(ValueError, match=r"x: expected a rank-3 array"):
@@ -290,20 +296,20 @@ def test_bad_call_inputs_raise():
         m(inputs(), cache={k: v for k, v in c.items() if k != "conv_q"})
     with pytest.raises(ValueError, match=r"cache\['state'\]: expected shape \[B, H, D, D\] = \(2, 2, 4, 4\)"):
         m(inputs(), cache={**c, "state": jnp.zeros((B, H, 4, 5))})
-    s = make("swa_rope", "parallel")
+    s = make("swa_rope", "chunked")
     with pytest.raises(ValueError, match=r"positions: expected shape \[B, T\]"):
         s(inputs(), positions=jnp.zeros((B, T + 1), jnp.int32))
     with pytest.raises(ValueError, match=r"positions: expected an integer dtype"):
         s(inputs(), positions=jnp.zeros((B, T), F64))
 
 
-def test_pallas_mode_linear_attention_matches_parallel():
-    """mode="pallas" runs the Pallas kernel (interpret mode on CPU; it needs a head dim in
+def test_pallas_impl_linear_attention_matches_chunked():
+    """impl="pallas" runs the Pallas kernel (interpret mode on CPU; it needs a head dim in
     {16, 32, ...}); float32 tolerance 1e-5."""
     x = jax.random.normal(jax.random.key(0), (1, 5, 16), jnp.float32)
     ys = []
-    for mode in ("pallas", "parallel"):
-        m = LinearAttention(width=16, num_heads=1, mode=mode, chunk_size=16, use_decay=True,
+    for impl in ("pallas", "chunked"):
+        m = LinearAttention(width=16, num_heads=1, impl=impl, chunk_size=16, use_decay=True,
                             rngs=nnx.Rngs(0))
         ys.append(m(x))
     np.testing.assert_allclose(ys[0][0], ys[1][0], atol=1e-5, rtol=1e-5)

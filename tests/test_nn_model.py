@@ -1,6 +1,6 @@
 """LanguageModel, LMConfig and decoding (tttla_jax.nn.model, tttla_jax.nn.decode).
 
-float64 at 1e-10: recurrent vs parallel logits and parameter gradients (the parallel
+float64 at 1e-10: recurrent vs chunked logits and parameter gradients (the chunked
 model also rematerialises its blocks), prefill + token-by-token decoding == full forward
 (prompt length 5, not a multiple of the chunk sizes 4 / 3), greedy ``generate`` ==
 step-by-step argmax decoding.
@@ -44,8 +44,8 @@ def tokens(t=T, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def run(mode, remat):
-    model = LanguageModel(LMConfig(**HYBRID, mode=mode, remat=remat), rngs=nnx.Rngs(0))
+def run(impl, remat):
+    model = LanguageModel(LMConfig(**HYBRID, impl=impl, remat=remat), rngs=nnx.Rngs(0))
     gd, params = nnx.split(model)
     toks = tokens()
 
@@ -69,9 +69,9 @@ def run(mode, remat):
     return f(params)
 
 
-def test_recurrent_and_parallel_lm_agree_with_remat():
+def test_recurrent_and_chunked_lm_agree_with_remat():
     l0, c0, g0, _, _ = run("recurrent", False)
-    l1, c1, g1, _, _ = run("parallel", True)
+    l1, c1, g1, _, _ = run("chunked", True)
     assert l0.shape == (B, T, V) and l0.dtype == F64
     assert max_diff(l0, l1) < TOL
     assert max_diff(c0, c1) < TOL
@@ -79,9 +79,9 @@ def test_recurrent_and_parallel_lm_agree_with_remat():
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(g0))
 
 
-@pytest.mark.parametrize("mode,remat", [("recurrent", False), ("parallel", True)])
-def test_prefill_then_decode_equals_full_forward(mode, remat):
-    logits, cache, _, stepped, c = run(mode, remat)
+@pytest.mark.parametrize("impl,remat", [("recurrent", False), ("chunked", True)])
+def test_prefill_then_decode_equals_full_forward(impl, remat):
+    logits, cache, _, stepped, c = run(impl, remat)
     assert max_diff(stepped, logits) < TOL
     assert max_diff(c, cache) < TOL
     assert jnp.array_equal(c["pos"], jnp.full((B,), T))
@@ -89,7 +89,7 @@ def test_prefill_then_decode_equals_full_forward(mode, remat):
 
 def test_generate_greedy_is_argmax_decoding_and_deterministic():
     cfg = LMConfig(vocab_size=V, width=8, num_layers=2, num_heads=2, mlp_hidden=8,
-                   mixers=("delta_net", "swa"), mode="parallel",
+                   mixers=("delta_net", "swa"), impl="chunked",
                    mixer_options={"swa": {"window": 3}, "delta_net": {"chunk_size": 4}},
                    dtype=F64, param_dtype=F64, embed_init_std=1.0)
     model = LanguageModel(cfg, rngs=nnx.Rngs(1))
@@ -195,8 +195,17 @@ BASE = dict(vocab_size=V, width=8, num_layers=2, num_heads=2)
     (dict(mixers=("swa",)), r"mixers: expected a mixer name or a sequence of num_layers=2 names"),
     (dict(mixer_options={"swa": {"windw": 4}}), r"mixer_options\['swa'\]: unknown options \['windw'\], expected a subset of"),
     (dict(mixer_options={"no_such_mixer": {}}), r"mixer_options: unknown mixer 'no_such_mixer'"),
-    (dict(mixers="swa", mode="pallas"), r"mode: mixer 'swa' does not support mode='pallas'"),
-    (dict(mode="fastest"), r"mode: got 'fastest', expected one of"),
+    (dict(mixers="swa", impl="pallas"),
+     r"impl: mixer 'swa' \(SlidingWindowAttention\) does not support impl='pallas'; its impls are "
+     r"\('auto', 'chunked', 'recurrent'\) \(override it for this mixer with "
+     r"mixer_options=\{'swa': \{'impl': \.\.\.\}\}\)"),
+    (dict(mixers=("linear_attention", "delta_net"), impl="associative"),
+     r"impl: mixer 'delta_net' \(DeltaNet\) does not support impl='associative'.*"
+     r"mixer_options=\{'delta_net': \{'impl'"),
+    (dict(mixers="swa", mixer_options={"swa": {"impl": "pallas"}}),
+     r"mixer_options\['swa'\]\['impl'\]: mixer 'swa' \(SlidingWindowAttention\) does not support impl='pallas'"),
+    (dict(impl="fastest"), r"impl: got 'fastest', expected one of .*the implementation vocabulary is"),
+    (dict(impl="parallel"), r"impl: got 'parallel'"),
     (dict(vocab_size=0), r"vocab_size: expected a positive int, got 0"),
     (dict(mlp_hidden=-4), r"mlp_hidden: expected a positive int"),
     (dict(param_dtype=jnp.int32), r"param_dtype: expected a floating dtype"),
@@ -207,11 +216,12 @@ def test_bad_config_raises(over, match):
         LMConfig(**{**BASE, **over})
 
 
-def test_per_mixer_mode_override():
-    cfg = LMConfig(**{**BASE, "mixers": ("linear_attention", "swa"), "mode": "pallas",
-                      "mixer_options": {"swa": {"mode": "parallel"}}})
+def test_per_mixer_impl_override():
+    cfg = LMConfig(**{**BASE, "mixers": ("linear_attention", "swa"), "impl": "pallas",
+                      "mixer_options": {"swa": {"impl": "chunked"}}})
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-    assert [b.mixer.mode for b in model.blocks] == ["pallas", "parallel"]
+    assert [b.mixer.impl for b in model.blocks] == ["pallas", "chunked"]
+    assert cfg.options_for("swa") == {"impl": "chunked"}
 
 
 def test_bad_call_inputs_raise():

@@ -34,9 +34,9 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
-def make(case, mode="parallel"):
+def make(case, impl="chunked"):
     cls, kw = CASES[case]
-    return cls(width=W, num_heads=H, mode=mode, dtype=F64, param_dtype=F64,
+    return cls(width=W, num_heads=H, impl=impl, dtype=F64, param_dtype=F64,
                rngs=nnx.Rngs(0), **kw)
 
 
@@ -75,11 +75,11 @@ def objective(y, c):
 
 
 @functools.lru_cache(maxsize=None)
-def run(case, mode, full=True):
+def run(case, impl, full=True):
     """Packed vs separate, from no cache and from a random per-sequence cache; with
     ``full`` also gradients w.r.t. x and that cache, and two decoding steps from the
     returned caches — one jit."""
-    m = make(case, mode)
+    m = make(case, impl)
     x = jax.random.normal(jax.random.key(1), (1, T, W), F64)
     xd = jax.random.normal(jax.random.key(3), (N, 2, W), F64)
     c0 = random_cache(m, N)
@@ -121,10 +121,10 @@ def run(case, mode, full=True):
     return f(x, xd, c0)
 
 
-@pytest.mark.parametrize("mode", ["parallel", "recurrent"])
+@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_equals_separate_calls(case, mode):
-    r = run(case, mode, full=mode == "parallel")
+def test_packed_equals_separate_calls(case, impl):
+    r = run(case, impl, full=impl == "chunked")
     for a, b in (("p_nocache", "s_nocache"), ("p", "s")):
         (yp, cp), (ys, cs) = r[a], r[b]
         assert yp.shape == (1, T, W) and yp.dtype == F64
@@ -140,7 +140,7 @@ def test_packed_equals_separate_calls(case, mode):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_packed_gradients_and_decoding(case):
-    r = run(case, "parallel")
+    r = run(case, "chunked")
     assert max_diff(r["gp"], r["gs"]) < TOL
     gx, gc = r["gp"]
     assert float(jnp.max(jnp.abs(gx))) > 0

@@ -5,17 +5,20 @@ ViT³ — are added the same way and registered with :func:`register_mixer`):
 
 * **Construction** — keyword-only config: ``width``, ``num_heads``, ``head_dim=None``
   (``width // num_heads``), rule fields (``chunk_size``, ``window``, gates, ...), then
-  ``mode``, ``dtype``, ``param_dtype``, ``rngs``. Bad values raise ``ValueError`` at
+  ``impl``, ``dtype``, ``param_dtype``, ``rngs``. Bad values raise ``ValueError`` at
   construction, naming the field. Parameter initialisers carry logical sharding names
   (``"embed"``, ``"heads"``, ``"mlp"``, ``"vocab"``, ``"head_dim"``, ``"conv"``; see
   :mod:`tttla_jax.nn.layers`).
-* **Mode** — ``"recurrent"`` (the ``lax.scan`` / memorisation view), ``"parallel"``
-  (the linear-attention view: chunked / associative forms), ``"pallas"`` (the kernel),
-  ``"auto"`` (the fastest supported form). A class attribute ``supported_modes`` lists
-  what the layer can do; any other mode raises ``ValueError`` at construction (a rule
-  without a parallel form, e.g. a non-associative one, leaves out ``"parallel"`` and
-  says why). All supported modes give the same outputs and gradients (checked in
-  float64 at 1e-10).
+* **Implementation** — ``impl``, one word from the library's vocabulary
+  (:data:`tttla_jax.impl.Impl`, docs/implementations.md): ``"recurrent"`` (the
+  ``lax.scan`` / memorisation view), ``"chunked"`` / ``"associative"`` (the
+  linear-attention view: chunked matmuls / associative scan), ``"pallas"`` (the kernel),
+  ``"dual"`` / ``"primal"`` (TTT's two forms), ``"auto"`` (default: the first supported
+  form in the layer's preference order). The class attribute ``impls`` lists what the
+  layer can run, in that order; any other value raises ``ValueError`` at construction
+  naming the layer and its ``impls`` (:func:`check_layer_impl`; a rule without a
+  parallel form leaves those out and says why). All supported implementations give the
+  same outputs and gradients (checked in float64 at 1e-10).
 * **Call** — ``y, new_cache = mixer(x, *, cache=None, positions=None)`` with ``x``
   ``[B, T, W]`` → ``y`` ``[B, T, W]``. The cache is a flat dict of arrays carrying the
   fast-weight state explicitly in and out (plus conv states, sliding-window keys and,
@@ -35,7 +38,8 @@ ViT³ — are added the same way and registered with :func:`register_mixer`):
 
 Exports:
     RMSNorm, SwiGLU, ShortConv, apply_rope           building blocks
-    Mixer, LinearAttention, DeltaNet, SlidingWindowAttention, MIXERS, register_mixer
+    Mixer, LinearAttention, DeltaNet, SlidingWindowAttention, MIXERS, register_mixer,
+    check_layer_impl
     LMConfig, LanguageModel, Block, count_params
     init_cache, prefill, decode_step, generate, sample_logits
     load_reference_weights, export_reference_weights, prefixed_weight_map   (weights.py)
@@ -47,11 +51,11 @@ Exports:
 from tttla_jax.nn.layers import RMSNorm, ShortConv, SwiGLU, apply_rope
 from tttla_jax.nn.mixers import (
     MIXERS,
-    MODES,
     DeltaNet,
     LinearAttention,
     Mixer,
     SlidingWindowAttention,
+    check_layer_impl,
     register_mixer,
 )
 from tttla_jax.nn.model import Block, LanguageModel, LMConfig, count_params
@@ -64,8 +68,8 @@ from tttla_jax.nn.vit import ViT3Block, ViTClassifier, ViTConfig  # non-causal: 
 
 __all__ = [
     "RMSNorm", "ShortConv", "SwiGLU", "apply_rope",
-    "MIXERS", "MODES", "DeltaNet", "LinearAttention", "Mixer", "SlidingWindowAttention",
-    "register_mixer",
+    "MIXERS", "DeltaNet", "LinearAttention", "Mixer", "SlidingWindowAttention",
+    "check_layer_impl", "register_mixer",
     "Block", "LanguageModel", "LMConfig", "count_params",
     "decode_step", "generate", "init_cache", "prefill", "sample_logits",
     "load_reference_weights", "export_reference_weights", "prefixed_weight_map",

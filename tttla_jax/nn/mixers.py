@@ -1,7 +1,7 @@
 """Token mixers: linear attention, (gated) DeltaNet and sliding-window softmax attention.
 
 Every mixer follows the protocol described in :mod:`tttla_jax.nn` (``Mixer``):
-keyword configuration, an explicit ``mode``, ``init_cache(batch_size)`` and
+keyword configuration, an explicit ``impl`` (docs/implementations.md), ``init_cache(batch_size)`` and
 ``__call__(x, *, cache=None, positions=None) -> (y, new_cache)`` with the fast-weight
 state carried explicitly in and out. :class:`LinearAttention` and :class:`DeltaNet` also
 take ``cu_seqlens`` (packed variable-length sequences, ``x`` ``[1, T, W]``, caches in and
@@ -23,15 +23,12 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions, dense, l2_normalize,
                                  partitioned)
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
 from tttla_jax.ops.varlen import check_cu_seqlens
-
-#: Layer modes and the op ``impl`` each maps to (``tt.linear_attention`` / ``tt.delta_rule``).
-MODES = ("recurrent", "parallel", "pallas", "auto")
-MODE_TO_IMPL = {"recurrent": "recurrent", "parallel": "chunked", "pallas": "pallas", "auto": "auto"}
 
 Cache = dict  # a flat dict of arrays (a pytree); its keys are documented per mixer
 
@@ -55,11 +52,27 @@ def resolve_heads(width: int, num_heads: int, head_dim: Optional[int]) -> int:
     return head_dim
 
 
-def _check_mode(cls_name: str, mode: str, supported: tuple) -> None:
+# TEMPORARY aliases, removed at integration: the old layer vocabulary, kept only so layer
+# modules not yet switched to ``impls`` / :func:`check_layer_impl` keep importing.
+MODES = ("recurrent", "parallel", "pallas", "auto")
+
+
+def _check_mode(cls_name: str, mode: str, supported: tuple) -> None:  # TEMPORARY alias
     _checks.check_choice("mode", mode, MODES)
     if mode not in supported:
         raise ValueError(
             f"mode: {cls_name} does not support mode={mode!r}; supported modes are {supported}")
+
+
+def check_layer_impl(cls, impl) -> str:
+    """Validate a layer's ``impl`` argument against the vocabulary and ``cls.impls``.
+
+    ``cls`` is the layer class (or an instance); ``impl`` must be ``"auto"`` or one of
+    ``cls.impls`` (values of :data:`tttla_jax.impl.Impl`, docs/implementations.md).
+    Raises ``ValueError`` naming the layer, the value got and the supported impls.
+    """
+    cls = cls if isinstance(cls, type) else type(cls)
+    return _impl.check_impl("impl", impl, ("auto",) + tuple(cls.impls), where=cls.__name__)
 
 
 def _check_cache(cache: Cache, expected: dict) -> None:
@@ -85,10 +98,13 @@ def resolve_positions(positions, cache: Cache, B: int, T: int) -> Array:
 class Mixer(nnx.Module):
     """Base class of token mixers (see the protocol in :mod:`tttla_jax.nn`).
 
-    Subclasses set ``supported_modes`` and implement ``init_cache`` and ``__call__``.
+    Subclasses set ``impls`` (their implementations, values of
+    :data:`tttla_jax.impl.Impl` in ``"auto"`` preference order, without ``"auto"``),
+    validate their ``impl`` argument with :func:`check_layer_impl` and implement
+    ``init_cache`` and ``__call__``.
     """
 
-    supported_modes: tuple = MODES
+    impls: tuple = ("recurrent",)
 
     def init_cache(self, batch_size: int) -> Cache:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -171,7 +187,7 @@ class LinearAttention(Mixer):
 
     ``q, k, v = φ(x W_q), φ(x W_k), x W_v`` per head; ``S_t = e^{g_t} S_{t−1} + k_tᵀ v_t``,
     ``o_t = (D^{−1/2} q_t) S_t`` (docs/linear_attention.md, linear / decayed rows), then a per-head RMSNorm
-    and ``o_proj``. Runs on :func:`tttla_jax.linear_attention` with ``mode="causal"``.
+    and ``o_proj``. Runs on :func:`tttla_jax.linear_attention` (causal masking).
 
     Args:
       width: model width ``W``.
@@ -180,8 +196,10 @@ class LinearAttention(Mixer):
       feature_map: ``"identity"`` | ``"elu+1"`` | ``"silu+l2"`` applied to q and k.
       use_decay: add the data-dependent per-head log-decay gate (:class:`DecayGate`).
       chunk_size: chunk length of the parallel (chunked) form.
-      mode: ``"recurrent"`` | ``"parallel"`` | ``"pallas"`` | ``"auto"`` → op impl
-        ``recurrent`` | ``chunked`` | ``pallas`` | ``auto``.
+      impl: ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"associative"`` | ``"auto"``:
+        passed to :func:`tttla_jax.linear_attention`, which resolves ``"auto"`` (the kernel
+        on GPU/TPU where it supports the shape, else the chunked form) and says why an
+        explicit request cannot run (docs/implementations.md).
       norm_eps: epsilon of the output norm.
 
     Parameters: ``4·W·H·D + D`` (+ ``W·H + 2H`` with ``use_decay``).
@@ -194,19 +212,19 @@ class LinearAttention(Mixer):
     with batch size N.
     """
 
-    supported_modes = MODES
+    impls = ("pallas", "chunked", "recurrent", "associative")
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  feature_map: str = "elu+1", use_decay: bool = False, chunk_size: int = 64,
-                 mode: str = "auto", norm_eps: float = 1e-6, dtype=None,
+                 impl: str = "auto", norm_eps: float = 1e-6, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, FEATURE_MAPS)
         _checks.check_positive_int("chunk_size", chunk_size)
-        _check_mode(type(self).__name__, mode, self.supported_modes)
+        self.impl = check_layer_impl(type(self), impl)
         self.width, self.num_heads = width, num_heads
         self.feature_map, self.use_decay = feature_map, use_decay
-        self.chunk_size, self.mode = chunk_size, mode
+        self.chunk_size = chunk_size
         self.dtype, self.param_dtype = dtype, param_dtype
         HD = num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -242,8 +260,8 @@ class LinearAttention(Mixer):
         v = self._heads(self.v_proj(x), B, T)
         g = None if self.gate is None else self.gate(x)
         o, S = linear_attention(q, k, v, log_decay=g, initial_state=cache["state"],
-                                output_final_state=True, mode="causal",
-                                chunk_size=self.chunk_size, impl=MODE_TO_IMPL[self.mode],
+                                output_final_state=True,
+                                chunk_size=self.chunk_size, impl=self.impl,
                                 cu_seqlens=cu_seqlens)
         o = self.out_norm(o).reshape(B, T, H * D)
         return self.o_proj(o), {"state": S.astype(cache["state"].dtype)}
@@ -270,9 +288,12 @@ class DeltaNet(Mixer):
       conv_size: conv taps.
       feature_map: ``"silu+l2"`` | ``"l2"`` | ``"identity"`` on q and k (after the conv).
       use_gate: gated DeltaNet (data-dependent log-decay).
-      chunk_size: chunk length of the parallel (WY) form.
-      mode: ``"recurrent"`` | ``"parallel"`` | ``"auto"``; ``"pallas"`` is rejected (no
-        delta-rule kernel exists yet).
+      chunk_size: chunk length of the chunked (WY) form and of the kernel.
+      impl: ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"auto"``: passed to
+        :func:`tttla_jax.delta_rule`, which resolves ``"auto"`` (the Pallas forward kernel
+        with an XLA backward on GPU/TPU where it supports the shape, else the chunked
+        form) and says why an explicit request cannot run — e.g. ``"pallas"`` with
+        ``cu_seqlens`` or an unsupported head dim (docs/implementations.md).
 
     Parameters: ``4·W·H·D + W·H + D`` (+ ``3·conv_size·H·D`` with the conv, + ``W·H + 2H``
     with the gate).
@@ -285,21 +306,21 @@ class DeltaNet(Mixer):
     before a sequence's start reads that sequence's conv state).
     """
 
-    supported_modes = ("recurrent", "parallel", "auto")
+    impls = ("pallas", "chunked", "recurrent")
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  use_short_conv: bool = True, conv_size: int = 4, feature_map: str = "silu+l2",
-                 use_gate: bool = False, chunk_size: int = 64, mode: str = "auto",
+                 use_gate: bool = False, chunk_size: int = 64, impl: str = "auto",
                  norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, DELTA_FEATURE_MAPS)
         _checks.check_positive_int("chunk_size", chunk_size)
         _checks.check_positive_int("conv_size", conv_size)
-        _check_mode(type(self).__name__, mode, self.supported_modes)
+        self.impl = check_layer_impl(type(self), impl)
         self.width, self.num_heads = width, num_heads
         self.use_short_conv, self.conv_size = use_short_conv, conv_size
         self.feature_map, self.use_gate = feature_map, use_gate
-        self.chunk_size, self.mode = chunk_size, mode
+        self.chunk_size = chunk_size
         self.dtype, self.param_dtype = dtype, param_dtype
         HD = num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -367,7 +388,7 @@ class DeltaNet(Mixer):
         g = None if self.gate is None else self.gate(x)
         o, S = delta_rule(q, k, v, beta, log_decay=g, initial_state=cache["state"],
                           output_final_state=True, chunk_size=self.chunk_size,
-                          impl=MODE_TO_IMPL[self.mode], cu_seqlens=cu_seqlens)
+                          impl=self.impl, cu_seqlens=cu_seqlens)
         new_cache["state"] = S.astype(cache["state"].dtype)
         D, H = self.head_dim, self.num_heads
         o = self.out_norm(o).reshape(B, T, H * D)
@@ -429,18 +450,18 @@ class SlidingWindowAttention(Mixer):
     is not passed).
     """
 
-    supported_modes = ("recurrent", "parallel", "auto")
+    impls = ("chunked", "recurrent")
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  window: int = 64, use_rope: bool = True, rope_base: float = 10000.0,
-                 mode: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_positive_int("window", window)
-        _check_mode(type(self).__name__, mode, self.supported_modes)
+        self.impl = check_layer_impl(type(self), impl)
         if use_rope and self.head_dim % 2:
             raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim}")
         self.width, self.num_heads, self.window = width, num_heads, window
-        self.use_rope, self.rope_base, self.mode = use_rope, rope_base, mode
+        self.use_rope, self.rope_base = use_rope, rope_base
         self.dtype, self.param_dtype = dtype, param_dtype
         HD = num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -481,7 +502,7 @@ class SlidingWindowAttention(Mixer):
         if self.use_rope:
             q = apply_rope(q, positions, base=self.rope_base)
             k = apply_rope(k, positions, base=self.rope_base)
-        if self.mode == "recurrent":
+        if self.impl == "recurrent":
             def step(c, xs):
                 qt, kt, vt, pt = xs
                 o, c = self._attend(qt[:, None], kt[:, None], vt[:, None], pt[:, None], c)
@@ -513,7 +534,7 @@ def register_mixer(name: str, cls: type) -> type:
 
 
 #: Constructor arguments every mixer receives from the model (not settable per mixer).
-COMMON_ARGS = ("width", "num_heads", "head_dim", "mode", "dtype", "param_dtype", "rngs")
+COMMON_ARGS = ("width", "num_heads", "head_dim", "impl", "dtype", "param_dtype", "rngs")
 
 
 def mixer_options(cls: type) -> tuple:

@@ -7,6 +7,7 @@ Axis names: ``B`` batch, ``T`` tokens, ``W`` width, ``V`` vocabulary (here: logi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -15,8 +16,9 @@ from flax import nnx
 from jaxtyping import Array, Int
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned
-from tttla_jax.nn.mixers import MIXERS, MODES, mixer_options, resolve_heads, resolve_positions
+from tttla_jax.nn.mixers import MIXERS, mixer_options, resolve_heads, resolve_positions
 
 
 def _round_up(n: int, m: int) -> int:
@@ -52,9 +54,13 @@ class LMConfig:
         :data:`tttla_jax.nn.mixers.MIXERS`, e.g. ``("delta_net", "swa") * 2`` for a hybrid.
       mixer_options: per mixer name, keyword options of that mixer, e.g.
         ``{"swa": {"window": 128}, "delta_net": {"use_gate": True, "chunk_size": 32}}``;
-        ``"mode"`` here overrides :attr:`mode` for that mixer. Stored as a sorted tuple
-        of pairs (hashable); read it back with :meth:`options_for`.
-      mode: layer mode for every mixer (``"recurrent" | "parallel" | "pallas" | "auto"``).
+        ``"impl"`` here overrides :attr:`impl` for that mixer, e.g.
+        ``{"ttt_linear": {"impl": "dual"}}``. Stored as a sorted tuple of pairs
+        (hashable); read it back with :meth:`options_for`.
+      impl: implementation of every mixer (a value of :data:`tttla_jax.impl.Impl`,
+        docs/implementations.md; default ``"auto"``, which every mixer supports). A mixer
+        that does not support it raises, naming the mixer and its ``impls``; override it
+        per mixer with ``mixer_options``.
       mlp_hidden: SwiGLU hidden width (default ``8·W/3`` rounded up to a multiple of 8).
       norm_eps: RMSNorm epsilon.
       dtype: activation dtype (default: ``param_dtype``).
@@ -70,7 +76,7 @@ class LMConfig:
     head_dim: Optional[int] = None
     mixers: Union[str, tuple] = "linear_attention"
     mixer_options: Any = ()
-    mode: str = "auto"
+    impl: str = "auto"
     mlp_hidden: Optional[int] = None
     norm_eps: float = 1e-6
     dtype: Any = None
@@ -85,7 +91,7 @@ class LMConfig:
             resolve_heads(self.width, self.num_heads, self.head_dim)
         except ValueError as e:
             raise ValueError(f"LMConfig: {e}") from None
-        _checks.check_choice("mode", self.mode, MODES)
+        _impl.check_impl("impl", self.impl, _impl.IMPLS, where="LMConfig")
         mixers = (self.mixers,) * self.num_layers if isinstance(self.mixers, str) else self.mixers
         if not isinstance(mixers, (tuple, list)) or len(mixers) != self.num_layers:
             raise ValueError(
@@ -102,18 +108,22 @@ class LMConfig:
                 raise ValueError(f"mixer_options: unknown mixer {name!r}, expected one of {tuple(MIXERS)}")
             if not isinstance(kw, Mapping):
                 raise ValueError(f"mixer_options[{name!r}]: expected a dict of options, got {kw!r}")
-            allowed = mixer_options(MIXERS[name]) + ("mode",)
+            allowed = mixer_options(MIXERS[name]) + ("impl",)
             bad = sorted(set(kw) - set(allowed))
             if bad:
                 raise ValueError(f"mixer_options[{name!r}]: unknown options {bad}, expected a subset of {allowed}")
-        for name in set(self.mixers):
-            mode = opts.get(name, {}).get("mode", self.mode)
-            _checks.check_choice(f"mode (for mixer {name!r})", mode, MODES)
-            supported = MIXERS[name].supported_modes
-            if mode not in supported:
+        for name in sorted(set(self.mixers)):
+            override = "impl" in opts.get(name, {})
+            impl = opts[name]["impl"] if override else self.impl
+            what = f"mixer_options[{name!r}]['impl']" if override else "impl"
+            _impl.check_impl(what, impl, _impl.IMPLS, where=f"mixer {name!r}")
+            supported = ("auto",) + tuple(MIXERS[name].impls)
+            if impl not in supported and not _legacy_mode(MIXERS[name]):
+                cls = MIXERS[name].__name__
                 raise ValueError(
-                    f"mode: mixer {name!r} does not support mode={mode!r}; supported modes are "
-                    f"{supported} (override it with mixer_options={{{name!r}: {{'mode': ...}}}})")
+                    f"{what}: mixer {name!r} ({cls}) does not support impl={impl!r}; its impls are "
+                    f"{supported} (override it for this mixer with "
+                    f"mixer_options={{{name!r}: {{'impl': ...}}}})")
         object.__setattr__(self, "mixer_options",
                            tuple(sorted((k, tuple(sorted(dict(v).items()))) for k, v in opts.items())))
         if self.mlp_hidden is not None:
@@ -136,17 +146,26 @@ class LMConfig:
         return self.mlp_hidden if self.mlp_hidden is not None else _round_up(8 * self.width // 3, 8)
 
     def options_for(self, mixer: str) -> dict:
-        """The keyword options given for ``mixer`` (may include ``"mode"``)."""
+        """The keyword options given for ``mixer`` (may include ``"impl"``)."""
         return dict(dict(self.mixer_options).get(mixer, ()))
 
 
 def build_mixer(config: LMConfig, name: str, *, rngs: nnx.Rngs):
     """Instantiate mixer ``name`` with the model-wide fields of ``config`` and its options."""
     opts = config.options_for(name)
-    mode = opts.pop("mode", config.mode)
-    return MIXERS[name](width=config.width, num_heads=config.num_heads, head_dim=config.head_dim,
-                        mode=mode, dtype=config.dtype, param_dtype=config.param_dtype,
-                        rngs=rngs, **opts)
+    impl = opts.pop("impl", config.impl)
+    cls = MIXERS[name]
+    if _legacy_mode(cls):  # TEMPORARY, removed at integration
+        opts["mode"] = impl if impl in ("auto", "recurrent", "pallas") else "parallel"
+    else:
+        opts["impl"] = impl
+    return cls(width=config.width, num_heads=config.num_heads, head_dim=config.head_dim,
+               dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs, **opts)
+
+
+def _legacy_mode(cls) -> bool:
+    # TEMPORARY, removed at integration: a mixer still taking ``mode=`` instead of ``impl=``.
+    return "impl" not in inspect.signature(cls.__init__).parameters
 
 
 class Block(nnx.Module):
