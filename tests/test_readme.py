@@ -1,12 +1,92 @@
-"""The README's quickstart is executed, so it cannot rot."""
+"""The README's quickstart is executed, so it cannot rot; the docs pages the code, README and
+tests cite exist, their links resolve, and every source folder is packaged."""
+import importlib.util
 import pathlib
 import re
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS_REF = re.compile(r"docs/[\w/]+\.md")
+MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def test_readme_quickstart_runs(capsys):
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "README has no python block"
     exec(compile(blocks[0], "README.md:quickstart", "exec"), {})
     out = capsys.readouterr().out
     assert "chunked vs recurrent:" in out and "equivalence vs 'recurrent'" in out
+
+
+def _package_dirs():
+    """Where tttla_jax, tttla_jax.kernels and tttla_jax.train are installed (editable or not)."""
+    dirs = []
+    for name in ("tttla_jax", "tttla_jax.kernels", "tttla_jax.train"):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, f"{name} is not installed"
+        dirs += [pathlib.Path(p) for p in spec.submodule_search_locations]
+    return dirs
+
+
+def _cited_docs(paths):
+    hits = {}
+    for path in paths:
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for ref in DOCS_REF.findall(line):
+                hits.setdefault(ref, []).append(f"{path}:{n}")
+    return hits
+
+
+def test_docs_pages_cited_anywhere_exist():
+    """Every ``docs/….md`` named in the installed package (docstrings, error messages), the
+    README, the benchmarks or the tests is a page of docs/."""
+    files = [p for d in _package_dirs() for p in d.rglob("*.py")]
+    files += [ROOT / "README.md"] + sorted((ROOT / "benchmarks").rglob("*.py"))
+    files += sorted((ROOT / "tests").rglob("*.py"))
+    hits = _cited_docs(files)
+    assert "docs/linear_attention.md" in hits, "expected the package to cite docs pages"
+    missing = {ref: where for ref, where in hits.items() if not (ROOT / ref).is_file()}
+    assert not missing, "cited docs pages that do not exist:\n" + "\n".join(
+        f"  {ref}  (cited at {', '.join(where[:3])}{' …' if len(where) > 3 else ''})"
+        for ref, where in sorted(missing.items()))
+
+
+def test_markdown_links_resolve():
+    """Relative links in README.md and docs/ point at files that exist."""
+    broken = []
+    for md in [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md")):
+        for n, line in enumerate(md.read_text().splitlines(), 1):
+            for target in MD_LINK.findall(line):
+                if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                    continue
+                path = target.split("#", 1)[0]
+                if not (md.parent / path).exists():
+                    broken.append(f"{md.relative_to(ROOT)}:{n}: {target}")
+    assert not broken, "broken links:\n  " + "\n  ".join(broken)
+
+
+def test_docs_index_lists_every_page():
+    index = (ROOT / "docs" / "index.md").read_text()
+    pages = sorted(p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md"))
+    unlisted = [p for p in pages if p != "index.md" and f"({p})" not in index]
+    assert not unlisted, f"docs/index.md does not link {unlisted}"
+
+
+def test_every_source_folder_is_packaged():
+    """pyproject.toml lists every package folder (a new subpackage would otherwise be
+    missing from a non-editable install)."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    where = {name: ROOT / d for name, d in tool.get("package-dir", {}).items()}
+    where.setdefault("tttla_jax", ROOT / "tttla_jax")
+    found = set()
+    for name, base in where.items():
+        for init in base.rglob("*.py"):
+            if "__pycache__" in init.parts:
+                continue
+            rel = init.parent.relative_to(base).parts
+            found.add(".".join((name,) + rel))
+    missing = sorted(found - listed)
+    assert not missing, f"pyproject.toml [tool.setuptools] packages is missing {missing}"
+    assert "train" not in listed, "train must be installed as tttla_jax.train, not top level"
