@@ -90,3 +90,14 @@ def test_every_source_folder_is_packaged():
     missing = sorted(found - listed)
     assert not missing, f"pyproject.toml [tool.setuptools] packages is missing {missing}"
     assert "train" not in listed, "train must be installed as tttla_jax.train, not top level"
+
+
+def test_docs_python_blocks_run():
+    """Every ```python block of docs/ runs as written (each page's blocks in one namespace)."""
+    ran = 0
+    for md in sorted((ROOT / "docs").rglob("*.md")):
+        ns = {}
+        for i, block in enumerate(re.findall(r"```python\n(.*?)```", md.read_text(), flags=re.S)):
+            exec(compile(block, f"{md.relative_to(ROOT)}:block{i}", "exec"), ns)
+            ran += 1
+    assert ran >= 2, f"expected runnable examples in docs/, ran {ran}"
