@@ -1,14 +1,15 @@
 """Pallas kernels (GPU via Triton lowering, TPU via Mosaic), installed as ``tttla_jax.kernels``.
 
-``tt.linear_attention(..., impl="pallas")`` calls :func:`linear_attention`;
-``impl="auto"`` asks :func:`auto_supported` first. The delta-rule forward kernel
-(:func:`delta_rule`, backward in XLA) is reached the same way through
-:func:`delta_rule_supported`.
+``tt.linear_attention(..., impl="pallas")`` calls :func:`linear_attention` and
+``tt.delta_rule(..., impl="pallas")`` the delta-rule forward kernel :func:`delta_rule`
+(backward in XLA); both ops pass ``block_sizes=`` (:class:`BlockSizes`) and ``interpret=``
+through. ``impl="auto"`` picks a kernel only on GPU/TPU and when :func:`unsupported_reason` /
+:func:`delta_rule_unsupported_reason` return ``None`` for the call (the ops resolve this
+with :func:`tttla_jax.impl.resolve`; docs/implementations.md).
 """
-from tttla_jax.kernels.delta_rule_kernel import delta_rule, delta_rule_supported, delta_rule_unsupported_reason
+from tttla_jax.kernels.delta_rule_kernel import delta_rule, delta_rule_unsupported_reason
 from tttla_jax.kernels.linear_attention_kernel import (
     BlockSizes,
-    auto_supported,
     chunk_costs,
     linear_attention,
     unsupported_reason,
@@ -16,10 +17,8 @@ from tttla_jax.kernels.linear_attention_kernel import (
 
 __all__ = [
     "BlockSizes",
-    "auto_supported",
     "chunk_costs",
     "delta_rule",
-    "delta_rule_supported",
     "delta_rule_unsupported_reason",
     "linear_attention",
     "unsupported_reason",

@@ -13,16 +13,18 @@ cumulative log-decay, ``A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j`` and
     O = (e^b Q) S + P U,     S ← e^{b_C} S + (e^{b_C − b} K)ᵀ U
 
 ``(I + A)⁻¹`` is computed in-kernel by doubling, ``Σ_n (−A)ⁿ = Π_i (I + (−A)^{2^i})``
-(``A`` is strictly lower triangular, so the product has log2(C) factors).
+(``A`` is strictly lower triangular, so the product has log2(C) factors;
+:func:`tttla_jax.ops.chunk.unit_lower_inverse_by_products`).
 
 Backends and dispatch as :mod:`tttla_jax.kernels.linear_attention_kernel` (Triton: one
 program per (batch, head, value block) looping over chunks; Mosaic: grid
 (batch, head, value block, chunk) with the chunk axis sequential and the state in VMEM).
 
 **Status:** the forward is a kernel; the backward is *not* yet: ``jax.custom_vjp`` recomputes
-the same chunk math in XLA (``lax.scan`` over chunks, each chunk rematerialised, so only one
-``[K, V]`` state per chunk is kept) and differentiates it. All in-kernel math is float32
-(float64 for float64 inputs in interpret mode) whatever the input dtype.
+the same chunk math in XLA — the chunked form of ``tt.delta_rule``,
+:func:`tttla_jax.ops.chunk.delta_chunked` (groups of chunks, each group rematerialised, so
+one ``[K, V]`` state per group is kept) — and differentiates it. All in-kernel math is
+float32 (float64 for float64 inputs in interpret mode) whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -45,14 +47,17 @@ from tttla_jax.kernels.linear_attention_kernel import (
     TPU_VMEM_CAP,
     BlockSizes,
     _acc,
+    _check_block_sizes,
+    _check_interpret,
+    _cum_decay,
     _decay_mask,
     _dot,
-    _host_platform,
+    _interpret_mode,
     _is_compiled_dtype,
-    _to_kernel,
-    _cum_decay,
+    _static_scale,
     tpu_vmem_estimate,
 )
+from tttla_jax.ops import chunk as _chunk
 
 
 def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[int] = None,
@@ -67,28 +72,7 @@ def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[in
     return None
 
 
-def delta_rule_supported(q, K: int, V: int) -> bool:
-    """``impl="auto"`` hook for ``tt.delta_rule``: only on GPU/TPU and for supported shapes."""
-    if _host_platform() not in ("gpu", "cuda", "rocm", "tpu"):
-        return False
-    return delta_rule_unsupported_reason(jnp.result_type(q), K, V) is None
-
-
 # --------------------------------------------------------------------------- chunk math
-
-
-def _unit_lower_inverse(A, acc):
-    """``(I + A)⁻¹`` for strictly lower-triangular ``A`` [C, C] by doubling."""
-    C = A.shape[0]
-    eye = (lax.broadcasted_iota(jnp.int32, (C, C), 0) == lax.broadcasted_iota(jnp.int32, (C, C), 1)).astype(acc)
-    X = -A
-    R = eye + X
-    n = 2
-    while n < C:
-        X = _dot(X, X, acc)
-        R = _dot(R, eye + X, acc)
-        n *= 2
-    return R
 
 
 def _delta_chunk(q, k, v, beta, bcol, bC, S, *, scale, acc):
@@ -99,10 +83,8 @@ def _delta_chunk(q, k, v, beta, bcol, bC, S, *, scale, acc):
     vf = v.astype(acc)
     beta = beta.astype(acc)
     D = _decay_mask(bcol, C)
-    rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
-    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    A = jnp.where(cols < rows, beta * _dot(kf, kf, acc, tb=True) * D, 0.0)
-    Tinv = _unit_lower_inverse(A, acc)
+    A = jnp.where(_chunk.lower_mask(C, strict=True), beta * _dot(kf, kf, acc, tb=True) * D, 0.0)
+    Tinv = _chunk.unit_lower_inverse_by_products(A, lambda a, b: _dot(a, b, acc))
     eb = jnp.exp(bcol)
     Wv = _dot(Tinv, beta * vf, acc)
     Wk = _dot(Tinv, beta * eb * kf, acc)
@@ -231,30 +213,6 @@ def _dispatch(cfg, *args, scale):
     )
 
 
-# --------------------------------------------------------------------------- XLA twin (backward)
-
-
-def _xla_forward(q, k, v, beta, b, S0, scale, C):
-    """The same chunk math in XLA: scan over chunks, vmapped over (B, H); inputs in kernel layout."""
-    B, H, Tp, K = q.shape
-    N = Tp // C
-    acc = _acc(q.dtype)
-
-    def split(x):  # [B, H, Tp, d] -> [N, B, H, C, d]
-        return jnp.moveaxis(x.reshape(B, H, N, C, x.shape[-1]), 2, 0)
-
-    chunk = jax.vmap(jax.vmap(functools.partial(_delta_chunk, scale=scale, acc=acc)))
-
-    @jax.checkpoint
-    def step(S, xs):
-        qc, kc, vc, bc, gc = xs
-        o, S = chunk(qc, kc, vc, bc, gc, gc[:, :, C - 1:C, :], S)
-        return S, o
-
-    S, o = lax.scan(step, S0.astype(acc), tuple(split(x) for x in (q, k, v, beta, b)))
-    return jnp.moveaxis(o, 0, 2).reshape(B, H, Tp, -1).astype(q.dtype), S
-
-
 # --------------------------------------------------------------------------- custom_vjp + wrapper
 
 
@@ -263,32 +221,29 @@ def _dr(q, k, v, beta, g, S0, scale, cfg):
     return _dr_fwd(q, k, v, beta, g, S0, scale, cfg)[0]
 
 
-def _prep(q, k, v, beta, g, C):
-    T = q.shape[1]
-    Tp = -(-T // C) * C
-    acc = _acc(q.dtype)
-    b = _cum_decay(g.astype(acc), C, Tp)
-    bet = _to_kernel(beta.astype(acc)[..., None], Tp)
-    return (_to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp), bet, b), T
-
-
 def _dr_fwd(q, k, v, beta, g, S0, scale, cfg):
-    (qh, kh, vh, bet, b), T = _prep(q, k, v, beta, g, cfg.C)
-    o, S = _dispatch(cfg, qh, kh, vh, bet, b, S0.astype(_acc(q.dtype)), scale=scale)
-    return (jnp.swapaxes(o, 1, 2)[:, :T], S), (q, k, v, beta, g, S0)
+    T = q.shape[1]
+    Tp = _chunk.num_chunks(T, cfg.C) * cfg.C
+    acc = _acc(q.dtype)
+    args = tuple(_chunk.heads_major(x, Tp) for x in (q, k, v, beta.astype(acc)[..., None]))
+    o, S = _dispatch(cfg, *args, _cum_decay(g.astype(acc), cfg.C, Tp), S0.astype(acc), scale=scale)
+    return (_chunk.from_heads_major(o, T), S), (q, k, v, beta, g, S0)
 
 
 def _dr_bwd(scale, cfg, res, cts):
+    """The backward: the VJP of the same math in XLA, the chunked form of the delta rule
+    (:func:`tttla_jax.ops.chunk.delta_chunked`) in the accumulation dtype."""
     q, k, v, beta, g, S0 = res
+    acc = _acc(q.dtype)
 
     def f(q, k, v, beta, g, S0):
-        (qh, kh, vh, bet, b), T = _prep(q, k, v, beta, g, cfg.C)
-        o, S = _xla_forward(qh, kh, vh, bet, b, S0.astype(_acc(q.dtype)), scale, cfg.C)
-        return jnp.swapaxes(o, 1, 2)[:, :T], S
+        o, S = _chunk.delta_chunked(q.astype(acc) * scale, k.astype(acc), v.astype(acc), beta.astype(acc),
+                                    g.astype(acc), S0.astype(acc), cfg.C)
+        return o.astype(q.dtype), S
 
     _, vjp = jax.vjp(f, q, k, v, beta, g, S0)
     do, dS = cts
-    return vjp((do.astype(q.dtype), dS))
+    return vjp((do.astype(q.dtype), dS.astype(acc)))
 
 
 _dr.defvjp(_dr_fwd, _dr_bwd)
@@ -311,32 +266,25 @@ def delta_rule(
     """(Gated) delta rule, forward as a Pallas kernel: ``u_t = β_t(v_t − k_t e^{g_t}S)``,
     ``S_t = e^{g_t}S + k_tᵀu_t``, ``o_t = (scale·q_t)S_t`` (docs/linear_attention.md, rows "delta rule").
 
-    Same contract as :func:`tttla_jax.delta_rule` (``impl="pallas"``). ``chunk_size`` is a
-    tiling choice (unsupported values fall back to 64; shortened for short sequences);
-    ``block_sizes`` / ``interpret`` as :func:`tttla_jax.kernels.linear_attention`.
+    Same contract as :func:`tttla_jax.delta_rule` (``impl="pallas"``; the arguments are checked
+    by the same :func:`tttla_jax._checks.check_qkv`). ``chunk_size`` is a tiling choice
+    (unsupported values fall back to 64; shortened for short sequences); ``scale``,
+    ``block_sizes`` and ``interpret`` as :func:`tttla_jax.kernels.linear_attention`.
 
     Returns:
       ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V] float32/float64 or None)``.
+
+    Raises:
+      ValueError: at trace time for bad shapes, or a dtype / head dim the kernel does not
+        support (:func:`delta_rule_unsupported_reason`).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, "[B, T, H, D]")
-        _checks.check_floating(name, x)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
-    _checks.check_shape("v", v, (B, T, H, V), "[B, T, H, V] (from q)")
-    _checks.check_shape("beta", beta, (B, T, H), "[B, T, H]")
-    if T == 0:
-        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
-    if log_decay is not None:
-        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
-    if initial_state is not None:
-        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)):
-        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and _host_platform() == "cpu")
-    reason = delta_rule_unsupported_reason(q.dtype, K, V, chunk_size, interpret=interp_any)
+    B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"beta": beta, "log_decay": log_decay},
+                                         initial_state=initial_state, same_dtype=True)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    scale = _checks.check_scale(scale)
+    _check_interpret(interpret)
+    _check_block_sizes(block_sizes)
+    reason = delta_rule_unsupported_reason(q.dtype, K, V, chunk_size, interpret=_interpret_mode(interpret))
     if reason is not None:
         raise ValueError(f"delta_rule(impl='pallas'): {reason}")
     C = chunk_size if chunk_size in CHUNK_SIZES else 64
@@ -347,6 +295,6 @@ def delta_rule(
     acc = _acc(q.dtype)
     g = jnp.zeros((B, T, H), acc) if log_decay is None else log_decay
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state
-    scale = K ** -0.5 if scale is None else float(scale)
+    q, scale = _static_scale(q, K, scale)
     o, S = _dr(q, k, v, beta, g, S0, scale, cfg)
     return o, (S if output_final_state else None)

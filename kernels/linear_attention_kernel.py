@@ -21,7 +21,7 @@ host produces the Mosaic kernel):
   registers.
 * TPU: Mosaic, grid ``(batch, head, value block, chunk)`` with the chunk axis
   ``"arbitrary"`` (sequential) and the state in a VMEM scratch buffer.
-* any other platform (CPU): the GPU-style kernel in Pallas interpret masking (slow; for
+* any other platform (CPU): the GPU-style kernel in Pallas interpret mode (slow; for
   tests), so the same call works everywhere.
 
 Backward (``jax.custom_vjp``). No per-chunk state is stored or re-materialised in HBM;
@@ -39,7 +39,7 @@ the backward is three sweeps of the same two kernels:
   ``∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = T−1]⟨S_T, dS_T⟩`` (chunk masking: the query term of
   chunk c lands on the last token of chunk c−1), and ``dg`` is its reverse cumulative sum.
 
-Accumulation is float32 (float64 for float64 inputs, interpret masking only); matmul
+Accumulation is float32 (float64 for float64 inputs, interpret mode only); matmul
 operands are in the input dtype (bfloat16 / float16 / float32).
 """
 from __future__ import annotations
@@ -57,6 +57,8 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
+from tttla_jax.ops import chunk as _chunk
 
 MASKINGS = ("causal", "chunk")
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -93,8 +95,8 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_v_gpu", "block_v_tpu", "num_warps", "num_stages", "vmem_limit_bytes"):
             val = getattr(self, name)
-            if val is not None:
-                _checks.check_positive_int(f"BlockSizes.{name}", val)
+            if val is not None:  # NumPy / JAX integers are stored as Python ints (hashable, static)
+                object.__setattr__(self, name, _checks.check_positive_int(f"BlockSizes.{name}", val))
         for name in ("block_v_gpu", "num_warps"):
             val = getattr(self, name)
             if val is not None and val & (val - 1):
@@ -134,26 +136,13 @@ def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional
         return f"masking={masking!r} is not supported by the Pallas kernel (supported: {MASKINGS}); use impl='chunked'"
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
         return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
-                "float64 only in interpret masking)")
+                "float64 only in interpret mode)")
     for name, d in (("K", K), ("V", V)):
         if d not in HEAD_DIMS:
             return f"head dim {name} = {d} is not supported (expected one of {HEAD_DIMS})"
     if masking == "chunk" and chunk_size is not None and chunk_size not in CHUNK_SIZES:
         return f"chunk_size = {chunk_size} is not supported in masking='chunk' (expected one of {CHUNK_SIZES})"
     return None
-
-
-def _host_platform() -> str:
-    """The default backend of this process (only for ``auto`` and the float64 guard; the
-    compiled backend itself is chosen by the lowering platform)."""
-    return jax.default_backend()
-
-
-def auto_supported(q, masking: str, K: int, V: int, chunk_size: Optional[int] = None) -> bool:
-    """``impl="auto"`` hook: use the kernel only on GPU/TPU and for shapes it supports."""
-    if _host_platform() not in ("gpu", "cuda", "rocm", "tpu"):
-        return False
-    return unsupported_reason(jnp.result_type(q), masking, K, V, chunk_size) is None
 
 
 # --------------------------------------------------------------------------- chunk math (shared)
@@ -167,12 +156,13 @@ def _dot(a, b, acc, ta=False, tb=False):
 
 
 def _decay_mask(bcol, C):
-    """``D_ij = exp(b_i − b_j)·[j ≤ i]`` from the column ``b`` ``[C, 1]`` (masked before exp)."""
+    """``D_ij = exp(b_i − b_j)·[j ≤ i]`` from the column ``b`` ``[C, 1]``
+    (:func:`tttla_jax.ops.chunk.masked_decay`; the row ``b_j`` is read off the diagonal,
+    which lowers in Triton and Mosaic where a transpose of a column may not)."""
     rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
     cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
     brow = jnp.sum(jnp.where(rows == cols, bcol, 0.0), axis=0, keepdims=True)  # [1, C]
-    lower = cols <= rows
-    return jnp.where(lower, jnp.exp(jnp.where(lower, bcol - brow, 0.0)), 0.0)
+    return _chunk.masked_decay(bcol, brow, _chunk.lower_mask(C))
 
 
 def _fwd_chunk(q, k, v, bcol, bC, S, *, scale, causal, cdt, acc):
@@ -487,19 +477,9 @@ def _dispatch(call, cfg, *args, **kw):
 # --------------------------------------------------------------------------- layout + custom_vjp
 
 
-def _to_kernel(x, Tp):
-    """``[B, T, H, D]`` → ``[B, H, Tp, D]`` (zero-padded tokens)."""
-    T = x.shape[1]
-    x = jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))
-    return jnp.swapaxes(x, 1, 2)
-
-
 def _cum_decay(g, C, Tp):
     """In-chunk inclusive cumulative log-decay as a column ``[B, H, Tp, 1]`` (accumulation dtype)."""
-    B, T, H = g.shape
-    g = jnp.pad(g, ((0, 0), (0, Tp - T), (0, 0)))
-    b = jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
-    return jnp.swapaxes(b, 1, 2)[..., None]
+    return _chunk.heads_major(_chunk.cumsum_in_chunks(g, C), Tp)[..., None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -512,9 +492,9 @@ def _la_fwd(q, k, v, g, S0, scale, cfg):
     Tp = -(-T // cfg.C) * cfg.C
     acc = _acc(q.dtype)
     b = _cum_decay(g.astype(acc), cfg.C, Tp)
-    o, S = _dispatch(_fwd_call, cfg, _to_kernel(q, Tp), _to_kernel(k, Tp), _to_kernel(v, Tp), b,
+    o, S = _dispatch(_fwd_call, cfg, _chunk.heads_major(q, Tp), _chunk.heads_major(k, Tp), _chunk.heads_major(v, Tp), b,
                      S0.astype(acc), scale=scale, out_dtype=q.dtype)
-    o = jnp.swapaxes(o, 1, 2)[:, :T]
+    o = _chunk.from_heads_major(o, T)
     return (o, S), (q, k, v, g, S0, S)
 
 
@@ -527,7 +507,7 @@ def _la_bwd(scale, cfg, res, cts):
     N = Tp // C
     acc = _acc(q.dtype)
     b = _cum_decay(g.astype(acc), C, Tp)
-    qh, kh, vh, doh = (_to_kernel(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
+    qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
     dST = dST.astype(acc)
     # dQ (w.r.t. the scaled query): the forward kernel on the transposed process (dO, V, K; S_0ᵀ).
     # Its value dim is K: BlockSizes.block_v_* tile V, so this pass uses the platform defaults.
@@ -544,9 +524,9 @@ def _la_bwd(scale, cfg, res, cts):
         qdq = jnp.zeros((B, H, N, C), acc).at[:, :, :-1, C - 1].set(per_chunk[:, :, 1:]).reshape(B, H, Tp)
     dB = (qdq - kdk)[:, :, :T]
     dg = jnp.flip(jnp.cumsum(jnp.flip(dB, -1), axis=-1), -1) + jnp.sum(S_T * dST, axis=(-2, -1))[..., None]
-    dq = jnp.swapaxes(dqs * scale, 1, 2)[:, :T]
-    dk = jnp.swapaxes(dk, 1, 2)[:, :T]
-    dv = jnp.swapaxes(dv, 1, 2)[:, :T]
+    dq = _chunk.from_heads_major(dqs * scale, T)
+    dk = _chunk.from_heads_major(dk, T)
+    dv = _chunk.from_heads_major(dv, T)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
             jnp.swapaxes(dg, 1, 2).astype(g.dtype), dS0.astype(S0.dtype))
 
@@ -555,6 +535,35 @@ _la.defvjp(_la_fwd, _la_bwd)
 
 
 # --------------------------------------------------------------------------- public wrapper
+
+
+def _check_interpret(interpret) -> None:
+    if interpret is not None and not (interpret is True or (isinstance(interpret, str) and interpret in ("gpu", "tpu"))
+                                      or isinstance(interpret, pltpu.InterpretParams)):
+        raise ValueError(f"interpret: expected None, True, 'gpu', 'tpu' or pltpu.InterpretParams, got {interpret!r}")
+
+
+def _check_block_sizes(block_sizes) -> None:
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes: expected a tttla_jax.kernels.BlockSizes or None, got {block_sizes!r}")
+
+
+def _interpret_mode(interpret) -> bool:
+    """Whether the call runs in Pallas interpret mode: asked for, or no GPU/TPU to compile for
+    (:func:`tttla_jax.impl.on_accelerator`; float64 has no compiled kernel)."""
+    return interpret is not None or not _impl.on_accelerator()
+
+
+def _static_scale(q, K, scale):
+    """``(q, scale)`` with ``scale`` a Python float (a static kernel parameter): the default
+    ``K ** -0.5``, a concrete scalar as is, and a scale traced under ``jit`` folded into the
+    queries (``q·scale`` in q's dtype, then scale 1), so it is differentiated like any input."""
+    if scale is None:
+        return q, K ** -0.5
+    if isinstance(scale, float):
+        return q, scale
+    return (q.astype(_acc(q.dtype)) * scale).astype(q.dtype), 1.0
+
 
 
 def linear_attention(
@@ -579,8 +588,9 @@ def linear_attention(
     :func:`tttla_jax.linear_attention` (``impl="pallas"`` calls this).
 
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; K and V in ``HEAD_DIMS``; any T.
-      scale: query scale (default ``K ** -0.5``).
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (one dtype); K and V in ``HEAD_DIMS``; any T.
+      scale: query scale (default ``K ** -0.5``): a Python, NumPy or JAX real scalar; a scale
+        traced under ``jit`` is folded into the queries (``q·scale`` in q's dtype).
       log_decay: optional ``[B, T, H]`` log-decay ``g``.
       initial_state: optional ``[B, H, K, V]`` state ``S_0``.
       output_final_state: also return ``S_T`` (float32; float64 for float64 inputs).
@@ -589,39 +599,26 @@ def linear_attention(
         a tiling choice for ``"causal"`` (unsupported values fall back to 64; shortened to
         the next power of two ≥ T for short sequences).
       block_sizes: :class:`BlockSizes` (per-platform tiling / compiler knobs).
-      interpret: ``None`` (compiled on GPU/TPU, interpret masking elsewhere), ``"gpu"`` (the
-        Triton-style kernel in interpret masking), ``"tpu"`` (the Mosaic kernel in interpret
-        masking with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
+      interpret: ``None`` (compiled on GPU/TPU, interpret mode elsewhere), ``"gpu"`` (the
+        Triton-style kernel in interpret mode), ``"tpu"`` (the Mosaic kernel in interpret
+        mode with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
 
     Returns:
       ``(o [B, T, H, V] in q's dtype, S_T or None)``.
 
     Raises:
-      ValueError: at trace time for bad shapes or an unsupported masking/dtype/head dim/chunk.
+      ValueError: at trace time for bad shapes or an unsupported masking/dtype/head dim/chunk
+        (the argument checks are :func:`tttla_jax._checks.check_qkv`, shared with the ops).
     """
     if mode is not None:  # TEMPORARY alias, removed at integration
         masking = mode
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, "[B, T, H, D]")
-        _checks.check_floating(name, x)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
-    _checks.check_shape("v", v, (B, T, H, V), "[B, T, H, V] (from q)")
-    if T == 0:
-        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
-    if log_decay is not None:
-        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
-    if initial_state is not None:
-        _checks.check_shape("initial_state", initial_state, (B, H, K, V), "[B, H, K, V]")
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if not (jnp.dtype(q.dtype) == jnp.dtype(k.dtype) == jnp.dtype(v.dtype)):
-        raise ValueError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if interpret is not None and not (interpret is True or interpret in ("gpu", "tpu")
-                                      or isinstance(interpret, pltpu.InterpretParams)):
-        raise ValueError(f"interpret: expected None, True, 'gpu', 'tpu' or pltpu.InterpretParams, got {interpret!r}")
-    interp_any = interpret is not None or (jnp.dtype(q.dtype) == jnp.float64 and _host_platform() == "cpu")
-    reason = unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=interp_any)
+    B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
+                                         same_dtype=True)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    scale = _checks.check_scale(scale)
+    _check_interpret(interpret)
+    _check_block_sizes(block_sizes)
+    reason = unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=_interpret_mode(interpret))
     if reason is not None:
         raise ValueError(f"impl='pallas': {reason}")
     if masking == "causal":
@@ -635,6 +632,6 @@ def linear_attention(
     acc = _acc(q.dtype)
     g = jnp.zeros((B, T, H), acc) if log_decay is None else log_decay
     S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state
-    scale = K ** -0.5 if scale is None else float(scale)
+    q, scale = _static_scale(q, K, scale)
     o, S = _la(q, k, v, g, S0, scale, cfg)
     return o, (S if output_final_state else None)

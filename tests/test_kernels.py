@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import tttla_jax as tt
-from tttla_jax.kernels import BlockSizes, auto_supported
+from tttla_jax.kernels import BlockSizes
 from tttla_jax.kernels import linear_attention as kernel_la
 from tttla_jax.kernels import unsupported_reason
 from tttla_jax.reference import linear_attention_loop
@@ -225,8 +225,9 @@ def test_public_dispatch_impl_pallas_and_auto():
     np.testing.assert_allclose(np.asarray(S64_T), np.asarray(S64_c), atol=1e-12)
     # CPU host: auto never picks the kernel (the XLA chunked form is the fast path here).
     assert jax.default_backend() == "cpu"
-    assert not auto_supported(q, "causal", 16, 16)
-    assert not auto_supported(q, "none", 16, 16)
+    for masking in ("causal", "none"):
+        reasons = tt.ops.linear_attention_impl_reasons(q, k, v, masking=masking)
+        assert "not a GPU/TPU" in reasons["pallas"] and reasons["chunked"] is None
 
 
 def test_unsupported_reason_table():
@@ -286,9 +287,10 @@ def dataclasses_frozen_error():
 
 def test_float64_needs_interpret_off_cpu(monkeypatch):
     """float64 has no compiled kernel: on a GPU/TPU host an explicit impl='pallas' refuses it."""
+    import tttla_jax.impl
     import tttla_jax.kernels.linear_attention_kernel as mod
 
     q, k, v, _, _ = make_inputs(10, 1, 4, 1, 16, 16)
-    monkeypatch.setattr(mod, "_host_platform", lambda: "gpu")
+    monkeypatch.setattr(tttla_jax.impl, "platform", lambda: "gpu")
     with pytest.raises(ValueError, match=r"dtype float64 is not supported"):
         mod.linear_attention(q, k, v)

@@ -15,7 +15,7 @@ import pytest
 from jax import export
 
 import tttla_jax as tt
-from tttla_jax.kernels import BlockSizes, delta_rule_supported
+from tttla_jax.kernels import BlockSizes
 from tttla_jax.kernels import delta_rule as kernel_dr
 from tttla_jax.reference import delta_rule_loop
 
@@ -120,4 +120,5 @@ def test_bad_inputs_and_auto():
         kernel_dr(*make_inputs(2, 1, 4, 1, 96, 16, jnp.float32)[:4])
     with pytest.raises(ValueError, match=r"beta: expected shape \[B, T, H\] = \(1, 4, 1\), got \(1, 4\)"):
         kernel_dr(q, k, v, beta[..., 0])
-    assert not delta_rule_supported(q, 16, 16)  # CPU host: auto keeps the XLA chunked form
+    # CPU host: auto keeps the XLA chunked form
+    assert "not a GPU/TPU" in tt.ops.delta_rule_impl_reasons(q, k, v)["pallas"]

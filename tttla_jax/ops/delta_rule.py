@@ -32,7 +32,13 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
   ``S ← M_n S + D_n`` (one K×K by K×V product), and the outputs are again batched
   over chunks given the state before each chunk. For cache locality the chunks are
   processed in groups of ``_GROUP_CHUNKS`` = 4 (an outer ``lax.scan`` carrying S, its body
-  rematerialised for the backward pass).
+  rematerialised for the backward pass). The chunk step is
+  :func:`tttla_jax.ops.chunk.delta_chunk_group` (shared with the kernel's XLA backward).
+* ``pallas`` — the forward kernel :func:`tttla_jax.kernels.delta_rule` (backward in XLA).
+
+``impl="auto"`` resolves with :func:`tttla_jax.impl.resolve` over ``pallas`` (only on
+GPU/TPU, for shapes the kernel supports), ``chunked``, ``recurrent``
+(docs/implementations.md).
 
 Packed sequences (``cu_seqlens``, :mod:`tttla_jax.ops.varlen`): the tokens are re-chunked
 so that every sequence has its own chunks, the chunk slots are grouped as above (by default
@@ -42,7 +48,7 @@ first chunk of every sequence. Zero-padded slots (β = k = g = 0) have ``M = I, 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +56,18 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
-from tttla_jax.ops import varlen
-from tttla_jax.ops.linear_attention import _pad_time, chunk_layout, unchunk_layout
+from tttla_jax import impl as _impl
+from tttla_jax.ops import chunk, varlen
+from tttla_jax.ops.chunk import from_token_blocks, token_blocks, unit_lower_inverse  # noqa: F401
+from tttla_jax.ops.linear_attention import _kernel_args_reason, pallas_reason
 
-IMPLS = ("recurrent", "chunked", "pallas", "auto")
+#: Implementations of :func:`delta_rule`, in ``impl="auto"`` preference order.
+IMPLS = ("pallas", "chunked", "recurrent")
 
 # Tokens per rematerialised block of the token scan (see ops/linear_attention.py).
 _REMAT_BLOCK = 128
-# Chunks per group of the chunked form (see _chunked).
-_GROUP_CHUNKS = 4
+# Chunks per group of the chunked form (see tttla_jax.ops.chunk.delta_chunked).
+_GROUP_CHUNKS = chunk.GROUP_CHUNKS
 # Chunks per group of the packed-sequence chunked form (see _chunked_varlen). Measured on this
 # CPU (gated, B = 1 packed, H = 4, K = V = 64, C = 64, 8 sequences, float32, medians of 7
 # interleaved rounds, machine shared): T = 8192, groups of 1 vs 4: fwd 113 vs 135 ms, fwd+bwd
@@ -67,33 +76,23 @@ _GROUP_CHUNKS = 4
 _VARLEN_GROUP_CHUNKS = 1
 
 
-def _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale, cu_seqlens=None):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, "[B, T, H, D]")
-        _checks.check_floating(name, x)
-    B, T, H, K = q.shape
-    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(
-            f"v: expected shape [B, T, H, V] with (B, T, H) = {(B, T, H)} (from q), got {tuple(v.shape)}"
-        )
-    V = v.shape[3]
-    if T == 0:
-        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
-    _checks.check_shape("beta", beta, (B, T, H), "[B, T, H]")
-    _checks.check_floating("beta", beta)
-    if log_decay is not None:
-        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
-        _checks.check_floating("log_decay", log_decay)
-    state_shape, state_layout = varlen.state_shape(cu_seqlens, B, T, H, K, V)
-    if initial_state is not None:
-        _checks.check_shape("initial_state", initial_state, state_shape, state_layout)
-        _checks.check_floating("initial_state", initial_state)
-    _checks.check_choice("impl", impl, IMPLS)
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
-    return B, T, H, K, V
+def impl_reasons(q, k, v, *, chunk_size: int = 64, cu_seqlens=None, interpret: Any = None,
+                 impl: str = "auto") -> Dict[str, Optional[str]]:
+    """The candidates of :func:`delta_rule` for this call, in ``"auto"`` order, each with the
+    reason it cannot run (``None`` if it can); ``impl`` is the request the reasons are for."""
+    return {c: (r() if callable(r) else r)
+            for c, r in _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl).items()}
+
+
+def _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl):
+    K, V = q.shape[-1], v.shape[-1]
+
+    def pallas():
+        return pallas_reason(
+            lambda kern, interp: kern.delta_rule_unsupported_reason(q.dtype, K, V, chunk_size, interpret=interp),
+            impl=impl, cu_seqlens=cu_seqlens, interpret=interpret, dtypes=(q.dtype, k.dtype, v.dtype))
+
+    return {"pallas": pallas, "chunked": None, "recurrent": None}
 
 
 def delta_rule(
@@ -109,6 +108,8 @@ def delta_rule(
     chunk_size: int = 64,
     impl: str = "auto",
     cu_seqlens: Optional[Int[Array, "n1"]] = None,
+    block_sizes: Any = None,
+    interpret: Any = None,
 ):
     """(Gated) delta rule: ``S_t = (I − β_t k_tᵀ k_t) e^{g_t} S_{t−1} + β_t k_tᵀ v_t``, ``o_t = (scale·q_t) S_t``.
 
@@ -123,19 +124,26 @@ def delta_rule(
       beta: ``[B, T, H]`` write strengths β_t (the inner learning rate).
       log_decay: optional ``[B, T, H]`` log-decay ``g_t`` (≤ 0 for a contraction; not
         enforced) — the gated delta rule.
-      scale: query scale, default ``K ** -0.5``.
+      scale: query scale, default ``K ** -0.5``: a Python, NumPy or JAX real scalar (may be
+        traced under ``jax.jit``).
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
       output_final_state: also return the state after the last token.
-      chunk_size: chunk length of the chunked form.
-      impl: ``"recurrent"`` | ``"chunked"`` | ``"pallas"`` (the Pallas forward kernel of
-        :mod:`tttla_jax.kernels`, backward in XLA; interpret mode on a CPU host) |
-        ``"auto"`` (the kernel on GPU/TPU where it supports the shape, else chunked).
+      chunk_size: chunk length of the chunked form (a tiling choice for the kernel); a
+        Python, NumPy or concrete JAX integer.
+      impl: ``"auto"`` | ``"pallas"`` (the Pallas forward kernel of :mod:`tttla_jax.kernels`,
+        backward in XLA; interpret mode on a CPU host) | ``"chunked"`` | ``"recurrent"``
+        (docs/implementations.md). ``"auto"``: the kernel on GPU/TPU where it supports the
+        shape, else chunked.
       cu_seqlens: optional ``[N + 1]`` int offsets of N packed sequences in a batch of one
         (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
         initial state, no state crossing a boundary (an empty sequence's final state is its
         initial state). ``initial_state`` and the returned state are then ``[N, H, K, V]``,
         one per sequence. ``"recurrent"`` or ``"chunked"`` (``"auto"`` picks chunked); not
         with ``"pallas"``. May be traced under ``jax.jit`` (its values are then not checked).
+      block_sizes: :class:`tttla_jax.kernels.BlockSizes` for the kernel (``impl="pallas"``,
+        or ``"auto"`` when it picks the kernel; a ``ValueError`` with any other impl).
+      interpret: the kernel's interpret flag (:func:`tttla_jax.kernels.delta_rule`); same
+        rule as ``block_sizes`` (with ``"auto"`` it lets the kernel be picked on any platform).
 
     Returns:
       ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` (``[N, H, K, V]``
@@ -143,29 +151,28 @@ def delta_rule(
       ``output_final_state``.
 
     Raises:
-      ValueError: a shape, dtype, ``impl`` or ``chunk_size`` is wrong (the message names
-        the argument, what it got and what was expected). Raised at trace time.
-      ValueError: ``impl="pallas"`` on a shape/dtype the kernel does not support (the
-        message gives the reason; ``"auto"`` falls back silently).
+      ValueError: a shape, dtype, ``impl``, ``chunk_size`` or ``scale`` is wrong (the message
+        names the argument, what it got and what was expected). Raised at trace time.
+      tttla_jax.impl.ImplError: the requested ``impl`` cannot run this call, e.g.
+        ``impl="pallas"`` on a shape/dtype the kernel does not support (the message gives the
+        reason; ``"auto"`` then takes the next candidate).
     """
-    B, T, H, K, V = _validate(q, k, v, beta, log_decay, initial_state, chunk_size, impl, scale, cu_seqlens)
+    B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"beta": beta, "log_decay": log_decay},
+                                         initial_state=initial_state, cu_seqlens=cu_seqlens)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    scale = _checks.check_scale(scale)
+    _impl.check_impl("impl", impl, ("auto",) + IMPLS, where="tt.delta_rule")
+    _kernel_args_reason(impl, block_sizes, interpret)
+    impl = _impl.resolve(impl, _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl),
+                         where="tt.delta_rule")
     if scale is None:
         scale = K ** -0.5
-    if cu_seqlens is not None:
-        if impl == "pallas":
-            raise ValueError("impl='pallas': packed sequences (cu_seqlens) are not supported by the Pallas "
-                             "kernel; use impl='chunked' (or 'auto')")
-        impl = "chunked" if impl == "auto" else impl
-    if impl == "auto":
-        # The fused forward kernel on GPU/TPU for supported shapes; on CPU the chunked XLA
-        # form is the fast path.
-        impl = "pallas" if _kernel_supported(q, K, V) else "chunked"
     if impl == "pallas":
         from tttla_jax import kernels  # deferred: kernels sit below ops in the data flow
 
         return kernels.delta_rule(q, k, v, beta, scale=scale, log_decay=log_decay,
-                                  initial_state=initial_state,
-                                  output_final_state=output_final_state, chunk_size=chunk_size)
+                                  initial_state=initial_state, output_final_state=output_final_state,
+                                  chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret)
 
     sd = _checks.state_dtype(q, k, v, beta, log_decay, initial_state)
     qf = q.astype(sd) * jnp.asarray(scale, sd)
@@ -202,225 +209,25 @@ def _token_step(S, x):
 
 def _recurrent(q, k, v, beta, g, S0):
     """Token-by-token ``lax.scan``; zero-padded tokens (β=0, g=0, k=0) leave S unchanged."""
-    B, T, H, K = q.shape
+    T = q.shape[1]
     blk = min(_REMAT_BLOCK, T)
-    Tp = -(-T // blk) * blk
-    gated = g is not None
-
-    def tm(x):  # [B, T, H, ...] -> [nb, blk, B, H, ...] time-major blocks
-        x = _pad_time(x, Tp)
-        x = jnp.moveaxis(x, 1, 0)
-        return x.reshape((Tp // blk, blk) + x.shape[1:])
-
-    xs = (tm(q), tm(k), tm(v), tm(beta)) + ((tm(g),) if gated else ())
+    xs = tuple(token_blocks(x, blk) for x in (q, k, v, beta) + (() if g is None else (g,)))
 
     @jax.checkpoint
     def block(S, xb):
         return lax.scan(_token_step, S, xb)
 
     S, o = lax.scan(block, S0, xs)
-    o = o.reshape((Tp,) + o.shape[2:])[:T]
-    return jnp.moveaxis(o, 0, 1), S
+    return from_token_blocks(o, T), S
 
 
 # --------------------------------------------------------------------------- chunked
 
 
-def _inverse_by_doubling(A):
-    """``(I + A)⁻¹`` for strictly lower-triangular ``A`` ``[..., C, C]``, by block doubling.
-
-    A unit lower-triangular matrix ``[[L11, 0], [L21, L22]]`` has inverse
-    ``[[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]]``. Starting from the 1×1 diagonal blocks
-    (inverse 1), each level merges pairs of diagonal blocks of size s into blocks of
-    size 2s with two batched matmuls; ``log2 C`` levels, ≈ (2/3) C³ flops per matrix.
-    (XLA:CPU's batched ``triangular_solve`` was ~40× slower than this on the benchmark
-    shapes, and its compile took seconds.) C is zero-padded to a power of two; padded rows/columns stay identity.
-    """
-    C = A.shape[-1]
-    Cp = 1 << max(0, (C - 1).bit_length())
-    if Cp != C:
-        A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, Cp - C), (0, Cp - C)])
-    batch = A.shape[:-2]
-    D = jnp.ones(batch + (Cp, 1, 1), A.dtype)  # inverses of the diagonal blocks, size s
-    s = 1
-    while s < Cp:
-        m = Cp // (2 * s)
-        # the m diagonal blocks of size 2s of A, and their lower-left s×s corners
-        Ad = jnp.diagonal(A.reshape(batch + (m, 2 * s, m, 2 * s)), axis1=-4, axis2=-2)
-        L21 = jnp.moveaxis(Ad, -1, -3)[..., s:, :s]  # [..., m, s, s]
-        Dp = D.reshape(batch + (m, 2, s, s))
-        D11, D22 = Dp[..., 0, :, :], Dp[..., 1, :, :]
-        X21 = -jnp.matmul(jnp.matmul(D22, L21), D11)
-        D = jnp.concatenate(
-            [jnp.concatenate([D11, jnp.zeros_like(D11)], -1), jnp.concatenate([X21, D22], -1)], -2
-        )
-        s *= 2
-    return D.reshape(batch + (Cp, Cp))[..., :C, :C]
-
-
-@jax.custom_jvp
-def unit_lower_inverse(A: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
-    """``T = (I + A)⁻¹`` for strictly lower-triangular ``A`` (the UT transform's matrix).
-
-    Differentiated analytically, ``dT = −T dA T`` (so reverse mode is two matmuls and does
-    not store the doubling levels). ``A`` must be strictly lower triangular (the caller
-    masks it): the forward reads only that part, the JVP formula assumes it.
-    """
-    return _inverse_by_doubling(A)
-
-
-@unit_lower_inverse.defjvp
-def _unit_lower_inverse_jvp(primals, tangents):
-    (A,), (dA,) = primals, tangents
-    T = unit_lower_inverse(A)
-    return T, -jnp.matmul(jnp.matmul(T, dA), T)
-
-
-def _chunk_scan_loop(M, D, S0, first=None, seq=None, h0=None):
-    if first is None:
-        def step(S, x):
-            Mn, Dn = x
-            return jnp.matmul(Mn, S) + Dn, S  # emit the state *before* the chunk
-
-        return lax.scan(step, S0, (M, D))
-
-    def step_reset(S, x):
-        Mn, Dn, f, n = x
-        # the first chunk of a packed sequence starts from its own initial state
-        S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False), S)
-        S_next = jnp.matmul(Mn, S) + Dn
-        return S_next, (S, S_next)
-
-    S_final, (S_prev, S_after) = lax.scan(step_reset, S0, (M, D, first, seq))
-    return S_final, S_prev, S_after
-
-
-@jax.custom_jvp
-def _chunk_scan(M, D, S0, first=None, seq=None, h0=None):
-    """``S_{n+1} = M_n S_n + D_n`` over chunks n (leading axis); returns ``(S_N, [S_0 … S_{N−1}])``.
-
-    Packed sequences (``cu_seqlens``): ``first [N]`` (bool) and ``seq [N]`` (int), per chunk:
-    it is the first of its sequence, and which sequence it belongs to; ``h0 [Ns, ...]`` the
-    sequences' initial states. A chunk with ``first`` set starts from ``h0[seq]`` (read by
-    index inside the scan) instead of the carried state (``S_prev`` holds that reset state),
-    and the state after every chunk ``[S_1 … S_N]`` is returned as a third output. All three
-    ``None`` otherwise.
-
-    The JVP ``dS_{n+1} = M_n dS_n + (dM_n S_n + dD_n)`` is written so that the
-    ``dM_n S_n`` term is one batched matmul outside the loop: after transposition the
-    reverse scan only carries ``Gₙ = M_nᵀ G_{n+1} + …`` (one matmul per step instead of
-    two) and ``dM = G Sᵀ`` is one batched matmul after the loop. With resets the tangent
-    scan resets to ``dh0[seq]`` on the same chunks, so the transposed scan routes a first
-    chunk's incoming cotangent to its sequence's ``h0`` (and none to the chunk before it).
-    """
-    return _chunk_scan_loop(M, D, S0, first, seq, h0)
-
-
-@_chunk_scan.defjvp
-def _chunk_scan_jvp(primals, tangents):
-    (M, D, S0, first, seq, h0), (dM, dD, dS0, _, _, dh0) = primals, tangents
-    out = _chunk_scan(M, D, S0, first, seq, h0)
-    X = jnp.matmul(dM, out[1]) + dD  # out[1]: the state before each chunk (after a reset)
-    return out, _chunk_scan_loop(M, X, dS0, first, seq, dh0)
-
-
-def _chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
-    """One group of chunks, all tensors ``[B, H, G, C, ·]`` (beta/log-decay ``[B, H, G, C]``).
-
-    Returns ``(S after the group, o [B, H, G, C, V])``. Module docstring for the math.
-    With ``first [G]``, ``seq [G]`` and ``h0 [Ns, B, H, K, V]`` (packed sequences, see
-    :func:`_chunk_scan`) the chunks with ``first`` set start from ``h0[seq]``, and the state
-    after every chunk ``[G, B, H, K, V]`` is returned as a third output.
-
-    CPU notes: every product is a plain batched matmul with the batch axes leading; K is
-    transposed once (``kT``) so both Gram products are NN matmuls; products are not
-    concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
-    block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
-    """
-    C, K = kc.shape[-2], kc.shape[-1]
-    dt = qc.dtype
-    bc = bc[..., None]  # [B,H,G,C,1]
-    incl = jnp.tril(jnp.ones((C, C), bool))  # j <= i
-    strict = jnp.tril(jnp.ones((C, C), bool), -1)  # j < i
-    kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
-    QK = jnp.matmul(qc, kT)  # q_i·k_j
-    KK = jnp.matmul(kc, kT)  # k_i·k_j
-    if gc is None:
-        P = jnp.where(incl, QK, 0.0)
-        A = jnp.where(strict, KK, 0.0) * bc
-        rhs_k = bc * kc
-        Kt = kc
-        Qt0 = qc
-        eye_decay = jnp.eye(K, dtype=dt)
-    else:
-        # inclusive in-chunk cumulative log-decay [B,H,G,C], as a matmul with the upper-
-        # triangular ones matrix (on XLA:CPU, jnp.cumsum's reduce-window got fused into
-        # the C×C exp below; the matmul form measured ~15-20% faster overall).
-        b = jnp.matmul(gc, jnp.triu(jnp.ones((C, C), dt)))
-        bC = b[..., -1:]  # [B,H,G,1]
-        # Mask *before* exp: only b_i − b_j with j ≤ i (≤ 0 for g ≤ 0) is exponentiated,
-        # so strong decay over a long chunk cannot overflow (nor produce inf·0 = NaN).
-        E = jnp.exp(jnp.where(incl, b[..., :, None] - b[..., None, :], 0.0))
-        P = jnp.where(incl, QK * E, 0.0)
-        A = jnp.where(strict, KK * E, 0.0) * bc
-        eb = jnp.exp(b)[..., None]  # e^{b_i} ≤ 1
-        rhs_k = (bc * eb) * kc
-        Kt = jnp.exp(bC - b)[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
-        Qt0 = eb * qc
-        eye_decay = jnp.exp(bC)[..., None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
-
-    # [W_v, W_k] = (I + A)^{-1} [β V, β e^b K]  (unit lower-triangular system)
-    Tinv = unit_lower_inverse(A)
-    Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
-    Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
-    # Per-chunk transition: S_new = M S + D with D = K̃ᵀ W_v, M = e^{b_C} I − K̃ᵀ W_k.
-    D = jnp.einsum("bhnck,bhncv->bhnkv", Kt, Wv)
-    M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
-    scanned = _chunk_scan(jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0), S0, first, seq, h0)
-    S_final, S_prev = scanned[0], jnp.moveaxis(scanned[1], 0, 2)  # S_prev: [B,H,G,K,V]
-
-    # o = (e^b Q − P W_k) S_prev + P W_v
-    Qt = Qt0 - jnp.matmul(P, Wk)
-    o = jnp.matmul(Qt, S_prev) + jnp.matmul(P, Wv)
-    if first is None:
-        return S_final, o
-    return S_final, o, scanned[2]
-
-
 def _chunked(q, k, v, beta, g, S0, chunk_size, group=None, remat=True):
-    """WY / UT chunked form (module docstring); padded tokens have β = g = k = 0.
-
-    The N chunks are processed in groups of ``group`` chunks (a ``lax.scan`` over groups
-    carrying S): inside a group everything is batched over its chunks, so the
-    ``[B, H, G, C, C]`` intermediates stay cache-sized instead of growing with T (on
-    this CPU, T = 8192, measured under shared load: ≈2× faster forward and ≈1.6× faster
-    forward+backward than one all-chunks batch). With ``remat`` the group body is rematerialised, so the backward
-    pass stores one state per group rather than every ``C × C`` intermediate.
-    """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = min(chunk_size, T)
-    N = -(-T // C)
-    G = min(group or _GROUP_CHUNKS, N)
-    NG = -(-N // G)
-    Tp = NG * G * C
-
-    def to_groups(x):  # [B, T, H, ...] -> [NG, B, H, G, C, ...]
-        x = _pad_time(x, Tp)
-        x = x.reshape((B, NG, G, C, H) + x.shape[3:])
-        return jnp.moveaxis(x, (1, 4), (0, 2))
-
-    xs = (to_groups(q), to_groups(k), to_groups(v), to_groups(beta),
-          None if g is None else to_groups(g))
-
-    def body(S, x):
-        return _chunk_group(*x, S)
-
-    if remat:
-        body = jax.checkpoint(body)
-    S_final, o = lax.scan(body, S0, xs)  # o: [NG, B, H, G, C, V]
-    o = jnp.moveaxis(o, (0, 2), (1, 4)).reshape(B, Tp, H, V)
-    return o[:, :T], S_final
+    """WY / UT chunked form (module docstring): :func:`tttla_jax.ops.chunk.delta_chunked` with
+    groups of ``group`` (default ``_GROUP_CHUNKS``) chunks."""
+    return chunk.delta_chunked(q, k, v, beta, g, S0, chunk_size, group=group or _GROUP_CHUNKS, remat=remat)
 
 
 # --------------------------------------------------------------------------- packed sequences
@@ -437,7 +244,7 @@ def _chunked_varlen(q, k, v, beta, g, h0, chunk_size, cu_seqlens, group=None, re
     """:func:`_chunked` on packed sequences: each sequence cut into its own chunks, the
     ``Nc`` chunk slots processed in groups of ``group`` (zero slots pad the last group:
     ``M = I, D = 0``), and the affine scan inside a group resetting to the sequence's
-    initial state on its first chunk (:func:`_chunk_scan` with ``first`` / ``seq`` / ``h0``,
+    initial state on its first chunk (:func:`tttla_jax.ops.chunk.affine_chunk_scan` with ``first`` / ``seq`` / ``h0``,
     ``h0`` read by index inside the scan)."""
     C = min(chunk_size, q.shape[1])
     lay, xs = _varlen_chunks(q, k, v, beta, g, C, cu_seqlens)
@@ -456,7 +263,7 @@ def _chunked_varlen(q, k, v, beta, g, h0, chunk_size, cu_seqlens, group=None, re
     ys = tuple(chunk_groups(x) for x in xs) + (to_groups(lay.first), to_groups(lay.seq))
 
     def body(S, x):
-        S_final, o, S_after = _chunk_group(*x[:5], S, *x[5:], hb)
+        S_final, o, S_after = chunk.delta_chunk_group(*x[:5], S, *x[5:], hb)
         return S_final, (o, S_after)
 
     if remat:
@@ -476,19 +283,11 @@ def _recurrent_varlen(q, k, v, beta, g, h0, chunk_size, cu_seqlens):
     tm = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731  [1, H, C, ...] -> [C, 1, H, ...]
 
     @jax.checkpoint
-    def chunk(S, x):
+    def chunk_step(S, x):
         *ys, f, n = x
         S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False)[None], S)
         S_next, o = lax.scan(_token_step, S, tuple(tm(y) for y in ys))
         return S_next, (jnp.moveaxis(o, 0, 2), S_next)
 
-    _, (o, S_after) = lax.scan(chunk, jnp.zeros_like(h0[:1]), xs + (lay.first, lay.seq))
+    _, (o, S_after) = lax.scan(chunk_step, jnp.zeros_like(h0[:1]), xs + (lay.first, lay.seq))
     return varlen.from_chunks(o, lay), varlen.final_states(S_after, h0, lay)
-
-
-def _kernel_supported(q, K: int, V: int) -> bool:
-    try:
-        from tttla_jax import kernels
-    except ImportError:  # pragma: no cover
-        return False
-    return kernels.delta_rule_supported(q, K, V)

@@ -25,12 +25,18 @@ checks each against the float64 loop in :mod:`tttla_jax.reference`):
 * ``chunked`` — inside a chunk ``(Q Kᵀ ⊙ D) V`` with the decay mask
   ``D_ij = exp(b_i − b_j)·[j ≤ i]`` (``b`` the in-chunk cumulative log-decay), across
   chunks a scan over chunk states (docs/linear_attention.md (b); Yang et al., 2024, "Gated Linear
-  Attention", §3). The fast path on CPU.
+  Attention", §3). The fast path on CPU. Layouts and masks from :mod:`tttla_jax.ops.chunk`.
+* ``pallas`` — the Pallas kernel :func:`tttla_jax.kernels.linear_attention` (GPU via Triton,
+  TPU via Mosaic; Pallas interpret mode elsewhere), ``masking="causal"`` or ``"chunk"``.
+
+``impl="auto"`` resolves with :func:`tttla_jax.impl.resolve` over the candidates of
+:func:`impl_reasons`, in this order: ``pallas`` (only on GPU/TPU, for shapes the kernel
+supports), ``chunked``, ``recurrent``, ``associative`` (docs/implementations.md).
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,41 +44,77 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.ops import varlen
+from tttla_jax.ops.chunk import (  # noqa: F401  (chunk_layout/unchunk_layout: re-exported)
+    chunk_layout,
+    decay_terms,
+    from_scan_layout,
+    from_token_blocks,
+    scan_layout,
+    token_blocks,
+    unchunk_layout,
+)
 
+#: Values of the ``masking`` argument.
 MASKINGS = ("causal", "chunk", "none")
-IMPLS = ("recurrent", "associative", "chunked", "pallas", "auto")
+#: Implementations of :func:`linear_attention`, in ``impl="auto"`` preference order.
+IMPLS = ("pallas", "chunked", "recurrent", "associative")
 
 # Tokens per rematerialised block of the token scan: the backward pass of the
 # recurrent form stores one state per block instead of one per token.
 _REMAT_BLOCK = 128
 
 
-def _validate(q, k, v, log_decay, initial_state, masking, chunk_size, impl, scale, cu_seqlens=None):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_rank(name, x, 4, "[B, T, H, D]")
-        _checks.check_floating(name, x)
-    B, T, H, K = q.shape
-    _checks.check_shape("k", k, (B, T, H, K), "[B, T, H, K] (from q)")
-    if v.shape[:3] != (B, T, H):
-        raise ValueError(
-            f"v: expected shape [B, T, H, V] with (B, T, H) = {(B, T, H)} (from q), got {tuple(v.shape)}"
-        )
-    V = v.shape[3]
-    if T == 0:
-        raise ValueError("q: expected at least one token (T >= 1), got T = 0")
-    if log_decay is not None:
-        _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
-        _checks.check_floating("log_decay", log_decay)
-    state_shape, state_layout = varlen.state_shape(cu_seqlens, B, T, H, K, V)
-    if initial_state is not None:
-        _checks.check_shape("initial_state", initial_state, state_shape, state_layout)
-    _checks.check_choice("masking", masking, MASKINGS)
-    _checks.check_choice("impl", impl, IMPLS)
-    _checks.check_positive_int("chunk_size", chunk_size)
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
-    return B, T, H, K, V
+def _kernel_args_reason(impl, block_sizes, interpret) -> None:
+    """``block_sizes`` / ``interpret`` configure the Pallas kernel: refuse them with an
+    explicit non-kernel ``impl`` (with ``"auto"`` they apply when the kernel is chosen)."""
+    for name, val in (("block_sizes", block_sizes), ("interpret", interpret)):
+        if val is not None and impl not in ("pallas", "auto"):
+            raise ValueError(f"{name}: configures the Pallas kernel (impl='pallas'), got impl={impl!r} "
+                             f"with {name}={val!r}; drop {name} or use impl='pallas'")
+
+
+def pallas_reason(kernel_reason, *, impl: str, cu_seqlens=None, interpret=None, dtypes=()) -> Optional[str]:
+    """Why the Pallas kernel cannot serve a call (``None`` if it can), shared by both ops.
+
+    ``kernel_reason(interpret_mode)`` is the kernel's own shape/dtype check. ``"auto"``
+    picks the kernel only on an accelerator (:func:`tttla_jax.impl.on_accelerator`) unless
+    ``interpret`` asks for Pallas interpret mode; an explicit ``impl="pallas"`` also runs in
+    interpret mode on a CPU host.
+    """
+    if cu_seqlens is not None:
+        return "packed sequences (cu_seqlens) are not supported by the Pallas kernel; use impl='chunked' (or 'auto')"
+    if impl == "auto" and interpret is None and not _impl.on_accelerator():
+        return (f"the platform is {_impl.platform()!r}, not a GPU/TPU: the kernel would run in Pallas "
+                "interpret mode (pass impl='pallas' or interpret= to run it anyway)")
+    if len({jnp.dtype(d) for d in dtypes}) > 1:
+        return f"q, k, v have different dtypes {tuple(str(jnp.dtype(d)) for d in dtypes)}; the kernel takes one"
+    try:
+        from tttla_jax import kernels  # deferred: kernels sit below ops and import Pallas
+    except ImportError as e:  # pragma: no cover - depends on the jax build
+        return f"the Pallas kernels cannot be imported ({e})"
+    return kernel_reason(kernels, interpret is not None or not _impl.on_accelerator())
+
+
+def impl_reasons(q, k, v, *, masking: str = "causal", chunk_size: int = 64, cu_seqlens=None,
+                 interpret: Any = None, impl: str = "auto") -> Dict[str, Optional[str]]:
+    """The candidates of :func:`linear_attention` for this call, in ``"auto"`` order, each with
+    the reason it cannot run (``None`` if it can); ``impl`` is the request the reasons are for
+    (``"auto"`` adds "not on an accelerator" to the kernel's reasons)."""
+    return {c: (r() if callable(r) else r)
+            for c, r in _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl).items()}
+
+
+def _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl):
+    K, V = q.shape[-1], v.shape[-1]
+
+    def pallas():
+        return pallas_reason(
+            lambda kern, interp: kern.unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=interp),
+            impl=impl, cu_seqlens=cu_seqlens, interpret=interpret, dtypes=(q.dtype, k.dtype, v.dtype))
+
+    return {"pallas": pallas, "chunked": None, "recurrent": None, "associative": None}
 
 
 def linear_attention(
@@ -88,6 +130,8 @@ def linear_attention(
     chunk_size: int = 64,
     impl: str = "auto",
     cu_seqlens: Optional[Int[Array, "n1"]] = None,
+    block_sizes: Any = None,
+    interpret: Any = None,
     mode: Optional[str] = None,  # TEMPORARY alias, removed at integration
 ):
     """Causal / block-causal / bidirectional linear attention with optional scalar decay.
@@ -98,45 +142,59 @@ def linear_attention(
     Args:
       q, k: ``[B, T, H, K]`` queries and keys. No feature map is applied.
       v: ``[B, T, H, V]`` values.
-      scale: query scale, default ``K ** -0.5``.
+      scale: query scale, default ``K ** -0.5``: a Python, NumPy or JAX real scalar (may be
+        traced under ``jax.jit``; it is then differentiable like any input).
       log_decay: optional ``[B, T, H]`` log-decay ``g_t`` (≤ 0 for a contraction; not enforced).
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
       output_final_state: also return the state after the last token.
-      masking: ``"causal"`` | ``"chunk"`` (block causal with blocks of ``chunk_size``) | ``"none"``.
-      chunk_size: chunk length for ``impl="chunked"`` and for ``masking="chunk"``.
-      impl: ``"recurrent"`` | ``"associative"`` | ``"chunked"`` | ``"pallas"`` | ``"auto"``
-        (the chunked XLA form on CPU).
+      masking: ``"causal"`` | ``"chunk"`` (block causal with blocks of ``chunk_size``: every
+        query reads the state before its chunk) | ``"none"`` (every query reads the final state).
+      chunk_size: chunk length for ``impl="chunked"`` and for ``masking="chunk"``; a Python,
+        NumPy or concrete JAX integer.
+      impl: ``"auto"`` | ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"associative"``
+        (docs/implementations.md). ``"auto"`` takes the first of these that can run: the
+        kernel only on GPU/TPU for shapes it supports, else the chunked XLA form.
       cu_seqlens: optional ``[N + 1]`` int offsets of N packed sequences in a batch of one
         (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
         initial state, no state crossing a boundary, ``masking="chunk"`` blocks counted from
         its start, ``masking="none"`` reading its own final state. ``initial_state`` and the
         returned state are then ``[N, H, K, V]``, one per sequence. Not with ``"pallas"``.
+      block_sizes: :class:`tttla_jax.kernels.BlockSizes` for the kernel (``impl="pallas"``,
+        or ``"auto"`` when it picks the kernel; a ``ValueError`` with any other impl).
+      interpret: the kernel's interpret flag (:func:`tttla_jax.kernels.linear_attention`):
+        ``True`` / ``"gpu"`` / ``"tpu"`` / ``pltpu.InterpretParams`` run the kernel in Pallas
+        interpret mode (then ``"auto"`` may pick it on any platform); same rule as ``block_sizes``.
 
     Returns:
       ``(o, S)``: ``o`` ``[B, T, H, V]`` in q's dtype; ``S`` ``[B, H, K, V]`` (``[N, H, K, V]``
       with ``cu_seqlens``) in float32 (float64 for float64 inputs) or ``None`` unless
       ``output_final_state``.
+
+    Raises:
+      ValueError: a shape, dtype, ``masking``, ``impl``, ``chunk_size`` or ``scale`` is wrong
+        (the message names the argument, what it got and what was expected), at trace time.
+      tttla_jax.impl.ImplError: the requested ``impl`` cannot run this call (with the reason,
+        e.g. the kernel does not support the head dim).
     """
     if mode is not None:  # TEMPORARY alias, removed at integration
         masking = mode
-    B, T, H, K, V = _validate(q, k, v, log_decay, initial_state, masking, chunk_size, impl, scale, cu_seqlens)
+    B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
+                                         cu_seqlens=cu_seqlens)
+    _checks.check_choice("masking", masking, MASKINGS)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    scale = _checks.check_scale(scale)
+    _impl.check_impl("impl", impl, ("auto",) + IMPLS, where="tt.linear_attention")
+    _kernel_args_reason(impl, block_sizes, interpret)
+    impl = _impl.resolve(impl, _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl),
+                         where="tt.linear_attention")
     if scale is None:
         scale = K ** -0.5
-    if cu_seqlens is not None:
-        if impl == "pallas":
-            raise ValueError("impl='pallas': packed sequences (cu_seqlens) are not supported by the Pallas "
-                             "kernel; use impl='chunked' (or 'auto')")
-        impl = "chunked" if impl == "auto" else impl
-    if impl == "auto":
-        impl = _auto_impl(q, masking, K, V, chunk_size)
     if impl == "pallas":
         from tttla_jax import kernels  # deferred: kernels are optional at import time
 
-        fn = getattr(kernels, "linear_attention", None)
-        if fn is None:
-            raise NotImplementedError("impl='pallas': the Pallas kernel is not available in this build")
-        return fn(q, k, v, scale=scale, log_decay=log_decay, initial_state=initial_state,
-                  output_final_state=output_final_state, masking=masking, chunk_size=chunk_size)
+        return kernels.linear_attention(q, k, v, scale=scale, log_decay=log_decay, initial_state=initial_state,
+                                        output_final_state=output_final_state, masking=masking,
+                                        chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret)
 
     sd = _checks.state_dtype(q, k, v)
     qf = q.astype(sd) * jnp.asarray(scale, sd)
@@ -155,46 +213,15 @@ def linear_attention(
     return o.astype(q.dtype), (S if output_final_state else None)
 
 
-def _auto_impl(q, masking, K, V, chunk_size) -> str:
-    # The kernel dispatch for GPU/TPU is added by tttla_jax.kernels; on CPU the
-    # chunked XLA form is the fast path.
-    try:
-        from tttla_jax import kernels
-
-        pick = getattr(kernels, "auto_supported", None)
-        if pick is not None and pick(q, masking, K, V, chunk_size=chunk_size):
-            return "pallas"
-    except ImportError:  # pragma: no cover
-        pass
-    return "chunked"
-
-
 # --------------------------------------------------------------------------- recurrent
-
-
-def _pad_time(x, T_pad, axis=1):
-    T = x.shape[axis]
-    if T_pad == T:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, T_pad - T)
-    return jnp.pad(x, pad)
 
 
 def _recurrent(q, k, v, g, S0, masking, chunk_size):
     """Token-by-token ``lax.scan``; zero-padded tokens (g=0, k=0) leave the state unchanged."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    T = q.shape[1]
     blk = min(_REMAT_BLOCK, T)
     Tp = -(-T // blk) * blk
-    pos = jnp.arange(Tp)
-    # [nb, blk, B, H, ...] time-major blocks
-    def tm(x):
-        x = _pad_time(x, Tp)
-        x = jnp.moveaxis(x, 1, 0)
-        return x.reshape((Tp // blk, blk) + x.shape[1:])
-
-    xs = (tm(q), tm(k), tm(v), tm(g), pos.reshape(Tp // blk, blk))
+    xs = tuple(token_blocks(x, blk) for x in (q, k, v, g)) + (jnp.arange(Tp).reshape(Tp // blk, blk),)
 
     def step(carry, x):
         S, R = carry
@@ -214,8 +241,7 @@ def _recurrent(q, k, v, g, S0, masking, chunk_size):
         return lax.scan(step, carry, xb)
 
     (S, _), o = lax.scan(block, (S0, S0), xs)
-    o = o.reshape((Tp,) + o.shape[2:])[:T]
-    o = jnp.moveaxis(o, 0, 1)
+    o = from_token_blocks(o, T)
     if masking == "none":
         o = jnp.einsum("bthk,bhkv->bthv", q, S)
     return o, S
@@ -254,22 +280,6 @@ def _associative(q, k, v, g, S0, masking, chunk_size):
 # --------------------------------------------------------------------------- chunked
 
 
-def chunk_layout(x, C):
-    """``[B, T, H, ...]`` → ``[B, H, N, C, ...]`` with zero padding of the last chunk."""
-    B, T = x.shape[:2]
-    N = -(-T // C)
-    x = _pad_time(x, N * C)
-    x = x.reshape((B, N, C) + x.shape[2:])
-    return jnp.moveaxis(x, 3, 1)
-
-
-def unchunk_layout(x, T):
-    """Inverse of :func:`chunk_layout`: ``[B, H, N, C, ...]`` → ``[B, T, H, ...]``."""
-    B, H, N, C = x.shape[:4]
-    x = jnp.moveaxis(x, 1, 3).reshape((B, N * C, H) + x.shape[4:])
-    return x[:, :T]
-
-
 def _chunked(q, k, v, g, S0, masking, chunk_size):
     """Chunk-parallel form: masked matmuls inside chunks, a scan over chunks carrying the state.
 
@@ -279,40 +289,19 @@ def _chunked(q, k, v, g, S0, masking, chunk_size):
     The backward pass is hand-written (:func:`_chunk_scan` has a ``custom_vjp``): it keeps
     only the state before each chunk and recomputes the intra-chunk products.
     """
-    B, T, H, K = q.shape
+    T = q.shape[1]
     C = min(chunk_size, T) if masking != "chunk" else chunk_size
-    N = -(-T // C)
-
-    def tm(x):  # [B, T, H, ...] -> [N, B, H, C, ...]
-        x = _pad_time(x, N * C).reshape((B, N, C) + x.shape[2:])
-        perm = (1, 0, 3, 2) + tuple(range(4, x.ndim))
-        return jnp.transpose(x, perm)
-
+    xs = tuple(scan_layout(x, C) for x in (q, k, v, g))  # [N, B, H, C, ...]
     if masking == "none":
-        _, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, False, False)
+        _, S_final = _chunk_scan(*xs, S0, None, None, False, False)
         return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
-    o, S_final = _chunk_scan(tm(q), tm(k), tm(v), tm(g), S0, None, None, masking == "causal", True)
-    o = jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(B, N * C, H, -1)[:, :T]
-    return o, S_final
-
-
-def _decay_terms(gn):
-    """In-chunk cumulative log-decay ``b`` and the factors built from it (all ≤ 1 for g ≤ 0)."""
-    b = jnp.cumsum(gn, axis=-1)  # [B, H, C]
-    bC = b[..., -1]  # [B, H]
-    C = gn.shape[-1]
-    mask = jnp.tril(jnp.ones((C, C), bool))
-    # D_ij = exp(b_i - b_j) for j <= i; masked *before* the exp so nothing overflows.
-    D = jnp.where(mask, jnp.exp(jnp.where(mask, b[..., :, None] - b[..., None, :], 0.0)), 0.0)
-    gamma = jnp.exp(b)  # decay from the chunk start to token i (inclusive)
-    lam = jnp.exp(bC[..., None] - b)  # decay from token j (exclusive) to the chunk end
-    Gam = jnp.exp(bC)  # decay over the whole chunk
-    return D, gamma, lam, Gam
+    o, S_final = _chunk_scan(*xs, S0, None, None, masking == "causal", True)
+    return from_scan_layout(o, T), S_final
 
 
 def _chunk_fwd_step(S, x, intra, emit):
     qn, kn, vn, gn = x  # [B, H, C, K], [B, H, C, K], [B, H, C, V], [B, H, C]
-    D, gamma, lam, Gam = _decay_terms(gn)
+    D, gamma, lam, Gam = decay_terms(gn)
     o = None
     if emit:
         if intra:  # causal: O = (Q Kᵀ ⊙ D) V + (γ ⊙ Q) S
@@ -387,7 +376,7 @@ def _chunk_scan_bwd(intra, emit, res, cts):
         if m is not None:
             f, e, n = m
             dS = jnp.where(e, lax.dynamic_index_in_dim(dSF, n, 0, keepdims=False), dS)
-        D, gamma, lam, Gam = _decay_terms(gn)
+        D, gamma, lam, Gam = decay_terms(gn)
         kl = kn * lam[..., None]
         # contributions through the state update S' = Γ S + (λK)ᵀ V
         dv = jnp.einsum("bhck,bhkv->bhcv", kl, dS)

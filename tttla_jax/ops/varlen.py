@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from tttla_jax._checks import check_cu_seqlens  # noqa: F401  (the validator lives with the input contract)
 
 
 class Layout(NamedTuple):
@@ -34,38 +35,6 @@ class Layout(NamedTuple):
     last: jax.Array   # [N] int32: the last chunk of each sequence (-1 for an empty one)
     slot: jax.Array   # [T] int32: each token's flat slot ``chunk * C + position``
     ends: jax.Array   # [Nc] bool: the chunk is the last of its sequence
-
-
-def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
-    """Validate ``cu_seqlens`` for inputs ``[B, T, ...]``; returns N, the number of sequences.
-
-    Shape and dtype are always checked; the values (start 0, end T, non-decreasing) only
-    when ``cu_seqlens`` is concrete (not traced under ``jax.jit``).
-    """
-    shape = getattr(cu_seqlens, "shape", None)
-    if shape is None or len(shape) != 1 or shape[0] < 2:
-        raise ValueError("cu_seqlens: expected a 1-D integer array [N + 1] of cumulative sequence offsets "
-                         f"(N >= 1), got {'shape ' + str(tuple(shape)) if shape is not None else type(cu_seqlens).__name__}")
-    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
-        raise ValueError(f"cu_seqlens: expected an integer dtype, got {cu_seqlens.dtype}")
-    if B != 1:
-        raise ValueError(f"cu_seqlens: packed sequences go in a batch of one ([1, T, H, D]), got batch size B = {B}")
-    if not isinstance(cu_seqlens, jax.core.Tracer):
-        cu = np.asarray(cu_seqlens)
-        if cu[0] != 0 or cu[-1] != T:
-            raise ValueError(f"cu_seqlens: expected to start at 0 and end at T = {T}, got {cu[0]} … {cu[-1]}")
-        if np.any(np.diff(cu) < 0):
-            raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {cu.tolist()}")
-    return shape[0] - 1
-
-
-def state_shape(cu_seqlens, B: int, T: int, H: int, K: int, V: int):
-    """``(shape, layout)`` of an op's initial/final state: ``[B, H, K, V]``, or one state per
-    packed sequence, ``[N, H, K, V]``, with ``cu_seqlens`` (validated here)."""
-    if cu_seqlens is None:
-        return (B, H, K, V), "[B, H, K, V]"
-    N = check_cu_seqlens(cu_seqlens, B, T)
-    return (N, H, K, V), "[N, H, K, V] (one state per packed sequence, N from cu_seqlens)"
 
 
 def layout(cu_seqlens, T: int, C: int) -> Layout:

@@ -1,0 +1,385 @@
+"""The chunk toolkit: layouts, padding, decay masks, the unit lower-triangular inverse and
+the delta-rule chunk step, shared by the XLA forms of :mod:`tttla_jax.ops` and the XLA
+paths around the Pallas kernels (:mod:`tttla_jax.kernels`).
+
+Axis names as in :mod:`tttla_jax.ops.linear_attention` (``B T H K V``; ``C`` the chunk
+size, ``N = ceil(T / C)`` chunks, ``G`` chunks per group, ``NG`` groups). The math is on
+docs/linear_attention.md ("chunked form" and "delta rule"); this module holds the pieces
+every chunked computation needs, once:
+
+* **layouts** — token-major ``[B, T, H, ...]`` to and from the chunked layouts, zero-padding
+  the last chunk (zero keys, values, gates and log-decays leave every state unchanged, so
+  padded tokens are inert): :func:`chunk_layout` ``[B, H, N, C, ...]`` (rules),
+  :func:`scan_layout` ``[N, B, H, C, ...]`` / ``[NG, B, H, G, C, ...]`` (a ``lax.scan`` over
+  chunks or groups of chunks), :func:`token_blocks` ``[nb, blk, B, H, ...]`` (a token scan
+  in rematerialised blocks), :func:`heads_major` ``[B, H, Tp, D]`` (kernel operands);
+* **decay masks** — :func:`lower_mask` (from iotas, so it also lowers inside Pallas kernels),
+  :func:`masked_decay` ``D_ij = exp(b_i − b_j)·[mask]`` masked *before* the exponential
+  (nothing overflows however strong the decay), :func:`decay_terms` (``D, γ, λ, Γ`` of one
+  chunk of decayed linear attention), the in-chunk cumulative log-decay
+  (:func:`cumsum_in_chunks`, :func:`cumsum_by_matmul`);
+* **(I + A)⁻¹** for strictly lower-triangular ``A`` — :func:`unit_lower_inverse` (XLA: block
+  doubling, analytic JVP) and :func:`unit_lower_inverse_by_products` (inside kernels:
+  ``Π_i (I + (−A)^{2^i})`` with the kernel's matmul);
+* **the delta-rule chunk step** (WY / UT form) — :func:`delta_chunk_group` (a group of
+  chunks, optionally resetting to per-sequence initial states), :func:`affine_chunk_scan`
+  and the whole chunked form :func:`delta_chunked`, which is also the XLA path that
+  differentiates the delta-rule kernel.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+# Chunks per group of the chunked delta-rule form (see delta_chunked).
+GROUP_CHUNKS = 4
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def num_chunks(T: int, C: int) -> int:
+    """``ceil(T / C)``."""
+    return -(-T // C)
+
+
+def pad_time(x, T_pad: int, axis: int = 1):
+    """Zero-pad axis ``axis`` of ``x`` to length ``T_pad`` (no-op if it already is)."""
+    T = x.shape[axis]
+    if T_pad == T:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, T_pad - T)
+    return jnp.pad(x, pad)
+
+
+def chunk_layout(x, C: int):
+    """``[B, T, H, ...]`` → ``[B, H, N, C, ...]`` with zero padding of the last chunk."""
+    B, T = x.shape[:2]
+    N = num_chunks(T, C)
+    x = pad_time(x, N * C)
+    x = x.reshape((B, N, C) + x.shape[2:])
+    return jnp.moveaxis(x, 3, 1)
+
+
+def unchunk_layout(x, T: int):
+    """Inverse of :func:`chunk_layout`: ``[B, H, N, C, ...]`` → ``[B, T, H, ...]``."""
+    B, H, N, C = x.shape[:4]
+    x = jnp.moveaxis(x, 1, 3).reshape((B, N * C, H) + x.shape[4:])
+    return x[:, :T]
+
+
+def scan_layout(x, C: int, groups=None):
+    """``[B, T, H, ...]`` → the layout of a ``lax.scan`` over chunks, zero-padded.
+
+    ``groups=None``: ``[N, B, H, C, ...]`` (one chunk per step). ``groups=G``:
+    ``[NG, B, H, G, C, ...]`` with ``NG = ceil(N / G)`` (G chunks per step, batched).
+    """
+    B, T = x.shape[:2]
+    N = num_chunks(T, C)
+    if groups is None:
+        x = pad_time(x, N * C).reshape((B, N, C) + x.shape[2:])
+        return jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
+    NG = num_chunks(N, groups)
+    x = pad_time(x, NG * groups * C)
+    x = x.reshape((B, NG, groups, C) + x.shape[2:])
+    return jnp.moveaxis(x, (1, 4), (0, 2))
+
+
+def from_scan_layout(y, T: int):
+    """Inverse of :func:`scan_layout` (either form, told apart by rank) for per-token
+    outputs ``[N, B, H, C, V]`` / ``[NG, B, H, G, C, V]`` → ``[B, T, H, V]``."""
+    if y.ndim == 5:
+        N, B, H, C, V = y.shape
+        return jnp.transpose(y, (1, 0, 3, 2, 4)).reshape(B, N * C, H, V)[:, :T]
+    NG, B, H, G, C, V = y.shape
+    return jnp.moveaxis(y, (0, 2), (1, 4)).reshape(B, NG * G * C, H, V)[:, :T]
+
+
+def token_blocks(x, blk: int):
+    """``[B, T, H, ...]`` → time-major blocks ``[nb, blk, B, H, ...]`` (zero-padded) for a
+    token scan rematerialised per block."""
+    T = x.shape[1]
+    Tp = num_chunks(T, blk) * blk
+    x = jnp.moveaxis(pad_time(x, Tp), 1, 0)
+    return x.reshape((Tp // blk, blk) + x.shape[1:])
+
+
+def from_token_blocks(y, T: int):
+    """Inverse of :func:`token_blocks` for outputs: ``[nb, blk, B, H, ...]`` → ``[B, T, H, ...]``."""
+    y = y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:T]
+    return jnp.moveaxis(y, 0, 1)
+
+
+def heads_major(x, Tp: int):
+    """``[B, T, H, ...]`` → ``[B, H, Tp, ...]`` (zero-padded tokens): the kernels' operand layout."""
+    return jnp.swapaxes(pad_time(x, Tp), 1, 2)
+
+
+def from_heads_major(y, T: int):
+    """Inverse of :func:`heads_major`: ``[B, H, Tp, ...]`` → ``[B, T, H, ...]``."""
+    return jnp.swapaxes(y, 1, 2)[:, :T]
+
+
+# --------------------------------------------------------------------------- decay masks
+
+
+def lower_mask(C: int, strict: bool = False):
+    """``[C, C]`` boolean ``j ≤ i`` (``j < i`` if ``strict``), built from iotas (lowers inside
+    Pallas kernels too)."""
+    rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    return cols < rows if strict else cols <= rows
+
+
+def masked_decay(b_i, b_j, mask):
+    """``exp(b_i − b_j)`` where ``mask``, else 0 — masked *before* the exponential, so only
+    the exponents that are kept (``≤ 0`` for a non-positive log-decay below the diagonal)
+    are ever evaluated: no overflow, no ``inf·0``. ``b_i`` / ``b_j`` broadcast as a column
+    and a row."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, b_i - b_j, 0.0)), 0.0)
+
+
+def cumsum_in_chunks(g, C: int):
+    """In-chunk inclusive cumulative sum of a ``[B, T, H]`` log-decay: ``[B, Tp, H]`` with
+    ``Tp = N·C`` (padded tokens add 0)."""
+    B, T, H = g.shape
+    Tp = num_chunks(T, C) * C
+    g = pad_time(g, Tp)
+    return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
+
+
+def cumsum_by_matmul(g):
+    """Inclusive cumulative sum over the last axis ``[..., C]`` as a matmul with the
+    upper-triangular ones matrix (on XLA:CPU ``jnp.cumsum``'s reduce-window fused badly into
+    the ``C × C`` exponentials that follow; this measured ~15-20 % faster in the delta rule)."""
+    C = g.shape[-1]
+    return jnp.matmul(g, jnp.triu(jnp.ones((C, C), g.dtype)))
+
+
+def decay_terms(gn):
+    """One chunk of decayed linear attention from its log-decays ``gn [..., C]``:
+    ``(D, γ, λ, Γ)`` with ``b = cumsum(gn)``, ``D_ij = exp(b_i − b_j)·[j ≤ i]``,
+    ``γ_i = exp(b_i)`` (chunk start to token i, inclusive), ``λ_j = exp(b_C − b_j)`` (token j,
+    exclusive, to the chunk end) and ``Γ = exp(b_C)``; all ≤ 1 for ``g ≤ 0``."""
+    b = jnp.cumsum(gn, axis=-1)
+    bC = b[..., -1]
+    D = masked_decay(b[..., :, None], b[..., None, :], lower_mask(gn.shape[-1]))
+    return D, jnp.exp(b), jnp.exp(bC[..., None] - b), jnp.exp(bC)
+
+
+# --------------------------------------------------------------------------- (I + A)^-1
+
+
+def _inverse_by_doubling(A):
+    """``(I + A)⁻¹`` for strictly lower-triangular ``A`` ``[..., C, C]``, by block doubling.
+
+    A unit lower-triangular matrix ``[[L11, 0], [L21, L22]]`` has inverse
+    ``[[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]]``. Starting from the 1×1 diagonal blocks
+    (inverse 1), each level merges pairs of diagonal blocks of size s into blocks of
+    size 2s with two batched matmuls; ``log2 C`` levels, ≈ (2/3) C³ flops per matrix.
+    (XLA:CPU's batched ``triangular_solve`` was ~40× slower than this on the benchmark
+    shapes, and its compile took seconds.) C is zero-padded to a power of two; padded
+    rows/columns stay identity.
+    """
+    C = A.shape[-1]
+    Cp = 1 << max(0, (C - 1).bit_length())
+    if Cp != C:
+        A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, Cp - C), (0, Cp - C)])
+    batch = A.shape[:-2]
+    D = jnp.ones(batch + (Cp, 1, 1), A.dtype)  # inverses of the diagonal blocks, size s
+    s = 1
+    while s < Cp:
+        m = Cp // (2 * s)
+        # the m diagonal blocks of size 2s of A, and their lower-left s×s corners
+        Ad = jnp.diagonal(A.reshape(batch + (m, 2 * s, m, 2 * s)), axis1=-4, axis2=-2)
+        L21 = jnp.moveaxis(Ad, -1, -3)[..., s:, :s]  # [..., m, s, s]
+        Dp = D.reshape(batch + (m, 2, s, s))
+        D11, D22 = Dp[..., 0, :, :], Dp[..., 1, :, :]
+        X21 = -jnp.matmul(jnp.matmul(D22, L21), D11)
+        D = jnp.concatenate(
+            [jnp.concatenate([D11, jnp.zeros_like(D11)], -1), jnp.concatenate([X21, D22], -1)], -2
+        )
+        s *= 2
+    return D.reshape(batch + (Cp, Cp))[..., :C, :C]
+
+
+@jax.custom_jvp
+def unit_lower_inverse(A: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
+    """``T = (I + A)⁻¹`` for strictly lower-triangular ``A`` (the UT transform's matrix), in XLA.
+
+    Block doubling (:func:`_inverse_by_doubling`), differentiated analytically,
+    ``dT = −T dA T`` (so reverse mode is two matmuls and does not store the doubling
+    levels). ``A`` must be strictly lower triangular (the caller masks it): the forward
+    reads only that part, the JVP formula assumes it.
+    """
+    return _inverse_by_doubling(A)
+
+
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (A,), (dA,) = primals, tangents
+    T = unit_lower_inverse(A)
+    return T, -jnp.matmul(jnp.matmul(T, dA), T)
+
+
+def unit_lower_inverse_by_products(A, dot):
+    """``(I + A)⁻¹`` of one strictly lower-triangular ``[C, C]`` matrix inside a kernel:
+    ``Σ_n (−A)ⁿ = Π_i (I + (−A)^{2^i})`` (``A`` is nilpotent, so ``log2 C`` factors), with
+    ``dot(a, b)`` the kernel's matmul. Only 2-D iotas, adds and matmuls: it lowers with
+    Triton and Mosaic. (The XLA forms use :func:`unit_lower_inverse`, ~10× fewer flops.)"""
+    C = A.shape[0]
+    eye = (lax.broadcasted_iota(jnp.int32, (C, C), 0) == lax.broadcasted_iota(jnp.int32, (C, C), 1)).astype(A.dtype)
+    X = -A
+    R = eye + X
+    n = 2
+    while n < C:
+        X = dot(X, X)
+        R = dot(R, eye + X)
+        n *= 2
+    return R
+
+
+# --------------------------------------------------------------------------- delta rule chunk step
+
+
+def _affine_scan_loop(M, D, S0, first=None, seq=None, h0=None):
+    if first is None:
+        def step(S, x):
+            Mn, Dn = x
+            return jnp.matmul(Mn, S) + Dn, S  # emit the state *before* the chunk
+
+        return lax.scan(step, S0, (M, D))
+
+    def step_reset(S, x):
+        Mn, Dn, f, n = x
+        # the first chunk of a packed sequence starts from its own initial state
+        S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False), S)
+        S_next = jnp.matmul(Mn, S) + Dn
+        return S_next, (S, S_next)
+
+    S_final, (S_prev, S_after) = lax.scan(step_reset, S0, (M, D, first, seq))
+    return S_final, S_prev, S_after
+
+
+@jax.custom_jvp
+def affine_chunk_scan(M, D, S0, first=None, seq=None, h0=None):
+    """``S_{n+1} = M_n S_n + D_n`` over chunks n (leading axis); returns ``(S_N, [S_0 … S_{N−1}])``.
+
+    Packed sequences (``cu_seqlens``): ``first [N]`` (bool) and ``seq [N]`` (int), per chunk:
+    it is the first of its sequence, and which sequence it belongs to; ``h0 [Ns, ...]`` the
+    sequences' initial states. A chunk with ``first`` set starts from ``h0[seq]`` (read by
+    index inside the scan) instead of the carried state (``S_prev`` holds that reset state),
+    and the state after every chunk ``[S_1 … S_N]`` is returned as a third output. All three
+    ``None`` otherwise.
+
+    The JVP ``dS_{n+1} = M_n dS_n + (dM_n S_n + dD_n)`` is written so that the
+    ``dM_n S_n`` term is one batched matmul outside the loop: after transposition the
+    reverse scan only carries ``Gₙ = M_nᵀ G_{n+1} + …`` (one matmul per step instead of
+    two) and ``dM = G Sᵀ`` is one batched matmul after the loop. With resets the tangent
+    scan resets to ``dh0[seq]`` on the same chunks, so the transposed scan routes a first
+    chunk's incoming cotangent to its sequence's ``h0`` (and none to the chunk before it).
+    """
+    return _affine_scan_loop(M, D, S0, first, seq, h0)
+
+
+@affine_chunk_scan.defjvp
+def _affine_chunk_scan_jvp(primals, tangents):
+    (M, D, S0, first, seq, h0), (dM, dD, dS0, _, _, dh0) = primals, tangents
+    out = affine_chunk_scan(M, D, S0, first, seq, h0)
+    X = jnp.matmul(dM, out[1]) + dD  # out[1]: the state before each chunk (after a reset)
+    return out, _affine_scan_loop(M, X, dS0, first, seq, dh0)
+
+
+def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
+    """One group of chunks of the (gated) delta rule, WY / UT form; tensors ``[B, H, G, C, ·]``
+    (β and log-decay ``[B, H, G, C]``, ``gc`` may be ``None``), ``q`` already scaled.
+
+    Inside chunk n, with ``S`` the state before it and ``b`` the in-chunk inclusive
+    cumulative log-decay (docs/linear_attention.md, "delta rule"; Yang et al., 2024,
+    "Parallelizing Linear Transformers with the Delta Rule over Sequence Length")::
+
+        (I + A) U = β V − (β e^b K) S,   A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j
+        [W_v, W_k] = (I + A)⁻¹ [β V, β e^b K],   U = W_v − W_k S
+        o = (e^b Q − P W_k) S + P W_v,    P_ij = [j ≤ i] e^{b_i − b_j} q_i·k_j
+        S_new = (e^{b_C} I − K̃ᵀ W_k) S + K̃ᵀ W_v =: M_n S + D_n,   K̃ = e^{b_C − b} K
+
+    Everything but the scan ``S ← M_n S + D_n`` (:func:`affine_chunk_scan`) is batched over
+    the group's chunks. Returns ``(S after the group, o [B, H, G, C, V])``. With ``first [G]``,
+    ``seq [G]`` and ``h0 [Ns, B, H, K, V]`` (packed sequences) the chunks with ``first`` set
+    start from ``h0[seq]``, and the state after every chunk ``[G, B, H, K, V]`` is returned as
+    a third output.
+
+    CPU notes: every product is a plain batched matmul with the batch axes leading; K is
+    transposed once (``kT``) so both Gram products are NN matmuls; products are not
+    concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
+    block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
+    """
+    C, K = kc.shape[-2], kc.shape[-1]
+    dt = qc.dtype
+    bc = bc[..., None]  # [B,H,G,C,1]
+    incl = lower_mask(C)  # j <= i
+    strict = lower_mask(C, strict=True)  # j < i
+    kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
+    QK = jnp.matmul(qc, kT)  # q_i·k_j
+    KK = jnp.matmul(kc, kT)  # k_i·k_j
+    if gc is None:
+        P = jnp.where(incl, QK, 0.0)
+        A = jnp.where(strict, KK, 0.0) * bc
+        rhs_k = bc * kc
+        Kt = kc
+        Qt0 = qc
+        eye_decay = jnp.eye(K, dtype=dt)
+    else:
+        b = cumsum_by_matmul(gc)  # [B,H,G,C]
+        bC = b[..., -1:]  # [B,H,G,1]
+        E = masked_decay(b[..., :, None], b[..., None, :], incl)
+        P = QK * E
+        A = jnp.where(strict, KK * E, 0.0) * bc
+        eb = jnp.exp(b)[..., None]  # e^{b_i} ≤ 1
+        rhs_k = (bc * eb) * kc
+        Kt = jnp.exp(bC - b)[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
+        Qt0 = eb * qc
+        eye_decay = jnp.exp(bC)[..., None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
+
+    Tinv = unit_lower_inverse(A)
+    Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
+    Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
+    D = jnp.einsum("bhnck,bhncv->bhnkv", Kt, Wv)
+    M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
+    scanned = affine_chunk_scan(jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0), S0, first, seq, h0)
+    S_final, S_prev = scanned[0], jnp.moveaxis(scanned[1], 0, 2)  # S_prev: [B,H,G,K,V]
+
+    Qt = Qt0 - jnp.matmul(P, Wk)
+    o = jnp.matmul(Qt, S_prev) + jnp.matmul(P, Wv)
+    if first is None:
+        return S_final, o
+    return S_final, o, scanned[2]
+
+
+def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool = True):
+    """The chunked (gated) delta rule on ``[B, T, H, ·]`` inputs (``q`` already scaled, all in
+    the accumulation dtype; ``g`` may be ``None``): returns ``(o [B, T, H, V], S_T)``.
+
+    The N chunks are processed in groups of ``group`` chunks (default :data:`GROUP_CHUNKS`;
+    a ``lax.scan`` over groups carrying S): inside a group everything is batched over its
+    chunks (:func:`delta_chunk_group`), so the ``[B, H, G, C, C]`` intermediates stay
+    cache-sized instead of growing with T (on this CPU, T = 8192, measured under shared
+    load: ≈2× faster forward and ≈1.6× faster forward+backward than one all-chunks batch).
+    With ``remat`` the group body is rematerialised, so the backward pass stores one state
+    per group rather than every ``C × C`` intermediate. Padded tokens have β = g = k = 0.
+    """
+    T = q.shape[1]
+    C = min(chunk_size, T)
+    G = min(group or GROUP_CHUNKS, num_chunks(T, C))
+    xs = tuple(None if x is None else scan_layout(x, C, G) for x in (q, k, v, beta, g))
+
+    def body(S, x):
+        return delta_chunk_group(*x, S)
+
+    if remat:
+        body = jax.checkpoint(body)
+    S_final, o = lax.scan(body, S0, xs)  # o: [NG, B, H, G, C, V]
+    return from_scan_layout(o, T), S_final
