@@ -1,9 +1,11 @@
 """TTT-Linear / TTT-MLP / Titans layers (tttla_jax.nn.ttt, tttla_jax.nn.titans).
 
-float64 at 1e-10: recurrent vs parallel (outputs, final cache, gradients w.r.t. parameters,
-input and the starting cache), pieces == one call (T not a multiple of the mini-batch /
-TTT batch), the layer == the rule's functional op on the whole sequence. float32 mode
-agreement at 1e-5 (documented: summation order of the primal vs dual / chunked forms).
+float64 at 1e-10: the sequential view vs the parallel view — TTT's ``impl="primal"`` vs
+``"dual"``, Titans' ``"recurrent"`` vs ``"chunked"`` (linear memory) / ``"associative"``
+(MLP memory) — (outputs, final cache, gradients w.r.t. parameters, input and the starting
+cache), pieces == one call (T not a multiple of the mini-batch / TTT batch), the layer ==
+the rule's functional op on the whole sequence. float32 agreement of the two views at 1e-5
+(documented: summation order of the primal vs dual / chunked forms).
 """
 import functools
 
@@ -40,9 +42,22 @@ FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes"
 jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
-def make(case, mode, dtype=F64, param_dtype=F64, seed=0, **over):
+def impl_of(case, view):
+    """The layer ``impl`` of a test view: ``"recurrent"`` (the per-token / scan view) or
+    ``"parallel"`` (the matmul view: TTT's dual form, Titans' parallel form inside each TTT
+    batch), or an explicit impl (e.g. ``"auto"``)."""
     cls, kw = CASES[case]
-    return cls(width=W, num_heads=H, mode=mode, dtype=dtype, param_dtype=param_dtype,
+    if view not in ("recurrent", "parallel"):
+        return view
+    if cls is TitansMemory:
+        return "recurrent" if view == "recurrent" else (
+            "chunked" if kw.get("memory", "linear") == "linear" else "associative")
+    return "primal" if view == "recurrent" else "dual"
+
+
+def make(case, view, dtype=F64, param_dtype=F64, seed=0, **over):
+    cls, kw = CASES[case]
+    return cls(width=W, num_heads=H, impl=impl_of(case, view), dtype=dtype, param_dtype=param_dtype,
                rngs=nnx.Rngs(seed), **{**kw, **over})
 
 
@@ -81,12 +96,12 @@ def cache_offsets(m, seed=2):
 
 
 @functools.lru_cache(maxsize=None)
-def run(case, mode):
-    """One jitted function per (case, mode): the call from a non-trivial cache with
-    gradients w.r.t. parameters, input and the cache offsets; in parallel mode (and in
-    recurrent mode for the slow sweep) also the full forward and the same sequence in
+def run(case, view):
+    """One jitted function per (case, view): the call from a non-trivial cache with
+    gradients w.r.t. parameters, input and the cache offsets; in parallel view (and in
+    recurrent view for the slow sweep) also the full forward and the same sequence in
     pieces (5, 1, 1 tokens)."""
-    m = make(case, mode)
+    m = make(case, view)
     gd, params = nnx.split(m)
     fc, ic = cache_offsets(m)
 
@@ -118,7 +133,7 @@ def run(case, mode):
 
 # default suite: TTT-Linear (with the shared-QK conv and the gate) and Titans (linear
 # memory); plain TTT-Linear, TTT-MLP and the Titans MLP memory run in the slow sweep (the
-# MLP variants' modes are also compared in float32 below), to keep compile time low
+# MLP variants' views are also compared in float32 below), to keep compile time low
 DEFAULT = ["ttt_linear_qk_gate", "titans_linear"]
 ALL = DEFAULT + [pytest.param(c, marks=pytest.mark.slow) for c in ("ttt_linear", "ttt_mlp", "titans_mlp")]
 
@@ -140,10 +155,10 @@ def test_recurrent_and_parallel_agree_f64(case):
 
 
 @pytest.mark.parametrize("case", ALL)
-@pytest.mark.parametrize("mode", ["parallel", pytest.param("recurrent", marks=pytest.mark.slow)])
-def test_pieces_equal_full_forward(case, mode):
+@pytest.mark.parametrize("view", ["parallel", pytest.param("recurrent", marks=pytest.mark.slow)])
+def test_pieces_equal_full_forward(case, view):
     """Prefill 5 tokens, decode 1 + 1: outputs and final cache equal one call on 7 tokens."""
-    r = run(case, mode)(True)
+    r = run(case, view)(True)
     assert max_diff(r["y_pieces"], r["y_full"]) < TOL
     assert max_diff(r["c_pieces"], r["c_full"]) < TOL
     # 7 tokens leave a partial mini-batch / TTT batch in the cache
@@ -292,8 +307,8 @@ def test_float32_modes_agree_and_bf16_runs():
     activations with float32 parameters give a bfloat16 output and float32 fast weights."""
     x = inputs(jnp.float32)
     for case in ("ttt_mlp", "titans_mlp"):
-        ms = [make(case, mode, dtype=jnp.float32, param_dtype=jnp.float32)
-              for mode in ("recurrent", "parallel")]
+        ms = [make(case, view, dtype=jnp.float32, param_dtype=jnp.float32)
+              for view in ("recurrent", "parallel")]
         mb = make(case, "parallel", dtype=jnp.bfloat16, param_dtype=jnp.float32)
         graphs = [nnx.split(mm) for mm in (*ms, mb)]
 
@@ -314,9 +329,9 @@ def test_language_model_with_ttt_and_titans_mixers():
     """Registered mixers work in a hybrid LM; prefill + decode == full forward."""
     assert {"ttt_linear", "ttt_mlp", "titans"} <= set(MIXERS)
     cfg = LMConfig(vocab_size=11, width=W, num_layers=2, num_heads=H, mixers=("ttt_linear", "titans"),
-                   mixer_options={"ttt_linear": {"mini_batch_size": 4, "init_std": 0.3},
-                                  "titans": {"chunk_size": 2, "batch_size": 4}},
-                   mode="parallel", dtype=F64, param_dtype=F64)
+                   mixer_options={"ttt_linear": {"mini_batch_size": 4, "init_std": 0.3, "impl": "dual"},
+                                  "titans": {"chunk_size": 2, "batch_size": 4, "impl": "chunked"}},
+                   dtype=F64, param_dtype=F64)
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (B, 6), 0, 11)
     gd, st = nnx.split(model)
@@ -335,10 +350,10 @@ def test_language_model_with_ttt_and_titans_mixers():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="mode"):
-        TTTLinear(width=W, num_heads=H, mode="pallas", rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="mode"):
-        TitansMemory(width=W, num_heads=H, mode="pallas", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="impl"):
+        TTTLinear(width=W, num_heads=H, impl="pallas", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="impl"):
+        TitansMemory(width=W, num_heads=H, impl="pallas", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="batch_size"):
         TitansMemory(width=W, num_heads=H, chunk_size=4, batch_size=6, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="batch_size"):

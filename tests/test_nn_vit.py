@@ -1,4 +1,4 @@
-"""ViT³ mixer and classifier (tttla_jax.nn.vit): mode equivalence, the reference block,
+"""ViT³ mixer and classifier (tttla_jax.nn.vit): impl equivalence, the reference block,
 transforms, parameter counts, config and input errors.
 
 float64 checks at 1e-10; float32 recurrent-vs-parallel agreement at the documented
@@ -41,23 +41,23 @@ def build(ctor, seed=0, std=0.5):
 
 def graph(ctor):
     """The graphdef of ``ctor()`` (abstract build): merge it with another module's state to
-    run the same parameters in another mode."""
+    run the same parameters in another impl."""
     return nnx.split(nnx.eval_shape(ctor))[0]
 
 
-def block(mode, dtype=F64, seed=0, **kw):
-    return build(lambda: ViT3Block(width=W, num_heads=H, grid=GRID, mode=mode, dtype=dtype,
+def block(impl, dtype=F64, seed=0, **kw):
+    return build(lambda: ViT3Block(width=W, num_heads=H, grid=GRID, impl=impl, dtype=dtype,
                                    param_dtype=dtype, rngs=nnx.Rngs(seed), **kw), seed)
 
 
-def tiny_config(mode="auto", dtype=F64, **kw):
+def tiny_config(impl="auto", dtype=F64, **kw):
     base = dict(image_size=(6, 8), patch_size=2, in_channels=2, num_classes=5, width=W,
-                num_layers=1, num_heads=H, mlp_hidden=12, mode=mode, dtype=dtype, param_dtype=dtype)
+                num_layers=1, num_heads=H, mlp_hidden=12, impl=impl, dtype=dtype, param_dtype=dtype)
     return ViTConfig(**{**base, **kw})
 
 
-def classifier(mode, dtype=F64, seed=0, **kw):
-    cfg = tiny_config(mode, dtype, **kw)
+def classifier(impl, dtype=F64, seed=0, **kw):
+    cfg = tiny_config(impl, dtype, **kw)
     return build(lambda: ViTClassifier(cfg, rngs=nnx.Rngs(seed)), seed)
 
 
@@ -101,12 +101,12 @@ def _with(m, **fields):
 def block_run():
     """One compilation for every block-level check (see the tests below)."""
     m_rec, m32 = block("recurrent"), block("recurrent", dtype=jnp.float32)
-    mk = lambda mode, dtype=F64: graph(lambda: ViT3Block(width=W, num_heads=H, grid=GRID, mode=mode,
+    mk = lambda impl, dtype=F64: graph(lambda: ViT3Block(width=W, num_heads=H, grid=GRID, impl=impl,
                                                          dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     p64, p32 = nnx.state(m_rec), nnx.state(m32)
     frozen = _with(m_rec, inner_lr=1e-300)  # effectively no inner step
-    graphs = dict(rec=(mk("recurrent"), p64), par=(mk("parallel"), p64), auto=(mk("auto"), p64),
-                  f32_rec=(mk("recurrent", jnp.float32), p32), f32_par=(mk("parallel", jnp.float32), p32),
+    graphs = dict(rec=(mk("recurrent"), p64), par=(mk("chunked"), p64), auto=(mk("auto"), p64),
+                  f32_rec=(mk("recurrent", jnp.float32), p32), f32_par=(mk("chunked", jnp.float32), p32),
                   frozen=nnx.split(frozen))
     mods = dict(rec=m_rec)
     x, x8 = tokens(), normal((1, 8, W), seed=2)
@@ -153,7 +153,7 @@ def test_block_recurrent_and_parallel_agree_f64(block_run):
 
 
 def test_block_other_grid_at_call_time(block_run):
-    """A call may pass another grid (another image size); both modes still agree."""
+    """A call may pass another grid (another image size); both impls still agree."""
     _, r = block_run
     assert r["grid_rec"].shape == (1, 8, W)
     assert max_diff(r["grid_rec"], r["grid_par"]) < TOL
@@ -169,12 +169,12 @@ def test_float32_modes_agree(block_run):
 
 @pytest.fixture(scope="module")
 def classifier_run():
-    """One compilation: both modes' logits and gradients (same parameters), vmap over two
+    """One compilation: both impls' logits and gradients (same parameters), vmap over two
     models, jax.checkpoint around the loss and the remat=True configuration (the transform
-    checks use the recurrent mode: its gradient compiles fastest)."""
+    checks use the recurrent impl: its gradient compiles fastest)."""
     m, m2 = classifier("recurrent"), classifier("recurrent", seed=7)
-    cg = lambda mode, **kw: graph(lambda: ViTClassifier(tiny_config(mode, **kw), rngs=nnx.Rngs(0)))
-    gds = dict(rec=nnx.split(m)[0], par=cg("parallel"), remat=cg("recurrent", remat=True))
+    cg = lambda impl, **kw: graph(lambda: ViTClassifier(tiny_config(impl, **kw), rngs=nnx.Rngs(0)))
+    gds = dict(rec=nnx.split(m)[0], par=cg("chunked"), remat=cg("recurrent", remat=True))
     p, p2 = nnx.state(m), nnx.state(m2)
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), p, p2)
     x = images()
@@ -259,7 +259,7 @@ def reference_block_numpy(x, w, num_heads, grid, s=9 ** -0.5):
 
 def test_block_matches_reference_transcription():
     """Weights exported in the reference layout, run through a float64 numpy transcription
-    of the reference forward, give the layer's output in both modes (a non-square grid, so
+    of the reference forward, give the layer's output in both impls (a non-square grid, so
     any row/column mix-up shows)."""
     m = block("recurrent", seed=3)
     x = tokens(seed=4)
@@ -267,8 +267,8 @@ def test_block_matches_reference_transcription():
     assert sorted(w) == ["proj.bias", "proj.weight", "qkv.bias", "qkv.weight", "w1", "w2", "w3"]
     assert w["w1"].shape == (1, H, 4, 4) and w["w3"].shape == (4, 1, 3, 3)
     assert w["qkv.weight"].shape == (3 * W + 3 * 4, W) and w["proj.weight"].shape == (W, W + 4)
-    gds = [graph(lambda: ViT3Block(width=W, num_heads=H, grid=GRID, mode=mode, dtype=F64,
-                                   param_dtype=F64, rngs=nnx.Rngs(0))) for mode in ("recurrent", "parallel")]
+    gds = [graph(lambda: ViT3Block(width=W, num_heads=H, grid=GRID, impl=impl, dtype=F64,
+                                   param_dtype=F64, rngs=nnx.Rngs(0))) for impl in ("recurrent", "chunked")]
     ys = jit(lambda st, x: [nnx.merge(gd, st)(x)[0] for gd in gds])(nnx.state(m), x)
     ref = reference_block_numpy(x, w, H, GRID)
     for y in ys:
@@ -348,8 +348,8 @@ def test_parameters_carry_logical_sharding():
     (dict(image_size=(7, 8)), r"image_size: expected both sides divisible by patch_size=2, got image_size=\(7, 8\)"),
     (dict(image_size=(6, 8), patch_size=4), r"image_size: expected both sides divisible by patch_size=4"),
     (dict(num_heads=3), r"num_heads: must divide width"),
-    (dict(mode="pallas"), r"mode: ViT3Block does not support mode='pallas'"),
-    (dict(mode="fast"), r"mode: got 'fast', expected one of"),
+    (dict(impl="pallas"), r"impl: ViT3Block does not support impl='pallas'"),
+    (dict(impl="fast"), r"impl: got 'fast', expected one of"),
     (dict(patch_size=0), r"patch_size: expected a positive int, got 0"),
     (dict(num_classes=1.5), r"num_classes: expected a positive int"),
     (dict(image_size=(6,)), r"image_size: expected a positive int or a pair"),
@@ -363,7 +363,7 @@ def test_config_validation(kw, match):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(mode="pallas"), r"ViT3Block does not support mode='pallas'; supported modes are"),
+    (dict(impl="pallas"), r"ViT3Block does not support impl='pallas'; supported: "),
     (dict(grid=(3, 0)), r"grid\[1\]: expected a positive int, got 0"),
     (dict(num_heads=3), r"num_heads: must divide width"),
     (dict(inner_lr=0.0), r"inner_lr: expected a positive float"),

@@ -6,7 +6,9 @@ of the readings was most of this file's time; the numerics checked do not depend
 backend optimisation). The reading's static fields (``associative``, ``breaks``, array
 ranks and shapes) are recorded while tracing.
 """
+import ast
 import dataclasses
+import importlib
 import types
 
 import jax
@@ -146,8 +148,24 @@ def test_theorem_5_3_per_token_momentum():
 
 
 def test_reduce_unknown_rule():
-    with pytest.raises(NotImplementedError, match="no reduction registered for Rule"):
+    with pytest.raises(NotImplementedError, match=r"rule: Rule has no linear-attention reading .*has_reading\(\) is False"):
         reduce(tt.rules.Rule())
+    with pytest.raises(TypeError, match="rule: expected a rule"):
+        reduce(object())
+
+
+def test_reduce_dispatches_to_the_rule():
+    """``tt.reduce(rule, *inputs)`` is ``rule.reading(*inputs)``; reduce.py imports no rule."""
+    red = importlib.import_module("tttla_jax.reduce")  # the module (tt.reduce is the function)
+
+    rule, build = tt.rules.REGISTRY["titans_linear"]()
+    args = build(rule, seed=0, dtype=jnp.float64)
+    a, b = reduce(rule, *args), rule.reading(*args)
+    np.testing.assert_array_equal(a.outputs(), b.outputs())
+    imported = [n.module if isinstance(n, ast.ImportFrom) else alias.name
+                 for n in ast.walk(ast.parse(open(red.__file__).read()))
+                 if isinstance(n, (ast.Import, ast.ImportFrom)) for alias in n.names]
+    assert not [m for m in imported if m.startswith("tttla_jax")], imported  # layering: rules -> reduce
 
 
 @pytest.mark.parametrize("memory", ["linear", "mlp"])
@@ -313,7 +331,7 @@ def test_lact_muon_bfloat16_ns_reading_is_close():
 # the reference configuration at T = 11 (with gradients) is the registry's "ttt_mlp" entry
 TTT_MLP_CASES = [(dict(), 1), (dict(layer_norm=False, bias=False, residual=False), 11),
                  pytest.param(dict(bias=False), 11, marks=pytest.mark.slow),
-                 pytest.param(dict(residual=False, form="primal"), 11, marks=pytest.mark.slow),
+                 pytest.param(dict(residual=False, impl="primal"), 11, marks=pytest.mark.slow),
                  pytest.param(dict(), 6, marks=pytest.mark.slow)]
 
 

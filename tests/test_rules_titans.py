@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tttla_jax.reference.titans import titans_loop
-from tttla_jax.rules.base import NotAssociativeError
+from tttla_jax.impl import ImplError
 from tttla_jax.rules.titans import TitansRule, TitansState, _example_inputs, titans, titans_inner_grad
 
 leaves = jax.tree_util.tree_leaves
@@ -162,7 +162,7 @@ def test_parallel_mlp_associative_and_chunked_refuses():
     rule = TitansRule(chunk_size=3, batch_size=None, memory="mlp", activation="silu")
     *xs, st = _example_inputs(rule, seed=5, T=20)
     close(fast_jit(rule.parallel)(*xs, st), fast_jit(rule.recurrent)(*xs, st), 1e-10, what="mlp associative vs scan")
-    with pytest.raises(NotAssociativeError, match="memory='mlp'.*linear read"):
+    with pytest.raises(ImplError, match="memory='mlp'.*linear read"):
         rule.parallel(*xs, st, impl="chunked")
 
 

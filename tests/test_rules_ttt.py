@@ -8,6 +8,7 @@ both families and forms; the margin covers error growth with T and the inner
 LayerNorm's division by a per-token std).
 """
 import functools
+from dataclasses import replace as dataclasses_replace
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ def check_against_reference(family, C, T, seed, B=2, H=2, D=4):
     # the reference runs eagerly: its per-token pieces are jitted, the loop is not
     o_r, s_r, g_r = outputs_state_grads(ref_fn(base), args, jit=False)
     for form in ("dual", "primal"):
-        o, s, g = outputs_state_grads(rule_fn(cls(mini_batch_size=C, form=form)), args)
+        o, s, g = outputs_state_grads(rule_fn(cls(mini_batch_size=C, impl=form)), args)
         assert o.dtype == F64 and o.shape == o_r.shape == (B, T, H, D)
         close(o, o_r, 1e-10, what=f"{form} output")
         close(s, s_r, 1e-10, what=f"{form} final state")
@@ -213,7 +214,7 @@ def test_closed_form_inner_grads_equal_autodiff():
 def test_zero_lr_means_no_update():
     for cls in (TTTLinearRule, TTTMLPRule):
         for form in ("dual", "primal"):
-            rule = cls(mini_batch_size=4, form=form)
+            rule = cls(mini_batch_size=4, impl=form)
             q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=5, B=2, T=3)
             f = jax.jit(functools.partial(rule.recurrent, output_final_state=True))
             o, s = f(q, k, v, jnp.zeros_like(lr), te, g, bt, st)
@@ -235,7 +236,7 @@ def test_ablation_switches_match_reference(flags):
     args = tuple(xs) + (learned(st),)
     o_r, s_r = ref_fn(TTTLinearRule(mini_batch_size=3, **flags))(*args)
     for form in ("dual", "primal"):
-        o, s = rule_fn(TTTLinearRule(mini_batch_size=3, form=form, **flags))(*args)
+        o, s = rule_fn(TTTLinearRule(mini_batch_size=3, impl=form, **flags))(*args)
         close((o, tuple(s)), (o_r, tuple(s_r)), 1e-10, what=f"{flags} {form}")
 
 
@@ -256,6 +257,26 @@ def test_reduces_to_delta_rule():
     np.testing.assert_allclose(s.W, S, atol=1e-12)
     with pytest.raises(ValueError, match="layer_norm=bias=residual=False and mini_batch_size=1"):
         TTTLinearRule(mini_batch_size=1).delta_rule_inputs(q, k, v, lr, te, st)
+
+
+def test_call_impl_runs_that_form():
+    """``rule(..., impl=...)`` runs the named form (``"auto"``: the configured ``impl``); both
+    forms agree, and the rule's implementation protocol says what exists."""
+    for cls in (TTTLinearRule, TTTMLPRule):
+        rule = cls(mini_batch_size=3)
+        args = _example_inputs(rule, seed=11, B=1, T=5)
+        assert rule.impls == ("dual", "primal") and rule.parallel_impls() == ()
+        assert rule.resolve_impl() == "dual" and cls(impl="primal").resolve_impl() == "primal"
+        assert rule.resolve_impl("primal") == "primal"
+        f = jax.jit(lambda *a, impl: rule(*a, output_final_state=True, impl=impl), static_argnames="impl")
+        o_p, s_p = f(*args, impl="primal")
+        o_d, s_d = f(*args, impl="dual")
+        o_pr, s_pr = jax.jit(functools.partial(dataclasses_replace(rule, impl="primal").recurrent,
+                                               output_final_state=True))(*args)
+        close((o_p, tuple(s_p)), (o_pr, tuple(s_pr)), 0.0, what="impl='primal' is the primal form")
+        close((o_d, tuple(s_d)), (o_p, tuple(s_p)), 1e-10, what="dual vs primal")
+        with pytest.raises(ValueError, match=r"impl: .*does not support impl='chunked'"):
+            rule(*args, impl="chunked")
 
 
 def test_parallel_raises_and_names_layernorm():
@@ -280,7 +301,7 @@ def test_float32_tolerance(family):
     args32 = tuple(x.astype(jnp.float32) for x in xs) + (tuple(x.astype(jnp.float32) for x in learned(st)),)
     o_r, s_r = ref_fn(rule)(*jax.tree_util.tree_map(lambda x: x.astype(F64), args32))
     for form in ("dual", "primal"):
-        o, s = jax.jit(rule_fn(cls(mini_batch_size=3, form=form)))(*args32)
+        o, s = jax.jit(rule_fn(cls(mini_batch_size=3, impl=form)))(*args32)
         assert o.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in s)
         np.testing.assert_allclose(o, o_r, atol=5e-6 * float(jnp.abs(o_r).max()))
         for a, b in zip(s, s_r):
@@ -340,7 +361,7 @@ def _bad(**over):
     (dict(q=jnp.zeros((1, 5, 4))), r"q: expected a rank-4 array .*got shape \(1, 5, 4\)"),
     (dict(q=jnp.zeros((1, 0, 2, 4)), k=jnp.zeros((1, 0, 2, 4)), v=jnp.zeros((1, 0, 2, 4)),
           lr=jnp.zeros((1, 0, 2))), r"T >= 1"),
-    (dict(form="fast"), r"form: got 'fast', expected one of \('dual', 'primal'\)"),
+    (dict(impl="fast"), r"impl: got 'fast', expected one of \('dual', 'primal'\)"),
 ])
 def test_bad_input_names_argument_and_shapes(over, match):
     with pytest.raises(ValueError, match=match):

@@ -68,7 +68,7 @@ def test_glu_forms_match_reference_float64(update_W2, normalize):
     kw = dict(update_W2=update_W2, normalize=normalize)
     ref = lambda q, k, v, W1, W2: vit3_glu_loop(q, k, v, W1=W1, W2=W2, **kw)
     out_r, g_r = outs_and_grads(ref, args)
-    for impl in ("recurrent", "parallel"):
+    for impl in ("recurrent", "chunked"):
         fn = lambda q, k, v, W1, W2: vit3_glu(q, k, v, W1=W1, W2=W2, impl=impl, output_final_state=True, **kw)
         out, g = outs_and_grads(fn, args)
         close(out, out_r, 1e-10, what=f"{impl}: o, W1', W2'")
@@ -104,7 +104,7 @@ def test_glu_norm_axis_is_the_input_axis():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_glu_reduces_to_noncausal_linear_attention(normalize):
     """docs/rules/vit3.md: with only W1 updating, o = φ(q) ⊙ (q (W1 + kᵀ(η ⊙ v ⊙ φ(k)))), φ = silu(· W2):
-    tt.linear_attention(mode="none") with initial state W1, times φ(q)."""
+    tt.linear_attention(masking="none") with initial state W1, times φ(q)."""
     q, k, v, W1, W2 = glu_inputs(3, B=2, N=9)
     N = q.shape[1]
     o, (W1n, _) = vit3_glu(q, k, v, W1=W1, W2=W2, update_W2=False, normalize=normalize,
@@ -115,7 +115,7 @@ def test_glu_reduces_to_noncausal_linear_attention(normalize):
         gn = jnp.linalg.norm(jnp.einsum("bnhk,bnhv->bhkv", k, vhat), axis=-2)
         vhat = vhat / (gn + 1.0)[:, None]
     S0 = jnp.broadcast_to(W1, (2,) + W1.shape)
-    la, S = tt.linear_attention(q, k, vhat, scale=1.0, initial_state=S0, mode="none", output_final_state=True)
+    la, S = tt.linear_attention(q, k, vhat, scale=1.0, initial_state=S0, masking="none", output_final_state=True)
     close((o, W1n), (phi(q) * la, S), 1e-10, what="GLU vs linear attention")
 
 
@@ -127,7 +127,7 @@ def test_conv_forms_match_reference_float64(grid, normalize):
     args = conv_inputs(4, grid=grid)
     ref = lambda q, k, v, W: vit3_conv_loop(q, k, v, W=W, grid=grid, normalize=normalize)
     out_r, g_r = outs_and_grads(ref, args)
-    for impl in ("recurrent", "parallel"):
+    for impl in ("recurrent", "chunked"):
         fn = lambda q, k, v, W: vit3_conv(q, k, v, W=W, grid=grid, normalize=normalize, impl=impl,
                                           output_final_state=True)
         out, g = outs_and_grads(fn, args)
@@ -177,7 +177,7 @@ def test_conv_is_sliding_window_linear_attention():
         for j in range(Wg):
             o[i * Wg + j] = sum(at(q, i + a, j + b) * (W[a + 1, b + 1] + eta * state[a, b])
                                 for a in (-1, 0, 1) for b in (-1, 0, 1))
-    for impl in ("recurrent", "parallel"):
+    for impl in ("recurrent", "chunked"):
         f = lambda q, k, v, W: vit3_conv(q, k, v, W=W, grid=grid, impl=impl)
         o_rule, _ = fast_jit(f)(*(jnp.asarray(x) for x in (q, k, v, W)))
         close(o_rule[0], o, 1e-12, what=impl)
@@ -195,7 +195,7 @@ def test_float32_tolerance(part):
         args = conv_inputs(7, B=2, grid=(7, 7), C=16, dtype=jnp.float32)
         run = lambda *a, impl="auto": vit3_conv(a[0], a[1], a[2], W=a[3], grid=(7, 7), impl=impl)[0]
     o_r = fast_jit(run)(*(x.astype(jnp.float64) for x in args))
-    for impl in ("recurrent", "parallel"):
+    for impl in ("recurrent", "chunked"):
         o = fast_jit(lambda *a: run(*a, impl=impl))(*args)
         assert o.dtype == jnp.float32
         np.testing.assert_allclose(o, o_r, atol=1e-5 * float(jnp.abs(o_r).max()))

@@ -109,7 +109,7 @@ def eval_batches(cfg) -> list:
 def model_config(cfg) -> ViTConfig:
     return ViTConfig(image_size=IMAGE_SIZE, patch_size=cfg.patch_size, in_channels=1,
                      num_classes=NUM_CLASSES, width=cfg.width, num_layers=cfg.num_layers,
-                     num_heads=cfg.num_heads, mode="auto", param_dtype=jnp.float32)
+                     num_heads=cfg.num_heads, impl="auto", param_dtype=jnp.float32)
 
 
 def build_model(cfg) -> ViTClassifier:

@@ -22,10 +22,11 @@ re-run with the next tokens (:mod:`tttla_jax.nn._segments`), so any split of a s
 equals one call. The gates of a trailing partial chunk are pooled over its tokens and
 zeros (they never reach an output: no token of a partial chunk reads its update).
 
-Modes: ``"recurrent"`` → the rule's ``lax.scan`` over chunks; ``"parallel"`` → its
-parallel form inside each TTT batch (``chunked`` masked linear attention for the linear
-memory, ``associative`` scan for the MLP memory); ``"auto"`` → chunked (linear) or
-recurrent (MLP). ``"pallas"`` is rejected.
+Implementations (``impl``, docs/implementations.md) are the rule's: ``"chunked"`` (masked
+linear attention inside each TTT batch, linear memory only), ``"associative"`` (a scan of
+the chunks' affine maps inside each TTT batch) and ``"recurrent"`` (the ``lax.scan`` over
+chunks); ``"auto"`` is the rule's choice (chunked for the linear memory, recurrent for the
+MLP memory or when a TTT batch is one chunk).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax.nn._segments import run_segments
 from tttla_jax.nn.layers import RMSNorm, dense, l2_normalize, partitioned
-from tttla_jax.nn.mixers import Mixer, _check_cache, _check_mode, register_mixer, resolve_heads
+from tttla_jax.nn.mixers import Mixer, _check_cache, check_layer_impl, register_mixer, resolve_heads
 from tttla_jax.rules.titans import ACTIVATIONS, MEMORIES, TitansRule, TitansState
 
 __all__ = ["TitansMemory"]
@@ -65,19 +66,20 @@ class TitansMemory(Mixer):
       max_lr: upper bound of ``θ_t``.
       qk_norm: L2-normalise q and k per head.
       block_tokens: block length of the rule's chunked form.
-      mode: ``"recurrent"`` | ``"parallel"`` | ``"auto"``.
+      impl: ``"chunked"`` (linear memory) | ``"associative"`` | ``"recurrent"`` | ``"auto"``
+        (module docstring).
 
     Parameters (``HD = H·D``): ``4·W·HD`` (q, k, v, o) ``+ 3·W·H`` (θ, η, α) ``+ D``
     (output norm) ``+ H·D²`` (linear ``W_0``) or ``+ 2·H·D·F`` (MLP ``W_0``).
     """
 
-    supported_modes = ("recurrent", "parallel", "auto")
+    impls = TitansRule.impls  # ("chunked", "associative", "recurrent")
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  chunk_size: int = 16, batch_size: int = 64, memory: str = "linear",
                  mlp_expansion: int = 4, activation: str = "gelu", max_lr: float = 0.1,
                  qk_norm: bool = True, block_tokens: int = 64, norm_eps: float = 1e-6,
-                 mode: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_positive_int("chunk_size", chunk_size)
         if batch_size is None:
@@ -93,11 +95,11 @@ class TitansMemory(Mixer):
         _checks.check_positive_int("block_tokens", block_tokens)
         if not (isinstance(max_lr, (int, float)) and max_lr > 0):
             raise ValueError(f"max_lr: expected a positive float, got {max_lr!r}")
-        _check_mode(type(self).__name__, mode, self.supported_modes)
+        check_layer_impl(type(self), impl)
         self.width, self.num_heads = width, num_heads
         self.chunk_size, self.batch_size, self.memory = chunk_size, batch_size, memory
         self.mlp_expansion, self.activation, self.max_lr = mlp_expansion, activation, float(max_lr)
-        self.qk_norm, self.block_tokens, self.mode = qk_norm, block_tokens, mode
+        self.qk_norm, self.block_tokens, self.impl = qk_norm, block_tokens, impl
         self.dtype, self.param_dtype = dtype, param_dtype
         H, D, HD = num_heads, self.head_dim, num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -121,6 +123,7 @@ class TitansMemory(Mixer):
         self.out_norm = RMSNorm(D, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
                                 axis_name="head_dim")
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+        self._rule().resolve_impl(impl)  # e.g. impl="chunked" with the MLP memory: fail here, with the reason
 
     # ----------------------------------------------------------------- rule / state
     def _rule(self) -> TitansRule:
@@ -131,11 +134,6 @@ class TitansMemory(Mixer):
         if self.memory == "linear":
             return self.W0[...]
         return (self.W0_1[...], self.W0_2[...])
-
-    def _state_keys(self):
-        if self.memory == "linear":
-            return ("memory", "momentum")
-        return ("memory_1", "memory_2", "momentum_1", "momentum_2")
 
     def _to_flat(self, st: TitansState) -> dict:
         if self.memory == "linear":
@@ -198,7 +196,7 @@ class TitansMemory(Mixer):
         theta = self.max_lr * jax.nn.sigmoid(self.theta_proj(x).astype(sd))
         eta_pre, alpha_pre = self.eta_proj(x).astype(sd), self.alpha_proj(x).astype(sd)
         rule = self._rule()
-        mode = self.mode
+        impl = rule.resolve_impl(self.impl)
 
         def step(st, seg):
             qs, ks, vs, th, ep, ap = seg
@@ -209,12 +207,7 @@ class TitansMemory(Mixer):
                 return jnp.moveaxis(jnp.mean(a.reshape(B, N, c, H), axis=2), 1, 2)
 
             eta, alpha = jax.nn.sigmoid(pool(ep)), jax.nn.sigmoid(pool(ap))  # [B, H, N]
-            if mode == "recurrent":
-                o, st2 = rule.recurrent(qs, ks, vs, th, eta, alpha, st)
-            elif mode == "parallel":
-                o, st2 = rule.parallel(qs, ks, vs, th, eta, alpha, st)
-            else:
-                o, st2 = rule(qs, ks, vs, th, eta, alpha, st, impl="auto")
+            o, st2 = rule(qs, ks, vs, th, eta, alpha, st, impl=impl)
             st2 = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), st2, st)
             return st2, o
 

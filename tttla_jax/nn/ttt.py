@@ -12,11 +12,11 @@ Layer (per token ``x ∈ R^W``, heads ``H`` of size ``D``)::
     y = o_proj( [gelu_tanh(x W_g) ⊙] post_norm(o) )
 
 The core is :class:`tttla_jax.rules.ttt.TTTLinearRule` / :class:`TTTMLPRule`; this module
-implements none of its math. Modes map to the rule's two exact forms of a mini-batch:
-``"recurrent"`` → ``form="primal"`` (per-row weights ``W_i`` materialised, the per-token
-view), ``"parallel"`` and ``"auto"`` → ``form="dual"`` (matmuls). There is no associative
-scan across mini-batches (the inner LayerNorm, bias and residual break it, docs/rules/ttt.md note),
-so ``"pallas"`` is rejected.
+implements none of its math. ``impl`` (docs/implementations.md) is the rule's: the two
+exact forms of a mini-batch, ``"dual"`` (matmuls; what ``"auto"`` runs) and ``"primal"``
+(per-row weights ``W_i`` materialised, the per-token view). There is no associative scan
+across mini-batches (the inner LayerNorm, bias and residual break it, docs/rules/ttt.md
+note), so no other implementation exists.
 
 RoPE: the reference permutes q, k into a rotate-half layout, rotates and permutes back,
 which is the *interleaved* rotation of the pairs ``(x_{2i}, x_{2i+1})`` by
@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +48,7 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax.nn._segments import run_segments
 from tttla_jax.nn.layers import ShortConv, dense, partitioned
-from tttla_jax.nn.mixers import (Mixer, _check_cache, _check_mode, register_mixer, resolve_heads,
+from tttla_jax.nn.mixers import (Mixer, _check_cache, check_layer_impl, register_mixer, resolve_heads,
                                  resolve_positions)
 from tttla_jax.nn.weights import identity, jax_to_torch_linear, torch_linear_to_jax
 from tttla_jax.rules.ttt import (
@@ -90,13 +92,14 @@ def _conv_to_torch(k):
 class _TTTLayer(Mixer):
     """Shared TTT-Linear / TTT-MLP layer (module docstring)."""
 
-    supported_modes = ("recurrent", "parallel", "auto")
+    impls = ("dual", "primal")
     _fast_names: tuple = ()
+    _rule_cls: type = TTTLinearRule
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  mini_batch_size: int = 16, base_lr: float = 1.0, rope_theta: float = 10000.0,
                  use_rope: bool = True, share_qk: bool = False, conv_kernel: int = 4,
-                 use_gate: bool = False, init_std: float = 0.02, mode: str = "auto",
+                 use_gate: bool = False, init_std: float = 0.02, impl: str = "auto",
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_positive_int("mini_batch_size", mini_batch_size)
@@ -106,12 +109,12 @@ class _TTTLayer(Mixer):
         if use_rope and self.head_dim % 2:
             raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim} "
                              f"(or pass use_rope=False)")
-        _check_mode(type(self).__name__, mode, self.supported_modes)
+        check_layer_impl(type(self), impl)
         self.width, self.num_heads = width, num_heads
         self.mini_batch_size, self.base_lr = mini_batch_size, float(base_lr)
         self.rope_theta, self.use_rope = rope_theta, use_rope
         self.share_qk, self.conv_kernel, self.use_gate = share_qk, conv_kernel, use_gate
-        self.mode, self.dtype, self.param_dtype = mode, dtype, param_dtype
+        self.impl, self.dtype, self.param_dtype = impl, dtype, param_dtype
         H, D, HD = num_heads, self.head_dim, num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         init = nnx.initializers.normal(init_std)
@@ -150,8 +153,10 @@ class _TTTLayer(Mixer):
     def _init_fast_weights(self, rngs, std):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _rule(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _rule(self):
+        """The rule running this layer's core, in the layer's resolved ``impl``."""
+        rule = self._rule_cls(mini_batch_size=self.mini_batch_size)
+        return dataclasses.replace(rule, impl=rule.resolve_impl(self.impl))
 
     def _fast_weights(self, batch: int):
         """Learned initial fast weights broadcast to ``[B, ...]`` (the rule's state)."""
@@ -318,7 +323,7 @@ class TTTLinear(_TTTLayer):
         taps, with bias) for q and k (the reference's Mamba-backbone option).
       use_gate: multiply the post-normed output by ``gelu_tanh(x W_g)`` before ``o_proj``.
       init_std: std of the projection and fast-weight initialisers (reference: 0.02).
-      mode: ``"recurrent"`` (primal form) | ``"parallel"`` (dual form) | ``"auto"`` (dual).
+      impl: ``"dual"`` (matmul form) | ``"primal"`` (per-row weights) | ``"auto"`` (dual).
 
     Parameters (``HD = H·D``): ``4·W·HD`` (q, k, v, o) ``+ W·H + H`` (lr gate) ``+ C``
     (token offsets) ``+ 2·H·D`` (inner LN) ``+ H·D² + H·D`` (W1, b1) ``+ 2·HD`` (post
@@ -326,16 +331,13 @@ class TTTLinear(_TTTLayer):
     """
 
     _fast_names = ("W1", "b1")
+    _rule_cls = TTTLinearRule
 
     def _init_fast_weights(self, rngs, std):
         H, D, pd = self.num_heads, self.head_dim, self.param_dtype
         self.W1 = nnx.Param(partitioned(_normal(std), (None, "head_dim", None))(rngs.params(), (H, D, D), pd))
         self.b1 = nnx.Param(partitioned(nnx.initializers.zeros_init(), (None, "head_dim"))(
             rngs.params(), (H, D), pd))
-
-    def _rule(self):
-        return TTTLinearRule(mini_batch_size=self.mini_batch_size,
-                             form="primal" if self.mode == "recurrent" else "dual")
 
     def _fast_weights(self, batch):
         return TTTLinearRule(mini_batch_size=self.mini_batch_size).init_state(
@@ -354,18 +356,19 @@ class TTTMLP(_TTTLayer):
     """
 
     _fast_names = ("W1", "b1", "W2", "b2")
+    _rule_cls = TTTMLPRule
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  mini_batch_size: int = 16, base_lr: float = 1.0, rope_theta: float = 10000.0,
                  use_rope: bool = True, share_qk: bool = False, conv_kernel: int = 4,
                  use_gate: bool = False, init_std: float = 0.02, mlp_expansion: int = 4,
-                 mode: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         _checks.check_positive_int("mlp_expansion", mlp_expansion)
         self.mlp_expansion = mlp_expansion
         super().__init__(width=width, num_heads=num_heads, head_dim=head_dim,
                          mini_batch_size=mini_batch_size, base_lr=base_lr, rope_theta=rope_theta,
                          use_rope=use_rope, share_qk=share_qk, conv_kernel=conv_kernel,
-                         use_gate=use_gate, init_std=init_std, mode=mode, dtype=dtype,
+                         use_gate=use_gate, init_std=init_std, impl=impl, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
 
     def _init_fast_weights(self, rngs, std):
@@ -376,10 +379,6 @@ class TTTMLP(_TTTLayer):
         self.b1 = nnx.Param(partitioned(z, (None, None))(rngs.params(), (H, F), pd))
         self.W2 = nnx.Param(partitioned(_normal(std), (None, None, "head_dim"))(rngs.params(), (H, F, D), pd))
         self.b2 = nnx.Param(partitioned(z, (None, "head_dim"))(rngs.params(), (H, D), pd))
-
-    def _rule(self):
-        return TTTMLPRule(mini_batch_size=self.mini_batch_size,
-                          form="primal" if self.mode == "recurrent" else "dual")
 
     def _fast_weights(self, batch):
         return TTTMLPRule(mini_batch_size=self.mini_batch_size).init_state(

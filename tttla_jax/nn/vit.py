@@ -14,8 +14,9 @@ both with the inner loss ``−(s/N) Σ_i ⟨f(k_i), v_i⟩`` (``s = 9^−1/2``) 
 normalisation ``g / (‖g‖_in + 1)``. Their outputs are concatenated (``H·D + D``) and
 projected back to the width. By docs/rules/vit3.md / the paper's theorem 5.1 the same outputs come
 from non-causal linear attention (GLU part) and a 3×3 sliding-window linear attention
-(conv part): ``mode="parallel"`` runs those forms, ``mode="recurrent"`` the gradient
-step; they agree to 1e-10 in float64 (tests/test_nn_vit.py).
+(conv part): ``impl="chunked"`` runs those forms (the whole non-causal sequence as one
+matmul block), ``impl="recurrent"`` the gradient step; they agree to 1e-10 in float64
+(tests/test_nn_vit.py).
 
 Axis names: ``B`` batch, ``N`` tokens (``N = Hg·Wg``, row-major over the token grid),
 ``W`` width, ``H`` heads, ``D`` head dim, ``P`` pixels per patch (``p·p·C``).
@@ -35,15 +36,13 @@ from jaxtyping import Array, Float
 
 from tttla_jax import _checks
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, dense, partitioned
-from tttla_jax.nn.mixers import MODES, _check_mode, resolve_heads
+from tttla_jax import impl as _impl
+from tttla_jax.nn.mixers import check_layer_impl, resolve_heads
 from tttla_jax.nn.model import _check_dtype
 from tttla_jax.nn.weights import identity, jax_to_torch_linear, torch_linear_to_jax
 from tttla_jax.rules.vit3 import SCALE, vit3_conv, vit3_glu
 
-__all__ = ["ViT3Block", "ViTConfig", "ViTClassifier", "ViTBlock", "ViT3_MODES"]
-
-#: Modes of :class:`ViT3Block` (no Pallas kernel exists for the ViT³ rules).
-ViT3_MODES = ("recurrent", "parallel", "auto")
+__all__ = ["ViT3Block", "ViTConfig", "ViTClassifier", "ViTBlock"]
 
 # std of the reference's initialisers: timm ``trunc_normal_(std=.02)`` truncates at ±2
 # (absolute, i.e. ±100σ), which is a plain normal to within float precision.
@@ -95,9 +94,9 @@ class ViT3Block(nnx.Module):
       inner_lr: inner learning rate (1.0 in ViT³).
       normalize: gradient normalisation ``g / (‖g‖_in + 1)`` (on in ViT³).
       update_W2: also step the gate weights ``W2`` (ViT³ does; ``False`` freezes φ).
-      mode: ``"recurrent"`` (gradient-step form) | ``"parallel"`` (linear-attention form)
-        | ``"auto"`` (the gradient step: same matmuls, no second pass). ``"pallas"`` is
-        rejected: there is no ViT³ kernel.
+      impl: ``"recurrent"`` (gradient-step form) | ``"chunked"`` (linear-attention form)
+        | ``"auto"`` (the gradient step: same matmuls, no second pass). There is no ViT³
+        kernel (no ``"pallas"``).
       dtype, param_dtype: activation and parameter dtypes. The inner step runs in float32
         (float64 for float64 inputs) whatever ``dtype``.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
@@ -113,20 +112,22 @@ class ViT3Block(nnx.Module):
     ``[1, H, D, D]``, ``[D, 1, 3, 3]``) for :func:`tttla_jax.nn.weights.load_reference_weights`.
     """
 
-    supported_modes = ViT3_MODES
+    #: implementations (docs/implementations.md) in "auto" preference order (those of the
+    #: ViT³ rules; no Pallas kernel exists for them)
+    impls = ("recurrent", "chunked")
 
     def __init__(self, *, width: int, num_heads: int, grid: Union[int, Tuple[int, int]],
                  head_dim: Optional[int] = None, qkv_bias: bool = True, proj_bias: bool = True,
                  scale: float = SCALE, inner_lr: float = 1.0, normalize: bool = True,
-                 update_W2: bool = True, mode: str = "auto", dtype=None,
+                 update_W2: bool = True, impl: str = "auto", dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         self.grid = _pair("grid", grid)
-        _check_mode(type(self).__name__, mode, self.supported_modes)
+        check_layer_impl(type(self), impl)
         for name, val in (("scale", scale), ("inner_lr", inner_lr)):
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
                 raise ValueError(f"{name}: expected a positive float, got {val!r}")
-        self.width, self.num_heads, self.mode = width, num_heads, mode
+        self.width, self.num_heads, self.impl = width, num_heads, impl
         self.scale, self.inner_lr = float(scale), float(inner_lr)
         self.normalize, self.update_W2 = bool(normalize), bool(update_W2)
         self.qkv_bias, self.proj_bias = bool(qkv_bias), bool(proj_bias)
@@ -141,11 +142,6 @@ class ViT3Block(nnx.Module):
         self.w3 = nnx.Param(partitioned(init, (None, None, "head_dim"))(rngs.params(), (3, 3, D), param_dtype))
         self.proj = dense(HD + D, width, ("heads", "embed"), rngs=rngs, dtype=dtype,
                           param_dtype=param_dtype, use_bias=proj_bias, init=init)
-
-    @property
-    def impl(self) -> str:
-        """The rule ``impl`` this layer's mode runs (``recurrent`` | ``parallel`` | ``auto``)."""
-        return self.mode
 
     def __call__(self, x: Float[Array, "b n w"], *, grid: Optional[Union[int, Tuple[int, int]]] = None,
                  output_final_state: bool = False):
@@ -236,7 +232,8 @@ class ViTConfig:
       head_dim: per-head dim (default ``width // num_heads``; then ``num_heads`` must
         divide ``width``); also the channel count of the conv part.
       mlp_hidden: SwiGLU hidden width (default ``8·W/3`` rounded up to a multiple of 8).
-      mode: mixer mode for every layer (``"recurrent" | "parallel" | "auto"``).
+      impl: implementation of every ViT³ mixer (``"recurrent"`` | ``"chunked"`` | ``"auto"``,
+        :attr:`ViT3Block.impls`).
       pos_embed: add a learned position embedding ``[N, W]`` after the patch embedding.
       cpe: conditional position encoding of the reference block, ``x + dwconv3×3(x)``
         before the mixer in every block (Chu et al., 2021; the ViT³ reference uses it
@@ -257,7 +254,7 @@ class ViTConfig:
     in_channels: int = 3
     head_dim: Optional[int] = None
     mlp_hidden: Optional[int] = None
-    mode: str = "auto"
+    impl: str = "auto"
     pos_embed: bool = True
     cpe: bool = True
     qkv_bias: bool = True
@@ -280,10 +277,7 @@ class ViTConfig:
             resolve_heads(self.width, self.num_heads, self.head_dim)
         except ValueError as e:
             raise ValueError(f"ViTConfig: {e}") from None
-        _checks.check_choice("mode", self.mode, MODES)
-        if self.mode not in ViT3_MODES:
-            raise ValueError(f"mode: ViT3Block does not support mode={self.mode!r}; supported modes "
-                             f"are {ViT3_MODES}")
+        _impl.check_impl("impl", self.impl, ("auto",) + ViT3Block.impls, where="ViT3Block")
         if self.mlp_hidden is not None:
             _checks.check_positive_int("mlp_hidden", self.mlp_hidden)
         if isinstance(self.norm_eps, bool) or not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
@@ -312,10 +306,6 @@ class ViTConfig:
     def hidden(self) -> int:
         """SwiGLU hidden width."""
         return self.mlp_hidden if self.mlp_hidden is not None else _round_up(8 * self.width // 3, 8)
-
-    @property
-    def resolved_head_dim(self) -> int:
-        return resolve_heads(self.width, self.num_heads, self.head_dim)
 
 
 def patchify(images: Float[Array, "b h w c"], patch_size: int) -> Float[Array, "b n p"]:
@@ -364,7 +354,7 @@ class ViTBlock(nnx.Module):
         self.cpe = DepthwiseConv3x3(config.width, rngs=rngs, **kw) if config.cpe else None
         self.mixer_norm = RMSNorm(config.width, eps=config.norm_eps, **kw)
         self.mixer = ViT3Block(width=config.width, num_heads=config.num_heads, grid=config.grid,
-                               head_dim=config.head_dim, qkv_bias=config.qkv_bias, mode=config.mode,
+                               head_dim=config.head_dim, qkv_bias=config.qkv_bias, impl=config.impl,
                                rngs=rngs, **kw)
         self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, **kw)
         self.mlp = SwiGLU(config.width, config.hidden, rngs=rngs, **kw)

@@ -15,20 +15,25 @@ in closed form, :func:`inner_grad`, tested against ``jax.grad`` of :func:`inner_
 ``parallel`` dispatches to the chunked forms of :func:`tttla_jax.linear_attention` and
 :func:`tttla_jax.delta_rule` (and ``"associative"`` for linear attention). Reads are
 ``o_t = (scale·q_t) W_t`` (update-then-query) as in docs/linear_attention.md.
+:meth:`LinearFastWeightRule.reading` is the rule's linear-attention reading (★)
+(docs/ttt_as_linear_attention.md); with the dot loss the rule *is* (decayed) linear
+attention and :meth:`LinearFastWeightRule.linear_attention_inputs` gives the arguments of
+:func:`tttla_jax.linear_attention` (so layers reach its Pallas kernel).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Dict, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
-from tttla_jax.rules.base import Rule, register
+from tttla_jax.reduce import Reading, decay_mask
+from tttla_jax.rules.base import SEQUENTIAL_IMPLS, Rule, register
 
 LOSSES = ("dot", "mse")
 
@@ -60,6 +65,9 @@ class LinearFastWeightRule(Rule):
       scale: query scale, default ``K**-0.5``.
       chunk_size: chunk length of the parallel (chunked) form.
     """
+
+    #: implementations in "auto" preference order; "associative" only with the dot loss
+    impls: ClassVar[Tuple[str, ...]] = ("chunked", "associative", "recurrent")
 
     loss: str = "dot"
     gated: bool = False
@@ -118,18 +126,90 @@ class LinearFastWeightRule(Rule):
     def breaks_associativity(self):
         return None
 
+    def parallel_impls(self) -> Tuple[str, ...]:
+        """The parallel implementations this configuration runs (those without a reason)."""
+        return tuple(i for i, why in self.impl_reasons().items() if why is None and i not in SEQUENTIAL_IMPLS)
+
+    def impl_reasons(self) -> Dict[str, Optional[str]]:
+        return {"chunked": None,
+                "associative": None if self.loss == "dot" else (
+                    "the delta rule's transition I − β_t k_tᵀk_t makes the state update depend on "
+                    "the state; its parallel form is the chunked (WY) form of tt.delta_rule"),
+                "recurrent": None}
+
     def parallel(self, q, k, v, lr=None, log_decay=None, initial_state=None, output_final_state=True,
-                 impl: str = "chunked"):
-        """Chunked (or, for the dot loss, associative) form via the linear-attention ops."""
+                 impl: str = "auto"):
+        """Chunked (or, for the dot loss, associative) form via the linear-attention ops.
+
+        ``impl``: ``"chunked"`` | ``"associative"`` (dot loss only) | ``"auto"`` (chunked).
+        """
+        impl = _impl.resolve(impl, {i: r for i, r in self.impl_reasons().items() if i not in SEQUENTIAL_IMPLS},
+                             where=f"{type(self).__name__}.parallel")
         self._check(q, k, v, lr, log_decay)
         if self.loss == "dot":
-            _checks.check_choice("impl", impl, ("chunked", "associative", "pallas"))
-            return linear_attention(q, k, v, scale=self.scale, log_decay=log_decay,
-                                    initial_state=initial_state, output_final_state=output_final_state,
-                                    chunk_size=self.chunk_size, impl=impl)
-        _checks.check_choice("impl", impl, ("chunked",))
+            return linear_attention(**self.linear_attention_inputs(
+                q, k, v, lr, log_decay, initial_state, output_final_state), impl=impl)
         return delta_rule(q, k, v, lr, log_decay=log_decay, scale=self.scale, initial_state=initial_state,
                           output_final_state=output_final_state, chunk_size=self.chunk_size, impl=impl)
+
+    # ------------------------------------------------------------------ linear attention
+
+    def linear_attention_reason(self) -> Optional[str]:
+        if self.loss == "dot":
+            return None
+        return ("the MSE loss makes the update depend on the state (the delta rule, "
+                "W ← W + β kᵀ(v − k W)): it is tt.delta_rule, not plain linear attention")
+
+    def linear_attention_inputs(self, q, k, v, lr=None, log_decay=None, initial_state=None,
+                                output_final_state=True) -> dict:
+        """``tt.linear_attention(**rule.linear_attention_inputs(*inputs))`` computes this rule
+        (dot loss only): causal masking, ``scale``, ``log_decay``, ``chunk_size`` from the rule."""
+        why = self.linear_attention_reason()
+        if why is not None:
+            raise ValueError(f"linear_attention_inputs: {type(self).__name__}(loss={self.loss!r}) {why}")
+        self._check(q, k, v, lr, log_decay)
+        return dict(q=q, k=k, v=v, scale=self.scale, log_decay=log_decay, initial_state=initial_state,
+                    output_final_state=output_final_state, masking="causal", chunk_size=self.chunk_size)
+
+    # ------------------------------------------------------------------ reading
+
+    def has_reading(self) -> bool:
+        return True
+
+    def reading(self, q, k, v, lr=None, log_decay=None, initial_state=None, output_final_state=True) -> Reading:
+        """The linear-attention reading (★) (docs/ttt_as_linear_attention.md).
+
+        Dot loss: ``q̂ = scale·q``, ``k̂ = k``, ``v̂ = v`` (Theorem 5.2 with ``φ = id``), the
+        decay mask ``M[t, s] = exp(Σ_{r=s+1..t} g_r)`` and ``a_t = exp(Σ_{r≤t} g_r)`` on ``S_0``.
+
+        MSE loss: the same queries, keys and mask with the effective values
+        ``v̂_t = β_t (v_t − k_t exp(g_t) S_{t−1})`` — they depend on the state, so this reading
+        takes them from the recurrence. The rule nevertheless has a parallel form (the
+        delta rule's chunked WY form, :func:`tttla_jax.delta_rule`), so the reading is marked
+        ``associative`` with nothing that breaks it.
+        """
+        self._check(q, k, v, lr, log_decay)
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        sd = _checks.state_dtype(q, k, v)
+        scale = K ** -0.5 if self.scale is None else self.scale
+        g = jnp.zeros((B, T, H), sd) if log_decay is None else log_decay.astype(sd)
+        S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
+        mask = decay_mask(g)
+        a = jnp.exp(jnp.cumsum(jnp.moveaxis(g, 1, -1), axis=-1))
+        qh, kh, vh = scale * q.astype(sd), k.astype(sd), v.astype(sd)
+        if self.loss == "dot":
+            return Reading(qh, kh, vh, mask, a, S0)
+
+        def step(S, x):
+            kt, vt, bt, gt = x
+            S = jnp.exp(gt)[..., None, None] * S
+            vhat = bt[..., None] * (vt - jnp.einsum("bhk,bhkv->bhv", kt, S))
+            return S + kt[..., :, None] * vhat[..., None, :], vhat
+
+        xs = tuple(jnp.moveaxis(x, 1, 0) for x in (kh, vh, lr.astype(sd), g))
+        _, vhat = lax.scan(step, S0, xs)
+        return Reading(qh, kh, jnp.moveaxis(vhat, 0, 1), mask, a, S0)
 
 
 def LinearAttentionRule(gated: bool = False, **kw) -> LinearFastWeightRule:

@@ -29,7 +29,8 @@ throughout; ``batch_size = c = 1`` is the fully sequential rule.
 Inner gradients are in closed form (:func:`titans_inner_grad`), for the linear memory
 ``∇_W ℓ_t = (2/V) k_tᵀ (k_t W − v_t)``; the MLP one is the hand-written chain rule.
 
-Forms (``impl``):
+Implementations (``impl``, docs/implementations.md; ``impls`` in "auto" preference order
+``("chunked", "associative", "recurrent")``):
 
 * ``"recurrent"`` — ``lax.scan`` over chunks, faithful to the reference (docs/rules/titans.md).
 * ``"associative"`` — within a TTT batch ``W_ref`` is fixed, so every ``u_n`` is known
@@ -57,12 +58,17 @@ memory produced by batch b−1, so the surprise of batch b depends on the scan i
 the rule is **not** associative across batches. The parallel forms handle it as a
 ``lax.scan`` over TTT batches with the parallel form inside each batch (documented
 choice; ``batch_size = chunk_size`` leaves nothing to parallelise and ``impl="auto"``
-then picks ``"recurrent"``). ``batch_size=None`` is one batch: fully parallel.
+then picks ``"recurrent"``, as it does for the MLP memory). ``batch_size=None`` is one
+batch: fully parallel.
+
+Reading (``reading``, docs/rules/titans.md, Theorem 5.3): momentum and forgetting only
+re-weight the effective values, so the linear memory with ``batch_size=None`` is an
+associative masked linear attention; TTT batches and the MLP memory make it sequential.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +77,13 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
-from tttla_jax.rules.base import NotAssociativeError, Rule, register
+from tttla_jax.reduce import Reading, segment_products
+from tttla_jax.rules.base import SEQUENTIAL_IMPLS, Rule, register
 
 MEMORIES = ("linear", "mlp")
 ACTIVATIONS = ("gelu", "silu")
-IMPLS = ("recurrent", "associative", "chunked", "auto")
 
 Memory = Union[Float[Array, "b h k v"], Tuple[Float[Array, "b h k f"], Float[Array, "b h f v"]]]
 
@@ -169,6 +176,8 @@ class TitansRule(Rule):
       block_tokens: target tokens per block of the chunked form (``L = block_tokens // c``
         chunks per block, at least 1, a divisor of the chunks per TTT batch).
     """
+
+    impls: ClassVar[Tuple[str, ...]] = ("chunked", "associative", "recurrent")
 
     chunk_size: int = 16
     batch_size: Optional[int] = None
@@ -266,6 +275,39 @@ class TitansRule(Rule):
         # depends on the scan and the parallel forms scan over batches (module docstring).
         return None
 
+    # -------------------------------------------------------------- protocol
+
+    def parallel_impls(self) -> Tuple[str, ...]:
+        """The parallel implementations this configuration runs (those without a reason)."""
+        return tuple(i for i, why in self.impl_reasons().items() if why is None and i not in SEQUENTIAL_IMPLS)
+
+    def impl_reasons(self) -> Dict[str, Optional[str]]:
+        chunked = None
+        if self.memory != "linear":
+            chunked = ("TitansRule(memory='mlp'): the chunked matmul form needs a linear read "
+                       "(M(q) = q M); the MLP memory's read act(q W1) W2 is not linear in the "
+                       "memory — use impl='associative' (parallel) or 'recurrent'")
+        return {"chunked": chunked, "associative": None, "recurrent": None}
+
+    def resolve_impl(self, impl: str = "auto") -> str:
+        """``"auto"`` is :meth:`auto_impl`; an explicit request runs or fails with its reason."""
+        if impl == "auto":
+            return self.auto_impl()
+        return super().resolve_impl(impl)
+
+    def auto_impl(self) -> str:
+        """What ``impl="auto"`` runs: chunked for the linear memory unless every TTT batch is
+        one chunk (nothing to parallelise), recurrent for the MLP memory."""
+        if self.memory == "mlp" or self.batch_size == self.chunk_size:
+            return "recurrent"
+        return "chunked"
+
+    def linear_attention_reason(self) -> Optional[str]:
+        return ("Titans is not plain (decayed) linear attention: its mask combines momentum and "
+                "forgetting per chunk (Theorem 5.3's cumulative coefficients, not a product of "
+                "per-token decays), its effective values θ (2/V)(v − k W_ref) depend on the "
+                "memory, and only a chunk's last token reads the chunk's own update")
+
     # -------------------------------------------------------------- public forms
 
     def recurrent(self, q, k, v, theta, momentum, decay, state: TitansState):
@@ -279,38 +321,97 @@ class TitansRule(Rule):
         return self._run("recurrent", q, k, v, theta, momentum, decay, state)
 
     def parallel(self, q, k, v, theta, momentum, decay, state: TitansState, *, impl: str = "auto"):
-        """Parallel forms: ``impl="chunked"`` (linear memory) or ``"associative"``.
+        """Parallel forms: ``impl="chunked"`` (linear memory) or ``"associative"``
+        (``"auto"``: chunked for the linear memory, associative for the MLP memory).
 
         Same arguments and results as :meth:`recurrent`; with ``batch_size`` set, a
         ``lax.scan`` over TTT batches runs the parallel form inside each batch.
         """
-        _checks.check_choice("impl", impl, ("chunked", "associative", "auto"))
-        if impl == "auto":
-            impl = "chunked" if self.memory == "linear" else "associative"
+        impl = _impl.resolve(impl, {i: r for i, r in self.impl_reasons().items() if i not in SEQUENTIAL_IMPLS},
+                             where=f"{type(self).__name__}.parallel")
         return self._run(impl, q, k, v, theta, momentum, decay, state)
 
-    def __call__(self, q, k, v, theta, momentum, decay, state: TitansState, *, impl: str = "auto"):
-        """Dispatch on ``impl`` (``"auto"``: chunked for linear memory unless every TTT
-        batch is one chunk, recurrent for the MLP memory)."""
-        _checks.check_choice("impl", impl, IMPLS)
-        if impl == "auto":
-            impl = self.auto_impl()
-        return self._run(impl, q, k, v, theta, momentum, decay, state)
+    # -------------------------------------------------------------- reading
 
-    def auto_impl(self) -> str:
-        if self.memory == "mlp" or self.batch_size == self.chunk_size:
-            return "recurrent"
-        return "chunked"
+    def has_reading(self) -> bool:
+        return True
+
+    def reading(self, q, k, v, theta, momentum, decay, state: TitansState) -> Reading:
+        """Titans (docs/rules/titans.md). With ``u_n = Σ_{t∈n} k_tᵀ v̂_t``, ``v̂_t = θ_t (2/V)(v_t − k_t W_ref)``,
+        ``E[j,i] = Π_{s=i+1..j} η_s``, ``A[n,l] = Π_{s=l+1..n}(1 − α_s)`` and ``C = A E``
+        (chunk indices 0…N, 0 = start):
+
+            M_n = A[n,0] M_0 + (Σ_{j≥1} A[n,j] E[j,0]) S_0 + Σ_{1≤i≤n} C[n,i] u_i
+
+        so token t reads (★) with ``M[t,s] = C[r(t), n(s)]·[n(s) ≤ r(t)]``, ``r(t) = ⌊(t+1)/c⌋``,
+        ``n(s) = ⌊s/c⌋ + 1`` — momentum and decay only re-weight the values (Theorem 5.3).
+
+        MLP memory ``M(x) = act(x W1) W2``: the same coefficients apply to both layers, so the
+        query features ``q̂_t = act(q_t W1_{r(t)})`` are themselves a masked linear attention
+        of the first layer's per-token gradients — a history-dependent feature map (Theorem
+        5.2), hence a sequential reading; ``k̂_s = act(k_s W1_ref)``,
+        ``v̂_s = θ_s (2/V)(v_s − k̂_s W2_ref)``.
+
+        With ``batch_size`` set, ``W_ref`` of each TTT batch is the memory after the previous
+        one, obtained here by running the rule on the prefix: a sequential reading.
+        Arguments as :meth:`recurrent`.
+        """
+        B, T, H, K, V, N = self._validate(q, k, v, theta, momentum, decay, state)
+        sd = _checks.state_dtype(q, k, v)
+        c = self.chunk_size
+        cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(sd), tree)
+        M0, S0 = cast(state.memory), cast(state.momentum)
+        ones = jnp.ones((B, H, 1), sd)
+        E = segment_products(jnp.concatenate([ones, momentum.astype(sd)], -1))  # [B,H,N+1,N+1]
+        A = segment_products(jnp.concatenate([ones, 1 - decay.astype(sd)], -1))
+        Cm = jnp.einsum("bhnj,bhji->bhni", A, E)
+        t = jnp.arange(T)
+        r = (t + 1) // c  # memory index read by token t
+        n = t // c + 1  # chunk (1-based) written by token s
+        mask = Cm[:, :, r][:, :, :, n] * (n[None, :] <= r[:, None])
+        coefs = (A[:, :, r, 0], jnp.einsum("bhnj,bhj->bhn", A[..., 1:], E[..., 1:, 0])[:, :, r])
+
+        def per_token(M, length):  # [B, H, ...] -> [B, length, H, ...]
+            return jax.tree_util.tree_map(
+                lambda x: jnp.broadcast_to(x[:, None], (B, length) + x.shape[1:]), M)
+
+        breaks = []
+        if self.batch_size is None:
+            W_ref = per_token(M0, T)
+        else:  # W_ref of each TTT batch = memory after the previous batch (rule run on the prefix)
+            refs, st = [], state
+            for start in range(0, T, self.batch_size):
+                end = min(start + self.batch_size, T)
+                refs.append(per_token(cast(st.memory), end - start))
+                if end < T:
+                    Np = -(-end // c)
+                    _, st = self.recurrent(q[:, :end], k[:, :end], v[:, :end], theta[:, :end],
+                                           momentum[..., :Np], decay[..., :Np], state)
+            W_ref = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *refs)
+            breaks.append("W_ref (the memory at the start of each TTT batch) is produced by the "
+                          "previous batch, so the effective values depend on the history")
+        qf, kf, vf, th = q.astype(sd), k.astype(sd), v.astype(sd), theta.astype(sd)[..., None]
+        if self.memory == "linear":
+            vhat = th * (2.0 / V) * (vf - jnp.einsum("bthk,bthkv->bthv", kf, W_ref))
+            return Reading(qf, kf, vhat, mask, coefs, (M0, S0), associative=not breaks,
+                           breaks="; ".join(breaks) or None)
+        (W1r, W2r), (W10, W20), (S10, S20) = W_ref, M0, S0
+        act = _act(self.activation)
+        z = jnp.einsum("bthk,bthkf->bthf", kf, W1r)
+        khat = act(z)
+        e = th * (2.0 / V) * (jnp.einsum("bthf,bthfv->bthv", khat, W2r) - vf)
+        vhat = -e
+        d = jnp.einsum("bthv,bthfv->bthf", e, W2r) * _act_grad(self.activation, z)  # ∇_{W1} ℓ = kᵀ d
+        zq = Reading(qf, kf, -d, mask, coefs, (W10, S10)).outputs()  # q_t W1_{r(t)}
+        breaks.append("the first memory layer W1 is updated, so the query features "
+                      "act(q_t W1_{r(t)}) depend on the history (Theorem 5.2, time-varying feature map)")
+        return Reading(act(zq), khat, vhat, mask, coefs, (W20, S20), associative=False,
+                       breaks="; ".join(breaks))
 
     # -------------------------------------------------------------- implementation
 
     def _run(self, impl, q, k, v, theta, momentum, decay, state):
         B, T, H, K, V, N = self._validate(q, k, v, theta, momentum, decay, state)
-        if impl == "chunked" and self.memory != "linear":
-            raise NotAssociativeError(
-                "TitansRule(memory='mlp'): the chunked matmul form needs a linear read "
-                "(M(q) = q M); the MLP memory's read act(q W1) W2 is not linear in the "
-                "memory — use impl='associative' (parallel) or 'recurrent'")
         sd = _checks.state_dtype(q, k, v, theta, momentum, decay,
                                  *jax.tree_util.tree_leaves(state))
         c = self.chunk_size

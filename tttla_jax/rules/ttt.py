@@ -20,11 +20,12 @@ derivative and its rounded constants 0.79788456 / 0.1070322243 (:func:`gelu_tanh
 the forward GELU uses the exact ``sqrt(2/π)``. Row i's weights follow the same formula
 through both layers, with ``x2_j = gelu(Z1_j)`` in place of ``k_j`` for ``W2``.
 
-Two forms of one mini-batch, proven equal in the tests:
+Two implementations of one mini-batch (``impl``, docs/implementations.md), proven equal in
+the tests:
 
-* ``form="dual"`` (the reference's matmul form): ``Z̄ = Q W − (eta ⊙ tril(Q Kᵀ)) G
-  + b − tril(eta) G`` — never materialises per-row weights.
-* ``form="primal"``: per-row weights ``W_i = W − token_eta[i] · cumsum_j(lr_j k_jᵀ G_j)``
+* ``impl="dual"`` (the reference's matmul form, Sun et al. §2.5 "dual form"):
+  ``Z̄ = Q W − (eta ⊙ tril(Q Kᵀ)) G + b − tril(eta) G`` — never materialises per-row weights.
+* ``impl="primal"``: per-row weights ``W_i = W − token_eta[i] · cumsum_j(lr_j k_jᵀ G_j)``
   materialised (``[C, D, D]`` per head), then ``o_i = q_i + LN(q_i W_i + b_i)``.
 
 Inner gradients are in closed form (:func:`ln_l2_grad` back-propagates through the
@@ -35,7 +36,8 @@ the ``lax.scan`` over mini-batches.
 Associativity (docs/rules/ttt.md note, §2): the inner LayerNorm makes ``G`` a nonlinear function of
 the state and is applied again on the read, the bias and the ``q`` residual (with the
 ``v − k`` target) violate ``f(x) = φ(x) W``; TTT-MLP also updates its feature map
-(``W1``). There is no parallel scan; ``parallel`` raises :class:`NotAssociativeError`.
+(``W1``). There is no parallel scan; ``parallel`` raises :class:`NotAssociativeError`. The rule's
+linear-attention reading (``reading``, Theorems 5.1–5.2) is exact but sequential.
 Dropping LN, bias and residual (``layer_norm=bias=residual=False``) with
 ``mini_batch_size=1`` leaves ``W ← W + β kᵀ(v − k W)``, ``o = q W`` with
 ``β_t = token_eta[0] · lr_t`` — exactly the delta rule (DeltaNet, docs/linear_attention.md); see
@@ -44,7 +46,7 @@ Dropping LN, bias and residual (``layer_norm=bias=residual=False``) with
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, Tuple
+from typing import ClassVar, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +55,10 @@ from jax import lax
 from jaxtyping import Array, Float
 
 from tttla_jax import _checks
-from tttla_jax.rules.base import NotAssociativeError, Rule, register
+from tttla_jax import impl as _impl
+from tttla_jax.reduce import Reading
+from tttla_jax.rules.base import Rule, register
 
-FORMS = ("dual", "primal")
 LN_EPS = 1e-6
 
 # The reference's hand-written tanh-GELU derivative constants (docs/rules/ttt.md): sqrt(2/π) and
@@ -198,13 +201,34 @@ def ttt_lr(x, w_lr, b_lr, *, base_lr: float, head_dim: int):
     return base_lr * jax.nn.sigmoid(jnp.einsum("btm,mh->bth", x, w_lr) + b_lr) / head_dim
 
 
+def _mini_batch_mask(te, T, C):
+    """``M[i, j] = token_eta[pos(i)]`` for ``j ≤ i`` in i's mini-batch, ``token_eta[C−1]`` for
+    keys of earlier mini-batches (the carried last-row weights), else 0. ``[T, T]``."""
+    t = jnp.arange(T)
+    mb, pos = t // C, t % C
+    same = (mb[:, None] == mb[None, :]) & (t[None, :] <= t[:, None])
+    earlier = mb[None, :] < mb[:, None]
+    return jnp.where(same, te[pos][:, None], 0.0) + jnp.where(earlier, te[C - 1], 0.0)
+
+
+def _with_one(x):  # the bias as an extra key / query dimension
+    return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], -1)
+
+
+def _stack_bias(W, b):  # [B, H, I, O], [B, H, O] -> [B, H, I + 1, O]
+    return jnp.concatenate([W, b[:, :, None, :]], axis=2)
+
+
 # ----------------------------------------------------------------------------- rules
 
 
 @dataclasses.dataclass(frozen=True)
 class _TTTBase(Rule):
+    #: both implementations are sequential (a scan over mini-batches); "auto" runs ``impl``
+    impls: ClassVar[Tuple[str, ...]] = ("dual", "primal")
+
     mini_batch_size: int = 16
-    form: str = "dual"
+    impl: str = "dual"
     eps: float = LN_EPS
     layer_norm: bool = True
     bias: bool = True
@@ -212,9 +236,29 @@ class _TTTBase(Rule):
 
     def __post_init__(self):
         _checks.check_positive_int("mini_batch_size", self.mini_batch_size)
-        _checks.check_choice("form", self.form, FORMS)
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+        _impl.check_impl("impl", self.impl, self.impls, where=type(self).__name__)
+        if isinstance(self.eps, bool) or not (isinstance(self.eps, (int, float, np.floating)) and self.eps > 0):
             raise ValueError(f"eps: expected a positive float, got {self.eps!r}")
+
+    # --------------------------------------------------------------- protocol
+    def resolve_impl(self, impl: str = "auto") -> str:
+        """``"auto"`` runs the configured :attr:`impl`; ``"dual"``/``"primal"`` run that form."""
+        return self.impl if impl == "auto" else _impl.check_impl(
+            "impl", impl, ("auto",) + self.impls, where=type(self).__name__)
+
+    def __call__(self, *args, impl: str = "auto", **kwargs):
+        """:meth:`recurrent` in the implementation ``impl`` (``"auto"``: the configured one)."""
+        chosen = self.resolve_impl(impl)
+        rule = self if chosen == self.impl else dataclasses.replace(self, impl=chosen)
+        return rule.recurrent(*args, **kwargs)
+
+    def has_reading(self) -> bool:
+        return True
+
+    def linear_attention_reason(self) -> Optional[str]:
+        return (f"{type(self).__name__} is not plain linear attention: its effective values are "
+                "gradients at each mini-batch's initial weights, which the earlier mini-batches "
+                "produce (a sequential reading); " + self.breaks_associativity())
 
     # --------------------------------------------------------------- shared plumbing
     def _validate_tokens(self, q, k, v, lr, token_eta, ln_scale, ln_bias):
@@ -304,7 +348,8 @@ class TTTLinearRule(_TTTBase):
     Attributes:
       mini_batch_size: ``C`` (16 in the paper); gradients inside a mini-batch are taken at
         its initial weights.
-      form: ``"dual"`` (matmul form, default) or ``"primal"`` (per-row weights).
+      impl: ``"dual"`` (matmul form, default) or ``"primal"`` (per-row weights); both
+        give the same outputs, state and gradients (docs/implementations.md).
       eps: inner LayerNorm epsilon (1e-6).
       layer_norm, bias, residual: ablation switches (all on = the reference). ``residual``
         toggles both the ``q +`` in the output and the ``− k`` in the target. All off with
@@ -346,7 +391,7 @@ class TTTLinearRule(_TTTBase):
             Z = Z + b[:, :, None, :]
         G = _grad_z(Z, v - k if self.residual else v, gamma, beta, self.eps, self.layer_norm)
         eta = _token_eta_lr(token_eta, lr)  # [B, H, c, c], lower triangular
-        if self.form == "dual":
+        if self.impl == "dual":
             attn = jnp.einsum("bhid,bhjd->bhij", q, k)
             Zbar = jnp.einsum("bhid,bhde->bhie", q, W) - jnp.einsum("bhij,bhje->bhie", eta * attn, G)
             if self.bias:
@@ -380,7 +425,7 @@ class TTTLinearRule(_TTTBase):
         state: TTTLinearState,
         output_final_state: bool = False,
     ):
-        """``lax.scan`` over mini-batches (docs/rules/ttt.md), in ``self.form``.
+        """``lax.scan`` over mini-batches (docs/rules/ttt.md), in ``self.impl``.
 
         Args:
           q, k, v: ``[B, T, H, D]``; lr: ``[B, T, H]`` per-token ``lr[j]`` (base_lr and
@@ -402,8 +447,6 @@ class TTTLinearRule(_TTTBase):
         o, st = self._scan(step, xs, token_eta.astype(sd), st)
         return o.astype(q.dtype), (st if output_final_state else None)
 
-    __call__ = recurrent
-
     def delta_rule_inputs(self, q, k, v, lr, token_eta, state: TTTLinearState):
         """The delta-rule problem this rule *is* when LN, bias and residual are dropped and
         ``mini_batch_size == 1`` (docs/rules/ttt.md note, docs/linear_attention.md delta rule with ``scale = 1``).
@@ -419,6 +462,66 @@ class TTTLinearRule(_TTTBase):
                 f"mini_batch_size={self.mini_batch_size}")
         self._validate_tokens(q, k, v, lr, token_eta, None, None)
         return dict(q=q, k=k, v=v, beta=token_eta[0] * lr, initial_state=state.W, scale=1.0)
+
+    def reading(self, q, k, v, lr, token_eta, ln_scale, ln_bias, state, output_final_state=True) -> Reading:
+        """TTT-Linear (docs/rules/ttt.md) read as masked linear attention followed by ``q + LN(·)``.
+
+        With the bias as an extra key/query dimension (``k̂ = [k, 1]``, ``q̂ = [q, 1]``,
+        ``S_0 = [W_0; b_0]``) and effective values ``v̂_j = −lr_j G_j``:
+
+            Z̄_i = q̂_i (S_0 + Σ_j M[i, j] k̂_jᵀ v̂_j),   o_i = q_i + LN(Z̄_i)
+
+        with ``M[i, j] = token_eta[pos(i)]`` inside a mini-batch (``j ≤ i``) and
+        ``token_eta[C−1]`` for keys of earlier mini-batches (the carried last-row weights).
+        ``G_j = ∇_Z ½‖LN(Z_j) − (v_j − k_j)‖²`` is taken at the mini-batch's initial weights,
+        which the earlier mini-batches produce — a sequential reading (computed here with
+        ``jax.grad``, independently of the rule's closed form). The read-out LayerNorm and
+        residual are the reading's ``post`` map: the linear part is exact linear attention.
+        Arguments as :meth:`recurrent` (``output_final_state`` is accepted and unused).
+        """
+        B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
+        state = self._check_state_leaves(
+            state, TTTLinearState, (((B, H, D, D), "[B, H, D, D] (from q)"), ((B, H, D), "[B, H, D] (from q)")))
+        sd = _checks.state_dtype(q, k, v)
+        C = self.mini_batch_size
+        qf, kf, vf, lrf, te = (x.astype(sd) for x in (q, k, v, lr, token_eta))
+        gamma = beta = None
+        if self.layer_norm:
+            gamma, beta = ln_scale.astype(sd), ln_bias.astype(sd)
+        target = vf - kf if self.residual else vf
+        W, b = state.W.astype(sd), state.b.astype(sd)
+
+        def inner_loss(Z, tgt):
+            y = layer_norm(Z, gamma, beta, self.eps) if self.layer_norm else Z
+            return 0.5 * jnp.sum((y - tgt) ** 2)
+
+        vhats = []
+        for start in range(0, T, C):
+            end = min(start + C, T)
+            kj, tj = kf[:, start:end], target[:, start:end]
+            Z = jnp.einsum("bthd,bhde->bthe", kj, W) + (b[:, None] if self.bias else 0.0)
+            vh = -lrf[:, start:end, :, None] * jax.grad(inner_loss)(Z, tj)
+            vhats.append(vh)
+            last = te[end - start - 1]  # the next mini-batch starts from the last row's weights
+            W = W + last * jnp.einsum("bthd,bthe->bhde", kj, vh)
+            if self.bias:
+                b = b + last * jnp.sum(vh, axis=1)
+        vhat = jnp.concatenate(vhats, axis=1)
+        mask = _mini_batch_mask(te, T, C)
+        W0, b0 = state.W.astype(sd), state.b.astype(sd)
+        if self.bias:
+            one = jnp.ones((B, T, H, 1), sd)
+            qh, kh = jnp.concatenate([qf, one], -1), jnp.concatenate([kf, one], -1)
+            S0 = jnp.concatenate([W0, b0[:, :, None, :]], axis=2)
+        else:
+            qh, kh, S0 = qf, kf, W0
+
+        def post(Zbar):
+            y = layer_norm(Zbar, gamma, beta, self.eps) if self.layer_norm else Zbar
+            return qf + y if self.residual else y
+
+        return Reading(qh, kh, vhat, mask, jnp.ones((B, H, T), sd), S0, associative=False,
+                       breaks=self.breaks_associativity(), post=post)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,7 +562,7 @@ class TTTMLPRule(_TTTBase):
                                         residual=self.residual)
         eta = _token_eta_lr(token_eta, lr)
         last = eta[:, :, -1, :]
-        if self.form == "dual":
+        if self.impl == "dual":
             Z1bar = (jnp.einsum("bhid,bhdf->bhif", q, W1)
                      - jnp.einsum("bhij,bhjf->bhif", eta * jnp.einsum("bhid,bhjd->bhij", q, k), G1))
             if self.bias:
@@ -522,7 +625,85 @@ class TTTMLPRule(_TTTBase):
         o, st = self._scan(step, xs, token_eta.astype(sd), st)
         return o.astype(q.dtype), (st if output_final_state else None)
 
-    __call__ = recurrent
+    def reading(self, q, k, v, lr, token_eta, ln_scale, ln_bias, state, output_final_state=True) -> Reading:
+        """TTT-MLP (docs/rules/ttt.md) read as Theorem 5.1/5.2 for an MLP fast weight with **all** layers
+        updated: the last layer is linear, so
+
+            Z̄2_i = q̂_i (S_0 + Σ_j M[i, j] k̂_jᵀ v̂_j),   o_i = q_i + LN(Z̄2_i)
+
+        with ``S_0 = [W2_0; b2_0]``, effective values ``v̂_j = −lr_j G2_j``
+        (``G2 = ∇_{Z2} ½‖LN(Z2) − (v − k)‖²`` at the mini-batch's initial weights), keys the
+        pre-update hidden features ``k̂_j = [gelu(k_j W1_m + b1_m), 1]`` (``m`` = j's
+        mini-batch) and queries the *post-update* features ``q̂_i = [gelu(Z̄1_i), 1]``, where the
+        first layer's pre-activation is itself a masked linear attention of its per-token
+        gradients, ``Z̄1_i = [q_i, 1]([W1_0; b1_0] + Σ_j M[i, j] [k_j, 1]ᵀ(−lr_j G1_j))``,
+        ``G1 = (G2 W2_mᵀ) ⊙ gelu'(Z1)`` (the reference's rounded tanh-GELU derivative, part of
+        the rule's definition). ``M`` is TTT-Linear's mini-batch mask. The feature map φ_t
+        (the trajectory of W1, b1) depends on the history: exact but sequential
+        (Theorem 5.2 with a time-varying feature map); the LayerNorm and residual are
+        the reading's ``post`` map, the biases extra key/query dimensions. ``G2`` comes from
+        ``jax.grad`` of the inner loss, independently of the rule's closed form.
+        """
+        B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
+        if not isinstance(state, (tuple, list)) or len(state) != 4:
+            raise ValueError(f"state: expected a TTTMLPState (W1, b1, W2, b2), got {type(state).__name__}")
+        W1 = jnp.asarray(state[0])
+        _checks.check_rank("state.W1", W1, 4, "[B, H, D, F]")
+        F = W1.shape[-1]
+        state = self._check_state_leaves(state, TTTMLPState, (
+            ((B, H, D, F), "[B, H, D, F] (from q)"), ((B, H, F), "[B, H, F] (from q, W1)"),
+            ((B, H, F, D), "[B, H, F, D] (from q, W1)"), ((B, H, D), "[B, H, D] (from q)")))
+        sd = _checks.state_dtype(q, k, v, lr, token_eta, ln_scale, ln_bias, *state)
+        C = self.mini_batch_size
+        qf, kf, vf, lrf, te = (x.astype(sd) for x in (q, k, v, lr, token_eta))
+        gamma = beta = None
+        if self.layer_norm:
+            gamma, beta = ln_scale.astype(sd), ln_bias.astype(sd)
+        target = vf - kf if self.residual else vf
+        W1, b1, W2, b2 = (x.astype(sd) for x in state)
+        W10, b10, W20, b20 = W1, b1, W2, b2
+        use_b = 1.0 if self.bias else 0.0
+
+        def inner_loss(Z, tgt):
+            y = layer_norm(Z, gamma, beta, self.eps) if self.layer_norm else Z
+            return 0.5 * jnp.sum((y - tgt) ** 2)
+
+        v1s, v2s, x2s = [], [], []
+        for start in range(0, T, C):
+            end = min(start + C, T)
+            kj, tj, lj = kf[:, start:end], target[:, start:end], lrf[:, start:end, :, None]
+            Z1 = jnp.einsum("bthd,bhdf->bthf", kj, W1) + use_b * b1[:, None]
+            x2 = gelu_tanh(Z1)
+            Z2 = jnp.einsum("bthf,bhfd->bthd", x2, W2) + use_b * b2[:, None]
+            G2 = jax.grad(inner_loss)(Z2, tj)
+            G1 = jnp.einsum("bthd,bhfd->bthf", G2, W2) * gelu_tanh_grad(Z1)
+            v1, v2 = -lj * G1, -lj * G2
+            v1s.append(v1), v2s.append(v2), x2s.append(x2)
+            last = te[end - start - 1]  # the next mini-batch starts from the last row's weights
+            W1 = W1 + last * jnp.einsum("bthd,bthf->bhdf", kj, v1)
+            W2 = W2 + last * jnp.einsum("bthf,bthd->bhfd", x2, v2)
+            if self.bias:
+                b1 = b1 + last * jnp.sum(v1, axis=1)
+                b2 = b2 + last * jnp.sum(v2, axis=1)
+        v1, v2, x2 = (jnp.concatenate(x, axis=1) for x in (v1s, v2s, x2s))
+        mask = _mini_batch_mask(te, T, C)
+        ones = jnp.ones((B, H, T), sd)
+        if self.bias:
+            layer1 = Reading(_with_one(qf), _with_one(kf), v1, mask, ones, _stack_bias(W10, b10))
+        else:
+            layer1 = Reading(qf, kf, v1, mask, ones, W10)
+        z1bar = layer1.outputs()  # q_i's first-layer pre-activation after the update (history-dependent)
+        qh, kh = gelu_tanh(z1bar), x2
+        S0 = W20
+        if self.bias:
+            qh, kh, S0 = _with_one(qh), _with_one(kh), _stack_bias(W20, b20)
+
+        def post(Zbar):
+            y = layer_norm(Zbar, gamma, beta, self.eps) if self.layer_norm else Zbar
+            return qf + y if self.residual else y
+
+        return Reading(qh, kh, v2, mask, ones, S0, associative=False,
+                       breaks=self.breaks_associativity(), post=post)
 
 
 # ----------------------------------------------------------------------------- functional ops
@@ -555,7 +736,7 @@ def ttt_linear(
     mini_batch_size: int = 16,
     initial_state: Optional[TTTLinearState] = None,
     output_final_state: bool = False,
-    form: str = "dual",
+    impl: str = "auto",
 ):
     """TTT-Linear core op (docs/rules/ttt.md): ``o_i = q_i + LN(q_i W_i + b_i)`` with mini-batch
     gradient steps on ``½‖LN(k W + b) − (v − k)‖²``.
@@ -566,12 +747,12 @@ def ttt_linear(
         ``[H, D]`` learned initial fast weights; ``initial_state``
         (:class:`TTTLinearState`, ``[B, H, D, D]`` / ``[B, H, D]``) overrides them.
       ln_scale, ln_bias: ``[H, D]`` inner LayerNorm. token_eta: ``[mini_batch_size]``
-        (see :func:`default_token_eta`). form: ``"dual"`` or ``"primal"``.
+        (see :func:`default_token_eta`). impl: ``"dual"`` | ``"primal"`` | ``"auto"`` (dual).
 
     Returns:
       ``(o, state)``; ``state`` is the final :class:`TTTLinearState` or ``None``.
     """
-    rule = TTTLinearRule(mini_batch_size=mini_batch_size, form=form)
+    rule = TTTLinearRule(mini_batch_size=mini_batch_size, impl="dual" if impl == "auto" else impl)
     _checks.check_rank("q", q, 4, "[B, T, H, D]")
     B, _, H, D = q.shape
     st = _initial(rule, initial_state, (W, b), ("W", "b"), B, H, D)
@@ -594,14 +775,14 @@ def ttt_mlp(
     mini_batch_size: int = 16,
     initial_state: Optional[TTTMLPState] = None,
     output_final_state: bool = False,
-    form: str = "dual",
+    impl: str = "auto",
 ):
     """TTT-MLP core op (docs/rules/ttt.md): ``f(x) = gelu(x W1 + b1) W2 + b2``, ``o = q + LN(f̄(q))``.
 
     Arguments as :func:`ttt_linear` with ``W1 [H, D, F]``, ``b1 [H, F]``, ``W2 [H, F, D]``,
     ``b2 [H, D]`` (``F = 4D`` in the paper) or an ``initial_state`` :class:`TTTMLPState`.
     """
-    rule = TTTMLPRule(mini_batch_size=mini_batch_size, form=form)
+    rule = TTTMLPRule(mini_batch_size=mini_batch_size, impl="dual" if impl == "auto" else impl)
     _checks.check_rank("q", q, 4, "[B, T, H, D]")
     B, _, H, D = q.shape
     st = _initial(rule, initial_state, (W1, b1, W2, b2), ("W1", "b1", "W2", "b2"), B, H, D)

@@ -19,32 +19,38 @@ implementation's choice (``g.norm(dim=-2)`` on ``[.., K, V]``, ``dim=[-2, -1]`` 
 ``[C, 1, 3, 3]``), and it is what keeps the reduction exact: a per-output-column factor
 is a diagonal on the right, ``kᵀ(v̂) diag(c) = kᵀ(v̂ ⊙ c)``, so it folds into the values.
 
-Reduction (docs/rules/vit3.md, theorem 5.1), the ``parallel`` forms below:
+Reduction (docs/rules/vit3.md, theorem 5.1), the ``parallel`` forms below (``impl="chunked"``:
+the whole non-causal sequence is one matmul block) and the readings (``reading``):
 
 * GLU: ``o = φ'(q) ⊙ (q (W1 + kᵀ v̂))`` with ``v̂ = lr·c ⊙ (s/N) v ⊙ φ(k)`` — non-causal
   linear attention (``tt.linear_attention(q, k, v̂, scale=1, initial_state=W1,
-  mode="none")``), gated by ``φ'(q) = silu(q W2')`` (``W2' = W2`` when W2 is frozen,
+  masking="none")``), gated by ``φ'(q) = silu(q W2')`` (``W2' = W2`` when W2 is frozen,
   ``update_W2=False``; otherwise the post-update features, still one full-batch step).
 * Conv: ``o_p = Σ_δ q_{p+δ} ⊙ (W_δ + Σ_{p'} k_{p'+δ} ⊙ v̂_{p'})``,
   ``v̂ = lr·c ⊙ (s/N) v``: for each of the 9 offsets δ a non-causal linear attention with
   diagonal (per-channel, K = V = 1) state whose query is read from the 3×3
   neighbourhood of p — a sliding-window (3×3) linear attention.
+
+Implementations (``impl``, docs/implementations.md): ``"recurrent"`` (the gradient step,
+what ``"auto"`` runs: the same matmuls without a second pass) and ``"chunked"`` (the
+linear-attention form above).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import ClassVar, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.ops.linear_attention import linear_attention
+from tttla_jax.reduce import Reading
 from tttla_jax.rules.base import Rule, register
 
 SCALE = 9 ** -0.5
-IMPLS = ("recurrent", "parallel", "auto")
 OFFSETS = tuple((a, b) for a in (-1, 0, 1) for b in (-1, 0, 1))
 
 
@@ -57,11 +63,34 @@ def _normalize(g, axis):
     return g / (jnp.sqrt(jnp.sum(g * g, axis=axis, keepdims=True)) + 1.0)
 
 
+def _normalized(g, axis):
+    """``(g / (‖g‖_axis + 1), 1 / (‖g‖_axis + 1))``: ViT³'s gradient normalisation and its factor."""
+    c = 1.0 / (jnp.sqrt(jnp.sum(g * g, axis=axis, keepdims=True)) + 1.0)
+    return g * c, c
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViT3Base(Rule):
+    """Shared protocol of the two ViT³ parts: one non-causal step, no scan at all."""
+
+    #: "auto" runs the gradient step (same matmuls as the linear-attention form, one pass)
+    impls: ClassVar[Tuple[str, ...]] = ("recurrent", "chunked")
+
+    def breaks_associativity(self):
+        return None  # one non-causal step: the parallel (linear-attention) form is exact
+
+    def _chunked(self, impl: str) -> str:
+        return _impl.resolve(impl, {"chunked": None}, where=f"{type(self).__name__}.parallel")
+
+    def has_reading(self) -> bool:
+        return True
+
+
 # ----------------------------------------------------------------------------- GLU
 
 
 @dataclasses.dataclass(frozen=True)
-class ViT3GLURule(Rule):
+class ViT3GLURule(_ViT3Base):
     """ViT³ GLU fast weight, docs/rules/vit3.md (module docstring has the math).
 
     Attributes:
@@ -76,8 +105,9 @@ class ViT3GLURule(Rule):
     normalize: bool = True
     update_W2: bool = True
 
-    def breaks_associativity(self):
-        return None  # one non-causal step: no scan at all, the parallel form is exact
+    def linear_attention_reason(self) -> Optional[str]:
+        return ("ViT³'s GLU part is non-causal linear attention gated per value channel by "
+                "silu(q W2'), a map applied after the attention: not plain linear attention")
 
     def _validate(self, q, k, v, W1, W2):
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -125,8 +155,10 @@ class ViT3GLURule(Rule):
         o = jnp.einsum("bnhk,bhkv->bnhv", qf, W1n) * jax.nn.silu(jnp.einsum("bnhk,bhkv->bnhv", qf, W2n))
         return o.astype(q.dtype), (W1n, W2n)
 
-    def parallel(self, q, k, v, W1, W2):
-        """The linear-attention view (docs/rules/vit3.md): ``φ'(q) ⊙ LA_none(q, k, v̂; S0 = W1)``."""
+    def parallel(self, q, k, v, W1, W2, impl: str = "auto"):
+        """The linear-attention view (docs/rules/vit3.md): ``φ'(q) ⊙ LA_none(q, k, v̂; S0 = W1)``
+        (``impl``: ``"chunked"`` or ``"auto"``, the same)."""
+        self._chunked(impl)
         B, N, H, K, V = self._validate(q, k, v, W1, W2)
         sd, (qf, kf, vf, W1f, W2f) = self._cast(q, k, v, W1, W2)
         _, g2 = self._grads(kf, vf, W1f, W2f)  # W2's step (W1's comes out of the attention)
@@ -139,9 +171,46 @@ class ViT3GLURule(Rule):
         W2n = W2f[None] - self.lr * g2 if self.update_W2 else jnp.broadcast_to(W2f, g2.shape)
         S0 = jnp.broadcast_to(W1f, (B, H, K, V))
         la, W1n = linear_attention(qf, kf, vhat, scale=1.0, initial_state=S0,
-                                   output_final_state=True, mode="none")
+                                   output_final_state=True, masking="none")
         o = jax.nn.silu(jnp.einsum("bnhk,bhkv->bnhv", qf, W2n)) * la
         return o.astype(q.dtype), (W1n, W2n)
+
+    def reading(self, q, k, v, W1, W2) -> Reading:
+        """ViT³ GLU part (docs/rules/vit3.md) as non-causal linear attention (Theorem 5.1, one full-batch step).
+
+        ``f(x) = (x W1) ⊙ silu(x W2)`` is linear in W1, so after one step on
+        ``L = −(s/N) Σ ⟨f(k), v⟩`` with the normalised gradient ``g ← g / (‖g‖_in + 1)``:
+
+            o = silu(q W2') ⊙ q (W1 + Σ_j k_jᵀ v̂_j),   v̂_j = lr · c ⊙ (s/N) v_j ⊙ silu(k_j W2)
+
+        with ``c = 1/(‖∇W1‖_K + 1)`` per output column — a per-column factor is a diagonal on
+        the right of ``kᵀv̂``, so it folds into the values. Queries and keys are the raw
+        ``q``, ``k``; the mask is all ones (``masking="none"``: every query reads the state after all
+        N tokens); ``S_0 = W1``. The gate ``silu(q W2')`` (post-update W2 when ``update_W2``,
+        itself one full-batch step that needs no scan) multiplies the read per value channel:
+        the reading's ``post`` map. Both gradients come from ``jax.grad`` of the inner loss,
+        independently of the rule's closed form. Everything is available up front:
+        associative.
+        """
+        B, N, H, K, V = self._validate(q, k, v, W1, W2)
+        sd, (qf, kf, vf, W1f, W2f) = self._cast(q, k, v, W1, W2)
+        W1b, W2b = (jnp.broadcast_to(W, (B, H, K, V)) for W in (W1f, W2f))
+
+        def inner_loss(W1_, W2_):  # per batch element the fast weights step separately
+            f = jnp.einsum("bnhk,bhkv->bnhv", kf, W1_) * jax.nn.silu(jnp.einsum("bnhk,bhkv->bnhv", kf, W2_))
+            return -(self.scale / N) * jnp.sum(f * vf)
+
+        g1, g2 = jax.grad(inner_loss, argnums=(0, 1))(W1b, W2b)
+        c = jnp.ones((B, H, 1, V), sd)
+        if self.normalize:
+            g1, c = _normalized(g1, -2)
+            g2, _ = _normalized(g2, -2)
+        vhat = self.lr * (self.scale / N) * vf * jax.nn.silu(jnp.einsum("bnhk,bhkv->bnhv", kf, W2b))
+        vhat = vhat * jnp.moveaxis(c, 2, 1)  # [B, 1, H, V]
+        W2n = W2b - self.lr * g2 if self.update_W2 else W2b
+        gate = jax.nn.silu(jnp.einsum("bnhk,bhkv->bnhv", qf, W2n))
+        return Reading(qf, kf, vhat, jnp.ones((1, 1, N, N), sd), jnp.ones((1, 1, N), sd), W1b,
+                       post=lambda o: gate * o)
 
 
 def vit3_glu(
@@ -164,15 +233,14 @@ def vit3_glu(
       q, k: ``[B, N, H, K]``; v: ``[B, N, H, V]`` (N tokens, non-causal).
       W1, W2: ``[H, K, V]`` initial fast weights. scale, lr, normalize, update_W2: see
         :class:`ViT3GLURule`.
-      impl: ``"recurrent"`` (gradient step) | ``"parallel"`` (linear attention) | ``"auto"``
+      impl: ``"recurrent"`` (gradient step) | ``"chunked"`` (linear attention) | ``"auto"``
         (recurrent: the step costs the same matmuls and avoids the second pass).
 
     Returns:
       ``(o [B, N, H, V] in q's dtype, (W1', W2') [B, H, K, V] or None)``.
     """
-    _checks.check_choice("impl", impl, IMPLS)
     rule = ViT3GLURule(scale=scale, lr=lr, normalize=normalize, update_W2=update_W2)
-    o, W = (rule.parallel if impl == "parallel" else rule.recurrent)(q, k, v, W1, W2)
+    o, W = rule(q, k, v, W1, W2, impl=impl)
     return o, (W if output_final_state else None)
 
 
@@ -187,7 +255,7 @@ def _shift(x, a, b):
 
 
 @dataclasses.dataclass(frozen=True)
-class ViT3ConvRule(Rule):
+class ViT3ConvRule(_ViT3Base):
     """ViT³ 3×3 depthwise-conv fast weight, docs/rules/vit3.md (module docstring has the math).
 
     Attributes:
@@ -206,8 +274,10 @@ class ViT3ConvRule(Rule):
         for x in self.grid:
             _checks.check_positive_int("grid", x)
 
-    def breaks_associativity(self):
-        return None
+    def linear_attention_reason(self) -> Optional[str]:
+        return ("ViT³'s conv part is a sum over the 9 offsets of a 3×3 window of non-causal "
+                "linear attentions with shifted queries and keys (K = V = 1 per channel): "
+                "not one plain linear attention")
 
     def _validate(self, q, k, v, W):
         for name, x in (("q", q), ("k", k), ("v", v)):
@@ -244,10 +314,11 @@ class ViT3ConvRule(Rule):
         o = sum(_shift(qg, a, b) * Wn[:, i, None, None] for i, (a, b) in enumerate(OFFSETS))
         return o.reshape(B, N, C).astype(q.dtype), Wn.reshape(B, 3, 3, C)
 
-    def parallel(self, q, k, v, W):
+    def parallel(self, q, k, v, W, impl: str = "auto"):
         """The linear-attention view: a sum over the 9 offsets δ of non-causal linear
         attention with channels as heads (K = V = 1), query/key shifted by δ,
-        ``v̂ = lr·c ⊙ (s/N) v`` and initial state ``W_δ``."""
+        ``v̂ = lr·c ⊙ (s/N) v`` and initial state ``W_δ`` (``impl``: ``"chunked"`` or ``"auto"``)."""
+        self._chunked(impl)
         B, N, C, qg, kg, vg, Wf = self._prep(q, k, v, W)
         vhat = self.lr * (self.scale / N) * vg
         if self.normalize:  # c = 1 / (‖g‖_taps + 1) per (batch, channel)
@@ -259,10 +330,41 @@ class ViT3ConvRule(Rule):
         for i, (a, b) in enumerate(OFFSETS):
             S0 = jnp.broadcast_to(Wf[a + 1, b + 1][None, :, None, None], (B, C, 1, 1))
             oi, Si = linear_attention(tok(_shift(qg, a, b)), tok(_shift(kg, a, b)), tok(vhat),
-                                      scale=1.0, initial_state=S0, output_final_state=True, mode="none")
+                                      scale=1.0, initial_state=S0, output_final_state=True, masking="none")
             o = o + oi[..., 0]
             Wn.append(Si[:, :, 0, 0])
         return o.astype(q.dtype), jnp.stack(Wn, 1).reshape(B, 3, 3, C)
+
+    def reading(self, q, k, v, W) -> Reading:
+        """ViT³ 3×3 depthwise-conv part (docs/rules/vit3.md) as one non-causal linear attention per channel.
+
+        Channels are the heads; the 3×3 neighbourhood is the key/query feature map
+        (im2col): ``q̂_p = [q_{p+δ}]_δ``, ``k̂_p = [k_{p+δ}]_δ`` ``∈ R⁹`` (zero outside the
+        grid, δ over the 9 offsets), value dimension 1, ``S_0 = [W_δ]_δ`` ``[9, 1]``. The
+        conv is linear in W, ``conv(x, W)_p = x̂_p W``, so one step on
+        ``L = −(s/N) Σ_p ⟨conv(k, W)_p, v_p⟩`` with ``g ← g / (‖g‖_taps + 1)`` gives
+
+            o_p = q̂_p (S_0 + Σ_{p'} k̂_{p'}ᵀ v̂_{p'}),   v̂ = lr · c · (s/N) v,  c = 1/(‖∇W‖_taps + 1)
+
+        — a sliding-window (3×3) linear attention, mask all ones (``masking="none"``). ``∇W`` from
+        ``jax.grad`` of the inner loss. Associative (one step, everything up front).
+        """
+        B, N, C, qg, kg, vg, Wf = self._prep(q, k, v, W)
+        sd = Wf.dtype
+        im2col = lambda x: jnp.stack([_shift(x, a, b) for a, b in OFFSETS], -1).reshape(B, N, C, 9)
+        qh, kh = im2col(qg), im2col(kg)
+        vf = vg.reshape(B, N, C)
+        S0 = jnp.broadcast_to(jnp.moveaxis(Wf.reshape(9, C), 0, 1)[None, :, :, None], (B, C, 9, 1))
+
+        def inner_loss(S):
+            return -(self.scale / N) * jnp.sum(jnp.einsum("bnck,bckx->bncx", kh, S)[..., 0] * vf)
+
+        c = jnp.ones((B, C, 1, 1), sd)
+        if self.normalize:
+            _, c = _normalized(jax.grad(inner_loss)(S0), -2)  # norm over the 9 taps per channel
+        vhat = self.lr * (self.scale / N) * vf[..., None] * c.reshape(B, 1, C, 1)
+        return Reading(qh, kh, vhat, jnp.ones((1, 1, N, N), sd), jnp.ones((1, 1, N), sd), S0,
+                       post=lambda o: o[..., 0])
 
 
 def vit3_conv(
@@ -284,15 +386,14 @@ def vit3_conv(
     Args:
       q, k, v: ``[B, N, C]`` tokens of the ``grid = (Hg, Wg)`` grid, row-major.
       W: ``[3, 3, C]`` initial depthwise kernel (``W[a+1, b+1]`` weights offset (a, b)).
-      impl: ``"recurrent"`` | ``"parallel"`` (9 shifted linear attentions) | ``"auto"``
+      impl: ``"recurrent"`` | ``"chunked"`` (9 shifted linear attentions) | ``"auto"``
         (recurrent).
 
     Returns:
       ``(o [B, N, C] in q's dtype, W' [B, 3, 3, C] or None)``.
     """
-    _checks.check_choice("impl", impl, IMPLS)
     rule = ViT3ConvRule(grid=tuple(grid), scale=scale, lr=lr, normalize=normalize)
-    o, Wn = (rule.parallel if impl == "parallel" else rule.recurrent)(q, k, v, W)
+    o, Wn = rule(q, k, v, W, impl=impl)
     return o, (Wn if output_final_state else None)
 
 
