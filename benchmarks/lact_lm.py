@@ -4,15 +4,16 @@
 branch unless ``--window``), width 128, 4 heads of dim 32, sequence 128, batch 16,
 vocabulary 256, float32, on this machine's CPU. One step = ``jax.value_and_grad`` of the
 next-token cross-entropy w.r.t. all parameters (no optimiser update), jitted; the **median**
-of ``--reps`` rounds after a compile + warm-up step, the modes of a preset taking turns in
-every round (``benchmarks/_timing.interleaved``), so the parallel/recurrent speed-up (the
-paper's end-to-end 1.19x for V2, docs/ladder.md) is not at the mercy of one slow spell. Presets ``v0``
-(recurrent only: not associative) and ``v2`` (``auto`` = the rule's parallel form) by
-default. Prints a Markdown table and writes ``benchmarks/results/lact_lm.json`` with the
+of ``--reps`` rounds after a compile + warm-up step, the implementations of a preset taking
+turns in every round (``benchmarks/_timing.interleaved``), so the parallel/recurrent speed-up
+(the paper's end-to-end 1.19x for V2, docs/ladder.md) is not at the mercy of one slow spell.
+Presets ``v0`` (recurrent only: not associative) and ``v2`` (``auto`` = the rule's parallel
+form, the chunked layout on CPU) by default; the ``form`` column is the layer's
+``resolved_impl``. Prints a Markdown table and writes ``benchmarks/results/lact_lm.json`` with the
 shared ``machine`` record (load average at start and end, malloc tuning — the machine is
 shared; ``--no-tune-malloc`` measures glibc's default malloc).
 
-    python benchmarks/lact_lm.py [--presets v0 v2] [--modes auto recurrent] [--chunk 32] [--reps 5]
+    python benchmarks/lact_lm.py [--presets v0 v2] [--impls auto recurrent] [--chunk 32] [--reps 5]
                                  [--seq 128] [--batch 16] [--no-tune-malloc] [--out PATH]
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def step_fn(graphdef):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["v0", "v2"])
-    ap.add_argument("--modes", nargs="+", default=["auto", "recurrent"])
+    ap.add_argument("--impls", nargs="+", default=["auto", "recurrent"],
+                    help="LaCTLayer implementations (docs/implementations.md)")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -63,34 +65,34 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, a.vocab, size=(a.batch, a.seq + 1)), jnp.int32)
     rows = []
-    print("| preset | mode | form | compile+first step s | step ms (median) | tokens/s | vs recurrent |")
+    print("| preset | impl | form | compile+first step s | step ms (median) | tokens/s | vs recurrent |")
     print("|---|---|---|---|---|---|---|")
     for preset in a.presets:
         steps, forms = {}, {}
-        for mode in a.modes:
+        for impl in a.impls:
             opts = {"preset": preset, "chunk_size": a.chunk}
             if a.window:
                 opts["window"] = a.window
             try:
                 cfg = LMConfig(vocab_size=a.vocab, width=a.width, num_layers=a.layers, num_heads=a.heads,
-                               mixers="lact", mixer_options={"lact": opts}, mode=mode)
+                               mixers="lact", mixer_options={"lact": opts}, impl=impl)
             except ValueError as e:
-                print(f"| {preset} | {mode} | — | — | — | ({e}) | |")
+                print(f"| {preset} | {impl} | — | — | — | ({e}) | |")
                 continue
-            model = LanguageModel(cfg, rngs=nnx.Rngs(0))  # same seed: the same parameters in every mode
-            forms[mode] = model.blocks[0].mixer._form
+            model = LanguageModel(cfg, rngs=nnx.Rngs(0))  # same seed: the same parameters for every impl
+            forms[impl] = model.blocks[0].mixer.resolved_impl
             graphdef, params = nnx.split(model)
-            steps[mode] = (lambda f, p: (lambda toks: f(p, toks)))(step_fn(graphdef), params)
-        t = interleaved(steps, tokens, rounds=a.reps)  # the modes of a preset take turns in every round
-        for mode in steps:
-            med = t[mode]["median"]
+            steps[impl] = (lambda f, p: (lambda toks: f(p, toks)))(step_fn(graphdef), params)
+        t = interleaved(steps, tokens, rounds=a.reps)  # the impls of a preset take turns in every round
+        for impl in steps:
+            med = t[impl]["median"]
             ref = t.get("recurrent", {}).get("median")
-            row = dict(preset=preset, mode=mode, form=forms[mode], first_s=t[mode]["compile"], step_s=med,
-                       tokens_per_s=a.batch * a.seq / med, samples_s=t[mode]["samples"],
+            row = dict(preset=preset, impl=impl, form=forms[impl], first_s=t[impl]["compile"], step_s=med,
+                       tokens_per_s=a.batch * a.seq / med, samples_s=t[impl]["samples"],
                        speedup_vs_recurrent=None if ref is None else ref / med)
             rows.append(row)
             sp = "—" if row["speedup_vs_recurrent"] is None else f"{row['speedup_vs_recurrent']:.2f}x"
-            print(f"| {preset} | {mode} | {row['form']} | {row['first_s']:.1f} | {med * 1e3:.1f} "
+            print(f"| {preset} | {impl} | {row['form']} | {row['first_s']:.1f} | {med * 1e3:.1f} "
                   f"| {row['tokens_per_s']:,.0f} | {sp} |", flush=True)
     m = machine(start)
     print(f"\n{describe(m)}")

@@ -8,6 +8,7 @@ in a different order than the scan).
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,12 +66,10 @@ def scalar(fn):
 
 
 def close(a, b, atol, what):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb), what
-    for i, (x, y) in enumerate(zip(la, lb)):
-        assert x.shape == y.shape, (what, i, x.shape, y.shape)
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol,
-                                   err_msg=f"{what} leaf {i}")
+    """chex: the same tree structure and leaf shapes, then ``|a − b| <= atol + 1e-7·|b|`` (float64)."""
+    chex.assert_trees_all_equal_shapes(a, b, custom_message=what)
+    f64 = lambda t: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    chex.assert_trees_all_close(f64(a), f64(b), atol=atol, rtol=1e-7, custom_message=what)
 
 
 def both(rule, args, grads):
@@ -129,6 +128,13 @@ def test_parallel_on_v0_v1_raises_naming_component(name, component):
         assert o.shape == v.shape
     with pytest.raises(NotAssociativeError, match="inner_steps=3"):
         ladder("v2", inner_steps=3).parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
+    # the one entry point: auto falls back to the recurrent form, a parallel layout by name
+    # raises as parallel() does, an implementation of another family is refused by name
+    assert rule.resolve_impl("auto") == "recurrent" and rule.parallel_impls() == ()
+    with pytest.raises(NotAssociativeError, match=component.replace("'", ".")):
+        rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m, impl="associative")
+    with pytest.raises(ValueError, match=r"impl: LaCTRule does not support impl='dual'"):
+        rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m, impl="dual")
 
 
 # --------------------------------------------------------------------------- recurrent == parallel
@@ -164,20 +170,20 @@ def test_newton_schulz5_factored_equals_dense(rows, n, cols):
     rng = np.random.default_rng(rows * n)
     P = jnp.asarray(rng.normal(size=(2, rows, n)))
     Q = jnp.asarray(rng.normal(size=(2, n, cols)))
-    np.testing.assert_allclose(np.asarray(tt.rules.lact.newton_schulz5_factored(P, Q)),
-                               np.asarray(tt.rules.lact.newton_schulz5(P @ Q)), atol=1e-12)
+    chex.assert_trees_all_close(np.asarray(tt.rules.lact.newton_schulz5_factored(P, Q)),
+                               np.asarray(tt.rules.lact.newton_schulz5(P @ Q)), atol=1e-12, rtol=1e-7)
 
 
 def test_parallel_low_rank_muon_matches_recurrent(monkeypatch):
     """V5 (Muon, no momentum) with chunks shorter than half the head dim: both parallel
     layouts run NS5 on the rank-C factors of each chunk's gradient — outputs, final state and
     gradients still equal the recurrent form's dense NS5 at 1e-10."""
-    import tttla_jax.rules.lact as lact_mod
+    from tttla_jax.rules.lact import muon
     calls = []
-    real = lact_mod.newton_schulz5_factored
-    monkeypatch.setattr(lact_mod, "newton_schulz5_factored", lambda P, Q: calls.append(P.shape) or real(P, Q))
+    real = muon.newton_schulz5_factored
+    monkeypatch.setattr(muon, "newton_schulz5_factored", lambda P, Q: calls.append(P.shape) or real(P, Q))
     rule = ladder("v5", chunk_size=2)
-    assert lact_mod._low_rank_ns_pays(8, 8, 2) and not lact_mod._low_rank_ns_pays(8, 8, 8)
+    assert muon.low_rank_ns_pays(8, 8, 2) and not muon.low_rank_ns_pays(8, 8, 8)
     args = make(rule, seed=7, T=9, K=8, V=8)
     (o_r, g_r), *pars = both(rule, args, grads=True)
     assert len(calls) == 2, f"the factored NS5 was not used by both layouts: {calls}"
@@ -220,7 +226,7 @@ def test_parallel_float32_tolerance():
     for impl in ("recurrent",) + PARALLEL:
         o32 = jit_fast(form(rule, impl))(*a32)[0]
         assert o32.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale)
+        chex.assert_trees_all_close(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale, rtol=1e-7)
 
 
 def test_auto_picks_parallel_and_functional_impl():
@@ -228,21 +234,21 @@ def test_auto_picks_parallel_and_functional_impl():
     q, k, v, lr, m, w0, w1, w2 = make(rule, T=9)
     o_a, _ = rule(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m, impl="auto")
     o_p, _ = rule.parallel(q, k, v, lr, rule.init_state(w0, w1, w2, 1), m)
-    np.testing.assert_array_equal(np.asarray(o_a), np.asarray(o_p))
+    chex.assert_trees_all_equal(np.asarray(o_a), np.asarray(o_p))
     o_f, _ = tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, momentum=m, muon=True,
-                                       weight_norm=None, update="w1", impl="parallel")
+                                       weight_norm=None, update="w1", impl="chunked")
     o_fr, _ = tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, momentum=m, muon=True,
                                         weight_norm=None, update="w1", impl="recurrent")
-    np.testing.assert_allclose(np.asarray(o_f), np.asarray(o_fr), atol=1e-10)
+    chex.assert_trees_all_close(np.asarray(o_f), np.asarray(o_fr), atol=1e-10, rtol=1e-7)
     with pytest.raises(NotAssociativeError, match="weight_norm='post'"):
-        tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, update="w1", impl="parallel")
+        tt.rules.lact.lact_swiglu(q, k, v, lr, w0=w0, w1=w1, w2=w2, chunk_size=4, update="w1", impl="chunked")
     # the parallel form's own choice on this (CPU) backend is the chunked layout; __call__
     # reaches each layout by name; an unknown layout is an error listing the choices
     st = rule.init_state(w0, w1, w2, 1)
     o_c, _ = rule.parallel(q, k, v, lr, st, m, impl="chunked")
-    np.testing.assert_array_equal(np.asarray(o_p), np.asarray(o_c))
+    chex.assert_trees_all_equal(np.asarray(o_p), np.asarray(o_c))
     o_as, _ = rule(q, k, v, lr, st, m, impl="associative")
-    np.testing.assert_allclose(np.asarray(o_as), np.asarray(o_c), atol=1e-10)
+    chex.assert_trees_all_close(np.asarray(o_as), np.asarray(o_c), atol=1e-10, rtol=1e-7)
     with pytest.raises(ValueError, match=r"impl: got 'scan', expected one of \('auto', 'chunked', 'associative'\)"):
         rule.parallel(q, k, v, lr, st, m, impl="scan")
 
@@ -261,7 +267,7 @@ def test_v6_equals_linear_attention(T, C):
         return rule.parallel(q, k, v, None, rule.init_state(None, w1, None, 2))[0]
 
     def theirs(q, k, v, w1):
-        return tt.linear_attention(q, k, lr_c * v, scale=1.0, mode="chunk", chunk_size=C,
+        return tt.linear_attention(q, k, lr_c * v, scale=1.0, masking="chunk", chunk_size=C,
                                    initial_state=jnp.swapaxes(w1, -1, -2))[0]
     def rec(q, k, v, w1):
         return rule.recurrent(q, k, v, None, rule.init_state(None, w1, None, 2))[0]
@@ -274,6 +280,30 @@ def test_v6_equals_linear_attention(T, C):
     close(o1, o2, 1e-10, "V6 outputs")
     close(g1, g2, 1e-10, "V6 gradients")
     close(jit_fast(rec)(q, k, v, w1), o2, 1e-10, "V6 recurrent outputs")
+
+
+@pytest.mark.parametrize("extra", [{}, dict(constant_lr=None, q_is_k=True, ascent=False)])
+def test_linear_attention_inputs_compute_the_rule(extra):
+    """A V6-like rule says it is plain chunk-masked linear attention, and
+    ``tt.linear_attention(**rule.linear_attention_inputs(...))`` gives its outputs and final
+    state in every op form (per-channel lr, the q_is_k and descent anomalies included);
+    the other rungs say why not."""
+    rule = ladder("v6", chunk_size=4, **extra)
+    assert rule.linear_attention_reason() is None
+    q, k, v, lr, m, w0, w1, w2 = make(rule, seed=9, T=11, B=2)
+    if rule.constant_lr is None:  # per input channel for W1
+        lr = (None, lr[..., 1, None] * jnp.linspace(0.5, 1.5, k.shape[-1]), None)
+    st = rule.init_state(None, w1, None, 2)
+    o_r, s_r = rule.recurrent(q, k, v, lr, st, output_final_state=True)
+    for impl in ("chunked", "associative", "recurrent"):
+        o, S = tt.linear_attention(**rule.linear_attention_inputs(q, k, v, lr, st, output_final_state=True),
+                                   impl=impl)
+        close((o, rule.state_from_linear_attention(S, st).w[1]), (o_r, s_r.w[1]), 1e-10, f"V6 as {impl}")
+    for name, what in (("v5", "muon=True"), ("v2", "fast_net='swiglu'"), ("v0", "weight_norm='post'")):
+        assert what in ladder(name).linear_attention_reason()
+    with pytest.raises(ValueError, match=r"linear_attention_inputs: this LaCTRule is not plain chunk-masked "
+                                         r"linear attention .*muon=True"):
+        ladder("v5", chunk_size=4).linear_attention_inputs(q, k, v, lr, st)
 
 
 @pytest.mark.parametrize("name", ["v0", "v2", "v4"])
@@ -300,8 +330,8 @@ def test_q_is_k_and_inner_steps_presets_run():
     qk = ladder("q_is_k", chunk_size=4, muon=False)
     o1, _ = qk(q, k, v, lr, st, m)
     o2, _ = base(k, k, v, lr, st, m)
-    np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), atol=1e-12)
+    chex.assert_trees_all_close(np.asarray(o1), np.asarray(o2), atol=1e-12, rtol=1e-7)
     o_n, _ = ladder("inner_steps", chunk_size=4, inner_steps=3, muon=False)(q, k, v, lr, st, m)
     o_b, _ = base(q, k, v, lr, st, m)
-    np.testing.assert_allclose(np.asarray(o_n[:, :4]), np.asarray(o_b[:, :4]), atol=1e-12)  # first chunk: W^(0)
+    chex.assert_trees_all_close(np.asarray(o_n[:, :4]), np.asarray(o_b[:, :4]), atol=1e-12, rtol=1e-7)  # first chunk: W^(0)
     assert float(jnp.max(jnp.abs(o_n[:, 4:] - o_b[:, 4:]))) > 1e-4

@@ -1,10 +1,11 @@
 """LaCTLayer (tttla_jax.nn.lact): the layer against an independent float64 re-derivation of
-the reference forward, mode equivalence (outputs and parameter gradients, float64 1e-10),
+the reference forward, equivalence of the implementations (outputs and parameter gradients, float64 1e-10),
 cache threading (any split == one call, T not a multiple of the chunk), transforms,
 parameter counts, the LM hybrid, reference-weight round trip and configuration errors.
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,14 +47,21 @@ def build(ctor, seed=0):
     return m
 
 
-def make(preset="v0", mode="auto", seed=0, dtype=F64, param_dtype=F64, **kw):
+def make(preset="v0", impl="auto", seed=0, dtype=F64, param_dtype=F64, **kw):
     kw = {"chunk_size": C, "width": W, "num_heads": H, **kw}
-    return build(lambda: LaCTLayer(preset=preset, mode=mode, dtype=dtype, param_dtype=param_dtype,
+    return build(lambda: LaCTLayer(preset=preset, impl=impl, dtype=dtype, param_dtype=param_dtype,
                                    rngs=nnx.Rngs(0), **kw), seed)
 
 
 def inputs(t=T, seed=1, width=W, b=B):
     return jax.random.normal(jax.random.key(seed), (b, t, width), F64)
+
+
+def assert_close(a, b, atol=TOL, what=""):
+    """chex: the same tree structure and shapes, and ``|a − b| <= atol`` leaf by leaf (in float64)."""
+    chex.assert_trees_all_equal_shapes(a, b, custom_message=what)
+    f64 = lambda t: jax.tree.map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    chex.assert_trees_all_close(f64(a), f64(b), rtol=0.0, atol=atol, custom_message=what)
 
 
 def max_diff(a, b):
@@ -126,13 +134,13 @@ def test_layer_matches_reference_forward_v0_hybrid():
     y, cache = jit(lambda x: m(x))(x)
     ref = reference_forward(export_reference_weights(m), x, H=H, Ha=4, window=3, C=C, eps=1e-5,
                             muon=True, momentum=True, rope_base=10000.0)
-    assert max_diff(y, ref) < TOL
+    assert_close(y, ref)
     # the two updates moved every fast weight by O(1) (Muon): the test is not degenerate
     for i in (0, 1, 2):
         assert max_diff(cache[f"w{i}"][0], getattr(m, f"w{i}")[...]) > 1e-2
 
 
-# --------------------------------------------------------------------------- modes
+# --------------------------------------------------------------------------- implementations
 
 
 def _loss(gd):
@@ -148,11 +156,12 @@ def _loss(gd):
                                     pytest.param("v4", marks=pytest.mark.slow),
                                     pytest.param("v5", marks=pytest.mark.slow), "v6"])
 def test_recurrent_and_parallel_agree_f64(preset):
-    """Outputs, final cache and gradients w.r.t. every parameter and the input (float64)."""
-    mr, mp = make(preset, "recurrent"), make(preset, "parallel")
+    """Outputs, final cache and gradients w.r.t. every parameter and the input (float64):
+    the chunked layout (for V6 ``tt.linear_attention``'s) against the recurrent form."""
+    mr, mp = make(preset, "recurrent"), make(preset, "chunked")
     gr, params = nnx.split(mr)
     gp, params_p = nnx.split(mp)
-    assert max_diff(params, params_p) == 0.0
+    chex.assert_trees_all_equal(params, params_p)
 
     @jit
     def f(params, x):
@@ -163,9 +172,10 @@ def test_recurrent_and_parallel_agree_f64(preset):
         return outs
 
     (y0, c0, g0), (y1, c1, g1) = f(params, inputs())
-    assert max_diff(y0, y1) < TOL and max_diff(c0, c1) < TOL
+    assert_close(y0, y1, what="outputs")
+    assert_close(c0, c1, what="caches")
     assert jax.tree.structure(g0) == jax.tree.structure(g1)
-    assert max_diff(g0, g1) < TOL
+    assert_close(g0, g1)
     gp_ = g0[0]
     assert float(jnp.max(jnp.abs(gp_["w1"][...]))) > 0
     if "lr_proj" in gp_:
@@ -175,26 +185,42 @@ def test_recurrent_and_parallel_agree_f64(preset):
 
 
 @pytest.mark.parametrize("preset", ["v0", "v1", "ascent", "q_is_k", "inner_steps"])
-def test_parallel_mode_refused_for_non_associative_presets(preset):
+def test_parallel_impls_refused_for_non_associative_presets(preset):
     why = {"v0": "update='all'", "v1": "weight_norm='post'", "ascent": "update='all'",
            "q_is_k": "update='all'", "inner_steps": "update='all'"}[preset]
-    with pytest.raises(ValueError, match=rf"mode: LaCTLayer\(preset='{preset}'\) has no parallel form: {why}"):
-        make(preset, "parallel")
-    assert make(preset, "auto")._form == "recurrent"
+    for impl in ("chunked", "associative"):
+        with pytest.raises(ValueError, match=rf"LaCTLayer\(preset='{preset}'\): impl='{impl}' cannot run "
+                                             rf"this call: no parallel form: {why}"):
+            make(preset, impl)
+    assert make(preset, "auto").resolved_impl == "recurrent"
 
 
 def test_inner_steps_anomaly_without_weight_norm_names_inner_steps():
     with pytest.raises(ValueError, match=r"no parallel form: inner_steps=2"):
-        make("v2", "parallel", inner_steps=2)
+        make("v2", "chunked", inner_steps=2)
+
+
+def test_auto_resolution_follows_the_rule():
+    """auto: V6 is plain linear attention (chunked tt.linear_attention on CPU), V2 the rule's
+    chunked layout, V0 the recurrent form; an explicit associative layout runs too."""
+    assert [make(p).resolved_impl for p in ("v0", "v2", "v6")] == ["recurrent", "chunked", "chunked"]
+    m = make("v6")
+    assert m.rule.linear_attention_reason() is None and make("v2").rule.linear_attention_reason() is not None
+    ms = [make("v2", "recurrent"), make("v2", "associative"), make("v6", "recurrent"), make("v6", "associative")]
+    gds = [nnx.split(mm) for mm in ms]
+    x = inputs()
+    ys = jit(lambda sts, x: [nnx.merge(gd, st)(x) for (gd, _), st in zip(gds, sts)])([st for _, st in gds], x)
+    assert_close(ys[1], ys[0], TOL, "v2 associative vs recurrent")
+    assert_close(ys[3], ys[2], TOL, "v6 associative (tt.linear_attention) vs recurrent")
 
 
 @pytest.mark.parametrize("grads", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pallas_mode_v6_matches_recurrent(grads):
-    """V6 routes to tt.linear_attention(mode="chunk", impl="pallas") (interpret mode on
+    """V6 routes to tt.linear_attention(masking="chunk", impl="pallas") (interpret mode on
     CPU, float64): same outputs and cache (and parameter gradients) as the rule's scan."""
     kw = dict(width=32, num_heads=2, chunk_size=16)
     mr, mk = make("v6", "recurrent", **kw), make("v6", "pallas", **kw)
-    assert mk._form == "pallas"
+    assert mk.resolved_impl == "pallas"
     gr, params = nnx.split(mr)
     gk, _ = nnx.split(mk)
 
@@ -205,18 +231,19 @@ def test_pallas_mode_v6_matches_recurrent(grads):
         return [((None, nnx.merge(gd, params)(x)), None) for gd in (gr, gk)]
 
     ((_, (y0, c0)), g0), ((_, (y1, c1)), g1) = f(params, inputs(t=20, width=32))
-    assert max_diff(y0, y1) < TOL and max_diff(c0, c1) < TOL
+    assert_close(y0, y1, what="outputs")
+    assert_close(c0, c1, what="caches")
     if grads:
-        assert max_diff(g0, g1) < TOL
+        assert_close(g0, g1)
 
 
 # --------------------------------------------------------------------------- cache threading
 
 PIECE_CASES = {
-    # preset, mode, extra layer options
+    # preset, impl, extra layer options
     "v0_hybrid_qknorm": ("v0", "recurrent", dict(window=3, attn_qk_norm=True)),
-    "v2_parallel": ("v2", "parallel", {}),
-    "v2_parallel_grads": ("v2", "parallel", {}),
+    "v2_parallel": ("v2", "chunked", {}),
+    "v2_parallel_grads": ("v2", "chunked", {}),
     "v6_linear_attention": ("v6", "auto", {}),
     "inner_steps_prenorm": ("inner_steps", "recurrent", dict(weight_norm="pre", chunk_size=2)),
 }
@@ -231,9 +258,9 @@ def test_pieces_equal_full_forward(case):
     """Any split of the sequence threaded through the cache (starting from an explicit
     init_cache) == one call without a cache: outputs and final cache; with "_grads" also
     the parameter gradients through the threaded cache."""
-    preset, mode, kw = PIECE_CASES[case]
+    preset, impl, kw = PIECE_CASES[case]
     kw = dict(kw)
-    m = make(preset, mode, chunk_size=kw.pop("chunk_size", 4), **kw)
+    m = make(preset, impl, chunk_size=kw.pop("chunk_size", 4), **kw)
     gd, params = nnx.split(m)
     t = 11
 
@@ -267,18 +294,19 @@ def test_pieces_equal_full_forward(case):
 
     r = f(params, inputs(t=t))
     (yf, cf), (yp, cp) = r["full"], r["pieces"]
-    assert max_diff(yp, yf) < TOL and max_diff(cp, cf) < TOL
+    assert_close(yp, yf, what="outputs")
+    assert_close(cp, cf, what="caches")
     C_ = m.chunk_size
     assert int(cf["buf_len"][0]) == t - ((t - 1) // C_) * C_
     if with_grad:
-        assert max_diff(r["g_pieces"], r["g_full"]) < TOL
+        assert_close(r["g_pieces"], r["g_full"])
 
 
 # --------------------------------------------------------------------------- transforms
 
 
 def test_jit_vmap_grad_checkpoint():
-    m, m2 = make("v2", "parallel"), make("v2", "parallel", seed=5)
+    m, m2 = make("v2", "chunked"), make("v2", "chunked", seed=5)
     gd, params = nnx.split(m)
     x = inputs()
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, nnx.state(m2))
@@ -291,17 +319,17 @@ def test_jit_vmap_grad_checkpoint():
         return yv, y, g_plain, jax.grad(jax.checkpoint(loss))(params, x)
 
     yv, y, g_plain, g_remat = g(stacked, params, x)
-    assert max_diff(yv[0], y) < TOL           # vmap over models == the plain call of model 0
+    assert_close(yv[0], y)           # vmap over models == the plain call of model 0
     assert max_diff(yv[1], y) > 1e-3          # and the second model really differs
-    assert max_diff(g_plain, g_remat) < TOL
+    assert_close(g_plain, g_remat)
 
 
 def test_float32_and_bfloat16():
     """float32 parameters: the parallel and recurrent forms agree to 1e-5 (summation
     order); bfloat16 activations give a bfloat16 output and float32 fast weights."""
     x = inputs().astype(jnp.float32)
-    mk = lambda mode, dt: make("v2", mode, dtype=dt, param_dtype=jnp.float32)
-    ms = [mk("recurrent", jnp.float32), mk("parallel", jnp.float32), mk("parallel", jnp.bfloat16)]
+    mk = lambda impl, dt: make("v2", impl, dtype=dt, param_dtype=jnp.float32)
+    ms = [mk("recurrent", jnp.float32), mk("chunked", jnp.float32), mk("chunked", jnp.bfloat16)]
     graphs = [nnx.split(mm) for mm in ms]
 
     @jit
@@ -310,7 +338,7 @@ def test_float32_and_bfloat16():
 
     (y0, _), (y1, _), (yb, cb) = f([st for _, st in graphs], x)
     assert y0.dtype == jnp.float32
-    np.testing.assert_allclose(y0, y1, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(y0, y1, atol=1e-5, rtol=1e-5)
     assert yb.dtype == jnp.bfloat16 and cb["w1"].dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(yb.astype(jnp.float32))))
 
@@ -377,7 +405,7 @@ def test_language_model_hybrid_forward_and_decode():
         outs.append(lg)
     stepped = jnp.concatenate(outs, axis=1)
     assert full.shape == (2, 8, 11)
-    assert max_diff(full, stepped) < TOL
+    assert_close(full, stepped)
     assert "lact" in MIXERS and isinstance(model.blocks[0].mixer, LaCTLayer)
 
 
@@ -397,7 +425,7 @@ def test_reference_weights_round_trip_and_errors():
     assert arrays["w1"].shape == (H, W // H, W // H)
     dst = make("v0", seed=7, window=3, attn_qk_norm=True, qkv_bias=True)
     load_reference_weights(dst, arrays)
-    assert max_diff(nnx.state(dst, nnx.Param), nnx.state(src, nnx.Param)) == 0.0
+    chex.assert_trees_all_equal(nnx.state(dst, nnx.Param), nnx.state(src, nnx.Param))
     bad = dict(arrays, w0=np.zeros((H, 3, 3)), **{"qkv.weight": np.zeros((5, W))})
     with pytest.raises(ValueError, match=r"2 problem\(s\)") as err:
         load_reference_weights(dst, bad)
@@ -412,9 +440,12 @@ def test_reference_weights_round_trip_and_errors():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(preset="v7"), r"preset: got 'v7', expected one of \('v0', .*'inner_steps'\)"),
-    (dict(mode="fast"), r"mode: got 'fast', expected one of"),
-    (dict(preset="v0", mode="pallas"), r"mode: 'pallas' .* preset='v0' has fast_net='swiglu', muon=True"),
-    (dict(preset="v6", mode="pallas"), r"mode: 'pallas' cannot run this layer: head dim K = 4"),
+    (dict(impl="fast"), r"impl: got 'fast', expected one of"),
+    (dict(impl="dual"), r"impl: LaCTLayer does not support impl='dual'"),
+    (dict(preset="v0", impl="pallas"), r"impl='pallas' cannot run this call: the Pallas kernel computes linear "
+                                       r"attention and preset='v0' is not plain chunk-masked linear attention.*"
+                                       r"fast_net='swiglu'.*muon=True"),
+    (dict(preset="v6", impl="pallas"), r"impl='pallas' cannot run this call: head dim K = 4"),
     (dict(chunk_size=0), r"chunk_size: expected a positive int"),
     (dict(num_heads=3), r"num_heads: must divide width"),
     (dict(num_attn_heads=3), r"num_attn_heads: must divide num_heads \* head_dim = 8, got 3"),
@@ -431,8 +462,15 @@ def test_bad_config_raises(kwargs, match):
         LaCTLayer(**{**base, **kwargs})
 
 
+def test_numpy_scalars_accepted_in_config():
+    m = nnx.eval_shape(lambda: LaCTLayer(width=W, num_heads=H, chunk_size=np.int64(4), base_lr=np.float32(1e-3),
+                                         inter_multi=np.float64(1.5), inner_steps=np.int32(2), rngs=nnx.Rngs(0)))
+    assert m.rule.chunk_size == 4 and type(m.rule.chunk_size) is int and m.rule.inner_steps == 2
+    assert m.fast_hidden == int((W // H) * 1.5) and isinstance(m.base_lr, float)
+
+
 def test_bad_call_inputs_and_config_errors():
-    m = make("v2", "parallel")
+    m = make("v2", "chunked")
     with pytest.raises(ValueError, match=r"x: expected \[B, T, W\] with W = 8"):
         m(jnp.zeros((B, T, 5), F64))
     c = m.init_cache(B)
@@ -440,5 +478,6 @@ def test_bad_call_inputs_and_config_errors():
         m(inputs(), cache={k: v for k, v in c.items() if k != "buf_k"})
     with pytest.raises(ValueError, match=r"cache\['w1'\]: expected shape \[B, H, rows, cols\] = \(1, 2, 4, 4\)"):
         m(inputs(), cache={**c, "w1": jnp.zeros((B, H, 4, 5))})
-    with pytest.raises(ValueError, match=r"LMConfig: mixer 'lact': mode: LaCTLayer\(preset='v0'\) has no parallel form"):
-        LMConfig(vocab_size=8, width=W, num_layers=1, num_heads=H, mixers="lact", mode="parallel")
+    with pytest.raises(ValueError, match=r"LMConfig: mixer 'lact': LaCTLayer\(preset='v0'\): impl='chunked' cannot "
+                                         r"run this call: no parallel form"):
+        LMConfig(vocab_size=8, width=W, num_layers=1, num_heads=H, mixers="lact", impl="chunked")

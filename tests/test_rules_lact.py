@@ -8,6 +8,7 @@ result's max magnitude. The bfloat16 Newton–Schulz option is only checked for 
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,12 +82,10 @@ def scalar_loss(fn):
 
 
 def assert_close_tree(a, b, atol, rtol=0.0, what=""):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb), f"{what}: {len(la)} vs {len(lb)} leaves"
-    for i, (x, y) in enumerate(zip(la, lb)):
-        assert x.shape == y.shape, f"{what} leaf {i}: {x.shape} vs {y.shape}"
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   atol=atol, rtol=rtol, err_msg=f"{what} leaf {i}")
+    """chex: the same tree structure and leaf shapes, then ``|a − b| <= atol + rtol·|b|`` (float64)."""
+    chex.assert_trees_all_equal_shapes(a, b, custom_message=what)
+    f64 = lambda t: jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), t)  # noqa: E731
+    chex.assert_trees_all_close(f64(a), f64(b), atol=atol, rtol=rtol, custom_message=what)
 
 
 ARGS = ("q", "k", "v", "lr", "m", "w0", "w1", "w2")
@@ -200,7 +199,7 @@ def test_stacked_lr_layouts_equal_tuple():
         stacked = jnp.stack(inp["lr"], axis=3)
         o1, _ = rule.recurrent(inp["q"], inp["k"], inp["v"], inp["lr"], st, inp["m"])
         o2, _ = rule.recurrent(inp["q"], inp["k"], inp["v"], stacked, st, inp["m"])
-        np.testing.assert_array_equal(np.asarray(o1), np.asarray(o2))
+        chex.assert_trees_all_equal(np.asarray(o1), np.asarray(o2))
 
 
 def test_float32_close_to_float64():
@@ -212,7 +211,7 @@ def test_float32_close_to_float64():
     o32 = jit_fast(rule_fn(rule))(*(inp32[a] for a in ARGS))[0]
     assert o32.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(o64)))
-    np.testing.assert_allclose(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale)
+    chex.assert_trees_all_close(np.asarray(o32, np.float64), np.asarray(o64), atol=1e-4 * scale, rtol=1e-7)
 
 
 # --------------------------------------------------------------------------- hand-checkable
@@ -230,10 +229,10 @@ def test_one_token_is_apply_only():
     w0, w1, w2 = (np.asarray(inp[n]) for n in ("w0", "w1", "w2"))
     for h in range(2):
         expect = _f_np(w0[0, h], w1[0, h], w2[0, h], np.asarray(inp["q"])[0, 0, h])
-        np.testing.assert_allclose(np.asarray(o)[0, 0, h], expect, atol=1e-12)
+        chex.assert_trees_all_close(np.asarray(o)[0, 0, h], expect, atol=1e-12, rtol=1e-7)
     # no update happened: final weights are the initial ones, momentum buffers zero
     for i, n in enumerate(("w0", "w1", "w2")):
-        np.testing.assert_array_equal(np.asarray(W[i]), np.asarray(inp[n]))
+        chex.assert_trees_all_equal(np.asarray(W[i]), np.asarray(inp[n]))
         np.testing.assert_array_equal(np.asarray(mom[i]), 0.0)
 
 
@@ -247,8 +246,8 @@ def test_chunk_covering_sequence_is_apply_only():
         q = np.asarray(inp["q"])
         expect = np.stack([np.stack([_f_np(w0[0, h], w1[0, h], w2[0, h], q[0, t, h]) for h in range(2)])
                            for t in range(6)])[None]
-        np.testing.assert_allclose(np.asarray(o), expect, atol=1e-12)
-        np.testing.assert_array_equal(np.asarray(W[1]), np.asarray(inp["w1"]))
+        chex.assert_trees_all_close(np.asarray(o), expect, atol=1e-12, rtol=1e-7)
+        chex.assert_trees_all_equal(np.asarray(W[1]), np.asarray(inp["w1"]))
 
 
 def test_zero_learning_rate_changes_nothing():
@@ -260,14 +259,14 @@ def test_zero_learning_rate_changes_nothing():
     o0, W0_, _ = rule_fn(LaCTRule(chunk_size=4, weight_norm=None))(*args)
     st = LaCTRule(chunk_size=4).init_state(inp["w0"], inp["w1"], inp["w2"], 1)
     base = apply_fast(st.w, jnp.moveaxis(inp["q"], 2, 1), "swiglu")
-    np.testing.assert_allclose(np.asarray(o0), np.asarray(jnp.moveaxis(base, 1, 2)), atol=1e-13)
-    np.testing.assert_array_equal(np.asarray(W0_[1]), np.asarray(inp["w1"]))
+    chex.assert_trees_all_close(np.asarray(o0), np.asarray(jnp.moveaxis(base, 1, 2)), atol=1e-13, rtol=1e-7)
+    chex.assert_trees_all_equal(np.asarray(W0_[1]), np.asarray(inp["w1"]))
     _, Wp, _ = rule_fn(LaCTRule(chunk_size=4, weight_norm="post"))(*args)
     w1 = np.asarray(inp["w1"])
     n = np.linalg.norm(w1, axis=-1, keepdims=True)
     twice = w1 / (n + 1e-5) * n  # two updating chunks (starts 0 and 4 < 11 - 4)
     twice = twice / (np.linalg.norm(twice, axis=-1, keepdims=True) + 1e-5) * n
-    np.testing.assert_allclose(np.asarray(Wp[1]), twice, atol=1e-14)
+    chex.assert_trees_all_close(np.asarray(Wp[1]), twice, atol=1e-14, rtol=1e-7)
 
 
 def test_two_chunks_linear_by_hand():
@@ -278,9 +277,9 @@ def test_two_chunks_linear_by_hand():
     q, k, v, lr1, w1 = (np.asarray(x) for x in (inp["q"], inp["k"], inp["v"], inp["lr"][1], inp["w1"]))
     for h in range(2):
         W1 = w1[0, h] + sum(lr1[0, t, h] * np.outer(v[0, t, h], k[0, t, h]) for t in range(4))
-        np.testing.assert_allclose(np.asarray(o)[0, :4, h], q[0, :4, h] @ w1[0, h].T, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(o)[0, 4:, h], q[0, 4:, h] @ W1.T, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(W[1])[0, h], W1, atol=1e-12)
+        chex.assert_trees_all_close(np.asarray(o)[0, :4, h], q[0, :4, h] @ w1[0, h].T, atol=1e-12, rtol=1e-7)
+        chex.assert_trees_all_close(np.asarray(o)[0, 4:, h], q[0, 4:, h] @ W1.T, atol=1e-12, rtol=1e-7)
+        chex.assert_trees_all_close(np.asarray(W[1])[0, h], W1, atol=1e-12, rtol=1e-7)
 
 
 # --------------------------------------------------------------------------- closed form / NS
@@ -308,7 +307,7 @@ def test_closed_form_inner_grads_equal_autodiff(per_channel, net):
             return jnp.sum(apply_fast(tuple(partial(Wi)), kk[:, :, None], net)[:, :, 0] * vv)
         per_tok = jax.vmap(jax.grad(tok_loss), in_axes=(None, 2, 2), out_axes=2)(st.w[i], k, v)  # [B,H,T,r,c]
         expect = jnp.sum(per_tok * lrs[i][:, :, :, None, :], axis=2)
-        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(expect), atol=1e-12, rtol=1e-12)
+        chex.assert_trees_all_close(np.asarray(got[i]), np.asarray(expect), atol=1e-12, rtol=1e-12)
         assert float(jnp.max(jnp.abs(expect))) > 1e-3
 
 
@@ -319,7 +318,7 @@ def test_newton_schulz_matches_reference_and_bf16_is_plausible():
     for M in (G, Gt):
         X = newton_schulz5(M)
         for j in range(3):
-            np.testing.assert_allclose(np.asarray(X[j]), np.asarray(ns5_loop(M[j])), atol=1e-13)
+            chex.assert_trees_all_close(np.asarray(X[j]), np.asarray(ns5_loop(M[j])), atol=1e-13, rtol=1e-7)
     # NS5 pushes singular values towards ~1 (into roughly [0.7, 1.2])
     s = np.linalg.svd(np.asarray(newton_schulz5(G)), compute_uv=False)
     assert s.min() > 0.5 and s.max() < 1.3
@@ -353,7 +352,7 @@ def test_vmap_jit_checkpoint():
     stacked = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *inps)
     o_v = jit_fast(jax.vmap(fn))(*(stacked[a] for a in ARGS))[0]
     o_1 = jit_fast(fn)(*(inps[1][a] for a in ARGS))[0]
-    np.testing.assert_allclose(np.asarray(o_v[1]), np.asarray(o_1), atol=1e-12)
+    chex.assert_trees_all_close(np.asarray(o_v[1]), np.asarray(o_1), atol=1e-12, rtol=1e-7)
     args = tuple(inps[0][a] for a in ARGS)
     g1 = jit_fast(jax.grad(scalar_loss(fn), argnums=(2, 6)))(*args)
     g2 = jit_fast(jax.grad(scalar_loss(jax.checkpoint(fn)), argnums=(2, 6)))(*args)
@@ -366,7 +365,7 @@ def test_functional_op_matches_rule_and_state_resume():
                        w2=inp["w2"][0], chunk_size=4, momentum=inp["m"], output_final_state=True)
     rule = LaCTRule(chunk_size=4, use_momentum=True)
     o_r, W_r, m_r = rule_fn(rule)(*(inp[a] for a in ARGS))  # [B, H, ...] weights (B = 1): same values
-    np.testing.assert_allclose(np.asarray(o), np.asarray(o_r), atol=1e-13)
+    chex.assert_trees_all_close(np.asarray(o), np.asarray(o_r), atol=1e-13, rtol=1e-7)
     assert isinstance(S, LaCTState)
     assert_close_tree(S.w, W_r, 1e-13, what="final weights")
     # resuming from the state after 8 tokens (two full updated chunks) continues the sequence:
@@ -382,7 +381,7 @@ def test_functional_op_matches_rule_and_state_resume():
     ob, _ = rule_ut.recurrent(sl(inp12["q"], 8, 12), sl(inp12["k"], 8, 12), sl(inp12["v"], 8, 12), lr_b, Sa,
                               sl(inp12["m"], 8, 12))
     o_full, _ = rule_ut.recurrent(inp12["q"], inp12["k"], inp12["v"], inp12["lr"], st, inp12["m"])
-    np.testing.assert_allclose(np.asarray(jnp.concatenate([oa, ob], 1)), np.asarray(o_full), atol=1e-12)
+    chex.assert_trees_all_close(np.asarray(jnp.concatenate([oa, ob], 1)), np.asarray(o_full), atol=1e-12, rtol=1e-7)
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -426,6 +425,20 @@ def test_bad_inputs_raise_named_errors():
         _call(impl="fast")
     with pytest.raises(ValueError, match=r"muon_dtype: got 'float16'"):
         LaCTRule(muon_dtype="float16")
+    with pytest.raises(ValueError, match=r"chunk_size: expected a positive int, got True"):
+        LaCTRule(chunk_size=True)
+    with pytest.raises(ValueError, match=r"constant_lr: expected a real scalar .* got str"):
+        LaCTRule(constant_lr="fast")
     with pytest.raises(ValueError, match=r"momentum: use_momentum=True needs"):
         rule = LaCTRule(chunk_size=4, use_momentum=True)
         rule.recurrent(inp["q"], inp["k"], inp["v"], inp["lr"], rule.init_state(inp["w0"], inp["w1"], inp["w2"], 1))
+
+
+def test_numpy_and_jax_scalars_are_accepted():
+    """Integer and float fields take NumPy / JAX scalars and store Python numbers (the rule
+    stays hashable and equal to the one built from Python numbers)."""
+    r = LaCTRule(chunk_size=np.int64(4), inner_steps=jnp.int32(2), constant_lr=np.float32(0.5))
+    assert r == LaCTRule(chunk_size=4, inner_steps=2, constant_lr=float(np.float32(0.5)))
+    assert type(r.chunk_size) is int and type(r.inner_steps) is int and type(r.constant_lr) is float
+    assert hash(r) == hash(LaCTRule(chunk_size=4, inner_steps=2, constant_lr=float(np.float32(0.5))))
+    assert LaCTRule(constant_lr=jnp.float32(0.25)).constant_lr == 0.25

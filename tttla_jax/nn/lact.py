@@ -18,7 +18,10 @@ Per token (row vectors; ``H`` fast-weight heads of dim ``D``, ``W`` width)::
 
 The fast-weight rule is :class:`tttla_jax.rules.LaCTRule` built from
 ``tttla_jax.rules.ladder.ladder(preset)``; this module adds the projections around it
-and the decoding cache, and never re-derives the rule's math. Parameter names follow the
+and the decoding cache, and never re-derives the rule's math: it calls the rule's public
+methods only (``prepare``, ``read``, ``chunk_update``, ``recurrent``, ``parallel``), and
+reaches ``tt.linear_attention`` (hence the Pallas kernel) only through
+``rule.linear_attention_reason()`` / ``rule.linear_attention_inputs(...)``. Parameter names follow the
 official PyTorch ``lact_model`` layer (``LaCTSWIGLULayer``), so
 :func:`tttla_jax.nn.weights.load_reference_weights` ports its checkpoints
 (:meth:`LaCTLayer.reference_weight_map`).
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +42,13 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
+from tttla_jax import impl as _impl
 from tttla_jax.nn.layers import RMSNorm, apply_rope, dense, partitioned
-from tttla_jax.nn.mixers import (MODES, Cache, Mixer, _check_cache, _check_mode, register_mixer,
+from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, register_mixer,
                                  resolve_heads, resolve_positions, sliding_window_attend)
 from tttla_jax.nn.weights import (identity, jax_to_torch_linear, torch_linear_to_jax)
-from tttla_jax.ops.linear_attention import chunk_layout, linear_attention, unchunk_layout
-from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState, apply_fast
+from tttla_jax.ops.linear_attention import chunk_layout, linear_attention, pallas_reason, unchunk_layout
+from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState
 from tttla_jax.rules.ladder import ANOMALIES, PRESETS, ladder
 
 #: Every preset name accepted by ``LaCTLayer(preset=...)``: the ladder (docs/ladder.md) and the
@@ -57,6 +61,14 @@ _PRESET = "preset"  # sentinel: take the field from the preset
 
 def _inv_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
+
+
+def _real(name: str, value, *, what: str = "a positive float") -> float:
+    """A Python float from a Python/NumPy/concrete JAX real scalar (bool and traced values refused)."""
+    x = None if value is None else _checks.check_scale(value, name)
+    if x is None or isinstance(x, jax.core.Tracer):
+        raise ValueError(f"{name}: expected {what} (a Python, NumPy or concrete JAX scalar), got {value!r}")
+    return x
 
 
 def _l2_norm(x: Array) -> Array:
@@ -107,20 +119,29 @@ class LaCTLayer(Mixer):
       output_gate: the per-head ``silu(x W_g + b_g)`` output gate (the reference's
         ``learnable_ttt_scale``).
       norm_eps: epsilon of the per-head output RMSNorm (and of the q/k norms).
-      mode: ``"recurrent"`` (the rule's chunk scan), ``"parallel"`` (the rule's parallel
-        form: only for associative presets, V2–V6), ``"pallas"`` (only for plain linear
-        attention, V6-like: ``tt.linear_attention(mode="chunk", impl="pallas")``) or
-        ``"auto"`` (V6-like → ``tt.linear_attention(impl="auto")``; associative →
-        parallel; else recurrent). The mode is the form of a call without a cache
-        (``cache=None``: training, and prefill through ``LanguageModel``, which passes
-        ``None`` on a fresh call); a call with a cache (decoding, chunked prefill) runs
-        the rule's chunk update in a masked scan whatever the mode (same results).
+      impl: the implementation of a call without a cache (``cache=None``: training, and
+        prefill through ``LanguageModel``, which passes ``None`` on a fresh call;
+        docs/implementations.md): ``"pallas"`` (the linear-attention kernel; only when the
+        rule is plain chunk-masked linear attention, ``rule.linear_attention_reason()`` is
+        ``None``: V6-like), ``"chunked"`` / ``"associative"`` (for plain linear attention
+        ``tt.linear_attention(masking="chunk", impl=...)`` on
+        ``rule.linear_attention_inputs(...)``, else the rule's parallel layout of that name:
+        associative presets, V2–V6), ``"recurrent"`` (the rule's chunk scan, every preset)
+        or ``"auto"`` (the first of :attr:`impls` that can run — on GPU/TPU the associative
+        layout before the chunked one — resolved at construction with
+        :func:`tttla_jax.impl.resolve`; :attr:`resolved_impl`). A call with a cache
+        (decoding, chunked prefill) runs the rule's chunk update in a masked scan whatever
+        the impl (same results).
       dtype, param_dtype, rngs: as every mixer.
 
+    Attributes:
+      impl: the requested implementation; resolved_impl: the one a call without a cache runs.
+
     Raises:
-      ValueError: at construction, naming the field: unknown preset, a mode the preset
-        cannot run (for ``"parallel"`` the message names the component from
-        ``rule.breaks_associativity()``), bad sizes.
+      ValueError: at construction, naming the field: unknown preset, an impl the preset
+        cannot run (:class:`tttla_jax.impl.ImplError`, with the reason: for a parallel
+        layout the component from ``rule.breaks_associativity()``, for ``"pallas"`` the one
+        from ``rule.linear_attention_reason()`` or the kernel's), bad sizes.
 
     Parameters (``HD = H·D``, reference names): ``qkv`` ``3·W·HD`` (+ ``3·HD`` bias),
     ``q_norm``/``k_norm`` ``2·HD`` (attn_qk_norm), ``qk_scale``/``qk_offset`` ``4·HD``,
@@ -144,7 +165,8 @@ class LaCTLayer(Mixer):
     weights are ignored, so ``init_cache`` returns zeros.
     """
 
-    supported_modes = MODES
+    #: implementations in "auto" preference order (docs/implementations.md)
+    impls = ("pallas", "chunked", "associative", "recurrent")
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  preset: str = "v0", chunk_size: int = 64, inter_multi: float = 1.0,
@@ -154,19 +176,21 @@ class LaCTLayer(Mixer):
                  window: Optional[int] = None, num_attn_heads: Optional[int] = None,
                  attn_qk_norm: bool = False, qkv_bias: bool = False, qkv_silu: bool = True,
                  v_silu: bool = True, ttt_rope: bool = True, rope_base: float = 10000.0,
-                 output_gate: bool = True, norm_eps: float = 1e-5, mode: str = "auto",
+                 output_gate: bool = True, norm_eps: float = 1e-5, impl: str = "auto",
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         D = self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("preset", preset, LACT_PRESETS)
-        _checks.check_positive_int("chunk_size", chunk_size)
-        _check_mode(type(self).__name__, mode, self.supported_modes)
-        if not (isinstance(inter_multi, (int, float)) and not isinstance(inter_multi, bool)
-                and int(D * inter_multi) >= 1):
+        chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+        impl = check_layer_impl(type(self), impl)
+        inter_multi = _real("inter_multi", inter_multi, what="a positive number")
+        if int(D * inter_multi) < 1:
             raise ValueError(f"inter_multi: expected a positive number with int(head_dim * inter_multi) >= 1, "
                              f"got {inter_multi!r} (head_dim = {D})")
-        if not (isinstance(base_lr, (int, float)) and not isinstance(base_lr, bool) and base_lr > 0):
+        base_lr = _real("base_lr", base_lr)
+        if not base_lr > 0:
             raise ValueError(f"base_lr: expected a positive float, got {base_lr!r}")
-        if not (isinstance(norm_eps, (int, float)) and norm_eps > 0):
+        norm_eps = _real("norm_eps", norm_eps)
+        if not norm_eps > 0:
             raise ValueError(f"norm_eps: expected a positive float, got {norm_eps!r}")
         for name, val in (("muon", muon), ("use_momentum", use_momentum)):
             if val is not None and not isinstance(val, bool):
@@ -180,8 +204,7 @@ class LaCTLayer(Mixer):
             _checks.check_choice("weight_norm", weight_norm, WEIGHT_NORMS + (_PRESET,))
             overrides["weight_norm"] = weight_norm
         if inner_steps is not None:
-            _checks.check_positive_int("inner_steps", inner_steps)
-            overrides["inner_steps"] = inner_steps
+            overrides["inner_steps"] = _checks.check_positive_int("inner_steps", inner_steps)
         if muon_dtype is not None:
             overrides["muon_dtype"] = muon_dtype
         rule = ladder(preset, chunk_size=chunk_size, **overrides)
@@ -201,33 +224,13 @@ class LaCTLayer(Mixer):
             raise ValueError(f"num_attn_heads: RoPE needs an even head dim, got {HD} / {Ha} = {Da} "
                              f"(pass ttt_rope=False without a window to drop RoPE)")
 
-        # modes: which form runs a call from an empty cache
-        why = rule.breaks_associativity()
-        if mode == "parallel" and why is not None:
-            raise ValueError(f"mode: LaCTLayer(preset={preset!r}) has no parallel form: {why}; "
-                             f"use mode='recurrent' or 'auto'")
-        la_ok = self._linear_attention_routable(rule)
-        if mode == "pallas":
-            if la_ok is not True:
-                raise ValueError(f"mode: 'pallas' runs the linear-attention kernel, which needs the plain "
-                                 f"linear-attention configuration (ladder V6); preset={preset!r} has {la_ok}")
-            from tttla_jax import kernels  # deferred: the kernels are optional at import time
+        # the implementation of a call from an empty cache
+        self.impl, self.preset = impl, preset
+        sd = jnp.float64 if jnp.dtype(dtype or param_dtype) == jnp.float64 else jnp.float32
+        self.resolved_impl = _impl.resolve(impl, self._impl_reasons(rule, impl, sd, D),
+                                           where=f"LaCTLayer(preset={preset!r})")
 
-            interp = jax.default_backend() not in ("gpu", "cuda", "rocm", "tpu")
-            sd = jnp.float64 if jnp.dtype(dtype or param_dtype) == jnp.float64 else jnp.float32
-            reason = kernels.unsupported_reason(sd, "chunk", D, D, chunk_size, interpret=interp)
-            if reason is not None:
-                raise ValueError(f"mode: 'pallas' cannot run this layer: {reason}")
-        if mode == "recurrent":
-            self._form = "recurrent"
-        elif mode == "pallas":
-            self._form = "pallas"
-        elif mode == "parallel":
-            self._form = "parallel"
-        else:
-            self._form = "la_auto" if la_ok is True else ("parallel" if why is None else "recurrent")
-
-        self.width, self.num_heads, self.mode, self.preset = width, num_heads, mode, preset
+        self.width, self.num_heads = width, num_heads
         self.chunk_size, self.window, self.num_attn_heads, self.attn_head_dim = chunk_size, window, Ha, Da
         self.attn_qk_norm, self.qkv_bias, self.qkv_silu, self.v_silu = attn_qk_norm, qkv_bias, qkv_silu, v_silu
         self.ttt_rope, self.rope_base, self.output_gate = ttt_rope, rope_base, output_gate
@@ -264,24 +267,22 @@ class LaCTLayer(Mixer):
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
 
     # ------------------------------------------------------------------ configuration
-    @staticmethod
-    def _linear_attention_routable(rule):
-        """True if the rule is plain chunk-causal linear attention (V6-like), else a string
-        naming what is not."""
-        bad = []
-        if not rule.linear:
-            bad.append(f"fast_net={rule.fast_net!r}")
-        if rule.muon:
-            bad.append("muon=True")
-        if rule.use_momentum:
-            bad.append("use_momentum=True")
-        if rule.weight_norm is not None:
-            bad.append(f"weight_norm={rule.weight_norm!r}")
-        if rule.inner_steps != 1:
-            bad.append(f"inner_steps={rule.inner_steps}")
-        if rule.order != "apply_then_update":
-            bad.append(f"order={rule.order!r}")
-        return True if not bad else ", ".join(bad)
+    def _impl_reasons(self, rule, impl: str, state_dtype, D: int) -> Dict[str, object]:
+        """:attr:`impls` in "auto" order for this platform, each with why it cannot run this
+        layer (``None``: it can; a callable is evaluated only when reached)."""
+        la = rule.linear_attention_reason()
+        par = rule.breaks_associativity()
+        preset = self.preset
+
+        def pallas():
+            if la is not None:
+                return f"the Pallas kernel computes linear attention and preset={preset!r} is {la}"
+            return pallas_reason(lambda kernels, interpret: kernels.unsupported_reason(
+                state_dtype, "chunk", D, D, rule.chunk_size, interpret=interpret), impl=impl)
+
+        no_par = None if par is None else f"no parallel form: {par}"
+        layouts = ("associative", "chunked") if _impl.on_accelerator() else ("chunked", "associative")
+        return {"pallas": pallas, **{i: no_par for i in layouts}, "recurrent": None}
 
     def _fast_params(self):
         return tuple(None if w is None else w[...] for w in (self.w0, self.w1, self.w2))
@@ -394,37 +395,21 @@ class LaCTLayer(Mixer):
             out["buf_m"] = m.astype(sd)
         return out
 
-    def _linear_attention(self, q, k, v, lr, st0: LaCTState, impl: str):
-        """V6-like rule as ``tt.linear_attention(mode="chunk")``:
-        ``o = q (W1ᵀ + Σ_{chunks before} kᵀ (±lr1·v))`` (docs/ladder.md, V6; Theorem 5.2 with a
-        learned initial state). The last chunk's values are zeroed so the returned state is
-        the one before it (apply-only, as the rule)."""
-        rule = self.rule
-        B, T, H, D = k.shape
-        C = rule.chunk_size
-        cdt = _checks.state_dtype(q, k, v, st0.w[1])
-        lr1 = (jnp.full((B, T, H), rule.constant_lr, cdt) if lr is None or rule.constant_lr is not None
-               else lr[..., 1].astype(cdt))
-        sign = 1.0 if rule.ascent else -1.0
-        s = (-(-T // C) - 1) * C  # tokens of the updating chunks
-        keep = (jnp.arange(T) < s).astype(cdt)[None, :, None]
-        vh = v.astype(cdt) * (sign * lr1 * keep)[..., None]
-        qq = k if rule.q_is_k else q
-        o, S = linear_attention(qq.astype(cdt), k.astype(cdt), vh, scale=1.0,
-                                initial_state=jnp.swapaxes(st0.w[1], -1, -2), output_final_state=True,
-                                mode="chunk", chunk_size=C, impl=impl)
-        return o.astype(v.dtype), LaCTState(w=(None, jnp.swapaxes(S, -1, -2), None))
-
     def _fresh(self, q, k, v, lr, m):
-        """A call from an empty cache: the mode's form on T tokens from ``W^(0)``."""
+        """A call from an empty cache: :attr:`resolved_impl` on T tokens from ``W^(0)``."""
         rule = self.rule
         B, T = k.shape[:2]
         st0 = rule.init_state(*self._fast_params(), B)
-        if self._form in ("pallas", "la_auto"):
-            o, st = self._linear_attention(q, k, v, lr, st0, "pallas" if self._form == "pallas" else "auto")
+        impl = self.resolved_impl
+        if impl != "recurrent" and rule.linear_attention_reason() is None:
+            # plain chunk-masked linear attention (docs/ladder.md, V6): the op and its kernel
+            o, S = linear_attention(**rule.linear_attention_inputs(q, k, v, lr, st0, m, output_final_state=True),
+                                    impl=impl)
+            o, st = o.astype(v.dtype), rule.state_from_linear_attention(S, st0)
+        elif impl == "recurrent":
+            o, st = rule.recurrent(q, k, v, lr, st0, momentum=m, output_final_state=True)
         else:
-            fn = rule.parallel if self._form == "parallel" else rule.recurrent
-            o, st = fn(q, k, v, lr, st0, momentum=m, output_final_state=True)
+            o, st = rule.parallel(q, k, v, lr, st0, momentum=m, output_final_state=True, impl=impl)
         C = rule.chunk_size
         s = (-(-T // C) - 1) * C
         L = T - s
@@ -440,7 +425,8 @@ class LaCTLayer(Mixer):
         ``R = n + T`` tokens (padded to whole chunks): chunk ``j`` is read with the state
         before it and updates it iff it is complete and followed by a token
         (``(j+1)·C < R``) — the rule's schedule, per batch row. Runs the rule's own
-        chunk update (``LaCTRule._steps``) and read (``apply_fast``) in a masked scan.
+        preparation (``LaCTRule.prepare``: learning rates, chunk-mean momentum), chunk
+        update (``LaCTRule.chunk_update``) and read (``LaCTRule.read``) in a masked scan.
         """
         rule = self.rule
         B, T, H, D = k.shape
@@ -475,27 +461,24 @@ class LaCTLayer(Mixer):
         main = None if st0.main is None else tuple(pick(p, f"main{i}") for i, p in enumerate(st0.main))
         mom = None if st0.mom is None else tuple(pick(p, f"mom{i}") for i, p in enumerate(st0.mom))
         st = LaCTState(w=w, main=main, mom=mom, norm=st0.norm)
-        qn, kn, vn, lrs, mm, st, cdt, _ = rule._prepare(qc, kc, vc, lrc, mc, st)
-        lrs = tuple(jnp.zeros((B, P, H, 1), cdt) if a is None else a for a in lrs)
+        x = rule.prepare(qc, kc, vc, lrc, st, mc)  # chunk means over whole chunks (P = N·C)
         chunks = lambda a: jnp.moveaxis(chunk_layout(a, C), 2, 0)  # [N, B, H, C, ...]
-        mbar = (jnp.zeros((N, B, H), cdt) if mm is None
-                else jnp.moveaxis(jnp.sum(chunk_layout(mm, C), axis=3) / C, 2, 0))
         upd = ((jnp.arange(N)[:, None] + 1) * C) < (n + T)[None, :]  # [N, B]
-        net = rule.fast_net
 
         def step(st, xs):
             qi, ki, vi, l0, l1, l2, mb, u = xs
-            o = apply_fast(st.w, qi, net)
+            o = rule.read(st, qi)
 
             def update(st):
-                new = rule._steps(st, ki, vi, (l0, l1, l2), mb)
+                new = rule.chunk_update(st, ki, vi, (l0, l1, l2), mb)
                 return jax.tree.map(lambda a, b: jnp.where(u[:, None, None, None], a, b), new, st)
 
             st = lax.cond(jnp.any(u), update, lambda s: s, st)
             return st, o
 
-        xs = (chunks(qn), chunks(kn), chunks(vn)) + tuple(chunks(a) for a in lrs) + (mbar, upd)
-        st, o = lax.scan(step, st, xs)
+        xs = ((chunks(x.q), chunks(x.k), chunks(x.v)) + tuple(chunks(a) for a in x.lrs)
+              + (jnp.moveaxis(x.chunk_momentum, 2, 0), upd))
+        st, o = lax.scan(step, x.state, xs)
         o = unchunk_layout(jnp.moveaxis(o, 0, 2), P)                 # [B, P, H, D]
         o = jax.vmap(lambda a, s: lax.dynamic_slice_in_dim(a, s, T, 0))(o, n)
         # the new buffer: the last (partial or full) chunk of the R real tokens
@@ -531,7 +514,7 @@ class LaCTLayer(Mixer):
         fc = {key: cache[key] for key in fast_keys}
         if given:  # continue the cache: the masked chunk scan (rows with buf_len 0 start from W^(0))
             o, new_fc = self._stream(q, k, v, lr, m, fc)
-        else:      # a fresh sequence: the mode's form
+        else:      # a fresh sequence: the resolved impl
             o, new_fc = self._fresh(q, k, v, lr, m)
 
         H, D = self.num_heads, self.head_dim

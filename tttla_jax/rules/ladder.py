@@ -90,10 +90,10 @@ def _register_presets():
     """Every ladder step and anomaly preset joins the rule registry (as ``ladder_<name>``)
     so the registry-driven equivalence test checks each one (small chunk for the tests)."""
     from tttla_jax.rules.base import register
-    from tttla_jax.rules.lact import _example_inputs
+    from tttla_jax.rules.lact.fixtures import example_inputs
 
     for name in PRESETS + ANOMALIES:
-        register(f"ladder_{name}")(lambda name=name: (ladder(name, chunk_size=4), _example_inputs))
+        register(f"ladder_{name}")(lambda name=name: (ladder(name, chunk_size=4), example_inputs))
 
 
 _register_presets()

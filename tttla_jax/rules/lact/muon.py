@@ -1,0 +1,114 @@
+"""Muon's orthogonalisation for LaCT updates: Newton–Schulz, five iterations (docs/rules/lact.md, step 5).
+
+``NS5(G)``: transpose if rows > cols; ``X = G / (‖G‖_F + 1e-7)``; five iterations
+``A = X Xᵀ; X = a·X + (b·A + c·A A) X`` with the reference's coefficients (a, b, c) per
+iteration (:data:`NS5_COEFFS`); transpose back. :func:`newton_schulz5` is the dense form
+(optionally with the reference's bfloat16 rounding); :func:`newton_schulz5_factored` computes
+the same matrix from rank-n factors ``G = P Q`` when that needs fewer FLOPs
+(:func:`low_rank_ns_pays`), which the parallel forms use for one chunk's rank-C gradient.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+#: (a, b, c) of the five Newton–Schulz iterations (the reference's coefficients).
+NS5_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+
+_NS_EPS = 1e-7  # X = G / (‖G‖_F + 1e-7)
+
+
+def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... r c"]:
+    """Muon orthogonalisation NS5 (docs/rules/lact.md step 5) over the last two axes.
+
+    Transpose if rows > cols; ``X = X / (‖X‖_F + 1e-7)``; five iterations
+    ``A = X Xᵀ; B = b·A + (c·A)·A; X = a·X + B X`` with the reference coefficients;
+    transpose back. ``dtype=None`` computes in ``G``'s dtype. ``dtype="bfloat16"`` mimics the
+    reference: the input is rounded to bfloat16 and every op's result is rounded to
+    bfloat16 (matmuls accumulate in float32, then round). Output dtype is ``G``'s.
+    """
+    out_dtype = G.dtype
+    X = G
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:
+        X = jnp.swapaxes(X, -1, -2)
+    if dtype is None or jnp.dtype(dtype) == out_dtype:
+        X = X / (jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)) + _NS_EPS)
+
+        def it(X, abc):  # one iteration; a lax.scan over the 5 coefficient rows keeps the graph small
+            a, b, c = abc[0], abc[1], abc[2]
+            A = jnp.einsum("...ij,...kj->...ik", X, X)
+            Bm = b * A + jnp.einsum("...ij,...jk->...ik", c * A, A)
+            return a * X + jnp.einsum("...ij,...jk->...ik", Bm, X), None
+
+        X, _ = lax.scan(it, X, jnp.asarray(NS5_COEFFS, X.dtype))
+    else:
+        lo = jnp.dtype(dtype)
+        f32 = jnp.float32
+
+        def r(x):  # round to the low precision
+            return x.astype(lo)
+
+        def mm(x, y, eq):  # low-precision matmul: f32 accumulation, rounded result
+            return r(jnp.einsum(eq, x.astype(f32), y.astype(f32)))
+
+        X = r(X)
+        nrm = r(jnp.sqrt(jnp.sum(X.astype(f32) ** 2, axis=(-2, -1), keepdims=True)))
+        X = r(X / r(nrm + jnp.asarray(_NS_EPS, lo)))
+        for a, b, c in NS5_COEFFS:
+            a, b, c = (jnp.asarray(z, lo) for z in (a, b, c))
+            A = mm(X, X, "...ij,...kj->...ik")
+            Bm = r(r(b * A) + mm(r(c * A), A, "...ij,...jk->...ik"))
+            X = r(r(a * X) + mm(Bm, X, "...ij,...jk->...ik"))
+        X = X.astype(out_dtype)
+    if transposed:
+        X = jnp.swapaxes(X, -1, -2)
+    return X
+
+
+def newton_schulz5_factored(P: Float[Array, "... r n"], Q: Float[Array, "... n c"]) -> Float[Array, "... r c"]:
+    """``newton_schulz5(P @ Q)`` computed through the rank-``n`` factors (same math, fewer FLOPs
+    when ``n`` is small, e.g. one chunk's gradient ``G = Vᵀ Φ`` with C tokens < d).
+
+    Every NS5 iterate of ``X = P Q`` keeps the form ``X_j = P_j Q``: with ``K = Q Qᵀ`` and
+    ``M_j = P_jᵀ P_j`` (both n×n), ``A = X Xᵀ = P K Pᵀ`` and
+    ``(b·A + c·A²) X = P (b·K M + c·(K M)²) Q``, so
+    ``P_{j+1} = P_j (a·I + b·K M_j + c·(K M_j)²)``; the Frobenius norm is
+    ``‖X‖² = Σ K ⊙ M``. Cost per iteration ``4rn² + 4n³`` instead of ``4r²c + 2r³``
+    (r ≤ c after the same transposition rule as :func:`newton_schulz5`). Computes in the
+    inputs' dtype (no low-precision mimicry: use :func:`newton_schulz5` for that).
+    """
+    transposed = P.shape[-2] > Q.shape[-1]
+    if transposed:  # Xᵀ = Qᵀ Pᵀ
+        P, Q = jnp.swapaxes(Q, -1, -2), jnp.swapaxes(P, -1, -2)
+    K = jnp.einsum("...ic,...jc->...ij", Q, Q)
+    gram = lambda P: jnp.einsum("...ri,...rj->...ij", P, P)  # noqa: E731
+    nrm = jnp.sqrt(jnp.sum(K * gram(P), axis=(-2, -1), keepdims=True))
+    P = P / (nrm + _NS_EPS)
+    eye = jnp.eye(K.shape[-1], dtype=K.dtype)
+
+    def it(P, abc):
+        a, b, c = abc[0], abc[1], abc[2]
+        KM = jnp.einsum("...ij,...jk->...ik", K, gram(P))
+        poly = a * eye + b * KM + c * jnp.einsum("...ij,...jk->...ik", KM, KM)
+        return jnp.einsum("...ri,...ij->...rj", P, poly), None
+
+    P, _ = lax.scan(it, P, jnp.asarray(NS5_COEFFS, P.dtype))
+    X = jnp.einsum("...ri,...ic->...rc", P, Q)
+    return jnp.swapaxes(X, -1, -2) if transposed else X
+
+
+def low_rank_ns_pays(rows: int, cols: int, n: int) -> bool:
+    """Whether :func:`newton_schulz5_factored` does fewer FLOPs than the dense NS5 for a
+    ``rows × cols`` matrix of rank ≤ ``n`` (five iterations plus set-up and the final product)."""
+    r, c = min(rows, cols), max(rows, cols)
+    dense = 5 * (4 * r * r * c + 2 * r ** 3)
+    factored = 5 * (4 * r * n * n + 4 * n ** 3) + 2 * n * n * c + 2 * r * n * c
+    return factored < dense
