@@ -49,3 +49,22 @@ def test_swiglu_matches_definition_and_count():
     ref = ((a / (1 + np.exp(-a))) * (xn @ u)) @ d
     np.testing.assert_allclose(m(x), ref, rtol=1e-12, atol=1e-12)
     assert sum(int(p.size) for p in jax.tree.leaves(nnx.state(m, nnx.Param))) == 3 * 4 * 6
+
+
+def test_numpy_and_jax_scalars_are_accepted():
+    """Integer sizes and float constants may be NumPy or JAX scalars (stored as Python
+    numbers); booleans, non-integral sizes and non-positive floats are refused by name."""
+    n = RMSNorm(np.int64(6), eps=jnp.float32(1e-5), param_dtype=F64)
+    assert n.features == 6 and type(n.features) is int
+    assert type(n.eps) is float and abs(n.eps - 1e-5) < 1e-12
+    conv = ShortConv(jnp.int32(4), np.int64(3), param_dtype=F64, rngs=nnx.Rngs(0))
+    assert (conv.features, conv.kernel_size) == (4, 3) and type(conv.kernel_size) is int
+    assert conv.kernel.shape == (3, 4)
+    assert SwiGLU(np.int32(4), np.int64(6), param_dtype=F64, rngs=nnx.Rngs(0)).up.kernel.shape == (4, 6)
+    with pytest.raises(ValueError, match=r"features: expected a positive int, got True"):
+        RMSNorm(True)
+    with pytest.raises(ValueError, match=r"kernel_size: expected a positive int, got 3.0"):
+        ShortConv(4, 3.0, rngs=nnx.Rngs(0))
+    for bad in (0.0, -1e-6, True, None, np.ones(2)):
+        with pytest.raises(ValueError, match=r"eps: expected a positive float"):
+            RMSNorm(6, eps=bad)

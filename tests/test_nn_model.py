@@ -8,6 +8,7 @@ step-by-step argmax decoding.
 import functools
 
 import jax
+import numpy as np
 import optax
 import jax.numpy as jnp
 import pytest
@@ -241,3 +242,21 @@ def test_bad_call_inputs_raise():
         generate(model, jnp.zeros((B, 2), jnp.int32), 3, rng=jax.random.key(0), temperature=-1.0)
     with pytest.raises(ValueError, match=r"LMConfig"):
         LanguageModel({"width": 8}, rngs=nnx.Rngs(0))
+
+
+def test_numpy_and_jax_scalars_in_config():
+    """LMConfig accepts NumPy / JAX integer and float scalars and stores Python numbers, so
+    the config equals (and hashes like) the one written with Python numbers."""
+    cfg = LMConfig(vocab_size=np.int64(V), width=jnp.int32(8), num_layers=np.int32(2),
+                   num_heads=np.int64(2), head_dim=np.int64(4), mlp_hidden=jnp.int32(12),
+                   norm_eps=np.float32(0.5), embed_init_std=jnp.float32(0.25), mixers="swa")
+    ref = LMConfig(vocab_size=V, width=8, num_layers=2, num_heads=2, head_dim=4, mlp_hidden=12,
+                   norm_eps=float(np.float32(0.5)), embed_init_std=float(jnp.float32(0.25)), mixers="swa")
+    assert cfg == ref and hash(cfg) == hash(ref)
+    assert all(type(getattr(cfg, f)) is int for f in ("vocab_size", "width", "num_layers", "num_heads",
+                                                      "head_dim", "mlp_hidden"))
+    assert type(cfg.norm_eps) is float and type(cfg.embed_init_std) is float
+    with pytest.raises(ValueError, match=r"num_layers: expected a positive int, got True"):
+        LMConfig(**{**BASE, "num_layers": True})
+    with pytest.raises(ValueError, match=r"norm_eps: expected a positive float"):
+        LMConfig(**{**BASE, "norm_eps": 0.0})

@@ -211,3 +211,15 @@ def test_errors_name_the_argument():
     conv = ShortConv(6, 4, param_dtype=F64, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"state: expected shape \[N, kernel_size-1, F\].*\(2, 3, 6\), got \(1, 3, 6\)"):
         conv(jnp.zeros((1, 5, 6), F64), jnp.zeros((1, 3, 6), F64), cu_seqlens=jnp.array([0, 2, 5]))
+
+
+@pytest.mark.parametrize("cls", [LinearAttention, DeltaNet])
+def test_pallas_impl_with_cu_seqlens_says_why(cls):
+    """impl="pallas" on packed sequences is refused by the op with its reason (the kernels
+    do not pack); impl="auto" runs the chunked form."""
+    m = cls(width=16, num_heads=1, impl="pallas", rngs=nnx.Rngs(0))
+    x = jnp.zeros((1, 6, 16), jnp.float32)
+    with pytest.raises(ValueError, match=r"pallas.*(cu_seqlens|packed)"):
+        m(x, cu_seqlens=jnp.array([0, 2, 6]))
+    y, c = cls(width=16, num_heads=1, impl="auto", rngs=nnx.Rngs(0))(x, cu_seqlens=jnp.array([0, 2, 6]))
+    assert y.shape == (1, 6, 16) and c["state"].shape == (2, 1, 16, 16)

@@ -29,6 +29,23 @@ from tttla_jax import _checks
 from tttla_jax.ops.varlen import check_cu_seqlens
 
 
+def positive_float(name: str, value) -> float:
+    """A positive real from a Python, NumPy or concrete JAX int/float scalar, as a Python
+    ``float`` (booleans, arrays of other shapes and traced values are refused, naming
+    ``name``)."""
+    bad = ValueError(f"{name}: expected a positive float (a Python, NumPy or concrete JAX scalar), "
+                     f"got {value!r}")
+    if value is None or isinstance(value, jax.core.Tracer):
+        raise bad
+    try:
+        value = _checks.check_scale(value, name)
+    except ValueError:
+        raise bad from None
+    if not value > 0:
+        raise bad
+    return value
+
+
 def partitioned(init, axes: tuple):
     """``nnx.with_partitioning(init, axes)`` without eager sharding.
 
@@ -71,9 +88,9 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, features: int, *, eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
                  axis_name: Optional[str] = "embed", rngs: Optional[nnx.Rngs] = None):
-        _checks.check_positive_int("features", features)
+        features = _checks.check_positive_int("features", features)
         self.features = features
-        self.eps = eps
+        self.eps = positive_float("eps", eps)
         self.dtype = dtype
         init = partitioned(nnx.initializers.ones_init(), (axis_name,))
         key = jax.random.key(0)  # ones_init ignores the key; rngs are accepted for uniformity
@@ -143,8 +160,8 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, width: int, hidden: int, *, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        _checks.check_positive_int("width", width)
-        _checks.check_positive_int("hidden", hidden)
+        width = _checks.check_positive_int("width", width)
+        hidden = _checks.check_positive_int("hidden", hidden)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.gate = dense(width, hidden, ("embed", "mlp"), **kw)
         self.up = dense(width, hidden, ("embed", "mlp"), **kw)
@@ -167,8 +184,8 @@ class ShortConv(nnx.Module):
 
     def __init__(self, features: int, kernel_size: int = 4, *, activation: bool = True,
                  param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
-        _checks.check_positive_int("features", features)
-        _checks.check_positive_int("kernel_size", kernel_size)
+        features = _checks.check_positive_int("features", features)
+        kernel_size = _checks.check_positive_int("kernel_size", kernel_size)
         self.features = features
         self.kernel_size = kernel_size
         self.activation = activation

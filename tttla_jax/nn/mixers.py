@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from typing import Optional
 
 import jax
@@ -25,7 +26,7 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions, dense, l2_normalize,
-                                 partitioned)
+                                 partitioned, positive_float)
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
 from tttla_jax.ops.varlen import check_cu_seqlens
@@ -39,8 +40,8 @@ def resolve_heads(width: int, num_heads: int, head_dim: Optional[int]) -> int:
     ``head_dim=None`` means ``width // num_heads`` and then ``num_heads`` must divide
     ``width``; an explicit ``head_dim`` may differ (the projections map ``W → H·D``).
     """
-    _checks.check_positive_int("width", width)
-    _checks.check_positive_int("num_heads", num_heads)
+    width = _checks.check_positive_int("width", width)
+    num_heads = _checks.check_positive_int("num_heads", num_heads)
     if head_dim is None:
         if width % num_heads:
             raise ValueError(
@@ -48,8 +49,7 @@ def resolve_heads(width: int, num_heads: int, head_dim: Optional[int]) -> int:
                 f"num_heads={num_heads} (width % num_heads = {width % num_heads}); pass head_dim "
                 f"explicitly or pick num_heads among the divisors of {width}")
         return width // num_heads
-    _checks.check_positive_int("head_dim", head_dim)
-    return head_dim
+    return _checks.check_positive_int("head_dim", head_dim)
 
 
 # TEMPORARY aliases, removed at integration: the old layer vocabulary, kept only so layer
@@ -220,9 +220,9 @@ class LinearAttention(Mixer):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, FEATURE_MAPS)
-        _checks.check_positive_int("chunk_size", chunk_size)
+        chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         self.impl = check_layer_impl(type(self), impl)
-        self.width, self.num_heads = width, num_heads
+        self.width, self.num_heads = operator.index(width), operator.index(num_heads)
         self.feature_map, self.use_decay = feature_map, use_decay
         self.chunk_size = chunk_size
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -314,10 +314,10 @@ class DeltaNet(Mixer):
                  norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, DELTA_FEATURE_MAPS)
-        _checks.check_positive_int("chunk_size", chunk_size)
-        _checks.check_positive_int("conv_size", conv_size)
+        chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+        conv_size = _checks.check_positive_int("conv_size", conv_size)
         self.impl = check_layer_impl(type(self), impl)
-        self.width, self.num_heads = width, num_heads
+        self.width, self.num_heads = operator.index(width), operator.index(num_heads)
         self.use_short_conv, self.conv_size = use_short_conv, conv_size
         self.feature_map, self.use_gate = feature_map, use_gate
         self.chunk_size = chunk_size
@@ -396,11 +396,22 @@ class DeltaNet(Mixer):
 
 
 def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
-    """Causal softmax attention of T queries against ``[cached keys ; T new keys]``.
+    """Causal softmax attention of T queries against ``[cached keys ; T new keys]``, blocked.
 
-    Query at position ``p`` attends to keys at positions ``p − window < p' ≤ p`` (slots
-    with position −1 are empty): ``o = softmax(q Kᵀ / √D + mask) V``. Shared by
-    :class:`SlidingWindowAttention` and the hybrid branch of the LaCT layer.
+    In the sequence ``[cached keys ; new keys]`` the query of a token attends to the last
+    ``window`` tokens up to and including itself, among them those at positions
+    ``p − window < p' ≤ p`` (``p`` its position; slots with position −1 are empty):
+    ``o = softmax(q Kᵀ / √D + mask) V``. With increasing positions (the default, or any
+    strictly increasing ``positions``) the position condition alone selects exactly those
+    tokens; with arbitrary positions the order condition keeps a full call, the same
+    sequence fed in pieces and token-by-token decoding equal (the cache holds the last
+    ``window`` tokens). Shared by :class:`SlidingWindowAttention` and the hybrid branch of
+    the LaCT layer.
+
+    Memory is ``O(T·window)``: for ``T > window`` the queries are cut into blocks of
+    ``window`` tokens, each attending to its own block and the previous one (the cache
+    for the first), so no ``T × T`` score matrix is formed; for ``T ≤ window`` one block
+    attends to all ``window + T`` keys.
 
     Args:
       q, k, v: ``[B, T, H, D]`` (q, k already rotated).
@@ -413,34 +424,58 @@ def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
       their positions, and the next position.
     """
     w = window
-    kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+    B, T, H, D = q.shape
+    kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)      # [B, w+T, H, D]
     vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
-    kpos = jnp.concatenate([cache["kpos"], qpos.astype(jnp.int32)], axis=1)  # [B, w+T]
-    sd = _checks.state_dtype(q, kk)
-    s = jnp.einsum("bthd,bshd->bhts", q.astype(sd), kk.astype(sd)) * (q.shape[-1] ** -0.5)
-    kp, qp = kpos[:, None, :], qpos[:, :, None]
-    mask = (kp >= 0) & (kp <= qp) & (kp > qp - w)  # [B, T, w+T]
-    s = jnp.where(mask[:, None], s, jnp.finfo(sd).min)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhts,bshd->bthd", p, vv.astype(sd)).astype(q.dtype)
-    n = kk.shape[1]
-    new = {"k": kk[:, n - w:], "v": vv[:, n - w:], "kpos": kpos[:, n - w:],
+    kpos = jnp.concatenate([cache["kpos"], qpos.astype(jnp.int32)], axis=1)    # [B, w+T]
+    new = {"k": kk[:, T:], "v": vv[:, T:], "kpos": kpos[:, T:],
            "pos": qpos[:, -1].astype(jnp.int32) + 1}
-    return o, new
+    qpos = qpos.astype(jnp.int32)
+    if T <= w:  # one block of T queries against all w + T keys
+        c, n = T, 1
+        qb, qpb = q[:, None], qpos[:, None]                                    # [B, 1, T, ...]
+        kb, vb, kpb = kk[:, None], vv[:, None], kpos[:, None]                  # [B, 1, w+T, ...]
+    else:  # n blocks of w queries, each against its previous and its own block (2w keys)
+        c, n = w, -(-T // w)
+        pad = n * w - T
+
+        def padded(a, value=0):
+            return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+
+        def two_blocks(a, value=0):  # [B, w + T, ...] -> [B, n, 2w, ...]
+            a = padded(a, value).reshape(B, n + 1, w, *a.shape[2:])
+            return jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2)
+
+        qb, qpb = padded(q).reshape(B, n, w, H, D), padded(qpos).reshape(B, n, w)
+        kb, vb, kpb = two_blocks(kk), two_blocks(vv), two_blocks(kpos, -1)   # pads: empty slots
+    sd = _checks.state_dtype(q, kk)
+    s = jnp.einsum("bnthd,bnshd->bnhts", qb.astype(sd), kb.astype(sd)) * (D ** -0.5)
+    # query r of a block sits at key slot r + w of that block's keys: it sees slots r+1 .. r+w
+    r, j = jnp.arange(c)[:, None], jnp.arange(c + w)[None, :]
+    last_w = (j > r) & (j <= r + w)                                            # [c, c+w]
+    kp, qp = kpb[:, :, None, :], qpb[:, :, :, None]
+    mask = last_w & (kp >= 0) & (kp <= qp) & (kp > qp - w)                    # [B, n, c, c+w]
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(sd).min)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bnhts,bnshd->bnthd", p, vb.astype(sd)).reshape(B, n * c, H, D)[:, :T]
+    return o.astype(q.dtype), new
 
 
 class SlidingWindowAttention(Mixer):
     """Causal softmax attention over a sliding window of ``window`` tokens, with RoPE.
 
-    Token at position ``p`` attends to keys at positions ``p − window < p' ≤ p``:
-    ``o = softmax(q Kᵀ / √D + mask) V`` (Beltagy et al., 2020; the hybrid partner of
-    LaCT-LLM). Keys are rotated (:func:`apply_rope`) before they are cached.
+    Token at position ``p`` attends to keys at positions ``p − window < p' ≤ p`` (among
+    the last ``window`` tokens, which is the same thing for increasing positions; see
+    :func:`sliding_window_attend`): ``o = softmax(q Kᵀ / √D + mask) V`` (Beltagy et al.,
+    2020; the hybrid partner of LaCT-LLM). Keys are rotated (:func:`apply_rope`) before
+    they are cached.
 
-    Modes: ``"parallel"`` (and ``"auto"``) attends from all T queries to
-    ``[cached keys ; T new keys]`` with a banded mask in one shot (``O(T·(w+T))`` memory;
-    no blockwise kernel yet); ``"recurrent"`` runs a ``lax.scan`` over tokens, each step
-    appending one key to the rolling cache and attending — exactly what decoding does.
-    ``"pallas"`` is rejected.
+    Implementations (``impl``, docs/implementations.md): ``"chunked"`` (and ``"auto"``)
+    is blocked attention: blocks of ``window`` queries attend to their own block and the
+    previous one (the cache for the first), ``O(T·window)`` memory, no ``T × T`` scores;
+    ``"recurrent"`` runs a ``lax.scan`` over tokens, each step appending one key to the
+    rolling cache and attending — exactly what decoding does. Both give the same outputs,
+    caches and gradients.
 
     Parameters: ``4·W·H·D``.
 
@@ -456,12 +491,12 @@ class SlidingWindowAttention(Mixer):
                  window: int = 64, use_rope: bool = True, rope_base: float = 10000.0,
                  impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
-        _checks.check_positive_int("window", window)
+        window = _checks.check_positive_int("window", window)
         self.impl = check_layer_impl(type(self), impl)
         if use_rope and self.head_dim % 2:
             raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim}")
-        self.width, self.num_heads, self.window = width, num_heads, window
-        self.use_rope, self.rope_base = use_rope, rope_base
+        self.width, self.num_heads, self.window = operator.index(width), operator.index(num_heads), window
+        self.use_rope, self.rope_base = use_rope, positive_float("rope_base", rope_base)
         self.dtype, self.param_dtype = dtype, param_dtype
         HD = num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -483,7 +518,7 @@ class SlidingWindowAttention(Mixer):
                 "pos": jnp.zeros((batch_size,), jnp.int32)}
 
     def _attend(self, q, k, v, qpos, cache):
-        """One parallel step: T queries against ``[cache ; T new keys]``. Returns (o, cache')."""
+        """T queries against ``[cache ; T new keys]`` (blocked). Returns (o, cache')."""
         return sliding_window_attend(q, k, v, qpos, cache, window=self.window)
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,

@@ -17,7 +17,7 @@ from jaxtyping import Array, Int
 
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
-from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned
+from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned, positive_float
 from tttla_jax.nn.mixers import MIXERS, mixer_options, resolve_heads, resolve_positions
 
 
@@ -85,8 +85,11 @@ class LMConfig:
     embed_init_std: float = 0.02
 
     def __post_init__(self):
+        # NumPy / JAX integer and float scalars are accepted and stored as Python numbers
         for name in ("vocab_size", "width", "num_layers", "num_heads"):
-            _checks.check_positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, _checks.check_positive_int(name, getattr(self, name)))
+        if self.head_dim is not None:
+            object.__setattr__(self, "head_dim", _checks.check_positive_int("head_dim", self.head_dim))
         try:
             resolve_heads(self.width, self.num_heads, self.head_dim)
         except ValueError as e:
@@ -127,9 +130,9 @@ class LMConfig:
         object.__setattr__(self, "mixer_options",
                            tuple(sorted((k, tuple(sorted(dict(v).items()))) for k, v in opts.items())))
         if self.mlp_hidden is not None:
-            _checks.check_positive_int("mlp_hidden", self.mlp_hidden)
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"norm_eps: expected a positive float, got {self.norm_eps!r}")
+            object.__setattr__(self, "mlp_hidden", _checks.check_positive_int("mlp_hidden", self.mlp_hidden))
+        for name in ("norm_eps", "embed_init_std"):
+            object.__setattr__(self, name, positive_float(name, getattr(self, name)))
         _check_dtype("dtype", self.dtype)
         _check_dtype("param_dtype", self.param_dtype)
         # Build every distinct mixer abstractly (shapes only, no allocation, no compile) so
