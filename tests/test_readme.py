@@ -101,3 +101,19 @@ def test_docs_python_blocks_run():
             exec(compile(block, f"{md.relative_to(ROOT)}:block{i}", "exec"), ns)
             ran += 1
     assert ran >= 2, f"expected runnable examples in docs/, ran {ran}"
+
+
+def test_repository_paths_named_in_readme_and_docs_exist():
+    """Files of the repository named in README.md or docs/ (``tttla_jax/…``, ``tests/…``,
+    ``benchmarks/…``, …) exist — a renamed module leaves no stale pointer behind."""
+    path_re = re.compile(r"(?<![\w./])((?:tttla_jax|kernels|train|benchmarks|tests|notebooks|docs)"
+                         r"/[\w./-]*\w)")
+    stale = []
+    for md in [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md")):
+        for n, line in enumerate(md.read_text().splitlines(), 1):
+            for ref in path_re.findall(line):
+                if "*" in ref or ref.startswith("benchmarks/results/") and not (ROOT / ref).exists():
+                    continue  # globs; result files written by a run
+                if not (ROOT / ref).exists():
+                    stale.append(f"{md.relative_to(ROOT)}:{n}: {ref}")
+    assert not stale, "paths that do not exist:\n  " + "\n  ".join(stale)
