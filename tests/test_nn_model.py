@@ -223,6 +223,13 @@ def test_per_mixer_impl_override():
     model = LanguageModel(cfg, rngs=nnx.Rngs(0))
     assert [b.mixer.impl for b in model.blocks] == ["pallas", "chunked"]
     assert cfg.options_for("swa") == {"impl": "chunked"}
+    # a rule-specific model-wide impl (TTT's dual form) with the other mixer overridden
+    with pytest.raises(ValueError, match=r"impl: mixer 'swa' \(SlidingWindowAttention\) does not support "
+                                         r"impl='dual'.*mixer_options=\{'swa': \{'impl': \.\.\.\}\}"):
+        LMConfig(**{**BASE, "mixers": ("ttt_linear", "swa"), "impl": "dual"})
+    cfg = LMConfig(**{**BASE, "mixers": ("ttt_linear", "swa"), "impl": "dual",
+                      "mixer_options": {"swa": {"impl": "recurrent"}}})
+    assert [b.mixer.impl for b in LanguageModel(cfg, rngs=nnx.Rngs(0)).blocks] == ["dual", "recurrent"]
 
 
 def test_bad_call_inputs_raise():

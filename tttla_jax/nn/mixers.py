@@ -52,18 +52,6 @@ def resolve_heads(width: int, num_heads: int, head_dim: Optional[int]) -> int:
     return _checks.check_positive_int("head_dim", head_dim)
 
 
-# TEMPORARY aliases, removed at integration: the old layer vocabulary, kept only so layer
-# modules not yet switched to ``impls`` / :func:`check_layer_impl` keep importing.
-MODES = ("recurrent", "parallel", "pallas", "auto")
-
-
-def _check_mode(cls_name: str, mode: str, supported: tuple) -> None:  # TEMPORARY alias
-    _checks.check_choice("mode", mode, MODES)
-    if mode not in supported:
-        raise ValueError(
-            f"mode: {cls_name} does not support mode={mode!r}; supported modes are {supported}")
-
-
 def check_layer_impl(cls, impl) -> str:
     """Validate a layer's ``impl`` argument against the vocabulary and ``cls.impls``.
 

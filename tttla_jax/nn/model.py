@@ -7,7 +7,6 @@ Axis names: ``B`` batch, ``T`` tokens, ``W`` width, ``V`` vocabulary (here: logi
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Mapping, Optional, Union
 
 import jax
@@ -121,7 +120,7 @@ class LMConfig:
             what = f"mixer_options[{name!r}]['impl']" if override else "impl"
             _impl.check_impl(what, impl, _impl.IMPLS, where=f"mixer {name!r}")
             supported = ("auto",) + tuple(MIXERS[name].impls)
-            if impl not in supported and not _legacy_mode(MIXERS[name]):
+            if impl not in supported:
                 cls = MIXERS[name].__name__
                 raise ValueError(
                     f"{what}: mixer {name!r} ({cls}) does not support impl={impl!r}; its impls are "
@@ -157,18 +156,9 @@ def build_mixer(config: LMConfig, name: str, *, rngs: nnx.Rngs):
     """Instantiate mixer ``name`` with the model-wide fields of ``config`` and its options."""
     opts = config.options_for(name)
     impl = opts.pop("impl", config.impl)
-    cls = MIXERS[name]
-    if _legacy_mode(cls):  # TEMPORARY, removed at integration
-        opts["mode"] = impl if impl in ("auto", "recurrent", "pallas") else "parallel"
-    else:
-        opts["impl"] = impl
-    return cls(width=config.width, num_heads=config.num_heads, head_dim=config.head_dim,
-               dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs, **opts)
-
-
-def _legacy_mode(cls) -> bool:
-    # TEMPORARY, removed at integration: a mixer still taking ``mode=`` instead of ``impl=``.
-    return "impl" not in inspect.signature(cls.__init__).parameters
+    return MIXERS[name](width=config.width, num_heads=config.num_heads, head_dim=config.head_dim,
+                        impl=impl, dtype=config.dtype, param_dtype=config.param_dtype,
+                        rngs=rngs, **opts)
 
 
 class Block(nnx.Module):
