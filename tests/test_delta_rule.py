@@ -7,18 +7,25 @@ Tolerances (documented): float64 1e-10 absolute (O(1)-scaled inputs) for outputs
 final state and gradients w.r.t. q, k, v, β, log-decay and the initial state;
 float32 inputs 1e-4 relative to the reference's max magnitude; bfloat16 inputs 3e-2
 relative (the inputs are rounded to 8 mantissa bits; the reference runs on the same
-rounded inputs, and the state accumulates in float32).
+rounded inputs, and the state accumulates in float32). Comparisons use
+``chex.assert_trees_all_close``; the core equivalence also runs under ``chex.variants``
+(with and without ``jax.jit``) and under ``jax.vmap`` over a leading axis.
 """
 import functools
 import sys
+from unittest import mock
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tttla_jax as tt
+from tttla_jax.impl import ImplError
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.reference.delta import delta_rule_loop
 
@@ -64,13 +71,14 @@ def loss_of(fn):
     return loss
 
 
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), tree)
+
+
 def assert_close_tree(a, b, atol, rtol=0.0, what=""):
-    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb), what
-    for i, (x, y) in enumerate(zip(la, lb)):
-        assert x.shape == y.shape, f"{what} leaf {i}: {x.shape} vs {y.shape}"
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   atol=atol, rtol=rtol, err_msg=f"{what} leaf {i}")
+    """chex equivalence of two pytrees (same structure and shapes), compared in float64."""
+    chex.assert_trees_all_equal_shapes(a, b)
+    chex.assert_trees_all_close(_f64(a), _f64(b), atol=atol, rtol=rtol, custom_message=what)
 
 
 F64_SHAPE = dict(B=2, T=9, H=2, K=5, V=3)  # with C = 4: three chunks, the last one padded
@@ -93,28 +101,73 @@ def _f64_reference(gated, state):
     return ref(*args), jax.grad(loss_of(ref), argnums=argnums)(*args)
 
 
-@pytest.mark.parametrize("impl", FORMS)
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("state", [False, True])
-def test_forms_match_reference_float64(impl, gated, state, monkeypatch):
-    """Outputs, final state and gradients w.r.t. every input (incl. β, g, S_0) at 1e-10.
+def _form_fn(impl, gated, state, jit=True):
+    """``args -> ((o, S), grads)`` of one form on the float64 case (see :func:`_f64_case`)."""
+    _, argnums = _f64_case(gated, state)
 
-    The chunked form runs with groups of 2 chunks here (3 chunks → 2 groups, the last
-    one padded with an all-padding chunk), so the group scan is exercised too."""
-    monkeypatch.setattr(sys.modules["tttla_jax.ops.delta_rule"], "_GROUP_CHUNKS", 2)
-    args, argnums = _f64_case(gated, state)
-    form = run_form(impl, F64_C, gated)
-    fn = lambda *a: form(*a[:5], a[5] if state else None)
-    (o_r, S_r), grads_r = _f64_reference(gated, state)
-    # one compilation for outputs, state and gradients
-    loss_aux = lambda *a: (loss_of(fn)(*a), fn(*a))
-    (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss_aux, argnums=argnums, has_aux=True))(*args)
+    def fn(*a):
+        return delta_rule(*a[:4], log_decay=a[4] if gated else None, initial_state=a[5] if state else None,
+                          chunk_size=F64_C, impl=impl, output_final_state=True)
+
+    vg = jax.value_and_grad(lambda *a: (loss_of(fn)(*a), fn(*a)), argnums=argnums, has_aux=True)
+
+    def f(*a):
+        (_, out), grads = vg(*a)
+        return out, grads
+    return jax.jit(f) if jit else f
+
+
+def _check_against_reference(out, grads, gated, state):
+    (o, S), ((o_r, S_r), grads_r) = out, _f64_reference(gated, state)
     assert o.dtype == jnp.float64 and S.dtype == jnp.float64
     assert_close_tree((o, S), (o_r, S_r), 1e-10, what="outputs/state")
     assert len(grads) == len(grads_r) == 4 + gated + state
     for gr in grads_r:  # the check is not vacuous: every reference gradient is non-zero
         assert float(jnp.abs(gr).max()) > 1e-3
     assert_close_tree(grads, grads_r, 1e-10, what="grads")
+
+
+@pytest.mark.parametrize("impl", FORMS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_forms_match_reference_float64(impl, gated, monkeypatch):
+    """Outputs, final state and gradients w.r.t. every input (incl. β, g) at 1e-10, without an
+    initial state (with one: under chex variants below).
+
+    The chunked form runs with groups of 2 chunks here (3 chunks → 2 groups, the last
+    one padded with an all-padding chunk), so the group scan is exercised too."""
+    monkeypatch.setattr(sys.modules["tttla_jax.ops.delta_rule"], "_GROUP_CHUNKS", 2)
+    args, _ = _f64_case(gated, False)
+    _check_against_reference(*_form_fn(impl, gated, False)(*args), gated, False)
+
+
+class FormsVariantsTest(chex.TestCase):
+    """The core equivalence with an initial state: both forms, gated and not, outputs, final
+    state and gradients w.r.t. q, k, v, β, (g), S_0 against the float64 loop at 1e-10, with
+    and without ``jax.jit`` (``chex.variants``) and under ``jax.vmap`` over a leading axis.
+    Groups of 2 chunks, as above."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(impl=FORMS, gated=(False, True))
+    def test_forms_match_reference_float64(self, impl, gated):
+        args, _ = _f64_case(gated, True)
+        with mock.patch.object(sys.modules["tttla_jax.ops.delta_rule"], "_GROUP_CHUNKS", 2):
+            out, grads = self.variant(_form_fn(impl, gated, True, jit=False))(*args)
+        _check_against_reference(out, grads, gated, True)
+
+    @parameterized.product(impl=FORMS, gated=(False, True))
+    def test_vmap_over_leading_axis(self, impl, gated):
+        """Row 0: the reference inputs; row 1: the same with q doubled (o is linear in q; the
+        state and ∂L/∂q do not depend on it for this linear loss)."""
+        args, _ = _f64_case(gated, True)
+        (o_r, S_r), grads_r = _f64_reference(gated, True)
+        stacked = (jnp.stack([args[0], 2 * args[0]]),) + tuple(jnp.stack([x, x]) for x in args[1:])
+        with mock.patch.object(sys.modules["tttla_jax.ops.delta_rule"], "_GROUP_CHUNKS", 2):
+            (o, S), grads = jax.jit(jax.vmap(_form_fn(impl, gated, True, jit=False)))(*stacked)
+        chex.assert_shape(o, (2,) + o_r.shape)
+        assert_close_tree((o[0], S[0]), (o_r, S_r), 1e-10, what="vmap row 0 outputs/state")
+        assert_close_tree((o[1], S[1]), (2 * o_r, S_r), 1e-10, what="vmap row 1 outputs/state")
+        assert_close_tree(tuple(gr[0] for gr in grads), grads_r, 1e-10, what="vmap row 0 grads")
+        assert_close_tree(grads[0][1], grads_r[0], 1e-10, what="vmap row 1 dq")
 
 
 @pytest.mark.parametrize("C", [1, 3, 21, 64])
@@ -181,10 +234,8 @@ def test_low_precision_tolerance(impl, dtype, rtol):
     assert o.dtype == dtype, "output dtype must equal the input dtype"
     assert S.dtype == jnp.float32, "state accumulates in float32"
     o_r, S_r = run_ref()(q, k, v, beta, g, S0)  # reference on the same rounded inputs
-    np.testing.assert_allclose(np.asarray(o, np.float64), np.asarray(o_r),
-                               atol=rtol * float(jnp.abs(o_r).max()))
-    np.testing.assert_allclose(np.asarray(S, np.float64), np.asarray(S_r),
-                               atol=1e-5 * float(jnp.abs(S_r).max()))
+    assert_close_tree(o, o_r, rtol * float(jnp.abs(o_r).max()), rtol=1e-7, what="outputs")
+    assert_close_tree(S, S_r, 1e-5 * float(jnp.abs(S_r).max()), rtol=1e-7, what="state")
 
 
 def test_strong_decay_long_chunk_stays_finite():
@@ -198,8 +249,7 @@ def test_strong_decay_long_chunk_stays_finite():
     o_c, S_c = run_form("chunked", 64)(*args)
     o_r, S_r = run_form("recurrent", 64)(*args)
     assert bool(jnp.isfinite(o_c).all()) and bool(jnp.isfinite(S_c).all())
-    np.testing.assert_allclose(o_c, o_r, atol=1e-5)
-    np.testing.assert_allclose(S_c, S_r, atol=1e-5)
+    assert_close_tree((o_c, S_c), (o_r, S_r), 1e-5, rtol=1e-7, what="chunked vs recurrent")
     grads = jax.jit(jax.grad(lambda *a: run_form("chunked", 64)(*a)[0].sum(), argnums=(0, 1, 2, 3, 4, 5)))(*args)
     for gr in grads:
         assert bool(jnp.isfinite(gr).all())
@@ -227,7 +277,7 @@ def test_defaults_and_hand_check():
     o, S = delta_rule(q, k, v, beta)
     assert S is None
     o_r, _ = delta_rule_loop(q, k, v, beta)
-    np.testing.assert_allclose(o, o_r, atol=1e-12)
+    assert_close_tree(o, o_r, 1e-12, rtol=1e-7)
     # first token from S_0 = 0: o_0 = (q_0 / √4)·k_0ᵀ (β_0 v_0)
     np.testing.assert_allclose(o[0, 0, 0], (q[0, 0, 0] @ k[0, 0, 0]) / 2 * beta[0, 0, 0] * v[0, 0, 0],
                                atol=1e-12)
@@ -235,10 +285,10 @@ def test_defaults_and_hand_check():
     f = jax.jit(delta_rule, static_argnames=("scale", "chunk_size", "impl"))
     o1, _ = f(q, k, v, beta, scale=1.0, impl="recurrent")
     o2, _ = f(q, k, v, beta, scale=0.5, impl="recurrent")
-    np.testing.assert_allclose(o1, 2 * o2, atol=1e-12)
+    assert_close_tree(o1, 2 * o2, 1e-12, rtol=1e-7)
     # explicit recurrent (the default above is auto = chunked) agrees too
     orec, _ = f(q, k, v, beta, impl="recurrent")
-    np.testing.assert_allclose(orec, o_r, atol=1e-12)
+    assert_close_tree(orec, o_r, 1e-12, rtol=1e-7)
 
 
 def test_jit_vmap_grad_checkpoint():
@@ -252,24 +302,20 @@ def test_jit_vmap_grad_checkpoint():
     ov, Sv = jax.vmap(f)(stack(q, q2), stack(k, k2), stack(v, v2), stack(beta, beta2),
                          stack(g, g2), stack(S0, S02))
     o1, S1 = f(q2, k2, v2, beta2, g2, S02)
-    np.testing.assert_allclose(ov[0], o, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(Sv[0], S, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ov[1], o1, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(Sv[1], S1, rtol=1e-5, atol=1e-5)
+    assert_close_tree((ov[0], Sv[0], ov[1], Sv[1]), (o, S, o1, S1), 1e-5, rtol=1e-5, what="vmap rows vs calls")
     loss = lambda q, beta: f(q, k, v, beta, g, S0)[0].sum()
     dq, dbeta = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, beta)
     assert dq.shape == q.shape and dq.dtype == jnp.float32 and bool(jnp.isfinite(dq).all())
     assert dbeta.shape == beta.shape and bool(jnp.isfinite(dbeta).all())
     dq2, dbeta2 = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1)))(q, beta)
-    np.testing.assert_allclose(dq, dq2, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dbeta, dbeta2, rtol=1e-5, atol=1e-6)
+    assert_close_tree((dq, dbeta), (dq2, dbeta2), 1e-6, rtol=1e-5, what="checkpoint")
 
 
 @pytest.mark.parametrize("C", [1, 7, 33])
 def test_unit_lower_inverse_by_doubling(C):
     """(I + A)⁻¹ by block doubling equals the dense inverse, also for C not a power of 2;
     its analytic JVP dT = −T dA T matches finite differences."""
-    from tttla_jax.ops.delta_rule import unit_lower_inverse
+    from tttla_jax.ops.chunk import unit_lower_inverse
     rng = np.random.default_rng(C)
     A = jnp.asarray(np.tril(rng.normal(size=(3, C, C)) * 0.3, -1))
     T = jax.jit(unit_lower_inverse)(A)
@@ -334,10 +380,81 @@ def test_pallas_dispatch_matches_chunked():
     outs = {impl: delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, output_final_state=True,
                              chunk_size=16, impl=impl) for impl in ("chunked", "pallas")}
     for a, b in zip(outs["chunked"], outs["pallas"]):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4 * float(jnp.abs(a).max()))
+        assert_close_tree(b, a, 1e-4 * float(jnp.abs(a).max()), rtol=1e-7, what="pallas vs chunked")
 
 
 def test_pallas_unsupported_head_dim_is_loud():
     z = jnp.zeros((1, 4, 1, 2))
     with pytest.raises(ValueError, match=r"impl='pallas'.*head dim K = 2"):
         delta_rule(z, z, z, jnp.zeros((1, 4, 1)), impl="pallas")
+
+
+# ----------------------------------------------------------------------------- scalars, implementation choice
+
+
+@pytest.mark.parametrize("chunk_size", [np.int64(4), jnp.int32(4)])
+def test_chunk_size_accepts_numpy_and_jax_ints(chunk_size):
+    q, k, v, beta, g, S0 = make_inputs(3, 1, 9, 2, 4, 3)
+    ref = delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, chunk_size=4, output_final_state=True)
+    out = delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, chunk_size=chunk_size, output_final_state=True)
+    assert_close_tree(out, ref, 0.0)
+
+
+@pytest.mark.parametrize("bad", [True, np.float64(4.0)])
+def test_chunk_size_rejects_bool_and_float(bad):
+    q, k, v, beta, _, _ = make_inputs(3, 1, 5, 1, 4, 3)
+    with pytest.raises(ValueError, match=r"chunk_size: expected a positive int, got"):
+        delta_rule(q, k, v, beta, chunk_size=bad)
+
+
+@pytest.mark.parametrize("impl", FORMS)
+def test_numpy_jax_and_traced_scale(impl):
+    """``scale=jnp.float32(0.3)`` / ``np.float64(0.3)`` are accepted; a scale traced under jit
+    equals the concrete one and is differentiable (o is linear in the scale)."""
+    q, k, v, beta, g, S0 = make_inputs(3, 1, 9, 2, 4, 3)
+
+    def total(s):
+        return jnp.sum(delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, scale=s, impl=impl, chunk_size=4)[0])
+
+    for s in (np.float64(0.3), jnp.float32(0.3)):
+        assert_close_tree(total(s), total(float(s)), 1e-12, rtol=1e-12, what=f"scale={s!r}")
+    val, d = jax.jit(jax.value_and_grad(total))(jnp.float64(0.3))
+    assert_close_tree(val, total(0.3), 1e-12, rtol=1e-12, what="traced vs concrete scale")
+    assert_close_tree(d, val / 0.3, 1e-10, rtol=1e-10, what="d/dscale")
+
+
+def test_impl_candidates_and_resolution(monkeypatch):
+    import tttla_jax.impl
+
+    q, k, v, beta, _, _ = make_inputs(3, 1, 5, 1, 16, 16, dtype=jnp.float32)
+    reasons = tt.ops.delta_rule_impl_reasons(q, k, v)
+    assert list(reasons) == ["pallas", "chunked", "recurrent"]
+    assert "not a GPU/TPU" in reasons["pallas"] and tt.impl.resolve("auto", reasons) == "chunked"
+    monkeypatch.setattr(tttla_jax.impl, "platform", lambda: "tpu")
+    assert tt.impl.resolve("auto", tt.ops.delta_rule_impl_reasons(q, k, v)) == "pallas"
+    packed = tt.ops.delta_rule_impl_reasons(q, k, v, cu_seqlens=jnp.asarray([0, 5], jnp.int32))
+    assert "packed sequences" in packed["pallas"] and tt.impl.resolve("auto", packed) == "chunked"
+    assert "head dim K = 5" in tt.ops.delta_rule_impl_reasons(q[..., :5], k[..., :5], v)["pallas"]
+
+
+def test_kernel_arguments_with_a_non_kernel_impl_are_refused():
+    from tttla_jax.kernels import BlockSizes
+
+    q, k, v, beta, _, _ = make_inputs(3, 1, 5, 1, 4, 3)
+    with pytest.raises(ValueError, match=r"block_sizes: configures the Pallas kernel \(impl='pallas'\), got impl='chunked'"):
+        delta_rule(q, k, v, beta, impl="chunked", block_sizes=BlockSizes())
+    with pytest.raises(ValueError, match=r"interpret: configures the Pallas kernel \(impl='pallas'\), got impl='recurrent'"):
+        delta_rule(q, k, v, beta, impl="recurrent", interpret=True)
+
+
+@pytest.mark.parametrize("C", [4, 16])
+def test_toolkit_inverses_agree(C):
+    """The two (I + A)⁻¹ of the chunk toolkit (XLA block doubling; the kernels' product of
+    doublings) agree with the dense inverse."""
+    from tttla_jax.ops import chunk
+
+    rng = np.random.default_rng(C)
+    A = jnp.asarray(np.tril(rng.normal(size=(C, C)) * 0.3, -1))
+    dense = np.linalg.inv(np.eye(C) + np.asarray(A))
+    assert_close_tree(chunk.unit_lower_inverse(A), dense, 1e-12, what="block doubling")
+    assert_close_tree(chunk.unit_lower_inverse_by_products(A, jnp.matmul), dense, 1e-12, what="products")

@@ -134,12 +134,14 @@ def lower_mask(C: int, strict: bool = False):
     return cols < rows if strict else cols <= rows
 
 
-def masked_decay(b_i, b_j, mask):
+def masked_decay(b_i, b_j, mask, zero_outside: bool = True):
     """``exp(b_i − b_j)`` where ``mask``, else 0 — masked *before* the exponential, so only
     the exponents that are kept (``≤ 0`` for a non-positive log-decay below the diagonal)
     are ever evaluated: no overflow, no ``inf·0``. ``b_i`` / ``b_j`` broadcast as a column
-    and a row."""
-    return jnp.where(mask, jnp.exp(jnp.where(mask, b_i - b_j, 0.0)), 0.0)
+    and a row. ``zero_outside=False`` leaves ``exp(0) = 1`` outside the mask, for a caller
+    that masks the product it multiplies anyway (one select fewer)."""
+    E = jnp.exp(jnp.where(mask, b_i - b_j, 0.0))
+    return jnp.where(mask, E, 0.0) if zero_outside else E
 
 
 def cumsum_in_chunks(g, C: int):
@@ -335,8 +337,8 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
     else:
         b = cumsum_by_matmul(gc)  # [B,H,G,C]
         bC = b[..., -1:]  # [B,H,G,1]
-        E = masked_decay(b[..., :, None], b[..., None, :], incl)
-        P = QK * E
+        E = masked_decay(b[..., :, None], b[..., None, :], incl, zero_outside=False)
+        P = jnp.where(incl, QK * E, 0.0)
         A = jnp.where(strict, KK * E, 0.0) * bc
         eb = jnp.exp(b)[..., None]  # e^{b_i} ≤ 1
         rhs_k = (bc * eb) * kc
