@@ -18,6 +18,8 @@ from tttla_jax.nn.mixers import DeltaNet, LinearAttention, SlidingWindowAttentio
 F64 = jnp.float64
 B, T, W, H = 2, 7, 8, 2
 TOL = 1e-10
+# float64 equivalence: every element within TOL (absolute), shapes and tree structure equal
+assert_close = functools.partial(chex.assert_trees_all_close, rtol=0.0, atol=TOL)
 
 CASES = {
     "la_elu": (LinearAttention, dict(feature_map="elu+1", chunk_size=4)),
@@ -117,10 +119,10 @@ def test_recurrent_and_chunked_agree_f64(case):
     """Outputs, final cache and gradients w.r.t. parameters, inputs and initial cache."""
     r0, r1 = run(case, "recurrent"), run(case, "chunked")
     assert r0["y"].dtype == F64 and r0["y"].shape == (B, T, W)
-    assert max_diff(r0["y"], r1["y"]) < TOL
-    assert max_diff(r0["c"], r1["c"]) < TOL
+    assert_close(r0["y"], r1["y"])
+    assert_close(r0["c"], r1["c"])
     assert jax.tree.structure(r0["g"]) == jax.tree.structure(r1["g"])
-    assert max_diff(r0["g"], r1["g"]) < TOL
+    assert_close(r0["g"], r1["g"])
     # the gradients are not trivially zero (every parameter, the input and the cache)
     assert all(float(jnp.max(jnp.abs(l))) > 0 for l in jax.tree.leaves(r0["g"]))
     # starting from the non-trivial cache matters
@@ -134,8 +136,8 @@ def test_pieces_equal_full_forward(case, impl):
     final cache."""
     r = run(case, impl)
     for y, c in r["pieces"]:
-        assert max_diff(y, r["y_full"]) < TOL
-        assert max_diff(c, r["c_full"]) < TOL
+        assert_close(y, r["y_full"])
+        assert_close(c, r["c_full"])
 
 
 def test_jit_vmap_checkpoint():
@@ -149,7 +151,7 @@ def test_jit_vmap_checkpoint():
 
     y, c = f(params, x)  # eager
     yj, cj = jit(f)(params, x)
-    assert max_diff(yj, y) < TOL and max_diff(cj, c) < TOL
+    assert_close((yj, cj), (y, c))
 
     # jax.vmap over a batch of two models (stacked parameter states)
     m2 = make(case, "chunked", seed=5)
@@ -166,17 +168,17 @@ def test_jit_vmap_checkpoint():
 
     yv, g_plain, g_remat = g(stacked, params, x)
     y2, _ = m2(x)
-    assert max_diff(yv[0], y) < TOL and max_diff(yv[1], y2) < TOL
+    assert_close((yv[0], yv[1]), (y, y2))
     assert max_diff(y, y2) > 1e-3  # the two models really differ
     # jax.checkpoint around the call gives the same gradient
-    assert max_diff(g_plain, g_remat) < TOL
+    assert_close(g_plain, g_remat)
 
 
 def test_auto_impl_equals_chunked_linear_attention():
     x = inputs()
     ya, _ = make("la_decay_silul2", "auto")(x)
     yp, _ = make("la_decay_silul2", "chunked")(x)
-    assert max_diff(ya, yp) < TOL
+    assert_close(ya, yp)
 
 
 @pytest.mark.parametrize("case", ["la_decay_silul2", "gated_delta_conv", "swa_rope"])
@@ -222,7 +224,7 @@ def test_sliding_window_matches_naive_loop():
         p /= p.sum(-1, keepdims=True)
         o[:, t] = np.einsum("bhs,bshd->bhd", p, v[:, lo:t + 1])
     ref = m.o_proj(jnp.asarray(o).reshape(B, T, H * D))
-    assert max_diff(y, ref) < TOL
+    assert_close(y, ref)
 
 
 def test_rope_positions_are_relative():
@@ -233,8 +235,8 @@ def test_rope_positions_are_relative():
     pos = jnp.arange(5)
     s0 = jnp.einsum("bthd,bshd->bhts", apply_rope(q, pos), apply_rope(k, pos))
     s1 = jnp.einsum("bthd,bshd->bhts", apply_rope(q, pos + 11), apply_rope(k, pos + 11))
-    assert max_diff(s0, s1) < TOL
-    assert max_diff(apply_rope(q, jnp.zeros(5, jnp.int32)), q) == 0.0
+    assert_close(s0, s1)
+    chex.assert_trees_all_equal(apply_rope(q, jnp.zeros(5, jnp.int32)), q)
     assert max_diff(s0, jnp.einsum("bthd,bshd->bhts", q, k)) > 1e-3
 
 
@@ -360,7 +362,7 @@ def test_blocked_window_attention_equals_dense_mask():
     results = jit(lambda: [case(*c) for c in BLOCK_CASES])()
     for (window, t), (o, ref, new, expected) in zip(BLOCK_CASES, results):
         chex.assert_shape(o, (Bq, t, Hq, D))
-        chex.assert_trees_all_close(o, ref, rtol=TOL, atol=TOL)
+        assert_close(o, ref)
         chex.assert_trees_all_equal(new, expected)
 
 
@@ -372,15 +374,15 @@ def test_swa_chunked_equals_recurrent_for_arbitrary_positions():
     x = inputs()
     pos = jnp.asarray([[0, 1, 5, 5, 3, 4, 9], [2, 3, 4, 5, 6, 7, 8]], jnp.int32)
 
-    def f(m):
+    def f(m, x):
         def loss(x):
             y, c = m(x, positions=pos)
             return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), (y, c)
         (_, (y, c)), g = jax.value_and_grad(loss, has_aux=True)(x)
         return y, c, g
 
-    r0, r1 = jit(lambda x: f(m0))(x), jit(lambda x: f(m1))(x)
-    chex.assert_trees_all_close(r0, r1, rtol=TOL, atol=TOL)
+    r0, r1 = jit(lambda x: f(m0, x))(x), jit(lambda x: f(m1, x))(x)
+    assert_close(r0, r1)
 
 
 def test_swa_chunked_memory_is_linear_in_t():
@@ -453,7 +455,7 @@ def test_numpy_and_jax_scalars_in_mixer_configs():
         for name in ("window", "chunk_size", "conv_size", "head_dim", "num_heads", "width"):
             if hasattr(a, name):
                 assert type(getattr(a, name)) is int, name
-        chex.assert_trees_all_close(a(x), b(x), rtol=TOL, atol=TOL)
+        assert_close(a(x), b(x))
     with pytest.raises(ValueError, match=r"window: expected a positive int, got True"):
         SlidingWindowAttention(width=W, num_heads=H, window=True, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"rope_base: expected a positive float"):

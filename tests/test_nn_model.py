@@ -7,6 +7,7 @@ step-by-step argmax decoding.
 """
 import functools
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -20,6 +21,8 @@ from tttla_jax.nn.model import LanguageModel, LMConfig, count_params
 
 F64 = jnp.float64
 TOL = 1e-10
+# float64 equivalence: every element within TOL (absolute), shapes and tree structure equal
+assert_close = functools.partial(chex.assert_trees_all_close, rtol=0.0, atol=TOL)
 B, T, V = 2, 7, 13
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 jit = functools.partial(jax.jit, compiler_options=FAST)
@@ -74,17 +77,17 @@ def test_recurrent_and_chunked_lm_agree_with_remat():
     l0, c0, g0, _, _ = run("recurrent", False)
     l1, c1, g1, _, _ = run("chunked", True)
     assert l0.shape == (B, T, V) and l0.dtype == F64
-    assert max_diff(l0, l1) < TOL
-    assert max_diff(c0, c1) < TOL
-    assert max_diff(g0, g1) < TOL
+    assert_close(l0, l1)
+    assert_close(c0, c1)
+    assert_close(g0, g1)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(g0))
 
 
 @pytest.mark.parametrize("impl,remat", [("recurrent", False), ("chunked", True)])
 def test_prefill_then_decode_equals_full_forward(impl, remat):
     logits, cache, _, stepped, c = run(impl, remat)
-    assert max_diff(stepped, logits) < TOL
-    assert max_diff(c, cache) < TOL
+    assert_close(stepped, logits)
+    assert_close(c, cache)
     assert jnp.array_equal(c["pos"], jnp.full((B,), T))
 
 

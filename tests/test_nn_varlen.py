@@ -6,6 +6,7 @@ as it came in — a single call needs T >= 1). float64 at 1e-10.
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,8 @@ from tttla_jax.nn.mixers import DeltaNet, LinearAttention
 F64 = jnp.float64
 W, H = 8, 2
 TOL = 1e-10
+# float64 equivalence: every element within TOL (absolute), shapes and tree structure equal
+assert_close = functools.partial(chex.assert_trees_all_close, rtol=0.0, atol=TOL)
 LENS = (5, 0, 9, 1, 8, 3)   # an empty sequence, and ones shorter than the conv width (4)
 LENS2 = (3, 3, 0, 3, 7, 10)  # another packing with the same N and T
 CU = np.concatenate([[0], np.cumsum(LENS)]).astype(np.int32)
@@ -130,22 +133,22 @@ def test_packed_equals_separate_calls(case, impl):
         assert yp.shape == (1, T, W) and yp.dtype == F64
         assert cp["state"].shape == (N, H, W // H, W // H)
         assert sorted(cp) == sorted(make(case).init_cache(1))
-        assert max_diff(yp, ys) < TOL
-        assert max_diff(cp, cs) < TOL
+        assert_close(yp, ys)
+        assert_close(cp, cs)
     # the input cache matters, and the empty sequence (index 1) passes its cache through
     assert max_diff(r["p"][0], r["p_nocache"][0]) > 1e-6
     c0 = random_cache(make(case), N)
-    assert max_diff({k: v[1] for k, v in r["p"][1].items()}, {k: v[1] for k, v in c0.items()}) == 0
+    chex.assert_trees_all_equal({k: v[1] for k, v in r["p"][1].items()}, {k: v[1] for k, v in c0.items()})
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_packed_gradients_and_decoding(case):
     r = run(case, "chunked")
-    assert max_diff(r["gp"], r["gs"]) < TOL
+    assert_close(r["gp"], r["gs"])
     gx, gc = r["gp"]
     assert float(jnp.max(jnp.abs(gx))) > 0
     assert all(float(jnp.max(jnp.abs(v))) > 0 for v in gc.values())
-    assert max_diff(r["dp"], r["ds"]) < TOL
+    assert_close(r["dp"], r["ds"])
 
 
 def test_one_sequence_equals_unpacked_call():
@@ -154,7 +157,7 @@ def test_one_sequence_equals_unpacked_call():
     c = random_cache(m, 1)
     f = jit(lambda x, c: (m(x, cache=c, cu_seqlens=jnp.array([0, 7])), m(x, cache=c)))
     packed, plain = f(x, c)
-    assert max_diff(packed, plain) < TOL
+    assert_close(packed, plain)
 
 
 @pytest.mark.parametrize("case", ["la_decay", "delta_conv_gated"])
@@ -168,7 +171,7 @@ def test_traced_cu_seqlens_under_jit(case):
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
         assert cu[-1] == T
         got = f(x, c0, jnp.asarray(cu))
-        assert max_diff(got, jit(lambda x, c: separate(m, x, c, cu))(x, c0)) < TOL
+        assert_close(got, jit(lambda x, c: separate(m, x, c, cu))(x, c0))
     assert f._cache_size() == 1
 
 
@@ -186,11 +189,11 @@ def test_short_conv_packed(lens, kernel):
         for i in range(n):
             a, b = int(cu[i]), int(cu[i + 1])
             if b == a:
-                assert max_diff(s[i], st[i]) == 0
+                chex.assert_trees_all_equal(s[i], st[i])
                 continue
             yi, si = conv(x[:, a:b], st[i: i + 1])
-            assert max_diff(y[:, a:b], yi) < TOL
-            assert max_diff(s[i: i + 1], si) < TOL
+            assert_close(y[:, a:b], yi)
+            assert_close(s[i: i + 1], si)
     # a boundary matters: not the same as one unbroken stream
     if kernel > 1:
         assert max_diff(conv(x, cu_seqlens=jnp.asarray(cu))[0], conv(x)[0]) > 1e-6

@@ -1,9 +1,9 @@
 """Token mixers: linear attention, (gated) DeltaNet and sliding-window softmax attention.
 
 Every mixer follows the protocol described in :mod:`tttla_jax.nn` (``Mixer``):
-keyword configuration, an explicit ``impl`` (docs/implementations.md), ``init_cache(batch_size)`` and
-``__call__(x, *, cache=None, positions=None) -> (y, new_cache)`` with the fast-weight
-state carried explicitly in and out. :class:`LinearAttention` and :class:`DeltaNet` also
+keyword configuration, an explicit ``impl`` (docs/implementations.md),
+``init_cache(batch_size)`` and ``__call__(x, *, cache=None, positions=None) -> (y, new_cache)``
+with the fast-weight state carried explicitly in and out. :class:`LinearAttention` and :class:`DeltaNet` also
 take ``cu_seqlens`` (packed variable-length sequences, ``x`` ``[1, T, W]``, caches in and
 out per sequence ``[N, ...]``; see :mod:`tttla_jax.ops.varlen`).
 
