@@ -16,6 +16,7 @@ Shapes are tiny (interpret mode is slow); lowering for real backends is in
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,7 @@ import pytest
 
 import tttla_jax as tt
 from tttla_jax.kernels import BlockSizes
+from tttla_jax.kernels import delta_rule as kernel_dr
 from tttla_jax.kernels import linear_attention as kernel_la
 from tttla_jax.kernels import unsupported_reason
 from tttla_jax.reference import linear_attention_loop
@@ -85,11 +87,19 @@ def loop(mode, C):
 
 
 def assert_close(got, want, atol=0.0, rel=None, what=""):
+    """chex comparison per named leaf: ``|got − want| ≤ tol`` with ``tol = atol`` or, with
+    ``rel``, ``rel · max(1, max|want|)``."""
     names = ("o", "S") if len(got) == 2 else ("dq", "dk", "dv", "dg", "dS0")
     for name, x, y in zip(names, got, want):
-        assert x.shape == y.shape, (what, name, x.shape, y.shape)
+        chex.assert_equal_shape((x, y), custom_message=f"{what}: {name}")
         tol = atol if rel is None else rel * max(1.0, float(np.max(np.abs(y))))
-        np.testing.assert_allclose(x, y, atol=tol, rtol=0, err_msg=f"{what}: {name}")
+        chex.assert_trees_all_close(x, y, atol=tol, rtol=0, custom_message=f"{what}: {name}")
+
+
+def assert_trees_close(a, b, atol, what=""):
+    chex.assert_trees_all_equal_shapes(a, b)
+    to64 = functools.partial(jax.tree_util.tree_map, lambda x: np.asarray(x, np.float64))
+    chex.assert_trees_all_close(to64(a), to64(b), atol=atol, rtol=0, custom_message=what)
 
 
 def to_f64(args):
@@ -186,8 +196,7 @@ def test_no_decay_no_initial_state():
 
     (_, out_k), g_k = val_grad(kfn)(q, k, v)
     (_, out_c), g_c = val_grad(cfn)(q, k, v)
-    for a, b in zip(out_k + g_k, out_c + g_c):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-10)
+    assert_trees_close(out_k + g_k, out_c + g_c, 1e-10, what="kernel vs chunked")
     o, S = jax.eval_shape(lambda q, k, v: kernel_la(q, k, v, chunk_size=16, interpret="gpu"), q, k, v)
     assert S is None and o.shape == (1, 19, 2, 16)
 
@@ -198,12 +207,10 @@ def test_vmap_and_checkpoint():
     stacked = tuple(jnp.stack([x, 0.5 * x]) for x in args)
     o_v, S_v = jax.jit(jax.vmap(kernel("causal", 16, "gpu")))(*stacked)
     o_c, S_c = jax.jit(jax.vmap(chunked("causal", 16)))(*stacked)
-    np.testing.assert_allclose(np.asarray(o_v), np.asarray(o_c), atol=1e-10)
-    np.testing.assert_allclose(np.asarray(S_v), np.asarray(S_c), atol=1e-10)
+    assert_trees_close((o_v, S_v), (o_c, S_c), 1e-10, what="vmap")
     g_ckpt = jax.jit(jax.grad(loss_of(jax.checkpoint(kernel("causal", 16, "gpu"))), argnums=ARGNUMS))(*args)
     g_ref = jax.jit(jax.grad(loss_of(chunked("causal", 16)), argnums=ARGNUMS))(*args)
-    for a, c in zip(g_ckpt, g_ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-10)
+    assert_trees_close(g_ckpt, g_ref, 1e-10, what="checkpoint grads")
 
 
 def test_public_dispatch_impl_pallas_and_auto():
@@ -213,16 +220,14 @@ def test_public_dispatch_impl_pallas_and_auto():
                                chunk_size=16, impl="pallas")
     o_c, S_c = tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, output_final_state=True,
                                    chunk_size=16, impl="chunked")
-    np.testing.assert_allclose(np.asarray(o), np.asarray(o_c), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(S), np.asarray(S_c), atol=1e-4)
+    assert_trees_close((o, S), (o_c, S_c), 1e-4, what="pallas vs chunked float32")
     # float64 without an explicit interpret flag: the platform-chosen (CPU: interpreted) kernel.
     q64, k64, v64, g64, S64 = make_inputs(7, 1, 5, 1, 16, 16)
     o64, S64_T = tt.linear_attention(q64, k64, v64, log_decay=g64, initial_state=S64, output_final_state=True,
                                      impl="pallas")
     o64_c, S64_c = tt.linear_attention(q64, k64, v64, log_decay=g64, initial_state=S64, output_final_state=True,
                                        impl="chunked")
-    np.testing.assert_allclose(np.asarray(o64), np.asarray(o64_c), atol=1e-12)
-    np.testing.assert_allclose(np.asarray(S64_T), np.asarray(S64_c), atol=1e-12)
+    assert_trees_close((o64, S64_T), (o64_c, S64_c), 1e-12, what="pallas vs chunked float64")
     # CPU host: auto never picks the kernel (the XLA chunked form is the fast path here).
     assert jax.default_backend() == "cpu"
     for masking in ("causal", "none"):
@@ -294,3 +299,67 @@ def test_float64_needs_interpret_off_cpu(monkeypatch):
     monkeypatch.setattr(tttla_jax.impl, "platform", lambda: "gpu")
     with pytest.raises(ValueError, match=r"dtype float64 is not supported"):
         mod.linear_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------- from the public ops
+
+
+def test_block_sizes_and_interpret_reach_the_kernel_from_the_ops():
+    """tt.linear_attention / tt.delta_rule(impl="pallas", block_sizes=..., interpret=...) run the
+    kernel with exactly those settings (same numbers as calling it directly; the kernel's own
+    validation of both arguments fires from the op); with impl="auto", interpret= lets auto
+    pick the kernel on a CPU host."""
+    q, k, v, g, S0 = make_inputs(11, 1, 12, 1, 16, 32, jnp.float32)
+    beta = jnp.full(g.shape, 0.5, jnp.float32)
+    bs = BlockSizes(block_v_gpu=16)
+    kw = dict(log_decay=g, initial_state=S0, output_final_state=True, chunk_size=16)
+    for op, kern, extra in ((tt.linear_attention, kernel_la, ()), (tt.delta_rule, kernel_dr, (beta,))):
+        direct = kern(q, k, v, *extra, block_sizes=bs, interpret="gpu", **kw)
+        for impl in ("pallas", "auto"):
+            via_op = op(q, k, v, *extra, impl=impl, block_sizes=bs, interpret="gpu", **kw)
+            assert_trees_close(via_op, direct, 0.0, what=f"{op.__name__} impl={impl}")
+        with pytest.raises(ValueError, match=r"BlockSizes.block_v_tpu: expected V = 32 or a multiple of 128"):
+            op(q, k, v, *extra, impl="pallas", block_sizes=BlockSizes(block_v_tpu=48), **kw)
+        with pytest.raises(ValueError, match=r"interpret: expected None, True, 'gpu', 'tpu'"):
+            op(q, k, v, *extra, impl="pallas", interpret="cuda", **kw)
+        with pytest.raises(ValueError, match=r"block_sizes: expected a tttla_jax.kernels.BlockSizes or None"):
+            op(q, k, v, *extra, impl="pallas", block_sizes=dict(block_v_gpu=16), **kw)
+
+
+def test_block_sizes_accept_numpy_ints():
+    assert BlockSizes(block_v_gpu=np.int64(32), num_warps=jnp.int32(4)) == BlockSizes(block_v_gpu=32, num_warps=4)
+    with pytest.raises(ValueError, match=r"BlockSizes.num_warps: expected a positive int, got 4.0"):
+        BlockSizes(num_warps=4.0)
+
+
+@pytest.mark.parametrize("op", ["tt.linear_attention", "kernels.linear_attention", "tt.delta_rule",
+                                "kernels.delta_rule"])
+@pytest.mark.parametrize("change,match", [
+    (dict(k=(1, 5, 1, 16)), r"k: expected shape \[B, T, H, K\] \(from q\) = \(1, 4, 1, 16\), got \(1, 5, 1, 16\)"),
+    (dict(v=(1, 4, 2, 16)), r"v: expected shape \[B, T, H, V\] with \(B, T, H\) = \(1, 4, 1\) \(from q\), got \(1, 4, 2, 16\)"),
+    (dict(q=(1, 4, 16)), r"q: expected a rank-4 array with layout \[B, T, H, D\], got shape \(1, 4, 16\)"),
+    (dict(log_decay=(1, 4)), r"log_decay: expected shape \[B, T, H\] = \(1, 4, 1\), got \(1, 4\)"),
+    (dict(initial_state=(1, 16, 16)), r"initial_state: expected shape \[B, H, K, V\] = \(1, 1, 16, 16\), got \(1, 16, 16\)"),
+    (dict(chunk_size=0), r"chunk_size: expected a positive int, got 0"),
+    (dict(scale="1"), r"scale: expected a real scalar"),
+])
+def test_one_input_contract_for_ops_and_kernels(op, change, match):
+    """The ops and the kernel wrappers validate the token tensors and scalars with the same
+    checks (tttla_jax._checks.check_qkv and friends), so they fail with the same message."""
+    shapes = dict(q=(1, 4, 1, 16), k=(1, 4, 1, 16), v=(1, 4, 1, 16))
+    kw = {}
+    for name, val in change.items():
+        if name in shapes:
+            shapes[name] = val
+        elif name in ("log_decay", "initial_state"):
+            kw[name] = jnp.zeros(val, jnp.float32)
+        else:
+            kw[name] = val
+    q, k, v = (jnp.zeros(shapes[n], jnp.float32) for n in ("q", "k", "v"))
+    fn = {"tt.linear_attention": tt.linear_attention, "kernels.linear_attention": kernel_la,
+          "tt.delta_rule": tt.delta_rule, "kernels.delta_rule": kernel_dr}[op]
+    extra = (jnp.zeros((1, 4, 1), jnp.float32),) if "delta" in op else ()
+    if "tt." in op:
+        kw["impl"] = "pallas"
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, v, *extra, **kw)

@@ -1,4 +1,4 @@
-"""Pallas delta-rule kernel: forward kernel, backward by the XLA twin.
+"""Pallas delta-rule kernel: forward kernel, backward in XLA (the chunked form of the chunk toolkit).
 
 Truth: the float64 loop :func:`tttla_jax.reference.delta_rule_loop` (docs/linear_attention.md) and the XLA
 chunked form ``tt.delta_rule(impl="chunked")``. Tolerances as ``test_kernels.py``: float64
@@ -8,6 +8,7 @@ the regime where the delta rule is a contraction.
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,10 +66,12 @@ def loop(q, k, v, beta, g, S0):
 
 
 def assert_close(got, want, atol=0.0, rel=None, what=""):
+    """chex comparison per leaf: ``|got − want| ≤ tol`` with ``tol = atol`` or, with ``rel``,
+    ``rel · max(1, max|want|)``."""
     for i, (x, y) in enumerate(zip(got, want)):
-        assert x.shape == y.shape, (what, i, x.shape, y.shape)
+        chex.assert_equal_shape((x, y), custom_message=f"{what}: leaf {i}")
         tol = atol if rel is None else rel * max(1.0, float(np.max(np.abs(y))))
-        np.testing.assert_allclose(x, y, atol=tol, rtol=0, err_msg=f"{what}: leaf {i}")
+        chex.assert_trees_all_close(x, y, atol=tol, rtol=0, custom_message=f"{what}: leaf {i}")
 
 
 SHAPE = dict(B=1, T=18, H=2, K=16, V=32)  # two chunks of 16, the second partial

@@ -5,6 +5,7 @@ per-sequence final states and gradients w.r.t. q, k, v, β, log-decay and the in
 than a chunk, gated and ungated, with chunk groups of 1 and of several chunks."""
 import importlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +94,8 @@ def test_float32_within_tolerance_and_traced_cu_seqlens():
     for c in (cu, _cu(lens2)):
         o, S = f(c, **x)
         ref = jax.jit(_per_sequence(c))(**x)
-        np.testing.assert_allclose(o, ref[0], rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref[0]))))
-        np.testing.assert_allclose(S, ref[1], rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref[1]))))
+        chex.assert_trees_all_close(o, ref[0], rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref[0]))))
+        chex.assert_trees_all_close(S, ref[1], rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref[1]))))
     assert f._cache_size() == 1
 
 
@@ -108,20 +109,20 @@ def test_one_sequence_equals_unpacked_and_no_state_crosses_a_boundary():
     for impl in ("chunked", "recurrent"):
         o1, S1 = run(jnp.asarray([0, T], jnp.int32), impl, **one)
         o, S = run(None, impl, **one)
-        np.testing.assert_allclose(o1, o, atol=1e-12)
-        np.testing.assert_allclose(S1, S, atol=1e-12)
+        chex.assert_trees_all_close(o1, o, atol=1e-12, rtol=1e-7)
+        chex.assert_trees_all_close(S1, S, atol=1e-12, rtol=1e-7)
     # changing the first sequence's tokens changes nothing in the others
     o0, S0 = run(cu, "chunked", **x)
     o2, S2 = run(cu, "chunked", **dict(x, v=x["v"].at[:, :5].set(100.0)))
-    np.testing.assert_array_equal(o2[:, 5:], o0[:, 5:])
-    np.testing.assert_array_equal(S2[1:], S0[1:])
+    chex.assert_trees_all_equal(o2[:, 5:], o0[:, 5:])
+    chex.assert_trees_all_equal(S2[1:], S0[1:])
     assert not np.allclose(S2[0], S0[0])
     # an empty sequence's final state is its initial state
-    np.testing.assert_array_equal(S0[1], x["h0"][1])
+    chex.assert_trees_all_equal(S0[1], x["h0"][1])
     # impl="auto" with cu_seqlens is the chunked form
     oa, Sa = run(cu, "auto", **x)
-    np.testing.assert_array_equal(oa, o0)
-    np.testing.assert_array_equal(Sa, S0)
+    chex.assert_trees_all_equal(oa, o0)
+    chex.assert_trees_all_equal(Sa, S0)
 
 
 def test_initial_state_per_sequence_and_pallas_are_checked():
@@ -144,5 +145,5 @@ def test_vmap_over_rows_each_with_its_own_packing():
     o, S = jax.jit(jax.vmap(lambda cu, **kw: _packed_form(cu, "chunked")(**kw)))(jnp.stack([cu1, cu2]), **xs)
     for i, (cu, inp) in enumerate(((cu1, x), (cu2, y))):
         o_ref, S_ref = jax.jit(_per_sequence(cu))(**inp)
-        np.testing.assert_allclose(o[i], o_ref, atol=1e-10)
-        np.testing.assert_allclose(S[i], S_ref, atol=1e-10)
+        chex.assert_trees_all_close(o[i], o_ref, atol=1e-10, rtol=1e-7)
+        chex.assert_trees_all_close(S[i], S_ref, atol=1e-10, rtol=1e-7)
