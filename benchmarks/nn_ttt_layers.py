@@ -1,6 +1,6 @@
-"""Benchmark: TTTLinear / TTTMLP / TitansMemory layers, recurrent vs parallel mode.
+"""Benchmark: TTTLinear / TTTMLP / TitansMemory layers, the sequential vs the parallel implementation.
 
-Per layer and mode: forward and forward+backward (gradients w.r.t. all parameters) wall
+Per layer and implementation (``impl``, docs/implementations.md): forward and forward+backward (gradients w.r.t. all parameters) wall
 time of a full call (``cache=None``, the training path) on ``[B, T, W]`` float32 inputs,
 and the time of one decoding step (one token through the cache, after a prefill that
 leaves a partial mini-batch). Prints a table and writes JSON with the shared ``machine``
@@ -10,7 +10,7 @@ other jobs.
 Timing: ``benchmarks/_timing.timeit`` — one compile + warm-up call, then ``--repeats`` timed
 calls. The table and ``fwd_tok_per_s`` report the **median** (``["median"]``, as before the
 shared helper); the JSON rows have both ``*_ms_median`` and ``*_ms_min`` (``["best"]``).
-Since the move to the shared helper each (layer, mode, pass) runs its repeats back to back
+Since the move to the shared helper each (layer, impl, pass) runs its repeats back to back
 (the modes used to be interleaved repeat by repeat, with a warm-up call before each timed
 call). Results written before that change are not comparable for ``recurrent``: the jitted
 functions then closed over the loop's graphdef and were first traced after the loop, so the
@@ -20,10 +20,11 @@ functions then closed over the loop's graphdef and were first traced after the l
                                        [--layers ttt_linear ttt_mlp titans] [--no-tune-malloc]
                                        [--out benchmarks/results/nn_ttt_layers.json]
 
-Modes: TTT ``recurrent`` = the rule's primal form (per-row fast weights materialised,
-``[C, D, D]`` per head and mini-batch), ``parallel`` = dual form (matmuls); Titans
-``recurrent`` = ``lax.scan`` over chunks, ``parallel`` = chunked masked linear attention
-inside each TTT batch.
+Implementations: TTT ``primal`` (per-row fast weights materialised, ``[C, D, D]`` per head
+and mini-batch; the ``recurrent`` rows of results written before the ``impl`` vocabulary)
+and ``dual`` (matmuls; formerly ``parallel``); Titans ``recurrent`` (``lax.scan`` over
+chunks) and ``chunked`` (masked linear attention inside each TTT batch; formerly
+``parallel``).
 """
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ from tttla_jax.nn.ttt import TTTLinear, TTTMLP  # noqa: E402
 
 def layers(width, heads):
     return {
-        "ttt_linear": lambda mode: TTTLinear(width=width, num_heads=heads, mini_batch_size=16,
-                                             mode=mode, rngs=nnx.Rngs(0)),
-        "ttt_mlp": lambda mode: TTTMLP(width=width, num_heads=heads, mini_batch_size=16,
-                                       mode=mode, rngs=nnx.Rngs(0)),
-        "titans": lambda mode: TitansMemory(width=width, num_heads=heads, chunk_size=16,
-                                            batch_size=64, mode=mode, rngs=nnx.Rngs(0)),
+        "ttt_linear": (("primal", "dual"), lambda impl: TTTLinear(
+            width=width, num_heads=heads, mini_batch_size=16, impl=impl, rngs=nnx.Rngs(0))),
+        "ttt_mlp": (("primal", "dual"), lambda impl: TTTMLP(
+            width=width, num_heads=heads, mini_batch_size=16, impl=impl, rngs=nnx.Rngs(0))),
+        "titans": (("recurrent", "chunked"), lambda impl: TitansMemory(
+            width=width, num_heads=heads, chunk_size=16, batch_size=64, impl=impl, rngs=nnx.Rngs(0))),
     }
 
 
@@ -70,12 +71,12 @@ def main(argv=None):
     B, T, Wd = args.B, args.T, args.width
     x = jax.random.normal(jax.random.key(0), (B, T, Wd), jnp.float32)
     rows = []
-    for name, mk in layers(Wd, args.heads).items():
+    for name, (impls, mk) in layers(Wd, args.heads).items():
         if name not in args.layers:
             continue
-        for mode in ("recurrent", "parallel"):
-            gd, st = nnx.split(mk(mode))
-            # gd is bound per mode (default argument): the mode is in the graphdef, and a
+        for impl in impls:
+            gd, st = nnx.split(mk(impl))
+            # gd is bound per impl (default argument): the impl is in the graphdef, and a
             # closure would see whichever gd is current when jit first traces the function
             fwd = jax.jit(lambda st, x, gd=gd: nnx.merge(gd, st)(x)[0])
             loss = lambda st, x, gd=gd: jnp.sum(nnx.merge(gd, st)(x)[0] ** 2)
@@ -86,17 +87,17 @@ def main(argv=None):
             t = {"fwd": timeit(fwd, st, x, repeats=args.repeats),
                  "fwd_bwd": timeit(bwd, st, x, repeats=args.repeats),
                  "decode": timeit(dec, st, x[:, :1], cache, repeats=args.repeats)}
-            row = {"layer": name, "mode": mode, "B": B, "T": T, "width": Wd, "heads": args.heads}
+            row = {"layer": name, "impl": impl, "B": B, "T": T, "width": Wd, "heads": args.heads}
             for k, v in t.items():
                 row[f"{k}_ms_median"] = 1e3 * v["median"]
                 row[f"{k}_ms_min"] = 1e3 * v["best"]
             row["fwd_tok_per_s"] = B * T / (row["fwd_ms_median"] / 1e3)
             rows.append(row)
-    hdr = f"{'layer':<11} {'mode':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'decode ms':>10} {'fwd tok/s':>11}"
+    hdr = f"{'layer':<11} {'impl':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'decode ms':>10} {'fwd tok/s':>11}"
     print(f"B={B} T={T} W={Wd} H={args.heads} float32, medians over {args.repeats} repeats")
     print(hdr)
     for r in rows:
-        print(f"{r['layer']:<11} {r['mode']:<10} {r['fwd_ms_median']:>9.1f} {r['fwd_bwd_ms_median']:>11.1f} "
+        print(f"{r['layer']:<11} {r['impl']:<10} {r['fwd_ms_median']:>9.1f} {r['fwd_bwd_ms_median']:>11.1f} "
               f"{r['decode_ms_median']:>10.2f} {r['fwd_tok_per_s']:>11.0f}")
     m = machine(start)
     print(describe(m))

@@ -1,11 +1,12 @@
 """Benchmark: every rule family of ``tt.rules``, forward and forward+backward, on this CPU.
 
-One row per (rule, form): tokens/s of the forward pass and of forward+backward (gradient of
-``sum(o)`` w.r.t. every floating input: queries, keys, values, learning rates, gates and the
-initial fast weights), float32, B=1, H=4, head dim 64, T=4096 by default (ViT³: a 64×64
-token grid = 4096 tokens). Forms: ``recurrent`` (the ``lax.scan`` rule) and ``parallel``
-(where ``rule.breaks_associativity()`` is ``None``); TTT's mini-batch rule is timed in its
-dual (matmul) and primal (per-row) forms. Inputs come from each family's registry
+One row per (rule, implementation): tokens/s of the forward pass and of forward+backward
+(gradient of ``sum(o)`` w.r.t. every floating input: queries, keys, values, learning rates,
+gates and the initial fast weights), float32, B=1, H=4, head dim 64, T=4096 by default
+(ViT³: a 64×64 token grid = 4096 tokens). Implementations (docs/implementations.md):
+``recurrent`` (the ``lax.scan`` rule) and every one of ``rule.parallel_impls()`` (e.g.
+``chunked``, ``associative``); TTT's mini-batch rule is timed in its dual (matmul) and
+primal (per-row) forms (``impl="dual"`` / ``"primal"``). Inputs come from each family's registry
 builder (the same generator the equivalence tests use), at benchmark size.
 
 Each timing is the **minimum** over ``--repeats`` calls after one compile + warm-up call
@@ -24,6 +25,7 @@ Family-specific sweeps with more knobs: ``benchmarks/ladder.py`` (LaCT V0–V6),
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -53,11 +55,11 @@ def _cases(T: int, H: int, D: int):
         ("lact_v0 (C=64)", tt.rules.ladder("v0", chunk_size=64), "lact", dict(B=1, T=T, H=H, K=D, Dh=D, V=D)),
         ("lact_v2 (C=64)", tt.rules.ladder("v2", chunk_size=64), "lact", dict(B=1, T=T, H=H, K=D, Dh=D, V=D)),
         ("lact_v6 (C=64)", tt.rules.ladder("v6", chunk_size=64), "lact", dict(B=1, T=T, H=H, K=D, Dh=D, V=D)),
-        ("ttt_linear dual (b=16)", tt.rules.TTTLinearRule(mini_batch_size=16, form="dual"), "ttt_linear",
+        ("ttt_linear dual (b=16)", tt.rules.TTTLinearRule(mini_batch_size=16, impl="dual"), "ttt_linear",
          dict(B=1, T=T, H=H, D=D)),
-        ("ttt_linear primal (b=16)", tt.rules.TTTLinearRule(mini_batch_size=16, form="primal"), "ttt_linear",
+        ("ttt_linear primal (b=16)", tt.rules.TTTLinearRule(mini_batch_size=16, impl="primal"), "ttt_linear",
          dict(B=1, T=T, H=H, D=D)),
-        ("ttt_mlp dual (b=16)", tt.rules.TTTMLPRule(mini_batch_size=16, form="dual"), "ttt_mlp",
+        ("ttt_mlp dual (b=16)", tt.rules.TTTMLPRule(mini_batch_size=16, impl="dual"), "ttt_mlp",
          dict(B=1, T=T, H=H, D=D)),
         ("titans_linear (C=16)", tt.rules.TitansRule(chunk_size=16, batch_size=None), "titans_linear",
          dict(B=1, T=T, H=H, K=D, V=D)),
@@ -73,8 +75,8 @@ def _tokens(label: str, args) -> int:
     return int(x.shape[0] * x.shape[1])
 
 
-def bench(label, rule, form, args, repeats):
-    call = getattr(rule, form)
+def bench(label, rule, impl, args, repeats):
+    call = rule.recurrent if impl == "recurrent" else functools.partial(rule.parallel, impl=impl)
 
     def out(*a):
         o = call(*a)
@@ -91,7 +93,7 @@ def bench(label, rule, form, args, repeats):
     tf, tb = timeit(fwd, *args, repeats=repeats), timeit(fb, *args, repeats=repeats)
     t_f, c_f, t_b, c_b = tf["best"], tf["compile"], tb["best"], tb["compile"]
     n = _tokens(label, args)
-    return dict(rule=label, form=form, tokens=n, fwd_s=t_f, fwd_bwd_s=t_b, fwd_tok_s=n / t_f,
+    return dict(rule=label, impl=impl, tokens=n, fwd_s=t_f, fwd_bwd_s=t_b, fwd_tok_s=n / t_f,
                 fwd_bwd_tok_s=n / t_b, compile_fwd_s=c_f, compile_fwd_bwd_s=c_b)
 
 
@@ -107,17 +109,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     start = setup(tune=not a.no_tune_malloc)
     rows = []
-    print(f"{'rule':28s} {'form':10s} {'fwd tok/s':>12s} {'fwd+bwd tok/s':>14s} {'compile s':>10s}")
+    print(f"{'rule':28s} {'impl':12s} {'fwd tok/s':>12s} {'fwd+bwd tok/s':>14s} {'compile s':>10s}")
     for label, rule, reg, shapes in _cases(a.T, a.H, a.D):
         if a.only and not any(label.startswith(o) for o in a.only):
             continue
         _, build = REGISTRY[reg]()
         args = build(rule, seed=0, dtype=jnp.float32, **shapes)
-        forms = ["recurrent"] + (["parallel"] if rule.breaks_associativity() is None else [])
-        for form in forms:
-            r = bench(label, rule, form, args, a.repeats)
+        for impl in ("recurrent",) + rule.parallel_impls():
+            r = bench(label, rule, impl, args, a.repeats)
             rows.append(r)
-            print(f"{label:28s} {form:10s} {r['fwd_tok_s']:12.0f} {r['fwd_bwd_tok_s']:14.0f} "
+            print(f"{label:28s} {impl:12s} {r['fwd_tok_s']:12.0f} {r['fwd_bwd_tok_s']:14.0f} "
                   f"{r['compile_fwd_s'] + r['compile_fwd_bwd_s']:10.1f}", flush=True)
     meta = dict(T=a.T, H=a.H, D=a.D, dtype="float32", repeats=a.repeats,
                 statistic="min over repeats after one compile/warm-up call")

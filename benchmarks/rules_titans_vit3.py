@@ -7,7 +7,8 @@ over TTT batches of 4 chunks with the parallel form inside). Forms: ``recurrent`
 matmuls inside, a scan across blocks), ``associative`` (``lax.associative_scan`` over
 the chunks' 2×2 affine maps; materialises one memory per chunk).
 ViT³: N=196 tokens (14×14 grid), B=8, GLU part H=4 heads of 64, conv part C=64 channels;
-``recurrent`` (the gradient step) vs ``parallel`` (the linear-attention rewrite).
+``recurrent`` (the gradient step) vs ``chunked`` (the linear-attention rewrite, the whole
+non-causal sequence as one matmul block).
 
 Forward and forward+backward (gradient of ``sum(o) + sum(final state)`` w.r.t. every
 input and the initial fast weights) tokens/s: **median** of ``--repeats`` timed calls after
@@ -110,7 +111,7 @@ def main(argv=None):
                 rows.append(bench_titans(impl, bs or None, a.B, a.T, a.H, a.D, c, a.block_tokens, a.repeats))
                 print(rows[-1], flush=True)
     for part in ("glu", "conv"):
-        for impl in ("recurrent", "parallel"):
+        for impl in ("recurrent", "chunked"):
             rows.append(bench_vit3(part, impl, a.vit_B, (a.vit_grid, a.vit_grid), a.H, a.D, a.repeats))
             print(rows[-1], flush=True)
 

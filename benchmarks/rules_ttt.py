@@ -38,8 +38,8 @@ def median_s(fn, *args, repeats=3):
     return t["median"], t["compile"]
 
 
-def bench(cls, form, B, T, H, D, C, repeats):
-    rule = cls(mini_batch_size=C, form=form)
+def bench(cls, impl, B, T, H, D, C, repeats):
+    rule = cls(mini_batch_size=C, impl=impl)
     q, k, v, lr, te, g, bt, st = _example_inputs(rule, seed=0, dtype=jnp.float32, B=B, T=T, H=H, D=D)
     fwd = jax.jit(lambda q, k, v, lr, st: rule.recurrent(q, k, v, lr, te, g, bt, st, output_final_state=True))
 
@@ -50,7 +50,7 @@ def bench(cls, form, B, T, H, D, C, repeats):
     fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
     t_f, c_f = median_s(fwd, q, k, v, lr, st, repeats=repeats)
     t_b, c_b = median_s(fb, q, k, v, lr, st, repeats=repeats)
-    return dict(rule=cls.__name__, form=form, B=B, T=T, H=H, D=D, mini_batch_size=C,
+    return dict(rule=cls.__name__, impl=impl, B=B, T=T, H=H, D=D, mini_batch_size=C,
                 fwd_s=t_f, fwd_bwd_s=t_b, fwd_tok_s=B * T / t_f, fwd_bwd_tok_s=B * T / t_b,
                 compile_fwd_s=c_f, compile_fwd_bwd_s=c_b)
 
@@ -71,13 +71,13 @@ def main(argv=None):
     rows = []
     print(f"TTT rules, float32, B={a.B} T={a.T} H={a.H} hd={a.D} mini-batch={a.mini_batch_size} "
           f"on {jax.devices()[0].platform} ({os.cpu_count()} cpus)")
-    print(f"{'rule':<14}{'form':<8}{'fwd tok/s':>12}{'fwd+bwd tok/s':>15}{'fwd ms':>10}{'fwd+bwd ms':>12}"
+    print(f"{'rule':<14}{'impl':<8}{'fwd tok/s':>12}{'fwd+bwd tok/s':>15}{'fwd ms':>10}{'fwd+bwd ms':>12}"
           f"{'compile s':>11}")
     for cls in (TTTLinearRule, TTTMLPRule):
-        for form in ("dual", "primal"):
-            r = bench(cls, form, a.B, a.T, a.H, a.D, a.mini_batch_size, a.repeats)
+        for impl in ("dual", "primal"):
+            r = bench(cls, impl, a.B, a.T, a.H, a.D, a.mini_batch_size, a.repeats)
             rows.append(r)
-            print(f"{r['rule']:<14}{form:<8}{r['fwd_tok_s']:>12.0f}{r['fwd_bwd_tok_s']:>15.0f}"
+            print(f"{r['rule']:<14}{impl:<8}{r['fwd_tok_s']:>12.0f}{r['fwd_bwd_tok_s']:>15.0f}"
                   f"{1e3 * r['fwd_s']:>10.1f}{1e3 * r['fwd_bwd_s']:>12.1f}"
                   f"{r['compile_fwd_s'] + r['compile_fwd_bwd_s']:>11.1f}", flush=True)
     meta = dict(repeats=a.repeats, dtype="float32",

@@ -389,3 +389,15 @@ def test_bad_call_inputs_raise():
         c(jnp.zeros((B, 6, 8, 2), jnp.int32))
     with pytest.raises(ValueError, match=r"config: expected a ViTConfig"):
         ViTClassifier({"width": 8}, rngs=nnx.Rngs(0))
+
+
+def test_numpy_and_jax_scalars_in_config_and_block():
+    """Sizes and scalars accept NumPy / JAX scalars (stored as Python values); ``impl`` is
+    validated with the implementation vocabulary (ViT3Block.impls)."""
+    cfg = tiny_config(width=np.int64(W), patch_size=jnp.int32(2), norm_eps=np.float32(0.5))
+    assert cfg == tiny_config(norm_eps=0.5) and type(cfg.width) is int and type(cfg.norm_eps) is float
+    assert ViT3Block.impls == ("recurrent", "chunked")
+    scale = jnp.float32(0.5)  # concrete (made outside the abstract build)
+    m = nnx.eval_shape(lambda: ViT3Block(width=W, num_heads=H, grid=(np.int64(3), 4), inner_lr=np.float32(1.0),
+                                         scale=scale, impl="chunked", rngs=nnx.Rngs(0)))
+    assert m.grid == (3, 4) and m.impl == "chunked" and m.scale == 0.5

@@ -246,7 +246,8 @@ def _ids(c):
 @pytest.mark.parametrize("cfg", LACT_CASES, ids=_ids)
 @pytest.mark.parametrize("T", [11, 3])
 def test_lact_reading_equals_recurrence(cfg, T):
-    from tttla_jax.rules.lact import LaCTRule, _example_inputs
+    from tttla_jax.rules.lact import LaCTRule
+    from tttla_jax.rules.lact.fixtures import example_inputs as _example_inputs
 
     rule = LaCTRule(chunk_size=4, **cfg)
     args = _example_inputs(rule, seed=6, T=T)
@@ -259,7 +260,8 @@ def test_lact_reading_equals_recurrence(cfg, T):
 
 @pytest.mark.slow  # the registry test checks every LaCT preset's reading gradients by default
 def test_lact_reading_gradients_match():
-    from tttla_jax.rules.lact import LaCTRule, _example_inputs
+    from tttla_jax.rules.lact import LaCTRule
+    from tttla_jax.rules.lact.fixtures import example_inputs as _example_inputs
 
     rule = LaCTRule(chunk_size=4, weight_norm="post", update="all", use_momentum=True)
     q, k, v, lr, st, m = _example_inputs(rule, seed=8, T=10)
@@ -277,7 +279,8 @@ def test_lact_reading_gradients_match():
 def test_lact_muon_reading_is_virtual_tokens():
     """docs/ladder.md with Muon: ``S_c = W1_0 + Σ_{i<c} NS5(M_i)``. The reading writes each chunk's
     ``NS5(M_i)ᵀ`` as ``dh`` virtual tokens with one-hot keys, read by later chunks only."""
-    from tttla_jax.rules.lact import LaCTRule, _example_inputs, newton_schulz5
+    from tttla_jax.rules.lact import LaCTRule, newton_schulz5
+    from tttla_jax.rules.lact.fixtures import example_inputs as _example_inputs
 
     rule = LaCTRule(chunk_size=4, update="w1", weight_norm=None, use_momentum=True, muon=True)  # V2
     q, k, v, lr, st, m = _example_inputs(rule, seed=9, T=11)
@@ -316,7 +319,8 @@ def test_lact_muon_bfloat16_ns_reading_is_close():
     """``muon_dtype="bfloat16"`` rounds inside NS5, a discontinuous map: the reading is exact
     in real arithmetic but the last-bit differences of a different evaluation order can flip
     a bfloat16 rounding, so it matches the rule only to bfloat16 precision."""
-    from tttla_jax.rules.lact import LaCTRule, _example_inputs
+    from tttla_jax.rules.lact import LaCTRule
+    from tttla_jax.rules.lact.fixtures import example_inputs as _example_inputs
 
     rule = LaCTRule(chunk_size=4, use_momentum=True, muon=True, muon_dtype="bfloat16")
     args = _example_inputs(rule, seed=6, T=11)
@@ -393,7 +397,7 @@ def test_reading_gradients_match_ttt_mlp_and_lact_muon_pre_norm():
 
     cases = [(ttt.TTTMLPRule(mini_batch_size=4, bias=False), ttt._example_inputs, 7),
              (lact.LaCTRule(chunk_size=4, weight_norm="pre", use_momentum=True, muon=True, inner_steps=2),
-              lact._example_inputs, 9)]
+              lact.fixtures.example_inputs, 9)]
     for rule, build, T in cases:
         args = build(rule, seed=4, T=T)
         report = tt.testing.check_rule(rule, args)

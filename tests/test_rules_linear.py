@@ -4,6 +4,7 @@ The rule's recurrent form is a token scan of inner gradient steps; it must equal
 float64 reference loops of docs/linear_attention.md (which are written as state updates, not gradients)
 and the parallel forms — outputs, final state and gradients, at 1e-10 in float64.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +113,41 @@ def test_bad_rule_inputs():
     with pytest.raises(ValueError, match="chunk_size: expected a positive int, got 0"):
         tt.rules.LinearAttentionRule(chunk_size=0)
     assert tt.rules.DeltaRule().breaks_associativity() is None
+
+
+def test_numpy_and_jax_scalars_and_traced_scale():
+    """``chunk_size`` / ``scale`` accept NumPy and JAX scalars (stored as Python values, so
+    the rule still compares equal and hashes), and a scale traced under ``jit`` works."""
+    rule = tt.rules.LinearAttentionRule(chunk_size=np.int64(4), scale=jnp.float32(0.5))
+    assert rule == tt.rules.LinearAttentionRule(chunk_size=4, scale=0.5) and hash(rule)
+    assert type(rule.chunk_size) is int and type(rule.scale) is float
+    x = inputs(6, T=9, loss="dot")
+    o_ref, _ = rule.recurrent(**x)
+
+    @jax.jit
+    def f(scale, x):
+        r = tt.rules.LinearAttentionRule(chunk_size=4, scale=scale)
+        return r.parallel(**x)[0], r.recurrent(**x)[0], tt.linear_attention(**r.linear_attention_inputs(**x))[0]
+
+    for o in f(jnp.float64(0.5), x):
+        chex.assert_trees_all_close(o, o_ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
+        tt.rules.LinearAttentionRule(chunk_size=True)
+
+
+def test_protocol_impls_and_linear_attention_inputs():
+    """Dot loss: ``impls`` chunked > associative > recurrent, and the rule *is* linear
+    attention (its kwargs reproduce it); MSE loss: no associative form, with the reason."""
+    dot, mse = tt.rules.LinearAttentionRule(gated=True, chunk_size=4), tt.rules.DeltaRule(chunk_size=4)
+    assert dot.impls == ("chunked", "associative", "recurrent")
+    assert dot.parallel_impls() == ("chunked", "associative") and mse.parallel_impls() == ("chunked",)
+    assert dot.resolve_impl() == "chunked" and dot.linear_attention_reason() is None
+    assert "delta rule" in mse.linear_attention_reason()
+    x = inputs(7, T=9, gated=True)
+    o, S = tt.linear_attention(**dot.linear_attention_inputs(**x), impl="recurrent")
+    chex.assert_trees_all_close((o, S), dot.recurrent(**x), rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(dot(**x, impl="associative"), dot(**x, impl="recurrent"), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="associative.*delta rule's transition"):
+        mse.parallel(**inputs(8, loss="mse"), impl="associative")
+    with pytest.raises(ValueError, match="linear_attention_inputs: .*MSE loss"):
+        mse.linear_attention_inputs(**inputs(8, loss="mse"))

@@ -306,3 +306,18 @@ def test_bad_mlp_W0_and_state():
         rule.recurrent(*args, TitansState(z(B, H, K, V), z(B, H, K, 4)))
     with pytest.raises(ValueError, match=r"state: expected a TitansState"):
         rule.recurrent(*args, z(B, H, K, V))
+
+
+def test_numpy_and_jax_scalars_and_impl_protocol():
+    """Sizes accept NumPy and JAX integer scalars (stored as Python ints); the rule's
+    implementations and ``"auto"`` (chunked for the linear memory, recurrent for the MLP
+    memory or one-chunk TTT batches) through the protocol."""
+    r = TitansRule(chunk_size=np.int32(4), batch_size=jnp.int32(8), block_tokens=np.int64(16))
+    assert r == TitansRule(chunk_size=4, batch_size=8, block_tokens=16) and hash(r)
+    assert r.impls == ("chunked", "associative", "recurrent")
+    assert r.parallel_impls() == ("chunked", "associative") and r.resolve_impl() == "chunked"
+    mlp = TitansRule(chunk_size=4, memory="mlp")
+    assert mlp.parallel_impls() == ("associative",) and mlp.resolve_impl() == "recurrent"
+    assert "linear read" in mlp.impl_reasons()["chunked"]
+    assert TitansRule(chunk_size=4, batch_size=4).resolve_impl() == "recurrent"
+    assert r.linear_attention_reason() is not None

@@ -382,3 +382,12 @@ def test_bad_state_and_mlp_shapes():
             jnp.concatenate([lr, lr]), te, g, bt, TTTLinearState(jnp.zeros((1, 2, 4, 4)), jnp.zeros((1, 2, 4))))
     with pytest.raises(ValueError, match="state: expected a TTTLinearState"):
         TTTLinearRule(mini_batch_size=4).recurrent(q, k, v, lr, te, g, bt, "nope")
+
+
+def test_numpy_and_jax_scalars():
+    """``mini_batch_size`` / ``eps`` accept NumPy and JAX scalars, stored as Python values."""
+    r = TTTLinearRule(mini_batch_size=np.int64(4), eps=jnp.float32(0.5))
+    assert r == TTTLinearRule(mini_batch_size=4, eps=0.5) and hash(r)
+    assert type(r.mini_batch_size) is int and type(r.eps) is float
+    with pytest.raises(ValueError, match="eps: expected a positive float"):
+        TTTMLPRule(eps=np.float64(0.0))

@@ -250,3 +250,16 @@ def test_conv_bad_input(kw, match):
     a = {n: jnp.zeros(s) for n, s in shapes.items()}
     with pytest.raises(ValueError, match=match):
         vit3_conv(a["q"], a["k"], a["v"], W=a["W"], grid=grid)
+
+
+def test_numpy_and_jax_scalars_and_impl_protocol():
+    """``grid`` / ``scale`` / ``lr`` accept NumPy and JAX scalars (stored as Python values);
+    ``impls``: ``"auto"`` runs the gradient step, ``"chunked"`` is the parallel form."""
+    r = ViT3ConvRule(grid=(np.int64(3), jnp.int32(4)), scale=jnp.float32(0.5), lr=np.float64(1.0))
+    assert r == ViT3ConvRule(grid=(3, 4), scale=0.5, lr=1.0) and hash(r)
+    g = ViT3GLURule(scale=np.float32(0.5))
+    assert type(g.scale) is float
+    for rule in (r, g):
+        assert rule.impls == ("recurrent", "chunked") and rule.parallel_impls() == ("chunked",)
+        assert rule.resolve_impl() == "recurrent" and rule.has_reading()
+        assert rule.linear_attention_reason() is not None

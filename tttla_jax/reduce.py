@@ -53,8 +53,10 @@ class Reading:
       state_coef: ``[B, H, T]`` (or broadcastable) coefficient ``a_t`` of the initial state;
         or a tuple of them, one per initial state (Titans has a memory and a momentum buffer).
       initial_state: ``[B, H, K̂, V]`` ``S_0``, or a tuple of such states.
-      associative: whether (★)'s ingredients are available up front (an associative /
-        chunked parallel form exists); ``False`` for a sequential reading.
+      associative: whether the configuration has a parallel (associative or chunked) form;
+        ``False`` for a sequential reading. Usually (★)'s ingredients are then available up
+        front; the delta rule is the exception — its effective values come from the
+        recurrence, yet its chunked (WY) form exists, so its reading is associative.
       breaks: ``None``, or the sentence naming the component that makes it sequential.
       post: optional map applied to the (★) outputs (e.g. TTT's LayerNorm and residual).
     """
@@ -159,21 +161,6 @@ def reduce(rule, *args, **kwargs) -> Reading:
                         f"got {type(rule).__name__}")
     if has():
         return rule.reading(*args, **kwargs)
-    legacy = _LEGACY.get(type(rule))  # TEMPORARY: until LaCTRule implements reading()
-    if legacy is not None:
-        return legacy(rule, *args, **kwargs)
     raise NotImplementedError(
         f"rule: {type(rule).__name__} has no linear-attention reading for this configuration "
         f"({rule!r}): rule.has_reading() is False")
-
-
-# TEMPORARY: the LaCT reader below registers here until it moves into LaCTRule.reading().
-_LEGACY = {}
-
-
-def register_reducer(cls, supports=None):  # TEMPORARY, see _LEGACY
-    def deco(fn):
-        _LEGACY[cls] = fn
-        return fn
-    return deco
-

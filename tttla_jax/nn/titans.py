@@ -81,19 +81,20 @@ class TitansMemory(Mixer):
                  qk_norm: bool = True, block_tokens: int = 64, norm_eps: float = 1e-6,
                  impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
-        _checks.check_positive_int("chunk_size", chunk_size)
+        chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         if batch_size is None:
             raise ValueError(
                 "batch_size: a layer needs a finite TTT batch (a multiple of chunk_size) so that "
                 "decoding can resume at TTT-batch boundaries; got None")
-        _checks.check_positive_int("batch_size", batch_size)
+        batch_size = _checks.check_positive_int("batch_size", batch_size)
         if batch_size % chunk_size:
             raise ValueError(f"batch_size: expected a multiple of chunk_size = {chunk_size}, got {batch_size}")
         _checks.check_choice("memory", memory, MEMORIES)
         _checks.check_choice("activation", activation, ACTIVATIONS)
-        _checks.check_positive_int("mlp_expansion", mlp_expansion)
-        _checks.check_positive_int("block_tokens", block_tokens)
-        if not (isinstance(max_lr, (int, float)) and max_lr > 0):
+        mlp_expansion = _checks.check_positive_int("mlp_expansion", mlp_expansion)
+        block_tokens = _checks.check_positive_int("block_tokens", block_tokens)
+        lr = _checks.check_scale(max_lr, "max_lr")
+        if lr is None or not lr > 0:
             raise ValueError(f"max_lr: expected a positive float, got {max_lr!r}")
         check_layer_impl(type(self), impl)
         self.width, self.num_heads = width, num_heads

@@ -102,9 +102,10 @@ class _TTTLayer(Mixer):
                  use_gate: bool = False, init_std: float = 0.02, impl: str = "auto",
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
-        _checks.check_positive_int("mini_batch_size", mini_batch_size)
-        _checks.check_positive_int("conv_kernel", conv_kernel)
-        if not (isinstance(base_lr, (int, float)) and base_lr > 0):
+        mini_batch_size = _checks.check_positive_int("mini_batch_size", mini_batch_size)
+        conv_kernel = _checks.check_positive_int("conv_kernel", conv_kernel)
+        lr = _checks.check_scale(base_lr, "base_lr")
+        if lr is None or not lr > 0:
             raise ValueError(f"base_lr: expected a positive float, got {base_lr!r}")
         if use_rope and self.head_dim % 2:
             raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim} "

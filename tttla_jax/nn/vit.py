@@ -56,16 +56,15 @@ def _trunc_normal(std: float = INIT_STD):
 
 
 def _pair(name: str, value) -> Tuple[int, int]:
-    """An int ``n`` -> ``(n, n)``; a pair of positive ints -> itself (as a tuple)."""
-    if isinstance(value, (tuple, list)) and len(value) == 2:
+    """An int ``n`` -> ``(n, n)``; a pair of positive ints -> itself (as a tuple of Python
+    ints; Python, NumPy or JAX integer scalars accepted)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name}: expected a positive int or a pair (rows, cols) of them, got {value!r}")
         a, b = value
-        _checks.check_positive_int(f"{name}[0]", a)
-        _checks.check_positive_int(f"{name}[1]", b)
-        return int(a), int(b)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected a positive int or a pair (rows, cols) of them, got {value!r}")
-    _checks.check_positive_int(name, value)
-    return value, value
+        return _checks.check_positive_int(f"{name}[0]", a), _checks.check_positive_int(f"{name}[1]", b)
+    n = _checks.check_positive_int(name, value)
+    return n, n
 
 
 # ----------------------------------------------------------------------------- the mixer
@@ -125,7 +124,8 @@ class ViT3Block(nnx.Module):
         self.grid = _pair("grid", grid)
         check_layer_impl(type(self), impl)
         for name, val in (("scale", scale), ("inner_lr", inner_lr)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+            x = _checks.check_scale(val, name)
+            if x is None or not x > 0:
                 raise ValueError(f"{name}: expected a positive float, got {val!r}")
         self.width, self.num_heads, self.impl = width, num_heads, impl
         self.scale, self.inner_lr = float(scale), float(inner_lr)
@@ -266,7 +266,7 @@ class ViTConfig:
     def __post_init__(self):
         object.__setattr__(self, "image_size", _pair("image_size", self.image_size))
         for name in ("patch_size", "num_classes", "width", "num_layers", "num_heads", "in_channels"):
-            _checks.check_positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, _checks.check_positive_int(name, getattr(self, name)))
         h, w = self.image_size
         p = self.patch_size
         if h % p or w % p:
@@ -279,9 +279,11 @@ class ViTConfig:
             raise ValueError(f"ViTConfig: {e}") from None
         _impl.check_impl("impl", self.impl, ("auto",) + ViT3Block.impls, where="ViT3Block")
         if self.mlp_hidden is not None:
-            _checks.check_positive_int("mlp_hidden", self.mlp_hidden)
-        if isinstance(self.norm_eps, bool) or not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            object.__setattr__(self, "mlp_hidden", _checks.check_positive_int("mlp_hidden", self.mlp_hidden))
+        eps = _checks.check_scale(self.norm_eps, "norm_eps")
+        if eps is None or not eps > 0:
             raise ValueError(f"norm_eps: expected a positive float, got {self.norm_eps!r}")
+        object.__setattr__(self, "norm_eps", eps)
         for name in ("pos_embed", "cpe", "qkv_bias", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")

@@ -76,7 +76,9 @@ class LinearFastWeightRule(Rule):
 
     def __post_init__(self):
         _checks.check_choice("loss", self.loss, LOSSES)
-        _checks.check_positive_int("chunk_size", self.chunk_size)
+        # Python/NumPy/JAX scalars accepted (a traced scale too), stored normalised
+        object.__setattr__(self, "chunk_size", _checks.check_positive_int("chunk_size", self.chunk_size))
+        object.__setattr__(self, "scale", _checks.check_scale(self.scale))
 
     def init_state(self, batch: int, heads: int, key_dim: int, value_dim: int, dtype=jnp.float32):
         return jnp.zeros((batch, heads, key_dim, value_dim), dtype)

@@ -186,16 +186,16 @@ class TitansRule(Rule):
     block_tokens: int = 64
 
     def __post_init__(self):
-        _checks.check_positive_int("chunk_size", self.chunk_size)
+        object.__setattr__(self, "chunk_size", _checks.check_positive_int("chunk_size", self.chunk_size))
         if self.batch_size is not None:
-            _checks.check_positive_int("batch_size", self.batch_size)
+            object.__setattr__(self, "batch_size", _checks.check_positive_int("batch_size", self.batch_size))
             if self.batch_size % self.chunk_size:
                 raise ValueError(
                     f"batch_size: expected None or a multiple of chunk_size = {self.chunk_size}, "
                     f"got {self.batch_size}")
         _checks.check_choice("memory", self.memory, MEMORIES)
         _checks.check_choice("activation", self.activation, ACTIVATIONS)
-        _checks.check_positive_int("block_tokens", self.block_tokens)
+        object.__setattr__(self, "block_tokens", _checks.check_positive_int("block_tokens", self.block_tokens))
 
     # -------------------------------------------------------------- state and checks
 

@@ -235,10 +235,13 @@ class _TTTBase(Rule):
     residual: bool = True
 
     def __post_init__(self):
-        _checks.check_positive_int("mini_batch_size", self.mini_batch_size)
+        object.__setattr__(self, "mini_batch_size",
+                           _checks.check_positive_int("mini_batch_size", self.mini_batch_size))
         _impl.check_impl("impl", self.impl, self.impls, where=type(self).__name__)
-        if isinstance(self.eps, bool) or not (isinstance(self.eps, (int, float, np.floating)) and self.eps > 0):
+        eps = _checks.check_scale(self.eps, "eps")
+        if eps is None or not eps > 0:
             raise ValueError(f"eps: expected a positive float, got {self.eps!r}")
+        object.__setattr__(self, "eps", eps)
 
     # --------------------------------------------------------------- protocol
     def resolve_impl(self, impl: str = "auto") -> str:

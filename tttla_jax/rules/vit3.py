@@ -69,6 +69,15 @@ def _normalized(g, axis):
     return g * c, c
 
 
+def _check_scalars(rule):
+    """``scale`` and ``lr``: Python/NumPy/JAX real scalars (a traced one too), stored normalised."""
+    for name in ("scale", "lr"):
+        x = _checks.check_scale(getattr(rule, name), name)
+        if x is None:
+            raise ValueError(f"{name}: expected a real scalar, got None")
+        object.__setattr__(rule, name, x)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ViT3Base(Rule):
     """Shared protocol of the two ViT³ parts: one non-causal step, no scan at all."""
@@ -104,6 +113,9 @@ class ViT3GLURule(_ViT3Base):
     lr: float = 1.0
     normalize: bool = True
     update_W2: bool = True
+
+    def __post_init__(self):
+        _check_scalars(self)
 
     def linear_attention_reason(self) -> Optional[str]:
         return ("ViT³'s GLU part is non-causal linear attention gated per value channel by "
@@ -271,8 +283,8 @@ class ViT3ConvRule(_ViT3Base):
     def __post_init__(self):
         if not (isinstance(self.grid, tuple) and len(self.grid) == 2):
             raise ValueError(f"grid: expected a pair (Hg, Wg), got {self.grid!r}")
-        for x in self.grid:
-            _checks.check_positive_int("grid", x)
+        object.__setattr__(self, "grid", tuple(_checks.check_positive_int("grid", x) for x in self.grid))
+        _check_scalars(self)
 
     def linear_attention_reason(self) -> Optional[str]:
         return ("ViT³'s conv part is a sum over the 9 offsets of a 3×3 window of non-causal "
