@@ -16,6 +16,7 @@ import time
 import jax
 
 from tttla_jax.host import tune_malloc
+from tttla_jax.impl import platform as tt_platform
 
 
 def setup(tune: bool = True) -> dict:
@@ -68,7 +69,7 @@ def machine(start: dict) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
-        "backend": jax.default_backend(),
+        "backend": tt_platform(),
         "devices": jax.device_count(),
         "loadavg_start": list(start["loadavg_start"]),
         "loadavg_end": list(os.getloadavg()),

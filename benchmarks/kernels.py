@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import describe, machine, setup, timeit  # noqa: E402
 
 import tttla_jax as tt  # noqa: E402
+from tttla_jax import impl as tt_impl  # noqa: E402
 from tttla_jax.kernels import BlockSizes, chunk_costs  # noqa: E402
 
 # Published peak numbers (dense bf16 matmul, HBM bandwidth).
@@ -107,8 +108,8 @@ def main(argv=None):
     p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
     start = setup(tune=not a.no_tune_malloc)
-    backend = jax.default_backend()
-    accel = backend in ("gpu", "tpu")
+    backend = tt_impl.platform()
+    accel = tt_impl.on_accelerator()
     C, H = a.chunk_size, a.H
     # the device's name is kept next to the shared machine record, which only counts devices
     result = dict(device=str(jax.devices()[0]), chunk_size=C, H=H, repeats=a.repeats,

@@ -62,7 +62,8 @@ from tttla_jax.ops import chunk as _chunk
 
 def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[int] = None,
                                   interpret: bool = False) -> Optional[str]:
-    """Why the delta-rule kernel cannot run this call (``None`` if it can)."""
+    """Why the delta-rule kernel cannot run a call (``None`` if it can), as
+    :func:`tttla_jax.kernels.unsupported_reason` (``chunk_size`` is only a tiling choice here)."""
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
         return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
                 "float64 only in interpret mode)")

@@ -131,7 +131,16 @@ def _is_compiled_dtype(dt) -> bool:
 
 def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional[int] = None,
                        interpret: bool = False) -> Optional[str]:
-    """Why the kernel cannot run this call (``None`` if it can)."""
+    """Why the kernel cannot run a call (``None`` if it can); the ops' ``impl`` resolution
+    (docs/implementations.md) reports it as the ``"pallas"`` candidate's reason.
+
+    Args:
+      dtype: the dtype of q, k and v.
+      masking: ``"causal"`` | ``"chunk"`` (``"none"`` has no kernel).
+      K, V: the key and value head dims (each in :data:`HEAD_DIMS`).
+      chunk_size: the chunk length (semantic for ``masking="chunk"``: in :data:`CHUNK_SIZES`).
+      interpret: whether the call runs in Pallas interpret mode (float64 only there).
+    """
     if masking not in MASKINGS:
         return f"masking={masking!r} is not supported by the Pallas kernel (supported: {MASKINGS}); use impl='chunked'"
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):

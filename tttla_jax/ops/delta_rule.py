@@ -59,7 +59,7 @@ from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops import chunk, varlen
 from tttla_jax.ops.chunk import from_token_blocks, token_blocks, unit_lower_inverse  # noqa: F401
-from tttla_jax.ops.linear_attention import _kernel_args_reason, pallas_reason
+from tttla_jax.ops.linear_attention import _check_kernel_args, pallas_reason
 
 #: Implementations of :func:`delta_rule`, in ``impl="auto"`` preference order.
 IMPLS = ("pallas", "chunked", "recurrent")
@@ -78,8 +78,9 @@ _VARLEN_GROUP_CHUNKS = 1
 
 def impl_reasons(q, k, v, *, chunk_size: int = 64, cu_seqlens=None, interpret: Any = None,
                  impl: str = "auto") -> Dict[str, Optional[str]]:
-    """The candidates of :func:`delta_rule` for this call, in ``"auto"`` order, each with the
-    reason it cannot run (``None`` if it can); ``impl`` is the request the reasons are for."""
+    """The implementations of :func:`delta_rule` for a call, in ``"auto"`` order:
+    ``{impl: reason}`` for ``"pallas"``, ``"chunked"``, ``"recurrent"`` (``None`` if it can
+    run), as :func:`tttla_jax.ops.linear_attention_impl_reasons`."""
     return {c: (r() if callable(r) else r)
             for c, r in _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl).items()}
 
@@ -162,7 +163,7 @@ def delta_rule(
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _impl.check_impl("impl", impl, ("auto",) + IMPLS, where="tt.delta_rule")
-    _kernel_args_reason(impl, block_sizes, interpret)
+    _check_kernel_args(impl, block_sizes, interpret)
     impl = _impl.resolve(impl, _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl),
                          where="tt.delta_rule")
     if scale is None:

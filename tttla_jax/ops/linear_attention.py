@@ -66,7 +66,7 @@ IMPLS = ("pallas", "chunked", "recurrent", "associative")
 _REMAT_BLOCK = 128
 
 
-def _kernel_args_reason(impl, block_sizes, interpret) -> None:
+def _check_kernel_args(impl, block_sizes, interpret) -> None:
     """``block_sizes`` / ``interpret`` configure the Pallas kernel: refuse them with an
     explicit non-kernel ``impl`` (with ``"auto"`` they apply when the kernel is chosen)."""
     for name, val in (("block_sizes", block_sizes), ("interpret", interpret)):
@@ -78,10 +78,18 @@ def _kernel_args_reason(impl, block_sizes, interpret) -> None:
 def pallas_reason(kernel_reason, *, impl: str, cu_seqlens=None, interpret=None, dtypes=()) -> Optional[str]:
     """Why the Pallas kernel cannot serve a call (``None`` if it can), shared by both ops.
 
-    ``kernel_reason(interpret_mode)`` is the kernel's own shape/dtype check. ``"auto"``
-    picks the kernel only on an accelerator (:func:`tttla_jax.impl.on_accelerator`) unless
-    ``interpret`` asks for Pallas interpret mode; an explicit ``impl="pallas"`` also runs in
-    interpret mode on a CPU host.
+    ``"auto"`` picks the kernel only on an accelerator (:func:`tttla_jax.impl.on_accelerator`)
+    unless ``interpret`` asks for Pallas interpret mode; an explicit ``impl="pallas"`` also
+    runs in interpret mode on a CPU host. Packed sequences and mixed q/k/v dtypes have no
+    kernel.
+
+    Args:
+      kernel_reason: ``(kernels_module, interpret_mode) -> reason``, the kernel's own
+        shape/dtype check (e.g. :func:`tttla_jax.kernels.unsupported_reason`).
+      impl: the request (``"auto"`` or ``"pallas"``) the reason is for.
+      cu_seqlens: the call's packed-sequence offsets, if any.
+      interpret: the call's ``interpret`` argument.
+      dtypes: the dtypes of q, k and v.
     """
     if cu_seqlens is not None:
         return "packed sequences (cu_seqlens) are not supported by the Pallas kernel; use impl='chunked' (or 'auto')"
@@ -99,9 +107,19 @@ def pallas_reason(kernel_reason, *, impl: str, cu_seqlens=None, interpret=None, 
 
 def impl_reasons(q, k, v, *, masking: str = "causal", chunk_size: int = 64, cu_seqlens=None,
                  interpret: Any = None, impl: str = "auto") -> Dict[str, Optional[str]]:
-    """The candidates of :func:`linear_attention` for this call, in ``"auto"`` order, each with
-    the reason it cannot run (``None`` if it can); ``impl`` is the request the reasons are for
-    (``"auto"`` adds "not on an accelerator" to the kernel's reasons)."""
+    """The implementations of :func:`linear_attention` for a call, in ``"auto"`` order.
+
+    Args:
+      q, k, v: the call's token tensors (only shapes and dtypes are read).
+      masking, chunk_size, cu_seqlens, interpret: as in :func:`linear_attention`.
+      impl: the request the reasons are for: ``"auto"`` also refuses the kernel off GPU/TPU
+        (unless ``interpret`` is given), an explicit ``"pallas"`` does not.
+
+    Returns:
+      ``{impl: reason}`` for ``"pallas"``, ``"chunked"``, ``"recurrent"``, ``"associative"``;
+      ``reason`` is ``None`` if the implementation can run this call. ``"auto"`` runs the
+      first with ``None`` (:func:`tttla_jax.impl.resolve`).
+    """
     return {c: (r() if callable(r) else r)
             for c, r in _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl).items()}
 
@@ -184,7 +202,7 @@ def linear_attention(
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _impl.check_impl("impl", impl, ("auto",) + IMPLS, where="tt.linear_attention")
-    _kernel_args_reason(impl, block_sizes, interpret)
+    _check_kernel_args(impl, block_sizes, interpret)
     impl = _impl.resolve(impl, _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl),
                          where="tt.linear_attention")
     if scale is None:
