@@ -1,7 +1,8 @@
 """Ladder benchmark (docs/ladder.md, paper Table 2): tokens/s of the TTT operator, V0–V6.
 
-Recurrent (``lax.scan`` over chunks) and parallel (chunk-parallel linear-attention form,
-V2–V6 only) forward throughput on this machine's CPU, float32, B=1, T=8192, 4 heads of
+Recurrent (``impl="recurrent"``: ``lax.scan`` over chunks) and parallel (V2–V6 only: the two
+layouts of ``LaCTRule.parallel``, ``impl="chunked"`` and ``impl="associative"``;
+``rule.parallel_impls()``) forward throughput on this machine's CPU, float32, B=1, T=8192, 4 heads of
 dim 128 (dk = dh = dv = 128), chunk sizes 64 and 512; the parallel/recurrent ratio is
 printed next to the paper's GPU ratio. Prints a Markdown table and writes
 ``benchmarks/results/ladder.json``.
@@ -9,9 +10,10 @@ printed next to the paper's GPU ratio. Prints a Markdown table and writes
 Why the ratios are near 1 on a CPU (and 2.7–4x on the paper's GPU): both forms do the same
 FLOPs, and for V2–V5 most of them are Muon's Newton–Schulz iterations on the dv×dh update,
 once per chunk in both forms (5 × 3 matmuls of 128³ per head per chunk: ~90% of the time at
-C=64). The parallel form hoists φ(q), φ(k) out of the chunk loop; on an accelerator it also
-turns the chunk loop into an associative scan and batched NS, which fills the device — on
-two cores there is nothing left to fill.
+C=64). The chunked layout runs the same chunk loop with φ, the chunk sums and the recurrences
+fused per chunk; the associative layout (the GPU/TPU default) turns the chunk loop into an
+associative scan and a batched NS, which fills a device — on two cores there is nothing left
+to fill.
 
 The host's malloc is tuned first (:func:`tttla_jax.host.tune_malloc`; ``--no-tune-malloc`` to
 measure glibc's defaults): XLA:CPU page-faults its large temporaries back in on every call

@@ -214,12 +214,12 @@ class LaCTLayer(Mixer):
 
         HD = num_heads * D
         Ha = num_heads if num_attn_heads is None else num_attn_heads
-        _checks.check_positive_int("num_attn_heads", Ha)
+        Ha = _checks.check_positive_int("num_attn_heads", Ha)
         if HD % Ha:
             raise ValueError(f"num_attn_heads: must divide num_heads * head_dim = {HD}, got {Ha}")
         Da = HD // Ha
         if window is not None:
-            _checks.check_positive_int("window", window)
+            window = _checks.check_positive_int("window", window)
         if (window is not None or ttt_rope) and Da % 2:
             raise ValueError(f"num_attn_heads: RoPE needs an even head dim, got {HD} / {Ha} = {Da} "
                              f"(pass ttt_rope=False without a window to drop RoPE)")
