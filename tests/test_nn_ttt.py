@@ -9,6 +9,7 @@ the rule's functional op on the whole sequence. float32 agreement of the two vie
 """
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,14 @@ def max_diff(a, b):
                for x, y in zip(la, lb))
 
 
+def assert_close(a, b, atol=TOL):
+    """chex equivalence of every leaf (in float64; absolute tolerance ``atol``, rtol 0)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    chex.assert_trees_all_close([np.asarray(x, np.float64) for x in la], [np.asarray(y, np.float64) for y in lb],
+                                rtol=0.0, atol=atol)
+
+
 def cache_offsets(m, seed=2):
     """Random offsets making a non-trivial starting cache (added to ``init_cache`` inside
     the differentiated function, so the learned initial fast weights keep a gradient):
@@ -142,10 +151,10 @@ ALL = DEFAULT + [pytest.param(c, marks=pytest.mark.slow) for c in ("ttt_linear",
 def test_recurrent_and_parallel_agree_f64(case):
     r0, r1 = run(case, "recurrent")(False), run(case, "parallel")(True)
     assert r0["y"].dtype == F64 and r0["y"].shape == (B, T, W)
-    assert max_diff(r0["y"], r1["y"]) < TOL
-    assert max_diff(r0["c"], r1["c"]) < TOL
+    assert_close(r0["y"], r1["y"])
+    assert_close(r0["c"], r1["c"])
     assert jax.tree.structure(r0["g"]) == jax.tree.structure(r1["g"])
-    assert max_diff(r0["g"], r1["g"]) < TOL
+    assert_close(r0["g"], r1["g"])
     # every gradient is non-trivial, except the buffered queries': they only produce the
     # outputs of tokens already emitted by the previous call, which are dropped
     for path, leaf in jax.tree_util.tree_leaves_with_path(r0["g"]):
@@ -159,8 +168,8 @@ def test_recurrent_and_parallel_agree_f64(case):
 def test_pieces_equal_full_forward(case, view):
     """Prefill 5 tokens, decode 1 + 1: outputs and final cache equal one call on 7 tokens."""
     r = run(case, view)(True)
-    assert max_diff(r["y_pieces"], r["y_full"]) < TOL
-    assert max_diff(r["c_pieces"], r["c_full"]) < TOL
+    assert_close(r["y_pieces"], r["y_full"])
+    assert_close(r["c_pieces"], r["c_full"])
     # 7 tokens leave a partial mini-batch / TTT batch in the cache
     P = CASES[case][1].get("mini_batch_size") or CASES[case][1]["batch_size"]
     assert np.all(np.asarray(r["c_full"]["buf_len"]) == T % P)
@@ -195,7 +204,7 @@ def test_ttt_linear_layer_is_projections_plus_rule_op():
         return y, o @ m.o_proj.kernel[...]
 
     y, ref = on_jit(make("ttt_linear_qk_gate", "parallel"), check, inputs())
-    assert max_diff(y, ref) < TOL
+    assert_close(y, ref)
 
 
 def test_rope_interleaved_matches_reference_permutation():
@@ -210,7 +219,7 @@ def test_rope_interleaved_matches_reference_permutation():
     y = perm * np.cos(ang) + rot * np.sin(ang)
     y = y.reshape(1, 5, 2, 2, 3).swapaxes(-1, -2).reshape(x.shape)
     got = rope_interleaved(jnp.asarray(x), jnp.asarray(pos), base=10000.0)
-    assert max_diff(got, y) < 1e-12
+    assert_close(got, y, atol=1e-12)
 
 
 def test_ttt_mlp_and_titans_layers_equal_rule_ops():
@@ -243,10 +252,10 @@ def test_ttt_mlp_and_titans_layers_equal_rule_ops():
 
     x = inputs()
     y, ref = on_jit(make("ttt_mlp", "parallel", use_rope=False), check_mlp, x)
-    assert max_diff(y, ref) < TOL
+    assert_close(y, ref)
     # the trailing partial chunk (token 6) reads the memory after chunk 3, as in the rule
     y, ref = on_jit(make("titans_linear", "recurrent"), check_titans, x)
-    assert max_diff(y, ref) < TOL
+    assert_close(y, ref)
 
 
 @pytest.mark.parametrize("case", ["ttt_linear_qk_gate", pytest.param("titans_mlp", marks=pytest.mark.slow)])
@@ -272,9 +281,10 @@ def test_jit_vmap_grad_checkpoint(case):
                 jax.grad(loss)(params, x), jax.grad(jax.checkpoint(loss))(params, x))
 
     y, y2, yv, g_plain, g_remat = g(stacked, params, params2, x)
-    assert max_diff(yv[0], y) < TOL and max_diff(yv[1], y2) < TOL
+    assert_close(yv[0], y)
+    assert_close(yv[1], y2)
     assert max_diff(y, y2) > 1e-3
-    assert max_diff(g_plain, g_remat) < TOL
+    assert_close(g_plain, g_remat)
 
 
 def test_parameter_counts_by_hand():
@@ -346,7 +356,7 @@ def test_language_model_with_ttt_and_titans_mixers():
 
     full, pieces = f(st, tokens)
     assert full.shape == (B, 6, 11)
-    assert max_diff(full, pieces) < TOL
+    assert_close(full, pieces)
 
 
 def test_errors():

@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,7 +110,7 @@ def test_theorem_5_1_mlp_all_layers_updated(loss):
     q_hat = _mlp_features(q, theta1)  # post-update features
     k_hat = _mlp_features(k, theta)  # pre-update features
     o_la = q_hat @ (W + jnp.outer(k_hat, v_hat))
-    np.testing.assert_allclose(o_la, o_ttt, atol=1e-13)
+    chex.assert_trees_all_close(o_la, o_ttt, atol=1e-13, rtol=0.0)
     # and the pre-update query features would be wrong: Θ changed, so the reading is
     # history-dependent (no associative scan).
     assert float(jnp.abs(_mlp_features(q, theta) @ (W + jnp.outer(k_hat, v_hat)) - o_ttt).max()) > 1e-4
@@ -140,7 +141,7 @@ def test_theorem_5_3_per_token_momentum():
     c = momentum_coefficients(alpha)  # [T, T]
     reading = Reading(q=phi(q)[None, :, None], k=phi(k)[None, :, None], v=jnp.stack(gs)[None, :, None],
                       mask=c[None, None], state_coef=jnp.ones((1, 1, T)), initial_state=W0[None, None])
-    np.testing.assert_allclose(reading.outputs()[0, :, 0], o_ttt, atol=1e-12)
+    chex.assert_trees_all_close(reading.outputs()[0, :, 0], o_ttt, atol=1e-12, rtol=0.0)
     # a single product (instead of the cumulative coefficient) is wrong — the warning in docs/ttt_as_linear_attention.md
     prod_only = jnp.tril(jnp.exp(jnp.cumsum(jnp.log(alpha))[:, None] - jnp.cumsum(jnp.log(alpha))[None, :]))
     wrong = Reading(reading.q, reading.k, reading.v, prod_only[None, None], reading.state_coef, reading.initial_state)
@@ -179,7 +180,7 @@ def test_titans_reading_equals_recurrence(memory, batch_size, T):
     # a non-zero initial momentum buffer exercises the second initial-state term
     state = state._replace(momentum=jax.tree_util.tree_map(lambda m: m + 0.1, state.momentum))
     o_rec, o_red, reading = rule_and_reading(rule, (q, k, v, theta, eta, alpha, state))
-    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
+    chex.assert_trees_all_close(o_red, o_rec, atol=1e-10, rtol=0.0)
     assert reading.associative == (batch_size is None and memory == "linear")
     if batch_size is not None:
         assert "W_ref" in reading.breaks
@@ -202,8 +203,7 @@ def test_titans_reading_gradients_match():
 
     g1, g2 = jit_fast(lambda *a: (jax.grad(loss_rec, argnums=tuple(range(7)))(*a),
                                   jax.grad(loss_red, argnums=tuple(range(7)))(*a)))(*args)
-    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
-        np.testing.assert_allclose(a, b, atol=1e-10)
+    chex.assert_trees_all_close(g1, g2, atol=1e-10, rtol=0.0)
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(layer_norm=False, bias=False, residual=False),
@@ -215,7 +215,7 @@ def test_ttt_linear_reading_equals_recurrence(flags, T):
     rule = TTTLinearRule(mini_batch_size=4, **flags)
     args = _example_inputs(rule, seed=5, T=T)
     o_rec, o_red, reading = rule_and_reading(rule, args)
-    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
+    chex.assert_trees_all_close(o_red, o_rec, atol=1e-10, rtol=0.0)
     assert not reading.associative
     assert reading.breaks == rule.breaks_associativity()
 
@@ -252,7 +252,7 @@ def test_lact_reading_equals_recurrence(cfg, T):
     rule = LaCTRule(chunk_size=4, **cfg)
     args = _example_inputs(rule, seed=6, T=T)
     o_rec, o_red, reading = rule_and_reading(rule, args)
-    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
+    chex.assert_trees_all_close(o_red, o_rec, atol=1e-10, rtol=0.0)
     assert reading.associative == (rule.breaks_associativity() is None)
     if cfg.get("weight_norm"):
         assert len(reading.mask_shape) == 5  # weight norm = per-value-channel, data-dependent decay
@@ -272,8 +272,7 @@ def test_lact_reading_gradients_match():
 
     g_rec = jax.grad(run(lambda *a: rule.recurrent(*a)[0]), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, lr, st, m)
     g_red = jax.grad(run(lambda *a: reduce(rule, *a).outputs()), argnums=(0, 1, 2, 3, 4, 5))(q, k, v, lr, st, m)
-    for a, b in zip(jax.tree_util.tree_leaves(g_rec), jax.tree_util.tree_leaves(g_red)):
-        np.testing.assert_allclose(a, b, atol=1e-10)
+    chex.assert_trees_all_close(g_rec, g_red, atol=1e-10, rtol=0.0)
 
 
 def test_lact_muon_reading_is_virtual_tokens():
@@ -311,7 +310,7 @@ def test_lact_muon_reading_is_virtual_tokens():
     mask = np.broadcast_to(reading.mask, (1, 2, 11, n_upd * Dh))[0, 0]
     want = (np.arange(11)[:, None] // 4) > (np.arange(n_upd * Dh)[None, :] // Dh)
     np.testing.assert_array_equal(mask, want.astype(float))
-    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
+    chex.assert_trees_all_close(o_red, o_rec, atol=1e-10, rtol=0.0)
 
 
 @pytest.mark.slow
@@ -347,7 +346,7 @@ def test_ttt_mlp_reading_equals_recurrence(flags, T):
     rule = TTTMLPRule(mini_batch_size=4, **flags)
     args = _example_inputs(rule, seed=5, T=T)
     o_rec, o_red, reading = rule_and_reading(rule, args)
-    np.testing.assert_allclose(o_red, o_rec, atol=1e-10)
+    chex.assert_trees_all_close(o_red, o_rec, atol=1e-10, rtol=0.0)
     assert not reading.associative
     assert "time-varying feature map" in reading.breaks
     F = args[-1].W1.shape[-1]
@@ -383,7 +382,7 @@ def test_vit3_reading_equals_rule(cfg):
     rule = dataclasses.replace(base, **cfg)
     args = build(rule, seed=3, dtype=jnp.float64)
     o, o_red, reading = rule_and_reading(rule, args)
-    np.testing.assert_allclose(o_red, o, atol=1e-10)
+    chex.assert_trees_all_close(o_red, o, atol=1e-10, rtol=0.0)
     assert reading.associative and reading.breaks is None
     assert reading.mask_min == 1.0  # non-causal: every query reads every key
     if name == "vit3_conv":

@@ -4,6 +4,7 @@ Tolerances (documented): float64 1e-10 absolute (O(1)-scaled inputs) for outputs
 final memory and outer gradients; float32 inputs 2e-5 relative to the reference's max
 magnitude (states accumulate in float32; T ≤ 64 here, errors grow at most linearly).
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,11 +33,12 @@ def weighted_sum(o, M):
 
 
 def close(a, b, atol, rtol=0.0, what=""):
+    """chex equivalence of every leaf, in float64 (``atol``/``rtol`` as np.testing, shapes must match)."""
     la, lb = leaves(a), leaves(b)
     assert len(la) == len(lb), what
     for i, (x, y) in enumerate(zip(la, lb)):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   atol=atol, rtol=rtol, err_msg=f"{what} leaf {i}")
+        chex.assert_trees_all_close(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol, rtol=rtol,
+                                    custom_message=f"{what} leaf {i}")
 
 
 def run_api(impl, c, bs, act="gelu"):

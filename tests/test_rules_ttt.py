@@ -10,6 +10,7 @@ LayerNorm's division by a per-token std).
 import functools
 from dataclasses import replace as dataclasses_replace
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,12 +37,12 @@ def weighted_sum(o, state):
 
 
 def close(a, b, atol, rtol=0.0, what=""):
+    """chex equivalence of every leaf, in float64 (``atol``/``rtol`` as np.testing, shapes must match)."""
     la, lb = leaves(a), leaves(b)
     assert len(la) == len(lb), what
     for i, (x, y) in enumerate(zip(la, lb)):
-        assert x.shape == y.shape, (what, i, x.shape, y.shape)
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   atol=atol, rtol=rtol, err_msg=f"{what} leaf {i}")
+        chex.assert_trees_all_close(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol, rtol=rtol,
+                                    custom_message=f"{what} leaf {i}")
 
 
 def learned(st):

@@ -5,6 +5,7 @@ Tolerances (documented): float64 1e-10 absolute for outputs, updated weights and
 gradients; float32 inputs 1e-5 relative to the reference's max magnitude (one step, no
 accumulation over time).
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +26,12 @@ def fast_jit(fn):
 
 
 def close(a, b, atol, what=""):
-    for i, (x, y) in enumerate(zip(leaves(a), leaves(b))):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol,
-                                   err_msg=f"{what} leaf {i}")
+    """chex equivalence of every leaf, in float64 (``atol``/``rtol`` as np.testing, shapes must match)."""
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb), what
+    for i, (x, y) in enumerate(zip(la, lb)):
+        chex.assert_trees_all_close(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=atol, rtol=0.0,
+                                    custom_message=f"{what} leaf {i}")
 
 
 def weighted_sum(*xs):
