@@ -12,13 +12,17 @@ import jax.numpy as jnp
 
 
 def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=None,
-                          mode="causal", chunk_size=64):
+                          masking="causal", chunk_size=64, mode=None):
     """docs/linear_attention.md, token by token. Shapes as :func:`tttla_jax.linear_attention`; returns (o, S_T).
 
-    For t = 0 … T−1:  ``S ← exp(g_t)·S + k_tᵀ v_t``;  causal: ``o_t = (scale·q_t) S``;
-    chunk: ``o_t = (scale·q_t) R`` where R is the state after the previous chunk;
-    none: ``o_t = (scale·q_t) S_T``.
+    For t = 0 … T−1:  ``S ← exp(g_t)·S + k_tᵀ v_t``;  ``masking="causal"``: ``o_t = (scale·q_t) S``;
+    ``"chunk"``: ``o_t = (scale·q_t) R`` where R is the state after the previous chunk;
+    ``"none"``: ``o_t = (scale·q_t) S_T``.
     """
+    if mode is not None:  # TEMPORARY alias, removed at integration
+        masking = mode
+    if masking not in ("causal", "chunk", "none"):
+        raise ValueError(f"masking: got {masking!r}, expected one of ('causal', 'chunk', 'none')")
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -31,13 +35,13 @@ def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=
         vt = v[:, t].astype(jnp.float64)
         qt = q[:, t].astype(jnp.float64) * scale
         S = decay * S + kt[:, :, :, None] * vt[:, :, None, :]
-        if mode == "causal":
+        if masking == "causal":
             outs.append(jnp.einsum("bhk,bhkv->bhv", qt, S))
-        elif mode == "chunk":
+        elif masking == "chunk":
             outs.append(jnp.einsum("bhk,bhkv->bhv", qt, R))
             if (t + 1) % chunk_size == 0:
                 R = S
-    if mode == "none":
+    if masking == "none":
         o = jnp.einsum("bthk,bhkv->bthv", q.astype(jnp.float64) * scale, S)
     else:
         o = jnp.stack(outs, axis=1)
