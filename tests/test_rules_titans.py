@@ -323,3 +323,13 @@ def test_numpy_and_jax_scalars_and_impl_protocol():
     assert "linear read" in mlp.impl_reasons()["chunked"]
     assert TitansRule(chunk_size=4, batch_size=4).resolve_impl() == "recurrent"
     assert r.linear_attention_reason() is not None
+
+
+def test_mlp_memory_float32_stays_float32():
+    """The MLP memory's GELU derivative uses Python constants: float32 inputs keep a float32
+    scan carry even with jax_enable_x64 (a NumPy float64 constant used to promote it)."""
+    rule = TitansRule(chunk_size=4, batch_size=8, memory="mlp")
+    *xs, st = _example_inputs(rule, seed=13, T=9, dtype=jnp.float32)
+    for impl in ("recurrent", "associative"):
+        o, s = jax.eval_shape(lambda *a: rule(*a, impl=impl), *xs, st)
+        assert o.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in leaves(s)), impl

@@ -84,6 +84,8 @@ from tttla_jax.rules.base import SEQUENTIAL_IMPLS, Rule, register
 
 MEMORIES = ("linear", "mlp")
 ACTIVATIONS = ("gelu", "silu")
+_SQRT2 = float(np.sqrt(2.0))
+_SQRT_2PI = float(np.sqrt(2.0 * np.pi))
 
 Memory = Union[Float[Array, "b h k v"], Tuple[Float[Array, "b h k f"], Float[Array, "b h f v"]]]
 
@@ -111,8 +113,10 @@ def _act(name):
 def _act_grad(name, z):
     """d act / dz in closed form (exact-erf GELU: Φ(z) + z φ(z); SiLU: σ(1 + z(1 − σ)))."""
     if name == "gelu":
-        cdf = 0.5 * (1.0 + lax.erf(z / np.sqrt(2.0)))
-        pdf = jnp.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+        # Python floats (weakly typed): a NumPy float64 scalar would promote float32 inputs
+        # to float64 under jax_enable_x64
+        cdf = 0.5 * (1.0 + lax.erf(z / _SQRT2))
+        pdf = jnp.exp(-0.5 * z * z) / _SQRT_2PI
         return cdf + z * pdf
     s = jax.nn.sigmoid(z)
     return s * (1.0 + z * (1.0 - s))
