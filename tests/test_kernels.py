@@ -66,23 +66,23 @@ def eval_all(fn, args, jit=True):
     return to_np(out), to_np(grads)
 
 
-def kernel(mode, C, interpret, **kw):
+def kernel(masking, C, interpret, **kw):
     def fn(q, k, v, g, S0):
-        return kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=C,
+        return kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=masking, chunk_size=C,
                          output_final_state=True, interpret=interpret, **kw)
     return fn
 
 
-def chunked(mode, C):
+def chunked(masking, C):
     def fn(q, k, v, g, S0):
-        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=C,
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, masking=masking, chunk_size=C,
                                    output_final_state=True, impl="chunked")
     return fn
 
 
-def loop(mode, C):
+def loop(masking, C):
     def fn(q, k, v, g, S0):
-        return linear_attention_loop(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C)
+        return linear_attention_loop(q, k, v, log_decay=g, initial_state=S0, masking=masking, chunk_size=C)
     return fn
 
 
@@ -113,26 +113,26 @@ F64_C = 16
 
 
 @functools.lru_cache(maxsize=None)
-def _loop_truth(mode):
+def _loop_truth(masking):
     # jitted: eager op-by-op differentiation of the per-token loop cost more than compiling it
     args = make_inputs(0, **F64_SHAPE)
-    return eval_all(loop(mode, F64_C), args)
+    return eval_all(loop(masking, F64_C), args)
 
 
 @pytest.mark.parametrize("interpret", ["gpu", "tpu"])
-@pytest.mark.parametrize("mode", ["causal", "chunk"])
-def test_float64_matches_loop(mode, interpret):
+@pytest.mark.parametrize("masking", ["causal", "chunk"])
+def test_float64_matches_loop(masking, interpret):
     args = make_inputs(0, **F64_SHAPE)
     bs = BlockSizes(block_v_gpu=16)
-    out, grads = eval_all(kernel(mode, F64_C if mode == "chunk" else 16, interpret, block_sizes=bs), args)
-    out_r, grads_r = _loop_truth(mode)
-    assert_close(out, out_r, atol=1e-10, what=f"{interpret} {mode} outputs")
-    assert_close(grads, grads_r, atol=1e-10, what=f"{interpret} {mode} grads")
+    out, grads = eval_all(kernel(masking, F64_C if masking == "chunk" else 16, interpret, block_sizes=bs), args)
+    out_r, grads_r = _loop_truth(masking)
+    assert_close(out, out_r, atol=1e-10, what=f"{interpret} {masking} outputs")
+    assert_close(grads, grads_r, atol=1e-10, what=f"{interpret} {masking} grads")
 
 
 @pytest.mark.parametrize("T", [1, pytest.param(16, marks=pytest.mark.slow), pytest.param(17, marks=pytest.mark.slow)])
 def test_float64_short_and_boundary_T(T):
-    """T = 1, exactly one chunk, one chunk + 1 token; causal mode against the chunked form."""
+    """T = 1, exactly one chunk, one chunk + 1 token; causal masking against the chunked form."""
     args = make_inputs(1, 1, T, 1, 16, 16)
     got = eval_all(kernel("causal", 16, "gpu"), args)
     want = eval_all(chunked("causal", 16), args)
@@ -140,18 +140,18 @@ def test_float64_short_and_boundary_T(T):
     assert_close(got[1], want[1], atol=1e-10, what=f"T={T} grads")
 
 
-@pytest.mark.parametrize("interpret,mode", [
+@pytest.mark.parametrize("interpret,masking", [
     ("gpu", "causal"), ("tpu", "chunk"),
     pytest.param("gpu", "chunk", marks=pytest.mark.slow), pytest.param("tpu", "causal", marks=pytest.mark.slow)])
-def test_float32_head_dim_64(interpret, mode):
+def test_float32_head_dim_64(interpret, masking):
     """float32 inputs, K = V = 64, T = 45 (C = 16): against the float64 chunked form."""
     args = make_inputs(2, 1, 45, 2, 64, 64, jnp.float32)
-    out, grads = eval_all(kernel(mode, 16, interpret), args)
-    o, S = jax.eval_shape(kernel(mode, 16, interpret), *args)
+    out, grads = eval_all(kernel(masking, 16, interpret), args)
+    o, S = jax.eval_shape(kernel(masking, 16, interpret), *args)
     assert o.dtype == jnp.float32 and S.dtype == jnp.float32
-    out_r, grads_r = eval_all(chunked(mode, 16), to_f64(args))
-    assert_close(out, out_r, rel=1e-4, what=f"f32 {interpret} {mode} outputs")
-    assert_close(grads, grads_r, rel=1e-4, what=f"f32 {interpret} {mode} grads")
+    out_r, grads_r = eval_all(chunked(masking, 16), to_f64(args))
+    assert_close(out, out_r, rel=1e-4, what=f"f32 {interpret} {masking} outputs")
+    assert_close(grads, grads_r, rel=1e-4, what=f"f32 {interpret} {masking} grads")
 
 
 @pytest.mark.slow
@@ -165,17 +165,17 @@ def test_float32_tpu_two_value_blocks():
     assert_close(grads, grads_r, rel=1e-4, what="tpu 2 value blocks grads")
 
 
-@pytest.mark.parametrize("interpret,mode", [
+@pytest.mark.parametrize("interpret,masking", [
     ("gpu", "chunk"), ("tpu", "causal"),
     pytest.param("gpu", "causal", marks=pytest.mark.slow), pytest.param("tpu", "chunk", marks=pytest.mark.slow)])
-def test_bfloat16(interpret, mode):
+def test_bfloat16(interpret, masking):
     args = make_inputs(4, 1, 40, 2, 64, 64, jnp.bfloat16)
-    o, S = jax.eval_shape(kernel(mode, 16, interpret), *args)
+    o, S = jax.eval_shape(kernel(masking, 16, interpret), *args)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
-    out, grads = eval_all(kernel(mode, 16, interpret), args)
-    out_r, grads_r = eval_all(chunked(mode, 16), to_f64(args))
-    assert_close(out, out_r, rel=3e-2, what=f"bf16 {interpret} {mode} outputs")
-    assert_close(grads, grads_r, rel=3e-2, what=f"bf16 {interpret} {mode} grads")
+    out, grads = eval_all(kernel(masking, 16, interpret), args)
+    out_r, grads_r = eval_all(chunked(masking, 16), to_f64(args))
+    assert_close(out, out_r, rel=3e-2, what=f"bf16 {interpret} {masking} outputs")
+    assert_close(grads, grads_r, rel=3e-2, what=f"bf16 {interpret} {masking} grads")
 
 
 def test_no_decay_no_initial_state():

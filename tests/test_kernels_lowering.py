@@ -10,7 +10,7 @@
   this is what catches VMEM overflows and unsupported Mosaic ops. Skips visibly otherwise.
 
 Default suite: the export grid covers every (platform, dtype, head dim) triple with the two
-modes alternating, so every (platform, mode, dtype) and (platform, mode, head dim) pair is
+maskings alternating, so every (platform, masking, dtype) and (platform, masking, head dim) pair is
 lowered too; the full 2 x 2 x 3 x 3 product runs in the slow suite (``-m slow``).
 """
 import importlib.util
@@ -33,9 +33,9 @@ MOSAIC_CALL = "tpu_custom_call"
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
-def fwd_bwd(mode, chunk_size=64, **kw):
+def fwd_bwd(masking, chunk_size=64, **kw):
     def loss(q, k, v, g, S0):
-        o, S = kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=chunk_size,
+        o, S = kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=masking, chunk_size=chunk_size,
                          output_final_state=True, **kw)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
@@ -58,23 +58,23 @@ HEAD_DIMS = [64, 128, 256]
 
 
 def _export_cases():
-    """Every (platform, dtype, head dim); the mode alternates over the dtype x head-dim grid
-    (default suite), the other mode of each triple is in the slow suite."""
+    """Every (platform, dtype, head dim); the masking alternates over the dtype x head-dim grid
+    (default suite), the other masking of each triple is in the slow suite."""
     cases = []
     for platform, call, other in PLATFORMS:
         for i, dtype in enumerate(DTYPES):
             for j, head_dim in enumerate(HEAD_DIMS):
-                for m, mode in enumerate(("causal", "chunk")):
+                for m, masking in enumerate(("causal", "chunk")):
                     marks = [pytest.mark.slow] if (i + j + m) % 2 else []
-                    cases.append(pytest.param(platform, call, other, dtype, head_dim, mode, marks=marks,
-                                              id=f"{mode}-{head_dim}-{dtype}-{platform}"))
+                    cases.append(pytest.param(platform, call, other, dtype, head_dim, masking, marks=marks,
+                                              id=f"{masking}-{head_dim}-{dtype}-{platform}"))
     return cases
 
 
-@pytest.mark.parametrize("platform,call,other,dtype,head_dim,mode", _export_cases())
-def test_export_forward_backward(platform, call, other, dtype, head_dim, mode):
+@pytest.mark.parametrize("platform,call,other,dtype,head_dim,masking", _export_cases())
+def test_export_forward_backward(platform, call, other, dtype, head_dim, masking):
     # T = 150 is not a multiple of the chunk: the padding is inside the wrapper.
-    exp = export_for(platform, fwd_bwd(mode), specs(2, 150, 2, head_dim, head_dim, DTYPES[dtype]))
+    exp = export_for(platform, fwd_bwd(masking), specs(2, 150, 2, head_dim, head_dim, DTYPES[dtype]))
     text = exp.mlir_module()
     assert text.count(call) == 3, f"{platform}: expected forward, dQ and dK/dV kernels"
     assert other not in text
@@ -133,8 +133,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from tttla_jax.kernels import BlockSizes, delta_rule, linear_attention as kla
 
     devs = {}
-    for topo_name, dtype, K, V, mode, C, vmem, grad in json.loads(sys.argv[1]):
-        # mode "delta": the delta-rule kernel (beta rides in the log_decay slot's shape);
+    for topo_name, dtype, K, V, kind, C, vmem, grad in json.loads(sys.argv[1]):
+        # kind: the masking of the linear-attention kernel, or "delta": the delta-rule kernel
+        # (beta rides in the log_decay slot's shape);
         # grad False: the forward only (value_and_grad otherwise)
         if topo_name not in devs:
             devs[topo_name] = topologies.get_topology_desc(topo_name, platform="tpu").devices[0]
@@ -144,11 +145,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
         bs = BlockSizes(vmem_limit_bytes=vmem) if vmem else None
 
         def loss(q, k, v, g, S0):
-            if mode == "delta":
+            if kind == "delta":
                 o, S = delta_rule(q, k, v, jax.nn.sigmoid(g), log_decay=g, initial_state=S0, chunk_size=C,
                                   output_final_state=True, block_sizes=bs)
             else:
-                o, S = kla(q, k, v, log_decay=g, initial_state=S0, masking=mode, chunk_size=C,
+                o, S = kla(q, k, v, log_decay=g, initial_state=S0, masking=kind, chunk_size=C,
                            output_final_state=True, block_sizes=bs)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
@@ -162,11 +163,11 @@ _COMPILE_SCRIPT = textwrap.dedent(
             res = dict(ok=True, kind=dev.device_kind)
         except Exception as e:  # reported to the test, which decides
             res = dict(ok=False, error=type(e).__name__ + ": " + str(e)[:400])
-        print("RESULT " + json.dumps(dict(case=[topo_name, dtype, K, V, mode, C, vmem, grad], **res)), flush=True)
+        print("RESULT " + json.dumps(dict(case=[topo_name, dtype, K, V, kind, C, vmem, grad], **res)), flush=True)
     """
 )
 
-# Default (CI) set: each topology, each dtype, each head dim and mode at least once, plus a
+# Default (CI) set: each topology, each dtype, each head dim and masking at least once, plus a
 # negative control (a 256 KiB scoped-VMEM limit cannot hold a 256x256 float32 state: the
 # Mosaic compiler must refuse it, so the check is known to be able to fail).
 # The linear-attention cases compile forward + backward (three Mosaic kernels: forward, dQ,

@@ -27,7 +27,7 @@ from tttla_jax.impl import ImplError
 from tttla_jax.reference import linear_attention_loop
 
 FORMS = ("recurrent", "associative", "chunked")
-MODES = ("causal", "chunk", "none")  # the values of the masking argument
+MASKINGS = ("causal", "chunk", "none")  # the values of the masking argument
 
 
 def make_inputs(seed, B, T, H, K, V, dtype=jnp.float64, decay=True, state=True):
@@ -50,16 +50,16 @@ def loss_of(fn):
     return loss
 
 
-def run_form(impl, mode, C):
+def run_form(impl, masking, C):
     def fn(q, k, v, g, S0):
-        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, masking=mode,
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, masking=masking,
                                    chunk_size=C, impl=impl, output_final_state=True)
     return fn
 
 
-def run_ref(mode, C):
+def run_ref(masking, C):
     def fn(q, k, v, g, S0):
-        return linear_attention_loop(q, k, v, log_decay=g, initial_state=S0, mode=mode, chunk_size=C)
+        return linear_attention_loop(q, k, v, log_decay=g, initial_state=S0, masking=masking, chunk_size=C)
     return fn
 
 
@@ -90,11 +90,11 @@ def outputs_and_grads(fn, args):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_f64(mode, decay):
+def _reference_f64(masking, decay):
     B, T, H, K, V, C = 2, 21, 2, 5, 3, 8
     q, k, v, g, S0 = make_inputs(0, B, T, H, K, V, decay=decay)
     args = (q, k, v, g if decay else jnp.zeros((B, T, H)), S0)
-    return args, outputs_and_grads(run_ref(mode, C), args)
+    return args, outputs_and_grads(run_ref(masking, C), args)
 
 
 def _f64(tree):
@@ -108,11 +108,11 @@ def assert_close_tree(a, b, atol, rtol=0.0, what=""):
 
 
 @pytest.mark.parametrize("impl", FORMS)
-@pytest.mark.parametrize("mode", MODES)
-def test_forms_match_reference_float64(impl, mode):
+@pytest.mark.parametrize("masking", MASKINGS)
+def test_forms_match_reference_float64(impl, masking):
     """No decay (the decayed case runs under chex variants below)."""
-    args, ((o_r, S_r), grads_r) = _reference_f64(mode, False)
-    (o, S), grads = outputs_and_grads(run_form(impl, mode, 8), args)
+    args, ((o_r, S_r), grads_r) = _reference_f64(masking, False)
+    (o, S), grads = outputs_and_grads(run_form(impl, masking, 8), args)
     assert o.dtype == jnp.float64 and S.dtype == jnp.float64
     assert_close_tree((o, S), (o_r, S_r), 1e-10, what="outputs/state")
     assert_close_tree(grads, grads_r, 1e-10, what="grads dq dk dv dg dS0")
@@ -124,7 +124,7 @@ class FormsVariantsTest(chex.TestCase):
     without ``jax.jit`` (``chex.variants``) and under ``jax.vmap`` over a leading axis."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.product(impl=FORMS, masking=MODES)
+    @parameterized.product(impl=FORMS, masking=MASKINGS)
     def test_forms_match_reference_float64(self, impl, masking):
         args, ((o_r, S_r), grads_r) = _reference_f64(masking, True)
         (o, S), grads = self.variant(outputs_and_grads_fn(run_form(impl, masking, 8)))(*args)
@@ -132,7 +132,7 @@ class FormsVariantsTest(chex.TestCase):
         assert_close_tree((o, S), (o_r, S_r), 1e-10, what="outputs/state")
         assert_close_tree(grads, grads_r, 1e-10, what="grads dq dk dv dg dS0")
 
-    @parameterized.product(impl=FORMS, masking=MODES)
+    @parameterized.product(impl=FORMS, masking=MASKINGS)
     def test_vmap_over_leading_axis(self, impl, masking):
         """Row 0: the reference inputs; row 1: the same with q doubled (o is linear in q, the
         state and ∂L/∂q do not depend on it for this linear loss)."""
@@ -148,23 +148,23 @@ class FormsVariantsTest(chex.TestCase):
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@example(T=1, K=3, V=4, C=16, mode="causal", seed=0)     # one token
-@example(T=16, K=8, V=9, C=16, mode="chunk", seed=1)     # exactly one chunk
-@example(T=23, K=17, V=1, C=7, mode="chunk", seed=2)     # T not a multiple of C, odd dims
-@example(T=70, K=1, V=4, C=64, mode="none", seed=3)      # > one chunk, no reference loop
+@example(T=1, K=3, V=4, C=16, masking="causal", seed=0)     # one token
+@example(T=16, K=8, V=9, C=16, masking="chunk", seed=1)     # exactly one chunk
+@example(T=23, K=17, V=1, C=7, masking="chunk", seed=2)     # T not a multiple of C, odd dims
+@example(T=70, K=1, V=4, C=64, masking="none", seed=3)      # > one chunk, no reference loop
 @given(
     T=st.integers(1, 300),
     K=st.sampled_from([1, 3, 8, 17]),
     V=st.sampled_from([1, 4, 9]),
     C=st.sampled_from([1, 7, 16, 64]),
-    mode=st.sampled_from(MODES),
+    masking=st.sampled_from(MASKINGS),
     seed=st.integers(0, 2**16),
 )
-def test_chunked_and_recurrent_any_shape(T, K, V, C, mode, seed):
+def test_chunked_and_recurrent_any_shape(T, K, V, C, masking, seed):
     """Hypothesis over shapes: T in [1, 300], K != V, odd dims, C not dividing T."""
     q, k, v, g, S0 = make_inputs(seed, 1, T, 2, K, V)
-    o_r, S_r = jit_fast(run_ref(mode, C))(q, k, v, g, S0) if T <= 64 else (None, None)
-    outs = {impl: jit_fast(run_form(impl, mode, C))(q, k, v, g, S0) for impl in ("recurrent", "chunked")}
+    o_r, S_r = jit_fast(run_ref(masking, C))(q, k, v, g, S0) if T <= 64 else (None, None)
+    outs = {impl: jit_fast(run_form(impl, masking, C))(q, k, v, g, S0) for impl in ("recurrent", "chunked")}
     assert outs["chunked"][0].shape == (1, T, 2, V)
     assert_close_tree(outs["chunked"], outs["recurrent"], 1e-10, what="chunked vs recurrent")
     if o_r is not None:  # the unrolled loop is slow to trace for long T

@@ -25,7 +25,7 @@ def _packed(lens=LENS, dtype=jnp.float64, seed=0):
     return cu, {n: jnp.asarray(a, dtype) for n, a in x.items()}
 
 
-def _per_sequence(cu, mode):
+def _per_sequence(cu, masking):
     """The oracle: each sequence alone through the (already verified) unpacked op."""
     bounds = [(int(a), int(b)) for a, b in zip(np.asarray(cu)[:-1], np.asarray(cu)[1:])]
 
@@ -36,7 +36,7 @@ def _per_sequence(cu, mode):
                 states.append(h0[n])
                 continue
             o, S = tt.linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], log_decay=g[:, a:b],
-                                       initial_state=h0[n][None], output_final_state=True, masking=mode,
+                                       initial_state=h0[n][None], output_final_state=True, masking=masking,
                                        chunk_size=C, impl="recurrent")
             outs.append(o)
             states.append(S[0])
@@ -44,19 +44,19 @@ def _per_sequence(cu, mode):
     return f
 
 
-def _packed_form(cu, mode, impl):
+def _packed_form(cu, masking, impl):
     def f(q, k, v, g, h0):
-        return tt.linear_attention(q, k, v, log_decay=g, initial_state=h0, output_final_state=True, masking=mode,
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=h0, output_final_state=True, masking=masking,
                                    chunk_size=C, impl=impl, cu_seqlens=cu)
     return f
 
 
-@pytest.mark.parametrize("mode", ["causal", "chunk", "none"])
-def test_every_form_equals_each_sequence_alone_float64(mode):
+@pytest.mark.parametrize("masking", ["causal", "chunk", "none"])
+def test_every_form_equals_each_sequence_alone_float64(masking):
     cu, x = _packed()
-    forms = {"per_sequence": _per_sequence(cu, mode)}
+    forms = {"per_sequence": _per_sequence(cu, masking)}
     for impl in ("recurrent", "chunked", "associative"):
-        forms[impl] = _packed_form(cu, mode, impl)
+        forms[impl] = _packed_form(cu, masking, impl)
     report = tt.testing.check_equivalence(forms, x)
     print(report)
     report.assert_ok()
