@@ -363,3 +363,15 @@ def test_one_input_contract_for_ops_and_kernels(op, change, match):
         kw["impl"] = "pallas"
     with pytest.raises(ValueError, match=match):
         fn(q, k, v, *extra, **kw)
+
+
+def test_traced_scale_is_folded_into_the_queries():
+    """A scale traced under jit (not a static kernel parameter) gives the concrete scale's
+    outputs, for both kernels, and its gradient (o is linear in the scale)."""
+    q, k, v, g, S0 = make_inputs(12, 1, 10, 1, 16, 16)
+    beta = jnp.full(g.shape, 0.5)
+    for fn in (lambda s: kernel_la(q, k, v, scale=s, log_decay=g, interpret="gpu")[0],
+               lambda s: kernel_dr(q, k, v, beta, scale=s, log_decay=g, interpret="gpu")[0]):
+        total = lambda s, fn=fn: jnp.sum(fn(s))  # noqa: E731
+        val, d = jax.jit(jax.value_and_grad(total))(jnp.float64(0.3))
+        assert_trees_close((val, d), (total(0.3), total(0.3) / 0.3), 1e-10, what="traced scale")
