@@ -588,7 +588,6 @@ def linear_attention(
     chunk_size: int = 64,
     block_sizes: Optional[BlockSizes] = None,
     interpret: Any = None,
-    mode: Optional[str] = None,  # TEMPORARY alias, removed at integration
 ):
     """Chunked (block-)causal linear attention with optional log-decay, as a Pallas kernel.
 
@@ -619,8 +618,6 @@ def linear_attention(
       ValueError: at trace time for bad shapes or an unsupported masking/dtype/head dim/chunk
         (the argument checks are :func:`tttla_jax._checks.check_qkv`, shared with the ops).
     """
-    if mode is not None:  # TEMPORARY alias, removed at integration
-        masking = mode
     B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
                                          same_dtype=True)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)

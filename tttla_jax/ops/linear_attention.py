@@ -150,7 +150,6 @@ def linear_attention(
     cu_seqlens: Optional[Int[Array, "n1"]] = None,
     block_sizes: Any = None,
     interpret: Any = None,
-    mode: Optional[str] = None,  # TEMPORARY alias, removed at integration
 ):
     """Causal / block-causal / bidirectional linear attention with optional scalar decay.
 
@@ -194,8 +193,6 @@ def linear_attention(
       tttla_jax.impl.ImplError: the requested ``impl`` cannot run this call (with the reason,
         e.g. the kernel does not support the head dim).
     """
-    if mode is not None:  # TEMPORARY alias, removed at integration
-        masking = mode
     B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
                                          cu_seqlens=cu_seqlens)
     _checks.check_choice("masking", masking, MASKINGS)
