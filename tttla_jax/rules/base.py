@@ -37,8 +37,11 @@ from tttla_jax import impl as _impl
 SEQUENTIAL_IMPLS = ("recurrent", "dual", "primal")
 
 
-class NotAssociativeError(ValueError):
-    """The rule has no parallel (associative) form; the message names the component."""
+class NotAssociativeError(_impl.ImplError):
+    """The rule has no parallel (associative) form; the message names the component.
+
+    An :class:`tttla_jax.impl.ImplError` (hence a ``ValueError``): no parallel
+    implementation can run this configuration."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +64,9 @@ class Rule:
         return "no parallel form implemented for this rule"
 
     def parallel_impls(self) -> Tuple[str, ...]:
-        """The parallel implementations this configuration runs (empty if none)."""
-        if self.breaks_associativity() is not None:
-            return ()
-        return tuple(i for i in self.impls if i not in SEQUENTIAL_IMPLS)
+        """The parallel implementations this configuration runs (those of :meth:`impl_reasons`
+        without a reason; empty if none)."""
+        return tuple(i for i, why in self.impl_reasons().items() if why is None and i not in SEQUENTIAL_IMPLS)
 
     def impl_reasons(self) -> Dict[str, Optional[str]]:
         """Each implementation of :attr:`impls` with why it cannot run (``None``: it can)."""
@@ -74,6 +76,15 @@ class Rule:
     def resolve_impl(self, impl: str = "auto") -> str:
         """The implementation a call with ``impl`` runs (:func:`tttla_jax.impl.resolve`)."""
         return _impl.resolve(impl, self.impl_reasons(), where=type(self).__name__)
+
+    def resolve_parallel_impl(self, impl: str = "auto") -> str:
+        """The parallel implementation :meth:`parallel` runs for ``impl`` (resolved over the
+        parallel entries of :meth:`impl_reasons`, each failing with its reason)."""
+        why = self.breaks_associativity()
+        if why is not None:
+            raise NotAssociativeError(f"{type(self).__name__} has no parallel form: {why}")
+        reasons = {i: r for i, r in self.impl_reasons().items() if i not in SEQUENTIAL_IMPLS}
+        return _impl.resolve(impl, reasons, where=f"{type(self).__name__}.parallel")
 
     def __call__(self, *args, impl: str = "auto", **kwargs):
         """Run the rule with ``impl`` resolved over :attr:`impls`."""

@@ -33,7 +33,7 @@ from tttla_jax import impl as _impl
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
 from tttla_jax.reduce import Reading, decay_mask
-from tttla_jax.rules.base import SEQUENTIAL_IMPLS, Rule, register
+from tttla_jax.rules.base import Rule, register
 
 LOSSES = ("dot", "mse")
 
@@ -128,10 +128,6 @@ class LinearFastWeightRule(Rule):
     def breaks_associativity(self):
         return None
 
-    def parallel_impls(self) -> Tuple[str, ...]:
-        """The parallel implementations this configuration runs (those without a reason)."""
-        return tuple(i for i, why in self.impl_reasons().items() if why is None and i not in SEQUENTIAL_IMPLS)
-
     def impl_reasons(self) -> Dict[str, Optional[str]]:
         return {"chunked": None,
                 "associative": None if self.loss == "dot" else (
@@ -145,8 +141,7 @@ class LinearFastWeightRule(Rule):
 
         ``impl``: ``"chunked"`` | ``"associative"`` (dot loss only) | ``"auto"`` (chunked).
         """
-        impl = _impl.resolve(impl, {i: r for i, r in self.impl_reasons().items() if i not in SEQUENTIAL_IMPLS},
-                             where=f"{type(self).__name__}.parallel")
+        impl = self.resolve_parallel_impl(impl)
         self._check(q, k, v, lr, log_decay)
         if self.loss == "dot":
             return linear_attention(**self.linear_attention_inputs(

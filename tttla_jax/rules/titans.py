@@ -80,7 +80,7 @@ from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
 from tttla_jax.reduce import Reading, segment_products
-from tttla_jax.rules.base import SEQUENTIAL_IMPLS, Rule, register
+from tttla_jax.rules.base import Rule, register
 
 MEMORIES = ("linear", "mlp")
 ACTIVATIONS = ("gelu", "silu")
@@ -281,10 +281,6 @@ class TitansRule(Rule):
 
     # -------------------------------------------------------------- protocol
 
-    def parallel_impls(self) -> Tuple[str, ...]:
-        """The parallel implementations this configuration runs (those without a reason)."""
-        return tuple(i for i, why in self.impl_reasons().items() if why is None and i not in SEQUENTIAL_IMPLS)
-
     def impl_reasons(self) -> Dict[str, Optional[str]]:
         chunked = None
         if self.memory != "linear":
@@ -331,8 +327,7 @@ class TitansRule(Rule):
         Same arguments and results as :meth:`recurrent`; with ``batch_size`` set, a
         ``lax.scan`` over TTT batches runs the parallel form inside each batch.
         """
-        impl = _impl.resolve(impl, {i: r for i, r in self.impl_reasons().items() if i not in SEQUENTIAL_IMPLS},
-                             where=f"{type(self).__name__}.parallel")
+        impl = self.resolve_parallel_impl(impl)
         return self._run(impl, q, k, v, theta, momentum, decay, state)
 
     # -------------------------------------------------------------- reading
