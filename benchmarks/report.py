@@ -111,12 +111,12 @@ def kernels(d):
 
 def lact_lm(d):
     c, m = d["config"], d["machine"]
-    rows = [[r["preset"], r["mode"], r["form"], _f(1e3 * r["step_s"], 1), _f(r["tokens_per_s"]),
+    rows = [[r["preset"], r.get("impl", r.get("mode")), r["form"], _f(1e3 * r["step_s"], 1), _f(r["tokens_per_s"]),
              _f(r.get("speedup_vs_recurrent"), 2)] for r in d["results"]]
     head = (f"LaCT language model, one training step (forward + backward) — {c['layers']} layers, width "
             f"{c['width']}, {c['heads']} heads of dim {c['width'] // c['heads']}, sequence {c['seq']}, batch "
             f"{c['batch']}, chunk {c['chunk']}, {c['dtype']}; {_machine(m)}")
-    return head, _table(["preset", "mode", "form", "step ms", "tokens/s", "vs recurrent (paper V2: 1.19x)"], rows)
+    return head, _table(["preset", "impl (requested)", "form", "step ms", "tokens/s", "vs recurrent (paper V2: 1.19x)"], rows)
 
 
 def varlen(d):
