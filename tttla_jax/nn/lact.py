@@ -47,7 +47,8 @@ from tttla_jax.nn.layers import RMSNorm, apply_rope, dense, partitioned
 from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, register_mixer,
                                  resolve_heads, resolve_positions, sliding_window_attend)
 from tttla_jax.nn.weights import (identity, jax_to_torch_linear, torch_linear_to_jax)
-from tttla_jax.ops.linear_attention import chunk_layout, linear_attention, pallas_reason, unchunk_layout
+from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
+from tttla_jax.ops.linear_attention import linear_attention, pallas_reason
 from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState
 from tttla_jax.rules.ladder import ANOMALIES, PRESETS, ladder
 

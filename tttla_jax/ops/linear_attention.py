@@ -46,14 +46,12 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops import varlen
-from tttla_jax.ops.chunk import (  # noqa: F401  (chunk_layout/unchunk_layout: re-exported)
-    chunk_layout,
+from tttla_jax.ops.chunk import (
     decay_terms,
     from_scan_layout,
     from_token_blocks,
     scan_layout,
     token_blocks,
-    unchunk_layout,
 )
 
 #: Values of the ``masking`` argument.

@@ -12,15 +12,13 @@ import jax.numpy as jnp
 
 
 def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=None,
-                          masking="causal", chunk_size=64, mode=None):
+                          masking="causal", chunk_size=64):
     """docs/linear_attention.md, token by token. Shapes as :func:`tttla_jax.linear_attention`; returns (o, S_T).
 
     For t = 0 … T−1:  ``S ← exp(g_t)·S + k_tᵀ v_t``;  ``masking="causal"``: ``o_t = (scale·q_t) S``;
     ``"chunk"``: ``o_t = (scale·q_t) R`` where R is the state after the previous chunk;
     ``"none"``: ``o_t = (scale·q_t) S_T``.
     """
-    if mode is not None:  # TEMPORARY alias, removed at integration
-        masking = mode
     if masking not in ("causal", "chunk", "none"):
         raise ValueError(f"masking: got {masking!r}, expected one of ('causal', 'chunk', 'none')")
     B, T, H, K = q.shape

@@ -78,7 +78,7 @@ from jaxtyping import Array, Float
 
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
-from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
+from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
 from tttla_jax.reduce import Reading, segment_products
 from tttla_jax.rules.base import Rule, register
 

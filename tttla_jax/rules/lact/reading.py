@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
+from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
 from tttla_jax.reduce import Reading, segment_products
 from tttla_jax.rules.lact.fastnet import WN_EPS, features, row_norm
 from tttla_jax.rules.lact.muon import newton_schulz5

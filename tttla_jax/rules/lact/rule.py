@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
-from tttla_jax.ops.linear_attention import chunk_layout, unchunk_layout
+from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
 from tttla_jax.rules.base import NotAssociativeError, Rule
 from tttla_jax.rules.lact.fastnet import FAST_NETS, WN_EPS, apply_fast, inner_grads, row_norm
 from tttla_jax.rules.lact.muon import newton_schulz5
