@@ -597,6 +597,17 @@ class TTTMLPRule(_TTTBase):
             W1n, W2n = W1i[:, :, -1], W2i[:, :, -1]
         return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta)
 
+    def _check_state(self, state, B: int, H: int, D: int) -> TTTMLPState:
+        """A :class:`TTTMLPState` ``(W1, b1, W2, b2)`` with shapes matching q (named errors)."""
+        if not isinstance(state, (tuple, list)) or len(state) != 4:
+            raise ValueError(f"state: expected a TTTMLPState (W1, b1, W2, b2), got {type(state).__name__}")
+        W1 = jnp.asarray(state[0])
+        _checks.check_rank("state.W1", W1, 4, "[B, H, D, F]")
+        F = W1.shape[-1]
+        return self._check_state_leaves(state, TTTMLPState, (
+            ((B, H, D, F), "[B, H, D, F] (from q)"), ((B, H, F), "[B, H, F] (from q, W1)"),
+            ((B, H, F, D), "[B, H, F, D] (from q, W1)"), ((B, H, D), "[B, H, D] (from q)")))
+
     def recurrent(
         self,
         q: Float[Array, "b t h d"],
@@ -612,14 +623,7 @@ class TTTMLPRule(_TTTBase):
         """``lax.scan`` over mini-batches (docs/rules/ttt.md); arguments as
         :meth:`TTTLinearRule.recurrent` with a :class:`TTTMLPState`."""
         B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
-        if not isinstance(state, (TTTMLPState, tuple, list)) or len(state) != 4:
-            raise ValueError(f"state: expected a TTTMLPState (W1, b1, W2, b2), got {type(state).__name__}")
-        W1 = jnp.asarray(state[0])
-        _checks.check_rank("state.W1", W1, 4, "[B, H, D, F]")
-        F = W1.shape[-1]
-        state = self._check_state_leaves(state, TTTMLPState, (
-            ((B, H, D, F), "[B, H, D, F] (from q)"), ((B, H, F), "[B, H, F] (from q, W1)"),
-            ((B, H, F, D), "[B, H, F, D] (from q, W1)"), ((B, H, D), "[B, H, D] (from q)")))
+        state = self._check_state(state, B, H, D)
         sd = _checks.state_dtype(q, k, v, lr, token_eta, ln_scale, ln_bias, *state)
         gamma, beta = self._ln_params(ln_scale, ln_bias, sd)
         st = TTTMLPState(*(x.astype(sd) for x in state))
@@ -648,14 +652,7 @@ class TTTMLPRule(_TTTBase):
         ``jax.grad`` of the inner loss, independently of the rule's closed form.
         """
         B, T, H, D = self._validate_tokens(q, k, v, lr, token_eta, ln_scale, ln_bias)
-        if not isinstance(state, (tuple, list)) or len(state) != 4:
-            raise ValueError(f"state: expected a TTTMLPState (W1, b1, W2, b2), got {type(state).__name__}")
-        W1 = jnp.asarray(state[0])
-        _checks.check_rank("state.W1", W1, 4, "[B, H, D, F]")
-        F = W1.shape[-1]
-        state = self._check_state_leaves(state, TTTMLPState, (
-            ((B, H, D, F), "[B, H, D, F] (from q)"), ((B, H, F), "[B, H, F] (from q, W1)"),
-            ((B, H, F, D), "[B, H, F, D] (from q, W1)"), ((B, H, D), "[B, H, D] (from q)")))
+        state = self._check_state(state, B, H, D)
         sd = _checks.state_dtype(q, k, v, lr, token_eta, ln_scale, ln_bias, *state)
         C = self.mini_batch_size
         qf, kf, vf, lrf, te = (x.astype(sd) for x in (q, k, v, lr, token_eta))
