@@ -20,14 +20,22 @@ from tttla_jax.train.config import parse_args
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    from tttla_jax.train.distributed import init_distributed
-    init_distributed(cfg)  # multi-host: before any JAX computation
-    from tttla_jax.train.loop import run  # after argument parsing: --help stays fast
+    from tttla_jax.train.distributed import DistributedInitError, init_distributed
+    try:
+        init_distributed(cfg)  # multi-host: before any JAX computation
+    except DistributedInitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tttla_jax.train.loop import NonFiniteError, run  # after argument parsing: --help stays fast
+    from tttla_jax.train.checkpoint import CheckpointWriteError
     try:
         run(cfg)
     except CheckpointDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -5,8 +5,18 @@ temporary directory renamed when complete) holds
 
 * ``arrays``: every array of the training state (parameters, optimiser state, RNG key)
   as a flat ``{"a0000": ..., ...}`` dict in ``jax.tree`` leaf order;
-* ``meta`` (JSON): the step, the config, the grain iterator state and a digest of all
-  arrays (:func:`tttla_jax.train.distributed.checksum`: exact on-device sums, hashed).
+* ``meta`` (JSON): the step, the config, the grain iterator state, the count of skipped
+  non-finite steps, a digest of all arrays (:func:`tttla_jax.train.distributed.checksum`:
+  exact on-device sums, hashed) and ``meta_digest``, a SHA-256 of every other metadata
+  field: resume trusts nothing it has not verified (arrays, RNG key, data-iterator state,
+  config). Checkpoints written before ``meta_digest`` existed still resume (the arrays
+  are verified; a note says the metadata is not).
+
+Never saved: a state with a non-finite value (:class:`NonFiniteError`). A failed write
+(disk full, unwritable directory) raises :class:`CheckpointWriteError` with one line;
+the earlier checkpoints are untouched (orbax writes into ``<step>.orbax-checkpoint-tmp``
+and renames it when complete). Such temporary directories left by a kill or a failed
+write are removed when the next run opens the directory (with a message).
 
 Arrays may be sharded over a device mesh and over several processes: orbax writes each
 shard from the process that owns it and restores into the shardings of the target
@@ -18,6 +28,7 @@ next older one is tried.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -32,6 +43,52 @@ from tttla_jax.train.distributed import checksum
 
 class CheckpointDirError(RuntimeError):
     """The run directory cannot be written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint or the metrics failed (disk full, unwritable path, ...)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or state."""
+
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of every metadata field except ``meta_digest`` itself (canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "meta_digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def all_finite(leaves) -> bool:
+    """Whether every floating-point value of ``leaves`` is finite (computed on device)."""
+    import jax.numpy as jnp
+    ok = True
+    for x in leaves:
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return bool(ok)
+
+
+def _os_error(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe_write_error(e: BaseException) -> str:
+    """One line for a failed write: the OS error if there is one in the chain."""
+    ose = _os_error(e)
+    if ose is not None:
+        return f"{type(ose).__name__}: {ose.strerror or ose}" + (f" (errno {ose.errno})" if ose.errno else "")
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}"
 
 
 def check_writable(run_dir: str) -> None:
@@ -67,11 +124,31 @@ def _as_dict(leaves) -> dict:
 class Checkpointer:
     """Save / restore the flat training state under ``<run_dir>/ckpt``."""
 
-    def __init__(self, run_dir: str, keep: int):
+    def __init__(self, run_dir: str, keep: int, log=print):
         self.root = os.path.abspath(os.path.join(run_dir, "ckpt"))
         self.corrupt_dir = os.path.abspath(os.path.join(run_dir, "ckpt_corrupt"))
         self.keep = keep
+        self.log = log
         self._open()
+
+    def clean_tmp(self) -> list:
+        """Remove ``*.orbax-checkpoint-tmp`` directories (an interrupted or failed save).
+
+        Only the run that trains in this directory calls it (at its start): a reader
+        (``load_run``) must not remove the save in flight of a run still training."""
+        removed = []
+        if jax.process_index() == 0 and os.path.isdir(self.root):
+            for name in sorted(os.listdir(self.root)):
+                if TMP_SUFFIX in name:
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                    removed.append(name)
+            if removed:
+                self.log(f"removed {len(removed)} incomplete checkpoint(s) left by an interrupted or "
+                         f"failed save in {self.root}: {', '.join(removed)}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("clean incomplete checkpoints")
+        return removed
 
     def _open(self):
         opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
@@ -88,10 +165,24 @@ class Checkpointer:
         Every process must call it (orbax writes each shard from its owner; the JSON is
         written by process 0)."""
         leaves = list(leaves)
+        if not all_finite(leaves):
+            raise NonFiniteError(f"the training state at step {step} holds non-finite values; "
+                                 f"checkpoint not written (kept: steps {self.steps()} in {self.root})")
         meta = dict(meta, step=int(step), digest=checksum(leaves))
-        self.manager.save(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(_as_dict(leaves)), meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        meta["meta_digest"] = meta_digest(meta)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(_as_dict(leaves)), meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any failed write ends the run with one line
+            if jax.process_index() == 0:
+                shutil.rmtree(os.path.join(self.root, f"{step}{TMP_SUFFIX}"), ignore_errors=True)
+            kept = sorted(n for n in (os.listdir(self.root) if os.path.isdir(self.root) else [])
+                          if n.isdigit())
+            raise CheckpointWriteError(
+                f"writing checkpoint step {step} to {self.root} failed ({describe_write_error(e)}); "
+                f"the earlier checkpoints (steps {[int(n) for n in sorted(kept, key=int)]}) are intact: "
+                f"free space or fix the directory, then rerun with --resume") from None
 
     def _restore(self, step: int, like_leaves):
         target = _as_dict([x if isinstance(x, jax.ShapeDtypeStruct)
@@ -110,6 +201,7 @@ class Checkpointer:
             raise ValueError(f"metadata does not describe step {step}: {str(meta)[:200]}")
         if checksum(leaves) != meta.get("digest"):
             raise ValueError("the checksum of the restored arrays does not match the one saved with them")
+        _check_meta(meta, step, self.log)
         return leaves, meta
 
     def restore_latest(self, like_leaves, log=print):
@@ -147,6 +239,54 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _check_meta(meta: dict, step: int, log) -> None:
+    if "meta_digest" not in meta:
+        log(f"note: checkpoint step {step} predates metadata checksums: its arrays are verified, "
+            f"its config and data-iterator state are not")
+    elif meta_digest(meta) != meta["meta_digest"]:
+        raise ValueError("the checksum of the metadata (config, data-iterator state, step) does not "
+                         "match the one saved with it")
+
+
+def restore_latest_valid(run_dir: str, log=print):
+    """Newest checkpoint of ``run_dir`` that loads and verifies, without a template.
+
+    Returns ``(step, leaves, meta)`` (``leaves``: numpy arrays in the training state's
+    ``jax.tree`` leaf order, whatever mesh saved them; ``meta``: the JSON metadata with
+    ``config``) or ``None`` when no checkpoint verifies. Read-only: a bad checkpoint is
+    reported via ``log`` and skipped, not moved.
+    """
+    root = os.path.abspath(os.path.join(run_dir, "ckpt"))
+    if not os.path.isdir(root):
+        return None
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"arrays": ocp.StandardCheckpointHandler(),
+                                                "meta": ocp.JsonCheckpointHandler()})
+    try:
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                shapes = mngr.item_metadata(step)["arrays"]
+                like = {k: np.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+                out = mngr.restore(step, args=ocp.args.Composite(
+                    arrays=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
+                arrays, meta = out["arrays"], out["meta"]
+                leaves = [np.asarray(arrays[k]) for k in sorted(arrays)]
+                if not isinstance(meta, dict) or meta.get("step") != step:
+                    raise ValueError(f"metadata does not describe step {step}")
+                if checksum(leaves) != meta.get("digest"):
+                    raise ValueError("the checksum of the arrays does not match the one saved with them")
+                _check_meta(meta, step, log)
+            except Exception as e:  # noqa: BLE001 - any failure means "do not trust it"
+                msg = (str(e).strip().splitlines() or [""])[0][:300]
+                log(f"CORRUPTED CHECKPOINT: step {step} in {root} ({type(e).__name__}: {msg}); "
+                    f"trying the previous checkpoint")
+                continue
+            return step, leaves, meta
+        return None
+    finally:
+        mngr.close()
 
 
 def load_final(run_dir: str):

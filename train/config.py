@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Optional
 
@@ -15,6 +16,7 @@ from tttla_jax.nn.mixers import MIXERS
 
 TASKS = ("lm", "mqar", "vit")
 DISTRIBUTED = ("auto", "on", "off")
+ON_NONFINITE = ("stop", "skip")
 
 # (seq_len, num_kv_pairs) of the standard MQAR benchmark (Zoology, Arora et al. 2023).
 MQAR_SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
@@ -64,7 +66,11 @@ class TrainConfig:
         constant lr of the presets without per-token lr, V4+).
       progress: show the progress bar on stderr.
       plot: write loss.png (needs matplotlib).
-      throttle: seconds to sleep after every step (only to test kill/resume).
+      throttle: seconds to sleep after every step (only to test kill/resume; at most 60).
+      on_nonfinite: what a step whose loss or gradient norm is not finite does: "stop"
+        (the run ends with an error naming the step, exit status 3; no checkpoint is
+        written) or "skip" (the step leaves parameters and optimiser state unchanged, the
+        count is the "skipped_steps" metric; 10 non-finite steps in a row still stop).
       tune_malloc: keep freed host memory in the process (glibc mallopt; see
         tttla_jax.host.tune_malloc): XLA:CPU otherwise page-faults its large temporaries
         back in on every step.
@@ -77,6 +83,8 @@ class TrainConfig:
         JAX_PROCESS_ID); "on" always (cluster auto-detection on TPU pods, SLURM, ...);
         "off" never.
       coordinator: "host:port" of process 0 for jax.distributed.initialize.
+      init_timeout: seconds a multi-process start waits for its peers before it fails
+        with an error naming the coordinator.
       num_processes: number of processes (0: from the environment).
       process_id: index of this process (-1: from the environment).
     """
@@ -118,12 +126,14 @@ class TrainConfig:
     progress: bool = True
     plot: bool = True
     throttle: float = 0.0
+    on_nonfinite: str = "stop"
     tune_malloc: bool = True
     mesh: str = ""
     distributed: str = "auto"
     coordinator: str = ""
     num_processes: int = 0
     process_id: int = -1
+    init_timeout: int = 120
     patch_size: int = 2
 
     def __post_init__(self):
@@ -141,6 +151,18 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}: expected an integer >= 0, got {v!r}")
+        for f in dataclasses.fields(self):  # inf / nan are never a meaningful setting
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name}: expected a finite number, got {v!r}")
+        if self.throttle > 60:
+            raise ValueError(f"throttle: expected at most 60 seconds, got {self.throttle!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite: expected one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
+        if isinstance(self.init_timeout, bool) or not isinstance(self.init_timeout, int) \
+                or not 1 <= self.init_timeout <= 86400:
+            raise ValueError(f"init_timeout: expected an integer number of seconds in [1, 86400], "
+                             f"got {self.init_timeout!r}")
         for name in ("lr", "grad_clip", "mqar_power_a"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive float, got {getattr(self, name)!r}")
@@ -316,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, choices=LACT_PRESETS, default=None, help=help_)
         elif f.name == "distributed":
             p.add_argument(flag, choices=DISTRIBUTED, default=None, help=help_)
+        elif f.name == "on_nonfinite":
+            p.add_argument(flag, choices=ON_NONFINITE, default=None, help=help_)
         else:
             p.add_argument(flag, type=typ, default=None, help=help_)
     return p

@@ -6,7 +6,9 @@ with ``in_shardings``/``out_shardings``) inserts the collectives. What this modu
 * **Processes** — :func:`init_distributed` calls :func:`jax.distributed.initialize` from the
   ``--coordinator/--num-processes/--process-id`` flags or the ``JAX_COORDINATOR_ADDRESS``,
   ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` environment variables (or with cluster
-  auto-detection, ``--distributed on``), before any computation.
+  auto-detection, ``--distributed on``), before any computation. A process that cannot
+  reach the coordinator and its peers within ``--init-timeout`` seconds (default 120)
+  fails with :class:`DistributedInitError`, one line naming the coordinator.
 * **Mesh** — :func:`make_mesh`: a :class:`jax.sharding.Mesh` with axes ``("data", "fsdp")``
   (``--mesh data=2,fsdp=2``; default all devices on ``data``).
 * **Parameters** — every parameter carries logical axis names
@@ -34,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -108,8 +111,46 @@ def init_distributed(cfg) -> bool:
         return False
     if jax.distributed.is_initialized():
         return True
-    jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid)
+    timeout = int(getattr(cfg, "init_timeout", 120))
+    print(f"multi-process start: process {pid} of {nproc}, coordinator {coord or '(auto-detected)'}; "
+          f"waiting up to {timeout} s (--init-timeout) for the peers", file=sys.stderr, flush=True)
+    if coord and pid:  # the runtime aborts the process on a timeout: probe the coordinator first
+        _wait_for_coordinator(coord, timeout, pid, nproc)
+    try:
+        jax.distributed.initialize(coordinator_address=coord, num_processes=nproc, process_id=pid,
+                                   initialization_timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - the runtime raises several types; all mean "no peers"
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DistributedInitError(
+            f"multi-process start failed: process {pid} of {nproc} could not reach the coordinator "
+            f"{coord or '(auto-detected)'} and its peers within --init-timeout {timeout} s "
+            f"({type(e).__name__}: {first}); check that every process was started with the same "
+            f"--coordinator and --num-processes") from None
     return True
+
+
+class DistributedInitError(RuntimeError):
+    """A multi-process start could not reach its peers within ``init_timeout`` seconds."""
+
+
+def _wait_for_coordinator(coord: str, timeout: float, pid, nproc) -> None:
+    """Retry a TCP connection to ``host:port`` until it succeeds or ``timeout`` s pass."""
+    import socket
+    import time
+    host, _, port = coord.rpartition(":")
+    deadline = time.monotonic() + timeout
+    err = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return
+        except (OSError, ValueError) as e:
+            err = e
+            time.sleep(0.2)
+    raise DistributedInitError(
+        f"multi-process start failed: process {pid} of {nproc} could not reach the coordinator "
+        f"{coord} within --init-timeout {timeout} s ({type(err).__name__}: {err}); start process 0 "
+        f"there, or check --coordinator")
 
 
 def make_mesh(spec: str) -> Mesh:

@@ -6,6 +6,12 @@ is a function of the seed and the grain iterator state; all of these, the RNG ke
 the step are in the checkpoint. Metrics records (``metrics.jsonl``) hold only values
 computed from that state, except the wall-clock fields ``time`` and ``tokens_per_s``.
 On resume, records after the restored step are dropped before training continues.
+
+Never lies: every step reports whether its loss and gradient norm are finite (the
+``finite`` flag); a non-finite step leaves parameters and optimiser state unchanged, and
+with ``on_nonfinite="stop"`` (default) the run ends with :class:`NonFiniteError` naming
+the step (``python -m train`` exits with status 3), before any checkpoint of that state;
+with ``"skip"`` it continues and counts the step in the ``skipped_steps`` metric.
 """
 from __future__ import annotations
 
@@ -26,10 +32,12 @@ from tttla_jax.nn.decode import generate
 from tttla_jax.nn.model import LanguageModel, LMConfig, count_params
 from tttla_jax.train import data as data_lib
 from tttla_jax.train import distributed as dist
-from tttla_jax.train.checkpoint import Checkpointer, check_writable
+from tttla_jax.train.checkpoint import (Checkpointer, CheckpointWriteError, NonFiniteError,
+                                        check_writable, describe_write_error)
 from tttla_jax.train.config import STRUCTURAL, TrainConfig
 
 WALL_CLOCK_FIELDS = ("time", "tokens_per_s")
+MAX_CONSECUTIVE_SKIPS = 10  # --on-nonfinite skip still stops after this many in a row
 SAMPLE_PROMPT = "The "
 
 
@@ -138,10 +146,15 @@ def make_steps(graphdef, cfg: TrainConfig, mesh=None, shardings=None):
 
     def train_step(params, rest, opt_state, batch):
         (loss, (n, c)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                   "accuracy": c / jnp.maximum(n, 1.0)}
+        gnorm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        updates, new_opt = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # a non-finite step changes nothing (jnp.where with a true flag is exact)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
+        metrics = {"loss": loss, "grad_norm": gnorm, "accuracy": c / jnp.maximum(n, 1.0),
+                   "finite": finite}
         return params, opt_state, metrics
 
     def eval_step(params, rest, batch):
@@ -214,19 +227,27 @@ def _write_jsonl_atomic(path: str, records: list) -> None:
     os.replace(tmp, path)
 
 
-def read_metrics(path: str) -> list:
+def read_metrics(path: str, log=_eprint) -> list:
+    """The records of ``metrics.jsonl``; damaged lines are skipped with a warning."""
     if not os.path.exists(path):
         return []
-    out = []
-    with open(path) as f:
-        for line in f:
+    out, bad = [], []
+    with open(path, errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
-                break  # a torn last line from a kill: everything before it is kept
+                rec = None
+            if not isinstance(rec, dict):  # a torn line from a kill, or a damaged one
+                bad.append(lineno)
+                continue
+            out.append(rec)
+    if bad:
+        log(f"warning: {path}: skipped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))}"
+            f"{', ...' if len(bad) > 5 else ''}); kept the {len(out)} other records")
     return out
 
 
@@ -273,8 +294,10 @@ def resolve_run_dir(cfg: TrainConfig, log=print) -> str:
 
     Without ``--ckpt-dir`` the command just works when repeated: if ``runs/<preset>``
     already holds checkpoints, a new run goes to the first free ``runs/<preset>-2``,
-    ``-3``, ...; ``--resume`` continues the most recent of them. With an explicit
-    ``--ckpt-dir`` that holds checkpoints, ``--resume`` is required (an error otherwise).
+    ``-3``, ...; ``--resume`` continues the newest of them that holds a checkpoint (a
+    newer directory without one, e.g. a run killed before its first checkpoint, is
+    passed over, and the log says so). With an explicit ``--ckpt-dir`` that holds
+    checkpoints, ``--resume`` is required (an error otherwise).
     """
     if cfg.ckpt_dir:
         return cfg.ckpt_dir
@@ -285,13 +308,24 @@ def resolve_run_dir(cfg: TrainConfig, log=print) -> str:
         return os.path.isdir(c) and any(n.isdigit() for n in os.listdir(c))
 
     candidates = [base] + [f"{base}-{i}" for i in range(2, 10_000)]
+    if cfg.resume:
+        existing = [d for d in candidates if os.path.isdir(d)]
+        with_ckpt = [d for d in existing if has_ckpt(d)]
+        if not with_ckpt:
+            log(f"--resume: no run directory {base}[-N] holds a checkpoint: starting in {base}")
+            return base
+        chosen = with_ckpt[-1]
+        newer = existing[existing.index(chosen) + 1:]
+        why = "the newest run directory that holds a checkpoint"
+        if newer:
+            why += f"; newer {', '.join(newer)} hold{'s' if len(newer) == 1 else ''} none"
+        log(f"--resume: resuming {chosen} ({why}; --ckpt-dir picks another)")
+        return chosen
     used = []
     for d in candidates:
         if not has_ckpt(d):
             break
         used.append(d)
-    if cfg.resume:
-        return used[-1] if used else base
     free = candidates[len(used)]
     if used:
         log(f"note: {used[-1]} holds an earlier run; this run writes to {free} "
@@ -319,8 +353,9 @@ def _run(cfg: TrainConfig, log) -> dict:
             run_dir = cfg.run_dir + ("" if idx == 0 else f"-{idx + 1}")
     check_writable(run_dir)  # fails here, before anything is compiled or trained
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    ckpt = Checkpointer(run_dir, keep=cfg.keep)
+    ckpt = Checkpointer(run_dir, keep=cfg.keep, log=log)
     try:
+        ckpt.clean_tmp()
         existing = ckpt.steps()
         if existing and not cfg.resume:
             raise SystemExit(
@@ -346,7 +381,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         if len(state_sh) != len(leaves):
             raise AssertionError(f"{len(state_sh)} shardings for {len(leaves)} state arrays")
         it = iter(data_lib.train_loader(cfg, pid, nproc))
-        start, records = 0, []
+        start, records, skipped = 0, [], 0
 
         if cfg.resume:
             like = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(leaves, state_sh)]
@@ -367,8 +402,25 @@ def _run(cfg: TrainConfig, log) -> dict:
                             f"{k}={saved.get(k)!r} in the checkpoint vs {getattr(cfg, k)!r}" for k in diff))
                 state = jax.tree.unflatten(treedef, rleaves)
                 it.set_state(dist.data_state_to_local(meta["data_state"], pid, nproc))
-                records = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
+                skipped = int(meta.get("skipped_steps", 0))
+                records = [r for r in read_metrics(metrics_path, log) if r.get("step", 0) <= start]
+                saved_steps = saved.get("steps")
+                if start >= cfg.steps:
+                    log(f"run {run_dir} is finished: its newest checkpoint is step {start} and --steps "
+                        f"is {cfg.steps}; nothing to train. To continue it: --resume --steps N with "
+                        f"N > {start} (the learning-rate schedule is then recomputed for N steps)")
+                    final_eval = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
+                    return {"step": start, "start_step": start, "run_dir": run_dir, "finished": True,
+                            "metrics_path": metrics_path, "final_eval": final_eval,
+                            "checkpoints": ckpt.steps(), "params": state[0], "mesh": dict(mesh.shape),
+                            "process_count": nproc, "skipped_steps": skipped}
                 log(f"resumed from step {start} ({os.path.join(ckpt.root, str(start))})")
+                if saved_steps is not None and saved_steps != cfg.steps:
+                    what = ("extending the finished run" if start >= saved_steps
+                            else "changing the run's length")
+                    log(f"note: {what} from {saved_steps} to {cfg.steps} steps (--steps): the "
+                        f"learning-rate schedule from step {start} on is the one of a "
+                        f"{cfg.steps}-step run")
         if lead:
             _write_jsonl_atomic(metrics_path, records)
         params, opt_state, rng = state
@@ -394,26 +446,52 @@ def _run(cfg: TrainConfig, log) -> dict:
 
         def emit(rec):
             if f is not None:
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
+                try:
+                    f.write(json.dumps(rec) + "\n")
+                    f.flush()
+                except OSError as e:
+                    raise CheckpointWriteError(
+                        f"writing {metrics_path} failed at step {rec.get('step')} "
+                        f"({describe_write_error(e)}); checkpoints (steps {ckpt.steps()}) are "
+                        f"intact: free space or fix the directory, then rerun with --resume") from None
             records.append(rec)
 
         def save(step):
             flat = jax.tree.leaves((params, opt_state, rng))
             ckpt.save(step, flat, {"config": _jsonable(dataclasses.asdict(cfg)),
-                                   "data_state": dist.data_state_to_global(it.get_state(), pid, nproc)})
+                                   "data_state": dist.data_state_to_global(it.get_state(), pid, nproc),
+                                   "skipped_steps": skipped})
 
-        step = start
+        step, consecutive = start, 0
         t_last, s_last = time.perf_counter(), start
         while step < cfg.steps:
             batch = dist.global_batch(next(it), b_sh, cfg.batch_size)
             params, opt_state, m = train_step(params, rest, opt_state, batch)
             step += 1
+            if not bool(m.pop("finite")):  # parameters and optimiser state were left unchanged
+                skipped += 1
+                consecutive += 1
+                what = f"loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])}"
+                emit({"kind": "nonfinite", "step": step, "loss": float(m["loss"]),
+                      "grad_norm": float(m["grad_norm"]), "skipped_steps": skipped,
+                      "time": time.perf_counter() - t_start})
+                if cfg.on_nonfinite == "stop" or consecutive >= MAX_CONSECUTIVE_SKIPS:
+                    why = ("--on-nonfinite stop" if cfg.on_nonfinite == "stop"
+                           else f"{consecutive} non-finite steps in a row")
+                    raise NonFiniteError(
+                        f"step {step}: non-finite training step ({what}); run stopped ({why}); "
+                        f"last checkpoint: steps {ckpt.steps()} in {ckpt.root}, none written after "
+                        f"it. Lower --lr, or pass --on-nonfinite skip to skip such steps")
+                log(f"warning: step {step}: non-finite training step ({what}) skipped "
+                    f"(parameters and optimiser state unchanged; {skipped} skipped so far)")
+            else:
+                consecutive = 0
             if cfg.throttle:
                 time.sleep(cfg.throttle)
             last = step == cfg.steps
             if step % cfg.log_every == 0 or last:
                 m = {k: float(v) for k, v in m.items()}
+                m["skipped_steps"] = skipped
                 m["lr"] = float(sched(step - 1))  # the rate used by this step's update
                 now = time.perf_counter()
                 tok_s = (step - s_last) * tokens_per_step / max(now - t_last, 1e-9)
@@ -433,6 +511,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         if final_eval is None:  # resumed at the end: evaluate the restored state
             final_eval = {"step": step, **evaluate(eval_fn, params, evals)}
         summary = {"step": step, "start_step": start, "run_dir": run_dir, "n_params": n_params,
+                   "skipped_steps": skipped, "finished": False,
                    "metrics_path": metrics_path, "final_eval": final_eval,
                    "checkpoints": ckpt.steps(), "params": params, "mesh": dict(mesh.shape),
                    "process_count": nproc}
