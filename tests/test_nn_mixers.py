@@ -460,3 +460,26 @@ def test_numpy_and_jax_scalars_in_mixer_configs():
         SlidingWindowAttention(width=W, num_heads=H, window=True, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"rope_base: expected a positive float"):
         SlidingWindowAttention(width=W, num_heads=H, rope_base=-1.0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tttla_jax.nn", fromlist=["MIXERS"]).MIXERS))
+def test_every_mixer_keeps_the_input_dtype_and_rejects_integers(name):
+    """Every registered mixer (float32 parameters, default dtype=None) returns bfloat16 for
+    bfloat16 activations (the float32 call's output rounded once to bfloat16), also when
+    decoding from a cache; integer activations are a ValueError naming x and its dtype."""
+    from tttla_jax.nn import MIXERS
+    layer = MIXERS[name](width=16, num_heads=2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (1, 6, 16), jnp.float32).astype(jnp.bfloat16)
+    with jax.enable_x64(False):
+        y, cache = layer(x)
+        y32, _ = layer(x.astype(jnp.float32))
+        y_dec, _ = layer(x[:, :1], cache=layer.init_cache(1))
+    assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+    assert y_dec.dtype == jnp.bfloat16
+    assert y32.dtype == jnp.float32
+    # float32 parameters: the layer computes in float32 either way, then rounds once
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(y32.astype(jnp.bfloat16), np.float32))
+    assert cache is not None
+    with pytest.raises(ValueError, match=r"x: expected a floating dtype, got int32"):
+        layer(jnp.ones((1, 6, 16), jnp.int32))

@@ -12,6 +12,7 @@ Axis names: ``B`` batch, ``T`` tokens, ``H`` heads, ``D`` head dim, ``W`` width,
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import operator
@@ -94,6 +95,20 @@ class Mixer(nnx.Module):
 
     impls: tuple = ("recurrent",)
 
+    def __init_subclass__(cls, **kwargs):
+        # Every mixer returns its output in the dtype of ``x`` (a bfloat16 activation stays
+        # bfloat16 whatever the parameter and state dtypes); the cache keeps its own dtypes.
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not getattr(call, "_casts_to_input_dtype", False):
+            @functools.wraps(call)
+            def __call__(self, *args, **kw):
+                y, cache = call(self, *args, **kw)
+                x = args[0] if args else kw["x"]
+                return y.astype(jnp.result_type(x)), cache
+            __call__._casts_to_input_dtype = True
+            cls.__call__ = __call__
+
     def init_cache(self, batch_size: int) -> Cache:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -104,6 +119,7 @@ class Mixer(nnx.Module):
     def _check_x(self, x) -> tuple:
         """``x`` must be ``[B, T, W]`` with ``W = self.width``; returns ``(B, T)``."""
         _checks.check_rank("x", x, 3, "[B, T, W]")
+        _checks.check_floating("x", x)
         if x.shape[-1] != self.width:
             raise ValueError(f"x: expected [B, T, W] with W = {self.width}, got {tuple(x.shape)}")
         return x.shape[0], x.shape[1]
