@@ -293,3 +293,47 @@ def test_unreachable_coordinator_fails_within_the_timeout():
     assert p.returncode == 2, p.stderr[-2000:]
     assert err[-1].startswith("error: multi-process start failed") and f"127.0.0.1:{port}" in err[-1]
     assert "--init-timeout 2 s" in err[-1] and took < 60
+
+
+# ------------------------------------------------------------------ 4. named checkpoints
+
+def test_checkpoints_name_arrays_by_path(reference):
+    from tttla_jax.train.checkpoint import load_final
+    step, leaves, meta = load_final(str(reference))
+    names = meta["names"]
+    assert len(names) == len(leaves) and len(set(names)) == len(names)
+    assert "params.embed.embedding" in names and "rng" == names[-1]
+    assert any(n.startswith("params.blocks.0.mixer.") for n in names)
+    assert any(n.startswith("opt_state.") and ".mu.embed.embedding" in n for n in names)
+    emb = leaves[names.index("params.embed.embedding")]
+    assert emb.shape == (TINY.get("vocab_size", 256), TINY["width"])
+
+
+def test_checkpoint_of_the_unnamed_format_still_resumes_bitwise(reference, tmp_path):
+    """Checkpoints written before the names (keys a0000, ... in leaf order, no meta
+    digest) resume by position, with a note, and the run ends bitwise."""
+    from tttla_jax.train.checkpoint import Checkpointer, load_final
+    d = tmp_path / "run"
+    _copy_without_last(reference, d)
+    old = {}
+    for s in (2, 4):  # rewrite both checkpoints in the earlier format
+        keep = tmp_path / f"keep{s}"
+        os.makedirs(keep / "ckpt")
+        shutil.copytree(d / "ckpt" / str(s), keep / "ckpt" / str(s))
+        old[s] = load_final(str(keep))
+    shutil.rmtree(d / "ckpt")
+    ck = Checkpointer(str(d), keep=3)
+    for s, (_, leaves, meta) in old.items():
+        legacy = {k: v for k, v in meta.items() if k not in ("names", "digest", "meta_digest", "step")}
+        ck.save(s, leaves, legacy)
+        mpath = d / "ckpt" / str(s) / "meta" / "metadata"
+        m = json.load(open(mpath))
+        del m["meta_digest"]
+        json.dump(m, open(mpath, "w"))
+    ck.close()
+    assert "names" not in load_final(str(d))[2]
+    logs = []
+    s = run(tiny(d, resume=True), log=logs.append)
+    assert s["start_step"] == 4 and any("predates metadata checksums" in x for x in logs), logs
+    assert_same_as_reference(d, reference)
+    assert load_final(str(d))[2]["names"] == load_final(str(reference))[2]["names"]

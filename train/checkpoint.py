@@ -4,7 +4,10 @@ A checkpoint (directory ``<run_dir>/ckpt/<step>``, written atomically by orbax: 
 temporary directory renamed when complete) holds
 
 * ``arrays``: every array of the training state (parameters, optimiser state, RNG key)
-  as a flat ``{"a0000": ..., ...}`` dict in ``jax.tree`` leaf order;
+  as a flat dict keyed by its path name (:func:`state_names`, e.g.
+  ``params.blocks.0.mixer.q_proj.kernel``, ``opt_state.1.0.mu.embed.embedding``, ``rng``);
+  ``meta["names"]`` lists them in ``jax.tree`` leaf order. Checkpoints of the earlier
+  format (unnamed ``a0000``, ``a0001``, ... in leaf order) still restore;
 * ``meta`` (JSON): the step, the config, the grain iterator state, the count of skipped
   non-finite steps, a digest of all arrays (:func:`tttla_jax.train.distributed.checksum`:
   exact on-device sums, hashed) and ``meta_digest``, a SHA-256 of every other metadata
@@ -117,8 +120,46 @@ def digest(leaves) -> str:
     return h.hexdigest()
 
 
-def _as_dict(leaves) -> dict:
-    return {f"a{i:04d}": x for i, x in enumerate(leaves)}
+def _as_dict(leaves, names=None) -> dict:
+    names = names or _legacy_names(len(leaves))
+    return dict(zip(names, leaves))
+
+
+def _legacy_names(n: int) -> list:
+    return [f"a{i:04d}" for i in range(n)]
+
+
+_TOP = ("params", "opt_state", "rng")
+
+
+def state_names(state) -> list:
+    """Path names of the leaves of ``state = (params, opt_state, rng)`` in leaf order:
+    ``params.blocks.0.mixer.q_proj.kernel`` (NNX parameter paths; the ``.value`` of a
+    variable dropped), ``opt_state.<optax path>``, ``rng``."""
+    out = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(state)[0]:
+        parts = []
+        for i, k in enumerate(path):
+            if isinstance(k, jax.tree_util.SequenceKey):
+                parts.append(_TOP[k.idx] if i == 0 and len(_TOP) > k.idx else str(k.idx))
+            elif isinstance(k, jax.tree_util.DictKey):
+                parts.append(str(k.key))
+            elif isinstance(k, jax.tree_util.GetAttrKey):
+                parts.append(k.name)
+            else:
+                parts.append(str(getattr(k, "idx", getattr(k, "key", k))))
+        if len(parts) > 1 and parts[-1] == "value":
+            parts.pop()
+        out.append(".".join(parts))
+    if len(set(out)) != len(out):
+        raise AssertionError("state_names: two leaves share a path name")
+    return out
+
+
+def _saved_names(meta: dict, n_saved: int) -> list:
+    """Leaf-order names of a checkpoint: ``meta["names"]`` or the earlier unnamed format."""
+    names = meta.get("names") if isinstance(meta, dict) else None
+    return list(names) if names else _legacy_names(n_saved)
 
 
 class Checkpointer:
@@ -159,8 +200,10 @@ class Checkpointer:
     def steps(self) -> list:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, leaves, meta: dict) -> None:
-        """Save ``leaves`` (jax or numpy arrays, possibly sharded) and ``meta`` (JSON).
+    def save(self, step: int, leaves, meta: dict, names=None) -> None:
+        """Save ``leaves`` (jax or numpy arrays, possibly sharded) and ``meta`` (JSON),
+        the arrays keyed by ``names`` (leaf order, :func:`state_names`; default the
+        unnamed ``a0000`` ... keys).
 
         Every process must call it (orbax writes each shard from its owner; the JSON is
         written by process 0)."""
@@ -169,10 +212,14 @@ class Checkpointer:
             raise NonFiniteError(f"the training state at step {step} holds non-finite values; "
                                  f"checkpoint not written (kept: steps {self.steps()} in {self.root})")
         meta = dict(meta, step=int(step), digest=checksum(leaves))
+        if names is not None:
+            if len(names) != len(leaves):
+                raise ValueError(f"names: expected {len(leaves)} names, got {len(names)}")
+            meta["names"] = list(names)
         meta["meta_digest"] = meta_digest(meta)
         try:
             self.manager.save(step, args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(_as_dict(leaves)), meta=ocp.args.JsonSave(meta)))
+                arrays=ocp.args.StandardSave(_as_dict(leaves, names)), meta=ocp.args.JsonSave(meta)))
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - any failed write ends the run with one line
             if jax.process_index() == 0:
@@ -184,17 +231,24 @@ class Checkpointer:
                 f"the earlier checkpoints (steps {[int(n) for n in sorted(kept, key=int)]}) are intact: "
                 f"free space or fix the directory, then rerun with --resume") from None
 
-    def _restore(self, step: int, like_leaves):
-        target = _as_dict([x if isinstance(x, jax.ShapeDtypeStruct)
-                           else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                           for x in like_leaves])
+    def _restore(self, step: int, like_leaves, names=None):
+        like = [x if isinstance(x, jax.ShapeDtypeStruct)
+                else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in like_leaves]
+        meta0 = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = _saved_names(meta0, len(like))
+        if names is not None and meta0.get("names") and list(names) != saved:
+            diff = sorted(set(names) ^ set(saved))[:4]
+            raise ValueError(f"array names differ from the training state (e.g. {diff})")
+        if len(saved) != len(like):
+            raise ValueError(f"the checkpoint holds {len(saved)} arrays, the training state {len(like)}")
+        target = dict(zip(saved, like))
         out = self.manager.restore(step, args=ocp.args.Composite(
             arrays=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         arrays, meta = out["arrays"], out["meta"]
         if set(arrays) != set(target):
             raise ValueError(f"array names differ from the training state ({len(arrays)} vs {len(target)})")
-        leaves = [arrays[k] for k in sorted(target)]
-        for k, a, t in zip(sorted(target), leaves, [target[k] for k in sorted(target)]):
+        leaves = [arrays[k] for k in saved]
+        for k, a, t in zip(saved, leaves, like):
             if a.shape != t.shape or a.dtype != t.dtype:
                 raise ValueError(f"{k}: restored {a.dtype}{a.shape}, expected {t.dtype}{t.shape}")
         if not isinstance(meta, dict) or meta.get("step") != step:
@@ -204,14 +258,17 @@ class Checkpointer:
         _check_meta(meta, step, self.log)
         return leaves, meta
 
-    def restore_latest(self, like_leaves, log=print):
+    def restore_latest(self, like_leaves, log=print, names=None):
         """Newest checkpoint that loads and verifies: ``(step, leaves, meta)`` or ``None``.
 
-        Bad checkpoints are reported via ``log`` and moved to ``ckpt_corrupt/``.
+        ``leaves`` come in the order of ``like_leaves`` (the training state's leaf order);
+        ``names`` (:func:`state_names`), when given, must match the checkpoint's (a
+        checkpoint of the earlier unnamed format restores by position). Bad checkpoints
+        are reported via ``log`` and moved to ``ckpt_corrupt/``.
         """
         for step in reversed(self.steps()):
             try:
-                leaves, meta = self._restore(step, like_leaves)
+                leaves, meta = self._restore(step, like_leaves, names)
             except Exception as e:  # noqa: BLE001 - any failure means "do not trust it"
                 msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
                 dest = self.quarantine(step)
@@ -272,7 +329,7 @@ def restore_latest_valid(run_dir: str, log=print):
                 out = mngr.restore(step, args=ocp.args.Composite(
                     arrays=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()))
                 arrays, meta = out["arrays"], out["meta"]
-                leaves = [np.asarray(arrays[k]) for k in sorted(arrays)]
+                leaves = [np.asarray(arrays[k]) for k in _saved_names(meta, len(arrays))]
                 if not isinstance(meta, dict) or meta.get("step") != step:
                     raise ValueError(f"metadata does not describe step {step}")
                 if checksum(leaves) != meta.get("digest"):
@@ -303,7 +360,7 @@ def load_final(run_dir: str):
                                                      meta=ocp.args.JsonRestore()))
     mngr.close()
     arrays = out["arrays"]
-    return step, [np.asarray(arrays[k]) for k in sorted(arrays)], out["meta"]
+    return step, [np.asarray(arrays[k]) for k in _saved_names(out["meta"], len(arrays))], out["meta"]
 
 
 def _eprint(*a):

@@ -33,7 +33,7 @@ from tttla_jax.nn.model import LanguageModel, LMConfig, count_params
 from tttla_jax.train import data as data_lib
 from tttla_jax.train import distributed as dist
 from tttla_jax.train.checkpoint import (Checkpointer, CheckpointWriteError, NonFiniteError,
-                                        check_writable, describe_write_error)
+                                        check_writable, describe_write_error, state_names)
 from tttla_jax.train.config import STRUCTURAL, TrainConfig
 
 WALL_CLOCK_FIELDS = ("time", "tokens_per_s")
@@ -377,6 +377,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         rng = jax.jit(lambda: jax.random.key_data(jax.random.key(cfg.seed)), out_shardings=rep)()
         state = (params, opt_state, rng)
         leaves, treedef = jax.tree.flatten(state)
+        names = state_names(state)
         state_sh = jax.tree.leaves((p_sh, o_sh, rep))
         if len(state_sh) != len(leaves):
             raise AssertionError(f"{len(state_sh)} shardings for {len(leaves)} state arrays")
@@ -385,7 +386,7 @@ def _run(cfg: TrainConfig, log) -> dict:
 
         if cfg.resume:
             like = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh) for x, sh in zip(leaves, state_sh)]
-            found = ckpt.restore_latest(like, log=log)
+            found = ckpt.restore_latest(like, log=log, names=names)
             if found is None:
                 if existing:
                     log("no valid checkpoint left to resume from: starting from step 0")
@@ -460,7 +461,7 @@ def _run(cfg: TrainConfig, log) -> dict:
             flat = jax.tree.leaves((params, opt_state, rng))
             ckpt.save(step, flat, {"config": _jsonable(dataclasses.asdict(cfg)),
                                    "data_state": dist.data_state_to_global(it.get_state(), pid, nproc),
-                                   "skipped_steps": skipped})
+                                   "skipped_steps": skipped}, names=names)
 
         step, consecutive = start, 0
         t_last, s_last = time.perf_counter(), start
