@@ -51,6 +51,7 @@ from tttla_jax.kernels.linear_attention_kernel import (
     _check_interpret,
     _cum_decay,
     _decay_mask,
+    _decays,
     _dot,
     _interpret_mode,
     _is_compiled_dtype,
@@ -76,35 +77,37 @@ def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[in
 # --------------------------------------------------------------------------- chunk math
 
 
-def _delta_chunk(q, k, v, beta, bcol, bC, S, *, scale, acc):
+def _delta_chunk(q, k, v, beta, bcol, scol, bC, sC, S, *, scale, acc):
     """One chunk: ``(O [C, BV], S_next [K, BV])``; every operand in ``acc``."""
     C = q.shape[0]
     qs = q.astype(acc) * scale
     kf = k.astype(acc)
     vf = v.astype(acc)
     beta = beta.astype(acc)
-    D = _decay_mask(bcol, C)
+    D = _decay_mask(bcol, scol, C)  # cut-aware (tttla_jax.ops.chunk.segment_cumsum)
+    gamma, lam, Gam = _decays(bcol, scol, bC, sC)
     A = jnp.where(_chunk.lower_mask(C, strict=True), beta * _dot(kf, kf, acc, tb=True) * D, 0.0)
     Tinv = _chunk.unit_lower_inverse_by_products(A, lambda a, b: _dot(a, b, acc))
-    eb = jnp.exp(bcol)
+    eb = gamma
     Wv = _dot(Tinv, beta * vf, acc)
     Wk = _dot(Tinv, beta * eb * kf, acc)
     U = Wv - _dot(Wk, S, acc)
     P = _dot(qs, kf, acc, tb=True) * D
     o = _dot(qs * eb, S, acc) + _dot(P, U, acc)
-    S = jnp.exp(bC) * S + _dot(kf * jnp.exp(bC - bcol), U, acc, ta=True)
+    S = Gam * S + _dot(kf * lam, U, acc, ta=True)
     return o, S
 
 
 # --------------------------------------------------------------------------- kernels
 
 
-def _gpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, s0_ref, o_ref, st_ref, *, C, N, scale, acc):
+def _gpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, *, C, N, scale, acc):
     def body(c, S):
         t0 = pl.multiple_of(c * C, C)
         sl = pl.ds(t0, C)
-        bC = b_ref[pl.ds(t0 + C - 1, 1), :]
-        o, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :], bC, S,
+        end = pl.ds(t0 + C - 1, 1)
+        o, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :],
+                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S,
                             scale=scale, acc=acc)
         o_ref[sl, :] = o.astype(o_ref.dtype)
         return S
@@ -112,7 +115,7 @@ def _gpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, s0_ref, o_ref, st_ref, *, 
     st_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(acc)).astype(st_ref.dtype)
 
 
-def _tpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, acc):
+def _tpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, acc):
     c = pl.program_id(3)
 
     @pl.when(c == 0)
@@ -120,8 +123,8 @@ def _tpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, s0_ref, o_ref, st_ref, s_s
         s_scr[...] = s0_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    o, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], b_ref[C - 1:C, :],
-                        s_scr[...], scale=scale, acc=acc)
+    o, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...],
+                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=scale, acc=acc)
     o_ref[...] = o.astype(o_ref.dtype)
     s_scr[...] = S
 
@@ -138,7 +141,7 @@ def _cost(BH, N, K, V, C, nvb, itemsize):
                            bytes_accessed=int(BH * N * C * ((2 * K * nvb + 2 * V) * itemsize + 8) + BH * 8 * K * V))
 
 
-def _call(backend, interp, q, k, v, beta, b, S0, *, scale, cfg):
+def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
     B, H, Tp, K = q.shape
     V = v.shape[-1]
     C = cfg.C
@@ -154,13 +157,13 @@ def _call(backend, interp, q, k, v, beta, b, S0, *, scale, cfg):
             functools.partial(_gpu_kernel, C=C, N=N, scale=scale, acc=acc),
             out_shape=(jax.ShapeDtypeStruct((B, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), acc)),
             grid=(B, H, V // bv),
-            in_specs=[full(K), full(K), vblk, full(1), full(1), sblk],
+            in_specs=[full(K), full(K), vblk, full(1), full(1), full(1), sblk],
             out_specs=(vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
             interpret=bool(interp),
             name="tttla_delta_rule_fwd_triton",
-        )(q, k, v, beta, b, S0)
+        )(q, k, v, beta, b, sg, S0)
     if jnp.dtype(q.dtype) == jnp.float16:  # Mosaic: no float16 vector loads on v5e
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     o_dt = jnp.float32 if jnp.dtype(out_dtype) == jnp.float16 else out_dtype
@@ -176,7 +179,7 @@ def _call(backend, interp, q, k, v, beta, b, S0, *, scale, cfg):
         functools.partial(_tpu_kernel, N=N, scale=scale, acc=acc),
         out_shape=(jax.ShapeDtypeStruct((B, H, Tp, V), o_dt), jax.ShapeDtypeStruct((B, H, K, V), acc)),
         grid=(B, H, V // bv, N),
-        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), sblk],
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk],
         out_specs=(vblk, sblk),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)],
         compiler_params=pltpu.CompilerParams(
@@ -185,7 +188,7 @@ def _call(backend, interp, q, k, v, beta, b, S0, *, scale, cfg):
         cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
         interpret=interp or False,
         name="tttla_delta_rule_fwd_mosaic",
-    )(q, k, v, beta, b, S0)
+    )(q, k, v, beta, b, sg, S0)
     return o.astype(out_dtype), S
 
 
@@ -227,7 +230,7 @@ def _dr_fwd(q, k, v, beta, g, S0, scale, cfg):
     Tp = _chunk.num_chunks(T, cfg.C) * cfg.C
     acc = _acc(q.dtype)
     args = tuple(_chunk.heads_major(x, Tp) for x in (q, k, v, beta.astype(acc)[..., None]))
-    o, S = _dispatch(cfg, *args, _cum_decay(g.astype(acc), cfg.C, Tp), S0.astype(acc), scale=scale)
+    o, S = _dispatch(cfg, *args, *_cum_decay(g.astype(acc), cfg.C, Tp), S0.astype(acc), scale=scale)
     return (_chunk.from_heads_major(o, T), S), (q, k, v, beta, g, S0)
 
 

@@ -164,61 +164,75 @@ def _dot(a, b, acc, ta=False, tb=False):
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=acc)
 
 
-def _decay_mask(bcol, C):
-    """``D_ij = exp(b_i − b_j)·[j ≤ i]`` from the column ``b`` ``[C, 1]``
-    (:func:`tttla_jax.ops.chunk.masked_decay`; the row ``b_j`` is read off the diagonal,
-    which lowers in Triton and Mosaic where a transpose of a column may not)."""
+def _decay_mask(bcol, scol, C):
+    """``D_ij = exp(b_i − b_j)·[j ≤ i]`` from the cut-aware columns ``c`` (``bcol``) and
+    ``s`` (``scol``) ``[C, 1]`` of :func:`tttla_jax.ops.chunk.segment_cumsum`: ``exp(c_i −
+    c_j)`` where ``j ≤ i`` in the same segment, else 0 (:func:`tttla_jax.ops.chunk.masked_decay`;
+    the rows are read off the diagonal, which lowers in Triton and Mosaic where a transpose
+    of a column may not)."""
     rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
     cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    brow = jnp.sum(jnp.where(rows == cols, bcol, 0.0), axis=0, keepdims=True)  # [1, C]
-    return _chunk.masked_decay(bcol, brow, _chunk.lower_mask(C))
+    diag = rows == cols
+    brow = jnp.sum(jnp.where(diag, bcol, 0.0), axis=0, keepdims=True)  # [1, C]
+    srow = jnp.sum(jnp.where(diag, scol, 0.0), axis=0, keepdims=True)
+    return _chunk.masked_decay(bcol, brow, _chunk.lower_mask(C) & (scol == srow))
 
 
-def _fwd_chunk(q, k, v, bcol, bC, S, *, scale, causal, cdt, acc):
+def _decays(bcol, scol, bC, sC):
+    """``γ = exp(b)``, ``λ = exp(b_C − b)`` (columns ``[C, 1]``) and ``Γ = exp(b_C)`` ``[1, 1]``
+    of one chunk, cut-aware (:func:`tttla_jax.ops.chunk.segment_decays`)."""
+    gamma = jnp.where(scol == 0, jnp.exp(bcol), 0.0)
+    lam = jnp.where(scol == sC, jnp.exp(bC - bcol), 0.0)
+    Gam = jnp.where(sC == 0, jnp.exp(bC), 0.0)
+    return gamma, lam, Gam
+
+
+def _fwd_chunk(q, k, v, bcol, scol, bC, sC, S, *, scale, causal, cdt, acc):
     """One chunk forward: returns ``(O [C, BV] in acc, S_next [K, BV])``."""
     C = q.shape[0]
     qs = q.astype(acc) * scale
-    lam = jnp.exp(bC - bcol)  # [C, 1]
+    gamma, lam, Gam = _decays(bcol, scol, bC, sC)  # [C, 1], [C, 1], [1, 1]
     if causal:
-        D = _decay_mask(bcol, C)
+        D = _decay_mask(bcol, scol, C)
         A = _dot(qs.astype(cdt), k, acc, tb=True) * D
-        o = _dot(A.astype(cdt), v, acc) + _dot((qs * jnp.exp(bcol)).astype(cdt), S.astype(cdt), acc)
+        o = _dot(A.astype(cdt), v, acc) + _dot((qs * gamma).astype(cdt), S.astype(cdt), acc)
     else:
         o = _dot(qs.astype(cdt), S.astype(cdt), acc)
-    S = jnp.exp(bC) * S + _dot((k.astype(acc) * lam).astype(cdt), v, acc, ta=True)
+    S = Gam * S + _dot((k.astype(acc) * lam).astype(cdt), v, acc, ta=True)
     return o, S
 
 
-def _dkv_chunk(q, k, v, do, bcol, bC, dS, *, scale, causal, cdt, acc):
+def _dkv_chunk(q, k, v, do, bcol, scol, bC, sC, dS, *, scale, causal, cdt, acc):
     """One chunk of the reverse sweep: ``(dK partial over this V block, dV, dS_prev)``."""
     C = q.shape[0]
     qs = (q.astype(acc) * scale).astype(cdt)
-    lam = jnp.exp(bC - bcol)
+    gamma, lam, Gam = _decays(bcol, scol, bC, sC)
     dSc = dS.astype(cdt)
     dv = _dot((k.astype(acc) * lam).astype(cdt), dSc, acc)
     dk = _dot(v, dSc, acc, tb=True) * lam
     if causal:
-        D = _decay_mask(bcol, C)
+        D = _decay_mask(bcol, scol, C)
         A = _dot(qs, k, acc, tb=True) * D
         dA = _dot(do, v, acc, tb=True) * D
         dv = dv + _dot(A.astype(cdt), do, acc, ta=True)
         dk = dk + _dot(dA.astype(cdt), qs, acc, ta=True)
-        qg = (qs.astype(acc) * jnp.exp(bcol)).astype(cdt)
+        qg = (qs.astype(acc) * gamma).astype(cdt)
     else:
         qg = qs
-    dS = jnp.exp(bC) * dS + _dot(qg, do, acc, ta=True)
+    dS = Gam * dS + _dot(qg, do, acc, ta=True)
     return dk, dv, dS
 
 
 # --------------------------------------------------------------------------- GPU (Triton)
 
 
-def _gpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, C, N, scale, causal, cdt, acc):
+def _gpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, *, C, N, scale, causal, cdt, acc):
     def body(c, S):
         t0 = pl.multiple_of(c * C, C)
         sl = pl.ds(t0, C)
-        bC = b_ref[pl.ds(t0 + C - 1, 1), :]
-        o, S = _fwd_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], bC, S,
+        end = pl.ds(t0 + C - 1, 1)
+        o, S = _fwd_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
+                          b_ref[end, :], sg_ref[end, :], S,
                           scale=scale, causal=causal, cdt=cdt, acc=acc)
         o_ref[sl, :] = o.astype(o_ref.dtype)
         return S
@@ -226,14 +240,14 @@ def _gpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, *, C, N, 
     st_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(acc)).astype(st_ref.dtype)
 
 
-def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0_ref, *,
+def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, sg_ref, dst_ref, dk_ref, dv_ref, ds0_ref, *,
                     C, N, scale, causal, cdt, acc):
     def body(i, dS):
         t0 = pl.multiple_of((N - 1 - i) * C, C)
         sl = pl.ds(t0, C)
-        bC = b_ref[pl.ds(t0 + C - 1, 1), :]
+        end = pl.ds(t0 + C - 1, 1)
         dk, dv, dS = _dkv_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :], b_ref[sl, :],
-                                bC, dS, scale=scale, causal=causal, cdt=cdt, acc=acc)
+                                sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], dS, scale=scale, causal=causal, cdt=cdt, acc=acc)
         dk_ref[sl, :] = dk.astype(dk_ref.dtype)
         dv_ref[sl, :] = dv.astype(dv_ref.dtype)
         return dS
@@ -244,7 +258,7 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref,
 # --------------------------------------------------------------------------- TPU (Mosaic)
 
 
-def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, causal, cdt, acc):
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, causal, cdt, acc):
     c = pl.program_id(3)
 
     @pl.when(c == 0)
@@ -252,7 +266,8 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, s_scr, *,
         s_scr[...] = s0_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    o, S = _fwd_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], b_ref[C - 1:C, :], s_scr[...],
+    o, S = _fwd_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
+                      sg_ref[C - 1:C, :], s_scr[...],
                       scale=scale, causal=causal, cdt=cdt, acc=acc)
     o_ref[...] = o.astype(o_ref.dtype)
     s_scr[...] = S
@@ -262,7 +277,7 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, st_ref, s_scr, *,
         st_ref[...] = S.astype(st_ref.dtype)
 
 
-def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref, ds0_ref, ds_scr, *,
+def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, sg_ref, dst_ref, dk_ref, dv_ref, ds0_ref, ds_scr, *,
                     N, scale, causal, cdt, acc):
     c = pl.program_id(3)
 
@@ -271,8 +286,8 @@ def _tpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, dst_ref, dk_ref, dv_ref,
         ds_scr[...] = dst_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    dk, dv, dS = _dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], b_ref[...], b_ref[C - 1:C, :],
-                            ds_scr[...], scale=scale, causal=causal, cdt=cdt, acc=acc)
+    dk, dv, dS = _dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], b_ref[...], sg_ref[...],
+                            b_ref[C - 1:C, :], sg_ref[C - 1:C, :], ds_scr[...], scale=scale, causal=causal, cdt=cdt, acc=acc)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     ds_scr[...] = dS
@@ -344,8 +359,9 @@ def _acc(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _fwd_call(backend, interp, q, k, v, b, S0, *, scale, cfg, out_dtype):
-    """``(O [B, H, Tp, V] in out_dtype, S_T [B, H, K, V] in acc)`` with the chosen backend."""
+def _fwd_call(backend, interp, q, k, v, b, sg, S0, *, scale, cfg, out_dtype):
+    """``(O [B, H, Tp, V] in out_dtype, S_T [B, H, K, V] in acc)`` with the chosen backend;
+    ``b`` / ``sg`` the cut-aware cumulative log-decay and segment columns (:func:`_cum_decay`)."""
     B, H, Tp, K = q.shape
     V = v.shape[-1]
     C = cfg.C
@@ -363,13 +379,13 @@ def _fwd_call(backend, interp, q, k, v, b, S0, *, scale, cfg, out_dtype):
             functools.partial(_gpu_fwd_kernel, C=C, N=N, **kw),
             out_shape=out_shape,
             grid=(B, H, V // bv),
-            in_specs=[full(K), full(K), vblk, full(1), sblk],
+            in_specs=[full(K), full(K), vblk, full(1), full(1), sblk],
             out_specs=(vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
             interpret=bool(interp),
             name="tttla_linear_attention_fwd_triton",
-        )(q, k, v, b, S0)
+        )(q, k, v, b, sg, S0)
     if jnp.dtype(cdt) == jnp.float16:  # Mosaic has no float16 vector loads on v5e: compute in float32
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         cdt = jnp.float32
@@ -386,18 +402,18 @@ def _fwd_call(backend, interp, q, k, v, b, S0, *, scale, cfg, out_dtype):
         functools.partial(_tpu_fwd_kernel, N=N, **kw),
         out_shape=out_shape,
         grid=(B, H, V // bv, N),
-        in_specs=[tok(K), tok(K), vblk, tok(1), sblk],
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), sblk],
         out_specs=(vblk, sblk),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)],
         compiler_params=_tpu_params(cfg, K, V, bv, cdt),
         cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
         interpret=interp or False,
         name="tttla_linear_attention_fwd_mosaic",
-    )(q, k, v, b, S0)
+    )(q, k, v, b, sg, S0)
     return (o.astype(out_dtype) if f16_out else o), S
 
 
-def _dkv_call(backend, interp, q, k, v, do, b, dST, *, scale, cfg):
+def _dkv_call(backend, interp, q, k, v, do, b, sg, dST, *, scale, cfg):
     """Reverse sweep: ``(dK, dV [acc], dS_0 [acc])``; dK is summed over value blocks."""
     B, H, Tp, K = q.shape
     V = v.shape[-1]
@@ -418,13 +434,13 @@ def _dkv_call(backend, interp, q, k, v, do, b, dST, *, scale, cfg):
             out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
                        jax.ShapeDtypeStruct((B, H, K, V), acc)),
             grid=(B, H, nvb),
-            in_specs=[full(K), full(K), vblk, vblk, full(1), sblk],
+            in_specs=[full(K), full(K), vblk, vblk, full(1), full(1), sblk],
             out_specs=(dkblk, vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
             interpret=bool(interp),
             name="tttla_linear_attention_dkv_triton",
-        )(q, k, v, do, b, dST)
+        )(q, k, v, do, b, sg, dST)
         return jnp.sum(dk, axis=0), dv, dS0
     if jnp.dtype(cdt) == jnp.float16:  # as in _fwd_call: float32 on TPU
         q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
@@ -442,14 +458,14 @@ def _dkv_call(backend, interp, q, k, v, do, b, dST, *, scale, cfg):
         out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
                    jax.ShapeDtypeStruct((B, H, K, V), acc)),
         grid=(B, H, nvb, N),
-        in_specs=[tok(K), tok(K), vblk, vblk, tok(1), sblk],
+        in_specs=[tok(K), tok(K), vblk, vblk, tok(1), tok(1), sblk],
         out_specs=(dkblk, vblk, sblk),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)],
         compiler_params=_tpu_params(cfg, K, V, bv, cdt),
         cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
         interpret=interp or False,
         name="tttla_linear_attention_dkv_mosaic",
-    )(q, k, v, do, b, dST)
+    )(q, k, v, do, b, sg, dST)
     return jnp.sum(dk, axis=0), dv, dS0
 
 
@@ -487,8 +503,11 @@ def _dispatch(call, cfg, *args, **kw):
 
 
 def _cum_decay(g, C, Tp):
-    """In-chunk inclusive cumulative log-decay as a column ``[B, H, Tp, 1]`` (accumulation dtype)."""
-    return _chunk.heads_major(_chunk.cumsum_in_chunks(g, C), Tp)[..., None]
+    """In-chunk cut-aware inclusive cumulative log-decay and segment index
+    (:func:`tttla_jax.ops.chunk.cumsum_in_chunks`), two columns ``[B, H, Tp, 1]`` (accumulation
+    dtype): exact for log-decays in ``[−inf, 0]``."""
+    c, s = _chunk.cumsum_in_chunks(g, C)
+    return _chunk.heads_major(c, Tp)[..., None], _chunk.heads_major(s, Tp)[..., None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -500,9 +519,9 @@ def _la_fwd(q, k, v, g, S0, scale, cfg):
     T = q.shape[1]
     Tp = -(-T // cfg.C) * cfg.C
     acc = _acc(q.dtype)
-    b = _cum_decay(g.astype(acc), cfg.C, Tp)
+    b, sg = _cum_decay(g.astype(acc), cfg.C, Tp)
     o, S = _dispatch(_fwd_call, cfg, _chunk.heads_major(q, Tp), _chunk.heads_major(k, Tp), _chunk.heads_major(v, Tp), b,
-                     S0.astype(acc), scale=scale, out_dtype=q.dtype)
+                     sg, S0.astype(acc), scale=scale, out_dtype=q.dtype)
     o = _chunk.from_heads_major(o, T)
     return (o, S), (q, k, v, g, S0, S)
 
@@ -515,16 +534,17 @@ def _la_bwd(scale, cfg, res, cts):
     Tp = -(-T // C) * C
     N = Tp // C
     acc = _acc(q.dtype)
-    b = _cum_decay(g.astype(acc), C, Tp)
+    ga = g.astype(acc)
+    b, sg = _cum_decay(ga, C, Tp)
     qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
     dST = dST.astype(acc)
     # dQ (w.r.t. the scaled query): the forward kernel on the transposed process (dO, V, K; S_0ᵀ).
     # Its value dim is K: BlockSizes.block_v_* tile V, so this pass uses the platform defaults.
     cfg_dq = dataclasses.replace(cfg, block_sizes=dataclasses.replace(
         cfg.block_sizes, block_v_gpu=None, block_v_tpu=None))
-    dqs, _ = _dispatch(_fwd_call, cfg_dq, doh, vh, kh, b, jnp.swapaxes(S0.astype(acc), -1, -2),
+    dqs, _ = _dispatch(_fwd_call, cfg_dq, doh, vh, kh, b, sg, jnp.swapaxes(S0.astype(acc), -1, -2),
                        scale=1.0, out_dtype=acc)
-    dk, dv, dS0 = _dispatch(_dkv_call, cfg, qh, kh, vh, doh, b, dST, scale=scale)
+    dk, dv, dS0 = _dispatch(_dkv_call, cfg, qh, kh, vh, doh, b, sg, dST, scale=scale)
     # log-decay: dL/dB_t = q_t·dq_t (query side) − k_t·dk_t (key side) + [t = T−1]<S_T, dS_T>.
     qdq = jnp.sum(qh.astype(acc) * scale * dqs, axis=-1)  # [B, H, Tp]
     kdk = jnp.sum(kh.astype(acc) * dk, axis=-1)
@@ -532,7 +552,12 @@ def _la_bwd(scale, cfg, res, cts):
         per_chunk = jnp.sum(qdq.reshape(B, H, N, C), axis=-1)
         qdq = jnp.zeros((B, H, N, C), acc).at[:, :, :-1, C - 1].set(per_chunk[:, :, 1:]).reshape(B, H, Tp)
     dB = (qdq - kdk)[:, :, :T]
-    dg = jnp.flip(jnp.cumsum(jnp.flip(dB, -1), axis=-1), -1) + jnp.sum(S_T * dST, axis=(-2, -1))[..., None]
+    # the state's own decay: ∂/∂B_{T−1} of S_T gets <S_T, dS_T>
+    dB = dB.at[..., -1].add(jnp.sum(S_T * dST, axis=(-2, -1)))
+    # dg_t = Σ_{s ≥ t} dB_s up to the next cut (a cut resets the state: nothing after it depends
+    # on g_t), and 0 at a cut (tttla_jax.ops.chunk.segment_cumsum)
+    cut = jnp.swapaxes(ga <= -_chunk.cut_threshold(acc), 1, 2)  # [B, H, T]
+    dg = _chunk.segmented_reverse_cumsum(dB, cut)
     dq = _chunk.from_heads_major(dqs * scale, T)
     dk = _chunk.from_heads_major(dk, T)
     dv = _chunk.from_heads_major(dv, T)

@@ -28,6 +28,8 @@ every chunked computation needs, once:
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -144,13 +146,49 @@ def masked_decay(b_i, b_j, mask, zero_outside: bool = True):
     return jnp.where(mask, E, 0.0) if zero_outside else E
 
 
+def cut_threshold(dtype) -> float:
+    """``L`` such that ``exp(x)`` rounds to exactly 0 in ``dtype`` for every ``x ≤ −L``
+    (``−log`` of the smallest subnormal, plus 2: ≈ 105.3 in float32, ≈ 746.4 in float64).
+
+    A token whose log-decay is ``≤ −L`` (``−inf`` included) is a *cut*: its decay factor
+    ``exp(g_t)`` is exactly 0 in the recurrence, so it erases the state before it, and every
+    cumulative decay through it, ``exp(g_t + Σ others)`` with the others ``≤ 0``, is exactly
+    0 as well. The chunked forms therefore treat a cut as a hard reset (a mask) instead of
+    adding ``g_t`` into a cumulative sum, which would produce ``inf − inf`` (``−inf``) or
+    destroy the precision of every later difference ``b_i − b_j`` (``−1e6`` in float32):
+    docs/linear_attention.md, "chunked form"."""
+    return -math.log(float(jnp.finfo(dtype).smallest_subnormal)) + 2.0
+
+
+def segment_cumsum(g, by_matmul: bool = False):
+    """Cut-aware in-chunk cumulative log-decay over the last axis ``[..., C]``: ``(c, s)``.
+
+    ``c = cumsum(g')`` with ``g' = g`` except 0 at cuts (:func:`cut_threshold`), and
+    ``s = cumsum([cut])`` the segment index of each token (a float count). For ``j ≤ i`` the
+    true cumulative decay ``exp(b_i − b_j)`` (``b = cumsum(g)``) equals
+    ``exp(c_i − c_j)·[s_i = s_j]`` exactly: with no cut in ``(j, i]`` the two exponents are
+    the same sum, and with one it is exactly 0. Likewise ``exp(b_i) = exp(c_i)·[s_i = 0]``.
+    Every ``c`` is finite (``|c| ≤ C·L``) and every exponent used is ``≤ 0`` for ``g ≤ 0``.
+    Gradients: the derivative of the result w.r.t. a cut's ``g_t`` is exactly 0 (``d/dg
+    exp(g) = exp(g) = 0`` there), which is what flows through ``g'`` (no ``inf·0``).
+    ``by_matmul``: cumulative sums as :func:`cumsum_by_matmul`."""
+    cut = g <= -cut_threshold(g.dtype)
+    gp = jnp.where(cut, jnp.zeros_like(g), g)
+    cutf = cut.astype(g.dtype)
+    if by_matmul:
+        return cumsum_by_matmul(gp), cumsum_by_matmul(cutf)
+    return jnp.cumsum(gp, axis=-1), jnp.cumsum(cutf, axis=-1)
+
+
 def cumsum_in_chunks(g, C: int):
-    """In-chunk inclusive cumulative sum of a ``[B, T, H]`` log-decay: ``[B, Tp, H]`` with
-    ``Tp = N·C`` (padded tokens add 0)."""
+    """In-chunk cut-aware cumulative log-decay (:func:`segment_cumsum`) of a ``[B, T, H]``
+    log-decay: ``(c, s)``, each ``[B, Tp, H]`` with ``Tp = N·C`` (padded tokens add 0)."""
     B, T, H = g.shape
     Tp = num_chunks(T, C) * C
     g = pad_time(g, Tp)
-    return jnp.cumsum(g.reshape(B, Tp // C, C, H), axis=2).reshape(B, Tp, H)
+    c, s = segment_cumsum(jnp.moveaxis(g.reshape(B, Tp // C, C, H), 2, -1))
+    back = lambda x: jnp.moveaxis(x, -1, 2).reshape(B, Tp, H)  # noqa: E731
+    return back(c), back(s)
 
 
 def cumsum_by_matmul(g):
@@ -161,15 +199,60 @@ def cumsum_by_matmul(g):
     return jnp.matmul(g, jnp.triu(jnp.ones((C, C), g.dtype)))
 
 
+def segment_decays(c, s, cC=None, sC=None):
+    """From :func:`segment_cumsum` ``(c, s)`` of one chunk ``[..., C]``: the mask of pairs
+    ``j ≤ i`` in the same segment ``[..., C, C]``, ``γ_i = exp(b_i)`` (chunk start to token
+    i), ``λ_j = exp(b_C − b_j)`` (token j to the chunk end) and ``Γ = exp(b_C)`` ``[...]``,
+    all exact for cuts (0 across one) and ``≤ 1`` for ``g ≤ 0``. ``cC`` / ``sC`` default to
+    the last entries (a caller holding them as columns passes them)."""
+    C = c.shape[-1]
+    cC = c[..., -1] if cC is None else cC
+    sC = s[..., -1] if sC is None else sC
+    mask = lower_mask(C) & (s[..., :, None] == s[..., None, :])
+    gamma = jnp.where(s == 0, jnp.exp(c), 0.0)
+    lam = jnp.where(s == sC[..., None], jnp.exp(cC[..., None] - c), 0.0)
+    Gam = jnp.where(sC == 0, jnp.exp(cC), 0.0)
+    return mask, gamma, lam, Gam
+
+
 def decay_terms(gn):
     """One chunk of decayed linear attention from its log-decays ``gn [..., C]``:
     ``(D, γ, λ, Γ)`` with ``b = cumsum(gn)``, ``D_ij = exp(b_i − b_j)·[j ≤ i]``,
     ``γ_i = exp(b_i)`` (chunk start to token i, inclusive), ``λ_j = exp(b_C − b_j)`` (token j,
-    exclusive, to the chunk end) and ``Γ = exp(b_C)``; all ≤ 1 for ``g ≤ 0``."""
-    b = jnp.cumsum(gn, axis=-1)
-    bC = b[..., -1]
-    D = masked_decay(b[..., :, None], b[..., None, :], lower_mask(gn.shape[-1]))
-    return D, jnp.exp(b), jnp.exp(bC[..., None] - b), jnp.exp(bC)
+    exclusive, to the chunk end) and ``Γ = exp(b_C)``; all ≤ 1 for ``g ≤ 0``. Computed
+    cut-aware (:func:`segment_cumsum`): exact for any log-decay in ``[−inf, 0]``; the
+    derivatives are w.r.t. ``c`` (the caller maps them to ``g`` with :func:`cut_grad`)."""
+    c, s = segment_cumsum(gn)
+    mask, gamma, lam, Gam = segment_decays(c, s)
+    D = masked_decay(c[..., :, None], c[..., None, :], mask)
+    return D, gamma, lam, Gam
+
+
+def cut_grad(dg, g):
+    """The log-decay gradient at cuts is exactly 0 (:func:`segment_cumsum`): ``dg`` with
+    those entries zeroed (a hand-written backward that differentiates w.r.t. ``c``)."""
+    return jnp.where(g <= -cut_threshold(g.dtype), jnp.zeros_like(dg), dg)
+
+
+def segmented_reverse_cumsum(x, cut, axis: int = -1):
+    """``y_t = Σ_{t ≤ s < t'} x_s`` with ``t'`` the first cut after ``t`` (the whole tail if
+    none), and ``y_t = 0`` at cuts: the log-decay gradient of a global cumulative log-decay
+    whose cuts are hard resets (a perturbation of ``g_t`` moves ``b_s`` for ``t ≤ s`` but
+    reaches nothing past a cut). A ``lax.associative_scan``, no differences of sums."""
+    x = jnp.moveaxis(x, axis, -1)
+    cut = jnp.moveaxis(cut, axis, -1)
+    # reversed order: position p starts a new segment if the token after it (p − 1 reversed) is a cut
+    xr = jnp.flip(x, -1)
+    start = jnp.flip(jnp.concatenate([cut[..., 1:], jnp.zeros_like(cut[..., :1])], -1), -1)
+
+    def combine(a, b):
+        a1, f1 = a
+        a2, f2 = b
+        return jnp.where(f2, a2, a1 + a2), f1 | f2
+
+    y, _ = lax.associative_scan(combine, (xr, start), axis=x.ndim - 1)
+    y = jnp.where(cut, jnp.zeros_like(x), jnp.flip(y, -1))
+    return jnp.moveaxis(y, -1, axis)
 
 
 # --------------------------------------------------------------------------- (I + A)^-1
@@ -336,16 +419,17 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         Qt0 = qc
         eye_decay = jnp.eye(K, dtype=dt)
     else:
-        b = cumsum_by_matmul(gc)  # [B,H,G,C]
-        bC = b[..., -1:]  # [B,H,G,1]
-        E = masked_decay(b[..., :, None], b[..., None, :], incl, zero_outside=False)
-        P = jnp.where(incl, QK * E, 0.0)
-        A = jnp.where(strict, KK * E, 0.0) * bc
-        eb = jnp.exp(b)[..., None]  # e^{b_i} ≤ 1
+        # cut-aware cumulative log-decay (segment_cumsum): exact for g in [-inf, 0]
+        c, s = segment_cumsum(gc, by_matmul=True)  # [B,H,G,C]
+        same, gamma, lam, Gam = segment_decays(c, s)
+        E = masked_decay(c[..., :, None], c[..., None, :], same, zero_outside=False)
+        P = jnp.where(same, QK * E, 0.0)
+        A = jnp.where(strict & same, KK * E, 0.0) * bc
+        eb = gamma[..., None]  # e^{b_i} ≤ 1
         rhs_k = (bc * eb) * kc
-        Kt = jnp.exp(bC - b)[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
+        Kt = lam[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
         Qt0 = eb * qc
-        eye_decay = jnp.exp(bC)[..., None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
+        eye_decay = Gam[..., None, None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
 
     Tinv = unit_lower_inverse(A)
     Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]

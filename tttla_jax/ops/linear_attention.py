@@ -47,6 +47,7 @@ from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops import varlen
 from tttla_jax.ops.chunk import (
+    cut_grad,
     decay_terms,
     from_scan_layout,
     from_token_blocks,
@@ -420,7 +421,8 @@ def _chunk_scan_bwd(intra, emit, res, cts):
                 dq = jnp.einsum("bhiv,bhkv->bhik", don, S)
                 dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
         db = db.at[..., -1].add(dbC)
-        dg = jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1)  # b = cumsum(g)
+        # b = cumsum(g) with cuts as resets (decay_terms): the gradient w.r.t. a cut's g is 0
+        dg = cut_grad(jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1), gn)
         if m is not None:  # a first chunk read its sequence's h0, not the chunk before
             cur = lax.dynamic_index_in_dim(dh0, n, 0, keepdims=False)
             dh0 = lax.dynamic_update_index_in_dim(dh0, cur + jnp.where(f, dS_prev, 0.0), n, 0)
