@@ -18,12 +18,13 @@ import tttla_jax.train as train_pkg
 from tttla_jax.nn.decode import generate
 from tttla_jax.train import generate as gen_cli
 from tttla_jax.train.config import make_config
-from tttla_jax.train.load import RunNotFoundError, load_run, read_run_config
+from tttla_jax.nn import TTTLinear, load_reference_weights
+from tttla_jax.train.load import RunNotFoundError, export_run_weights, load_run, read_run_config
 from tttla_jax.train.loop import build_model, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(steps=6, width=32, num_layers=2, num_heads=2, seq_len=64, batch_size=8,
-            mixers=("delta_net", "swa"), window=16, chunk_size=16, lr=1e-2, warmup_steps=2,
+            mixers=("ttt_linear", "swa"), window=16, chunk_size=16, lr=1e-2, warmup_steps=2,
             log_every=1, eval_every=3, eval_batches=2, ckpt_every=3, keep=3, sample_tokens=8,
             progress=False, plot=False)
 
@@ -133,3 +134,36 @@ def test_load_run_skips_a_damaged_newest_checkpoint(trained, tmp_path):
     model, _ = load_run(str(copy), log=notes.append)
     assert model.trained_step == 3
     assert any("step 6" in n for n in notes), notes
+
+
+def test_export_run_weights_to_the_reference_names(trained, tmp_path):
+    """The trained TTT-Linear layer, exported by reference name, loads into a fresh
+    TTTLinear with exactly the trained parameters."""
+    d, cfg, _ = trained
+    model, _ = load_run(d)
+    exported = export_run_weights(d)
+    assert list(exported) == [0]  # layer 0 is TTT-Linear; "swa" has no reference layer
+    trained_mixer = model.blocks[0].mixer
+    fresh = TTTLinear(width=cfg.width, num_heads=cfg.num_heads, rngs=nnx.Rngs(7))
+    load_reference_weights(fresh, exported[0])
+    for a, b in zip(jax.tree.leaves(nnx.state(fresh, nnx.Param)),
+                    jax.tree.leaves(nnx.state(trained_mixer, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(RunNotFoundError):
+        export_run_weights(str(tmp_path / "missing"))
+
+
+def test_export_cli_writes_an_npz(trained, tmp_path, capsys):
+    from tttla_jax.train import export as export_cli
+    d, _, _ = trained
+    out = tmp_path / "w.npz"
+    assert export_cli.main(["--run", d, "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with np.load(out) as z:
+        got = dict(z)
+    want = export_run_weights(d)[0]
+    assert sorted(got) == sorted(f"layers.0.{k}" for k in want)
+    for k, a in want.items():
+        np.testing.assert_array_equal(got[f"layers.0.{k}"], a)
+    assert export_cli.main(["--run", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

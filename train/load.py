@@ -21,7 +21,7 @@ from flax import nnx
 
 from tttla_jax.train.config import TrainConfig
 
-__all__ = ["RunNotFoundError", "load_run", "read_run_config"]
+__all__ = ["RunNotFoundError", "export_run_weights", "load_run", "read_run_config"]
 
 
 class RunNotFoundError(FileNotFoundError):
@@ -121,3 +121,35 @@ def load_run(path: str, *, log=None):
     model.trained_step = step
     model.sample_key = key
     return model, cfg
+
+
+def export_run_weights(path: str, *, log=None) -> dict:
+    """The trained token mixers of a run, named and laid out as their PyTorch reference layers.
+
+    Loads the run with :func:`load_run` and applies
+    :func:`tttla_jax.nn.export_reference_weights` to every layer whose mixer has a
+    reference implementation (``"lact"``: the LaCT ``lact_model`` layer; ``"ttt_linear"`` /
+    ``"ttt_mlp"``: the official ``ttt.py`` layers). The embedding, norms, MLPs and the other
+    mixers have no reference layer and are not exported.
+
+    Returns:
+      ``{layer index: {reference name: np.ndarray}}``, loadable into the reference layer
+      after ``torch.from_numpy`` and by :func:`tttla_jax.nn.load_reference_weights`.
+
+    Raises:
+      RunNotFoundError: as :func:`load_run`.
+      ValueError: no layer of the run has a reference implementation.
+    """
+    from tttla_jax.nn.weights import export_reference_weights
+
+    model, cfg = load_run(path, log=log)
+    blocks = getattr(model, "blocks", None)
+    out = {}
+    for i, block in enumerate(blocks if blocks is not None else []):
+        mixer = getattr(block, "mixer", None)
+        if hasattr(mixer, "reference_weight_map"):
+            out[i] = export_reference_weights(mixer)
+    if not out:
+        raise ValueError(f"path: run {os.fspath(path)!r} has no layer with a PyTorch reference "
+                         f"(mixers {tuple(cfg.mixers)}; expected one of 'lact', 'ttt_linear', 'ttt_mlp')")
+    return out
