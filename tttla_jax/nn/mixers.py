@@ -90,7 +90,10 @@ class Mixer(nnx.Module):
     Subclasses set ``impls`` (their implementations, values of
     :data:`tttla_jax.impl.Impl` in ``"auto"`` preference order, without ``"auto"``),
     validate their ``impl`` argument with :func:`check_layer_impl` and implement
-    ``init_cache`` and ``__call__``.
+    ``init_cache`` and ``__call__``. The base class makes every ``__call__`` return its
+    output in the dtype of ``x`` (e.g. bfloat16 activations with float32 parameters give a
+    bfloat16 output; the computation and the cache use the layer's own dtypes), and
+    ``_check_x`` rejects non-floating ``x`` with a ``ValueError`` naming its dtype.
     """
 
     impls: tuple = ("recurrent",)
