@@ -77,6 +77,9 @@ def test_generate_cli_prints_the_training_sample(trained):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.rstrip("\n") == summary["sample"]
+    with open(os.path.join(d, "sample.txt")) as fh:  # the run saved the same sample beside its checkpoints
+        assert fh.read().rstrip("\n") == summary["sample"]
+    assert summary["sample_path"] == os.path.join(d, "sample.txt")
 
 
 def test_generate_cli_greedy_and_seeded(trained, capsys):

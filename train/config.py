@@ -36,16 +36,23 @@ class TrainConfig:
       batch_size: sequences per step.
       seq_len: tokens per training sequence.
       vocab_size: 256 for bytes; 8192 for MQAR.
-      width, num_layers, num_heads: model size.
+      width: model width (embedding and residual stream size).
+      num_layers: number of blocks (one token mixer + one MLP each).
+      num_heads: attention / fast-weight heads per mixer (head dim = width / num_heads).
       mixers: one token-mixer name per layer (a single name is repeated); from
         ``tttla_jax.nn.MIXERS``. Default: a LaCT-LLM-style hybrid, layer 1 a LaCT layer
         (V0) with its in-layer sliding-window branch (lact_window), layer 2 sliding-window
         attention.
       window: sliding-window size of the "swa" mixer.
       chunk_size: chunk size of the chunked (parallel) forms.
-      lr, min_lr_ratio, warmup_steps: AdamW peak learning rate, linear warm-up, then a
-        cosine decay to ``lr * min_lr_ratio`` at ``steps``.
-      weight_decay, b1, b2: AdamW (decay on matrices only).
+      lr: AdamW peak learning rate (reached after the warm-up).
+      min_lr_ratio: final learning rate as a fraction of lr: a cosine decay from lr to
+        lr * min_lr_ratio at the last step.
+      warmup_steps: steps of linear warm-up from 0 to lr.
+      weight_decay: AdamW decoupled weight decay, on parameters with two or more axes
+        (matrices and the embedding), not on vectors (norm scales, biases).
+      b1: AdamW first-moment (momentum) decay rate.
+      b2: AdamW second-moment decay rate.
       grad_clip: global-norm gradient clipping.
       log_every: steps between metric records (the last step is always logged).
       eval_every: steps between held-out evaluations (also at the last step).
@@ -323,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = (_doc_for(f.name) or f.name) + f" [{getattr(defaults, f.name)!r}]"
-        help_ = help_.replace("%", "%%")
+        help_ = help_.replace("``", "").replace("%", "%%")  # plain text in the terminal
         typ = typing.get_type_hints(TrainConfig)[f.name]
         if f.name == "resume":
             p.add_argument(flag, action="store_true", default=None, help=help_)

@@ -543,6 +543,16 @@ def _run(cfg: TrainConfig, log) -> dict:
                 text = bytes(np.asarray(out[0]).astype(np.uint8).tolist()).decode("utf-8", errors="replace")
                 summary["sample"] = SAMPLE_PROMPT + text
                 log("sample (temperature 0.8, top-k 40):\n" + SAMPLE_PROMPT + text)
+                summary["sample_path"] = os.path.join(run_dir, "sample.txt")
+                try:  # atomically, beside the checkpoints (python -m train.generate --run reproduces it)
+                    tmp = summary["sample_path"] + ".tmp"
+                    with open(tmp, "w") as fh:
+                        fh.write(summary["sample"] + "\n")
+                    os.replace(tmp, summary["sample_path"])
+                except OSError as e:
+                    raise CheckpointWriteError(
+                        f"writing {summary['sample_path']} failed ({describe_write_error(e)}); checkpoints "
+                        f"(steps {ckpt.steps()}) are intact") from None
         return summary
     finally:
         ckpt.close()
