@@ -12,6 +12,10 @@ mask ``D_ij = exp(b_i − b_j)·[j ≤ i]`` (Yang et al., 2024, "Gated Linear At
     causal:  O = (Q Kᵀ ⊙ D) V + (γ ⊙ Q) S          chunk:  O = Q S
     both:    S ← Γ S + (λ ⊙ K)ᵀ V
 
+Log-decays in ``[−inf, 0]``: ``b`` is passed cut-aware with a segment column
+(:func:`tttla_jax.ops.chunk.segment_cumsum`): a token whose decay underflows to 0 is a hard
+reset, every factor across it is 0 by a mask, never ``exp(−inf − (−inf))``.
+
 Two backends behind one wrapper, chosen by the platform being *lowered for*
 (:func:`jax.lax.platform_dependent`, so ``jax.export(..., platforms=["tpu"])`` from a CPU
 host produces the Mosaic kernel):
@@ -37,7 +41,9 @@ the backward is three sweeps of the same two kernels:
 * the log-decay gradient needs no kernel: with ``B_t`` the global cumulative log-decay,
   every term depends on ``B`` through ``exp(B_query − B_key)`` factors, so
   ``∂L/∂B_t = q_t·dq_t − k_t·dk_t + [t = T−1]⟨S_T, dS_T⟩`` (chunk masking: the query term of
-  chunk c lands on the last token of chunk c−1), and ``dg`` is its reverse cumulative sum.
+  chunk c lands on the last token of chunk c−1), and ``dg`` is its reverse cumulative sum,
+  stopped at cuts (nothing past a reset depends on an earlier log-decay) and 0 on a cut
+  (:func:`tttla_jax.ops.chunk.segmented_reverse_cumsum`).
 
 Accumulation is float32 (float64 for float64 inputs, interpret mode only); matmul
 operands are in the input dtype (bfloat16 / float16 / float32).

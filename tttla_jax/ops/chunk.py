@@ -17,7 +17,9 @@ every chunked computation needs, once:
   :func:`masked_decay` ``D_ij = exp(b_i − b_j)·[mask]`` masked *before* the exponential
   (nothing overflows however strong the decay), :func:`decay_terms` (``D, γ, λ, Γ`` of one
   chunk of decayed linear attention), the in-chunk cumulative log-decay
-  (:func:`cumsum_in_chunks`, :func:`cumsum_by_matmul`);
+  (:func:`cumsum_in_chunks`, :func:`cumsum_by_matmul`), cut-aware so that log-decays
+  anywhere in ``[−inf, 0]`` are exact (:func:`cut_threshold`, :func:`segment_cumsum`,
+  :func:`segment_decays`, :func:`segmented_reverse_cumsum`);
 * **(I + A)⁻¹** for strictly lower-triangular ``A`` — :func:`unit_lower_inverse` (XLA: block
   doubling, analytic JVP) and :func:`unit_lower_inverse_by_products` (inside kernels:
   ``Π_i (I + (−A)^{2^i})`` with the kernel's matmul);

@@ -25,7 +25,10 @@ checks each against the float64 loop in :mod:`tttla_jax.reference`):
 * ``chunked`` — inside a chunk ``(Q Kᵀ ⊙ D) V`` with the decay mask
   ``D_ij = exp(b_i − b_j)·[j ≤ i]`` (``b`` the in-chunk cumulative log-decay), across
   chunks a scan over chunk states (docs/linear_attention.md (b); Yang et al., 2024, "Gated Linear
-  Attention", §3). The fast path on CPU. Layouts and masks from :mod:`tttla_jax.ops.chunk`.
+  Attention", §3). The fast path on CPU. Layouts and masks from :mod:`tttla_jax.ops.chunk`;
+  a token whose decay underflows to 0 (``log_decay = -inf`` included) is a hard reset inside
+  the chunk (:func:`tttla_jax.ops.chunk.segment_cumsum`), so every form is exact for
+  log-decays in ``[−inf, 0]`` (the gradient w.r.t. such a token's log-decay is 0).
 * ``pallas`` — the Pallas kernel :func:`tttla_jax.kernels.linear_attention` (GPU via Triton,
   TPU via Mosaic; Pallas interpret mode elsewhere), ``masking="causal"`` or ``"chunk"``.
 

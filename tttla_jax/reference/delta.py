@@ -21,6 +21,8 @@ def delta_rule_loop(q, k, v, beta, *, log_decay=None, scale=None, initial_state=
 
     Shapes as :func:`tttla_jax.delta_rule`: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
     beta and log_decay ``[B, T, H]``, state ``[B, H, K, V]``. Returns ``(o, S_T)`` in float64.
+    ``log_decay`` may be ``-inf`` (``exp(-inf) = 0`` erases the state; the gradient w.r.t. it
+    is 0, finite).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

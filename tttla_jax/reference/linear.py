@@ -18,6 +18,9 @@ def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=
     For t = 0 … T−1:  ``S ← exp(g_t)·S + k_tᵀ v_t``;  ``masking="causal"``: ``o_t = (scale·q_t) S``;
     ``"chunk"``: ``o_t = (scale·q_t) R`` where R is the state after the previous chunk;
     ``"none"``: ``o_t = (scale·q_t) S_T``.
+
+    ``log_decay`` may be ``-inf`` (``exp(-inf) = 0``: the state is erased; the gradient w.r.t.
+    that log-decay is ``exp(g)·<S, dS> = 0``, finite).
     """
     if masking not in ("causal", "chunk", "none"):
         raise ValueError(f"masking: got {masking!r}, expected one of ('causal', 'chunk', 'none')")
