@@ -65,6 +65,12 @@ class TrainConfig:
       mqar_kv: key-value pairs per MQAR sequence (seq_len >= 4 * mqar_kv).
       mqar_power_a: power-law exponent of the query distances.
       mqar_test_examples: size of the fixed MQAR test set.
+      mqar_protocol: MQAR generator (train/mqar.py): "ours" (each query key is followed by
+        its value, values drawn with replacement) or "zoology" (the Zoology benchmark's
+        construction: distinct values, the query region holds only the query keys, each
+        followed by 0).
+      early_stop_accuracy: stop once a held-out evaluation reaches this accuracy (Zoology
+        stops at 0.99); 0 never stops early.
       lact_preset: LaCT ladder step or anomaly of the "lact" mixer ("v0" … "v6",
         "ascent", "q_is_k", "inner_steps"; tttla_jax.nn.lact.LACT_PRESETS).
       lact_window: sliding-window size of the LaCT layer's softmax-attention branch (the
@@ -127,6 +133,8 @@ class TrainConfig:
     mqar_kv: int = 4
     mqar_power_a: float = 0.01
     mqar_test_examples: int = 256
+    mqar_protocol: str = "ours"
+    early_stop_accuracy: float = 0.0
     lact_preset: str = "v0"
     lact_window: int = 64
     lact_base_lr: float = 1e-3
@@ -173,6 +181,12 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "mqar_power_a"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive float, got {getattr(self, name)!r}")
+        from tttla_jax.train.mqar import PROTOCOLS
+        if self.mqar_protocol not in PROTOCOLS:
+            raise ValueError(f"mqar_protocol: expected one of {PROTOCOLS}, got {self.mqar_protocol!r}")
+        if not 0 <= self.early_stop_accuracy <= 1:
+            raise ValueError(f"early_stop_accuracy: expected a float in [0, 1] (0: never), "
+                             f"got {self.early_stop_accuracy!r}")
         for name in ("weight_decay", "throttle"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}: expected a float >= 0, got {getattr(self, name)!r}")
@@ -219,6 +233,9 @@ class TrainConfig:
             if self.seq_len < 4 * self.mqar_kv:
                 raise ValueError(f"seq_len: MQAR needs seq_len >= 4 * mqar_kv = {4 * self.mqar_kv}, "
                                  f"got {self.seq_len}")
+            if self.mqar_protocol == "zoology" and self.seq_len % 2:
+                raise ValueError(f"seq_len: the zoology MQAR protocol needs an even seq_len, got "
+                                 f"{self.seq_len}")
         if self.task == "vit":  # checks of train/vit.py's task, before anything is built
             if isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) \
                     or self.patch_size <= 0 or 8 % self.patch_size:
@@ -238,7 +255,7 @@ class TrainConfig:
 # order or the optimiser trajectory). The others (steps, logging, ...) may change.
 STRUCTURAL = ("task", "seed", "batch_size", "seq_len", "vocab_size", "width", "num_layers",
               "num_heads", "mixers", "window", "chunk_size", "lr", "min_lr_ratio", "warmup_steps",
-              "weight_decay", "b1", "b2", "grad_clip", "mqar_kv", "mqar_power_a",
+              "weight_decay", "b1", "b2", "grad_clip", "mqar_kv", "mqar_power_a", "mqar_protocol",
               "lact_preset", "lact_window", "lact_base_lr", "patch_size")
 
 PRESETS = {
@@ -345,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, choices=LACT_PRESETS, default=None, help=help_)
         elif f.name == "distributed":
             p.add_argument(flag, choices=DISTRIBUTED, default=None, help=help_)
+        elif f.name == "mqar_protocol":
+            from tttla_jax.train.mqar import PROTOCOLS
+            p.add_argument(flag, choices=PROTOCOLS, default=None, help=help_)
         elif f.name == "on_nonfinite":
             p.add_argument(flag, choices=ON_NONFINITE, default=None, help=help_)
         else:

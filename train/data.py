@@ -55,9 +55,12 @@ class WindowSource(grain.RandomAccessDataSource):
 class MQARSource(grain.RandomAccessDataSource):
     """An (effectively infinite) stream of MQAR examples, example ``i`` seeded by ``(seed, i)``."""
 
-    def __init__(self, seed: int, *, seq_len, num_kv, vocab_size, power_a, size: int = 2 ** 30):
+    def __init__(self, seed: int, *, seq_len, num_kv, vocab_size, power_a, protocol: str = "ours",
+                 size: int = 2 ** 30):
         self.seed, self.size = seed, size
         self.kw = dict(seq_len=seq_len, num_kv=num_kv, vocab_size=vocab_size, power_a=power_a)
+        if protocol != "ours":  # the repr (checked by grain on restore) of "ours" is unchanged
+            self.kw["protocol"] = protocol
 
     def __len__(self):
         return self.size
@@ -72,7 +75,7 @@ class MQARSource(grain.RandomAccessDataSource):
 
 def _mqar_kw(cfg):
     return dict(seq_len=cfg.seq_len, num_kv=cfg.mqar_kv, vocab_size=cfg.vocab_size,
-                power_a=cfg.mqar_power_a)
+                power_a=cfg.mqar_power_a, protocol=cfg.mqar_protocol)
 
 
 def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.DataLoader:

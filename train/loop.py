@@ -500,11 +500,19 @@ def _run(cfg: TrainConfig, log) -> dict:
                 emit({"kind": "train", "step": step, **m, "tokens_per_s": tok_s,
                       "time": now - t_start})
                 progress.update(step, m["loss"], tok_s, force=last)
+            stop_early = False
             if step % cfg.eval_every == 0 or last:
                 ev = evaluate(eval_fn, params, evals)
                 emit({"kind": "eval", "step": step, **ev, "time": time.perf_counter() - t_start})
-            if step % cfg.ckpt_every == 0 or last:
+                # early stop (Zoology: held-out accuracy 0.99); the state is checkpointed
+                stop_early = bool(cfg.early_stop_accuracy) and ev["eval_accuracy"] >= cfg.early_stop_accuracy
+            if step % cfg.ckpt_every == 0 or last or stop_early:
                 save(step)
+            if stop_early and not last:
+                progress.update(step, float(m["loss"]), 0.0, force=True)
+                log(f"early stop at step {step}: held-out accuracy {ev['eval_accuracy']:.4f} >= "
+                    f"{cfg.early_stop_accuracy} (--early-stop-accuracy)")
+                break
         if f is not None:
             f.close()
 
