@@ -23,7 +23,7 @@ call, with no padding and no gather.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +122,206 @@ def _run_from_start(step, state, xs, P):
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     bufs = tuple(jnp.pad(r, [(0, 0), (0, P - 1 - r.shape[1])] + [(0, 0)] * (r.ndim - 2)) for r in rem)
     return out, state, bufs, jnp.full((B,), T - m * P, jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences (``cu_seqlens``): every sequence's stream re-laid to start at a segment boundary
+# ---------------------------------------------------------------------------------------------
+
+class PackedStreams(NamedTuple):
+    """Where the tokens of N packed streams sit in a segment-aligned layout ``[Nc, P]``.
+
+    Stream ``i`` is ``[buffer_i[:n_i] ; x[cu_i : cu_{i+1}]]`` (``R_i = n_i + L_i`` tokens); it
+    occupies ``⌈R_i / P⌉`` consecutive segments starting at segment ``co_i``, so every stream
+    starts a fresh segment. ``Nc = (T + N·nbuf) // P + N`` bounds ``Σ_i ⌈R_i / P⌉`` statically
+    (``nbuf`` the buffer capacity, 0 without a cache): at most ``T + N·(nbuf + P − 1)`` slots,
+    never ``N·T``.
+    """
+
+    src: jax.Array     # [Nc, P] int32: row of the source ``[buffers (N·nbuf) ; tokens (T)]``
+    valid: jax.Array   # [Nc, P] bool: the slot holds a real token
+    seq: jax.Array     # [Nc] int32: the stream of each segment (clipped to N − 1 past the end)
+    first: jax.Array   # [Nc] bool: the segment is the first of its stream (the state resets)
+    local: jax.Array   # [Nc] int32: the segment's index inside its stream
+    co: jax.Array      # [N + 1] int32: segment offsets
+    R: jax.Array       # [N] int32: stream lengths ``n + L``
+    out: jax.Array     # [T] int32: flat slot of every new token
+    cu: jax.Array      # [N + 1] int32
+    n: jax.Array       # [N] int32: buffered tokens per stream
+    nbuf: int          # buffer capacity (static)
+    P: int             # segment length (static)
+
+
+def _seq_of(cu, t, N):
+    return jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
+
+
+def packed_streams(cu_seqlens, T: int, period: int, n=None, nbuf: int = 0) -> PackedStreams:
+    """The segment-aligned layout of N packed streams (see :class:`PackedStreams`).
+
+    ``n`` ``[N]`` buffered tokens per stream (``None``: no buffer, ``nbuf`` must be 0).
+    Pure ``jnp`` on the values of ``cu_seqlens`` and ``n`` (traceable under ``jit``).
+    """
+    P = period
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    N = cu.shape[0] - 1
+    n = jnp.zeros((N,), jnp.int32) if n is None else jnp.asarray(n, jnp.int32)
+    L = cu[1:] - cu[:-1]
+    R = n + L
+    nch = (R + P - 1) // P
+    co = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(nch).astype(jnp.int32)])
+    Nc = (T + N * nbuf) // P + N
+    j = jnp.arange(Nc, dtype=jnp.int32)
+    real = j < co[N]
+    seq = jnp.minimum(jnp.searchsorted(co[1:], j, side="right"), N - 1).astype(jnp.int32)
+    local = j - co[seq]
+    s = local[:, None] * P + jnp.arange(P, dtype=jnp.int32)[None]          # [Nc, P] stream position
+    valid = real[:, None] & (s < R[seq][:, None])
+    src = jnp.where(valid, _source(cu, n, nbuf, N, seq[:, None], s), 0)
+    first = real & (local == 0)
+    t = jnp.arange(T, dtype=jnp.int32)
+    n_t = _seq_of(cu, t, N)
+    st = n[n_t] + t - cu[n_t]
+    out = (co[n_t] + st // P) * P + st % P
+    return PackedStreams(src, valid, seq, first, local, co, R, out.astype(jnp.int32), cu, n, nbuf, P)
+
+
+def _source(cu, n, nbuf, N, i, s):
+    """Row of ``[buffers ; tokens]`` holding position ``s`` of stream ``i``."""
+    from_buf = i * nbuf + jnp.clip(s, 0, max(nbuf - 1, 0))
+    from_new = N * nbuf + cu[i] + s - n[i]
+    return jnp.where(s < n[i], from_buf, from_new)
+
+
+def packed_gather(lay: PackedStreams, x, buf=None):
+    """``x [1, T, ...]`` (and ``buf [N, nbuf, ...]``, zeros if ``None``) → segments
+    ``[Nc, 1, P, ...]`` (zeros in slots without a token)."""
+    N = lay.n.shape[0]
+    if lay.nbuf:
+        b = (jnp.zeros((N, lay.nbuf) + x.shape[2:], x.dtype) if buf is None else buf.astype(x.dtype))
+        srcs = jnp.concatenate([b.reshape((N * lay.nbuf,) + x.shape[2:]), x[0]], axis=0)
+    else:
+        srcs = x[0]
+    y = jnp.take(srcs, lay.src, axis=0, mode="clip")                        # [Nc, P, ...]
+    y = jnp.where(lay.valid.reshape(lay.valid.shape + (1,) * (y.ndim - 2)), y, jnp.zeros((), y.dtype))
+    return y[:, None]
+
+
+def packed_scatter(lay: PackedStreams, y):
+    """Segments ``[Nc, 1, P, ...]`` → the new tokens ``[1, T, ...]`` (inverse of :func:`packed_gather`)."""
+    y = y[:, 0].reshape((-1,) + y.shape[3:])
+    return jnp.take(y, lay.out, axis=0)[None]
+
+
+def packed_tail(lay: PackedStreams, x, buf, start, size: int):
+    """Per stream, the ``size`` positions from ``start`` ``[N]`` (zeros past its end):
+    ``[N, size, ...]`` from ``x [1, T, ...]`` and ``buf [N, nbuf, ...]`` (or ``None``)."""
+    N = lay.n.shape[0]
+    i = jnp.arange(N, dtype=jnp.int32)[:, None]
+    s = start[:, None] + jnp.arange(size, dtype=jnp.int32)[None]
+    ok = s < lay.R[:, None]
+    if lay.nbuf:
+        b = (jnp.zeros((N, lay.nbuf) + x.shape[2:], x.dtype) if buf is None else buf.astype(x.dtype))
+        srcs = jnp.concatenate([b.reshape((N * lay.nbuf,) + x.shape[2:]), x[0]], axis=0)
+    else:
+        srcs = x[0]
+    idx = jnp.where(ok, _source(lay.cu, lay.n, lay.nbuf, N, i, s), 0)
+    y = jnp.take(srcs, idx, axis=0, mode="clip")
+    return jnp.where(ok.reshape(ok.shape + (1,) * (y.ndim - 2)), y, jnp.zeros((), y.dtype))
+
+
+def packed_scan(step, init, lay: PackedStreams, segs, *, keep: bool = True):
+    """Run ``step`` over the segments of all streams, the state reset to ``init[i]`` at the
+    first segment of stream ``i``.
+
+    Args:
+      step: ``step(state, seg) -> (state', out)`` on one segment (batch 1; ``seg`` a tuple of
+        ``[1, P, ...]``), as for :func:`run_segments`.
+      init: the initial state of every stream (pytree, leaves ``[N, ...]``).
+      segs: tuple of ``[Nc, 1, P, ...]`` (:func:`packed_gather`).
+      keep: also return the state after every segment (``[Nc, ...]`` leaves).
+
+    Returns:
+      ``(out [Nc, 1, P, ...], states after each segment or None)``.
+    """
+    def body(carry, inp):
+        first, seq, sg = inp
+        st = jax.tree_util.tree_map(
+            lambda c, i0: jnp.where(first, lax.dynamic_index_in_dim(i0, seq, 0, keepdims=True), c),
+            carry, init)
+        st2, out = step(st, sg)
+        return st2, ((out, st2) if keep else (out, None))
+
+    carry0 = jax.tree_util.tree_map(lambda a: a[:1], init)
+    _, (outs, states) = lax.scan(body, carry0, (lay.first, lay.seq, tuple(segs)))
+    return outs, states
+
+
+def packed_final(states, init, lay: PackedStreams, m):
+    """Each stream's state after its first ``m [N]`` segments: ``init[i]`` if ``m_i = 0``,
+    else the state after segment ``co_i + m_i − 1`` (``states`` from :func:`packed_scan`)."""
+    idx = jnp.maximum(lay.co[:-1] + m - 1, 0)
+
+    def pick(s, i0):
+        got = jnp.take(s[:, 0], idx, axis=0)
+        return jnp.where((m > 0).reshape((-1,) + (1,) * (got.ndim - 1)), got.astype(i0.dtype), i0)
+
+    return jax.tree_util.tree_map(pick, states, init)
+
+
+def packed_positions(positions, cache_pos, cu_seqlens, T: int):
+    """Positions ``[1, T]`` of packed tokens: as given (``[1, T]`` or ``[T]``), else each
+    sequence's continue from ``cache_pos [N]`` (0 for a fresh cache: they restart at every
+    document)."""
+    if positions is not None:
+        positions = jnp.asarray(positions)
+        if positions.ndim == 1:
+            positions = positions[None]
+        if positions.shape != (1, T):
+            raise ValueError(f"positions: with cu_seqlens expected [1, T] or [T] with T = {T}, "
+                             f"got {tuple(positions.shape)}")
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(f"positions: expected an integer dtype, got {positions.dtype}")
+        return positions.astype(jnp.int32)
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    N = cu.shape[0] - 1
+    t = jnp.arange(T, dtype=jnp.int32)
+    n_t = _seq_of(cu, t, N)
+    return (cache_pos.astype(jnp.int32)[n_t] + t - cu[n_t])[None]
+
+
+def packed_next_pos(positions, cache_pos, cu_seqlens):
+    """Next position per sequence ``[N]``: its last token's position + 1 (``cache_pos`` for an
+    empty sequence)."""
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    last = jnp.take(positions[0], jnp.maximum(cu[1:] - 1, 0), axis=0)
+    return jnp.where(cu[1:] > cu[:-1], last + 1, cache_pos).astype(jnp.int32)
+
+
+def run_segments_packed(step: Callable, state, xs: Sequence, bufs: Sequence, n, period: int,
+                        cu_seqlens, *, empty: bool = False):
+    """:func:`run_segments` for N packed sequences (``cu_seqlens`` ``[N + 1]``).
+
+    ``state`` leaves, ``bufs`` ``[N, P − 1, ...]`` and ``n`` ``[N]`` are per sequence, ``xs``
+    ``[1, T, ...]`` the packed new tokens. Every sequence's stream (its buffered tokens, then
+    its new ones) is re-laid to start at a segment boundary (:func:`packed_streams`), one
+    ``lax.scan`` runs ``step`` over all segments with the state reset at each stream's first
+    segment, and each sequence keeps the state after its last whole segment and the tail
+    after it as its new buffer — exactly :func:`run_segments` on every sequence alone.
+
+    Returns:
+      ``(out [1, T, ...], per-sequence state, new bufs [N, P − 1, ...], new n [N])``.
+    """
+    P = period
+    T = xs[0].shape[1]
+    lay = packed_streams(cu_seqlens, T, P, None if empty else n, 0 if empty else P - 1)
+    src_bufs = [None if empty else b for b in bufs]
+    segs = tuple(packed_gather(lay, x, b) for x, b in zip(xs, src_bufs))
+    outs, states = packed_scan(step, state, lay, segs)
+    out = packed_scatter(lay, outs)
+    m = lay.R // P
+    final = packed_final(states, state, lay, m)
+    start = m * P
+    new_bufs = tuple(packed_tail(lay, x, b, start, P - 1).astype(old.dtype)
+                     for x, b, old in zip(xs, src_bufs, bufs))
+    return out, final, new_bufs, (lay.R - start).astype(jnp.int32)

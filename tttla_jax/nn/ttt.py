@@ -46,7 +46,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
-from tttla_jax.nn._segments import run_segments
+from tttla_jax.nn._segments import packed_next_pos, packed_positions, run_segments, run_segments_packed
 from tttla_jax.nn.layers import ShortConv, dense, partitioned
 from tttla_jax.nn.mixers import (Mixer, _check_cache, check_layer_impl, register_mixer, resolve_heads,
                                  resolve_positions)
@@ -164,17 +164,17 @@ class _TTTLayer(Mixer):
         raise NotImplementedError  # pragma: no cover
 
     # ----------------------------------------------------------------- cache
-    def _cache_spec(self, B: int) -> dict:
+    def _cache_spec(self, B: int, b: str = "B") -> dict:
         H, D, C = self.num_heads, self.head_dim, self.mini_batch_size
-        spec = {name: ((B,) + tuple(getattr(self, name).shape), f"[B, {name} shape]")
+        spec = {name: ((B,) + tuple(getattr(self, name).shape), f"[{b}, {name} shape]")
                 for name in self._fast_names}
         for name in ("buf_q", "buf_k", "buf_v"):
-            spec[name] = ((B, C - 1, H, D), "[B, mini_batch_size-1, H, D]")
-        spec["buf_lr"] = ((B, C - 1, H), "[B, mini_batch_size-1, H]")
-        spec["buf_len"] = ((B,), "[B]")
-        spec["pos"] = ((B,), "[B]")
+            spec[name] = ((B, C - 1, H, D), f"[{b}, mini_batch_size-1, H, D]")
+        spec["buf_lr"] = ((B, C - 1, H), f"[{b}, mini_batch_size-1, H]")
+        spec["buf_len"] = ((B,), f"[{b}]")
+        spec["pos"] = ((B,), f"[{b}]")
         if self.share_qk:
-            spec["conv"] = ((B, self.conv_kernel - 1, H * D), "[B, conv_kernel-1, H*D]")
+            spec["conv"] = ((B, self.conv_kernel - 1, H * D), f"[{b}, conv_kernel-1, H*D]")
         return spec
 
     def init_cache(self, batch_size: int) -> dict:
@@ -203,25 +203,37 @@ class _TTTLayer(Mixer):
 
     # ----------------------------------------------------------------- forward
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[dict] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
         """Returns ``(y [B, T, W], new_cache)``.
 
         ``positions`` ``[B, T]`` (or ``[T]``) absolute integer positions, default
         ``cache["pos"] + arange(T)``; RoPE uses ``positions mod mini_batch_size``.
         Mini-batches are counted from the first token the cache has seen.
+
+        ``cu_seqlens`` ``[N + 1]``: N packed sequences in ``x`` ``[1, T, W]``, each computed
+        as if alone; the cache in and out holds one entry per sequence (leading dim N) and
+        positions restart at every sequence (``cache["pos"]``, 0 for a fresh cache). Every
+        sequence starts a fresh mini-batch (:func:`tttla_jax.nn._segments.packed_streams`).
         """
         B, T = self._check_x(x)
+        NB, nb = self._cache_batch(B, T, cu_seqlens)
+        packed = cu_seqlens is not None
         empty = cache is None
         if empty:
-            cache = self.init_cache(B)
-        _check_cache(cache, self._cache_spec(B))
-        positions = resolve_positions(positions, cache, B, T)
+            cache = self.init_cache(NB)
+        _check_cache(cache, self._cache_spec(NB, nb))
+        if packed:
+            positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
+        else:
+            positions = resolve_positions(positions, cache, B, T)
         H, D, C = self.num_heads, self.head_dim, self.mini_batch_size
         new_cache = {}
+        conv = dict(cu_seqlens=cu_seqlens) if packed else {}
         if self.share_qk:
             xq = self.q_proj(x)
-            XQ, _ = self.conv_q(xq, cache["conv"])
-            XK, new_cache["conv"] = self.conv_k(xq, cache["conv"])
+            XQ, _ = self.conv_q(xq, cache["conv"], **conv)
+            XK, new_cache["conv"] = self.conv_k(xq, cache["conv"], **conv)
             XQ = XQ + self.conv_q_bias[...].astype(XQ.dtype)
             XK = XK + self.conv_k_bias[...].astype(XK.dtype)
         else:
@@ -248,13 +260,18 @@ class _TTTLayer(Mixer):
             return type(st)(*(a.astype(b.dtype) for a, b in zip(st2, st))), o
 
         bufs = (cache["buf_q"], cache["buf_k"], cache["buf_v"], cache["buf_lr"])
-        o, st, nbufs, nlen = run_segments(step, state, (XQ, XK, XV, lr.astype(cache["buf_lr"].dtype)),
-                                          bufs, cache["buf_len"], C, empty=empty)
+        xs = (XQ, XK, XV, lr.astype(cache["buf_lr"].dtype))
+        if packed:
+            o, st, nbufs, nlen = run_segments_packed(step, state, xs, bufs, cache["buf_len"], C,
+                                                     cu_seqlens, empty=empty)
+            new_cache["pos"] = packed_next_pos(positions, cache["pos"], cu_seqlens)
+        else:
+            o, st, nbufs, nlen = run_segments(step, state, xs, bufs, cache["buf_len"], C, empty=empty)
+            new_cache["pos"] = (positions[:, -1] + 1).astype(jnp.int32)
         new_cache.update(zip(self._fast_names, st))
         for name, b, old in zip(("buf_q", "buf_k", "buf_v", "buf_lr"), nbufs, bufs):
             new_cache[name] = b.astype(old.dtype)
         new_cache["buf_len"] = nlen
-        new_cache["pos"] = (positions[:, -1] + 1).astype(jnp.int32)
         o = self.post_norm(o.reshape(B, T, H * D).astype(self._act_dtype()))
         if self.use_gate:
             o = gelu_tanh(self.g_proj(x)) * o
