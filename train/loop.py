@@ -94,7 +94,7 @@ def sparse_logits(model: LanguageModel, tokens, index):
     B, T = tokens.shape
     cache = model.init_cache(B)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-    x = model.embed(tokens)
+    x = model.embed_inputs(tokens, positions)
     for block, c in zip(model.blocks, cache["layers"]):
         x, _ = block(x, c, positions)
     x = jnp.take_along_axis(x, index[..., None], axis=1)

@@ -45,6 +45,7 @@ Exports:
     load_reference_weights, export_reference_weights, prefixed_weight_map   (weights.py)
     TTTLinear, TTTMLP (ttt.py), TitansMemory (titans.py)   mixers "ttt_linear", "ttt_mlp", "titans"
     LaCTLayer (lact.py)   mixer "lact" (LaCT-LLM, ladder presets V0-V6 and anomalies)
+    Attention (attention.py)   mixer "attention" (full causal softmax attention, KV cache)
     ViT3Block, ViTConfig, ViTClassifier (vit.py)   non-causal ViT³ mixer (not in MIXERS) and
         the image classifier: ``y, state = block(x, grid=None, output_final_state=False)``
 """
@@ -64,6 +65,7 @@ from tttla_jax.nn.weights import export_reference_weights, load_reference_weight
 from tttla_jax.nn.ttt import TTTLinear, TTTMLP  # registers "ttt_linear", "ttt_mlp"
 from tttla_jax.nn.titans import TitansMemory  # registers "titans"
 from tttla_jax.nn.lact import LaCTLayer  # registers "lact"
+from tttla_jax.nn.attention import Attention  # registers "attention"
 from tttla_jax.nn.vit import ViT3Block, ViTClassifier, ViTConfig  # non-causal: not a MIXERS entry
 
 __all__ = [
@@ -73,6 +75,6 @@ __all__ = [
     "Block", "LanguageModel", "LMConfig", "count_params",
     "decode_step", "generate", "init_cache", "prefill", "sample_logits",
     "load_reference_weights", "export_reference_weights", "prefixed_weight_map",
-    "TTTLinear", "TTTMLP", "TitansMemory", "LaCTLayer",
+    "TTTLinear", "TTTMLP", "TitansMemory", "LaCTLayer", "Attention",
     "ViT3Block", "ViTClassifier", "ViTConfig",
 ]

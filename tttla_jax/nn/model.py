@@ -66,6 +66,18 @@ class LMConfig:
       param_dtype: parameter dtype.
       remat: rematerialise every block in the backward pass (``jax.checkpoint``).
       embed_init_std: std of the normal embedding initialiser.
+      state_mixer: the second sublayer of every block: ``"swiglu"`` (default, ``x +
+        SwiGLU(norm(x))``), ``"identity"`` (``x + norm(x)``: Zoology's blocks with
+        ``torch.nn.Identity`` as state mixer, Arora et al. 2023) or ``"none"`` (no second
+        sublayer).
+      positions: ``"none"`` (default; position information only inside the mixers, e.g.
+        RoPE) or ``"learned"``: a learned absolute position embedding ``[max_positions, W]``
+        added to the token embedding (GPT-2 style, as Zoology's attention baselines).
+      max_positions: number of learned positions (required with ``positions="learned"``); a
+        fresh call with ``T > max_positions`` is a ``ValueError``, and a decoding position
+        beyond the table gives NaN outputs for that token (never a silently reused row).
+      embed_dropout: dropout rate on the (token + position) embedding, active only when the
+        forward is given a dropout key (:meth:`LanguageModel.embed_inputs`; Zoology: 0.1).
     """
 
     vocab_size: int
@@ -82,6 +94,10 @@ class LMConfig:
     param_dtype: Any = jnp.float32
     remat: bool = False
     embed_init_std: float = 0.02
+    state_mixer: str = "swiglu"
+    positions: str = "none"
+    max_positions: Optional[int] = None
+    embed_dropout: float = 0.0
 
     def __post_init__(self):
         # NumPy / JAX integer and float scalars are accepted and stored as Python numbers
@@ -132,6 +148,24 @@ class LMConfig:
             object.__setattr__(self, "mlp_hidden", _checks.check_positive_int("mlp_hidden", self.mlp_hidden))
         for name in ("norm_eps", "embed_init_std"):
             object.__setattr__(self, name, positive_float(name, getattr(self, name)))
+        _checks.check_choice("state_mixer", self.state_mixer, STATE_MIXERS)
+        _checks.check_choice("positions", self.positions, POSITIONS)
+        if self.positions == "learned":
+            if self.max_positions is None:
+                raise ValueError("max_positions: positions='learned' needs the table size "
+                                 "max_positions (a positive int), got None")
+            object.__setattr__(self, "max_positions",
+                               _checks.check_positive_int("max_positions", self.max_positions))
+        elif self.max_positions is not None:
+            raise ValueError(f"max_positions: only used with positions='learned', got "
+                             f"{self.max_positions!r} with positions={self.positions!r}")
+        try:
+            rate = float(self.embed_dropout)
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if isinstance(self.embed_dropout, bool) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"embed_dropout: expected a float in [0, 1), got {self.embed_dropout!r}")
+        object.__setattr__(self, "embed_dropout", rate)
         _check_dtype("dtype", self.dtype)
         _check_dtype("param_dtype", self.param_dtype)
         # Build every distinct mixer abstractly (shapes only, no allocation, no compile) so
@@ -152,6 +186,10 @@ class LMConfig:
         return dict(dict(self.mixer_options).get(mixer, ()))
 
 
+STATE_MIXERS = ("swiglu", "identity", "none")
+POSITIONS = ("none", "learned")
+
+
 def build_mixer(config: LMConfig, name: str, *, rngs: nnx.Rngs):
     """Instantiate mixer ``name`` with the model-wide fields of ``config`` and its options."""
     opts = config.options_for(name)
@@ -162,19 +200,26 @@ def build_mixer(config: LMConfig, name: str, *, rngs: nnx.Rngs):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + SwiGLU(norm(x))``."""
+    """Pre-norm residual block: ``x + mixer(norm(x))`` then the state mixer
+    (``config.state_mixer``): ``x + SwiGLU(norm(x))``, ``x + norm(x)`` or nothing."""
 
     def __init__(self, config: LMConfig, mixer: str, *, rngs: nnx.Rngs):
         kw = dict(dtype=config.dtype, param_dtype=config.param_dtype)
         self.mixer_norm = RMSNorm(config.width, eps=config.norm_eps, **kw)
         self.mixer = build_mixer(config, mixer, rngs=rngs)
-        self.mlp_norm = RMSNorm(config.width, eps=config.norm_eps, **kw)
-        self.mlp = SwiGLU(config.width, config.hidden, rngs=rngs, **kw)
+        self.state_mixer = config.state_mixer
+        self.mlp_norm = (RMSNorm(config.width, eps=config.norm_eps, **kw)
+                         if config.state_mixer != "none" else None)
+        self.mlp = (SwiGLU(config.width, config.hidden, rngs=rngs, **kw)
+                    if config.state_mixer == "swiglu" else None)
 
     def __call__(self, x, cache=None, positions=None):
         h, cache = self.mixer(self.mixer_norm(x), cache=cache, positions=positions)
         x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        elif self.mlp_norm is not None:  # identity state mixer
+            x = x + self.mlp_norm(x)
         return x, cache
 
 
@@ -213,9 +258,33 @@ class LanguageModel(nnx.Module):
             config.vocab_size, config.width, dtype=config.dtype, param_dtype=config.param_dtype,
             embedding_init=partitioned(nnx.initializers.normal(config.embed_init_std), ("vocab", "embed")),
             rngs=rngs)
+        self.pos_embed = nnx.Embed(
+            config.max_positions, config.width, dtype=config.dtype, param_dtype=config.param_dtype,
+            embedding_init=partitioned(nnx.initializers.normal(config.embed_init_std), (None, "embed")),
+            rngs=rngs) if config.positions == "learned" else None
         self.blocks = nnx.List([Block(config, m, rngs=rngs) for m in config.mixers])
         self.final_norm = RMSNorm(config.width, eps=config.norm_eps, dtype=config.dtype,
                                   param_dtype=config.param_dtype)
+
+    def embed_inputs(self, tokens, positions, dropout_key=None):
+        """The residual stream's input ``[B, T, W]``: token embedding, plus the learned
+        position embedding (``positions="learned"``; a position outside ``[0,
+        max_positions)`` gives NaN for that token), then embedding dropout when a
+        ``dropout_key`` is given (training; ``None`` is the deterministic forward)."""
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            T, n = tokens.shape[1], self.config.max_positions
+            if T > n:
+                raise ValueError(f"tokens: expected T <= max_positions = {n} learned positions, "
+                                 f"got T = {T}")
+            ok = (positions >= 0) & (positions < n)
+            pe = self.pos_embed(jnp.clip(positions, 0, n - 1))
+            x = jnp.where(ok[..., None], x + pe, jnp.nan)
+        rate = self.config.embed_dropout
+        if dropout_key is not None and rate > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        return x
 
     def init_cache(self, batch_size: int) -> dict:
         """An empty cache for ``batch_size`` sequences (position 0, zero fast weights)."""
@@ -247,7 +316,7 @@ class LanguageModel(nnx.Module):
         _checks.check_shape("cache['pos']", cache["pos"], (B,), "[B]")
         positions = resolve_positions(positions, cache, B, T)
 
-        x = self.embed(tokens)
+        x = self.embed_inputs(tokens, positions)
         apply = _block_apply_remat if self.config.remat else _block_apply
         new_layers = []
         for block, c in zip(self.blocks, cache["layers"]):

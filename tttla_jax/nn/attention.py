@@ -1,0 +1,161 @@
+"""Full causal softmax attention with a key/value cache: the quadratic baseline of the recall
+benchmarks (Zoology, Arora et al. 2023: attention solves MQAR at every setting).
+
+Registered as mixer ``"attention"`` (:data:`tttla_jax.nn.mixers.MIXERS`). Position
+information: none inside the layer by default (Zoology adds learned absolute positions to
+the embedding, ``LMConfig(positions="learned")``); ``use_rope=True`` rotates q and k.
+
+Axis names: ``B`` batch, ``T`` new tokens, ``S`` cached slots (``max_len``), ``H`` heads,
+``D`` head dim, ``W`` width.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from tttla_jax import _checks
+from tttla_jax.nn.layers import apply_rope, dense, positive_float
+from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, register_mixer,
+                                 resolve_heads, resolve_positions)
+
+
+def causal_attend(q, k, v, qpos, kpos, visible):
+    """``o_t = softmax_j(q_t·k_j / √D over visible keys) v_j``; every query sees at least
+    itself (the caller guarantees it).
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, N, H, D]``; qpos ``[B, T]``, kpos ``[B, N]`` int
+      (−1: empty slot); visible ``[T, N]`` bool (the order condition: key j was fed no later
+      than query t). A key is attended iff ``visible & kpos >= 0 & kpos <= qpos``.
+    """
+    D = q.shape[-1]
+    sd = _checks.state_dtype(q, k)
+    s = jnp.einsum("bthd,bshd->bhts", q.astype(sd), k.astype(sd)) * (D ** -0.5)
+    mask = visible[None] & (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
+    s = jnp.where(mask[:, None], s, jnp.finfo(sd).min)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", p, v.astype(sd)).astype(q.dtype)
+
+
+class Attention(Mixer):
+    """Causal multi-head softmax attention over the whole prefix (Vaswani et al. 2017).
+
+    ``o_t = softmax(q_t Kᵀ / √D + mask) V`` over every earlier token ``j ≤ t`` whose
+    position is ``≤`` the query's (the same thing for increasing positions), then ``o_proj``.
+    Optional RoPE (``use_rope``) and projection biases (``use_bias``; Zoology's MHA has them).
+
+    Implementations (``impl``, docs/implementations.md): ``"chunked"`` (and ``"auto"``) is
+    the parallel form: all T queries at once against ``[cache ; T new keys]`` (a fresh call,
+    ``cache=None``, attends within the T tokens only: ``T × T`` scores); ``"recurrent"``
+    runs a ``lax.scan`` over tokens, each step writing one key into the cache and attending
+    to the cache — exactly what decoding does. Both give the same outputs, caches and
+    gradients.
+
+    Cache (a fixed-capacity key/value cache of ``max_len`` slots): ``"k", "v"``
+    ``[B, max_len, H, D]`` (activation dtype), ``"kpos"`` ``[B, max_len]`` int32 (the
+    slot's position, −1 when empty), ``"len"`` ``[B]`` int32 (filled slots) and ``"pos"``
+    ``[B]`` int32 (the next position). A fresh call with ``T > max_len`` is a
+    ``ValueError``; a decoding call that would overflow the cache returns NaN outputs for
+    that row (never silently overwritten keys). Its floats, ``2·max_len·H·D`` per layer,
+    are the "state size" of attention in recall benchmarks.
+
+    Parameters: ``4·W·H·D`` (``+ 3·H·D + W`` biases with ``use_bias``).
+    """
+
+    impls = ("chunked", "recurrent")
+
+    def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
+                 max_len: int = 2048, use_rope: bool = False, rope_base: float = 10000.0,
+                 use_bias: bool = False, impl: str = "auto", dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.head_dim = resolve_heads(width, num_heads, head_dim)
+        self.max_len = _checks.check_positive_int("max_len", max_len)
+        self.impl = check_layer_impl(type(self), impl)
+        if use_rope and self.head_dim % 2:
+            raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim}")
+        self.width, self.num_heads = operator.index(width), operator.index(num_heads)
+        self.use_rope, self.rope_base = bool(use_rope), positive_float("rope_base", rope_base)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        HD = num_heads * self.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=bool(use_bias))
+        self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+
+    def _cache_spec(self, B: int) -> dict:
+        S, H, D = self.max_len, self.num_heads, self.head_dim
+        return {"k": ((B, S, H, D), "[B, max_len, H, D]"), "v": ((B, S, H, D), "[B, max_len, H, D]"),
+                "kpos": ((B, S), "[B, max_len]"), "len": ((B,), "[B]"), "pos": ((B,), "[B]")}
+
+    def init_cache(self, batch_size: int) -> Cache:
+        _checks.check_positive_int("batch_size", batch_size)
+        S, H, D, dt = self.max_len, self.num_heads, self.head_dim, self._act_dtype()
+        return {"k": jnp.zeros((batch_size, S, H, D), dt), "v": jnp.zeros((batch_size, S, H, D), dt),
+                "kpos": jnp.full((batch_size, S), -1, jnp.int32),
+                "len": jnp.zeros((batch_size,), jnp.int32),
+                "pos": jnp.zeros((batch_size,), jnp.int32)}
+
+    def _write(self, cache, k, v, qpos):
+        """Write T new keys into slots ``len .. len+T-1`` of every row; returns (cache', overflow [B])."""
+        T = k.shape[1]
+        upd = jax.vmap(lambda buf, new, at: lax.dynamic_update_slice_in_dim(buf, new, at, axis=0))
+        at = cache["len"]
+        new = {"k": upd(cache["k"], k.astype(cache["k"].dtype), at),
+               "v": upd(cache["v"], v.astype(cache["v"].dtype), at),
+               "kpos": upd(cache["kpos"], qpos.astype(jnp.int32), at),
+               "len": at + T, "pos": qpos[:, -1].astype(jnp.int32) + 1}
+        return new, at + T > self.max_len
+
+    def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
+                 positions: Optional[Int[Array, "b t"]] = None):
+        """Returns ``(y [B, T, W], new_cache)``. ``positions`` ``[B, T]`` (or ``[T]``):
+        absolute positions (default ``cache["pos"] + arange(T)``); they drive RoPE and the
+        position condition of the mask."""
+        B, T = self._check_x(x)
+        fresh = cache is None
+        if fresh:
+            if T > self.max_len:
+                raise ValueError(f"x: expected at most max_len = {self.max_len} tokens (the cache "
+                                 f"capacity), got T = {T}")
+            cache = self.init_cache(B)
+        _check_cache(cache, self._cache_spec(B))
+        positions = resolve_positions(positions, cache, B, T)
+        q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.use_rope:
+            q = apply_rope(q, positions, base=self.rope_base)
+            k = apply_rope(k, positions, base=self.rope_base)
+        S = self.max_len
+        if self.impl == "recurrent":
+            def step(c, xs):
+                qt, kt, vt, pt = (a[:, None] for a in xs)
+                c, over = self._write(c, kt, vt, pt)
+                o = causal_attend(qt, c["k"], c["v"], pt, c["kpos"], jnp.ones((1, S), bool))
+                return c, (o[:, 0], over)
+
+            tm = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731
+            new_cache, (o, over) = lax.scan(step, cache, (tm(q), tm(k), tm(v), tm(positions)))
+            o, overflow = jnp.moveaxis(o, 0, 1), jnp.any(over, axis=0)
+        else:
+            tri = jnp.tril(jnp.ones((T, T), bool))
+            if fresh:  # nothing cached: T x T scores only
+                o = causal_attend(q, k, v, positions, positions, tri)
+            else:
+                kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+                vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+                kp = jnp.concatenate([cache["kpos"], positions], axis=1)
+                visible = jnp.concatenate([jnp.ones((T, S), bool), tri], axis=1)
+                o = causal_attend(q, kk, vv, positions, kp, visible)
+            new_cache, overflow = self._write(cache, k, v, positions)
+        o = jnp.where(overflow[:, None, None, None], jnp.nan, o)
+        y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return y, new_cache
+
+
+register_mixer("attention", Attention)
