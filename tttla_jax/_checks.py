@@ -6,7 +6,8 @@ Checks run at trace time (on static shapes), so they cost nothing under ``jit``.
 
 The token-tensor contract (docs/linear_attention.md) is checked in one place,
 :func:`check_qkv`: ``q, k [B, T, H, K]``, ``v [B, T, H, V]``, per-token gates
-(``beta``, ``log_decay``, ...) ``[B, T, H]``, the state ``[B, H, K, V]`` (or one state per
+(``beta``, ``log_decay``, ...) ``[B, T, H]`` (a log-decay may also be per key channel,
+``[B, T, H, K]``), the state ``[B, H, K, V]`` (or one state per
 packed sequence, ``[N, H, K, V]``, with ``cu_seqlens``). Scalars: :func:`check_positive_int`
 (``chunk_size``, block sizes) and :func:`check_scale` accept Python, NumPy and JAX scalars.
 """
@@ -142,13 +143,15 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
 
 
 def check_qkv(q, k, v, *, gates: Optional[Mapping[str, object]] = None, initial_state=None,
-              cu_seqlens=None, same_dtype: bool = False) -> Dims:
+              cu_seqlens=None, same_dtype: bool = False, channel_gates: Iterable[str] = ()) -> Dims:
     """The one input contract of the linear-attention ops and kernels (docs/linear_attention.md).
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` — floating, ``T >= 1``.
       gates: per-token gates by argument name (e.g. ``{"beta": beta, "log_decay": g}``),
         each ``[B, T, H]`` and floating; ``None`` entries are skipped.
+      channel_gates: names among ``gates`` that may also be per key channel, ``[B, T, H, K]``
+        (GLA / Kimi Delta Attention style log-decays; docs/linear_attention.md).
       initial_state: optional state ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``),
         floating.
       cu_seqlens: optional ``[N + 1]`` offsets of packed sequences (:func:`check_cu_seqlens`).
@@ -174,10 +177,18 @@ def check_qkv(q, k, v, *, gates: Optional[Mapping[str, object]] = None, initial_
     if same_dtype and not (jnp.result_type(q) == jnp.result_type(k) == jnp.result_type(v)):
         raise ValueError(f"q, k, v: expected one dtype, got {jnp.result_type(q)}, {jnp.result_type(k)}, "
                          f"{jnp.result_type(v)}")
+    channel_gates = tuple(channel_gates)
     for name, x in (gates or {}).items():
-        if x is not None:
+        if x is None:
+            continue
+        if name in channel_gates:
+            shape = tuple(jnp.shape(x))
+            if shape not in ((B, T, H), (B, T, H, K)):
+                raise ValueError(f"{name}: expected shape [B, T, H] = {(B, T, H)} (one value per head) or "
+                                 f"[B, T, H, K] = {(B, T, H, K)} (one per key channel), got {shape}")
+        else:
             check_shape(name, x, (B, T, H), "[B, T, H]")
-            check_floating(name, x)
+        check_floating(name, x)
     if cu_seqlens is None:
         N, shape, layout = B, (B, H, K, V), "[B, H, K, V]"
     else:

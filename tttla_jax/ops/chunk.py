@@ -23,6 +23,9 @@ every chunked computation needs, once:
 * **(I + A)⁻¹** for strictly lower-triangular ``A`` — :func:`unit_lower_inverse` (XLA: block
   doubling, analytic JVP) and :func:`unit_lower_inverse_by_products` (inside kernels:
   ``Π_i (I + (−A)^{2^i})`` with the kernel's matmul);
+* **per-channel decays** (GLA / Kimi Delta Attention log-decays ``[..., C, K]``) —
+  :func:`channel_decays` and :func:`decayed_gram` (the decay inside the ``q·k`` contraction,
+  factorised per sub-chunk around a reference point so no exponent is positive);
 * **the delta-rule chunk step** (WY / UT form) — :func:`delta_chunk_group` (a group of
   chunks, optionally resetting to per-sequence initial states), :func:`affine_chunk_scan`
   and the whole chunked form :func:`delta_chunked`, which is also the XLA path that
@@ -257,6 +260,82 @@ def segmented_reverse_cumsum(x, cut, axis: int = -1):
     return jnp.moveaxis(y, -1, axis)
 
 
+# --------------------------------------------------------------------------- per-channel decays
+
+# Tokens per sub-chunk of decayed_gram: the reference point of the factorised off-diagonal
+# blocks sits between sub-chunks; only the diagonal sub-chunk blocks form [sub, sub, K].
+SUB_CHUNK = 16
+
+
+def channel_decays(g):
+    """Cut-aware per-channel decays of one chunk from its log-decays ``g [..., C, K]`` (the
+    cumulative sums run over the token axis ``C``, channel by channel).
+
+    Returns ``(c, s, γ, λ, Γ)``: :func:`segment_cumsum` per channel ``c, s [..., C, K]``;
+    ``γ_i = exp(b_i)`` (chunk start to token i, inclusive) and ``λ_j = exp(b_C − b_j)`` (token
+    j, exclusive, to the chunk end) ``[..., C, K]``; ``Γ = exp(b_C)`` ``[..., K]`` — the
+    per-channel versions of :func:`segment_decays`, exact for cuts, ``≤ 1`` for ``g ≤ 0``."""
+    cut = g <= -cut_threshold(g.dtype)
+    c = jnp.cumsum(jnp.where(cut, jnp.zeros_like(g), g), axis=-2)
+    s = jnp.cumsum(cut.astype(g.dtype), axis=-2)
+    cC, sC = c[..., -1:, :], s[..., -1:, :]
+    gamma = jnp.where(s == 0, jnp.exp(c), 0.0)
+    lam = jnp.where(s == sC, jnp.exp(jnp.where(s == sC, cC - c, 0.0)), 0.0)
+    Gam = jnp.where(sC == 0, jnp.exp(cC), 0.0)[..., 0, :]
+    return c, s, gamma, lam, Gam
+
+
+def decayed_gram(x, y, c, s, *, strict: bool = False, sub: int = SUB_CHUNK):
+    """``G_ij = [j ≤ i] Σ_κ x_iκ y_jκ exp(b_iκ − b_jκ)`` (``j < i`` if ``strict``) of one chunk
+    with a per-channel cumulative log-decay, cut-aware (``(c, s)`` from :func:`channel_decays`:
+    ``exp(b_iκ − b_jκ) = exp(c_iκ − c_jκ)·[s_iκ = s_jκ]``). ``x, y, c, s [..., C, K]`` →
+    ``[..., C, C]``.
+
+    The decay sits inside the contraction, so it cannot be one mask on ``x yᵀ``, and the
+    textbook factorisation ``(x ⊙ e^{b}) (y ⊙ e^{−b})ᵀ`` overflows (``e^{−b}`` grows without
+    bound along the chunk). Instead the chunk is cut into sub-chunks of ``sub`` tokens
+    (Yang et al., 2023, "Gated Linear Attention Transformers with Hardware-Efficient
+    Training", §4.2, secondary chunking):
+
+    * a block of rows ``I`` below a column sub-chunk ``J`` uses the reference point ``r``,
+      the cumulative decay at the last token of ``J``:
+      ``exp(b_i − b_j) = exp(b_i − r) · exp(r − b_j)`` with both exponents ``≤ 0`` (``i`` is
+      after ``r``, ``j`` at or before it), so each block is one matmul of rescaled rows and
+      columns and no factor exceeds 1 (a factor that underflows to 0 makes the true product
+      underflow as well). Segments are monotone, so ``[s_i = s_j] = [s_i = s_r]·[s_r = s_j]``;
+    * the diagonal sub-chunk blocks take the exact ``[sub, sub, K]`` exponentials, masked
+      before the exponential (:func:`masked_decay`).
+
+    Every exponent evaluated is ``≤ 0`` for ``g ≤ 0``; differentiable by autodiff (no
+    ``inf·0``: masked entries never reach an exponential)."""
+    C, K = x.shape[-2:]
+    sub = max(1, min(sub, C))
+    n = num_chunks(C, sub)
+    Cp = n * sub
+    if Cp != C:  # zero rows/columns; decays continued flat (every exponent stays <= 0)
+        padz = [(0, 0)] * (x.ndim - 2) + [(0, Cp - C), (0, 0)]
+        x, y = jnp.pad(x, padz), jnp.pad(y, padz)
+        c, s = jnp.pad(c, padz, mode="edge"), jnp.pad(s, padz, mode="edge")
+    batch = x.shape[:-2]
+    blk = lambda a: a.reshape(batch + (n, sub, K))  # noqa: E731
+    xb, yb, cb, sb = blk(x), blk(y), blk(c), blk(s)
+    # diagonal sub-chunk blocks: exact per-channel exponents [.., n, sub, sub, K]
+    m = lower_mask(sub, strict)[:, :, None] & (sb[..., :, None, :] == sb[..., None, :, :])
+    E = masked_decay(cb[..., :, None, :], cb[..., None, :, :], m)
+    Gd = jnp.sum(xb[..., :, None, :] * yb[..., None, :, :] * E, axis=-1)  # [.., n, sub, sub]
+    if n == 1:
+        return Gd[..., 0, :C, :C]
+    # blocks below the diagonal: reference point r_J = c at the last token of sub-chunk J
+    r, rs = cb[..., :, -1, :], sb[..., :, -1, :]  # [.., n, K]
+    after = (jnp.arange(Cp)[None, :] // sub) > jnp.arange(n)[:, None]  # [n, Cp]: row i after J
+    mrow = after[:, :, None] & (s[..., None, :, :] == rs[..., :, None, :])  # [.., n, Cp, K]
+    xs = x[..., None, :, :] * masked_decay(c[..., None, :, :], r[..., :, None, :], mrow)
+    ys = yb * masked_decay(r[..., :, None, :], cb, sb == rs[..., :, None, :])  # [.., n, sub, K]
+    G = jnp.einsum("...Jik,...Jjk->...iJj", xs, ys).reshape(batch + (Cp, Cp))
+    G = G + jnp.einsum("...Iij,IJ->...IiJj", Gd, jnp.eye(n, dtype=Gd.dtype)).reshape(batch + (Cp, Cp))
+    return G[..., :C, :C]
+
+
 # --------------------------------------------------------------------------- (I + A)^-1
 
 
@@ -400,6 +479,13 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
     start from ``h0[seq]``, and the state after every chunk ``[G, B, H, K, V]`` is returned as
     a third output.
 
+    Per-channel log-decay (``gc [B, H, G, C, K]``, Kimi Delta Attention: the state decays
+    per key channel, ``S ← diag(e^{g_t}) S`` before the delta step): the same equations with
+    ``e^{b}`` a row per token multiplying keys and queries channel-wise, ``e^{b_C} I`` the
+    diagonal ``diag(e^{b_C})``, and the decay inside the contractions,
+    ``A_ij = [j < i] β_i Σ_κ k_iκ k_jκ e^{b_iκ − b_jκ}``, ``P_ij = [j ≤ i] Σ_κ q_iκ k_jκ e^{b_iκ − b_jκ}``
+    (:func:`decayed_gram`; :func:`channel_decays` for ``γ, λ, Γ``).
+
     CPU notes: every product is a plain batched matmul with the batch axes leading; K is
     transposed once (``kT``) so both Gram products are NN matmuls; products are not
     concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
@@ -410,6 +496,17 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
     bc = bc[..., None]  # [B,H,G,C,1]
     incl = lower_mask(C)  # j <= i
     strict = lower_mask(C, strict=True)  # j < i
+    if gc is not None and gc.ndim == kc.ndim:
+        # per-channel log-decay [B,H,G,C,K] (Kimi Delta Attention): the decay sits inside
+        # the contractions of P and A (decayed_gram); γ, λ, Γ are per channel
+        c, s, gamma, lam, Gam = channel_decays(gc)
+        P = decayed_gram(qc, kc, c, s)
+        A = decayed_gram(kc, kc, c, s, strict=True) * bc
+        rhs_k = bc * gamma * kc
+        Kt = lam * kc
+        Qt0 = gamma * qc
+        eye_decay = Gam[..., :, None] * jnp.eye(K, dtype=dt)  # diag(e^{b_C})
+        return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, eye_decay, S0, first, seq, h0)
     kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
     QK = jnp.matmul(qc, kT)  # q_i·k_j
     KK = jnp.matmul(kc, kT)  # k_i·k_j
@@ -432,7 +529,12 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         Kt = lam[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
         Qt0 = eb * qc
         eye_decay = Gam[..., None, None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
+    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, eye_decay, S0, first, seq, h0)
 
+
+def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, eye_decay, S0, first, seq, h0):
+    """The part of :func:`delta_chunk_group` after the decay terms (shared by the per-head
+    and the per-channel log-decay)."""
     Tinv = unit_lower_inverse(A)
     Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
     Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
@@ -450,7 +552,8 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
 
 def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool = True):
     """The chunked (gated) delta rule on ``[B, T, H, ·]`` inputs (``q`` already scaled, all in
-    the accumulation dtype; ``g`` may be ``None``): returns ``(o [B, T, H, V], S_T)``.
+    the accumulation dtype; ``g`` may be ``None``, ``[B, T, H]`` or per channel ``[B, T, H, K]``):
+    returns ``(o [B, T, H, V], S_T)``.
 
     The N chunks are processed in groups of ``group`` chunks (default :data:`GROUP_CHUNKS`;
     a ``lax.scan`` over groups carrying S): inside a group everything is batched over its

@@ -8,6 +8,11 @@ The recurrence (update-then-query; token t sees its own write)::
     u_t = β_t (v_t − k_t S)                  S_t = S + k_tᵀ u_t
     o_t = (scale · q_t) S_t
 
+With a per-channel log-decay (``log_decay [B, T, H, K]``) the first line is
+``S ← diag(exp(g_t)) S_{t-1}``: Kimi Delta Attention (Kimi Team, 2025, "Kimi Linear", eq. for
+KDA: ``S_t = (I − β_t k_t k_tᵀ) Diag(α_t) S_{t−1} + β_t k_t v_tᵀ`` in column convention) —
+decay first, per key channel, then the delta step on the decayed state.
+
 Forms (same outputs, final state and gradients; ``tests/test_delta_rule.py`` checks
 both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`):
 
@@ -27,6 +32,9 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
       o     = (e^b Q − P W_k) S + P W_v
       S_new = (e^{b_C} I − K̃ᵀ W_k) S + K̃ᵀ W_v  =:  M_n S + D_n
 
+  With a per-channel log-decay ``e^{b}`` multiplies keys and queries channel-wise, the decay
+  enters the contractions of ``A`` and ``P`` (:func:`tttla_jax.ops.chunk.decayed_gram`) and
+  ``e^{b_C} I`` becomes ``diag(e^{b_C})``.
   ``A, P, W_v, W_k, M_n, D_n`` do not depend on S and are computed for all chunks at
   once with batched matmuls; the sequential scan over chunks only does
   ``S ← M_n S + D_n`` (one K×K by K×V product), and the outputs are again batched
@@ -59,7 +67,7 @@ from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops import chunk, varlen
 from tttla_jax.ops.chunk import from_token_blocks, token_blocks, unit_lower_inverse  # noqa: F401
-from tttla_jax.ops.linear_attention import _check_kernel_args, pallas_reason
+from tttla_jax.ops.linear_attention import _check_kernel_args, decay, kernel_channel_reason, pallas_reason
 
 #: Implementations of :func:`delta_rule`, in ``impl="auto"`` preference order.
 IMPLS = ("pallas", "chunked", "recurrent")
@@ -77,20 +85,23 @@ _VARLEN_GROUP_CHUNKS = 1
 
 
 def impl_reasons(q, k, v, *, chunk_size: int = 64, cu_seqlens=None, interpret: Any = None,
-                 impl: str = "auto") -> Dict[str, Optional[str]]:
+                 impl: str = "auto", log_decay=None) -> Dict[str, Optional[str]]:
     """The implementations of :func:`delta_rule` for a call, in ``"auto"`` order:
     ``{impl: reason}`` for ``"pallas"``, ``"chunked"``, ``"recurrent"`` (``None`` if it can
-    run), as :func:`tttla_jax.ops.linear_attention_impl_reasons`."""
+    run), as :func:`tttla_jax.ops.linear_attention_impl_reasons` (``log_decay``: only its
+    shape is read, a per-channel one needs a kernel that supports it)."""
     return {c: (r() if callable(r) else r)
-            for c, r in _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl).items()}
+            for c, r in _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl, log_decay).items()}
 
 
-def _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl):
+def _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl, log_decay=None):
     K, V = q.shape[-1], v.shape[-1]
 
     def pallas():
         return pallas_reason(
-            lambda kern, interp: kern.delta_rule_unsupported_reason(q.dtype, K, V, chunk_size, interpret=interp),
+            lambda kern, interp: (kernel_channel_reason(kern, "delta_rule", log_decay)
+                                  or kern.delta_rule_unsupported_reason(q.dtype, K, V, chunk_size,
+                                                                        interpret=interp)),
             impl=impl, cu_seqlens=cu_seqlens, interpret=interpret, dtypes=(q.dtype, k.dtype, v.dtype))
 
     return {"pallas": pallas, "chunked": None, "recurrent": None}
@@ -102,7 +113,7 @@ def delta_rule(
     v: Float[Array, "b t h v"],
     beta: Float[Array, "b t h"],
     *,
-    log_decay: Optional[Float[Array, "b t h"]] = None,
+    log_decay: Optional[Float[Array, "b t h *k"]] = None,
     scale: Optional[float] = None,
     initial_state: Optional[Float[Array, "b h k v"]] = None,
     output_final_state: bool = False,
@@ -123,8 +134,9 @@ def delta_rule(
       q, k: ``[B, T, H, K]`` queries and keys.
       v: ``[B, T, H, V]`` values.
       beta: ``[B, T, H]`` write strengths β_t (the inner learning rate).
-      log_decay: optional ``[B, T, H]`` log-decay ``g_t`` (≤ 0 for a contraction; not
-        enforced) — the gated delta rule.
+      log_decay: optional log-decay ``g_t`` (≤ 0 for a contraction; not enforced; ``-inf``
+        allowed) — the gated delta rule: ``[B, T, H]`` one per head, or ``[B, T, H, K]`` one
+        per key channel (Kimi Delta Attention, ``S ← diag(exp(g_t)) S`` before the delta step).
       scale: query scale, default ``K ** -0.5``: a Python, NumPy or JAX real scalar (may be
         traced under ``jax.jit``).
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
@@ -159,12 +171,13 @@ def delta_rule(
         reason; ``"auto"`` then takes the next candidate).
     """
     B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"beta": beta, "log_decay": log_decay},
-                                         initial_state=initial_state, cu_seqlens=cu_seqlens)
+                                         initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                         channel_gates=("log_decay",))
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _impl.check_impl("impl", impl, ("auto",) + IMPLS, where="tt.delta_rule")
     _check_kernel_args(impl, block_sizes, interpret)
-    impl = _impl.resolve(impl, _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl),
+    impl = _impl.resolve(impl, _candidates(q, k, v, chunk_size, cu_seqlens, interpret, impl, log_decay),
                          where="tt.delta_rule")
     if scale is None:
         scale = K ** -0.5
@@ -200,7 +213,7 @@ def _token_step(S, x):
     """One token: ``x = (q, k, v, β[, g])`` each ``[B, H, ...]``; returns ``(S_t, o_t)``."""
     if len(x) == 5:
         qt, kt, vt, bt, gt = x
-        S = jnp.exp(gt)[..., None, None] * S
+        S = decay(gt, S)  # per head, or per key channel
     else:
         qt, kt, vt, bt = x
     u = bt[..., None] * (vt - jnp.einsum("bhk,bhkv->bhv", kt, S))

@@ -9,6 +9,10 @@ The recurrence (update-then-query; token t sees its own write)::
     S_t = exp(g_t) · S_{t-1} + k_tᵀ v_t        g_t = log_decay[t] ≤ 0 (0 if absent)
     o_t = (scale · q_t) S_t                      (masking="causal")
 
+With a per-channel log-decay (``log_decay [B, T, H, K]``, GLA: Yang et al., 2023, "Gated
+Linear Attention Transformers with Hardware-Efficient Training") the state decays row by
+row, ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t`` (row κ of ``S`` belongs to key channel κ).
+
 ``masking="chunk"`` (block causal, as LaCT's apply-then-update): every query of chunk c
 reads the state after chunks < c, ``o_t = (scale·q_t) S_{cC-1}`` (``S_{-1} = S_0``, the
 initial state); ``masking="none"`` (bidirectional, as ViT³): every query reads the final
@@ -29,6 +33,10 @@ checks each against the float64 loop in :mod:`tttla_jax.reference`):
   a token whose decay underflows to 0 (``log_decay = -inf`` included) is a hard reset inside
   the chunk (:func:`tttla_jax.ops.chunk.segment_cumsum`), so every form is exact for
   log-decays in ``[−inf, 0]`` (the gradient w.r.t. such a token's log-decay is 0).
+  Per-channel log-decays put the decay inside the ``q·k`` contraction
+  (:func:`tttla_jax.ops.chunk.decayed_gram`: per sub-chunk reference points, every exponent
+  ``≤ 0``; cuts per channel); that chunk scan is differentiated by autodiff, rematerialised
+  per chunk.
 * ``pallas`` — the Pallas kernel :func:`tttla_jax.kernels.linear_attention` (GPU via Triton,
   TPU via Mosaic; Pallas interpret mode elsewhere), ``masking="causal"`` or ``"chunk"``.
 
@@ -50,8 +58,10 @@ from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops import varlen
 from tttla_jax.ops.chunk import (
+    channel_decays,
     cut_grad,
     decay_terms,
+    decayed_gram,
     from_scan_layout,
     from_token_blocks,
     scan_layout,
@@ -108,7 +118,7 @@ def pallas_reason(kernel_reason, *, impl: str, cu_seqlens=None, interpret=None, 
 
 
 def impl_reasons(q, k, v, *, masking: str = "causal", chunk_size: int = 64, cu_seqlens=None,
-                 interpret: Any = None, impl: str = "auto") -> Dict[str, Optional[str]]:
+                 interpret: Any = None, impl: str = "auto", log_decay=None) -> Dict[str, Optional[str]]:
     """The implementations of :func:`linear_attention` for a call, in ``"auto"`` order.
 
     Args:
@@ -116,6 +126,8 @@ def impl_reasons(q, k, v, *, masking: str = "causal", chunk_size: int = 64, cu_s
       masking, chunk_size, cu_seqlens, interpret: as in :func:`linear_attention`.
       impl: the request the reasons are for: ``"auto"`` also refuses the kernel off GPU/TPU
         (unless ``interpret`` is given), an explicit ``"pallas"`` does not.
+      log_decay: the call's log-decay (only its shape is read: a per-channel ``[B, T, H, K]``
+        one needs a kernel that supports per-channel gates).
 
     Returns:
       ``{impl: reason}`` for ``"pallas"``, ``"chunked"``, ``"recurrent"``, ``"associative"``;
@@ -123,15 +135,32 @@ def impl_reasons(q, k, v, *, masking: str = "causal", chunk_size: int = 64, cu_s
       first with ``None`` (:func:`tttla_jax.impl.resolve`).
     """
     return {c: (r() if callable(r) else r)
-            for c, r in _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl).items()}
+            for c, r in _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl,
+                                    log_decay).items()}
 
 
-def _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl):
+def per_channel(log_decay) -> bool:
+    """Whether a log-decay is per key channel (``[B, T, H, K]``) rather than per head."""
+    return log_decay is not None and jnp.ndim(log_decay) == 4
+
+
+def kernel_channel_reason(kernels, op: str, log_decay) -> Optional[str]:
+    """Why the Pallas kernel of ``op`` cannot take this log-decay (``None`` if it can): a
+    per-channel log-decay needs ``op`` in the kernels' ``PER_CHANNEL_GATES`` (the names of the
+    kernels that accept ``[B, T, H, K]`` log-decays)."""
+    if per_channel(log_decay) and op not in getattr(kernels, "PER_CHANNEL_GATES", ()):
+        return (f"per-channel log_decay [B, T, H, K] (shape {tuple(jnp.shape(log_decay))}) is not supported "
+                f"by the Pallas {op} kernel (one log-decay per head only); use impl='chunked' (or 'auto')")
+    return None
+
+
+def _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl, log_decay=None):
     K, V = q.shape[-1], v.shape[-1]
 
     def pallas():
         return pallas_reason(
-            lambda kern, interp: kern.unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=interp),
+            lambda kern, interp: (kernel_channel_reason(kern, "linear_attention", log_decay)
+                                  or kern.unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=interp)),
             impl=impl, cu_seqlens=cu_seqlens, interpret=interpret, dtypes=(q.dtype, k.dtype, v.dtype))
 
     return {"pallas": pallas, "chunked": None, "recurrent": None, "associative": None}
@@ -143,7 +172,7 @@ def linear_attention(
     v: Float[Array, "b t h v"],
     *,
     scale: Optional[float] = None,
-    log_decay: Optional[Float[Array, "b t h"]] = None,
+    log_decay: Optional[Float[Array, "b t h *k"]] = None,
     initial_state: Optional[Float[Array, "b h k v"]] = None,
     output_final_state: bool = False,
     masking: str = "causal",
@@ -153,17 +182,21 @@ def linear_attention(
     block_sizes: Any = None,
     interpret: Any = None,
 ):
-    """Causal / block-causal / bidirectional linear attention with optional scalar decay.
+    """Causal / block-causal / bidirectional linear attention with optional decay.
 
     ``S_t = exp(g_t) S_{t-1} + k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` (docs/linear_attention.md; the
-    "decayed" row is Mamba-2/RetNet style with one log-decay per token and head).
+    "decayed" row is Mamba-2/RetNet style with one log-decay per token and head). With a
+    per-channel log-decay (GLA) ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``, ``g_t ∈ [−inf, 0]^K``
+    (docs/linear_attention.md, "Per-channel gates").
 
     Args:
       q, k: ``[B, T, H, K]`` queries and keys. No feature map is applied.
       v: ``[B, T, H, V]`` values.
       scale: query scale, default ``K ** -0.5``: a Python, NumPy or JAX real scalar (may be
         traced under ``jax.jit``; it is then differentiable like any input).
-      log_decay: optional ``[B, T, H]`` log-decay ``g_t`` (≤ 0 for a contraction; not enforced).
+      log_decay: optional log-decay ``g_t`` (≤ 0 for a contraction; not enforced; ``-inf``
+        allowed): ``[B, T, H]`` one per head, or ``[B, T, H, K]`` one per key channel (GLA
+        gates; the Pallas kernel takes them only if it lists them, see :func:`impl_reasons`).
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
       output_final_state: also return the state after the last token.
       masking: ``"causal"`` | ``"chunk"`` (block causal with blocks of ``chunk_size``: every
@@ -196,13 +229,13 @@ def linear_attention(
         e.g. the kernel does not support the head dim).
     """
     B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
-                                         cu_seqlens=cu_seqlens)
+                                         cu_seqlens=cu_seqlens, channel_gates=("log_decay",))
     _checks.check_choice("masking", masking, MASKINGS)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _impl.check_impl("impl", impl, ("auto",) + IMPLS, where="tt.linear_attention")
     _check_kernel_args(impl, block_sizes, interpret)
-    impl = _impl.resolve(impl, _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl),
+    impl = _impl.resolve(impl, _candidates(q, k, v, masking, chunk_size, cu_seqlens, interpret, impl, log_decay),
                          where="tt.linear_attention")
     if scale is None:
         scale = K ** -0.5
@@ -221,16 +254,23 @@ def linear_attention(
         N = cu_seqlens.shape[0] - 1
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
         form = {"recurrent": _recurrent_varlen, "associative": _associative_varlen,
-                "chunked": _chunked_varlen}[impl]
+                "chunked": _chunked_channel_varlen if g.ndim == 4 else _chunked_varlen}[impl]
         o, S = form(qf, kf, vf, g, h0, masking, chunk_size, cu_seqlens)
         return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
-    form = {"recurrent": _recurrent, "associative": _associative, "chunked": _chunked}[impl]
+    form = {"recurrent": _recurrent, "associative": _associative,
+            "chunked": _chunked_channel if g.ndim == 4 else _chunked}[impl]
     o, S = form(qf, kf, vf, g, S0, masking, chunk_size)
     return o.astype(q.dtype), (S if output_final_state else None)
 
 
 # --------------------------------------------------------------------------- recurrent
+
+
+def decay(g, X):
+    """``exp(g)·X`` for a log-decay per head (``g [...]``, ``X [..., K, V]``) or per key
+    channel (``g [..., K]``: ``diag(exp(g)) X``), told apart by rank."""
+    return jnp.exp(g)[(...,) + (None,) * (X.ndim - g.ndim)] * X
 
 
 def _recurrent(q, k, v, g, S0, masking, chunk_size):
@@ -243,7 +283,7 @@ def _recurrent(q, k, v, g, S0, masking, chunk_size):
     def step(carry, x):
         S, R = carry
         qt, kt, vt, gt, t = x
-        S = jnp.exp(gt)[..., None, None] * S + kt[..., :, None] * vt[..., None, :]
+        S = decay(gt, S) + kt[..., :, None] * vt[..., None, :]
         if masking == "causal":
             o = jnp.einsum("bhk,bhkv->bhv", qt, S)
         elif masking == "chunk":
@@ -275,10 +315,10 @@ def _associative(q, k, v, g, S0, masking, chunk_size):
     def combine(a, b):
         g1, X1 = a
         g2, X2 = b
-        return g1 + g2, jnp.exp(g2)[..., None, None] * X1 + X2
+        return g1 + g2, decay(g2, X1) + X2
 
     G, S = lax.associative_scan(combine, (g, X), axis=1)
-    S = S + jnp.exp(G)[..., None, None] * S0[:, None]  # S_t for every t: [B, T, H, K, V]
+    S = S + decay(G, S0[:, None])  # S_t for every t: [B, T, H, K, V]
     S_final = S[:, -1]
     if masking == "causal":
         o = jnp.einsum("bthk,bthkv->bthv", q, S)
@@ -440,6 +480,64 @@ def _chunk_scan_bwd(intra, emit, res, cts):
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
+# --------------------------------------------------------------------------- chunked, per-channel decay
+
+
+def _channel_chunk_step(S, qn, kn, vn, gn, intra, emit):
+    """One chunk with a per-channel log-decay ``gn [B, H, C, K]``: with ``b`` the in-chunk
+    cumulative log-decay (a row per token), ``O = P V + (e^{b} ⊙ Q) S`` where
+    ``P_ij = [j ≤ i] Σ_κ q_iκ k_jκ e^{b_iκ − b_jκ}`` (:func:`tttla_jax.ops.chunk.decayed_gram`)
+    and ``S ← diag(e^{b_C}) S + (e^{b_C − b} ⊙ K)ᵀ V``."""
+    c, s, gamma, lam, Gam = channel_decays(gn)
+    o = None
+    if emit:
+        if intra:
+            o = jnp.matmul(decayed_gram(qn, kn, c, s), vn) + jnp.matmul(qn * gamma, S)
+        else:
+            o = jnp.matmul(qn, S)
+    S_next = Gam[..., :, None] * S + jnp.einsum("bhck,bhcv->bhkv", kn * lam, vn)
+    return S_next, o
+
+
+def _chunked_channel(q, k, v, g, S0, masking, chunk_size):
+    """:func:`_chunked` for a per-channel log-decay ``g [B, T, H, K]``: a ``lax.scan`` over
+    chunks of :func:`_channel_chunk_step`, rematerialised per chunk (the backward pass keeps
+    the state before each chunk), differentiated by autodiff."""
+    T = q.shape[1]
+    C = min(chunk_size, T) if masking != "chunk" else chunk_size
+    xs = tuple(scan_layout(x, C) for x in (q, k, v, g))  # [N, B, H, C, ...]
+    emit = masking != "none"
+
+    @jax.checkpoint
+    def step(S, x):
+        S_next, o = _channel_chunk_step(S, *x, masking == "causal", emit)
+        return S_next, o
+
+    S_final, o = lax.scan(step, S0, xs)
+    if not emit:
+        return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
+    return from_scan_layout(o, T), S_final
+
+
+def _chunked_channel_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
+    """:func:`_chunked_channel` on packed sequences: each sequence in its own chunks
+    (:mod:`tttla_jax.ops.varlen`), the chunk scan resetting to the sequence's initial state
+    on its first chunk."""
+    lay = varlen.layout(cu_seqlens, q.shape[1], chunk_size)
+    xs = tuple(varlen.to_chunks(x, lay) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
+    emit = masking != "none"
+
+    @jax.checkpoint
+    def step(S, x):
+        qn, kn, vn, gn, f, n = x
+        S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False)[None], S)
+        S_next, o = _channel_chunk_step(S, qn, kn, vn, gn, masking == "causal", emit)
+        return S_next, (o, S_next)
+
+    _, (o, S_after) = lax.scan(step, jnp.zeros_like(h0[:1]), xs + (lay.first, lay.seq))
+    return _varlen_outputs(o, xs[0], varlen.final_states(S_after, h0, lay), lay, masking)
+
+
 # --------------------------------------------------------------------------- packed sequences
 
 
@@ -474,7 +572,7 @@ def _recurrent_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
 
     def token(S, x):
         qt, kt, vt, gt = x
-        S = jnp.exp(gt)[..., None, None] * S + kt[..., :, None] * vt[..., None, :]
+        S = decay(gt, S) + kt[..., :, None] * vt[..., None, :]
         return S, jnp.einsum("bhk,bhkv->bhv", qt, S)
 
     @jax.checkpoint
@@ -501,20 +599,20 @@ def _associative_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
     t = jnp.arange(T, dtype=jnp.int32)
     n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), cu.shape[0] - 2)  # sequence of each token
     pos = t - cu[n_t]                                                            # position in it
-    r = jnp.broadcast_to((pos == 0)[None, :, None], g.shape)
+    r = jnp.broadcast_to((pos == 0)[None, :, None], g.shape[:3])
     X = k[..., :, None] * v[..., None, :]  # [1, T, H, K, V]
 
     def combine(a, b):
         g1, X1, r1 = a
         g2, X2, r2 = b
         keep = jnp.logical_not(r2)
-        return (jnp.where(keep, g1, 0.0) + g2,
-                jnp.where(keep[..., None, None], jnp.exp(g2)[..., None, None] * X1, 0.0) + X2,
+        return (jnp.where(keep[(...,) + (None,) * (g1.ndim - keep.ndim)], g1, 0.0) + g2,
+                jnp.where(keep[..., None, None], decay(g2, X1), 0.0) + X2,
                 r1 | r2)
 
     G, S, _ = lax.associative_scan(combine, (g, X, r), axis=1)
     H0t = jnp.take(h0, n_t, axis=0)[None]                       # [1, T, H, K, V]
-    S = S + jnp.exp(G)[..., None, None] * H0t                    # S_t for every t
+    S = S + decay(G, H0t)                                        # S_t for every t
     last = cu[1:] - 1
     S_final = jnp.where((cu[1:] > cu[:-1])[:, None, None, None], S[0, jnp.maximum(last, 0)], h0)
     if masking == "causal":

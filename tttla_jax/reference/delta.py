@@ -20,7 +20,9 @@ def delta_rule_loop(q, k, v, beta, *, log_decay=None, scale=None, initial_state=
         o_t = (scale · q_t) S
 
     Shapes as :func:`tttla_jax.delta_rule`: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
-    beta and log_decay ``[B, T, H]``, state ``[B, H, K, V]``. Returns ``(o, S_T)`` in float64.
+    beta and log_decay ``[B, T, H]``, state ``[B, H, K, V]``; a per-channel ``log_decay``
+    ``[B, T, H, K]`` decays row κ of S by ``exp(g_t[κ])`` first (Kimi Delta Attention:
+    ``S ← diag(exp(g_t)) S``, then the delta step). Returns ``(o, S_T)`` in float64.
     ``log_decay`` may be ``-inf`` (``exp(-inf) = 0`` erases the state; the gradient w.r.t. it
     is 0, finite).
     """
@@ -38,7 +40,9 @@ def delta_rule_loop(q, k, v, beta, *, log_decay=None, scale=None, initial_state=
         kt = k[:, t].astype(f64)  # [B, H, K]
         vt = v[:, t].astype(f64)  # [B, H, V]
         bt = beta[:, t].astype(f64)  # [B, H]
-        if log_decay is not None:
+        if log_decay is not None and log_decay.ndim == 4:  # per key channel (KDA)
+            S = jnp.exp(log_decay[:, t].astype(f64))[:, :, :, None] * S
+        elif log_decay is not None:
             S = jnp.exp(log_decay[:, t].astype(f64))[:, :, None, None] * S
         prediction = jnp.einsum("bhk,bhkv->bhv", kt, S)  # k_t S
         u = bt[:, :, None] * (vt - prediction)

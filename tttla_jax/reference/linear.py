@@ -20,7 +20,8 @@ def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=
     ``"none"``: ``o_t = (scale·q_t) S_T``.
 
     ``log_decay`` may be ``-inf`` (``exp(-inf) = 0``: the state is erased; the gradient w.r.t.
-    that log-decay is ``exp(g)·<S, dS> = 0``, finite).
+    that log-decay is ``exp(g)·<S, dS> = 0``, finite). ``log_decay [B, T, H, K]`` is a
+    per-channel (GLA) gate: ``S ← diag(exp(g_t))·S + k_tᵀ v_t``.
     """
     if masking not in ("causal", "chunk", "none"):
         raise ValueError(f"masking: got {masking!r}, expected one of ('causal', 'chunk', 'none')")
@@ -31,7 +32,12 @@ def linear_attention_loop(q, k, v, *, scale=None, log_decay=None, initial_state=
     R = S
     outs = []
     for t in range(T):
-        decay = 1.0 if log_decay is None else jnp.exp(log_decay[:, t].astype(jnp.float64))[:, :, None, None]
+        if log_decay is None:
+            decay = 1.0
+        elif log_decay.ndim == 4:  # per key channel: row kappa of S decays by exp(g_t[kappa])
+            decay = jnp.exp(log_decay[:, t].astype(jnp.float64))[:, :, :, None]
+        else:
+            decay = jnp.exp(log_decay[:, t].astype(jnp.float64))[:, :, None, None]
         kt = k[:, t].astype(jnp.float64)
         vt = v[:, t].astype(jnp.float64)
         qt = q[:, t].astype(jnp.float64) * scale
