@@ -31,6 +31,7 @@ from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
 from tttla_jax.ops.varlen import check_cu_seqlens
+from tttla_jax.nn._segments import packed_next_pos, packed_positions
 
 Cache = dict  # a flat dict of arrays (a pytree); its keys are documented per mixer
 
@@ -402,7 +403,7 @@ class DeltaNet(Mixer):
         return self.o_proj(o), new_cache
 
 
-def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
+def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int, segments=None):
     """Causal softmax attention of T queries against ``[cached keys ; T new keys]``, blocked.
 
     In the sequence ``[cached keys ; new keys]`` the query of a token attends to the last
@@ -425,6 +426,9 @@ def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
       qpos: ``[B, T]`` int positions of the new tokens.
       cache: ``{"k", "v": [B, window, H, D], "kpos": [B, window]}`` (other keys ignored).
       window: attention window.
+      segments: optional ``[B, T]`` int ids of the new tokens: a query then sees only new
+        keys of its own id (the cached keys of ``cache`` none); used by
+        :func:`sliding_window_attend_packed`.
 
     Returns:
       ``(o [B, T, H, D], {"k", "v", "kpos", "pos"})``: the last ``window`` keys/values and
@@ -438,10 +442,17 @@ def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
     new = {"k": kk[:, T:], "v": vv[:, T:], "kpos": kpos[:, T:],
            "pos": qpos[:, -1].astype(jnp.int32) + 1}
     qpos = qpos.astype(jnp.int32)
+    if segments is None:
+        qseg = jnp.zeros((B, T), jnp.int32)
+        kseg = jnp.zeros((B, w + T), jnp.int32)
+    else:
+        qseg = jnp.asarray(segments, jnp.int32)
+        kseg = jnp.concatenate([jnp.full((B, w), -1, jnp.int32), qseg], axis=1)
     if T <= w:  # one block of T queries against all w + T keys
         c, n = T, 1
         qb, qpb = q[:, None], qpos[:, None]                                    # [B, 1, T, ...]
         kb, vb, kpb = kk[:, None], vv[:, None], kpos[:, None]                  # [B, 1, w+T, ...]
+        qsb, ksb = qseg[:, None], kseg[:, None]
     else:  # n blocks of w queries, each against its previous and its own block (2w keys)
         c, n = w, -(-T // w)
         pad = n * w - T
@@ -455,6 +466,7 @@ def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
 
         qb, qpb = padded(q).reshape(B, n, w, H, D), padded(qpos).reshape(B, n, w)
         kb, vb, kpb = two_blocks(kk), two_blocks(vv), two_blocks(kpos, -1)   # pads: empty slots
+        qsb, ksb = padded(qseg).reshape(B, n, w), two_blocks(kseg, -1)
     sd = _checks.state_dtype(q, kk)
     s = jnp.einsum("bnthd,bnshd->bnhts", qb.astype(sd), kb.astype(sd)) * (D ** -0.5)
     # query r of a block sits at key slot r + w of that block's keys: it sees slots r+1 .. r+w
@@ -462,10 +474,67 @@ def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int):
     last_w = (j > r) & (j <= r + w)                                            # [c, c+w]
     kp, qp = kpb[:, :, None, :], qpb[:, :, :, None]
     mask = last_w & (kp >= 0) & (kp <= qp) & (kp > qp - w)                    # [B, n, c, c+w]
+    mask = mask & (ksb[:, :, None, :] == qsb[:, :, :, None])
     s = jnp.where(mask[:, :, None], s, jnp.finfo(sd).min)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("bnhts,bnshd->bnthd", p, vb.astype(sd)).reshape(B, n * c, H, D)[:, :T]
     return o.astype(q.dtype), new
+
+
+def sliding_window_attend_packed(q, k, v, qpos, cache: Cache, *, window: int, cu_seqlens,
+                                 recurrent: bool = False):
+    """:func:`sliding_window_attend` for N packed sequences (``cu_seqlens`` ``[N + 1]``).
+
+    ``q, k, v`` ``[1, T, H, D]``, ``qpos`` ``[1, T]``; ``cache`` per sequence (``"k"``, ``"v"``
+    ``[N, window, H, D]``, ``"kpos"`` ``[N, window]``). Each sequence's cached keys are put in
+    front of its new tokens (an extended stream of ``T + N·window`` tokens, so ``O((T +
+    N·window)·window)`` memory) and the blocked attention runs on it with a sequence-id mask
+    (``recurrent``: the token scan, reset at every sequence's first slot): no key crosses a
+    sequence boundary, and each sequence's new cache is the last ``window`` slots of its
+    extended stream — what the sequence alone gives.
+
+    Returns:
+      ``(o [1, T, H, D], {"k", "v", "kpos"})`` with per-sequence caches.
+    """
+    w = window
+    _, T, H, D = q.shape
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    N = cu.shape[0] - 1
+    Te = T + N * w
+    e = jnp.arange(Te, dtype=jnp.int32)
+    ends = cu[1:] + jnp.arange(1, N + 1, dtype=jnp.int32) * w               # [N] end of each extended stream
+    ie = jnp.minimum(jnp.searchsorted(ends, e, side="right"), N - 1).astype(jnp.int32)
+    local = e - (cu[ie] + ie * w)
+    idx = jnp.where(local < w, ie * w + jnp.clip(local, 0, w - 1), N * w + cu[ie] + local - w)
+
+    def ext(c, a):  # [N, w, ...] cache rows then [1, T, ...] tokens -> [1, Te, ...]
+        src = jnp.concatenate([c.astype(a.dtype).reshape((N * w,) + c.shape[2:]), a[0]], axis=0)
+        return jnp.take(src, idx, axis=0, mode="clip")[None]
+
+    ke, ve = ext(cache["k"], k.astype(cache["k"].dtype)), ext(cache["v"], v.astype(cache["v"].dtype))
+    pe = ext(cache["kpos"], qpos.astype(jnp.int32))
+    qe = ext(jnp.zeros(cache["k"].shape, q.dtype), q)
+    empty = {"k": jnp.zeros((1, w, H, D), ke.dtype), "v": jnp.zeros((1, w, H, D), ve.dtype),
+             "kpos": jnp.full((1, w), -1, jnp.int32)}
+    if recurrent:
+        def step(c, xs):
+            qt, kt, vt, pt, first = xs
+            c = jax.tree_util.tree_map(lambda a, b: jnp.where(first, b, a), c, empty)
+            o, c2 = sliding_window_attend(qt[:, None], kt[:, None], vt[:, None], pt[:, None], c, window=w)
+            return {key: c2[key] for key in empty}, o[:, 0]
+
+        tm = lambda a: jnp.moveaxis(a, 1, 0)
+        _, oe = lax.scan(step, empty, (tm(qe), tm(ke), tm(ve), tm(pe), local == 0))
+        oe = jnp.moveaxis(oe, 0, 1)
+    else:
+        oe, _ = sliding_window_attend(qe, ke, ve, pe, empty, window=w, segments=ie[None])
+    t = jnp.arange(T, dtype=jnp.int32)
+    n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
+    o = jnp.take(oe[0], t + (n_t + 1) * w, axis=0)[None]
+    last = (cu[1:] + jnp.arange(N, dtype=jnp.int32) * w)[:, None] + jnp.arange(w, dtype=jnp.int32)[None]
+    new = {"k": jnp.take(ke[0], last, axis=0), "v": jnp.take(ve[0], last, axis=0),
+           "kpos": jnp.take(pe[0], last, axis=0)}
+    return o, new
 
 
 class SlidingWindowAttention(Mixer):
@@ -512,10 +581,10 @@ class SlidingWindowAttention(Mixer):
         self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
 
-    def _cache_spec(self, B: int) -> dict:
+    def _cache_spec(self, B: int, b: str = "B") -> dict:
         w, H, D = self.window, self.num_heads, self.head_dim
-        return {"k": ((B, w, H, D), "[B, window, H, D]"), "v": ((B, w, H, D), "[B, window, H, D]"),
-                "kpos": ((B, w), "[B, window]"), "pos": ((B,), "[B]")}
+        return {"k": ((B, w, H, D), f"[{b}, window, H, D]"), "v": ((B, w, H, D), f"[{b}, window, H, D]"),
+                "kpos": ((B, w), f"[{b}, window]"), "pos": ((B,), f"[{b}]")}
 
     def init_cache(self, batch_size: int) -> Cache:
         _checks.check_positive_int("batch_size", batch_size)
@@ -529,22 +598,37 @@ class SlidingWindowAttention(Mixer):
         return sliding_window_attend(q, k, v, qpos, cache, window=self.window)
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
         """Returns ``(y [B, T, W], new_cache)``.
 
         ``positions`` ``[B, T]`` (or ``[T]``) absolute integer positions; default
         ``cache["pos"] + arange(T)``. They drive both RoPE and the window mask.
+
+        ``cu_seqlens`` ``[N + 1]``: N packed sequences in ``x`` ``[1, T, W]``, each attending
+        only to itself (:func:`sliding_window_attend_packed`, both impls); the cache in and
+        out holds one entry per sequence (leading dim N) and positions default to each
+        sequence's ``cache["pos"] + 0, 1, …`` (restarting at 0 with a fresh cache).
         """
         B, T = self._check_x(x)
+        NB, nb = self._cache_batch(B, T, cu_seqlens)
         if cache is None:
-            cache = self.init_cache(B)
-        _check_cache(cache, self._cache_spec(B))
-        positions = resolve_positions(positions, cache, B, T)
+            cache = self.init_cache(NB)
+        _check_cache(cache, self._cache_spec(NB, nb))
+        if cu_seqlens is not None:
+            positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
+        else:
+            positions = resolve_positions(positions, cache, B, T)
         q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.use_rope:
             q = apply_rope(q, positions, base=self.rope_base)
             k = apply_rope(k, positions, base=self.rope_base)
-        if self.impl == "recurrent":
+        if cu_seqlens is not None:
+            o, new_cache = sliding_window_attend_packed(q, k, v, positions, cache, window=self.window,
+                                                        cu_seqlens=cu_seqlens,
+                                                        recurrent=self.impl == "recurrent")
+            new_cache["pos"] = packed_next_pos(positions, cache["pos"], cu_seqlens)
+        elif self.impl == "recurrent":
             def step(c, xs):
                 qt, kt, vt, pt = xs
                 o, c = self._attend(qt[:, None], kt[:, None], vt[:, None], pt[:, None], c)

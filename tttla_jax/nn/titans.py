@@ -38,7 +38,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
-from tttla_jax.nn._segments import run_segments
+from tttla_jax.nn._segments import run_segments, run_segments_packed
 from tttla_jax.nn.layers import RMSNorm, dense, l2_normalize, partitioned
 from tttla_jax.nn.mixers import Mixer, _check_cache, check_layer_impl, register_mixer, resolve_heads
 from tttla_jax.rules.titans import ACTIVATIONS, MEMORIES, TitansRule, TitansState
@@ -147,19 +147,19 @@ class TitansMemory(Mixer):
             return TitansState(c["memory"], c["momentum"])
         return TitansState((c["memory_1"], c["memory_2"]), (c["momentum_1"], c["momentum_2"]))
 
-    def _cache_spec(self, B: int) -> dict:
+    def _cache_spec(self, B: int, b: str = "B") -> dict:
         H, D, P = self.num_heads, self.head_dim, self.batch_size
         if self.memory == "linear":
-            spec = {k: ((B, H, D, D), "[B, H, D, D]") for k in ("memory", "momentum")}
+            spec = {k: ((B, H, D, D), f"[{b}, H, D, D]") for k in ("memory", "momentum")}
         else:
             F = self.mlp_expansion * D
-            spec = {"memory_1": ((B, H, D, F), "[B, H, D, F]"), "momentum_1": ((B, H, D, F), "[B, H, D, F]"),
-                    "memory_2": ((B, H, F, D), "[B, H, F, D]"), "momentum_2": ((B, H, F, D), "[B, H, F, D]")}
+            spec = {"memory_1": ((B, H, D, F), f"[{b}, H, D, F]"), "momentum_1": ((B, H, D, F), f"[{b}, H, D, F]"),
+                    "memory_2": ((B, H, F, D), f"[{b}, H, F, D]"), "momentum_2": ((B, H, F, D), f"[{b}, H, F, D]")}
         for name in ("buf_q", "buf_k", "buf_v"):
-            spec[name] = ((B, P - 1, H, D), "[B, batch_size-1, H, D]")
+            spec[name] = ((B, P - 1, H, D), f"[{b}, batch_size-1, H, D]")
         for name in ("buf_theta", "buf_eta", "buf_alpha"):
-            spec[name] = ((B, P - 1, H), "[B, batch_size-1, H]")
-        spec["buf_len"] = ((B,), "[B]")
+            spec[name] = ((B, P - 1, H), f"[{b}, batch_size-1, H]")
+        spec["buf_len"] = ((B,), f"[{b}]")
         return spec
 
     def init_cache(self, batch_size: int) -> dict:
@@ -182,13 +182,20 @@ class TitansMemory(Mixer):
 
     # ----------------------------------------------------------------- forward
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[dict] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
-        """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused."""
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
+        """Returns ``(y [B, T, W], new_cache)``; ``positions`` is accepted and unused.
+
+        ``cu_seqlens`` ``[N + 1]``: N packed sequences in ``x`` ``[1, T, W]``, each computed
+        as if alone (every sequence starts a fresh TTT batch, the memory resets to its own
+        cache entry); the cache in and out holds one entry per sequence (leading dim N).
+        """
         B, T = self._check_x(x)
+        NB, nb = self._cache_batch(B, T, cu_seqlens)
         empty = cache is None
         if empty:
-            cache = self.init_cache(B)
-        _check_cache(cache, self._cache_spec(B))
+            cache = self.init_cache(NB)
+        _check_cache(cache, self._cache_spec(NB, nb))
         H, D, c, P = self.num_heads, self.head_dim, self.chunk_size, self.batch_size
         q, k, v = (p(x).reshape(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm:
@@ -214,9 +221,13 @@ class TitansMemory(Mixer):
 
         names = ("buf_q", "buf_k", "buf_v", "buf_theta", "buf_eta", "buf_alpha")
         bufs = tuple(cache[n] for n in names)
-        o, st, nbufs, nlen = run_segments(step, self._from_flat(cache),
-                                          (q, k, v, theta, eta_pre, alpha_pre), bufs,
-                                          cache["buf_len"], P, empty=empty)
+        xs = (q, k, v, theta, eta_pre, alpha_pre)
+        if cu_seqlens is not None:
+            o, st, nbufs, nlen = run_segments_packed(step, self._from_flat(cache), xs, bufs,
+                                                     cache["buf_len"], P, cu_seqlens, empty=empty)
+        else:
+            o, st, nbufs, nlen = run_segments(step, self._from_flat(cache), xs, bufs,
+                                              cache["buf_len"], P, empty=empty)
         new_cache = self._to_flat(st)
         for name, b, old in zip(names, nbufs, bufs):
             new_cache[name] = b.astype(old.dtype)
