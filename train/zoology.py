@@ -1,0 +1,506 @@
+"""``python -m train.zoology``: the Zoology MQAR sweep (Arora et al. 2023, "Zoology: Measuring
+and Improving Recall in Efficient Language Models", Fig. 2) at CPU scale.
+
+What is the same as Zoology's Fig. 2 recipe:
+
+* data: the Zoology MQAR construction (``train/mqar.py``, ``protocol="zoology"``: distinct
+  keys from ``[1, V/2)`` and values from ``[V/2, V)``, the query region holds only the query
+  keys each followed by 0, power-law gaps ``a = 0.01``, scored at the query keys only),
+  vocabulary 8192, settings ``(L, kv)`` from ``(64, 4), (128, 8), (256, 16), (512, 64)``;
+  a FIXED training set (examples ``0 .. train_examples-1`` of seed ``seed``) cycled in
+  epochs (reshuffled with ``seed``), and a FIXED test set (examples ``0 .. test_examples-1``
+  of seed ``seed + 10``; Zoology also uses ``seed + 10``). Zoology uses 100 000 training
+  and 3 000 test examples per setting; the defaults here are smaller (see ``--help``).
+* model: 2 blocks, a token mixer and the identity state mixer (``x + norm(x)``, no MLP),
+  tied embedding head; the attention baseline is one head of full causal softmax attention
+  with learned absolute positions; embedding dropout 0.1.
+* training: AdamW, weight decay 0.1 on every parameter (as torch's AdamW), a cosine
+  learning-rate schedule from the peak to 0, no warm-up, early stop once the held-out
+  accuracy reaches 0.99; a learning-rate sweep, the best learning rate reported per
+  (mixer, setting, width).
+
+What differs (CPU budget): far fewer steps and examples, smaller batches, RMSNorm instead of
+LayerNorm, no attention dropout, evaluation every ``--eval-every`` steps instead of every
+epoch. Every number it writes is measured; nothing is extrapolated.
+
+Outputs (``--out``, default ``runs/zoology/<name>``): ``results.json`` (every run: its
+config, held-out accuracy curve, best accuracy, steps, wall time, recurrent state size),
+``results.md`` (accuracy vs state size, best learning rate per cell) and ``accuracy.png``
+(accuracy vs state size per setting, as Zoology plots it). ``--resume`` skips the runs
+already in ``results.json``.
+
+Mixer presets (``--mixers``): names of :data:`MIXER_PRESETS` (a registered mixer plus its
+options); ``--preset NAME=MIXER[:JSON options]`` adds one (e.g. a recall recipe:
+``--preset lact_conv=lact:'{"chunk_size": 16}'``), and :func:`register_preset` does the same
+from Python.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+VOCAB = 8192
+SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))   # Zoology Fig. 2 (seq_len, kv pairs)
+ZOOLOGY_LRS = tuple(float(x) for x in np.logspace(-4, -2, 4))  # Zoology's grid: 1e-4 .. 1e-2
+TEST_SEED_OFFSET = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerPreset:
+    """A token mixer of the sweep: registry name, its options, heads and whether the model
+    gets learned absolute positions (Zoology gives them to attention only)."""
+    mixer: str
+    options: tuple = ()
+    num_heads: int = 1
+    learned_positions: bool = False
+
+    def options_for(self, seq_len: int) -> dict:
+        opts = dict(self.options)
+        if self.mixer == "attention":
+            opts.setdefault("max_len", seq_len)  # the KV cache holds the whole sequence
+        return opts
+
+
+def _p(mixer, num_heads=1, learned_positions=False, **options):
+    return MixerPreset(mixer, tuple(sorted(options.items())), num_heads, learned_positions)
+
+
+#: Named mixer presets of the sweep (``register_preset`` / ``--preset`` add more).
+MIXER_PRESETS: dict = {
+    "attention": _p("attention", learned_positions=True, use_bias=True),
+    "linear_attention": _p("linear_attention", feature_map="elu+1", chunk_size=32),
+    "delta_net": _p("delta_net", chunk_size=32),
+    "gated_delta_net": _p("delta_net", use_gate=True, chunk_size=32),
+    "ttt_linear": _p("ttt_linear", mini_batch_size=16),
+    "lact": _p("lact", preset="v0", chunk_size=16, window=16),
+    "swa": _p("swa", window=16),
+    "titans": _p("titans", chunk_size=16),
+}
+
+
+def register_preset(name: str, mixer: str, options: Optional[dict] = None, *, num_heads: int = 1,
+                    learned_positions: bool = False) -> MixerPreset:
+    """Add (or replace) a named mixer preset of the sweep; the mixer and its options are
+    validated by building a tiny model."""
+    from tttla_jax.nn import MIXERS
+    if mixer not in MIXERS:
+        raise ValueError(f"mixer: unknown mixer {mixer!r} for preset {name!r}, expected one of "
+                         f"{tuple(MIXERS)}")
+    if not isinstance(options or {}, dict):
+        raise ValueError(f"options: expected a dict of mixer options, got {options!r}")
+    preset = MixerPreset(mixer, tuple(sorted((options or {}).items())), int(num_heads),
+                         bool(learned_positions))
+    lm_config(preset, seq_len=64, width=16 * preset.num_heads, vocab_size=64)  # validates
+    MIXER_PRESETS[name] = preset
+    return preset
+
+
+def lm_config(preset: MixerPreset, *, seq_len: int, width: int, vocab_size: int = VOCAB,
+              embed_dropout: float = 0.1):
+    """The Zoology model of ``preset``: 2 blocks, identity state mixer, tied head."""
+    from tttla_jax.nn import LMConfig
+    learned = preset.learned_positions
+    return LMConfig(vocab_size=vocab_size, width=width, num_layers=2, num_heads=preset.num_heads,
+                    mixers=preset.mixer, mixer_options={preset.mixer: preset.options_for(seq_len)},
+                    state_mixer="identity", positions="learned" if learned else "none",
+                    max_positions=seq_len if learned else None, embed_dropout=embed_dropout)
+
+
+def state_size(model) -> int:
+    """Recurrent state per layer in floats: the floating entries of a layer's decoding cache
+    at batch 1 (fast weights, conv states, key/value caches; attention: ``2·L·H·D`` with the
+    cache sized to the sequence), averaged over the layers."""
+    import jax.numpy as jnp
+    sizes = []
+    for block in model.blocks:
+        c = block.mixer.init_cache(1)
+        sizes.append(sum(int(v.size) for v in c.values() if jnp.issubdtype(v.dtype, jnp.floating)))
+    return int(round(sum(sizes) / len(sizes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """One sweep. ``steps`` per run (the cosine runs over them), ``eval_every`` steps between
+    held-out evaluations, early stop at ``early_stop`` accuracy."""
+    mixers: tuple = ("attention", "linear_attention", "delta_net", "gated_delta_net")
+    settings: tuple = ((64, 4),)
+    widths: tuple = (64,)
+    lrs: tuple = ZOOLOGY_LRS[2:]   # the two largest of Zoology's grid: 2.2e-3, 1e-2
+    steps: int = 300
+    batch_size: int = 64
+    train_examples: int = 20_000
+    test_examples: int = 1_000
+    eval_every: int = 100
+    early_stop: float = 0.99
+    weight_decay: float = 0.1
+    embed_dropout: float = 0.1
+    power_a: float = 0.01
+    seed: int = 0
+    vocab_size: int = VOCAB
+
+
+def _sparse_forward(model, tokens, index, dropout_key):
+    """Logits at the query positions ``index`` ``[B, Q]``: ``[B, Q, V]`` (the head at Q
+    positions only), with embedding dropout when ``dropout_key`` is given."""
+    import jax.numpy as jnp
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+    x = model.embed_inputs(tokens, positions, dropout_key=dropout_key)
+    for block in model.blocks:
+        x, _ = block(x, None, positions)
+    x = jnp.take_along_axis(x, index[..., None], axis=1)
+    return model.embed.attend(model.final_norm(x)).astype(jnp.float32)
+
+
+def _query_index(mask, kv):
+    return np.argsort(~mask, axis=1, kind="stable")[:, :kv].astype(np.int32)
+
+
+class _Runner:
+    """Compiled train / eval steps for one model shape; the learning rate is an argument, so
+    the learning-rate sweep reuses the compilation."""
+
+    def __init__(self, model, cfg: SweepConfig, kv: int):
+        import jax
+        import jax.numpy as jnp
+        import optax
+        from flax import nnx
+        self.graphdef, params = nnx.split(model, nnx.Param)
+        self.init_params = params
+        self.tx = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
+        gd, tx = self.graphdef, self.tx
+
+        def loss_fn(params, inputs, index, targets, key):
+            logits = _sparse_forward(nnx.merge(gd, params), inputs, index, key)
+            logp = jax.nn.log_softmax(logits, -1)
+            nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+            acc = jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+            return jnp.mean(nll), acc
+
+        def train_step(params, opt_state, lr, inputs, index, targets, key):
+            (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(params, inputs, index, targets, key)
+            opt_state.hyperparams["learning_rate"] = lr
+            upd, new_opt = tx.update(g, opt_state, params)
+            new_params = optax.apply_updates(params, upd)
+            finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(g))
+            keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+            return keep(new_params, params), keep(new_opt, opt_state), loss, acc, finite
+
+        def eval_step(params, inputs, index, targets):
+            logits = _sparse_forward(nnx.merge(gd, params), inputs, index, None)
+            return jnp.sum((jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.eval_step = jax.jit(eval_step)
+
+
+def _batches(data, kv):
+    idx = _query_index(data["mask"], kv)
+    tgt = np.take_along_axis(data["targets"], idx, axis=1)
+    return data["inputs"], idx, tgt
+
+
+def run_one(runner: _Runner, cfg: SweepConfig, lr: float, train, test, kv: int, progress=None) -> dict:
+    """Train one (model, lr) from the runner's initial parameters; returns its record."""
+    import jax
+    import jax.numpy as jnp
+    params = jax.tree.map(jnp.copy, runner.init_params)
+    opt_state = runner.tx.init(params)
+    tin, tidx, ttgt = train
+    ein, eidx, etgt = test
+    n = len(tin)
+    order_rng = np.random.default_rng(cfg.seed)
+    perm, pos = order_rng.permutation(n), 0
+    key = jax.random.key(cfg.seed + 1)
+    curve, t0 = [], time.perf_counter()
+    loss = acc = float("nan")
+    stopped, skipped = False, 0
+
+    def evaluate():
+        correct = 0.0
+        bs = max(cfg.batch_size, 256)
+        for s in range(0, len(ein), bs):
+            correct += float(runner.eval_step(params, jnp.asarray(ein[s:s + bs]), jnp.asarray(eidx[s:s + bs]),
+                                              jnp.asarray(etgt[s:s + bs])))
+        return correct / (len(ein) * kv)
+
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        if pos + cfg.batch_size > n:  # next epoch of the fixed training set
+            perm, pos = order_rng.permutation(n), 0
+        b = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        # cosine from lr to 0 over the run, no warm-up (the rate used by this step)
+        lr_t = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / cfg.steps))
+        params, opt_state, l_, a_, fin = runner.train_step(
+            params, opt_state, jnp.float32(lr_t), jnp.asarray(tin[b]), jnp.asarray(tidx[b]),
+            jnp.asarray(ttgt[b]), jax.random.fold_in(key, step))
+        if not bool(fin):
+            skipped += 1
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            loss, acc = float(l_), float(a_)
+            ev = evaluate()
+            curve.append({"step": step, "train_loss": loss, "train_accuracy": acc, "accuracy": ev,
+                          "time": time.perf_counter() - t0})
+            if progress:
+                progress(step, ev)
+            if ev >= cfg.early_stop:
+                stopped = True
+                break
+    return {"lr": lr, "steps": step, "early_stopped": stopped, "skipped_steps": skipped,
+            "accuracy": curve[-1]["accuracy"], "best_accuracy": max(c["accuracy"] for c in curve),
+            "curve": curve, "seconds": time.perf_counter() - t0}
+
+
+def _run_key(mixer, L, kv, width, lr):
+    return f"{mixer}|L{L}|kv{kv}|w{width}|lr{lr:.3g}"
+
+
+def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: bool = True) -> dict:
+    """Run the sweep; writes ``results.json`` after every run, then ``results.md`` and
+    ``accuracy.png`` (needs matplotlib). Returns the results dict."""
+    import jax
+    from flax import nnx
+    from tttla_jax.nn import LanguageModel
+    from tttla_jax.train.mqar import mqar_batch
+
+    for m in cfg.mixers:
+        if m not in MIXER_PRESETS:
+            raise ValueError(f"mixers: unknown preset {m!r}, expected names from {tuple(MIXER_PRESETS)} "
+                             f"(or add one with --preset NAME=MIXER:JSON)")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    results = {"config": dataclasses.asdict(cfg), "runs": []}
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            results["runs"] = json.load(f).get("runs", [])
+        log(f"--resume: {len(results['runs'])} runs already in {path}")
+    done = {r["key"] for r in results["runs"]}
+    results["presets"] = {m: dataclasses.asdict(MIXER_PRESETS[m]) for m in cfg.mixers}
+    try:
+        results["load_at_start"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    total = len(cfg.mixers) * len(cfg.settings) * len(cfg.widths) * len(cfg.lrs)
+    i, t_sweep = 0, time.perf_counter()
+    with jax.enable_x64(False):
+        for (L, kv) in cfg.settings:
+            kw = dict(seq_len=L, num_kv=kv, vocab_size=cfg.vocab_size, power_a=cfg.power_a,
+                      protocol="zoology")
+            train = _batches(mqar_batch(cfg.seed, range(cfg.train_examples), **kw), kv)
+            test = _batches(mqar_batch(cfg.seed + TEST_SEED_OFFSET, range(cfg.test_examples), **kw), kv)
+            for mixer in cfg.mixers:
+                for width in cfg.widths:
+                    preset = MIXER_PRESETS[mixer]
+                    runner = None
+                    for lr in cfg.lrs:
+                        i += 1
+                        key = _run_key(mixer, L, kv, width, lr)
+                        if key in done:
+                            continue
+                        if runner is None:
+                            model = LanguageModel(lm_config(preset, seq_len=L, width=width,
+                                                            vocab_size=cfg.vocab_size,
+                                                            embed_dropout=cfg.embed_dropout),
+                                                  rngs=nnx.Rngs(cfg.seed))
+                            runner = _Runner(model, cfg, kv)
+                            n_params = sum(int(p.size) for p in jax.tree.leaves(runner.init_params))
+                            ssize = state_size(model)
+                        label = f"[{i}/{total}] {mixer} L={L} kv={kv} width={width} lr={lr:.2g}"
+
+                        def progress(step, acc, label=label):
+                            if bar:
+                                el = time.perf_counter() - t_sweep
+                                print(f"{label} step {step}/{cfg.steps} test acc {acc:.3f} "
+                                      f"(sweep {el / 60:.1f} min)", file=sys.stderr, flush=True)
+
+                        rec = run_one(runner, cfg, lr, train, test, kv, progress)
+                        try:
+                            load = os.getloadavg()[0]
+                        except OSError:
+                            load = None
+                        rec.update({"key": key, "mixer": mixer, "base_mixer": preset.mixer,
+                                    "seq_len": L, "num_kv": kv, "width": width,
+                                    "state_size": ssize, "n_params": n_params, "load": load})
+                        results["runs"].append(rec)
+                        log(f"{label}: accuracy {rec['accuracy']:.4f} after {rec['steps']} steps "
+                            f"({rec['seconds']:.1f} s{', early stop' if rec['early_stopped'] else ''}); "
+                            f"state {ssize} floats/layer")
+                        _write_json(path, results)
+    results["sweep_seconds"] = time.perf_counter() - t_sweep
+    _write_json(path, results)
+    md = markdown_table(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    png = os.path.join(out, "accuracy.png")
+    if plot(results, png):
+        results["plot"] = png
+    log(md)
+    log(f"results: {path}, {os.path.join(out, 'results.md')}" + (f", {png}" if "plot" in results else ""))
+    return results
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def best_runs(results: dict) -> list:
+    """The best learning rate per (mixer, setting, width): the run with the highest final
+    held-out accuracy (ties: fewer steps)."""
+    best = {}
+    for r in results["runs"]:
+        k = (r["mixer"], r["seq_len"], r["num_kv"], r["width"])
+        if k not in best or (r["accuracy"], -r["steps"]) > (best[k]["accuracy"], -best[k]["steps"]):
+            best[k] = r
+    return [best[k] for k in sorted(best, key=lambda k: (k[1], k[0], k[3]))]
+
+
+def markdown_table(results: dict) -> str:
+    """Accuracy (best learning rate) with the state size, one row per (setting, mixer, width)."""
+    cfg = results["config"]
+    lines = [f"MQAR (Zoology protocol), vocab {cfg['vocab_size']}, {cfg['train_examples']} train / "
+             f"{cfg['test_examples']} test examples, batch {cfg['batch_size']}, at most {cfg['steps']} "
+             f"steps (early stop at {cfg['early_stop']}), learning rates {list(cfg['lrs'])}.",
+             "",
+             "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | s/run | all lrs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in results["runs"]:
+        by.setdefault((r["mixer"], r["seq_len"], r["num_kv"], r["width"]), []).append(r)
+    for b in best_runs(results):
+        alls = ", ".join(f"{r['lr']:.2g}: {r['accuracy']:.3f}"
+                         for r in sorted(by[(b['mixer'], b['seq_len'], b['num_kv'], b['width'])],
+                                         key=lambda r: r["lr"]))
+        lines.append(f"| {b['seq_len']} | {b['num_kv']} | {b['mixer']} | {b['width']} | {b['state_size']} | "
+                     f"{b['n_params']} | {b['accuracy']:.3f} | {b['lr']:.2g} | {b['steps']}"
+                     f"{' (early stop)' if b['early_stopped'] else ''} | {b['seconds']:.0f} | {alls} |")
+    if "sweep_seconds" in results:
+        load = results.get("load_at_start")
+        lines += ["", f"Sweep wall time {results['sweep_seconds'] / 60:.1f} min"
+                  + (f" (load average {load:.1f} at start)" if load is not None else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> bool:
+    """Accuracy vs state size (log x), one panel per setting, one marker series per mixer."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install -e '.[train]'); skipping the plot")
+        return False
+    best = best_runs(results)
+    settings = sorted({(r["seq_len"], r["num_kv"]) for r in best})
+    if not settings:
+        return False
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False)
+    mixers = sorted({r["mixer"] for r in best})
+    for ax, (L, kv) in zip(axes[0], settings):
+        for m in mixers:
+            pts = sorted((r["state_size"], r["accuracy"]) for r in best
+                         if r["mixer"] == m and (r["seq_len"], r["num_kv"]) == (L, kv))
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=m)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"L={L}, kv={kv}")
+        ax.set_xlabel("state size (floats per layer)")
+        ax.set_ylabel("MQAR test accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+DEFAULT = SweepConfig()
+TINY = SweepConfig(mixers=("attention", "delta_net"), settings=((16, 2),), widths=(16,), lrs=(3e-3,),
+                   steps=4, batch_size=8, train_examples=64, test_examples=16, eval_every=2,
+                   vocab_size=64)
+FULL = SweepConfig(mixers=tuple(MIXER_PRESETS), settings=SETTINGS, widths=(64, 128, 256, 512),
+                   lrs=ZOOLOGY_LRS, steps=12_500, batch_size=512, train_examples=100_000,
+                   test_examples=3_000, eval_every=200)
+SWEEPS = {"default": DEFAULT, "tiny": TINY, "full": FULL}
+
+
+def _settings(s: str):
+    try:
+        L, kv = s.lower().split("x")
+        return int(L), int(kv)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a setting LxKV such as 64x4, got {s!r}") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m train.zoology",
+        description="Zoology MQAR sweep (Arora et al. 2023, Fig. 2): mixers x (L, kv) x width x lr, "
+                    "Zoology's data construction, model (identity state mixer, learned positions for "
+                    "attention, embedding dropout) and recipe (AdamW wd 0.1, cosine to 0, early stop "
+                    "at 0.99). Writes results.json, results.md and accuracy.png.",
+        epilog=f"Sweeps: default = {DEFAULT}; full = Zoology's scale (GPU-sized). Mixer presets: "
+               + ", ".join(f"{k}={v.mixer}{dict(v.options)}" for k, v in MIXER_PRESETS.items()),
+        allow_abbrev=False)
+    p.add_argument("--sweep", choices=tuple(SWEEPS), default="default",
+                   help="base sweep the other flags override [default]")
+    p.add_argument("--mixers", nargs="+", help="mixer presets to run")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME=MIXER[:JSON]",
+                   help="add a mixer preset, e.g. gdn2=delta_net:'{\"use_gate\": true}'")
+    p.add_argument("--settings", nargs="+", type=_settings, help="(L, kv) settings as LxKV, e.g. 64x4 128x8")
+    p.add_argument("--widths", nargs="+", type=int, help="model widths")
+    p.add_argument("--lrs", nargs="+", type=float, help="peak learning rates")
+    for name in ("steps", "batch_size", "train_examples", "test_examples", "eval_every", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int)
+    p.add_argument("--early-stop", type=float, help="held-out accuracy that ends a run [0.99]")
+    p.add_argument("--out", default="", help="output directory [runs/zoology/<sweep>]")
+    p.add_argument("--resume", action="store_true", help="skip the runs already in results.json")
+    p.add_argument("--no-progress", action="store_true", help="no per-evaluation progress lines")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    for spec in a.preset:
+        name, _, rest = spec.partition("=")
+        mixer, _, js = rest.partition(":")
+        try:
+            opts = json.loads(js) if js else {}
+            register_preset(name, mixer, opts)
+        except (ValueError, json.JSONDecodeError) as e:
+            p.error(f"--preset {spec!r}: {e}")
+    over = {}
+    for name in ("mixers", "settings", "widths", "lrs", "steps", "batch_size", "train_examples",
+                 "test_examples", "eval_every", "seed", "early_stop"):
+        v = getattr(a, name)
+        if v is not None:
+            over[name] = tuple(v) if isinstance(v, list) else v
+    for name in ("steps", "batch_size", "train_examples", "test_examples", "eval_every"):
+        if name in over and over[name] <= 0:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {over[name]}")
+    cfg = dataclasses.replace(SWEEPS[a.sweep], **over)
+    if cfg.batch_size > cfg.train_examples:
+        p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
+    out = a.out or os.path.join("runs", "zoology", a.sweep)
+    try:
+        sweep(cfg, out, resume=a.resume, bar=not a.no_progress)
+    except ValueError as e:
+        p.error(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
