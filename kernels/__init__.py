@@ -12,8 +12,13 @@ from tttla_jax.kernels.linear_attention_kernel import (
     BlockSizes,
     chunk_costs,
     linear_attention,
+    padded_dim,
     unsupported_reason,
 )
+
+# The kernels that take a per-channel log-decay [B, T, H, K] (read by the ops' impl resolution):
+# none yet, each refuses it with its reason.
+PER_CHANNEL_GATES: tuple = ()
 
 __all__ = [
     "BlockSizes",
@@ -21,5 +26,6 @@ __all__ = [
     "delta_rule",
     "delta_rule_unsupported_reason",
     "linear_attention",
+    "padded_dim",
     "unsupported_reason",
 ]

@@ -65,9 +65,13 @@ from jaxtyping import Array, Float
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops import chunk as _chunk
+from tttla_jax.ops import varlen as _varlen
 
 MASKINGS = ("causal", "chunk")
+# The head-dim tiles the kernels are written for; any K, V in [MIN_HEAD_DIM, MAX_HEAD_DIM] is
+# zero-padded to the next tile inside the wrapper (exact: see :func:`padded_dim`).
 HEAD_DIMS = (16, 32, 64, 128, 256)
+MIN_HEAD_DIM, MAX_HEAD_DIM = HEAD_DIMS[0], HEAD_DIMS[-1]
 CHUNK_SIZES = (16, 32, 64, 128, 256)
 COMPILED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Causal masking: the chunk is only a tiling choice; an unsupported chunk_size falls back to this.
@@ -135,26 +139,59 @@ def _is_compiled_dtype(dt) -> bool:
     return any(jnp.dtype(dt) == jnp.dtype(d) for d in COMPILED_DTYPES)
 
 
+def padded_dim(d: int) -> int:
+    """The head-dim tile a dimension ``d`` runs in: the smallest of :data:`HEAD_DIMS` ``≥ d``.
+
+    Zero padding is exact: padded key/query channels add ``0`` to every ``q·k`` and leave the
+    padded state rows at 0 (their keys are 0), padded value channels give state columns and
+    outputs that stay 0 and are sliced off; in the delta rule ``β k kᵀ`` and ``k S`` are
+    unchanged by zero key channels. Gradients flow through the pad and the slice.
+    """
+    for t in HEAD_DIMS:
+        if d <= t:
+            return t
+    raise ValueError(f"head dim {d}: expected at most {MAX_HEAD_DIM}")
+
+
+def head_dim_reason(K: int, V: int) -> Optional[str]:
+    """Why the kernels cannot take head dims ``K``, ``V`` (``None`` if they can)."""
+    for name, d in (("K", K), ("V", V)):
+        if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+            return (f"head dim {name} = {d} is not supported (expected {MIN_HEAD_DIM} <= {name} <= {MAX_HEAD_DIM}; "
+                    f"sizes between the tiles {HEAD_DIMS} are zero-padded to the next one; below "
+                    f"{MIN_HEAD_DIM} the padded tile would be mostly zeros: use impl='chunked')")
+    return None
+
+
+PER_CHANNEL_REASON = ("a per-channel log_decay [B, T, H, K] is not supported by the Pallas kernels "
+                      "(one log-decay per token and head, [B, T, H]); use impl='chunked'")
+
+
 def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional[int] = None,
-                       interpret: bool = False) -> Optional[str]:
+                       interpret: bool = False, *, per_channel_decay: bool = False) -> Optional[str]:
     """Why the kernel cannot run a call (``None`` if it can); the ops' ``impl`` resolution
     (docs/implementations.md) reports it as the ``"pallas"`` candidate's reason.
 
     Args:
       dtype: the dtype of q, k and v.
       masking: ``"causal"`` | ``"chunk"`` (``"none"`` has no kernel).
-      K, V: the key and value head dims (each in :data:`HEAD_DIMS`).
+      K, V: the key and value head dims (each in ``[16, 256]``; zero-padded to the next of
+        :data:`HEAD_DIMS`, :func:`padded_dim`).
       chunk_size: the chunk length (semantic for ``masking="chunk"``: in :data:`CHUNK_SIZES`).
       interpret: whether the call runs in Pallas interpret mode (float64 only there).
+      per_channel_decay: the call has a per-channel log-decay ``[B, T, H, K]`` (GLA style),
+        which the kernel does not implement.
     """
+    if per_channel_decay:
+        return PER_CHANNEL_REASON
     if masking not in MASKINGS:
         return f"masking={masking!r} is not supported by the Pallas kernel (supported: {MASKINGS}); use impl='chunked'"
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
         return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
                 "float64 only in interpret mode)")
-    for name, d in (("K", K), ("V", V)):
-        if d not in HEAD_DIMS:
-            return f"head dim {name} = {d} is not supported (expected one of {HEAD_DIMS})"
+    hd = head_dim_reason(K, V)
+    if hd is not None:
+        return hd
     if masking == "chunk" and chunk_size is not None and chunk_size not in CHUNK_SIZES:
         return f"chunk_size = {chunk_size} is not supported in masking='chunk' (expected one of {CHUNK_SIZES})"
     return None
@@ -574,7 +611,337 @@ def _la_bwd(scale, cfg, res, cts):
 _la.defvjp(_la_fwd, _la_bwd)
 
 
+# --------------------------------------------------------------------------- packed sequences (cu_seqlens)
+#
+# The wrapper re-chunks the packed tokens (:func:`tttla_jax.ops.varlen.layout`: every sequence
+# starts a chunk, no chunk straddles two sequences, zero slots between them) and passes one
+# int32 per chunk: its sequence ``cs`` and flags ``cf`` (FIRST: the state resets to the
+# sequence's ``h0``; END: the state after it is the sequence's final state). The Triton
+# kernel reads them as scalars inside its chunk loop; the Mosaic kernel gets them by scalar
+# prefetch (SMEM), and its ``h0`` / final-state blocks are selected by ``cs[c]`` in the
+# index maps (sequences are contiguous in chunk order, so each block is visited once, in
+# one run of consecutive steps).
+
+FIRST, END = 1, 2
+
+
+def _gpu_fwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, b_ref, sg_ref, h0_ref, o_ref, sf_ref, *,
+                           C, N, scale, causal, cdt, acc):
+    def body(c, S):
+        n = cs_ref[c]
+        f = cf_ref[c]
+        S = jnp.where((f & FIRST) != 0, h0_ref[n].astype(acc), S)
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        o, S = _fwd_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
+                          b_ref[end, :], sg_ref[end, :], S, scale=scale, causal=causal, cdt=cdt, acc=acc)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+
+        @pl.when((f & END) != 0)
+        def _():
+            sf_ref[n] = S.astype(sf_ref.dtype)
+
+        return S
+
+    lax.fori_loop(0, N, body, jnp.zeros(h0_ref.shape[1:], acc))
+
+
+def _gpu_dkv_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, do_ref, b_ref, sg_ref, dsf_ref, dk_ref, dv_ref,
+                           dh0_ref, *, C, N, scale, causal, cdt, acc):
+    def body(i, dS):
+        c = N - 1 - i
+        n = cs_ref[c]
+        f = cf_ref[c]
+        dS = jnp.where((f & END) != 0, dsf_ref[n].astype(acc), dS)
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        dk, dv, dS = _dkv_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], do_ref[sl, :], b_ref[sl, :],
+                                sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], dS,
+                                scale=scale, causal=causal, cdt=cdt, acc=acc)
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+
+        @pl.when((f & FIRST) != 0)
+        def _():
+            dh0_ref[n] = dS.astype(dh0_ref.dtype)
+
+        return dS
+
+    lax.fori_loop(0, N, body, jnp.zeros(dsf_ref.shape[1:], acc))
+
+
+def _tpu_fwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, b_ref, sg_ref, h0_ref, o_ref, sf_ref, s_scr, *,
+                           scale, causal, cdt, acc):
+    del cs_ref  # used by the index maps
+    c = pl.program_id(3)
+
+    @pl.when((cf_ref[c] & FIRST) != 0)  # chunk 0 is always the first of its sequence
+    def _():
+        s_scr[...] = h0_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    o, S = _fwd_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
+                      sg_ref[C - 1:C, :], s_scr[...], scale=scale, causal=causal, cdt=cdt, acc=acc)
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = S
+    sf_ref[...] = S.astype(sf_ref.dtype)  # the block of sequence cs[c]: written back after its last chunk
+
+
+def _tpu_dkv_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, do_ref, b_ref, sg_ref, dsf_ref, dk_ref, dv_ref,
+                           dh0_ref, ds_scr, *, N, scale, causal, cdt, acc):
+    del cs_ref
+    i = pl.program_id(3)
+    f = cf_ref[N - 1 - i]
+
+    @pl.when(i == 0)
+    def _():
+        ds_scr[...] = jnp.zeros(ds_scr.shape, acc)
+
+    @pl.when((f & END) != 0)
+    def _():
+        ds_scr[...] = dsf_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    dk, dv, dS = _dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], b_ref[...], sg_ref[...],
+                            b_ref[C - 1:C, :], sg_ref[C - 1:C, :], ds_scr[...],
+                            scale=scale, causal=causal, cdt=cdt, acc=acc)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    ds_scr[...] = dS
+    dh0_ref[...] = dS.astype(dh0_ref.dtype)  # last write in reverse order: the sequence's first chunk
+
+
+def _fwd_packed_call(backend, interp, cs, cf, q, k, v, b, sg, h0, *, scale, cfg, out_dtype):
+    """Packed forward: ``(O [1, H, Tp, V], S_final [Ns, H, K, V])`` (final states of empty
+    sequences are not written: the caller takes ``h0`` for them)."""
+    _, H, Tp, K = q.shape
+    V = v.shape[-1]
+    Ns = h0.shape[0]
+    C = cfg.C
+    Nc = Tp // C
+    cdt = q.dtype
+    acc = _acc(cdt)
+    out_shape = (jax.ShapeDtypeStruct((1, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((Ns, H, K, V), acc))
+    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc)
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        ints = pl.BlockSpec((Nc,), lambda i, j, n: (0,))
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((Ns, None, K, bv), lambda i, j, n: (0, j, 0, n))
+        return pl.pallas_call(
+            functools.partial(_gpu_fwd_packed_kernel, C=C, N=Nc, **kw),
+            out_shape=out_shape,
+            grid=(1, H, V // bv),
+            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), sblk],
+            out_specs=(vblk, sblk),
+            compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+            cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+            interpret=bool(interp),
+            name="tttla_linear_attention_packed_fwd_triton",
+        )(cs, cf, q, k, v, b, sg, h0)
+    if jnp.dtype(cdt) == jnp.float16:  # as _fwd_call
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        cdt = jnp.float32
+        kw["cdt"] = cdt
+    f16_out = jnp.dtype(out_dtype) == jnp.float16
+    if f16_out:
+        out_shape = (jax.ShapeDtypeStruct((1, H, Tp, V), jnp.float32), out_shape[1])
+    bv = cfg.block_sizes.tpu(K, V)
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c, cs, cf: (i, j, c, 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c, cs, cf: (i, j, c, n))
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c, cs, cf: (cs[c], j, 0, n))
+    o, S = pl.pallas_call(
+        functools.partial(_tpu_fwd_packed_kernel, **kw),
+        out_shape=out_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(1, H, V // bv, Nc),
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), sblk],
+            out_specs=(vblk, sblk),
+            scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
+        compiler_params=_tpu_params(cfg, K, V, bv, cdt),
+        cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+        interpret=interp or False,
+        name="tttla_linear_attention_packed_fwd_mosaic",
+    )(cs, cf, q, k, v, b, sg, h0)
+    return (o.astype(out_dtype) if f16_out else o), S
+
+
+def _dkv_packed_call(backend, interp, cs, cf, q, k, v, do, b, sg, dSF, *, scale, cfg):
+    """Packed reverse sweep: ``(dK, dV, dh0)`` (``dh0`` of empty sequences not written)."""
+    _, H, Tp, K = q.shape
+    V = v.shape[-1]
+    Ns = dSF.shape[0]
+    C = cfg.C
+    Nc = Tp // C
+    cdt = q.dtype
+    acc = _acc(cdt)
+    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc)
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        nvb = V // bv
+        ints = pl.BlockSpec((Nc,), lambda i, j, n: (0,))
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((Ns, None, K, bv), lambda i, j, n: (0, j, 0, n))
+        dkblk = pl.BlockSpec((None, None, None, Tp, K), lambda i, j, n: (n, i, j, 0, 0))
+        dk, dv, dh0 = pl.pallas_call(
+            functools.partial(_gpu_dkv_packed_kernel, C=C, N=Nc, **kw),
+            out_shape=(jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), jax.ShapeDtypeStruct((1, H, Tp, V), acc),
+                       jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
+            grid=(1, H, nvb),
+            in_specs=[ints, ints, full(K), full(K), vblk, vblk, full(1), full(1), sblk],
+            out_specs=(dkblk, vblk, sblk),
+            compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+            cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
+            interpret=bool(interp),
+            name="tttla_linear_attention_packed_dkv_triton",
+        )(cs, cf, q, k, v, do, b, sg, dSF)
+        return jnp.sum(dk, axis=0), dv, dh0
+    if jnp.dtype(cdt) == jnp.float16:
+        q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+        cdt = jnp.float32
+        kw["cdt"] = cdt
+    bv = cfg.block_sizes.tpu(K, V)
+    nvb = V // bv
+    rev = lambda c: Nc - 1 - c  # noqa: E731
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c, cs, cf: (i, j, rev(c), 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c, cs, cf: (i, j, rev(c), n))
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c, cs, cf: (cs[rev(c)], j, 0, n))
+    dkblk = pl.BlockSpec((None, None, None, C, K), lambda i, j, n, c, cs, cf: (n, i, j, rev(c), 0))
+    dk, dv, dh0 = pl.pallas_call(
+        functools.partial(_tpu_dkv_packed_kernel, N=Nc, **kw),
+        out_shape=(jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), jax.ShapeDtypeStruct((1, H, Tp, V), acc),
+                   jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
+            in_specs=[tok(K), tok(K), vblk, vblk, tok(1), tok(1), sblk],
+            out_specs=(dkblk, vblk, sblk),
+            scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
+        compiler_params=_tpu_params(cfg, K, V, bv, cdt),
+        cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
+        interpret=interp or False,
+        name="tttla_linear_attention_packed_dkv_mosaic",
+    )(cs, cf, q, k, v, do, b, sg, dSF)
+    return jnp.sum(dk, axis=0), dv, dh0
+
+
+def _reverse_cumsum_stops(x, stop):
+    """``y_t = Σ_{t ≤ s ≤ e} x_s`` over the last axis, ``e`` the first position ``≥ t`` with
+    ``stop`` (the end if none): a reverse cumulative sum that restarts after every stop."""
+    xr = jnp.flip(x, -1)
+    sr = jnp.flip(stop, -1)  # reversed: a stop starts a new segment
+
+    def combine(a, b):
+        a1, f1 = a
+        a2, f2 = b
+        return jnp.where(f2, a2, a1 + a2), f1 | f2
+
+    y, _ = lax.associative_scan(combine, (xr, sr), axis=x.ndim - 1)
+    return jnp.flip(y, -1)
+
+
+def _packed_tables(cu_seqlens, T, C):
+    """The re-chunked layout and its per-chunk int32 tables ``(lay, cs, cf, last)``."""
+    lay = _varlen.layout(cu_seqlens, T, C)
+    cf = (lay.first.astype(jnp.int32) * FIRST + lay.ends.astype(jnp.int32) * END).astype(jnp.int32)
+    return lay, lay.seq.astype(jnp.int32), cf, lay.last.astype(jnp.int32)
+
+
+def _to_slots(x, lay):
+    """``[1, T, H, ...]`` → the re-chunked token-major layout ``[1, Nc·C, H, ...]``."""
+    y = jnp.moveaxis(_varlen.to_chunks(x, lay, gather_vjp=True)[:, 0], 2, 1)  # [Nc, C, H, ...]
+    return y.reshape((1, -1) + y.shape[2:])
+
+
+def _from_slots(y, lay):
+    C = lay.valid.shape[1]
+    y = y.reshape((-1, C) + y.shape[2:])
+    return _varlen.from_chunks(jnp.moveaxis(y, 1, 2)[:, None], lay, gather_vjp=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _la_packed(q, k, v, g, h0, cs, cf, last, scale, cfg):
+    return _la_packed_fwd(q, k, v, g, h0, cs, cf, last, scale, cfg)[0]
+
+
+def _la_packed_fwd(q, k, v, g, h0, cs, cf, last, scale, cfg):
+    """On the slot layout ``[1, Tp, H, ·]``: ``(o, S_final [Ns, H, K, V])``."""
+    Tp = q.shape[1]
+    acc = _acc(q.dtype)
+    h0 = h0.astype(acc)
+    b, sg = _cum_decay(g.astype(acc), cfg.C, Tp)
+    o, SF = _dispatch(_fwd_packed_call, cfg, cs, cf, *(_chunk.heads_major(x, Tp) for x in (q, k, v)), b, sg, h0,
+                      scale=scale, out_dtype=q.dtype)
+    SF = jnp.where((last >= 0)[:, None, None, None], SF, h0)  # an empty sequence keeps its h0
+    return (_chunk.from_heads_major(o, Tp), SF), (q, k, v, g, h0, cs, cf, last, SF)
+
+
+def _la_packed_bwd(scale, cfg, res, cts):
+    q, k, v, g, h0, cs, cf, last, SF = res
+    do, dSF = cts
+    _, Tp, H, K = q.shape
+    C = cfg.C
+    Nc = Tp // C
+    acc = _acc(q.dtype)
+    ga = g.astype(acc)
+    dSF = dSF.astype(acc)
+    b, sg = _cum_decay(ga, C, Tp)
+    qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
+    cfg_dq = dataclasses.replace(cfg, block_sizes=dataclasses.replace(
+        cfg.block_sizes, block_v_gpu=None, block_v_tpu=None))
+    dqs, _ = _dispatch(_fwd_packed_call, cfg_dq, cs, cf, doh, vh, kh, b, sg, jnp.swapaxes(h0, -1, -2),
+                       scale=1.0, out_dtype=acc)
+    dk, dv, dh0 = _dispatch(_dkv_packed_call, cfg, cs, cf, qh, kh, vh, doh, b, sg, dSF, scale=scale)
+    dh0 = jnp.where((last >= 0)[:, None, None, None], dh0, dSF)
+    # log-decay, per sequence as in _la_bwd: dB_t = q_t·dq_t − k_t·dk_t + [t last of its sequence]<S_n, dS_n>
+    qdq = jnp.sum(qh.astype(acc) * scale * dqs, axis=-1)  # [1, H, Tp]
+    kdk = jnp.sum(kh.astype(acc) * dk, axis=-1)
+    first = (cf & FIRST) != 0
+    if not cfg.causal:  # chunk c's queries read the state after chunk c − 1 of the same sequence (h0 if first)
+        per_chunk = jnp.sum(qdq.reshape(1, H, Nc, C), axis=-1)
+        shifted = jnp.where(first[1:], 0.0, per_chunk[:, :, 1:])
+        qdq = jnp.zeros((1, H, Nc, C), acc).at[:, :, :-1, C - 1].set(shifted).reshape(1, H, Tp)
+    dB = qdq - kdk
+    st = jnp.where((last >= 0)[:, None], jnp.sum(SF * dSF, axis=(-2, -1)), 0.0)  # [Ns, H]
+    # at the last slot of the sequence's last chunk (slots after its last token hold g = 0)
+    dB = dB.at[:, :, jnp.maximum(last, 0) * C + C - 1].add(st.T[None])
+    cut = jnp.swapaxes(ga <= -_chunk.cut_threshold(acc), 1, 2)  # [1, H, Tp]
+    seq_end = (((cf & END) != 0)[:, None] & (jnp.arange(C) == C - 1)[None]).reshape(Tp)
+    stop = seq_end | jnp.concatenate([cut[..., 1:], jnp.zeros_like(cut[..., :1])], -1)
+    dg = jnp.where(cut, 0.0, _reverse_cumsum_stops(dB, stop))
+    dq = _chunk.from_heads_major(dqs * scale, Tp)
+    dk = _chunk.from_heads_major(dk, Tp)
+    dv = _chunk.from_heads_major(dv, Tp)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), jnp.swapaxes(dg, 1, 2).astype(g.dtype),
+            dh0, None, None, None)
+
+
+_la_packed.defvjp(_la_packed_fwd, _la_packed_bwd)
+
+
 # --------------------------------------------------------------------------- public wrapper
+
+
+def _check_per_channel(q, log_decay) -> None:
+    """A per-channel log-decay ``[B, T, H, K]`` gets the kernels' reason, not a shape error."""
+    if log_decay is not None and jnp.ndim(log_decay) == 4 and jnp.shape(log_decay) == jnp.shape(q):
+        raise ValueError(f"impl='pallas': {PER_CHANNEL_REASON}")
+
+
+def pad_head_dims(q, k, v, S0, Kp: int, Vp: int):
+    """Zero-pad the key channels of ``q, k`` and ``S0`` to ``Kp`` and the value channels of
+    ``v`` and ``S0`` to ``Vp`` (:func:`padded_dim`: exact; no-op when already there)."""
+    K, V = q.shape[-1], v.shape[-1]
+    if (K, V) == (Kp, Vp):
+        return q, k, v, S0
+    pk = [(0, 0)] * 3 + [(0, Kp - K)]
+    q, k = jnp.pad(q, pk), jnp.pad(k, pk)
+    v = jnp.pad(v, [(0, 0)] * 3 + [(0, Vp - V)])
+    S0 = jnp.pad(S0, [(0, 0), (0, 0), (0, Kp - K), (0, Vp - V)])
+    return q, k, v, S0
 
 
 def _check_interpret(interpret) -> None:
@@ -617,6 +984,7 @@ def linear_attention(
     output_final_state: bool = False,
     masking: str = "causal",
     chunk_size: int = 64,
+    cu_seqlens=None,
     block_sizes: Optional[BlockSizes] = None,
     interpret: Any = None,
 ):
@@ -627,7 +995,9 @@ def linear_attention(
     :func:`tttla_jax.linear_attention` (``impl="pallas"`` calls this).
 
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (one dtype); K and V in ``HEAD_DIMS``; any T.
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]`` (one dtype); any T; ``16 ≤ K, V ≤ 256``
+        (zero-padded to the next of :data:`HEAD_DIMS` inside the wrapper, exact;
+        :func:`padded_dim`).
       scale: query scale (default ``K ** -0.5``): a Python, NumPy or JAX real scalar; a scale
         traced under ``jit`` is folded into the queries (``q·scale`` in q's dtype).
       log_decay: optional ``[B, T, H]`` log-decay ``g``.
@@ -637,20 +1007,27 @@ def linear_attention(
       chunk_size: chunk length; semantic for ``masking="chunk"`` (must be in ``CHUNK_SIZES``),
         a tiling choice for ``"causal"`` (unsupported values fall back to 64; shortened to
         the next power of two ≥ T for short sequences).
-      block_sizes: :class:`BlockSizes` (per-platform tiling / compiler knobs).
+      cu_seqlens: optional ``[N + 1]`` int offsets of N sequences packed in a batch of one
+        (:mod:`tttla_jax.ops.varlen`): each runs as if alone (its own initial state, chunks
+        of ``masking="chunk"`` counted from its start); ``initial_state`` and the returned
+        state are then ``[N, H, K, V]``. The kernel walks the re-chunked layout and resets
+        its state on each sequence's first chunk (forward and backward).
+      block_sizes: :class:`BlockSizes` (per-platform tiling / compiler knobs; the tiles are
+        of the padded head dims).
       interpret: ``None`` (compiled on GPU/TPU, interpret mode elsewhere), ``"gpu"`` (the
         Triton-style kernel in interpret mode), ``"tpu"`` (the Mosaic kernel in interpret
         mode with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
 
     Returns:
-      ``(o [B, T, H, V] in q's dtype, S_T or None)``.
+      ``(o [B, T, H, V] in q's dtype, S_T or None)`` (``S_T`` ``[N, H, K, V]`` with ``cu_seqlens``).
 
     Raises:
       ValueError: at trace time for bad shapes or an unsupported masking/dtype/head dim/chunk
         (the argument checks are :func:`tttla_jax._checks.check_qkv`, shared with the ops).
     """
-    B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
-                                         same_dtype=True)
+    _check_per_channel(q, log_decay)
+    B, T, H, K, V, Ns = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
+                                          cu_seqlens=cu_seqlens, same_dtype=True)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _check_interpret(interpret)
@@ -658,17 +1035,24 @@ def linear_attention(
     reason = unsupported_reason(q.dtype, masking, K, V, chunk_size, interpret=_interpret_mode(interpret))
     if reason is not None:
         raise ValueError(f"impl='pallas': {reason}")
+    Kp, Vp = padded_dim(K), padded_dim(V)
     if masking == "causal":
         C = chunk_size if chunk_size in CHUNK_SIZES else DEFAULT_CAUSAL_CHUNK
         C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     else:
         C = chunk_size
     cfg = _Cfg(C=C, causal=masking == "causal", block_sizes=block_sizes or BlockSizes(), interpret=interpret)
-    cfg.block_sizes.gpu(K, V)  # validate both platforms' tiles at trace time
-    cfg.block_sizes.tpu(K, V)
+    cfg.block_sizes.gpu(Kp, Vp)  # validate both platforms' tiles at trace time
+    cfg.block_sizes.tpu(Kp, Vp)
     acc = _acc(q.dtype)
     g = jnp.zeros((B, T, H), acc) if log_decay is None else log_decay
-    S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state
+    S0 = jnp.zeros((Ns, H, K, V), acc) if initial_state is None else initial_state
     q, scale = _static_scale(q, K, scale)
-    o, S = _la(q, k, v, g, S0, scale, cfg)
-    return o, (S if output_final_state else None)
+    q, k, v, S0 = pad_head_dims(q, k, v, S0, Kp, Vp)
+    if cu_seqlens is None:
+        o, S = _la(q, k, v, g, S0, scale, cfg)
+    else:
+        lay, cs, cf, last = _packed_tables(cu_seqlens, T, C)
+        o, S = _la_packed(*(_to_slots(x, lay) for x in (q, k, v, g)), S0.astype(acc), cs, cf, last, scale, cfg)
+        o = _from_slots(o, lay)
+    return o[..., :V], (S[..., :K, :V] if output_final_state else None)

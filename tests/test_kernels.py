@@ -239,7 +239,8 @@ def test_unsupported_reason_table():
     assert unsupported_reason(jnp.bfloat16, "causal", 64, 128) is None
     assert unsupported_reason(jnp.float32, "chunk", 256, 256, 64) is None
     assert "masking='none'" in unsupported_reason(jnp.float32, "none", 64, 64)
-    assert "K = 96" in unsupported_reason(jnp.float32, "causal", 96, 64)
+    assert unsupported_reason(jnp.float32, "causal", 96, 64) is None  # zero-padded to 128
+    assert "K = 512" in unsupported_reason(jnp.float32, "causal", 512, 64)
     assert "V = 512" in unsupported_reason(jnp.float32, "causal", 64, 512)
     assert "float64" in unsupported_reason(jnp.float64, "causal", 64, 64)
     assert unsupported_reason(jnp.float64, "causal", 64, 64, interpret=True) is None
@@ -250,7 +251,7 @@ def test_unsupported_reason_table():
     "kwargs,shapes,match",
     [
         (dict(masking="none"), (16, 16), r"impl='pallas': masking='none' is not supported"),
-        (dict(), (96, 16), r"head dim K = 96 is not supported"),
+        (dict(), (300, 16), r"head dim K = 300 is not supported"),
         (dict(), (16, 512), r"head dim V = 512 is not supported"),
         (dict(masking="chunk", chunk_size=24), (16, 16), r"chunk_size = 24 is not supported"),
         (dict(block_sizes=BlockSizes(block_v_tpu=96)), (16, 256), r"block_v_tpu: expected V = 256"),
@@ -375,3 +376,90 @@ def test_traced_scale_is_folded_into_the_queries():
         total = lambda s, fn=fn: jnp.sum(fn(s))  # noqa: E731
         val, d = jax.jit(jax.value_and_grad(total))(jnp.float64(0.3))
         assert_trees_close((val, d), (total(0.3), total(0.3) / 0.3), 1e-10, what="traced scale")
+
+
+# --------------------------------------------------------------------------- any head dim, packed sequences
+
+
+def packed_inputs(seed, T, H, K, V, N, dtype=jnp.float64):
+    q, k, v, g, _ = make_inputs(seed, 1, T, H, K, V, dtype)
+    S0 = jnp.asarray(np.random.default_rng(seed + 100).normal(size=(N, H, K, V)), g.dtype)
+    return q, k, v, g, S0
+
+
+def packed_pair(masking, C, interpret, cu, **kw):
+    """(kernel, chunked form) on the same packed call."""
+    cu = jnp.asarray(cu, jnp.int32)
+    common = dict(masking=masking, chunk_size=C, output_final_state=True, cu_seqlens=cu)
+
+    def kfn(q, k, v, g, S0):
+        return kernel_la(q, k, v, log_decay=g, initial_state=S0, interpret=interpret, **common, **kw)
+
+    def cfn(q, k, v, g, S0):
+        return tt.linear_attention(q, k, v, log_decay=g, initial_state=S0, impl="chunked", **common)
+
+    return kfn, cfn
+
+
+# (interpret, masking, K, V, cu_seqlens): head dims between the tiles (zero-padded inside the
+# wrapper) and packed sequences with an empty one, one shorter than a chunk, one spanning chunks.
+ODD_CASES = [
+    ("gpu", "causal", 48, 96, (0, 5, 5, 21)),
+    ("tpu", "chunk", 200, 32, (0, 17, 21)),
+    pytest.param("gpu", "chunk", 32, 200, (0, 3, 20, 21, 21), marks=pytest.mark.slow),
+    pytest.param("tpu", "causal", 96, 48, (0, 21), marks=pytest.mark.slow),
+    pytest.param("gpu", "causal", 200, 200, None, marks=pytest.mark.slow),
+    pytest.param("tpu", "chunk", 48, 32, None, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("interpret,masking,K,V,cu", ODD_CASES)
+def test_float64_any_head_dim_and_packed(interpret, masking, K, V, cu):
+    """float64, 1e-10: the kernel (padded head dims; re-chunked packed sequences with resets
+    in the kernel, forward and backward) against the XLA chunked form on the same call;
+    outputs, per-sequence final states and every gradient (incl. log_decay, h0)."""
+    N = 1 if cu is None else len(cu) - 1
+    args = packed_inputs(20 + K + V, 21, 2, K, V, N)
+    if cu is None:
+        kfn, cfn = kernel(masking, 16, interpret), chunked(masking, 16)
+    else:
+        kfn, cfn = packed_pair(masking, 16, interpret, cu)
+    got, want = eval_all(kfn, args), eval_all(cfn, args)
+    assert_close(got[0], want[0], atol=1e-10, what=f"{interpret} {masking} K={K} V={V} cu={cu} outputs")
+    assert_close(got[1], want[1], atol=1e-10, what=f"{interpret} {masking} K={K} V={V} cu={cu} grads")
+
+
+@pytest.mark.slow
+def test_float32_packed_two_value_blocks_and_cuts():
+    """float32 (1e-4 relative), packed, two value blocks on the Triton-style kernel, and a
+    hard reset (log-decay −inf) inside a sequence: the cut and the sequence starts compose."""
+    cu = (0, 9, 30, 40)
+    q, k, v, g, S0 = packed_inputs(31, 40, 1, 64, 64, 3, jnp.float32)
+    g = g.at[0, 14, 0].set(-jnp.inf)
+    kfn, cfn = packed_pair("causal", 16, "gpu", cu, block_sizes=BlockSizes(block_v_gpu=32))
+    out, grads = eval_all(kfn, (q, k, v, g, S0))
+    out_r, grads_r = eval_all(cfn, to_f64((q, k, v, g, S0)))
+    assert_close(out, out_r, rel=1e-4, what="f32 packed outputs")
+    assert_close(grads, grads_r, rel=1e-4, what="f32 packed grads")
+
+
+def test_packed_and_padded_contract():
+    """Packed: one state per sequence in and out, named errors; head dims out of range and a
+    per-channel log-decay get the kernels' reasons."""
+    q, k, v, g, S0 = packed_inputs(40, 6, 1, 16, 16, 2, jnp.float32)
+    cu = jnp.asarray([0, 2, 6], jnp.int32)
+    o, S = jax.eval_shape(lambda *a: kernel_la(*a[:3], log_decay=a[3], initial_state=a[4], cu_seqlens=cu,
+                                               output_final_state=True, interpret="gpu"), q, k, v, g, S0)
+    assert o.shape == (1, 6, 1, 16) and S.shape == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"initial_state: expected shape \[N, H, K, V\] \(one state per packed sequence.*\(2, 1, 16, 16\)"):
+        kernel_la(q, k, v, initial_state=S0[:1], cu_seqlens=cu, interpret="gpu")
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected to start at 0 and end at T = 6"):
+        kernel_la(q, k, v, cu_seqlens=jnp.asarray([0, 2, 5], jnp.int32), interpret="gpu")
+    with pytest.raises(ValueError, match=r"per-channel log_decay \[B, T, H, K\] is not supported"):
+        kernel_la(q, k, v, log_decay=jnp.zeros(q.shape, jnp.float32), interpret="gpu")
+    assert "per-channel" in unsupported_reason(jnp.float32, "causal", 64, 64, per_channel_decay=True)
+    assert unsupported_reason(jnp.float32, "causal", 48, 200) is None
+    assert "K = 8 is not supported (expected 16 <= K <= 256" in unsupported_reason(jnp.float32, "causal", 8, 64)
+    assert "V = 257" in unsupported_reason(jnp.float32, "causal", 64, 257)
+    from tttla_jax.kernels import padded_dim
+    assert [padded_dim(d) for d in (16, 17, 48, 96, 129, 200, 256)] == [16, 32, 64, 128, 256, 256, 256]
