@@ -1,0 +1,226 @@
+"""Sequence (context) parallelism of the ops (tttla_jax.parallel.ops) against the single-device ops.
+
+Every case runs the sharded op (``sharded_linear_attention`` / ``sharded_delta_rule``, which call
+the in-``shard_map`` functions) on a mesh whose ``"seq"`` axis has P devices and compares it with
+``tt.linear_attention(..., masking="causal")`` / ``tt.delta_rule`` on one device through
+:func:`tttla_jax.testing.check_equivalence`: outputs, final states and the gradients w.r.t. q, k, v,
+log_decay, beta and initial_state, at 1e-10 in float64 (float32: the harness's 1e-4, relative to
+each quantity's magnitude). T = 45 is not a multiple of P (the wrapper pads to 46 or 48), the local
+slices hold several chunks (chunk_size 4), and the packed layout
+
+    cu_seqlens = [0, 0, 5, 5, 30, 36, 36, 45]
+
+has an empty first document, an empty document inside, a document (5…30) that spans 3 devices at
+P = 4 (2 at P = 2, 5 at P = 8), documents ending exactly on a device boundary (36 at P = 4 and 8;
+30 at P = 8) followed by an empty one, and the last document running into the padding. It is
+passed as a jit argument, so the functions see a traced ``cu_seqlens``. Log-decays include ``-inf``
+tokens (hard resets) inside a spanning document, one on a device's first token.
+
+All multi-device cases run in one subprocess with ``--xla_force_host_platform_device_count=8``
+(compilation dominates). The default suite runs P = 4 on packed documents for both ops and an
+unpacked delta rule on a (data=2, seq=4) mesh; the sweep over P = 2, 4, 8, packed and not, float32
+and the in-``shard_map`` call written by hand is ``slow``.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tttla_jax as tt
+from tttla_jax import parallel as tp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    from jax.sharding import PartitionSpec as Ps
+    import tttla_jax as tt
+    from tttla_jax import parallel as tp
+    from tttla_jax.testing import check_equivalence, random_inputs
+
+    assert jax.device_count() == 8
+    CU = [0, 0, 5, 5, 30, 36, 36, 45]
+    T, H, K, V, C = 45, 2, 3, 4, 4
+
+    def inputs(op, B, packed, dtype, seed):
+        shapes = {"q": (B, T, H, K), "k": (B, T, H, K), "v": (B, T, H, V), "log_decay": (B, T, H)}
+        if op == "delta":
+            shapes["beta"] = (B, T, H)
+        x = random_inputs(shapes, seed=seed, dtype=dtype,
+                          kinds={"k": "unit", "log_decay": "logdecay", "beta": "rate"})
+        g = np.array(x["log_decay"])
+        g[0, 13, 0] = -np.inf   # a reset inside the document that spans devices
+        g[0, 24, 1] = -np.inf   # a reset on a device's first token (P = 4, 8)
+        x["log_decay"] = jnp.asarray(g, dtype)
+        N = len(CU) - 1 if packed else B
+        x["initial_state"] = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(N, H, K, V)), dtype)
+        if packed:
+            x["cu_seqlens"] = jnp.asarray(CU, jnp.int32)
+        return x
+
+    def forms(op, mesh, batch_axes, by_hand):
+        single = tt.delta_rule if op == "delta" else tt.linear_attention
+        sharded = tp.sharded_delta_rule if op == "delta" else tp.sharded_linear_attention
+        inside = tp.delta_rule if op == "delta" else tp.linear_attention
+
+        def ref(q, k, v, log_decay, initial_state, beta=None, cu_seqlens=None):
+            gates = (beta,) if op == "delta" else ()
+            return single(q, k, v, *gates, log_decay=log_decay, initial_state=initial_state,
+                          output_final_state=True, chunk_size=C, cu_seqlens=cu_seqlens)
+
+        def cp(q, k, v, log_decay, initial_state, beta=None, cu_seqlens=None):
+            gates = (beta,) if op == "delta" else ()
+            return sharded(q, k, v, *gates, log_decay, mesh=mesh, batch_axes=batch_axes, chunk_size=C,
+                           initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+
+        def hand(q, k, v, log_decay, initial_state, beta=None, cu_seqlens=None):
+            # the in-shard_map function called by hand (T padded by the caller: 45 -> 48)
+            P = mesh.shape["seq"]
+            Tp = -(-T // P) * P
+            pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))
+            gates = (pad(beta),) if op == "delta" else ()
+            cu = None if cu_seqlens is None else cu_seqlens.at[-1].set(Tp)
+            tok = Ps(None, "seq")
+            state = Ps() if cu is not None else Ps(None)
+            nt = 4 + len(gates)
+
+            def body(*a):
+                return inside(*a[:nt], axis_name="seq", chunk_size=C, initial_state=a[nt],
+                              cu_seqlens=a[nt + 1] if cu is not None else None, output_final_state=True)
+
+            args = (pad(q), pad(k), pad(v)) + gates + (pad(log_decay), initial_state) + ((cu,) if cu is not None else ())
+            specs = (tok,) * nt + (state,) + ((Ps(),) if cu is not None else ())
+            args = [jax.reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, specs)]
+            o, S = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, state))(*args)
+            return jax.reshard(o, jax.sharding.NamedSharding(mesh, Ps()))[:, :T], S
+
+        return {"single": ref, "cp": hand if by_hand else cp}
+
+    results = []
+    for case in json.loads(sys.argv[1]):
+        op, P, packed, dtype = case["op"], case["P"], case["packed"], case["dtype"]
+        data = case.get("data", 1)
+        types = (jax.sharding.AxisType.Auto if case.get("auto") else jax.sharding.AxisType.Explicit,) * 2
+        mesh = jax.make_mesh((data, P), ("data", "seq"), devices=jax.devices()[:data * P], axis_types=types)
+        B = 1 if packed else 2 * data
+        x = inputs(op, B, packed, jnp.dtype(dtype), seed=P + 10 * packed)
+        rep = check_equivalence(forms(op, mesh, "data" if data > 1 else None, case.get("by_hand", False)), x)
+        results.append({"case": case, "ok": rep.ok, "report": str(rep)})
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+def _env(devices=8):
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(cases):
+    p = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases)], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS")][-1]
+    results = json.loads(line[len("RESULTS"):])
+    bad = [f"{r['case']}\n{r['report']}" for r in results if not r["ok"]]
+    assert not bad, "\n\n".join(bad)
+    assert len(results) == len(cases)
+
+
+DEFAULT_CASES = [
+    {"op": "delta", "P": 4, "packed": True, "dtype": "float64"},
+    {"op": "linear", "P": 4, "packed": True, "dtype": "float64"},
+    {"op": "delta", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True},
+]
+
+
+def test_sharded_ops_match_single_device():
+    """P = 4 (T = 45 padded to 48): packed documents across devices for both ops (explicit
+    mesh axes, jax.make_mesh's default), and the unpacked delta rule with the batch split over
+    a second mesh axis (automatic mesh axes)."""
+    _run(DEFAULT_CASES)
+
+
+@pytest.mark.slow
+def test_sharded_ops_match_single_device_sweep():
+    """Both ops, P = 2, 4, 8, packed and not, float64; float32; the in-shard_map functions
+    called by hand; batch split over ``data`` for the linear attention."""
+    cases = [{"op": op, "P": P, "packed": packed, "dtype": "float64"}
+             for op in ("linear", "delta") for P in (2, 4, 8) for packed in (False, True)]
+    cases += [{"op": op, "P": 4, "packed": packed, "dtype": "float32"}
+              for op in ("linear", "delta") for packed in (False, True)]
+    cases += [{"op": op, "P": 4, "packed": packed, "dtype": "float64", "by_hand": True}
+              for op in ("linear", "delta") for packed in (False, True)]
+    cases += [{"op": "linear", "P": 2, "packed": False, "dtype": "float64", "data": 2}]
+    _run(cases)
+
+
+# --------------------------------------------------------------------------- input validation (1 device)
+
+
+def _mesh(names=("seq",)):
+    return jax.make_mesh((1,) * len(names), names, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _qkv(B=1, T=8, H=2, K=3, V=4):
+    r = np.random.default_rng(0)
+    return tuple(jnp.asarray(r.normal(size=s), jnp.float32) for s in ((B, T, H, K), (B, T, H, K), (B, T, H, V)))
+
+
+def test_one_device_mesh_equals_the_op():
+    q, k, v = _qkv()
+    beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
+    o, S = tp.sharded_delta_rule(q, k, v, beta, mesh=_mesh(), output_final_state=True, chunk_size=4)
+    o1, S1 = tt.delta_rule(q, k, v, beta, output_final_state=True, chunk_size=4)
+    tt.testing.assert_trees_close((o, S), (o1, S1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seq_axis="sequence"), r"seq_axis: 'sequence' is not an axis of the mesh"),
+    (dict(batch_axes="data"), r"batch_axes: axis 'data' is not in the mesh"),
+    (dict(batch_axes="seq"), r"batch_axes: .* contains the sequence axis 'seq'"),
+    (dict(mesh=None), r"mesh: expected a jax.sharding.Mesh, got NoneType"),
+    (dict(cu_seqlens=jnp.array([0, 3, 7])), r"cu_seqlens: expected to start at 0 and end at T = 8"),
+    (dict(initial_state=jnp.zeros((2, 2, 3, 3))), r"initial_state: expected shape \[B, H, K, V\]"),
+    (dict(log_decay=jnp.zeros((1, 8, 3))), r"log_decay: expected shape \[B, T, H\]"),
+    (dict(chunk_size=0), r"chunk_size: expected a positive int"),
+])
+def test_wrapper_errors(kw, match):
+    q, k, v = _qkv()
+    kw = {"mesh": _mesh(), **kw}
+    with pytest.raises(ValueError, match=match):
+        tp.sharded_linear_attention(q, k, v, **kw)
+
+
+def test_wrapper_batch_errors():
+    mesh = _mesh(("data", "seq"))
+    q, k, v = _qkv(B=1)
+    with pytest.raises(ValueError, match=r"batch_axes: packed sequences \(cu_seqlens\) are a batch of one"):
+        tp.sharded_linear_attention(q, k, v, mesh=mesh, batch_axes="data", cu_seqlens=jnp.array([0, 8]))
+    with pytest.raises(ValueError, match=r"beta: expected shape \[B, T, H\]"):
+        tp.sharded_delta_rule(q, k, v, jnp.zeros((1, 8)), mesh=mesh)
+
+
+def test_inside_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"axis_name: 'seq' is not a mapped axis here"):
+        tp.linear_attention(q, k, v, axis_name="seq")
+    mesh = _mesh()
+
+    def body(q, k, v):
+        return tp.linear_attention(q, k, v, axis_name="seq", cu_seqlens=np.array([0, 3, 9]))
+
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected global offsets from 0 to P·L = 1 · 8 = 8"):
+        jax.shard_map(body, mesh=mesh, in_specs=jax.sharding.PartitionSpec(None, "seq"),
+                      out_specs=jax.sharding.PartitionSpec(None, "seq"))(q, k, v)
