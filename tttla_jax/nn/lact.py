@@ -44,8 +44,11 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.nn.layers import RMSNorm, apply_rope, dense, partitioned
+from tttla_jax.nn._segments import (packed_final, packed_gather, packed_next_pos, packed_positions,
+                                   packed_scan, packed_scatter, packed_streams, packed_tail)
 from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, register_mixer,
-                                 resolve_heads, resolve_positions, sliding_window_attend)
+                                 resolve_heads, resolve_positions, sliding_window_attend,
+                                 sliding_window_attend_packed)
 from tttla_jax.nn.weights import (identity, jax_to_torch_linear, torch_linear_to_jax)
 from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
 from tttla_jax.ops.linear_attention import linear_attention, pallas_reason
@@ -295,30 +298,30 @@ class LaCTLayer(Mixer):
             return {1: (D, D)}
         return {0: (dh, D), 1: (D, dh), 2: (dh, D)}
 
-    def _cache_spec(self, B: int) -> dict:
+    def _cache_spec(self, B: int, b: str = "B") -> dict:
         H, D, C = self.num_heads, self.head_dim, self.rule.chunk_size
         spec = {}
         for i, (r, c) in self._shapes().items():
-            spec[f"w{i}"] = ((B, H, r, c), "[B, H, rows, cols]")
+            spec[f"w{i}"] = ((B, H, r, c), f"[{b}, H, rows, cols]")
         for i in self.rule.updated:
             r, c = self._shapes()[i]
             if self.rule.weight_norm == "pre":
-                spec[f"main{i}"] = ((B, H, r, c), "[B, H, rows, cols]")
+                spec[f"main{i}"] = ((B, H, r, c), f"[{b}, H, rows, cols]")
             if self.rule.use_momentum:
-                spec[f"mom{i}"] = ((B, H, r, c), "[B, H, rows, cols]")
-        spec["buf_k"] = ((B, C, H, D), "[B, chunk_size, H, D]")
-        spec["buf_v"] = ((B, C, H, D), "[B, chunk_size, H, D]")
+                spec[f"mom{i}"] = ((B, H, r, c), f"[{b}, H, rows, cols]")
+        spec["buf_k"] = ((B, C, H, D), f"[{b}, chunk_size, H, D]")
+        spec["buf_v"] = ((B, C, H, D), f"[{b}, chunk_size, H, D]")
         if self.per_token_lr:
-            spec["buf_lr"] = ((B, C, H, 3), "[B, chunk_size, H, 3]")
+            spec["buf_lr"] = ((B, C, H, 3), f"[{b}, chunk_size, H, 3]")
         if self.rule.use_momentum:
-            spec["buf_m"] = ((B, C, H), "[B, chunk_size, H]")
-        spec["buf_len"] = ((B,), "[B]")
-        spec["pos"] = ((B,), "[B]")
+            spec["buf_m"] = ((B, C, H), f"[{b}, chunk_size, H]")
+        spec["buf_len"] = ((B,), f"[{b}]")
+        spec["pos"] = ((B,), f"[{b}]")
         if self.window is not None:
             w, Ha, Da = self.window, self.num_attn_heads, self.attn_head_dim
-            spec["attn_k"] = ((B, w, Ha, Da), "[B, window, Ha, Da]")
-            spec["attn_v"] = ((B, w, Ha, Da), "[B, window, Ha, Da]")
-            spec["attn_kpos"] = ((B, w), "[B, window]")
+            spec["attn_k"] = ((B, w, Ha, Da), f"[{b}, window, Ha, Da]")
+            spec["attn_v"] = ((B, w, Ha, Da), f"[{b}, window, Ha, Da]")
+            spec["attn_kpos"] = ((B, w), f"[{b}, window]")
         return spec
 
     _INT_KEYS = ("buf_len", "pos", "attn_kpos")
@@ -491,29 +494,111 @@ class LaCTLayer(Mixer):
         cache = {**self._state_to_cache(st), **bufs, "buf_len": (R - start).astype(jnp.int32)}
         return o.astype(v.dtype), cache
 
+    def _packed(self, q, k, v, lr, m, fc, cu_seqlens, given: bool):
+        """N packed sequences (``cu_seqlens``): every sequence's stream (its buffered chunk,
+        then its new tokens) re-laid to start at a chunk boundary
+        (:func:`tttla_jax.nn._segments.packed_streams`, at most ``T + N·(2C − 1)`` slots), one
+        chunk scan over all of them with the state reset at each stream's first chunk — the
+        schedule of :meth:`_stream` per sequence: a chunk is read with the state before it and
+        updates it iff a token of its sequence follows. Caches per sequence (leading dim N)."""
+        rule = self.rule
+        _, T, H, D = k.shape
+        C = rule.chunk_size
+        sd = self._state_dtype()
+        N = int(jnp.shape(cu_seqlens)[0]) - 1
+        n = fc["buf_len"].astype(jnp.int32) if given else None
+        lay = packed_streams(cu_seqlens, T, C, n, C if given else 0)
+        buf = lambda key: fc[key].astype(sd) if (given and key is not None) else None
+
+        def seg(a, key):  # [1, T, ...] -> [1, Nc·C, ...] (chunk-aligned streams)
+            if a is None:
+                return None
+            g = packed_gather(lay, a.astype(sd), buf(key))                  # [Nc, 1, C, ...]
+            return jnp.moveaxis(g, 0, 1).reshape((1, -1) + g.shape[3:])
+
+        qc, kc, vc = seg(q, None), seg(k, "buf_k"), seg(v, "buf_v")
+        lrc = seg(lr, "buf_lr") if self.per_token_lr else None
+        mc = seg(m, "buf_m") if rule.use_momentum else None
+        st0 = rule.init_state(*self._fast_params(), N)
+        if given:  # a sequence with an empty buffer starts from W^(0)
+            fresh = (n == 0)[:, None, None, None]
+            pick = lambda p, key: None if p is None else jnp.where(fresh, p.astype(sd), fc[key].astype(sd))
+            w = tuple(pick(p, f"w{i}") for i, p in enumerate(st0.w))
+            main = None if st0.main is None else tuple(pick(p, f"main{i}") for i, p in enumerate(st0.main))
+            mom = None if st0.mom is None else tuple(pick(p, f"mom{i}") for i, p in enumerate(st0.mom))
+            st0 = LaCTState(w=w, main=main, mom=mom, norm=st0.norm)
+        one = jax.tree_util.tree_map(lambda a: a[:1], st0)
+        x = rule.prepare(qc, kc, vc, lrc, one, mc)       # chunk means over whole chunks
+        init = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), st0, x.state)
+        chunks = lambda a: jnp.moveaxis(chunk_layout(a, C), 2, 0)   # [Nc, 1, H, C, ...]
+        upd = (lay.local + 1) * C < lay.R[lay.seq]                  # [Nc]: a token of the stream follows
+
+        def step(st, xs):
+            qi, ki, vi, l0, l1, l2, mb, u = xs
+            o = rule.read(st, qi)
+            st = lax.cond(u, lambda s: rule.chunk_update(s, ki, vi, (l0, l1, l2), mb), lambda s: s, st)
+            return st, o
+
+        xs = ((chunks(x.q), chunks(x.k), chunks(x.v)) + tuple(chunks(a) for a in x.lrs)
+              + (jnp.moveaxis(x.chunk_momentum, 2, 0), upd))
+        outs, states = packed_scan(step, init, lay, xs)
+        o = packed_scatter(lay, jnp.swapaxes(outs, 2, 3))              # [1, T, H, D]
+        nch = (lay.R + C - 1) // C
+        st = packed_final(states, init, lay, jnp.maximum(nch - 1, 0))   # the state before the last chunk
+        start = jnp.maximum((lay.R - 1) // C, 0) * C
+        tail = lambda a, key: None if a is None else packed_tail(lay, a.astype(sd), buf(key), start, C)
+        bufs = self._buffers(tail(k, "buf_k"), tail(v, "buf_v"),
+                             tail(lr, "buf_lr") if self.per_token_lr else None,
+                             tail(m, "buf_m") if rule.use_momentum else None)
+        cache = {**self._state_to_cache(st), **bufs, "buf_len": (lay.R - start).astype(jnp.int32)}
+        old = fc if given else {key: val for key, val in self.init_cache(N).items() if key in cache}
+        keep = lay.R == 0   # an empty sequence leaves its cache as it was
+        cache = {key: jnp.where(keep.reshape((-1,) + (1,) * (val.ndim - 1)), old[key].astype(val.dtype), val)
+                 for key, val in cache.items()}
+        return o.astype(v.dtype), cache
+
     # ------------------------------------------------------------------ call
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
         """Returns ``(y [B, T, W], new_cache)``.
 
         ``positions`` ``[B, T]`` (or ``[T]``) absolute positions for RoPE and the window;
         default ``cache["pos"] + arange(T)``.
+
+        ``cu_seqlens`` ``[N + 1]``: N packed sequences in ``x`` ``[1, T, W]``, each computed
+        as if alone (every sequence starts a fresh chunk, the attention branch never crosses a
+        boundary); the cache in and out holds one entry per sequence (leading dim N);
+        positions default to each sequence's ``cache["pos"] + 0, 1, …``. Packed calls run the
+        chunk scan (``impl`` ``"recurrent"`` or ``"auto"``); the parallel impls raise
+        :class:`tttla_jax.impl.ImplError`.
         """
         B, T = self._check_x(x)
         if T == 0:
             raise ValueError("x: expected at least one token (T >= 1), got T = 0")
+        NB, nb = self._cache_batch(B, T, cu_seqlens)
+        packed = cu_seqlens is not None
+        if packed and self.impl not in ("auto", "recurrent"):
+            raise _impl.ImplError(
+                f"impl: LaCTLayer(preset={self.preset!r}) runs packed sequences (cu_seqlens) with its "
+                f"chunk scan only; got impl={self.impl!r}, use impl='recurrent' or 'auto'")
         given = cache is not None
         if given:
-            _check_cache(cache, self._cache_spec(B))
+            _check_cache(cache, self._cache_spec(NB, nb))
         else:
-            cache = self.init_cache(B)
-        positions = resolve_positions(positions, cache, B, T)
+            cache = self.init_cache(NB)
+        if packed:
+            positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
+        else:
+            positions = resolve_positions(positions, cache, B, T)
 
         q, k, v, lr, m, attn = self._project(x, positions)
-        fast_keys = [key for key in self._cache_spec(B)
+        fast_keys = [key for key in self._cache_spec(NB)
                      if key not in ("pos",) and not key.startswith("attn_")]
         fc = {key: cache[key] for key in fast_keys}
-        if given:  # continue the cache: the masked chunk scan (rows with buf_len 0 start from W^(0))
+        if packed:
+            o, new_fc = self._packed(q, k, v, lr, m, fc, cu_seqlens, given)
+        elif given:  # continue the cache: the masked chunk scan (rows with buf_len 0 start from W^(0))
             o, new_fc = self._stream(q, k, v, lr, m, fc)
         else:      # a fresh sequence: the resolved impl
             o, new_fc = self._fresh(q, k, v, lr, m)
@@ -524,11 +609,18 @@ class LaCTLayer(Mixer):
             gate = jax.nn.silu(self.ttt_scale_proj(x))                 # [B, T, H]
             o = o * gate[..., None].astype(o.dtype)
         o = o.reshape(B, T, H * D)
-        new_cache = {**new_fc, "pos": positions[:, -1] + 1}
+        if packed:
+            new_cache = {**new_fc, "pos": packed_next_pos(positions, cache["pos"], cu_seqlens)}
+        else:
+            new_cache = {**new_fc, "pos": positions[:, -1] + 1}
         if self.window is not None:
             qa, ka, va = attn
             sub = {"k": cache["attn_k"], "v": cache["attn_v"], "kpos": cache["attn_kpos"]}
-            oa, sub = sliding_window_attend(qa, ka, va, positions, sub, window=self.window)
+            if packed:
+                oa, sub = sliding_window_attend_packed(qa, ka, va, positions, sub, window=self.window,
+                                                       cu_seqlens=cu_seqlens)
+            else:
+                oa, sub = sliding_window_attend(qa, ka, va, positions, sub, window=self.window)
             o = o + oa.reshape(B, T, H * D).astype(o.dtype)
             new_cache.update(attn_k=sub["k"], attn_v=sub["v"], attn_kpos=sub["kpos"])
         return self.o_proj(o), new_cache
