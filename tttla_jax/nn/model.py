@@ -16,6 +16,7 @@ from jaxtyping import Array, Int
 
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
+from tttla_jax.nn._segments import packed_next_pos, packed_positions
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned, positive_float
 from tttla_jax.nn.mixers import MIXERS, mixer_options, resolve_heads, resolve_positions
 
@@ -213,8 +214,9 @@ class Block(nnx.Module):
         self.mlp = (SwiGLU(config.width, config.hidden, rngs=rngs, **kw)
                     if config.state_mixer == "swiglu" else None)
 
-    def __call__(self, x, cache=None, positions=None):
-        h, cache = self.mixer(self.mixer_norm(x), cache=cache, positions=positions)
+    def __call__(self, x, cache=None, positions=None, cu_seqlens=None):
+        packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        h, cache = self.mixer(self.mixer_norm(x), cache=cache, positions=positions, **packed)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -223,20 +225,20 @@ class Block(nnx.Module):
         return x, cache
 
 
-def _block_apply(block, x, cache, positions):
-    return block(x, cache, positions)
+def _block_apply(block, x, cache, positions, cu_seqlens=None):
+    return block(x, cache, positions, cu_seqlens)
 
 
-def _block_apply_remat(block, x, cache, positions):
+def _block_apply_remat(block, x, cache, positions, cu_seqlens=None):
     # jax.checkpoint on the functional (graphdef, state) view of the block: blocks never
     # mutate their variables, so nothing needs writing back (and, unlike nnx.remat, this
     # also works on a model merged inside another transform such as lax.scan).
     graphdef, state = nnx.split(block)
 
-    def f(state, x, cache, positions):
-        return nnx.merge(graphdef, state)(x, cache, positions)
+    def f(state, x, cache, positions, cu_seqlens):
+        return nnx.merge(graphdef, state)(x, cache, positions, cu_seqlens)
 
-    return jax.checkpoint(f)(state, x, cache, positions)
+    return jax.checkpoint(f)(state, x, cache, positions, cu_seqlens)
 
 
 class LanguageModel(nnx.Module):
@@ -293,10 +295,17 @@ class LanguageModel(nnx.Module):
                 "layers": tuple(b.mixer.init_cache(batch_size) for b in self.blocks)}
 
     def __call__(self, tokens: Int[Array, "b t"], *, cache: Optional[dict] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
         """Returns ``(logits [B, T, V], new_cache)``.
 
         ``positions`` default to ``cache["pos"] + arange(T)`` (``arange(T)`` without a cache).
+
+        ``cu_seqlens`` ``[N + 1]``: ``tokens`` ``[1, T]`` holds N packed documents
+        (``[0, T_1, T_1 + T_2, …, T]``), each computed as if alone (every mixer gets
+        ``cu_seqlens``); the cache in and out is per document (``init_cache(N)``, batch N, so
+        decoding continues every document with tokens ``[N, 1]``) and positions restart at
+        every document (continue from ``cache["pos"]``) unless given ``[1, T]``.
         """
         _checks.check_rank("tokens", tokens, 2, "[B, T]")
         if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
@@ -304,28 +313,35 @@ class LanguageModel(nnx.Module):
         B, T = tokens.shape
         if T == 0:
             raise ValueError("tokens: expected at least one token (T >= 1), got T = 0")
+        NB = B if cu_seqlens is None else _checks.check_cu_seqlens(cu_seqlens, B, T)
         fresh = cache is None  # mixers then get cache=None (a fresh sequence, known statically)
         if fresh:
-            cache = self.init_cache(B)
+            cache = self.init_cache(NB)
         if not (isinstance(cache, dict) and "pos" in cache and "layers" in cache):
             raise ValueError("cache: expected the dict returned by init_cache / a previous call "
                              f"(keys 'pos', 'layers'), got {type(cache).__name__}")
         if len(cache["layers"]) != len(self.blocks):
             raise ValueError(f"cache['layers']: expected {len(self.blocks)} layer caches, "
                              f"got {len(cache['layers'])}")
-        _checks.check_shape("cache['pos']", cache["pos"], (B,), "[B]")
-        positions = resolve_positions(positions, cache, B, T)
+        if cu_seqlens is None:
+            _checks.check_shape("cache['pos']", cache["pos"], (B,), "[B]")
+            positions = resolve_positions(positions, cache, B, T)
+        else:
+            _checks.check_shape("cache['pos']", cache["pos"], (NB,), "[N] (one per packed document)")
+            positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
 
         x = self.embed_inputs(tokens, positions)
         apply = _block_apply_remat if self.config.remat else _block_apply
         new_layers = []
         for block, c in zip(self.blocks, cache["layers"]):
-            x, c = apply(block, x, None if fresh else c, positions)
+            x, c = apply(block, x, None if fresh else c, positions, cu_seqlens)
             new_layers.append(c)
         x = self.final_norm(x)
         logits = self.embed.attend(x)
         sd = _checks.state_dtype(logits)
-        return logits.astype(sd), {"pos": positions[:, -1] + 1, "layers": tuple(new_layers)}
+        pos = (positions[:, -1] + 1 if cu_seqlens is None
+               else packed_next_pos(positions, cache["pos"], cu_seqlens))
+        return logits.astype(sd), {"pos": pos, "layers": tuple(new_layers)}
 
 
 def count_params(model: nnx.Module) -> int:
