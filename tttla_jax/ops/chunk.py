@@ -285,11 +285,11 @@ def channel_decays(g):
     return c, s, gamma, lam, Gam
 
 
-def decayed_gram(x, y, c, s, *, strict: bool = False, sub: int = SUB_CHUNK):
+def decayed_gram(x, y, c, s, *, strict: bool = False, sub=None):
     """``G_ij = [j ≤ i] Σ_κ x_iκ y_jκ exp(b_iκ − b_jκ)`` (``j < i`` if ``strict``) of one chunk
     with a per-channel cumulative log-decay, cut-aware (``(c, s)`` from :func:`channel_decays`:
     ``exp(b_iκ − b_jκ) = exp(c_iκ − c_jκ)·[s_iκ = s_jκ]``). ``x, y, c, s [..., C, K]`` →
-    ``[..., C, C]``.
+    ``[..., C, C]``; ``sub`` tokens per sub-chunk (default :data:`SUB_CHUNK`, read at call time).
 
     The decay sits inside the contraction, so it cannot be one mask on ``x yᵀ``, and the
     textbook factorisation ``(x ⊙ e^{b}) (y ⊙ e^{−b})ᵀ`` overflows (``e^{−b}`` grows without
@@ -309,7 +309,7 @@ def decayed_gram(x, y, c, s, *, strict: bool = False, sub: int = SUB_CHUNK):
     Every exponent evaluated is ``≤ 0`` for ``g ≤ 0``; differentiable by autodiff (no
     ``inf·0``: masked entries never reach an exponential)."""
     C, K = x.shape[-2:]
-    sub = max(1, min(sub, C))
+    sub = max(1, min(SUB_CHUNK if sub is None else sub, C))
     n = num_chunks(C, sub)
     Cp = n * sub
     if Cp != C:  # zero rows/columns; decays continued flat (every exponent stays <= 0)
