@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
+from tttla_jax.parallel import context as _sp
 from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions, dense, l2_normalize,
                                  partitioned, positive_float)
 from tttla_jax.ops.delta_rule import delta_rule
@@ -98,6 +99,10 @@ class Mixer(nnx.Module):
     """
 
     impls: tuple = ("recurrent",)
+    #: How the layer shards over a sequence axis (docs/context_parallel.md):
+    #: ``"pipelined"`` (any mixer, from the cache protocol) or ``"associative"`` (the
+    #: layer's own call combines its state across devices); see :mod:`tttla_jax.parallel`.
+    sequence_parallel_form: str = "pipelined"
 
     def __init_subclass__(cls, **kwargs):
         # Every mixer returns its output in the dtype of ``x`` (a bfloat16 activation stays
@@ -107,7 +112,11 @@ class Mixer(nnx.Module):
         if call is not None and not getattr(call, "_casts_to_input_dtype", False):
             @functools.wraps(call)
             def __call__(self, *args, **kw):
-                y, cache = call(self, *args, **kw)
+                axis = _sp.sequence_axis()  # under sequence parallelism: x is a local slice
+                if axis is not None and _sp.sequence_parallel_form(self) == "pipelined":
+                    y, cache = _sp.sequence_parallel_call(self, axis, *args, **kw)
+                else:
+                    y, cache = call(self, *args, **kw)
                 x = args[0] if args else kw["x"]
                 return y.astype(jnp.result_type(x)), cache
             __call__._casts_to_input_dtype = True

@@ -249,7 +249,9 @@ def linear_attention(
     sd = _checks.state_dtype(q, k, v)
     qf = q.astype(sd) * jnp.asarray(scale, sd)
     kf, vf = k.astype(sd), v.astype(sd)
-    g = jnp.zeros((B, T, H), sd) if log_decay is None else log_decay.astype(sd)
+    # zeros_like: under shard_map the zero gate varies over the mesh axes like q does (the
+    # chunked form's custom_vjp returns cotangents of that type)
+    g = jnp.zeros_like(qf[..., 0]) if log_decay is None else log_decay.astype(sd)
     if cu_seqlens is not None:
         N = cu_seqlens.shape[0] - 1
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
