@@ -134,11 +134,11 @@ class SweepConfig:
     settings: tuple = ((64, 4),)
     widths: tuple = (64,)
     lrs: tuple = ZOOLOGY_LRS[2:]   # the two largest of Zoology's grid: 2.2e-3, 1e-2
-    steps: int = 300
+    steps: int = 2000
     batch_size: int = 64
-    train_examples: int = 20_000
+    train_examples: int = 50_000
     test_examples: int = 1_000
-    eval_every: int = 100
+    eval_every: int = 250
     early_stop: float = 0.99
     weight_decay: float = 0.1
     embed_dropout: float = 0.1
@@ -427,7 +427,7 @@ def plot(results: dict, path: str) -> bool:
 
 
 DEFAULT = SweepConfig()
-TINY = SweepConfig(mixers=("attention", "delta_net"), settings=((16, 2),), widths=(16,), lrs=(3e-3,),
+TINY = SweepConfig(mixers=("attention", "linear_attention"), settings=((16, 2),), widths=(16,), lrs=(3e-3,),
                    steps=4, batch_size=8, train_examples=64, test_examples=16, eval_every=2,
                    vocab_size=64)
 FULL = SweepConfig(mixers=tuple(MIXER_PRESETS), settings=SETTINGS, widths=(64, 128, 256, 512),

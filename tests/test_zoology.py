@@ -1,0 +1,320 @@
+"""Zoology MQAR (train/mqar.py protocol "zoology"), the "attention" mixer, the Zoology model
+options of LMConfig (identity state mixer, learned positions, embedding dropout) and the
+``python -m train.zoology`` sweep.
+
+float64 checks at 1e-10 (attention: chunked vs recurrent vs a numpy loop, outputs, caches
+and gradients).
+"""
+import functools
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+
+from tttla_jax.nn import MIXERS, LanguageModel, LMConfig
+from tttla_jax.nn.attention import Attention
+from tttla_jax.train.mqar import mqar_batch, mqar_example
+
+F64 = jnp.float64
+TOL = 1e-10
+assert_close = functools.partial(chex.assert_trees_all_close, rtol=0.0, atol=TOL)
+
+
+# --------------------------------------------------------------------------- generator
+
+def check_zoology_example(inputs, targets, mask, *, seq_len, num_kv, vocab_size):
+    """Every property of Zoology's multiquery_ar (random_non_queries=False)."""
+    half, ctx = vocab_size // 2, 2 * num_kv
+    assert inputs.shape == targets.shape == mask.shape == (seq_len,)
+    keys, values = inputs[0:ctx:2], inputs[1:ctx:2]
+    assert np.all((keys >= 1) & (keys < half)), keys
+    assert np.all((values >= half) & (values < vocab_size)), values
+    assert len(set(keys.tolist())) == num_kv          # keys without replacement
+    assert len(set(values.tolist())) == num_kv        # values without replacement
+    assert not mask[:ctx].any()
+    region = inputs[ctx:]
+    # the query region holds only the query keys and zeros; every key exactly once
+    assert sorted(region[region != 0].tolist()) == sorted(keys.tolist())
+    # keys sit at even offsets of the region, each followed by 0 (or the end)
+    offs = np.flatnonzero(region)
+    assert np.all(offs % 2 == 0)
+    assert np.all(region[np.minimum(offs + 1, len(region) - 1)][offs + 1 < len(region)] == 0)
+    # scored exactly at the query keys; the label is the value paired with that key
+    assert mask.sum() == num_kv
+    np.testing.assert_array_equal(np.flatnonzero(mask), ctx + offs)
+    pair = dict(zip(keys.tolist(), values.tolist()))
+    for t in np.flatnonzero(mask):
+        assert targets[t] == pair[int(inputs[t])]
+    assert np.all(targets[~mask] == 0)
+
+
+@pytest.mark.parametrize("seq_len,num_kv", [(64, 4), (128, 8), (256, 16), (512, 64)])
+def test_zoology_generator_fig2_settings(seq_len, num_kv):
+    b = mqar_batch(0, range(8), seq_len=seq_len, num_kv=num_kv, vocab_size=8192, protocol="zoology")
+    for i in range(8):
+        check_zoology_example(b["inputs"][i], b["targets"][i], b["mask"][i], seq_len=seq_len,
+                              num_kv=num_kv, vocab_size=8192)
+    # fixed seeds: example i depends only on (seed, i); another seed gives another set
+    again = mqar_batch(0, [5, 2], seq_len=seq_len, num_kv=num_kv, vocab_size=8192, protocol="zoology")
+    np.testing.assert_array_equal(again["inputs"], b["inputs"][[5, 2]])
+    other = mqar_batch(10, range(8), seq_len=seq_len, num_kv=num_kv, vocab_size=8192, protocol="zoology")
+    assert not np.array_equal(other["inputs"], b["inputs"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_kv=st.integers(1, 12), extra=st.integers(0, 20), half=st.integers(13, 60),
+       seed=st.integers(0, 2 ** 31), a=st.sampled_from([0.01, 0.3, 1.0]))
+def test_zoology_generator_property(num_kv, extra, half, seed, a):
+    seq_len = 4 * num_kv + 2 * extra
+    vocab = 2 * half
+    ex = mqar_example(np.random.default_rng(seed), seq_len=seq_len, num_kv=num_kv, vocab_size=vocab,
+                      power_a=a, protocol="zoology")
+    check_zoology_example(*ex, seq_len=seq_len, num_kv=num_kv, vocab_size=vocab)
+
+
+def test_zoology_gaps_follow_the_power_law():
+    """With a = 0.01 short gaps dominate: over 400 examples (L 128, kv 8, 56 gap slots) the
+    first gap slot is used far more often than the last (uniform would use both in 1/7)."""
+    b = mqar_batch(3, range(400), seq_len=128, num_kv=8, vocab_size=8192, protocol="zoology")
+    gaps = (np.stack([np.flatnonzero(m) for m in b["mask"]]) - 16) // 2
+    first, last = np.mean(np.any(gaps == 0, 1)), np.mean(np.any(gaps == 55, 1))
+    assert first > 0.5 and last < 0.1, (first, last)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seq_len=63, num_kv=4, protocol="zoology"), r"seq_len: the zoology protocol needs an even"),
+    (dict(seq_len=64, num_kv=4, protocol="fig2"), r"protocol: expected one of \('ours', 'zoology'\)"),
+    (dict(seq_len=12, num_kv=4, protocol="zoology"), r"seq_len: expected >= 4 \* num_kv = 16"),
+    (dict(seq_len=64, num_kv=4, protocol="zoology", power_a=0.0), r"power_a: expected a positive"),
+])
+def test_generator_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        mqar_batch(0, [0], vocab_size=8192, **kw)
+
+
+def test_train_config_protocol_and_early_stop():
+    from tttla_jax.train.config import make_config
+    from tttla_jax.train.data import eval_batches
+    cfg = make_config("mqar", mqar_protocol="zoology", mqar_test_examples=4, early_stop_accuracy=0.99)
+    b = eval_batches(cfg)[0]
+    check_zoology_example(b["inputs"][0], b["targets"][0], b["mask"][0], seq_len=64, num_kv=4,
+                          vocab_size=8192)
+    with pytest.raises(ValueError, match=r"mqar_protocol: expected one of"):
+        make_config("mqar", mqar_protocol="zoo")
+    with pytest.raises(ValueError, match=r"early_stop_accuracy: expected a float in \[0, 1\]"):
+        make_config("mqar", early_stop_accuracy=1.5)
+
+
+# --------------------------------------------------------------------------- attention
+
+B, T, W, H, S = 2, 7, 8, 2, 12
+
+
+def make_attn(impl, **kw):
+    return Attention(width=W, num_heads=H, max_len=S, impl=impl, dtype=F64, param_dtype=F64,
+                     rngs=nnx.Rngs(0), **kw)
+
+
+def prefilled_cache(m, n=3, seed=2):
+    """A cache holding n random earlier tokens (positions 0..n-1)."""
+    c = m.init_cache(B)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    c["k"] = c["k"].at[:, :n].set(jax.random.normal(k1, (B, n, H, W // H), F64))
+    c["v"] = c["v"].at[:, :n].set(jax.random.normal(k2, (B, n, H, W // H), F64))
+    c["kpos"] = c["kpos"].at[:, :n].set(jnp.arange(n, dtype=jnp.int32))
+    c["len"] = jnp.full((B,), n, jnp.int32)
+    c["pos"] = jnp.full((B,), n, jnp.int32)
+    return c
+
+
+@functools.lru_cache(maxsize=None)
+def attn_run(impl, rope):
+    m = make_attn(impl, use_rope=rope, use_bias=True)
+    gd, params = nnx.split(m)
+    cache = prefilled_cache(m)
+    x = jax.random.normal(jax.random.key(1), (B, T, W), F64)
+
+    def loss(params, x, k, v):
+        y, c = nnx.merge(gd, params)(x, cache={**cache, "k": k, "v": v})
+        w = jnp.cos(jnp.arange(y.size, dtype=F64)).reshape(y.shape)
+        return jnp.sum(y * w) + jnp.sum(jnp.sin(c["k"])) + jnp.sum(jnp.cos(c["v"])), (y, c)
+
+    @jax.jit
+    def f(params, x):
+        (_, (y, c)), g = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+            params, x, cache["k"], cache["v"])
+        mm = nnx.merge(gd, params)
+        y_full, c_full = mm(x)
+        c2, ys = mm.init_cache(B), []
+        for a, b in ((0, 5), (5, 6), (6, T)):
+            yp, c2 = mm(x[:, a:b], cache=c2)
+            ys.append(yp)
+        return dict(y=y, c=c, g=g, y_full=y_full, c_full=c_full, y_pieces=jnp.concatenate(ys, 1),
+                    c_pieces=c2)
+
+    return m, x, cache, f(params, x)
+
+
+@pytest.mark.parametrize("rope", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_attention_chunked_equals_recurrent_f64(rope):
+    """Outputs, caches and gradients (parameters, inputs, cached keys and values) from a
+    non-empty cache; prefill + decoding in pieces equals the full call."""
+    r0, r1 = attn_run("recurrent", rope)[3], attn_run("chunked", rope)[3]
+    for key in ("y", "c", "g", "y_full", "c_full"):
+        assert_close(r0[key], r1[key])
+    assert all(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(r0["g"]))
+    for r in (r0, r1):
+        assert_close(r["y_pieces"], r["y_full"])
+        assert_close(r["c_pieces"], r["c_full"])
+    assert float(jnp.max(jnp.abs(r0["y"] - r0["y_full"]))) > 1e-6  # the cache matters
+
+
+def test_attention_matches_numpy_loop():
+    """Against a float64 per-query loop: softmax over the cached tokens and every new token
+    up to the query."""
+    m, x, cache, r = attn_run("chunked", False)
+    D, n = W // H, 3
+    q = np.asarray(m.q_proj(x)).reshape(B, T, H, D)
+    k = np.concatenate([np.asarray(cache["k"][:, :n]), np.asarray(m.k_proj(x)).reshape(B, T, H, D)], 1)
+    v = np.concatenate([np.asarray(cache["v"][:, :n]), np.asarray(m.v_proj(x)).reshape(B, T, H, D)], 1)
+    o = np.zeros((B, T, H, D))
+    for t in range(T):
+        s = np.einsum("bhd,bshd->bhs", q[:, t], k[:, :n + t + 1]) / np.sqrt(D)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o[:, t] = np.einsum("bhs,bshd->bhd", p, v[:, :n + t + 1])
+    assert_close(r["y"], m.o_proj(jnp.asarray(o).reshape(B, T, H * D)))
+    assert_close(r["c"]["k"][:, :n + T], jnp.asarray(k))
+    np.testing.assert_array_equal(r["c"]["len"], n + T)
+    np.testing.assert_array_equal(r["c"]["kpos"][:, n + T:], -1)
+
+
+def test_attention_capacity_errors_and_registry():
+    assert MIXERS["attention"] is Attention
+    m = make_attn("chunked")
+    with pytest.raises(ValueError, match=r"x: expected at most max_len = 12 tokens"):
+        m(jnp.zeros((B, S + 1, W), F64))
+    # a decoding call past the capacity gives NaN outputs for that row, never reused slots
+    c = prefilled_cache(m, n=S - 1)
+    c["len"] = c["len"].at[1].set(2)
+    y, _ = m(jnp.ones((B, 2, W), F64), cache=c)
+    assert bool(jnp.all(jnp.isnan(y[0]))) and bool(jnp.all(jnp.isfinite(y[1])))
+    with pytest.raises(ValueError, match=r"max_len: expected a positive int"):
+        Attention(width=W, num_heads=H, max_len=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"impl: Attention does not support impl='pallas'"):
+        Attention(width=W, num_heads=H, impl="pallas", rngs=nnx.Rngs(0))
+
+
+# --------------------------------------------------------------------------- model options
+
+def zoo_lm(**kw):
+    base = dict(vocab_size=32, width=8, num_layers=2, num_heads=1, mixers="attention",
+                mixer_options={"attention": {"max_len": 12}}, state_mixer="identity",
+                positions="learned", max_positions=12, embed_dropout=0.1, dtype=F64, param_dtype=F64)
+    return LMConfig(**{**base, **kw})
+
+
+def test_zoology_model_options():
+    model = LanguageModel(zoo_lm(), rngs=nnx.Rngs(0))
+    assert model.blocks[0].mlp is None and model.pos_embed.embedding.shape == (12, 8)
+    tok = jax.random.randint(jax.random.key(0), (2, 10), 0, 32)
+    logits, _ = model(tok)
+    # prefill 6 + decode 1 + 3 equals the full forward (learned positions from the cache)
+    c = model.init_cache(2)
+    parts = []
+    for a, b in ((0, 6), (6, 7), (7, 10)):
+        lp, c = model(tok[:, a:b], cache=c)
+        parts.append(lp)
+    assert_close(jnp.concatenate(parts, 1), logits)
+    # by hand: embedding + position, blocks x + mixer(norm x) then x + norm(x), final norm
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    x = model.embed(tok) + model.pos_embed(pos)
+    for blk in model.blocks:
+        x = x + blk.mixer(blk.mixer_norm(x), positions=pos)[0]
+        x = x + blk.mlp_norm(x)
+    assert_close(logits, model.embed.attend(model.final_norm(x)))
+    # dropout acts only with a key, and then as inverted dropout with rate 0.1
+    e0 = model.embed_inputs(tok, pos)
+    e1 = model.embed_inputs(tok, pos, dropout_key=jax.random.key(3))
+    kept = e1 != 0
+    assert 0.7 < float(jnp.mean(kept)) < 0.99
+    assert_close(jnp.where(kept, e1, 0), jnp.where(kept, e0 / 0.9, 0))
+    # the learned table has 12 rows: longer inputs are an error, a later position is NaN
+    with pytest.raises(ValueError, match=r"tokens: expected T <= max_positions = 12"):
+        model(jnp.zeros((1, 13), jnp.int32))
+    y, _ = model(tok[:1, :1], positions=jnp.asarray([[12]]), cache=model.init_cache(1))
+    assert bool(jnp.all(jnp.isnan(y)))
+    none = LanguageModel(zoo_lm(state_mixer="none", positions="none", max_positions=None),
+                         rngs=nnx.Rngs(0))
+    assert none.blocks[0].mlp_norm is None and none.pos_embed is None
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_positions=None), r"max_positions: positions='learned' needs the table size"),
+    (dict(positions="none"), r"max_positions: only used with positions='learned'"),
+    (dict(positions="rope"), r"positions: got 'rope', expected one of \('none', 'learned'\)"),
+    (dict(state_mixer="mlp"), r"state_mixer: got 'mlp', expected one of"),
+    (dict(embed_dropout=1.0), r"embed_dropout: expected a float in \[0, 1\)"),
+    (dict(max_positions=0), r"max_positions: expected a positive int"),
+])
+def test_zoology_model_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        zoo_lm(**kw)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+def test_every_preset_builds_a_zoology_model():
+    """Every mixer preset of the sweep gives a valid 2-block identity-state-mixer model at
+    every Fig. 2 setting; attention has learned positions and a cache of the sequence."""
+    from tttla_jax.train.zoology import MIXER_PRESETS, SETTINGS, lm_config, state_size
+    for name, preset in MIXER_PRESETS.items():
+        for L, _ in SETTINGS[:2]:
+            cfg = lm_config(preset, seq_len=L, width=64)
+            assert cfg.state_mixer == "identity" and cfg.num_layers == 2 and cfg.vocab_size == 8192
+            assert (cfg.positions == "learned") == (name == "attention")
+    model = nnx.eval_shape(lambda: LanguageModel(lm_config(MIXER_PRESETS["attention"], seq_len=64,
+                                                           width=64), rngs=nnx.Rngs(0)))
+    assert state_size(model) == 2 * 64 * 64  # K and V of 64 tokens, one head of 64
+
+
+def test_sweep_command_end_to_end(tmp_path, capsys):
+    """python -m train.zoology --sweep tiny (in-process): trains attention (learned
+    positions, no MLP) and linear attention a few steps, writes results.json, results.md and the
+    plot; a second call with --resume trains nothing; a bad preset is a usage error."""
+    from tttla_jax.train import zoology
+    out = str(tmp_path / "z")
+    assert zoology.main(["--sweep", "tiny", "--out", out, "--no-progress"]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert [r["mixer"] for r in res["runs"]] == ["attention", "linear_attention"]
+    for r in res["runs"]:
+        assert r["steps"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and len(r["curve"]) == 2
+        assert r["state_size"] > 0 and np.isfinite(r["curve"][-1]["train_loss"])
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| 16 | 2 | attention | 16 | 512 |" in md  # 2 * L * width floats
+    assert os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
+    assert zoology.main(["--sweep", "tiny", "--out", out, "--resume", "--no-progress"]) == 0
+    assert len(json.load(open(os.path.join(out, "results.json")))["runs"]) == 2
+    assert "--resume: 2 runs already" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        zoology.main(["--sweep", "tiny", "--out", out, "--preset", "x=nope"])
+    assert "unknown mixer 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_preset_trains_a_few_steps(tmp_path):
+    """Every preset of the sweep trains 4 steps at the tiny size (finite losses)."""
+    from tttla_jax.train import zoology
+    out = str(tmp_path / "all")
+    argv = ["--sweep", "tiny", "--out", out, "--no-progress", "--settings", "32x2",
+            "--mixers", *zoology.MIXER_PRESETS]
+    assert zoology.main(argv) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert sorted(r["mixer"] for r in res["runs"]) == sorted(zoology.MIXER_PRESETS)
+    assert all(np.isfinite(r["curve"][-1]["train_loss"]) for r in res["runs"])
