@@ -112,10 +112,26 @@ def _forward_loss(model, batch, sparse_queries: int):
         logits = sparse_logits(model, batch["inputs"], index)
         targets = jnp.take_along_axis(batch["targets"], index, axis=1)
         mask = jnp.take_along_axis(mask, index, axis=1)
+    elif "cu_seqlens" in batch:  # packed documents: each row [1, T] with its own cu_seqlens
+        logits = packed_logits(model, batch["inputs"], batch["cu_seqlens"])
+        targets, mask = batch["targets"], batch["mask"]
     else:
         logits, _ = model(batch["inputs"])
         targets, mask = batch["targets"], batch["mask"]
     return _masked_nll(logits, targets, mask)
+
+
+def packed_logits(model: LanguageModel, tokens, cu_seqlens):
+    """Logits ``[B, T, V]`` of B rows of packed documents (``cu_seqlens`` ``[B, N + 1]``, one
+    row each): ``jax.vmap`` over the rows of the functional (``nnx.split`` / ``merge``) call
+    ``model(row[None], cu_seqlens=cu)``, so the batch axis (and its data/fsdp sharding)
+    stays as it is."""
+    graphdef, state = nnx.split(model)
+
+    def row(state, tok, cu):
+        return nnx.merge(graphdef, state)(tok[None], cu_seqlens=cu)[0][0]
+
+    return jax.vmap(row, in_axes=(None, 0, 0))(state, tokens, cu_seqlens)
 
 
 _STEP_CACHE: dict = {}
@@ -139,9 +155,17 @@ def make_steps(graphdef, cfg: TrainConfig, mesh=None, shardings=None):
         return _STEP_CACHE[key]
     tx, _ = make_optimizer(cfg)
 
+    def model_sums(params, rest, batch, sparse=sparse):
+        return _forward_loss(nnx.merge(graphdef, params, rest), batch, sparse)
+
+    if mesh is not None and dist.seq_size(mesh) > 1:  # every sequence split over "seq"
+        # the dense loss (sparse_logits gathers along T): the same sum, every row scoring
+        # exactly its masked positions
+        model_sums = dist.sequence_parallel_loss(lambda p, r, b: _forward_loss(
+            nnx.merge(graphdef, p, r), b, 0), mesh)
+
     def loss_fn(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        s, n, c = _forward_loss(model, batch, sparse)
+        s, n, c = model_sums(params, rest, batch)
         return s / jnp.maximum(n, 1.0), (n, c)
 
     def train_step(params, rest, opt_state, batch):
@@ -158,8 +182,7 @@ def make_steps(graphdef, cfg: TrainConfig, mesh=None, shardings=None):
         return params, opt_state, metrics
 
     def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        return _forward_loss(model, batch, sparse)
+        return model_sums(params, rest, batch)
 
     if shardings is None:
         train_step, eval_step = jax.jit(train_step), jax.jit(eval_step)
@@ -368,7 +391,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         p_sh = dist.param_shardings(params, mesh)
         r_sh = dist.state_shardings(rest, mesh)
         rep = dist.replicated(mesh)
-        b_sh = dist.batch_sharding(mesh)
+        b_sh = dist.batch_sharding(mesh, cfg.seq_len)
         # place the initial state on the mesh (a jitted identity also works multi-process)
         params = jax.jit(lambda x: x, out_shardings=p_sh)(params)
         rest = jax.jit(lambda x: x, out_shardings=r_sh)(rest)
@@ -395,8 +418,10 @@ def _run(cfg: TrainConfig, log) -> dict:
             else:
                 start, rleaves, meta = found
                 saved = meta.get("config", {})
+                # a field newer than the checkpoint counts as its default (e.g. mqar_protocol)
                 diff = [k for k in STRUCTURAL
-                        if json.dumps(saved.get(k)) != json.dumps(_jsonable(getattr(cfg, k)))]
+                        if json.dumps(saved.get(k, _jsonable(getattr(TrainConfig, k, None))))
+                        != json.dumps(_jsonable(getattr(cfg, k)))]
                 if diff:
                     raise SystemExit(
                         "error: --resume with a different config: " + ", ".join(
