@@ -43,7 +43,9 @@ from jaxtyping import Array, Float
 from tttla_jax import _checks
 from tttla_jax.kernels.linear_attention_kernel import (
     CHUNK_SIZES,
-    HEAD_DIMS,
+    END,
+    FIRST,
+    PER_CHANNEL_REASON,
     TPU_VMEM_CAP,
     BlockSizes,
     _acc,
@@ -55,23 +57,31 @@ from tttla_jax.kernels.linear_attention_kernel import (
     _dot,
     _interpret_mode,
     _is_compiled_dtype,
+    _check_per_channel,
+    _from_slots,
+    _packed_tables,
     _static_scale,
+    _to_slots,
+    head_dim_reason,
+    pad_head_dims,
+    padded_dim,
     tpu_vmem_estimate,
 )
 from tttla_jax.ops import chunk as _chunk
 
 
 def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[int] = None,
-                                  interpret: bool = False) -> Optional[str]:
+                                  interpret: bool = False, *, per_channel_decay: bool = False) -> Optional[str]:
     """Why the delta-rule kernel cannot run a call (``None`` if it can), as
-    :func:`tttla_jax.kernels.unsupported_reason` (``chunk_size`` is only a tiling choice here)."""
+    :func:`tttla_jax.kernels.unsupported_reason` (``chunk_size`` is only a tiling choice here;
+    head dims in ``[16, 256]`` are zero-padded to the next tile, exact: ``β k kᵀ`` and ``k S``
+    do not see zero key channels)."""
+    if per_channel_decay:
+        return PER_CHANNEL_REASON
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
         return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
                 "float64 only in interpret mode)")
-    for name, d in (("K", K), ("V", V)):
-        if d not in HEAD_DIMS:
-            return f"head dim {name} = {d} is not supported (expected one of {HEAD_DIMS})"
-    return None
+    return head_dim_reason(K, V)
 
 
 # --------------------------------------------------------------------------- chunk math
@@ -168,10 +178,7 @@ def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     o_dt = jnp.float32 if jnp.dtype(out_dtype) == jnp.float16 else out_dtype
     bv = cfg.block_sizes.tpu(K, V)
-    est = tpu_vmem_estimate(K, V, C, bv, jnp.dtype(q.dtype).itemsize, jnp.dtype(acc).itemsize) + 8 * C * C * 4
-    if est > TPU_VMEM_CAP:
-        raise ValueError(f"TPU delta-rule kernel: estimated VMEM {est / 2**20:.1f} MiB exceeds "
-                         f"{TPU_VMEM_CAP / 2**20:.0f} MiB; use a smaller chunk_size")
+    est = _tpu_estimate(K, V, C, bv, q.dtype, acc)
     tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, c, 0))  # noqa: E731
     vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, c, n))
     sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
@@ -192,6 +199,14 @@ def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
     return o.astype(out_dtype), S
 
 
+def _tpu_estimate(K, V, C, bv, dtype, acc):
+    est = tpu_vmem_estimate(K, V, C, bv, jnp.dtype(dtype).itemsize, jnp.dtype(acc).itemsize) + 8 * C * C * 4
+    if est > TPU_VMEM_CAP:
+        raise ValueError(f"TPU delta-rule kernel: estimated VMEM {est / 2**20:.1f} MiB exceeds "
+                         f"{TPU_VMEM_CAP / 2**20:.0f} MiB; use a smaller chunk_size")
+    return est
+
+
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     C: int
@@ -199,9 +214,9 @@ class _Cfg:
     interpret: Any
 
 
-def _dispatch(cfg, *args, scale):
+def _dispatch(cfg, *args, scale, call=None):
     it = cfg.interpret
-    call = functools.partial(_call, scale=scale, cfg=cfg)
+    call = functools.partial(call or _call, scale=scale, cfg=cfg)
     if it is not None:
         if it is True or (isinstance(it, str) and it == "gpu"):
             return call("gpu", True, *args)
@@ -218,6 +233,7 @@ def _dispatch(cfg, *args, scale):
 
 
 # --------------------------------------------------------------------------- custom_vjp + wrapper
+
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -253,6 +269,138 @@ def _dr_bwd(scale, cfg, res, cts):
 _dr.defvjp(_dr_fwd, _dr_bwd)
 
 
+# --------------------------------------------------------------------------- packed sequences (cu_seqlens)
+# As the linear-attention kernel: the re-chunked layout, per-chunk sequence / flag tables read
+# in the Triton chunk loop or scalar-prefetched by Mosaic (h0 / final-state blocks by cs[c]).
+
+
+def _gpu_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, h0_ref, o_ref, sf_ref, *,
+                       C, N, scale, acc):
+    def body(c, S):
+        n = cs_ref[c]
+        f = cf_ref[c]
+        S = jnp.where((f & FIRST) != 0, h0_ref[n].astype(acc), S)
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        o, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :],
+                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=scale, acc=acc)
+        o_ref[sl, :] = o.astype(o_ref.dtype)
+
+        @pl.when((f & END) != 0)
+        def _():
+            sf_ref[n] = S.astype(sf_ref.dtype)
+
+        return S
+
+    lax.fori_loop(0, N, body, jnp.zeros(h0_ref.shape[1:], acc))
+
+
+def _tpu_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, h0_ref, o_ref, sf_ref, s_scr, *,
+                       scale, acc):
+    del cs_ref
+    c = pl.program_id(3)
+
+    @pl.when((cf_ref[c] & FIRST) != 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    o, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...],
+                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=scale, acc=acc)
+    o_ref[...] = o.astype(o_ref.dtype)
+    s_scr[...] = S
+    sf_ref[...] = S.astype(sf_ref.dtype)
+
+
+def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cfg):
+    _, H, Tp, K = q.shape
+    V = v.shape[-1]
+    Ns = h0.shape[0]
+    C = cfg.C
+    Nc = Tp // C
+    acc = _acc(q.dtype)
+    out_dtype = q.dtype
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        ints = pl.BlockSpec((Nc,), lambda i, j, n: (0,))
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((Ns, None, K, bv), lambda i, j, n: (0, j, 0, n))
+        return pl.pallas_call(
+            functools.partial(_gpu_packed_kernel, C=C, N=Nc, scale=scale, acc=acc),
+            out_shape=(jax.ShapeDtypeStruct((1, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
+            grid=(1, H, V // bv),
+            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), full(1), sblk],
+            out_specs=(vblk, sblk),
+            compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
+            cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+            interpret=bool(interp),
+            name="tttla_delta_rule_packed_fwd_triton",
+        )(cs, cf, q, k, v, beta, b, sg, h0)
+    if jnp.dtype(q.dtype) == jnp.float16:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    o_dt = jnp.float32 if jnp.dtype(out_dtype) == jnp.float16 else out_dtype
+    bv = cfg.block_sizes.tpu(K, V)
+    est = _tpu_estimate(K, V, C, bv, q.dtype, acc)
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c, cs, cf: (i, j, c, 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c, cs, cf: (i, j, c, n))
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c, cs, cf: (cs[c], j, 0, n))
+    o, S = pl.pallas_call(
+        functools.partial(_tpu_packed_kernel, scale=scale, acc=acc),
+        out_shape=(jax.ShapeDtypeStruct((1, H, Tp, V), o_dt), jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(1, H, V // bv, Nc),
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk],
+            out_specs=(vblk, sblk),
+            scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=int(cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est))),
+        cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+        interpret=interp or False,
+        name="tttla_delta_rule_packed_fwd_mosaic",
+    )(cs, cf, q, k, v, beta, b, sg, h0)
+    return o.astype(out_dtype), S
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _dr_packed(q, k, v, beta, g, h0, cu_seqlens, scale, cfg):
+    return _dr_packed_fwd(q, k, v, beta, g, h0, cu_seqlens, scale, cfg)[0]
+
+
+def _dr_packed_fwd(q, k, v, beta, g, h0, cu_seqlens, scale, cfg):
+    T = q.shape[1]
+    acc = _acc(q.dtype)
+    lay, cs, cf, last = _packed_tables(cu_seqlens, T, cfg.C)
+    slots = lambda x: _to_slots(x, lay)  # noqa: E731
+    Tp = lay.valid.size
+    args = tuple(_chunk.heads_major(slots(x), Tp) for x in (q, k, v, beta.astype(acc)[..., None]))
+    o, SF = _dispatch(cfg, cs, cf, *args, *_cum_decay(slots(g.astype(acc)), cfg.C, Tp), h0.astype(acc),
+                      scale=scale, call=_call_packed)
+    SF = jnp.where((last >= 0)[:, None, None, None], SF, h0.astype(acc))
+    o = _from_slots(_chunk.from_heads_major(o, Tp), lay)
+    return (o, SF), (q, k, v, beta, g, h0, cu_seqlens)
+
+
+def _dr_packed_bwd(scale, cfg, res, cts):
+    """The VJP of the same math in XLA: the chunked packed form of ``tt.delta_rule``."""
+    from tttla_jax.ops.delta_rule import delta_rule as _op  # deferred: ops import the kernels lazily
+
+    q, k, v, beta, g, h0, cu = res
+
+    def f(q, k, v, beta, g, h0):
+        return _op(q, k, v, beta, scale=scale, log_decay=g, initial_state=h0, output_final_state=True,
+                   chunk_size=cfg.C, cu_seqlens=cu, impl="chunked")
+
+    _, vjp = jax.vjp(f, q, k, v, beta, g, h0)
+    do, dS = cts
+    return vjp((do.astype(q.dtype), dS.astype(_acc(q.dtype)))) + (None,)
+
+
+_dr_packed.defvjp(_dr_packed_fwd, _dr_packed_bwd)
+
+
 def delta_rule(
     q: Float[Array, "b t h k"],
     k: Float[Array, "b t h k"],
@@ -264,6 +412,7 @@ def delta_rule(
     initial_state: Optional[Float[Array, "b h k v"]] = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    cu_seqlens=None,
     block_sizes: Optional[BlockSizes] = None,
     interpret: Any = None,
 ):
@@ -273,17 +422,21 @@ def delta_rule(
     Same contract as :func:`tttla_jax.delta_rule` (``impl="pallas"``; the arguments are checked
     by the same :func:`tttla_jax._checks.check_qkv`). ``chunk_size`` is a tiling choice
     (unsupported values fall back to 64; shortened for short sequences); ``scale``,
-    ``block_sizes`` and ``interpret`` as :func:`tttla_jax.kernels.linear_attention`.
+    ``block_sizes`` and ``interpret`` as :func:`tttla_jax.kernels.linear_attention`; head dims
+    ``16 ≤ K, V ≤ 256`` (zero-padded to the next tile, exact). ``cu_seqlens``: packed
+    sequences in a batch of one, as :func:`tttla_jax.kernels.linear_attention` (the forward
+    kernel resets per sequence; the backward is the VJP of the packed chunked XLA form).
 
     Returns:
-      ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V] float32/float64 or None)``.
+      ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V] ([N, H, K, V] packed) float32/float64 or None)``.
 
     Raises:
       ValueError: at trace time for bad shapes, or a dtype / head dim the kernel does not
         support (:func:`delta_rule_unsupported_reason`).
     """
-    B, T, H, K, V, _ = _checks.check_qkv(q, k, v, gates={"beta": beta, "log_decay": log_decay},
-                                         initial_state=initial_state, same_dtype=True)
+    _check_per_channel(q, log_decay)
+    B, T, H, K, V, Ns = _checks.check_qkv(q, k, v, gates={"beta": beta, "log_decay": log_decay},
+                                          initial_state=initial_state, cu_seqlens=cu_seqlens, same_dtype=True)
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _check_interpret(interpret)
@@ -294,11 +447,16 @@ def delta_rule(
     C = chunk_size if chunk_size in CHUNK_SIZES else 64
     C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     cfg = _Cfg(C=C, block_sizes=block_sizes or BlockSizes(), interpret=interpret)
-    cfg.block_sizes.gpu(K, V)
-    cfg.block_sizes.tpu(K, V)
+    Kp, Vp = padded_dim(K), padded_dim(V)
+    cfg.block_sizes.gpu(Kp, Vp)
+    cfg.block_sizes.tpu(Kp, Vp)
     acc = _acc(q.dtype)
     g = jnp.zeros((B, T, H), acc) if log_decay is None else log_decay
-    S0 = jnp.zeros((B, H, K, V), acc) if initial_state is None else initial_state
+    S0 = jnp.zeros((Ns, H, K, V), acc) if initial_state is None else initial_state
     q, scale = _static_scale(q, K, scale)
-    o, S = _dr(q, k, v, beta, g, S0, scale, cfg)
-    return o, (S if output_final_state else None)
+    q, k, v, S0 = pad_head_dims(q, k, v, S0, Kp, Vp)
+    if cu_seqlens is None:
+        o, S = _dr(q, k, v, beta, g, S0, scale, cfg)
+    else:
+        o, S = _dr_packed(q, k, v, beta, g, S0, jnp.asarray(cu_seqlens, jnp.int32), scale, cfg)
+    return o[..., :V], (S[..., :K, :V] if output_final_state else None)

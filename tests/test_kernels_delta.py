@@ -119,9 +119,46 @@ def test_export(platform, call, head_dim):
 
 def test_bad_inputs_and_auto():
     q, k, v, beta, g, S0 = make_inputs(2, 1, 4, 1, 16, 16, jnp.float32)
-    with pytest.raises(ValueError, match=r"head dim K = 96 is not supported"):
-        kernel_dr(*make_inputs(2, 1, 4, 1, 96, 16, jnp.float32)[:4])
+    with pytest.raises(ValueError, match=r"head dim K = 300 is not supported \(expected 16 <= K <= 256"):
+        kernel_dr(*make_inputs(2, 1, 4, 1, 300, 16, jnp.float32)[:4])
+    with pytest.raises(ValueError, match=r"per-channel log_decay \[B, T, H, K\] is not supported"):
+        kernel_dr(q, k, v, beta, log_decay=jnp.zeros(q.shape, jnp.float32))
     with pytest.raises(ValueError, match=r"beta: expected shape \[B, T, H\] = \(1, 4, 1\), got \(1, 4\)"):
         kernel_dr(q, k, v, beta[..., 0])
     # CPU host: auto keeps the XLA chunked form
     assert "not a GPU/TPU" in tt.ops.delta_rule_impl_reasons(q, k, v)["pallas"]
+
+
+# --------------------------------------------------------------------------- any head dim, packed sequences
+
+# (interpret, K, V, cu_seqlens): head dims between the tiles (zero-padded in the wrapper: exact,
+# β k kᵀ and k S do not see zero key channels) and packed sequences (an empty one, one shorter
+# than a chunk, one over several chunks).
+ODD_CASES = [
+    ("gpu", 48, 96, (0, 5, 5, 21)),
+    pytest.param("tpu", 200, 32, (0, 17, 21), marks=pytest.mark.slow),
+    pytest.param("gpu", 32, 200, None, marks=pytest.mark.slow),
+    pytest.param("tpu", 96, 48, (0, 3, 20, 21, 21), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("interpret,K,V,cu", ODD_CASES)
+def test_float64_any_head_dim_and_packed(interpret, K, V, cu):
+    """float64, 1e-10 against the recurrent form of tt.delta_rule on the same (packed) call:
+    outputs, per-sequence final states, gradients w.r.t. q, k, v, beta, log_decay, h0."""
+    N = 1 if cu is None else len(cu) - 1
+    q, k, v, beta, g, _ = make_inputs(30 + K + V, 1, 21, 2, K, V)
+    S0 = jnp.asarray(np.random.default_rng(K).normal(size=(N, 2, K, V)))
+    cu = None if cu is None else jnp.asarray(cu, jnp.int32)
+    kw = dict(initial_state=None, output_final_state=True, chunk_size=16, cu_seqlens=cu)
+
+    def kfn(q, k, v, beta, g, S0):
+        return kernel_dr(q, k, v, beta, **dict(kw, initial_state=S0), log_decay=g, interpret=interpret)
+
+    def rfn(q, k, v, beta, g, S0):
+        return tt.delta_rule(q, k, v, beta, **dict(kw, initial_state=S0), log_decay=g, impl="recurrent")
+
+    args = (q, k, v, beta, g, S0)
+    got, want = eval_all(kfn, args), eval_all(rfn, args)
+    assert_close(got[0], want[0], atol=1e-10, what=f"{interpret} K={K} V={V} outputs")
+    assert_close(got[1], want[1], atol=1e-10, what=f"{interpret} K={K} V={V} grads")
