@@ -90,7 +90,9 @@ class TrainConfig:
       patch_size: side of the square patches of the vit task (8x8 images; must divide 8).
       mesh: device mesh "data=D,fsdp=F" (either may be omitted: 1); "" puts every device
         on the data axis. Parameters and optimiser state are sharded over fsdp by their
-        logical axis names, batches over data x fsdp (see train/distributed.py).
+        logical axis names, batches over data x fsdp (see train/distributed.py). A third
+        axis "seq=S" (e.g. "data=2,seq=4") splits every sequence over S devices (sequence
+        parallelism, docs/context_parallel.md; tasks lm without packed documents and mqar).
       distributed: "auto" calls jax.distributed.initialize when a coordinator, process
         count or process id is given (flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
         JAX_PROCESS_ID); "on" always (cluster auto-detection on TPU pods, SLURM, ...);
@@ -203,7 +205,13 @@ class TrainConfig:
         if not self.lact_base_lr > 0:
             raise ValueError(f"lact_base_lr: expected a positive float, got {self.lact_base_lr!r}")
         from tttla_jax.train.distributed import parse_mesh  # validates the mesh string
-        parse_mesh(self.mesh)
+        if parse_mesh(self.mesh).get("seq", 1) > 1:  # sequence parallelism: LM / MQAR rows
+            if self.task == "vit":
+                raise ValueError(f"mesh: a seq axis ({self.mesh!r}) splits token sequences; the vit "
+                                 f"task has none (use data / fsdp)")
+            if self.task == "lm" and getattr(self, "pack_documents", False):
+                raise ValueError(f"mesh: a seq axis ({self.mesh!r}) does not support packed documents "
+                                 f"yet; pass --pack-documents false")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {self.distributed!r}")
         if isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) \

@@ -10,7 +10,14 @@ with ``in_shardings``/``out_shardings``) inserts the collectives. What this modu
   reach the coordinator and its peers within ``--init-timeout`` seconds (default 120)
   fails with :class:`DistributedInitError`, one line naming the coordinator.
 * **Mesh** — :func:`make_mesh`: a :class:`jax.sharding.Mesh` with axes ``("data", "fsdp")``
-  (``--mesh data=2,fsdp=2``; default all devices on ``data``).
+  (``--mesh data=2,fsdp=2``; default all devices on ``data``), plus ``"seq"`` when the spec
+  names it (``--mesh data=2,seq=4``): sequence (context) parallelism.
+* **Sequence parallelism** — with a ``"seq"`` axis every sequence is split over its devices
+  (``T / seq`` tokens each); the loss runs in :func:`jax.shard_map` with the model under
+  :func:`tttla_jax.parallel.sequence_parallel` (:func:`sequence_parallel_loss`): every mixer
+  sees its device's slice (pipelined or associative, docs/context_parallel.md), positions
+  are global, and the summed masked NLL is ``psum``-ed over all mesh axes. Parameters are
+  replicated over ``"seq"`` (gathered from ``"fsdp"`` inside the loss).
 * **Parameters** — every parameter carries logical axis names
   (``nnx.with_partitioning``, see :mod:`tttla_jax.nn.layers`). :data:`LOGICAL_RULES` maps
   each logical name to the mesh axis it may be sharded over; FSDP (ZeRO-3 style) shards
@@ -46,6 +53,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
+SEQ_AXIS = "seq"  # optional third axis: sequence (context) parallelism
+SPEC_AXES = MESH_AXES + (SEQ_AXIS,)
 
 # logical axis name (tttla_jax.nn.layers) -> mesh axis it may be sharded over (None: never).
 LOGICAL_RULES = {
@@ -61,20 +70,23 @@ LOGICAL_RULES = {
 def parse_mesh(spec: str) -> dict:
     """``"data=2,fsdp=2"`` -> ``{"data": 2, "fsdp": 2}``; ``""`` -> ``{}`` (all on data).
 
+    Axes: ``data``, ``fsdp`` and ``seq`` (sequence parallelism), each at most once.
+
     Raises:
       ValueError: naming ``mesh``, the string and the expected form.
     """
     if not isinstance(spec, str):
-        raise ValueError(f"mesh: expected a string like 'data=2,fsdp=2', got {spec!r}")
+        raise ValueError(f"mesh: expected a string like 'data=2,fsdp=2,seq=2', got {spec!r}")
     out = {}
     if not spec.strip():
         return out
     for part in spec.split(","):
         name, eq, size = part.strip().partition("=")
         name = name.strip()
-        if not eq or name not in MESH_AXES or name in out:
-            raise ValueError(f"mesh: expected comma-separated axis=size with axes from {MESH_AXES} "
-                             f"(each at most once), e.g. 'data=2,fsdp=2'; got {spec!r}")
+        if not eq or name not in SPEC_AXES or name in out:
+            raise ValueError(f"mesh: expected comma-separated axis=size with axes from {SPEC_AXES} "
+                             f"(each at most once), e.g. 'data=2,fsdp=2' or 'data=2,seq=4'; "
+                             f"got {spec!r}")
         try:
             n = int(size)
         except ValueError:
@@ -154,33 +166,43 @@ def _wait_for_coordinator(coord: str, timeout: float, pid, nproc) -> None:
 
 
 def make_mesh(spec: str) -> Mesh:
-    """The ``("data", "fsdp")`` mesh described by ``spec`` (see :func:`parse_mesh`).
+    """The ``("data", "fsdp")`` mesh described by ``spec`` (see :func:`parse_mesh`), with a
+    third axis ``"seq"`` if ``spec`` names it.
 
-    ``""`` puts every device on ``data``; naming one axis gives the other the remaining
-    devices. In a single process the mesh may use only the first ``data·fsdp`` devices;
-    with several processes it must cover all of them.
+    ``""`` puts every device on ``data``; without ``data``, ``data`` gets the devices left
+    by the other axes. In a single process the mesh may use only the first
+    ``data·fsdp·seq`` devices; with several processes it must cover all of them.
 
     Raises:
       ValueError: naming ``mesh`` if the sizes do not fit the devices.
     """
     sizes = parse_mesh(spec)
     n = jax.device_count()
+    axes = MESH_AXES + ((SEQ_AXIS,) if SEQ_AXIS in sizes else ())
     if "data" not in sizes:
-        f = sizes.get("fsdp", 1)
+        f = sizes.get("fsdp", 1) * sizes.get(SEQ_AXIS, 1)
         if n % f:
-            raise ValueError(f"mesh: fsdp={f} does not divide the {n} devices")
+            what = " x ".join(f"{a}={sizes[a]}" for a in axes[1:] if a in sizes)
+            raise ValueError(f"mesh: {what} = {f} does not divide the {n} devices")
         sizes["data"] = n // f
     sizes.setdefault("fsdp", 1)
-    d, f = sizes["data"], sizes["fsdp"]
-    if d * f > n or (jax.process_count() > 1 and d * f != n):
-        raise ValueError(f"mesh: data={d} x fsdp={f} = {d * f} devices, but there are {n} "
+    shape = tuple(sizes[a] for a in axes)
+    used = int(np.prod(shape))
+    if used > n or (jax.process_count() > 1 and used != n):
+        what = " x ".join(f"{a}={k}" for a, k in zip(axes, shape))
+        raise ValueError(f"mesh: {what} = {used} devices, but there are {n} "
                          f"({jax.process_count()} process(es)); "
                          f"{'must equal' if jax.process_count() > 1 else 'must be at most'} {n}")
-    if d * f == n:
-        devices = jax.make_mesh((d, f), MESH_AXES).devices  # topology-aware device order
+    if used == n:
+        devices = jax.make_mesh(shape, axes).devices  # topology-aware device order
     else:
-        devices = np.asarray(jax.devices()[: d * f]).reshape(d, f)
-    return Mesh(devices, MESH_AXES)
+        devices = np.asarray(jax.devices()[:used]).reshape(shape)
+    return Mesh(devices, axes)
+
+
+def seq_size(mesh: Mesh) -> int:
+    """Devices on the sequence axis (1 without one)."""
+    return int(dict(mesh.shape).get(SEQ_AXIS, 1))
 
 
 def mesh_key(mesh: Mesh) -> tuple:
@@ -253,13 +275,59 @@ def optax_tree_map_params(tx, f, state, *rest, transform_non_params):
     return optax.tree_map_params(tx, f, state, *rest, transform_non_params=transform_non_params)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch axis over ``("data", "fsdp")`` jointly, other axes replicated."""
+def batch_sharding(mesh: Mesh, seq_len: Optional[int] = None) -> NamedSharding:
+    """Batch axis over ``("data", "fsdp")`` jointly, other axes replicated; with a ``"seq"``
+    axis that divides ``seq_len``, the token axis over ``"seq"`` too (``[B, T]`` arrays).
+    (Otherwise the rows stay whole on every sequence device and the loss pads and splits
+    them, see :func:`sequence_parallel_loss`.)"""
+    if seq_size(mesh) > 1 and seq_len is not None and seq_len % seq_size(mesh) == 0:
+        return NamedSharding(mesh, P(BATCH_AXES, SEQ_AXIS))
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def sequence_parallel_loss(forward, mesh: Mesh):
+    """``forward(params, rest, batch) -> sums`` run with every sequence split over ``"seq"``.
+
+    ``forward`` computes per-batch *sums* (e.g. masked NLL, token count, correct count) of
+    one model on a batch of ``[B, T]`` arrays (``inputs``, ``targets``, ``mask``); the
+    returned function computes the same sums with ``T`` split over the mesh's ``"seq"`` axis:
+    the rows are padded at the end to a multiple of the axis size (``mask`` False there:
+    causality keeps padding out of every real position), :func:`jax.shard_map` gives each
+    device ``[B / (data·fsdp), T / seq]``, ``forward`` runs under
+    :func:`tttla_jax.parallel.sequence_parallel` and its sums are ``psum``-ed over every
+    mesh axis. Parameters enter replicated (the partitioner gathers FSDP shards).
+    """
+    from tttla_jax.parallel import sequence_parallel
+
+    P_ = seq_size(mesh)
+    axes = tuple(mesh.axis_names)
+
+    def body(params, rest, batch):
+        with sequence_parallel(SEQ_AXIS):
+            out = forward(params, rest, batch)
+        return jax.tree.map(lambda a: jax.lax.psum(a, axes), out)
+
+    def run(params, rest, batch):
+        if "cu_seqlens" in batch:
+            raise ValueError("batch: packed documents (cu_seqlens) are not supported under sequence "
+                             "parallelism yet; train without packing")
+        bad = sorted(k for k, v in batch.items() if jnp.ndim(v) != 2)
+        if bad:
+            raise ValueError(f"batch: sequence parallelism needs [B, T] arrays, got {bad} with shapes "
+                             f"{[tuple(batch[k].shape) for k in bad]}")
+        T = batch["inputs"].shape[1]
+        pad = -T % P_
+        if pad:  # padding at the end: masked out, and causal mixers never read it
+            batch = {k: jnp.pad(v, [(0, 0), (0, pad)]) for k, v in batch.items()}
+        spec = P(BATCH_AXES, SEQ_AXIS)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), spec), out_specs=P())(
+            params, rest, batch)
+
+    return run
 
 
 def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict:
