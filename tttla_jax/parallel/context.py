@@ -112,14 +112,18 @@ def shard_offset(local_len: int, axis_name: Optional[str] = None) -> jax.Array:
     return lax.axis_index(axis).astype(jnp.int32) * jnp.int32(local_len)
 
 
-def _varying(a, axis: str):
-    """``a`` marked as varying over ``axis`` (a no-op if it already is)."""
+def _vma(a) -> frozenset:
+    """The mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
     t = jax.typeof(a)
     mat = getattr(t, "manual_axis_type", None)
-    varying = getattr(mat, "varying", None) if mat is not None else getattr(t, "vma", frozenset())
-    if varying is not None and axis in varying:
-        return a
-    return lax.pcast(a, axis, to="varying")
+    varying = getattr(mat, "varying", None) if mat is not None else getattr(t, "vma", None)
+    return frozenset(varying or ())
+
+
+def _varying(a, axes):
+    """``a`` marked as varying over ``axes`` (only the axes it does not vary over yet)."""
+    missing = tuple(sorted(set(axes) - _vma(a)))
+    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 def from_last_shard(tree, axis_name: Optional[str] = None):
@@ -191,11 +195,12 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
         return step(state, x, cache0, positions)
     # every input varies over the axis, so per-device control flow inside the mixer (scan
     # carries, cond branches) sees one consistent type under shard_map's check_vma
-    state = jax.tree.map(lambda a: _varying(a, axis), state)
+    axes = frozenset({axis}).union(*(_vma(a) for a in jax.tree.leaves((x, state, cache0, positions))))
+    state = jax.tree.map(lambda a: _varying(a, axes), state)
     if positions is not None:
-        positions = _varying(jnp.asarray(positions), axis)
+        positions = _varying(jnp.asarray(positions), axes)
     first = lax.axis_index(axis) == 0
-    start = jax.tree.map(lambda a: _varying(jnp.asarray(a), axis), cache0)
+    start = jax.tree.map(lambda a: _varying(jnp.asarray(a), axes), cache0)
 
     def round_(c, _):
         _, out = step(state, x, c, positions)
