@@ -16,6 +16,7 @@ from jaxtyping import Array, Int
 
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
+from tttla_jax.parallel import context as _sp
 from tttla_jax.nn._segments import packed_next_pos, packed_positions
 from tttla_jax.nn.layers import RMSNorm, SwiGLU, partitioned, positive_float
 from tttla_jax.nn.mixers import MIXERS, mixer_options, resolve_heads, resolve_positions
@@ -301,6 +302,11 @@ class LanguageModel(nnx.Module):
 
         ``positions`` default to ``cache["pos"] + arange(T)`` (``arange(T)`` without a cache).
 
+        Under :func:`tttla_jax.parallel.sequence_parallel` (inside ``jax.shard_map`` over
+        that axis) ``tokens`` is this device's slice of one sequence: positions default to
+        its global positions, the logits are the slice's and the cache is the state after
+        the last global token (docs/context_parallel.md).
+
         ``cu_seqlens`` ``[N + 1]``: ``tokens`` ``[1, T]`` holds N packed documents
         (``[0, T_1, T_1 + T_2, …, T]``), each computed as if alone (every mixer gets
         ``cu_seqlens``); the cache in and out is per document (``init_cache(N)``, batch N, so
@@ -325,6 +331,9 @@ class LanguageModel(nnx.Module):
                              f"got {len(cache['layers'])}")
         if cu_seqlens is None:
             _checks.check_shape("cache['pos']", cache["pos"], (B,), "[B]")
+            if positions is None and _sp.sequence_axis() is not None:  # a slice of one sequence
+                positions = (cache["pos"][:, None] + _sp.shard_offset(T)
+                             + jnp.arange(T, dtype=jnp.int32)[None])
             positions = resolve_positions(positions, cache, B, T)
         else:
             _checks.check_shape("cache['pos']", cache["pos"], (NB,), "[N] (one per packed document)")
@@ -341,6 +350,8 @@ class LanguageModel(nnx.Module):
         sd = _checks.state_dtype(logits)
         pos = (positions[:, -1] + 1 if cu_seqlens is None
                else packed_next_pos(positions, cache["pos"], cu_seqlens))
+        if _sp.sequence_axis() is not None:  # the position after the last global token
+            pos = _sp.from_last_shard(pos)
         return logits.astype(sd), {"pos": pos, "layers": tuple(new_layers)}
 
 
