@@ -245,7 +245,8 @@ def test_float32_chunked(op):
 def test_bad_shape_names_log_decay():
     q, k, v, beta, g, S0, W, W2 = make_inputs()
     bad = jnp.zeros((B, T, H, K + 1))
-    with pytest.raises(ValueError, match=r"log_decay: expected shape \[B, T, H\].*\[B, T, H, K\].*got \(1, 21, 2, 6\)"):
+    with pytest.raises(ValueError, match=r"log_decay: expected shape \[B, T, H\] = \(1, 21, 2\), got \(1, 21, 2, 6\); or, one value "
+                       r"per key channel, \[B, T, H, K\] = \(1, 21, 2, 5\)"):
         tt.linear_attention(q, k, v, log_decay=bad)
     with pytest.raises(ValueError, match=r"log_decay: .*per key channel"):
         tt.delta_rule(q, k, v, beta, log_decay=bad)

@@ -184,8 +184,8 @@ def check_qkv(q, k, v, *, gates: Optional[Mapping[str, object]] = None, initial_
         if name in channel_gates:
             shape = tuple(jnp.shape(x))
             if shape not in ((B, T, H), (B, T, H, K)):
-                raise ValueError(f"{name}: expected shape [B, T, H] = {(B, T, H)} (one value per head) or "
-                                 f"[B, T, H, K] = {(B, T, H, K)} (one per key channel), got {shape}")
+                raise ValueError(f"{name}: expected shape [B, T, H] = {(B, T, H)}, got {shape}; or, one "
+                                 f"value per key channel, [B, T, H, K] = {(B, T, H, K)}")
         else:
             check_shape(name, x, (B, T, H), "[B, T, H]")
         check_floating(name, x)
