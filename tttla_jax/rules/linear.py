@@ -6,9 +6,11 @@ These are the end of the paper's ladder (V6, docs/ladder.md) and the clean cases
 * dot-product loss ``ℓ_t(W) = −⟨k_t W, v_t⟩``: ``∇_W ℓ = −k_tᵀ v_t`` does not depend on W,
   so one step of size 1 is ``W_t = W_{t−1} + k_tᵀ v_t`` — linear attention (Theorem 5.2
   with ``φ = id``, ``g = v``). A forget gate ``W ← exp(g_t) W`` before the step gives the
-  decayed (Mamba-2 / RetNet style) variant.
+  decayed (Mamba-2 / RetNet style) variant; a per-key-channel gate ``W ← diag(exp(g_t)) W``
+  (``gate="channel"``) gives GLA.
 * MSE loss ``ℓ_t(W) = ½‖k_t W − v_t‖²`` with step ``β_t``: ``W_t = W_{t−1} + k_tᵀ β_t (v_t − k_t W_{t−1})``
-  — the delta rule (DeltaNet; gated DeltaNet with the forget gate first).
+  — the delta rule (DeltaNet; gated DeltaNet with the forget gate first; with the
+  per-channel gate ``W ← diag(exp(g_t)) W`` first, Kimi Delta Attention).
 
 ``recurrent`` runs exactly that inner step in a ``lax.scan`` over tokens (the inner gradient
 in closed form, :func:`inner_grad`, tested against ``jax.grad`` of :func:`inner_loss`);
@@ -31,11 +33,13 @@ from jax import lax
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops.delta_rule import delta_rule
-from tttla_jax.ops.linear_attention import linear_attention
+from tttla_jax.ops.linear_attention import decay, linear_attention
 from tttla_jax.reduce import Reading, decay_mask
 from tttla_jax.rules.base import Rule, register
 
 LOSSES = ("dot", "mse")
+#: Values of ``LinearFastWeightRule.gate``: one log-decay per head, or one per key channel.
+GATES = ("head", "channel")
 
 
 def inner_loss(W, k, v, loss: str):
@@ -62,6 +66,9 @@ class LinearFastWeightRule(Rule):
     Attributes:
       loss: ``"dot"`` (linear attention) or ``"mse"`` (delta rule).
       gated: apply the forget gate ``W ← exp(g_t)·W`` before each step (``log_decay`` input).
+      gate: ``"head"`` (``log_decay [B, T, H]``, one per head) or ``"channel"``
+        (``log_decay [B, T, H, K]``, ``W ← diag(exp(g_t)) W``: GLA with the dot loss, Kimi
+        Delta Attention with the MSE loss; no linear-attention reading, see :meth:`has_reading`).
       scale: query scale, default ``K**-0.5``.
       chunk_size: chunk length of the parallel (chunked) form.
     """
@@ -72,10 +79,12 @@ class LinearFastWeightRule(Rule):
     loss: str = "dot"
     gated: bool = False
     scale: Optional[float] = None
+    gate: str = "head"
     chunk_size: int = 64
 
     def __post_init__(self):
         _checks.check_choice("loss", self.loss, LOSSES)
+        _checks.check_choice("gate", self.gate, GATES)
         # Python/NumPy/JAX scalars accepted (a traced scale too), stored normalised
         object.__setattr__(self, "chunk_size", _checks.check_positive_int("chunk_size", self.chunk_size))
         object.__setattr__(self, "scale", _checks.check_scale(self.scale))
@@ -85,7 +94,7 @@ class LinearFastWeightRule(Rule):
 
     def _check(self, q, k, v, lr, log_decay):
         _checks.check_rank("q", q, 4, "[B, T, H, K]")
-        B, T, H, _ = q.shape
+        B, T, H, K = q.shape
         if self.loss == "mse":
             if lr is None:
                 raise ValueError("lr: the MSE (delta) rule needs a per-token step size lr [B, T, H], got None")
@@ -93,17 +102,19 @@ class LinearFastWeightRule(Rule):
         elif lr is not None:
             raise ValueError("lr: the dot-product rule takes no per-token step size (it is 1); got an array")
         if self.gated:
+            shape, layout = ((B, T, H), "[B, T, H]") if self.gate == "head" else ((B, T, H, K), "[B, T, H, K]")
             if log_decay is None:
-                raise ValueError("log_decay: gated=True needs log_decay [B, T, H], got None")
-            _checks.check_shape("log_decay", log_decay, (B, T, H), "[B, T, H]")
+                raise ValueError(f"log_decay: gated=True needs log_decay {layout}, got None")
+            _checks.check_shape("log_decay", log_decay, shape, f"{layout} (gate={self.gate!r})")
         elif log_decay is not None:
             raise ValueError("log_decay: gated=False takes no log_decay; got an array")
 
     def recurrent(self, q, k, v, lr=None, log_decay=None, initial_state=None, output_final_state=True):
         """The TTT view: a ``lax.scan`` over tokens of one inner gradient step each.
 
-        Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, lr / log_decay ``[B, T, H]``,
-        state ``[B, H, K, V]``. Returns ``(o, W_T or None)``.
+        Shapes: q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, lr / log_decay ``[B, T, H]``
+        (log_decay ``[B, T, H, K]`` with ``gate="channel"``), state ``[B, H, K, V]``.
+        Returns ``(o, W_T or None)``.
         """
         self._check(q, k, v, lr, log_decay)
         B, T, H, K = q.shape
@@ -118,7 +129,7 @@ class LinearFastWeightRule(Rule):
 
         def step(W, x):
             qt, kt, vt, lt, gt = x
-            W = jnp.exp(gt)[..., None, None] * W
+            W = decay(gt, W)  # exp(g_t) W, or diag(exp(g_t)) W per key channel
             W = W - lt[..., None, None] * inner_grad(W, kt, vt, self.loss)
             return W, jnp.einsum("bhk,bhkv->bhv", scale * qt, W)
 
@@ -171,7 +182,9 @@ class LinearFastWeightRule(Rule):
     # ------------------------------------------------------------------ reading
 
     def has_reading(self) -> bool:
-        return True
+        """No reading with a per-channel gate: the decay sits inside the ``q·k`` contraction
+        (``Σ_κ q_κ k_κ exp(b_tκ − b_sκ)``), not a weight ``M[t, s]`` on the pair."""
+        return not (self.gated and self.gate == "channel")
 
     def reading(self, q, k, v, lr=None, log_decay=None, initial_state=None, output_final_state=True) -> Reading:
         """The linear-attention reading (★) (docs/ttt_as_linear_attention.md).
@@ -185,6 +198,11 @@ class LinearFastWeightRule(Rule):
         delta rule's chunked WY form, :func:`tttla_jax.delta_rule`), so the reading is marked
         ``associative`` with nothing that breaks it.
         """
+        if not self.has_reading():
+            raise NotImplementedError(
+                f"{type(self).__name__}(gate='channel') has no linear-attention reading: a per-channel "
+                "decay weighs each key channel separately (inside q·k), not the pair (t, s); use "
+                "recurrent() or parallel()")
         self._check(q, k, v, lr, log_decay)
         B, T, H, K = q.shape
         V = v.shape[-1]
