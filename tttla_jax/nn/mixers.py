@@ -155,17 +155,22 @@ class Mixer(nnx.Module):
 
 
 class DecayGate(nnx.Module):
-    """Per-head data-dependent scalar log-decay (Mamba-2 / gated DeltaNet style).
+    """Per-head data-dependent scalar log-decay (Mamba-2 / gated DeltaNet style), or one per
+    key channel (GLA / Kimi Delta Attention style) with ``channels=D``.
 
     ``g_t = −exp(A_log) · softplus(x_t W_a + dt_bias)`` with ``W_a`` ``[W, H]``,
     ``A_log, dt_bias`` ``[H]``; ``g_t ≤ 0`` so ``exp(g_t) ∈ (0, 1]`` (Dao & Gu, 2024,
     "Transformers are SSMs", §7; Yang et al., 2024, "Gated Delta Networks", eq. 10).
-    Parameters: ``W·H + 2H``.
+    Parameters: ``W·H + 2H``. Per channel (``channels=D``): ``W_a`` ``[W, H·D]``,
+    ``dt_bias`` ``[H·D]``, ``A_log`` ``[H]`` (one rate per head), output ``[B, T, H, D]``;
+    parameters ``W·H·D + H·D + H``.
     """
 
-    def __init__(self, width: int, num_heads: int, *, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        self.proj = dense(width, num_heads, ("embed", "heads"), rngs=rngs, dtype=dtype,
+    def __init__(self, width: int, num_heads: int, *, channels: Optional[int] = None, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_heads, self.channels = num_heads, channels
+        n = num_heads * (channels or 1)
+        self.proj = dense(width, n, ("embed", "heads"), rngs=rngs, dtype=dtype,
                           param_dtype=param_dtype)
 
         def a_init(key, shape, dt):  # A ~ U[1, 16]
@@ -177,12 +182,23 @@ class DecayGate(nnx.Module):
             return d + jnp.log(-jnp.expm1(-d))  # inverse softplus
 
         self.A_log = nnx.Param(partitioned(a_init, ("heads",))(rngs.params(), (num_heads,), param_dtype))
-        self.dt_bias = nnx.Param(partitioned(dt_init, ("heads",))(rngs.params(), (num_heads,), param_dtype))
+        self.dt_bias = nnx.Param(partitioned(dt_init, ("heads",))(rngs.params(), (n,), param_dtype))
 
-    def __call__(self, x: Float[Array, "b t w"]) -> Float[Array, "b t h"]:
+    def __call__(self, x: Float[Array, "b t w"]) -> Float[Array, "b t h *d"]:
         sd = _checks.state_dtype(x, self.A_log[...])
         a = self.proj(x).astype(sd) + self.dt_bias[...].astype(sd)
-        return -jnp.exp(self.A_log[...].astype(sd)) * jax.nn.softplus(a)
+        if self.channels is None:
+            return -jnp.exp(self.A_log[...].astype(sd)) * jax.nn.softplus(a)
+        a = a.reshape(a.shape[:-1] + (self.num_heads, self.channels))
+        return -jnp.exp(self.A_log[...].astype(sd))[:, None] * jax.nn.softplus(a)
+
+
+#: ``gate_kind`` of :class:`LinearAttention` / :class:`DeltaNet`: one log-decay per head or per key channel.
+GATE_KINDS = ("head", "channel")
+
+
+def _gate_channels(gate_kind: str, head_dim: int) -> Optional[int]:
+    return head_dim if gate_kind == "channel" else None
 
 
 FEATURE_MAPS = ("identity", "elu+1", "silu+l2")
@@ -212,6 +228,8 @@ class LinearAttention(Mixer):
       head_dim: ``D`` (default ``W // H``); keys and values both use ``D``.
       feature_map: ``"identity"`` | ``"elu+1"`` | ``"silu+l2"`` applied to q and k.
       use_decay: add the data-dependent per-head log-decay gate (:class:`DecayGate`).
+      gate_kind: ``"head"`` (one log-decay per head) | ``"channel"`` (one per key channel,
+        GLA: ``S_t = diag(e^{g_t}) S_{t−1} + k_tᵀ v_t``); with ``use_decay``.
       chunk_size: chunk length of the parallel (chunked) form.
       impl: ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"associative"`` | ``"auto"``:
         passed to :func:`tttla_jax.linear_attention`, which resolves ``"auto"`` (the kernel
@@ -219,7 +237,8 @@ class LinearAttention(Mixer):
         explicit request cannot run (docs/implementations.md).
       norm_eps: epsilon of the output norm.
 
-    Parameters: ``4·W·H·D + D`` (+ ``W·H + 2H`` with ``use_decay``).
+    Parameters: ``4·W·H·D + D`` (+ ``W·H + 2H`` with ``use_decay``; ``W·H·D + H·D + H`` with
+    ``gate_kind="channel"``).
 
     Cache: ``{"state": [B, H, D, D]}`` in float32 (float64 for a float64 layer).
 
@@ -232,11 +251,13 @@ class LinearAttention(Mixer):
     impls = ("pallas", "chunked", "recurrent", "associative")
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
-                 feature_map: str = "elu+1", use_decay: bool = False, chunk_size: int = 64,
+                 feature_map: str = "elu+1", use_decay: bool = False, gate_kind: str = "head", chunk_size: int = 64,
                  impl: str = "auto", norm_eps: float = 1e-6, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, FEATURE_MAPS)
+        _checks.check_choice("gate_kind", gate_kind, GATE_KINDS)
+        self.gate_kind = gate_kind
         chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         self.impl = check_layer_impl(type(self), impl)
         self.width, self.num_heads = operator.index(width), operator.index(num_heads)
@@ -248,7 +269,8 @@ class LinearAttention(Mixer):
         self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
-        self.gate = DecayGate(width, num_heads, **kw) if use_decay else None
+        self.gate = DecayGate(width, num_heads, channels=_gate_channels(gate_kind, self.head_dim),
+                              **kw) if use_decay else None
         self.out_norm = RMSNorm(self.head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
                                 axis_name="head_dim")
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
@@ -305,6 +327,8 @@ class DeltaNet(Mixer):
       conv_size: conv taps.
       feature_map: ``"silu+l2"`` | ``"l2"`` | ``"identity"`` on q and k (after the conv).
       use_gate: gated DeltaNet (data-dependent log-decay).
+      gate_kind: ``"head"`` (gated DeltaNet) | ``"channel"`` (one log-decay per key channel:
+        Kimi Delta Attention, ``S ← diag(e^{g_t}) S`` before the delta step); with ``use_gate``.
       chunk_size: chunk length of the chunked (WY) form and of the kernel.
       impl: ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"auto"``: passed to
         :func:`tttla_jax.delta_rule`, which resolves ``"auto"`` (the Pallas forward kernel
@@ -327,10 +351,12 @@ class DeltaNet(Mixer):
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  use_short_conv: bool = True, conv_size: int = 4, feature_map: str = "silu+l2",
-                 use_gate: bool = False, chunk_size: int = 64, impl: str = "auto",
+                 use_gate: bool = False, gate_kind: str = "head", chunk_size: int = 64, impl: str = "auto",
                  norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, DELTA_FEATURE_MAPS)
+        _checks.check_choice("gate_kind", gate_kind, GATE_KINDS)
+        self.gate_kind = gate_kind
         chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         conv_size = _checks.check_positive_int("conv_size", conv_size)
         self.impl = check_layer_impl(type(self), impl)
@@ -351,7 +377,8 @@ class DeltaNet(Mixer):
             self.v_conv = ShortConv(HD, conv_size, **kw)
         else:
             self.q_conv = self.k_conv = self.v_conv = None
-        self.gate = DecayGate(width, num_heads, **kw) if use_gate else None
+        self.gate = DecayGate(width, num_heads, channels=_gate_channels(gate_kind, self.head_dim),
+                              **kw) if use_gate else None
         self.out_norm = RMSNorm(self.head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
                                 axis_name="head_dim")
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)

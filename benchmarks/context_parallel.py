@@ -1,0 +1,216 @@
+"""Sequence (context) parallelism of the ops: memory per device and wall time vs the number of devices.
+
+One sequence of T tokens (B = 1, H = 4, K = V = 64, float32, chunk 64, causal with log-decay)
+split over P = 1, 2, 4, 8 devices of a ``"seq"`` mesh axis with
+:func:`tttla_jax.parallel.sharded_linear_attention` / :func:`tttla_jax.parallel.sharded_delta_rule`
+(gated: L2-normalised keys, β in (0, 1)); P = 1 is the single-device op itself
+(``tt.linear_attention`` / ``tt.delta_rule``, ``impl="chunked"``). Everything is forward +
+backward (the gradient of the sum of the outputs w.r.t. q, k, v, log-decay and β).
+
+* **memory per device**: ``jax.jit(f).lower(...).compile().memory_analysis()`` of the
+  partitioned program (arguments + outputs + temporaries − aliased), against the ideal
+  ``memory(P = 1) / P``. Only compiles (``jax.ShapeDtypeStruct`` inputs), so every T is cheap.
+* **wall time** (T ≤ ``--time-max-T``): median of ``--repeats`` calls. The P devices are
+  ``--xla_force_host_platform_device_count=8`` host devices sharing this machine's cores, so the
+  time is the *total* work of the P devices on those cores, not the time on P accelerators.
+* **combine share** (T = ``--combine-T``, P = 8, interleaved rounds): the full sharded step vs the
+  same shard_map running only the local op on each slice (``local``: no state passing, the
+  compute floor) and, for the delta rule, the local op on ``[v | 0]`` (``local [v|0]``: the
+  widened pass the delta rule's combine needs). ``combine = (full − local[v|0]) / full``; the
+  widening is reported separately.
+
+Prints a Markdown table and writes ``benchmarks/results/context_parallel.json``.
+
+    python benchmarks/context_parallel.py [--T 16384 ... 262144] [--P 1 2 4 8] [--ops linear_attention delta_rule]
+"""
+from __future__ import annotations
+
+import os
+
+_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+os.environ["XLA_FLAGS"] = " ".join(_FLAGS + ["--xla_force_host_platform_device_count=8"])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as Ps  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, interleaved, machine, setup, timeit  # noqa: E402
+
+import tttla_jax as tt  # noqa: E402
+from tttla_jax import parallel as tp  # noqa: E402
+
+
+def mesh_of(P):
+    return jax.make_mesh((P,), ("seq",), devices=jax.devices()[:P])
+
+
+def shapes(op, T, H, D):
+    s = {"q": (1, T, H, D), "k": (1, T, H, D), "v": (1, T, H, D), "log_decay": (1, T, H)}
+    if op == "delta_rule":
+        s["beta"] = (1, T, H)
+    return s
+
+
+def loss_fn(op, P, C, mesh):
+    """Sum of the outputs of the op (single device for P = 1, sharded otherwise)."""
+    def f(x):
+        gates = (x["beta"],) if op == "delta_rule" else ()
+        if P == 1:
+            fn = tt.delta_rule if op == "delta_rule" else tt.linear_attention
+            o, _ = fn(x["q"], x["k"], x["v"], *gates, log_decay=x["log_decay"], chunk_size=C, impl="chunked")
+        else:
+            fn = tp.sharded_delta_rule if op == "delta_rule" else tp.sharded_linear_attention
+            o, _ = fn(x["q"], x["k"], x["v"], *gates, x["log_decay"], mesh=mesh, chunk_size=C, impl="chunked")
+        return jnp.sum(o)
+    return f
+
+
+def local_loss_fn(op, C, mesh, widen):
+    """The local op alone on each slice (no state passing), optionally on ``[v | 0]``."""
+    def body(q, k, v, g, *beta):
+        if widen:
+            v = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (q.shape[-1],), v.dtype)], -1)
+        if op == "delta_rule":
+            o, _ = tt.delta_rule(q, k, v, beta[0], log_decay=g, chunk_size=C, impl="chunked")
+        else:
+            o, _ = tt.linear_attention(q, k, v, log_decay=g, chunk_size=C, impl="chunked")
+        return jax.lax.psum(jnp.sum(o), "seq")
+
+    tok = Ps(None, "seq")
+
+    def f(x):
+        args = [x[n] for n in ("q", "k", "v", "log_decay")] + ([x["beta"]] if op == "delta_rule" else [])
+        # check_vma off: the ops create their zero initial state inside (not marked varying)
+        return jax.shard_map(body, mesh=mesh, in_specs=(tok,) * len(args), out_specs=Ps(), check_vma=False)(*args)
+    return f
+
+
+def specs_for(op, T, H, D, P, mesh):
+    tok = NamedSharding(mesh, Ps(None, "seq")) if P > 1 else None
+    return {n: jax.ShapeDtypeStruct(s, jnp.float32, sharding=tok) for n, s in shapes(op, T, H, D).items()}
+
+
+def inputs_for(op, T, H, D, P, mesh, seed=0):
+    rng = np.random.default_rng(seed)
+    x = {}
+    for n, s in shapes(op, T, H, D).items():
+        if n == "log_decay":
+            a = rng.uniform(-0.3, 0.0, s)
+        elif n == "beta":
+            a = rng.uniform(0.0, 1.0, s)
+        else:
+            a = rng.normal(size=s)
+            if n == "k":
+                a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+        x[n] = jnp.asarray(a, jnp.float32)
+        if P > 1:
+            x[n] = jax.device_put(x[n], NamedSharding(mesh, Ps(None, "seq")))
+    return x
+
+
+def memory(compiled):
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return None
+    rec = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                            "temp_size_in_bytes", "alias_size_in_bytes")}
+    rec["peak_bytes"] = (rec["argument_size_in_bytes"] + rec["output_size_in_bytes"]
+                         + rec["temp_size_in_bytes"] - rec["alias_size_in_bytes"])
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536, 131072, 262144])
+    ap.add_argument("--P", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--D", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--time-max-T", type=int, default=65536, help="time the steps up to this T (memory: every T)")
+    ap.add_argument("--combine-T", type=int, default=65536)
+    ap.add_argument("--ops", nargs="+", default=["linear_attention", "delta_rule"],
+                    choices=["linear_attention", "delta_rule"])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel.json"))
+    ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
+    a = ap.parse_args()
+    start = setup(tune=not a.no_tune_malloc)
+    H, D, C = a.H, a.D, a.chunk
+    rows, combine = [], []
+    for op in a.ops:
+        for T in a.T:
+            base = None
+            for P in a.P:
+                mesh = mesh_of(P)
+                grad = jax.jit(jax.grad(loss_fn(op, P, C, mesh)))
+                t0 = time.perf_counter()
+                compiled = grad.lower(specs_for(op, T, H, D, P, mesh)).compile()
+                rec = {"op": op, "T": T, "P": P, "compile_s": time.perf_counter() - t0, "memory": memory(compiled)}
+                peak = rec["memory"]["peak_bytes"] if rec["memory"] else None
+                if P == 1:
+                    base = peak
+                if base and peak:
+                    rec["ideal_bytes"] = base / P
+                    rec["vs_ideal"] = peak / (base / P)
+                if T <= a.time_max_T:
+                    x = inputs_for(op, T, H, D, P, mesh)
+                    rec["time"] = timeit(compiled, x, repeats=a.repeats)
+                    del x
+                rows.append(rec)
+                t = rec.get("time", {}).get("median")
+                print(f"{op:17s} T={T:7d} P={P}  peak/device {peak / 2**20 if peak else float('nan'):9.1f} MiB"
+                      f"  x ideal {rec.get('vs_ideal', float('nan')):5.2f}"
+                      + (f"  fwd+bwd {t * 1e3:9.1f} ms" if t else ""), flush=True)
+        if a.combine_T and 8 in a.P:
+            T, P = a.combine_T, 8
+            mesh = mesh_of(P)
+            x = inputs_for(op, T, H, D, P, mesh)
+            fns = {"full": jax.jit(jax.grad(loss_fn(op, P, C, mesh))),
+                   "local": jax.jit(jax.grad(local_loss_fn(op, C, mesh, widen=False)))}
+            if op == "delta_rule":
+                fns["local [v|0]"] = jax.jit(jax.grad(local_loss_fn(op, C, mesh, widen=True)))
+            r = interleaved(fns, x, rounds=a.rounds)
+            full = r["full"]["median"]
+            floor = r["local [v|0]" if op == "delta_rule" else "local"]["median"]
+            rec = {"op": op, "T": T, "P": P, "times": {k: v["median"] for k, v in r.items()},
+                   "combine_share": (full - floor) / full,
+                   "widen_share": (floor - r["local"]["median"]) / full if op == "delta_rule" else 0.0}
+            combine.append(rec)
+            print(f"{op:17s} T={T} P=8 combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
+                  + f"; combine {100 * rec['combine_share']:.1f} % of the step, widening "
+                  f"{100 * rec['widen_share']:.1f} %", flush=True)
+            del x
+    m = machine(start)
+    print()
+    print(f"Context parallelism, fwd+bwd, B=1 H={H} K=V={D} chunk {C} float32; {describe(m)}")
+    print("P host devices share the machine's cores: times are total work, not P-accelerator times.")
+    print()
+    print("| op | T | P | peak MiB/device | × ideal (1/P) | fwd+bwd ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        pk = r["memory"]["peak_bytes"] / 2**20 if r["memory"] else float("nan")
+        t = r.get("time", {}).get("median")
+        print(f"| {r['op']} | {r['T']} | {r['P']} | {pk:.1f} | {r.get('vs_ideal', float('nan')):.2f} | "
+              f"{'' if t is None else f'{t * 1e3:.1f}'} |")
+    for c in combine:
+        print(f"\n{c['op']} T={c['T']} P=8: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["times"].items())
+              + f" — combine {100 * c['combine_share']:.1f} % of the step"
+              + (f", [v|0] widening {100 * c['widen_share']:.1f} %" if c["op"] == "delta_rule" else ""))
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"config": {"H": H, "D": D, "chunk": C, "dtype": "float32", "B": 1,
+                              "time_max_T": a.time_max_T, "repeats": a.repeats},
+                   "machine": m, "rows": rows, "combine": combine}, f, indent=1)
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
