@@ -9,7 +9,10 @@ with :func:`tttla_jax.impl.resolve`; docs/implementations.md).
 """
 from tttla_jax.kernels.delta_rule_kernel import delta_rule, delta_rule_unsupported_reason
 from tttla_jax.kernels.linear_attention_kernel import (
+    CHIP_TABLES,
     BlockSizes,
+    chip_block_sizes,
+    chip_name,
     chunk_costs,
     linear_attention,
     padded_dim,
@@ -21,7 +24,10 @@ from tttla_jax.kernels.linear_attention_kernel import (
 PER_CHANNEL_GATES: tuple = ()
 
 __all__ = [
+    "CHIP_TABLES",
     "BlockSizes",
+    "chip_block_sizes",
+    "chip_name",
     "chunk_costs",
     "delta_rule",
     "delta_rule_unsupported_reason",

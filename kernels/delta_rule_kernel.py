@@ -62,6 +62,7 @@ from tttla_jax.kernels.linear_attention_kernel import (
     _packed_tables,
     _static_scale,
     _to_slots,
+    default_block_sizes,
     head_dim_reason,
     pad_head_dims,
     padded_dim,
@@ -446,7 +447,7 @@ def delta_rule(
         raise ValueError(f"delta_rule(impl='pallas'): {reason}")
     C = chunk_size if chunk_size in CHUNK_SIZES else 64
     C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
-    cfg = _Cfg(C=C, block_sizes=block_sizes or BlockSizes(), interpret=interpret)
+    cfg = _Cfg(C=C, block_sizes=block_sizes or default_block_sizes(K, V, interpret), interpret=interpret)
     Kp, Vp = padded_dim(K), padded_dim(V)
     cfg.block_sizes.gpu(Kp, Vp)
     cfg.block_sizes.tpu(Kp, Vp)

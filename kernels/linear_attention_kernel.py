@@ -132,6 +132,70 @@ class BlockSizes:
         return bv
 
 
+# --------------------------------------------------------------------------- per-chip tables
+#
+# No GPU or TPU is available to this project, so these are not timings: each entry is derived
+# from the chip's limits (below) and checked by the tests — every TPU entry is compiled by
+# libtpu for that chip's topology (VMEM fit, Mosaic legality), every GPU entry is lowered
+# through Triton by jax.export. Keyed by the padded key head dim (:func:`padded_dim`).
+#
+# * H100 / H200 (both GH100: 65,536 registers and 228 KiB shared memory per SM; H200 differs
+#   only in HBM size and bandwidth, so the entries are the same): the Triton program keeps the
+#   ``[K, block_v]`` float32 state in registers, ``K·block_v / (32·num_warps)`` registers per
+#   thread; the entries hold that at 32 and take the widest value block that does (the
+#   ``C×C`` intra-chunk products are recomputed once per value block, so wider is cheaper).
+# * TPU v5e / v5p (128×128 MXUs) take 128-wide value blocks — for V = 256 two programs,
+#   which v5p's two TensorCores (megacore) run in parallel; TPU v6e (256×256 MXU) the whole
+#   V. Scoped VMEM limit 32 MiB on all three (the defaults are 16 MiB on v5e/v5p, 32 MiB on
+#   v6e; the largest entry's estimate, :func:`tpu_vmem_estimate`, is far below it).
+
+_GPU_GH100 = {16: (256, 4), 32: (256, 8), 64: (128, 8), 128: (64, 8), 256: (32, 8)}  # K: (block_v, warps)
+_TPU_VMEM = 32 * 2**20
+CHIP_TABLES = {
+    "h100": {K: dict(block_v_gpu=bv, num_warps=nw, num_stages=1) for K, (bv, nw) in _GPU_GH100.items()},
+    "h200": {K: dict(block_v_gpu=bv, num_warps=nw, num_stages=1) for K, (bv, nw) in _GPU_GH100.items()},
+    "tpu_v5e": {K: dict(block_v_tpu=128, vmem_limit_bytes=_TPU_VMEM) for K in (16, 32, 64, 128, 256)},
+    "tpu_v5p": {K: dict(block_v_tpu=128, vmem_limit_bytes=_TPU_VMEM) for K in (16, 32, 64, 128, 256)},
+    "tpu_v6e": {K: dict(block_v_tpu=256, vmem_limit_bytes=_TPU_VMEM) for K in (16, 32, 64, 128, 256)},
+}
+# device_kind substrings (lower case) -> table; the first match wins ("tpu v5 lite" before "tpu v5")
+_CHIP_KINDS = (("h100", "h100"), ("h200", "h200"), ("v5 lite", "tpu_v5e"), ("v5e", "tpu_v5e"),
+               ("v5p", "tpu_v5p"), ("tpu v5", "tpu_v5p"), ("v6 lite", "tpu_v6e"), ("v6e", "tpu_v6e"))
+
+
+def chip_name(device_kind: str) -> Optional[str]:
+    """The :data:`CHIP_TABLES` key of a ``jax.Device.device_kind`` (``None`` if no table)."""
+    kind = device_kind.lower()
+    for sub, chip in _CHIP_KINDS:
+        if sub in kind:
+            return chip
+    return None
+
+
+def chip_block_sizes(chip: str, K: int, V: int) -> "BlockSizes":
+    """The table entry of ``chip`` (a :data:`CHIP_TABLES` key) for head dims ``K``, ``V``
+    (padded to the tiles; value blocks capped at the padded ``V``)."""
+    if chip not in CHIP_TABLES:
+        raise ValueError(f"chip: expected one of {tuple(CHIP_TABLES)}, got {chip!r}")
+    Kp, Vp = padded_dim(K), padded_dim(V)
+    kw = dict(CHIP_TABLES[chip][Kp])
+    if "block_v_gpu" in kw:
+        kw["block_v_gpu"] = min(kw["block_v_gpu"], Vp)
+    if "block_v_tpu" in kw and kw["block_v_tpu"] >= Vp:
+        kw["block_v_tpu"] = None  # the whole V
+    return BlockSizes(**kw)
+
+
+def default_block_sizes(K: int, V: int, interpret) -> "BlockSizes":
+    """``block_sizes=None``: the table of the accelerator the call runs on (its first
+    device's kind), else the platform defaults of :class:`BlockSizes`."""
+    if interpret is None and _impl.on_accelerator():
+        chip = chip_name(jax.devices()[0].device_kind)
+        if chip is not None:
+            return chip_block_sizes(chip, K, V)
+    return BlockSizes()
+
+
 # --------------------------------------------------------------------------- support checks
 
 
@@ -1013,7 +1077,8 @@ def linear_attention(
         state are then ``[N, H, K, V]``. The kernel walks the re-chunked layout and resets
         its state on each sequence's first chunk (forward and backward).
       block_sizes: :class:`BlockSizes` (per-platform tiling / compiler knobs; the tiles are
-        of the padded head dims).
+        of the padded head dims). ``None``: the chip's entry of :data:`CHIP_TABLES` on an
+        H100/H200/TPU v5e/v5p/v6e, else the platform defaults.
       interpret: ``None`` (compiled on GPU/TPU, interpret mode elsewhere), ``"gpu"`` (the
         Triton-style kernel in interpret mode), ``"tpu"`` (the Mosaic kernel in interpret
         mode with NaN-filled uninitialized memory) or a ``pltpu.InterpretParams``.
@@ -1041,7 +1106,8 @@ def linear_attention(
         C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     else:
         C = chunk_size
-    cfg = _Cfg(C=C, causal=masking == "causal", block_sizes=block_sizes or BlockSizes(), interpret=interpret)
+    cfg = _Cfg(C=C, causal=masking == "causal", block_sizes=block_sizes or default_block_sizes(K, V, interpret),
+               interpret=interpret)
     cfg.block_sizes.gpu(Kp, Vp)  # validate both platforms' tiles at trace time
     cfg.block_sizes.tpu(Kp, Vp)
     acc = _acc(q.dtype)

@@ -99,7 +99,7 @@ def test_cpu_lowering_has_no_accelerator_kernel():
     "K,V,dtype,kw,match",
     [
         (512, 64, jnp.bfloat16, {}, r"head dim K = 512 is not supported"),
-        (64, 96, jnp.float32, {}, r"head dim V = 96 is not supported"),
+        (64, 8, jnp.float32, {}, r"head dim V = 8 is not supported"),
         (64, 64, jnp.float32, dict(masking="chunk", chunk_size=100), r"chunk_size = 100 is not supported"),
         (64, 64, jnp.int8, {}, r"q: expected a floating dtype"),
     ],
@@ -130,10 +130,14 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp
     from jax.experimental import topologies
-    from tttla_jax.kernels import BlockSizes, delta_rule, linear_attention as kla
+    from tttla_jax.kernels import BlockSizes, chip_block_sizes, delta_rule, linear_attention as kla
 
     devs = {}
-    for topo_name, dtype, K, V, kind, C, vmem, grad in json.loads(sys.argv[1]):
+    for case in json.loads(sys.argv[1]):
+        topo_name, dtype, K, V, kind, C, vmem, grad = case[:8]
+        # optional extras: {"chip": a CHIP_TABLES key (its entry is the block sizes),
+        # "packed": N (N packed sequences through cu_seqlens)}
+        extra = case[8] if len(case) > 8 else {}
         # kind: the masking of the linear-attention kernel, or "delta": the delta-rule kernel
         # (beta rides in the log_decay slot's shape);
         # grad False: the forward only (value_and_grad otherwise)
@@ -143,27 +147,32 @@ _COMPILE_SCRIPT = textwrap.dedent(
         sh = jax.sharding.SingleDeviceSharding(dev)
         dt = getattr(jnp, dtype)
         bs = BlockSizes(vmem_limit_bytes=vmem) if vmem else None
+        if "chip" in extra:
+            bs = chip_block_sizes(extra["chip"], K, V)
+        Np = extra.get("packed")
 
-        def loss(q, k, v, g, S0):
+        def loss(q, k, v, g, S0, *cu):
+            kw = dict(log_decay=g, initial_state=S0, chunk_size=C, output_final_state=True, block_sizes=bs,
+                      cu_seqlens=cu[0] if cu else None)
             if kind == "delta":
-                o, S = delta_rule(q, k, v, jax.nn.sigmoid(g), log_decay=g, initial_state=S0, chunk_size=C,
-                                  output_final_state=True, block_sizes=bs)
+                o, S = delta_rule(q, k, v, jax.nn.sigmoid(g), **kw)
             else:
-                o, S = kla(q, k, v, log_decay=g, initial_state=S0, masking=kind, chunk_size=C,
-                           output_final_state=True, block_sizes=bs)
+                o, S = kla(q, k, v, masking=kind, **kw)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
 
-        B, T, H = 2, 300, 2
+        B, T, H = (1 if Np else 2), 300, 2
         tok = lambda d, t=dt: jax.ShapeDtypeStruct((B, T, H, d), t, sharding=sh)
         args = (tok(K), tok(K), tok(V), jax.ShapeDtypeStruct((B, T, H), jnp.float32, sharding=sh),
-                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32, sharding=sh))
+                jax.ShapeDtypeStruct((Np or B, H, K, V), jnp.float32, sharding=sh))
+        if Np:
+            args += (jax.ShapeDtypeStruct((Np + 1,), jnp.int32, sharding=sh),)
         try:
             fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)) if grad else loss
             jax.jit(fn).trace(*args).lower().compile()
             res = dict(ok=True, kind=dev.device_kind)
         except Exception as e:  # reported to the test, which decides
             res = dict(ok=False, error=type(e).__name__ + ": " + str(e)[:400])
-        print("RESULT " + json.dumps(dict(case=[topo_name, dtype, K, V, kind, C, vmem, grad], **res)), flush=True)
+        print("RESULT " + json.dumps(dict(case=case, **res)), flush=True)
     """
 )
 
@@ -184,7 +193,18 @@ _COMPILE_CASES = [
     ["v6e:2x2", "float32", 64, 128, "causal", 64, None, True],
     ["v5e:2x2", "bfloat16", 128, 128, "delta", 64, None, False],
     ["v6e:2x2", "float16", 256, 256, "delta", 64, None, False],
+    # a per-chip table entry (v5p: two 128-wide value blocks), head dims between the tiles
+    # (zero-padded) and packed sequences (scalar-prefetched chunk tables), forward + backward
+    ["v5p:2x2x1", "bfloat16", 96, 200, "causal", 64, None, True, {"chip": "tpu_v5p", "packed": 3}],
 ]
+# Every TPU entry of the per-chip tables (CHIP_TABLES), compiled on its chip, forward + backward
+# of the linear-attention kernel (causal; chunk masking on odd K) and the delta rule forward.
+TPU_TOPOLOGY = {"tpu_v5e": "v5e:2x2", "tpu_v5p": "v5p:2x2x1", "tpu_v6e": "v6e:2x2"}
+_TABLE_SWEEP = [[topo, "bfloat16", K, K, kind, 64, None, kind != "delta", {"chip": chip}]
+                for chip, topo in TPU_TOPOLOGY.items() for K in (16, 32, 64, 128, 256)
+                for kind in (("causal" if K % 64 else "chunk"), "delta")]
+_TABLE_SWEEP += [[topo, "bfloat16", 48, 200, kind, 64, None, kind != "delta", {"chip": chip, "packed": 4}]
+                 for chip, topo in TPU_TOPOLOGY.items() for kind in ("chunk", "delta")]
 _FULL_SWEEP = [[t, d, hd, hd, m, 64, None, True] for t in ("v5e:2x2", "v6e:2x2")
                for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk", "delta")]
 
@@ -220,3 +240,72 @@ def test_tpu_compile_v5e_v6e_with_libtpu():
 @pytest.mark.slow
 def test_tpu_compile_full_sweep_with_libtpu():
     _check(_run_tpu_compile(_FULL_SWEEP))
+
+
+@pytest.mark.slow
+def test_tpu_compile_every_chip_table_entry_with_libtpu():
+    _check(_run_tpu_compile(_TABLE_SWEEP))
+
+
+# --------------------------------------------------------------------------- per-chip tables, GPU
+
+
+def _gpu_table_cases():
+    """Every GPU entry of CHIP_TABLES (H100, H200 x padded K), exported for CUDA (Triton):
+    one per chip in the default suite, the rest slow."""
+    cases = []
+    for chip in ("h100", "h200"):
+        for K in (16, 32, 64, 128, 256):
+            marks = [] if (chip, K) in (("h100", 128), ("h200", 256)) else [pytest.mark.slow]
+            cases.append(pytest.param(chip, K, marks=marks, id=f"{chip}-{K}"))
+    return cases
+
+
+@pytest.mark.parametrize("chip,K", _gpu_table_cases())
+def test_gpu_table_entry_lowers(chip, K):
+    from tttla_jax.kernels import chip_block_sizes
+
+    bs = chip_block_sizes(chip, K, K)
+    text = export_for("cuda", fwd_bwd("causal", block_sizes=bs), specs(2, 150, 2, K, K, jnp.bfloat16)).mlir_module()
+    assert text.count(TRITON_CALL) == 3
+
+
+def test_chip_tables():
+    """Every chip has an entry per tile; device kinds map to their table; entries are valid
+    BlockSizes for every padded (K, V) (value blocks capped at V)."""
+    from tttla_jax.kernels import CHIP_TABLES, chip_block_sizes, chip_name, padded_dim
+
+    assert set(CHIP_TABLES) == {"h100", "h200", "tpu_v5e", "tpu_v5p", "tpu_v6e"}
+    assert [chip_name(k) for k in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "TPU v5 lite", "TPU v5", "TPU v5p",
+                                   "TPU v6 lite", "TPU v4", "cpu")] == [
+        "h100", "h200", "tpu_v5e", "tpu_v5p", "tpu_v5p", "tpu_v6e", None, None]
+    for chip, table in CHIP_TABLES.items():
+        assert sorted(table) == [16, 32, 64, 128, 256]
+        for K in (16, 48, 200, 256):
+            for V in (16, 96, 256):
+                bs = chip_block_sizes(chip, K, V)
+                bs.gpu(padded_dim(K), padded_dim(V))
+                bs.tpu(padded_dim(K), padded_dim(V))
+    assert chip_block_sizes("tpu_v5e", 64, 256).block_v_tpu == 128
+    assert chip_block_sizes("h100", 256, 256).gpu(256, 256) == (32, 8, 1)
+    with pytest.raises(ValueError, match=r"chip: expected one of \('h100'"):
+        chip_block_sizes("a100", 64, 64)
+
+
+@pytest.mark.parametrize("platform,call", [("cuda", TRITON_CALL), ("tpu", MOSAIC_CALL)])
+def test_export_packed_and_odd_head_dims(platform, call):
+    """cu_seqlens and head dims between the tiles lower for both targets (forward + backward:
+    three linear-attention kernels; the delta rule's forward kernel)."""
+    from tttla_jax.kernels import delta_rule as kernel_dr
+
+    def loss(q, k, v, g, S0, cu):
+        o, S = kernel_la(q, k, v, log_decay=g, initial_state=S0, masking="chunk", cu_seqlens=cu,
+                         output_final_state=True)
+        o2, S2 = kernel_dr(q, k, v, jax.nn.sigmoid(g), log_decay=g, initial_state=S0, cu_seqlens=cu,
+                           output_final_state=True)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S) + jnp.sum(o2.astype(jnp.float32)) + jnp.sum(S2)
+
+    args = specs(1, 150, 2, 48, 200, jnp.bfloat16)[:4] + (
+        jax.ShapeDtypeStruct((3, 2, 48, 200), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.int32))
+    text = export_for(platform, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), args).mlir_module()
+    assert text.count(call) == 4
