@@ -30,9 +30,10 @@ config, held-out accuracy curve, best accuracy, steps, wall time, recurrent stat
 already in ``results.json``.
 
 Mixer presets (``--mixers``): names of :data:`MIXER_PRESETS` (a registered mixer plus its
-options); ``--preset NAME=MIXER[:JSON options]`` adds one (e.g. a recall recipe:
-``--preset lact_conv=lact:'{"chunk_size": 16}'``), and :func:`register_preset` does the same
-from Python.
+options); ``--preset NAME=MIXER[:JSON options]`` adds one (e.g.
+``--preset lact16=lact:'{"chunk_size": 16}'``), and :func:`register_preset` does the same
+from Python. The library's measured recall presets (``tttla_jax.nn.recipes.RECALL_PRESETS``)
+appear as ``"<mixer>+recall"`` (:func:`add_recall_presets`).
 """
 from __future__ import annotations
 
@@ -101,6 +102,25 @@ def register_preset(name: str, mixer: str, options: Optional[dict] = None, *, nu
     lm_config(preset, seq_len=64, width=16 * preset.num_heads, vocab_size=64)  # validates
     MIXER_PRESETS[name] = preset
     return preset
+
+
+def add_recall_presets() -> list:
+    """Register ``"<mixer>+recall"`` for every entry of the library's measured recall presets
+    (``tttla_jax.nn.recipes.RECALL_PRESETS``: mixer -> options, docs/recipes.md), on top of
+    the sweep's own options for that mixer; returns the names added."""
+    try:
+        from tttla_jax.nn.recipes import RECALL_PRESETS
+    except ImportError:
+        return []
+    added = []
+    for mixer, opts in RECALL_PRESETS.items():
+        base = next((p for p in MIXER_PRESETS.values() if p.mixer == mixer), None)
+        merged = {**(dict(base.options) if base else {}), **dict(opts)}
+        name = f"{mixer}+recall"
+        register_preset(name, mixer, merged, num_heads=base.num_heads if base else 1,
+                        learned_positions=base.learned_positions if base else False)
+        added.append(name)
+    return added
 
 
 def lm_config(preset: MixerPreset, *, seq_len: int, width: int, vocab_size: int = VOCAB,
@@ -472,6 +492,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    add_recall_presets()
     p = build_parser()
     a = p.parse_args(argv)
     for spec in a.preset:

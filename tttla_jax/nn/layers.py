@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
 from tttla_jax.ops.varlen import check_cu_seqlens
+from tttla_jax.parallel import context as _sp
 
 
 def positive_float(name: str, value) -> float:
@@ -212,6 +213,8 @@ class ShortConv(nnx.Module):
         B, T, F = x.shape
         if F != self.features:
             raise ValueError(f"x: expected [B, T, F] with F = {self.features}, got {tuple(x.shape)}")
+        if _sp.sequence_axis() is not None:  # x: a slice of a sequence sharded over devices
+            return _sp.short_conv(self, x, state, cu_seqlens)
         if cu_seqlens is not None:
             return self._packed(x, state, cu_seqlens)
         Km1 = self.kernel_size - 1

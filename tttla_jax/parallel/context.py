@@ -149,6 +149,8 @@ def sequence_parallel_form(mixer) -> str:
     """How ``mixer`` (an instance or class) shards over the sequence: ``"pipelined"`` or
     ``"associative"`` (its ``sequence_parallel_form`` attribute; see the module doc)."""
     form = getattr(mixer, "sequence_parallel_form", "pipelined")
+    if isinstance(mixer, type) and isinstance(form, property):
+        return "associative"  # decided per instance (e.g. "pipelined" for some options)
     if form not in FORMS:
         name = mixer.__name__ if isinstance(mixer, type) else type(mixer).__name__
         raise ValueError(f"{name}.sequence_parallel_form: expected one of {FORMS}, got {form!r}")
@@ -211,6 +213,55 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
     incoming, _ = lax.scan(round_, start, None, length=P - 1)
     y, out = step(state, x, incoming, positions)
     return y, from_last_shard(out, axis)
+
+
+def halo(x, state, axis_name: Optional[str] = None):
+    """The last ``K`` rows *before* this device's slice, ``state`` ``[B, K, F]`` for device 0.
+
+    ``x`` ``[B, T_local, F]`` is this device's slice of a sequence whose first ``K`` rows
+    of history are ``state`` (the same on every device). An all-gather of each device's
+    last ``min(K, T_local)`` rows; exact for any ``T_local`` (shorter slices than ``K``
+    take rows from several earlier devices). Used by the short convolutions.
+    """
+    axis = _resolve_axis(axis_name, "halo")
+    K = state.shape[1]
+    if K == 0:
+        return state
+    P = axis_size(axis)
+    B, T, F = x.shape
+    m = min(K, T)
+    tails = lax.all_gather(x[:, T - m:].astype(state.dtype), axis, axis=1)    # [B, P, m, F]
+    hist = jnp.concatenate([_varying(state, _vma(tails)), tails.reshape(B, P * m, F)], axis=1)
+    start = lax.axis_index(axis).astype(jnp.int32) * jnp.int32(m)
+    return lax.dynamic_slice_in_dim(hist, start, K, axis=1)
+
+
+def short_conv(conv, x, state=None, cu_seqlens=None):
+    """A short causal convolution (:class:`tttla_jax.nn.ShortConv`) of a sequence sharded
+    over the sequence axis: its state entering this device is the :func:`halo`; the returned
+    state is the one after the last global token. (ShortConv calls this under
+    :func:`sequence_parallel`.)"""
+    axis = _resolve_axis(None, "short_conv")
+    if cu_seqlens is not None:
+        raise ValueError(f"cu_seqlens: packed sequences in a short convolution are not supported "
+                         f"under sequence parallelism (sequence axis {axis!r})")
+    if state is None:
+        state = jnp.zeros((x.shape[0], conv.kernel_size - 1, x.shape[2]), x.dtype)
+    with sequence_parallel(None):
+        y, out = conv(x, halo(x, state, axis))
+    return y, from_last_shard(out, axis)
+
+
+def sequence_op(name: str, local_op: Callable) -> Callable:
+    """``local_op`` (e.g. :func:`tttla_jax.linear_attention`), or, under
+    :func:`sequence_parallel`, its sequence-parallel version ``tttla_jax.parallel.<name>``
+    with ``axis_name`` bound (same arguments; the final state is the global one)."""
+    axis = sequence_axis()
+    if axis is None:
+        return local_op
+    from tttla_jax.parallel import ops
+    import functools
+    return functools.partial(getattr(ops, name), axis_name=axis)
 
 
 def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=None, **kw):
