@@ -272,3 +272,52 @@ def test_pallas_names_per_channel_gates():
     # a per-head log-decay is not refused for that reason
     assert "per-channel" not in (tt.ops.linear_attention_impl_reasons(q, k, v, log_decay=g[..., 0],
                                                                       impl="pallas")["pallas"] or "")
+
+
+# --------------------------------------------------------------------------- rules and layers
+
+
+@pytest.mark.parametrize("loss", ["dot", "mse"])
+def test_rule_channel_gate(loss):
+    """LinearFastWeightRule(gate="channel"): the lax.scan rule ≡ the float64 loop, and its
+    parallel forms ≡ the scan (tt.testing.check_rule); no reading."""
+    q, k, v, beta, g, S0, W, W2 = make_inputs()
+    rule = tt.rules.LinearFastWeightRule(loss=loss, gated=True, gate="channel", chunk_size=C)
+    lr = beta if loss == "mse" else None
+    o, S = rule.recurrent(q, k, v, lr, g, S0)
+    (o_r, S_r), _ = reference("la" if loss == "dot" else "dr")
+    np.testing.assert_allclose(o, o_r, atol=1e-10)
+    np.testing.assert_allclose(S, S_r, atol=1e-10)
+    assert not rule.has_reading()
+    with pytest.raises(NotImplementedError, match="per-channel"):
+        rule.reading(q, k, v, lr, g, S0)
+    with pytest.raises(ValueError, match=r"log_decay: expected shape \[B, T, H, K\]"):
+        rule.recurrent(q, k, v, lr, g[..., 0], S0)
+    if loss == "mse":
+        tt.testing.check_rule(rule, (q, k, v, lr, g, S0)).assert_ok()
+
+
+@pytest.mark.parametrize("name", ["LinearAttention", "DeltaNet"])
+def test_layer_channel_gate_decode_equals_forward(name):
+    """gate_kind="channel": the gate is [B, T, H, D]; a prefill of 5 tokens then decoding one
+    token at a time gives the full forward's outputs and cache (float64)."""
+    from flax import nnx
+
+    kw = dict(width=8, num_heads=2, chunk_size=4, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    if name == "LinearAttention":
+        layer = tt.nn.LinearAttention(use_decay=True, gate_kind="channel", **kw)
+    else:
+        layer = tt.nn.DeltaNet(use_gate=True, gate_kind="channel", **kw)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8)))
+    assert layer.gate(x).shape == (2, 8, 2, 4)
+    y, cache = layer(x)
+    ys, c = [], layer.init_cache(2)
+    for a, b in ((0, 5), (5, 6), (6, 7), (7, 8)):
+        yt, c = layer(x[:, a:b], cache=c)
+        ys.append(yt)
+    np.testing.assert_allclose(jnp.concatenate(ys, 1), y, atol=1e-10)
+    for key in cache:
+        np.testing.assert_allclose(c[key], cache[key], atol=1e-10)
+    with pytest.raises(ValueError, match="gate_kind: got 'key', expected one of"):
+        type(layer)(use_decay=True, gate_kind="key", **kw) if name == "LinearAttention" else \
+            type(layer)(use_gate=True, gate_kind="key", **kw)
