@@ -250,6 +250,12 @@ class LinearAttention(Mixer):
 
     impls = ("pallas", "chunked", "recurrent", "associative")
 
+    @property
+    def sequence_parallel_form(self) -> str:
+        """``"associative"`` (the :mod:`tttla_jax.parallel` op combines the state across
+        devices); ``"pipelined"`` with per-channel gates."""
+        return "pipelined" if getattr(self, "gate_kind", "head") == "channel" else "associative"
+
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  feature_map: str = "elu+1", use_decay: bool = False, gate_kind: str = "head", chunk_size: int = 64,
                  impl: str = "auto", norm_eps: float = 1e-6, dtype=None,
@@ -298,7 +304,7 @@ class LinearAttention(Mixer):
         k = feature_map(self.feature_map, self._heads(self.k_proj(x), B, T))
         v = self._heads(self.v_proj(x), B, T)
         g = None if self.gate is None else self.gate(x)
-        o, S = linear_attention(q, k, v, log_decay=g, initial_state=cache["state"],
+        o, S = _sp.sequence_op("linear_attention", linear_attention)(q, k, v, log_decay=g, initial_state=cache["state"],
                                 output_final_state=True,
                                 chunk_size=self.chunk_size, impl=self.impl,
                                 cu_seqlens=cu_seqlens)
@@ -348,6 +354,12 @@ class DeltaNet(Mixer):
     """
 
     impls = ("pallas", "chunked", "recurrent")
+
+    @property
+    def sequence_parallel_form(self) -> str:
+        """``"associative"`` (the :mod:`tttla_jax.parallel` op combines the state across
+        devices); ``"pipelined"`` with per-channel gates."""
+        return "pipelined" if getattr(self, "gate_kind", "head") == "channel" else "associative"
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  use_short_conv: bool = True, conv_size: int = 4, feature_map: str = "silu+l2",
@@ -430,7 +442,7 @@ class DeltaNet(Mixer):
         sd = _checks.state_dtype(x, self.b_proj.kernel[...])
         beta = jax.nn.sigmoid(self.b_proj(x).astype(sd)).astype(q.dtype)
         g = None if self.gate is None else self.gate(x)
-        o, S = delta_rule(q, k, v, beta, log_decay=g, initial_state=cache["state"],
+        o, S = _sp.sequence_op("delta_rule", delta_rule)(q, k, v, beta, log_decay=g, initial_state=cache["state"],
                           output_final_state=True, chunk_size=self.chunk_size,
                           impl=self.impl, cu_seqlens=cu_seqlens)
         new_cache["state"] = S.astype(cache["state"].dtype)
