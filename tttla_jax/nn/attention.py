@@ -114,10 +114,18 @@ class Attention(Mixer):
         return new, at + T > self.max_len
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
-                 positions: Optional[Int[Array, "b t"]] = None):
+                 positions: Optional[Int[Array, "b t"]] = None,
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
         """Returns ``(y [B, T, W], new_cache)``. ``positions`` ``[B, T]`` (or ``[T]``):
         absolute positions (default ``cache["pos"] + arange(T)``); they drive RoPE and the
-        position condition of the mask."""
+        position condition of the mask.
+
+        ``cu_seqlens`` ``[N + 1]``: N packed sequences in ``x`` ``[1, T, W]``, each attending
+        only to itself and its own cache entry (caches in and out per sequence, leading dim
+        N; positions restart per sequence); the ``"chunked"``/``"auto"`` impl only.
+        """
+        if cu_seqlens is not None:
+            return self._packed(x, cache, positions, cu_seqlens)
         B, T = self._check_x(x)
         fresh = cache is None
         if fresh:
@@ -155,6 +163,53 @@ class Attention(Mixer):
             new_cache, overflow = self._write(cache, k, v, positions)
         o = jnp.where(overflow[:, None, None, None], jnp.nan, o)
         y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
+        return y, new_cache
+
+    def _packed(self, x, cache, positions, cu_seqlens):
+        """The ``cu_seqlens`` form of :meth:`__call__`: a sequence-id mask on the parallel form
+        (``T × T`` scores fresh, ``T × (N·max_len + T)`` with a cache); each sequence's new
+        keys are written into its own cache rows."""
+        from tttla_jax.impl import ImplError
+        from tttla_jax.nn._segments import packed_next_pos, packed_positions
+        if self.impl == "recurrent":
+            raise ImplError("impl: Attention runs packed sequences (cu_seqlens) with its parallel form "
+                            "only; got impl='recurrent', use impl='chunked' or 'auto'")
+        B, T = self._check_x(x)
+        N, nb = self._cache_batch(B, T, cu_seqlens)
+        fresh = cache is None
+        if fresh:
+            cache = self.init_cache(N)
+        spec = {k: (shape, layout.replace("[B", "[N")) for k, (shape, layout) in self._cache_spec(N).items()}
+        _check_cache(cache, spec)
+        positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
+        q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.use_rope:
+            q = apply_rope(q, positions, base=self.rope_base)
+            k = apply_rope(k, positions, base=self.rope_base)
+        S, H, D = self.max_len, self.num_heads, self.head_dim
+        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        t = jnp.arange(T, dtype=jnp.int32)
+        seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
+        same = jnp.tril(seq[:, None] == seq[None, :])                               # [T, T]
+        if fresh:
+            o = causal_attend(q, k, v, positions, positions, same)
+        else:
+            kk = jnp.concatenate([cache["k"].reshape(1, N * S, H, D), k.astype(cache["k"].dtype)], axis=1)
+            vv = jnp.concatenate([cache["v"].reshape(1, N * S, H, D), v.astype(cache["v"].dtype)], axis=1)
+            kp = jnp.concatenate([cache["kpos"].reshape(1, N * S), positions], axis=1)
+            own = seq[:, None] == jnp.repeat(jnp.arange(N, dtype=jnp.int32), S)[None, :]  # [T, N·S]
+            o = causal_attend(q, kk, vv, positions, kp, jnp.concatenate([own, same], axis=1))
+        slot = cache["len"][seq] + t - cu[seq]                                      # [T]
+        overflow = cache["len"] + (cu[1:] - cu[:-1]) > S                            # [N]
+        flat = seq * S + jnp.where(slot < S, slot, N * S)   # out of capacity: dropped (NaN below)
+        put = lambda buf, new: buf.reshape((N * S,) + buf.shape[2:]).at[flat].set(
+            new.astype(buf.dtype), mode="drop").reshape(buf.shape)
+        new_cache = {"k": put(cache["k"], k[0]), "v": put(cache["v"], v[0]),
+                     "kpos": put(cache["kpos"], positions[0]),
+                     "len": cache["len"] + (cu[1:] - cu[:-1]),
+                     "pos": packed_next_pos(positions, cache["pos"], cu_seqlens)}
+        o = jnp.where(overflow[seq][None, :, None, None], jnp.nan, o)
+        y = self.o_proj(o.reshape(B, T, H * D))
         return y, new_cache
 
 
