@@ -260,8 +260,14 @@ def sequence_op(name: str, local_op: Callable) -> Callable:
     if axis is None:
         return local_op
     from tttla_jax.parallel import ops
-    import functools
-    return functools.partial(getattr(ops, name), axis_name=axis)
+    op = getattr(ops, name)
+
+    def call(q, *args, initial_state=None, **kw):
+        if initial_state is not None:  # vary like q (e.g. over data axes too) for the op's custom_vjp
+            initial_state = _varying(initial_state, _vma(q) | {axis})
+        return op(q, *args, initial_state=initial_state, axis_name=axis, **kw)
+
+    return call
 
 
 def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=None, **kw):
