@@ -12,6 +12,7 @@ also timed (float32) for reference.
 
     python benchmarks/kernels.py [--T 2048 8192] [--B 4] [--H 16] [--repeats 5]
                                  [--no-tune-malloc] [--out benchmarks/results/kernels.json]
+    python benchmarks/kernels.py --accuracy   # bfloat16 vs float64, every kernel (kernels_bf16.json)
 
 Measured times are the **median** of ``--repeats`` calls after one compile + warm-up call
 (``benchmarks/_timing.timeit(...)["median"]``, as before the shared helper); the JSON's
@@ -96,8 +97,82 @@ def measure(impl, B, T, H, K, V, C, dtype, repeats):
     return dict(fwd_tokens_per_s=B * T / t_f, fwd_bwd_tokens_per_s=B * T / t_fb, fwd_s=t_f, fwd_bwd_s=t_fb)
 
 
+def accuracy(out_path, T=256, K=64, C=64, seed=0):
+    """bfloat16 accuracy of every kernel against float64 (``--accuracy``; interpret mode, so
+    the kernels' own arithmetic: bf16 matmul operands, float32 accumulation).
+
+    Inputs are drawn in float64, rounded once to bfloat16 (gates, β and the initial state in
+    float32), and the truth is the float64 XLA form on the *same rounded* inputs — so the
+    numbers are the kernel's error, not the input rounding. Error of each output, final state
+    and gradient (fixed generic cotangents) = ``max |kernel − truth| / max |truth|``.
+    """
+    import tttla_jax as tt
+    from tttla_jax import kernels
+
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(seed)
+    B, H, V = 1, 2, K
+    q = rng.normal(size=(B, T, H, K))
+    k = rng.normal(size=(B, T, H, K))
+    k_unit = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.normal(size=(B, T, H, V))
+    g = -rng.uniform(0.0, 0.1, size=(B, T, H))
+    beta = rng.uniform(0.1, 0.9, size=(B, T, H))
+    S0 = rng.normal(size=(B, H, K, V))
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
+
+    def run(fn, args):
+        def loss(*a):
+            o, S = fn(*a)
+            wo = jnp.sin(jnp.arange(o.size, dtype=jnp.float64).reshape(o.shape))
+            ws = jnp.cos(jnp.arange(S.size, dtype=jnp.float64).reshape(S.shape))
+            return jnp.sum(o.astype(jnp.float64) * wo) + jnp.sum(S.astype(jnp.float64) * ws), (o, S)
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
+        return [np.asarray(x, np.float64) for x in tuple(out) + tuple(grads)]
+
+    cases = []
+    for masking in ("causal", "chunk"):
+        args = (bf(q), bf(k / np.sqrt(K)), bf(v), f32(g), f32(S0))
+        names = ("o", "S_T", "dq", "dk", "dv", "dlog_decay", "dS0")
+        kern = lambda q_, k_, v_, g_, s_, m=masking: kernels.linear_attention(  # noqa: E731
+            q_, k_, v_, log_decay=g_, initial_state=s_, masking=m, chunk_size=C, output_final_state=True,
+            interpret="gpu")
+        ref = lambda q_, k_, v_, g_, s_, m=masking: tt.linear_attention(  # noqa: E731
+            q_, k_, v_, log_decay=g_, initial_state=s_, masking=m, chunk_size=C, output_final_state=True,
+            impl="chunked")
+        cases.append((f"linear_attention {masking}", names, kern, ref, args))
+    args = (bf(q), bf(k_unit), bf(v), f32(beta), f32(g), f32(S0))
+    names = ("o", "S_T", "dq", "dk", "dv", "dbeta", "dlog_decay", "dS0")
+    kern = lambda q_, k_, v_, b_, g_, s_: kernels.delta_rule(  # noqa: E731
+        q_, k_, v_, b_, log_decay=g_, initial_state=s_, chunk_size=C, output_final_state=True, interpret="gpu")
+    ref = lambda q_, k_, v_, b_, g_, s_: tt.delta_rule(  # noqa: E731
+        q_, k_, v_, b_, log_decay=g_, initial_state=s_, chunk_size=C, output_final_state=True, impl="recurrent")
+    cases.append(("delta_rule (gated)", names, kern, ref, args))
+
+    start = setup(tune=True)
+    result = dict(T=T, K=K, V=V, H=H, chunk_size=C, inputs="bfloat16 q,k,v; float32 gates/state",
+                  truth="float64 XLA form on the same rounded inputs", errors={})
+    print(f"# bfloat16 kernels vs float64 (T={T}, K=V={K}, C={C}; interpret mode): max|err| / max|truth|")
+    for label, names, kern, ref, args in cases:
+        got = run(kern, args)
+        want = run(ref, tuple(f64(x) for x in args))
+        errs = {n: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) for n, a, b in zip(names, got, want)}
+        result["errors"][label] = errs
+        print(f"{label:22s} " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    result["machine"] = m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out_path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--accuracy", action="store_true",
+                   help="instead: bfloat16 accuracy of every kernel against float64 (interpret mode)")
     p.add_argument("--T", type=int, nargs="+", default=None)
     p.add_argument("--B", type=int, default=None)
     p.add_argument("--H", type=int, default=16)
@@ -107,6 +182,9 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
     p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = p.parse_args(argv)
+    if a.accuracy:
+        out = a.out if a.out != p.get_default("out") else os.path.join(os.path.dirname(a.out), "kernels_bf16.json")
+        return accuracy(out)
     start = setup(tune=not a.no_tune_malloc)
     backend = tt_impl.platform()
     accel = tt_impl.on_accelerator()

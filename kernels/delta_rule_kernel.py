@@ -248,13 +248,244 @@ def _dr_fwd(q, k, v, beta, g, S0, scale, cfg):
     acc = _acc(q.dtype)
     args = tuple(_chunk.heads_major(x, Tp) for x in (q, k, v, beta.astype(acc)[..., None]))
     o, S = _dispatch(cfg, *args, *_cum_decay(g.astype(acc), cfg.C, Tp), S0.astype(acc), scale=scale)
-    return (_chunk.from_heads_major(o, T), S), (q, k, v, beta, g, S0)
+    return (_chunk.from_heads_major(o, T), S), (q, k, v, beta, g, S0, S)
+
+
+# --------------------------------------------------------------------------- backward kernels
+#
+# Two sweeps, no per-chunk state kept from the forward:
+#
+# * states: the forward recurrence again, writing each chunk's starting state ``[N, K, V]``
+#   (the only O(N·K·V) buffer, alive during the backward only);
+# * reverse: per chunk, with ``S`` its starting state and ``dS`` the cotangent of the state
+#   after it (``X = βV``, ``Y = βγK``, ``W_v = T X``, ``W_k = T Y``, ``U = W_v − W_k S``,
+#   ``P = (Q Kᵀ) ⊙ D``, ``T = (I + A)⁻¹``)::
+#
+#       dU = Pᵀ dO + (λ ⊙ K) dS,      dP = dO Uᵀ
+#       dQ = (dP ⊙ D) K + γ ⊙ (dO Sᵀ),   dK = (dP ⊙ D)ᵀ Q + λ ⊙ (U dSᵀ) + βγ ⊙ dY + (M + Mᵀ) K
+#       dS_prev = Γ dS + (γ ⊙ Q)ᵀ dO − W_kᵀ dU
+#       dX = Tᵀ dU,  dY = −Tᵀ (dU Sᵀ),  dV = β ⊙ dX,  dT = dU Xᵀ − (dU Sᵀ) Yᵀ
+#       dA = −Tᵀ dT Tᵀ (strictly lower),  M = β ⊙ D ⊙ dA,  dβ = Σ_v dX ⊙ V + Σ_k dY ⊙ γK + Σ_j dA ⊙ D ⊙ KKᵀ
+#
+#   Everything but ``dV`` and ``dS_prev`` sums over the value dim, so with value blocks the
+#   kernel writes per-block partials of ``dQ, dK, dβ`` that the wrapper adds.
+# * the log-decay gradient needs no kernel. With ``B_t`` the global cumulative log-decay and
+#   ``S̃_t = e^{−B_t} S_t``, the recurrence is ``S̃_t = S̃_{t−1} + β_t k_tᵀ (e^{−B_t} v_t − k_t S̃_{t−1})``
+#   and ``o_t = e^{B_t} q_t S̃_t``: ``B`` enters only through ``e^{B_t} q_t``, ``e^{−B_t} v_t``
+#   and ``S_T = e^{B_T} S̃_T``, so ``∂L/∂B_t = q_t·dq_t − v_t·dv_t + [t = T−1]⟨S_T, dS_T⟩`` and
+#   ``dg`` is its reverse cumulative sum stopped at cuts (as the linear-attention kernel).
+
+
+def _delta_chunk_bwd(q, k, v, beta, bcol, scol, bC, sC, S, do, dS, *, scale, acc):
+    """One chunk of the reverse sweep: ``(dq, dk, dβ [C, 1]) partial over this value block,
+    dv, dS_prev)``; every operand in ``acc``."""
+    C = q.shape[0]
+    qs = q.astype(acc) * scale
+    kf = k.astype(acc)
+    vf = v.astype(acc)
+    do = do.astype(acc)
+    beta = beta.astype(acc)
+    D = _decay_mask(bcol, scol, C)
+    gamma, lam, Gam = _decays(bcol, scol, bC, sC)
+    strict = _chunk.lower_mask(C, strict=True)
+    KK = _dot(kf, kf, acc, tb=True)
+    A = jnp.where(strict, beta * KK * D, 0.0)
+    Tinv = _chunk.unit_lower_inverse_by_products(A, lambda a, b: _dot(a, b, acc))
+    X = beta * vf
+    Y = beta * gamma * kf
+    Wk = _dot(Tinv, Y, acc)
+    U = _dot(Tinv, X, acc) - _dot(Wk, S, acc)
+    P = _dot(qs, kf, acc, tb=True) * D
+    dU = _dot(P, do, acc, ta=True) + _dot(kf * lam, dS, acc)
+    dPD = _dot(do, U, acc, tb=True) * D
+    dq = _dot(dPD, kf, acc) + gamma * _dot(do, S, acc, tb=True)
+    dk = _dot(dPD, qs, acc, ta=True) + lam * _dot(U, dS, acc, tb=True)
+    dS_prev = Gam * dS + _dot(qs * gamma, do, acc, ta=True) - _dot(Wk, dU, acc, ta=True)
+    dWk = -_dot(dU, S, acc, tb=True)
+    dX = _dot(Tinv, dU, acc, ta=True)
+    dY = _dot(Tinv, dWk, acc, ta=True)
+    dv = beta * dX
+    dT = _dot(dU, X, acc, tb=True) + _dot(dWk, Y, acc, tb=True)
+    dA = jnp.where(strict, -_dot(_dot(Tinv, dT, acc, ta=True), Tinv, acc, tb=True), 0.0)
+    dAD = dA * D
+    M = beta * dAD
+    dk = dk + beta * gamma * dY + _dot(M, kf, acc) + _dot(M, kf, acc, ta=True)
+    dbeta = (jnp.sum(dX * vf, axis=1, keepdims=True) + jnp.sum(dY * gamma * kf, axis=1, keepdims=True)
+             + jnp.sum(dAD * KK, axis=1, keepdims=True))
+    return dq * scale, dk, dbeta, dv, dS_prev
+
+
+def _gpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_ref, *, C, N, acc):
+    def body(c, S):
+        st_ref[c] = S.astype(st_ref.dtype)
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        _, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :],
+                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=1.0, acc=acc)
+        return S
+
+    lax.fori_loop(0, N, body, s0_ref[...].astype(acc))
+
+
+def _gpu_bwd_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dst_ref,
+                    dq_ref, dk_ref, dbeta_ref, dv_ref, ds0_ref, *, C, N, scale, acc):
+    def body(i, dS):
+        c = N - 1 - i
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+            q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
+            b_ref[end, :], sg_ref[end, :], st_ref[c].astype(acc), do_ref[sl, :], dS, scale=scale, acc=acc)
+        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        dbeta_ref[sl, :] = dbeta.astype(dbeta_ref.dtype)
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        return dS
+
+    ds0_ref[...] = lax.fori_loop(0, N, body, dst_ref[...].astype(acc)).astype(ds0_ref.dtype)
+
+
+def _tpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_ref, s_scr, *, acc):
+    c = pl.program_id(3)
+
+    @pl.when(c == 0)
+    def _():
+        s_scr[...] = s0_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    st_ref[...] = s_scr[...].astype(st_ref.dtype)
+    _, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...],
+                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=1.0, acc=acc)
+    s_scr[...] = S
+
+
+def _tpu_bwd_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dst_ref,
+                    dq_ref, dk_ref, dbeta_ref, dv_ref, ds0_ref, ds_scr, *, N, scale, acc):
+    c = pl.program_id(3)
+
+    @pl.when(c == 0)
+    def _():
+        ds_scr[...] = dst_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+        q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
+        sg_ref[C - 1:C, :], st_ref[...].astype(acc), do_ref[...], ds_scr[...], scale=scale, acc=acc)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    ds_scr[...] = dS
+
+    @pl.when(c == N - 1)
+    def _():
+        ds0_ref[...] = dS.astype(ds0_ref.dtype)
+
+
+def _bwd_call(backend, interp, q, k, v, beta, b, sg, S0, do, dST, *, scale, cfg):
+    """States sweep + reverse sweep: ``(dq, dk, dβ, dv, dS0)`` (heads-major, in ``acc``)."""
+    B, H, Tp, K = q.shape
+    V = v.shape[-1]
+    C = cfg.C
+    N = Tp // C
+    acc = _acc(q.dtype)
+    st_shape = jax.ShapeDtypeStruct((B, H, N, K, V), acc)
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        nvb = V // bv
+        cp = None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns)
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n: (i, j, 0, n))
+        stblk = pl.BlockSpec((None, None, N, K, bv), lambda i, j, n: (i, j, 0, 0, n))
+        part = lambda d: pl.BlockSpec((None, None, None, Tp, d), lambda i, j, n: (n, i, j, 0, 0))  # noqa: E731
+        st = pl.pallas_call(
+            functools.partial(_gpu_states_kernel, C=C, N=N, acc=acc), out_shape=st_shape, grid=(B, H, nvb),
+            in_specs=[full(K), full(K), vblk, full(1), full(1), full(1), sblk], out_specs=stblk,
+            compiler_params=cp, interpret=bool(interp), name="tttla_delta_rule_states_triton",
+        )(q, k, v, beta, b, sg, S0)
+        dq, dk, dbeta, dv, dS0 = pl.pallas_call(
+            functools.partial(_gpu_bwd_kernel, C=C, N=N, scale=scale, acc=acc),
+            out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc),
+                       jax.ShapeDtypeStruct((nvb, B, H, Tp, 1), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
+                       jax.ShapeDtypeStruct((B, H, K, V), acc)),
+            grid=(B, H, nvb),
+            in_specs=[full(K), full(K), vblk, full(1), full(1), full(1), stblk, vblk, sblk],
+            out_specs=(part(K), part(K), part(1), vblk, sblk),
+            compiler_params=cp, interpret=bool(interp), name="tttla_delta_rule_bwd_triton",
+        )(q, k, v, beta, b, sg, st, do, dST)
+        return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dS0
+    if jnp.dtype(q.dtype) == jnp.float16:
+        q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+    bv = cfg.block_sizes.tpu(K, V)
+    nvb = V // bv
+    est = _tpu_estimate(K, V, C, bv, q.dtype, acc) + 12 * C * C * 4
+    params = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        vmem_limit_bytes=int(cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est)))
+
+    def specs(rev):
+        r = (lambda c: N - 1 - c) if rev else (lambda c: c)
+        tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, r(c), 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, r(c), n))
+        stblk = pl.BlockSpec((None, None, None, K, bv), lambda i, j, n, c: (i, j, r(c), 0, n))
+        part = lambda d: pl.BlockSpec((None, None, None, C, d), lambda i, j, n, c: (n, i, j, r(c), 0))  # noqa: E731
+        return tok, vblk, stblk, part
+
+    sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
+    tok, vblk, stblk, _ = specs(False)
+    st = pl.pallas_call(
+        functools.partial(_tpu_states_kernel, acc=acc), out_shape=st_shape, grid=(B, H, nvb, N),
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk], out_specs=stblk,
+        scratch_shapes=[pltpu.VMEM((K, bv), acc)], compiler_params=params,
+        interpret=interp or False, name="tttla_delta_rule_states_mosaic",
+    )(q, k, v, beta, b, sg, S0)
+    tok, vblk, stblk, part = specs(True)
+    dq, dk, dbeta, dv, dS0 = pl.pallas_call(
+        functools.partial(_tpu_bwd_kernel, N=N, scale=scale, acc=acc),
+        out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc),
+                   jax.ShapeDtypeStruct((nvb, B, H, Tp, 1), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
+                   jax.ShapeDtypeStruct((B, H, K, V), acc)),
+        grid=(B, H, nvb, N),
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), stblk, vblk, sblk],
+        out_specs=(part(K), part(K), part(1), vblk, sblk),
+        scratch_shapes=[pltpu.VMEM((K, bv), acc)], compiler_params=params,
+        interpret=interp or False, name="tttla_delta_rule_bwd_mosaic",
+    )(q, k, v, beta, b, sg, st, do, dST)
+    return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dS0
 
 
 def _dr_bwd(scale, cfg, res, cts):
-    """The backward: the VJP of the same math in XLA, the chunked form of the delta rule
-    (:func:`tttla_jax.ops.chunk.delta_chunked`) in the accumulation dtype."""
-    q, k, v, beta, g, S0 = res
+    """The backward kernels (states + reverse sweep) and the log-decay identity above."""
+    q, k, v, beta, g, S0, S_T = res
+    do, dST = cts
+    T = q.shape[1]
+    Tp = _chunk.num_chunks(T, cfg.C) * cfg.C
+    acc = _acc(q.dtype)
+    ga = g.astype(acc)
+    b, sg = _cum_decay(ga, cfg.C, Tp)
+    qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
+    bh = _chunk.heads_major(beta.astype(acc)[..., None], Tp)
+    dST = dST.astype(acc)
+    dq, dk, dbeta, dv, dS0 = _dispatch(cfg, qh, kh, vh, bh, b, sg, S0.astype(acc), doh, dST, scale=scale,
+                                       call=_bwd_call)
+    # log-decay: dB_t = q_t·dq_t − v_t·dv_t + [t = T−1]<S_T, dS_T>, reverse cumsum stopped at cuts
+    dB = (jnp.sum(qh.astype(acc) * dq, axis=-1) - jnp.sum(vh.astype(acc) * dv, axis=-1))[:, :, :T]
+    dB = dB.at[..., -1].add(jnp.sum(S_T * dST, axis=(-2, -1)))
+    cut = jnp.swapaxes(ga <= -_chunk.cut_threshold(acc), 1, 2)
+    dg = _chunk.segmented_reverse_cumsum(dB, cut)
+    back = lambda x, dt: _chunk.from_heads_major(x, T).astype(dt)  # noqa: E731
+    return (back(dq, q.dtype), back(dk, k.dtype), back(dv, v.dtype), back(dbeta, beta.dtype)[..., 0],
+            jnp.swapaxes(dg, 1, 2).astype(g.dtype), dS0.astype(S0.dtype))
+
+
+def _dr_bwd_xla(scale, cfg, res, cts):
+    """The VJP of the same math in XLA, the chunked form of the delta rule
+    (:func:`tttla_jax.ops.chunk.delta_chunked`) in the accumulation dtype (the reference the
+    backward kernels are tested against)."""
+    q, k, v, beta, g, S0, _ = res
     acc = _acc(q.dtype)
 
     def f(q, k, v, beta, g, S0):

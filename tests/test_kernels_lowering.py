@@ -180,18 +180,16 @@ _COMPILE_SCRIPT = textwrap.dedent(
 # negative control (a 256 KiB scoped-VMEM limit cannot hold a 256x256 float32 state: the
 # Mosaic compiler must refuse it, so the check is known to be able to fail).
 # The linear-attention cases compile forward + backward (three Mosaic kernels: forward, dQ,
-# dK/dV). The delta-rule cases and the negative control compile the forward only: the delta
-# rule's only kernel is its forward (the backward is XLA, ``_dr_bwd``), and compiling that
-# XLA backward for TPU cost ~70 % of those cases' compile time (measured: 12 s and 20 s CPU
-# with gradients, 2 s and 3 s without); the forward's state alone overflows the control's
-# VMEM. The slow full sweep compiles every case with gradients.
+# dK/dV); one delta-rule case compiles forward + backward (forward, states and reverse-sweep
+# kernels), the other and the negative control the forward only (the forward's state alone
+# overflows the control's VMEM). The slow sweeps compile every case with gradients.
 _COMPILE_CASES = [
     ["v5e:2x2", "bfloat16", 128, 128, "causal", 64, None, True],
     ["v5e:2x2", "float16", 64, 64, "chunk", 64, None, True],
     ["v5e:2x2", "float32", 256, 256, "causal", 256, 256 * 1024, False],
     ["v6e:2x2", "bfloat16", 256, 256, "chunk", 128, None, True],
     ["v6e:2x2", "float32", 64, 128, "causal", 64, None, True],
-    ["v5e:2x2", "bfloat16", 128, 128, "delta", 64, None, False],
+    ["v5e:2x2", "bfloat16", 128, 128, "delta", 64, None, True],
     ["v6e:2x2", "float16", 256, 256, "delta", 64, None, False],
     # a per-chip table entry (v5p: two 128-wide value blocks), head dims between the tiles
     # (zero-padded) and packed sequences (scalar-prefetched chunk tables), forward + backward
@@ -200,10 +198,10 @@ _COMPILE_CASES = [
 # Every TPU entry of the per-chip tables (CHIP_TABLES), compiled on its chip, forward + backward
 # of the linear-attention kernel (causal; chunk masking on odd K) and the delta rule forward.
 TPU_TOPOLOGY = {"tpu_v5e": "v5e:2x2", "tpu_v5p": "v5p:2x2x1", "tpu_v6e": "v6e:2x2"}
-_TABLE_SWEEP = [[topo, "bfloat16", K, K, kind, 64, None, kind != "delta", {"chip": chip}]
+_TABLE_SWEEP = [[topo, "bfloat16", K, K, kind, 64, None, True, {"chip": chip}]
                 for chip, topo in TPU_TOPOLOGY.items() for K in (16, 32, 64, 128, 256)
                 for kind in (("causal" if K % 64 else "chunk"), "delta")]
-_TABLE_SWEEP += [[topo, "bfloat16", 48, 200, kind, 64, None, kind != "delta", {"chip": chip, "packed": 4}]
+_TABLE_SWEEP += [[topo, "bfloat16", 48, 200, kind, 64, None, True, {"chip": chip, "packed": 4}]
                  for chip, topo in TPU_TOPOLOGY.items() for kind in ("chunk", "delta")]
 _FULL_SWEEP = [[t, d, hd, hd, m, 64, None, True] for t in ("v5e:2x2", "v6e:2x2")
                for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk", "delta")]
