@@ -433,7 +433,7 @@ def test_impl_candidates_and_resolution(monkeypatch):
     monkeypatch.setattr(tttla_jax.impl, "platform", lambda: "tpu")
     assert tt.impl.resolve("auto", tt.ops.delta_rule_impl_reasons(q, k, v)) == "pallas"
     packed = tt.ops.delta_rule_impl_reasons(q, k, v, cu_seqlens=jnp.asarray([0, 5], jnp.int32))
-    assert "packed sequences" in packed["pallas"] and tt.impl.resolve("auto", packed) == "chunked"
+    assert packed["pallas"] is None and tt.impl.resolve("auto", packed) == "pallas"  # the kernel runs them
     assert "head dim K = 5" in tt.ops.delta_rule_impl_reasons(q[..., :5], k[..., :5], v)["pallas"]
 
 

@@ -322,11 +322,12 @@ def test_auto_on_an_accelerator_picks_the_kernel_only_where_it_runs(monkeypatch)
     assert reasons["pallas"] is None and tt.impl.resolve("auto", reasons) == "pallas"
     cu = jnp.asarray([0, 2, 5], jnp.int32)
     for kw, why in [(dict(masking="none"), "masking='none' is not supported"),
-                    (dict(cu_seqlens=cu), "packed sequences"),
                     (dict(masking="chunk", chunk_size=24), "chunk_size = 24 is not supported")]:
         reasons = tt.ops.linear_attention_impl_reasons(q, k, v, **kw)
         assert why in reasons["pallas"], (kw, reasons)
         assert tt.impl.resolve("auto", reasons) == "chunked"
+    packed = tt.ops.linear_attention_impl_reasons(q, k, v, cu_seqlens=cu)  # the kernel runs packed sequences
+    assert packed["pallas"] is None and tt.impl.resolve("auto", packed) == "pallas"
     q5 = q[..., :5]
     assert "head dim K = 5" in tt.ops.linear_attention_impl_reasons(q5, q5, v)["pallas"]
     f64 = tt.ops.linear_attention_impl_reasons(*(x.astype(jnp.float64) for x in (q, k, v)))

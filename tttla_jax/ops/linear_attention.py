@@ -103,8 +103,6 @@ def pallas_reason(kernel_reason, *, impl: str, cu_seqlens=None, interpret=None, 
       interpret: the call's ``interpret`` argument.
       dtypes: the dtypes of q, k and v.
     """
-    if cu_seqlens is not None:
-        return "packed sequences (cu_seqlens) are not supported by the Pallas kernel; use impl='chunked' (or 'auto')"
     if impl == "auto" and interpret is None and not _impl.on_accelerator():
         return (f"the platform is {_impl.platform()!r}, not a GPU/TPU: the kernel would run in Pallas "
                 "interpret mode (pass impl='pallas' or interpret= to run it anyway)")
@@ -210,7 +208,8 @@ def linear_attention(
         (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
         initial state, no state crossing a boundary, ``masking="chunk"`` blocks counted from
         its start, ``masking="none"`` reading its own final state. ``initial_state`` and the
-        returned state are then ``[N, H, K, V]``, one per sequence. Not with ``"pallas"``.
+        returned state are then ``[N, H, K, V]``, one per sequence (the kernels too:
+        ``"pallas"`` walks the re-chunked layout with per-sequence resets).
       block_sizes: :class:`tttla_jax.kernels.BlockSizes` for the kernel (``impl="pallas"``,
         or ``"auto"`` when it picks the kernel; a ``ValueError`` with any other impl).
       interpret: the kernel's interpret flag (:func:`tttla_jax.kernels.linear_attention`):
@@ -244,7 +243,8 @@ def linear_attention(
 
         return kernels.linear_attention(q, k, v, scale=scale, log_decay=log_decay, initial_state=initial_state,
                                         output_final_state=output_final_state, masking=masking,
-                                        chunk_size=chunk_size, block_sizes=block_sizes, interpret=interpret)
+                                        chunk_size=chunk_size, cu_seqlens=cu_seqlens, block_sizes=block_sizes,
+                                        interpret=interpret)
 
     sd = _checks.state_dtype(q, k, v)
     qf = q.astype(sd) * jnp.asarray(scale, sd)
