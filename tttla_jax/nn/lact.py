@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, Int
 from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.nn.layers import RMSNorm, apply_rope, dense, partitioned
+from tttla_jax.nn.recipes import RecipeMixin, check_flag, feature_map as _feature_map
 from tttla_jax.nn._segments import (packed_final, packed_gather, packed_next_pos, packed_positions,
                                    packed_scan, packed_scatter, packed_streams, packed_tail)
 from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, register_mixer,
@@ -88,7 +89,7 @@ def _fast_weight_init(fan_in: int):
     return partitioned(init, ("heads", None, None))
 
 
-class LaCTLayer(Mixer):
+class LaCTLayer(RecipeMixin, Mixer):
     """LaCT-LLM token mixer: large-chunk TTT with SwiGLU fast weights (docs/rules/lact.md), optionally
     hybrid with sliding-window attention, any ladder step or anomaly by name (docs/ladder.md).
 
@@ -123,6 +124,14 @@ class LaCTLayer(Mixer):
       output_gate: the per-head ``silu(x W_g + b_g)`` output gate (the reference's
         ``learnable_ttt_scale``).
       norm_eps: epsilon of the per-head output RMSNorm (and of the q/k norms).
+      short_conv, feature_map, qk_norm, head_norm: the recall recipes, as in every mixer
+        (:mod:`tttla_jax.nn.recipes`, docs/recipes.md): conv taps (+ SiLU) on q, k, v right
+        after the fused projection, before both branches (default 0 = off; cache
+        ``"conv_q"``, ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]``);
+        ``feature_map`` on the fast q, k in place of their SiLU (default ``None``:
+        ``"silu"`` with ``qkv_silu``, else ``"identity"``); ``qk_norm`` the fast branch's
+        L2 norm of q, k (default on, the reference's); ``head_norm`` the per-head output
+        RMSNorm ``ttt_norm`` (default on).
       impl: the implementation of a call without a cache (``cache=None``: training, and
         prefill through ``LanguageModel``, which passes ``None`` on a fresh call;
         docs/implementations.md): ``"pallas"`` (the linear-attention kernel; only when the
@@ -181,7 +190,8 @@ class LaCTLayer(Mixer):
                  attn_qk_norm: bool = False, qkv_bias: bool = False, qkv_silu: bool = True,
                  v_silu: bool = True, ttt_rope: bool = True, rope_base: float = 10000.0,
                  output_gate: bool = True, norm_eps: float = 1e-5, impl: str = "auto",
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 short_conv: int = 0, feature_map: Optional[str] = None, qk_norm: bool = True,
+                 head_norm: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         D = self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("preset", preset, LACT_PRESETS)
         chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
@@ -244,6 +254,9 @@ class LaCTLayer(Mixer):
 
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = dense(width, 3 * HD, ("embed", "heads"), use_bias=qkv_bias, **kw)
+        if feature_map is None:  # the older option: qkv_silu
+            feature_map = "silu" if qkv_silu else "identity"
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm, **kw)
         if attn_qk_norm:
             nkw = dict(eps=norm_eps, dtype=dtype, param_dtype=param_dtype, axis_name="heads")
             self.q_norm, self.k_norm = RMSNorm(HD, **nkw), RMSNorm(HD, **nkw)
@@ -267,7 +280,9 @@ class LaCTLayer(Mixer):
                               if rule.use_momentum else None)
         self.ttt_scale_proj = (dense(width, num_heads, ("embed", "heads"), use_bias=True, **kw)
                                if output_gate else None)
-        self.ttt_norm = RMSNorm(D, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, axis_name="head_dim")
+        self.head_norm = check_flag("head_norm", head_norm)
+        self.ttt_norm = (RMSNorm(D, eps=norm_eps, dtype=dtype, param_dtype=param_dtype, axis_name="head_dim")
+                         if head_norm else None)
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
 
     # ------------------------------------------------------------------ configuration
@@ -322,6 +337,7 @@ class LaCTLayer(Mixer):
             spec["attn_k"] = ((B, w, Ha, Da), f"[{b}, window, Ha, Da]")
             spec["attn_v"] = ((B, w, Ha, Da), f"[{b}, window, Ha, Da]")
             spec["attn_kpos"] = ((B, w), f"[{b}, window]")
+        spec.update(self._recipe_cache_spec(B, b))
         return spec
 
     _INT_KEYS = ("buf_len", "pos", "attn_kpos")
@@ -335,14 +351,14 @@ class LaCTLayer(Mixer):
                 cache[key] = jnp.full(shape, -1, jnp.int32)
             elif key in self._INT_KEYS:
                 cache[key] = jnp.zeros(shape, jnp.int32)
-            elif key.startswith("attn_"):
+            elif key.startswith("attn_") or key.startswith("conv_"):
                 cache[key] = jnp.zeros(shape, ad)
             else:
                 cache[key] = jnp.zeros(shape, sd)
         return cache
 
     # ------------------------------------------------------------------ projections
-    def _project(self, x, positions):
+    def _project(self, x, positions, cache=None, new_cache=None, cu_seqlens=None):
         """Fast-branch q, k, v ``[B, T, H, D]``, lr ``[B, T, H, 3]`` (or None), momentum
         ``[B, T, H]`` (or None) and the attention branch's (q, k, v) (or None)."""
         B, T, _ = x.shape
@@ -350,6 +366,7 @@ class LaCTLayer(Mixer):
         Ha, Da = self.num_attn_heads, self.attn_head_dim
         sd = _checks.state_dtype(x, self.qkv.kernel[...])
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        q, k, v = self._recipe_conv(q, k, v, cache, new_cache, cu_seqlens)  # recipe conv (short_conv)
         if self.attn_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         attn = None
@@ -360,11 +377,11 @@ class LaCTLayer(Mixer):
         sc, off = self.qk_scale[...].astype(q.dtype), self.qk_offset[...].astype(q.dtype)
         fq, fk, fv = q * sc[:, 0] + off[:, 0], k * sc[:, 1] + off[:, 1], v
         fq, fk, fv = (a.reshape(B, T, H, D) for a in (fq, fk, fv))
-        if self.qkv_silu:
-            fq, fk = jax.nn.silu(fq), jax.nn.silu(fk)
-            if self.v_silu:
-                fv = jax.nn.silu(fv)
-        fq, fk = _l2_norm(fq), _l2_norm(fk)
+        fq, fk = _feature_map(self.feature_map, fq), _feature_map(self.feature_map, fk)  # SiLU by default
+        if self.qkv_silu and self.v_silu:
+            fv = jax.nn.silu(fv)
+        if self.qk_norm:
+            fq, fk = _l2_norm(fq), _l2_norm(fk)
         if self.ttt_rope:  # the reference rotates with the attention branch's head split
             fq = apply_rope(fq.reshape(B, T, Ha, Da), positions, base=self.rope_base).reshape(B, T, H, D)
             fk = apply_rope(fk.reshape(B, T, Ha, Da), positions, base=self.rope_base).reshape(B, T, H, D)
@@ -592,9 +609,10 @@ class LaCTLayer(Mixer):
         else:
             positions = resolve_positions(positions, cache, B, T)
 
-        q, k, v, lr, m, attn = self._project(x, positions)
+        conv_cache = {}
+        q, k, v, lr, m, attn = self._project(x, positions, cache, conv_cache, cu_seqlens)
         fast_keys = [key for key in self._cache_spec(NB)
-                     if key not in ("pos",) and not key.startswith("attn_")]
+                     if key not in ("pos",) and not key.startswith(("attn_", "conv_"))]
         fc = {key: cache[key] for key in fast_keys}
         if packed:
             o, new_fc = self._packed(q, k, v, lr, m, fc, cu_seqlens, given)
@@ -604,7 +622,9 @@ class LaCTLayer(Mixer):
             o, new_fc = self._fresh(q, k, v, lr, m)
 
         H, D = self.num_heads, self.head_dim
-        o = self.ttt_norm(o.astype(self._act_dtype()))
+        o = o.astype(self._act_dtype())
+        if self.ttt_norm is not None:
+            o = self.ttt_norm(o)
         if self.output_gate:
             gate = jax.nn.silu(self.ttt_scale_proj(x))                 # [B, T, H]
             o = o * gate[..., None].astype(o.dtype)
@@ -613,6 +633,7 @@ class LaCTLayer(Mixer):
             new_cache = {**new_fc, "pos": packed_next_pos(positions, cache["pos"], cu_seqlens)}
         else:
             new_cache = {**new_fc, "pos": positions[:, -1] + 1}
+        new_cache.update(conv_cache)
         if self.window is not None:
             qa, ka, va = attn
             sub = {"k": cache["attn_k"], "v": cache["attn_v"], "kpos": cache["attn_kpos"]}
@@ -643,8 +664,9 @@ class LaCTLayer(Mixer):
              "qk_scale": (("qk_scale",), *same),
              "qk_offset": (("qk_offset",), *same),
              "w1": (("w1",), *same),
-             "ttt_norm.weight": (("ttt_norm", "scale"), *same),
              "o_proj.weight": (("o_proj", "kernel"), *lin)}
+        if self.head_norm:
+            m["ttt_norm.weight"] = (("ttt_norm", "scale"), *same)
         if self.qkv_bias:
             m["qkv.bias"] = (("qkv", "bias"), *same)
         if self.attn_qk_norm:

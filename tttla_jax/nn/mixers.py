@@ -29,6 +29,7 @@ from tttla_jax import impl as _impl
 from tttla_jax.parallel import context as _sp
 from tttla_jax.nn.layers import (RMSNorm, ShortConv, apply_rope, check_positions, dense, l2_normalize,
                                  partitioned, positive_float)
+from tttla_jax.nn.recipes import FEATURE_MAPS as RECIPE_FEATURE_MAPS, RecipeMixin, feature_map as _feature_map
 from tttla_jax.ops.delta_rule import delta_rule
 from tttla_jax.ops.linear_attention import linear_attention
 from tttla_jax.ops.varlen import check_cu_seqlens
@@ -201,21 +202,18 @@ def _gate_channels(gate_kind: str, head_dim: int) -> Optional[int]:
     return head_dim if gate_kind == "channel" else None
 
 
-FEATURE_MAPS = ("identity", "elu+1", "silu+l2")
+#: Feature maps of :class:`LinearAttention` (every mixer's ``feature_map`` option,
+#: :data:`tttla_jax.nn.recipes.FEATURE_MAPS`).
+FEATURE_MAPS = RECIPE_FEATURE_MAPS
 
 
 def feature_map(name: str, x: Array) -> Array:
-    """``identity``; ``elu+1`` (Katharopoulos et al., 2020); ``silu+l2`` (``l2norm(silu(x))`` over D)."""
-    if name == "identity":
-        return x
-    if name == "elu+1":
-        return jax.nn.elu(x) + 1
-    if name == "silu+l2":
-        return l2_normalize(jax.nn.silu(x))
-    raise ValueError(f"feature_map: got {name!r}, expected one of {FEATURE_MAPS}")
+    """``identity``; ``silu``; ``elu+1`` (Katharopoulos et al., 2020); ``relu``; ``silu+l2``
+    (``l2norm(silu(x))`` over D); ``l2`` (:func:`tttla_jax.nn.recipes.feature_map`)."""
+    return _feature_map(name, x)
 
 
-class LinearAttention(Mixer):
+class LinearAttention(RecipeMixin, Mixer):
     """Causal linear attention with a feature map and an optional scalar decay gate.
 
     ``q, k, v = φ(x W_q), φ(x W_k), x W_v`` per head; ``S_t = e^{g_t} S_{t−1} + k_tᵀ v_t``,
@@ -226,7 +224,10 @@ class LinearAttention(Mixer):
       width: model width ``W``.
       num_heads: heads ``H``.
       head_dim: ``D`` (default ``W // H``); keys and values both use ``D``.
-      feature_map: ``"identity"`` | ``"elu+1"`` | ``"silu+l2"`` applied to q and k.
+      feature_map: applied to q and k (:data:`FEATURE_MAPS`; default ``"elu+1"``).
+      short_conv, qk_norm, head_norm: the recall recipes (:mod:`tttla_jax.nn.recipes`,
+        docs/recipes.md): conv taps on q, k, v (0 = off), L2 norm of q, k, and the per-head
+        output RMSNorm (on by default).
       use_decay: add the data-dependent per-head log-decay gate (:class:`DecayGate`).
       gate_kind: ``"head"`` (one log-decay per head) | ``"channel"`` (one per key channel,
         GLA: ``S_t = diag(e^{g_t}) S_{t−1} + k_tᵀ v_t``); with ``use_decay``.
@@ -240,7 +241,8 @@ class LinearAttention(Mixer):
     Parameters: ``4·W·H·D + D`` (+ ``W·H + 2H`` with ``use_decay``; ``W·H·D + H·D + H`` with
     ``gate_kind="channel"``).
 
-    Cache: ``{"state": [B, H, D, D]}`` in float32 (float64 for a float64 layer).
+    Cache: ``{"state": [B, H, D, D]}`` in float32 (float64 for a float64 layer), plus
+    ``"conv_q"``, ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]`` with ``short_conv``.
 
     Packed sequences: ``__call__(x, cu_seqlens=cu)`` with ``x`` ``[1, T, W]`` and
     ``cu = [0, T_1, T_1 + T_2, …, T]`` runs every sequence as if alone; the cache in
@@ -258,7 +260,8 @@ class LinearAttention(Mixer):
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  feature_map: str = "elu+1", use_decay: bool = False, gate_kind: str = "head", chunk_size: int = 64,
-                 impl: str = "auto", norm_eps: float = 1e-6, dtype=None,
+                 impl: str = "auto", norm_eps: float = 1e-6, short_conv: int = 0,
+                 qk_norm: bool = False, head_norm: bool = True, dtype=None,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, FEATURE_MAPS)
@@ -275,16 +278,17 @@ class LinearAttention(Mixer):
         self.q_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm,
+                          head_norm=head_norm, head_dim=self.head_dim, norm_eps=norm_eps, **kw)
         self.gate = DecayGate(width, num_heads, channels=_gate_channels(gate_kind, self.head_dim),
                               **kw) if use_decay else None
-        self.out_norm = RMSNorm(self.head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
-                                axis_name="head_dim")
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
 
     def init_cache(self, batch_size: int) -> Cache:
         _checks.check_positive_int("batch_size", batch_size)
         D = self.head_dim
-        return {"state": jnp.zeros((batch_size, self.num_heads, D, D), self._state_dtype())}
+        return {"state": jnp.zeros((batch_size, self.num_heads, D, D), self._state_dtype()),
+                **self._recipe_init_cache(batch_size, self._act_dtype())}
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
                  positions: Optional[Int[Array, "b t"]] = None,
@@ -299,23 +303,24 @@ class LinearAttention(Mixer):
         if cache is None:
             cache = self.init_cache(NB)
         D, H = self.head_dim, self.num_heads
-        _check_cache(cache, {"state": ((NB, H, D, D), f"[{nb}, H, D, D]")})
-        q = feature_map(self.feature_map, self._heads(self.q_proj(x), B, T))
-        k = feature_map(self.feature_map, self._heads(self.k_proj(x), B, T))
-        v = self._heads(self.v_proj(x), B, T)
+        _check_cache(cache, {"state": ((NB, H, D, D), f"[{nb}, H, D, D]"), **self._recipe_cache_spec(NB, nb)})
+        new_cache = {}
+        q, k, v = self._recipe_qkv(self.q_proj(x), self.k_proj(x), self.v_proj(x), cache, new_cache,
+                                   B, T, H, D, cu_seqlens)
         g = None if self.gate is None else self.gate(x)
         o, S = _sp.sequence_op("linear_attention", linear_attention)(q, k, v, log_decay=g, initial_state=cache["state"],
                                 output_final_state=True,
                                 chunk_size=self.chunk_size, impl=self.impl,
                                 cu_seqlens=cu_seqlens)
-        o = self.out_norm(o).reshape(B, T, H * D)
-        return self.o_proj(o), {"state": S.astype(cache["state"].dtype)}
+        o = self._recipe_out(o).reshape(B, T, H * D)
+        return self.o_proj(o), {"state": S.astype(cache["state"].dtype), **new_cache}
 
 
-DELTA_FEATURE_MAPS = ("silu+l2", "l2", "identity")
+#: Feature maps of :class:`DeltaNet` (every mixer's ``feature_map`` option).
+DELTA_FEATURE_MAPS = RECIPE_FEATURE_MAPS
 
 
-class DeltaNet(Mixer):
+class DeltaNet(RecipeMixin, Mixer):
     """(Gated) DeltaNet: the delta rule with learned write strengths (docs/linear_attention.md).
 
     ``q, k, v = conv(x W_q), conv(x W_k), conv(x W_v)`` (optional short causal conv, each
@@ -331,7 +336,12 @@ class DeltaNet(Mixer):
       width, num_heads, head_dim: as :class:`LinearAttention`.
       use_short_conv: causal depthwise conv of ``conv_size`` taps on q, k, v.
       conv_size: conv taps.
-      feature_map: ``"silu+l2"`` | ``"l2"`` | ``"identity"`` on q and k (after the conv).
+      feature_map: on q and k after the conv (:data:`DELTA_FEATURE_MAPS`; default ``"silu+l2"``).
+      short_conv, qk_norm, head_norm: the recall recipes (:mod:`tttla_jax.nn.recipes`,
+        docs/recipes.md), the same options as every mixer. ``short_conv`` (taps, 0 = off)
+        overrides ``use_short_conv``/``conv_size`` when given (default ``None``: ``conv_size``
+        with ``use_short_conv``, else 0); ``qk_norm`` adds an L2 norm of q, k after the
+        feature map; ``head_norm`` (default on) is the per-head output RMSNorm.
       use_gate: gated DeltaNet (data-dependent log-decay).
       gate_kind: ``"head"`` (gated DeltaNet) | ``"channel"`` (one log-decay per key channel:
         Kimi Delta Attention, ``S ← diag(e^{g_t}) S`` before the delta step); with ``use_gate``.
@@ -364,16 +374,18 @@ class DeltaNet(Mixer):
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  use_short_conv: bool = True, conv_size: int = 4, feature_map: str = "silu+l2",
                  use_gate: bool = False, gate_kind: str = "head", chunk_size: int = 64, impl: str = "auto",
-                 norm_eps: float = 1e-6, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 norm_eps: float = 1e-6, short_conv: Optional[int] = None, qk_norm: bool = False,
+                 head_norm: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         _checks.check_choice("feature_map", feature_map, DELTA_FEATURE_MAPS)
         _checks.check_choice("gate_kind", gate_kind, GATE_KINDS)
         self.gate_kind = gate_kind
         chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
         conv_size = _checks.check_positive_int("conv_size", conv_size)
+        if short_conv is None:  # the older names: use_short_conv / conv_size
+            short_conv = conv_size if use_short_conv else 0
         self.impl = check_layer_impl(type(self), impl)
         self.width, self.num_heads = operator.index(width), operator.index(num_heads)
-        self.use_short_conv, self.conv_size = use_short_conv, conv_size
         self.feature_map, self.use_gate = feature_map, use_gate
         self.chunk_size = chunk_size
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -383,25 +395,17 @@ class DeltaNet(Mixer):
         self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.b_proj = dense(width, num_heads, ("embed", "heads"), **kw)
-        if use_short_conv:
-            self.q_conv = ShortConv(HD, conv_size, **kw)
-            self.k_conv = ShortConv(HD, conv_size, **kw)
-            self.v_conv = ShortConv(HD, conv_size, **kw)
-        else:
-            self.q_conv = self.k_conv = self.v_conv = None
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm,
+                          head_norm=head_norm, head_dim=self.head_dim, norm_eps=norm_eps, **kw)
+        self.use_short_conv = self.short_conv > 0
+        self.conv_size = self.short_conv or conv_size
         self.gate = DecayGate(width, num_heads, channels=_gate_channels(gate_kind, self.head_dim),
                               **kw) if use_gate else None
-        self.out_norm = RMSNorm(self.head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
-                                axis_name="head_dim")
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
 
     def _cache_spec(self, B: int, b: str = "B") -> dict:
         D, H = self.head_dim, self.num_heads
-        spec = {"state": ((B, H, D, D), f"[{b}, H, D, D]")}
-        if self.use_short_conv:
-            for name in ("conv_q", "conv_k", "conv_v"):
-                spec[name] = ((B, self.conv_size - 1, H * D), f"[{b}, conv_size-1, H*D]")
-        return spec
+        return {"state": ((B, H, D, D), f"[{b}, H, D, D]"), **self._recipe_cache_spec(B, b)}
 
     def init_cache(self, batch_size: int) -> Cache:
         _checks.check_positive_int("batch_size", batch_size)
@@ -426,19 +430,12 @@ class DeltaNet(Mixer):
             cache = self.init_cache(NB)
         _check_cache(cache, self._cache_spec(NB, nb))
         new_cache = {}
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            conv = dict(cu_seqlens=cu_seqlens) if cu_seqlens is not None else {}
-            q, new_cache["conv_q"] = self.q_conv(q, cache["conv_q"], **conv)
-            k, new_cache["conv_k"] = self.k_conv(k, cache["conv_k"], **conv)
-            v, new_cache["conv_v"] = self.v_conv(v, cache["conv_v"], **conv)
+        q, k, v = self._recipe_conv(self.q_proj(x), self.k_proj(x), self.v_proj(x), cache, new_cache,
+                                    cu_seqlens)
         q, k, v = self._heads(q, B, T), self._heads(k, B, T), self._heads(v, B, T)
-        if self.feature_map == "silu+l2":
-            if not self.use_short_conv:  # the conv already ends with SiLU
-                q, k = jax.nn.silu(q), jax.nn.silu(k)
-            q, k = l2_normalize(q), l2_normalize(k)
-        elif self.feature_map == "l2":
-            q, k = l2_normalize(q), l2_normalize(k)
+        # "silu+l2" after the conv is the L2 norm only: the conv already ends with SiLU
+        fmap = "l2" if (self.feature_map == "silu+l2" and self.short_conv) else self.feature_map
+        q, k = self._recipe_qk(q, k, fmap)
         sd = _checks.state_dtype(x, self.b_proj.kernel[...])
         beta = jax.nn.sigmoid(self.b_proj(x).astype(sd)).astype(q.dtype)
         g = None if self.gate is None else self.gate(x)
@@ -447,7 +444,7 @@ class DeltaNet(Mixer):
                           impl=self.impl, cu_seqlens=cu_seqlens)
         new_cache["state"] = S.astype(cache["state"].dtype)
         D, H = self.head_dim, self.num_heads
-        o = self.out_norm(o).reshape(B, T, H * D)
+        o = self._recipe_out(o).reshape(B, T, H * D)
         return self.o_proj(o), new_cache
 
 
@@ -585,7 +582,7 @@ def sliding_window_attend_packed(q, k, v, qpos, cache: Cache, *, window: int, cu
     return o, new
 
 
-class SlidingWindowAttention(Mixer):
+class SlidingWindowAttention(RecipeMixin, Mixer):
     """Causal softmax attention over a sliding window of ``window`` tokens, with RoPE.
 
     Token at position ``p`` attends to keys at positions ``p − window < p' ≤ p`` (among
@@ -601,6 +598,12 @@ class SlidingWindowAttention(Mixer):
     rolling cache and attending — exactly what decoding does. Both give the same outputs,
     caches and gradients.
 
+    Recall recipes (:mod:`tttla_jax.nn.recipes`, docs/recipes.md; all off by default):
+    ``short_conv`` (conv taps on q, k, v before RoPE, 0 = off; cache ``"conv_q"``,
+    ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]``), ``feature_map`` (on q, k,
+    default ``"identity"``), ``qk_norm`` (L2 norm of q, k), ``head_norm`` (per-head output
+    RMSNorm).
+
     Parameters: ``4·W·H·D``.
 
     Cache: ``"k", "v"`` ``[B, window, H, D]`` (the last ``window`` rotated keys and values,
@@ -613,7 +616,9 @@ class SlidingWindowAttention(Mixer):
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  window: int = 64, use_rope: bool = True, rope_base: float = 10000.0,
-                 impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", short_conv: int = 0, feature_map: str = "identity",
+                 qk_norm: bool = False, head_norm: bool = False, norm_eps: float = 1e-6, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         window = _checks.check_positive_int("window", window)
         self.impl = check_layer_impl(type(self), impl)
@@ -628,18 +633,20 @@ class SlidingWindowAttention(Mixer):
         self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm,
+                          head_norm=head_norm, head_dim=self.head_dim, norm_eps=norm_eps, **kw)
 
     def _cache_spec(self, B: int, b: str = "B") -> dict:
         w, H, D = self.window, self.num_heads, self.head_dim
         return {"k": ((B, w, H, D), f"[{b}, window, H, D]"), "v": ((B, w, H, D), f"[{b}, window, H, D]"),
-                "kpos": ((B, w), f"[{b}, window]"), "pos": ((B,), f"[{b}]")}
+                "kpos": ((B, w), f"[{b}, window]"), "pos": ((B,), f"[{b}]"), **self._recipe_cache_spec(B, b)}
 
     def init_cache(self, batch_size: int) -> Cache:
         _checks.check_positive_int("batch_size", batch_size)
         w, H, D, dt = self.window, self.num_heads, self.head_dim, self._act_dtype()
         return {"k": jnp.zeros((batch_size, w, H, D), dt), "v": jnp.zeros((batch_size, w, H, D), dt),
                 "kpos": jnp.full((batch_size, w), -1, jnp.int32),
-                "pos": jnp.zeros((batch_size,), jnp.int32)}
+                "pos": jnp.zeros((batch_size,), jnp.int32), **self._recipe_init_cache(batch_size, dt)}
 
     def _attend(self, q, k, v, qpos, cache):
         """T queries against ``[cache ; T new keys]`` (blocked). Returns (o, cache')."""
@@ -667,7 +674,10 @@ class SlidingWindowAttention(Mixer):
             positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
         else:
             positions = resolve_positions(positions, cache, B, T)
-        q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
+        conv_cache = {}  # the recipe conv's taps (short_conv), then the attention cache alone
+        q, k, v = self._recipe_qkv(self.q_proj(x), self.k_proj(x), self.v_proj(x), cache, conv_cache,
+                                   B, T, self.num_heads, self.head_dim, cu_seqlens)
+        cache = {key: val for key, val in cache.items() if key not in conv_cache}
         if self.use_rope:
             q = apply_rope(q, positions, base=self.rope_base)
             k = apply_rope(k, positions, base=self.rope_base)
@@ -687,8 +697,9 @@ class SlidingWindowAttention(Mixer):
             o = jnp.moveaxis(o, 0, 1)
         else:
             o, new_cache = self._attend(q, k, v, positions, cache)
+        o = self._recipe_out(o)
         y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
-        return y, new_cache
+        return y, {**new_cache, **conv_cache}
 
 
 #: Mixer registry: config name -> class. ``LMConfig.mixers`` entries are keys of this.

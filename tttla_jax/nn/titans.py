@@ -41,6 +41,7 @@ from tttla_jax import _checks
 from tttla_jax.nn._segments import run_segments, run_segments_packed
 from tttla_jax.nn.layers import RMSNorm, dense, l2_normalize, partitioned
 from tttla_jax.nn.mixers import Mixer, _check_cache, check_layer_impl, register_mixer, resolve_heads
+from tttla_jax.nn.recipes import RecipeMixin
 from tttla_jax.rules.titans import ACTIVATIONS, MEMORIES, TitansRule, TitansState
 
 __all__ = ["TitansMemory"]
@@ -52,7 +53,7 @@ def _normal(std):
     return init
 
 
-class TitansMemory(Mixer):
+class TitansMemory(RecipeMixin, Mixer):
     """Titans neural memory as a token mixer (module docstring has the math).
 
     Args:
@@ -65,6 +66,10 @@ class TitansMemory(Mixer):
       activation: ``"gelu"`` (exact) or ``"silu"`` between the MLP memory's layers.
       max_lr: upper bound of ``θ_t``.
       qk_norm: L2-normalise q and k per head.
+      short_conv, feature_map, head_norm: the other recall recipes (:mod:`tttla_jax.nn.recipes`,
+        docs/recipes.md): conv taps (+ SiLU) on q, k, v (default 0 = off; cache ``"conv_q"``,
+        ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]``), a feature map on q, k before
+        the L2 norm (default ``"identity"``), the per-head output RMSNorm (default on).
       block_tokens: block length of the rule's chunked form.
       impl: ``"chunked"`` (linear memory) | ``"associative"`` | ``"recurrent"`` | ``"auto"``
         (module docstring).
@@ -79,6 +84,7 @@ class TitansMemory(Mixer):
                  chunk_size: int = 16, batch_size: int = 64, memory: str = "linear",
                  mlp_expansion: int = 4, activation: str = "gelu", max_lr: float = 0.1,
                  qk_norm: bool = True, block_tokens: int = 64, norm_eps: float = 1e-6,
+                 short_conv: int = 0, feature_map: str = "identity", head_norm: bool = True,
                  impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
@@ -121,8 +127,8 @@ class TitansMemory(Mixer):
                 rngs.params(), (H, D, F), param_dtype))
             self.W0_2 = nnx.Param(partitioned(_normal(F ** -0.5), (None, None, "head_dim"))(
                 rngs.params(), (H, F, D), param_dtype))
-        self.out_norm = RMSNorm(D, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
-                                axis_name="head_dim")
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm,
+                          head_norm=head_norm, head_dim=D, norm_eps=norm_eps, **kw)
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
         self._rule().resolve_impl(impl)  # e.g. impl="chunked" with the MLP memory: fail here, with the reason
 
@@ -160,6 +166,7 @@ class TitansMemory(Mixer):
         for name in ("buf_theta", "buf_eta", "buf_alpha"):
             spec[name] = ((B, P - 1, H), f"[{b}, batch_size-1, H]")
         spec["buf_len"] = ((B,), f"[{b}]")
+        spec.update(self._recipe_cache_spec(B, b))
         return spec
 
     def init_cache(self, batch_size: int) -> dict:
@@ -178,6 +185,7 @@ class TitansMemory(Mixer):
         for name in ("buf_theta", "buf_eta", "buf_alpha"):
             cache[name] = jnp.zeros((batch_size, P - 1, H), sd)
         cache["buf_len"] = jnp.zeros((batch_size,), jnp.int32)
+        cache.update(self._recipe_init_cache(batch_size, ad))
         return cache
 
     # ----------------------------------------------------------------- forward
@@ -197,9 +205,9 @@ class TitansMemory(Mixer):
             cache = self.init_cache(NB)
         _check_cache(cache, self._cache_spec(NB, nb))
         H, D, c, P = self.num_heads, self.head_dim, self.chunk_size, self.batch_size
-        q, k, v = (p(x).reshape(B, T, H, D) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if self.qk_norm:
-            q, k = l2_normalize(q), l2_normalize(k)
+        conv_cache = {}  # recall recipes: conv on q, k, v, feature map and L2 norm on q, k
+        q, k, v = self._recipe_qkv(self.q_proj(x), self.k_proj(x), self.v_proj(x), cache, conv_cache,
+                                   B, T, H, D, cu_seqlens)
         sd = cache["buf_theta"].dtype
         theta = self.max_lr * jax.nn.sigmoid(self.theta_proj(x).astype(sd))
         eta_pre, alpha_pre = self.eta_proj(x).astype(sd), self.alpha_proj(x).astype(sd)
@@ -232,7 +240,8 @@ class TitansMemory(Mixer):
         for name, b, old in zip(names, nbufs, bufs):
             new_cache[name] = b.astype(old.dtype)
         new_cache["buf_len"] = nlen
-        o = self.out_norm(o.astype(self._act_dtype())).reshape(B, T, H * D)
+        new_cache.update(conv_cache)
+        o = self._recipe_out(o.astype(self._act_dtype())).reshape(B, T, H * D)
         return self.o_proj(o), new_cache
 
 

@@ -50,6 +50,7 @@ from tttla_jax.nn._segments import packed_next_pos, packed_positions, run_segmen
 from tttla_jax.nn.layers import ShortConv, dense, partitioned
 from tttla_jax.nn.mixers import (Mixer, _check_cache, check_layer_impl, register_mixer, resolve_heads,
                                  resolve_positions)
+from tttla_jax.nn.recipes import RecipeMixin
 from tttla_jax.nn.weights import identity, jax_to_torch_linear, torch_linear_to_jax
 from tttla_jax.rules.ttt import (
     TTTLinearRule, TTTLinearState, TTTMLPRule, TTTMLPState, default_token_eta, gelu_tanh, ttt_lr,
@@ -89,7 +90,7 @@ def _conv_to_torch(k):
     return np.asarray(k).T[:, None, :]
 
 
-class _TTTLayer(Mixer):
+class _TTTLayer(RecipeMixin, Mixer):
     """Shared TTT-Linear / TTT-MLP layer (module docstring)."""
 
     impls = ("dual", "primal")
@@ -100,8 +101,13 @@ class _TTTLayer(Mixer):
                  mini_batch_size: int = 16, base_lr: float = 1.0, rope_theta: float = 10000.0,
                  use_rope: bool = True, share_qk: bool = False, conv_kernel: int = 4,
                  use_gate: bool = False, init_std: float = 0.02, impl: str = "auto",
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 short_conv: int = 0, feature_map: str = "identity", qk_norm: bool = False,
+                 head_norm: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
+        if share_qk and short_conv:
+            raise ValueError(f"short_conv: the recipe conv (short_conv={short_conv!r}) and share_qk=True "
+                             f"(the reference's shared q/k projection with its own convs) are exclusive; "
+                             f"pass one of them")
         mini_batch_size = _checks.check_positive_int("mini_batch_size", mini_batch_size)
         conv_kernel = _checks.check_positive_int("conv_kernel", conv_kernel)
         lr = _checks.check_scale(base_lr, "base_lr")
@@ -132,6 +138,8 @@ class _TTTLayer(Mixer):
             self.conv_k_bias = nnx.Param(zeros(rngs.params(), (HD,), param_dtype))
         else:
             self.conv_q = self.conv_k = self.conv_q_bias = self.conv_k_bias = None
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm,
+                          head_norm=head_norm, head_dim=D, norm_eps=1e-6, **kw)
         self.g_proj = dense(width, HD, ("embed", "heads"), init=init, **kw) if use_gate else None
         # learnable inner learning rate (Sec. 2.7): lr = base_lr · sigmoid(x w + b) / D
         self.ttt_lr_weight = nnx.Param(partitioned(_normal(0.02), ("embed", None))(
@@ -175,6 +183,7 @@ class _TTTLayer(Mixer):
         spec["pos"] = ((B,), f"[{b}]")
         if self.share_qk:
             spec["conv"] = ((B, self.conv_kernel - 1, H * D), f"[{b}, conv_kernel-1, H*D]")
+        spec.update(self._recipe_cache_spec(B, b))
         return spec
 
     def init_cache(self, batch_size: int) -> dict:
@@ -199,6 +208,7 @@ class _TTTLayer(Mixer):
         cache["pos"] = jnp.zeros((batch_size,), jnp.int32)
         if self.share_qk:
             cache["conv"] = jnp.zeros((batch_size, self.conv_kernel - 1, H * D), ad)
+        cache.update(self._recipe_init_cache(batch_size, ad))
         return cache
 
     # ----------------------------------------------------------------- forward
@@ -238,8 +248,8 @@ class _TTTLayer(Mixer):
             XK = XK + self.conv_k_bias[...].astype(XK.dtype)
         else:
             XQ, XK = self.q_proj(x), self.k_proj(x)
-        XV = self.v_proj(x)
-        XQ, XK, XV = (a.reshape(B, T, H, D) for a in (XQ, XK, XV))
+        # recall recipes (docs/recipes.md): conv on q, k, v, feature map and L2 norm on q, k
+        XQ, XK, XV = self._recipe_qkv(XQ, XK, self.v_proj(x), cache, new_cache, B, T, H, D, cu_seqlens)
         if self.use_rope:
             p = positions.astype(jnp.int32) % C
             XQ = rope_interleaved(XQ, p, base=self.rope_theta)
@@ -272,7 +282,8 @@ class _TTTLayer(Mixer):
         for name, b, old in zip(("buf_q", "buf_k", "buf_v", "buf_lr"), nbufs, bufs):
             new_cache[name] = b.astype(old.dtype)
         new_cache["buf_len"] = nlen
-        o = self.post_norm(o.reshape(B, T, H * D).astype(self._act_dtype()))
+        o = self._recipe_out(o.astype(self._act_dtype()))
+        o = self.post_norm(o.reshape(B, T, H * D))
         if self.use_gate:
             o = gelu_tanh(self.g_proj(x)) * o
         return self.o_proj(o), new_cache
@@ -342,6 +353,11 @@ class TTTLinear(_TTTLayer):
       use_gate: multiply the post-normed output by ``gelu_tanh(x W_g)`` before ``o_proj``.
       init_std: std of the projection and fast-weight initialisers (reference: 0.02).
       impl: ``"dual"`` (matmul form) | ``"primal"`` (per-row weights) | ``"auto"`` (dual).
+      short_conv, feature_map, qk_norm, head_norm: the recall recipes, off by default
+        (:mod:`tttla_jax.nn.recipes`, docs/recipes.md): conv taps (+ SiLU) on q, k, v (0 =
+        off; exclusive with ``share_qk``), a feature map and an L2 norm on q, k (before
+        RoPE), a per-head RMSNorm of the output before ``post_norm``. Cache with
+        ``short_conv``: ``"conv_q"``, ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]``.
 
     Parameters (``HD = H·D``): ``4·W·HD`` (q, k, v, o) ``+ W·H + H`` (lr gate) ``+ C``
     (token offsets) ``+ 2·H·D`` (inner LN) ``+ H·D² + H·D`` (W1, b1) ``+ 2·HD`` (post
@@ -380,13 +396,16 @@ class TTTMLP(_TTTLayer):
                  mini_batch_size: int = 16, base_lr: float = 1.0, rope_theta: float = 10000.0,
                  use_rope: bool = True, share_qk: bool = False, conv_kernel: int = 4,
                  use_gate: bool = False, init_std: float = 0.02, mlp_expansion: int = 4,
-                 impl: str = "auto", dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 impl: str = "auto", short_conv: int = 0, feature_map: str = "identity",
+                 qk_norm: bool = False, head_norm: bool = False, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         _checks.check_positive_int("mlp_expansion", mlp_expansion)
         self.mlp_expansion = mlp_expansion
         super().__init__(width=width, num_heads=num_heads, head_dim=head_dim,
                          mini_batch_size=mini_batch_size, base_lr=base_lr, rope_theta=rope_theta,
                          use_rope=use_rope, share_qk=share_qk, conv_kernel=conv_kernel,
-                         use_gate=use_gate, init_std=init_std, impl=impl, dtype=dtype,
+                         use_gate=use_gate, init_std=init_std, impl=impl, short_conv=short_conv,
+                         feature_map=feature_map, qk_norm=qk_norm, head_norm=head_norm, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
 
     def _init_fast_weights(self, rngs, std):
