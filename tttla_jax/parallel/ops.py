@@ -43,6 +43,7 @@ reduce-scatter, the local op keeps its own backward); no extra custom VJP.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -207,8 +208,7 @@ def linear_attention(
     if scale is None:
         scale = K ** -0.5
     sd = _checks.state_dtype(q, k, v, log_decay, initial_state)
-    qs = q.astype(sd) * jnp.asarray(scale, sd)
-    kf, vf = k.astype(sd), v.astype(sd)
+    qf, kf, vf = q.astype(sd), k.astype(sd), v.astype(sd)
     g = None if log_decay is None else log_decay.astype(sd)
     h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     # cumulative log-decay from the device's first token (a sum of values in [-inf, 0]:
@@ -217,7 +217,7 @@ def linear_attention(
     decay = lambda idx: jnp.ones((B, H), sd) if G is None else jnp.exp(G[:, idx])  # noqa: E731
     if cu_seqlens is None:
         h0_loc = jnp.where(p == 0, h0, jnp.zeros_like(h0))
-        o, SF = _la_op(qs, kf, vf, scale=1.0, log_decay=g, initial_state=h0_loc, output_final_state=True,
+        o, SF = _la_op(qf, kf, vf, scale=scale, log_decay=g, initial_state=h0_loc, output_final_state=True,
                        chunk_size=chunk_size, impl=impl)
         span_tok = jnp.broadcast_to(p > 0, (L,))
         A = jnp.where(p > 0, decay(-1), 0.0)  # [B, H]
@@ -227,7 +227,7 @@ def linear_attention(
     else:
         seg = _Segments(cu_seqlens, p, L)
         h0_loc = jnp.where(_bcast(seg.span, 4), jnp.zeros_like(h0), h0)
-        o, SF = _la_op(qs, kf, vf, scale=1.0, log_decay=g, initial_state=h0_loc, output_final_state=True,
+        o, SF = _la_op(qf, kf, vf, scale=scale, log_decay=g, initial_state=h0_loc, output_final_state=True,
                        chunk_size=chunk_size, impl=impl, cu_seqlens=seg.local_cu)
         span_tok = seg.span_tok
         A = jnp.where(seg.span[seg.n_last], decay(-1), 0.0)  # [1, H]
@@ -237,9 +237,16 @@ def linear_attention(
         owns, nonempty = seg.owns, seg.nonempty
     gam = jnp.ones((B, L, H), sd) if G is None else jnp.exp(G)
     gam = jnp.where(span_tok[None, :, None], gam, 0.0)
-    o = o + jnp.einsum("blhk,bhkv->blhv", qs * gam[..., None], c)
+    o = o + _incoming_la(qf, gam, c, jnp.asarray(scale, sd))
     S = _final_states(SF, owns, h0, nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
+
+
+@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+def _incoming_la(q, gam, c, scale):
+    """The incoming state's share of the outputs, ``e^{G_t} (scale·q_t) c``; rematerialised so
+    the backward keeps only its inputs (no ``[B, L, H, K]`` product is stored)."""
+    return jnp.einsum("blhk,bhkv->blhv", q * (scale * gam)[..., None], c)
 
 
 def delta_rule(
@@ -287,35 +294,34 @@ def delta_rule(
     if scale is None:
         scale = K ** -0.5
     sd = _checks.state_dtype(q, k, v, beta, log_decay, initial_state)
-    qs = q.astype(sd) * jnp.asarray(scale, sd)
-    kf, bf = k.astype(sd), beta.astype(sd)
+    qf, kf, vf, bf = q.astype(sd), k.astype(sd), v.astype(sd), beta.astype(sd)
     g = None if log_decay is None else log_decay.astype(sd)
-    # V columns of the state evolve independently: K extra columns, value 0, starting from I_K
-    # (only for the document entered from the previous device) carry the linear map itself
-    vw = jnp.concatenate([v.astype(sd), jnp.zeros((B, L, H, K), sd)], axis=-1)
     h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     eye = jnp.broadcast_to(jnp.eye(K, dtype=sd), (N, H, K, K))
     fresh = jnp.concatenate([h0, jnp.zeros_like(eye)], axis=-1)
     entered = jnp.concatenate([jnp.zeros_like(h0), eye], axis=-1)
+    cu_loc = None
     if cu_seqlens is None:
         h0_loc = jnp.where(p == 0, fresh, entered)
-        o, SF = _delta_op(qs, kf, vw, bf, scale=1.0, log_decay=g, initial_state=h0_loc, output_final_state=True,
-                          chunk_size=chunk_size, impl=impl)
-        last = SF
         owns, nonempty = jnp.broadcast_to(p == P - 1, (B,)), None
     else:
         seg = _Segments(cu_seqlens, p, L)
-        h0_loc = jnp.where(_bcast(seg.span, 4), entered, fresh)
-        o, SF = _delta_op(qs, kf, vw, bf, scale=1.0, log_decay=g, initial_state=h0_loc, output_final_state=True,
-                          chunk_size=chunk_size, impl=impl, cu_seqlens=seg.local_cu)
-        last = SF[seg.n_last][None]
+        h0_loc, cu_loc = jnp.where(_bcast(seg.span, 4), entered, fresh), seg.local_cu
         owns, nonempty = seg.owns, seg.nonempty
+    o, SF = _delta_op(qf, kf, _widen(vf, K), bf, scale=scale, log_decay=g, initial_state=h0_loc,
+                      output_final_state=True, chunk_size=chunk_size, impl=impl, cu_seqlens=cu_loc)
+    last = SF if cu_seqlens is None else SF[seg.n_last][None]
     c = _carry_in(last[..., V:], last[..., :V], axis_name, p, matrix=True)  # [B or 1, H, K, V]
     # A = 0 wherever the state did not come from the previous device (no I_K columns there)
     SF = SF[..., :V] + jnp.matmul(SF[..., V:], c)
     o = o[..., :V] + jnp.einsum("blhk,bhkv->blhv", o[..., V:], c)
     S = _final_states(SF, owns, h0, nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
+
+
+def _widen(v, K):
+    """``[v | 0_K]``: K extra value columns (the state's columns evolve independently)."""
+    return jnp.concatenate([v, jnp.zeros(v.shape[:-1] + (K,), v.dtype)], axis=-1)
 
 
 # --------------------------------------------------------------------------- outside shard_map
