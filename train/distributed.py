@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 SEQ_AXIS = "seq"  # optional third axis: sequence (context) parallelism
-SPEC_AXES = MESH_AXES + (SEQ_AXIS,)
+MESH_SPEC_AXES = MESH_AXES + (SEQ_AXIS,)
 
 # logical axis name (tttla_jax.nn.layers) -> mesh axis it may be sharded over (None: never).
 LOGICAL_RULES = {
@@ -83,8 +83,8 @@ def parse_mesh(spec: str) -> dict:
     for part in spec.split(","):
         name, eq, size = part.strip().partition("=")
         name = name.strip()
-        if not eq or name not in SPEC_AXES or name in out:
-            raise ValueError(f"mesh: expected comma-separated axis=size with axes from {SPEC_AXES} "
+        if not eq or name not in MESH_SPEC_AXES or name in out:
+            raise ValueError(f"mesh: expected comma-separated axis=size with axes from {MESH_SPEC_AXES} "
                              f"(each at most once), e.g. 'data=2,fsdp=2' or 'data=2,seq=4'; "
                              f"got {spec!r}")
         try:
