@@ -97,6 +97,12 @@ class Mixer(nnx.Module):
     output in the dtype of ``x`` (e.g. bfloat16 activations with float32 parameters give a
     bfloat16 output; the computation and the cache use the layer's own dtypes), and
     ``_check_x`` rejects non-floating ``x`` with a ``ValueError`` naming its dtype.
+
+    Sequence parallelism (docs/context_parallel.md): under
+    :func:`tttla_jax.parallel.sequence_parallel` (inside ``jax.shard_map``), ``x`` is this
+    device's slice of one sequence. A ``"pipelined"`` mixer (``sequence_parallel_form``, the
+    default) is then run by :func:`tttla_jax.parallel.mixer_apply` from its cache alone; an
+    ``"associative"`` one runs its own call, which combines its state across devices.
     """
 
     impls: tuple = ("recurrent",)
