@@ -369,6 +369,32 @@ def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: b
     return results
 
 
+def merge(dirs, out: str, log=print) -> dict:
+    """Combine the runs of several sweep directories (e.g. runs started in parallel) into
+    ``out``: ``results.json`` (runs in order, each directory's config under ``"parts"``),
+    ``results.md`` and ``accuracy.png``. Later directories win for a repeated run key."""
+    runs, parts = {}, []
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.exists(path):
+            raise ValueError(f"merge: no results.json in {d!r}")
+        with open(path) as f:
+            res = json.load(f)
+        parts.append({"dir": d, "config": res["config"], "sweep_seconds": res.get("sweep_seconds"),
+                      "load_at_start": res.get("load_at_start")})
+        for r in res["runs"]:
+            runs[r["key"]] = r
+    results = {"config": parts[0]["config"], "parts": parts, "runs": list(runs.values())}
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "results.json"), results)
+    md = markdown_table(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    plot(results, os.path.join(out, "accuracy.png"))
+    log(md)
+    return results
+
+
 def _write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -394,18 +420,19 @@ def markdown_table(results: dict) -> str:
              f"{cfg['test_examples']} test examples, batch {cfg['batch_size']}, at most {cfg['steps']} "
              f"steps (early stop at {cfg['early_stop']}), learning rates {list(cfg['lrs'])}.",
              "",
-             "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | s/run | all lrs |",
+             "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | s/run (load) | all lrs |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in results["runs"]:
         by.setdefault((r["mixer"], r["seq_len"], r["num_kv"], r["width"]), []).append(r)
     for b in best_runs(results):
+        load = "" if b.get("load") is None else f" ({b['load']:.0f})"
         alls = ", ".join(f"{r['lr']:.2g}: {r['accuracy']:.3f}"
                          for r in sorted(by[(b['mixer'], b['seq_len'], b['num_kv'], b['width'])],
                                          key=lambda r: r["lr"]))
         lines.append(f"| {b['seq_len']} | {b['num_kv']} | {b['mixer']} | {b['width']} | {b['state_size']} | "
                      f"{b['n_params']} | {b['accuracy']:.3f} | {b['lr']:.2g} | {b['steps']}"
-                     f"{' (early stop)' if b['early_stopped'] else ''} | {b['seconds']:.0f} | {alls} |")
+                     f"{' (early stop)' if b['early_stopped'] else ''} | {b['seconds']:.0f}{load} | {alls} |")
     if "sweep_seconds" in results:
         load = results.get("load_at_start")
         lines += ["", f"Sweep wall time {results['sweep_seconds'] / 60:.1f} min"
@@ -488,6 +515,8 @@ def build_parser():
     p.add_argument("--out", default="", help="output directory [runs/zoology/<sweep>]")
     p.add_argument("--resume", action="store_true", help="skip the runs already in results.json")
     p.add_argument("--no-progress", action="store_true", help="no per-evaluation progress lines")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="train nothing: combine the results of these sweep directories into --out")
     return p
 
 
@@ -516,6 +545,12 @@ def main(argv=None) -> int:
     if cfg.batch_size > cfg.train_examples:
         p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
     out = a.out or os.path.join("runs", "zoology", a.sweep)
+    if a.merge:
+        try:
+            merge(a.merge, out)
+        except ValueError as e:
+            p.error(str(e))
+        return 0
     try:
         sweep(cfg, out, resume=a.resume, bar=not a.no_progress)
     except ValueError as e:
