@@ -77,6 +77,10 @@ class TrainConfig:
         LaCT-LLM hybrid); 0 for the fast-weight branch alone.
       lact_base_lr: inner learning rate of the LaCT layer at a zero lr projection (and the
         constant lr of the presets without per-token lr, V4+).
+      pack_documents: LM task: every pydoc topic is a document; a training row packs the
+        pieces of the documents it overlaps (``cu_seqlens``), the model runs each as if alone
+        (no state, attention or conv tap crosses a boundary) and the loss skips the first
+        byte of every document. false: plain windows across document boundaries.
       progress: show the progress bar on stderr.
       plot: write loss.png (needs matplotlib).
       throttle: seconds to sleep after every step (only to test kill/resume; at most 60).
@@ -140,6 +144,7 @@ class TrainConfig:
     lact_preset: str = "v0"
     lact_window: int = 64
     lact_base_lr: float = 1e-3
+    pack_documents: bool = True
     progress: bool = True
     plot: bool = True
     throttle: float = 0.0
@@ -264,7 +269,7 @@ class TrainConfig:
 STRUCTURAL = ("task", "seed", "batch_size", "seq_len", "vocab_size", "width", "num_layers",
               "num_heads", "mixers", "window", "chunk_size", "lr", "min_lr_ratio", "warmup_steps",
               "weight_decay", "b1", "b2", "grad_clip", "mqar_kv", "mqar_power_a", "mqar_protocol",
-              "lact_preset", "lact_window", "lact_base_lr", "patch_size")
+              "lact_preset", "lact_window", "lact_base_lr", "patch_size", "pack_documents")
 
 PRESETS = {
     # Byte-level LM on pydoc_data, LaCT (V0) + SWA hybrid, 0.124M parameters, 250 steps:

@@ -31,6 +31,76 @@ def corpus_split():
     return data[:cut], data[cut:]
 
 
+def corpus_doc_starts() -> np.ndarray:
+    """Byte offsets in :func:`corpus_bytes` where each document starts: every pydoc topic is
+    one document (it owns the blank-line separator after it)."""
+    import pydoc_data.topics
+    topics = pydoc_data.topics.topics
+    lens = [len(topics[k].encode("utf-8")) + 2 for k in sorted(topics)]
+    return np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
+
+
+def corpus_split_docs():
+    """``((train, train_starts), (heldout, heldout_starts))``: the same byte split as
+    :func:`corpus_split`, each with its document start offsets (a document cut by the split
+    starts again at offset 0 of the held-out part)."""
+    train, held = corpus_split()
+    starts = corpus_doc_starts()
+    cut = len(train)
+    return ((train, starts[starts < cut]),
+            (held, np.unique(np.concatenate([[0], starts[starts >= cut] - cut]))))
+
+
+class PackedDocSource(grain.RandomAccessDataSource):
+    """The windows of :class:`WindowSource` with document structure: row ``i`` holds the
+    ``seq_len`` input bytes ``[i·L, (i+1)·L)`` and their next bytes, the pieces of the
+    documents it overlaps packed one after another (``cu_seqlens``, padded with empty
+    sequences at the end to a static ``max_docs + 1`` entries), and the loss mask drops the
+    first byte of every document (the prediction across a boundary). The model runs each
+    piece as if alone, so no state, attention or conv tap crosses a document boundary.
+
+    ``max_docs``: the most document pieces in any row of ``data`` (computed; a fixed shape
+    for ``jit``), or a given bound (at least that).
+    """
+
+    def __init__(self, data: np.ndarray, starts: np.ndarray, seq_len: int, max_docs: int = 0):
+        self.data, self.seq_len = data, seq_len
+        self.n = (len(data) - 1) // seq_len
+        if self.n < 1:
+            raise ValueError(f"seq_len: corpus split of {len(data)} bytes is too short for seq_len={seq_len}")
+        self.starts = np.asarray(starts, np.int64)
+        self.is_start = np.zeros(len(data) + 1, bool)
+        self.is_start[self.starts] = True
+        need = max((self._cuts(i).size + 1 for i in range(self.n)), default=1)
+        if max_docs and max_docs < need:
+            raise ValueError(f"max_docs: a row of seq_len={seq_len} holds up to {need} document pieces, "
+                             f"got max_docs={max_docs}")
+        self.max_docs = max(max_docs, need)
+        self.sha = hashlib.sha256(data.tobytes() + self.starts.tobytes()).hexdigest()[:16]
+
+    def _cuts(self, i):
+        """Offsets inside row ``i`` (1 … L−1) where a document starts."""
+        L = self.seq_len
+        return np.nonzero(self.is_start[i * L + 1:(i + 1) * L])[0] + 1
+
+    def __repr__(self):  # grain checks the source of a restored iterator state by repr
+        return (f"PackedDocSource(bytes={len(self.data)}, docs={len(self.starts)}, sha256={self.sha}, "
+                f"seq_len={self.seq_len}, max_docs={self.max_docs})")
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        L = self.seq_len
+        w = self.data[i * L: (i + 1) * L + 1].astype(np.int32)
+        cuts = self._cuts(i)
+        cu = np.full(self.max_docs + 1, L, np.int32)
+        cu[0] = 0
+        cu[1:1 + cuts.size] = cuts
+        mask = ~self.is_start[i * L + 1:(i + 1) * L + 1]   # target t+1 starts a document: masked
+        return {"inputs": w[:-1], "targets": w[1:], "mask": mask, "cu_seqlens": cu}
+
+
 class WindowSource(grain.RandomAccessDataSource):
     """Non-overlapping windows of ``seq_len + 1`` bytes (inputs and next-byte targets)."""
 
@@ -78,6 +148,16 @@ def _mqar_kw(cfg):
                 power_a=cfg.mqar_power_a, protocol=cfg.mqar_protocol)
 
 
+def lm_source(cfg, heldout: bool):
+    """The LM task's windows of the train (or held-out) split: :class:`PackedDocSource` with
+    ``cfg.pack_documents`` (documents packed, ``cu_seqlens`` per row), else
+    :class:`WindowSource` (plain windows across document boundaries)."""
+    if getattr(cfg, "pack_documents", False):
+        data, starts = corpus_split_docs()[1 if heldout else 0]
+        return PackedDocSource(data, starts, cfg.seq_len)
+    return WindowSource(corpus_split()[1 if heldout else 0], cfg.seq_len)
+
+
 def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.DataLoader:
     """The training pipeline: shuffled (LM, reshuffled every epoch) batches, forever.
 
@@ -96,7 +176,7 @@ def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.D
     else:
         shard = grain.NoSharding()
     if cfg.task == "lm":
-        source = WindowSource(corpus_split()[0], cfg.seq_len)
+        source = lm_source(cfg, heldout=False)
         sampler = grain.IndexSampler(len(source), shuffle=True, seed=cfg.seed, num_epochs=None,
                                      shard_options=grain.NoSharding())
     elif cfg.task == "vit":  # scikit-learn's 8x8 digits (train/vit.py)
@@ -123,7 +203,7 @@ def eval_batches(cfg) -> list:
         from tttla_jax.train import vit
         return vit.eval_batches(cfg)
     if cfg.task == "lm":
-        src = WindowSource(corpus_split()[1], cfg.seq_len)
+        src = lm_source(cfg, heldout=True)
         n = min(len(src), cfg.eval_batches * cfg.batch_size)
         items = [src[i] for i in range(n)]
         out = []
@@ -144,5 +224,11 @@ def pad_batch(batch: dict, rows: int) -> dict:
     have = len(batch["mask"])
     if have == rows:
         return batch
-    return {k: np.concatenate([v, np.zeros((rows - have,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}
+
+    def fill(k, v):
+        z = np.zeros((rows - have,) + v.shape[1:], v.dtype)
+        if k == "cu_seqlens":  # one document holding the whole (masked) row
+            z[:, 1:] = batch["inputs"].shape[1]
+        return z
+
+    return {k: np.concatenate([v, fill(k, v)]) for k, v in batch.items()}
