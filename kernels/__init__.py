@@ -1,8 +1,8 @@
 """Pallas kernels (GPU via Triton lowering, TPU via Mosaic), installed as ``tttla_jax.kernels``.
 
 ``tt.linear_attention(..., impl="pallas")`` calls :func:`linear_attention` and
-``tt.delta_rule(..., impl="pallas")`` the delta-rule forward kernel :func:`delta_rule`
-(backward in XLA); both ops pass ``block_sizes=`` (:class:`BlockSizes`) and ``interpret=``
+``tt.delta_rule(..., impl="pallas")`` :func:`delta_rule` (forward and backward kernels, any
+head dims 16..256, packed sequences); both ops pass ``block_sizes=`` (:class:`BlockSizes`) and ``interpret=``
 through. ``impl="auto"`` picks a kernel only on GPU/TPU and when :func:`unsupported_reason` /
 :func:`delta_rule_unsupported_reason` return ``None`` for the call (the ops resolve this
 with :func:`tttla_jax.impl.resolve`; docs/implementations.md).

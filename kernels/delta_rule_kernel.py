@@ -1,4 +1,4 @@
-"""Pallas forward kernel for the chunked (gated) delta rule (docs/linear_attention.md).
+"""Pallas kernels for the chunked (gated) delta rule, forward and backward (docs/linear_attention.md).
 
 Recurrence (decay first, then the delta step; token t reads its own write)::
 
@@ -20,11 +20,13 @@ Backends and dispatch as :mod:`tttla_jax.kernels.linear_attention_kernel` (Trito
 program per (batch, head, value block) looping over chunks; Mosaic: grid
 (batch, head, value block, chunk) with the chunk axis sequential and the state in VMEM).
 
-**Status:** the forward is a kernel; the backward is *not* yet: ``jax.custom_vjp`` recomputes
-the same chunk math in XLA — the chunked form of ``tt.delta_rule``,
-:func:`tttla_jax.ops.chunk.delta_chunked` (groups of chunks, each group rematerialised, so
-one ``[K, V]`` state per group is kept) — and differentiates it. All in-kernel math is
-float32 (float64 for float64 inputs in interpret mode) whatever the input dtype.
+Backward (``jax.custom_vjp``): a states sweep and a reverse sweep (section "backward
+kernels" below; the log-decay gradient by an identity, no kernel). Packed sequences
+(``cu_seqlens``) run every sweep on the re-chunked layout with per-sequence resets. The XLA
+backward they replace (the VJP of :func:`tttla_jax.ops.chunk.delta_chunked`, or of the packed
+chunked form) stays as ``_dr_bwd_xla`` / ``_dr_packed_bwd_xla``, the tests' reference. All
+in-kernel math is float32 (float64 for float64 inputs in interpret mode) whatever the input
+dtype. Head dims ``16 ≤ K, V ≤ 256`` are zero-padded to the next tile (exact).
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ from tttla_jax.kernels.linear_attention_kernel import (
     _check_per_channel,
     _from_slots,
     _packed_tables,
+    _reverse_cumsum_stops,
     _static_scale,
     _to_slots,
     default_block_sizes,
@@ -596,6 +599,170 @@ def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cf
     return o.astype(out_dtype), S
 
 
+def _gpu_states_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, h0_ref, st_ref, *,
+                              C, N, acc):
+    def body(c, S):
+        n = cs_ref[c]
+        S = jnp.where((cf_ref[c] & FIRST) != 0, h0_ref[n].astype(acc), S)
+        st_ref[c] = S.astype(st_ref.dtype)
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        _, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :],
+                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=1.0, acc=acc)
+        return S
+
+    lax.fori_loop(0, N, body, jnp.zeros(h0_ref.shape[1:], acc))
+
+
+def _gpu_bwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dsf_ref,
+                           dq_ref, dk_ref, dbeta_ref, dv_ref, dh0_ref, *, C, N, scale, acc):
+    def body(i, dS):
+        c = N - 1 - i
+        n = cs_ref[c]
+        f = cf_ref[c]
+        dS = jnp.where((f & END) != 0, dsf_ref[n].astype(acc), dS)
+        t0 = pl.multiple_of(c * C, C)
+        sl = pl.ds(t0, C)
+        end = pl.ds(t0 + C - 1, 1)
+        dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+            q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
+            b_ref[end, :], sg_ref[end, :], st_ref[c].astype(acc), do_ref[sl, :], dS, scale=scale, acc=acc)
+        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
+        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
+        dbeta_ref[sl, :] = dbeta.astype(dbeta_ref.dtype)
+        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+
+        @pl.when((f & FIRST) != 0)
+        def _():
+            dh0_ref[n] = dS.astype(dh0_ref.dtype)
+
+        return dS
+
+    lax.fori_loop(0, N, body, jnp.zeros(dsf_ref.shape[1:], acc))
+
+
+def _tpu_states_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, h0_ref, st_ref, s_scr, *,
+                              acc):
+    del cs_ref
+    c = pl.program_id(3)
+
+    @pl.when((cf_ref[c] & FIRST) != 0)
+    def _():
+        s_scr[...] = h0_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    st_ref[...] = s_scr[...].astype(st_ref.dtype)
+    _, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...],
+                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=1.0, acc=acc)
+    s_scr[...] = S
+
+
+def _tpu_bwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dsf_ref,
+                           dq_ref, dk_ref, dbeta_ref, dv_ref, dh0_ref, ds_scr, *, N, scale, acc):
+    del cs_ref
+    i = pl.program_id(3)
+    f = cf_ref[N - 1 - i]
+
+    @pl.when(i == 0)
+    def _():
+        ds_scr[...] = jnp.zeros(ds_scr.shape, acc)
+
+    @pl.when((f & END) != 0)
+    def _():
+        ds_scr[...] = dsf_ref[...].astype(acc)
+
+    C = q_ref.shape[0]
+    dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+        q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
+        sg_ref[C - 1:C, :], st_ref[...].astype(acc), do_ref[...], ds_scr[...], scale=scale, acc=acc)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    ds_scr[...] = dS
+    dh0_ref[...] = dS.astype(dh0_ref.dtype)  # last write in reverse order: the sequence's first chunk
+
+
+def _bwd_packed_call(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, do, dSF, *, scale, cfg):
+    """Packed states + reverse sweep on the re-chunked layout: ``(dq, dk, dβ, dv, dh0)``
+    (``dh0`` of empty sequences not written)."""
+    _, H, Tp, K = q.shape
+    V = v.shape[-1]
+    Ns = h0.shape[0]
+    C = cfg.C
+    Nc = Tp // C
+    acc = _acc(q.dtype)
+    st_shape = jax.ShapeDtypeStruct((1, H, Nc, K, V), acc)
+    grads_shape = lambda nvb: (  # noqa: E731
+        jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc),
+        jax.ShapeDtypeStruct((nvb, 1, H, Tp, 1), acc), jax.ShapeDtypeStruct((1, H, Tp, V), acc),
+        jax.ShapeDtypeStruct((Ns, H, K, V), acc))
+    if backend == "gpu":
+        bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        nvb = V // bv
+        cp = None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns)
+        ints = pl.BlockSpec((Nc,), lambda i, j, n: (0,))
+        full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
+        sblk = pl.BlockSpec((Ns, None, K, bv), lambda i, j, n: (0, j, 0, n))
+        stblk = pl.BlockSpec((None, None, Nc, K, bv), lambda i, j, n: (i, j, 0, 0, n))
+        part = lambda d: pl.BlockSpec((None, None, None, Tp, d), lambda i, j, n: (n, i, j, 0, 0))  # noqa: E731
+        st = pl.pallas_call(
+            functools.partial(_gpu_states_packed_kernel, C=C, N=Nc, acc=acc), out_shape=st_shape,
+            grid=(1, H, nvb), in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), full(1), sblk],
+            out_specs=stblk, compiler_params=cp, interpret=bool(interp),
+            name="tttla_delta_rule_packed_states_triton",
+        )(cs, cf, q, k, v, beta, b, sg, h0)
+        dq, dk, dbeta, dv, dh0 = pl.pallas_call(
+            functools.partial(_gpu_bwd_packed_kernel, C=C, N=Nc, scale=scale, acc=acc), out_shape=grads_shape(nvb),
+            grid=(1, H, nvb),
+            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), full(1), stblk, vblk, sblk],
+            out_specs=(part(K), part(K), part(1), vblk, sblk), compiler_params=cp, interpret=bool(interp),
+            name="tttla_delta_rule_packed_bwd_triton",
+        )(cs, cf, q, k, v, beta, b, sg, st, do, dSF)
+        return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dh0
+    if jnp.dtype(q.dtype) == jnp.float16:
+        q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
+    bv = cfg.block_sizes.tpu(K, V)
+    nvb = V // bv
+    est = _tpu_estimate(K, V, C, bv, q.dtype, acc) + 12 * C * C * 4
+    params = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        vmem_limit_bytes=int(cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est)))
+
+    def specs(rev):
+        r = (lambda c: Nc - 1 - c) if rev else (lambda c: c)
+        tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c, cs, cf: (i, j, r(c), 0))  # noqa: E731
+        vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c, cs, cf: (i, j, r(c), n))
+        sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c, cs, cf: (cs[r(c)], j, 0, n))
+        stblk = pl.BlockSpec((None, None, None, K, bv), lambda i, j, n, c, cs, cf: (i, j, r(c), 0, n))
+        part = lambda d: pl.BlockSpec((None, None, None, C, d),  # noqa: E731
+                                      lambda i, j, n, c, cs, cf: (n, i, j, r(c), 0))
+        return tok, vblk, sblk, stblk, part
+
+    tok, vblk, sblk, stblk, _ = specs(False)
+    st = pl.pallas_call(
+        functools.partial(_tpu_states_packed_kernel, acc=acc), out_shape=st_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk], out_specs=stblk,
+            scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
+        compiler_params=params, interpret=interp or False, name="tttla_delta_rule_packed_states_mosaic",
+    )(cs, cf, q, k, v, beta, b, sg, h0)
+    tok, vblk, sblk, stblk, part = specs(True)
+    dq, dk, dbeta, dv, dh0 = pl.pallas_call(
+        functools.partial(_tpu_bwd_packed_kernel, N=Nc, scale=scale, acc=acc), out_shape=grads_shape(nvb),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), stblk, vblk, sblk],
+            out_specs=(part(K), part(K), part(1), vblk, sblk),
+            scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
+        compiler_params=params, interpret=interp or False, name="tttla_delta_rule_packed_bwd_mosaic",
+    )(cs, cf, q, k, v, beta, b, sg, st, do, dSF)
+    return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dh0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _dr_packed(q, k, v, beta, g, h0, cu_seqlens, scale, cfg):
     return _dr_packed_fwd(q, k, v, beta, g, h0, cu_seqlens, scale, cfg)[0]
@@ -612,14 +779,50 @@ def _dr_packed_fwd(q, k, v, beta, g, h0, cu_seqlens, scale, cfg):
                       scale=scale, call=_call_packed)
     SF = jnp.where((last >= 0)[:, None, None, None], SF, h0.astype(acc))
     o = _from_slots(_chunk.from_heads_major(o, Tp), lay)
-    return (o, SF), (q, k, v, beta, g, h0, cu_seqlens)
+    return (o, SF), (q, k, v, beta, g, h0, cu_seqlens, SF)
 
 
 def _dr_packed_bwd(scale, cfg, res, cts):
-    """The VJP of the same math in XLA: the chunked packed form of ``tt.delta_rule``."""
+    """The backward kernels on the re-chunked layout (states sweep resetting to each
+    sequence's ``h0``, reverse sweep resetting to its ``dS_final`` and writing its ``dh0``),
+    and the log-decay identity per sequence: ``dB_t = q_t·dq_t − v_t·dv_t`` plus
+    ``⟨S_n, dS_n⟩`` at each sequence's last token, a reverse cumulative sum stopped at
+    sequence ends and cuts."""
+    q, k, v, beta, g, h0, cu, SF = res
+    do, dSF = cts
+    T = q.shape[1]
+    C = cfg.C
+    acc = _acc(q.dtype)
+    dSF = dSF.astype(acc)
+    lay, cs, cf, last = _packed_tables(cu, T, C)
+    Tp = lay.valid.size
+    slots = lambda x: _to_slots(x, lay)  # noqa: E731
+    qh, kh, vh, bh, doh = (_chunk.heads_major(slots(x), Tp)
+                           for x in (q, k, v, beta.astype(acc)[..., None], do.astype(q.dtype)))
+    gs = slots(g.astype(acc))
+    b, sg = _cum_decay(gs, C, Tp)
+    dq, dk, dbeta, dv, dh0 = _dispatch(cfg, cs, cf, qh, kh, vh, bh, b, sg, h0.astype(acc), doh, dSF, scale=scale,
+                                       call=_bwd_packed_call)
+    nonempty = last >= 0
+    dh0 = jnp.where(nonempty[:, None, None, None], dh0, dSF)
+    dB = jnp.sum(qh.astype(acc) * dq, axis=-1) - jnp.sum(vh.astype(acc) * dv, axis=-1)  # [1, H, Tp]
+    st = jnp.where(nonempty[:, None], jnp.sum(SF * dSF, axis=(-2, -1)), 0.0)  # [Ns, H]
+    dB = dB.at[:, :, jnp.maximum(last, 0) * C + C - 1].add(st.T[None])
+    cut = jnp.swapaxes(gs <= -_chunk.cut_threshold(acc), 1, 2)  # [1, H, Tp]
+    seq_end = (((cf & END) != 0)[:, None] & (jnp.arange(C) == C - 1)[None]).reshape(Tp)
+    stop = seq_end | jnp.concatenate([cut[..., 1:], jnp.zeros_like(cut[..., :1])], -1)
+    dg = jnp.where(cut, 0.0, _reverse_cumsum_stops(dB, stop))
+    back = lambda x, dt: _from_slots(_chunk.from_heads_major(x, Tp), lay).astype(dt)  # noqa: E731
+    return (back(dq, q.dtype), back(dk, k.dtype), back(dv, v.dtype), back(dbeta, beta.dtype)[..., 0],
+            _from_slots(jnp.swapaxes(dg, 1, 2), lay).astype(g.dtype), dh0.astype(h0.dtype), None)
+
+
+def _dr_packed_bwd_xla(scale, cfg, res, cts):
+    """The VJP of the same math in XLA: the chunked packed form of ``tt.delta_rule`` (the
+    reference the packed backward kernels are tested against)."""
     from tttla_jax.ops.delta_rule import delta_rule as _op  # deferred: ops import the kernels lazily
 
-    q, k, v, beta, g, h0, cu = res
+    q, k, v, beta, g, h0, cu, _ = res
 
     def f(q, k, v, beta, g, h0):
         return _op(q, k, v, beta, scale=scale, log_decay=g, initial_state=h0, output_final_state=True,
@@ -648,7 +851,7 @@ def delta_rule(
     block_sizes: Optional[BlockSizes] = None,
     interpret: Any = None,
 ):
-    """(Gated) delta rule, forward as a Pallas kernel: ``u_t = β_t(v_t − k_t e^{g_t}S)``,
+    """(Gated) delta rule as Pallas kernels (forward and backward): ``u_t = β_t(v_t − k_t e^{g_t}S)``,
     ``S_t = e^{g_t}S + k_tᵀu_t``, ``o_t = (scale·q_t)S_t`` (docs/linear_attention.md, rows "delta rule").
 
     Same contract as :func:`tttla_jax.delta_rule` (``impl="pallas"``; the arguments are checked
@@ -656,8 +859,8 @@ def delta_rule(
     (unsupported values fall back to 64; shortened for short sequences); ``scale``,
     ``block_sizes`` and ``interpret`` as :func:`tttla_jax.kernels.linear_attention`; head dims
     ``16 ≤ K, V ≤ 256`` (zero-padded to the next tile, exact). ``cu_seqlens``: packed
-    sequences in a batch of one, as :func:`tttla_jax.kernels.linear_attention` (the forward
-    kernel resets per sequence; the backward is the VJP of the packed chunked XLA form).
+    sequences in a batch of one, as :func:`tttla_jax.kernels.linear_attention` (every kernel
+    resets per sequence).
 
     Returns:
       ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V] ([N, H, K, V] packed) float32/float64 or None)``.

@@ -293,7 +293,7 @@ def test_chip_tables():
 @pytest.mark.parametrize("platform,call", [("cuda", TRITON_CALL), ("tpu", MOSAIC_CALL)])
 def test_export_packed_and_odd_head_dims(platform, call):
     """cu_seqlens and head dims between the tiles lower for both targets (forward + backward:
-    three linear-attention kernels; the delta rule's forward kernel)."""
+    three linear-attention kernels, three delta-rule kernels: forward, states, reverse)."""
     from tttla_jax.kernels import delta_rule as kernel_dr
 
     def loss(q, k, v, g, S0, cu):
@@ -306,4 +306,4 @@ def test_export_packed_and_odd_head_dims(platform, call):
     args = specs(1, 150, 2, 48, 200, jnp.bfloat16)[:4] + (
         jax.ShapeDtypeStruct((3, 2, 48, 200), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.int32))
     text = export_for(platform, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), args).mlir_module()
-    assert text.count(call) == 4
+    assert text.count(call) == 6

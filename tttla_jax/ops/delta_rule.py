@@ -151,8 +151,7 @@ def delta_rule(
         (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
         initial state, no state crossing a boundary (an empty sequence's final state is its
         initial state). ``initial_state`` and the returned state are then ``[N, H, K, V]``,
-        one per sequence. Every impl (``"pallas"``: the forward kernel resets per sequence,
-        the backward is the packed chunked form's VJP). May be traced under ``jax.jit`` (its values are then not checked).
+        one per sequence. Every impl (``"pallas"``: the kernels reset per sequence). May be traced under ``jax.jit`` (its values are then not checked).
       block_sizes: :class:`tttla_jax.kernels.BlockSizes` for the kernel (``impl="pallas"``,
         or ``"auto"`` when it picks the kernel; a ``ValueError`` with any other impl).
       interpret: the kernel's interpret flag (:func:`tttla_jax.kernels.delta_rule`); same
