@@ -206,3 +206,19 @@ def test_packed_backward_kernel_matches_xla_backward(interpret):
     want = jax.jit(lambda r, c: mod._dr_packed_bwd_xla(0.3, cfg, r, c))(res, cts)
     assert got[-1] is None and want[-1] is None  # cu_seqlens
     assert_close(got[:-1], want[:-1], atol=1e-10, what=f"{interpret} packed backward kernels vs XLA")
+
+
+@pytest.mark.slow
+def test_backward_kernel_tpu_two_value_blocks():
+    """Mosaic kernels with V = 256 in two 128-wide value blocks (the v5e/v5p table entry):
+    dq, dk, dβ summed over the blocks ≡ the XLA backward, float64 1e-10."""
+    import tttla_jax.kernels.delta_rule_kernel as mod
+
+    q, k, v, beta, g, S0 = make_inputs(45, 1, 20, 1, 16, 256)
+    cfg = mod._Cfg(C=16, block_sizes=BlockSizes(block_v_tpu=128), interpret="tpu")
+    (o, S), res = mod._dr_fwd(q, k, v, beta, g, S0, 0.3, cfg)
+    rng = np.random.default_rng(46)
+    cts = (jnp.asarray(rng.normal(size=o.shape)), jnp.asarray(rng.normal(size=S.shape)))
+    got = jax.jit(lambda r, c: mod._dr_bwd(0.3, cfg, r, c))(res, cts)
+    want = jax.jit(lambda r, c: mod._dr_bwd_xla(0.3, cfg, r, c))(res, cts)
+    assert_close(got, want, atol=1e-10, what="tpu two value blocks: backward kernels vs XLA")
