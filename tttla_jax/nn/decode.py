@@ -1,7 +1,8 @@
 """Decoding: cache initialisation, prefill, single-token steps and jitted ``generate``.
 
 The cache is explicit (``LanguageModel.init_cache``): prefill is a full forward on the
-prompt that returns the state after it; each decoding step feeds one token and the
+prompt that returns the state after it (packed prompts with ``cu_seqlens``: one cache per
+prompt); each decoding step feeds one token and the
 cache and gets the next logits and cache. Because every mixer's cache holds exactly the
 state its recurrence needs (fast weights, conv inputs, window keys), prefill + steps
 give the same logits as one full forward (``tests/test_nn_decode.py``).
@@ -25,9 +26,17 @@ def init_cache(model, batch_size: int) -> dict:
     return model.init_cache(batch_size)
 
 
-def prefill(model, prompt_tokens: Int[Array, "b t"], cache: Optional[dict] = None):
-    """Full forward over the prompt: ``(logits [B, T, V], cache after the prompt)``."""
-    return model(prompt_tokens, cache=cache)
+def prefill(model, prompt_tokens: Int[Array, "b t"], cache: Optional[dict] = None, *,
+            cu_seqlens: Optional[Int[Array, "n1"]] = None):
+    """Full forward over the prompt: ``(logits [B, T, V], cache after the prompt)``.
+
+    ``cu_seqlens`` ``[N + 1]``: ``prompt_tokens`` ``[1, T]`` packs N prompts (each run as if
+    alone); the cache is then per prompt (batch N), so :func:`decode_step` continues all N
+    with tokens ``[N]``.
+    """
+    if cu_seqlens is None:
+        return model(prompt_tokens, cache=cache)
+    return model(prompt_tokens, cache=cache, cu_seqlens=cu_seqlens)
 
 
 def decode_step(model, token: Int[Array, "b"], cache: dict):
