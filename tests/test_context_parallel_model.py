@@ -72,14 +72,11 @@ CHECKS = textwrap.dedent('''
         mesh = mesh_of(data, seq)
         baxes = "data" if data > 1 else None
         w = weights((B, T, W))
-        ref_loss = lambda st, x, c: jnp.sum(nnx.merge(gd, st)(x, cache=c)[0] * w)
-        sp_loss = lambda st, x, c: jnp.sum(sharded_mixer(nnx.merge(gd, st), x, mesh=mesh, cache=c,
-                                                         batch_axes=baxes) * w)
-        (l0, g0) = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1)))(st, x, c0)
-        (l1, g1) = jax.jit(jax.value_and_grad(sp_loss, argnums=(0, 1)))(st, x, c0)
-        y0 = jax.jit(lambda st, x, c: nnx.merge(gd, st)(x, cache=c)[0])(st, x, c0)
-        y1 = jax.jit(lambda st, x, c: sharded_mixer(nnx.merge(gd, st), x, mesh=mesh, cache=c,
-                                                    batch_axes=baxes))(st, x, c0)
+        with_y = lambda f: lambda st, x, c: (lambda y: (jnp.sum(y * w), y))(f(st, x, c))
+        ref = with_y(lambda st, x, c: nnx.merge(gd, st)(x, cache=c)[0])
+        sp = with_y(lambda st, x, c: sharded_mixer(nnx.merge(gd, st), x, mesh=mesh, cache=c, batch_axes=baxes))
+        (l0, y0), g0 = jax.jit(jax.value_and_grad(ref, argnums=(0, 1), has_aux=True))(st, x, c0)
+        (l1, y1), g1 = jax.jit(jax.value_and_grad(sp, argnums=(0, 1), has_aux=True))(st, x, c0)
         # the final cache from inside shard_map (T a multiple of seq: no padding)
         Td = seq * (-(-T // seq))
         xd = jax.random.normal(jax.random.key(4), (B, Td, W), F64)
@@ -122,9 +119,9 @@ CHECKS = textwrap.dedent('''
             return out[0][:, :T], out[1]
 
         ref = lambda st, tok: nnx.merge(gd, st)(tok)
-        l0, g0 = jax.jit(jax.value_and_grad(lambda st: jnp.sum(ref(st, tok)[0] * w)))(st)
-        l1, g1 = jax.jit(jax.value_and_grad(lambda st: jnp.sum(sp_logits(st, tok)[0] * w)))(st)
-        (y0, c0), (y1, c1) = jax.jit(ref)(st, tok), jax.jit(sp_logits)(st, tok)
+        with_y = lambda f: lambda st: (lambda out: (jnp.sum(out[0] * w), out))(f(st, tok))
+        (l0, (y0, c0)), g0 = jax.jit(jax.value_and_grad(with_y(ref), has_aux=True))(st)
+        (l1, (y1, c1)), g1 = jax.jit(jax.value_and_grad(with_y(sp_logits), has_aux=True))(st)
         out = {"y": diff(y0, y1), "loss": abs(float(l0 - l1)), "grads": diff(g0, g1)}
         if pad == 0:  # the cache is the state after the last token
             out["cache"] = diff(c0, c1)
