@@ -180,8 +180,11 @@ class RecipeMixin:
 
 
 #: Mixer options measured to recall on MQAR (docs/recipes.md: the table of every
-#: configuration tried, the budget and the machine load). Filled from measurements.
-RECALL_PRESETS: dict = {}
+#: configuration tried, the budget and the machine load): mixer name -> options.
+RECALL_PRESETS: dict = {
+    # TTT-Linear: the short conv on q, k, v (defaults otherwise: base_lr 1, mini-batch 16)
+    "ttt_linear": {"short_conv": 4},
+}
 
 
 def recall_options(*names: str) -> dict:
