@@ -273,11 +273,11 @@ def test_parameters_carry_logical_sharding():
     (LinearAttention, dict(impl="dual"), r"impl: LinearAttention does not support impl='dual'; supported: "
                                          r"\('auto', 'pallas', 'chunked', 'recurrent', 'associative'\)"),
     (LinearAttention, dict(impl="parallel"), r"impl: got 'parallel'"),
-    (LinearAttention, dict(feature_map="relu"), r"feature_map: got 'relu'"),
+    (LinearAttention, dict(feature_map="softmax"), r"feature_map: got 'softmax'"),
     (LinearAttention, dict(chunk_size=0), r"chunk_size: expected a positive int"),
     (DeltaNet, dict(impl="associative"), r"impl: DeltaNet does not support impl='associative'; "
                                          r"supported: \('auto', 'pallas', 'chunked', 'recurrent'\)"),
-    (DeltaNet, dict(feature_map="elu+1"), r"feature_map: got 'elu\+1'"),
+    (DeltaNet, dict(feature_map="softmax"), r"feature_map: got 'softmax'"),
     (SlidingWindowAttention, dict(impl="pallas"), r"impl: SlidingWindowAttention does not support "
                                                   r"impl='pallas'; supported: \('auto', 'chunked', 'recurrent'\)"),
     (SlidingWindowAttention, dict(window=0), r"window: expected a positive int"),
