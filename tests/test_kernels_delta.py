@@ -166,7 +166,11 @@ def test_float64_any_head_dim_and_packed(interpret, K, V, cu):
     assert_close(got[1], want[1], atol=1e-10, what=f"{interpret} K={K} V={V} grads")
 
 
-@pytest.mark.parametrize("interpret,cut", [("gpu", True), pytest.param("tpu", False, marks=pytest.mark.slow)])
+# Slow: the default suite already runs the backward kernels against the float64 loop
+# (test_float64_matches_loop, two value blocks), on a packed call (test_float64_any_head_dim_and_packed)
+# and on -inf cuts (tests/test_extreme_decay.py); these compare them with the XLA backward directly.
+@pytest.mark.slow
+@pytest.mark.parametrize("interpret,cut", [("gpu", True), ("tpu", False)])
 def test_backward_kernel_matches_xla_backward(interpret, cut):
     """The backward kernels ≡ the XLA backward (VJP of the chunked form) on the same residuals
     and cotangents, float64 1e-10: T = 37 (three chunks of 16, the last partial), two value
@@ -186,7 +190,8 @@ def test_backward_kernel_matches_xla_backward(interpret, cut):
     assert_close(got, want, atol=1e-10, what=f"{interpret} backward kernels vs XLA (q, k, v, beta, g, S0)")
 
 
-@pytest.mark.parametrize("interpret", [pytest.param("gpu", marks=pytest.mark.slow), "tpu"])
+@pytest.mark.slow
+@pytest.mark.parametrize("interpret", ["gpu", "tpu"])
 def test_packed_backward_kernel_matches_xla_backward(interpret):
     """Packed sequences: the backward kernels (states sweep resetting to each sequence's h0,
     reverse sweep resetting to its dS_final, dh0 per sequence; the per-sequence log-decay
