@@ -639,7 +639,7 @@ class LaCTLayer(RecipeMixin, Mixer):
             sub = {"k": cache["attn_k"], "v": cache["attn_v"], "kpos": cache["attn_kpos"]}
             if packed:
                 oa, sub = sliding_window_attend_packed(qa, ka, va, positions, sub, window=self.window,
-                                                       cu_seqlens=cu_seqlens)
+                                                       cu_seqlens=cu_seqlens, fresh=not given)
             else:
                 oa, sub = sliding_window_attend(qa, ka, va, positions, sub, window=self.window)
             o = o + oa.reshape(B, T, H * D).astype(o.dtype)

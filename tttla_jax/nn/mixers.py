@@ -533,7 +533,7 @@ def sliding_window_attend(q, k, v, qpos, cache: Cache, *, window: int, segments=
 
 
 def sliding_window_attend_packed(q, k, v, qpos, cache: Cache, *, window: int, cu_seqlens,
-                                 recurrent: bool = False):
+                                 recurrent: bool = False, fresh: bool = False):
     """:func:`sliding_window_attend` for N packed sequences (``cu_seqlens`` ``[N + 1]``).
 
     ``q, k, v`` ``[1, T, H, D]``, ``qpos`` ``[1, T]``; ``cache`` per sequence (``"k"``, ``"v"``
@@ -544,6 +544,10 @@ def sliding_window_attend_packed(q, k, v, qpos, cache: Cache, *, window: int, cu
     sequence boundary, and each sequence's new cache is the last ``window`` slots of its
     extended stream — what the sequence alone gives.
 
+    ``fresh`` (static: ``cache`` is a fresh ``init_cache``, e.g. training): no cached keys to
+    put in front, so the blocked attention runs on the ``T`` packed tokens with the sequence
+    mask directly (same outputs and caches, ``O(T·window)``).
+
     Returns:
       ``(o [1, T, H, D], {"k", "v", "kpos"})`` with per-sequence caches.
     """
@@ -551,6 +555,20 @@ def sliding_window_attend_packed(q, k, v, qpos, cache: Cache, *, window: int, cu
     _, T, H, D = q.shape
     cu = jnp.asarray(cu_seqlens, jnp.int32)
     N = cu.shape[0] - 1
+    if fresh and not recurrent:
+        t = jnp.arange(T, dtype=jnp.int32)
+        n_t = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
+        empty = {"k": jnp.zeros((1, w, H, D), cache["k"].dtype), "v": jnp.zeros((1, w, H, D), cache["v"].dtype),
+                 "kpos": jnp.full((1, w), -1, jnp.int32)}
+        o, _ = sliding_window_attend(q, k, v, qpos, empty, window=w, segments=n_t[None])
+        idx = cu[1:, None] - w + jnp.arange(w, dtype=jnp.int32)[None]                  # [N, w]
+        ok = idx >= cu[:-1, None]
+        take = lambda a, fill: jnp.where(ok.reshape(ok.shape + (1,) * (a.ndim - 2)),   # noqa: E731
+                                         jnp.take(a[0], jnp.clip(idx, 0, T - 1), axis=0), fill)
+        new = {"k": take(k.astype(cache["k"].dtype), jnp.zeros((), cache["k"].dtype)),
+               "v": take(v.astype(cache["v"].dtype), jnp.zeros((), cache["v"].dtype)),
+               "kpos": take(qpos.astype(jnp.int32), jnp.int32(-1))}
+        return o, new
     Te = T + N * w
     e = jnp.arange(Te, dtype=jnp.int32)
     ends = cu[1:] + jnp.arange(1, N + 1, dtype=jnp.int32) * w               # [N] end of each extended stream
@@ -673,7 +691,8 @@ class SlidingWindowAttention(RecipeMixin, Mixer):
         """
         B, T = self._check_x(x)
         NB, nb = self._cache_batch(B, T, cu_seqlens)
-        if cache is None:
+        fresh = cache is None
+        if fresh:
             cache = self.init_cache(NB)
         _check_cache(cache, self._cache_spec(NB, nb))
         if cu_seqlens is not None:
@@ -689,7 +708,7 @@ class SlidingWindowAttention(RecipeMixin, Mixer):
             k = apply_rope(k, positions, base=self.rope_base)
         if cu_seqlens is not None:
             o, new_cache = sliding_window_attend_packed(q, k, v, positions, cache, window=self.window,
-                                                        cu_seqlens=cu_seqlens,
+                                                        cu_seqlens=cu_seqlens, fresh=fresh,
                                                         recurrent=self.impl == "recurrent")
             new_cache["pos"] = packed_next_pos(positions, cache["pos"], cu_seqlens)
         elif self.impl == "recurrent":
