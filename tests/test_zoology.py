@@ -318,3 +318,22 @@ def test_every_preset_trains_a_few_steps(tmp_path):
     res = json.load(open(os.path.join(out, "results.json")))
     assert sorted(r["mixer"] for r in res["runs"]) == sorted(zoology.MIXER_PRESETS)
     assert all(np.isfinite(r["curve"][-1]["train_loss"]) for r in res["runs"])
+
+
+@pytest.mark.slow
+def test_train_loop_early_stop(tmp_path, monkeypatch):
+    """python -m train's --early-stop-accuracy: the run ends at the first evaluation that
+    reaches the threshold (here forced to accuracy 1.0), checkpointed there; the zoology
+    protocol flows through the training pipeline."""
+    from tttla_jax.train import loop
+    from tttla_jax.train.config import make_config
+    monkeypatch.setattr(loop, "evaluate", lambda *a: {"eval_loss": 0.1, "eval_ppl": 1.1,
+                                                      "eval_accuracy": 1.0})
+    cfg = make_config("mqar", vocab_size=64, seq_len=16, mqar_kv=2, width=16, num_heads=2,
+                      batch_size=4, steps=8, mqar_test_examples=8, log_every=1, eval_every=2,
+                      ckpt_every=100, progress=False, plot=False, ckpt_dir=str(tmp_path),
+                      mqar_protocol="zoology", early_stop_accuracy=0.99)
+    logs = []
+    summary = loop.run(cfg, log=logs.append)
+    assert summary["step"] == 2 and summary["checkpoints"] == [2]
+    assert any("early stop at step 2" in line for line in logs)
