@@ -541,6 +541,11 @@ def main(argv=None) -> int:
     for name in ("steps", "batch_size", "train_examples", "test_examples", "eval_every"):
         if name in over and over[name] <= 0:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {over[name]}")
+    if "early_stop" in over and not 0 < over["early_stop"] <= 1:
+        p.error(f"--early-stop: expected an accuracy in (0, 1], got {over['early_stop']}")
+    for name in ("lrs", "widths"):
+        if name in over and not all(v > 0 and math.isfinite(v) for v in over[name]):
+            p.error(f"--{name}: expected positive values, got {list(over[name])}")
     cfg = dataclasses.replace(SWEEPS[a.sweep], **over)
     if cfg.batch_size > cfg.train_examples:
         p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
