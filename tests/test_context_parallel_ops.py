@@ -224,3 +224,20 @@ def test_inside_errors():
     with pytest.raises(ValueError, match=r"cu_seqlens: expected global offsets from 0 to P·L = 1 · 8 = 8"):
         jax.shard_map(body, mesh=mesh, in_specs=jax.sharding.PartitionSpec(None, "seq"),
                       out_specs=jax.sharding.PartitionSpec(None, "seq"))(q, k, v)
+
+
+def test_traced_scale_and_jit():
+    """A scale computed under jit reaches every device as an operand (and is differentiable)."""
+    q, k, v = _qkv()
+    mesh = _mesh()
+
+    def f(s):
+        o, _ = tp.sharded_linear_attention(q, k, v, scale=s, mesh=mesh, chunk_size=4)
+        return jnp.sum(o ** 2)
+
+    def f1(s):
+        o, _ = tt.linear_attention(q, k, v, scale=s, chunk_size=4)
+        return jnp.sum(o ** 2)
+
+    s = jnp.float32(0.3)
+    tt.testing.assert_trees_close(jax.jit(jax.value_and_grad(f))(s), jax.value_and_grad(f1)(s), rtol=1e-5)
