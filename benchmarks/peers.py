@@ -240,7 +240,7 @@ def bench_lact(a, rows, workdir):
     w0 = (rng.normal(size=(H, D, D)) / np.sqrt(D)).astype(f32)
     w1 = (rng.normal(size=(H, D, D)) / np.sqrt(D)).astype(f32)
     w2 = (rng.normal(size=(H, D, D)) / np.sqrt(D)).astype(f32)
-    bh = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B * H, T, -1))  # noqa: E731
+    bh = lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(B * H, x.shape[1], -1))  # noqa: E731
     bhw = lambda w: np.ascontiguousarray(np.broadcast_to(w[None], (B,) + w.shape).reshape(B * H, D, D))  # noqa: E731
     inputs = dict(w0=bhw(w0), w1=bhw(w1), w2=bhw(w2), q=bh(q), k=bh(k), v=bh(v),
                   lr0=bh(lrs[0][..., None]), lr1=bh(lrs[1][..., None]), lr2=bh(lrs[2][..., None]))
@@ -265,17 +265,36 @@ def bench_lact(a, rows, workdir):
         argv = (J["q"], J["k"], J["v"], J_lr, J["w0"], J["w1"], J["w2"])
         f = jax.jit(fwd)
         g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6)))
-        ref = peer.check()
-        o = np.asarray(f(*argv))
-        err = {"o": rel_err(bh(o), ref["o"])}
-        gq, gk, gv, glr, g0, g1, g2 = g(*argv)
-        for n, x in (("q", gq), ("k", gk), ("v", gv)):
-            err["d_" + n] = rel_err(bh(np.asarray(x)), ref["d_" + n])
-        for i, x in enumerate(glr):
-            err[f"d_lr{i}"] = rel_err(bh(np.asarray(x)[..., None]), ref[f"d_lr{i}"])
-        for n, x in (("w0", g0), ("w1", g1), ("w2", g2)):
-            err["d_" + n] = rel_err(np.asarray(x), ref["d_" + n])
-        print(f"LaCT {label}: relative error vs official  " + "  ".join(f"{n} {e:.1e}" for n, e in err.items()),
+
+        def errors(peer, n_tok):
+            """Relative errors of our outputs and gradients vs the peer's, first n_tok tokens."""
+            ref = peer.check()
+            cut = lambda x: x[:, :n_tok]  # noqa: E731
+            av = (cut(J["q"]), cut(J["k"]), cut(J["v"]), tuple(cut(x) for x in J_lr), J["w0"], J["w1"], J["w2"])
+            bhn = lambda x: bh(np.asarray(x))  # noqa: E731
+            err = {"o": rel_err(bhn(f(*av)), ref["o"])}
+            gq, gk, gv, glr, g0, g1, g2 = g(*av)
+            for n, x in (("q", gq), ("k", gk), ("v", gv)):
+                err["d_" + n] = rel_err(bhn(x), ref["d_" + n])
+            for i, x in enumerate(glr):
+                err[f"d_lr{i}"] = rel_err(bhn(np.asarray(x)[..., None]), ref[f"d_lr{i}"])
+            for n, x in (("w0", g0), ("w1", g1), ("w2", g2)):
+                err["d_" + n] = rel_err(np.asarray(x), ref["d_" + n])
+            return err
+
+        # Muon's NS5 multiplies the smallest singular directions of each update by ~500
+        # (the product of its five linear coefficients), so rounding differences of two
+        # correct implementations grow chunk after chunk: agreement is checked on the first
+        # four chunks (three updates), and reported for the whole sequence as well.
+        n_chk = min(T, 4 * C)
+        short = {n: x[:, :n_chk] if n in ("q", "k", "v", "lr0", "lr1", "lr2") else x for n, x in inputs.items()}
+        chk = TorchPeer(a.torch_python, spec, short, a.torch_threads, workdir)
+        err = errors(chk, n_chk)
+        chk.close()
+        err_full = errors(peer, T) if n_chk < T else err
+        print(f"LaCT {label}: relative error vs official, first {n_chk} tokens  "
+              + "  ".join(f"{n} {e:.1e}" for n, e in err.items())
+              + f"\n    whole sequence: o {err_full['o']:.1e}, gradients up to {max(err_full.values()):.1e}",
               flush=True)
         for what, fn in (("fwd", f), ("fwd+bwd", g)):
             l0 = load()
@@ -283,6 +302,7 @@ def bench_lact(a, rows, workdir):
             row = dict(peer="LaCT official op (PyTorch" + (", torch.compile)" if a.torch_compile else ", eager)"), op=f"lact_swiglu recurrent, {label}", pass_=what,
                        shape=f"B·H={B * H}, T={T}, d={D}, chunk {C}", tokens=B * T,
                        rel_err=err["o"] if what == "fwd" else max(err.values()), rel_err_all=err,
+                       rel_err_checked_tokens=n_chk, rel_err_whole_sequence=err_full,
                        load_start=l0, load_end=load(), **r)
             rows.append(row)
             _print_row(row)
