@@ -117,11 +117,25 @@ def _packed_mixers():
 
 @pytest.mark.parametrize("name", _packed_mixers())
 def test_packed_equals_documents_alone(name):
+    _check_packed(_build(name), LENS)
+
+
+@pytest.mark.parametrize("name", ["ttt_linear"])
+def test_packed_continues_caches_forward(name):
+    """Default suite: a packed call continuing per-document caches (buffered partial
+    mini-batches / cached window keys) == each document continuing alone, forward."""
+    mixer = _build(name)
+    cache = _check_packed(mixer, LENS, grads=False)
+    _check_packed(mixer, (3, 2, 0), seed=1, cache=cache, grads=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _packed_mixers())
+def test_packed_continues_per_document_caches(name):
+    """A packed call continuing every document's cache == each document continuing alone."""
     mixer = _build(name)
     cache = _check_packed(mixer, LENS)
-    # continuing every document's cache: a packed call == each document continuing alone
-    # (forward here; with gradients in the @slow sweep)
-    _check_packed(mixer, (3, 2, 0), seed=1, cache=cache, grads=False)
+    _check_packed(mixer, (3, 2, 0), seed=1, cache=cache)
 
 
 def test_packed_validation():
@@ -141,15 +155,16 @@ def test_packed_validation():
 
 
 def test_packed_jit_traced_cu_seqlens():
-    """Under ``jit`` with a traced ``cu_seqlens`` (one compile for any document split)."""
-    m = _build("titans")
+    """Under ``jit`` with a traced ``cu_seqlens``: one compile serves every split into N
+    documents, each the concrete-``cu_seqlens`` call (itself == the documents alone above)."""
+    m = _build("ttt_linear")
     graphdef, params = nnx.split(m)
-    f = jax.jit(lambda p, x, cu: nnx.merge(graphdef, p)(x, cu_seqlens=cu)[0])
+    f = jax.jit(lambda p, x, cu: nnx.merge(graphdef, p)(x, cu_seqlens=cu))
     x = jax.random.normal(jax.random.key(3), (1, 9, W), jnp.float64)
-    for lens in ((4, 5), (1, 0, 8)):
-        cu = _cu(lens)
-        ref = jnp.concatenate([m(x[:, int(cu[i]):int(cu[i + 1])])[0] for i in range(len(lens)) if lens[i]], 1)
-        assert_trees_close(f(params, x, jnp.asarray(cu)), ref, name="jit packed", **TOL)
+    for lens in ((4, 0, 5), (1, 8, 0)):
+        got = f(params, x, _cu(lens))
+        assert_trees_close(got, m(x, cu_seqlens=np.asarray(_cu(lens))), name="jit packed", **TOL)
+    assert f._cache_size() == 1
 
 
 SLOW_CASES = [
