@@ -26,7 +26,10 @@ ViT³ — are added the same way and registered with :func:`register_mixer`):
   length). ``cache=None`` means ``init_cache(B)``; the returned cache is always the state
   after the last token, so prefill is a plain call. ``positions`` (``[B, T]`` int,
   absolute) are used by layers with positional terms (RoPE, windows) and ignored by
-  others; the model always passes them.
+  others; the model always passes them. ``cu_seqlens`` (``[N + 1]`` int, ``x``
+  ``[1, T, W]``): N packed documents, each computed exactly as if alone, the cache in and
+  out per document (leading dim N), positions restarting per document (README, "Packed
+  documents").
 * **Cache** — ``init_cache(batch_size)`` returns zeros of the right shapes (fast
   weights in float32, float64 for a float64 layer). Invariant: for any split of a
   sequence into pieces, calling the mixer on the pieces in order, threading the cache,

@@ -3,9 +3,10 @@
 Every mixer follows the protocol described in :mod:`tttla_jax.nn` (``Mixer``):
 keyword configuration, an explicit ``impl`` (docs/implementations.md),
 ``init_cache(batch_size)`` and ``__call__(x, *, cache=None, positions=None) -> (y, new_cache)``
-with the fast-weight state carried explicitly in and out. :class:`LinearAttention` and :class:`DeltaNet` also
-take ``cu_seqlens`` (packed variable-length sequences, ``x`` ``[1, T, W]``, caches in and
-out per sequence ``[N, ...]``; see :mod:`tttla_jax.ops.varlen`).
+with the fast-weight state carried explicitly in and out. Every registered mixer also takes
+``cu_seqlens`` (packed documents, ``x`` ``[1, T, W]``, each computed as if alone, caches in and
+out per document ``[N, ...]``, positions restarting per document; see
+:mod:`tttla_jax.ops.varlen`, :mod:`tttla_jax.nn._segments` and the README's "Packed documents").
 
 Axis names: ``B`` batch, ``T`` tokens, ``H`` heads, ``D`` head dim, ``W`` width,
 ``w`` attention window.
