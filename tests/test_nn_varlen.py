@@ -217,13 +217,14 @@ def test_errors_name_the_argument():
 
 
 @pytest.mark.parametrize("cls", [LinearAttention, DeltaNet])
-def test_pallas_impl_with_cu_seqlens_says_why(cls):
-    """impl="pallas" on packed sequences is refused by the op with its reason (the kernels
-    do not pack); impl="auto" runs the chunked form."""
+def test_pallas_impl_with_cu_seqlens_runs_the_kernels(cls):
+    """impl="pallas" on packed sequences runs the kernels (Pallas interpret mode on a CPU host)
+    and equals the chunked form (float32); impl="auto" runs the chunked form on CPU."""
     m = cls(width=16, num_heads=1, impl="pallas", rngs=nnx.Rngs(0))
-    x = jnp.zeros((1, 6, 16), jnp.float32)
-    with pytest.raises(ValueError, match=r"pallas.*(cu_seqlens|packed)"):
-        m(x, cu_seqlens=jnp.array([0, 2, 6]))
+    ref = cls(width=16, num_heads=1, impl="chunked", rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 16)), jnp.float32)
+    cu = jnp.array([0, 2, 6])
+    chex.assert_trees_all_close(m(x, cu_seqlens=cu), ref(x, cu_seqlens=cu), atol=1e-4, rtol=1e-4)
     auto = cls(width=16, num_heads=1, impl="auto", rngs=nnx.Rngs(0))
     y, c = jit(lambda x: auto(x, cu_seqlens=jnp.array([0, 2, 6])))(x)
     assert y.shape == (1, 6, 16) and c["state"].shape == (2, 1, 16, 16)
