@@ -354,10 +354,10 @@ class DeltaNet(RecipeMixin, Mixer):
         Kimi Delta Attention, ``S ← diag(e^{g_t}) S`` before the delta step); with ``use_gate``.
       chunk_size: chunk length of the chunked (WY) form and of the kernel.
       impl: ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"auto"``: passed to
-        :func:`tttla_jax.delta_rule`, which resolves ``"auto"`` (the Pallas forward kernel
-        with an XLA backward on GPU/TPU where it supports the shape, else the chunked
-        form) and says why an explicit request cannot run — e.g. ``"pallas"`` with
-        ``cu_seqlens`` or an unsupported head dim (docs/implementations.md).
+        :func:`tttla_jax.delta_rule`, which resolves ``"auto"`` (the Pallas forward and
+        backward kernels on GPU/TPU where they support the shape, else the chunked
+        form) and says why an explicit request cannot run — e.g. ``"pallas"`` with an
+        unsupported head dim or a per-channel gate (docs/implementations.md).
 
     Parameters: ``4·W·H·D + W·H + D`` (+ ``3·conv_size·H·D`` with the conv, + ``W·H + 2H``
     with the gate).
