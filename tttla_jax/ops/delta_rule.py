@@ -41,8 +41,8 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
   over chunks given the state before each chunk. For cache locality the chunks are
   processed in groups of ``_GROUP_CHUNKS`` = 4 (an outer ``lax.scan`` carrying S, its body
   rematerialised for the backward pass). The chunk step is
-  :func:`tttla_jax.ops.chunk.delta_chunk_group` (shared with the kernel's XLA backward).
-* ``pallas`` — the forward kernel :func:`tttla_jax.kernels.delta_rule` (backward in XLA).
+  :func:`tttla_jax.ops.chunk.delta_chunk_group` (the reference of the kernels' backward tests).
+* ``pallas`` — the Pallas kernels :func:`tttla_jax.kernels.delta_rule` (forward and backward).
 
 ``impl="auto"`` resolves with :func:`tttla_jax.impl.resolve` over ``pallas`` (only on
 GPU/TPU, for shapes the kernel supports), ``chunked``, ``recurrent``
@@ -143,8 +143,8 @@ def delta_rule(
       output_final_state: also return the state after the last token.
       chunk_size: chunk length of the chunked form (a tiling choice for the kernel); a
         Python, NumPy or concrete JAX integer.
-      impl: ``"auto"`` | ``"pallas"`` (the Pallas forward kernel of :mod:`tttla_jax.kernels`,
-        backward in XLA; interpret mode on a CPU host) | ``"chunked"`` | ``"recurrent"``
+      impl: ``"auto"`` | ``"pallas"`` (the Pallas forward and backward kernels of
+        :mod:`tttla_jax.kernels`; interpret mode on a CPU host) | ``"chunked"`` | ``"recurrent"``
         (docs/implementations.md). ``"auto"``: the kernel on GPU/TPU where it supports the
         shape, else chunked.
       cu_seqlens: optional ``[N + 1]`` int offsets of N packed sequences in a batch of one
