@@ -9,7 +9,8 @@
   and its output equals a direct composition of its own parts;
 * bad values are ValueErrors naming the option; every recall preset builds its mixer.
 
-Measured alone: ~25 s on 2 cores under load ~20 (jit compilations dominate).
+Default suite: every mixer decodes with all options on (forward), two mixers packed, the rest
+of the sweep (each option alone, packed for every mixer, gradients) is @slow.
 """
 import inspect
 
@@ -73,6 +74,7 @@ def test_every_mixer_with_recipes_is_found():
             "titans"} <= set(_recipe_mixers())
 
 
+@pytest.mark.slow  # every mixer runs with all options on in the default suite (decoding test)
 @pytest.mark.parametrize("name", _recipe_mixers())
 def test_each_recipe_option_builds_and_runs(name):
     x = _x(5)
@@ -142,8 +144,13 @@ def _packs(name):
     return "cu_seqlens" in inspect.signature(MIXERS[name].__call__).parameters
 
 
+#: the default suite packs two mixers (a conv in front of attention, of a segment cache); @slow all
+PACKED_DEFAULT = ("swa", "ttt_linear")
+
+
 @pytest.mark.parametrize("grads", GRADS)
-@pytest.mark.parametrize("name", [n for n in _recipe_mixers() if _packs(n)])
+@pytest.mark.parametrize("name", [n if n in PACKED_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in _recipe_mixers() if _packs(n)])
 def test_packed_with_recipes_equals_documents_alone(name, grads):
     """Packed documents (lengths 3, 1, 4): the conv never crosses a boundary; outputs, per
     document caches and gradients equal every document run alone."""
