@@ -32,7 +32,10 @@ def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... 
     ``A = X Xᵀ; B = b·A + (c·A)·A; X = a·X + B X`` with the reference coefficients;
     transpose back. ``dtype=None`` computes in ``G``'s dtype. ``dtype="bfloat16"`` mimics the
     reference: the input is rounded to bfloat16 and every op's result is rounded to
-    bfloat16 (matmuls accumulate in float32, then round). Output dtype is ``G``'s.
+    bfloat16 (matmuls take bfloat16 operands, accumulate in float32, then round — native
+    bfloat16 dots where the CPU has them; the coefficients multiply in float32, as PyTorch's
+    ``scalar * tensor`` does, before the one rounding), so it matches the reference's
+    bfloat16 NS5 up to the summation order inside a dot. Output dtype is ``G``'s.
     """
     out_dtype = G.dtype
     X = G
@@ -52,18 +55,23 @@ def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... 
     else:
         lo = jnp.dtype(dtype)
         f32 = jnp.float32
+        fi = jnp.finfo(lo)
 
-        def r(x):  # round to the low precision
-            return x.astype(lo)
+        def r(x):  # round to the low precision, value kept in float32 (reduce_precision is
+            # never simplified away by XLA, unlike a float32 -> bfloat16 -> float32 convert pair)
+            return lax.reduce_precision(x.astype(f32), exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
 
-        def mm(x, y, eq):  # low-precision matmul: f32 accumulation, rounded result
-            return r(jnp.einsum(eq, x.astype(f32), y.astype(f32)))
+        def mm(x, y, eq):  # low-precision matmul: low-precision operands (exact: x, y are
+            # already rounded), float32 accumulation, rounded result; a native bfloat16 dot
+            # where the CPU has one (up to twice the float32 rate)
+            return r(jnp.einsum(eq, x.astype(lo), y.astype(lo), preferred_element_type=f32))
 
         X = r(X)
-        nrm = r(jnp.sqrt(jnp.sum(X.astype(f32) ** 2, axis=(-2, -1), keepdims=True)))
-        X = r(X / r(nrm + jnp.asarray(_NS_EPS, lo)))
+        nrm = r(jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)))
+        X = r(X / r(nrm + _NS_EPS))
         for a, b, c in NS5_COEFFS:
-            a, b, c = (jnp.asarray(z, lo) for z in (a, b, c))
+            # the coefficients stay float32 (PyTorch computes `scalar * bf16 tensor` in float32
+            # and rounds the product once)
             A = mm(X, X, "...ij,...kj->...ik")
             Bm = r(r(b * A) + mm(r(c * A), A, "...ij,...jk->...ik"))
             X = r(r(a * X) + mm(Bm, X, "...ij,...jk->...ik"))
