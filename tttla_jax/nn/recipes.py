@@ -182,8 +182,9 @@ class RecipeMixin:
 #: Mixer options measured to recall on MQAR (docs/recipes.md: the table of every
 #: configuration tried, the budget and the machine load): mixer name -> options.
 RECALL_PRESETS: dict = {
-    # TTT-Linear: the short conv on q, k, v (defaults otherwise: base_lr 1, mini-batch 16)
-    "ttt_linear": {"short_conv": 4},
+    # TTT-Linear: the short conv on q, k, v and a 4x larger inner learning rate (mini-batch 16):
+    # 0.86 MQAR accuracy vs 0.02 with the defaults, at DeltaNet's state size
+    "ttt_linear": {"short_conv": 4, "base_lr": 4.0},
 }
 
 
