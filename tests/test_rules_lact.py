@@ -123,9 +123,12 @@ def check_against_reference(rule, inp, grads=True):
     assert out[0].dtype == jnp.float64
     assert_close_tree(out, out_r, 1e-10, what="outputs / final weights / momentum")
     assert_close_tree(g, g_r, 1e-10, what=f"grads w.r.t. {[ARGS[i] for i in argnums]}")
-    # gradients w.r.t. q, k, v and w1 are never trivially zero here
+    # gradients w.r.t. q, k, v and w1 are never trivially zero here; with q_is_k the keys
+    # are the queries, so q is unused and its gradient must be exactly zero
     for i, gi in zip(argnums, g):
-        if ARGS[i] in ("q", "k", "v", "w1"):
+        if ARGS[i] == "q" and rule.q_is_k:
+            assert float(jnp.max(jnp.abs(gi))) == 0.0, "q is unused with q_is_k"
+        elif ARGS[i] in ("q", "k", "v", "w1"):
             assert float(jnp.max(jnp.abs(gi))) > 1e-6, ARGS[i]
         if ARGS[i] == "lr":
             for x in (gi[j] for j in rule.updated):
