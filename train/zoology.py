@@ -466,7 +466,7 @@ def plot(results: dict, path: str) -> bool:
         ax.set_title(f"L={L}, kv={kv}")
         ax.set_xlabel("state size (floats per layer)")
         ax.set_ylabel("MQAR test accuracy")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
