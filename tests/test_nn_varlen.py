@@ -124,8 +124,14 @@ def run(case, impl, full=True):
     return f(x, xd, c0)
 
 
+#: the gated DeltaNet with its conv is the costliest case to compile; it runs @slow (the
+#: packed DeltaNet with its default conv is also checked for every mixer in test_packed_mixers)
+SLOW_CASES = ("delta_conv_gated",)
+DEFAULT_CASES = [c if c not in SLOW_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
+
+
 @pytest.mark.parametrize("impl", ["chunked", "recurrent"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", DEFAULT_CASES)
 def test_packed_equals_separate_calls(case, impl):
     r = run(case, impl, full=impl == "chunked")
     for a, b in (("p_nocache", "s_nocache"), ("p", "s")):
@@ -141,7 +147,7 @@ def test_packed_equals_separate_calls(case, impl):
     chex.assert_trees_all_equal({k: v[1] for k, v in r["p"][1].items()}, {k: v[1] for k, v in c0.items()})
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", DEFAULT_CASES)
 def test_packed_gradients_and_decoding(case):
     r = run(case, "chunked")
     assert_close(r["gp"], r["gs"])
