@@ -83,3 +83,17 @@ def describe(m: dict) -> str:
     tuned = "malloc tuned" if m["malloc"]["tuned"] else f"malloc default ({m['malloc']['reason']})"
     return (f"CPU {m['cpu']}, {m['cpu_count']} cores, jax {m['jax']} ({m['backend']}), {tuned}, "
             f"load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}")
+
+
+def memory(compiled) -> "dict | None":
+    """Bytes of a compiled executable per device from ``compiled.memory_analysis()``:
+    arguments, outputs, temporaries, aliased, and ``peak_bytes`` = arguments + outputs +
+    temporaries − aliased (``None`` where the backend reports nothing)."""
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return None
+    rec = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                            "temp_size_in_bytes", "alias_size_in_bytes")}
+    rec["peak_bytes"] = (rec["argument_size_in_bytes"] + rec["output_size_in_bytes"]
+                         + rec["temp_size_in_bytes"] - rec["alias_size_in_bytes"])
+    return rec

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as Ps  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import describe, interleaved, machine, setup, timeit  # noqa: E402
+from _timing import describe, interleaved, machine, memory, setup, timeit  # noqa: E402
 
 import tttla_jax as tt  # noqa: E402
 from tttla_jax import parallel as tp  # noqa: E402
@@ -113,17 +113,6 @@ def inputs_for(op, T, H, D, P, mesh, seed=0):
         if P > 1:
             x[n] = jax.device_put(x[n], NamedSharding(mesh, Ps(None, "seq")))
     return x
-
-
-def memory(compiled):
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return None
-    rec = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                            "temp_size_in_bytes", "alias_size_in_bytes")}
-    rec["peak_bytes"] = (rec["argument_size_in_bytes"] + rec["output_size_in_bytes"]
-                         + rec["temp_size_in_bytes"] - rec["alias_size_in_bytes"])
-    return rec
 
 
 def main():

@@ -36,23 +36,12 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import describe, machine, setup, timeit  # noqa: E402
+from _timing import describe, machine, memory, setup, timeit  # noqa: E402
 
 from tttla_jax.nn import MIXERS  # noqa: E402
 from tttla_jax.parallel import sequence_parallel_form, sharded_mixer  # noqa: E402
 
 OPTIONS = {"swa": {"window": 256}, "delta_net": {"chunk_size": 64}, "ttt_linear": {}}
-
-
-def memory(compiled):
-    ma = compiled.memory_analysis()
-    if ma is None:
-        return None
-    rec = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                            "temp_size_in_bytes", "alias_size_in_bytes")}
-    rec["peak_bytes"] = (rec["argument_size_in_bytes"] + rec["output_size_in_bytes"]
-                         + rec["temp_size_in_bytes"] - rec["alias_size_in_bytes"])
-    return rec
 
 
 def step_fn(name, P):
