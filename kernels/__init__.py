@@ -20,8 +20,8 @@ from tttla_jax.kernels.linear_attention_kernel import (
 )
 
 # The kernels that take a per-channel log-decay [B, T, H, K] (read by the ops' impl resolution):
-# none yet, each refuses it with its reason.
-PER_CHANNEL_GATES: tuple = ()
+# linear attention (GLA); the delta rule refuses it with its reason.
+PER_CHANNEL_GATES: tuple = ("linear_attention",)
 
 __all__ = [
     "CHIP_TABLES",

@@ -243,11 +243,10 @@ def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional
         :data:`HEAD_DIMS`, :func:`padded_dim`).
       chunk_size: the chunk length (semantic for ``masking="chunk"``: in :data:`CHUNK_SIZES`).
       interpret: whether the call runs in Pallas interpret mode (float64 only there).
-      per_channel_decay: the call has a per-channel log-decay ``[B, T, H, K]`` (GLA style),
-        which the kernel does not implement.
+      per_channel_decay: the call has a per-channel log-decay ``[B, T, H, K]`` (GLA style);
+        the kernel takes it (kept for the delta-rule kernel's signature, which refuses it).
     """
-    if per_channel_decay:
-        return PER_CHANNEL_REASON
+    del per_channel_decay  # taken (PER_CHANNEL_CHUNK-token chunks for masking="causal")
     if masking not in MASKINGS:
         return f"masking={masking!r} is not supported by the Pallas kernel (supported: {MASKINGS}); use impl='chunked'"
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
@@ -295,7 +294,10 @@ def _decays(bcol, scol, bC, sC):
 
 
 def _fwd_chunk(q, k, v, bcol, scol, bC, sC, S, *, scale, causal, cdt, acc):
-    """One chunk forward: returns ``(O [C, BV] in acc, S_next [K, BV])``."""
+    """One chunk forward: returns ``(O [C, BV] in acc, S_next [K, BV])``. Decay columns
+    ``[C, K]`` (one per key channel) take :func:`_fwd_chunk_channel`."""
+    if bcol.shape[-1] != 1:
+        return _fwd_chunk_channel(q, k, v, bcol, scol, bC, sC, S, scale=scale, causal=causal, cdt=cdt, acc=acc)
     C = q.shape[0]
     qs = q.astype(acc) * scale
     gamma, lam, Gam = _decays(bcol, scol, bC, sC)  # [C, 1], [C, 1], [1, 1]
@@ -310,7 +312,10 @@ def _fwd_chunk(q, k, v, bcol, scol, bC, sC, S, *, scale, causal, cdt, acc):
 
 
 def _dkv_chunk(q, k, v, do, bcol, scol, bC, sC, dS, *, scale, causal, cdt, acc):
-    """One chunk of the reverse sweep: ``(dK partial over this V block, dV, dS_prev)``."""
+    """One chunk of the reverse sweep: ``(dK partial over this V block, dV, dS_prev)``
+    (per-channel decay columns: :func:`_dkv_chunk_channel`)."""
+    if bcol.shape[-1] != 1:
+        return _dkv_chunk_channel(q, k, v, do, bcol, scol, bC, sC, dS, scale=scale, causal=causal, cdt=cdt, acc=acc)
     C = q.shape[0]
     qs = (q.astype(acc) * scale).astype(cdt)
     gamma, lam, Gam = _decays(bcol, scol, bC, sC)
@@ -330,15 +335,146 @@ def _dkv_chunk(q, k, v, do, bcol, scol, bC, sC, dS, *, scale, causal, cdt, acc):
     return dk, dv, dS
 
 
+# --------------------------------------------------------------------------- per-channel chunk math
+#
+# A per-channel log-decay (GLA, Yang et al., 2023, "Gated Linear Attention Transformers with
+# Hardware-Efficient Training", §4) gives every key channel κ its own cumulative log-decay
+# b_iκ, so the intra-chunk scores P_ij = [j ≤ i] Σ_κ q_iκ k_jκ exp(b_iκ − b_jκ) are no longer
+# one mask on Q Kᵀ. The kernels never factorise exp(b_i − b_j) as exp(b_i)·exp(−b_j)
+# (exp(−b) overflows along the chunk): the per-channel causal kernels run chunks of
+# PER_CHANNEL_CHUNK tokens, so every factor across chunks goes through the state with the
+# chunk boundary as its reference point (γ = exp(b_i), λ = exp(b_C − b_j), Γ = exp(b_C), all
+# exponents ≤ 0), and inside a chunk P is built one key column at a time with the exact,
+# masked-before-exp exponentials exp(b_iκ − b_jκ), i ≥ j in the same segment of channel κ
+# (the diagonal sub-chunk blocks of tttla_jax.ops.chunk.decayed_gram). Cuts (log-decay ≤
+# −cut_threshold, −inf included) are per channel: the segment columns mask them, no
+# exp(−inf − (−inf)). Only 2-D tensors, iotas, masked sums and dots: lowers on Triton and Mosaic.
+
+PER_CHANNEL_CHUNK = 16
+
+
+def _row(x, j):
+    """Row ``j`` (traced) of a ``[C, n]`` value as ``[1, n]``, by a masked sum (exact: the other
+    rows add 0; no dynamic slice of a value, which Triton cannot lower)."""
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(rows == j, x, 0.0), axis=0, keepdims=True)
+
+
+def _col(x, j):
+    """Column ``j`` (traced) of a ``[C, n]`` value as ``[C, 1]``."""
+    cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _row_to_col(r):
+    """A ``[1, K]`` row as a ``[K, 1]`` column (read off the diagonal, as :func:`_decay_mask`)."""
+    K = r.shape[1]
+    eye = lax.broadcasted_iota(jnp.int32, (K, K), 0) == lax.broadcasted_iota(jnp.int32, (K, K), 1)
+    return jnp.sum(jnp.where(eye, r, 0.0), axis=1, keepdims=True)
+
+
+def _channel_decays(c, s, cC, sC):
+    """Per channel, cut-aware: ``γ = exp(b)``, ``λ = exp(b_C − b)`` ``[C, K]`` and ``Γ`` as a
+    ``[K, 1]`` column (it scales the state's rows) from the columns ``c, s [C, K]`` and their
+    last rows ``cC, sC [1, K]`` (:func:`tttla_jax.ops.chunk.channel_decays`)."""
+    gamma = jnp.where(s == 0, jnp.exp(c), 0.0)
+    same = s == sC
+    lam = jnp.where(same, jnp.exp(jnp.where(same, cC - c, 0.0)), 0.0)
+    Gam = jnp.where(sC == 0, jnp.exp(cC), 0.0)
+    return gamma, lam, _row_to_col(Gam)
+
+
+def _column_decay(c, s, j):
+    """``E_iκ = exp(b_iκ − b_jκ)`` for rows ``i ≥ j`` in the same segment of channel κ, else 0
+    (``[C, K]``; masked before the exponential: every exponent evaluated is ≤ 0)."""
+    rows = lax.broadcasted_iota(jnp.int32, c.shape, 0)
+    m = (rows >= j) & (s == _row(s, j))
+    return jnp.where(m, jnp.exp(jnp.where(m, c - _row(c, j), 0.0)), 0.0)
+
+
+def _channel_scores(qs, ka, c, s, dP=None):
+    """``P [C, C]`` (``P_ij = Σ_κ q_iκ k_jκ E^{(j)}_iκ``, one key column per step) and, given
+    ``dP [C, C]``, also ``dK`` of the intra term ``dk_j = Σ_i dP_ij q_i ⊙ E^{(j)}_i`` ``[C, K]``."""
+    C, K = qs.shape
+    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    krows = lax.broadcasted_iota(jnp.int32, (C, K), 0)
+
+    def body(j, carry):
+        P, dk = carry
+        qE = qs * _column_decay(c, s, j)
+        P = jnp.where(cols == j, jnp.sum(qE * _row(ka, j), axis=1, keepdims=True), P)
+        if dP is not None:
+            dk = jnp.where(krows == j, jnp.sum(_col(dP, j) * qE, axis=0, keepdims=True), dk)
+        return P, dk
+
+    return lax.fori_loop(jnp.int32(0), jnp.int32(C), body, (jnp.zeros((C, C), qs.dtype), jnp.zeros((C, K), qs.dtype)))
+
+
+def _fwd_chunk_channel(q, k, v, c, s, cC, sC, S, *, scale, causal, cdt, acc):
+    """:func:`_fwd_chunk` with a per-channel log-decay (``c, s [C, K]``):
+    ``O = P V + (γ ⊙ Q) S`` (causal) or ``Q S`` (chunk), ``S ← Γ ⊙ S + (λ ⊙ K)ᵀ V``."""
+    qs = q.astype(acc) * scale
+    ka = k.astype(acc)
+    gamma, lam, Gam = _channel_decays(c, s, cC, sC)
+    if causal:
+        P, _ = _channel_scores(qs, ka, c, s)
+        o = _dot(P.astype(cdt), v, acc) + _dot((qs * gamma).astype(cdt), S.astype(cdt), acc)
+    else:
+        o = _dot(qs.astype(cdt), S.astype(cdt), acc)
+    S = Gam * S + _dot((ka * lam).astype(cdt), v, acc, ta=True)
+    return o, S
+
+
+def _dq_chunk_channel(k, v, do, c, s, cC, sC, S, *, scale, causal, cdt, acc):
+    """The dQ sweep of the per-channel kernel (forward order, carrying the forward state):
+    ``dQ̃ = γ ⊙ (dO Sᵀ) + Σ_j dP_{:j} k_j ⊙ E^{(j)}`` w.r.t. the scaled queries, over this value
+    block (``dP = dO Vᵀ``), and the next state. ``masking="chunk"``: ``dQ̃ = dO Sᵀ``."""
+    del scale
+    ka = k.astype(acc)
+    gamma, lam, Gam = _channel_decays(c, s, cC, sC)
+    dq = _dot(do, S.astype(cdt), acc, tb=True)
+    if causal:
+        dP = _dot(do, v, acc, tb=True)
+        dq = dq * gamma
+
+        def body(j, dq):
+            return dq + _col(dP, j) * _row(ka, j) * _column_decay(c, s, j)
+
+        dq = lax.fori_loop(jnp.int32(0), jnp.int32(ka.shape[0]), body, dq)  # int32 index under x64 too
+    S = Gam * S + _dot((ka * lam).astype(cdt), v, acc, ta=True)
+    return dq, S
+
+
+def _dkv_chunk_channel(q, k, v, do, c, s, cC, sC, dS, *, scale, causal, cdt, acc):
+    """:func:`_dkv_chunk` with a per-channel log-decay: ``dV = Pᵀ dO + (λ ⊙ K) dS``,
+    ``dK = (intra, :func:`_channel_scores`) + λ ⊙ (V dSᵀ)``, ``dS ← Γ ⊙ dS + (γ ⊙ Q̃)ᵀ dO``."""
+    qs = q.astype(acc) * scale
+    ka = k.astype(acc)
+    gamma, lam, Gam = _channel_decays(c, s, cC, sC)
+    dSc = dS.astype(cdt)
+    dv = _dot((ka * lam).astype(cdt), dSc, acc)
+    dk = _dot(v, dSc, acc, tb=True) * lam
+    if causal:
+        P, dki = _channel_scores(qs, ka, c, s, _dot(do, v, acc, tb=True))
+        dv = dv + _dot(P.astype(cdt), do, acc, ta=True)
+        dk = dk + dki
+        qg = qs * gamma
+    else:
+        qg = qs
+    dS = Gam * dS + _dot(qg.astype(cdt), do, acc, ta=True)
+    return dk, dv, dS
+
+
 # --------------------------------------------------------------------------- GPU (Triton)
 
 
-def _gpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, *, C, N, scale, causal, cdt, acc):
+def _gpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, *, C, N, scale, causal, cdt, acc,
+                    chunk_fn=None):
     def body(c, S):
         t0 = pl.multiple_of(c * C, C)
         sl = pl.ds(t0, C)
         end = pl.ds(t0 + C - 1, 1)
-        o, S = _fwd_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
+        o, S = (chunk_fn or _fwd_chunk)(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
                           b_ref[end, :], sg_ref[end, :], S,
                           scale=scale, causal=causal, cdt=cdt, acc=acc)
         o_ref[sl, :] = o.astype(o_ref.dtype)
@@ -365,7 +501,8 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, sg_ref, dst_ref, dk_ref,
 # --------------------------------------------------------------------------- TPU (Mosaic)
 
 
-def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, causal, cdt, acc):
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, s_scr, *, N, scale, causal, cdt, acc,
+                    chunk_fn=None):
     c = pl.program_id(3)
 
     @pl.when(c == 0)
@@ -373,7 +510,7 @@ def _tpu_fwd_kernel(q_ref, k_ref, v_ref, b_ref, sg_ref, s0_ref, o_ref, st_ref, s
         s_scr[...] = s0_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    o, S = _fwd_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
+    o, S = (chunk_fn or _fwd_chunk)(q_ref[...], k_ref[...], v_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
                       sg_ref[C - 1:C, :], s_scr[...],
                       scale=scale, causal=causal, cdt=cdt, acc=acc)
     o_ref[...] = o.astype(o_ref.dtype)
@@ -466,57 +603,77 @@ def _acc(dtype):
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _fwd_call(backend, interp, q, k, v, b, sg, S0, *, scale, cfg, out_dtype):
+def _fwd_call(backend, interp, q, k, v, b, sg, S0, *, scale, cfg, out_dtype, dq=False):
     """``(O [B, H, Tp, V] in out_dtype, S_T [B, H, K, V] in acc)`` with the chosen backend;
-    ``b`` / ``sg`` the cut-aware cumulative log-decay and segment columns (:func:`_cum_decay`)."""
+    ``b`` / ``sg`` the cut-aware cumulative log-decay and segment columns (:func:`_cum_decay`:
+    ``[..., 1]`` per head, ``[..., K]`` per channel).
+
+    ``dq=True`` (per-channel decay): the dQ sweep (:func:`_dq_chunk_channel`) on ``(k, v, dO)``
+    in the places of ``(q, k, v)``: returns ``(dQ̃ [B, H, Tp, K] in acc, S_T)``, summed over
+    value blocks."""
     B, H, Tp, K = q.shape
     V = v.shape[-1]
+    nb = b.shape[-1]
     C = cfg.C
     N = Tp // C
     cdt = q.dtype
     acc = _acc(cdt)
     out_shape = (jax.ShapeDtypeStruct((B, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), acc))
-    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc)
+    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc, chunk_fn=_dq_chunk_channel if dq else None)
     if backend == "gpu":
         bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        nvb = V // bv
         full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
         vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
         sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n: (i, j, 0, n))
-        return pl.pallas_call(
+        if dq:
+            out_shape = (jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), out_shape[1])
+            oblk = pl.BlockSpec((None, None, None, Tp, K), lambda i, j, n: (n, i, j, 0, 0))
+        else:
+            oblk = vblk
+        o, S = pl.pallas_call(
             functools.partial(_gpu_fwd_kernel, C=C, N=N, **kw),
             out_shape=out_shape,
-            grid=(B, H, V // bv),
-            in_specs=[full(K), full(K), vblk, full(1), full(1), sblk],
-            out_specs=(vblk, sblk),
+            grid=(B, H, nvb),
+            in_specs=[full(K), vblk if dq else full(K), vblk, full(nb), full(nb), sblk],
+            out_specs=(oblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
-            cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+            cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, False),
             interpret=bool(interp),
-            name="tttla_linear_attention_fwd_triton",
+            name="tttla_linear_attention_dq_triton" if dq else "tttla_linear_attention_fwd_triton",
         )(q, k, v, b, sg, S0)
+        return (jnp.sum(o, axis=0) if dq else o), S
     if jnp.dtype(cdt) == jnp.float16:  # Mosaic has no float16 vector loads on v5e: compute in float32
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         cdt = jnp.float32
         kw["cdt"] = cdt
-    f16_out = jnp.dtype(out_dtype) == jnp.float16
+    f16_out = jnp.dtype(out_dtype) == jnp.float16 and not dq
     if f16_out:
         out_shape = (jax.ShapeDtypeStruct((B, H, Tp, V), jnp.float32), out_shape[1])
     bv = cfg.block_sizes.tpu(K, V)
-    rev = lambda c: c  # noqa: E731
-    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, rev(c), 0))  # noqa: E731
-    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, rev(c), n))
+    nvb = V // bv
+    tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c: (i, j, c, 0))  # noqa: E731
+    vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c: (i, j, c, n))
     sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c: (i, j, 0, n))
+    if dq:
+        out_shape = (jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), out_shape[1])
+        oblk = pl.BlockSpec((None, None, None, C, K), lambda i, j, n, c: (n, i, j, c, 0))
+    else:
+        oblk = vblk
     o, S = pl.pallas_call(
         functools.partial(_tpu_fwd_kernel, N=N, **kw),
         out_shape=out_shape,
-        grid=(B, H, V // bv, N),
-        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), sblk],
-        out_specs=(vblk, sblk),
+        grid=(B, H, nvb, N),
+        in_specs=[tok(K), vblk if dq else tok(K), vblk, tok(nb), tok(nb), sblk],
+        out_specs=(oblk, sblk),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)],
         compiler_params=_tpu_params(cfg, K, V, bv, cdt),
-        cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+        cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, False),
         interpret=interp or False,
-        name="tttla_linear_attention_fwd_mosaic",
+        name="tttla_linear_attention_dq_mosaic" if dq else "tttla_linear_attention_fwd_mosaic",
     )(q, k, v, b, sg, S0)
+    if dq:
+        return jnp.sum(o, axis=0), S
     return (o.astype(out_dtype) if f16_out else o), S
 
 
@@ -541,7 +698,7 @@ def _dkv_call(backend, interp, q, k, v, do, b, sg, dST, *, scale, cfg):
             out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
                        jax.ShapeDtypeStruct((B, H, K, V), acc)),
             grid=(B, H, nvb),
-            in_specs=[full(K), full(K), vblk, vblk, full(1), full(1), sblk],
+            in_specs=[full(K), full(K), vblk, vblk, full(b.shape[-1]), full(b.shape[-1]), sblk],
             out_specs=(dkblk, vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(B * H, N, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
@@ -565,7 +722,7 @@ def _dkv_call(backend, interp, q, k, v, do, b, sg, dST, *, scale, cfg):
         out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
                    jax.ShapeDtypeStruct((B, H, K, V), acc)),
         grid=(B, H, nvb, N),
-        in_specs=[tok(K), tok(K), vblk, vblk, tok(1), tok(1), sblk],
+        in_specs=[tok(K), tok(K), vblk, vblk, tok(b.shape[-1]), tok(b.shape[-1]), sblk],
         out_specs=(dkblk, vblk, sblk),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)],
         compiler_params=_tpu_params(cfg, K, V, bv, cdt),
@@ -612,9 +769,29 @@ def _dispatch(call, cfg, *args, **kw):
 def _cum_decay(g, C, Tp):
     """In-chunk cut-aware inclusive cumulative log-decay and segment index
     (:func:`tttla_jax.ops.chunk.cumsum_in_chunks`), two columns ``[B, H, Tp, 1]`` (accumulation
-    dtype): exact for log-decays in ``[−inf, 0]``."""
+    dtype): exact for log-decays in ``[−inf, 0]``. A per-channel ``g [B, T, H, K]`` gives
+    ``[B, H, Tp, K]`` (each channel its own cumulative sum and cuts)."""
+    if g.ndim == 4:
+        B, T, H, K = g.shape
+        c, s = _chunk.cumsum_in_chunks(g.reshape(B, T, H * K), C)
+        return tuple(_chunk.heads_major(x.reshape(B, -1, H, K), Tp) for x in (c, s))
     c, s = _chunk.cumsum_in_chunks(g, C)
     return _chunk.heads_major(c, Tp)[..., None], _chunk.heads_major(s, Tp)[..., None]
+
+
+def _channel_dB(qh, dqs, kh, dk, scale, causal, first, acc):
+    """Per-channel ``∂L/∂B_tκ = q̃_tκ dq̃_tκ − k_tκ dk_tκ`` ``[B, H, Tp, K]`` (every term depends on
+    the channel's cumulative log-decay through ``exp(B_query,κ − B_key,κ)``); ``masking="chunk"``:
+    the query term of chunk c lands on the last token of chunk c − 1, none across a ``first``
+    chunk (a sequence start, packed) or before chunk 0."""
+    qdq = qh.astype(acc) * scale * dqs
+    if not causal:
+        B, H, Tp, K = qdq.shape
+        C = Tp // first.shape[0]
+        per_chunk = jnp.sum(qdq.reshape(B, H, -1, C, K), axis=3)  # [B, H, N, K]
+        shifted = jnp.where(first[1:, None], 0.0, per_chunk[:, :, 1:])
+        qdq = jnp.zeros((B, H, Tp // C, C, K), acc).at[:, :, :-1, C - 1].set(shifted).reshape(B, H, Tp, K)
+    return qdq - kh.astype(acc) * dk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -645,6 +822,8 @@ def _la_bwd(scale, cfg, res, cts):
     b, sg = _cum_decay(ga, C, Tp)
     qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
     dST = dST.astype(acc)
+    if ga.ndim == 4:
+        return _la_channel_bwd(scale, cfg, q, k, v, g, S0, S_T, qh, kh, vh, doh, b, sg, dST)
     # dQ (w.r.t. the scaled query): the forward kernel on the transposed process (dO, V, K; S_0ᵀ).
     # Its value dim is K: BlockSizes.block_v_* tile V, so this pass uses the platform defaults.
     cfg_dq = dataclasses.replace(cfg, block_sizes=dataclasses.replace(
@@ -672,6 +851,27 @@ def _la_bwd(scale, cfg, res, cts):
             jnp.swapaxes(dg, 1, 2).astype(g.dtype), dS0.astype(S0.dtype))
 
 
+def _la_channel_bwd(scale, cfg, q, k, v, g, S0, S_T, qh, kh, vh, doh, b, sg, dST):
+    """:func:`_la_bwd` for a per-channel log-decay: the dQ sweep is its own kernel
+    (:func:`_dq_chunk_channel`; the transposed process would carry the decay on its value dim),
+    the reverse sweep is :func:`_dkv_chunk_channel`, and the log-decay gradient is the
+    per-channel identity (:func:`_channel_dB`) with per-channel cuts."""
+    B, T, H, K = q.shape
+    Tp = qh.shape[2]
+    acc = _acc(q.dtype)
+    dqs, _ = _dispatch(_fwd_call, cfg, kh, vh, doh, b, sg, S0.astype(acc), scale=scale, out_dtype=acc, dq=True)
+    dk, dv, dS0 = _dispatch(_dkv_call, cfg, qh, kh, vh, doh, b, sg, dST, scale=scale)
+    first = jnp.arange(Tp // cfg.C) == 0
+    dB = _channel_dB(qh, dqs, kh, dk, scale, cfg.causal, first, acc)[:, :, :T]
+    dB = dB.at[:, :, -1].add(jnp.sum(S_T * dST, axis=-1))  # <S_T, dS_T> per key channel (row)
+    cut = jnp.swapaxes(g.astype(acc) <= -_chunk.cut_threshold(acc), 1, 2)  # [B, H, T, K]
+    dg = _chunk.segmented_reverse_cumsum(dB, cut, axis=2)
+    dq = _chunk.from_heads_major(dqs * scale, T)
+    return (dq.astype(q.dtype), _chunk.from_heads_major(dk, T).astype(k.dtype),
+            _chunk.from_heads_major(dv, T).astype(v.dtype), jnp.swapaxes(dg, 1, 2).astype(g.dtype),
+            dS0.astype(S0.dtype))
+
+
 _la.defvjp(_la_fwd, _la_bwd)
 
 
@@ -690,7 +890,7 @@ FIRST, END = 1, 2
 
 
 def _gpu_fwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, b_ref, sg_ref, h0_ref, o_ref, sf_ref, *,
-                           C, N, scale, causal, cdt, acc):
+                           C, N, scale, causal, cdt, acc, chunk_fn=None):
     def body(c, S):
         n = cs_ref[c]
         f = cf_ref[c]
@@ -698,7 +898,7 @@ def _gpu_fwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, b_ref, sg_ref, h
         t0 = pl.multiple_of(c * C, C)
         sl = pl.ds(t0, C)
         end = pl.ds(t0 + C - 1, 1)
-        o, S = _fwd_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
+        o, S = (chunk_fn or _fwd_chunk)(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
                           b_ref[end, :], sg_ref[end, :], S, scale=scale, causal=causal, cdt=cdt, acc=acc)
         o_ref[sl, :] = o.astype(o_ref.dtype)
 
@@ -737,7 +937,7 @@ def _gpu_dkv_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, do_ref, b_ref, s
 
 
 def _tpu_fwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, b_ref, sg_ref, h0_ref, o_ref, sf_ref, s_scr, *,
-                           scale, causal, cdt, acc):
+                           scale, causal, cdt, acc, chunk_fn=None):
     del cs_ref  # used by the index maps
     c = pl.program_id(3)
 
@@ -746,7 +946,7 @@ def _tpu_fwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, b_ref, sg_ref, h
         s_scr[...] = h0_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    o, S = _fwd_chunk(q_ref[...], k_ref[...], v_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
+    o, S = (chunk_fn or _fwd_chunk)(q_ref[...], k_ref[...], v_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
                       sg_ref[C - 1:C, :], s_scr[...], scale=scale, causal=causal, cdt=cdt, acc=acc)
     o_ref[...] = o.astype(o_ref.dtype)
     s_scr[...] = S
@@ -777,59 +977,76 @@ def _tpu_dkv_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, do_ref, b_ref, s
     dh0_ref[...] = dS.astype(dh0_ref.dtype)  # last write in reverse order: the sequence's first chunk
 
 
-def _fwd_packed_call(backend, interp, cs, cf, q, k, v, b, sg, h0, *, scale, cfg, out_dtype):
+def _fwd_packed_call(backend, interp, cs, cf, q, k, v, b, sg, h0, *, scale, cfg, out_dtype, dq=False):
     """Packed forward: ``(O [1, H, Tp, V], S_final [Ns, H, K, V])`` (final states of empty
-    sequences are not written: the caller takes ``h0`` for them)."""
+    sequences are not written: the caller takes ``h0`` for them). ``dq=True``: the per-channel
+    dQ sweep on ``(k, v, dO)`` as in :func:`_fwd_call`."""
     _, H, Tp, K = q.shape
     V = v.shape[-1]
+    nb = b.shape[-1]
     Ns = h0.shape[0]
     C = cfg.C
     Nc = Tp // C
     cdt = q.dtype
     acc = _acc(cdt)
     out_shape = (jax.ShapeDtypeStruct((1, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((Ns, H, K, V), acc))
-    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc)
+    kw = dict(scale=scale, causal=cfg.causal, cdt=cdt, acc=acc, chunk_fn=_dq_chunk_channel if dq else None)
     if backend == "gpu":
         bv, nw, ns = cfg.block_sizes.gpu(K, V)
+        nvb = V // bv
         ints = pl.BlockSpec((Nc,), lambda i, j, n: (0,))
         full = lambda d: pl.BlockSpec((None, None, Tp, d), lambda i, j, n: (i, j, 0, 0))  # noqa: E731
         vblk = pl.BlockSpec((None, None, Tp, bv), lambda i, j, n: (i, j, 0, n))
         sblk = pl.BlockSpec((Ns, None, K, bv), lambda i, j, n: (0, j, 0, n))
-        return pl.pallas_call(
+        if dq:
+            out_shape = (jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), out_shape[1])
+            oblk = pl.BlockSpec((None, None, None, Tp, K), lambda i, j, n: (n, i, j, 0, 0))
+        else:
+            oblk = vblk
+        o, S = pl.pallas_call(
             functools.partial(_gpu_fwd_packed_kernel, C=C, N=Nc, **kw),
             out_shape=out_shape,
-            grid=(1, H, V // bv),
-            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), sblk],
-            out_specs=(vblk, sblk),
+            grid=(1, H, nvb),
+            in_specs=[ints, ints, full(K), vblk if dq else full(K), vblk, full(nb), full(nb), sblk],
+            out_specs=(oblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
-            cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+            cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, False),
             interpret=bool(interp),
-            name="tttla_linear_attention_packed_fwd_triton",
+            name="tttla_linear_attention_packed_dq_triton" if dq else "tttla_linear_attention_packed_fwd_triton",
         )(cs, cf, q, k, v, b, sg, h0)
+        return (jnp.sum(o, axis=0) if dq else o), S
     if jnp.dtype(cdt) == jnp.float16:  # as _fwd_call
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
         cdt = jnp.float32
         kw["cdt"] = cdt
-    f16_out = jnp.dtype(out_dtype) == jnp.float16
+    f16_out = jnp.dtype(out_dtype) == jnp.float16 and not dq
     if f16_out:
         out_shape = (jax.ShapeDtypeStruct((1, H, Tp, V), jnp.float32), out_shape[1])
     bv = cfg.block_sizes.tpu(K, V)
+    nvb = V // bv
     tok = lambda d: pl.BlockSpec((None, None, C, d), lambda i, j, n, c, cs, cf: (i, j, c, 0))  # noqa: E731
     vblk = pl.BlockSpec((None, None, C, bv), lambda i, j, n, c, cs, cf: (i, j, c, n))
     sblk = pl.BlockSpec((None, None, K, bv), lambda i, j, n, c, cs, cf: (cs[c], j, 0, n))
+    if dq:
+        out_shape = (jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), out_shape[1])
+        oblk = pl.BlockSpec((None, None, None, C, K), lambda i, j, n, c, cs, cf: (n, i, j, c, 0))
+    else:
+        oblk = vblk
     o, S = pl.pallas_call(
         functools.partial(_tpu_fwd_packed_kernel, **kw),
         out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(1, H, V // bv, Nc),
-            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), sblk],
-            out_specs=(vblk, sblk),
+            num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
+            in_specs=[tok(K), vblk if dq else tok(K), vblk, tok(nb), tok(nb), sblk],
+            out_specs=(oblk, sblk),
             scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
         compiler_params=_tpu_params(cfg, K, V, bv, cdt),
-        cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, V // bv, jnp.dtype(cdt).itemsize, False),
+        cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, False),
         interpret=interp or False,
-        name="tttla_linear_attention_packed_fwd_mosaic",
+        name="tttla_linear_attention_packed_dq_mosaic" if dq else "tttla_linear_attention_packed_fwd_mosaic",
     )(cs, cf, q, k, v, b, sg, h0)
+    if dq:
+        return jnp.sum(o, axis=0), S
     return (o.astype(out_dtype) if f16_out else o), S
 
 
@@ -856,7 +1073,7 @@ def _dkv_packed_call(backend, interp, cs, cf, q, k, v, do, b, sg, dSF, *, scale,
             out_shape=(jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), jax.ShapeDtypeStruct((1, H, Tp, V), acc),
                        jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
             grid=(1, H, nvb),
-            in_specs=[ints, ints, full(K), full(K), vblk, vblk, full(1), full(1), sblk],
+            in_specs=[ints, ints, full(K), full(K), vblk, vblk, full(b.shape[-1]), full(b.shape[-1]), sblk],
             out_specs=(dkblk, vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(H, Nc, K, V, C, cfg.causal, nvb, jnp.dtype(cdt).itemsize, True),
@@ -881,7 +1098,7 @@ def _dkv_packed_call(backend, interp, cs, cf, q, k, v, do, b, sg, dSF, *, scale,
                    jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
-            in_specs=[tok(K), tok(K), vblk, vblk, tok(1), tok(1), sblk],
+            in_specs=[tok(K), tok(K), vblk, vblk, tok(b.shape[-1]), tok(b.shape[-1]), sblk],
             out_specs=(dkblk, vblk, sblk),
             scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
         compiler_params=_tpu_params(cfg, K, V, bv, cdt),
@@ -954,6 +1171,8 @@ def _la_packed_bwd(scale, cfg, res, cts):
     dSF = dSF.astype(acc)
     b, sg = _cum_decay(ga, C, Tp)
     qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
+    if ga.ndim == 4:
+        return _la_packed_channel_bwd(scale, cfg, q, k, v, g, h0, cs, cf, last, SF, qh, kh, vh, doh, b, sg, dSF)
     cfg_dq = dataclasses.replace(cfg, block_sizes=dataclasses.replace(
         cfg.block_sizes, block_v_gpu=None, block_v_tpu=None))
     dqs, _ = _dispatch(_fwd_packed_call, cfg_dq, cs, cf, doh, vh, kh, b, sg, jnp.swapaxes(h0, -1, -2),
@@ -983,6 +1202,27 @@ def _la_packed_bwd(scale, cfg, res, cts):
             dh0, None, None, None)
 
 
+def _la_packed_channel_bwd(scale, cfg, q, k, v, g, h0, cs, cf, last, SF, qh, kh, vh, doh, b, sg, dSF):
+    """:func:`_la_packed_bwd` for a per-channel log-decay (as :func:`_la_channel_bwd`, per sequence)."""
+    Tp = q.shape[1]
+    C = cfg.C
+    acc = _acc(q.dtype)
+    dqs, _ = _dispatch(_fwd_packed_call, cfg, cs, cf, kh, vh, doh, b, sg, h0, scale=scale, out_dtype=acc, dq=True)
+    dk, dv, dh0 = _dispatch(_dkv_packed_call, cfg, cs, cf, qh, kh, vh, doh, b, sg, dSF, scale=scale)
+    dh0 = jnp.where((last >= 0)[:, None, None, None], dh0, dSF)
+    first = (cf & FIRST) != 0
+    dB = _channel_dB(qh, dqs, kh, dk, scale, cfg.causal, first, acc)  # [1, H, Tp, K]
+    st = jnp.where((last >= 0)[:, None, None], jnp.sum(SF * dSF, axis=-1), 0.0)  # [Ns, H, K]
+    dB = dB.at[:, :, jnp.maximum(last, 0) * C + C - 1, :].add(jnp.moveaxis(st, 0, 1)[None])
+    dB = jnp.moveaxis(dB, 2, 3)  # [1, H, K, Tp]
+    cut = jnp.transpose(g.astype(acc) <= -_chunk.cut_threshold(acc), (0, 2, 3, 1))  # [1, H, K, Tp]
+    seq_end = (((cf & END) != 0)[:, None] & (jnp.arange(C) == C - 1)[None]).reshape(Tp)
+    stop = seq_end | jnp.concatenate([cut[..., 1:], jnp.zeros_like(cut[..., :1])], -1)
+    dg = jnp.transpose(jnp.where(cut, 0.0, _reverse_cumsum_stops(dB, stop)), (0, 3, 1, 2))  # [1, Tp, H, K]
+    return (_chunk.from_heads_major(dqs * scale, Tp).astype(q.dtype), _chunk.from_heads_major(dk, Tp).astype(k.dtype),
+            _chunk.from_heads_major(dv, Tp).astype(v.dtype), dg.astype(g.dtype), dh0, None, None, None)
+
+
 _la_packed.defvjp(_la_packed_fwd, _la_packed_bwd)
 
 
@@ -990,7 +1230,8 @@ _la_packed.defvjp(_la_packed_fwd, _la_packed_bwd)
 
 
 def _check_per_channel(q, log_decay) -> None:
-    """A per-channel log-decay ``[B, T, H, K]`` gets the kernels' reason, not a shape error."""
+    """A per-channel log-decay ``[B, T, H, K]`` gets the kernels' reason, not a shape error
+    (the delta-rule kernel; the linear-attention kernel takes it)."""
     if log_decay is not None and jnp.ndim(log_decay) == 4 and jnp.shape(log_decay) == jnp.shape(q):
         raise ValueError(f"impl='pallas': {PER_CHANNEL_REASON}")
 
@@ -1064,7 +1305,9 @@ def linear_attention(
         :func:`padded_dim`).
       scale: query scale (default ``K ** -0.5``): a Python, NumPy or JAX real scalar; a scale
         traced under ``jit`` is folded into the queries (``q·scale`` in q's dtype).
-      log_decay: optional ``[B, T, H]`` log-decay ``g``.
+      log_decay: optional log-decay ``g``: ``[B, T, H]`` (one per head) or ``[B, T, H, K]``
+        (one per key channel, GLA: ``S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t``; ``masking="causal"``
+        then runs :data:`PER_CHANNEL_CHUNK`-token chunks whatever ``chunk_size``).
       initial_state: optional ``[B, H, K, V]`` state ``S_0``.
       output_final_state: also return ``S_T`` (float32; float64 for float64 inputs).
       masking: ``"causal"`` or ``"chunk"``.
@@ -1090,9 +1333,9 @@ def linear_attention(
       ValueError: at trace time for bad shapes or an unsupported masking/dtype/head dim/chunk
         (the argument checks are :func:`tttla_jax._checks.check_qkv`, shared with the ops).
     """
-    _check_per_channel(q, log_decay)
     B, T, H, K, V, Ns = _checks.check_qkv(q, k, v, gates={"log_decay": log_decay}, initial_state=initial_state,
-                                          cu_seqlens=cu_seqlens, same_dtype=True)
+                                          cu_seqlens=cu_seqlens, same_dtype=True, channel_gates=("log_decay",))
+    channel = log_decay is not None and jnp.ndim(log_decay) == 4
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _check_interpret(interpret)
@@ -1101,7 +1344,9 @@ def linear_attention(
     if reason is not None:
         raise ValueError(f"impl='pallas': {reason}")
     Kp, Vp = padded_dim(K), padded_dim(V)
-    if masking == "causal":
+    if masking == "causal" and channel:
+        C = PER_CHANNEL_CHUNK  # the chunk boundary is every factorised exponential's reference point
+    elif masking == "causal":
         C = chunk_size if chunk_size in CHUNK_SIZES else DEFAULT_CAUSAL_CHUNK
         C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     else:
@@ -1115,6 +1360,8 @@ def linear_attention(
     S0 = jnp.zeros((Ns, H, K, V), acc) if initial_state is None else initial_state
     q, scale = _static_scale(q, K, scale)
     q, k, v, S0 = pad_head_dims(q, k, v, S0, Kp, Vp)
+    if channel and Kp != K:  # padded key channels: log-decay 0 (their q, k and state rows are 0)
+        g = jnp.pad(g, [(0, 0)] * 3 + [(0, Kp - K)])
     if cu_seqlens is None:
         o, S = _la(q, k, v, g, S0, scale, cfg)
     else:

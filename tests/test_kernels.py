@@ -456,10 +456,98 @@ def test_packed_and_padded_contract():
     with pytest.raises(ValueError, match=r"cu_seqlens: expected to start at 0 and end at T = 6"):
         kernel_la(q, k, v, cu_seqlens=jnp.asarray([0, 2, 5], jnp.int32), interpret="gpu")
     with pytest.raises(ValueError, match=r"per-channel log_decay \[B, T, H, K\] is not supported"):
-        kernel_la(q, k, v, log_decay=jnp.zeros(q.shape, jnp.float32), interpret="gpu")
-    assert "per-channel" in unsupported_reason(jnp.float32, "causal", 64, 64, per_channel_decay=True)
+        kernel_dr(q, k, v, jax.nn.sigmoid(g), log_decay=jnp.zeros(q.shape, jnp.float32), interpret="gpu")
+    from tttla_jax.kernels import PER_CHANNEL_GATES, delta_rule_unsupported_reason
+    assert PER_CHANNEL_GATES == ("linear_attention",)
+    assert unsupported_reason(jnp.float32, "causal", 64, 64, per_channel_decay=True) is None
+    assert "per-channel" in delta_rule_unsupported_reason(jnp.float32, 64, 64, per_channel_decay=True)
+    with pytest.raises(ValueError, match=r"log_decay: expected shape \[B, T, H\] = \(1, 6, 1\), got \(1, 6, 1, 8\); "
+                                         r"or, one value per key channel, \[B, T, H, K\] = \(1, 6, 1, 16\)"):
+        kernel_la(q, k, v, log_decay=jnp.zeros((1, 6, 1, 8), jnp.float32), interpret="gpu")
     assert unsupported_reason(jnp.float32, "causal", 48, 200) is None
     assert "K = 8 is not supported (expected 16 <= K <= 256" in unsupported_reason(jnp.float32, "causal", 8, 64)
     assert "V = 257" in unsupported_reason(jnp.float32, "causal", 64, 257)
     from tttla_jax.kernels import padded_dim
     assert [padded_dim(d) for d in (16, 17, 48, 96, 129, 200, 256)] == [16, 32, 64, 128, 256, 256, 256]
+
+
+# --------------------------------------------------------------------------- per-channel gates (GLA)
+
+
+def channel_inputs(seed, T, H, K, V, N, dtype=jnp.float64):
+    """Packed-ready inputs with a per-channel log-decay ``[1, T, H, K]`` holding an ``-inf``
+    channel entry, a ``-1e30`` entry, a ``-1e6`` entry (cuts of one channel only) and a whole
+    ``-inf`` channel over a stretch of tokens."""
+    q, k, v, _, S0 = packed_inputs(seed, T, H, K, V, N, dtype)
+    rng = np.random.default_rng(seed + 7)
+    g = -rng.uniform(0.0, 0.6, size=(1, T, H, K))
+    g[0, 3, 0, 1] = -np.inf
+    g[0, 9, H - 1, 2] = -1e30
+    g[0, T - 2, 0, 0] = -1e6
+    g[0, 5:12, 0, K - 1] = -np.inf
+    return q, k, v, jnp.asarray(g, S0.dtype), S0
+
+
+# (interpret, masking, K, V, cu_seqlens): K, V in {32, 48} (48 is zero-padded to 64), packed
+# with an empty sequence, one shorter than a chunk and one spanning chunks; the default suite
+# runs the first, the rest are slow.
+CHANNEL_CASES = [
+    ("gpu", "causal", 48, 32, (0, 5, 5, 21, 37)),
+    pytest.param("tpu", "causal", 32, 48, (0, 5, 5, 21, 37), marks=pytest.mark.slow),
+    pytest.param("tpu", "chunk", 48, 32, (0, 17, 37), marks=pytest.mark.slow),
+    pytest.param("gpu", "chunk", 32, 48, (0, 3, 37, 37), marks=pytest.mark.slow),
+    pytest.param("gpu", "causal", 32, 32, None, marks=pytest.mark.slow),
+    pytest.param("tpu", "causal", 48, 48, None, marks=pytest.mark.slow),
+    pytest.param("tpu", "chunk", 32, 32, None, marks=pytest.mark.slow),
+    pytest.param("gpu", "chunk", 48, 48, None, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("interpret,masking,K,V,cu", CHANNEL_CASES)
+def test_float64_per_channel_gates(interpret, masking, K, V, cu):
+    """float64, 1e-10: the per-channel kernel (GLA: forward, dQ sweep, dK/dV sweep; per-channel
+    cuts) against the XLA chunked form on the same call — outputs, final states and every
+    gradient (q, k, v, the [B, T, H, K] log-decay, the initial states); the gradient at a cut
+    is exactly 0."""
+    N = 1 if cu is None else len(cu) - 1
+    args = channel_inputs(50 + K + V, 37, 2, K, V, N)
+    if cu is None:
+        kfn, cfn = kernel(masking, 16, interpret), chunked(masking, 16)
+    else:
+        kfn, cfn = packed_pair(masking, 16, interpret, cu)
+    got, want = eval_all(kfn, args), eval_all(cfn, args)
+    what = f"per-channel {interpret} {masking} K={K} V={V} cu={cu}"
+    assert_close(got[0], want[0], atol=1e-10, what=what + " outputs")
+    assert_close(got[1], want[1], atol=1e-10, what=what + " grads")
+    dg = got[1][3]
+    assert np.all(dg[np.asarray(args[3]) <= -1e6] == 0.0) and np.all(np.isfinite(dg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interpret", ["gpu", "tpu"])
+def test_float64_per_channel_matches_loop(interpret):
+    """The per-channel kernel against the float64 token loop (not only the chunked form), T not a
+    multiple of the 16-token chunk, two value blocks on the Triton-style kernel."""
+    args = channel_inputs(60, 21, 2, 32, 32, 1)
+    bs = BlockSizes(block_v_gpu=16)
+    got = eval_all(kernel("causal", 64, interpret, block_sizes=bs), args)
+    want = eval_all(loop("causal", 64), args)
+    assert_close(got[0], want[0], atol=1e-10, what=f"{interpret} per-channel vs loop outputs")
+    assert_close(got[1], want[1], atol=1e-10, what=f"{interpret} per-channel vs loop grads")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interpret", ["gpu", "tpu"])
+def test_float32_and_bfloat16_per_channel(interpret):
+    """float32 inputs at 1e-4 and bfloat16 at 3e-2 relative (as the per-head kernel) against the
+    float64 chunked form on the same (rounded) inputs, packed, two value blocks, per-channel cuts."""
+    cu = (0, 9, 30, 40)
+    for dtype, rel in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
+        q, k, v, g, S0 = channel_inputs(70, 40, 1, 64, 64, 3, jnp.float32)
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+        bs = BlockSizes(block_v_gpu=32)
+        kfn, cfn = packed_pair("causal", 16, interpret, cu, block_sizes=bs)
+        out, grads = eval_all(kfn, (q, k, v, g, S0))
+        out_r, grads_r = eval_all(cfn, to_f64((q, k, v, g, S0)))
+        assert_close(out, out_r, rel=rel, what=f"{dtype.__name__} per-channel outputs")
+        assert_close(grads, grads_r, rel=rel, what=f"{dtype.__name__} per-channel grads")

@@ -136,7 +136,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     for case in json.loads(sys.argv[1]):
         topo_name, dtype, K, V, kind, C, vmem, grad = case[:8]
         # optional extras: {"chip": a CHIP_TABLES key (its entry is the block sizes),
-        # "packed": N (N packed sequences through cu_seqlens)}
+        # "packed": N (N packed sequences through cu_seqlens), "channel": a [B, T, H, K] log-decay}
         extra = case[8] if len(case) > 8 else {}
         # kind: the masking of the linear-attention kernel, or "delta": the delta-rule kernel
         # (beta rides in the log_decay slot's shape);
@@ -162,7 +162,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
         B, T, H = (1 if Np else 2), 300, 2
         tok = lambda d, t=dt: jax.ShapeDtypeStruct((B, T, H, d), t, sharding=sh)
-        args = (tok(K), tok(K), tok(V), jax.ShapeDtypeStruct((B, T, H), jnp.float32, sharding=sh),
+        gshape = (B, T, H, K) if extra.get("channel") else (B, T, H)  # "channel": per-channel log-decay
+        args = (tok(K), tok(K), tok(V), jax.ShapeDtypeStruct(gshape, jnp.float32, sharding=sh),
                 jax.ShapeDtypeStruct((Np or B, H, K, V), jnp.float32, sharding=sh))
         if Np:
             args += (jax.ShapeDtypeStruct((Np + 1,), jnp.int32, sharding=sh),)
@@ -194,6 +195,8 @@ _COMPILE_CASES = [
     # a per-chip table entry (v5p: two 128-wide value blocks), head dims between the tiles
     # (zero-padded) and packed sequences (scalar-prefetched chunk tables), forward + backward
     ["v5p:2x2x1", "bfloat16", 96, 200, "causal", 64, None, True, {"chip": "tpu_v5p", "packed": 3}],
+    # per-channel log-decay [B, T, H, K] (GLA): forward, dQ and dK/dV kernels, packed
+    ["v6e:2x2", "bfloat16", 128, 128, "causal", 64, None, True, {"channel": True, "packed": 2}],
 ]
 # Every TPU entry of the per-chip tables (CHIP_TABLES), compiled on its chip, forward + backward
 # of the linear-attention kernel (causal; chunk masking on odd K) and the delta rule forward.
@@ -203,6 +206,11 @@ _TABLE_SWEEP = [[topo, "bfloat16", K, K, kind, 64, None, True, {"chip": chip}]
                 for kind in (("causal" if K % 64 else "chunk"), "delta")]
 _TABLE_SWEEP += [[topo, "bfloat16", 48, 200, kind, 64, None, True, {"chip": chip, "packed": 4}]
                  for chip, topo in TPU_TOPOLOGY.items() for kind in ("chunk", "delta")]
+# per-channel gates: every topology x dtype x head dim (tile and padded) x masking, forward + backward
+_CHANNEL_SWEEP = [[t, d, hd, hd, m, 64, None, True, {"channel": True}] for t in ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
+                  for d in ("bfloat16", "float16", "float32") for hd in (48, 128, 256) for m in ("causal", "chunk")]
+_CHANNEL_SWEEP += [[t, "bfloat16", 96, 200, m, 64, None, True, {"channel": True, "packed": 3, "chip": c}]
+                   for t, c in (("v5e:2x2", "tpu_v5e"), ("v6e:2x2", "tpu_v6e")) for m in ("causal", "chunk")]
 _FULL_SWEEP = [[t, d, hd, hd, m, 64, None, True] for t in ("v5e:2x2", "v6e:2x2")
                for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk", "delta")]
 
@@ -238,6 +246,11 @@ def test_tpu_compile_v5e_v6e_with_libtpu():
 @pytest.mark.slow
 def test_tpu_compile_full_sweep_with_libtpu():
     _check(_run_tpu_compile(_FULL_SWEEP))
+
+
+@pytest.mark.slow
+def test_tpu_compile_per_channel_sweep_with_libtpu():
+    _check(_run_tpu_compile(_CHANNEL_SWEEP))
 
 
 @pytest.mark.slow
@@ -301,9 +314,35 @@ def test_export_packed_and_odd_head_dims(platform, call):
                          output_final_state=True)
         o2, S2 = kernel_dr(q, k, v, jax.nn.sigmoid(g), log_decay=g, initial_state=S0, cu_seqlens=cu,
                            output_final_state=True)
-        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S) + jnp.sum(o2.astype(jnp.float32)) + jnp.sum(S2)
+        # a per-channel log-decay [B, T, H, K] (GLA): its own forward, dQ and dK/dV kernels
+        o3, S3 = kernel_la(q, k, v, log_decay=jnp.broadcast_to(g[..., None], q.shape), initial_state=S0,
+                           cu_seqlens=cu, output_final_state=True)
+        return (jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S) + jnp.sum(o2.astype(jnp.float32)) + jnp.sum(S2)
+                + jnp.sum(o3.astype(jnp.float32)) + jnp.sum(S3))
 
     args = specs(1, 150, 2, 48, 200, jnp.bfloat16)[:4] + (
         jax.ShapeDtypeStruct((3, 2, 48, 200), jnp.float32), jax.ShapeDtypeStruct((4,), jnp.int32))
     text = export_for(platform, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), args).mlir_module()
-    assert text.count(call) == 6
+    assert text.count(call) == 9
+    assert "tttla_linear_attention_packed_dq" in text  # the per-channel dQ sweep
+
+
+def _channel_export_cases():
+    return [pytest.param(p, c, d, hd, m, marks=[pytest.mark.slow], id=f"{m}-{hd}-{d}-{p}")
+            for p, c, _ in PLATFORMS for d in DTYPES for hd in (48, 128, 256) for m in ("causal", "chunk")]
+
+
+@pytest.mark.parametrize("platform,call,dtype,head_dim,masking", _channel_export_cases())
+def test_export_per_channel_gates(platform, call, dtype, head_dim, masking):
+    """The per-channel kernels (forward, dQ sweep, dK/dV sweep) lower for both targets, every
+    dtype, tile and padded head dims, both maskings (the default suite exports one packed case
+    in test_export_packed_and_odd_head_dims)."""
+    def loss(q, k, v, g, S0):
+        o, S = kernel_la(q, k, v, log_decay=g, initial_state=S0, masking=masking, output_final_state=True)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
+
+    B, T, H = 2, 150, 2
+    args = specs(B, T, H, head_dim, head_dim, DTYPES[dtype])
+    args = args[:3] + (jax.ShapeDtypeStruct((B, T, H, head_dim), jnp.float32), args[4])
+    text = export_for(platform, jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))), args).mlir_module()
+    assert text.count(call) == 3
