@@ -97,7 +97,7 @@ class TrainConfig:
         on the data axis. Parameters and optimiser state are sharded over fsdp by their
         logical axis names, batches over data x fsdp (see train/distributed.py). A third
         axis "seq=S" (e.g. "data=2,seq=4") splits every sequence over S devices (sequence
-        parallelism, docs/context_parallel.md; tasks lm without packed documents and mqar).
+        parallelism, docs/context_parallel.md; tasks lm, also with packed documents, and mqar).
       distributed: "auto" calls jax.distributed.initialize when a coordinator, process
         count or process id is given (flags or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
         JAX_PROCESS_ID); "on" always (cluster auto-detection on TPU pods, SLURM, ...);
@@ -215,9 +215,6 @@ class TrainConfig:
             if self.task == "vit":
                 raise ValueError(f"mesh: a seq axis ({self.mesh!r}) splits token sequences; the vit "
                                  f"task has none (use data / fsdp)")
-            if self.task == "lm" and getattr(self, "pack_documents", False):
-                raise ValueError(f"mesh: a seq axis ({self.mesh!r}) does not support packed documents "
-                                 f"yet; pass --pack-documents false")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed: expected one of {DISTRIBUTED}, got {self.distributed!r}")
         if isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) \

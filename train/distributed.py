@@ -278,8 +278,9 @@ def optax_tree_map_params(tx, f, state, *rest, transform_non_params):
 def batch_sharding(mesh: Mesh, seq_len: Optional[int] = None) -> NamedSharding:
     """Batch axis over ``("data", "fsdp")`` jointly, other axes replicated; with a ``"seq"``
     axis that divides ``seq_len``, the token axis over ``"seq"`` too (``[B, T]`` arrays).
-    (Otherwise the rows stay whole on every sequence device and the loss pads and splits
-    them, see :func:`sequence_parallel_loss`.)"""
+    (Otherwise — ``seq_len=None``, e.g. for batches with packed documents' ``cu_seqlens`` —
+    the rows stay whole on every sequence device and the loss pads and splits them, see
+    :func:`sequence_parallel_loss`.)"""
     if seq_size(mesh) > 1 and seq_len is not None and seq_len % seq_size(mesh) == 0:
         return NamedSharding(mesh, P(BATCH_AXES, SEQ_AXIS))
     return NamedSharding(mesh, P(BATCH_AXES))
@@ -300,6 +301,11 @@ def sequence_parallel_loss(forward, mesh: Mesh):
     device ``[B / (data·fsdp), T / seq]``, ``forward`` runs under
     :func:`tttla_jax.parallel.sequence_parallel` and its sums are ``psum``-ed over every
     mesh axis. Parameters enter replicated (the partitioner gathers FSDP shards).
+
+    Packed documents: a ``cu_seqlens`` ``[B, N + 1]`` entry (one row of *global* offsets per
+    sequence) enters whole on every sequence device (split over the batch axes only); the
+    padding joins each row's last document (masked out, after every real token of it), so a
+    document may span any number of devices (docs/context_parallel.md).
     """
     from tttla_jax.parallel import sequence_parallel
 
@@ -312,19 +318,17 @@ def sequence_parallel_loss(forward, mesh: Mesh):
         return jax.tree.map(lambda a: jax.lax.psum(a, axes), out)
 
     def run(params, rest, batch):
-        if "cu_seqlens" in batch:
-            raise ValueError("batch: packed documents (cu_seqlens) are not supported under sequence "
-                             "parallelism yet; train without packing")
         bad = sorted(k for k, v in batch.items() if jnp.ndim(v) != 2)
         if bad:
-            raise ValueError(f"batch: sequence parallelism needs [B, T] arrays, got {bad} with shapes "
-                             f"{[tuple(batch[k].shape) for k in bad]}")
+            raise ValueError(f"batch: sequence parallelism needs [B, T] arrays (and cu_seqlens [B, N + 1]), "
+                             f"got {bad} with shapes {[tuple(batch[k].shape) for k in bad]}")
         T = batch["inputs"].shape[1]
         pad = -T % P_
         if pad:  # padding at the end: masked out, and causal mixers never read it
-            batch = {k: jnp.pad(v, [(0, 0), (0, pad)]) for k, v in batch.items()}
-        spec = P(BATCH_AXES, SEQ_AXIS)
-        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), spec), out_specs=P())(
+            batch = {k: (v.at[:, -1].set(T + pad) if k == "cu_seqlens" else jnp.pad(v, [(0, 0), (0, pad)]))
+                     for k, v in batch.items()}
+        specs = {k: P(BATCH_AXES) if k == "cu_seqlens" else P(BATCH_AXES, SEQ_AXIS) for k in batch}
+        return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), specs), out_specs=P())(
             params, rest, batch)
 
     return run

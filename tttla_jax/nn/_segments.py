@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tttla_jax.parallel import context as _sp
+
 
 def run_segments(step: Callable, state, xs: Sequence, bufs: Sequence, n, period: int, *,
                  empty: bool = False):
@@ -286,16 +288,29 @@ def packed_positions(positions, cache_pos, cu_seqlens, T: int):
     cu = jnp.asarray(cu_seqlens, jnp.int32)
     N = cu.shape[0] - 1
     t = jnp.arange(T, dtype=jnp.int32)
+    if _sp.sequence_axis() is not None:  # T local tokens of a sequence sharded over devices
+        t = t + _sp.shard_offset(T)
     n_t = _seq_of(cu, t, N)
     return (cache_pos.astype(jnp.int32)[n_t] + t - cu[n_t])[None]
 
 
 def packed_next_pos(positions, cache_pos, cu_seqlens):
     """Next position per sequence ``[N]``: its last token's position + 1 (``cache_pos`` for an
-    empty sequence)."""
+    empty sequence). Under :func:`tttla_jax.parallel.sequence_parallel` (``positions`` the
+    local ``[1, T]``, ``cu_seqlens`` global) the device holding a document's last token
+    provides it (a masked ``psum``); the result is the same on every device."""
     cu = jnp.asarray(cu_seqlens, jnp.int32)
-    last = jnp.take(positions[0], jnp.maximum(cu[1:] - 1, 0), axis=0)
-    return jnp.where(cu[1:] > cu[:-1], last + 1, cache_pos).astype(jnp.int32)
+    nonempty = cu[1:] > cu[:-1]
+    axis = _sp.sequence_axis()
+    if axis is None:
+        last = jnp.take(positions[0], jnp.maximum(cu[1:] - 1, 0), axis=0)
+        return jnp.where(nonempty, last + 1, cache_pos).astype(jnp.int32)
+    T = positions.shape[1]
+    loc = cu[1:] - 1 - _sp.shard_offset(T, axis)
+    owns = nonempty & (loc >= 0) & (loc < T)
+    last = jnp.take(positions[0], jnp.clip(loc, 0, T - 1), axis=0).astype(jnp.int32)
+    got = lax.psum(jnp.where(owns, last + 1, 0), axis)
+    return jnp.where(nonempty, got, cache_pos).astype(jnp.int32)
 
 
 def run_segments_packed(step: Callable, state, xs: Sequence, bufs: Sequence, n, period: int,

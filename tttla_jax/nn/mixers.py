@@ -150,7 +150,7 @@ class Mixer(nnx.Module):
         ``cu_seqlens`` (validated: ``x`` must then be ``[1, T, W]``)."""
         if cu_seqlens is None:
             return B, "B"
-        return check_cu_seqlens(cu_seqlens, B, T), "N"
+        return check_cu_seqlens(cu_seqlens, B, _sp.global_length(T)), "N"  # global offsets under sequence parallelism
 
     def _heads(self, y: Array, B: int, T: int) -> Array:
         return y.reshape(B, T, self.num_heads, self.head_dim)

@@ -319,7 +319,7 @@ class LanguageModel(nnx.Module):
         B, T = tokens.shape
         if T == 0:
             raise ValueError("tokens: expected at least one token (T >= 1), got T = 0")
-        NB = B if cu_seqlens is None else _checks.check_cu_seqlens(cu_seqlens, B, T)
+        NB = B if cu_seqlens is None else _checks.check_cu_seqlens(cu_seqlens, B, _sp.global_length(T))
         fresh = cache is None  # mixers then get cache=None (a fresh sequence, known statically)
         if fresh:
             cache = self.init_cache(NB)

@@ -112,6 +112,33 @@ def shard_offset(local_len: int, axis_name: Optional[str] = None) -> jax.Array:
     return lax.axis_index(axis).astype(jnp.int32) * jnp.int32(local_len)
 
 
+def global_length(local_len: int, axis_name: Optional[str] = None) -> int:
+    """Tokens of the whole sequence: ``P · local_len`` under :func:`sequence_parallel`
+    (``local_len`` outside). Packed documents' ``cu_seqlens`` span ``0 … global_length``."""
+    axis = sequence_axis() if axis_name is None else axis_name
+    return local_len if axis is None else axis_size(axis) * local_len
+
+
+def local_cu_seqlens(cu_seqlens, local_len: int, axis_name: Optional[str] = None) -> jax.Array:
+    """This device's segments of N packed documents: the *global* offsets ``cu_seqlens``
+    ``[N + 1]`` clipped to the slice, ``clip(cu − axis_index·L, 0, L)``. A document with no
+    token on the device is an empty local segment; the first local segment may continue a
+    document from the device before."""
+    off = shard_offset(local_len, axis_name)
+    return jnp.clip(jnp.asarray(cu_seqlens, jnp.int32) - off, 0, local_len)
+
+
+def _check_global_cu(cu_seqlens, B: int, local_len: int, axis: str) -> int:
+    """Validate global ``cu_seqlens`` for local slices ``[B, local_len, ...]``; returns N."""
+    from tttla_jax._checks import check_cu_seqlens
+    try:
+        return check_cu_seqlens(cu_seqlens, B, axis_size(axis) * local_len)
+    except ValueError as e:
+        raise ValueError(f"{e} (under sequence parallelism cu_seqlens are the global offsets of "
+                         f"the whole sequence: {axis_size(axis)} devices × {local_len} local "
+                         f"tokens on axis {axis!r})") from None
+
+
 def _vma(a) -> frozenset:
     """The mesh axes ``a`` varies over inside ``shard_map`` (empty outside)."""
     t = jax.typeof(a)
@@ -158,7 +185,7 @@ def sequence_parallel_form(mixer) -> str:
 
 
 def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
-                axis_name: Optional[str] = None, remat: bool = True):
+                axis_name: Optional[str] = None, remat: bool = True, cu_seqlens=None):
     """The pipelined sequence-parallel form of any token mixer (call inside ``shard_map``).
 
     Args:
@@ -171,6 +198,9 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
         device's mixer then continues from its incoming cache, which is exact).
       axis_name: the sequence axis (default: :func:`sequence_axis`).
       remat: rematerialise every round in the backward pass (``jax.checkpoint``).
+      cu_seqlens: optional ``[N + 1]`` *global* offsets of N packed documents (``B = 1``,
+        the same on every device, may be traced); the cache is then per document
+        (``[N, ...]`` leaves, default ``mixer.init_cache(N)``).
 
     Returns:
       ``(y [B, T_local, W], cache)``: this slice of the single-device output and the cache
@@ -179,22 +209,33 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
     ``P`` rounds (see the module doc): round ``r`` runs the mixer on every device from
     its incoming cache and ``ppermute`` s the returned cache to the next device; after
     ``P − 1`` rounds every incoming cache is exact and a last call gives the outputs.
+
+    Packed documents need nothing more: every device calls the mixer with its local
+    segments (:func:`local_cu_seqlens`) and the whole per-document cache. A document with no
+    token on the device keeps its cache, so the cache a device passes on holds, for the
+    document crossing the boundary, its state after the device's last token, and for every
+    document that starts later, its start cache; the first local segment thus continues
+    its document, every other one starts from its own cache entry.
     """
     axis = _resolve_axis(axis_name, "mixer_apply")
     P = axis_size(axis)
     from flax import nnx  # the only flax use in this package
 
-    B = x.shape[0]
-    cache0 = mixer.init_cache(B) if cache is None else cache
+    B, L = x.shape[0], x.shape[1]
+    packed = cu_seqlens is not None
+    NB = _check_global_cu(cu_seqlens, B, L, axis) if packed else B
+    cache0 = mixer.init_cache(NB) if cache is None else cache
+    local_cu = local_cu_seqlens(cu_seqlens, L, axis) if packed else None
     graphdef, state = nnx.split(mixer)
 
-    def local(state, x, c, positions):
+    def local(state, x, c, positions, cu):
+        kw = {} if cu is None else {"cu_seqlens": cu}
         with sequence_parallel(None):  # per-device calls: plain local mixers
-            return nnx.merge(graphdef, state)(x, cache=c, positions=positions)
+            return nnx.merge(graphdef, state)(x, cache=c, positions=positions, **kw)
 
     step = jax.checkpoint(local) if remat else local
     if P == 1:
-        return step(state, x, cache0, positions)
+        return step(state, x, cache0, positions, local_cu)
     # every input varies over the axis, so per-device control flow inside the mixer (scan
     # carries, cond branches) sees one consistent type under shard_map's check_vma
     axes = frozenset({axis}).union(*(_vma(a) for a in jax.tree.leaves((x, state, cache0, positions))))
@@ -205,13 +246,13 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
     start = jax.tree.map(lambda a: _varying(jnp.asarray(a), axes), cache0)
 
     def round_(c, _):
-        _, out = step(state, x, c, positions)
+        _, out = step(state, x, c, positions, local_cu)
         out = jax.tree.map(lambda o, a: o.astype(a.dtype), out, start)
         recv = lax.ppermute(out, axis, perm=[(j, j + 1) for j in range(P - 1)])
         return jax.tree.map(lambda a, b: jnp.where(first, a, b), start, recv), None
 
     incoming, _ = lax.scan(round_, start, None, length=P - 1)
-    y, out = step(state, x, incoming, positions)
+    y, out = step(state, x, incoming, positions, local_cu)
     return y, from_last_shard(out, axis)
 
 
@@ -243,13 +284,43 @@ def short_conv(conv, x, state=None, cu_seqlens=None):
     :func:`sequence_parallel`.)"""
     axis = _resolve_axis(None, "short_conv")
     if cu_seqlens is not None:
-        raise ValueError(f"cu_seqlens: packed sequences in a short convolution are not supported "
-                         f"under sequence parallelism (sequence axis {axis!r})")
+        return _short_conv_packed(conv, x, state, cu_seqlens, axis)
     if state is None:
         state = jnp.zeros((x.shape[0], conv.kernel_size - 1, x.shape[2]), x.dtype)
     with sequence_parallel(None):
         y, out = conv(x, halo(x, state, axis))
     return y, from_last_shard(out, axis)
+
+
+def _short_conv_packed(conv, x, state, cu_seqlens, axis: str):
+    """:func:`short_conv` of N packed documents (global ``cu_seqlens``, per-document states
+    ``[N, K−1, F]``). The device convolves ``[halo ; x]`` with the documents' offsets
+    shifted by the halo length ``K − 1``: a tap never reads a row of another document (a
+    document that starts inside the halo or the slice reads its own state before its start;
+    one that started earlier reads only its own rows). The halo's own outputs are dropped. A
+    document's new state comes from the device holding its last token (a masked ``psum``);
+    an empty document keeps its state."""
+    B, L, F = x.shape
+    N = _check_global_cu(cu_seqlens, B, L, axis)
+    Km1 = conv.kernel_size - 1
+    if state is None:
+        state = jnp.zeros((N, Km1, F), x.dtype)
+    if tuple(state.shape) != (N, Km1, F):
+        raise ValueError(f"state: expected [N, kernel_size-1, F] = {(N, Km1, F)} (one state per packed "
+                         f"sequence, N from cu_seqlens), got {tuple(state.shape)}")
+    cu = jnp.asarray(cu_seqlens, jnp.int32)
+    off = shard_offset(L, axis)
+    hist = halo(x, jnp.zeros((B, Km1, F), x.dtype), axis)          # the Km1 global rows before
+    ext = jnp.concatenate([hist, x], axis=1)                        # [1, Km1 + L, F]
+    ext_cu = jnp.clip(cu - off + Km1, 0, Km1 + L)
+    with sequence_parallel(None):
+        y, out = conv(ext, state, ext_cu)
+    last = cu[1:] - 1 - off
+    nonempty = cu[1:] > cu[:-1]
+    owns = (nonempty & (last >= 0) & (last < L))[:, None, None]
+    new = lax.psum(jnp.where(owns, out, jnp.zeros_like(out)), axis)
+    new = jnp.where(nonempty[:, None, None], new, state.astype(new.dtype))
+    return y[:, Km1:], new
 
 
 def sequence_op(name: str, local_op: Callable) -> Callable:
@@ -265,25 +336,30 @@ def sequence_op(name: str, local_op: Callable) -> Callable:
     def call(q, *args, initial_state=None, **kw):
         if initial_state is not None:  # vary like q (e.g. over data axes too) for the op's custom_vjp
             initial_state = _varying(initial_state, _vma(q) | {axis})
-        return op(q, *args, initial_state=initial_state, axis_name=axis, **kw)
+        o, S = op(q, *args, initial_state=initial_state, axis_name=axis, **kw)
+        if S is not None and axis in _vma(S):  # the same on every device: typed so (a masked psum)
+            S = from_last_shard(S, axis)
+        return o, S
 
     return call
 
 
-def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=None, **kw):
+def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=None, cu_seqlens=None,
+                           **kw):
     """A ``"pipelined"`` mixer's call under :func:`sequence_parallel` (the ``Mixer`` base
-    class routes it here): :func:`mixer_apply`. Other keyword arguments (e.g.
-    ``cu_seqlens``) are rejected with a ``ValueError`` naming them."""
+    class routes it here): :func:`mixer_apply` (``cu_seqlens``: the global offsets of packed
+    documents). Other keyword arguments are rejected with a ``ValueError`` naming them."""
     extra = sorted(k for k, v in kw.items() if v is not None)
     if extra:
         raise ValueError(f"{type(mixer).__name__}: {extra} not supported by the pipelined "
                          f"sequence-parallel form (sequence axis {axis_name!r}); call the mixer "
                          f"outside `sequence_parallel(...)` or without them")
-    return mixer_apply(mixer, x, cache=cache, positions=positions, axis_name=axis_name)
+    return mixer_apply(mixer, x, cache=cache, positions=positions, axis_name=axis_name,
+                       cu_seqlens=cu_seqlens)
 
 
 def sharded_mixer(mixer, x, *, mesh, seq_axis: str = "seq", batch_axes=None, cache=None,
-                  positions=None):
+                  positions=None, cu_seqlens=None):
     """Run ``mixer`` on a global ``x`` ``[B, T, W]`` sharded over ``mesh``'s ``seq_axis``.
 
     The outside wrapper (no ``shard_map`` to write): pads ``T`` at the end to a multiple
@@ -294,6 +370,9 @@ def sharded_mixer(mixer, x, *, mesh, seq_axis: str = "seq", batch_axes=None, cac
     ``positions`` ``[B, T]`` are padded with continuing positions. The final cache is not
     returned (with padding it would include the pad tokens); inside ``shard_map`` the mixer
     call returns it.
+
+    ``cu_seqlens`` ``[N + 1]``: N packed documents in ``x`` ``[1, T, W]`` (a document may
+    span devices; the padding extends the last one); ``cache`` is then per document.
 
     Raises:
       ValueError: ``seq_axis`` / ``batch_axes`` not in the mesh, or ``x`` not ``[B, T, W]``.
@@ -320,16 +399,23 @@ def sharded_mixer(mixer, x, *, mesh, seq_axis: str = "seq", batch_axes=None, cac
             raise ValueError(f"positions: expected [B, T] = {(B, T)} or [T], got {tuple(positions.shape)}")
         positions = jnp.concatenate(
             [positions, positions[:, -1:] + 1 + jnp.arange(pad, dtype=jnp.int32)[None]], axis=1)
+    packed = {}
+    if cu_seqlens is not None:
+        from tttla_jax._checks import check_cu_seqlens
+        check_cu_seqlens(cu_seqlens, B, T)
+        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        packed = {"cu_seqlens": cu.at[-1].set(T + pad)}  # the padding joins the last document
     xp = jnp.pad(x, [(0, 0), (0, pad), (0, 0)])
     bspec = (baxes if len(baxes) != 1 else baxes[0]) if baxes else None
     spec = Pspec(bspec, seq_axis)
     graphdef, state = nnx.split(mixer)
 
-    def body(state, x, cache, positions):
+    def body(state, x, cache, positions, packed):
         with sequence_parallel(seq_axis):
-            y, _ = nnx.merge(graphdef, state)(x, cache=cache, positions=positions)
+            y, _ = nnx.merge(graphdef, state)(x, cache=cache, positions=positions, **packed)
         return y
 
-    y = jax.shard_map(body, mesh=mesh, in_specs=(Pspec(), spec, Pspec(bspec), spec),
-                      out_specs=spec)(state, xp, cache, positions)
+    y = jax.shard_map(body, mesh=mesh,
+                      in_specs=(Pspec(), spec, Pspec() if packed else Pspec(bspec), spec, Pspec()),
+                      out_specs=spec)(state, xp, cache, positions, packed)
     return y[:, :T]
