@@ -8,11 +8,12 @@ Documents: ``T`` not a multiple of the number of sequence devices (the padding i
 document, whose cache is dropped), a document over three or more devices, an empty
 document, a document starting exactly at a device boundary and non-zero per-document start
 caches; each case also checks that the document boundaries change the outputs. The checks
-run in ONE subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; the
-default suite keeps one associative mixer with a short convolution, one pipelined mixer
-and the language model (rows of packed documents ``vmap``-ed inside ``shard_map`` on a
-data x seq mesh, as the packed training loss); every mixer at seq = 2, 4, 8 is ``@slow``
-(the training CLI with ``--pack-documents true`` is in tests/test_context_parallel_model.py).
+run in ONE subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+(compilation dominates); the default suite keeps one case, the language model with an
+associative layer (with a short convolution) and a pipelined one (rows of packed documents
+``vmap``-ed inside ``shard_map`` on a data x seq mesh, as the packed training loss); every
+mixer at seq = 2, 4, 8 is ``@slow`` (the training CLI with ``--pack-documents true`` is in
+tests/test_context_parallel_model.py).
 """
 import json
 import os
@@ -104,12 +105,14 @@ CHECKS = textwrap.dedent('''
         return {"form": sequence_parallel_form(m), "boundaries": diff(y0, one_doc), "y": diff(y0, y1), "cache": diff(k0, k1), "loss": abs(float(l0 - l1)),
                 "grads": diff(g0, g1), "y_scale": float(jnp.max(jnp.abs(y0)))}
 
-    def check_lm(mixers, seq, data, row_lens):
+    def check_lm(mixers, seq, data, row_lens, options=None):
         """B = len(row_lens) rows of packed documents (each row its own cu_seqlens, the same N), batch over data,
         a vmap over the rows inside shard_map (as the packed training loss)."""
         cfg = LMConfig(vocab_size=32, width=8, num_layers=len(mixers), num_heads=2, mixers=tuple(mixers),
-                       mixer_options={"swa": {"window": 3}} if "swa" in mixers else (), dtype=F64, param_dtype=F64)
+                       mixer_options=options or ({"swa": {"window": 3}} if "swa" in mixers else ()),
+                       dtype=F64, param_dtype=F64)
         model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+        forms = [sequence_parallel_form(b.mixer) for b in model.blocks]
         gd, st = nnx.split(model)
         B, N = len(row_lens), len(row_lens[0])
         T = sum(row_lens[0])
@@ -144,7 +147,7 @@ CHECKS = textwrap.dedent('''
         (l0, (y0, c0)), g0 = jax.jit(jax.value_and_grad(ref, has_aux=True))(st)
         (l1, (y1, c1)), g1 = jax.jit(jax.value_and_grad(sp, has_aux=True))(st)
         unpacked = nnx.merge(gd, st)(tok)[0]                                     # boundaries ignored
-        return {"boundaries": diff(y0, unpacked), "y": diff(y0, y1), "cache": diff(c0, c1), "loss": abs(float(l0 - l1)), "grads": diff(g0, g1),
+        return {"forms": forms, "boundaries": diff(y0, unpacked), "y": diff(y0, y1), "cache": diff(c0, c1), "loss": abs(float(l0 - l1)), "grads": diff(g0, g1),
                 "y_scale": float(jnp.max(jnp.abs(y0)))}
 
     results = {}
@@ -173,32 +176,37 @@ def _assert_equal_runs(res):
             assert r[what] <= TOL, (key, what, r)
 
 
-def test_packed_mixers_and_model_under_sequence_parallel_equal_one_device():
-    cases = [
-        # associative, short conv (4 taps) whose halo must stop at every document start
-        dict(id="delta_net_seq4", kind="mixer", name="delta_net", opts={"chunk_size": 2}, seq=4, lens=LENS),
-        # pipelined: a partial mini-batch (2 tokens) crosses device boundaries in the cache
-        dict(id="ttt_linear_seq4", kind="mixer", name="ttt_linear", opts={"mini_batch_size": 2}, seq=4,
-             lens=LENS),
-        # the language model, two rows (own cu_seqlens each) on data=2 x seq=4
-        dict(id="lm_data2_seq4", kind="lm", mixers=["linear_attention", "swa"], seq=4, data=2,
-             row_lens=[LENS, [5, 0, 1, 7]]),
-    ]
-    res = _run_checks(cases)
-    assert set(res) == {c["id"] for c in cases}
-    assert res["delta_net_seq4"]["form"] == "associative" and res["ttt_linear_seq4"]["form"] == "pipelined"
+def test_packed_model_under_sequence_parallel_equals_one_device():
+    """The language model with an associative layer (linear attention with a 4-tap short
+    convolution: its halo spans devices and must stop at every document start) and a
+    pipelined one (sliding-window attention), two rows of packed documents (their own
+    cu_seqlens) on data=2 x seq=4."""
+    case = dict(id="lm_data2_seq4", kind="lm", mixers=["linear_attention", "swa"], seq=4, data=2,
+                row_lens=[LENS, [5, 0, 1, 7]],
+                options={"linear_attention": {"short_conv": 4, "chunk_size": 2}, "swa": {"window": 3}})
+    res = _run_checks([case])
+    assert res["lm_data2_seq4"]["forms"] == ["associative", "pipelined"]
     _assert_equal_runs(res)
 
 
 @pytest.mark.slow
 def test_every_mixer_packed_at_seq_2_4_8_equals_one_device():
-    """Every registered mixer (default options) packed at seq = 2, 4, 8, and the LM with
-    every mixer at seq = 8."""
+    """Every registered mixer (default options) packed at seq = 2, 4, 8, a few options whose
+    state crosses devices mid-segment, and the language model with every mixer."""
     from tttla_jax.nn import MIXERS
     cases = [dict(id=f"{name}_seq{s}", kind="mixer", name=name, opts={}, seq=s, lens=LENS)
              for name in sorted(MIXERS) for s in (2, 4, 8)]
-    cases += [dict(id="lm_all_seq8", kind="lm", mixers=sorted(MIXERS), seq=8, data=1, row_lens=[LENS])]
-    res = _run_checks(cases, timeout=6000)
+    cases += [
+        dict(id="delta_net_chunk2_seq8", kind="mixer", name="delta_net", opts={"chunk_size": 2}, seq=8, lens=LENS),
+        dict(id="linear_attention_conv_seq8", kind="mixer", name="linear_attention",
+             opts={"short_conv": 4, "use_decay": True, "chunk_size": 2}, seq=8, lens=LENS),
+        dict(id="ttt_linear_mb2_seq4", kind="mixer", name="ttt_linear", opts={"mini_batch_size": 2}, seq=4,
+             lens=LENS),
+        dict(id="lm_all_seq8", kind="lm", mixers=sorted(MIXERS), seq=8, data=1, row_lens=[LENS]),
+        dict(id="lm_delta_ttt_data2_seq4", kind="lm", mixers=["delta_net", "ttt_linear"], seq=4, data=2,
+             row_lens=[LENS, [5, 0, 1, 7]], options={"ttt_linear": {"mini_batch_size": 2}}),
+    ]
+    res = _run_checks(cases, timeout=7000)
     assert set(res) == {c["id"] for c in cases}
     _assert_equal_runs(res)
 
