@@ -23,6 +23,7 @@ from tttla_jax import _checks
 from tttla_jax.nn.layers import apply_rope, dense, positive_float
 from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, register_mixer,
                                  resolve_heads, resolve_positions)
+from tttla_jax.nn.recipes import RecipeMixin
 
 
 def causal_attend(q, k, v, qpos, kpos, visible):
@@ -43,7 +44,7 @@ def causal_attend(q, k, v, qpos, kpos, visible):
     return jnp.einsum("bhts,bshd->bthd", p, v.astype(sd)).astype(q.dtype)
 
 
-class Attention(Mixer):
+class Attention(RecipeMixin, Mixer):
     """Causal multi-head softmax attention over the whole prefix (Vaswani et al. 2017).
 
     ``o_t = softmax(q_t Kᵀ / √D + mask) V`` over every earlier token ``j ≤ t`` whose
@@ -65,6 +66,12 @@ class Attention(Mixer):
     that row (never silently overwritten keys). Its floats, ``2·max_len·H·D`` per layer,
     are the "state size" of attention in recall benchmarks.
 
+    Recall recipes (:mod:`tttla_jax.nn.recipes`, docs/recipes.md; all off by default):
+    ``short_conv`` (conv taps on q, k, v before RoPE, 0 = off; cache ``"conv_q"``,
+    ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]``), ``feature_map`` (on q, k,
+    default ``"identity"``), ``qk_norm`` (L2 norm of q, k) and ``head_norm`` (per-head
+    RMSNorm of the output).
+
     Parameters: ``4·W·H·D`` (``+ 3·H·D + W`` biases with ``use_bias``).
     """
 
@@ -72,8 +79,9 @@ class Attention(Mixer):
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  max_len: int = 2048, use_rope: bool = False, rope_base: float = 10000.0,
-                 use_bias: bool = False, impl: str = "auto", dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 use_bias: bool = False, impl: str = "auto", short_conv: int = 0,
+                 feature_map: str = "identity", qk_norm: bool = False, head_norm: bool = False,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
         self.max_len = _checks.check_positive_int("max_len", max_len)
         self.impl = check_layer_impl(type(self), impl)
@@ -88,11 +96,15 @@ class Attention(Mixer):
         self.k_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.v_proj = dense(width, HD, ("embed", "heads"), **kw)
         self.o_proj = dense(HD, width, ("heads", "embed"), **kw)
+        self._init_recipe(features=HD, short_conv=short_conv, feature_map=feature_map, qk_norm=qk_norm,
+                          head_norm=head_norm, head_dim=self.head_dim, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
 
     def _cache_spec(self, B: int) -> dict:
         S, H, D = self.max_len, self.num_heads, self.head_dim
         return {"k": ((B, S, H, D), "[B, max_len, H, D]"), "v": ((B, S, H, D), "[B, max_len, H, D]"),
-                "kpos": ((B, S), "[B, max_len]"), "len": ((B,), "[B]"), "pos": ((B,), "[B]")}
+                "kpos": ((B, S), "[B, max_len]"), "len": ((B,), "[B]"), "pos": ((B,), "[B]"),
+                **self._recipe_cache_spec(B)}
 
     def init_cache(self, batch_size: int) -> Cache:
         _checks.check_positive_int("batch_size", batch_size)
@@ -100,7 +112,7 @@ class Attention(Mixer):
         return {"k": jnp.zeros((batch_size, S, H, D), dt), "v": jnp.zeros((batch_size, S, H, D), dt),
                 "kpos": jnp.full((batch_size, S), -1, jnp.int32),
                 "len": jnp.zeros((batch_size,), jnp.int32),
-                "pos": jnp.zeros((batch_size,), jnp.int32)}
+                "pos": jnp.zeros((batch_size,), jnp.int32), **self._recipe_init_cache(batch_size, dt)}
 
     def _write(self, cache, k, v, qpos):
         """Write T new keys into slots ``len .. len+T-1`` of every row; returns (cache', overflow [B])."""
@@ -135,7 +147,10 @@ class Attention(Mixer):
             cache = self.init_cache(B)
         _check_cache(cache, self._cache_spec(B))
         positions = resolve_positions(positions, cache, B, T)
-        q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
+        conv_cache = {}  # the recipe conv's taps (short_conv), then the attention cache alone
+        q, k, v = self._recipe_qkv(self.q_proj(x), self.k_proj(x), self.v_proj(x), cache, conv_cache,
+                                   B, T, self.num_heads, self.head_dim)
+        cache = {key: val for key, val in cache.items() if key not in conv_cache}
         if self.use_rope:
             q = apply_rope(q, positions, base=self.rope_base)
             k = apply_rope(k, positions, base=self.rope_base)
@@ -161,9 +176,9 @@ class Attention(Mixer):
                 visible = jnp.concatenate([jnp.ones((T, S), bool), tri], axis=1)
                 o = causal_attend(q, kk, vv, positions, kp, visible)
             new_cache, overflow = self._write(cache, k, v, positions)
-        o = jnp.where(overflow[:, None, None, None], jnp.nan, o)
+        o = jnp.where(overflow[:, None, None, None], jnp.nan, self._recipe_out(o))
         y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
-        return y, new_cache
+        return y, {**new_cache, **conv_cache}
 
     def _packed(self, x, cache, positions, cu_seqlens):
         """The ``cu_seqlens`` form of :meth:`__call__`: a sequence-id mask on the parallel form
@@ -182,11 +197,14 @@ class Attention(Mixer):
         spec = {k: (shape, layout.replace("[B", "[N")) for k, (shape, layout) in self._cache_spec(N).items()}
         _check_cache(cache, spec)
         positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
-        q, k, v = (self._heads(p(x), B, T) for p in (self.q_proj, self.k_proj, self.v_proj))
+        S, H, D = self.max_len, self.num_heads, self.head_dim
+        conv_cache = {}
+        q, k, v = self._recipe_qkv(self.q_proj(x), self.k_proj(x), self.v_proj(x), cache, conv_cache,
+                                   B, T, H, D, cu_seqlens)
+        cache = {key: val for key, val in cache.items() if key not in conv_cache}
         if self.use_rope:
             q = apply_rope(q, positions, base=self.rope_base)
             k = apply_rope(k, positions, base=self.rope_base)
-        S, H, D = self.max_len, self.num_heads, self.head_dim
         cu = jnp.asarray(cu_seqlens, jnp.int32)
         t = jnp.arange(T, dtype=jnp.int32)
         seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
@@ -208,9 +226,9 @@ class Attention(Mixer):
                      "kpos": put(cache["kpos"], positions[0]),
                      "len": cache["len"] + (cu[1:] - cu[:-1]),
                      "pos": packed_next_pos(positions, cache["pos"], cu_seqlens)}
-        o = jnp.where(overflow[seq][None, :, None, None], jnp.nan, o)
+        o = jnp.where(overflow[seq][None, :, None, None], jnp.nan, self._recipe_out(o))
         y = self.o_proj(o.reshape(B, T, H * D))
-        return y, new_cache
+        return y, {**new_cache, **conv_cache}
 
 
 register_mixer("attention", Attention)
