@@ -278,7 +278,7 @@ def test_every_preset_builds_a_zoology_model():
         for L, _ in SETTINGS[:2]:
             cfg = lm_config(preset, seq_len=L, width=64)
             assert cfg.state_mixer == "identity" and cfg.num_layers == 2 and cfg.vocab_size == 8192
-            assert (cfg.positions == "learned") == (name == "attention")
+            assert (cfg.positions == "learned") == (preset.mixer == "attention")
     model = nnx.eval_shape(lambda: LanguageModel(lm_config(MIXER_PRESETS["attention"], seq_len=64,
                                                            width=64), rngs=nnx.Rngs(0)))
     assert state_size(model) == 2 * 64 * 64  # K and V of 64 tokens, one head of 64
@@ -293,6 +293,7 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     assert zoology.main(["--sweep", "tiny", "--out", out, "--no-progress"]) == 0
     res = json.load(open(os.path.join(out, "results.json")))
     assert [r["mixer"] for r in res["runs"]] == ["attention", "linear_attention"]
+    assert [r["lr"] for r in res["runs"]] == [3e-3, 1e-2]  # the tiny sweep's per-preset lr
     for r in res["runs"]:
         assert r["steps"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and len(r["curve"]) == 2
         assert r["state_size"] > 0 and np.isfinite(r["curve"][-1]["train_loss"])
@@ -305,6 +306,22 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         zoology.main(["--sweep", "tiny", "--out", out, "--preset", "x=nope"])
     assert "unknown mixer 'nope'" in capsys.readouterr().err
+
+
+def test_per_preset_learning_rates(tmp_path):
+    """``preset_lrs`` replaces ``lrs`` for the presets it names (the table header lists
+    them); ``--lrs`` on the command line applies to every preset."""
+    from tttla_jax.train import zoology
+    cfg = zoology.SweepConfig(lrs=(1e-2,), preset_lrs=(("attention", (3e-3, 1e-3)),))
+    assert cfg.lrs_for("attention") == (3e-3, 1e-3) and cfg.lrs_for("delta_net") == (1e-2,)
+    assert zoology.DEFAULT.lrs_for("attention") != zoology.DEFAULT.lrs_for("delta_net")
+    md = zoology.markdown_table({"config": json.loads(json.dumps(__import__("dataclasses").asdict(cfg))),
+                                 "runs": []})
+    assert "learning rates [0.01]; attention: [0.003, 0.001]." in md
+    out = str(tmp_path / "z")
+    assert zoology.main(["--sweep", "tiny", "--out", out, "--no-progress", "--mixers",
+                         "linear_attention", "--lrs", "5e-3", "--steps", "1", "--eval-every", "1"]) == 0
+    assert [r["lr"] for r in json.load(open(os.path.join(out, "results.json")))["runs"]] == [5e-3]
 
 
 @pytest.mark.slow

@@ -77,11 +77,16 @@ def _p(mixer, num_heads=1, learned_positions=False, **options):
 #: Named mixer presets of the sweep (``register_preset`` / ``--preset`` add more).
 MIXER_PRESETS: dict = {
     "attention": _p("attention", learned_positions=True, use_bias=True),
+    # attention with the short-conv recall recipe (docs/recipes.md): the previous-token
+    # information an induction head otherwise has to learn
+    "attention+conv": _p("attention", learned_positions=True, use_bias=True, short_conv=4),
     "linear_attention": _p("linear_attention", feature_map="elu+1", chunk_size=32),
     "delta_net": _p("delta_net", chunk_size=32),
     "gated_delta_net": _p("delta_net", use_gate=True, chunk_size=32),
     "ttt_linear": _p("ttt_linear", mini_batch_size=16),
     "lact": _p("lact", preset="v0", chunk_size=16, window=16),
+    # LaCT with the short conv and a chunk of 8 (fast-weight updates within an L=64 sequence)
+    "lact+conv": _p("lact", preset="v0", chunk_size=8, window=16, short_conv=4),
     "swa": _p("swa", window=16),
     "titans": _p("titans", chunk_size=16),
 }
@@ -150,10 +155,17 @@ def state_size(model) -> int:
 class SweepConfig:
     """One sweep. ``steps`` per run (the cosine runs over them), ``eval_every`` steps between
     held-out evaluations, early stop at ``early_stop`` accuracy."""
+
+    def lrs_for(self, preset: str) -> tuple:
+        """The learning rates swept for ``preset``: its ``preset_lrs`` entry, else ``lrs``."""
+        return tuple(dict(self.preset_lrs).get(preset, self.lrs))
     mixers: tuple = ("attention", "linear_attention", "delta_net", "gated_delta_net")
     settings: tuple = ((64, 4),)
     widths: tuple = (64,)
     lrs: tuple = ZOOLOGY_LRS[2:]   # the two largest of Zoology's grid: 2.2e-3, 1e-2
+    #: per-preset learning rates ``((preset, (lr, ...)), ...)`` replacing ``lrs`` for that
+    #: preset (``--lrs`` on the command line clears them)
+    preset_lrs: tuple = ()
     steps: int = 2000
     batch_size: int = 64
     train_examples: int = 50_000
@@ -310,7 +322,7 @@ def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: b
         results["load_at_start"] = os.getloadavg()[0]
     except OSError:
         pass
-    total = len(cfg.mixers) * len(cfg.settings) * len(cfg.widths) * len(cfg.lrs)
+    total = len(cfg.settings) * len(cfg.widths) * sum(len(cfg.lrs_for(m)) for m in cfg.mixers)
     i, t_sweep = 0, time.perf_counter()
     with jax.enable_x64(False):
         for (L, kv) in cfg.settings:
@@ -322,7 +334,7 @@ def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: b
                 for width in cfg.widths:
                     preset = MIXER_PRESETS[mixer]
                     runner = None
-                    for lr in cfg.lrs:
+                    for lr in cfg.lrs_for(mixer):
                         i += 1
                         key = _run_key(mixer, L, kv, width, lr)
                         if key in done:
@@ -418,7 +430,8 @@ def markdown_table(results: dict) -> str:
     cfg = results["config"]
     lines = [f"MQAR (Zoology protocol), vocab {cfg['vocab_size']}, {cfg['train_examples']} train / "
              f"{cfg['test_examples']} test examples, batch {cfg['batch_size']}, at most {cfg['steps']} "
-             f"steps (early stop at {cfg['early_stop']}), learning rates {list(cfg['lrs'])}.",
+             f"steps (early stop at {cfg['early_stop']}), learning rates {list(cfg['lrs'])}"
+             + "".join(f"; {m}: {list(v)}" for m, v in cfg.get("preset_lrs", ())) + ".",
              "",
              "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | s/run (load) | all lrs |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -473,8 +486,15 @@ def plot(results: dict, path: str) -> bool:
     return True
 
 
-DEFAULT = SweepConfig()
+DEFAULT = SweepConfig(
+    mixers=("attention", "attention+conv", "linear_attention", "delta_net", "gated_delta_net",
+            "ttt_linear", "ttt_linear+recall", "lact", "lact+conv"),
+    settings=((64, 4), (128, 8)), widths=(64,), lrs=(1e-2,),
+    preset_lrs=(("attention", (3e-3,)), ("attention+conv", (3e-3,)), ("lact", (3e-3,)),
+                ("lact+conv", (3e-3,))),
+    steps=600, eval_every=100, train_examples=40_000)
 TINY = SweepConfig(mixers=("attention", "linear_attention"), settings=((16, 2),), widths=(16,), lrs=(3e-3,),
+                   preset_lrs=(("linear_attention", (1e-2,)),),
                    steps=4, batch_size=8, train_examples=64, test_examples=16, eval_every=2,
                    vocab_size=64)
 FULL = SweepConfig(mixers=tuple(MIXER_PRESETS), settings=SETTINGS, widths=(64, 128, 256, 512),
@@ -546,6 +566,8 @@ def main(argv=None) -> int:
     for name in ("lrs", "widths"):
         if name in over and not all(v > 0 and math.isfinite(v) for v in over[name]):
             p.error(f"--{name}: expected positive values, got {list(over[name])}")
+    if "lrs" in over:
+        over["preset_lrs"] = ()   # --lrs applies to every preset
     cfg = dataclasses.replace(SWEEPS[a.sweep], **over)
     if cfg.batch_size > cfg.train_examples:
         p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
