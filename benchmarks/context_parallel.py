@@ -9,15 +9,15 @@ backward (the gradient of the sum of the outputs w.r.t. q, k, v, log-decay and �
 
 * **memory per device**: ``jax.jit(f).lower(...).compile().memory_analysis()`` of the
   partitioned program (arguments + outputs + temporaries − aliased), against the ideal
-  ``memory(P = 1) / P``. Only compiles (``jax.ShapeDtypeStruct`` inputs), so every T is cheap.
+  ``memory(P = 1) / P`` and against the local op alone on the device's ``T / P`` tokens in the
+  same ``shard_map`` (``local``: no state passing, the floor). Only compiles
+  (``jax.ShapeDtypeStruct`` inputs), so every T is cheap.
 * **wall time** (T ≤ ``--time-max-T``): median of ``--repeats`` calls. The P devices are
   ``--xla_force_host_platform_device_count=8`` host devices sharing this machine's cores, so the
   time is the *total* work of the P devices on those cores, not the time on P accelerators.
 * **combine share** (T = ``--combine-T``, P = 8, interleaved rounds): the full sharded step vs the
   same shard_map running only the local op on each slice (``local``: no state passing, the
-  compute floor) and, for the delta rule, the local op on ``[v | 0]`` (``local [v|0]``: the
-  widened pass the delta rule's combine needs). ``combine = (full − local[v|0]) / full``; the
-  widening is reported separately.
+  compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans).
 
 Prints a Markdown table and writes ``benchmarks/results/context_parallel.json``.
 
@@ -72,11 +72,9 @@ def loss_fn(op, P, C, mesh):
     return f
 
 
-def local_loss_fn(op, C, mesh, widen):
-    """The local op alone on each slice (no state passing), optionally on ``[v | 0]``."""
+def local_loss_fn(op, C, mesh):
+    """The local op alone on each slice (no state passing)."""
     def body(q, k, v, g, *beta):
-        if widen:
-            v = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (q.shape[-1],), v.dtype)], -1)
         if op == "delta_rule":
             o, _ = tt.delta_rule(q, k, v, beta[0], log_decay=g, chunk_size=C, impl="chunked")
         else:
@@ -149,6 +147,10 @@ def main():
                 if base and peak:
                     rec["ideal_bytes"] = base / P
                     rec["vs_ideal"] = peak / (base / P)
+                if P > 1 and peak:
+                    lm = memory(jax.jit(jax.grad(local_loss_fn(op, C, mesh))).lower(specs_for(op, T, H, D, P, mesh)).compile())
+                    rec["local_memory"] = lm
+                    rec["vs_local"] = peak / lm["peak_bytes"]
                 if T <= a.time_max_T:
                     x = inputs_for(op, T, H, D, P, mesh)
                     rec["time"] = timeit(compiled, x, repeats=a.repeats)
@@ -157,42 +159,39 @@ def main():
                 t = rec.get("time", {}).get("median")
                 print(f"{op:17s} T={T:7d} P={P}  peak/device {peak / 2**20 if peak else float('nan'):9.1f} MiB"
                       f"  x ideal {rec.get('vs_ideal', float('nan')):5.2f}"
+                      f"  x local {rec.get('vs_local', float('nan')):5.2f}"
                       + (f"  fwd+bwd {t * 1e3:9.1f} ms" if t else ""), flush=True)
         if a.combine_T and 8 in a.P:
             T, P = a.combine_T, 8
             mesh = mesh_of(P)
             x = inputs_for(op, T, H, D, P, mesh)
             fns = {"full": jax.jit(jax.grad(loss_fn(op, P, C, mesh))),
-                   "local": jax.jit(jax.grad(local_loss_fn(op, C, mesh, widen=False)))}
-            if op == "delta_rule":
-                fns["local [v|0]"] = jax.jit(jax.grad(local_loss_fn(op, C, mesh, widen=True)))
+                   "local": jax.jit(jax.grad(local_loss_fn(op, C, mesh)))}
             r = interleaved(fns, x, rounds=a.rounds)
-            full = r["full"]["median"]
-            floor = r["local [v|0]" if op == "delta_rule" else "local"]["median"]
+            full, floor = r["full"]["median"], r["local"]["median"]
             rec = {"op": op, "T": T, "P": P, "times": {k: v["median"] for k, v in r.items()},
-                   "combine_share": (full - floor) / full,
-                   "widen_share": (floor - r["local"]["median"]) / full if op == "delta_rule" else 0.0}
+                   "combine_share": (full - floor) / full, "loadavg": list(os.getloadavg())}
             combine.append(rec)
             print(f"{op:17s} T={T} P=8 combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
-                  + f"; combine {100 * rec['combine_share']:.1f} % of the step, widening "
-                  f"{100 * rec['widen_share']:.1f} %", flush=True)
+                  + f"; combine {100 * rec['combine_share']:.1f} % of the step (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
             del x
     m = machine(start)
     print()
     print(f"Context parallelism, fwd+bwd, B=1 H={H} K=V={D} chunk {C} float32; {describe(m)}")
     print("P host devices share the machine's cores: times are total work, not P-accelerator times.")
     print()
-    print("| op | T | P | peak MiB/device | × ideal (1/P) | fwd+bwd ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| op | T | P | peak MiB/device | × ideal (1/P) | × local op alone | fwd+bwd ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         pk = r["memory"]["peak_bytes"] / 2**20 if r["memory"] else float("nan")
         t = r.get("time", {}).get("median")
         print(f"| {r['op']} | {r['T']} | {r['P']} | {pk:.1f} | {r.get('vs_ideal', float('nan')):.2f} | "
+              f"{r.get('vs_local', float('nan')):.2f} | "
               f"{'' if t is None else f'{t * 1e3:.1f}'} |")
     for c in combine:
         print(f"\n{c['op']} T={c['T']} P=8: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["times"].items())
-              + f" — combine {100 * c['combine_share']:.1f} % of the step"
-              + (f", [v|0] widening {100 * c['widen_share']:.1f} %" if c["op"] == "delta_rule" else ""))
+              + f" — combine {100 * c['combine_share']:.1f} % of the step")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"config": {"H": H, "D": D, "chunk": C, "dtype": "float32", "B": 1,

@@ -104,9 +104,15 @@ SCRIPT = textwrap.dedent(r"""
 
         return {"single": ref, "cp": hand if by_hand else cp}
 
+    from tttla_jax.parallel import ops as cp_ops
+    default_blocks = (cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK)
     results = []
     for case in json.loads(sys.argv[1]):
         op, P, packed, dtype = case["op"], case["P"], case["packed"], case["dtype"]
+        # "blocks": the token-block loops of the state passes (forward-only widened passes,
+        # state-sized contractions) on blocks of 4 tokens instead of the default sizes
+        blocks = (4, 4, 1) if case.get("blocks") else default_blocks
+        cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK = blocks
         data = case.get("data", 1)
         types = (jax.sharding.AxisType.Auto if case.get("auto") else jax.sharding.AxisType.Explicit,) * 2
         mesh = jax.make_mesh((data, P), ("data", "seq"), devices=jax.devices()[:data * P], axis_types=types)
@@ -138,23 +144,25 @@ def _run(cases):
 
 
 DEFAULT_CASES = [
-    {"op": "delta", "P": 4, "packed": True, "dtype": "float64"},
-    {"op": "linear", "P": 4, "packed": True, "dtype": "float64"},
+    {"op": "delta", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
+    {"op": "linear", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
     {"op": "delta", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True},
 ]
 
 
 def test_sharded_ops_match_single_device():
     """P = 4 (T = 45 padded to 48): packed documents across devices for both ops (explicit
-    mesh axes, jax.make_mesh's default), and the unpacked delta rule with the batch split over
-    a second mesh axis (automatic mesh axes)."""
+    mesh axes, jax.make_mesh's default; the state passes' token-block loops on blocks of 4
+    tokens, so documents also cross blocks), and the unpacked delta rule with the batch split
+    over a second mesh axis (automatic mesh axes; one block)."""
     _run(DEFAULT_CASES)
 
 
 @pytest.mark.slow
 def test_sharded_ops_match_single_device_sweep():
     """Both ops, P = 2, 4, 8, packed and not, float64; float32; the in-shard_map functions
-    called by hand; batch split over ``data`` for the linear attention."""
+    called by hand; batch split over ``data`` for the linear attention; the token-block loops
+    on blocks of 4 tokens at P = 2 and 8."""
     cases = [{"op": op, "P": P, "packed": packed, "dtype": "float64"}
              for op in ("linear", "delta") for P in (2, 4, 8) for packed in (False, True)]
     cases += [{"op": op, "P": 4, "packed": packed, "dtype": "float32"}
@@ -162,6 +170,8 @@ def test_sharded_ops_match_single_device_sweep():
     cases += [{"op": op, "P": 4, "packed": packed, "dtype": "float64", "by_hand": True}
               for op in ("linear", "delta") for packed in (False, True)]
     cases += [{"op": "linear", "P": 2, "packed": False, "dtype": "float64", "data": 2}]
+    cases += [{"op": op, "P": P, "packed": packed, "dtype": "float64", "blocks": True}
+              for op in ("linear", "delta") for P in (2, 8) for packed in (False, True)]
     _run(cases)
 
 

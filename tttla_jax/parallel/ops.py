@@ -17,18 +17,25 @@ How (state passing; docs/context_parallel.md has the derivation). Both recurrenc
 in the incoming state: over one device's tokens the state after the device is
 ``E_p = A_p c_p + B_p`` with ``c_p`` the state entering the device. Every device
 
-1. runs the single-device chunked op on its slice with a zero incoming state, which gives
-   ``B_p``, the outputs without the incoming state, and what ``A_p`` needs;
-2. all-gathers the P transforms ``(A_p, B_p)`` (one small collective) and composes them with a
-   ``lax.associative_scan`` (log depth in P): ``c_p = E_{p−1}``, ``c_0 = 0``;
-3. adds the incoming state's contribution to its outputs (no second pass):
+1. computes its transform ``(A_p, B_p)`` by a forward-only state pass (never differentiated,
+   nothing stored):
 
    - linear attention: ``A_p = exp(Σ_{t ∈ p} g_t)`` (a scalar per head) and
-     ``o_t += exp(Σ_{s ≤ t, s ∈ p} g_s) (scale·q_t) c_p``;
+     ``B_p = Σ_t exp(Σ_{s > t} g_s) k_tᵀ v_t`` (one ``[K, L] × [L, V]`` product per head);
    - (gated) delta rule: ``A_p`` is a ``K × K`` matrix. The state's V columns evolve
-     independently, so the local pass runs on ``[v | 0]`` with the initial state ``[0 | I_K]``:
-     its last K state columns are ``A_p`` and its last K output columns are ``q_t Φ_t`` (the
-     map from the incoming state to ``S_t``), so ``o_t += (q_t Φ_t) c_p``.
+     independently, so the single-device op runs on ``[v | 0]`` from ``[0 | I_K]``: its last K
+     state columns are ``A_p``, its first V ``B_p`` (block by block of tokens, so its
+     temporaries are block-sized);
+2. all-gathers the P transforms (one small collective) and composes them with a
+   ``lax.associative_scan`` (log depth in P): ``c_p = E_{p−1}``, ``c_0 = 0``;
+3. runs the single-device chunked op ONCE on its slice from ``c_p`` (``initial_state``).
+
+Gradients (a ``jax.custom_vjp``, LASP-2 style): the cotangent of ``c_p`` through the device's
+own outputs is a state-sized contraction (linear attention: ``Σ_t e^{G_t} q̃_tᵀ dO_t``; delta
+rule: ``Σ_t (q̃_t Φ_t)ᵀ dO_t`` from a forward-only pass on the K columns); a reverse scan of
+the transposed transforms gives the cotangent of the state leaving each device, which joins
+the final-state cotangent of the local op's own backward — one backward pass, exact (``E_p``
+is the only way ``A_p`` and ``B_p`` reach the rest), with only the local op's residuals stored.
 
 Packed sequences: ``cu_seqlens`` are the *global* offsets (replicated). A document may span
 any number of devices (its state passes across every boundary); a document that starts on a
@@ -37,13 +44,10 @@ incoming state, so ``A_p = 0`` for a device whose last document starts on it. Ea
 the op on its local segments (the global offsets clipped to its slice; a document with no
 token on the device is an empty local segment). A document's final state is computed on the
 device that holds its last token and shared with a masked ``lax.psum``.
-
-Gradients: everything is differentiable through ``shard_map`` (the all-gather transposes to a
-reduce-scatter, the local op keeps its own backward); no extra custom VJP.
 """
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -122,8 +126,118 @@ class _Segments:
         self.end = jnp.clip(cu[1:] - start - 1, 0, L - 1)              # [N] each document's last local token
 
 
+@jax.tree_util.register_pytree_node_class
+class _Layout:
+    """Which documents enter device ``p`` from the previous device, and the maps between the
+    states of the documents (``[B or N, H, K, V]``) and the one state passed on (``[B or 1, …]``).
+    Without ``cu_seqlens`` every row enters (on ``p > 0``) and continues to the next device.
+    A pytree (its arrays are explicit operands of the custom VJP)."""
+
+    _fields = ("local_cu", "span", "span_tok", "end", "n_last", "owns", "nonempty")
+
+    def __init__(self, packed, L, *arrays):
+        self.packed, self.L = packed, L
+        for f, x in zip(self._fields, arrays):
+            setattr(self, f, x)
+
+    def tree_flatten(self):
+        return tuple(getattr(self, f) for f in self._fields), (self.packed, self.L)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*aux, *children)
+
+    @classmethod
+    def build(cls, cu_seqlens, p, P, B, L):
+        if cu_seqlens is not None:
+            seg = _Segments(cu_seqlens, p, L)
+            return cls(True, L, seg.local_cu, seg.span, seg.span_tok, seg.end, seg.n_last, seg.owns, seg.nonempty)
+        return cls(False, L, None, jnp.broadcast_to(p > 0, (B,)), jnp.broadcast_to(p > 0, (L,)), None, None,
+                   jnp.broadcast_to(p == P - 1, (B,)), None)
+
+    def h0m(self, h0):
+        """Initial states of the documents that start on this device (zeros where entering)."""
+        return jnp.where(_bcast(self.span, 4), jnp.zeros_like(h0), h0)
+
+    def last(self, X):
+        """The device's last document's row (the state passed on)."""
+        return X if not self.packed else X[self.n_last][None]
+
+    def last_span(self):
+        return self.span if not self.packed else self.span[self.n_last][None]
+
+    def last_doc_tokens(self):
+        """``[L]`` mask of the last document's tokens (``None``: every token)."""
+        if not self.packed:
+            return None
+        return jnp.arange(self.L) >= self.local_cu[self.n_last]
+
+    def enter(self, h0m, c):
+        """Initial states of the local pass: the incoming state for the entering document."""
+        return h0m + jnp.where(_bcast(self.span, 4), c, jnp.zeros_like(c))
+
+    def leave(self, dh0):
+        return jnp.where(_bcast(self.span, 4), jnp.zeros_like(dh0), dh0)
+
+    def inject(self, dSF, dE):
+        """Adds the cotangent of the state passed on to the last document's final state."""
+        if not self.packed:
+            return dSF + dE
+        n = jnp.arange(dSF.shape[0]) == self.n_last
+        return dSF + jnp.where(_bcast(n, 4), dE, jnp.zeros_like(dE))
+
+    def to_carry(self, X):
+        """Sums per-document contributions to the incoming state's cotangent."""
+        return X if not self.packed else jnp.sum(X, axis=0, keepdims=True)
+
+
+def _varying_zero(q):
+    """``[1, H, K, 1]`` zeros varying over the same mesh axes as ``q`` (the local slices): added
+    to a state built from replicated values, the scans carrying it type-check under
+    ``shard_map`` (e.g. a batch split over a further mesh axis)."""
+    return jnp.zeros_like(q[:1, 0, :, :, None])
+
+
 def _bcast(mask, ndim):
     return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+# token blocks of the forward-only passes (delta rule) and of the state-sized contractions:
+# block-sized temporaries instead of L-sized ones (module constants so tests can shrink them)
+_BLOCK_TOKENS = 512
+_CONTRACT_BLOCK = 256
+_CONTRACT_MIN_BLOCK = 64
+
+
+def _contract_tokens(a, b, w=None):
+    """``Σ_t w_t a_tᵀ b_t``: ``a [B, L, H, K]``, ``b [B, L, H, V]``, ``w [B, L, H]`` (or ``None``)
+    → ``[B, H, K, V]``, accumulated over blocks of tokens (a ``fori_loop`` of dynamic slices)
+    so the transposed operands of the products are block-sized, not ``L``-sized."""
+    L = a.shape[1]
+    blk = math.gcd(L, _CONTRACT_BLOCK)
+    if L <= _CONTRACT_BLOCK or blk < _CONTRACT_MIN_BLOCK:
+        aw = a if w is None else a * w[..., None]
+        return jnp.einsum("blhk,blhv->bhkv", aw, b)
+
+    def block_product(i):
+        sl = lambda x: lax.dynamic_slice_in_dim(x, i * blk, blk, axis=1)  # noqa: E731
+        ai = sl(a) if w is None else sl(a) * sl(w)[..., None]
+        return jnp.einsum("blhk,blhv->bhkv", ai, sl(b))
+
+    # the first block starts the sum (so the carry has the operands' sharding type)
+    return lax.fori_loop(1, L // blk, lambda i, acc: acc + block_product(i), block_product(0))
+
+
+def _compose(matrix: bool):
+    """``second ∘ first`` for the affine maps ``x ↦ A x + B`` (``A`` scalars per head or
+    ``K × K`` matrices acting on the state's K axis)."""
+    def compose(first, second):
+        A1, B1 = first
+        A2, B2 = second
+        if matrix:
+            return jnp.matmul(A2, A1), jnp.matmul(A2, B1) + B2
+        return A2 * A1, A2[..., None, None] * B1 + B2
+    return compose
 
 
 def _carry_in(A, Bst, axis_name, p, matrix: bool):
@@ -132,17 +246,68 @@ def _carry_in(A, Bst, axis_name, p, matrix: bool):
     ``c_p = E_{p−1}`` (zeros on device 0). ``A``: ``[B, H]`` scalars (``matrix=False``) or
     ``[B, H, K, K]`` matrices acting on the state's K axis."""
     Ag, Bg = lax.all_gather((A, Bst), axis_name)  # [P, ...]
-
-    def compose(first, second):  # second ∘ first
-        A1, B1 = first
-        A2, B2 = second
-        if matrix:
-            return jnp.matmul(A2, A1), jnp.matmul(A2, B1) + B2
-        return A2 * A1, A2[..., None, None] * B1 + B2
-
-    _, E = lax.associative_scan(compose, (Ag, Bg), axis=0)
+    _, E = lax.associative_scan(_compose(matrix), (Ag, Bg), axis=0)
     c = lax.dynamic_index_in_dim(E, jnp.maximum(p - 1, 0), 0, keepdims=False)
     return jnp.where(p > 0, c, jnp.zeros_like(c))
+
+
+def _carry_back(A, dcl, axis_name, p, P, matrix: bool):
+    """The transpose of :func:`_carry_in`: with ``dcl_p`` the cotangent of ``c_p`` through
+    device ``p``'s own outputs and final states, the total cotangent of the state entering
+    device ``p`` is ``dc_p = dcl_p + A_pᵀ dc_{p+1}`` (a reverse scan of the transposed
+    transforms: one all-gather, ``log P`` depth). Returns ``dE_p = dc_{p+1}``, the cotangent
+    of the state *leaving* device ``p`` (zeros on the last device)."""
+    Ag, Dg = lax.all_gather((A, dcl), axis_name)  # [P, ...]
+    if matrix:
+        Ag = jnp.swapaxes(Ag, -1, -2)
+    _, dc = lax.associative_scan(_compose(matrix), (jnp.flip(Ag, 0), jnp.flip(Dg, 0)), axis=0)
+    dc = jnp.flip(dc, 0)  # dc[p] = dc_p
+    nxt = lax.dynamic_index_in_dim(dc, jnp.minimum(p + 1, P - 1), 0, keepdims=False)
+    return jnp.where(p < P - 1, nxt, jnp.zeros_like(nxt))
+
+
+def _state_passing(local, transform, local_cot, axis_name, matrix: bool):
+    """The per-device computation with a custom VJP (LASP-2 style; docs/context_parallel.md).
+
+    * ``transform(xs, h0m) -> (A, B, aux)``: the device's affine map ``E = A c + B`` of the
+      state entering it (forward only, never differentiated) and what ``local_cot`` needs;
+    * the maps are all-gathered and composed (:func:`_carry_in`): ``c``;
+    * ``local(xs, enter(h0m, c)) -> (o, SF)``: ONE single-device chunked pass from the
+      incoming state, whose own VJP is kept (its residuals only).
+
+    Backward: ``local_cot(xs, aux, dO, dSF)`` is the cotangent of ``c`` through the device's
+    outputs and final states (a cheap state-sized contraction); :func:`_carry_back` turns
+    those into ``dE``, the cotangent of the state leaving the device, which joins the final
+    state's cotangent (``inject``) of ONE backward of the local pass. Since ``E = A c + B``
+    enters the rest only through ``E``, that single backward gives exactly the gradients of
+    ``A`` and ``B`` too: no correction terms are stored. ``leave`` keeps the initial states'
+    cotangent of the documents that did not enter from the previous device.
+    """
+    @jax.custom_vjp
+    def core(xs, h0m, lay):
+        P, p = _check_axis(axis_name)
+        A, Bst, _ = transform(xs, h0m, lay)
+        c = _carry_in(A, Bst, axis_name, p, matrix)
+        return local(xs, lay.enter(h0m, c), lay)
+
+    def fwd(xs, h0m, lay):
+        P, p = _check_axis(axis_name)
+        A, Bst, aux = transform(xs, h0m, lay)
+        c = _carry_in(A, Bst, axis_name, p, matrix)
+        out, vjp = jax.vjp(lambda xs_, h_: local(xs_, h_, lay), xs, lay.enter(h0m, c))
+        return out, (vjp, A, aux, xs, lay)
+
+    def bwd(res, cts):
+        vjp, A, aux, xs, lay = res
+        dO, dSF = cts
+        P, p = _check_axis(axis_name)
+        dcl = local_cot(xs, aux, dO, dSF, lay)
+        dE = _carry_back(A, dcl, axis_name, p, P, matrix)
+        dxs, dh0 = vjp((dO, lay.inject(dSF, dE)))
+        return dxs, lay.leave(dh0), None
+
+    core.defvjp(fwd, bwd)
+    return core
 
 
 def _final_states(SF, owns, h0, nonempty, axis_name):
@@ -208,45 +373,52 @@ def linear_attention(
     if scale is None:
         scale = K ** -0.5
     sd = _checks.state_dtype(q, k, v, log_decay, initial_state)
-    qf, kf, vf = q.astype(sd), k.astype(sd), v.astype(sd)
+    qf, kf, vf, sc = q.astype(sd), k.astype(sd), v.astype(sd), jnp.asarray(scale, sd)  # scale may be traced
     g = None if log_decay is None else log_decay.astype(sd)
     h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
-    # cumulative log-decay from the device's first token (a sum of values in [-inf, 0]:
-    # exp of it is exact 0 past a cut, with gradient 0)
-    G = None if g is None else jnp.cumsum(g, axis=1)  # [B, L, H]
-    decay = lambda idx: jnp.ones((B, H), sd) if G is None else jnp.exp(G[:, idx])  # noqa: E731
-    if cu_seqlens is None:
-        h0_loc = jnp.where(p == 0, h0, jnp.zeros_like(h0))
-        o, SF = _la_op(qf, kf, vf, scale=scale, log_decay=g, initial_state=h0_loc, output_final_state=True,
-                       chunk_size=chunk_size, impl=impl)
-        span_tok = jnp.broadcast_to(p > 0, (L,))
-        A = jnp.where(p > 0, decay(-1), 0.0)  # [B, H]
-        c = _carry_in(A, SF, axis_name, p, matrix=False)
-        SF = SF + A[..., None, None] * c
-        owns, nonempty = jnp.broadcast_to(p == P - 1, (B,)), None
-    else:
-        seg = _Segments(cu_seqlens, p, L)
-        h0_loc = jnp.where(_bcast(seg.span, 4), jnp.zeros_like(h0), h0)
-        o, SF = _la_op(qf, kf, vf, scale=scale, log_decay=g, initial_state=h0_loc, output_final_state=True,
-                       chunk_size=chunk_size, impl=impl, cu_seqlens=seg.local_cu)
-        span_tok = seg.span_tok
-        A = jnp.where(seg.span[seg.n_last], decay(-1), 0.0)  # [1, H]
-        c = _carry_in(A, SF[seg.n_last][None], axis_name, p, matrix=False)  # [1, H, K, V]
-        a_end = jnp.where(_bcast(seg.span, 2), decay(seg.end)[0] if G is not None else 1.0, 0.0)  # [N, H]
-        SF = SF + a_end[..., None, None] * c
-        owns, nonempty = seg.owns, seg.nonempty
-    gam = jnp.ones((B, L, H), sd) if G is None else jnp.exp(G)
-    gam = jnp.where(span_tok[None, :, None], gam, 0.0)
-    o = o + _incoming_la(qf, gam, c, jnp.asarray(scale, sd))
-    S = _final_states(SF, owns, h0, nonempty, axis_name) if output_final_state else None
+    lay = _Layout.build(cu_seqlens, p, P, B, L)
+
+    def local(xs, h0l, lay):
+        q_, k_, v_, g_, s_ = xs
+        return _la_op(q_, k_, v_, scale=s_, log_decay=g_, initial_state=h0l, output_final_state=True,
+                      chunk_size=chunk_size, impl=impl, cu_seqlens=lay.local_cu)
+
+    def transform(xs, h0m, lay):
+        # the state leaving the device from a zero incoming state, B = Σ_t e^{G_last − G_t} k_tᵀ v_t
+        # over the device's last document (+ its decayed initial state if it starts here), and
+        # A = e^{G_last − G_start} if that document entered from the previous device
+        _, k_, v_, g_, _ = xs
+        gm = jnp.zeros((B, L, H), sd) if g_ is None else g_
+        tok = lay.last_doc_tokens()  # [L] bool or None
+        if tok is not None:
+            gm = jnp.where(tok[None, :, None], gm, 0.0)
+        incl = jnp.flip(jnp.cumsum(jnp.flip(gm, 1), axis=1), 1)  # Σ_{s ≥ t} g_s
+        w = jnp.exp(jnp.concatenate([incl[:, 1:], jnp.zeros_like(incl[:, :1])], axis=1))  # Σ_{s > t}
+        if tok is not None:
+            w = jnp.where(tok[None, :, None], w, 0.0)
+        dec = jnp.exp(incl[:, 0])  # [B, H]
+        Bst = _contract_tokens(k_, v_, w) + dec[..., None, None] * lay.last(h0m)
+        A = jnp.where(lay.last_span()[:, None], dec, 0.0)
+        return A, Bst, None
+
+    def local_cot(xs, aux, dO, dSF, lay):
+        # o_t ∋ e^{G_t} q̃_t c on the entering document's tokens, S_n ∋ e^{G_end(n)} c
+        q_, _, _, g_, s_ = xs
+        G = None if g_ is None else jnp.cumsum(g_, axis=1)  # from the device's first token
+        gam = jnp.ones((B, L, H), sd) if G is None else jnp.exp(G)
+        gam = jnp.where(lay.span_tok[None, :, None], gam, 0.0)
+        dcl = _contract_tokens(q_, dO, s_ * gam)
+        if G is None:
+            a_end = jnp.ones(dSF.shape[:2], sd)
+        else:
+            a_end = jnp.exp(G[:, -1]) if cu_seqlens is None else jnp.exp(G[0, lay.end])  # [B or N, H]
+        a_end = jnp.where(lay.span[:, None], a_end, 0.0)
+        return dcl + lay.to_carry(a_end[..., None, None] * dSF)
+
+    core = _state_passing(local, transform, local_cot, axis_name, matrix=False)
+    o, SF = core((qf, kf, vf, g, sc), lay.h0m(h0 + _varying_zero(qf)), lay)
+    S = _final_states(SF, lay.owns, h0, lay.nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
-
-
-@functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-def _incoming_la(q, gam, c, scale):
-    """The incoming state's share of the outputs, ``e^{G_t} (scale·q_t) c``; rematerialised so
-    the backward keeps only its inputs (no ``[B, L, H, K]`` product is stored)."""
-    return jnp.einsum("blhk,bhkv->blhv", q * (scale * gam)[..., None], c)
 
 
 def delta_rule(
@@ -269,9 +441,9 @@ def delta_rule(
 
     ``S_t = (I − β_t k_tᵀ k_t) e^{g_t} S_{t−1} + β_t k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` over
     the whole sequence (``tt.delta_rule``). Over one device the map from the incoming state is
-    affine, ``S ↦ A_p S + B_p`` with ``A_p`` ``K × K``: one local chunked pass on ``[v | 0]``
-    from ``[0 | I_K]`` gives ``B_p``, ``A_p`` and the outputs' dependence on the incoming state;
-    an all-gather and a log-depth scan of the P transforms give the incoming state
+    affine, ``S ↦ A_p S + B_p`` with ``A_p`` ``K × K``: a forward-only pass on ``[v | 0]``
+    from ``[0 | I_K]`` gives ``A_p`` and ``B_p``, an all-gather and a log-depth scan of the P
+    transforms the incoming state, and one chunked pass from it the outputs
     (docs/context_parallel.md).
 
     Args:
@@ -295,27 +467,63 @@ def delta_rule(
         scale = K ** -0.5
     sd = _checks.state_dtype(q, k, v, beta, log_decay, initial_state)
     qf, kf, vf, bf = q.astype(sd), k.astype(sd), v.astype(sd), beta.astype(sd)
+    sc = jnp.asarray(scale, sd)  # may be traced
     g = None if log_decay is None else log_decay.astype(sd)
     h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
-    eye = jnp.broadcast_to(jnp.eye(K, dtype=sd), (N, H, K, K))
-    fresh = jnp.concatenate([h0, jnp.zeros_like(eye)], axis=-1)
-    entered = jnp.concatenate([jnp.zeros_like(h0), eye], axis=-1)
-    cu_loc = None
-    if cu_seqlens is None:
-        h0_loc = jnp.where(p == 0, fresh, entered)
-        owns, nonempty = jnp.broadcast_to(p == P - 1, (B,)), None
-    else:
-        seg = _Segments(cu_seqlens, p, L)
-        h0_loc, cu_loc = jnp.where(_bcast(seg.span, 4), entered, fresh), seg.local_cu
-        owns, nonempty = seg.owns, seg.nonempty
-    o, SF = _delta_op(qf, kf, _widen(vf, K), bf, scale=scale, log_decay=g, initial_state=h0_loc,
-                      output_final_state=True, chunk_size=chunk_size, impl=impl, cu_seqlens=cu_loc)
-    last = SF if cu_seqlens is None else SF[seg.n_last][None]
-    c = _carry_in(last[..., V:], last[..., :V], axis_name, p, matrix=True)  # [B or 1, H, K, V]
-    # A = 0 wherever the state did not come from the previous device (no I_K columns there)
-    SF = SF[..., :V] + jnp.matmul(SF[..., V:], c)
-    o = o[..., :V] + jnp.einsum("blhk,bhkv->blhv", o[..., V:], c)
-    S = _final_states(SF, owns, h0, nonempty, axis_name) if output_final_state else None
+    lay = _Layout.build(cu_seqlens, p, P, B, L)
+
+    def local(xs, h0l, lay):
+        q_, k_, v_, b_, g_, s_ = xs
+        return _delta_op(q_, k_, v_, b_, scale=s_, log_decay=g_, initial_state=h0l, output_final_state=True,
+                         chunk_size=chunk_size, impl=impl, cu_seqlens=lay.local_cu)
+
+    def widened(xs, h0m, lay, dO=None):
+        # forward-only passes on [v | 0_K] from [0 | I_K] (entering document) / [h0 | 0], block by
+        # block of tokens (the state carried between blocks; block-sized temporaries): the last K
+        # state columns are Φ, the first V the state from a zero incoming state, the last K output
+        # columns q̃_t Φ_t — contracted with dO block by block when dO is given
+        # (with dO only the K columns: v = 0_K from I_K / 0, which gives Φ and q̃_t Φ alone)
+        q_, k_, v_, b_, g_, s_ = xs
+        eye = jnp.broadcast_to(jnp.eye(K, dtype=sd), h0m.shape[:2] + (K, K))
+        phi0 = jnp.where(_bcast(lay.span, 4), eye, 0.0) + _varying_zero(q_)
+        h0w = jnp.concatenate([h0m, phi0], axis=-1) if dO is None else phi0
+        C = chunk_size  # blocks: the largest multiple of C dividing L, at most _BLOCK_TOKENS tokens
+        Lb = next((m for m in range(min(_BLOCK_TOKENS, L) // C * C, 0, -C) if L % m == 0), L)
+        nb = L // Lb
+
+        def run(i, S):
+            sl = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, i * Lb, Lb, axis=1)  # noqa: E731
+            cu = None if lay.local_cu is None else jnp.clip(lay.local_cu - i * Lb, 0, Lb)
+            vw = _widen(sl(v_), K) if dO is None else jnp.zeros(sl(k_).shape, sd)
+            ow, S = _delta_op(sl(q_), sl(k_), vw, sl(b_), scale=s_, log_decay=sl(g_),
+                              initial_state=S, output_final_state=True, chunk_size=chunk_size, impl=impl,
+                              cu_seqlens=cu)
+            acc = None if dO is None else _contract_tokens(ow, sl(dO))
+            return S, acc
+
+        S, acc = run(0, h0w)  # the first block starts the carry (its sharding type)
+        if nb > 1:
+            def body(i, carry):
+                S, acc = run(i, carry[0])
+                return S, (None if dO is None else carry[1] + acc)
+            S, acc = lax.fori_loop(1, nb, body, (S, acc))
+        return S, acc
+
+    def transform(xs, h0m, lay):
+        # A = Φ and B = the V columns of the state leaving the device (its last document)
+        SFw, _ = widened(xs, h0m, lay)
+        last = lay.last(SFw)
+        return last[..., V:], last[..., :V], h0m
+
+    def local_cot(xs, h0m, dO, dSF, lay):
+        # o_t ∋ (q̃_t Φ_t) c, S_n ∋ Φ_n c (Φ = 0 for documents starting here): the block-wise
+        # pass again on the K columns only (nothing token-sized is stored between the passes)
+        phi, dcl = widened(xs, h0m, lay, dO)
+        return dcl + lay.to_carry(jnp.einsum("nhkj,nhkv->nhjv", phi, dSF))
+
+    core = _state_passing(local, transform, local_cot, axis_name, matrix=True)
+    o, SF = core((qf, kf, vf, bf, g, sc), lay.h0m(h0 + _varying_zero(qf)), lay)
+    S = _final_states(SF, lay.owns, h0, lay.nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
 
 
