@@ -211,6 +211,14 @@ def _mini_batch_mask(te, T, C):
     return jnp.where(same, te[pos][:, None], 0.0) + jnp.where(earlier, te[C - 1], 0.0)
 
 
+#: rows of a mini-batch unrolled into straight-line code in the primal form's row loop
+_ROW_UNROLL = 16
+
+
+def _rows(x):  # [B, H, c, ...] -> [c, B, H, ...] (scan over the rows of a mini-batch)
+    return jnp.moveaxis(x, 2, 0)
+
+
 def _with_one(x):  # the bias as an extra key / query dimension
     return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], -1)
 
@@ -312,6 +320,9 @@ class _TTTBase(Rule):
             x = x.reshape((x.shape[0], n, c) + x.shape[2:])
             return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
+        # the backward recomputes each mini-batch from its saved initial state (its residuals
+        # are never stacked over the sequence): less memory traffic, faster on CPU
+        step = jax.checkpoint(step)
         outs = []
         if N > 0:
             st, o = lax.scan(lambda s, x: step(s, x, token_eta), st,
@@ -389,31 +400,45 @@ class TTTLinearRule(_TTTBase):
     def _step(self, st, x, token_eta, gamma, beta):
         W, b = st
         q, k, v, lr = x  # [B, H, c, D] ×3, [B, H, c]
-        Z = jnp.einsum("bhcd,bhde->bhce", k, W)
+        c = q.shape[2]
+        if self.impl == "dual":  # k W and q W in one matmul
+            Zkq = jnp.einsum("bhcd,bhde->bhce", jnp.concatenate([k, q], axis=2), W)
+            Z, qW = Zkq[:, :, :c], Zkq[:, :, c:]
+        else:
+            Z = jnp.einsum("bhcd,bhde->bhce", k, W)
         if self.bias:
             Z = Z + b[:, :, None, :]
         G = _grad_z(Z, v - k if self.residual else v, gamma, beta, self.eps, self.layer_norm)
-        eta = _token_eta_lr(token_eta, lr)  # [B, H, c, c], lower triangular
         if self.impl == "dual":
+            eta = _token_eta_lr(token_eta, lr)  # [B, H, c, c], lower triangular
             attn = jnp.einsum("bhid,bhjd->bhij", q, k)
-            Zbar = jnp.einsum("bhid,bhde->bhie", q, W) - jnp.einsum("bhij,bhje->bhie", eta * attn, G)
-            if self.bias:
-                Zbar = Zbar + b[:, :, None, :] - jnp.einsum("bhij,bhje->bhie", eta, G)
-            last = eta[:, :, -1, :]  # eta[c−1, j]
-            W_new = W - jnp.einsum("bhj,bhjd,bhje->bhde", last, k, G)
-            b_new = b - jnp.einsum("bhj,bhje->bhe", last, G) if self.bias else b
+            if self.bias:  # the bias as an extra key/query dimension of value 1
+                qW = qW + b[:, :, None, :]
+                attn = attn + 1.0
+            Zbar = qW - jnp.einsum("bhij,bhje->bhie", eta * attn, G)
+            lG = eta[:, :, -1, :, None] * G  # eta[c−1, j] G_j
+            W_new = W - jnp.einsum("bhjd,bhje->bhde", k, lG)
+            b_new = b - jnp.sum(lG, axis=2) if self.bias else b
         else:
-            te = token_eta[:, None, None]
-            cum = jnp.cumsum(jnp.einsum("bhj,bhjd,bhje->bhjde", lr, k, G), axis=2)
-            Wi = W[:, :, None] - te * cum  # [B, H, c, D, D] per-row weights
-            Zbar = jnp.einsum("bhid,bhide->bhie", q, Wi)
-            W_new = Wi[:, :, -1]
-            if self.bias:
-                bi = b[:, :, None] - token_eta[:, None] * jnp.cumsum(lr[..., None] * G, axis=2)
-                Zbar = Zbar + bi
-                b_new = bi[:, :, -1]
-            else:
-                b_new = b
+            # per-row weights W_i = W − token_eta[i] S_i with the running sum
+            # S_i = Σ_{j≤i} lr_j k_jᵀ G_j of rank-1 gradients, one row at a time
+            def row(carry, xi):
+                SW, Sb = carry
+                qi, ki, Gi, li, ti = xi  # [B, H, D] ×3, [B, H], scalar
+                lGi = li[..., None] * Gi
+                SW = SW + ki[..., :, None] * lGi[..., None, :]
+                z = jnp.einsum("bhd,bhde->bhe", qi, W - ti * SW)  # q_i W_i
+                if self.bias:
+                    Sb = Sb + lGi
+                    z = z + (b - ti * Sb)  # + b_i
+                return (SW, Sb), z
+
+            (SW, Sb), Zbar = lax.scan(row, (jnp.zeros_like(W), jnp.zeros_like(b)),
+                                      (_rows(q), _rows(k), _rows(G), _rows(lr), token_eta),
+                                      unroll=min(c, _ROW_UNROLL))
+            Zbar = jnp.moveaxis(Zbar, 0, 2)
+            W_new = W - token_eta[c - 1] * SW  # the last row's weights
+            b_new = b - token_eta[c - 1] * Sb if self.bias else b
         return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta)
 
     def recurrent(
@@ -560,41 +585,67 @@ class TTTMLPRule(_TTTBase):
     def _step(self, st, x, token_eta, gamma, beta):
         W1, b1, W2, b2 = st
         q, k, v, lr = x
-        G1, G2, x2 = ttt_mlp_inner_grad(W1, b1, W2, b2, k, v, gamma, beta, eps=self.eps,
-                                        layer_norm=self.layer_norm, bias=self.bias,
-                                        residual=self.residual)
-        eta = _token_eta_lr(token_eta, lr)
-        last = eta[:, :, -1, :]
-        if self.impl == "dual":
-            Z1bar = (jnp.einsum("bhid,bhdf->bhif", q, W1)
-                     - jnp.einsum("bhij,bhjf->bhif", eta * jnp.einsum("bhid,bhjd->bhij", q, k), G1))
-            if self.bias:
-                Z1bar = Z1bar + b1[:, :, None, :] - jnp.einsum("bhij,bhjf->bhif", eta, G1)
-            x2bar = gelu_tanh(Z1bar)
-            Z2bar = (jnp.einsum("bhif,bhfd->bhid", x2bar, W2)
-                     - jnp.einsum("bhij,bhjd->bhid", eta * jnp.einsum("bhif,bhjf->bhij", x2bar, x2), G2))
-            if self.bias:
-                Z2bar = Z2bar + b2[:, :, None, :] - jnp.einsum("bhij,bhjd->bhid", eta, G2)
-            W1n = W1 - jnp.einsum("bhj,bhjd,bhjf->bhdf", last, k, G1)
-            W2n = W2 - jnp.einsum("bhj,bhjf,bhjd->bhfd", last, x2, G2)
-            b1n = b1 - jnp.einsum("bhj,bhjf->bhf", last, G1) if self.bias else b1
-            b2n = b2 - jnp.einsum("bhj,bhjd->bhd", last, G2) if self.bias else b2
+        c = q.shape[2]
+        if self.impl == "dual":  # k W1 and q W1 in one matmul
+            Z1kq = jnp.einsum("bhcd,bhdf->bhcf", jnp.concatenate([k, q], axis=2), W1)
+            Z1, qW1 = Z1kq[:, :, :c], Z1kq[:, :, c:]
         else:
-            te = token_eta[:, None, None]
-            W1i = W1[:, :, None] - te * jnp.cumsum(jnp.einsum("bhj,bhjd,bhjf->bhjdf", lr, k, G1), axis=2)
-            W2i = W2[:, :, None] - te * jnp.cumsum(jnp.einsum("bhj,bhjf,bhjd->bhjfd", lr, x2, G2), axis=2)
-            Z1bar = jnp.einsum("bhid,bhidf->bhif", q, W1i)
+            Z1 = jnp.einsum("bhcd,bhdf->bhcf", k, W1)
+        if self.bias:
+            Z1 = Z1 + b1[:, :, None, :]
+        x2 = gelu_tanh(Z1)
+        Z2 = jnp.einsum("bhcf,bhfd->bhcd", x2, W2)
+        if self.bias:
+            Z2 = Z2 + b2[:, :, None, :]
+        G2 = _grad_z(Z2, v - k if self.residual else v, gamma, beta, self.eps, self.layer_norm)
+        G1 = jnp.einsum("bhcd,bhfd->bhcf", G2, W2) * gelu_tanh_grad(Z1)
+        if self.impl == "dual":
+            eta = _token_eta_lr(token_eta, lr)
+            a1 = jnp.einsum("bhid,bhjd->bhij", q, k)
+            if self.bias:  # the biases as an extra key/query dimension of value 1
+                qW1 = qW1 + b1[:, :, None, :]
+                a1 = a1 + 1.0
+            x2bar = gelu_tanh(qW1 - jnp.einsum("bhij,bhjf->bhif", eta * a1, G1))
+            a2 = jnp.einsum("bhif,bhjf->bhij", x2bar, x2)
             if self.bias:
-                b1i = b1[:, :, None] - token_eta[:, None] * jnp.cumsum(lr[..., None] * G1, axis=2)
-                b2i = b2[:, :, None] - token_eta[:, None] * jnp.cumsum(lr[..., None] * G2, axis=2)
-                Z1bar = Z1bar + b1i
-            Z2bar = jnp.einsum("bhif,bhifd->bhid", gelu_tanh(Z1bar), W2i)
+                a2 = a2 + 1.0
+            Z2bar = (jnp.einsum("bhif,bhfd->bhid", x2bar, W2)
+                     - jnp.einsum("bhij,bhjd->bhid", eta * a2, G2))
             if self.bias:
-                Z2bar = Z2bar + b2i
-                b1n, b2n = b1i[:, :, -1], b2i[:, :, -1]
-            else:
-                b1n, b2n = b1, b2
-            W1n, W2n = W1i[:, :, -1], W2i[:, :, -1]
+                Z2bar = Z2bar + b2[:, :, None, :]
+            last = eta[:, :, -1, :, None]  # eta[c−1, j]
+            lG1, lG2 = last * G1, last * G2
+            W1n = W1 - jnp.einsum("bhjd,bhjf->bhdf", k, lG1)
+            W2n = W2 - jnp.einsum("bhjf,bhjd->bhfd", x2, lG2)
+            b1n = b1 - jnp.sum(lG1, axis=2) if self.bias else b1
+            b2n = b2 - jnp.sum(lG2, axis=2) if self.bias else b2
+        else:
+            # per-row weights of both layers, W1_i = W1 − token_eta[i] Σ_{j≤i} lr_j k_jᵀ G1_j and
+            # W2_i = W2 − token_eta[i] Σ_{j≤i} lr_j x2_jᵀ G2_j, one row at a time
+            def row(carry, xi):
+                S1, s1, S2, s2 = carry
+                qi, ki, x2i, G1i, G2i, li, ti = xi
+                l1, l2 = li[..., None] * G1i, li[..., None] * G2i
+                S1 = S1 + ki[..., :, None] * l1[..., None, :]
+                S2 = S2 + x2i[..., :, None] * l2[..., None, :]
+                z1 = jnp.einsum("bhd,bhdf->bhf", qi, W1 - ti * S1)  # q_i W1_i
+                if self.bias:
+                    s1 = s1 + l1
+                    z1 = z1 + (b1 - ti * s1)
+                z2 = jnp.einsum("bhf,bhfd->bhd", gelu_tanh(z1), W2 - ti * S2)
+                if self.bias:
+                    s2 = s2 + l2
+                    z2 = z2 + (b2 - ti * s2)
+                return (S1, s1, S2, s2), z2
+
+            zeros = tuple(jnp.zeros_like(w) for w in st)
+            (S1, s1, S2, s2), Z2bar = lax.scan(
+                row, zeros, (_rows(q), _rows(k), _rows(x2), _rows(G1), _rows(G2), _rows(lr), token_eta),
+                unroll=min(c, _ROW_UNROLL))
+            Z2bar = jnp.moveaxis(Z2bar, 0, 2)
+            te = token_eta[c - 1]  # the next mini-batch starts from the last row's weights
+            W1n, W2n = W1 - te * S1, W2 - te * S2
+            b1n, b2n = (b1 - te * s1, b2 - te * s2) if self.bias else (b1, b2)
         return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta)
 
     def _check_state(self, state, B: int, H: int, D: int) -> TTTMLPState:
