@@ -12,7 +12,8 @@ also timed (float32) for reference.
 
     python benchmarks/kernels.py [--T 2048 8192] [--B 4] [--H 16] [--repeats 5]
                                  [--no-tune-malloc] [--out benchmarks/results/kernels.json]
-    python benchmarks/kernels.py --accuracy   # bfloat16 vs float64, every kernel (kernels_bf16.json)
+    python benchmarks/kernels.py --accuracy   # bfloat16 vs float64, every kernel (kernels_bf16.json),
+                                              # linear attention per head and per channel
 
 Measured times are the **median** of ``--repeats`` calls after one compile + warm-up call
 (``benchmarks/_timing.timeit(...)["median"]``, as before the shared helper); the JSON's
@@ -132,9 +133,10 @@ def accuracy(out_path, T=256, K=64, C=64, seed=0):
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
         return [np.asarray(x, np.float64) for x in tuple(out) + tuple(grads)]
 
+    g_channel = -rng.uniform(0.0, 0.1, size=(B, T, H, K))  # per key channel (GLA)
     cases = []
-    for masking in ("causal", "chunk"):
-        args = (bf(q), bf(k / np.sqrt(K)), bf(v), f32(g), f32(S0))
+    for masking, gate in (("causal", g), ("chunk", g), ("causal", g_channel), ("chunk", g_channel)):
+        args = (bf(q), bf(k / np.sqrt(K)), bf(v), f32(gate), f32(S0))
         names = ("o", "S_T", "dq", "dk", "dv", "dlog_decay", "dS0")
         kern = lambda q_, k_, v_, g_, s_, m=masking: kernels.linear_attention(  # noqa: E731
             q_, k_, v_, log_decay=g_, initial_state=s_, masking=m, chunk_size=C, output_final_state=True,
@@ -142,7 +144,8 @@ def accuracy(out_path, T=256, K=64, C=64, seed=0):
         ref = lambda q_, k_, v_, g_, s_, m=masking: tt.linear_attention(  # noqa: E731
             q_, k_, v_, log_decay=g_, initial_state=s_, masking=m, chunk_size=C, output_final_state=True,
             impl="chunked")
-        cases.append((f"linear_attention {masking}", names, kern, ref, args))
+        label = "linear_attention" + (" per-channel" if gate.ndim == 4 else "")
+        cases.append((f"{label} {masking}", names, kern, ref, args))
     args = (bf(q), bf(k_unit), bf(v), f32(beta), f32(g), f32(S0))
     names = ("o", "S_T", "dq", "dk", "dv", "dbeta", "dlog_decay", "dS0")
     kern = lambda q_, k_, v_, b_, g_, s_: kernels.delta_rule(  # noqa: E731
@@ -160,7 +163,7 @@ def accuracy(out_path, T=256, K=64, C=64, seed=0):
         want = run(ref, tuple(f64(x) for x in args))
         errs = {n: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) for n, a, b in zip(names, got, want)}
         result["errors"][label] = errs
-        print(f"{label:22s} " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+        print(f"{label:36s} " + "  ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
     result["machine"] = m = machine(start)
     print(describe(m))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

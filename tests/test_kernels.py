@@ -404,7 +404,9 @@ def packed_pair(masking, C, interpret, cu, **kw):
 # (interpret, masking, K, V, cu_seqlens): head dims between the tiles (zero-padded inside the
 # wrapper) and packed sequences with an empty one, one shorter than a chunk, one spanning chunks.
 ODD_CASES = [
-    ("gpu", "causal", 48, 96, (0, 5, 5, 21)),
+    # slow since the per-channel default case (gpu, causal, K = 48 padded, packed with an empty
+    # sequence) covers the same Triton packed path; the Mosaic packed + padded case stays default
+    pytest.param("gpu", "causal", 48, 96, (0, 5, 5, 21), marks=pytest.mark.slow),
     ("tpu", "chunk", 200, 32, (0, 17, 21)),
     pytest.param("gpu", "chunk", 32, 200, (0, 3, 20, 21, 21), marks=pytest.mark.slow),
     pytest.param("tpu", "causal", 96, 48, (0, 21), marks=pytest.mark.slow),
