@@ -25,13 +25,15 @@ the tests:
 
 * ``impl="dual"`` (the reference's matmul form, Sun et al. §2.5 "dual form"):
   ``Z̄ = Q W − (eta ⊙ tril(Q Kᵀ)) G + b − tril(eta) G`` — never materialises per-row weights.
-* ``impl="primal"``: per-row weights ``W_i = W − token_eta[i] · cumsum_j(lr_j k_jᵀ G_j)``
-  materialised (``[C, D, D]`` per head), then ``o_i = q_i + LN(q_i W_i + b_i)``.
+* ``impl="primal"``: row by row (a ``lax.scan`` over the mini-batch's rows), the running sum
+  ``S_i = S_{i−1} + lr_i k_iᵀ G_i`` of rank-1 gradients gives row i's own weights
+  ``W_i = W − token_eta[i] · S_i``, then ``o_i = q_i + LN(q_i W_i + b_i)``.
 
 Inner gradients are in closed form (:func:`ln_l2_grad` back-propagates through the
 LayerNorm by hand, as the reference's ``ln_fused_l2_bwd``); the tests check them
 against ``jax.grad`` of the inner loss. The outer gradient is ordinary autodiff through
-the ``lax.scan`` over mini-batches.
+the ``lax.scan`` over mini-batches, with each mini-batch recomputed in the backward from
+its initial fast weights (``jax.checkpoint``, docs/rules/ttt.md).
 
 Associativity (docs/rules/ttt.md note, §2): the inner LayerNorm makes ``G`` a nonlinear function of
 the state and is applied again on the read, the bias and the ``q`` residual (with the
