@@ -5,10 +5,10 @@ Every sharded run is compared with the single-device run in float64 at 1e-10: ou
 final caches and gradients w.r.t. the input and every parameter, with T not a multiple of
 the number of sequence devices (padded at the end). The multi-device checks run in ONE
 subprocess per group with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (it must
-be set before jax is imported); compilation dominates, so the default suite keeps three
-cases (a pipelined mixer whose halo spans devices, an associative mixer whose conv halo
-spans three devices, the language model on a data x seq mesh); every registered mixer at
-seq = 2, 4, 8 and the training CLI are ``@slow``.
+be set before jax is imported); compilation dominates, so the default suite keeps one case
+(the language model with an associative layer whose conv halo spans devices and a pipelined
+layer, on a data x seq mesh); single mixers, every registered mixer at seq = 2, 4, 8 and the
+training CLI (also with packed documents) are ``@slow``.
 """
 import json
 import os
@@ -93,10 +93,10 @@ CHECKS = textwrap.dedent('''
         return {"form": form, "y": diff(y0, y1), "loss": abs(float(l0 - l1)), "grads": diff(g0, g1),
                 "y_inside": diff(yr, yd), "cache": diff(cr, cd), "y_scale": float(jnp.max(jnp.abs(y0)))}
 
-    def check_lm(mixers, seq, data, T):
+    def check_lm(mixers, seq, data, T, options=None):
         B = 2
         cfg = LMConfig(vocab_size=32, width=8, num_layers=len(mixers), num_heads=2, mixers=tuple(mixers),
-                       mixer_options={"swa": {"window": 3}} if "swa" in mixers else (),
+                       mixer_options=options or ({"swa": {"window": 3}} if "swa" in mixers else ()),
                        dtype=F64, param_dtype=F64)
         model = LanguageModel(cfg, rngs=nnx.Rngs(0))
         gd, st = nnx.split(model)
@@ -153,12 +153,21 @@ def _assert_equal_runs(res):
 
 
 DEFAULT_CASES = [
+    # the language model: an associative layer whose short conv's halo (3 taps) spans two
+    # devices (8 / 4 = 2 tokens each) and a pipelined one (sliding window 3 > a slice), RoPE
+    # at global positions, batch also sharded (data=2); no padding, so the cache is compared
+    dict(id="lm_seq4_data2", kind="lm", mixers=["linear_attention", "swa"], seq=4, data=2, T=8,
+         options={"linear_attention": {"short_conv": 4, "chunk_size": 2}, "swa": {"window": 3}}),
+]
+# single mixers (final cache from inside shard_map, padding by sharded_mixer): @slow, with
+# the every-mixer sweep (default-suite budget; the LM case covers both forms and the halo)
+MIXER_CASES = [
     # pipelined: the sliding window (4) is longer than a device's slice (13 -> 16 / 4 = 4
     # tokens) plus one padded token; batch also sharded (data=2)
     dict(id="swa_seq4_data2", kind="mixer", name="swa", opts={"window": 5}, seq=4, data=2, T=13),
     # associative: the short conv's halo (3 taps) spans devices (16 / 8 = 2 tokens each)
     dict(id="delta_net_seq8", kind="mixer", name="delta_net", opts={"chunk_size": 2}, seq=8, data=1, T=13),
-    # the language model: an associative and a pipelined layer, RoPE at global positions
+    # the language model at seq=2 with one padded token
     dict(id="lm_seq2_data2", kind="lm", mixers=["linear_attention", "swa"], seq=2, data=2, T=7),
 ]
 
@@ -168,25 +177,27 @@ def default_results():
     return _run_checks([dict(c) for c in DEFAULT_CASES])
 
 
-def test_sharded_mixers_and_model_equal_one_device(default_results):
+def test_sharded_model_equals_one_device(default_results):
     assert set(default_results) == {c["id"] for c in DEFAULT_CASES}
-    assert default_results["swa_seq4_data2"]["form"] == "pipelined"
-    assert default_results["delta_net_seq8"]["form"] == "associative"
-    for key, r in default_results.items():
-        assert r.get("y_scale", 1.0) > 1e-3, (key, r)  # outputs are not trivially zero
+    assert "cache" in default_results["lm_seq4_data2"]
     _assert_equal_runs(default_results)
 
 
 @pytest.mark.slow
 def test_every_mixer_at_seq_2_4_8_equals_one_device():
-    """Every registered mixer (its default options) at seq = 2, 4, 8, T = 13 (padded)."""
+    """Every registered mixer (its default options) at seq = 2, 4, 8, T = 13 (padded), and
+    the single-mixer cases above."""
     from tttla_jax.nn import MIXERS
     cases = [dict(id=f"{name}_seq{s}", kind="mixer", name=name, opts={}, seq=s, data=1, T=13)
              for name in sorted(MIXERS) for s in (2, 4, 8)]
+    cases += [dict(c) for c in MIXER_CASES]
     cases += [dict(id="lm_all_seq4", kind="lm", mixers=sorted(MIXERS), seq=4, data=2, T=9),
               dict(id="lm_all_seq8_nopad", kind="lm", mixers=sorted(MIXERS), seq=8, data=1, T=16)]
     res = _run_checks(cases, timeout=6000)
     assert set(res) == {c["id"] for c in cases}
+    assert res["swa_seq4_data2"]["form"] == "pipelined" and res["delta_net_seq8"]["form"] == "associative"
+    for key, r in res.items():
+        assert r.get("y_scale", 1.0) > 1e-3, (key, r)  # outputs are not trivially zero
     _assert_equal_runs(res)
 
 
@@ -196,13 +207,15 @@ TINY = dict(steps=6, width=32, num_layers=2, num_heads=2, seq_len=30, batch_size
             mixers=["delta_net", "swa"], window=8, lr=1e-2, warmup_steps=2, log_every=1, eval_every=3,
             eval_batches=1, ckpt_every=2, keep=5, progress=False, plot=False, sample_tokens=0,
             pack_documents="false")
+# with this seed a row of the 6 training steps holds a document boundary (~1 row in 100 does)
+PACK_SEED = 8
 # float32: the sharded runs sum in another order (measured: relative differences <= 6e-7)
 RTOL = 2e-5
 
 
-def _cli(run_dir, mesh, extra=()):
+def _cli(run_dir, mesh, extra=(), **over):
     args = [sys.executable, "-m", "train", "--ckpt-dir", str(run_dir), "--mesh", mesh]
-    for k, v in TINY.items():
+    for k, v in {**TINY, **over}.items():
         flag = "--" + k.replace("_", "-")
         args += [flag, *v] if isinstance(v, list) else [flag, str(v)]
     return args + list(extra)
@@ -217,23 +230,37 @@ def _losses(run_dir, key="loss", kind="train"):
 @pytest.mark.slow
 def test_train_cli_seq_meshes_match_one_device_and_resume_bitwise(tmp_path):
     """python -m train --mesh data=2,seq=4 and data=2,fsdp=2,seq=2 (8 host devices, T = 30
-    not a multiple of the seq axis) give the single-device loss curve; a data=2,seq=4 run
+    not a multiple of the seq axis) give the single-device loss curve, also with
+    --pack-documents true (data=2,seq=4; documents span devices); a data=2,seq=4 run
     killed with SIGKILL and resumed ends bitwise equal to the uninterrupted one."""
     from tttla_jax.train.checkpoint import load_final
     runs = {}
-    for name, mesh in [("one", "data=1"), ("ds", "data=2,seq=4"), ("dfs", "data=2,fsdp=2,seq=2")]:
-        p = subprocess.run(_cli(tmp_path / name, mesh), cwd=REPO, env=_env(8), capture_output=True,
-                           text=True, timeout=1800)
+    for name, mesh, pack in [("one", "data=1", "false"), ("ds", "data=2,seq=4", "false"),
+                             ("dfs", "data=2,fsdp=2,seq=2", "false"), ("one_pack", "data=1", "true"),
+                             ("ds_pack", "data=2,seq=4", "true")]:
+        over = dict(pack_documents=pack, seed=PACK_SEED) if pack == "true" else {}
+        p = subprocess.run(_cli(tmp_path / name, mesh, **over), cwd=REPO, env=_env(8),
+                           capture_output=True, text=True, timeout=1800)
         assert p.returncode == 0, p.stderr[-4000:]
         runs[name] = p.stdout
     assert "mesh: data=2, fsdp=1, seq=4 over 8 devices" in runs["ds"]
     assert "mesh: data=2, fsdp=2, seq=2 over 8 devices" in runs["dfs"]
-    one = _losses(tmp_path / "one")
-    assert len(one) == TINY["steps"] and one[-1] < one[0]
-    for name in ("ds", "dfs"):
-        np.testing.assert_allclose(_losses(tmp_path / name), one, rtol=RTOL)
-        np.testing.assert_allclose(_losses(tmp_path / name, "eval_loss", "eval"),
-                                   _losses(tmp_path / "one", "eval_loss", "eval"), rtol=RTOL)
+    for ref, names in (("one", ("ds", "dfs")), ("one_pack", ("ds_pack",))):
+        one = _losses(tmp_path / ref)
+        assert len(one) == TINY["steps"] and one[-1] < one[0]
+        for name in names:
+            np.testing.assert_allclose(_losses(tmp_path / name), one, rtol=RTOL)
+            np.testing.assert_allclose(_losses(tmp_path / name, "eval_loss", "eval"),
+                                       _losses(tmp_path / ref, "eval_loss", "eval"), rtol=RTOL)
+    # the packed runs are not vacuous: a training row holds two documents (boundary at byte
+    # 20 of 30: on seq=4, 8 bytes a device, the first spans devices 0-2, the second 2-3)
+    from tttla_jax.train import data as data_lib
+    from tttla_jax.train.config import make_config
+    cfg = make_config("lm-tiny", **{k: v for k, v in TINY.items() if k in ("steps", "seq_len", "batch_size")},
+                      pack_documents=True, seed=PACK_SEED)
+    it = iter(data_lib.train_loader(cfg))
+    cus = np.concatenate([np.asarray(next(it)["cu_seqlens"]) for _ in range(TINY["steps"])])
+    assert np.any((cus > 0) & (cus < TINY["seq_len"])), cus
 
     # kill -9 mid-run, then --resume: bitwise the uninterrupted data=2,seq=4 run
     d = tmp_path / "killed"

@@ -30,6 +30,12 @@ How a mixer shards is a class attribute, :attr:`tttla_jax.nn.Mixer.sequence_para
   recurrence is combined across devices with an associative scan, see
   docs/context_parallel.md); it runs once per device.
 
+Packed documents: ``mixer(x_local, cache=c, cu_seqlens=cu)`` with the *global* offsets
+``cu`` (replicated) and per-document caches ``[N, ...]``; a document may span devices. The
+pipelined form passes the whole per-document cache along (:func:`mixer_apply`), the short
+convolutions' halo is masked by document (:func:`short_conv`), the associative ops take the
+global offsets themselves.
+
 Axis names: ``B`` batch, ``T`` tokens (``T_local`` per device), ``W`` width, ``P`` the
 number of devices on the sequence axis.
 """
@@ -281,7 +287,8 @@ def short_conv(conv, x, state=None, cu_seqlens=None):
     """A short causal convolution (:class:`tttla_jax.nn.ShortConv`) of a sequence sharded
     over the sequence axis: its state entering this device is the :func:`halo`; the returned
     state is the one after the last global token. (ShortConv calls this under
-    :func:`sequence_parallel`.)"""
+    :func:`sequence_parallel`.) With global ``cu_seqlens`` the halo is masked by document and
+    the states are per document (``[N, K−1, F]``)."""
     axis = _resolve_axis(None, "short_conv")
     if cu_seqlens is not None:
         return _short_conv_packed(conv, x, state, cu_seqlens, axis)
