@@ -308,7 +308,7 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     assert "unknown mixer 'nope'" in capsys.readouterr().err
 
 
-def test_per_preset_learning_rates(tmp_path):
+def test_per_preset_learning_rates():
     """``preset_lrs`` replaces ``lrs`` for the presets it names (the table header lists
     them); ``--lrs`` on the command line applies to every preset."""
     from tttla_jax.train import zoology
@@ -318,10 +318,9 @@ def test_per_preset_learning_rates(tmp_path):
     md = zoology.markdown_table({"config": json.loads(json.dumps(__import__("dataclasses").asdict(cfg))),
                                  "runs": []})
     assert "learning rates [0.01]; attention: [0.003, 0.001]." in md
-    out = str(tmp_path / "z")
-    assert zoology.main(["--sweep", "tiny", "--out", out, "--no-progress", "--mixers",
-                         "linear_attention", "--lrs", "5e-3", "--steps", "1", "--eval-every", "1"]) == 0
-    assert [r["lr"] for r in json.load(open(os.path.join(out, "results.json")))["runs"]] == [5e-3]
+    cfg = zoology.parse(["--sweep", "tiny", "--lrs", "5e-3"])[2]
+    assert cfg.lrs_for("linear_attention") == cfg.lrs_for("attention") == (5e-3,)
+    assert zoology.parse(["--sweep", "tiny"])[2].lrs_for("linear_attention") == (1e-2,)
 
 
 @pytest.mark.slow

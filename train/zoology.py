@@ -540,7 +540,8 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
+    """Parse the command line: ``(parser, args, SweepConfig)`` (usage errors exit)."""
     add_recall_presets()
     p = build_parser()
     a = p.parse_args(argv)
@@ -571,6 +572,11 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(SWEEPS[a.sweep], **over)
     if cfg.batch_size > cfg.train_examples:
         p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
+    return p, a, cfg
+
+
+def main(argv=None) -> int:
+    p, a, cfg = parse(argv)
     out = a.out or os.path.join("runs", "zoology", a.sweep)
     if a.merge:
         try:
