@@ -120,3 +120,68 @@ def low_rank_ns_pays(rows: int, cols: int, n: int) -> bool:
     dense = 5 * (4 * r * r * c + 2 * r ** 3)
     factored = 5 * (4 * r * n * n + 4 * n ** 3) + 2 * n * n * c + 2 * r * n * c
     return factored < dense
+
+
+def newton_schulz5_vjp(G: Float[Array, "... r c"], g: Float[Array, "... r c"], dtype=None) -> Float[Array, "... r c"]:
+    """The cotangent of ``G`` for the cotangent ``g`` of ``newton_schulz5(G, dtype)``, by hand.
+
+    Recomputes the five iterates (with :func:`newton_schulz5`'s roundings when ``dtype`` is a
+    lower precision) and runs the iterations backwards: for ``X' = a·X + B X``,
+    ``B = b·A + c·A A``, ``A = X Xᵀ`` (A and B symmetric),
+
+        g_B = g Xᵀ,   M = g_B + g_Bᵀ,   g_X = a·g + B g + (b·M + c·(M A + A M)) X,
+
+    four matrix products per iteration (three to recompute it); then the normalisation
+    ``X = G / (‖G‖_F + ε)``. With ``dtype`` in ``G``'s precision this is the exact gradient
+    (the same as differentiating :func:`newton_schulz5`). With a lower ``dtype`` (the
+    reference's bfloat16) the roundings are treated as the identity (straight through) and
+    the backward products take operands in ``dtype`` with float32 accumulation — the
+    precision of the forward's products, as the reference's bfloat16 autograd does.
+    """
+    out_dtype = G.dtype
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:
+        G, g = jnp.swapaxes(G, -1, -2), jnp.swapaxes(g, -1, -2)
+    exact = dtype is None or jnp.dtype(dtype) == out_dtype
+    if exact:
+        r = lambda x: x  # noqa: E731
+
+        def mm(x, y, eq):
+            return jnp.einsum(eq, x, y)
+        bmm = mm
+        X = G
+    else:
+        lo = jnp.dtype(dtype)
+        f32 = jnp.promote_types(jnp.float32, out_dtype)
+        fi = jnp.finfo(lo)
+
+        def r(x):
+            return lax.reduce_precision(x.astype(f32), exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+
+        def mm(x, y, eq):  # the forward's product: operands exact in lo, rounded result
+            return r(jnp.einsum(eq, x.astype(lo), y.astype(lo), preferred_element_type=f32))
+
+        def bmm(x, y, eq):  # backward products: operands in lo, float32 accumulation
+            return jnp.einsum(eq, x.astype(lo), y.astype(lo), preferred_element_type=f32)
+        X = r(G)
+        g = g.astype(f32)
+    nrm = r(jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)))
+    den = r(nrm + _NS_EPS)
+    X0 = r(X / den)
+    trace = []
+    Xj = X0
+    for a, b, c in NS5_COEFFS:
+        A = mm(Xj, Xj, "...ij,...kj->...ik")
+        Bm = r(r(b * A) + mm(r(c * A), A, "...ij,...jk->...ik"))
+        trace.append((Xj, A, Bm))
+        Xj = r(r(a * Xj) + mm(Bm, Xj, "...ij,...jk->...ik"))
+    for (Xj, A, Bm), (a, b, c) in zip(reversed(trace), reversed(NS5_COEFFS)):
+        gB = bmm(g, Xj, "...ij,...kj->...ik")
+        M = gB + jnp.swapaxes(gB, -1, -2)
+        MA = bmm(M, A, "...ij,...jk->...ik")
+        S = b * M + c * (MA + jnp.swapaxes(MA, -1, -2))
+        g = a * g + bmm(Bm, g, "...ji,...jk->...ik") + bmm(S, Xj, "...ij,...jk->...ik")
+    # X0 = X / (‖X‖ + ε)
+    gX = g / den - X * (jnp.sum(g * X, axis=(-2, -1), keepdims=True) / (den * den * nrm))
+    gX = gX.astype(out_dtype)
+    return jnp.swapaxes(gX, -1, -2) if transposed else gX

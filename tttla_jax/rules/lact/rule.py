@@ -34,6 +34,7 @@ from tttla_jax.rules.lact.fastnet import FAST_NETS, WN_EPS, apply_fast, inner_gr
 from tttla_jax.rules.lact.muon import newton_schulz5
 from tttla_jax.rules.lact.parallel import parallel_form
 from tttla_jax.rules.lact.reading import reading as _reading
+from tttla_jax.rules.lact import scan_vjp
 
 UPDATES = ("all", "w1")
 WEIGHT_NORMS = ("post", "pre", None)
@@ -413,11 +414,17 @@ class LaCTRule(Rule):
 
             n_upd = N - 1
             outs = []
-            if n_upd > 0:
+            if n_upd > 0 and scan_vjp.supports(self):
+                # the same scan with a hand-written, rematerialising backward
+                xs = tuple(tm(a[:, :, :n_upd]) for a in (qc, kc, vc) + lrc + (x.chunk_momentum,))
+                o_upd, o_last, st = scan_vjp.scan(self, xs, qc[:, :, N - 1], st)
+                outs = [jnp.moveaxis(o_upd, 0, 2), o_last[:, :, None]]
+            elif n_upd > 0:
                 xs = tuple(tm(a[:, :, :n_upd]) for a in (qc, kc, vc) + lrc + (x.chunk_momentum,))
                 st, o_upd = lax.scan(step, st, xs)
                 outs.append(jnp.moveaxis(o_upd, 0, 2))
-            outs.append(self.read(st, qc[:, :, N - 1])[:, :, None])
+            if len(outs) < 2:
+                outs.append(self.read(st, qc[:, :, N - 1])[:, :, None])
             o = jnp.concatenate(outs, axis=2)
         else:
             def step(s, xs):
