@@ -48,6 +48,7 @@ Dropping LN, bias and residual (``layer_norm=bias=residual=False``) with
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, NamedTuple, Optional, Tuple
 
 import jax
@@ -219,6 +220,100 @@ _ROW_UNROLL = 16
 
 def _rows(x):  # [B, H, c, ...] -> [c, B, H, ...] (scan over the rows of a mini-batch)
     return jnp.moveaxis(x, 2, 0)
+
+
+def _primal_rows_scan(W, b, q, a, g, lr, te, bias):
+    c = q.shape[2]
+    def row(carry, xi):
+        S, s = carry
+        qi, ai, gi, li, ti = xi
+        lg = li[..., None] * gi
+        S = S + ai[..., :, None] * lg[..., None, :]
+        z = jnp.einsum("bhi,bhio->bho", qi, W - ti * S)  # q_i W_i
+        if bias:
+            s = s + lg
+            z = z + (b - ti * s)
+        return (S, s), z
+    (S, s), Z = lax.scan(row, (jnp.zeros_like(W), jnp.zeros_like(b)),
+                         (_rows(q), _rows(a), _rows(g), _rows(lr), te), unroll=min(c, _ROW_UNROLL))
+    return jnp.moveaxis(Z, 0, 2), S, s
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _primal_rows(W, b, q, a, g, lr, te, bias):
+    """The primal form of a mini-batch (docs/rules/ttt.md): row ``i``'s own weights
+    ``W_i = W − te_i S_i``, ``S_i = S_{i−1} + lr_i a_iᵀ g_i`` (running sum of rank-1
+    gradients, one row at a time; ``b_i = b − te_i Σ_{j≤i} lr_j g_j``) and ``z_i = q_i W_i + b_i``.
+
+    Args: W ``[B, H, I, O]``, b ``[B, H, O]``, q, a ``[B, H, c, I]``, g ``[B, H, c, O]``,
+    lr ``[B, H, c]``, te ``[c]``. Returns ``(Z [B, H, c, O], W_{c−1}, b_{c−1})``.
+
+    Its VJP (:func:`_primal_rows_bwd`) is row by row as well: one pass rebuilds ``S_i`` for
+    ``dq_i = dz_i W_iᵀ`` and ``d te_i``, one reverse pass accumulates
+    ``R_j = Σ_{i≥j} ∂L/∂S_i`` for ``d a_j = lr_j R_j g_j``, ``d g_j = lr_j a_j R_j``,
+    ``d lr_j = a_j R_j g_jᵀ``. Autodiff of the row scan instead stacks every row's
+    ``[I, O]`` residuals and was ~5× slower on CPU. Reverse mode only (no ``jax.jvp``).
+    """
+    Z, S, s = _primal_rows_scan(W, b, q, a, g, lr, te, bias)
+    t = te[-1]
+    return Z, W - t * S, (b - t * s if bias else b)
+
+
+def _primal_rows_fwd(W, b, q, a, g, lr, te, bias):
+    Z, S, s = _primal_rows_scan(W, b, q, a, g, lr, te, bias)
+    t = te[-1]
+    return (Z, W - t * S, (b - t * s if bias else b)), (W, b, q, a, g, lr, te, S, s)
+
+
+def _primal_rows_bwd(bias, res, cot):
+    W, b, q, a, g, lr, te, S_c, s_c = res
+    dZ, dWn, dbn = cot
+    c = q.shape[2]
+    t = te[-1]
+    # rows forward again: S_i, s_i -> dq_i = dz_i W_iᵀ, dte_i
+    def fwd_row(carry, xi):
+        S, s = carry
+        ai, gi, li, ti, qi, dzi = xi
+        lg = li[..., None] * gi
+        S = S + ai[..., :, None] * lg[..., None, :]
+        u = jnp.einsum("bhio,bho->bhi", S, dzi)
+        dq = jnp.einsum("bhio,bho->bhi", W, dzi) - ti * u  # dz_i W_iᵀ
+        dt = -jnp.sum(qi * u, axis=-1)
+        if bias:
+            s = s + lg
+            dt = dt - jnp.sum(s * dzi, axis=-1)
+        return (S, s), (dq, dt)
+    _, (dq, dt) = lax.scan(fwd_row, (jnp.zeros_like(W), jnp.zeros_like(b)),
+                           (_rows(a), _rows(g), _rows(lr), te, _rows(q), _rows(dZ)),
+                           unroll=min(c, _ROW_UNROLL))
+    dt = jnp.moveaxis(dt, 0, 2)  # [B, H, c]
+    dte = jnp.sum(dt, axis=(0, 1)).at[c - 1].add(-jnp.sum(S_c * dWn) - (jnp.sum(s_c * dbn) if bias else 0.0))
+    # rows in reverse: R_j = Σ_{i≥j} −te_i q_iᵀ dz_i (− te_{c−1} dW_new), r_j likewise for the bias
+    def bwd_row(carry, xi):
+        R, r = carry
+        ai, gi, li, ti, qi, dzi = xi
+        R = R - ti * qi[..., :, None] * dzi[..., None, :]
+        Rg = jnp.einsum("bhio,bho->bhi", R, gi)
+        Ra = jnp.einsum("bhio,bhi->bho", R, ai)
+        da = li[..., None] * Rg
+        dg = li[..., None] * Ra
+        dl = jnp.sum(ai * Rg, axis=-1)
+        if bias:
+            r = r - ti * dzi
+            dg = dg + li[..., None] * r
+            dl = dl + jnp.sum(gi * r, axis=-1)
+        return (R, r), (da, dg, dl)
+    R0 = -t * dWn
+    r0 = -t * dbn if bias else jnp.zeros_like(b)
+    _, (da, dg, dl) = lax.scan(bwd_row, (R0, r0), (_rows(a), _rows(g), _rows(lr), te, _rows(q), _rows(dZ)),
+                               reverse=True, unroll=min(c, _ROW_UNROLL))
+    dW = dWn + jnp.einsum("bhci,bhco->bhio", q, dZ)
+    db = dbn + jnp.sum(dZ, axis=2) if bias else dbn
+    mv = lambda x: jnp.moveaxis(x, 0, 2)
+    return dW, db, mv(dq), mv(da), mv(dg), mv(dl), dte
+
+
+_primal_rows.defvjp(_primal_rows_fwd, _primal_rows_bwd)
 
 
 def _with_one(x):  # the bias as an extra key / query dimension
@@ -422,25 +517,7 @@ class TTTLinearRule(_TTTBase):
             W_new = W - jnp.einsum("bhjd,bhje->bhde", k, lG)
             b_new = b - jnp.sum(lG, axis=2) if self.bias else b
         else:
-            # per-row weights W_i = W − token_eta[i] S_i with the running sum
-            # S_i = Σ_{j≤i} lr_j k_jᵀ G_j of rank-1 gradients, one row at a time
-            def row(carry, xi):
-                SW, Sb = carry
-                qi, ki, Gi, li, ti = xi  # [B, H, D] ×3, [B, H], scalar
-                lGi = li[..., None] * Gi
-                SW = SW + ki[..., :, None] * lGi[..., None, :]
-                z = jnp.einsum("bhd,bhde->bhe", qi, W - ti * SW)  # q_i W_i
-                if self.bias:
-                    Sb = Sb + lGi
-                    z = z + (b - ti * Sb)  # + b_i
-                return (SW, Sb), z
-
-            (SW, Sb), Zbar = lax.scan(row, (jnp.zeros_like(W), jnp.zeros_like(b)),
-                                      (_rows(q), _rows(k), _rows(G), _rows(lr), token_eta),
-                                      unroll=min(c, _ROW_UNROLL))
-            Zbar = jnp.moveaxis(Zbar, 0, 2)
-            W_new = W - token_eta[c - 1] * SW  # the last row's weights
-            b_new = b - token_eta[c - 1] * Sb if self.bias else b
+            Zbar, W_new, b_new = _primal_rows(W, b, q, k, G, lr, token_eta, self.bias)
         return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta)
 
     def recurrent(
@@ -622,32 +699,10 @@ class TTTMLPRule(_TTTBase):
             b1n = b1 - jnp.sum(lG1, axis=2) if self.bias else b1
             b2n = b2 - jnp.sum(lG2, axis=2) if self.bias else b2
         else:
-            # per-row weights of both layers, W1_i = W1 − token_eta[i] Σ_{j≤i} lr_j k_jᵀ G1_j and
-            # W2_i = W2 − token_eta[i] Σ_{j≤i} lr_j x2_jᵀ G2_j, one row at a time
-            def row(carry, xi):
-                S1, s1, S2, s2 = carry
-                qi, ki, x2i, G1i, G2i, li, ti = xi
-                l1, l2 = li[..., None] * G1i, li[..., None] * G2i
-                S1 = S1 + ki[..., :, None] * l1[..., None, :]
-                S2 = S2 + x2i[..., :, None] * l2[..., None, :]
-                z1 = jnp.einsum("bhd,bhdf->bhf", qi, W1 - ti * S1)  # q_i W1_i
-                if self.bias:
-                    s1 = s1 + l1
-                    z1 = z1 + (b1 - ti * s1)
-                z2 = jnp.einsum("bhf,bhfd->bhd", gelu_tanh(z1), W2 - ti * S2)
-                if self.bias:
-                    s2 = s2 + l2
-                    z2 = z2 + (b2 - ti * s2)
-                return (S1, s1, S2, s2), z2
-
-            zeros = tuple(jnp.zeros_like(w) for w in st)
-            (S1, s1, S2, s2), Z2bar = lax.scan(
-                row, zeros, (_rows(q), _rows(k), _rows(x2), _rows(G1), _rows(G2), _rows(lr), token_eta),
-                unroll=min(c, _ROW_UNROLL))
-            Z2bar = jnp.moveaxis(Z2bar, 0, 2)
-            te = token_eta[c - 1]  # the next mini-batch starts from the last row's weights
-            W1n, W2n = W1 - te * S1, W2 - te * S2
-            b1n, b2n = (b1 - te * s1, b2 - te * s2) if self.bias else (b1, b2)
+            # row i's weights of both layers: W1_i from (k_j, G1_j), W2_i from (x2_j, G2_j);
+            # q_i is read through W1_i, its hidden features gelu(·) through W2_i
+            Z1bar, W1n, b1n = _primal_rows(W1, b1, q, k, G1, lr, token_eta, self.bias)
+            Z2bar, W2n, b2n = _primal_rows(W2, b2, gelu_tanh(Z1bar), x2, G2, lr, token_eta, self.bias)
         return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta)
 
     def _check_state(self, state, B: int, H: int, D: int) -> TTTMLPState:
