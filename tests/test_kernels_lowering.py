@@ -214,6 +214,9 @@ _CHANNEL_SWEEP = [[t, d, hd, hd, m, 64, None, True, {"channel": True}] for t in 
                   for d in ("bfloat16", "float16", "float32") for hd in (48, 128, 256) for m in ("causal", "chunk")]
 _CHANNEL_SWEEP += [[t, "bfloat16", 96, 200, m, 64, None, True, {"channel": True, "packed": 3, "chip": c}]
                    for t, c in (("v5e:2x2", "tpu_v5e"), ("v6e:2x2", "tpu_v6e")) for m in ("causal", "chunk")]
+# the largest per-channel blocks: chunk masking with 256-token chunks, K = V = 256 ([C, K] decay columns)
+_CHANNEL_SWEEP += [["v5e:2x2", "float32", 256, 256, "chunk", 256, None, True, {"channel": True}],
+                   ["v5e:2x2", "bfloat16", 256, 256, "chunk", 256, None, True, {"channel": True, "packed": 2}]]
 _FULL_SWEEP = [[t, d, hd, hd, m, 64, None, True] for t in ("v5e:2x2", "v6e:2x2")
                for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk", "delta")]
 
