@@ -17,9 +17,10 @@ passed as a jit argument, so the functions see a traced ``cu_seqlens``. Log-deca
 tokens (hard resets) inside a spanning document, one on a device's first token.
 
 All multi-device cases run in one subprocess with ``--xla_force_host_platform_device_count=8``
-(compilation dominates). The default suite runs P = 4 on packed documents for both ops and an
-unpacked delta rule on a (data=2, seq=4) mesh; the sweep over P = 2, 4, 8, packed and not, float32
-and the in-``shard_map`` call written by hand is ``slow``.
+(compilation dominates). The default suite runs P = 4 on packed documents for both ops (the
+delta rule's state passes on token blocks of 4) and an unpacked linear attention on a
+(data=2, seq=4) mesh; the sweep over P = 2, 4, 8, packed and not, float32, the in-``shard_map``
+call written by hand, batch axes for both ops and the token-block loops is ``slow``.
 """
 import json
 import os
@@ -145,16 +146,17 @@ def _run(cases):
 
 DEFAULT_CASES = [
     {"op": "delta", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
-    {"op": "linear", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
-    {"op": "delta", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True},
+    {"op": "linear", "P": 4, "packed": True, "dtype": "float64"},
+    {"op": "linear", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True},
 ]
 
 
 def test_sharded_ops_match_single_device():
     """P = 4 (T = 45 padded to 48): packed documents across devices for both ops (explicit
-    mesh axes, jax.make_mesh's default; the state passes' token-block loops on blocks of 4
-    tokens, so documents also cross blocks), and the unpacked delta rule with the batch split
-    over a second mesh axis (automatic mesh axes; one block)."""
+    mesh axes, jax.make_mesh's default; for the delta rule the state passes' token-block loops
+    on blocks of 4 tokens, so documents also cross blocks), and the unpacked linear attention
+    with the batch split over a second mesh axis (automatic mesh axes; one block; the unpacked
+    delta rule with a batch axis is in the slow sweep)."""
     _run(DEFAULT_CASES)
 
 
@@ -169,7 +171,7 @@ def test_sharded_ops_match_single_device_sweep():
               for op in ("linear", "delta") for packed in (False, True)]
     cases += [{"op": op, "P": 4, "packed": packed, "dtype": "float64", "by_hand": True}
               for op in ("linear", "delta") for packed in (False, True)]
-    cases += [{"op": "linear", "P": 2, "packed": False, "dtype": "float64", "data": 2}]
+    cases += [{"op": op, "P": 2, "packed": False, "dtype": "float64", "data": 2} for op in ("linear", "delta")]
     cases += [{"op": op, "P": P, "packed": packed, "dtype": "float64", "blocks": True}
               for op in ("linear", "delta") for P in (2, 8) for packed in (False, True)]
     _run(cases)
