@@ -7,7 +7,7 @@ then the identity state mixer ``x + LN(x)``, final LayerNorm, tied head; embeddi
 test seed 10). It separates a bug in the library's model from the recipe/budget: both
 follow the same accuracy curve (benchmarks/results/zoology_attention_check.md).
 
-    python benchmarks/results/zoology_reference_attention.py --lr 3e-3 --steps 1500
+    python benchmarks/zoology_reference_attention.py --lr 3e-3 --steps 1500
 """
 import argparse
 import math
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from train.mqar import mqar_batch  # noqa: E402
 
 CACHE = os.environ.get("ZOOLOGY_CHECK_CACHE", "/tmp")
