@@ -15,13 +15,11 @@ associative layer (with a short convolution) and a pipelined one (rows of packed
 mixer at seq = 2, 4, 8 is ``@slow`` (the training CLI with ``--pack-documents true`` is in
 tests/test_context_parallel_model.py).
 """
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from _devices import run_checks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-10
@@ -30,14 +28,6 @@ TOL = 1e-10
 LENS = [2, 10, 0, 1]
 
 
-def _env(devices):
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
 
 
 CHECKS = textwrap.dedent('''
@@ -161,11 +151,7 @@ CHECKS = textwrap.dedent('''
 
 
 def _run_checks(cases, timeout=3000):
-    p = subprocess.run([sys.executable, "-c", CHECKS, json.dumps(cases)], cwd=REPO, env=_env(8),
-                       capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-6000:]
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return run_checks(CHECKS, cases, devices=8, timeout=timeout)
 
 
 def _assert_equal_runs(res):

@@ -19,6 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tttla_jax.train.distributed import (data_state_to_global, data_state_to_local, parse_mesh, spec_for)
+from _devices import device_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,15 +31,7 @@ TINY = dict(steps=6, width=32, num_layers=2, num_heads=2, seq_len=32, batch_size
 RTOL = 2e-5
 
 
-def _env(devices):
-    env = dict(os.environ)
-    # keep the suite's other XLA flags (conftest: the cheap CPU pipeline), replace the device count
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
+_env = device_env
 
 
 def _losses(run_dir, key="loss", kind="train"):
