@@ -355,12 +355,18 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
                            **kw):
     """A ``"pipelined"`` mixer's call under :func:`sequence_parallel` (the ``Mixer`` base
     class routes it here): :func:`mixer_apply` (``cu_seqlens``: the global offsets of packed
-    documents). Other keyword arguments are rejected with a ``ValueError`` naming them."""
+    documents), or, for the LaCT (ladder V2–V6) and Titans (linear memory) layers on a fresh
+    sequence with device-aligned segments, their combined form
+    (:func:`tttla_jax.parallel.combine.combined_apply`; ``combine_reason`` says which applies).
+    Other keyword arguments are rejected with a ``ValueError`` naming them."""
     extra = sorted(k for k, v in kw.items() if v is not None)
     if extra:
         raise ValueError(f"{type(mixer).__name__}: {extra} not supported by the pipelined "
                          f"sequence-parallel form (sequence axis {axis_name!r}); call the mixer "
                          f"outside `sequence_parallel(...)` or without them")
+    from tttla_jax.parallel import combine
+    if combine.combine_reason(mixer, x.shape[1], cache=cache, cu_seqlens=cu_seqlens) is None:
+        return combine.combined_apply(mixer, x, positions=positions, axis_name=axis_name)
     return mixer_apply(mixer, x, cache=cache, positions=positions, axis_name=axis_name,
                        cu_seqlens=cu_seqlens)
 

@@ -1,0 +1,265 @@
+"""Associative sequence-parallel forms of the LaCT layer (ladder V2–V6) and the Titans layer
+(linear memory): the incoming cache of every device from an associative combine over the
+devices, then ONE local call (docs/context_parallel.md, "LaCT and Titans").
+
+:func:`tttla_jax.parallel.mixer_apply` (the pipelined form) gives every device its exact
+incoming cache after ``P − 1`` rounds of the mixer. For these two layers the state a device
+hands on is an affine function of the state it receives, so the rounds are replaced by:
+
+1. each device computes its slice's transform of the state (given a zero incoming state);
+2. ``all_gather`` + ``lax.associative_scan`` over the device axis (log depth) compose them:
+   the exact state entering every device;
+3. the state-independent parts of the incoming cache are halos of the previous devices
+   (:func:`tttla_jax.parallel.context.halo`: the short-conv taps, the window branch's last
+   keys and values, LaCT's buffered last chunk);
+4. ONE call of the mixer on the slice from that cache (its own code, outside the sequence
+   context); the returned cache of the last device is the final one.
+
+LaCT (static φ, no weight norm, one inner step, apply-then-update: ladder V2–V6, see
+docs/ladder.md): with ``G_i = ±Σ_{t∈i} lr1_t v_t φ(k_t)ᵀ`` the momentum
+``M_i = ᾱ_i M_{i−1} + G_i`` is a scalar-coefficient linear recurrence — its per-device
+transform ``(Π ᾱ, M from 0)`` combines like decayed linear attention's; every chunk's
+``U_i = NS5(M_i)`` (or ``M_i`` without Muon) then follows from the exact incoming ``M``, and
+``W1`` entering device ``p`` is ``W1_0 + Σ_{q<p} Σ_{i∈q} U_i`` (an exclusive sum over the
+gathered device sums). Muon is nonlinear, but it acts on each chunk's momentum *after* the
+linear scan, so only the sum is combined (the paper's parallel form, across devices).
+
+Titans, linear memory: for ``(S, M)`` the whole rule — TTT batches included, ``W_ref`` being
+the memory at each batch start — is affine in the incoming state with ``K × K`` matrix
+coefficients, column by column of the ``[K, V]`` state (the surprise ``k_tᵀ(v_t − k_t W_ref)``
+acts on each column alone). The device's transform ``[S; M] ↦ A [S; M] + b`` (``A``
+``[2K, 2K]``) comes from ONE run of the rule with the state widened by ``2K`` columns
+(the identity in the ``S`` and the ``M`` part, zero values there; ``θ`` rescaled so that
+the loss's ``1/V`` is unchanged) — the delta rule's trick (docs/context_parallel.md).
+
+When the combined form applies (:func:`combine_reason` is ``None``): a fresh sequence
+(``cache=None``, the training path), no packed documents, and the slice aligned to the
+layer's segments (LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of ``batch_size``).
+Otherwise the layer runs pipelined. Gradients: plain autodiff through the collectives
+(``all_gather``, ``ppermute``), the combine rematerialised in the backward pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tttla_jax.parallel import context as _ctx
+from tttla_jax.parallel.ops import _carry_in, _compose
+
+
+def _kind(mixer) -> Optional[str]:
+    from tttla_jax.nn.lact import LaCTLayer
+    from tttla_jax.nn.titans import TitansMemory
+    if isinstance(mixer, LaCTLayer):
+        return "lact"
+    if isinstance(mixer, TitansMemory):
+        return "titans"
+    return None
+
+
+def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seqlens=None) -> Optional[str]:
+    """``None`` if ``mixer`` runs the associative combined form under sequence parallelism
+    for a call on ``local_len`` tokens per device (``None``: any aligned length) with this
+    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence)."""
+    kind = _kind(mixer)
+    if kind is None:
+        return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
+    if cache is not None:
+        return "a call continuing a cache (its partial chunk / TTT batch) runs pipelined"
+    if cu_seqlens is not None:
+        return "packed documents (cu_seqlens) run pipelined"
+    if kind == "lact":
+        rule = mixer.rule
+        why = rule.breaks_associativity()
+        if why is not None:
+            return f"LaCT preset {mixer.preset!r}: {why}"
+        if rule.order != "apply_then_update":
+            return f"LaCT order={rule.order!r}: the cache resumes apply-then-update only"
+        if rule.q_is_k:
+            return "LaCT q_is_k: runs pipelined"
+        seg, what = rule.chunk_size, "chunk_size"
+    else:
+        if mixer.memory != "linear":
+            return ("Titans memory='mlp': the first layer's features act(k W1) depend on the state "
+                    "(not affine in it)")
+        seg, what = mixer.batch_size, "batch_size"
+    if local_len is not None and local_len % seg:
+        return (f"the tokens per device ({local_len}) are not a multiple of {what} = {seg}: "
+                f"segments would straddle devices")
+    return None
+
+
+def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None):
+    """The combined form of a LaCT (V2–V6) or Titans (linear memory) layer on this device's
+    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``).
+
+    Returns ``(y [B, T_local, W], cache)``: this slice of the single-device output and the
+    cache after the last global token (the same on every device).
+
+    Raises:
+      ValueError: :func:`combine_reason` is not ``None`` (the reason).
+    """
+    from flax import nnx
+    axis = _ctx._resolve_axis(axis_name, "combined_apply")
+    B, L = x.shape[0], x.shape[1]
+    why = combine_reason(mixer, L)
+    if why is not None:
+        raise ValueError(f"combined_apply: {why}")
+    cache0 = mixer.init_cache(B)
+    off = _ctx.shard_offset(L, axis)
+    if positions is None:
+        start = cache0.get("pos", jnp.zeros((B,), jnp.int32))  # Titans has no positions
+        positions = start[:, None] + off + jnp.arange(L, dtype=jnp.int32)[None]
+    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, L))
+    graphdef, state = nnx.split(mixer)
+    axes = frozenset({axis}).union(*(_ctx._vma(a) for a in jax.tree.leaves((x, state, positions))))
+    state = jax.tree.map(lambda a: _ctx._varying(a, axes), state)
+    x = _ctx._varying(x, axes)
+    positions = _ctx._varying(positions, axes)
+    build = _lact_incoming if _kind(mixer) == "lact" else _titans_incoming
+
+    def incoming_fn(state, x, positions):
+        m = nnx.merge(graphdef, state)
+        c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B))
+        return build(m, x, positions, c0, axis)
+
+    incoming = jax.checkpoint(incoming_fn)(state, x, positions)
+    with _ctx.sequence_parallel(None):
+        y, out = nnx.merge(graphdef, state)(x, cache=incoming, positions=positions)
+    return y, _ctx.from_last_shard(out, axis)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def _halo_rows(a, start, axis):
+    """:func:`context.halo` for ``[B, T, ...]`` rows with the start ``[B, K, ...]`` (any trailing dims)."""
+    B, T = a.shape[:2]
+    K = start.shape[1]
+    flat = _ctx.halo(a.reshape(B, T, -1), start.reshape(B, K, -1), axis)
+    return flat.reshape(start.shape)
+
+
+def _conv_halos(mixer, raw: dict, c0: dict, axis) -> dict:
+    """The short convs' incoming taps: the last ``short_conv − 1`` raw inputs before the slice."""
+    return {key: _halo_rows(raw[key], c0[key], axis) for key in mixer._conv_keys()}
+
+
+def _from_previous(tree, start, axis):
+    """``tree`` of device ``p − 1`` on device ``p``; ``start`` on device 0 (one ``ppermute``)."""
+    P = _ctx.axis_size(axis)
+    first = lax.axis_index(axis) == 0
+    recv = lax.ppermute(tree, axis, perm=[(j, j + 1) for j in range(P - 1)])
+    return jax.tree.map(lambda s, r: jnp.where(first, s.astype(r.dtype), r), start, recv)
+
+
+def _exclusive_sum(d, axis):
+    """``Σ_{q<p} d_q`` on device ``p`` (an all-gather and a masked sum over the devices)."""
+    P = _ctx.axis_size(axis)
+    g = lax.all_gather(d, axis)                                   # [P, ...]
+    before = jnp.arange(P) < lax.axis_index(axis)
+    return jnp.sum(jnp.where(before.reshape((P,) + (1,) * d.ndim), g, 0), axis=0)
+
+
+# ---------------------------------------------------------------------------------- LaCT
+
+def _lact_incoming(mixer, x, positions, c0, axis):
+    """LaCT (V2–V6): the cache entering this device (the state before the previous device's
+    last chunk, that chunk buffered, halos) — module doc."""
+    from tttla_jax.rules.lact import LaCTState
+    from tttla_jax.rules.lact.fastnet import features
+    from tttla_jax.rules.lact.muon import newton_schulz5
+    rule = mixer.rule
+    B, L = x.shape[:2]
+    C = rule.chunk_size
+    n = L // C
+    raw = dict(zip(("conv_q", "conv_k", "conv_v"), jnp.split(mixer.qkv(x), 3, axis=-1)))
+    fq, fk, fv, lr, m, attn = mixer._project(x, positions, c0, {}, None)  # conv: halo-aware here
+    st0 = rule.init_state(*mixer._fast_params(), B)
+    xin = rule.prepare(fq, fk, fv, lr, st0, m)
+    sign = 1.0 if rule.ascent else -1.0
+    heads = lambda a: jnp.moveaxis(a, 1, 2)                      # noqa: E731  [B, T, H, ·] -> [B, H, T, ·]
+    pk = heads(xin.lrs[1]) * features(xin.state.w, heads(xin.k), rule.fast_net)   # [B, H, T, dh]
+    sv = sign * heads(xin.v)                                      # [B, H, T, dv]
+    H = pk.shape[1]
+    G = jnp.einsum("bhncv,bhncd->nbhvd", sv.reshape(B, H, n, C, -1), pk.reshape(B, H, n, C, -1))
+    W1_0 = xin.state.w[1]
+    if rule.use_momentum:
+        abar = jnp.moveaxis(xin.chunk_momentum, 2, 0)             # [n, B, H]
+        A, X = lax.associative_scan(_compose(False), (abar, G), axis=0)   # M_i from a zero start
+        # the momentum entering this device (a fresh sequence starts from zero momentum)
+        M_in = _carry_in(A[-1], X[-1], axis, lax.axis_index(axis), matrix=False)
+        Ms = A[..., None, None] * M_in + X                         # [n, B, H, dv, dh]
+        M_prev = Ms[-2] if n > 1 else M_in                        # before the last chunk
+    else:
+        Ms, M_prev = G, None
+    md = None if rule.muon_dtype is None else jnp.dtype(rule.muon_dtype)
+    U = newton_schulz5(Ms, md) if rule.muon else Ms
+    dS = jnp.sum(U, axis=0)                                       # this device's W1 increment
+    S_in = W1_0 + _exclusive_sum(dS, axis)
+    w = list(xin.state.w)
+    w[1] = S_in + dS - U[-1]                                      # W1 before the last chunk
+    out = mixer._state_to_cache(LaCTState(w=tuple(w), mom=(None, M_prev, None) if rule.use_momentum else None))
+    last = lambda a: None if a is None else a[:, L - C:]          # noqa: E731
+    out.update(mixer._buffers(last(fk), last(fv), last(lr), last(m)))
+    out["buf_len"] = jnp.full((B,), C, jnp.int32)
+    keys = tuple(out)
+    inc = _from_previous(out, {k: c0[k] for k in keys}, axis)
+    inc["pos"] = c0["pos"] + _ctx.shard_offset(L, axis)
+    inc.update(_conv_halos(mixer, raw, c0, axis))
+    if mixer.window is not None:
+        _, ka, va = attn
+        inc["attn_k"] = _halo_rows(ka, c0["attn_k"], axis)
+        inc["attn_v"] = _halo_rows(va, c0["attn_v"], axis)
+        inc["attn_kpos"] = _halo_rows(positions[..., None], c0["attn_kpos"][..., None], axis)[..., 0]
+    return inc
+
+
+# -------------------------------------------------------------------------------- Titans
+
+def _titans_incoming(mixer, x, positions, c0, axis):
+    """Titans (linear memory): the cache entering this device — the memory and momentum
+    after every earlier device (a TTT-batch boundary: nothing buffered) and the conv halos."""
+    from tttla_jax.rules.titans import TitansState
+    B, L = x.shape[:2]
+    H, D, c = mixer.num_heads, mixer.head_dim, mixer.chunk_size
+    raw = {"conv_q": mixer.q_proj(x), "conv_k": mixer.k_proj(x), "conv_v": mixer.v_proj(x)}
+    # the layer's rule inputs (TitansMemory.__call__ on a fresh sequence)
+    q, k, v = mixer._recipe_qkv(raw["conv_q"], raw["conv_k"], raw["conv_v"], c0, {}, B, L, H, D, None)
+    sd = c0["buf_theta"].dtype
+    theta = mixer.max_lr * jax.nn.sigmoid(mixer.theta_proj(x).astype(sd))
+    N = L // c
+
+    def pool(a):  # [B, L, H] -> [B, H, N]: chunk means
+        return jnp.moveaxis(jnp.mean(a.reshape(B, N, c, H), axis=2), 1, 2)
+
+    eta = jax.nn.sigmoid(pool(mixer.eta_proj(x).astype(sd)))
+    alpha = jax.nn.sigmoid(pool(mixer.alpha_proj(x).astype(sd)))
+    rule = mixer._rule()
+    p = lax.axis_index(axis)
+    first = p == 0
+    M0, S0 = c0["memory"].astype(sd), c0["momentum"].astype(sd)
+    eye = jnp.broadcast_to(jnp.eye(D, dtype=sd), (B, H, D, D))
+    zero = jnp.zeros_like(eye)
+    # widened state: columns [b | from M = I | from S = I]; device 0's first block starts from
+    # the global start state, so its offset already includes it
+    Mw = jnp.concatenate([jnp.where(first, M0, 0), eye, zero], axis=-1)
+    Sw = jnp.concatenate([jnp.where(first, S0, 0), zero, eye], axis=-1)
+    vw = jnp.concatenate([v.astype(sd), jnp.zeros((B, L, H, 2 * D), sd)], axis=-1)
+    thw = theta * (3.0 * D / D)                  # the inner loss's 1/V with V → 3V
+    _, st = rule(q, k, vw, thw, eta, alpha, TitansState(Mw, Sw), impl=rule.resolve_impl(mixer.impl))
+    Mo, So = st.memory, st.momentum                                # [B, H, D, 3D]
+    blk = lambda a, i: a[..., i * D:(i + 1) * D]                   # noqa: E731
+    A = jnp.concatenate([jnp.concatenate([blk(So, 2), blk(So, 1)], -1),
+                         jnp.concatenate([blk(Mo, 2), blk(Mo, 1)], -1)], -2)   # [B, H, 2D, 2D] on [S; M]
+    b = jnp.concatenate([blk(So, 0), blk(Mo, 0)], -2)             # [B, H, 2D, D]
+    E = _carry_in(A, b, axis, p, matrix=True)                      # state after the earlier devices
+    S_in = jnp.where(first, S0, E[..., :D, :])
+    M_in = jnp.where(first, M0, E[..., D:, :])
+    inc = {key: val for key, val in c0.items()}
+    inc["memory"] = M_in.astype(c0["memory"].dtype)
+    inc["momentum"] = S_in.astype(c0["momentum"].dtype)
+    inc.update(_conv_halos(mixer, raw, c0, axis))
+    return inc
