@@ -230,6 +230,16 @@ def test_two_processes_2x2_mesh_agree_with_one_device(single_process, tmp_path):
     _check_two_process_run(tmp_path / "two", outs, root, 4, "data=2, fsdp=2")
 
 
+@pytest.mark.slow
+def test_two_processes_seq_axis_spanning_processes_agree_with_one_device(single_process, tmp_path):
+    """Two processes x 1 device, mesh seq=2: every sequence is split over the two processes,
+    so both read the same rows of every batch (their row block, not their process index);
+    the loss curve equals the single-device run's."""
+    root, _ = single_process
+    outs = _two_processes(tmp_path / "two", 1, "seq=2")
+    _check_two_process_run(tmp_path / "two", outs, root, 2, "data=1, fsdp=1, seq=2")
+
+
 # ------------------------------------------------------------ cheap in-process checks
 
 def test_parse_mesh_and_errors():

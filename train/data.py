@@ -161,15 +161,17 @@ def lm_source(cfg, heldout: bool):
 def train_loader(cfg, process_index: int = 0, process_count: int = 1) -> grain.DataLoader:
     """The training pipeline: shuffled (LM, reshuffled every epoch) batches, forever.
 
-    With ``process_count > 1`` (multi-host) process ``i`` reads only its
+    With ``process_count > 1`` (multi-host) the reader ``process_index`` reads only its
     ``batch_size / process_count`` rows of every global batch: grain shards the sampler's
-    global record sequence by process (``ShardOptions(i, n)``: records ``i, i+n, ...``), so
-    the union of the processes' rows of batch ``b`` is exactly the records of batch ``b``
-    of a single-process run (in another row order).
+    global record sequence (``ShardOptions(i, n)``: records ``i, i+n, ...``), so the union
+    of the readers' rows of batch ``b`` is exactly the records of batch ``b`` of a
+    single-process run (in another row order). On a mesh the pair is the process's row
+    block (``train.distributed.process_row_block``): processes that share rows, e.g. along
+    a ``"seq"`` axis spanning processes, pass the same block and read the same rows.
     """
     if cfg.batch_size % process_count:
-        raise ValueError(f"batch_size: expected a multiple of the {process_count} processes, "
-                         f"got {cfg.batch_size}")
+        raise ValueError(f"batch_size: expected a multiple of the {process_count} row blocks "
+                         f"(processes reading distinct rows), got {cfg.batch_size}")
     if process_count > 1:
         shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                                    drop_remainder=True)

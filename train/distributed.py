@@ -290,6 +290,28 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def process_row_block(mesh: Mesh) -> tuple:
+    """``(block, blocks)``: this process addresses rows ``[block·B/blocks, (block+1)·B/blocks)``
+    of every global ``[B, …]`` batch, so it reads exactly those rows.
+
+    The rows are split over ``("data", "fsdp")``; processes that differ only along other
+    axes (a ``"seq"`` axis spanning processes) hold the same rows and read the same block.
+    With the batch axes spanning the processes, ``blocks`` is the process count.
+
+    Raises:
+      ValueError: naming ``mesh`` if this process's row shards are not one contiguous,
+        aligned block (a device order :func:`make_mesh` does not produce).
+    """
+    rows = batch_shards(mesh)
+    idx = NamedSharding(mesh, P(BATCH_AXES)).addressable_devices_indices_map((rows,))
+    mine = sorted({s[0].indices(rows)[0] for s in idx.values()})
+    n = len(mine)
+    if mine != list(range(mine[0], mine[0] + n)) or mine[0] % n or rows % n:
+        raise ValueError(f"mesh: process {jax.process_index()} addresses the row shards {mine} of "
+                         f"{rows}; expected one contiguous block of equal size on every process")
+    return mine[0] // n, rows // n
+
+
 def sequence_parallel_loss(forward, mesh: Mesh):
     """``forward(params, rest, batch) -> sums`` run with every sequence split over ``"seq"``.
 
@@ -343,9 +365,10 @@ def global_batch(local: dict, sharding: NamedSharding, global_rows: int) -> dict
     return out
 
 
-def process_rows(batch: dict) -> dict:
-    """This process's contiguous block of rows of a global numpy batch (eval sets)."""
-    n, p = jax.process_count(), jax.process_index()
+def process_rows(batch: dict, block: int, blocks: int) -> dict:
+    """Row block ``block`` of ``blocks`` of a global numpy batch (this process's rows of an eval
+    set: ``block, blocks = process_row_block(mesh)``)."""
+    p, n = block, blocks
     rows = len(next(iter(batch.values())))
     per = rows // n
     return {k: v[p * per:(p + 1) * per] for k, v in batch.items()}

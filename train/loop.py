@@ -363,9 +363,11 @@ def _run(cfg: TrainConfig, log) -> dict:
         log = lambda *a, **k: None  # noqa: E731
     mesh = dist.make_mesh(cfg.mesh)
     shards = dist.batch_shards(mesh)
-    if cfg.batch_size % shards or cfg.batch_size % nproc:
+    # which rows of every global batch this process reads (processes along "seq" share rows)
+    block, blocks = dist.process_row_block(mesh)
+    if cfg.batch_size % shards:
         raise ValueError(f"batch_size: expected a multiple of the mesh's data x fsdp = {shards} "
-                         f"devices and of the {nproc} processes, got {cfg.batch_size}")
+                         f"devices, got {cfg.batch_size}")
     run_dir = resolve_run_dir(cfg, log)
     if nproc > 1:  # every process must use process 0's choice
         from jax.experimental import multihost_utils
@@ -405,7 +407,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         state_sh = jax.tree.leaves((p_sh, o_sh, rep))
         if len(state_sh) != len(leaves):
             raise AssertionError(f"{len(state_sh)} shardings for {len(leaves)} state arrays")
-        it = iter(data_lib.train_loader(cfg, pid, nproc))
+        it = iter(data_lib.train_loader(cfg, block, blocks))
         start, records, skipped = 0, [], 0
 
         if cfg.resume:
@@ -428,7 +430,7 @@ def _run(cfg: TrainConfig, log) -> dict:
                         "error: --resume with a different config: " + ", ".join(
                             f"{k}={saved.get(k)!r} in the checkpoint vs {getattr(cfg, k)!r}" for k in diff))
                 state = jax.tree.unflatten(treedef, rleaves)
-                it.set_state(dist.data_state_to_local(meta["data_state"], pid, nproc))
+                it.set_state(dist.data_state_to_local(meta["data_state"], block, blocks))
                 skipped = int(meta.get("skipped_steps", 0))
                 records = [r for r in read_metrics(metrics_path, log) if r.get("step", 0) <= start]
                 saved_steps = saved.get("steps")
@@ -461,8 +463,9 @@ def _run(cfg: TrainConfig, log) -> dict:
             log(f"mesh: {mesh_s} over {mesh.size} devices, {nproc} process(es)")
         train_step, eval_step = make_steps(graphdef, cfg, mesh, (p_sh, r_sh, o_sh, b_sh))
         eval_fn = lambda p, b: eval_step(p, rest, b)
-        evals = [dist.global_batch(dist.process_rows(data_lib.pad_batch(b, cfg.batch_size)),
-                                   b_sh, cfg.batch_size) for b in data_lib.eval_batches(cfg)]
+        evals = [dist.global_batch(dist.process_rows(data_lib.pad_batch(b, cfg.batch_size), block,
+                                                     blocks), b_sh, cfg.batch_size)
+                 for b in data_lib.eval_batches(cfg)]
         tokens_per_step = cfg.batch_size * cfg.seq_len
         if cfg.task == "vit":  # patch tokens
             from tttla_jax.train import vit
@@ -486,7 +489,7 @@ def _run(cfg: TrainConfig, log) -> dict:
         def save(step):
             flat = jax.tree.leaves((params, opt_state, rng))
             ckpt.save(step, flat, {"config": _jsonable(dataclasses.asdict(cfg)),
-                                   "data_state": dist.data_state_to_global(it.get_state(), pid, nproc),
+                                   "data_state": dist.data_state_to_global(it.get_state(), block, blocks),
                                    "skipped_steps": skipped}, names=names)
 
         step, consecutive = start, 0
