@@ -133,7 +133,7 @@ def accuracy(out_path, T=256, K=64, C=64, seed=0):
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))), has_aux=True))(*args)
         return [np.asarray(x, np.float64) for x in tuple(out) + tuple(grads)]
 
-    g_channel = -rng.uniform(0.0, 0.1, size=(B, T, H, K))  # per key channel (GLA)
+    g_channel = -rng.uniform(0.0, 0.1, size=(B, T, H, K))  # per key channel (GLA, KDA)
     cases = []
     for masking, gate in (("causal", g), ("chunk", g), ("causal", g_channel), ("chunk", g_channel)):
         args = (bf(q), bf(k / np.sqrt(K)), bf(v), f32(gate), f32(S0))
@@ -146,13 +146,13 @@ def accuracy(out_path, T=256, K=64, C=64, seed=0):
             impl="chunked")
         label = "linear_attention" + (" per-channel" if gate.ndim == 4 else "")
         cases.append((f"{label} {masking}", names, kern, ref, args))
-    args = (bf(q), bf(k_unit), bf(v), f32(beta), f32(g), f32(S0))
     names = ("o", "S_T", "dq", "dk", "dv", "dbeta", "dlog_decay", "dS0")
     kern = lambda q_, k_, v_, b_, g_, s_: kernels.delta_rule(  # noqa: E731
         q_, k_, v_, b_, log_decay=g_, initial_state=s_, chunk_size=C, output_final_state=True, interpret="gpu")
     ref = lambda q_, k_, v_, b_, g_, s_: tt.delta_rule(  # noqa: E731
         q_, k_, v_, b_, log_decay=g_, initial_state=s_, chunk_size=C, output_final_state=True, impl="recurrent")
-    cases.append(("delta_rule (gated)", names, kern, ref, args))
+    for label, gate in (("delta_rule (gated)", g), ("delta_rule per-channel (KDA)", g_channel)):
+        cases.append((label, names, kern, ref, (bf(q), bf(k_unit), bf(v), f32(beta), f32(gate), f32(S0))))
 
     start = setup(tune=True)
     result = dict(T=T, K=K, V=V, H=H, chunk_size=C, inputs="bfloat16 q,k,v; float32 gates/state",

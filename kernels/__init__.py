@@ -20,8 +20,8 @@ from tttla_jax.kernels.linear_attention_kernel import (
 )
 
 # The kernels that take a per-channel log-decay [B, T, H, K] (read by the ops' impl resolution):
-# linear attention (GLA); the delta rule refuses it with its reason.
-PER_CHANNEL_GATES: tuple = ("linear_attention",)
+# linear attention (GLA) and the delta rule (Kimi Delta Attention).
+PER_CHANNEL_GATES: tuple = ("linear_attention", "delta_rule")
 
 __all__ = [
     "CHIP_TABLES",

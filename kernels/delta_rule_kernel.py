@@ -16,6 +16,18 @@ cumulative log-decay, ``A_ij = [j < i] β_i e^{b_i − b_j} k_i·k_j`` and
 (``A`` is strictly lower triangular, so the product has log2(C) factors;
 :func:`tttla_jax.ops.chunk.unit_lower_inverse_by_products`).
 
+Per-channel log-decay ``g [B, T, H, K]`` (Kimi Delta Attention, Kimi Team 2025, "Kimi
+Linear": ``S ← diag(e^{g_t}) S`` before the delta step): ``b`` is one cumulative log-decay
+per key channel, ``e^b`` multiplies keys and queries channel-wise, ``e^{b_C}`` scales the
+state's rows, and ``A``, ``P`` contract the decay with the keys,
+``A_ij = [j < i] β_i Σ_κ k_iκ k_jκ e^{b_iκ − b_jκ}``, ``P_ij = [j ≤ i] Σ_κ q_iκ k_jκ e^{b_iκ − b_jκ}``.
+As the linear-attention per-channel kernel (:mod:`tttla_jax.kernels.linear_attention_kernel`,
+section "per-channel chunk math", whose helpers this module imports), the kernels then run
+:data:`PER_CHANNEL_CHUNK`-token chunks, the chunk boundary being the reference point of every
+factor across chunks (all exponents ≤ 0), and build ``A`` and ``P`` one key column at a time
+from the exact exponentials ``e^{b_iκ − b_jκ}``, masked before ``exp`` (``i ≥ j`` in the same
+segment of channel κ: per-channel cuts, no ``inf − inf``).
+
 Backends and dispatch as :mod:`tttla_jax.kernels.linear_attention_kernel` (Triton: one
 program per (batch, head, value block) looping over chunks; Mosaic: grid
 (batch, head, value block, chunk) with the chunk axis sequential and the state in VMEM).
@@ -47,7 +59,7 @@ from tttla_jax.kernels.linear_attention_kernel import (
     CHUNK_SIZES,
     END,
     FIRST,
-    PER_CHANNEL_REASON,
+    PER_CHANNEL_CHUNK,
     TPU_VMEM_CAP,
     BlockSizes,
     _acc,
@@ -59,7 +71,10 @@ from tttla_jax.kernels.linear_attention_kernel import (
     _dot,
     _interpret_mode,
     _is_compiled_dtype,
-    _check_per_channel,
+    _channel_decays,
+    _col,
+    _column_decay,
+    _row,
     _from_slots,
     _packed_tables,
     _reverse_cumsum_stops,
@@ -79,9 +94,8 @@ def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[in
     """Why the delta-rule kernel cannot run a call (``None`` if it can), as
     :func:`tttla_jax.kernels.unsupported_reason` (``chunk_size`` is only a tiling choice here;
     head dims in ``[16, 256]`` are zero-padded to the next tile, exact: ``β k kᵀ`` and ``k S``
-    do not see zero key channels)."""
-    if per_channel_decay:
-        return PER_CHANNEL_REASON
+    do not see zero key channels; a per-channel log-decay, ``per_channel_decay``, is taken)."""
+    del per_channel_decay  # taken (Kimi Delta Attention: PER_CHANNEL_CHUNK-token chunks)
     if not (_is_compiled_dtype(dtype) or (interpret and jnp.dtype(dtype) == jnp.float64)):
         return (f"dtype {jnp.dtype(dtype)} is not supported (bfloat16, float16, float32; "
                 "float64 only in interpret mode)")
@@ -91,6 +105,39 @@ def delta_rule_unsupported_reason(dtype, K: int, V: int, chunk_size: Optional[in
 # --------------------------------------------------------------------------- chunk math
 
 
+def _kda_grams(qs, kf, c, s):
+    """Per-channel decayed grams of one chunk (Kimi Delta Attention): ``P_ij = Σ_κ q_iκ k_jκ
+    E_ijκ`` and ``G_ij = Σ_κ k_iκ k_jκ E_ijκ`` ``[C, C]``, ``E_ijκ = exp(b_iκ − b_jκ)`` for
+    ``i ≥ j`` in the same segment of channel κ, else 0: one key column ``j`` per step, the
+    exponentials exact and masked before ``exp`` (:func:`_column_decay`, as the
+    linear-attention per-channel kernel; every exponent evaluated is ≤ 0)."""
+    C = qs.shape[0]
+    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+
+    def step(j, PG):
+        e = _column_decay(c, s, j)
+        kj = _row(kf, j)
+        at_j = cols == j
+        return (jnp.where(at_j, jnp.sum(qs * e * kj, axis=1, keepdims=True), PG[0]),
+                jnp.where(at_j, jnp.sum(kf * e * kj, axis=1, keepdims=True), PG[1]))
+
+    zero = jnp.zeros((C, C), qs.dtype)
+    return lax.fori_loop(jnp.int32(0), jnp.int32(C), step, (zero, zero))  # int32 index under x64 too
+
+
+def _chunk_terms(qs, kf, bcol, scol, bC, sC, acc):
+    """The decay factors and grams of one chunk, per head (decay columns ``[C, 1]``: one mask
+    ``D`` on ``Q Kᵀ`` and ``K Kᵀ``) or per key channel (``[C, K]``: :func:`_kda_grams`):
+    ``(γ, λ, Γ, P, G, D)`` with ``D`` ``None`` per channel."""
+    if bcol.shape[-1] == 1:
+        D = _decay_mask(bcol, scol, qs.shape[0])  # cut-aware (tttla_jax.ops.chunk.segment_cumsum)
+        gamma, lam, Gam = _decays(bcol, scol, bC, sC)
+        return gamma, lam, Gam, _dot(qs, kf, acc, tb=True) * D, _dot(kf, kf, acc, tb=True) * D, D
+    gamma, lam, Gam = _channel_decays(bcol, scol, bC, sC)  # Γ a [K, 1] column: it scales S's rows
+    P, G = _kda_grams(qs, kf, bcol, scol)
+    return gamma, lam, Gam, P, G, None
+
+
 def _delta_chunk(q, k, v, beta, bcol, scol, bC, sC, S, *, scale, acc):
     """One chunk: ``(O [C, BV], S_next [K, BV])``; every operand in ``acc``."""
     C = q.shape[0]
@@ -98,16 +145,13 @@ def _delta_chunk(q, k, v, beta, bcol, scol, bC, sC, S, *, scale, acc):
     kf = k.astype(acc)
     vf = v.astype(acc)
     beta = beta.astype(acc)
-    D = _decay_mask(bcol, scol, C)  # cut-aware (tttla_jax.ops.chunk.segment_cumsum)
-    gamma, lam, Gam = _decays(bcol, scol, bC, sC)
-    A = jnp.where(_chunk.lower_mask(C, strict=True), beta * _dot(kf, kf, acc, tb=True) * D, 0.0)
+    gamma, lam, Gam, P, G, _ = _chunk_terms(qs, kf, bcol, scol, bC, sC, acc)
+    A = jnp.where(_chunk.lower_mask(C, strict=True), beta * G, 0.0)
     Tinv = _chunk.unit_lower_inverse_by_products(A, lambda a, b: _dot(a, b, acc))
-    eb = gamma
     Wv = _dot(Tinv, beta * vf, acc)
-    Wk = _dot(Tinv, beta * eb * kf, acc)
+    Wk = _dot(Tinv, beta * gamma * kf, acc)
     U = Wv - _dot(Wk, S, acc)
-    P = _dot(qs, kf, acc, tb=True) * D
-    o = _dot(qs * eb, S, acc) + _dot(P, U, acc)
+    o = _dot(qs * gamma, S, acc) + _dot(P, U, acc)
     S = Gam * S + _dot(kf * lam, U, acc, ta=True)
     return o, S
 
@@ -158,6 +202,7 @@ def _cost(BH, N, K, V, C, nvb, itemsize):
 def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
     B, H, Tp, K = q.shape
     V = v.shape[-1]
+    G = b.shape[-1]  # 1 (per head) or K (per key channel)
     C = cfg.C
     N = Tp // C
     acc = _acc(q.dtype)
@@ -171,7 +216,7 @@ def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
             functools.partial(_gpu_kernel, C=C, N=N, scale=scale, acc=acc),
             out_shape=(jax.ShapeDtypeStruct((B, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), acc)),
             grid=(B, H, V // bv),
-            in_specs=[full(K), full(K), vblk, full(1), full(1), full(1), sblk],
+            in_specs=[full(K), full(K), vblk, full(1), full(G), full(G), sblk],
             out_specs=(vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
@@ -190,7 +235,7 @@ def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
         functools.partial(_tpu_kernel, N=N, scale=scale, acc=acc),
         out_shape=(jax.ShapeDtypeStruct((B, H, Tp, V), o_dt), jax.ShapeDtypeStruct((B, H, K, V), acc)),
         grid=(B, H, V // bv, N),
-        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk],
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(G), tok(G), sblk],
         out_specs=(vblk, sblk),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)],
         compiler_params=pltpu.CompilerParams(
@@ -277,32 +322,59 @@ def _dr_fwd(q, k, v, beta, g, S0, scale, cfg):
 #   and ``o_t = e^{B_t} q_t S̃_t``: ``B`` enters only through ``e^{B_t} q_t``, ``e^{−B_t} v_t``
 #   and ``S_T = e^{B_T} S̃_T``, so ``∂L/∂B_t = q_t·dq_t − v_t·dv_t + [t = T−1]⟨S_T, dS_T⟩`` and
 #   ``dg`` is its reverse cumulative sum stopped at cuts (as the linear-attention kernel).
+# * per key channel (``B_t`` a vector), ``e^{−B_t}`` cannot move onto ``v_t``: the recurrence is
+#   ``S̃_t = S̃_{t−1} + β_t (e^{−B_t} ⊙ k_t)ᵀ (v_t − (e^{B_t} ⊙ k_t) S̃_{t−1})``, so with ``dk^r`` the
+#   gradient through the keys that read the state (the rows of ``A``, ``Y``) and ``dk^w`` through
+#   those that write it (the columns of ``A`` and ``P``, the state update),
+#   ``∂L/∂B_tκ = q_tκ dq_tκ + k_tκ (dk^r_tκ − dk^w_tκ) + [t = T−1] Σ_v (S_T ⊙ dS_T)_κv``. The
+#   reverse sweep writes this ``dB [C, K]`` per chunk (per value block partial) and ``dg`` is its
+#   reverse cumulative sum per channel, stopped at that channel's cuts.
+
+
+def _kda_grad_sides(dP, M, qs, kf, c, s):
+    """The intra-chunk gradients through the per-channel grams of :func:`_kda_grams`, given
+    ``dP`` (cotangent of ``P``) and ``M`` (of ``G``, strictly lower), one key column ``j`` per
+    step with the same masked exponentials ``E^{(j)}``: the query side
+    ``dq_i = Σ_j dP_ij k_j ⊙ E_ij``, the read-key side ``dk_i = Σ_j M_ij k_j ⊙ E_ij`` and the
+    write-key side ``dk_j = Σ_i (dP_ij q_i + M_ij k_i) ⊙ E_ij`` ``[C, K]`` each."""
+    C, K = qs.shape
+    krows = lax.broadcasted_iota(jnp.int32, (C, K), 0)
+
+    def step(j, acc3):
+        dq, dkr, dkw = acc3
+        e = _column_decay(c, s, j)
+        kj = _row(kf, j)
+        dPj, Mj = _col(dP, j), _col(M, j)
+        wj = jnp.sum((dPj * qs + Mj * kf) * e, axis=0, keepdims=True)
+        return dq + dPj * kj * e, dkr + Mj * kj * e, jnp.where(krows == j, wj, dkw)
+
+    zero = jnp.zeros((C, K), qs.dtype)
+    return lax.fori_loop(jnp.int32(0), jnp.int32(C), step, (zero, zero, zero))
 
 
 def _delta_chunk_bwd(q, k, v, beta, bcol, scol, bC, sC, S, do, dS, *, scale, acc):
     """One chunk of the reverse sweep: ``(dq, dk, dβ [C, 1]) partial over this value block,
-    dv, dS_prev)``; every operand in ``acc``."""
+    dv, dS_prev, dB)``; every operand in ``acc``. ``dB`` is ``None`` per head; per key
+    channel it is this block's partial of ``∂L/∂B [C, K]`` (the per-channel identity of the
+    section comment)."""
     C = q.shape[0]
     qs = q.astype(acc) * scale
     kf = k.astype(acc)
     vf = v.astype(acc)
     do = do.astype(acc)
     beta = beta.astype(acc)
-    D = _decay_mask(bcol, scol, C)
-    gamma, lam, Gam = _decays(bcol, scol, bC, sC)
+    gamma, lam, Gam, P, KK, D = _chunk_terms(qs, kf, bcol, scol, bC, sC, acc)
     strict = _chunk.lower_mask(C, strict=True)
-    KK = _dot(kf, kf, acc, tb=True)
-    A = jnp.where(strict, beta * KK * D, 0.0)
+    A = jnp.where(strict, beta * KK, 0.0)
     Tinv = _chunk.unit_lower_inverse_by_products(A, lambda a, b: _dot(a, b, acc))
     X = beta * vf
     Y = beta * gamma * kf
     Wk = _dot(Tinv, Y, acc)
     U = _dot(Tinv, X, acc) - _dot(Wk, S, acc)
-    P = _dot(qs, kf, acc, tb=True) * D
     dU = _dot(P, do, acc, ta=True) + _dot(kf * lam, dS, acc)
-    dPD = _dot(do, U, acc, tb=True) * D
-    dq = _dot(dPD, kf, acc) + gamma * _dot(do, S, acc, tb=True)
-    dk = _dot(dPD, qs, acc, ta=True) + lam * _dot(U, dS, acc, tb=True)
+    dP = _dot(do, U, acc, tb=True)
+    dq = gamma * _dot(do, S, acc, tb=True)
+    dkw = lam * _dot(U, dS, acc, tb=True)  # write-key terms (S's update, P's key side, G's column side)
     dS_prev = Gam * dS + _dot(qs * gamma, do, acc, ta=True) - _dot(Wk, dU, acc, ta=True)
     dWk = -_dot(dU, S, acc, tb=True)
     dX = _dot(Tinv, dU, acc, ta=True)
@@ -310,12 +382,25 @@ def _delta_chunk_bwd(q, k, v, beta, bcol, scol, bC, sC, S, do, dS, *, scale, acc
     dv = beta * dX
     dT = _dot(dU, X, acc, tb=True) + _dot(dWk, Y, acc, tb=True)
     dA = jnp.where(strict, -_dot(_dot(Tinv, dT, acc, ta=True), Tinv, acc, tb=True), 0.0)
-    dAD = dA * D
-    M = beta * dAD
-    dk = dk + beta * gamma * dY + _dot(M, kf, acc) + _dot(M, kf, acc, ta=True)
+    M = beta * dA
+    dkr = beta * gamma * dY  # read-key terms (U's read of S, G's row side)
     dbeta = (jnp.sum(dX * vf, axis=1, keepdims=True) + jnp.sum(dY * gamma * kf, axis=1, keepdims=True)
-             + jnp.sum(dAD * KK, axis=1, keepdims=True))
-    return dq * scale, dk, dbeta, dv, dS_prev
+             + jnp.sum(dA * KK, axis=1, keepdims=True))
+    if D is not None:
+        dPD, MD = dP * D, M * D
+        dq = dq + _dot(dPD, kf, acc)
+        dk = dkw + dkr + _dot(dPD, qs, acc, ta=True) + _dot(MD, kf, acc) + _dot(MD, kf, acc, ta=True)
+        return dq * scale, dk, dbeta, dv, dS_prev, None
+    dqi, dkri, dkwi = _kda_grad_sides(dP, M, qs, kf, bcol, scol)
+    dq, dkr, dkw = dq + dqi, dkr + dkri, dkw + dkwi
+    dB = qs * dq + kf * (dkr - dkw)
+    return dq * scale, dkr + dkw, dbeta, dv, dS_prev, dB
+
+
+def _store(refs, idx, vals):
+    """Write the reverse sweep's per-chunk gradients ``(dq, dk, dβ, dv[, dB])`` to their refs."""
+    for r, x in zip(refs, vals):
+        r[idx] = x.astype(r.dtype)
 
 
 def _gpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_ref, *, C, N, acc):
@@ -332,19 +417,16 @@ def _gpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_
 
 
 def _gpu_bwd_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dst_ref,
-                    dq_ref, dk_ref, dbeta_ref, dv_ref, ds0_ref, *, C, N, scale, acc):
+                    dq_ref, dk_ref, dbeta_ref, dv_ref, ds0_ref, *db_ref, C, N, scale, acc):
     def body(i, dS):
         c = N - 1 - i
         t0 = pl.multiple_of(c * C, C)
         sl = pl.ds(t0, C)
         end = pl.ds(t0 + C - 1, 1)
-        dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+        dq, dk, dbeta, dv, dS, dB = _delta_chunk_bwd(
             q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
             b_ref[end, :], sg_ref[end, :], st_ref[c].astype(acc), do_ref[sl, :], dS, scale=scale, acc=acc)
-        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
-        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        dbeta_ref[sl, :] = dbeta.astype(dbeta_ref.dtype)
-        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        _store((dq_ref, dk_ref, dbeta_ref, dv_ref, *db_ref), (sl, slice(None)), (dq, dk, dbeta, dv, dB))
         return dS
 
     ds0_ref[...] = lax.fori_loop(0, N, body, dst_ref[...].astype(acc)).astype(ds0_ref.dtype)
@@ -365,7 +447,8 @@ def _tpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_
 
 
 def _tpu_bwd_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dst_ref,
-                    dq_ref, dk_ref, dbeta_ref, dv_ref, ds0_ref, ds_scr, *, N, scale, acc):
+                    dq_ref, dk_ref, dbeta_ref, dv_ref, ds0_ref, *rest, N, scale, acc):
+    *db_ref, ds_scr = rest
     c = pl.program_id(3)
 
     @pl.when(c == 0)
@@ -373,13 +456,10 @@ def _tpu_bwd_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref
         ds_scr[...] = dst_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+    dq, dk, dbeta, dv, dS, dB = _delta_chunk_bwd(
         q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
         sg_ref[C - 1:C, :], st_ref[...].astype(acc), do_ref[...], ds_scr[...], scale=scale, acc=acc)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _store((dq_ref, dk_ref, dbeta_ref, dv_ref, *db_ref), ..., (dq, dk, dbeta, dv, dB))
     ds_scr[...] = dS
 
     @pl.when(c == N - 1)
@@ -388,9 +468,12 @@ def _tpu_bwd_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref
 
 
 def _bwd_call(backend, interp, q, k, v, beta, b, sg, S0, do, dST, *, scale, cfg):
-    """States sweep + reverse sweep: ``(dq, dk, dβ, dv, dS0)`` (heads-major, in ``acc``)."""
+    """States sweep + reverse sweep: ``(dq, dk, dβ, dv, dS0, dB)`` (heads-major, in ``acc``;
+    ``dB [B, H, Tp, K]`` per key channel, else ``None``)."""
     B, H, Tp, K = q.shape
     V = v.shape[-1]
+    G = b.shape[-1]
+    db_shape = lambda nvb: (jax.ShapeDtypeStruct((nvb, B, H, Tp, G), acc),) if G > 1 else ()  # noqa: E731
     C = cfg.C
     N = Tp // C
     acc = _acc(q.dtype)
@@ -406,20 +489,19 @@ def _bwd_call(backend, interp, q, k, v, beta, b, sg, S0, do, dST, *, scale, cfg)
         part = lambda d: pl.BlockSpec((None, None, None, Tp, d), lambda i, j, n: (n, i, j, 0, 0))  # noqa: E731
         st = pl.pallas_call(
             functools.partial(_gpu_states_kernel, C=C, N=N, acc=acc), out_shape=st_shape, grid=(B, H, nvb),
-            in_specs=[full(K), full(K), vblk, full(1), full(1), full(1), sblk], out_specs=stblk,
+            in_specs=[full(K), full(K), vblk, full(1), full(G), full(G), sblk], out_specs=stblk,
             compiler_params=cp, interpret=bool(interp), name="tttla_delta_rule_states_triton",
         )(q, k, v, beta, b, sg, S0)
-        dq, dk, dbeta, dv, dS0 = pl.pallas_call(
+        return _sum_parts(pl.pallas_call(
             functools.partial(_gpu_bwd_kernel, C=C, N=N, scale=scale, acc=acc),
             out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc),
                        jax.ShapeDtypeStruct((nvb, B, H, Tp, 1), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
-                       jax.ShapeDtypeStruct((B, H, K, V), acc)),
+                       jax.ShapeDtypeStruct((B, H, K, V), acc)) + db_shape(nvb),
             grid=(B, H, nvb),
-            in_specs=[full(K), full(K), vblk, full(1), full(1), full(1), stblk, vblk, sblk],
-            out_specs=(part(K), part(K), part(1), vblk, sblk),
+            in_specs=[full(K), full(K), vblk, full(1), full(G), full(G), stblk, vblk, sblk],
+            out_specs=(part(K), part(K), part(1), vblk, sblk) + (part(G),) * (G > 1),
             compiler_params=cp, interpret=bool(interp), name="tttla_delta_rule_bwd_triton",
-        )(q, k, v, beta, b, sg, st, do, dST)
-        return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dS0
+        )(q, k, v, beta, b, sg, st, do, dST))
     if jnp.dtype(q.dtype) == jnp.float16:
         q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
     bv = cfg.block_sizes.tpu(K, V)
@@ -441,23 +523,45 @@ def _bwd_call(backend, interp, q, k, v, beta, b, sg, S0, do, dST, *, scale, cfg)
     tok, vblk, stblk, _ = specs(False)
     st = pl.pallas_call(
         functools.partial(_tpu_states_kernel, acc=acc), out_shape=st_shape, grid=(B, H, nvb, N),
-        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk], out_specs=stblk,
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(G), tok(G), sblk], out_specs=stblk,
         scratch_shapes=[pltpu.VMEM((K, bv), acc)], compiler_params=params,
         interpret=interp or False, name="tttla_delta_rule_states_mosaic",
     )(q, k, v, beta, b, sg, S0)
     tok, vblk, stblk, part = specs(True)
-    dq, dk, dbeta, dv, dS0 = pl.pallas_call(
+    return _sum_parts(pl.pallas_call(
         functools.partial(_tpu_bwd_kernel, N=N, scale=scale, acc=acc),
         out_shape=(jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc), jax.ShapeDtypeStruct((nvb, B, H, Tp, K), acc),
                    jax.ShapeDtypeStruct((nvb, B, H, Tp, 1), acc), jax.ShapeDtypeStruct((B, H, Tp, V), acc),
-                   jax.ShapeDtypeStruct((B, H, K, V), acc)),
+                   jax.ShapeDtypeStruct((B, H, K, V), acc)) + db_shape(nvb),
         grid=(B, H, nvb, N),
-        in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), stblk, vblk, sblk],
-        out_specs=(part(K), part(K), part(1), vblk, sblk),
+        in_specs=[tok(K), tok(K), vblk, tok(1), tok(G), tok(G), stblk, vblk, sblk],
+        out_specs=(part(K), part(K), part(1), vblk, sblk) + (part(G),) * (G > 1),
         scratch_shapes=[pltpu.VMEM((K, bv), acc)], compiler_params=params,
         interpret=interp or False, name="tttla_delta_rule_bwd_mosaic",
-    )(q, k, v, beta, b, sg, st, do, dST)
-    return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dS0
+    )(q, k, v, beta, b, sg, st, do, dST))
+
+
+def _sum_parts(outs):
+    """The reverse sweep's outputs with the per-value-block partials ``dq, dk, dβ[, dB]`` summed:
+    ``(dq, dk, dβ, dv, dS0, dB or None)``."""
+    dq, dk, dbeta, dv, dS0, *dB = outs
+    return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dS0, (dB[0].sum(0) if dB else None)
+
+
+def _dB_columns(qh, dq, vh, dv, dB, S_F, dS_F, acc):
+    """``∂L/∂B`` ``[B, H, Tp, G]`` (``G`` = 1 per head: the identity ``q·dq − v·dv``; ``G = K``
+    per key channel: the kernel's ``dB``) and the final-state term ``⟨S, dS⟩`` per column
+    ``[B, H, G]`` (summed over the state per head, over its value dim per key channel)."""
+    if dB is None:
+        dB = jnp.sum(qh.astype(acc) * dq, axis=-1) - jnp.sum(vh.astype(acc) * dv, axis=-1)
+        return dB[..., None], jnp.sum(S_F * dS_F, axis=(-2, -1))[..., None]
+    return dB, jnp.sum(S_F * dS_F, axis=-1)
+
+
+def _cut_columns(g, acc):
+    """The cuts of a log-decay ``[B, T, H(, K)]`` as ``[B, H, T, G]``."""
+    cut = g <= -_chunk.cut_threshold(acc)
+    return jnp.swapaxes(cut if cut.ndim == 4 else cut[..., None], 1, 2)
 
 
 def _dr_bwd(scale, cfg, res, cts):
@@ -472,16 +576,15 @@ def _dr_bwd(scale, cfg, res, cts):
     qh, kh, vh, doh = (_chunk.heads_major(x, Tp) for x in (q, k, v, do.astype(q.dtype)))
     bh = _chunk.heads_major(beta.astype(acc)[..., None], Tp)
     dST = dST.astype(acc)
-    dq, dk, dbeta, dv, dS0 = _dispatch(cfg, qh, kh, vh, bh, b, sg, S0.astype(acc), doh, dST, scale=scale,
-                                       call=_bwd_call)
-    # log-decay: dB_t = q_t·dq_t − v_t·dv_t + [t = T−1]<S_T, dS_T>, reverse cumsum stopped at cuts
-    dB = (jnp.sum(qh.astype(acc) * dq, axis=-1) - jnp.sum(vh.astype(acc) * dv, axis=-1))[:, :, :T]
-    dB = dB.at[..., -1].add(jnp.sum(S_T * dST, axis=(-2, -1)))
-    cut = jnp.swapaxes(ga <= -_chunk.cut_threshold(acc), 1, 2)
-    dg = _chunk.segmented_reverse_cumsum(dB, cut)
+    dq, dk, dbeta, dv, dS0, dB = _dispatch(cfg, qh, kh, vh, bh, b, sg, S0.astype(acc), doh, dST, scale=scale,
+                                           call=_bwd_call)
+    # log-decay: dB_t (+ [t = T−1]<S_T, dS_T>), reverse cumsum stopped at cuts (per column)
+    dB, st = _dB_columns(qh, dq, vh, dv, dB, S_T, dST, acc)
+    dB = dB[:, :, :T].at[:, :, -1].add(st)
+    dg = _chunk.segmented_reverse_cumsum(dB, _cut_columns(ga, acc), axis=2)
     back = lambda x, dt: _chunk.from_heads_major(x, T).astype(dt)  # noqa: E731
     return (back(dq, q.dtype), back(dk, k.dtype), back(dv, v.dtype), back(dbeta, beta.dtype)[..., 0],
-            jnp.swapaxes(dg, 1, 2).astype(g.dtype), dS0.astype(S0.dtype))
+            jnp.swapaxes(dg, 1, 2).reshape(g.shape).astype(g.dtype), dS0.astype(S0.dtype))
 
 
 def _dr_bwd_xla(scale, cfg, res, cts):
@@ -551,6 +654,7 @@ def _tpu_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_
 def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cfg):
     _, H, Tp, K = q.shape
     V = v.shape[-1]
+    G = b.shape[-1]
     Ns = h0.shape[0]
     C = cfg.C
     Nc = Tp // C
@@ -566,7 +670,7 @@ def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cf
             functools.partial(_gpu_packed_kernel, C=C, N=Nc, scale=scale, acc=acc),
             out_shape=(jax.ShapeDtypeStruct((1, H, Tp, V), out_dtype), jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
             grid=(1, H, V // bv),
-            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), full(1), sblk],
+            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(G), full(G), sblk],
             out_specs=(vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
             cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
@@ -586,7 +690,7 @@ def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cf
         out_shape=(jax.ShapeDtypeStruct((1, H, Tp, V), o_dt), jax.ShapeDtypeStruct((Ns, H, K, V), acc)),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(1, H, V // bv, Nc),
-            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk],
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(G), tok(G), sblk],
             out_specs=(vblk, sblk),
             scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
         compiler_params=pltpu.CompilerParams(
@@ -616,7 +720,7 @@ def _gpu_states_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_r
 
 
 def _gpu_bwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dsf_ref,
-                           dq_ref, dk_ref, dbeta_ref, dv_ref, dh0_ref, *, C, N, scale, acc):
+                           dq_ref, dk_ref, dbeta_ref, dv_ref, dh0_ref, *db_ref, C, N, scale, acc):
     def body(i, dS):
         c = N - 1 - i
         n = cs_ref[c]
@@ -625,13 +729,10 @@ def _gpu_bwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref,
         t0 = pl.multiple_of(c * C, C)
         sl = pl.ds(t0, C)
         end = pl.ds(t0 + C - 1, 1)
-        dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+        dq, dk, dbeta, dv, dS, dB = _delta_chunk_bwd(
             q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :], sg_ref[sl, :],
             b_ref[end, :], sg_ref[end, :], st_ref[c].astype(acc), do_ref[sl, :], dS, scale=scale, acc=acc)
-        dq_ref[sl, :] = dq.astype(dq_ref.dtype)
-        dk_ref[sl, :] = dk.astype(dk_ref.dtype)
-        dbeta_ref[sl, :] = dbeta.astype(dbeta_ref.dtype)
-        dv_ref[sl, :] = dv.astype(dv_ref.dtype)
+        _store((dq_ref, dk_ref, dbeta_ref, dv_ref, *db_ref), (sl, slice(None)), (dq, dk, dbeta, dv, dB))
 
         @pl.when((f & FIRST) != 0)
         def _():
@@ -659,8 +760,9 @@ def _tpu_states_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_r
 
 
 def _tpu_bwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, st_ref, do_ref, dsf_ref,
-                           dq_ref, dk_ref, dbeta_ref, dv_ref, dh0_ref, ds_scr, *, N, scale, acc):
+                           dq_ref, dk_ref, dbeta_ref, dv_ref, dh0_ref, *rest, N, scale, acc):
     del cs_ref
+    *db_ref, ds_scr = rest
     i = pl.program_id(3)
     f = cf_ref[N - 1 - i]
 
@@ -673,22 +775,20 @@ def _tpu_bwd_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_ref,
         ds_scr[...] = dsf_ref[...].astype(acc)
 
     C = q_ref.shape[0]
-    dq, dk, dbeta, dv, dS = _delta_chunk_bwd(
+    dq, dk, dbeta, dv, dS, dB = _delta_chunk_bwd(
         q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...], b_ref[C - 1:C, :],
         sg_ref[C - 1:C, :], st_ref[...].astype(acc), do_ref[...], ds_scr[...], scale=scale, acc=acc)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dbeta_ref[...] = dbeta.astype(dbeta_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _store((dq_ref, dk_ref, dbeta_ref, dv_ref, *db_ref), ..., (dq, dk, dbeta, dv, dB))
     ds_scr[...] = dS
     dh0_ref[...] = dS.astype(dh0_ref.dtype)  # last write in reverse order: the sequence's first chunk
 
 
 def _bwd_packed_call(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, do, dSF, *, scale, cfg):
-    """Packed states + reverse sweep on the re-chunked layout: ``(dq, dk, dβ, dv, dh0)``
-    (``dh0`` of empty sequences not written)."""
+    """Packed states + reverse sweep on the re-chunked layout: ``(dq, dk, dβ, dv, dh0, dB)``
+    (``dh0`` of empty sequences not written; ``dB`` as :func:`_bwd_call`)."""
     _, H, Tp, K = q.shape
     V = v.shape[-1]
+    G = b.shape[-1]
     Ns = h0.shape[0]
     C = cfg.C
     Nc = Tp // C
@@ -697,7 +797,8 @@ def _bwd_packed_call(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, do, dSF,
     grads_shape = lambda nvb: (  # noqa: E731
         jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc), jax.ShapeDtypeStruct((nvb, 1, H, Tp, K), acc),
         jax.ShapeDtypeStruct((nvb, 1, H, Tp, 1), acc), jax.ShapeDtypeStruct((1, H, Tp, V), acc),
-        jax.ShapeDtypeStruct((Ns, H, K, V), acc))
+        jax.ShapeDtypeStruct((Ns, H, K, V), acc)) + (
+        (jax.ShapeDtypeStruct((nvb, 1, H, Tp, G), acc),) if G > 1 else ())  # dB per key channel
     if backend == "gpu":
         bv, nw, ns = cfg.block_sizes.gpu(K, V)
         nvb = V // bv
@@ -710,18 +811,17 @@ def _bwd_packed_call(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, do, dSF,
         part = lambda d: pl.BlockSpec((None, None, None, Tp, d), lambda i, j, n: (n, i, j, 0, 0))  # noqa: E731
         st = pl.pallas_call(
             functools.partial(_gpu_states_packed_kernel, C=C, N=Nc, acc=acc), out_shape=st_shape,
-            grid=(1, H, nvb), in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), full(1), sblk],
+            grid=(1, H, nvb), in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(G), full(G), sblk],
             out_specs=stblk, compiler_params=cp, interpret=bool(interp),
             name="tttla_delta_rule_packed_states_triton",
         )(cs, cf, q, k, v, beta, b, sg, h0)
-        dq, dk, dbeta, dv, dh0 = pl.pallas_call(
+        return _sum_parts(pl.pallas_call(
             functools.partial(_gpu_bwd_packed_kernel, C=C, N=Nc, scale=scale, acc=acc), out_shape=grads_shape(nvb),
             grid=(1, H, nvb),
-            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(1), full(1), stblk, vblk, sblk],
-            out_specs=(part(K), part(K), part(1), vblk, sblk), compiler_params=cp, interpret=bool(interp),
-            name="tttla_delta_rule_packed_bwd_triton",
-        )(cs, cf, q, k, v, beta, b, sg, st, do, dSF)
-        return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dh0
+            in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(G), full(G), stblk, vblk, sblk],
+            out_specs=(part(K), part(K), part(1), vblk, sblk) + (part(G),) * (G > 1), compiler_params=cp,
+            interpret=bool(interp), name="tttla_delta_rule_packed_bwd_triton",
+        )(cs, cf, q, k, v, beta, b, sg, st, do, dSF))
     if jnp.dtype(q.dtype) == jnp.float16:
         q, k, v, do = (x.astype(jnp.float32) for x in (q, k, v, do))
     bv = cfg.block_sizes.tpu(K, V)
@@ -746,21 +846,20 @@ def _bwd_packed_call(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, do, dSF,
         functools.partial(_tpu_states_packed_kernel, acc=acc), out_shape=st_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
-            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), sblk], out_specs=stblk,
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(G), tok(G), sblk], out_specs=stblk,
             scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
         compiler_params=params, interpret=interp or False, name="tttla_delta_rule_packed_states_mosaic",
     )(cs, cf, q, k, v, beta, b, sg, h0)
     tok, vblk, sblk, stblk, part = specs(True)
-    dq, dk, dbeta, dv, dh0 = pl.pallas_call(
+    return _sum_parts(pl.pallas_call(
         functools.partial(_tpu_bwd_packed_kernel, N=Nc, scale=scale, acc=acc), out_shape=grads_shape(nvb),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(1, H, nvb, Nc),
-            in_specs=[tok(K), tok(K), vblk, tok(1), tok(1), tok(1), stblk, vblk, sblk],
-            out_specs=(part(K), part(K), part(1), vblk, sblk),
+            in_specs=[tok(K), tok(K), vblk, tok(1), tok(G), tok(G), stblk, vblk, sblk],
+            out_specs=(part(K), part(K), part(1), vblk, sblk) + (part(G),) * (G > 1),
             scratch_shapes=[pltpu.VMEM((K, bv), acc)]),
         compiler_params=params, interpret=interp or False, name="tttla_delta_rule_packed_bwd_mosaic",
-    )(cs, cf, q, k, v, beta, b, sg, st, do, dSF)
-    return dq.sum(0), dk.sum(0), dbeta.sum(0), dv, dh0
+    )(cs, cf, q, k, v, beta, b, sg, st, do, dSF))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -801,20 +900,21 @@ def _dr_packed_bwd(scale, cfg, res, cts):
                            for x in (q, k, v, beta.astype(acc)[..., None], do.astype(q.dtype)))
     gs = slots(g.astype(acc))
     b, sg = _cum_decay(gs, C, Tp)
-    dq, dk, dbeta, dv, dh0 = _dispatch(cfg, cs, cf, qh, kh, vh, bh, b, sg, h0.astype(acc), doh, dSF, scale=scale,
-                                       call=_bwd_packed_call)
+    dq, dk, dbeta, dv, dh0, dB = _dispatch(cfg, cs, cf, qh, kh, vh, bh, b, sg, h0.astype(acc), doh, dSF,
+                                           scale=scale, call=_bwd_packed_call)
     nonempty = last >= 0
     dh0 = jnp.where(nonempty[:, None, None, None], dh0, dSF)
-    dB = jnp.sum(qh.astype(acc) * dq, axis=-1) - jnp.sum(vh.astype(acc) * dv, axis=-1)  # [1, H, Tp]
-    st = jnp.where(nonempty[:, None], jnp.sum(SF * dSF, axis=(-2, -1)), 0.0)  # [Ns, H]
-    dB = dB.at[:, :, jnp.maximum(last, 0) * C + C - 1].add(st.T[None])
-    cut = jnp.swapaxes(gs <= -_chunk.cut_threshold(acc), 1, 2)  # [1, H, Tp]
-    seq_end = (((cf & END) != 0)[:, None] & (jnp.arange(C) == C - 1)[None]).reshape(Tp)
-    stop = seq_end | jnp.concatenate([cut[..., 1:], jnp.zeros_like(cut[..., :1])], -1)
-    dg = jnp.where(cut, 0.0, _reverse_cumsum_stops(dB, stop))
+    dB, st = _dB_columns(qh, dq, vh, dv, dB, SF, dSF, acc)  # [1, H, Tp, G], [Ns, H, G]
+    st = jnp.where(nonempty[:, None, None], st, 0.0)
+    dB = dB.at[:, :, jnp.maximum(last, 0) * C + C - 1].add(jnp.moveaxis(st, 0, 1)[None])
+    cut = _cut_columns(gs, acc)  # [1, H, Tp, G]
+    seq_end = (((cf & END) != 0)[:, None] & (jnp.arange(C) == C - 1)[None]).reshape(Tp, 1)
+    stop = seq_end | jnp.concatenate([cut[:, :, 1:], jnp.zeros_like(cut[:, :, :1])], 2)
+    dg = jnp.where(cut, 0.0, jnp.swapaxes(_reverse_cumsum_stops(jnp.swapaxes(dB, 2, 3), jnp.swapaxes(stop, 2, 3)),
+                                          2, 3))
     back = lambda x, dt: _from_slots(_chunk.from_heads_major(x, Tp), lay).astype(dt)  # noqa: E731
     return (back(dq, q.dtype), back(dk, k.dtype), back(dv, v.dtype), back(dbeta, beta.dtype)[..., 0],
-            _from_slots(jnp.swapaxes(dg, 1, 2), lay).astype(g.dtype), dh0.astype(h0.dtype), None)
+            _from_slots(jnp.swapaxes(dg, 1, 2), lay).reshape(g.shape).astype(g.dtype), dh0.astype(h0.dtype), None)
 
 
 def _dr_packed_bwd_xla(scale, cfg, res, cts):
@@ -843,7 +943,7 @@ def delta_rule(
     beta: Float[Array, "b t h"],
     *,
     scale: Optional[float] = None,
-    log_decay: Optional[Float[Array, "b t h"]] = None,
+    log_decay: Optional[Float[Array, "b t h *k"]] = None,
     initial_state: Optional[Float[Array, "b h k v"]] = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
@@ -860,7 +960,9 @@ def delta_rule(
     ``block_sizes`` and ``interpret`` as :func:`tttla_jax.kernels.linear_attention`; head dims
     ``16 ≤ K, V ≤ 256`` (zero-padded to the next tile, exact). ``cu_seqlens``: packed
     sequences in a batch of one, as :func:`tttla_jax.kernels.linear_attention` (every kernel
-    resets per sequence).
+    resets per sequence). ``log_decay``: ``[B, T, H]`` one per head, or ``[B, T, H, K]`` one per
+    key channel (Kimi Delta Attention, ``S ← diag(e^{g_t}) S`` before the delta step; the
+    kernels then run :data:`PER_CHANNEL_CHUNK`-token chunks whatever ``chunk_size``).
 
     Returns:
       ``(o [B, T, H, V] in q's dtype, S_T [B, H, K, V] ([N, H, K, V] packed) float32/float64 or None)``.
@@ -869,9 +971,10 @@ def delta_rule(
       ValueError: at trace time for bad shapes, or a dtype / head dim the kernel does not
         support (:func:`delta_rule_unsupported_reason`).
     """
-    _check_per_channel(q, log_decay)
     B, T, H, K, V, Ns = _checks.check_qkv(q, k, v, gates={"beta": beta, "log_decay": log_decay},
-                                          initial_state=initial_state, cu_seqlens=cu_seqlens, same_dtype=True)
+                                          initial_state=initial_state, cu_seqlens=cu_seqlens, same_dtype=True,
+                                          channel_gates=("log_decay",))
+    channel = log_decay is not None and jnp.ndim(log_decay) == 4
     chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
     scale = _checks.check_scale(scale)
     _check_interpret(interpret)
@@ -879,8 +982,11 @@ def delta_rule(
     reason = delta_rule_unsupported_reason(q.dtype, K, V, chunk_size, interpret=_interpret_mode(interpret))
     if reason is not None:
         raise ValueError(f"delta_rule(impl='pallas'): {reason}")
-    C = chunk_size if chunk_size in CHUNK_SIZES else 64
-    C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
+    if channel:
+        C = PER_CHANNEL_CHUNK  # the chunk boundary is every factorised exponential's reference point
+    else:
+        C = chunk_size if chunk_size in CHUNK_SIZES else 64
+        C = min(C, max(CHUNK_SIZES[0], pl.next_power_of_2(T)))
     cfg = _Cfg(C=C, block_sizes=block_sizes or default_block_sizes(K, V, interpret), interpret=interpret)
     Kp, Vp = padded_dim(K), padded_dim(V)
     cfg.block_sizes.gpu(Kp, Vp)
@@ -890,6 +996,8 @@ def delta_rule(
     S0 = jnp.zeros((Ns, H, K, V), acc) if initial_state is None else initial_state
     q, scale = _static_scale(q, K, scale)
     q, k, v, S0 = pad_head_dims(q, k, v, S0, Kp, Vp)
+    if channel and Kp != K:  # padded key channels: log-decay 0 (their q, k and state rows are 0)
+        g = jnp.pad(g, [(0, 0)] * 3 + [(0, Kp - K)])
     if cu_seqlens is None:
         o, S = _dr(q, k, v, beta, g, S0, scale, cfg)
     else:

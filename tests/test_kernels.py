@@ -446,8 +446,8 @@ def test_float32_packed_two_value_blocks_and_cuts():
 
 
 def test_packed_and_padded_contract():
-    """Packed: one state per sequence in and out, named errors; head dims out of range and a
-    per-channel log-decay get the kernels' reasons."""
+    """Packed: one state per sequence in and out, named errors; head dims out of range get the
+    kernels' reasons; a per-channel log-decay is taken by both kernels."""
     q, k, v, g, S0 = packed_inputs(40, 6, 1, 16, 16, 2, jnp.float32)
     cu = jnp.asarray([0, 2, 6], jnp.int32)
     o, S = jax.eval_shape(lambda *a: kernel_la(*a[:3], log_decay=a[3], initial_state=a[4], cu_seqlens=cu,
@@ -457,12 +457,14 @@ def test_packed_and_padded_contract():
         kernel_la(q, k, v, initial_state=S0[:1], cu_seqlens=cu, interpret="gpu")
     with pytest.raises(ValueError, match=r"cu_seqlens: expected to start at 0 and end at T = 6"):
         kernel_la(q, k, v, cu_seqlens=jnp.asarray([0, 2, 5], jnp.int32), interpret="gpu")
-    with pytest.raises(ValueError, match=r"per-channel log_decay \[B, T, H, K\] is not supported"):
-        kernel_dr(q, k, v, jax.nn.sigmoid(g), log_decay=jnp.zeros(q.shape, jnp.float32), interpret="gpu")
+    o, S = jax.eval_shape(lambda *a: kernel_dr(*a[:3], jax.nn.sigmoid(g), log_decay=a[3], initial_state=a[4],
+                                               cu_seqlens=cu, output_final_state=True, interpret="gpu"),
+                          q, k, v, jnp.zeros(q.shape, jnp.float32), S0)  # per-channel (KDA) taken
+    assert o.shape == (1, 6, 1, 16) and S.shape == (2, 1, 16, 16)
     from tttla_jax.kernels import PER_CHANNEL_GATES, delta_rule_unsupported_reason
-    assert PER_CHANNEL_GATES == ("linear_attention",)
+    assert PER_CHANNEL_GATES == ("linear_attention", "delta_rule")
     assert unsupported_reason(jnp.float32, "causal", 64, 64, per_channel_decay=True) is None
-    assert "per-channel" in delta_rule_unsupported_reason(jnp.float32, 64, 64, per_channel_decay=True)
+    assert delta_rule_unsupported_reason(jnp.float32, 64, 64, per_channel_decay=True) is None
     with pytest.raises(ValueError, match=r"log_decay: expected shape \[B, T, H\] = \(1, 6, 1\), got \(1, 6, 1, 8\); "
                                          r"or, one value per key channel, \[B, T, H, K\] = \(1, 6, 1, 16\)"):
         kernel_la(q, k, v, log_decay=jnp.zeros((1, 6, 1, 8), jnp.float32), interpret="gpu")

@@ -157,8 +157,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
         def loss(q, k, v, g, S0, *cu):
             kw = dict(log_decay=g, initial_state=S0, chunk_size=C, output_final_state=True, block_sizes=bs,
                       cu_seqlens=cu[0] if cu else None)
-            if kind == "delta":
-                o, S = delta_rule(q, k, v, jax.nn.sigmoid(g), **kw)
+            if kind == "delta":  # beta from the log-decay slot (its first channel when per-channel)
+                o, S = delta_rule(q, k, v, jax.nn.sigmoid(g if g.ndim == 3 else g[..., 0]), **kw)
             else:
                 o, S = kla(q, k, v, masking=kind, **kw)
             return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
@@ -217,6 +217,12 @@ _CHANNEL_SWEEP += [[t, "bfloat16", 96, 200, m, 64, None, True, {"channel": True,
 # the largest per-channel blocks: chunk masking with 256-token chunks, K = V = 256 ([C, K] decay columns)
 _CHANNEL_SWEEP += [["v5e:2x2", "float32", 256, 256, "chunk", 256, None, True, {"channel": True}],
                    ["v5e:2x2", "bfloat16", 256, 256, "chunk", 256, None, True, {"channel": True, "packed": 2}]]
+# the per-channel delta rule (Kimi Delta Attention): every topology x dtype x head dim (tile and
+# padded), forward + backward, and packed with chip tables
+_KDA_SWEEP = [[t, d, hd, hd, "delta", 64, None, True, {"channel": True}] for t in ("v5e:2x2", "v5p:2x2x1", "v6e:2x2")
+              for d in ("bfloat16", "float16", "float32") for hd in (48, 128, 256)]
+_KDA_SWEEP += [[t, "bfloat16", 96, 200, "delta", 64, None, True, {"channel": True, "packed": 3, "chip": c}]
+               for t, c in (("v5e:2x2", "tpu_v5e"), ("v6e:2x2", "tpu_v6e"))]
 _FULL_SWEEP = [[t, d, hd, hd, m, 64, None, True] for t in ("v5e:2x2", "v6e:2x2")
                for d in ("bfloat16", "float16", "float32") for hd in (64, 128, 256) for m in ("causal", "chunk", "delta")]
 
@@ -257,6 +263,11 @@ def test_tpu_compile_full_sweep_with_libtpu():
 @pytest.mark.slow
 def test_tpu_compile_per_channel_sweep_with_libtpu():
     _check(_run_tpu_compile(_CHANNEL_SWEEP))
+
+
+@pytest.mark.slow
+def test_tpu_compile_per_channel_delta_sweep_with_libtpu():
+    _check(_run_tpu_compile(_KDA_SWEEP))
 
 
 @pytest.mark.slow
