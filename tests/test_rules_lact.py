@@ -453,14 +453,9 @@ def test_numpy_and_jax_scalars_are_accepted():
 
 def _scan_inputs(rule, q, k, v, lr, m, w0, w1, w2):
     """The arguments of ``scan_vjp.scan`` / ``scan_vjp.plain`` (as LaCTRule.recurrent builds them)."""
-    from tttla_jax.ops.chunk import chunk_layout
+    from tttla_jax.rules.lact import scan_vjp
     x = rule.prepare(q, k, v, lr, rule.init_state(w0, w1, w2, k.shape[0]), m if rule.use_momentum else None)
-    C, T = rule.chunk_size, x.k.shape[1]
-    N = -(-T // C)
-    qc, kc, vc = (chunk_layout(a, C) for a in (x.q, x.k, x.v))
-    xs = tuple(jnp.moveaxis(a[:, :, :N - 1], 2, 0)
-               for a in (qc, kc, vc) + tuple(chunk_layout(a, C) for a in x.lrs) + (x.chunk_momentum,))
-    return xs, qc[:, :, N - 1], x.state
+    return scan_vjp.scan_inputs(rule, x)
 
 
 # slow: the default suite's V0 gradient check against the float64 loop (GRAD_CONFIGS) already

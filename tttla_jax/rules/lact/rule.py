@@ -403,6 +403,11 @@ class LaCTRule(Rule):
         T = x.k.shape[1]
         C = self.chunk_size
         N = -(-T // C)
+        if self.order == "apply_then_update" and N > 1 and scan_vjp.supports(self):
+            # the same scan in a token-major chunk layout, with a hand-written, rematerialising backward
+            o_upd, o_last, st = scan_vjp.scan(self, *scan_vjp.scan_inputs(self, x))
+            o = scan_vjp.outputs(o_upd, o_last, T).astype(x.out_dtype)
+            return o, (st if output_final_state else None)
         qc, kc, vc = (chunk_layout(a, C) for a in (x.q, x.k, x.v))  # [B, H, N, C, d]
         lrc = tuple(chunk_layout(a, C) for a in x.lrs)
         tm = lambda a: jnp.moveaxis(a, 2, 0)  # noqa: E731  chunk axis first for scan
@@ -414,17 +419,11 @@ class LaCTRule(Rule):
 
             n_upd = N - 1
             outs = []
-            if n_upd > 0 and scan_vjp.supports(self):
-                # the same scan with a hand-written, rematerialising backward
-                xs = tuple(tm(a[:, :, :n_upd]) for a in (qc, kc, vc) + lrc + (x.chunk_momentum,))
-                o_upd, o_last, st = scan_vjp.scan(self, xs, qc[:, :, N - 1], st)
-                outs = [jnp.moveaxis(o_upd, 0, 2), o_last[:, :, None]]
-            elif n_upd > 0:
+            if n_upd > 0:
                 xs = tuple(tm(a[:, :, :n_upd]) for a in (qc, kc, vc) + lrc + (x.chunk_momentum,))
                 st, o_upd = lax.scan(step, st, xs)
                 outs.append(jnp.moveaxis(o_upd, 0, 2))
-            if len(outs) < 2:
-                outs.append(self.read(st, qc[:, :, N - 1])[:, :, None])
+            outs.append(self.read(st, qc[:, :, N - 1])[:, :, None])
             o = jnp.concatenate(outs, axis=2)
         else:
             def step(s, xs):

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from tttla_jax.ops.chunk import num_chunks, pad_time
 from tttla_jax.rules.lact.fastnet import WN_EPS, row_norm
 from tttla_jax.rules.lact.muon import newton_schulz5, newton_schulz5_vjp
 
@@ -41,6 +42,38 @@ def supports(rule) -> bool:
     """Whether :func:`scan` computes ``rule``'s recurrent form (the configurations above)."""
     return (rule.fast_net == "swiglu" and rule.update == "all" and rule.weight_norm in ("post", None)
             and rule.order == "apply_then_update" and rule.inner_steps == 1)
+
+
+def scan_inputs(rule, x):
+    """The arguments ``(xs, q_last, state)`` of :func:`scan` / :func:`plain` from the
+    :class:`~tttla_jax.rules.lact.rule.LaCTInputs` ``x``, in the token-major chunk layout:
+    ``[B, T, H, d]`` zero-padded to whole chunks is ``[B, N, C, H, d]`` by a reshape, and
+    the updating chunks are moved to the front, ``[N − 1, B, C, H, d]`` (a copy of
+    contiguous chunks, free for B = 1). The heads are swapped next to the batch inside the
+    scan, one chunk at a time (in cache), instead of a whole-sequence transpose."""
+    C, T = rule.chunk_size, x.k.shape[1]
+    N = num_chunks(T, C)
+
+    def chunks(a):
+        a = pad_time(a, N * C)
+        return a.reshape((a.shape[0], N, C) + a.shape[2:])
+
+    qc = chunks(x.q)
+    xs = tuple(jnp.moveaxis(a[:, :N - 1], 1, 0) for a in (qc,) + tuple(chunks(a) for a in (x.k, x.v) + x.lrs))
+    return xs + (jnp.moveaxis(x.chunk_momentum[:, :, :N - 1], 2, 0),), qc[:, N - 1], x.state
+
+
+def outputs(o_upd, o_last, T):
+    """``o [B, T, H, dv]`` from :func:`scan`'s ``o_upd [N − 1, B, C, H, dv]`` and
+    ``o_last [B, C, H, dv]``."""
+    o = jnp.moveaxis(o_upd, 0, 1)
+    o = o.reshape((o.shape[0], -1) + o.shape[3:])
+    return jnp.concatenate([o, o_last], axis=1)[:, :T]
+
+
+def _heads(x):
+    """``[B, C, H, d]`` ↔ ``[B, H, C, d]``."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def _silu_parts(a):
@@ -58,14 +91,17 @@ def _red(g, lr):
 
 
 def _read(w, q):
+    """``f(q)`` for ``q [B, C, H, dk]`` (token-major) → ``[B, C, H, dv]``."""
     W0, W1, W2 = w
+    q = _heads(q)
     h = jax.nn.silu(_mm("bhck,bhdk->bhcd", q, W0)) * _mm("bhck,bhdk->bhcd", q, W2)
-    return _mm("bhcd,bhvd->bhcv", h, W1)
+    return _heads(_mm("bhcd,bhvd->bhcv", h, W1))
 
 
 def _read_bwd(w, q, go):
-    """Cotangents ``(gW0, gW1, gW2), gq`` of :func:`_read`."""
+    """Cotangents ``(gW0, gW1, gW2), gq`` of :func:`_read` (token-major ``q``, ``go``, ``gq``)."""
     W0, W1, W2 = w
+    q, go = _heads(q), _heads(go)
     Aq = _mm("bhck,bhdk->bhcd", q, W0)
     Bq = _mm("bhck,bhdk->bhcd", q, W2)
     _, sq, dsq = _silu_parts(Aq)
@@ -74,7 +110,7 @@ def _read_bwd(w, q, go):
     gA = gh * Bq * dsq
     gB = gh * sq
     gq = _mm("bhcd,bhdk->bhck", gA, W0) + _mm("bhcd,bhdk->bhck", gB, W2)
-    return (_mm("bhcd,bhck->bhdk", gA, q), gW1, _mm("bhcd,bhck->bhdk", gB, q)), gq
+    return (_mm("bhcd,bhck->bhdk", gA, q), gW1, _mm("bhcd,bhck->bhdk", gB, q)), _heads(gq)
 
 
 def _md(rule):
@@ -90,11 +126,13 @@ def _step(rule, s, xs):
     ``[G0; G2] = [lr0 ⊙ da, lr2 ⊙ (u ⊙ silu(a))]ᵀ k``."""
     qi, k, v, lr0, lr1, lr2, mb = xs
     W0, W1, W2 = s.w
-    C, dh = k.shape[2], W0.shape[2]
+    C, dh = k.shape[1], W0.shape[2]
     cat = jnp.concatenate
-    AB = _mm("bhck,bhdk->bhcd", cat([k, qi], axis=2), cat([W0, W2], axis=2))
+    kq = _heads(cat([k, qi], axis=1))
+    k, v, lr0, lr1, lr2 = kq[:, :, :C], _heads(v), _heads(lr0), _heads(lr1), _heads(lr2)
+    AB = _mm("bhck,bhdk->bhcd", kq, cat([W0, W2], axis=2))
     a, b, Aq, Bq = AB[:, :, :C, :dh], AB[:, :, :C, dh:], AB[:, :, C:, :dh], AB[:, :, C:, dh:]
-    o = _mm("bhcd,bhvd->bhcv", jax.nn.silu(Aq) * Bq, W1)
+    o = _heads(_mm("bhcd,bhvd->bhcv", jax.nn.silu(Aq) * Bq, W1))
     sig, sa, ds = _silu_parts(a)
     u = _mm("bhcv,bhvd->bhcd", v, W1)  # W1ᵀ v
     G1 = _mm("bhcv,bhcd->bhvd", v, lr1 * (sa * b))
@@ -140,9 +178,10 @@ def plain(rule, xs, q_last, state):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def scan(rule, xs, q_last, state):
-    """``(o_upd, o_last, final_state)``: the updating chunks (``xs`` chunk-major: q, k, v,
-    lr0, lr1, lr2 ``[N−1, B, H, C, ·]`` and ᾱ ``[N−1, B, H]``), then the apply-only last
-    chunk's read of ``q_last [B, H, C', dk]``, from the :class:`LaCTState` ``state``."""
+    """``(o_upd, o_last, final_state)``: the updating chunks (``xs``, token-major chunks: q,
+    k, v, lr0, lr1, lr2 ``[N−1, B, C, H, ·]`` and ᾱ ``[N−1, B, H]``, :func:`scan_inputs`),
+    then the apply-only last chunk's read of ``q_last [B, C, H, dk]``, from the
+    :class:`LaCTState` ``state``; ``o_upd [N−1, B, C, H, dv]``, ``o_last [B, C, H, dv]``."""
     o_upd, o_last, st, _ = _forward(rule, xs, q_last, state, keep=False)
     return o_upd, o_last, st
 
@@ -168,15 +207,17 @@ def _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom):
     products per chunk instead of 23, the same FLOPs."""
     qi, k, v, lr0, lr1, lr2, mb = x
     W0, W1, W2 = w
-    C, dh = k.shape[2], W0.shape[2]
+    C, dh = k.shape[1], W0.shape[2]
     cat = jnp.concatenate
     sign = 1.0 if rule.ascent else -1.0
+    # token-major chunks → heads next to the batch (in cache, one chunk at a time)
+    kq = _heads(cat([k, qi], axis=1))
+    vg = _heads(cat([v, go], axis=1))
+    k, v, lr0, lr1, lr2 = kq[:, :, :C], vg[:, :, :C], _heads(lr0), _heads(lr1), _heads(lr2)
     # recompute the chunk's activations: [a b; Aq Bq] = [k; q] [W0; W2]ᵀ, [u; ghq] = [v; go] W1
     W02 = cat([W0, W2], axis=2)
-    kq = cat([k, qi], axis=2)
     AB = _mm("bhck,bhdk->bhcd", kq, W02)
     a, b, Aq, Bq = AB[:, :, :C, :dh], AB[:, :, :C, dh:], AB[:, :, C:, :dh], AB[:, :, C:, dh:]
-    vg = cat([v, go], axis=2)
     UG = _mm("bhcv,bhvd->bhcd", vg, W1)
     u, ghq = UG[:, :, :C], UG[:, :, C:]
     sig, sa, ds = _silu_parts(a)
@@ -241,7 +282,8 @@ def _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom):
     gW1 = gW[1] + gW1
     gW2 = gW[2] + gW02[:, :, dh:]
     gn = tuple(gn) if rule.weight_norm == "post" else None
-    return (gW0, gW1, gW2), gmom_prev, gn, (gq, gk, gv, gl0, gl1, gl2, gmb)
+    gx = tuple(_heads(g) for g in (gq, gk, gv, gl0, gl1, gl2))
+    return (gW0, gW1, gW2), gmom_prev, gn, gx + (gmb,)
 
 
 def _zeros_like_tree(t):
