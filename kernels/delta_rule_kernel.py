@@ -191,11 +191,13 @@ def _tpu_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, o_ref, st_
         st_ref[...] = S.astype(st_ref.dtype)
 
 
-def _cost(BH, N, K, V, C, nvb, itemsize):
+def _cost(BH, N, K, V, C, nvb, itemsize, G=1):
+    """Forward cost; ``G = K`` (per-channel log-decay): the grams' ``C²·K`` exponentials per chunk."""
     lg = max(1, (C - 1).bit_length() - 1)
     per_chunk = nvb * (2 * C * C * K * 2 + 2 * lg * 2 * C ** 3 + 2 * C * C * K) + 2 * C * C * V \
         + 2 * C * K * V * 3 + 2 * C * C * V
-    return pl.CostEstimate(flops=int(BH * N * per_chunk), transcendentals=int(BH * N * nvb * (C * C + 2 * C)),
+    exps = C * C * (K if G > 1 else 1) + 2 * C * G
+    return pl.CostEstimate(flops=int(BH * N * per_chunk), transcendentals=int(BH * N * nvb * exps),
                            bytes_accessed=int(BH * N * C * ((2 * K * nvb + 2 * V) * itemsize + 8) + BH * 8 * K * V))
 
 
@@ -219,7 +221,7 @@ def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
             in_specs=[full(K), full(K), vblk, full(1), full(G), full(G), sblk],
             out_specs=(vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
-            cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+            cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize, G),
             interpret=bool(interp),
             name="tttla_delta_rule_fwd_triton",
         )(q, k, v, beta, b, sg, S0)
@@ -241,7 +243,7 @@ def _call(backend, interp, q, k, v, beta, b, sg, S0, *, scale, cfg):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
             vmem_limit_bytes=int(cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est))),
-        cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+        cost_estimate=_cost(B * H, N, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize, G),
         interpret=interp or False,
         name="tttla_delta_rule_fwd_mosaic",
     )(q, k, v, beta, b, sg, S0)
@@ -673,7 +675,7 @@ def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cf
             in_specs=[ints, ints, full(K), full(K), vblk, full(1), full(G), full(G), sblk],
             out_specs=(vblk, sblk),
             compiler_params=None if interp else plgpu.CompilerParams(num_warps=nw, num_stages=ns),
-            cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+            cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize, G),
             interpret=bool(interp),
             name="tttla_delta_rule_packed_fwd_triton",
         )(cs, cf, q, k, v, beta, b, sg, h0)
@@ -696,7 +698,7 @@ def _call_packed(backend, interp, cs, cf, q, k, v, beta, b, sg, h0, *, scale, cf
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
             vmem_limit_bytes=int(cfg.block_sizes.vmem_limit_bytes or max(16 * 2**20, 2 * est))),
-        cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize),
+        cost_estimate=_cost(H, Nc, K, V, C, V // bv, jnp.dtype(q.dtype).itemsize, G),
         interpret=interp or False,
         name="tttla_delta_rule_packed_fwd_mosaic",
     )(cs, cf, q, k, v, beta, b, sg, h0)

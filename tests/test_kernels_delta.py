@@ -265,12 +265,14 @@ def compare(kfn, xfn, args, what, atol=0.0, rel=None, xargs=None, jit_x=True):
 
 
 def channel_pair(interpret, cu, impl="chunked", **kw):
-    """The kernel and an XLA form of tt.delta_rule on the same (packed) per-channel call."""
+    """The kernel (through ``tt.delta_rule(impl="pallas")``, the op's dispatch included) and an
+    XLA form of tt.delta_rule on the same (packed) per-channel call."""
     cu = None if cu is None else jnp.asarray(cu, jnp.int32)
     common = dict(output_final_state=True, chunk_size=16, cu_seqlens=cu)
 
     def kfn(q, k, v, beta, g, S0):
-        return kernel_dr(q, k, v, beta, log_decay=g, initial_state=S0, interpret=interpret, **common, **kw)
+        return tt.delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, impl="pallas", interpret=interpret,
+                             **common, **kw)
 
     def xfn(q, k, v, beta, g, S0):
         return tt.delta_rule(q, k, v, beta, log_decay=g, initial_state=S0, impl=impl, **common)
