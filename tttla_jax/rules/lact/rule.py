@@ -405,8 +405,8 @@ class LaCTRule(Rule):
         N = -(-T // C)
         if self.order == "apply_then_update" and N > 1 and scan_vjp.supports(self):
             # the same scan in a token-major chunk layout, with a hand-written, rematerialising backward
-            o_upd, o_last, st = scan_vjp.scan(self, *scan_vjp.scan_inputs(self, x))
-            o = scan_vjp.outputs(o_upd, o_last, T).astype(x.out_dtype)
+            o, st = scan_vjp.scan(self, *scan_vjp.scan_inputs(self, x))
+            o = scan_vjp.outputs(o, T).astype(x.out_dtype)
             return o, (st if output_final_state else None)
         qc, kc, vc = (chunk_layout(a, C) for a in (x.q, x.k, x.v))  # [B, H, N, C, d]
         lrc = tuple(chunk_layout(a, C) for a in x.lrs)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from tttla_jax.ops.chunk import num_chunks, pad_time
-from tttla_jax.rules.lact.fastnet import WN_EPS, row_norm
+from tttla_jax.rules.lact.fastnet import WN_EPS
 from tttla_jax.rules.lact.muon import newton_schulz5, newton_schulz5_vjp
 
 
@@ -45,12 +45,12 @@ def supports(rule) -> bool:
 
 
 def scan_inputs(rule, x):
-    """The arguments ``(xs, q_last, state)`` of :func:`scan` / :func:`plain` from the
-    :class:`~tttla_jax.rules.lact.rule.LaCTInputs` ``x``, in the token-major chunk layout:
-    ``[B, T, H, d]`` zero-padded to whole chunks is ``[B, N, C, H, d]`` by a reshape, and
-    the updating chunks are moved to the front, ``[N − 1, B, C, H, d]`` (a copy of
-    contiguous chunks, free for B = 1). The heads are swapped next to the batch inside the
-    scan, one chunk at a time (in cache), instead of a whole-sequence transpose."""
+    """The arguments ``(xs, state)`` of :func:`scan` / :func:`plain` from the
+    :class:`~tttla_jax.rules.lact.rule.LaCTInputs` ``x``: q, k, v, lr0, lr1, lr2 in the
+    token-major chunk layout ``[B, N, C, H, ·]`` — ``[B, T, H, ·]`` zero-padded to whole
+    chunks and reshaped, no copy — and ᾱ ``[B, H, N]``. The scan reads chunk ``i`` in place
+    and swaps the heads next to the batch one chunk at a time (in cache), instead of
+    transposing whole sequences."""
     C, T = rule.chunk_size, x.k.shape[1]
     N = num_chunks(T, C)
 
@@ -58,22 +58,50 @@ def scan_inputs(rule, x):
         a = pad_time(a, N * C)
         return a.reshape((a.shape[0], N, C) + a.shape[2:])
 
-    qc = chunks(x.q)
-    xs = tuple(jnp.moveaxis(a[:, :N - 1], 1, 0) for a in (qc,) + tuple(chunks(a) for a in (x.k, x.v) + x.lrs))
-    return xs + (jnp.moveaxis(x.chunk_momentum[:, :, :N - 1], 2, 0),), qc[:, N - 1], x.state
+    return tuple(chunks(a) for a in (x.q, x.k, x.v) + x.lrs) + (x.chunk_momentum,), x.state
 
 
-def outputs(o_upd, o_last, T):
-    """``o [B, T, H, dv]`` from :func:`scan`'s ``o_upd [N − 1, B, C, H, dv]`` and
-    ``o_last [B, C, H, dv]``."""
-    o = jnp.moveaxis(o_upd, 0, 1)
-    o = o.reshape((o.shape[0], -1) + o.shape[3:])
-    return jnp.concatenate([o, o_last], axis=1)[:, :T]
+def outputs(o, T):
+    """``o [B, T, H, dv]`` from :func:`scan`'s ``o [B, N, C, H, dv]``."""
+    return o.reshape((o.shape[0], -1) + o.shape[3:])[:, :T]
+
+
+def _chunk(xs, i):
+    """Chunk ``i`` of the inputs ``xs`` (:func:`scan_inputs`): ``[B, C, H, ·]`` and ᾱ ``[B, H]``."""
+    return (tuple(lax.dynamic_index_in_dim(a, i, axis=1, keepdims=False) for a in xs[:6])
+            + (lax.dynamic_index_in_dim(xs[6], i, axis=2, keepdims=False),))
 
 
 def _heads(x):
-    """``[B, C, H, d]`` ↔ ``[B, H, C, d]``."""
-    return jnp.swapaxes(x, 1, 2)
+    """A token-major chunk ``[B, C, H, d]`` → ``[B·H, C, d]`` (batch and heads as one axis:
+    one batched product per matrix, and no extent-1 axes for B = 1)."""
+    B, C, H = x.shape[:3]
+    return jnp.swapaxes(x, 1, 2).reshape((B * H, C) + x.shape[3:])
+
+
+def _tokens(x, B):
+    """Inverse of :func:`_heads`: ``[B·H, C, d]`` → ``[B, C, H, d]``."""
+    n, C = x.shape[:2]
+    return jnp.swapaxes(x.reshape((B, n // B, C) + x.shape[2:]), 1, 2)
+
+
+def _flat(t):
+    """A pytree of ``[B, H, ...]`` arrays → ``[B·H, ...]``."""
+    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), t)
+
+
+def _unflat(t, B):
+    """Inverse of :func:`_flat`."""
+    return jax.tree_util.tree_map(lambda a: a.reshape((B, -1) + a.shape[1:]), t)
+
+
+def _rowsum(x):
+    """``Σ`` over the last axis, kept as a trailing axis of size 1."""
+    return jnp.sum(x, axis=-1)[..., None]
+
+
+def _row_norm(W):
+    return jnp.sqrt(_rowsum(W * W))
 
 
 def _silu_parts(a):
@@ -87,30 +115,32 @@ def _mm(eq, x, y):
 
 def _red(g, lr):
     """Cotangent of a learning rate ``[.., C, 1]`` (summed over channels) or ``[.., C, D]``."""
-    return jnp.sum(g, axis=-1, keepdims=True) if lr.shape[-1] == 1 and g.shape[-1] != 1 else g
+    return _rowsum(g) if lr.shape[-1] == 1 and g.shape[-1] != 1 else g
 
 
 def _read(w, q):
-    """``f(q)`` for ``q [B, C, H, dk]`` (token-major) → ``[B, C, H, dv]``."""
+    """``f(q)`` for ``q [B, C, H, dk]`` (token-major; ``w`` flat ``[B·H, r, c]``) → ``[B, C, H, dv]``."""
     W0, W1, W2 = w
+    B = q.shape[0]
     q = _heads(q)
-    h = jax.nn.silu(_mm("bhck,bhdk->bhcd", q, W0)) * _mm("bhck,bhdk->bhcd", q, W2)
-    return _heads(_mm("bhcd,bhvd->bhcv", h, W1))
+    h = jax.nn.silu(_mm("nck,ndk->ncd", q, W0)) * _mm("nck,ndk->ncd", q, W2)
+    return _tokens(_mm("ncd,nvd->ncv", h, W1), B)
 
 
 def _read_bwd(w, q, go):
     """Cotangents ``(gW0, gW1, gW2), gq`` of :func:`_read` (token-major ``q``, ``go``, ``gq``)."""
     W0, W1, W2 = w
+    B = q.shape[0]
     q, go = _heads(q), _heads(go)
-    Aq = _mm("bhck,bhdk->bhcd", q, W0)
-    Bq = _mm("bhck,bhdk->bhcd", q, W2)
+    Aq = _mm("nck,ndk->ncd", q, W0)
+    Bq = _mm("nck,ndk->ncd", q, W2)
     _, sq, dsq = _silu_parts(Aq)
-    gW1 = _mm("bhcv,bhcd->bhvd", go, sq * Bq)
-    gh = _mm("bhcv,bhvd->bhcd", go, W1)
+    gW1 = _mm("ncv,ncd->nvd", go, sq * Bq)
+    gh = _mm("ncv,nvd->ncd", go, W1)
     gA = gh * Bq * dsq
     gB = gh * sq
-    gq = _mm("bhcd,bhdk->bhck", gA, W0) + _mm("bhcd,bhdk->bhck", gB, W2)
-    return (_mm("bhcd,bhck->bhdk", gA, q), gW1, _mm("bhcd,bhck->bhdk", gB, q)), _heads(gq)
+    gq = _mm("ncd,ndk->nck", gA, W0) + _mm("ncd,ndk->nck", gB, W2)
+    return (_mm("ncd,nck->ndk", gA, q), gW1, _mm("ncd,nck->ndk", gB, q)), _tokens(gq, B)
 
 
 def _md(rule):
@@ -123,78 +153,95 @@ def _step(rule, s, xs):
     :meth:`LaCTRule.inner_step` (:func:`~tttla_jax.rules.lact.fastnet.inner_grads`) for the
     supported configurations, with the products that share an operand done as one:
     ``[a b; Aq Bq] = [k; q] [W0; W2]ᵀ`` and, for per-token rates,
-    ``[G0; G2] = [lr0 ⊙ da, lr2 ⊙ (u ⊙ silu(a))]ᵀ k``."""
+    ``[G0; G2] = [lr0 ⊙ da, lr2 ⊙ (u ⊙ silu(a))]ᵀ k``. The state is flat (``[B·H, ·, ·]``),
+    the chunk token-major (:func:`_chunk`)."""
     qi, k, v, lr0, lr1, lr2, mb = xs
     W0, W1, W2 = s.w
-    C, dh = k.shape[1], W0.shape[2]
+    B, C, dh = k.shape[0], k.shape[1], W0.shape[1]
     cat = jnp.concatenate
     kq = _heads(cat([k, qi], axis=1))
-    k, v, lr0, lr1, lr2 = kq[:, :, :C], _heads(v), _heads(lr0), _heads(lr1), _heads(lr2)
-    AB = _mm("bhck,bhdk->bhcd", kq, cat([W0, W2], axis=2))
-    a, b, Aq, Bq = AB[:, :, :C, :dh], AB[:, :, :C, dh:], AB[:, :, C:, :dh], AB[:, :, C:, dh:]
-    o = _heads(_mm("bhcd,bhvd->bhcv", jax.nn.silu(Aq) * Bq, W1))
+    k, v, lr0, lr1, lr2 = kq[:, :C], _heads(v), _heads(lr0), _heads(lr1), _heads(lr2)
+    AB = _mm("nck,ndk->ncd", kq, cat([W0, W2], axis=1))
+    a, b, Aq, Bq = AB[:, :C, :dh], AB[:, :C, dh:], AB[:, C:, :dh], AB[:, C:, dh:]
+    o = _tokens(_mm("ncd,nvd->ncv", jax.nn.silu(Aq) * Bq, W1), B)
     sig, sa, ds = _silu_parts(a)
-    u = _mm("bhcv,bhvd->bhcd", v, W1)  # W1ᵀ v
-    G1 = _mm("bhcv,bhcd->bhvd", v, lr1 * (sa * b))
+    u = _mm("ncv,nvd->ncd", v, W1)  # W1ᵀ v
+    G1 = _mm("ncv,ncd->nvd", v, lr1 * (sa * b))
     da, usa = u * b * ds, u * sa
     if lr0.shape[-1] == 1 and lr2.shape[-1] == 1:
-        G02 = _mm("bhcd,bhck->bhdk", cat([lr0 * da, lr2 * usa], axis=-1), k)
-        G0, G2 = G02[:, :, :dh], G02[:, :, dh:]
+        G02 = _mm("ncd,nck->ndk", cat([lr0 * da, lr2 * usa], axis=-1), k)
+        G0, G2 = G02[:, :dh], G02[:, dh:]
     else:
-        G0 = _mm("bhcd,bhck->bhdk", da, lr0 * k)
-        G2 = _mm("bhcd,bhck->bhdk", usa, lr2 * k)
+        G0 = _mm("ncd,nck->ndk", da, lr0 * k)
+        G2 = _mm("ncd,nck->ndk", usa, lr2 * k)
     sign = 1.0 if rule.ascent else -1.0
     dW = [sign * x for x in (G0, G1, G2)]
     mom = s.mom
     if rule.use_momentum:
-        dW = [d + mb[:, :, None, None] * m for d, m in zip(dW, mom)]
+        mb = mb.reshape(-1)[:, None, None]
+        dW = [d + mb * m for d, m in zip(dW, mom)]
         mom = tuple(dW)
     P = tuple(dW) if rule.muon else None
     if rule.muon:
         dW = [newton_schulz5(d, _md(rule)) for d in dW]
     Wt = tuple(w + d for w, d in zip(s.w, dW))
     if rule.weight_norm == "post":
-        w = tuple(x / (row_norm(x) + WN_EPS) * n for x, n in zip(Wt, s.norm))
+        w = tuple(x / (_row_norm(x) + WN_EPS) * n for x, n in zip(Wt, s.norm))
     else:
         w = Wt
     return s._replace(w=w, mom=mom), o, (Wt, P)
 
 
-def _forward(rule, xs, q_last, state, keep):
-    """The plain scan (differentiable by JAX); with ``keep`` also the weights and momentum
-    buffers at every chunk start and the pre-norm weights ``W̃`` of every chunk."""
-    def body(s, x):
-        s_next, o, WtP = _step(rule, s, x)
-        return s_next, (o, (s.w, s.mom, WtP) if keep else None)
-
-    st, (o_upd, starts) = lax.scan(body, state, xs)
-    return o_upd, _read(st.w, q_last), st, starts
+def _flat_state(state):
+    return state._replace(w=_flat(state.w), mom=_flat(state.mom), norm=_flat(state.norm))
 
 
-def plain(rule, xs, q_last, state):
+def _unflat_state(state, B):
+    return state._replace(w=_unflat(state.w, B), mom=_unflat(state.mom, B), norm=_unflat(state.norm, B))
+
+
+def _forward(rule, xs, state, keep):
+    """The plain scan (differentiable by JAX); with ``keep`` also the (flat) weights and
+    momentum buffers at every chunk start and the pre-norm weights ``W̃`` of every chunk.
+    The outputs are written in place, chunk by chunk, into one ``[B, N, C, H, dv]`` buffer."""
+    q = xs[0]
+    B, N = q.shape[:2]
+    o = jnp.zeros(q.shape[:-1] + (state.w[1].shape[2],), q.dtype)
+
+    def body(carry, i):
+        s, o = carry
+        s_next, oi, WtP = _step(rule, s, _chunk(xs, i))
+        o = lax.dynamic_update_index_in_dim(o, oi, i, axis=1)
+        return (s_next, o), ((s.w, s.mom, WtP) if keep else None)
+
+    (st, o), starts = lax.scan(body, (_flat_state(state), o), jnp.arange(N - 1))
+    o = o.at[:, N - 1].set(_read(st.w, q[:, N - 1]))
+    return o, st, starts
+
+
+def plain(rule, xs, state):
     """:func:`scan` without the custom backward (JAX differentiates the scan itself)."""
-    return _forward(rule, xs, q_last, state, keep=False)[:3]
+    o, st, _ = _forward(rule, xs, state, keep=False)
+    return o, _unflat_state(st, o.shape[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def scan(rule, xs, q_last, state):
-    """``(o_upd, o_last, final_state)``: the updating chunks (``xs``, token-major chunks: q,
-    k, v, lr0, lr1, lr2 ``[N−1, B, C, H, ·]`` and ᾱ ``[N−1, B, H]``, :func:`scan_inputs`),
-    then the apply-only last chunk's read of ``q_last [B, C, H, dk]``, from the
-    :class:`LaCTState` ``state``; ``o_upd [N−1, B, C, H, dv]``, ``o_last [B, C, H, dv]``."""
-    o_upd, o_last, st, _ = _forward(rule, xs, q_last, state, keep=False)
-    return o_upd, o_last, st
+def scan(rule, xs, state):
+    """``(o, final_state)`` from the inputs ``xs`` of :func:`scan_inputs` (``N ≥ 2`` chunks)
+    and the :class:`LaCTState` ``state``: chunks ``0 … N−2`` update, the last one is
+    apply-only; ``o [B, N, C, H, dv]`` (:func:`outputs`)."""
+    return plain(rule, xs, state)
 
 
-def _scan_fwd(rule, xs, q_last, state):
-    o_upd, o_last, st, starts = _forward(rule, xs, q_last, state, keep=True)
-    return (o_upd, o_last, st), (xs, q_last, starts, st.w, state.norm)
+def _scan_fwd(rule, xs, state):
+    o, st, starts = _forward(rule, xs, state, keep=True)
+    return (o, _unflat_state(st, o.shape[0])), (xs, starts, st.w, _flat(state.norm))
 
 
 def _post_norm_bwd(g, Wt, n):
-    r = row_norm(Wt)
+    r = _row_norm(Wt)
     den = r + WN_EPS
-    t = jnp.sum(g * Wt, axis=-1, keepdims=True)
+    t = _rowsum(g * Wt)
     return g * (n / den) - Wt * (t * n / (den * den * r)), t / den
 
 
@@ -207,19 +254,19 @@ def _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom):
     products per chunk instead of 23, the same FLOPs."""
     qi, k, v, lr0, lr1, lr2, mb = x
     W0, W1, W2 = w
-    C, dh = k.shape[1], W0.shape[2]
+    B, C, dh = k.shape[0], k.shape[1], W0.shape[1]
     cat = jnp.concatenate
     sign = 1.0 if rule.ascent else -1.0
-    # token-major chunks → heads next to the batch (in cache, one chunk at a time)
+    # token-major chunks → [B·H, C, ·] (in cache, one chunk at a time)
     kq = _heads(cat([k, qi], axis=1))
     vg = _heads(cat([v, go], axis=1))
-    k, v, lr0, lr1, lr2 = kq[:, :, :C], vg[:, :, :C], _heads(lr0), _heads(lr1), _heads(lr2)
+    k, v, lr0, lr1, lr2 = kq[:, :C], vg[:, :C], _heads(lr0), _heads(lr1), _heads(lr2)
     # recompute the chunk's activations: [a b; Aq Bq] = [k; q] [W0; W2]ᵀ, [u; ghq] = [v; go] W1
-    W02 = cat([W0, W2], axis=2)
-    AB = _mm("bhck,bhdk->bhcd", kq, W02)
-    a, b, Aq, Bq = AB[:, :, :C, :dh], AB[:, :, :C, dh:], AB[:, :, C:, :dh], AB[:, :, C:, dh:]
-    UG = _mm("bhcv,bhvd->bhcd", vg, W1)
-    u, ghq = UG[:, :, :C], UG[:, :, C:]
+    W02 = cat([W0, W2], axis=1)
+    AB = _mm("nck,ndk->ncd", kq, W02)
+    a, b, Aq, Bq = AB[:, :C, :dh], AB[:, :C, dh:], AB[:, C:, :dh], AB[:, C:, dh:]
+    UG = _mm("ncv,nvd->ncd", vg, W1)
+    u, ghq = UG[:, :C], UG[:, C:]
     sig, sa, ds = _silu_parts(a)
     h = sa * b
     da = u * b * ds
@@ -239,29 +286,30 @@ def _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom):
             gPi = gPi + gmom[i]
         gP.append(gPi)
     if rule.use_momentum:
-        gmom_prev = tuple(mb[:, :, None, None] * gPi for gPi in gP)
-        gmb = sum(jnp.sum(gPi * Mi, axis=(-2, -1)) for gPi, Mi in zip(gP, mom))
+        mbf = mb.reshape(-1)[:, None, None]
+        gmom_prev = tuple(mbf * gPi for gPi in gP)
+        gmb = sum(jnp.sum(gPi * Mi, axis=(-2, -1)) for gPi, Mi in zip(gP, mom)).reshape(mb.shape)
     else:
         gmom_prev, gmb = gmom, jnp.zeros_like(mb)
     gG0, gG1, gG2 = (sign * gPi for gPi in gP)
     # G1 = vᵀ(lr1 h), G0 = daᵀ(lr0 k), G2 = (u silu(a))ᵀ(lr2 k)
-    g_lh = _mm("bhcv,bhvd->bhcd", v, gG1)
+    g_lh = _mm("ncv,nvd->ncd", v, gG1)
     gl1 = _red(g_lh * h, lr1)
     g_h = g_lh * lr1
-    gG02 = cat([gG0, gG2], axis=2)
+    gG02 = cat([gG0, gG2], axis=1)
     if lr0.shape[-1] == 1 and lr2.shape[-1] == 1:  # per-token rates scale rows: fold them
-        KG = _mm("bhck,bhdk->bhcd", k, gG02)  # [k gG0ᵀ, k gG2ᵀ]
+        KG = _mm("nck,ndk->ncd", k, gG02)  # [k gG0ᵀ, k gG2ᵀ]
         KG0, KG2 = KG[..., :dh], KG[..., dh:]
         g_da, g_usa = lr0 * KG0, lr2 * KG2
-        gl0 = jnp.sum(da * KG0, axis=-1, keepdims=True)
-        gl2 = jnp.sum(usa * KG2, axis=-1, keepdims=True)
-        gk = _mm("bhcd,bhdk->bhck", cat([lr0 * da, lr2 * usa], axis=-1), gG02)
+        gl0 = _rowsum(da * KG0)
+        gl2 = _rowsum(usa * KG2)
+        gk = _mm("ncd,ndk->nck", cat([lr0 * da, lr2 * usa], axis=-1), gG02)
     else:
         lk0, lk2 = lr0 * k, lr2 * k
-        g_da = _mm("bhck,bhdk->bhcd", lk0, gG0)
-        g_usa = _mm("bhck,bhdk->bhcd", lk2, gG2)
-        g_lk0 = _mm("bhcd,bhdk->bhck", da, gG0)
-        g_lk2 = _mm("bhcd,bhdk->bhck", usa, gG2)
+        g_da = _mm("nck,ndk->ncd", lk0, gG0)
+        g_usa = _mm("nck,ndk->ncd", lk2, gG2)
+        g_lk0 = _mm("ncd,ndk->nck", da, gG0)
+        g_lk2 = _mm("ncd,ndk->nck", usa, gG2)
         gl0 = _red(g_lk0 * k, lr0)
         gl2 = _red(g_lk2 * k, lr2)
         gk = g_lk0 * lr0 + g_lk2 * lr2
@@ -269,20 +317,20 @@ def _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom):
     g_b = g_h * sa + g_da * u * ds
     dds = sig * (1.0 - sig) * (2.0 + a * (1.0 - 2.0 * sig))  # silu''(a)
     g_a = (g_h * b + g_usa * u) * ds + g_da * u * b * dds
-    gv = _mm("bhcd,bhvd->bhcv", cat([lh, g_u], axis=-1), cat([gG1, W1], axis=-1))
+    gv = _mm("ncd,nvd->ncv", cat([lh, g_u], axis=-1), cat([gG1, W1], axis=-1))
     # the read o = hq W1ᵀ, hq = silu(Aq) ⊙ Bq
     _, sq, dsq = _silu_parts(Aq)
-    gAB = cat([cat([g_a, g_b], axis=-1), cat([ghq * Bq * dsq, ghq * sq], axis=-1)], axis=2)
-    GKQ = _mm("bhcd,bhdk->bhck", gAB, W02)  # [gk; gq] through a, b, Aq, Bq
-    gk = gk + GKQ[:, :, :C]
-    gq = GKQ[:, :, C:]
-    gW02 = _mm("bhcd,bhck->bhdk", gAB, kq)
-    gW1 = _mm("bhcv,bhcd->bhvd", vg, cat([g_u, sq * Bq], axis=2))
-    gW0 = gW[0] + gW02[:, :, :dh]
+    gAB = cat([cat([g_a, g_b], axis=-1), cat([ghq * Bq * dsq, ghq * sq], axis=-1)], axis=1)
+    GKQ = _mm("ncd,ndk->nck", gAB, W02)  # [gk; gq] through a, b, Aq, Bq
+    gk = gk + GKQ[:, :C]
+    gq = GKQ[:, C:]
+    gW02 = _mm("ncd,nck->ndk", gAB, kq)
+    gW1 = _mm("ncv,ncd->nvd", vg, cat([g_u, sq * Bq], axis=1))
+    gW0 = gW[0] + gW02[:, :dh]
     gW1 = gW[1] + gW1
-    gW2 = gW[2] + gW02[:, :, dh:]
+    gW2 = gW[2] + gW02[:, dh:]
     gn = tuple(gn) if rule.weight_norm == "post" else None
-    gx = tuple(_heads(g) for g in (gq, gk, gv, gl0, gl1, gl2))
+    gx = tuple(_tokens(g, B) for g in (gq, gk, gv, gl0, gl1, gl2))
     return (gW0, gW1, gW2), gmom_prev, gn, gx + (gmb,)
 
 
@@ -291,26 +339,34 @@ def _zeros_like_tree(t):
 
 
 def _scan_bwd(rule, res, cts):
-    xs, q_last, starts, w_final, norm = res
-    go_upd, go_last, gst = cts
-    (rW0, rW1, rW2), gq_last = _read_bwd(w_final, q_last, go_last)
+    xs, starts, w_final, norm = res
+    go, gst = cts
+    B, N = go.shape[:2]
+    gst = _flat_state(gst)
+    (rW0, rW1, rW2), gq_last = _read_bwd(w_final, xs[0][:, N - 1], go[:, N - 1])
     gw = (gst.w[0] + rW0, gst.w[1] + rW1, gst.w[2] + rW2)
     gmom = gst.mom if rule.use_momentum else None
     gn0 = _zeros_like_tree(norm) if norm is not None else None
+    # the inputs' cotangents, written in place chunk by chunk (the last chunk's k, v, lrs: 0)
+    gxs = _zeros_like_tree(xs)
+    gxs = (gxs[0].at[:, N - 1].set(gq_last),) + gxs[1:]
 
     def body(carry, inp):
-        gw, gmom, gn = carry
-        x, (w, mom, (Wt, P)), go = inp
-        gw, gmom, gnc, gx = _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom)
+        gw, gmom, gn, gxs = carry
+        i, (w, mom, (Wt, P)) = inp
+        goi = lax.dynamic_index_in_dim(go, i, axis=1, keepdims=False)
+        gw, gmom, gnc, gx = _chunk_bwd(rule, w, mom, Wt, P, norm, _chunk(xs, i), goi, gw, gmom)
         if gn is not None:
             gn = tuple(a + b for a, b in zip(gn, gnc))
-        return (gw, gmom, gn), gx
+        gxs = tuple(lax.dynamic_update_index_in_dim(a, g, i, axis=1 if j < 6 else 2)
+                    for j, (a, g) in enumerate(zip(gxs, gx)))
+        return (gw, gmom, gn, gxs), None
 
-    (gw, gmom, gn), gxs = lax.scan(body, (gw, gmom, gn0), (xs, starts, go_upd), reverse=True)
+    (gw, gmom, gn, gxs), _ = lax.scan(body, (gw, gmom, gn0, gxs), (jnp.arange(N - 1), starts), reverse=True)
     if gn is not None:  # the cotangent of the (unchanging) norms also reaches the final state
         gn = tuple(a + b for a, b in zip(gn, gst.norm))
-    gstate = type(gst)(w=gw, main=None, mom=gmom, norm=gn)
-    return gxs, gq_last, gstate
+    gstate = _unflat_state(type(gst)(w=gw, main=None, mom=gmom, norm=gn), B)
+    return gxs, gstate
 
 
 scan.defvjp(_scan_fwd, _scan_bwd)
