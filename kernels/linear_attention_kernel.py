@@ -227,10 +227,6 @@ def head_dim_reason(K: int, V: int) -> Optional[str]:
     return None
 
 
-PER_CHANNEL_REASON = ("a per-channel log_decay [B, T, H, K] is not supported by the Pallas kernels "
-                      "(one log-decay per token and head, [B, T, H]); use impl='chunked'")
-
-
 def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional[int] = None,
                        interpret: bool = False, *, per_channel_decay: bool = False) -> Optional[str]:
     """Why the kernel cannot run a call (``None`` if it can); the ops' ``impl`` resolution
@@ -244,7 +240,7 @@ def unsupported_reason(dtype, masking: str, K: int, V: int, chunk_size: Optional
       chunk_size: the chunk length (semantic for ``masking="chunk"``: in :data:`CHUNK_SIZES`).
       interpret: whether the call runs in Pallas interpret mode (float64 only there).
       per_channel_decay: the call has a per-channel log-decay ``[B, T, H, K]`` (GLA style);
-        the kernel takes it (kept for the delta-rule kernel's signature, which refuses it).
+        the kernel takes it (as the delta-rule kernel, Kimi Delta Attention).
     """
     del per_channel_decay  # taken (PER_CHANNEL_CHUNK-token chunks for masking="causal")
     if masking not in MASKINGS:
@@ -1227,13 +1223,6 @@ _la_packed.defvjp(_la_packed_fwd, _la_packed_bwd)
 
 
 # --------------------------------------------------------------------------- public wrapper
-
-
-def _check_per_channel(q, log_decay) -> None:
-    """A per-channel log-decay ``[B, T, H, K]`` gets the kernels' reason, not a shape error
-    (the delta-rule kernel; the linear-attention kernel takes it)."""
-    if log_decay is not None and jnp.ndim(log_decay) == 4 and jnp.shape(log_decay) == jnp.shape(q):
-        raise ValueError(f"impl='pallas': {PER_CHANNEL_REASON}")
 
 
 def pad_head_dims(q, k, v, S0, Kp: int, Vp: int):
