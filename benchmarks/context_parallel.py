@@ -19,9 +19,17 @@ backward (the gradient of the sum of the outputs w.r.t. q, k, v, log-decay and �
   same shard_map running only the local op on each slice (``local``: no state passing, the
   compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans).
 
-Prints a Markdown table and writes ``benchmarks/results/context_parallel.json``.
+Layers (``--ops lact_v2 lact_v2_pipelined``): the LaCT layer at ladder step V2 (width
+``H·D``, SwiGLU fast weights, momentum, Muon; chunk ``--lact-chunk``, the reference's 2048)
+through :func:`tttla_jax.parallel.sharded_mixer` — ``lact_v2`` takes the associative combined
+form (:mod:`tttla_jax.parallel.combine`), ``lact_v2_pipelined`` forces the pipelined form
+(:func:`tttla_jax.parallel.mixer_apply`) for comparison; gradients w.r.t. the input and every
+parameter; ``local`` = the layer alone on each slice.
 
-    python benchmarks/context_parallel.py [--T 16384 ... 262144] [--P 1 2 4 8] [--ops linear_attention delta_rule]
+Prints a Markdown table and writes ``benchmarks/results/context_parallel.json`` (rows of the ops
+not run this time are kept from the existing file).
+
+    python benchmarks/context_parallel.py [--T 16384 ... 262144] [--P 1 2 4 8] [--ops linear_attention delta_rule lact_v2]
 """
 from __future__ import annotations
 
@@ -47,6 +55,45 @@ import tttla_jax as tt  # noqa: E402
 from tttla_jax import parallel as tp  # noqa: E402
 
 
+LAYERS = ("lact_v2", "lact_v2_pipelined")
+OPS = ("linear_attention", "delta_rule") + LAYERS
+LACT_CHUNK = [2048]  # set from --lact-chunk
+
+
+def lact_layer(H, D):
+    from flax import nnx
+    from tttla_jax.nn import LaCTLayer
+    m = LaCTLayer(width=H * D, num_heads=H, preset="v2", chunk_size=LACT_CHUNK[0], rngs=nnx.Rngs(0))
+    return nnx.split(m)
+
+
+def layer_loss_fn(op, P, mesh, H, D, local=False):
+    """Sum of the LaCT layer's outputs (one device for P = 1; sharded_mixer, or the forced
+    pipelined form, or the layer alone on each slice with ``local``)."""
+    from flax import nnx
+    gd, _ = lact_layer(H, D)
+    tok = Ps(None, "seq")
+
+    def f(x):
+        if P == 1:
+            return jnp.sum(nnx.merge(gd, x["params"])(x["x"])[0])
+        if op == "lact_v2" and not local:
+            return jnp.sum(tp.sharded_mixer(nnx.merge(gd, x["params"]), x["x"], mesh=mesh))
+
+        def body(st, xs):
+            m = nnx.merge(gd, st)
+            if local:
+                with tp.sequence_parallel(None):
+                    y = m(xs)[0]
+            else:
+                y = tp.mixer_apply(m, xs, axis_name="seq")[0]
+            return jax.lax.psum(jnp.sum(y), "seq")
+
+        return jax.shard_map(body, mesh=mesh, in_specs=(Ps(), tok), out_specs=Ps(),
+                             check_vma=not local)(x["params"], x["x"])
+    return f
+
+
 def mesh_of(P):
     return jax.make_mesh((P,), ("seq",), devices=jax.devices()[:P])
 
@@ -58,8 +105,11 @@ def shapes(op, T, H, D):
     return s
 
 
-def loss_fn(op, P, C, mesh):
+def loss_fn(op, P, C, mesh, H=4, D=64):
     """Sum of the outputs of the op (single device for P = 1, sharded otherwise)."""
+    if op in LAYERS:
+        return layer_loss_fn(op, P, mesh, H, D)
+
     def f(x):
         gates = (x["beta"],) if op == "delta_rule" else ()
         if P == 1:
@@ -72,8 +122,11 @@ def loss_fn(op, P, C, mesh):
     return f
 
 
-def local_loss_fn(op, C, mesh):
+def local_loss_fn(op, C, mesh, H=4, D=64):
     """The local op alone on each slice (no state passing)."""
+    if op in LAYERS:
+        return layer_loss_fn(op, 8 if mesh is None else len(mesh.devices.flat), mesh, H, D, local=True)
+
     def body(q, k, v, g, *beta):
         if op == "delta_rule":
             o, _ = tt.delta_rule(q, k, v, beta[0], log_decay=g, chunk_size=C, impl="chunked")
@@ -92,11 +145,20 @@ def local_loss_fn(op, C, mesh):
 
 def specs_for(op, T, H, D, P, mesh):
     tok = NamedSharding(mesh, Ps(None, "seq")) if P > 1 else None
+    if op in LAYERS:
+        _, st = lact_layer(H, D)
+        return {"x": jax.ShapeDtypeStruct((1, T, H * D), jnp.float32, sharding=tok),
+                "params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), st)}
     return {n: jax.ShapeDtypeStruct(s, jnp.float32, sharding=tok) for n, s in shapes(op, T, H, D).items()}
 
 
 def inputs_for(op, T, H, D, P, mesh, seed=0):
     rng = np.random.default_rng(seed)
+    if op in LAYERS:
+        x = jnp.asarray(rng.normal(size=(1, T, H * D)), jnp.float32)
+        if P > 1:
+            x = jax.device_put(x, NamedSharding(mesh, Ps(None, "seq")))
+        return {"x": x, "params": lact_layer(H, D)[1]}
     x = {}
     for n, s in shapes(op, T, H, D).items():
         if n == "log_decay":
@@ -124,20 +186,21 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--time-max-T", type=int, default=65536, help="time the steps up to this T (memory: every T)")
     ap.add_argument("--combine-T", type=int, default=65536)
-    ap.add_argument("--ops", nargs="+", default=["linear_attention", "delta_rule"],
-                    choices=["linear_attention", "delta_rule"])
+    ap.add_argument("--ops", nargs="+", default=["linear_attention", "delta_rule"], choices=list(OPS))
+    ap.add_argument("--lact-chunk", type=int, default=2048, help="chunk of the LaCT layer rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel.json"))
     ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     a = ap.parse_args()
     start = setup(tune=not a.no_tune_malloc)
     H, D, C = a.H, a.D, a.chunk
+    LACT_CHUNK[0] = a.lact_chunk
     rows, combine = [], []
     for op in a.ops:
         for T in a.T:
             base = None
             for P in a.P:
                 mesh = mesh_of(P)
-                grad = jax.jit(jax.grad(loss_fn(op, P, C, mesh)))
+                grad = jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D)))
                 t0 = time.perf_counter()
                 compiled = grad.lower(specs_for(op, T, H, D, P, mesh)).compile()
                 rec = {"op": op, "T": T, "P": P, "compile_s": time.perf_counter() - t0, "memory": memory(compiled)}
@@ -148,7 +211,8 @@ def main():
                     rec["ideal_bytes"] = base / P
                     rec["vs_ideal"] = peak / (base / P)
                 if P > 1 and peak:
-                    lm = memory(jax.jit(jax.grad(local_loss_fn(op, C, mesh))).lower(specs_for(op, T, H, D, P, mesh)).compile())
+                    lm = memory(jax.jit(jax.grad(local_loss_fn(op, C, mesh, H, D))).lower(
+                        specs_for(op, T, H, D, P, mesh)).compile())
                     rec["local_memory"] = lm
                     rec["vs_local"] = peak / lm["peak_bytes"]
                 if T <= a.time_max_T:
@@ -165,8 +229,8 @@ def main():
             T, P = a.combine_T, 8
             mesh = mesh_of(P)
             x = inputs_for(op, T, H, D, P, mesh)
-            fns = {"full": jax.jit(jax.grad(loss_fn(op, P, C, mesh))),
-                   "local": jax.jit(jax.grad(local_loss_fn(op, C, mesh)))}
+            fns = {"full": jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))),
+                   "local": jax.jit(jax.grad(local_loss_fn(op, C, mesh, H, D)))}
             r = interleaved(fns, x, rounds=a.rounds)
             full, floor = r["full"]["median"], r["local"]["median"]
             rec = {"op": op, "T": T, "P": P, "times": {k: v["median"] for k, v in r.items()},
@@ -193,10 +257,18 @@ def main():
         print(f"\n{c['op']} T={c['T']} P=8: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["times"].items())
               + f" — combine {100 * c['combine_share']:.1f} % of the step")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    cfg = {"H": H, "D": D, "chunk": C, "lact_chunk": a.lact_chunk, "dtype": "float32", "B": 1,
+           "time_max_T": a.time_max_T, "repeats": a.repeats, "ops": a.ops}
+    old = {}
+    if os.path.exists(a.out):  # keep the rows of the ops not run now (with their own run's record)
+        with open(a.out) as f:
+            old = json.load(f)
+    keep = lambda key: [r for r in old.get(key, []) if r["op"] not in a.ops]  # noqa: E731
+    runs = [r for r in old.get("runs", [{"config": old.get("config"), "machine": old.get("machine")}])
+            if r.get("config") and not set(r["config"].get("ops", ["linear_attention", "delta_rule"])) <= set(a.ops)]
     with open(a.out, "w") as f:
-        json.dump({"config": {"H": H, "D": D, "chunk": C, "dtype": "float32", "B": 1,
-                              "time_max_T": a.time_max_T, "repeats": a.repeats},
-                   "machine": m, "rows": rows, "combine": combine}, f, indent=1)
+        json.dump({"runs": runs + [{"config": cfg, "machine": m}],
+                   "rows": keep("rows") + rows, "combine": keep("combine") + combine}, f, indent=1)
     print(f"\nwrote {a.out}")
 
 

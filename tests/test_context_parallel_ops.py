@@ -146,17 +146,18 @@ def _run(cases):
 
 DEFAULT_CASES = [
     {"op": "delta", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
-    {"op": "linear", "P": 4, "packed": True, "dtype": "float64"},
     {"op": "linear", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True},
 ]
 
 
 def test_sharded_ops_match_single_device():
-    """P = 4 (T = 45 padded to 48): packed documents across devices for both ops (explicit
-    mesh axes, jax.make_mesh's default; for the delta rule the state passes' token-block loops
-    on blocks of 4 tokens, so documents also cross blocks), and the unpacked linear attention
-    with the batch split over a second mesh axis (automatic mesh axes; one block; the unpacked
-    delta rule with a batch axis is in the slow sweep)."""
+    """P = 4 (T = 45 padded to 48): packed documents across devices for the delta rule
+    (explicit mesh axes, jax.make_mesh's default; the state passes' token-block loops on blocks
+    of 4 tokens, so documents also cross blocks), and the unpacked linear attention with the
+    batch split over a second mesh axis (automatic mesh axes; one block). The packed linear
+    attention across devices (also in the default suite through the packed language model of
+    tests/test_context_parallel_packed.py) and the unpacked delta rule with a batch axis are in
+    the slow sweep."""
     _run(DEFAULT_CASES)
 
 

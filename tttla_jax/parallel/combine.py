@@ -1,19 +1,20 @@
 """Associative sequence-parallel forms of the LaCT layer (ladder V2–V6) and the Titans layer
-(linear memory): the incoming cache of every device from an associative combine over the
-devices, then ONE local call (docs/context_parallel.md, "LaCT and Titans").
+(linear memory): the state entering every device from an associative combine over the
+devices, then the layer's own parallel form once per device (docs/context_parallel.md,
+"LaCT and Titans").
 
 :func:`tttla_jax.parallel.mixer_apply` (the pipelined form) gives every device its exact
 incoming cache after ``P − 1`` rounds of the mixer. For these two layers the state a device
-hands on is an affine function of the state it receives, so the rounds are replaced by:
+hands on is an affine function of the state it receives (after a linear scan, for Muon), so
+the rounds are replaced by:
 
 1. each device computes its slice's transform of the state (given a zero incoming state);
 2. ``all_gather`` + ``lax.associative_scan`` over the device axis (log depth) compose them:
    the exact state entering every device;
-3. the state-independent parts of the incoming cache are halos of the previous devices
+3. each device runs the rule once from that state on its slice (the layer's chunked /
+   associative form); the state-independent parts cross devices as halos
    (:func:`tttla_jax.parallel.context.halo`: the short-conv taps, the window branch's last
-   keys and values, LaCT's buffered last chunk);
-4. ONE call of the mixer on the slice from that cache (its own code, outside the sequence
-   context); the returned cache of the last device is the final one.
+   keys and values); the last device's state is the final cache.
 
 LaCT (static φ, no weight norm, one inner step, apply-then-update: ladder V2–V6, see
 docs/ladder.md): with ``G_i = ±Σ_{t∈i} lr1_t v_t φ(k_t)ᵀ`` the momentum
@@ -36,7 +37,7 @@ When the combined form applies (:func:`combine_reason` is ``None``): a fresh seq
 (``cache=None``, the training path), no packed documents, and the slice aligned to the
 layer's segments (LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of ``batch_size``).
 Otherwise the layer runs pipelined. Gradients: plain autodiff through the collectives
-(``all_gather``, ``ppermute``), the combine rematerialised in the backward pass.
+(``all_gather``), the combine (step 1–2) rematerialised in the backward pass.
 """
 from __future__ import annotations
 
@@ -108,10 +109,9 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None)
     why = combine_reason(mixer, L)
     if why is not None:
         raise ValueError(f"combined_apply: {why}")
-    cache0 = mixer.init_cache(B)
     off = _ctx.shard_offset(L, axis)
     if positions is None:
-        start = cache0.get("pos", jnp.zeros((B,), jnp.int32))  # Titans has no positions
+        start = mixer.init_cache(B).get("pos", jnp.zeros((B,), jnp.int32))  # Titans has no positions
         positions = start[:, None] + off + jnp.arange(L, dtype=jnp.int32)[None]
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, L))
     graphdef, state = nnx.split(mixer)
@@ -119,17 +119,10 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None)
     state = jax.tree.map(lambda a: _ctx._varying(a, axes), state)
     x = _ctx._varying(x, axes)
     positions = _ctx._varying(positions, axes)
-    build = _lact_incoming if _kind(mixer) == "lact" else _titans_incoming
-
-    def incoming_fn(state, x, positions):
-        m = nnx.merge(graphdef, state)
-        c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B))
-        return build(m, x, positions, c0, axis)
-
-    incoming = jax.checkpoint(incoming_fn)(state, x, positions)
-    with _ctx.sequence_parallel(None):
-        y, out = nnx.merge(graphdef, state)(x, cache=incoming, positions=positions)
-    return y, _ctx.from_last_shard(out, axis)
+    m = nnx.merge(graphdef, state)
+    c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B))
+    run = _lact_apply if _kind(mixer) == "lact" else _titans_apply
+    return run(m, x, positions, c0, axis)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -142,19 +135,6 @@ def _halo_rows(a, start, axis):
     return flat.reshape(start.shape)
 
 
-def _conv_halos(mixer, raw: dict, c0: dict, axis) -> dict:
-    """The short convs' incoming taps: the last ``short_conv − 1`` raw inputs before the slice."""
-    return {key: _halo_rows(raw[key], c0[key], axis) for key in mixer._conv_keys()}
-
-
-def _from_previous(tree, start, axis):
-    """``tree`` of device ``p − 1`` on device ``p``; ``start`` on device 0 (one ``ppermute``)."""
-    P = _ctx.axis_size(axis)
-    first = lax.axis_index(axis) == 0
-    recv = lax.ppermute(tree, axis, perm=[(j, j + 1) for j in range(P - 1)])
-    return jax.tree.map(lambda s, r: jnp.where(first, s.astype(r.dtype), r), start, recv)
-
-
 def _exclusive_sum(d, axis):
     """``Σ_{q<p} d_q`` on device ``p`` (an all-gather and a masked sum over the devices)."""
     P = _ctx.axis_size(axis)
@@ -165,69 +145,116 @@ def _exclusive_sum(d, axis):
 
 # ---------------------------------------------------------------------------------- LaCT
 
-def _lact_incoming(mixer, x, positions, c0, axis):
-    """LaCT (V2–V6): the cache entering this device (the state before the previous device's
-    last chunk, that chunk buffered, halos) — module doc."""
-    from tttla_jax.rules.lact import LaCTState
+def _lact_state_in(rule, fq, fk, fv, lr, m, st0, axis):
+    """LaCT (V2–V6): the fast-weight state entering this device — ``W1`` after every chunk of
+    the earlier devices and the momentum (module doc)."""
     from tttla_jax.rules.lact.fastnet import features
     from tttla_jax.rules.lact.muon import newton_schulz5
-    rule = mixer.rule
-    B, L = x.shape[:2]
+    xin = rule.prepare(fq, fk, fv, lr, st0, m)
+    B, L = fk.shape[:2]
     C = rule.chunk_size
     n = L // C
-    raw = dict(zip(("conv_q", "conv_k", "conv_v"), jnp.split(mixer.qkv(x), 3, axis=-1)))
-    fq, fk, fv, lr, m, attn = mixer._project(x, positions, c0, {}, None)  # conv: halo-aware here
-    st0 = rule.init_state(*mixer._fast_params(), B)
-    xin = rule.prepare(fq, fk, fv, lr, st0, m)
     sign = 1.0 if rule.ascent else -1.0
     heads = lambda a: jnp.moveaxis(a, 1, 2)                      # noqa: E731  [B, T, H, ·] -> [B, H, T, ·]
     pk = heads(xin.lrs[1]) * features(xin.state.w, heads(xin.k), rule.fast_net)   # [B, H, T, dh]
     sv = sign * heads(xin.v)                                      # [B, H, T, dv]
     H = pk.shape[1]
     G = jnp.einsum("bhncv,bhncd->nbhvd", sv.reshape(B, H, n, C, -1), pk.reshape(B, H, n, C, -1))
-    W1_0 = xin.state.w[1]
+    mom = xin.state.mom
     if rule.use_momentum:
         abar = jnp.moveaxis(xin.chunk_momentum, 2, 0)             # [n, B, H]
         A, X = lax.associative_scan(_compose(False), (abar, G), axis=0)   # M_i from a zero start
         # the momentum entering this device (a fresh sequence starts from zero momentum)
         M_in = _carry_in(A[-1], X[-1], axis, lax.axis_index(axis), matrix=False)
         Ms = A[..., None, None] * M_in + X                         # [n, B, H, dv, dh]
-        M_prev = Ms[-2] if n > 1 else M_in                        # before the last chunk
+        mom = (None, M_in.astype(mom[1].dtype), None)
     else:
-        Ms, M_prev = G, None
+        Ms = G
     md = None if rule.muon_dtype is None else jnp.dtype(rule.muon_dtype)
     U = newton_schulz5(Ms, md) if rule.muon else Ms
-    dS = jnp.sum(U, axis=0)                                       # this device's W1 increment
-    S_in = W1_0 + _exclusive_sum(dS, axis)
     w = list(xin.state.w)
-    w[1] = S_in + dS - U[-1]                                      # W1 before the last chunk
-    out = mixer._state_to_cache(LaCTState(w=tuple(w), mom=(None, M_prev, None) if rule.use_momentum else None))
+    w[1] = w[1] + _exclusive_sum(jnp.sum(U, axis=0), axis)       # W1_0 + Σ over earlier devices
+    return xin.state._replace(w=tuple(w), mom=mom)
+
+
+def _lact_apply(mixer, x, positions, c0, axis):
+    """LaCT (V2–V6) on this device: projections (conv halo-aware), the combined incoming
+    state, the rule's own parallel form from it, the window branch from its halo, the head."""
+    from tttla_jax.nn.mixers import sliding_window_attend
+    rule = mixer.rule
+    B, L = x.shape[:2]
+    C = rule.chunk_size
+    H, D = mixer.num_heads, mixer.head_dim
+    conv_cache = {}
+    fq, fk, fv, lr, m, attn = mixer._project(x, positions, c0, conv_cache, None)  # conv: halo-aware here
+    st0 = rule.init_state(*mixer._fast_params(), B)
+    st_in = jax.checkpoint(lambda *a: _lact_state_in(rule, *a, axis))(fq, fk, fv, lr, m, st0)
+    impl = mixer.resolved_impl
+    if impl == "recurrent":
+        o, st = rule.recurrent(fq, fk, fv, lr, st_in, momentum=m, output_final_state=True)
+    else:
+        o, st = rule.parallel(fq, fk, fv, lr, st_in, momentum=m, output_final_state=True,
+                              impl=impl if impl in ("chunked", "associative") else "chunked")
+    # as the layer's fresh call: the state before the last chunk, that chunk buffered
     last = lambda a: None if a is None else a[:, L - C:]          # noqa: E731
-    out.update(mixer._buffers(last(fk), last(fv), last(lr), last(m)))
-    out["buf_len"] = jnp.full((B,), C, jnp.int32)
-    keys = tuple(out)
-    inc = _from_previous(out, {k: c0[k] for k in keys}, axis)
-    inc["pos"] = c0["pos"] + _ctx.shard_offset(L, axis)
-    inc.update(_conv_halos(mixer, raw, c0, axis))
+    cache = {**mixer._state_to_cache(st), **mixer._buffers(last(fk), last(fv), last(lr), last(m)),
+             "buf_len": jnp.full((B,), C, jnp.int32), "pos": positions[:, -1] + 1}
+    o = o.astype(fv.dtype).astype(mixer._act_dtype())
+    if mixer.ttt_norm is not None:
+        o = mixer.ttt_norm(o)
+    if mixer.output_gate:
+        gate = jax.nn.silu(mixer.ttt_scale_proj(x))                # [B, T, H]
+        o = o * gate[..., None].astype(o.dtype)
+    o = o.reshape(B, L, H * D)
     if mixer.window is not None:
-        _, ka, va = attn
-        inc["attn_k"] = _halo_rows(ka, c0["attn_k"], axis)
-        inc["attn_v"] = _halo_rows(va, c0["attn_v"], axis)
-        inc["attn_kpos"] = _halo_rows(positions[..., None], c0["attn_kpos"][..., None], axis)[..., 0]
-    return inc
+        qa, ka, va = attn
+        sub = {"k": _halo_rows(ka, c0["attn_k"], axis), "v": _halo_rows(va, c0["attn_v"], axis),
+               "kpos": _halo_rows(positions[..., None], c0["attn_kpos"][..., None], axis)[..., 0]}
+        oa, sub = sliding_window_attend(qa, ka, va, positions, sub, window=mixer.window)
+        o = o + oa.reshape(B, L, H * D).astype(o.dtype)
+        cache.update(attn_k=sub["k"], attn_v=sub["v"], attn_kpos=sub["kpos"])
+    cache = _ctx.from_last_shard(cache, axis)
+    cache.update(conv_cache)                                       # already the global final taps
+    return mixer.o_proj(o), cache
 
 
 # -------------------------------------------------------------------------------- Titans
 
-def _titans_incoming(mixer, x, positions, c0, axis):
-    """Titans (linear memory): the cache entering this device — the memory and momentum
-    after every earlier device (a TTT-batch boundary: nothing buffered) and the conv halos."""
+def _titans_transform(rule, impl, q, k, v, theta, eta, alpha, M0, S0, axis):
+    """Titans (linear memory): ``(S, M)`` entering this device, from every device's affine
+    transform ``[S; M] ↦ A [S; M] + b`` (one widened-state rule run, module doc)."""
     from tttla_jax.rules.titans import TitansState
+    B, L, H, D = q.shape
+    sd = M0.dtype
+    p = lax.axis_index(axis)
+    first = p == 0
+    eye = jnp.broadcast_to(jnp.eye(D, dtype=sd), (B, H, D, D))
+    zero = jnp.zeros_like(eye)
+    # widened state: columns [b | from M = I | from S = I]; device 0's first block starts from
+    # the global start state, so its offset already includes it
+    Mw = jnp.concatenate([jnp.where(first, M0, 0), eye, zero], axis=-1)
+    Sw = jnp.concatenate([jnp.where(first, S0, 0), zero, eye], axis=-1)
+    vw = jnp.concatenate([v.astype(sd), jnp.zeros((B, L, H, 2 * D), sd)], axis=-1)
+    thw = theta * 3.0                       # the inner loss's 1/V with V → 3V
+    _, st = rule(q, k, vw, thw, eta, alpha, TitansState(Mw, Sw), impl=impl)
+    Mo, So = st.memory, st.momentum                                # [B, H, D, 3D]
+    blk = lambda a, i: a[..., i * D:(i + 1) * D]                   # noqa: E731
+    A = jnp.concatenate([jnp.concatenate([blk(So, 2), blk(So, 1)], -1),
+                         jnp.concatenate([blk(Mo, 2), blk(Mo, 1)], -1)], -2)   # [B, H, 2D, 2D] on [S; M]
+    b = jnp.concatenate([blk(So, 0), blk(Mo, 0)], -2)             # [B, H, 2D, D]
+    E = _carry_in(A, b, axis, p, matrix=True)                      # state after the earlier devices
+    return TitansState(jnp.where(first, M0, E[..., D:, :]), jnp.where(first, S0, E[..., :D, :]))
+
+
+def _titans_apply(mixer, x, positions, c0, axis):
+    """Titans (linear memory) on this device: the layer's rule inputs (conv halo-aware), the
+    combined incoming ``(S, M)`` (a TTT-batch boundary: nothing buffered), the rule from it."""
     B, L = x.shape[:2]
     H, D, c = mixer.num_heads, mixer.head_dim, mixer.chunk_size
-    raw = {"conv_q": mixer.q_proj(x), "conv_k": mixer.k_proj(x), "conv_v": mixer.v_proj(x)}
+    conv_cache = {}
     # the layer's rule inputs (TitansMemory.__call__ on a fresh sequence)
-    q, k, v = mixer._recipe_qkv(raw["conv_q"], raw["conv_k"], raw["conv_v"], c0, {}, B, L, H, D, None)
+    q, k, v = mixer._recipe_qkv(mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x), c0, conv_cache,
+                                B, L, H, D, None)
     sd = c0["buf_theta"].dtype
     theta = mixer.max_lr * jax.nn.sigmoid(mixer.theta_proj(x).astype(sd))
     N = L // c
@@ -238,28 +265,14 @@ def _titans_incoming(mixer, x, positions, c0, axis):
     eta = jax.nn.sigmoid(pool(mixer.eta_proj(x).astype(sd)))
     alpha = jax.nn.sigmoid(pool(mixer.alpha_proj(x).astype(sd)))
     rule = mixer._rule()
-    p = lax.axis_index(axis)
-    first = p == 0
-    M0, S0 = c0["memory"].astype(sd), c0["momentum"].astype(sd)
-    eye = jnp.broadcast_to(jnp.eye(D, dtype=sd), (B, H, D, D))
-    zero = jnp.zeros_like(eye)
-    # widened state: columns [b | from M = I | from S = I]; device 0's first block starts from
-    # the global start state, so its offset already includes it
-    Mw = jnp.concatenate([jnp.where(first, M0, 0), eye, zero], axis=-1)
-    Sw = jnp.concatenate([jnp.where(first, S0, 0), zero, eye], axis=-1)
-    vw = jnp.concatenate([v.astype(sd), jnp.zeros((B, L, H, 2 * D), sd)], axis=-1)
-    thw = theta * (3.0 * D / D)                  # the inner loss's 1/V with V → 3V
-    _, st = rule(q, k, vw, thw, eta, alpha, TitansState(Mw, Sw), impl=rule.resolve_impl(mixer.impl))
-    Mo, So = st.memory, st.momentum                                # [B, H, D, 3D]
-    blk = lambda a, i: a[..., i * D:(i + 1) * D]                   # noqa: E731
-    A = jnp.concatenate([jnp.concatenate([blk(So, 2), blk(So, 1)], -1),
-                         jnp.concatenate([blk(Mo, 2), blk(Mo, 1)], -1)], -2)   # [B, H, 2D, 2D] on [S; M]
-    b = jnp.concatenate([blk(So, 0), blk(Mo, 0)], -2)             # [B, H, 2D, D]
-    E = _carry_in(A, b, axis, p, matrix=True)                      # state after the earlier devices
-    S_in = jnp.where(first, S0, E[..., :D, :])
-    M_in = jnp.where(first, M0, E[..., D:, :])
-    inc = {key: val for key, val in c0.items()}
-    inc["memory"] = M_in.astype(c0["memory"].dtype)
-    inc["momentum"] = S_in.astype(c0["momentum"].dtype)
-    inc.update(_conv_halos(mixer, raw, c0, axis))
-    return inc
+    impl = rule.resolve_impl(mixer.impl)
+    st_in = jax.checkpoint(lambda *a: _titans_transform(rule, impl, *a, axis))(
+        q, k, v, theta, eta, alpha, c0["memory"].astype(sd), c0["momentum"].astype(sd))
+    o, st = rule(q, k, v, theta, eta, alpha, st_in, impl=impl)
+    cache = {key: val for key, val in c0.items()}                  # empty buffers: a batch boundary
+    cache["memory"] = st.memory.astype(c0["memory"].dtype)
+    cache["momentum"] = st.momentum.astype(c0["momentum"].dtype)
+    cache = _ctx.from_last_shard({key: val for key, val in cache.items() if key not in conv_cache}, axis)
+    cache.update(conv_cache)
+    o = mixer._recipe_out(o.astype(mixer._act_dtype())).reshape(B, L, H * D)
+    return mixer.o_proj(o), cache

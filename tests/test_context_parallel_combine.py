@@ -1,0 +1,148 @@
+"""The associative (combined) sequence-parallel form of the LaCT layer (ladder V2–V6) and the
+Titans layer (linear memory): tttla_jax.parallel.combine (docs/context_parallel.md).
+
+On 8 forced host CPU devices (one subprocess; compilation dominates): the layer under
+``sequence_parallel`` inside ``shard_map`` equals the single-device call in float64 at 1e-10
+— outputs, the final cache and the gradients of a loss of both w.r.t. the input and every
+parameter; through ``sharded_mixer`` with T not a multiple of the devices (padded at the
+end); the combined form is really taken (``combine_reason`` is None) and the pipelined
+fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, a given
+cache, packed documents crossing devices) still equals one device. The default suite keeps
+one case (LaCT V2 with the window branch and a short conv whose halos span devices, and an
+unaligned Titans call that must fall back); the sweep over seq = 2, 4, 8 is ``@slow``.
+"""
+import textwrap
+
+import pytest
+from _devices import run_checks
+
+TOL = 1e-10
+
+CHECKS = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    from flax import nnx
+    from jax.sharding import Mesh, PartitionSpec as P
+    from tttla_jax.nn import MIXERS
+    from tttla_jax.parallel import sequence_parallel, sharded_mixer
+    from tttla_jax.parallel.combine import combine_reason
+    F64 = jnp.float64
+
+    def diff(a, b):
+        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+        assert len(la) == len(lb), (len(la), len(lb))
+        return max(float(jnp.max(jnp.abs(jnp.asarray(x, F64) - jnp.asarray(y, F64)))) for x, y in zip(la, lb))
+
+    def weights(shape, seed=3):
+        return jnp.cos(jnp.arange(int(np.prod(shape)), dtype=F64) * 0.7 + seed).reshape(shape)
+
+    def loss_of(w):
+        def loss(out):  # outputs and every floating cache entry reach the loss
+            y, cache = out
+            fl = [c for c in jax.tree.leaves(cache) if jnp.issubdtype(c.dtype, jnp.floating)]
+            return jnp.sum(y * w) + sum(jnp.sum(jnp.sin(c)) for c in fl)
+        return loss
+
+    def check(name, opts, seq, T, Tpad=None, B=2, W=8, packed=None, cached=False):
+        m = MIXERS[name](width=W, num_heads=2, dtype=F64, param_dtype=F64, rngs=nnx.Rngs(0), **opts)
+        gd, st = nnx.split(m)
+        mesh = Mesh(np.asarray(jax.devices()[:seq]), ("seq",))
+        out = {"reason": combine_reason(m, T // seq, cache={} if cached else None,
+                                        cu_seqlens=packed)}
+        Bx = 1 if packed is not None else B
+        x = jax.random.normal(jax.random.key(1), (Bx, T, W), F64)
+        kw = {} if packed is None else {"cu_seqlens": jnp.asarray(packed, jnp.int32)}
+        NB = Bx if packed is None else len(packed) - 1
+        c0 = m(jax.random.normal(jax.random.key(2), (NB, 3, W), F64))[1] if cached else None
+        cshape = jax.eval_shape(lambda: m.init_cache(NB))
+        loss = loss_of(weights((Bx, T, W)))
+
+        def inside(st, x, c):
+            with sequence_parallel("seq"):
+                return nnx.merge(gd, st)(x, cache=c, **kw)
+
+        cspec = jax.tree.map(lambda _: P(), cshape)
+        sp = jax.shard_map(inside, mesh=mesh, in_specs=(P(), P(None, "seq"), None if c0 is None else cspec),
+                           out_specs=(P(None, "seq"), cspec))
+        ref = lambda st, x, c: nnx.merge(gd, st)(x, cache=c, **kw)
+        vg = lambda f: jax.jit(jax.value_and_grad(lambda st, x, c: (lambda o: (loss(o), o))(f(st, x, c)),
+                                                  argnums=(0, 1), has_aux=True))
+        (l0, o0), g0 = vg(ref)(st, x, c0)
+        (l1, o1), g1 = vg(sp)(st, x, c0)
+        out.update(y=diff(o0[0], o1[0]), cache=diff(o0[1], o1[1]), grads=diff(g0, g1), loss=abs(float(l0 - l1)),
+                   y_scale=float(jnp.max(jnp.abs(o0[0]))))
+        if Tpad is not None:  # sharded_mixer pads T to a multiple of seq (the cache then holds the padding)
+            xp = jax.random.normal(jax.random.key(5), (B, Tpad, W), F64)
+            wp = weights((B, Tpad, W))
+            f = lambda g: jax.jit(jax.value_and_grad(lambda st, x: jnp.sum(g(st, x) * wp), argnums=(0, 1)))
+            a0, h0 = f(lambda st, x: nnx.merge(gd, st)(x)[0])(st, xp)
+            a1, h1 = f(lambda st, x: sharded_mixer(nnx.merge(gd, st), x, mesh=mesh))(st, xp)
+            out.update(pad_loss=abs(float(a0 - a1)), pad_grads=diff(h0, h1))
+        return out
+
+    results = {}
+    for case in json.loads(sys.argv[1]):
+        key = case.pop("id")
+        results[key] = check(**case)
+        print("CASE", key, json.dumps(results[key]), flush=True)
+    print("RESULT" + json.dumps(results))
+''')
+
+# (id, expected to take the combined form, case)
+DEFAULT_CASES = [
+    # LaCT V2 (SwiGLU features, momentum, Muon) with the window branch (window 3 > the 2
+    # tokens of a device) and a short conv (2 taps of halo): every halo spans devices
+    (True, dict(id="lact_v2_win_conv_seq4", name="lact", seq=4, T=8,
+                opts={"preset": "v2", "chunk_size": 2, "window": 3, "short_conv": 3})),
+]
+SLOW_CASES = [
+    (True, dict(id="lact_v2_seq2", name="lact", seq=2, T=16, Tpad=13, opts={"preset": "v2", "chunk_size": 4})),
+    (True, dict(id="lact_v3_win_seq8", name="lact", seq=8, T=16, Tpad=13,
+                opts={"preset": "v3", "chunk_size": 2, "window": 3, "short_conv": 3})),
+    (True, dict(id="lact_v4_seq4", name="lact", seq=4, T=16, opts={"preset": "v4", "chunk_size": 2})),
+    (True, dict(id="lact_v5_seq4", name="lact", seq=4, T=16, Tpad=15, opts={"preset": "v5", "chunk_size": 2})),
+    (True, dict(id="lact_v6_seq8", name="lact", seq=8, T=16, opts={"preset": "v6", "chunk_size": 2})),
+    (True, dict(id="titans_seq2", name="titans", seq=2, T=16, Tpad=13, opts={"chunk_size": 2, "batch_size": 4})),
+    (True, dict(id="titans_conv_seq4", name="titans", seq=4, T=16,
+                opts={"chunk_size": 2, "batch_size": 4, "short_conv": 3})),
+    (True, dict(id="titans_seq8", name="titans", seq=8, T=16, Tpad=11,
+                opts={"chunk_size": 1, "batch_size": 2})),
+    # the pipelined fallback
+    (False, dict(id="titans_unaligned_seq4", name="titans", seq=4, T=8, opts={"chunk_size": 2, "batch_size": 4})),
+    (False, dict(id="lact_v1_seq4", name="lact", seq=4, T=8, opts={"preset": "v1", "chunk_size": 2})),
+    (False, dict(id="titans_mlp_seq4", name="titans", seq=4, T=16,
+                 opts={"chunk_size": 2, "batch_size": 4, "memory": "mlp"})),
+    (False, dict(id="lact_v2_cached_seq4", name="lact", seq=4, T=8, cached=True,
+                 opts={"preset": "v2", "chunk_size": 2})),
+    # packed documents crossing device boundaries (lengths 3, 6, 0, 3 over 4 x 3 tokens)
+    (False, dict(id="lact_v2_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
+                 opts={"preset": "v2", "chunk_size": 3})),
+    (False, dict(id="titans_packed_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16],
+                 opts={"chunk_size": 2, "batch_size": 4})),
+]
+
+
+def _check(cases, timeout=3000):
+    res = run_checks(CHECKS, [dict(c) for _, c in cases], devices=8, timeout=timeout)
+    assert set(res) == {c["id"] for _, c in cases}
+    for combined, c in cases:
+        r = res[c["id"]]
+        assert (r["reason"] is None) == combined, (c["id"], r["reason"])
+        assert r["y_scale"] > 1e-3, (c["id"], r)  # outputs are not trivially zero
+        for what in ("y", "cache", "grads", "loss", "pad_loss", "pad_grads"):
+            if what in r:
+                assert r[what] <= TOL, (c["id"], what, r)
+        assert ("pad_grads" in r) == ("Tpad" in c)
+
+
+def test_combined_form_equals_one_device():
+    _check(DEFAULT_CASES)
+
+
+@pytest.mark.slow
+def test_combined_form_sweep_equals_one_device():
+    """seq = 2, 4, 8; LaCT V2–V6 and Titans (linear memory), T not a multiple of seq
+    (padded), and the pipelined fallback (V1, MLP memory, unaligned slices, a given cache,
+    packed documents crossing devices)."""
+    _check(SLOW_CASES, timeout=6000)
