@@ -110,38 +110,41 @@ def _kda_grams(qs, kf, c, s):
     E_ijκ`` and ``G_ij = Σ_κ k_iκ k_jκ E_ijκ`` ``[C, C]``, ``E_ijκ = exp(b_iκ − b_jκ)`` for
     ``i ≥ j`` in the same segment of channel κ, else 0: one key column ``j`` per step, the
     exponentials exact and masked before ``exp`` (:func:`_column_decay`, as the
-    linear-attention per-channel kernel; every exponent evaluated is ≤ 0)."""
-    C = qs.shape[0]
+    linear-attention per-channel kernel; every exponent evaluated is ≤ 0). ``qs=None``: ``G``
+    only (``P`` is ``None``; the states sweep reads no query)."""
+    C = kf.shape[0]
     cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    xs = (kf,) if qs is None else (qs, kf)
 
-    def step(j, PG):
+    def step(j, grams):
         e = _column_decay(c, s, j)
         kj = _row(kf, j)
-        at_j = cols == j
-        return (jnp.where(at_j, jnp.sum(qs * e * kj, axis=1, keepdims=True), PG[0]),
-                jnp.where(at_j, jnp.sum(kf * e * kj, axis=1, keepdims=True), PG[1]))
+        return tuple(jnp.where(cols == j, jnp.sum(x * e * kj, axis=1, keepdims=True), gr) for x, gr in zip(xs, grams))
 
-    zero = jnp.zeros((C, C), qs.dtype)
-    return lax.fori_loop(jnp.int32(0), jnp.int32(C), step, (zero, zero))  # int32 index under x64 too
+    grams = lax.fori_loop(jnp.int32(0), jnp.int32(C), step,  # int32 index under x64 too
+                          tuple(jnp.zeros((C, C), kf.dtype) for _ in xs))
+    return (None,) + grams if qs is None else grams
 
 
 def _chunk_terms(qs, kf, bcol, scol, bC, sC, acc):
     """The decay factors and grams of one chunk, per head (decay columns ``[C, 1]``: one mask
     ``D`` on ``Q Kᵀ`` and ``K Kᵀ``) or per key channel (``[C, K]``: :func:`_kda_grams`):
-    ``(γ, λ, Γ, P, G, D)`` with ``D`` ``None`` per channel."""
+    ``(γ, λ, Γ, P, G, D)`` with ``D`` ``None`` per channel (``P`` ``None`` without queries)."""
     if bcol.shape[-1] == 1:
-        D = _decay_mask(bcol, scol, qs.shape[0])  # cut-aware (tttla_jax.ops.chunk.segment_cumsum)
+        D = _decay_mask(bcol, scol, kf.shape[0])  # cut-aware (tttla_jax.ops.chunk.segment_cumsum)
         gamma, lam, Gam = _decays(bcol, scol, bC, sC)
-        return gamma, lam, Gam, _dot(qs, kf, acc, tb=True) * D, _dot(kf, kf, acc, tb=True) * D, D
+        P = None if qs is None else _dot(qs, kf, acc, tb=True) * D
+        return gamma, lam, Gam, P, _dot(kf, kf, acc, tb=True) * D, D
     gamma, lam, Gam = _channel_decays(bcol, scol, bC, sC)  # Γ a [K, 1] column: it scales S's rows
     P, G = _kda_grams(qs, kf, bcol, scol)
     return gamma, lam, Gam, P, G, None
 
 
-def _delta_chunk(q, k, v, beta, bcol, scol, bC, sC, S, *, scale, acc):
-    """One chunk: ``(O [C, BV], S_next [K, BV])``; every operand in ``acc``."""
-    C = q.shape[0]
-    qs = q.astype(acc) * scale
+def _delta_chunk(q, k, v, beta, bcol, scol, bC, sC, S, *, scale, acc, out=True):
+    """One chunk: ``(O [C, BV], S_next [K, BV])``; every operand in ``acc``. ``out=False``:
+    ``(None, S_next)`` (the states sweep: no query read, no ``P``)."""
+    C = k.shape[0]
+    qs = q.astype(acc) * scale if out else None
     kf = k.astype(acc)
     vf = v.astype(acc)
     beta = beta.astype(acc)
@@ -151,7 +154,7 @@ def _delta_chunk(q, k, v, beta, bcol, scol, bC, sC, S, *, scale, acc):
     Wv = _dot(Tinv, beta * vf, acc)
     Wk = _dot(Tinv, beta * gamma * kf, acc)
     U = Wv - _dot(Wk, S, acc)
-    o = _dot(qs * gamma, S, acc) + _dot(P, U, acc)
+    o = _dot(qs * gamma, S, acc) + _dot(P, U, acc) if out else None
     S = Gam * S + _dot(kf * lam, U, acc, ta=True)
     return o, S
 
@@ -412,7 +415,7 @@ def _gpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_
         sl = pl.ds(t0, C)
         end = pl.ds(t0 + C - 1, 1)
         _, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :],
-                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=1.0, acc=acc)
+                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=1.0, acc=acc, out=False)
         return S
 
     lax.fori_loop(0, N, body, s0_ref[...].astype(acc))
@@ -444,7 +447,7 @@ def _tpu_states_kernel(q_ref, k_ref, v_ref, beta_ref, b_ref, sg_ref, s0_ref, st_
     C = q_ref.shape[0]
     st_ref[...] = s_scr[...].astype(st_ref.dtype)
     _, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...],
-                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=1.0, acc=acc)
+                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=1.0, acc=acc, out=False)
     s_scr[...] = S
 
 
@@ -715,7 +718,7 @@ def _gpu_states_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_r
         sl = pl.ds(t0, C)
         end = pl.ds(t0 + C - 1, 1)
         _, S = _delta_chunk(q_ref[sl, :], k_ref[sl, :], v_ref[sl, :], beta_ref[sl, :], b_ref[sl, :],
-                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=1.0, acc=acc)
+                            sg_ref[sl, :], b_ref[end, :], sg_ref[end, :], S, scale=1.0, acc=acc, out=False)
         return S
 
     lax.fori_loop(0, N, body, jnp.zeros(h0_ref.shape[1:], acc))
@@ -757,7 +760,7 @@ def _tpu_states_packed_kernel(cs_ref, cf_ref, q_ref, k_ref, v_ref, beta_ref, b_r
     C = q_ref.shape[0]
     st_ref[...] = s_scr[...].astype(st_ref.dtype)
     _, S = _delta_chunk(q_ref[...], k_ref[...], v_ref[...], beta_ref[...], b_ref[...], sg_ref[...],
-                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=1.0, acc=acc)
+                        b_ref[C - 1:C, :], sg_ref[C - 1:C, :], s_scr[...], scale=1.0, acc=acc, out=False)
     s_scr[...] = S
 
 
