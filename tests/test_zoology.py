@@ -323,6 +323,21 @@ def test_per_preset_learning_rates():
     assert zoology.parse(["--sweep", "tiny"])[2].lrs_for("linear_attention") == (1e-2,)
 
 
+def test_default_sweep_presets_exist():
+    """Every preset the default sweep names is registered once the command line is parsed,
+    including the library's measured recall presets (``<mixer>+recall``), and builds."""
+    from tttla_jax.nn.recipes import RECALL_PRESETS
+    from tttla_jax.train import zoology
+    cfg = zoology.parse([])[2]
+    assert cfg == zoology.DEFAULT
+    for name in cfg.mixers:
+        assert name in zoology.MIXER_PRESETS, name
+    for mixer, opts in RECALL_PRESETS.items():
+        preset = zoology.MIXER_PRESETS[f"{mixer}+recall"]
+        assert preset.mixer == mixer and set(opts.items()) <= set(preset.options), (mixer, preset)
+    assert "lact+recall" in cfg.mixers and "ttt_linear+recall" in cfg.mixers
+
+
 @pytest.mark.slow
 def test_every_preset_trains_a_few_steps(tmp_path):
     """Every preset of the sweep trains 4 steps at the tiny size (finite losses)."""

@@ -85,7 +85,9 @@ MIXER_PRESETS: dict = {
     "gated_delta_net": _p("delta_net", use_gate=True, chunk_size=32),
     "ttt_linear": _p("ttt_linear", mini_batch_size=16),
     "lact": _p("lact", preset="v0", chunk_size=16, window=16),
-    # LaCT with the short conv and a chunk of 8 (fast-weight updates within an L=64 sequence)
+    # LaCT with the short conv and a chunk of 8 but RoPE on the fast q/k and the window branch
+    # kept: still at chance at step 200 (docs/recipes.md); the LaCT recall preset drops both
+    # (``lact+recall``, from tttla_jax.nn.recipes.RECALL_PRESETS)
     "lact+conv": _p("lact", preset="v0", chunk_size=8, window=16, short_conv=4),
     "swa": _p("swa", window=16),
     "titans": _p("titans", chunk_size=16),
@@ -253,7 +255,7 @@ def run_one(runner: _Runner, cfg: SweepConfig, lr: float, train, test, kv: int, 
     order_rng = np.random.default_rng(cfg.seed)
     perm, pos = order_rng.permutation(n), 0
     key = jax.random.key(cfg.seed + 1)
-    curve, t0 = [], time.perf_counter()
+    curve, t0, c0 = [], time.perf_counter(), time.process_time()
     loss = acc = float("nan")
     stopped, skipped = False, 0
 
@@ -290,7 +292,9 @@ def run_one(runner: _Runner, cfg: SweepConfig, lr: float, train, test, kv: int, 
                 break
     return {"lr": lr, "steps": step, "early_stopped": stopped, "skipped_steps": skipped,
             "accuracy": curve[-1]["accuracy"], "best_accuracy": max(c["accuracy"] for c in curve),
-            "curve": curve, "seconds": time.perf_counter() - t0}
+            "curve": curve, "seconds": time.perf_counter() - t0,
+            # this process's CPU time (all threads) for the run: load-independent, unlike wall time
+            "cpu_seconds": time.process_time() - c0}
 
 
 def _run_key(mixer, L, kv, width, lr):
@@ -433,8 +437,8 @@ def markdown_table(results: dict) -> str:
              f"steps (early stop at {cfg['early_stop']}), learning rates {list(cfg['lrs'])}"
              + "".join(f"; {m}: {list(v)}" for m, v in cfg.get("preset_lrs", ())) + ".",
              "",
-             "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | s/run (load) | all lrs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | wall s (load) | CPU s | all lrs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in results["runs"]:
         by.setdefault((r["mixer"], r["seq_len"], r["num_kv"], r["width"]), []).append(r)
@@ -445,7 +449,8 @@ def markdown_table(results: dict) -> str:
                                          key=lambda r: r["lr"]))
         lines.append(f"| {b['seq_len']} | {b['num_kv']} | {b['mixer']} | {b['width']} | {b['state_size']} | "
                      f"{b['n_params']} | {b['accuracy']:.3f} | {b['lr']:.2g} | {b['steps']}"
-                     f"{' (early stop)' if b['early_stopped'] else ''} | {b['seconds']:.0f}{load} | {alls} |")
+                     f"{' (early stop)' if b['early_stopped'] else ''} | {b['seconds']:.0f}{load} | "
+                     f"{'—' if b.get('cpu_seconds') is None else format(b['cpu_seconds'], '.0f')} | {alls} |")
     if "sweep_seconds" in results:
         load = results.get("load_at_start")
         lines += ["", f"Sweep wall time {results['sweep_seconds'] / 60:.1f} min"
@@ -488,7 +493,7 @@ def plot(results: dict, path: str) -> bool:
 
 DEFAULT = SweepConfig(
     mixers=("attention", "attention+conv", "linear_attention", "delta_net", "gated_delta_net",
-            "ttt_linear", "ttt_linear+recall", "lact", "lact+conv"),
+            "ttt_linear", "ttt_linear+recall", "lact", "lact+recall"),
     settings=((64, 4), (128, 8)), widths=(64,), lrs=(1e-2,),
     preset_lrs=(("attention", (3e-3,)), ("attention+conv", (3e-3,)), ("lact", (3e-3,)),
                 ("lact+conv", (3e-3,))),

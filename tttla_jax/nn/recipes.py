@@ -185,6 +185,11 @@ RECALL_PRESETS: dict = {
     # TTT-Linear: the short conv on q, k, v and a 4x larger inner learning rate (mini-batch 16):
     # 0.86 MQAR accuracy vs 0.02 with the defaults, at DeltaNet's state size
     "ttt_linear": {"short_conv": 4, "base_lr": 4.0},
+    # LaCT (V0: SwiGLU fast weights, Muon, momentum, weight norm): chunks of 8 so the context
+    # is written before the first query, the short conv, no RoPE on the fast q/k (it makes a
+    # query's match with a stored key depend on their distance) and no window branch: 0.997
+    # on Zoology MQAR at L=64/kv4 by step 300, where LaCT's defaults stayed at chance
+    "lact": {"preset": "v0", "chunk_size": 8, "short_conv": 4, "ttt_rope": False, "window": None},
 }
 
 
