@@ -56,7 +56,9 @@ def run_segments(step: Callable, state, xs: Sequence, bufs: Sequence, n, period:
     """
     P = period
     B, T = xs[0].shape[:2]
-    if empty:
+    if empty or (T % P == 0 and _sp.boundary_caches()):
+        # no buffer (statically: a fresh call, or a pipelined sequence-parallel round whose
+        # cache sits at a segment boundary): run from the state, no gather
         return _run_from_start(step, state, xs, P)
     nbuf = P - 1
     L = nbuf + T

@@ -52,6 +52,17 @@ from jax import lax
 FORMS = ("pipelined", "associative")
 
 _AXIS: contextvars.ContextVar = contextvars.ContextVar("tttla_jax_sequence_axis", default=None)
+_BOUNDARY: contextvars.ContextVar = contextvars.ContextVar("tttla_jax_boundary_caches", default=False)
+
+
+def boundary_caches() -> bool:
+    """True inside :func:`mixer_apply`'s per-device calls of a fresh sequence (``cache=None``,
+    unpacked): every cache a device receives is the state after a whole number of slices from
+    an empty cache, so a mixer streaming fixed segments (TTT mini-batches, Titans TTT batches)
+    whose slice length is a multiple of its segment knows statically that the cache's segment
+    buffer is empty (:func:`tttla_jax.nn._segments.run_segments` then runs its no-buffer path
+    from the cache's state)."""
+    return _BOUNDARY.get()
 
 
 @contextlib.contextmanager
@@ -234,12 +245,21 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
     local_cu = local_cu_seqlens(cu_seqlens, L, axis) if packed else None
     graphdef, state = nnx.split(mixer)
 
+    fresh = cache is None and not packed  # every incoming cache: a whole number of slices from empty
+
     def local(state, x, c, positions, cu):
         kw = {} if cu is None else {"cu_seqlens": cu}
-        with sequence_parallel(None):  # per-device calls: plain local mixers
-            return nnx.merge(graphdef, state)(x, cache=c, positions=positions, **kw)
+        token = _BOUNDARY.set(fresh)
+        try:
+            with sequence_parallel(None):  # per-device calls: plain local mixers
+                return nnx.merge(graphdef, state)(x, cache=c, positions=positions, **kw)
+        finally:
+            _BOUNDARY.reset(token)
 
     step = jax.checkpoint(local) if remat else local
+    # the rounds only hand on the cache: their outputs are not computed (nor rematerialised)
+    cache_only = lambda *a: local(*a)[1]  # noqa: E731
+    step_cache = jax.checkpoint(cache_only) if remat else cache_only
     if P == 1:
         return step(state, x, cache0, positions, local_cu)
     # every input varies over the axis, so per-device control flow inside the mixer (scan
@@ -252,7 +272,7 @@ def mixer_apply(mixer, x, *, cache: Optional[dict] = None, positions=None,
     start = jax.tree.map(lambda a: _varying(jnp.asarray(a), axes), cache0)
 
     def round_(c, _):
-        _, out = step(state, x, c, positions, local_cu)
+        out = step_cache(state, x, c, positions, local_cu)
         out = jax.tree.map(lambda o, a: o.astype(a.dtype), out, start)
         recv = lax.ppermute(out, axis, perm=[(j, j + 1) for j in range(P - 1)])
         return jax.tree.map(lambda a, b: jnp.where(first, a, b), start, recv), None
