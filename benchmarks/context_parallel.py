@@ -264,11 +264,12 @@ def main():
         with open(a.out) as f:
             old = json.load(f)
     keep = lambda key: [r for r in old.get(key, []) if r["op"] not in a.ops]  # noqa: E731
-    runs = [r for r in old.get("runs", [{"config": old.get("config"), "machine": old.get("machine")}])
-            if r.get("config") and not set(r["config"].get("ops", ["linear_attention", "delta_rule"])) <= set(a.ops)]
+    out = dict(old) if old else {"config": cfg, "machine": m}
+    out["rows"], out["combine"] = keep("rows") + rows, keep("combine") + combine
+    out.setdefault("runs_by_ops", [])
+    out["runs_by_ops"] = [r for r in out["runs_by_ops"] if r["ops"] != a.ops] + [{"ops": a.ops, "config": cfg, "machine": m}]
     with open(a.out, "w") as f:
-        json.dump({"runs": runs + [{"config": cfg, "machine": m}],
-                   "rows": keep("rows") + rows, "combine": keep("combine") + combine}, f, indent=1)
+        json.dump(out, f, indent=1)
     print(f"\nwrote {a.out}")
 
 
