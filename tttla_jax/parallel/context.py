@@ -396,7 +396,8 @@ def sharded_mixer(mixer, x, *, mesh, seq_axis: str = "seq", batch_axes=None, cac
     """Run ``mixer`` on a global ``x`` ``[B, T, W]`` sharded over ``mesh``'s ``seq_axis``.
 
     The outside wrapper (no ``shard_map`` to write): pads ``T`` at the end to a multiple
-    of the axis size (causality keeps the padding out of every real output), shards the
+    of the axis size by repeating the last token (causality keeps the padding out of every
+    real output and, the pad outputs being dropped, out of every gradient), shards the
     sequence over ``seq_axis`` (and the batch over ``batch_axes``, if given), runs the
     mixer under :func:`sequence_parallel` and returns ``y`` ``[B, T, W]``.
 
@@ -438,7 +439,9 @@ def sharded_mixer(mixer, x, *, mesh, seq_axis: str = "seq", batch_axes=None, cac
         check_cu_seqlens(cu_seqlens, B, T)
         cu = jnp.asarray(cu_seqlens, jnp.int32)
         packed = {"cu_seqlens": cu.at[-1].set(T + pad)}  # the padding joins the last document
-    xp = jnp.pad(x, [(0, 0), (0, pad), (0, 0)])
+    # pad by repeating the last token (not zeros: an all-zero token can hit a layer's
+    # singular point, e.g. the L2 norm's gradient at 0, and NaN * 0 would reach real gradients)
+    xp = jnp.pad(x, [(0, 0), (0, pad), (0, 0)], mode="edge") if pad else x
     bspec = (baxes if len(baxes) != 1 else baxes[0]) if baxes else None
     spec = Pspec(bspec, seq_axis)
     graphdef, state = nnx.split(mixer)
