@@ -5,7 +5,7 @@ float32, causal with log-decay, over T in {512, 2048, 8192, 32768}; plus the ach
 GFLOP/s of the chunked form against the machine's measured 2-D matmul GFLOP/s.
 
     python benchmarks/forms.py [--T 512 2048 8192 32768] [--repeats 5] [--matmul-n 2048]
-                               [--no-tune-malloc] [--out benchmarks/results/forms.json]
+                               [--no-tune-malloc] [--no-decay] [--out benchmarks/results/forms.json]
 
 Each time is the **median** of ``--repeats`` calls after one compile + warm-up call
 (``benchmarks/_timing.timeit(...)["median"]``, as before the shared helper, so older
@@ -72,6 +72,8 @@ def main(argv=None):
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the reference 2-D matmul [2048]")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forms.json"))
     p.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
+    p.add_argument("--no-decay", action="store_true",
+                   help="plain linear attention (no log_decay; the chunked form's no-decay path)")
     a = p.parse_args(argv)
     start = setup(tune=not a.no_tune_malloc)
     B, H, K, V, C = a.B, a.H, a.D, a.D, a.chunk_size
@@ -93,7 +95,7 @@ def main(argv=None):
                 continue
 
             def fwd(q, k, v, g, impl=impl):
-                return tt.linear_attention(q, k, v, log_decay=g, impl=impl, chunk_size=C)[0]
+                return tt.linear_attention(q, k, v, log_decay=None if a.no_decay else g, impl=impl, chunk_size=C)[0]
 
             def loss(q, k, v, g, impl=impl):
                 return jnp.sum(fwd(q, k, v, g, impl) ** 2)
@@ -143,7 +145,7 @@ def main(argv=None):
     print(describe(m))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
-        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", masking="causal", decay=True,
+        json.dump(dict(config=dict(B=B, H=H, K=K, V=V, chunk_size=C, dtype="float32", masking="causal", decay=not a.no_decay,
                                    repeats=a.repeats, matmul_n=a.matmul_n,
                                    matmul_rate="mean of a 2-D matmul measured before and after the sweep",
                                    statistic="median of repeats after one compile/warm-up call"),

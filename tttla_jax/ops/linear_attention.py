@@ -64,6 +64,8 @@ from tttla_jax.ops.chunk import (
     decayed_gram,
     from_scan_layout,
     from_token_blocks,
+    lower_mask,
+    reverse_cumsum_by_matmul,
     scan_layout,
     token_blocks,
 )
@@ -252,16 +254,18 @@ def linear_attention(
     # zeros_like: under shard_map the zero gate varies over the mesh axes like q does (the
     # chunked form's custom_vjp returns cotangents of that type)
     g = jnp.zeros_like(qf[..., 0]) if log_decay is None else log_decay.astype(sd)
+    if impl == "chunked" and log_decay is None:
+        g = None  # the chunked form's no-decay path: no decay terms, no log-decay gradient
     if cu_seqlens is not None:
         N = cu_seqlens.shape[0] - 1
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
         form = {"recurrent": _recurrent_varlen, "associative": _associative_varlen,
-                "chunked": _chunked_channel_varlen if g.ndim == 4 else _chunked_varlen}[impl]
+                "chunked": _chunked_channel_varlen if per_channel(g) else _chunked_varlen}[impl]
         o, S = form(qf, kf, vf, g, h0, masking, chunk_size, cu_seqlens)
         return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     form = {"recurrent": _recurrent, "associative": _associative,
-            "chunked": _chunked_channel if g.ndim == 4 else _chunked}[impl]
+            "chunked": _chunked_channel if per_channel(g) else _chunked}[impl]
     o, S = form(qf, kf, vf, g, S0, masking, chunk_size)
     return o.astype(q.dtype), (S if output_final_state else None)
 
@@ -347,10 +351,12 @@ def _chunked(q, k, v, g, S0, masking, chunk_size):
     batched dot over every chunk at once (cache), so the scan is also the fast layout.
     The backward pass is hand-written (:func:`_chunk_scan` has a ``custom_vjp``): it keeps
     only the state before each chunk and recomputes the intra-chunk products.
+    ``g=None`` (no decay): the same scan without any decay term (a causal mask instead of
+    ``D``, no exponentials, no log-decay gradient).
     """
     T = q.shape[1]
     C = min(chunk_size, T) if masking != "chunk" else chunk_size
-    xs = tuple(scan_layout(x, C) for x in (q, k, v, g))  # [N, B, H, C, ...]
+    xs = tuple(None if x is None else scan_layout(x, C) for x in (q, k, v, g))  # [N, B, H, C, ...]
     if masking == "none":
         _, S_final = _chunk_scan(*xs, S0, None, None, False, False)
         return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
@@ -359,7 +365,15 @@ def _chunked(q, k, v, g, S0, masking, chunk_size):
 
 
 def _chunk_fwd_step(S, x, intra, emit):
-    qn, kn, vn, gn = x  # [B, H, C, K], [B, H, C, K], [B, H, C, V], [B, H, C]
+    qn, kn, vn, gn = x  # [B, H, C, K], [B, H, C, K], [B, H, C, V], [B, H, C] (or None: no decay)
+    if gn is None:
+        o = None
+        if emit:
+            o = jnp.einsum("bhik,bhkv->bhiv", qn, S)
+            if intra:  # causal: O = tril(Q Kᵀ) V + Q S
+                A = jnp.where(lower_mask(qn.shape[-2]), jnp.einsum("bhik,bhjk->bhij", qn, kn), 0.0)
+                o = jnp.einsum("bhij,bhjv->bhiv", A, vn) + o
+        return S + jnp.einsum("bhck,bhcv->bhkv", kn, vn), o
     D, gamma, lam, Gam = decay_terms(gn)
     o = None
     if emit:
@@ -435,6 +449,8 @@ def _chunk_scan_bwd(intra, emit, res, cts):
         if m is not None:
             f, e, n = m
             dS = jnp.where(e, lax.dynamic_index_in_dim(dSF, n, 0, keepdims=False), dS)
+        if gn is None:  # no decay: D the causal mask, γ = λ = Γ = 1, no log-decay gradient
+            return _nodecay_bwd_step(dS, dh0, qn, kn, vn, S, don, m, intra)
         D, gamma, lam, Gam = decay_terms(gn)
         kl = kn * lam[..., None]
         # contributions through the state update S' = Γ S + (λK)ᵀ V
@@ -467,7 +483,7 @@ def _chunk_scan_bwd(intra, emit, res, cts):
                 dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
         db = db.at[..., -1].add(dbC)
         # b = cumsum(g) with cuts as resets (decay_terms): the gradient w.r.t. a cut's g is 0
-        dg = cut_grad(jnp.flip(jnp.cumsum(jnp.flip(db, -1), axis=-1), -1), gn)
+        dg = cut_grad(reverse_cumsum_by_matmul(db), gn)
         if m is not None:  # a first chunk read its sequence's h0, not the chunk before
             cur = lax.dynamic_index_in_dim(dh0, n, 0, keepdims=False)
             dh0 = lax.dynamic_update_index_in_dim(dh0, cur + jnp.where(f, dS_prev, 0.0), n, 0)
@@ -480,6 +496,32 @@ def _chunk_scan_bwd(intra, emit, res, cts):
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+
+def _nodecay_bwd_step(dS, dh0, qn, kn, vn, S, don, m, intra):
+    """One step of :func:`_chunk_scan_bwd` without decay (``g=None``; ``dS`` already the
+    cotangent of the state after the chunk): the same formulas with ``D`` the causal mask
+    and ``γ = λ = Γ = 1``."""
+    dv = jnp.einsum("bhck,bhkv->bhcv", kn, dS)
+    dk = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
+    dS_prev = dS
+    dq = jnp.zeros_like(qn)
+    if don is not None:
+        dq = jnp.einsum("bhiv,bhkv->bhik", don, S)
+        dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
+        if intra:
+            mask = lower_mask(qn.shape[-2])
+            A = jnp.where(mask, jnp.einsum("bhik,bhjk->bhij", qn, kn), 0.0)
+            dP = jnp.where(mask, jnp.einsum("bhiv,bhjv->bhij", don, vn), 0.0)
+            dv = dv + jnp.einsum("bhij,bhiv->bhjv", A, don)
+            dq = dq + jnp.einsum("bhij,bhjk->bhik", dP, kn)
+            dk = dk + jnp.einsum("bhij,bhik->bhjk", dP, qn)
+    if m is not None:  # a first chunk read its sequence's h0, not the chunk before
+        f, _, n = m
+        cur = lax.dynamic_index_in_dim(dh0, n, 0, keepdims=False)
+        dh0 = lax.dynamic_update_index_in_dim(dh0, cur + jnp.where(f, dS_prev, 0.0), n, 0)
+        dS_prev = jnp.where(f, 0.0, dS_prev)
+    return (dS_prev, dh0), (dq, dk, dv, None)
 
 
 # --------------------------------------------------------------------------- chunked, per-channel decay
@@ -549,7 +591,8 @@ def _chunked_varlen(q, k, v, g, h0, masking, chunk_size, cu_seqlens):
     on its first chunk and keeping its final state after its last (same custom VJP)."""
     lay = varlen.layout(cu_seqlens, q.shape[1], chunk_size)
     # the layout's derivative by gathers (the chunk scan is a custom_vjp: no forward mode anyway)
-    qc, kc, vc, gc = (varlen.to_chunks(x, lay, gather_vjp=True) for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
+    qc, kc, vc, gc = (None if x is None else varlen.to_chunks(x, lay, gather_vjp=True)
+                      for x in (q, k, v, g))  # [Nc, 1, H, C, ...]
     emit = masking != "none"
     o, _, SF = _chunk_scan(qc, kc, vc, gc, jnp.zeros_like(h0[0])[None], h0[:, None],
                            (lay.first, lay.ends, lay.seq), masking == "causal", emit)
