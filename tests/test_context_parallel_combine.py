@@ -8,8 +8,8 @@ parameter; through ``sharded_mixer`` with T not a multiple of the devices (padde
 end); the combined form is really taken (``combine_reason`` is None) and the pipelined
 fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, a given
 cache, packed documents crossing devices) still equals one device. The default suite keeps
-one case (LaCT V2 with the window branch and a short conv whose halos span devices, and an
-unaligned Titans call that must fall back); the sweep over seq = 2, 4, 8 is ``@slow``.
+one case (LaCT V2 with the window branch and a short conv whose halos span devices); the
+sweep over seq = 2, 4, 8, Titans, the padded calls and the fallbacks are ``@slow``.
 """
 import textwrap
 
