@@ -54,6 +54,7 @@ from tttla_jax.nn.weights import (identity, jax_to_torch_linear, torch_linear_to
 from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
 from tttla_jax.ops.linear_attention import linear_attention, pallas_reason
 from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState
+from tttla_jax.rules.lact.muon import sqrt0
 from tttla_jax.rules.ladder import ANOMALIES, PRESETS, ladder
 
 #: Every preset name accepted by ``LaCTLayer(preset=...)``: the ladder (docs/ladder.md) and the
@@ -79,7 +80,8 @@ def _real(name: str, value, *, what: str = "a positive float") -> float:
 def _l2_norm(x: Array) -> Array:
     """``x / (‖x‖ + 1e-5)`` over the last axis (the reference's ``l2_norm``), in float32/64."""
     xf = x.astype(_checks.state_dtype(x))
-    return (xf / (jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True)) + _L2_EPS)).astype(x.dtype)
+    # sqrt0: an all-zero row (padding) has the finite gradient I / eps, not NaN
+    return (xf / (sqrt0(jnp.sum(xf * xf, axis=-1, keepdims=True)) + _L2_EPS)).astype(x.dtype)
 
 
 def _fast_weight_init(fan_in: int):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tttla_jax.rules.lact.muon import sqrt0
+
 #: The fast networks: ``f(x) = W1(silu(W0 x) ⊙ W2 x)`` or ``f(x) = W1 x``.
 FAST_NETS = ("swiglu", "linear")
 
@@ -30,7 +32,7 @@ WN_EPS = 1e-5  # weight norm: W / (‖W‖_row + 1e-5) · ‖W^(0)‖_row
 
 def row_norm(W):
     """``‖W‖_row`` over the last axis (the input dim), kept as a trailing axis of size 1."""
-    return jnp.sqrt(jnp.sum(W * W, axis=-1, keepdims=True))
+    return sqrt0(jnp.sum(W * W, axis=-1, keepdims=True))
 
 
 def features(Ws, x, fast_net):

@@ -25,6 +25,20 @@ NS5_COEFFS = (
 _NS_EPS = 1e-7  # X = G / (‖G‖_F + 1e-7)
 
 
+def sqrt0(ss):
+    """``sqrt(ss)`` of a sum of squares with the derivative 0 at ``ss = 0``, as the
+    reference's autograd gives for a norm of zeros: ``x / (‖x‖ + ε)`` of an all-zero ``x``
+    (a chunk of zero keys, padding) then has a finite gradient instead of ``0 · ∞ = NaN``."""
+    pos = ss > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
+
+
+def safe_den(nrm):
+    """``nrm`` where it is positive, 1 elsewhere: the divisor of the ``x (g·x) / ‖x‖`` term of a
+    normalisation's backward, which is 0 (not 0/0) when ``x = 0``."""
+    return jnp.where(nrm > 0, nrm, 1.0)
+
+
 def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... r c"]:
     """Muon orthogonalisation NS5 (docs/rules/lact.md step 5) over the last two axes.
 
@@ -43,7 +57,7 @@ def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... 
     if transposed:
         X = jnp.swapaxes(X, -1, -2)
     if dtype is None or jnp.dtype(dtype) == out_dtype:
-        X = X / (jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)) + _NS_EPS)
+        X = X / (sqrt0(jnp.sum(X * X, axis=(-2, -1), keepdims=True)) + _NS_EPS)
 
         def it(X, abc):  # one iteration; a lax.scan over the 5 coefficient rows keeps the graph small
             a, b, c = abc[0], abc[1], abc[2]
@@ -67,7 +81,7 @@ def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... 
             return r(jnp.einsum(eq, x.astype(lo), y.astype(lo), preferred_element_type=f32))
 
         X = r(X)
-        nrm = r(jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)))
+        nrm = r(sqrt0(jnp.sum(X * X, axis=(-2, -1), keepdims=True)))
         X = r(X / r(nrm + _NS_EPS))
         for a, b, c in NS5_COEFFS:
             # the coefficients stay float32 (PyTorch computes `scalar * bf16 tensor` in float32
@@ -98,7 +112,7 @@ def newton_schulz5_factored(P: Float[Array, "... r n"], Q: Float[Array, "... n c
         P, Q = jnp.swapaxes(Q, -1, -2), jnp.swapaxes(P, -1, -2)
     K = jnp.einsum("...ic,...jc->...ij", Q, Q)
     gram = lambda P: jnp.einsum("...ri,...rj->...ij", P, P)  # noqa: E731
-    nrm = jnp.sqrt(jnp.sum(K * gram(P), axis=(-2, -1), keepdims=True))
+    nrm = sqrt0(jnp.sum(K * gram(P), axis=(-2, -1), keepdims=True))
     P = P / (nrm + _NS_EPS)
     eye = jnp.eye(K.shape[-1], dtype=K.dtype)
 
@@ -165,7 +179,7 @@ def newton_schulz5_vjp(G: Float[Array, "... r c"], g: Float[Array, "... r c"], d
             return jnp.einsum(eq, x.astype(lo), y.astype(lo), preferred_element_type=f32)
         X = r(G)
         g = g.astype(f32)
-    nrm = r(jnp.sqrt(jnp.sum(X * X, axis=(-2, -1), keepdims=True)))
+    nrm = r(sqrt0(jnp.sum(X * X, axis=(-2, -1), keepdims=True)))
     den = r(nrm + _NS_EPS)
     X0 = r(X / den)
     trace = []
@@ -182,6 +196,6 @@ def newton_schulz5_vjp(G: Float[Array, "... r c"], g: Float[Array, "... r c"], d
         S = b * M + c * (MA + jnp.swapaxes(MA, -1, -2))
         g = a * g + bmm(Bm, g, "...ji,...jk->...ik") + bmm(S, Xj, "...ij,...jk->...ik")
     # X0 = X / (‖X‖ + ε)
-    gX = g / den - X * (jnp.sum(g * X, axis=(-2, -1), keepdims=True) / (den * den * nrm))
+    gX = g / den - X * (jnp.sum(g * X, axis=(-2, -1), keepdims=True) / (den * den * safe_den(nrm)))
     gX = gX.astype(out_dtype)
     return jnp.swapaxes(gX, -1, -2) if transposed else gX

@@ -35,7 +35,7 @@ from jax import lax
 
 from tttla_jax.ops.chunk import num_chunks, pad_time
 from tttla_jax.rules.lact.fastnet import WN_EPS
-from tttla_jax.rules.lact.muon import newton_schulz5, newton_schulz5_vjp
+from tttla_jax.rules.lact.muon import newton_schulz5, newton_schulz5_vjp, safe_den, sqrt0
 
 
 def supports(rule) -> bool:
@@ -101,7 +101,7 @@ def _rowsum(x):
 
 
 def _row_norm(W):
-    return jnp.sqrt(_rowsum(W * W))
+    return sqrt0(_rowsum(W * W))
 
 
 def _silu_parts(a):
@@ -242,7 +242,7 @@ def _post_norm_bwd(g, Wt, n):
     r = _row_norm(Wt)
     den = r + WN_EPS
     t = _rowsum(g * Wt)
-    return g * (n / den) - Wt * (t * n / (den * den * r)), t / den
+    return g * (n / den) - Wt * (t * n / (den * den * safe_den(r))), t / den
 
 
 def _chunk_bwd(rule, w, mom, Wt, P, norm, x, go, gw, gmom):
