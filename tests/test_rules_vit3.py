@@ -267,3 +267,28 @@ def test_numpy_and_jax_scalars_and_impl_protocol():
         assert rule.impls == ("recurrent", "chunked") and rule.parallel_impls() == ("chunked",)
         assert rule.resolve_impl() == "recurrent" and rule.has_reading()
         assert rule.linear_attention_reason() is not None
+
+
+def test_zero_keys_have_finite_gradients():
+    """All-zero keys make ViT³'s fast-weight gradient zero, the point where its normalisation
+    ``g / (‖g‖ + 1)`` has a norm of zeros: the gradients stay finite in every form (the
+    norm's derivative there is 0, as autograd gives the reference), and the forms agree."""
+    rng = np.random.default_rng(0)
+    B, N, H, K = 1, 4, 2, 3
+    q, v = (jnp.asarray(rng.normal(size=(B, N, H, K))) for _ in range(2))
+    k = jnp.zeros((B, N, H, K))
+    W1, W2 = (jnp.asarray(rng.normal(size=(H, K, K))) for _ in range(2))
+    grads = []
+    for impl in ("recurrent", "chunked"):
+        f = lambda q, k, v, W1, W2, impl=impl: weighted_sum(vit3_glu(q, k, v, W1=W1, W2=W2, impl=impl)[0])
+        g = jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, W1, W2)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves(g)), impl
+        grads.append(g)
+    close(grads[0], grads[1], 1e-10, "glu zero-key gradients")
+    C = 2
+    qc, vc = (jnp.asarray(rng.normal(size=(B, 4, C))) for _ in range(2))
+    W = jnp.asarray(rng.normal(size=(3, 3, C)))
+    for impl in ("recurrent", "chunked"):
+        f = lambda q, k, v, W, impl=impl: weighted_sum(vit3_conv(q, k, v, W=W, grid=(2, 2), impl=impl)[0])
+        g = jax.grad(f, argnums=(0, 1, 2, 3))(qc, jnp.zeros((B, 4, C)), vc, W)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves(g)), impl

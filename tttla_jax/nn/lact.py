@@ -54,7 +54,7 @@ from tttla_jax.nn.weights import (identity, jax_to_torch_linear, torch_linear_to
 from tttla_jax.ops.chunk import chunk_layout, unchunk_layout
 from tttla_jax.ops.linear_attention import linear_attention, pallas_reason
 from tttla_jax.rules.lact import WEIGHT_NORMS, LaCTState
-from tttla_jax.rules.lact.muon import sqrt0
+from tttla_jax.rules._numerics import sqrt0
 from tttla_jax.rules.ladder import ANOMALIES, PRESETS, ladder
 
 #: Every preset name accepted by ``LaCTLayer(preset=...)``: the ladder (docs/ladder.md) and the

@@ -48,6 +48,7 @@ from tttla_jax import _checks
 from tttla_jax import impl as _impl
 from tttla_jax.ops.linear_attention import linear_attention
 from tttla_jax.reduce import Reading
+from tttla_jax.rules._numerics import sqrt0
 from tttla_jax.rules.base import Rule, register
 
 SCALE = 9 ** -0.5
@@ -60,12 +61,12 @@ def _silu_grad(z):
 
 
 def _normalize(g, axis):
-    return g / (jnp.sqrt(jnp.sum(g * g, axis=axis, keepdims=True)) + 1.0)
+    return g / (sqrt0(jnp.sum(g * g, axis=axis, keepdims=True)) + 1.0)
 
 
 def _normalized(g, axis):
     """``(g / (‖g‖_axis + 1), 1 / (‖g‖_axis + 1))``: ViT³'s gradient normalisation and its factor."""
-    c = 1.0 / (jnp.sqrt(jnp.sum(g * g, axis=axis, keepdims=True)) + 1.0)
+    c = 1.0 / (sqrt0(jnp.sum(g * g, axis=axis, keepdims=True)) + 1.0)
     return g * c, c
 
 
@@ -178,7 +179,7 @@ class ViT3GLURule(_ViT3Base):
         vhat = self.lr * (self.scale / N) * vf * phi_k
         if self.normalize:
             raw = jnp.einsum("bnhk,bnhv->bhkv", kf, -(self.scale / N) * vf * phi_k)
-            c = 1.0 / (jnp.sqrt(jnp.sum(raw * raw, axis=-2)) + 1.0)  # [B, H, V]
+            c = 1.0 / (sqrt0(jnp.sum(raw * raw, axis=-2)) + 1.0)  # [B, H, V]
             vhat = vhat * c[:, None]
         W2n = W2f[None] - self.lr * g2 if self.update_W2 else jnp.broadcast_to(W2f, g2.shape)
         S0 = jnp.broadcast_to(W1f, (B, H, K, V))
@@ -336,7 +337,7 @@ class ViT3ConvRule(_ViT3Base):
         if self.normalize:  # c = 1 / (‖g‖_taps + 1) per (batch, channel)
             raw = jnp.stack([jnp.sum(_shift(kg, a, b) * -(self.scale / N) * vg, axis=(1, 2))
                              for a, b in OFFSETS], 1)
-            vhat = vhat / (jnp.sqrt(jnp.sum(raw * raw, axis=1)) + 1.0)[:, None, None]
+            vhat = vhat / (sqrt0(jnp.sum(raw * raw, axis=1)) + 1.0)[:, None, None]
         tok = lambda x: x.reshape(B, N, C, 1)
         o, Wn = 0.0, []
         for i, (a, b) in enumerate(OFFSETS):

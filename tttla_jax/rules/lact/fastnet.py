@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tttla_jax.rules.lact.muon import sqrt0
+from tttla_jax.rules._numerics import sqrt0
 
 #: The fast networks: ``f(x) = W1(silu(W0 x) ⊙ W2 x)`` or ``f(x) = W1 x``.
 FAST_NETS = ("swiglu", "linear")

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
+from tttla_jax.rules._numerics import safe_den, sqrt0
+
 #: (a, b, c) of the five Newton–Schulz iterations (the reference's coefficients).
 NS5_COEFFS = (
     (4.0848, -6.8946, 2.9270),
@@ -23,20 +25,6 @@ NS5_COEFFS = (
 )
 
 _NS_EPS = 1e-7  # X = G / (‖G‖_F + 1e-7)
-
-
-def sqrt0(ss):
-    """``sqrt(ss)`` of a sum of squares with the derivative 0 at ``ss = 0``, as the
-    reference's autograd gives for a norm of zeros: ``x / (‖x‖ + ε)`` of an all-zero ``x``
-    (a chunk of zero keys, padding) then has a finite gradient instead of ``0 · ∞ = NaN``."""
-    pos = ss > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
-
-
-def safe_den(nrm):
-    """``nrm`` where it is positive, 1 elsewhere: the divisor of the ``x (g·x) / ‖x‖`` term of a
-    normalisation's backward, which is 0 (not 0/0) when ``x = 0``."""
-    return jnp.where(nrm > 0, nrm, 1.0)
 
 
 def newton_schulz5(G: Float[Array, "... r c"], dtype=None) -> Float[Array, "... r c"]:

@@ -35,7 +35,8 @@ from jax import lax
 
 from tttla_jax.ops.chunk import num_chunks, pad_time
 from tttla_jax.rules.lact.fastnet import WN_EPS
-from tttla_jax.rules.lact.muon import newton_schulz5, newton_schulz5_vjp, safe_den, sqrt0
+from tttla_jax.rules._numerics import safe_den, sqrt0
+from tttla_jax.rules.lact.muon import newton_schulz5, newton_schulz5_vjp
 
 
 def supports(rule) -> bool:
