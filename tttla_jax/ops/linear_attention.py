@@ -75,9 +75,6 @@ MASKINGS = ("causal", "chunk", "none")
 #: Implementations of :func:`linear_attention`, in ``impl="auto"`` preference order.
 IMPLS = ("pallas", "chunked", "recurrent", "associative")
 
-# (B, H) pairs batched per step of the chunked form's chunk scan (see _chunked).
-_PAIRS_PER_SCAN = 8
-
 # Tokens per rematerialised block of the token scan: the backward pass of the
 # recurrent form stores one state per block instead of one per token.
 _REMAT_BLOCK = 128
@@ -356,8 +353,6 @@ def _chunked(q, k, v, g, S0, masking, chunk_size):
     only the state before each chunk and recomputes the intra-chunk products.
     ``g=None`` (no decay): the same scan without any decay term (a causal mask instead of
     ``D``, no exponentials, no log-decay gradient).
-    Without differentiation the (B, H) pairs are processed in groups of at most
-    :data:`_PAIRS_PER_SCAN` (:func:`_grouped_chunk_scan`).
     """
     T = q.shape[1]
     C = min(chunk_size, T) if masking != "chunk" else chunk_size
@@ -367,31 +362,6 @@ def _chunked(q, k, v, g, S0, masking, chunk_size):
         return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
     o, S_final = _chunk_scan(*xs, S0, None, None, masking == "causal", True)
     return from_scan_layout(o, T), S_final
-
-
-def _grouped_chunk_scan(q, k, v, g, S0, intra, emit):
-    """The primal of :func:`_chunk_scan` without packed sequences: the (B, H) pairs in groups
-    of at most :data:`_PAIRS_PER_SCAN`, a ``lax.map`` over groups around the chunk scan. Per
-    step a batched dot of 8 pairs' 64×64 blocks ran ~20 % faster per pair than one of 16 on
-    this CPU (cache; in process CPU time as well as wall time; B=4, T=2048, H=4, K=V=64).
-    Differentiation uses the ungrouped scan (:func:`_chunk_scan_fwd`): grouping under
-    autodiff of the ``lax.map`` was slower."""
-    N, B, H = q.shape[:3]
-    P = B * H
-    pg = max(d for d in range(1, min(P, _PAIRS_PER_SCAN) + 1) if P % d == 0)  # pairs per group
-    if pg == P:
-        return _chunk_scan_fwd(q, k, v, g, S0, None, None, intra, emit)[0]
-    ng = P // pg
-    grp = lambda x: jnp.moveaxis(x.reshape((N, ng, 1, pg) + x.shape[3:]), 1, 0)  # noqa: E731
-    xg = tuple(None if x is None else grp(x) for x in (q, k, v, g))  # [ng, N, 1, pg, C, ...]
-
-    def one(a):
-        return _chunk_scan_fwd(*a, None, None, intra, emit)[0]
-
-    o, S_final = lax.map(one, xg + (S0.reshape((ng, 1, pg) + S0.shape[2:]),))
-    if emit:  # [ng, N, 1, pg, C, V] -> [N, B, H, C, V]
-        o = jnp.moveaxis(o, 0, 1).reshape((N, B, H) + o.shape[-2:])
-    return o, S_final.reshape(S0.shape)
 
 
 def _chunk_fwd_step(S, x, intra, emit):
@@ -430,8 +400,6 @@ def _chunk_scan(q, k, v, g, S0, h0, marks, intra, emit):
     Returns ``(o [N, B, H, C, V] or None, S_final)``, plus the final states
     ``[Ns, B, H, K, V]`` with ``marks``.
     """
-    if marks is None:
-        return _grouped_chunk_scan(q, k, v, g, S0, intra, emit)
     out, _ = _chunk_scan_fwd(q, k, v, g, S0, h0, marks, intra, emit)
     return out
 
