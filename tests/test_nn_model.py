@@ -73,6 +73,7 @@ def run(impl, remat):
     return f(params)
 
 
+@pytest.mark.slow  # 21 s; every mixer's forms are compared in its own test file
 def test_recurrent_and_chunked_lm_agree_with_remat():
     l0, c0, g0, _, _ = run("recurrent", False)
     l1, c1, g1, _, _ = run("chunked", True)

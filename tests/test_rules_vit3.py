@@ -281,7 +281,7 @@ def test_zero_keys_have_finite_gradients():
     grads = []
     for impl in ("recurrent", "chunked"):
         f = lambda q, k, v, W1, W2, impl=impl: weighted_sum(vit3_glu(q, k, v, W1=W1, W2=W2, impl=impl)[0])
-        g = jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, W1, W2)
+        g = fast_jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(q, k, v, W1, W2)
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves(g)), impl
         grads.append(g)
     close(grads[0], grads[1], 1e-10, "glu zero-key gradients")
@@ -290,5 +290,5 @@ def test_zero_keys_have_finite_gradients():
     W = jnp.asarray(rng.normal(size=(3, 3, C)))
     for impl in ("recurrent", "chunked"):
         f = lambda q, k, v, W, impl=impl: weighted_sum(vit3_conv(q, k, v, W=W, grid=(2, 2), impl=impl)[0])
-        g = jax.grad(f, argnums=(0, 1, 2, 3))(qc, jnp.zeros((B, 4, C)), vc, W)
+        g = fast_jit(jax.grad(f, argnums=(0, 1, 2, 3)))(qc, jnp.zeros((B, 4, C)), vc, W)
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves(g)), impl

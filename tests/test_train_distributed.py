@@ -79,9 +79,16 @@ SINGLE_PROCESS = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     """1-device and 2x2-mesh runs (and resumes) in one 4-device subprocess."""
-    root = tmp_path_factory.mktemp("dist")
-    p = subprocess.run([sys.executable, "-c", SINGLE_PROCESS, json.dumps(TINY), str(root)],
-                       cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
+    # XLA:CPU runs the 4 forced devices' programs on a shared thread pool; on a loaded 2-core
+    # host an in-process all-reduce was seen to stall once ("Expected 2 threads to join the
+    # rendezvous", abort after 40 s) in a full-suite run, and to pass when re-run alone. Such a
+    # runtime stall is retried once in a fresh directory; any other failure is not.
+    for attempt in range(2):
+        root = tmp_path_factory.mktemp("dist")
+        p = subprocess.run([sys.executable, "-c", SINGLE_PROCESS, json.dumps(TINY), str(root)],
+                           cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
+        if p.returncode == 0 or "to join the rendezvous" not in p.stderr:
+            break
     assert p.returncode == 0, p.stderr[-4000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][-1]
     return root, json.loads(line[len("RESULT"):])

@@ -141,6 +141,7 @@ def test_initial_state_per_sequence_and_pallas_are_checked():
         tt.linear_attention(x["q"], x["k"], x["v"], cu_seqlens=cu, impl="pallas")
 
 
+@pytest.mark.slow  # 14 s; packed rows under vmap are also trained in tests/test_packed_model.py
 def test_vmap_over_rows_each_with_its_own_packing():
     """A [B, T] batch of packed rows: vmap over rows, each with its own cu_seqlens (same N)."""
     cu1, x = _packed(seed=1)
