@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,10 +21,30 @@ def device_env(devices):
     return env
 
 
+#: Defined for every check script: ``diff`` (float64 max |a − b| over two trees with the same
+#: leaves) and ``weights`` (a deterministic dense array weighting a loss).
+CHECK_HELPERS = textwrap.dedent('''
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def diff(a, b):
+        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+        assert len(la) == len(lb), (len(la), len(lb))
+        return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float64) - jnp.asarray(y, jnp.float64))))
+                   for x, y in zip(la, lb))
+
+    def weights(shape, seed=3):
+        return jnp.cos(jnp.arange(int(np.prod(shape)), dtype=jnp.float64) * 0.7 + seed).reshape(shape)
+''')
+
+
 def run_checks(script, cases, devices=8, timeout=3000):
-    """Run ``script`` (``python -c``) with the JSON ``cases`` as its argument; return the JSON
-    of its last ``RESULT`` line, failing with its stderr if it exits non-zero."""
-    p = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=REPO, env=device_env(devices),
+    """Run :data:`CHECK_HELPERS` + ``script`` (``python -c``) with the JSON ``cases`` as its
+    argument; return the JSON of its last ``RESULT`` line, failing with its stderr if it exits
+    non-zero."""
+    p = subprocess.run([sys.executable, "-c", CHECK_HELPERS + script, json.dumps(cases)], cwd=REPO,
+                       env=device_env(devices),
                        capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-6000:]
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][-1]

@@ -44,13 +44,7 @@ CHECKS = textwrap.dedent('''
         devs = np.asarray(jax.devices()[: data * seq]).reshape(data, seq)
         return Mesh(devs, ("data", "seq"))
 
-    def diff(a, b):
-        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-        assert len(la) == len(lb), (len(la), len(lb))
-        return max(float(jnp.max(jnp.abs(jnp.asarray(x, F64) - jnp.asarray(y, F64)))) for x, y in zip(la, lb))
-
-    def weights(shape, seed=3):
-        return jnp.cos(jnp.arange(int(np.prod(shape)), dtype=F64) * 0.7 + seed).reshape(shape)
+    # diff(a, b), weights(shape, seed): tests/_devices.py CHECK_HELPERS
 
     def cache_sum(c):
         return sum(jnp.sum(v * weights(v.shape, 5)) for v in jax.tree.leaves(c) if jnp.issubdtype(v.dtype, jnp.floating))
