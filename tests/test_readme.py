@@ -9,6 +9,7 @@ import tomllib
 import unittest
 
 import jax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS_REF = re.compile(r"docs/[\w/]+\.md")
@@ -35,33 +36,37 @@ def readme_python_blocks():
     return blocks
 
 
-def test_readme_python_blocks_run(capsys):
-    """Every ```python block of the README runs as written (each in a fresh namespace, with
-    jax's default 32-bit types unless the block enables 64-bit ones);
-    a block defining ``unittest.TestCase`` classes also has its tests run and passing.
-    Exempt blocks (which need a trained run) must still compile, and stay rare."""
+def test_readme_python_blocks_are_found_and_rarely_exempt():
+    """The README has its python examples, and a block is exempt from running only with a
+    stated reason (a block that needs a trained run); exempt blocks must still compile."""
     blocks = readme_python_blocks()
     assert len(blocks) >= 4, f"expected the README's python examples, found {len(blocks)}"
     exempt = [(line, why) for line, _, why in blocks if why is not None]
     assert len(exempt) <= 1 and all(why.strip() for _, why in exempt), exempt
-    for n, (line, code, why) in enumerate(blocks):
-        compiled = compile(code, f"README.md:{line}", "exec")
-        if why is not None:
-            continue
-        ns = {"__name__": f"readme_block_{n}"}
-        # as in a fresh process (64-bit types off), unless the block turns them on itself
-        with contextlib.nullcontext() if "jax_enable_x64" in code else jax.enable_x64(False):
-            exec(compiled, ns)
-        cases = [v for v in ns.values() if isinstance(v, type)
-                 and issubclass(v, unittest.TestCase) and v.__module__ == ns["__name__"]]
-        for case in cases:
-            result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(
-                unittest.defaultTestLoader.loadTestsFromTestCase(case))
-            assert result.testsRun > 0 and result.wasSuccessful(), (
-                f"README.md:{line} {case.__name__}: {result.failures + result.errors}")
-        if n == 0:  # the quickstart prints both comparisons
-            out = capsys.readouterr().out
-            assert "chunked vs recurrent:" in out and "equivalence vs 'recurrent'" in out
+    for line, code, _ in blocks:
+        compile(code, f"README.md:{line}", "exec")
+
+
+@pytest.mark.parametrize("line, code", [pytest.param(line, code, id=f"README.md:{line}")
+                                        for line, code, why in readme_python_blocks() if why is None])
+def test_readme_python_block_runs(line, code, capsys):
+    """Every non-exempt ```python block of the README runs as written (each in a fresh namespace,
+    with jax's default 32-bit types unless the block enables 64-bit ones); a block defining
+    ``unittest.TestCase`` classes also has its tests run and passing."""
+    ns = {"__name__": f"readme_block_{line}"}
+    # as in a fresh process (64-bit types off), unless the block turns them on itself
+    with contextlib.nullcontext() if "jax_enable_x64" in code else jax.enable_x64(False):
+        exec(compile(code, f"README.md:{line}", "exec"), ns)
+    cases = [v for v in ns.values() if isinstance(v, type)
+             and issubclass(v, unittest.TestCase) and v.__module__ == ns["__name__"]]
+    for case in cases:
+        result = unittest.TextTestRunner(stream=io.StringIO(), verbosity=0).run(
+            unittest.defaultTestLoader.loadTestsFromTestCase(case))
+        assert result.testsRun > 0 and result.wasSuccessful(), (
+            f"README.md:{line} {case.__name__}: {result.failures + result.errors}")
+    if line == readme_python_blocks()[0][0]:  # the quickstart prints both comparisons
+        out = capsys.readouterr().out
+        assert "chunked vs recurrent:" in out and "equivalence vs 'recurrent'" in out
 
 
 def _package_dirs():
@@ -137,15 +142,23 @@ def test_every_source_folder_is_packaged():
     assert "train" not in listed, "train must be installed as tttla_jax.train, not top level"
 
 
-def test_docs_python_blocks_run():
-    """Every ```python block of docs/ runs as written (each page's blocks in one namespace)."""
-    ran = 0
-    for md in sorted((ROOT / "docs").rglob("*.md")):
-        ns = {}
-        for i, block in enumerate(re.findall(r"```python\n(.*?)```", md.read_text(), flags=re.S)):
-            exec(compile(block, f"{md.relative_to(ROOT)}:block{i}", "exec"), ns)
-            ran += 1
-    assert ran >= 2, f"expected runnable examples in docs/, ran {ran}"
+def _docs_pages_with_python():
+    return [md for md in sorted((ROOT / "docs").rglob("*.md")) if "```python\n" in md.read_text()]
+
+
+def test_docs_have_python_examples():
+    blocks = sum(len(re.findall(r"```python\n(.*?)```", md.read_text(), flags=re.S))
+                 for md in _docs_pages_with_python())
+    assert blocks >= 2, f"expected runnable examples in docs/, found {blocks}"
+
+
+@pytest.mark.parametrize("md", [pytest.param(md, id=str(md.relative_to(ROOT)))
+                                for md in _docs_pages_with_python()])
+def test_docs_python_blocks_run(md):
+    """Every ```python block of a docs/ page runs as written (a page's blocks in one namespace)."""
+    ns = {}
+    for i, block in enumerate(re.findall(r"```python\n(.*?)```", md.read_text(), flags=re.S)):
+        exec(compile(block, f"{md.relative_to(ROOT)}:block{i}", "exec"), ns)
 
 
 def test_repository_paths_named_in_readme_and_docs_exist():
