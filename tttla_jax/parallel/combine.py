@@ -23,7 +23,11 @@ transform ``(Π ᾱ, M from 0)`` combines like decayed linear attention's; every
 ``U_i = NS5(M_i)`` (or ``M_i`` without Muon) then follows from the exact incoming ``M``, and
 ``W1`` entering device ``p`` is ``W1_0 + Σ_{q<p} Σ_{i∈q} U_i`` (an exclusive sum over the
 gathered device sums). Muon is nonlinear, but it acts on each chunk's momentum *after* the
-linear scan, so only the sum is combined (the paper's parallel form, across devices).
+linear scan, so only the sum is combined (the paper's parallel form, across devices). For
+LaCT steps 1–3 are one pass: the rule's associative parallel form with a device ``carry``
+(:func:`tttla_jax.rules.lact.parallel.parallel_form`) computes the momentum transform, takes
+the incoming momentum from the combine, runs every chunk's ``NS5`` once, takes the incoming
+``W1`` from the exclusive sum of the device sums and reads — nothing is computed twice.
 
 Titans, linear memory: for ``(S, M)`` the whole rule — TTT batches included, ``W_ref`` being
 the memory at each batch start — is affine in the incoming state with ``K × K`` matrix
@@ -37,7 +41,7 @@ When the combined form applies (:func:`combine_reason` is ``None``): a fresh seq
 (``cache=None``, the training path), no packed documents, and the slice aligned to the
 layer's segments (LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of ``batch_size``).
 Otherwise the layer runs pipelined. Gradients: plain autodiff through the collectives
-(``all_gather``), the combine (step 1–2) rematerialised in the backward pass.
+(``all_gather``); Titans' transform (step 1–2) is rematerialised in the backward pass.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ from jax import lax
 
 from tttla_jax.parallel import context as _ctx
 from tttla_jax.parallel.ops import _carry_in, _compose
+from tttla_jax.rules.lact.parallel import parallel_form
 
 
 def _kind(mixer) -> Optional[str]:
@@ -145,36 +150,27 @@ def _exclusive_sum(d, axis):
 
 # ---------------------------------------------------------------------------------- LaCT
 
-def _lact_state_in(rule, fq, fk, fv, lr, m, st0, axis):
-    """LaCT (V2–V6): the fast-weight state entering this device — ``W1`` after every chunk of
-    the earlier devices and the momentum (module doc)."""
-    from tttla_jax.rules.lact.fastnet import features
-    from tttla_jax.rules.lact.muon import newton_schulz5
-    xin = rule.prepare(fq, fk, fv, lr, st0, m)
-    B, L = fk.shape[:2]
-    C = rule.chunk_size
-    n = L // C
-    sign = 1.0 if rule.ascent else -1.0
-    heads = lambda a: jnp.moveaxis(a, 1, 2)                      # noqa: E731  [B, T, H, ·] -> [B, H, T, ·]
-    pk = heads(xin.lrs[1]) * features(xin.state.w, heads(xin.k), rule.fast_net)   # [B, H, T, dh]
-    sv = sign * heads(xin.v)                                      # [B, H, T, dv]
-    H = pk.shape[1]
-    G = jnp.einsum("bhncv,bhncd->nbhvd", sv.reshape(B, H, n, C, -1), pk.reshape(B, H, n, C, -1))
-    mom = xin.state.mom
-    if rule.use_momentum:
-        abar = jnp.moveaxis(xin.chunk_momentum, 2, 0)             # [n, B, H]
-        A, X = lax.associative_scan(_compose(False), (abar, G), axis=0)   # M_i from a zero start
-        # the momentum entering this device (a fresh sequence starts from zero momentum)
-        M_in = _carry_in(A[-1], X[-1], axis, lax.axis_index(axis), matrix=False)
-        Ms = A[..., None, None] * M_in + X                         # [n, B, H, dv, dh]
-        mom = (None, M_in.astype(mom[1].dtype), None)
-    else:
-        Ms = G
-    md = None if rule.muon_dtype is None else jnp.dtype(rule.muon_dtype)
-    U = newton_schulz5(Ms, md) if rule.muon else Ms
-    w = list(xin.state.w)
-    w[1] = w[1] + _exclusive_sum(jnp.sum(U, axis=0), axis)       # W1_0 + Σ over earlier devices
-    return xin.state._replace(w=tuple(w), mom=mom)
+def _lact_carry(xin, axis):
+    """LaCT (V2–V6): the ``carry`` of :func:`tttla_jax.rules.lact.parallel.parallel_form` on
+    this device — the momentum entering it (the momentum transforms ``M ↦ ᾱ M + X`` of the
+    earlier devices composed over the device axis, applied to the start momentum) and the W1
+    entering it (the start W1 plus the earlier devices' summed chunk updates)."""
+    p = lax.axis_index(axis)
+    st = xin.state
+
+    def momentum_in(A, X):
+        M0 = st.mom[1]
+        Ag, Xg = lax.all_gather((A, X), axis)                     # [P, B, H], [P, B, H, dv, dh]
+        Ac, Xc = lax.associative_scan(_compose(False), (Ag, Xg), axis=0)
+        i = jnp.maximum(p - 1, 0)
+        a = lax.dynamic_index_in_dim(Ac, i, 0, keepdims=False)
+        x = lax.dynamic_index_in_dim(Xc, i, 0, keepdims=False)
+        return jnp.where(p > 0, a[..., None, None] * M0 + x, M0)
+
+    def w1_in(U_sum):
+        return st.w[1] + _exclusive_sum(U_sum, axis)
+
+    return momentum_in, w1_in
 
 
 def _lact_apply(mixer, x, positions, c0, axis):
@@ -188,13 +184,12 @@ def _lact_apply(mixer, x, positions, c0, axis):
     conv_cache = {}
     fq, fk, fv, lr, m, attn = mixer._project(x, positions, c0, conv_cache, None)  # conv: halo-aware here
     st0 = rule.init_state(*mixer._fast_params(), B)
-    st_in = jax.checkpoint(lambda *a: _lact_state_in(rule, *a, axis))(fq, fk, fv, lr, m, st0)
-    impl = mixer.resolved_impl
-    if impl == "recurrent":
-        o, st = rule.recurrent(fq, fk, fv, lr, st_in, momentum=m, output_final_state=True)
-    else:
-        o, st = rule.parallel(fq, fk, fv, lr, st_in, momentum=m, output_final_state=True,
-                              impl=impl if impl in ("chunked", "associative") else "chunked")
+    # the rule's associative parallel form with the device carry: every chunk's NS5 once
+    xin = rule.prepare(fq, fk, fv, lr, st0, m)
+    o, w1, mom1 = parallel_form(rule, xin, "associative", carry=_lact_carry(xin, axis))
+    s0 = xin.state
+    st = s0._replace(w=(s0.w[0], w1, s0.w[2]),
+                     mom=(None, mom1, None) if rule.use_momentum else s0.mom)
     # as the layer's fresh call: the state before the last chunk, that chunk buffered
     last = lambda a: None if a is None else a[:, L - C:]          # noqa: E731
     cache = {**mixer._state_to_cache(st), **mixer._buffers(last(fk), last(fv), last(lr), last(m)),

@@ -49,9 +49,18 @@ def unscan_layout(x, T):
     return jnp.moveaxis(x, (0, 2), (1, 3)).reshape((B, N * C, H) + x.shape[4:])[:, :T]
 
 
-def parallel_form(rule, x, impl: str):
+def parallel_form(rule, x, impl: str, carry=None):
     """The parallel form of ``rule`` (an associative :class:`LaCTRule`) on prepared inputs
     ``x`` (:meth:`LaCTRule.prepare`) in layout ``impl`` (``"chunked"`` | ``"associative"``).
+
+    ``carry`` (sequence parallelism, :mod:`tttla_jax.parallel.combine`; apply-then-update,
+    ``impl="associative"``, ``T`` a multiple of the chunk): a pair of functions
+    ``(momentum_in, w1_in)``. This slice is then a middle piece of a longer sequence: its last
+    chunk updates too (for the pieces after it), the momentum entering it is
+    ``momentum_in(A, X)`` with ``(A, X)`` the slice's momentum transform from zero
+    (``M ↦ A M + X`` over all its chunks) and the W1 entering it is ``w1_in(Σ_i U_i)`` with
+    the slice's own chunk updates — so every chunk's ``NS5`` runs once. The returned W1 and
+    momentum are still those before the last chunk.
 
     Returns ``(o, w1, mom1)``: ``o [B, T, H, dv]`` in the computation dtype, the final W1
     ``[B, H, dv, dh]`` and the final W1 momentum buffer (``None`` without momentum).
@@ -65,13 +74,18 @@ def parallel_form(rule, x, impl: str):
     sign = 1.0 if rule.ascent else -1.0
     apply_first = rule.order == "apply_then_update"
     n_upd = N - 1 if apply_first else N  # updating chunks (the last one only reads in apply-then-update)
+    if carry is not None:
+        if not (apply_first and impl == "associative" and T == N * C):
+            raise ValueError("carry: needs order='apply_then_update', impl='associative' and T a multiple of "
+                             f"chunk_size, got order={rule.order!r}, impl={impl!r}, T={T}, chunk_size={C}")
+        n_upd = N  # the slice's last chunk updates the state handed to the next slice
     lay = lambda a: scan_layout(a, C, N)  # noqa: E731  [B, T, H, ...] -> [N, B, H, C, ...]
     phi = lambda a: features(st.w, a, net)  # noqa: E731  φ with the static W0, W2 (identity if linear)
     read = lambda a, S: jnp.einsum("bhcd,bhvd->bhcv", phi(a), S)  # noqa: E731
     use_mom = rule.use_momentum
     M0 = st.mom[1] if use_mom else None
     qs = lay(q)                                               # [N, B, H, C, dk]
-    if n_upd == 0:
+    if n_upd == 0 and carry is None:
         return unscan_layout(read(qs[0], W1_0)[None], T), W1_0, M0
     ks, l1s, sv = lay(k)[:n_upd], lay(lrs[1])[:n_upd], sign * lay(v)[:n_upd]  # lr1 is 0 on padding
     abar = jnp.moveaxis(x.chunk_momentum, 2, 0)[:n_upd]      # [n, B, H] chunk means ᾱ_i
@@ -118,6 +132,8 @@ def parallel_form(rule, x, impl: str):
                 return a1 * a2, a2[..., None, None] * X1 + X2
 
             A, X = lax.associative_scan(combine, (abar, G))
+            if carry is not None:
+                M0 = carry[0](A[-1], X[-1])
             Ms = A[..., None, None] * M0 + X
         else:
             Ms = G
@@ -125,10 +141,15 @@ def parallel_form(rule, x, impl: str):
             U = muon.newton_schulz5_factored(sw(sv), pk)
         else:
             U = muon.newton_schulz5(Ms, md) if ns else Ms
+        if carry is not None:
+            W1_0 = carry[1](jnp.sum(U, axis=0))
         S_incl = W1_0 + jnp.cumsum(U, axis=0)                   # S after chunk i's update
         M_last, new_w1 = (None if Ms is None else Ms[-1]), S_incl[-1]
         S_read = jnp.concatenate([W1_0[None], S_incl[:-1]], axis=0) if apply_first else S_incl
         o = jnp.einsum("nbhcd,nbhvd->nbhcv", phi_all(qs[:n_upd]), S_read)
+        if carry is not None:  # the state before the last chunk, as without carry
+            M_last = None if Ms is None else (Ms[-2] if N > 1 else M0)
+            return unscan_layout(o, T), S_read[-1], (M_last if use_mom else None)
     else:  # pragma: no cover - LaCTRule.parallel validates impl
         raise ValueError(f"impl: got {impl!r}, expected 'chunked' or 'associative'")
     if apply_first:  # the last chunk only reads
