@@ -509,8 +509,16 @@ def delta_rule(
             S, acc = lax.fori_loop(1, nb, body, (S, acc))
         return S, acc
 
+    state_only = cu_seqlens is None and (log_decay is None or log_decay.ndim == 3)
+
     def transform(xs, h0m, lay):
         # A = Φ and B = the V columns of the state leaving the device (its last document)
+        if state_only:  # the chunk maps alone (no outputs, the V columns unwidened)
+            _, k_, v_, b_, g_, _ = xs
+            eye = jnp.broadcast_to(jnp.eye(K, dtype=sd), h0m.shape[:2] + (K, K))
+            phi0 = jnp.where(_bcast(lay.span, 4), eye, 0.0) + _varying_zero(k_)
+            SFw = _delta_state_pass(k_, v_, b_, g_, jnp.concatenate([h0m, phi0], axis=-1), chunk_size)
+            return SFw[..., V:], SFw[..., :V], h0m
         SFw, _ = widened(xs, h0m, lay)
         last = lay.last(SFw)
         return last[..., V:], last[..., :V], h0m
@@ -518,6 +526,10 @@ def delta_rule(
     def local_cot(xs, h0m, dO, dSF, lay):
         # o_t ∋ (q̃_t Φ_t) c, S_n ∋ Φ_n c (Φ = 0 for documents starting here): the block-wise
         # pass again on the K columns only (nothing token-sized is stored between the passes)
+        if state_only:  # one reverse pass over the chunk maps from dSF (Φ_Lᵀ dSF included)
+            q_, k_, _, b_, g_, s_ = xs
+            X = _delta_cot_pass(q_ * s_, k_, b_, g_, dO.astype(sd), dSF, chunk_size)
+            return jnp.where(_bcast(lay.span, 4), X, 0.0)
         phi, dcl = widened(xs, h0m, lay, dO)
         return dcl + lay.to_carry(jnp.einsum("nhkj,nhkv->nhjv", phi, dSF))
 
@@ -525,6 +537,89 @@ def delta_rule(
     o, SF = core((qf, kf, vf, bf, g, sc), lay.h0m(h0 + _varying_zero(qf)), lay)
     S = _final_states(SF, lay.owns, h0, lay.nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
+
+
+# state-only passes of the (gated) delta rule (unpacked slices, one log-decay per head): the
+# chunk maps S ↦ M_n S + D_n of the WY / UT form (tttla_jax.ops.chunk.delta_chunk_group),
+# without the outputs. Groups of _STATE_GROUP chunks are batched (a scan over groups).
+_STATE_GROUP = 8
+
+
+def _delta_chunk_maps(q, k, v, beta, g, C):
+    """One group of chunks ``[B, H, G, C, ·]`` (``q`` scaled or ``None``, ``v`` or ``None``,
+    ``g`` ``[B, H, G, C]`` or ``None``): ``(M [B, H, G, K, K], D [B, H, G, K, V] or None,
+    Qt [B, H, G, C, K] or None)`` with ``M = e^{b_C} I − K̃ᵀ W_k``, ``D = K̃ᵀ W_v`` and
+    ``Qt = e^b Q − P W_k`` (the chunk's outputs are ``Qt S + P W_v``), as in
+    :func:`tttla_jax.ops.chunk.delta_chunk_group`."""
+    from tttla_jax.ops import chunk as ck
+    K = k.shape[-1]
+    bc = beta[..., None]
+    kT = jnp.swapaxes(k, -1, -2)
+    KK = jnp.matmul(k, kT)
+    incl, strict = ck.lower_mask(C), ck.lower_mask(C, strict=True)
+    eye = jnp.eye(K, dtype=k.dtype)
+    if g is None:
+        A = jnp.where(strict, KK, 0.0) * bc
+        rhs_k, Kt, eye_decay, same, E, gam = bc * k, k, eye, incl, None, None
+    else:
+        c, sg = ck.segment_cumsum(g, by_matmul=True)
+        same, gamma, lam, Gam = ck.segment_decays(c, sg)
+        E = ck.masked_decay(c[..., :, None], c[..., None, :], same, zero_outside=False)
+        A = jnp.where(strict & same, KK * E, 0.0) * bc
+        gam = gamma[..., None]
+        rhs_k, Kt, eye_decay = (bc * gam) * k, lam[..., None] * k, Gam[..., None, None] * eye
+    Tinv = ck.unit_lower_inverse(A)
+    Wk = jnp.matmul(Tinv, rhs_k)
+    M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
+    D = None if v is None else jnp.einsum("bhnck,bhncv->bhnkv", Kt, jnp.matmul(Tinv, bc * v))
+    Qt = None
+    if q is not None:
+        QK = jnp.matmul(q, kT)
+        Pm = jnp.where(same, QK if E is None else QK * E, 0.0)
+        Qt = (q if gam is None else gam * q) - jnp.matmul(Pm, Wk)
+    return M, D, Qt
+
+
+def _delta_state_pass(k, v, beta, g, S0, C):
+    """The state after the slice and its map, without outputs: ``S0 = [S | Φ]``
+    ``[B, H, K, V + K]`` → ``[M_N ⋯ M_1 S + (offsets) | M_N ⋯ M_1 Φ]`` (the widened state of
+    the op's pass on ``[v | 0_K]``, at the cost of the chunk maps alone)."""
+    from tttla_jax.ops import chunk as ck
+    T = k.shape[1]
+    V = v.shape[-1]
+    G = min(_STATE_GROUP, ck.num_chunks(T, C))
+    xs = tuple(None if x is None else ck.scan_layout(x, C, G) for x in (k, v, beta, g))
+
+    def body(S, x):
+        M, D, _ = _delta_chunk_maps(None, *x, C)
+        for i in range(G):  # S ← M_i S, plus D_i on the V columns
+            S = jnp.matmul(M[:, :, i], S)
+            S = jnp.concatenate([S[..., :V] + D[:, :, i], S[..., V:]], axis=-1)
+        return S, None
+
+    S, _ = lax.scan(body, S0, xs)
+    return S
+
+
+def _delta_cot_pass(q, k, beta, g, dO, X0, C):
+    """``Σ_n (M_{n−1} ⋯ M_1)ᵀ Qt_nᵀ dO_n + (M_N ⋯ M_1)ᵀ X0``: the cotangent of the state entering
+    the slice through its outputs (``q`` scaled) and, via ``X0`` ``[B, H, K, V]``, its final
+    state — a reverse scan over the chunks (Horner), no outputs."""
+    from tttla_jax.ops import chunk as ck
+    T = k.shape[1]
+    G = min(_STATE_GROUP, ck.num_chunks(T, C))
+    xs = tuple(None if x is None else ck.scan_layout(x, C, G) for x in (q, k, beta, g, dO))
+
+    def body(X, x):
+        qg, kg, bg, gg, dg = x
+        M, _, Qt = _delta_chunk_maps(qg, kg, None, bg, gg, C)
+        R = jnp.einsum("bhnck,bhncv->bhnkv", Qt, dg)
+        for i in reversed(range(G)):
+            X = jnp.einsum("bhkj,bhkv->bhjv", M[:, :, i], X) + R[:, :, i]
+        return X, None
+
+    X, _ = lax.scan(body, X0, xs, reverse=True)
+    return X
 
 
 def _widen(v, K):
