@@ -332,6 +332,41 @@ def test_per_preset_learning_rates():
     assert {"lact+recall", "ttt_linear+recall"} <= set(zoology.DEFAULT.mixers)
 
 
+def test_recall_size_variants_and_preset_heads(capsys):
+    """The smaller-state recall presets are ``"<mixer>+recall"`` with only the named options
+    and head count changed, and the two equal-state ones (``lact+recall-dh8``,
+    ``ttt_linear+recall-h4``) are within 1.5 % of DeltaNet's state at width 64;
+    ``--preset`` takes the head count from the JSON key ``num_heads``."""
+    from types import SimpleNamespace
+    from tttla_jax.train import zoology
+    zoology.add_recall_presets()
+    P = zoology.MIXER_PRESETS
+    for name, (mixer, change, heads) in zoology.RECALL_SIZE_VARIANTS.items():
+        full = P[f"{mixer}+recall"]
+        assert P[name].mixer == mixer and P[name].num_heads == heads
+        assert dict(P[name].options) == {**dict(full.options), **change}, name
+
+    def state(name):  # one layer of the width-64 model (state_size averages the blocks), traced
+        p, out = P[name], []
+
+        def build():
+            mixer = MIXERS[p.mixer](width=64, num_heads=p.num_heads, rngs=nnx.Rngs(0), **p.options_for(64))
+            out.append(zoology.state_size(SimpleNamespace(blocks=[SimpleNamespace(mixer=mixer)])))
+            return jnp.zeros(())
+        jax.eval_shape(build)
+        return out[0]
+    ref = state("delta_net")
+    assert ref == 64 * 64 + 3 * 3 * 64  # its D x D state and the conv taps of q, k, v
+    for name in ("lact+recall-dh8", "ttt_linear+recall-h4"):
+        assert abs(state(name) - ref) <= 0.015 * ref, (name, state(name), ref)
+
+    zoology.parse(["--sweep", "tiny", "--preset", 'h2=ttt_linear:{"num_heads": 2, "short_conv": 4}'])
+    assert P["h2"].num_heads == 2 and dict(P["h2"].options) == {"short_conv": 4}
+    with pytest.raises(SystemExit):
+        zoology.parse(["--sweep", "tiny", "--preset", 'h=ttt_linear:{"num_heads": 0}'])
+    assert "num_heads: expected a positive int, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_every_preset_trains_a_few_steps(tmp_path):
     """Every preset of the sweep trains 4 steps at the tiny size (finite losses)."""

@@ -111,10 +111,25 @@ def register_preset(name: str, mixer: str, options: Optional[dict] = None, *, nu
     return preset
 
 
+#: Smaller-state variants of the recall presets, for accuracy against state size (Zoology's
+#: Fig. 2 axis): name -> (mixer, options changed from ``"<mixer>+recall"``, num_heads).
+#: LaCT: a smaller SwiGLU hidden dim ``dh = inter_multi · 64`` at width 64 (``-dh8`` has
+#: DeltaNet's state, 4 704 floats/layer); TTT-Linear: more, smaller heads (``-h4``: 4 604).
+#: Measured in docs/recipes.md ("Recall against state size").
+RECALL_SIZE_VARIANTS: dict = {
+    "lact+recall-dh8": ("lact", {"inter_multi": 0.125}, 1),
+    "lact+recall-dh16": ("lact", {"inter_multi": 0.25}, 1),
+    "lact+recall-dh32": ("lact", {"inter_multi": 0.5}, 1),
+    "ttt_linear+recall-h2": ("ttt_linear", {}, 2),
+    "ttt_linear+recall-h4": ("ttt_linear", {}, 4),
+}
+
+
 def add_recall_presets() -> list:
     """Register ``"<mixer>+recall"`` for every entry of the library's measured recall presets
     (``tttla_jax.nn.recipes.RECALL_PRESETS``: mixer -> options, docs/recipes.md), on top of
-    the sweep's own options for that mixer; returns the names added."""
+    the sweep's own options for that mixer, and their smaller-state variants
+    (:data:`RECALL_SIZE_VARIANTS`); returns the names added."""
     try:
         from tttla_jax.nn.recipes import RECALL_PRESETS
     except ImportError:
@@ -127,6 +142,11 @@ def add_recall_presets() -> list:
         register_preset(name, mixer, merged, num_heads=base.num_heads if base else 1,
                         learned_positions=base.learned_positions if base else False)
         added.append(name)
+    for name, (mixer, change, heads) in RECALL_SIZE_VARIANTS.items():
+        full = MIXER_PRESETS.get(f"{mixer}+recall")
+        if full is not None:
+            register_preset(name, mixer, {**dict(full.options), **change}, num_heads=heads)
+            added.append(name)
     return added
 
 
@@ -530,7 +550,8 @@ def build_parser():
                    help="base sweep the other flags override [default]")
     p.add_argument("--mixers", nargs="+", help="mixer presets to run")
     p.add_argument("--preset", action="append", default=[], metavar="NAME=MIXER[:JSON]",
-                   help="add a mixer preset, e.g. gdn2=delta_net:'{\"use_gate\": true}'")
+                   help="add a mixer preset, e.g. gdn2=delta_net:'{\"use_gate\": true}' "
+                        "(the key \"num_heads\" sets the model's head count)")
     p.add_argument("--settings", nargs="+", type=_settings, help="(L, kv) settings as LxKV, e.g. 64x4 128x8")
     p.add_argument("--widths", nargs="+", type=int, help="model widths")
     p.add_argument("--lrs", nargs="+", type=float, help="peak learning rates")
@@ -555,7 +576,13 @@ def parse(argv=None):
         mixer, _, js = rest.partition(":")
         try:
             opts = json.loads(js) if js else {}
-            register_preset(name, mixer, opts)
+            if not isinstance(opts, dict):
+                raise ValueError(f"expected a JSON object of mixer options, got {js!r}")
+            # "num_heads" is the preset's head count (LMConfig), not a mixer option
+            heads = opts.pop("num_heads", 1)
+            if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+                raise ValueError(f"num_heads: expected a positive int, got {heads!r}")
+            register_preset(name, mixer, opts, num_heads=heads)
         except (ValueError, json.JSONDecodeError) as e:
             p.error(f"--preset {spec!r}: {e}")
     over = {}
