@@ -27,9 +27,8 @@ every chunked computation needs, once:
   :func:`channel_decays` and :func:`decayed_gram` (the decay inside the ``q·k`` contraction,
   factorised per sub-chunk around a reference point so no exponent is positive);
 * **the delta-rule chunk step** (WY / UT form) — :func:`delta_chunk_group` (a group of
-  chunks, optionally resetting to per-sequence initial states), :func:`affine_chunk_scan`
-  and the whole chunked form :func:`delta_chunked`, which is also the XLA path that
-  differentiates the delta-rule kernel.
+  chunks, optionally resetting to per-sequence initial states) and the whole chunked form
+  :func:`delta_chunked`, which is also the XLA path that differentiates the delta-rule kernel.
 """
 from __future__ import annotations
 
@@ -349,29 +348,50 @@ def decayed_gram(x, y, c, s, *, strict: bool = False, sub=None):
 # --------------------------------------------------------------------------- (I + A)^-1
 
 
+# Size of the diagonal blocks of (I + A)^-1 that _inverse_by_doubling computes by forward
+# substitution before doubling with matmuls.
+_SUBST_BLOCK = 8
+
+
+def _diagonal_blocks(A, b: int, off: int = 0):
+    """The ``C // b`` blocks ``A[j·b + off : j·b + off + b − off, j·b : j·b + b − off]`` of
+    ``[..., C, C]``, stacked ``[..., C // b, b − off, b − off]`` (static slices):
+    ``off = 0`` the diagonal blocks of size ``b``, ``off = b / 2`` their lower-left corners."""
+    C = A.shape[-1]
+    w = b - off
+    return jnp.stack([A[..., j * b + off:j * b + off + w, j * b:j * b + w] for j in range(C // b)], -3)
+
+
 def _inverse_by_doubling(A):
     """``(I + A)⁻¹`` for strictly lower-triangular ``A`` ``[..., C, C]``, by block doubling.
 
     A unit lower-triangular matrix ``[[L11, 0], [L21, L22]]`` has inverse
-    ``[[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]]``. Starting from the 1×1 diagonal blocks
-    (inverse 1), each level merges pairs of diagonal blocks of size s into blocks of
-    size 2s with two batched matmuls; ``log2 C`` levels, ≈ (2/3) C³ flops per matrix.
-    (XLA:CPU's batched ``triangular_solve`` was ~40× slower than this on the benchmark
-    shapes, and its compile took seconds.) C is zero-padded to a power of two; padded
-    rows/columns stay identity.
+    ``[[L11⁻¹, 0], [−L22⁻¹ L21 L11⁻¹, L22⁻¹]]``. The inverses of the diagonal blocks of size
+    ``b = _SUBST_BLOCK`` (8) come first, by forward substitution (row ``i`` of the inverse is
+    ``e_i − Σ_{j<i} A_ij · row_j``: elementwise products over every block at once); each
+    level then merges pairs of diagonal blocks of size s into blocks of size 2s with two
+    batched matmuls; ``log2 (C / b)`` levels, ≈ (2/3) C³ flops per matrix. (XLA:CPU's
+    batched ``triangular_solve`` was ~40× slower than this on the benchmark shapes, and its
+    compile took seconds; doubling from 1×1 blocks spent most of its time in the 1×1 … 4×4
+    matmuls: ~1.7× the CPU time of this at C = 64.) C is zero-padded to a power of two;
+    padded rows/columns stay identity.
     """
     C = A.shape[-1]
     Cp = 1 << max(0, (C - 1).bit_length())
     if Cp != C:
         A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, Cp - C), (0, Cp - C)])
     batch = A.shape[:-2]
-    D = jnp.ones(batch + (Cp, 1, 1), A.dtype)  # inverses of the diagonal blocks, size s
-    s = 1
+    b = min(_SUBST_BLOCK, Cp)
+    Ab = _diagonal_blocks(A, b)  # [..., Cp / b, b, b]
+    eye = jnp.eye(b, dtype=A.dtype)
+    rows = [jnp.broadcast_to(eye[0], Ab.shape[:-1])]
+    for i in range(1, b):
+        rows.append(eye[i] - sum(Ab[..., i, j:j + 1] * rows[j] for j in range(i)))
+    D = jnp.stack(rows, -2)  # inverses of the diagonal blocks, size s
+    s = b
     while s < Cp:
         m = Cp // (2 * s)
-        # the m diagonal blocks of size 2s of A, and their lower-left s×s corners
-        Ad = jnp.diagonal(A.reshape(batch + (m, 2 * s, m, 2 * s)), axis1=-4, axis2=-2)
-        L21 = jnp.moveaxis(Ad, -1, -3)[..., s:, :s]  # [..., m, s, s]
+        L21 = _diagonal_blocks(A, 2 * s, off=s)  # [..., m, s, s] lower-left corners
         Dp = D.reshape(batch + (m, 2, s, s))
         D11, D22 = Dp[..., 0, :, :], Dp[..., 1, :, :]
         X21 = -jnp.matmul(jnp.matmul(D22, L21), D11)
@@ -422,52 +442,8 @@ def unit_lower_inverse_by_products(A, dot):
 # --------------------------------------------------------------------------- delta rule chunk step
 
 
-def _affine_scan_loop(M, D, S0, first=None, seq=None, h0=None):
-    if first is None:
-        def step(S, x):
-            Mn, Dn = x
-            return jnp.matmul(Mn, S) + Dn, S  # emit the state *before* the chunk
-
-        return lax.scan(step, S0, (M, D))
-
-    def step_reset(S, x):
-        Mn, Dn, f, n = x
-        # the first chunk of a packed sequence starts from its own initial state
-        S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False), S)
-        S_next = jnp.matmul(Mn, S) + Dn
-        return S_next, (S, S_next)
-
-    S_final, (S_prev, S_after) = lax.scan(step_reset, S0, (M, D, first, seq))
-    return S_final, S_prev, S_after
-
-
-@jax.custom_jvp
-def affine_chunk_scan(M, D, S0, first=None, seq=None, h0=None):
-    """``S_{n+1} = M_n S_n + D_n`` over chunks n (leading axis); returns ``(S_N, [S_0 … S_{N−1}])``.
-
-    Packed sequences (``cu_seqlens``): ``first [N]`` (bool) and ``seq [N]`` (int), per chunk:
-    it is the first of its sequence, and which sequence it belongs to; ``h0 [Ns, ...]`` the
-    sequences' initial states. A chunk with ``first`` set starts from ``h0[seq]`` (read by
-    index inside the scan) instead of the carried state (``S_prev`` holds that reset state),
-    and the state after every chunk ``[S_1 … S_N]`` is returned as a third output. All three
-    ``None`` otherwise.
-
-    The JVP ``dS_{n+1} = M_n dS_n + (dM_n S_n + dD_n)`` is written so that the
-    ``dM_n S_n`` term is one batched matmul outside the loop: after transposition the
-    reverse scan only carries ``Gₙ = M_nᵀ G_{n+1} + …`` (one matmul per step instead of
-    two) and ``dM = G Sᵀ`` is one batched matmul after the loop. With resets the tangent
-    scan resets to ``dh0[seq]`` on the same chunks, so the transposed scan routes a first
-    chunk's incoming cotangent to its sequence's ``h0`` (and none to the chunk before it).
-    """
-    return _affine_scan_loop(M, D, S0, first, seq, h0)
-
-
-@affine_chunk_scan.defjvp
-def _affine_chunk_scan_jvp(primals, tangents):
-    (M, D, S0, first, seq, h0), (dM, dD, dS0, _, _, dh0) = primals, tangents
-    out = affine_chunk_scan(M, D, S0, first, seq, h0)
-    X = jnp.matmul(dM, out[1]) + dD  # out[1]: the state before each chunk (after a reset)
-    return out, _affine_scan_loop(M, X, dS0, first, seq, dh0)
+# The chunk scan inside a group of at most this many chunks is unrolled (_delta_group_tail).
+_UNROLL_MAX = 8
 
 
 def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
@@ -483,11 +459,13 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         o = (e^b Q − P W_k) S + P W_v,    P_ij = [j ≤ i] e^{b_i − b_j} q_i·k_j
         S_new = (e^{b_C} I − K̃ᵀ W_k) S + K̃ᵀ W_v =: M_n S + D_n,   K̃ = e^{b_C − b} K
 
-    Everything but the scan ``S ← M_n S + D_n`` (:func:`affine_chunk_scan`) is batched over
-    the group's chunks. Returns ``(S after the group, o [B, H, G, C, V])``. With ``first [G]``,
-    ``seq [G]`` and ``h0 [Ns, B, H, K, V]`` (packed sequences) the chunks with ``first`` set
-    start from ``h0[seq]``, and the state after every chunk ``[G, B, H, K, V]`` is returned as
-    a third output.
+    ``W_v, W_k`` and the outputs are batched over the group's chunks; only
+    ``U = W_v − W_k S``, ``S ← e^{b_C} S + K̃ᵀ U`` (that is ``M_n S + D_n``) is a scan over
+    them (:func:`_delta_group_tail`), and the outputs are ``o = e^b Q S + P U``. Returns
+    ``(S after the group, o [B, H, G, C, V])``. With ``first [G]``, ``seq [G]`` and
+    ``h0 [Ns, B, H, K, V]`` (packed sequences) the chunks with ``first`` set start from
+    ``h0[seq]``, and the state after every chunk ``[G, B, H, K, V]`` is returned as a third
+    output.
 
     Per-channel log-decay (``gc [B, H, G, C, K]``, Kimi Delta Attention: the state decays
     per key channel, ``S ← diag(e^{g_t}) S`` before the delta step): the same equations with
@@ -501,8 +479,7 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
     concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
     block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
     """
-    C, K = kc.shape[-2], kc.shape[-1]
-    dt = qc.dtype
+    C = kc.shape[-2]
     bc = bc[..., None]  # [B,H,G,C,1]
     incl = lower_mask(C)  # j <= i
     strict = lower_mask(C, strict=True)  # j < i
@@ -515,8 +492,7 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         rhs_k = bc * gamma * kc
         Kt = lam * kc
         Qt0 = gamma * qc
-        eye_decay = Gam[..., :, None] * jnp.eye(K, dtype=dt)  # diag(e^{b_C})
-        return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, eye_decay, S0, first, seq, h0)
+        return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, Gam[..., :, None], S0, first, seq, h0)
     kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
     QK = jnp.matmul(qc, kT)  # q_i·k_j
     KK = jnp.matmul(kc, kT)  # k_i·k_j
@@ -526,7 +502,7 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         rhs_k = bc * kc
         Kt = kc
         Qt0 = qc
-        eye_decay = jnp.eye(K, dtype=dt)
+        state_decay = None
     else:
         # cut-aware cumulative log-decay (segment_cumsum): exact for g in [-inf, 0]
         c, s = segment_cumsum(gc, by_matmul=True)  # [B,H,G,C]
@@ -538,26 +514,39 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         rhs_k = (bc * eb) * kc
         Kt = lam[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
         Qt0 = eb * qc
-        eye_decay = Gam[..., None, None] * jnp.eye(K, dtype=dt)  # e^{b_C} I
-    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, eye_decay, S0, first, seq, h0)
+        state_decay = Gam[..., None, None]  # e^{b_C}
+    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0)
 
 
-def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, eye_decay, S0, first, seq, h0):
+def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0):
     """The part of :func:`delta_chunk_group` after the decay terms (shared by the per-head
-    and the per-channel log-decay)."""
+    and the per-channel log-decay; ``state_decay`` multiplies the state: ``e^{b_C}``
+    ``[B, H, G, 1, 1]``, ``diag(e^{b_C})`` as ``[B, H, G, K, 1]``, or ``None``).
+
+    ``W_v, W_k`` for the whole group, then a scan over its chunks that carries S and keeps
+    ``U = W_v − W_k S`` (two matmuls per chunk: ``S ← e^{b_C} S + K̃ᵀ U``, which is
+    ``M_n S + D_n``), then the outputs ``o = e^b Q S + P U`` batched over the group. This
+    takes two products per chunk fewer than forming ``M_n``, ``D_n`` and ``P W_k``; the scan
+    is unrolled for a group of at most ``_UNROLL_MAX`` chunks (no loop, no stacking)."""
     Tinv = unit_lower_inverse(A)
     Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
     Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
-    D = jnp.einsum("bhnck,bhncv->bhnkv", Kt, Wv)
-    M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
-    scanned = affine_chunk_scan(jnp.moveaxis(M, 2, 0), jnp.moveaxis(D, 2, 0), S0, first, seq, h0)
-    S_final, S_prev = scanned[0], jnp.moveaxis(scanned[1], 0, 2)  # S_prev: [B,H,G,K,V]
+    lead = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731  chunk axis first
+    xs = (lead(Wv), lead(Wk), lead(jnp.swapaxes(Kt, -1, -2)), lead(state_decay), first, seq)
 
-    Qt = Qt0 - jnp.matmul(P, Wk)
-    o = jnp.matmul(Qt, S_prev) + jnp.matmul(P, Wv)
+    def step(S, x):
+        wv, wk, ktT, sdec, f, n = x
+        if f is not None:  # the first chunk of a packed sequence starts from its own state
+            S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False), S)
+        U = wv - jnp.matmul(wk, S)
+        S_next = (S if sdec is None else sdec * S) + jnp.matmul(ktT, U)
+        return S_next, (S, U, S_next)
+
+    S_final, (S_prev, U, S_after) = lax.scan(step, S0, xs, unroll=bool(Wv.shape[2] <= _UNROLL_MAX))
+    o = jnp.matmul(Qt0, jnp.moveaxis(S_prev, 0, 2)) + jnp.matmul(P, jnp.moveaxis(U, 0, 2))
     if first is None:
         return S_final, o
-    return S_final, o, scanned[2]
+    return S_final, o, S_after
 
 
 def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool = True):
