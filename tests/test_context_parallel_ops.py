@@ -106,17 +106,15 @@ SCRIPT = textwrap.dedent(r"""
         return {"single": ref, "cp": hand if by_hand else cp}
 
     from tttla_jax.parallel import ops as cp_ops
-    default_blocks = (cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK,
-                      cp_ops._STATE_GROUP)
+    default_blocks = (cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK)
     results = []
     for case in json.loads(sys.argv[1]):
         op, P, packed, dtype = case["op"], case["P"], case["packed"], case["dtype"]
-        # "blocks": the token-block loops of the state passes (forward-only widened passes,
-        # state-sized contractions) on blocks of 4 tokens, and the delta rule's state-only
-        # passes on groups of 2 chunks (a slice of 3 chunks: a padded group), instead of the
-        # default sizes
-        blocks = (4, 4, 1, 2) if case.get("blocks") else default_blocks
-        cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK, cp_ops._STATE_GROUP = blocks
+        # "blocks": the token-block loops of the state passes (forward-only widened passes, the
+        # delta rule's state-only passes, state-sized contractions) on blocks of 4 tokens
+        # instead of the default sizes
+        blocks = (4, 4, 1) if case.get("blocks") else default_blocks
+        cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK = blocks
         data = case.get("data", 1)
         types = (jax.sharding.AxisType.Auto if case.get("auto") else jax.sharding.AxisType.Explicit,) * 2
         mesh = jax.make_mesh((data, P), ("data", "seq"), devices=jax.devices()[:data * P], axis_types=types)

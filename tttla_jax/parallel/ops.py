@@ -23,16 +23,18 @@ in the incoming state: over one device's tokens the state after the device is
    - linear attention: ``A_p = exp(Σ_{t ∈ p} g_t)`` (a scalar per head) and
      ``B_p = Σ_t exp(Σ_{s > t} g_s) k_tᵀ v_t`` (one ``[K, L] × [L, V]`` product per head);
    - (gated) delta rule: ``A_p`` is a ``K × K`` matrix. The state's V columns evolve
-     independently, so the single-device op runs on ``[v | 0]`` from ``[0 | I_K]``: its last K
-     state columns are ``A_p``, its first V ``B_p`` (block by block of tokens, so its
-     temporaries are block-sized);
+     independently, so the state ``[0 | I_K]`` carried through the WY chunk maps
+     ``S ↦ M_n S + D_n`` (no outputs; :func:`_delta_state_pass`) ends as ``[B_p | A_p]``
+     (packed slices or per-channel log-decays: the single-device op on ``[v | 0_K]``, block by
+     block of tokens, so its temporaries are block-sized);
 2. all-gathers the P transforms (one small collective) and composes them with a
    ``lax.associative_scan`` (log depth in P): ``c_p = E_{p−1}``, ``c_0 = 0``;
 3. runs the single-device chunked op ONCE on its slice from ``c_p`` (``initial_state``).
 
 Gradients (a ``jax.custom_vjp``, LASP-2 style): the cotangent of ``c_p`` through the device's
 own outputs is a state-sized contraction (linear attention: ``Σ_t e^{G_t} q̃_tᵀ dO_t``; delta
-rule: ``Σ_t (q̃_t Φ_t)ᵀ dO_t`` from a forward-only pass on the K columns); a reverse scan of
+rule: ``Σ_t (q̃_t Φ_t)ᵀ dO_t``, a reverse pass over the chunk maps ``X ← M_nᵀ X + Q̃_nᵀ dO_n``,
+:func:`_delta_cot_pass`); a reverse scan of
 the transposed transforms gives the cotangent of the state leaving each device, which joins
 the final-state cotangent of the local op's own backward — one backward pass, exact (``E_p``
 is the only way ``A_p`` and ``B_p`` reach the rest), with only the local op's residuals stored.
@@ -441,8 +443,8 @@ def delta_rule(
 
     ``S_t = (I − β_t k_tᵀ k_t) e^{g_t} S_{t−1} + β_t k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` over
     the whole sequence (``tt.delta_rule``). Over one device the map from the incoming state is
-    affine, ``S ↦ A_p S + B_p`` with ``A_p`` ``K × K``: a forward-only pass on ``[v | 0]``
-    from ``[0 | I_K]`` gives ``A_p`` and ``B_p``, an all-gather and a log-depth scan of the P
+    affine, ``S ↦ A_p S + B_p`` with ``A_p`` ``K × K``: a forward-only state pass (the chunk
+    maps alone) from ``[0 | I_K]`` gives ``A_p`` and ``B_p``, an all-gather and a log-depth scan of the P
     transforms the incoming state, and one chunked pass from it the outputs
     (docs/context_parallel.md).
 
@@ -528,7 +530,7 @@ def delta_rule(
         # pass again on the K columns only (nothing token-sized is stored between the passes)
         if state_only:  # one reverse pass over the chunk maps from dSF (Φ_Lᵀ dSF included)
             q_, k_, _, b_, g_, s_ = xs
-            X = _delta_cot_pass(q_ * s_, k_, b_, g_, dO.astype(sd), dSF, chunk_size)
+            X = _delta_cot_pass(q_, k_, b_, g_, dO, dSF, chunk_size, s_)
             return jnp.where(_bcast(lay.span, 4), X, 0.0)
         phi, dcl = widened(xs, h0m, lay, dO)
         return dcl + lay.to_carry(jnp.einsum("nhkj,nhkv->nhjv", phi, dSF))
@@ -541,8 +543,21 @@ def delta_rule(
 
 # state-only passes of the (gated) delta rule (unpacked slices, one log-decay per head): the
 # chunk maps S ↦ M_n S + D_n of the WY / UT form (tttla_jax.ops.chunk.delta_chunk_group),
-# without the outputs. Groups of _STATE_GROUP chunks are batched (a scan over groups).
-_STATE_GROUP = 8
+# without the outputs; a fori_loop over blocks of whole chunks (_state_blocks), the chunks of a
+# block batched, so the temporaries are block-sized (no copy of a whole [L, ...] input)
+
+
+def _state_blocks(L, C):
+    """``(Lb, nb)``: blocks of ``Lb`` tokens, the largest multiple of ``C`` dividing ``L`` of
+    at most ``_BLOCK_TOKENS`` tokens (``L`` itself if none)."""
+    Lb = next((m for m in range(min(_BLOCK_TOKENS, L) // C * C, 0, -C) if L % m == 0), L)
+    return Lb, L // Lb
+
+
+def _block_chunks(x, i, Lb, C):
+    """Block ``i`` of ``x`` ``[B, L, H, ...]`` in the chunk layout ``[B, H, n, C, ...]``."""
+    from tttla_jax.ops import chunk as ck
+    return None if x is None else ck.chunk_layout(lax.dynamic_slice_in_dim(x, i * Lb, Lb, axis=1), C)
 
 
 def _delta_chunk_maps(q, k, v, beta, g, C):
@@ -584,42 +599,37 @@ def _delta_state_pass(k, v, beta, g, S0, C):
     """The state after the slice and its map, without outputs: ``S0 = [S | Φ]``
     ``[B, H, K, V + K]`` → ``[M_N ⋯ M_1 S + (offsets) | M_N ⋯ M_1 Φ]`` (the widened state of
     the op's pass on ``[v | 0_K]``, at the cost of the chunk maps alone)."""
-    from tttla_jax.ops import chunk as ck
-    T = k.shape[1]
     V = v.shape[-1]
-    G = min(_STATE_GROUP, ck.num_chunks(T, C))
-    xs = tuple(None if x is None else ck.scan_layout(x, C, G) for x in (k, v, beta, g))
+    Lb, nb = _state_blocks(k.shape[1], C)
 
-    def body(S, x):
-        M, D, _ = _delta_chunk_maps(None, *x, C)
-        for i in range(G):  # S ← M_i S, plus D_i on the V columns
-            S = jnp.matmul(M[:, :, i], S)
-            S = jnp.concatenate([S[..., :V] + D[:, :, i], S[..., V:]], axis=-1)
-        return S, None
+    def block(i, S):
+        M, D, _ = _delta_chunk_maps(None, *(_block_chunks(x, i, Lb, C) for x in (k, v, beta, g)), C)
+        for j in range(M.shape[2]):  # S ← M_j S, plus D_j on the V columns
+            S = jnp.matmul(M[:, :, j], S)
+            S = jnp.concatenate([S[..., :V] + D[:, :, j], S[..., V:]], axis=-1)
+        return S
 
-    S, _ = lax.scan(body, S0, xs)
-    return S
+    S = block(0, S0)  # the first block starts the carry (its sharding type)
+    return S if nb == 1 else lax.fori_loop(1, nb, block, S)
 
 
-def _delta_cot_pass(q, k, beta, g, dO, X0, C):
+def _delta_cot_pass(q, k, beta, g, dO, X0, C, scale):
     """``Σ_n (M_{n−1} ⋯ M_1)ᵀ Qt_nᵀ dO_n + (M_N ⋯ M_1)ᵀ X0``: the cotangent of the state entering
-    the slice through its outputs (``q`` scaled) and, via ``X0`` ``[B, H, K, V]``, its final
-    state — a reverse scan over the chunks (Horner), no outputs."""
-    from tttla_jax.ops import chunk as ck
-    T = k.shape[1]
-    G = min(_STATE_GROUP, ck.num_chunks(T, C))
-    xs = tuple(None if x is None else ck.scan_layout(x, C, G) for x in (q, k, beta, g, dO))
+    the slice through its outputs (queries ``scale · q``, scaled block by block) and, via ``X0``
+    ``[B, H, K, V]``, its final state — a reverse pass over the chunks (Horner), no outputs."""
+    Lb, nb = _state_blocks(k.shape[1], C)
 
-    def body(X, x):
-        qg, kg, bg, gg, dg = x
-        M, _, Qt = _delta_chunk_maps(qg, kg, None, bg, gg, C)
-        R = jnp.einsum("bhnck,bhncv->bhnkv", Qt, dg)
-        for i in reversed(range(G)):
-            X = jnp.einsum("bhkj,bhkv->bhjv", M[:, :, i], X) + R[:, :, i]
-        return X, None
+    def block(r, X):
+        i = nb - 1 - r  # blocks from the last
+        qb, kb, bb, gb, db = (_block_chunks(x, i, Lb, C) for x in (q, k, beta, g, dO))
+        M, _, Qt = _delta_chunk_maps(qb * scale, kb, None, bb, gb, C)
+        R = jnp.einsum("bhnck,bhncv->bhnkv", Qt, db)
+        for j in reversed(range(M.shape[2])):
+            X = jnp.einsum("bhkj,bhkv->bhjv", M[:, :, j], X) + R[:, :, j]
+        return X
 
-    X, _ = lax.scan(body, X0, xs, reverse=True)
-    return X
+    X = block(0, X0)
+    return X if nb == 1 else lax.fori_loop(1, nb, block, X)
 
 
 def _widen(v, K):
