@@ -442,11 +442,14 @@ def unit_lower_inverse_by_products(A, dot):
 # --------------------------------------------------------------------------- delta rule chunk step
 
 
-# The chunk scan inside a group of at most this many chunks is unrolled (_delta_group_tail).
+# The chunk scan inside a group of at most this many chunks is unrolled (_delta_group_tail),
+# by delta_chunked only for sequences of at least _UNROLL_MIN_CHUNKS chunks: unrolling cuts
+# the run time of long sequences but adds compile time, which short ones would not win back.
 _UNROLL_MAX = 8
+_UNROLL_MIN_CHUNKS = 16
 
 
-def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
+def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None, unroll=None):
     """One group of chunks of the (gated) delta rule, WY / UT form; tensors ``[B, H, G, C, ·]``
     (β and log-decay ``[B, H, G, C]``, ``gc`` may be ``None``), ``q`` already scaled.
 
@@ -474,6 +477,9 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
     ``A_ij = [j < i] β_i Σ_κ k_iκ k_jκ e^{b_iκ − b_jκ}``, ``P_ij = [j ≤ i] Σ_κ q_iκ k_jκ e^{b_iκ − b_jκ}``
     (:func:`decayed_gram`; :func:`channel_decays` for ``γ, λ, Γ``).
 
+    ``unroll``: unroll the scan over the group's chunks (default: for groups of at most
+    ``_UNROLL_MAX`` chunks; :func:`delta_chunked` passes it).
+
     CPU notes: every product is a plain batched matmul with the batch axes leading; K is
     transposed once (``kT``) so both Gram products are NN matmuls; products are not
     concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
@@ -492,7 +498,7 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         rhs_k = bc * gamma * kc
         Kt = lam * kc
         Qt0 = gamma * qc
-        return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, Gam[..., :, None], S0, first, seq, h0)
+        return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, Gam[..., :, None], S0, first, seq, h0, unroll)
     kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
     QK = jnp.matmul(qc, kT)  # q_i·k_j
     KK = jnp.matmul(kc, kT)  # k_i·k_j
@@ -515,10 +521,10 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None):
         Kt = lam[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
         Qt0 = eb * qc
         state_decay = Gam[..., None, None]  # e^{b_C}
-    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0)
+    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll)
 
 
-def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0):
+def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll=None):
     """The part of :func:`delta_chunk_group` after the decay terms (shared by the per-head
     and the per-channel log-decay; ``state_decay`` multiplies the state: ``e^{b_C}``
     ``[B, H, G, 1, 1]``, ``diag(e^{b_C})`` as ``[B, H, G, K, 1]``, or ``None``).
@@ -527,7 +533,8 @@ def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq,
     ``U = W_v − W_k S`` (two matmuls per chunk: ``S ← e^{b_C} S + K̃ᵀ U``, which is
     ``M_n S + D_n``), then the outputs ``o = e^b Q S + P U`` batched over the group. This
     takes two products per chunk fewer than forming ``M_n``, ``D_n`` and ``P W_k``; the scan
-    is unrolled for a group of at most ``_UNROLL_MAX`` chunks (no loop, no stacking)."""
+    is unrolled (no loop, no stacking of the states) if ``unroll``, by default for a group of
+    at most ``_UNROLL_MAX`` chunks."""
     Tinv = unit_lower_inverse(A)
     Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
     Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
@@ -542,7 +549,9 @@ def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq,
         S_next = (S if sdec is None else sdec * S) + jnp.matmul(ktT, U)
         return S_next, (S, U, S_next)
 
-    S_final, (S_prev, U, S_after) = lax.scan(step, S0, xs, unroll=bool(Wv.shape[2] <= _UNROLL_MAX))
+    if unroll is None:
+        unroll = Wv.shape[2] <= _UNROLL_MAX
+    S_final, (S_prev, U, S_after) = lax.scan(step, S0, xs, unroll=bool(unroll))
     o = jnp.matmul(Qt0, jnp.moveaxis(S_prev, 0, 2)) + jnp.matmul(P, jnp.moveaxis(U, 0, 2))
     if first is None:
         return S_final, o
@@ -565,10 +574,11 @@ def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool
     T = q.shape[1]
     C = min(chunk_size, T)
     G = min(group or GROUP_CHUNKS, num_chunks(T, C))
+    unroll = G <= _UNROLL_MAX and num_chunks(T, C) >= _UNROLL_MIN_CHUNKS
     xs = tuple(None if x is None else scan_layout(x, C, G) for x in (q, k, v, beta, g))
 
     def body(S, x):
-        return delta_chunk_group(*x, S)
+        return delta_chunk_group(*x, S, unroll=unroll)
 
     if remat:
         body = jax.checkpoint(body)
