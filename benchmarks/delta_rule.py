@@ -10,8 +10,10 @@ B=4, H=4, K=V=64, float32, gated delta rule (log-decay in [-0.1, 0]), k L2-norma
 
 FLOPs counted for the chunked forward per chunk of C tokens (elementwise work ignored):
 Gram products ``Q Kᵀ``, ``K Kᵀ`` 4C²K; ``(I + A)⁻¹`` by block doubling ≈ (2/3)C³;
-``W_v, W_k`` 2C²(V+K); ``D, M`` 2CK(V+K); the chunk scan 2K²V; outputs
-``P W_k`` 2C²K, ``Q̃ S`` 2CKV, ``P W_v`` 2C²V. Recurrent: ≈ 7KV per token.
+``W_v, W_k`` 2C²(V+K); the chunk scan ``U = W_v − W_k S``, ``K̃ᵀ U`` 4CKV; outputs
+``(e^b Q) S`` 2CKV, ``P U`` 2C²V. Recurrent: ≈ 7KV per token. (Results written before
+the chunk scan carried ``U`` were counted for the form that formed ``D, M`` 2CK(V+K),
+``M S`` 2K²V and ``P W_k`` 2C²K too.)
 Forward+backward is counted as 3× the forward.
 
 Timing: ``benchmarks/_timing.timeit`` — one compile + warm-up call, then ``--repeats``
@@ -47,8 +49,8 @@ def matmul_gflops(n=1024, repeats=5):
 
 def chunked_flops(B, T, H, K, V, C):
     N = -(-T // C)
-    per_chunk = (4 * C * C * K + (2 / 3) * C**3 + 2 * C * C * (V + K) + 2 * C * K * (V + K)
-                 + 2 * K * K * V + 2 * C * C * K + 2 * C * K * V + 2 * C * C * V)
+    per_chunk = (4 * C * C * K + (2 / 3) * C**3 + 2 * C * C * (V + K) + 4 * C * K * V
+                 + 2 * C * K * V + 2 * C * C * V)
     return B * H * N * per_chunk
 
 
