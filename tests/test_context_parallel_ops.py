@@ -193,7 +193,10 @@ def _qkv(B=1, T=8, H=2, K=3, V=4):
     return tuple(jnp.asarray(r.normal(size=s), jnp.float32) for s in ((B, T, H, K), (B, T, H, K), (B, T, H, V)))
 
 
+@pytest.mark.slow
 def test_one_device_mesh_equals_the_op():
+    """A one-device mesh (P = 1) equals the op (the default suite keeps a one-device mesh in
+    test_traced_scale_and_jit)."""
     q, k, v = _qkv()
     beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
     o, S = tp.sharded_delta_rule(q, k, v, beta, mesh=_mesh(), output_final_state=True, chunk_size=4)
