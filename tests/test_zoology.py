@@ -329,7 +329,7 @@ def test_per_preset_learning_rates():
     for mixer, opts in RECALL_PRESETS.items():
         preset = zoology.MIXER_PRESETS[f"{mixer}+recall"]
         assert preset.mixer == mixer and set(opts.items()) <= set(preset.options), (mixer, preset)
-    assert {"lact+recall", "ttt_linear+recall"} <= set(zoology.DEFAULT.mixers)
+    assert {"lact+recall-dh16", "ttt_linear+recall", "ttt_linear+recall-h4"} <= set(zoology.DEFAULT.mixers)
 
 
 def test_recall_size_variants_and_preset_heads(capsys):

@@ -511,10 +511,15 @@ def plot(results: dict, path: str) -> bool:
     return True
 
 
+#: The default sweep: one setting, so that it fits about half an hour of a 2-core CPU (its
+#: runs' CPU times are in docs/recipes.md); ``--settings 64x4 128x8`` adds Zoology's second
+#: setting (about twice the time). LaCT runs as its smaller-state preset ``lact+recall-dh16``
+#: (the full-state ``lact+recall`` costs 11 CPU-min at L = 64 alone); TTT-Linear's recall
+#: preset at DeltaNet's state (``-h4``) and at its own.
 DEFAULT = SweepConfig(
     mixers=("attention", "attention+conv", "linear_attention", "delta_net", "gated_delta_net",
-            "ttt_linear", "ttt_linear+recall", "lact", "lact+recall"),
-    settings=((64, 4), (128, 8)), widths=(64,), lrs=(1e-2,),
+            "ttt_linear+recall-h4", "ttt_linear+recall", "lact+recall-dh16"),
+    settings=((64, 4),), widths=(64,), lrs=(1e-2,),
     preset_lrs=(("attention", (3e-3,)), ("attention+conv", (3e-3,)), ("lact", (3e-3,)),
                 ("lact+conv", (3e-3,))),
     steps=600, eval_every=100, train_examples=40_000)
