@@ -6,10 +6,12 @@ On 8 forced host CPU devices (one subprocess; compilation dominates): the layer 
 — outputs, the final cache and the gradients of a loss of both w.r.t. the input and every
 parameter; through ``sharded_mixer`` with T not a multiple of the devices (padded at the
 end); the combined form is really taken (``combine_reason`` is None) and the pipelined
-fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, a given
-cache, packed documents crossing devices) still equals one device. The default suite keeps
-one case (LaCT V2 with the window branch and a short conv whose halos span devices); the
-sweep over seq = 2, 4, 8, Titans, the padded calls and the fallbacks are ``@slow``.
+fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, a LaCT
+cache, packed documents crossing devices) still equals one device. A Titans cache runs
+combined at a TTT-batch boundary and pipelined inside a batch (chosen at run time). The
+default suite keeps one case (LaCT V2 with the window branch and a short conv whose halos
+span devices); the sweep over seq = 2, 4, 8, Titans (fresh and continuing a cache), the padded
+calls and the fallbacks are ``@slow``.
 """
 import textwrap
 
@@ -48,7 +50,8 @@ CHECKS = textwrap.dedent('''
         x = jax.random.normal(jax.random.key(1), (Bx, T, W), F64)
         kw = {} if packed is None else {"cu_seqlens": jnp.asarray(packed, jnp.int32)}
         NB = Bx if packed is None else len(packed) - 1
-        c0 = m(jax.random.normal(jax.random.key(2), (NB, 3, W), F64))[1] if cached else None
+        nc = 3 if cached is True else int(cached)  # tokens before the call (cached=True: 3)
+        c0 = m(jax.random.normal(jax.random.key(2), (NB, nc, W), F64))[1] if cached else None
         cshape = jax.eval_shape(lambda: m.init_cache(NB))
         loss = loss_of(weights((Bx, T, W)))
 
@@ -109,6 +112,15 @@ SLOW_CASES = [
                  opts={"chunk_size": 2, "batch_size": 4, "memory": "mlp"})),
     (False, dict(id="lact_v2_cached_seq4", name="lact", seq=4, T=8, cached=True,
                  opts={"preset": "v2", "chunk_size": 2})),
+    # Titans continuing a cache: inside a TTT batch (3 tokens before, batch 4) the run-time
+    # choice takes the pipelined branch; at a batch boundary (4 / 2 tokens before) the combined
+    # one, from the cache's memory, momentum and conv taps (the case costs ~25 s: @slow)
+    (True, dict(id="titans_cache_midbatch_seq4", name="titans", seq=4, T=16, cached=3,
+                opts={"chunk_size": 2, "batch_size": 4})),
+    (True, dict(id="titans_cache_boundary_conv_seq4", name="titans", seq=4, T=16, cached=4,
+                opts={"chunk_size": 2, "batch_size": 4, "short_conv": 3})),
+    (True, dict(id="titans_cache_boundary_seq8", name="titans", seq=8, T=16, cached=2,
+                opts={"chunk_size": 1, "batch_size": 2})),
     # packed documents crossing device boundaries (lengths 3, 6, 0, 3 over 4 x 3 tokens)
     (False, dict(id="lact_v2_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
                  opts={"preset": "v2", "chunk_size": 3})),

@@ -69,12 +69,14 @@ def _kind(mixer) -> Optional[str]:
 def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seqlens=None) -> Optional[str]:
     """``None`` if ``mixer`` runs the associative combined form under sequence parallelism
     for a call on ``local_len`` tokens per device (``None``: any aligned length) with this
-    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence)."""
+    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A Titans call with a
+    cache runs combined when the cache sits at a TTT-batch boundary (every ``buf_len`` 0,
+    decided at run time by a ``lax.cond``), else pipelined."""
     kind = _kind(mixer)
     if kind is None:
         return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
-    if cache is not None:
-        return "a call continuing a cache (its partial chunk / TTT batch) runs pipelined"
+    if cache is not None and kind == "lact":
+        return "a LaCT call continuing a cache (its buffered chunk) runs pipelined"
     if cu_seqlens is not None:
         return "packed documents (cu_seqlens) run pipelined"
     if kind == "lact":
@@ -98,9 +100,12 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
     return None
 
 
-def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None):
+def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None, cache=None):
     """The combined form of a LaCT (V2–V6) or Titans (linear memory) layer on this device's
-    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``).
+    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``). Titans
+    also continues a ``cache`` whose TTT-batch buffer is empty (``buf_len`` 0: not checked
+    here, see :func:`tttla_jax.parallel.context.sequence_parallel_call`): its memory and
+    momentum enter device 0, its conv taps are the halo's start.
 
     Returns ``(y [B, T_local, W], cache)``: this slice of the single-device output and the
     cache after the last global token (the same on every device).
@@ -111,7 +116,7 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None)
     from flax import nnx
     axis = _ctx._resolve_axis(axis_name, "combined_apply")
     B, L = x.shape[0], x.shape[1]
-    why = combine_reason(mixer, L)
+    why = combine_reason(mixer, L, cache=cache)
     if why is not None:
         raise ValueError(f"combined_apply: {why}")
     off = _ctx.shard_offset(L, axis)
@@ -125,7 +130,7 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None)
     x = _ctx._varying(x, axes)
     positions = _ctx._varying(positions, axes)
     m = nnx.merge(graphdef, state)
-    c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B))
+    c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B) if cache is None else cache)
     run = _lact_apply if _kind(mixer) == "lact" else _titans_apply
     return run(m, x, positions, c0, axis)
 

@@ -386,7 +386,22 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
                          f"outside `sequence_parallel(...)` or without them")
     from tttla_jax.parallel import combine
     if combine.combine_reason(mixer, x.shape[1], cache=cache, cu_seqlens=cu_seqlens) is None:
-        return combine.combined_apply(mixer, x, positions=positions, axis_name=axis_name)
+        if cache is None:
+            return combine.combined_apply(mixer, x, positions=positions, axis_name=axis_name)
+        # Titans continuing a cache: combined at a TTT-batch boundary (the cache's buffer empty
+        # in every row), else pipelined — chosen at run time (the cache is the same on every device)
+        from flax import nnx
+        graphdef, state = nnx.split(mixer)
+
+        def comb(state, x, cache, positions):
+            return combine.combined_apply(nnx.merge(graphdef, state), x, positions=positions,
+                                          axis_name=axis_name, cache=cache)
+
+        def pipe(state, x, cache, positions):
+            return mixer_apply(nnx.merge(graphdef, state), x, cache=cache, positions=positions,
+                               axis_name=axis_name)
+
+        return lax.cond(jnp.all(cache["buf_len"] == 0), comb, pipe, state, x, cache, positions)
     return mixer_apply(mixer, x, cache=cache, positions=positions, axis_name=axis_name,
                        cu_seqlens=cu_seqlens)
 
