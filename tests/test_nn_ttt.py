@@ -207,25 +207,6 @@ def test_ttt_linear_layer_is_projections_plus_rule_op():
     assert_close(y, ref)
 
 
-@pytest.mark.slow  # ~12 s of compiles; the forward is checked by the test above in the default suite
-def test_projections_as_2d_products_equal_nnx_linear(monkeypatch):
-    """The layer's projections (one 2-D product each, tttla_jax.nn.ttt._project) == the
-    ``nnx.Linear`` modules they hold: outputs and gradients w.r.t. every parameter and x."""
-    from tttla_jax.nn import ttt as ttt_mod
-
-    def value_and_grads(m, x):
-        gd, st = nnx.split(m)
-        loss = lambda st, x: jnp.sum(jnp.sin(nnx.merge(gd, st)(x)[0]))
-        return jit(jax.value_and_grad(loss, argnums=(0, 1)))(st, x)
-
-    m, x = make("ttt_linear_qk_gate", "parallel"), inputs()
-    got = value_and_grads(m, x)
-    monkeypatch.setattr(ttt_mod._TTTLayer, "_linear", lambda self, mod, x: mod(x))
-    want = value_and_grads(m, x)
-    assert max_diff(got[1], jax.tree.map(jnp.zeros_like, got[1])) > 1e-3  # non-trivial gradients
-    assert_close(got, want)
-
-
 def test_rope_interleaved_matches_reference_permutation():
     """The reference permutes (pairs → halves), applies rotate-half RoPE, permutes back."""
     rng = np.random.default_rng(0)

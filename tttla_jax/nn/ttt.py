@@ -76,14 +76,6 @@ def rope_interleaved(x: Float[Array, "b t h d"], positions: Int[Array, "b t"], *
     return y.astype(x.dtype)
 
 
-def _project(x, w):
-    """``x @ w`` for ``x [..., I]``, ``w [I, O]`` as one 2-D product over the flattened leading
-    axes. Same values as ``nnx.Linear``; its gradient ``dw = xᵀ dy`` is then a 2-D product too,
-    where autodiff of the 3-D contraction made XLA:CPU write the cotangent transposed for
-    every projection (~13 % of the TTT layer's forward+backward time, docs/rules/ttt.md)."""
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[1],))
-
-
 def _normal(std):
     def init(key, shape, dtype):
         return std * jax.random.normal(key, shape, dtype)
@@ -295,20 +287,12 @@ class _TTTLayer(RecipeMixin, Mixer):
         o = self.post_norm(o.reshape(B, T, H * D))
         if self.use_gate:
             o = gelu_tanh(projs["g"]) * o
-        return self._linear(self.o_proj, o), new_cache
+        return self.o_proj(o), new_cache
 
     def _projections(self, x):
         """The input projections ``{"q", "k", "v", "g"}`` of ``x`` (those the layer has)."""
         mods = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "g": self.g_proj}
-        return {n: self._linear(m, x) for n, m in mods.items() if m is not None}
-
-    def _linear(self, mod, x):
-        """``mod(x)`` (a bias-free ``nnx.Linear``); as :func:`_project` when the kernel has
-        ``x``'s dtype and the layer no compute ``dtype`` (the same product)."""
-        w = mod.kernel[...]
-        if self.dtype is not None or w.dtype != x.dtype or mod.use_bias:
-            return mod(x)
-        return _project(x, w)
+        return {n: m(x) for n, m in mods.items() if m is not None}
 
     # ----------------------------------------------------------------- weights
     def _common_weight_map(self) -> dict:
