@@ -68,9 +68,9 @@ class Dense(nnx.Linear):
     docs/implementations.md).
     """
 
-    def __call__(self, x):
-        if x.ndim <= 2:
-            return super().__call__(x)
+    def __call__(self, x, out_sharding=None):
+        if x.ndim <= 2 or out_sharding is not None:  # an explicit output sharding: nnx.Linear as is
+            return super().__call__(x, out_sharding=out_sharding)
         y = super().__call__(x.reshape(-1, x.shape[-1]))
         return y.reshape(x.shape[:-1] + y.shape[-1:])
 
