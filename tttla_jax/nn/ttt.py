@@ -240,17 +240,16 @@ class _TTTLayer(RecipeMixin, Mixer):
         H, D, C = self.num_heads, self.head_dim, self.mini_batch_size
         new_cache = {}
         conv = dict(cu_seqlens=cu_seqlens) if packed else {}
-        projs = self._projections(x)
         if self.share_qk:
-            xq = projs["q"]
+            xq = self.q_proj(x)
             XQ, _ = self.conv_q(xq, cache["conv"], **conv)
             XK, new_cache["conv"] = self.conv_k(xq, cache["conv"], **conv)
             XQ = XQ + self.conv_q_bias[...].astype(XQ.dtype)
             XK = XK + self.conv_k_bias[...].astype(XK.dtype)
         else:
-            XQ, XK = projs["q"], projs["k"]
+            XQ, XK = self.q_proj(x), self.k_proj(x)
         # recall recipes (docs/recipes.md): conv on q, k, v, feature map and L2 norm on q, k
-        XQ, XK, XV = self._recipe_qkv(XQ, XK, projs["v"], cache, new_cache, B, T, H, D, cu_seqlens)
+        XQ, XK, XV = self._recipe_qkv(XQ, XK, self.v_proj(x), cache, new_cache, B, T, H, D, cu_seqlens)
         if self.use_rope:
             p = positions.astype(jnp.int32) % C
             XQ = rope_interleaved(XQ, p, base=self.rope_theta)
@@ -286,13 +285,8 @@ class _TTTLayer(RecipeMixin, Mixer):
         o = self._recipe_out(o.astype(self._act_dtype()))
         o = self.post_norm(o.reshape(B, T, H * D))
         if self.use_gate:
-            o = gelu_tanh(projs["g"]) * o
+            o = gelu_tanh(self.g_proj(x)) * o
         return self.o_proj(o), new_cache
-
-    def _projections(self, x):
-        """The input projections ``{"q", "k", "v", "g"}`` of ``x`` (those the layer has)."""
-        mods = {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "g": self.g_proj}
-        return {n: m(x) for n, m in mods.items() if m is not None}
 
     # ----------------------------------------------------------------- weights
     def _common_weight_map(self) -> dict:

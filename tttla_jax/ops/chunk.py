@@ -485,43 +485,44 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None, unr
     concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
     block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
     """
-    C = kc.shape[-2]
     bc = bc[..., None]  # [B,H,G,C,1]
+    P, A, rhs_k, Kt, Qt0, state_decay = delta_chunk_terms(qc, kc, bc, gc)
+    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll)
+
+
+def delta_chunk_terms(qc, kc, bc, gc):
+    """The decay terms of :func:`delta_chunk_group` for a group of chunks ``[B, H, G, C, ·]``
+    (``bc`` = β ``[B, H, G, C, 1]``; ``qc`` scaled, or ``None`` when only the chunk maps are
+    needed): ``(P, A, β e^b K, K̃, e^b Q, state_decay)`` in its notation, ``P`` and ``e^b Q``
+    ``None`` without ``qc``; ``state_decay`` is ``e^{b_C}`` ``[B, H, G, 1, 1]``,
+    ``diag(e^{b_C})`` as ``[B, H, G, K, 1]`` (per-channel log-decay) or ``None`` (no decay)."""
+    C = kc.shape[-2]
     incl = lower_mask(C)  # j <= i
     strict = lower_mask(C, strict=True)  # j < i
     if gc is not None and gc.ndim == kc.ndim:
         # per-channel log-decay [B,H,G,C,K] (Kimi Delta Attention): the decay sits inside
         # the contractions of P and A (decayed_gram); γ, λ, Γ are per channel
         c, s, gamma, lam, Gam = channel_decays(gc)
-        P = decayed_gram(qc, kc, c, s)
+        P = None if qc is None else decayed_gram(qc, kc, c, s)
         A = decayed_gram(kc, kc, c, s, strict=True) * bc
-        rhs_k = bc * gamma * kc
-        Kt = lam * kc
-        Qt0 = gamma * qc
-        return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, Gam[..., :, None], S0, first, seq, h0, unroll)
+        Qt0 = None if qc is None else gamma * qc
+        return P, A, bc * gamma * kc, lam * kc, Qt0, Gam[..., :, None]
     kT = jnp.swapaxes(kc, -1, -2)  # [B,H,G,K,C]
-    QK = jnp.matmul(qc, kT)  # q_i·k_j
+    QK = None if qc is None else jnp.matmul(qc, kT)  # q_i·k_j
     KK = jnp.matmul(kc, kT)  # k_i·k_j
     if gc is None:
-        P = jnp.where(incl, QK, 0.0)
-        A = jnp.where(strict, KK, 0.0) * bc
-        rhs_k = bc * kc
-        Kt = kc
-        Qt0 = qc
-        state_decay = None
-    else:
-        # cut-aware cumulative log-decay (segment_cumsum): exact for g in [-inf, 0]
-        c, s = segment_cumsum(gc, by_matmul=True)  # [B,H,G,C]
-        same, gamma, lam, Gam = segment_decays(c, s)
-        E = masked_decay(c[..., :, None], c[..., None, :], same, zero_outside=False)
-        P = jnp.where(same, QK * E, 0.0)
-        A = jnp.where(strict & same, KK * E, 0.0) * bc
-        eb = gamma[..., None]  # e^{b_i} ≤ 1
-        rhs_k = (bc * eb) * kc
-        Kt = lam[..., None] * kc  # e^{b_C − b_j} k_j, exponent ≤ 0
-        Qt0 = eb * qc
-        state_decay = Gam[..., None, None]  # e^{b_C}
-    return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll)
+        P = None if qc is None else jnp.where(incl, QK, 0.0)
+        return P, jnp.where(strict, KK, 0.0) * bc, bc * kc, kc, qc, None
+    # cut-aware cumulative log-decay (segment_cumsum): exact for g in [-inf, 0]
+    c, s = segment_cumsum(gc, by_matmul=True)  # [B,H,G,C]
+    same, gamma, lam, Gam = segment_decays(c, s)
+    E = masked_decay(c[..., :, None], c[..., None, :], same, zero_outside=False)
+    P = None if qc is None else jnp.where(same, QK * E, 0.0)
+    A = jnp.where(strict & same, KK * E, 0.0) * bc
+    eb = gamma[..., None]  # e^{b_i} ≤ 1
+    Qt0 = None if qc is None else eb * qc
+    # K̃ = e^{b_C − b_j} k_j (exponent ≤ 0); the state decays by e^{b_C}
+    return P, A, (bc * eb) * kc, lam[..., None] * kc, Qt0, Gam[..., None, None]
 
 
 def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll=None):

@@ -567,31 +567,14 @@ def _delta_chunk_maps(q, k, v, beta, g, C):
     ``Qt = e^b Q − P W_k`` (the chunk's outputs are ``Qt S + P W_v``), as in
     :func:`tttla_jax.ops.chunk.delta_chunk_group`."""
     from tttla_jax.ops import chunk as ck
-    K = k.shape[-1]
     bc = beta[..., None]
-    kT = jnp.swapaxes(k, -1, -2)
-    KK = jnp.matmul(k, kT)
-    incl, strict = ck.lower_mask(C), ck.lower_mask(C, strict=True)
-    eye = jnp.eye(K, dtype=k.dtype)
-    if g is None:
-        A = jnp.where(strict, KK, 0.0) * bc
-        rhs_k, Kt, eye_decay, same, E, gam = bc * k, k, eye, incl, None, None
-    else:
-        c, sg = ck.segment_cumsum(g, by_matmul=True)
-        same, gamma, lam, Gam = ck.segment_decays(c, sg)
-        E = ck.masked_decay(c[..., :, None], c[..., None, :], same, zero_outside=False)
-        A = jnp.where(strict & same, KK * E, 0.0) * bc
-        gam = gamma[..., None]
-        rhs_k, Kt, eye_decay = (bc * gam) * k, lam[..., None] * k, Gam[..., None, None] * eye
+    P, A, rhs_k, Kt, Qt0, state_decay = ck.delta_chunk_terms(q, k, bc, g)
+    eye = jnp.eye(k.shape[-1], dtype=k.dtype)
     Tinv = ck.unit_lower_inverse(A)
     Wk = jnp.matmul(Tinv, rhs_k)
-    M = eye_decay - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
+    M = (eye if state_decay is None else state_decay * eye) - jnp.einsum("bhnck,bhncj->bhnkj", Kt, Wk)
     D = None if v is None else jnp.einsum("bhnck,bhncv->bhnkv", Kt, jnp.matmul(Tinv, bc * v))
-    Qt = None
-    if q is not None:
-        QK = jnp.matmul(q, kT)
-        Pm = jnp.where(same, QK if E is None else QK * E, 0.0)
-        Qt = (q if gam is None else gam * q) - jnp.matmul(Pm, Wk)
+    Qt = None if q is None else Qt0 - jnp.matmul(P, Wk)
     return M, D, Qt
 
 
