@@ -334,6 +334,13 @@ def test_per_preset_learning_rates():
         preset = zoology.MIXER_PRESETS[f"{mixer}+recall"]
         assert preset.mixer == mixer and set(opts.items()) <= set(preset.options), (mixer, preset)
     assert {"lact+recall-dh16", "ttt_linear+recall", "ttt_linear+recall-h4"} <= set(zoology.DEFAULT.mixers)
+    # the schedule: Zoology's cosine to 0 over the run, or a linear warm-up then the cosine
+    assert zoology._lr_at(1.0, 1, 10) == 1.0 and abs(zoology._lr_at(1.0, 6, 10) - 0.5) < 1e-12
+    assert [zoology._lr_at(1.0, s, 10, 4) for s in (1, 4, 5)] == [0.25, 1.0, 1.0]
+    assert abs(zoology._lr_at(1.0, 8, 10, 4) - 0.5) < 1e-12
+    assert zoology.parse(["--sweep", "tiny", "--warmup", "2"])[2].warmup == 2
+    with pytest.raises(SystemExit):
+        zoology.parse(["--sweep", "tiny", "--warmup", "4"])   # not below the tiny sweep's 4 steps
 
 
 def test_recall_size_variants_and_preset_heads(capsys):

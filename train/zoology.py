@@ -189,6 +189,8 @@ class SweepConfig:
     #: preset (``--lrs`` on the command line clears them)
     preset_lrs: tuple = ()
     steps: int = 2000
+    #: linear warm-up steps from 0 to the peak learning rate before the cosine (Zoology: none)
+    warmup: int = 0
     batch_size: int = 64
     train_examples: int = 50_000
     test_examples: int = 1_000
@@ -293,8 +295,7 @@ def run_one(runner: _Runner, cfg: SweepConfig, lr: float, train, test, kv: int, 
             perm, pos = order_rng.permutation(n), 0
         b = perm[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        # cosine from lr to 0 over the run, no warm-up (the rate used by this step)
-        lr_t = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / cfg.steps))
+        lr_t = _lr_at(lr, step, cfg.steps, cfg.warmup)
         params, opt_state, l_, a_, fin = runner.train_step(
             params, opt_state, jnp.float32(lr_t), jnp.asarray(tin[b]), jnp.asarray(tidx[b]),
             jnp.asarray(ttgt[b]), jax.random.fold_in(key, step))
@@ -315,6 +316,15 @@ def run_one(runner: _Runner, cfg: SweepConfig, lr: float, train, test, kv: int, 
             "curve": curve, "seconds": time.perf_counter() - t0,
             # this process's CPU time (all threads) for the run: load-independent, unlike wall time
             "cpu_seconds": time.process_time() - c0}
+
+
+def _lr_at(lr: float, step: int, steps: int, warmup: int = 0) -> float:
+    """The learning rate of step ``step`` (1-based) of ``steps``: linear from ``lr / warmup``
+    to ``lr`` over the first ``warmup`` steps, then a cosine from ``lr`` to 0 over the rest
+    (with ``warmup = 0``, Zoology's schedule: the cosine over the whole run)."""
+    if step <= warmup:
+        return lr * step / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - 1 - warmup) / (steps - warmup)))
 
 
 def _run_key(mixer, L, kv, width, lr):
@@ -562,6 +572,7 @@ def build_parser():
     p.add_argument("--lrs", nargs="+", type=float, help="peak learning rates")
     for name in ("steps", "batch_size", "train_examples", "test_examples", "eval_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
+    p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine [0, as Zoology]")
     p.add_argument("--early-stop", type=float, help="held-out accuracy that ends a run [0.99]")
     p.add_argument("--out", default="", help="output directory [runs/zoology/<sweep>]")
     p.add_argument("--resume", action="store_true", help="skip the runs already in results.json")
@@ -591,7 +602,7 @@ def parse(argv=None):
         except (ValueError, json.JSONDecodeError) as e:
             p.error(f"--preset {spec!r}: {e}")
     over = {}
-    for name in ("mixers", "settings", "widths", "lrs", "steps", "batch_size", "train_examples",
+    for name in ("mixers", "settings", "widths", "lrs", "steps", "warmup", "batch_size", "train_examples",
                  "test_examples", "eval_every", "seed", "early_stop"):
         v = getattr(a, name)
         if v is not None:
@@ -607,6 +618,8 @@ def parse(argv=None):
     if "lrs" in over:
         over["preset_lrs"] = ()   # --lrs applies to every preset
     cfg = dataclasses.replace(SWEEPS[a.sweep], **over)
+    if not 0 <= cfg.warmup < cfg.steps:
+        p.error(f"--warmup: expected 0 <= warmup < steps = {cfg.steps}, got {cfg.warmup}")
     if cfg.batch_size > cfg.train_examples:
         p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
     return p, a, cfg
