@@ -6,9 +6,10 @@ On 8 forced host CPU devices (one subprocess; compilation dominates): the layer 
 — outputs, the final cache and the gradients of a loss of both w.r.t. the input and every
 parameter; through ``sharded_mixer`` with T not a multiple of the devices (padded at the
 end); the combined form is really taken (``combine_reason`` is None) and the pipelined
-fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, a LaCT
-cache, packed documents crossing devices) still equals one device. A Titans cache runs
-combined at a TTT-batch boundary and pipelined inside a batch (chosen at run time). The
+fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, packed
+documents crossing devices) still equals one device. A Titans cache runs combined at a
+TTT-batch boundary and pipelined inside a batch, a LaCT cache combined at a chunk boundary
+(``buf_len`` 0 or C, per row) and pipelined inside a chunk (chosen at run time). The
 default suite keeps one case (LaCT V2 with the window branch and a short conv whose halos
 span devices); the sweep over seq = 2, 4, 8, Titans (fresh and continuing a cache), the padded
 calls and the fallbacks are ``@slow``.
@@ -40,7 +41,7 @@ CHECKS = textwrap.dedent('''
             return jnp.sum(y * w) + sum(jnp.sum(jnp.sin(c)) for c in fl)
         return loss
 
-    def check(name, opts, seq, T, Tpad=None, B=2, W=8, packed=None, cached=False):
+    def check(name, opts, seq, T, Tpad=None, B=2, W=8, packed=None, cached=False, buf=None):
         m = MIXERS[name](width=W, num_heads=2, dtype=F64, param_dtype=F64, rngs=nnx.Rngs(0), **opts)
         gd, st = nnx.split(m)
         mesh = Mesh(np.asarray(jax.devices()[:seq]), ("seq",))
@@ -52,6 +53,11 @@ CHECKS = textwrap.dedent('''
         NB = Bx if packed is None else len(packed) - 1
         nc = 3 if cached is True else int(cached)  # tokens before the call (cached=True: 3)
         c0 = m(jax.random.normal(jax.random.key(2), (NB, nc, W), F64))[1] if cached else None
+        if buf is not None:  # per-row buf_len overrides (None: keep), e.g. 0: a LaCT row from W^(0)
+            c0["buf_len"] = jnp.asarray([c0["buf_len"][i] if b is None else b for i, b in enumerate(buf)],
+                                        jnp.int32)
+        if cached:
+            out["buf_len"] = [int(b) for b in c0["buf_len"]]
         cshape = jax.eval_shape(lambda: m.init_cache(NB))
         loss = loss_of(weights((Bx, T, W)))
 
@@ -110,8 +116,18 @@ SLOW_CASES = [
     (False, dict(id="lact_v1_seq4", name="lact", seq=4, T=8, opts={"preset": "v1", "chunk_size": 2})),
     (False, dict(id="titans_mlp_seq4", name="titans", seq=4, T=16,
                  opts={"chunk_size": 2, "batch_size": 4, "memory": "mlp"})),
-    (False, dict(id="lact_v2_cached_seq4", name="lact", seq=4, T=8, cached=True,
-                 opts={"preset": "v2", "chunk_size": 2})),
+    # LaCT continuing a cache: inside a chunk (3 tokens before, chunk 2: buf_len 1) the run-time
+    # choice takes the pipelined branch; at a chunk boundary (a whole buffered chunk, buf_len C:
+    # its pending update first; or buf_len 0: W^(0), the cache's conv taps, window and positions;
+    # or both, one per row) the combined one (each ~20 s: @slow)
+    (True, dict(id="lact_v2_cache_midchunk_seq4", name="lact", seq=4, T=8, cached=3,
+                want_buf=[1, 1], opts={"preset": "v2", "chunk_size": 2})),
+    (True, dict(id="lact_v2_cache_full_win_conv_seq4", name="lact", seq=4, T=8, cached=4,
+                want_buf=[2, 2], opts={"preset": "v2", "chunk_size": 2, "window": 3, "short_conv": 3})),
+    (True, dict(id="lact_v3_cache_rows_0_C_seq8", name="lact", seq=8, T=16, cached=4, buf=[0, None],
+                want_buf=[0, 2], opts={"preset": "v3", "chunk_size": 2, "window": 3, "short_conv": 3})),
+    (True, dict(id="lact_v5_cache_empty_seq2", name="lact", seq=2, T=8, cached=3, buf=[0, 0],
+                want_buf=[0, 0], opts={"preset": "v5", "chunk_size": 4})),
     # Titans continuing a cache: inside a TTT batch (3 tokens before, batch 4) the run-time
     # choice takes the pipelined branch; at a batch boundary (4 / 2 tokens before) the combined
     # one, from the cache's memory, momentum and conv taps (the case costs ~25 s: @slow)
@@ -130,7 +146,9 @@ SLOW_CASES = [
 
 
 def _check(cases, timeout=3000):
-    res = run_checks(CHECKS, [dict(c) for _, c in cases], devices=8, timeout=timeout)
+    # want_buf: the cache's buf_len per row the case is about (checked, not passed on)
+    res = run_checks(CHECKS, [{k: v for k, v in c.items() if k != "want_buf"} for _, c in cases],
+                     devices=8, timeout=timeout)
     assert set(res) == {c["id"] for _, c in cases}
     for combined, c in cases:
         r = res[c["id"]]
@@ -140,6 +158,8 @@ def _check(cases, timeout=3000):
             if what in r:
                 assert r[what] <= TOL, (c["id"], what, r)
         assert ("pad_grads" in r) == ("Tpad" in c)
+        if "want_buf" in c:
+            assert r["buf_len"] == c["want_buf"], (c["id"], r["buf_len"])
 
 
 def test_combined_form_equals_one_device():
@@ -149,6 +169,7 @@ def test_combined_form_equals_one_device():
 @pytest.mark.slow
 def test_combined_form_sweep_equals_one_device():
     """seq = 2, 4, 8; LaCT V2–V6 and Titans (linear memory), T not a multiple of seq
-    (padded), and the pipelined fallback (V1, MLP memory, unaligned slices, a given cache,
-    packed documents crossing devices)."""
+    (padded), the pipelined fallback (V1, MLP memory, unaligned slices, packed documents
+    crossing devices) and LaCT / Titans continuing a cache (at a segment boundary: combined;
+    inside one: pipelined)."""
     _check(SLOW_CASES, timeout=6000)

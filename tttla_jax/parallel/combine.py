@@ -38,9 +38,10 @@ acts on each column alone). The device's transform ``[S; M] ↦ A [S; M] + b`` (
 the loss's ``1/V`` is unchanged) — the delta rule's trick (docs/context_parallel.md).
 
 When the combined form applies (:func:`combine_reason` is ``None``): a fresh sequence
-(``cache=None``, the training path), no packed documents, and the slice aligned to the
-layer's segments (LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of ``batch_size``).
-Otherwise the layer runs pipelined. Gradients: plain autodiff through the collectives
+(``cache=None``, the training path) or a cache at a segment boundary (:func:`cache_at_boundary`,
+checked at run time), no packed documents, and the slice aligned to the layer's segments
+(LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of ``batch_size``). Otherwise the
+layer runs pipelined. Gradients: plain autodiff through the collectives
 (``all_gather``); Titans' transform (step 1–2) is rematerialised in the backward pass.
 """
 from __future__ import annotations
@@ -69,14 +70,12 @@ def _kind(mixer) -> Optional[str]:
 def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seqlens=None) -> Optional[str]:
     """``None`` if ``mixer`` runs the associative combined form under sequence parallelism
     for a call on ``local_len`` tokens per device (``None``: any aligned length) with this
-    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A Titans call with a
-    cache runs combined when the cache sits at a TTT-batch boundary (every ``buf_len`` 0,
+    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A call with a cache
+    runs combined when the cache sits at a segment boundary (:func:`cache_at_boundary`,
     decided at run time by a ``lax.cond``), else pipelined."""
     kind = _kind(mixer)
     if kind is None:
         return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
-    if cache is not None and kind == "lact":
-        return "a LaCT call continuing a cache (its buffered chunk) runs pipelined"
     if cu_seqlens is not None:
         return "packed documents (cu_seqlens) run pipelined"
     if kind == "lact":
@@ -100,12 +99,29 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
     return None
 
 
+def cache_at_boundary(mixer, cache) -> jax.Array:
+    """Whether the combined form can continue ``cache`` (a traced bool, the same on every
+    device since the cache is): every row at a segment boundary. Titans: the TTT-batch buffer
+    is empty (``buf_len`` 0). LaCT: the chunk buffer is empty (``buf_len`` 0: a fresh row,
+    ``W^(0)``) or holds a whole chunk (``buf_len = C``: its pending update is applied first,
+    then the new tokens start a chunk); ``1 … C − 1`` buffered tokens would shift every chunk
+    off the device boundaries."""
+    n = cache["buf_len"]
+    if _kind(mixer) == "lact":
+        return jnp.all((n == 0) | (n == mixer.rule.chunk_size))
+    return jnp.all(n == 0)
+
+
 def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None, cache=None):
     """The combined form of a LaCT (V2–V6) or Titans (linear memory) layer on this device's
-    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``). Titans
-    also continues a ``cache`` whose TTT-batch buffer is empty (``buf_len`` 0: not checked
-    here, see :func:`tttla_jax.parallel.context.sequence_parallel_call`): its memory and
-    momentum enter device 0, its conv taps are the halo's start.
+    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``), or of one
+    continuing a ``cache`` at a segment boundary (:func:`cache_at_boundary`; not checked here,
+    see :func:`tttla_jax.parallel.context.sequence_parallel_call`). Titans: the cache's memory
+    and momentum enter device 0. LaCT: a row with a whole buffered chunk (``buf_len = C``)
+    first applies that chunk's pending update to the cache's state
+    (``LaCTRule.chunk_update``), a row with ``buf_len`` 0 starts from ``W^(0)``; positions
+    continue ``cache["pos"]``, the window branch's halo starts from the cache's keys and
+    values. Both: the cache's conv taps are the halo's start.
 
     Returns ``(y [B, T_local, W], cache)``: this slice of the single-device output and the
     cache after the last global token (the same on every device).
@@ -121,7 +137,8 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
         raise ValueError(f"combined_apply: {why}")
     off = _ctx.shard_offset(L, axis)
     if positions is None:
-        start = mixer.init_cache(B).get("pos", jnp.zeros((B,), jnp.int32))  # Titans has no positions
+        start = (mixer.init_cache(B) if cache is None else cache).get(
+            "pos", jnp.zeros((B,), jnp.int32))  # Titans has no positions
         positions = start[:, None] + off + jnp.arange(L, dtype=jnp.int32)[None]
     positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, L))
     graphdef, state = nnx.split(mixer)
@@ -131,8 +148,9 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
     positions = _ctx._varying(positions, axes)
     m = nnx.merge(graphdef, state)
     c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B) if cache is None else cache)
-    run = _lact_apply if _kind(mixer) == "lact" else _titans_apply
-    return run(m, x, positions, c0, axis)
+    if _kind(mixer) == "lact":
+        return _lact_apply(m, x, positions, c0, axis, given=cache is not None)
+    return _titans_apply(m, x, positions, c0, axis)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -178,9 +196,34 @@ def _lact_carry(xin, axis):
     return momentum_in, w1_in
 
 
-def _lact_apply(mixer, x, positions, c0, axis):
+def _lact_start(mixer, c0, st0):
+    """The LaCT state the new tokens start from, continuing the cache ``c0`` at a chunk
+    boundary: per row, ``W^(0)`` (``st0``) where ``buf_len`` is 0, and where it is ``C`` the
+    cache's state after the buffered chunk's pending update (``LaCTRule.chunk_update`` on the
+    buffered keys, values, learning rates and momentum — as the single-device stream does)."""
+    from tttla_jax.rules.lact import LaCTState
+    rule = mixer.rule
+    sd = mixer._state_dtype()
+    B = c0["buf_len"].shape[0]
+    full = c0["buf_len"] == rule.chunk_size                        # [B]
+    pick = lambda p, key: None if p is None else c0[key].astype(sd)  # noqa: E731
+    st = LaCTState(w=tuple(pick(p, f"w{i}") for i, p in enumerate(st0.w)),
+                   main=None if st0.main is None else tuple(pick(p, f"main{i}") for i, p in enumerate(st0.main)),
+                   mom=None if st0.mom is None else tuple(pick(p, f"mom{i}") for i, p in enumerate(st0.mom)),
+                   norm=st0.norm)
+    bk, bv = c0["buf_k"], c0["buf_v"]
+    xb = rule.prepare(bk, bk, bv, c0.get("buf_lr"), st, c0.get("buf_m"))  # one whole chunk
+    hc = lambda a: jnp.moveaxis(a, 1, 2)                           # noqa: E731  [B, C, H, ·] -> [B, H, C, ·]
+    new = rule.chunk_update(xb.state, hc(xb.k), hc(xb.v), tuple(hc(a) for a in xb.lrs),
+                            xb.chunk_momentum[..., 0])
+    sel = lambda a, b: jnp.where(full.reshape((B,) + (1,) * (a.ndim - 1)), a, b.astype(a.dtype))  # noqa: E731
+    return jax.tree.map(sel, new, st0)
+
+
+def _lact_apply(mixer, x, positions, c0, axis, given=False):
     """LaCT (V2–V6) on this device: projections (conv halo-aware), the combined incoming
-    state, the rule's own parallel form from it, the window branch from its halo, the head."""
+    state (``given``: continuing the cache ``c0`` at a chunk boundary, :func:`_lact_start`),
+    the rule's own parallel form from it, the window branch from its halo, the head."""
     from tttla_jax.nn.mixers import sliding_window_attend
     rule = mixer.rule
     B, L = x.shape[:2]
@@ -189,6 +232,8 @@ def _lact_apply(mixer, x, positions, c0, axis):
     conv_cache = {}
     fq, fk, fv, lr, m, attn = mixer._project(x, positions, c0, conv_cache, None)  # conv: halo-aware here
     st0 = rule.init_state(*mixer._fast_params(), B)
+    if given:
+        st0 = _lact_start(mixer, c0, st0)
     # the rule's associative parallel form with the device carry: every chunk's NS5 once
     xin = rule.prepare(fq, fk, fv, lr, st0, m)
     o, w1, mom1 = parallel_form(rule, xin, "associative", carry=_lact_carry(xin, axis))

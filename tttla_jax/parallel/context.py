@@ -376,7 +376,7 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
     """A ``"pipelined"`` mixer's call under :func:`sequence_parallel` (the ``Mixer`` base
     class routes it here): :func:`mixer_apply` (``cu_seqlens``: the global offsets of packed
     documents), or, for the LaCT (ladder V2–V6) and Titans (linear memory) layers on a fresh
-    sequence with device-aligned segments, their combined form
+    sequence (or a cache at a segment boundary) with device-aligned segments, their combined form
     (:func:`tttla_jax.parallel.combine.combined_apply`; ``combine_reason`` says which applies).
     Other keyword arguments are rejected with a ``ValueError`` naming them."""
     extra = sorted(k for k, v in kw.items() if v is not None)
@@ -388,8 +388,9 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
     if combine.combine_reason(mixer, x.shape[1], cache=cache, cu_seqlens=cu_seqlens) is None:
         if cache is None:
             return combine.combined_apply(mixer, x, positions=positions, axis_name=axis_name)
-        # Titans continuing a cache: combined at a TTT-batch boundary (the cache's buffer empty
-        # in every row), else pipelined — chosen at run time (the cache is the same on every device)
+        # continuing a cache: combined at a segment boundary (combine.cache_at_boundary: Titans'
+        # TTT-batch buffer empty, LaCT's chunk buffer empty or whole, in every row), else
+        # pipelined — chosen at run time (the cache is the same on every device)
         from flax import nnx
         graphdef, state = nnx.split(mixer)
 
@@ -401,7 +402,7 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
             return mixer_apply(nnx.merge(graphdef, state), x, cache=cache, positions=positions,
                                axis_name=axis_name)
 
-        return lax.cond(jnp.all(cache["buf_len"] == 0), comb, pipe, state, x, cache, positions)
+        return lax.cond(combine.cache_at_boundary(mixer, cache), comb, pipe, state, x, cache, positions)
     return mixer_apply(mixer, x, cache=cache, positions=positions, axis_name=axis_name,
                        cu_seqlens=cu_seqlens)
 
