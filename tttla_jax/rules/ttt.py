@@ -31,9 +31,10 @@ the tests:
 
 Inner gradients are in closed form (:func:`ln_l2_grad` back-propagates through the
 LayerNorm by hand, as the reference's ``ln_fused_l2_bwd``); the tests check them
-against ``jax.grad`` of the inner loss. The outer gradient is ordinary autodiff through
-the ``lax.scan`` over mini-batches, with each mini-batch recomputed in the backward from
-its initial fast weights (``jax.checkpoint``, docs/rules/ttt.md).
+against ``jax.grad`` of the inner loss. The outer gradient is one reverse scan over the
+mini-batches that rebuilds each mini-batch's initial fast weights from the next one's and
+differentiates the mini-batch step there (:meth:`_TTTBase._mini_batches`, docs/rules/ttt.md
+"The backward pass"); reverse mode only.
 
 Associativity (docs/rules/ttt.md note, §2): the inner LayerNorm makes ``G`` a nonlinear function of
 the state and is applied again on the read, the bias and the ``q`` residual (with the
@@ -252,7 +253,7 @@ def _primal_rows(W, b, q, a, g, lr, te, bias):
     ``dq_i = dz_i W_iᵀ`` and ``d te_i``, one reverse pass accumulates
     ``R_j = Σ_{i≥j} ∂L/∂S_i`` for ``d a_j = lr_j R_j g_j``, ``d g_j = lr_j a_j R_j``,
     ``d lr_j = a_j R_j g_jᵀ``. Autodiff of the row scan instead stacks every row's
-    ``[I, O]`` residuals and was ~5× slower on CPU. Reverse mode only (no ``jax.jvp``).
+    ``[I, O]`` residuals and was ~5× slower on CPU.
     """
     Z, S, s = _primal_rows_scan(W, b, q, a, g, lr, te, bias)
     t = te[-1]
@@ -314,6 +315,10 @@ def _primal_rows_bwd(bias, res, cot):
 
 
 _primal_rows.defvjp(_primal_rows_fwd, _primal_rows_bwd)
+
+
+def _last_row_update(te, lr, G):  # eta[c−1, j] G_j: the mini-batch's update is k_jᵀ of this
+    return (te[-1] * lr)[..., None] * G
 
 
 def _with_one(x):  # the bias as an extra key / query dimension
@@ -405,8 +410,8 @@ class _TTTBase(Rule):
             _checks.check_floating(f"state.{name}", x)
         return state
 
-    def _scan(self, step, xs, token_eta, st):
-        """Scan ``step(st, x, token_eta) -> (st, o)`` over full mini-batches, then the
+    def _scan(self, xs, token_eta, st, gamma, beta):
+        """Scan :meth:`_step` over full mini-batches (:meth:`_mini_batches`), then the
         trailing partial one with ``token_eta[:r]``. ``xs``: tuple of ``[B, T, H, …]``."""
         C = self.mini_batch_size
         T = xs[0].shape[1]
@@ -417,19 +422,62 @@ class _TTTBase(Rule):
             x = x.reshape((x.shape[0], n, c) + x.shape[2:])
             return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
-        # the backward recomputes each mini-batch from its saved initial state (its residuals
-        # are never stacked over the sequence): less memory traffic, faster on CPU
-        step = jax.checkpoint(step)
         outs = []
         if N > 0:
-            st, o = lax.scan(lambda s, x: step(s, x, token_eta), st,
-                             tuple(blocks(x, 0, N, C) for x in xs))
+            st, o = self._mini_batches(st, tuple(blocks(x, 0, N, C) for x in xs), token_eta, gamma, beta)
             o = jnp.moveaxis(o, 3, 2)  # [N, B, C, H, D]
             outs.append(jnp.moveaxis(o, 0, 1).reshape((o.shape[1], N * C) + o.shape[3:]))
-        if r > 0:
+        if r > 0:  # one step: plain autodiff, recomputed in the backward from its initial weights
+            step = jax.checkpoint(lambda s, x, te: self._step(s, x, te, gamma, beta)[:2])
             st, o = step(st, tuple(blocks(x, N * C, 1, r)[0] for x in xs), token_eta[:r])
             outs.append(jnp.moveaxis(o, 2, 1))  # [B, r, H, D]
         return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), st
+
+    def _mini_batches(self, st, xb, token_eta, gamma, beta):
+        """``lax.scan`` of :meth:`_step` over ``N`` full mini-batches ``xb`` (``[N, B, H, C, …]``);
+        returns ``(final state, o [N, B, H, C, D])``.
+
+        Its VJP (docs/rules/ttt.md, "The backward pass") is one reverse scan that rebuilds each
+        mini-batch's initial weights from the next one's, ``W_n = W_{n+1} + Σ_j k_jᵀ (eta[c−1, j]
+        G_j)`` (the step's own update undone; TTT-MLP rebuilds ``W1_n`` first, then its hidden
+        features ``x2``, then ``W2_n``), and differentiates the step there. The forward keeps
+        only the scaled gradients ``eta[c−1, j] G_j`` per mini-batch (``[C, D]``, TTT-MLP
+        ``[C, F]`` and ``[C, D]``), not the weights (``[D, D]``; ``[D, F]`` and ``[F, D]``).
+        Rebuilt weights differ from the forward's by rounding only (each step adds back the
+        stored update). Reverse mode only (``jax.jvp`` is not supported).
+        """
+
+        @jax.custom_vjp
+        def run(st, xb, te, gamma, beta):
+            return lax.scan(lambda s, x: self._step(s, x, te, gamma, beta)[:2], st, xb)
+
+        def run_fwd(st, xb, te, gamma, beta):
+            def body(s, x):
+                s, o, upd = self._step(s, x, te, gamma, beta)
+                return s, (o, upd)
+            stN, (o, upd) = lax.scan(body, st, xb)
+            return (stN, o), (stN, xb, te, gamma, beta, upd)
+
+        def run_bwd(res, cot):
+            stN, xb, te, gamma, beta, upd = res
+            dstN, do = cot
+            zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+
+            def body(carry, inp):
+                s_next, ds, acc = carry
+                x, u, don = inp
+                s = self._rebuild(s_next, x, u)
+                _, vjp = jax.vjp(lambda s, x, te, g, b: self._step(s, x, te, g, b)[:2],
+                                 s, x, te, gamma, beta)
+                ds, dx, *dp = vjp((ds, don))
+                return (s, ds, jax.tree.map(jnp.add, acc, tuple(dp))), dx
+
+            init = (stN, dstN, zeros((te, gamma, beta)))
+            (_, dst, (dte, dg, db)), dxb = lax.scan(body, init, (xb, upd, do), reverse=True)
+            return dst, dxb, dte, dg, db
+
+        run.defvjp(run_fwd, run_bwd)
+        return run(st, xb, token_eta, gamma, beta)
 
     def _read_out(self, q, Zbar, gamma, beta):
         y = layer_norm(Zbar, gamma, beta, self.eps) if self.layer_norm else Zbar
@@ -518,7 +566,15 @@ class TTTLinearRule(_TTTBase):
             b_new = b - jnp.sum(lG, axis=2) if self.bias else b
         else:
             Zbar, W_new, b_new = _primal_rows(W, b, q, k, G, lr, token_eta, self.bias)
-        return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta)
+            lG = _last_row_update(token_eta, lr, G)
+        return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta), lG
+
+    def _rebuild(self, st, x, lG):
+        """The mini-batch's initial state from its final one and the stored ``eta[c−1, j] G_j``."""
+        W, b = st
+        k = x[1]
+        return TTTLinearState(W + jnp.einsum("bhjd,bhje->bhde", k, lG),
+                              b + jnp.sum(lG, axis=2) if self.bias else b)
 
     def recurrent(
         self,
@@ -550,8 +606,7 @@ class TTTLinearRule(_TTTBase):
         gamma, beta = self._ln_params(ln_scale, ln_bias, sd)
         st = TTTLinearState(*(x.astype(sd) for x in state))
         xs = tuple(x.astype(sd) for x in (q, k, v, lr))
-        step = lambda s, x, te: self._step(s, x, te, gamma, beta)
-        o, st = self._scan(step, xs, token_eta.astype(sd), st)
+        o, st = self._scan(xs, token_eta.astype(sd), st, gamma, beta)
         return o.astype(q.dtype), (st if output_final_state else None)
 
     def delta_rule_inputs(self, q, k, v, lr, token_eta, state: TTTLinearState):
@@ -703,7 +758,23 @@ class TTTMLPRule(_TTTBase):
             # q_i is read through W1_i, its hidden features gelu(·) through W2_i
             Z1bar, W1n, b1n = _primal_rows(W1, b1, q, k, G1, lr, token_eta, self.bias)
             Z2bar, W2n, b2n = _primal_rows(W2, b2, gelu_tanh(Z1bar), x2, G2, lr, token_eta, self.bias)
-        return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta)
+            lG1, lG2 = _last_row_update(token_eta, lr, G1), _last_row_update(token_eta, lr, G2)
+        return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta), (lG1, lG2)
+
+    def _rebuild(self, st, x, upd):
+        """The mini-batch's initial state from its final one and the stored ``eta[c−1, j] G1_j``,
+        ``eta[c−1, j] G2_j``: ``W1`` first, then the hidden features ``x2`` at it, then ``W2``."""
+        W1, b1, W2, b2 = st
+        lG1, lG2 = upd
+        k = x[1]
+        W1 = W1 + jnp.einsum("bhjd,bhjf->bhdf", k, lG1)
+        Z1 = jnp.einsum("bhcd,bhdf->bhcf", k, W1)
+        if self.bias:
+            b1 = b1 + jnp.sum(lG1, axis=2)
+            Z1 = Z1 + b1[:, :, None, :]
+            b2 = b2 + jnp.sum(lG2, axis=2)
+        W2 = W2 + jnp.einsum("bhjf,bhjd->bhfd", gelu_tanh(Z1), lG2)
+        return TTTMLPState(W1, b1, W2, b2)
 
     def _check_state(self, state, B: int, H: int, D: int) -> TTTMLPState:
         """A :class:`TTTMLPState` ``(W1, b1, W2, b2)`` with shapes matching q (named errors)."""
@@ -736,8 +807,7 @@ class TTTMLPRule(_TTTBase):
         gamma, beta = self._ln_params(ln_scale, ln_bias, sd)
         st = TTTMLPState(*(x.astype(sd) for x in state))
         xs = tuple(x.astype(sd) for x in (q, k, v, lr))
-        step = lambda s, x, te: self._step(s, x, te, gamma, beta)
-        o, st = self._scan(step, xs, token_eta.astype(sd), st)
+        o, st = self._scan(xs, token_eta.astype(sd), st, gamma, beta)
         return o.astype(q.dtype), (st if output_final_state else None)
 
     def reading(self, q, k, v, lr, token_eta, ln_scale, ln_bias, state, output_final_state=True) -> Reading:
