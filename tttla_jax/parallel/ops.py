@@ -31,6 +31,11 @@ in the incoming state: over one device's tokens the state after the device is
    ``lax.associative_scan`` (log depth in P): ``c_p = E_{p−1}``, ``c_0 = 0``;
 3. runs the single-device chunked op ONCE on its slice from ``c_p`` (``initial_state``).
 
+Linear attention on unpacked slices (one log-decay per head, the chunked form) puts the chunk
+states first instead (:func:`_la_states_first`): step 1 is the chunked form's own state scan
+from a zero state (its final state is ``B_p``, no separate ``kᵀv`` pass), and step 3 reads the
+outputs from the states ``S⁰_n + Φ_n c_p`` — the forward then costs what the op alone costs.
+
 Gradients (a ``jax.custom_vjp``, LASP-2 style): the cotangent of ``c_p`` through the device's
 own outputs is a state-sized contraction (linear attention: ``Σ_t e^{G_t} q̃_tᵀ dO_t``; delta
 rule: ``Σ_t (q̃_t Φ_t)ᵀ dO_t``, a reverse pass over the chunk maps ``X ← M_nᵀ X + Q̃_nᵀ dO_n``,
@@ -209,6 +214,9 @@ def _bcast(mask, ndim):
 _BLOCK_TOKENS = 512
 _CONTRACT_BLOCK = 256
 _CONTRACT_MIN_BLOCK = 64
+# linear attention on unpacked slices with the chunk states first (_la_states_first); False:
+# the transform's separate kᵀv pass, then the op from the incoming state (as packed slices)
+_LA_STATES_FIRST = True
 
 
 def _contract_tokens(a, b, w=None):
@@ -417,10 +425,105 @@ def linear_attention(
         a_end = jnp.where(lay.span[:, None], a_end, 0.0)
         return dcl + lay.to_carry(a_end[..., None, None] * dSF)
 
-    core = _state_passing(local, transform, local_cot, axis_name, matrix=False)
+    if _la_states_first_applies(q, k, v, log_decay, cu_seqlens, chunk_size, impl):
+        core = _la_states_first(local_cot, axis_name, min(chunk_size, L))
+    else:
+        core = _state_passing(local, transform, local_cot, axis_name, matrix=False)
     o, SF = core((qf, kf, vf, g, sc), lay.h0m(h0 + _varying_zero(qf)), lay)
     S = _final_states(SF, lay.owns, h0, lay.nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
+
+
+def _la_states_first_applies(q, k, v, log_decay, cu_seqlens, chunk_size, impl) -> bool:
+    """Whether :func:`linear_attention` runs :func:`_la_states_first`: an unpacked slice, one
+    log-decay per head (or none), and the local op's implementation the chunked form."""
+    from tttla_jax import impl as _impl
+    from tttla_jax.ops.linear_attention import impl_reasons
+    if not _LA_STATES_FIRST or cu_seqlens is not None or (log_decay is not None and log_decay.ndim != 3):
+        return False
+    reasons = impl_reasons(q, k, v, chunk_size=chunk_size, impl=impl, log_decay=log_decay)
+    return _impl.resolve(impl, reasons, where="tttla_jax.parallel.linear_attention") == "chunked"
+
+
+def _la_states_first(local_cot, axis_name, C):
+    """Linear attention's per-device step with the chunk states first (unpacked slices, one
+    log-decay per head; the chunked form's own chunk step and backward,
+    :mod:`tttla_jax.ops.linear_attention`):
+
+    * forward: ONE scan over the chunks from a zero state (the state updates only) gives the
+      states before every chunk ``S⁰_n`` and the slice's state ``B = S⁰_N`` — the transform,
+      with no separate ``kᵀv`` pass; the combine gives the incoming state ``c``; the states
+      from it are ``S_n = S⁰_n + Φ_n c`` (``Φ_n`` the decay from the slice start to chunk
+      ``n``: ``[K, V]`` per chunk, no token-sized work) and a second scan reads the outputs
+      ``(Q Kᵀ ⊙ D) V + (γ Q) S_n`` from them. The two scans together are the chunked form's
+      products, split (intra-chunk work in the second, state updates in the first);
+    * backward: the cotangent of ``c`` through the slice (``local_cot``, a state-sized
+      contraction), the reverse combine, then the chunked form's hand-written backward on the
+      stored states ``S_n`` with the final-state cotangent plus the one from the devices after.
+    """
+    from tttla_jax.ops import chunk as ck
+    from tttla_jax.ops.linear_attention import _chunk_fwd_step, _chunk_scan_bwd, _scan_unroll
+
+    def run(xs, h0m, lay):
+        q_, k_, v_, g_, s_ = xs
+        L = q_.shape[1]
+        P, p = _check_axis(axis_name)
+        ks, vs = ck.scan_layout(k_, C), ck.scan_layout(v_, C)
+        gs = None if g_ is None else ck.scan_layout(g_, C)          # [N, B, H, C]
+
+        def states(S, x):  # the chunk step's state update alone (no outputs)
+            kn, vn, gn = x
+            S_next, _ = _chunk_fwd_step(S, (None, kn, vn, gn), False, False)
+            return S_next, S
+
+        S0 = jnp.zeros(h0m.shape, h0m.dtype) + _varying_zero(q_)
+        B0, Sb = lax.scan(states, S0, (ks, vs, gs), unroll=_scan_unroll(ks.shape[0]))
+        if gs is None:
+            Phi = jnp.ones(Sb.shape[:3], Sb.dtype)
+            a = jnp.ones(Sb.shape[1:3], Sb.dtype)
+        else:
+            Gam = ck.decay_terms(gs)[3]                               # [N, B, H] chunk decays
+            Phi = jnp.cumprod(jnp.concatenate([jnp.ones_like(Gam[:1]), Gam[:-1]]), axis=0)
+            a = Phi[-1] * Gam[-1]                                     # the whole slice's decay
+        A = jnp.where(lay.last_span()[:, None], a, 0.0)
+        c = _carry_in(A, B0 + a[..., None, None] * h0m, axis_name, p, False)
+        S_in = lay.enter(h0m, c)
+        Ss = Sb + Phi[..., None, None] * S_in[None]                   # states before every chunk
+        SF = B0 + a[..., None, None] * S_in
+        qs = ck.scan_layout(q_ * s_, C)
+
+        def outputs(_, x):  # the chunk step's outputs from the given state (its update unused)
+            qn, kn, vn, gn, S = x
+            return None, _chunk_fwd_step(S, (qn, kn, vn, gn), True, True)[1]
+
+        _, os = lax.scan(outputs, None, (qs, ks, vs, gs, Ss), unroll=_scan_unroll(ks.shape[0]))
+        return (ck.from_scan_layout(os, L), SF), (A, qs, ks, vs, gs, Ss)
+
+    @jax.custom_vjp
+    def core(xs, h0m, lay):
+        return run(xs, h0m, lay)[0]
+
+    def fwd(xs, h0m, lay):
+        out, res = run(xs, h0m, lay)
+        return out, (res, xs, lay)
+
+    def bwd(res, cts):
+        (A, qs, ks, vs, gs, Ss), xs, lay = res
+        q_, _, _, g_, s_ = xs
+        dO, dSF = cts
+        L = q_.shape[1]
+        P, p = _check_axis(axis_name)
+        dE = _carry_back(A, local_cot(xs, None, dO, dSF, lay), axis_name, p, P, False)
+        dqs, dks, dvs, dgs, dS0, _, _ = _chunk_scan_bwd(
+            True, True, (qs, ks, vs, gs, Ss, None), (ck.scan_layout(dO, C), lay.inject(dSF, dE)))
+        back = lambda x: ck.from_scan_layout(x, L)                    # noqa: E731
+        dq = back(dqs)                                                # w.r.t. the scaled queries
+        dg = None if gs is None else back(dgs[..., None])[..., 0]
+        dqx, ds = jax.vjp(lambda a, s: a * s, q_, s_)[1](dq)         # the scale as the op: q·scale
+        return (dqx, back(dks), back(dvs), dg, ds), lay.leave(dS0), None
+
+    core.defvjp(fwd, bwd)
+    return core
 
 
 def delta_rule(
