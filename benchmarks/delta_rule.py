@@ -10,10 +10,11 @@ B=4, H=4, K=V=64, float32, gated delta rule (log-decay in [-0.1, 0]), k L2-norma
 
 FLOPs counted for the chunked forward per chunk of C tokens (elementwise work ignored):
 Gram products ``Q Kᵀ``, ``K Kᵀ`` 4C²K; ``(I + A)⁻¹`` by block doubling ≈ (2/3)C³;
-``W_v, W_k`` 2C²(V+K); the chunk scan ``U = W_v − W_k S``, ``K̃ᵀ U`` 4CKV; outputs
+the chunk scan ``U = (I + A)⁻¹ (β V − (β e^b K) S)`` 2CKV + 2C²V, ``K̃ᵀ U`` 2CKV; outputs
 ``(e^b Q) S`` 2CKV, ``P U`` 2C²V. Recurrent: ≈ 7KV per token. (Results written before
-the chunk scan carried ``U`` were counted for the form that formed ``D, M`` 2CK(V+K),
-``M S`` 2K²V and ``P W_k`` 2C²K too.)
+the scan applied ``(I + A)⁻¹`` itself were counted for ``W_v, W_k`` 2C²(V+K) and
+``W_k S`` 2CKV instead of its 2C²V + 2CKV; before the chunk scan carried ``U``, for the
+form that formed ``D, M`` 2CK(V+K), ``M S`` 2K²V and ``P W_k`` 2C²K too.)
 Forward+backward is counted as 3× the forward.
 
 Timing: ``benchmarks/_timing.timeit`` — one compile + warm-up call, then ``--repeats``
@@ -49,7 +50,7 @@ def matmul_gflops(n=1024, repeats=5):
 
 def chunked_flops(B, T, H, K, V, C):
     N = -(-T // C)
-    per_chunk = (4 * C * C * K + (2 / 3) * C**3 + 2 * C * C * (V + K) + 4 * C * K * V
+    per_chunk = (4 * C * C * K + (2 / 3) * C**3 + 2 * C * K * V + 2 * C * C * V + 2 * C * K * V
                  + 2 * C * K * V + 2 * C * C * V)
     return B * H * N * per_chunk
 

@@ -104,6 +104,23 @@ def from_scan_layout(y, T: int):
     return jnp.moveaxis(y, (0, 2), (1, 4)).reshape(B, NG * G * C, H, V)[:, :T]
 
 
+def group_layout(x, C: int, G: int):
+    """``[B, T, H, ...]`` → ``[NG, G, B, H, C, ...]`` (zero-padded): groups of ``G`` chunks
+    for a ``lax.scan`` over groups, the chunk axis first inside a group (so the chunk scan
+    inside the group slices its leading axis; :func:`delta_chunked`)."""
+    B, T = x.shape[:2]
+    NG = num_chunks(num_chunks(T, C), G)
+    x = pad_time(x, NG * G * C).reshape((B, NG, G, C) + x.shape[2:])
+    return jnp.transpose(x, (1, 2, 0, 4, 3) + tuple(range(5, x.ndim)))
+
+
+def from_group_layout(y, T: int):
+    """Inverse of :func:`group_layout` for per-token outputs ``[NG, G, B, H, C, V]`` →
+    ``[B, T, H, V]``."""
+    NG, G, B, H, C, V = y.shape
+    return jnp.transpose(y, (2, 0, 1, 4, 3, 5)).reshape(B, NG * G * C, H, V)[:, :T]
+
+
 def token_blocks(x, blk: int):
     """``[B, T, H, ...]`` → time-major blocks ``[nb, blk, B, H, ...]`` (zero-padded) for a
     token scan rematerialised per block."""
@@ -462,9 +479,10 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None, unr
         o = (e^b Q − P W_k) S + P W_v,    P_ij = [j ≤ i] e^{b_i − b_j} q_i·k_j
         S_new = (e^{b_C} I − K̃ᵀ W_k) S + K̃ᵀ W_v =: M_n S + D_n,   K̃ = e^{b_C − b} K
 
-    ``W_v, W_k`` and the outputs are batched over the group's chunks; only
-    ``U = W_v − W_k S``, ``S ← e^{b_C} S + K̃ᵀ U`` (that is ``M_n S + D_n``) is a scan over
-    them (:func:`_delta_group_tail`), and the outputs are ``o = e^b Q S + P U``. Returns
+    ``A``, ``P`` and ``(I + A)⁻¹`` are batched over the group's chunks; a scan over them
+    (:func:`_delta_group_tail`) computes ``U = (I + A)⁻¹ (β V − (β e^b K) S)`` (that is
+    ``W_v − W_k S``), the outputs ``o = e^b Q S + P U`` and ``S ← e^{b_C} S + K̃ᵀ U`` (that is
+    ``M_n S + D_n``). Returns
     ``(S after the group, o [B, H, G, C, V])``. With ``first [G]``, ``seq [G]`` and
     ``h0 [Ns, B, H, K, V]`` (packed sequences) the chunks with ``first`` set start from
     ``h0[seq]``, and the state after every chunk ``[G, B, H, K, V]`` is returned as a third
@@ -480,19 +498,31 @@ def delta_chunk_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None, unr
     ``unroll``: unroll the scan over the group's chunks (default: for groups of at most
     ``_UNROLL_MAX`` chunks; :func:`delta_chunked` passes it).
 
-    CPU notes: every product is a plain batched matmul with the batch axes leading; K is
-    transposed once (``kT``) so both Gram products are NN matmuls; products are not
-    concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹`` by
-    block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
+    CPU notes: every product is a batched matmul with the batch axes leading; products
+    are not concatenated (the copies cost more than the extra dot launches); ``(I + A)⁻¹``
+    by block doubling (:func:`unit_lower_inverse`), not ``triangular_solve``.
+    :func:`delta_chunked` keeps its groups chunk-axis-first (``[G, B, H, C, ·]``,
+    :func:`group_layout`), so the chunk scan slices a leading axis instead of transposing
+    its operands; this function moves the chunk axis of its ``[B, H, G, C, ·]`` arguments.
     """
-    bc = bc[..., None]  # [B,H,G,C,1]
+    first_ = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731  [G, B, H, C, ·]
+    out = _chunks_first_group(*(first_(x) for x in (qc, kc, vc, bc, gc)), S0, first, seq, h0, unroll)
+    return (out[0], jnp.moveaxis(out[1], 0, 2)) + out[2:]
+
+
+def _chunks_first_group(qc, kc, vc, bc, gc, S0, first=None, seq=None, h0=None, unroll=None):
+    """:func:`delta_chunk_group` on tensors with the chunk axis first, ``[G, B, H, C, ·]``
+    (the layout :func:`delta_chunked` scans: no transposes inside a group); returns
+    ``o [G, B, H, C, V]``."""
+    bc = bc[..., None]  # [G,B,H,C,1]
     P, A, rhs_k, Kt, Qt0, state_decay = delta_chunk_terms(qc, kc, bc, gc)
     return _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll)
 
 
 def delta_chunk_terms(qc, kc, bc, gc):
     """The decay terms of :func:`delta_chunk_group` for a group of chunks ``[B, H, G, C, ·]``
-    (``bc`` = β ``[B, H, G, C, 1]``; ``qc`` scaled, or ``None`` when only the chunk maps are
+    (any leading axes: only the trailing ``C`` and head-dim axes are read; ``bc`` = β
+    ``[B, H, G, C, 1]``; ``qc`` scaled, or ``None`` when only the chunk maps are
     needed): ``(P, A, β e^b K, K̃, e^b Q, state_decay)`` in its notation, ``P`` and ``e^b Q``
     ``None`` without ``qc``; ``state_decay`` is ``e^{b_C}`` ``[B, H, G, 1, 1]``,
     ``diag(e^{b_C})`` as ``[B, H, G, K, 1]`` (per-channel log-decay) or ``None`` (no decay)."""
@@ -527,33 +557,43 @@ def delta_chunk_terms(qc, kc, bc, gc):
 
 def _delta_group_tail(P, A, bc, vc, rhs_k, Kt, Qt0, state_decay, S0, first, seq, h0, unroll=None):
     """The part of :func:`delta_chunk_group` after the decay terms (shared by the per-head
-    and the per-channel log-decay; ``state_decay`` multiplies the state: ``e^{b_C}``
-    ``[B, H, G, 1, 1]``, ``diag(e^{b_C})`` as ``[B, H, G, K, 1]``, or ``None``).
+    and the per-channel log-decay), on tensors with the chunk axis first, ``[G, B, H, C, ·]``;
+    ``state_decay`` multiplies the state: ``e^{b_C}`` ``[G, B, H, 1, 1]``, ``diag(e^{b_C})``
+    as ``[G, B, H, K, 1]``, or ``None``.
 
-    ``W_v, W_k`` for the whole group, then a scan over its chunks that carries S and keeps
-    ``U = W_v − W_k S`` (two matmuls per chunk: ``S ← e^{b_C} S + K̃ᵀ U``, which is
-    ``M_n S + D_n``), then the outputs ``o = e^b Q S + P U`` batched over the group. This
-    takes two products per chunk fewer than forming ``M_n``, ``D_n`` and ``P W_k``; the scan
-    is unrolled (no loop, no stacking of the states) if ``unroll``, by default for a group of
-    at most ``_UNROLL_MAX`` chunks."""
+    ``(I + A)⁻¹`` for the whole group, then a scan over its chunks that carries S and keeps
+    ``U = (I + A)⁻¹ (β V − (β e^b K) S)`` (that is ``W_v − W_k S``) and the outputs
+    ``o = e^b Q S + P U``, with ``S ← e^{b_C} S + K̃ᵀ U`` (that is ``M_n S + D_n``): five
+    matmuls per chunk. Forming ``W_v`` and ``W_k`` first takes one more per chunk (``W_v``,
+    ``W_k``, ``W_k S``), forming ``M_n``, ``D_n`` and ``P W_k`` three more. The scan is
+    unrolled (a Python loop over the leading chunk axis: no loop, no stacking of states) if
+    ``unroll``, by default for a group of at most ``_UNROLL_MAX`` chunks. Returns
+    ``(S after the group, o [G, B, H, C, V])`` and, with ``first``, the state after every
+    chunk ``[G, B, H, K, V]``."""
     Tinv = unit_lower_inverse(A)
-    Wv = jnp.matmul(Tinv, bc * vc)  # [B,H,G,C,V]
-    Wk = jnp.matmul(Tinv, rhs_k)  # [B,H,G,C,K]
-    lead = lambda x: None if x is None else jnp.moveaxis(x, 2, 0)  # noqa: E731  chunk axis first
-    xs = (lead(Wv), lead(Wk), lead(jnp.swapaxes(Kt, -1, -2)), lead(state_decay), first, seq)
+    xs = (Tinv, bc * vc, rhs_k, Kt, Qt0, P, state_decay, first, seq)
 
     def step(S, x):
-        wv, wk, ktT, sdec, f, n = x
+        tinv, bv, rk, kt, qt, p, sdec, f, n = x
         if f is not None:  # the first chunk of a packed sequence starts from its own state
             S = jnp.where(f, lax.dynamic_index_in_dim(h0, n, 0, keepdims=False), S)
-        U = wv - jnp.matmul(wk, S)
-        S_next = (S if sdec is None else sdec * S) + jnp.matmul(ktT, U)
-        return S_next, (S, U, S_next)
+        U = jnp.matmul(tinv, bv - jnp.matmul(rk, S))
+        o = jnp.matmul(qt, S) + jnp.matmul(p, U)
+        S_next = (S if sdec is None else sdec * S) + jnp.einsum("...ck,...cv->...kv", kt, U)
+        return S_next, (o, S_next)
 
+    G = Tinv.shape[0]
     if unroll is None:
-        unroll = Wv.shape[2] <= _UNROLL_MAX
-    S_final, (S_prev, U, S_after) = lax.scan(step, S0, xs, unroll=bool(unroll))
-    o = jnp.matmul(Qt0, jnp.moveaxis(S_prev, 0, 2)) + jnp.matmul(P, jnp.moveaxis(U, 0, 2))
+        unroll = G <= _UNROLL_MAX
+    if unroll:
+        S, outs = S0, []
+        for i in range(G):
+            S, out = step(S, tuple(None if x is None else x[i] for x in xs))
+            outs.append(out)
+        o, S_after = (jnp.stack(y) for y in zip(*outs))
+        S_final = S
+    else:
+        S_final, (o, S_after) = lax.scan(step, S0, xs)
     if first is None:
         return S_final, o
     return S_final, o, S_after
@@ -576,12 +616,12 @@ def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool
     C = min(chunk_size, T)
     G = min(group or GROUP_CHUNKS, num_chunks(T, C))
     unroll = G <= _UNROLL_MAX and num_chunks(T, C) >= _UNROLL_MIN_CHUNKS
-    xs = tuple(None if x is None else scan_layout(x, C, G) for x in (q, k, v, beta, g))
+    xs = tuple(None if x is None else group_layout(x, C, G) for x in (q, k, v, beta, g))  # [NG, G, B, H, C, ·]
 
     def body(S, x):
-        return delta_chunk_group(*x, S, unroll=unroll)
+        return _chunks_first_group(*x, S, unroll=unroll)
 
     if remat:
         body = jax.checkpoint(body)
-    S_final, o = lax.scan(body, S0, xs)  # o: [NG, B, H, G, C, V]
-    return from_scan_layout(o, T), S_final
+    S_final, o = lax.scan(body, S0, xs)  # o: [NG, G, B, H, C, V]
+    return from_group_layout(o, T), S_final

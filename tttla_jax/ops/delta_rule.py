@@ -35,14 +35,15 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
   With a per-channel log-decay ``e^{b}`` multiplies keys and queries channel-wise, the decay
   enters the contractions of ``A`` and ``P`` (:func:`tttla_jax.ops.chunk.decayed_gram`) and
   ``e^{b_C} I`` becomes ``diag(e^{b_C})``.
-  ``A, P, W_v, W_k`` do not depend on S and are computed for a group of chunks at once
-  with batched matmuls; the sequential scan over chunks does ``U = W_v − W_k S`` and
-  ``S ← e^{b_C} S + K̃ᵀ U`` (= ``M_n S + D_n``: two K×K by K×V-sized products, without
-  forming ``M_n``, ``D_n``), and the outputs ``o = e^b Q S + P U`` are again batched over
-  the group given the state before each chunk (two products per chunk fewer than
-  ``M_n``, ``D_n``, ``P W_k`` — fwd ~20 % and fwd+bwd ~17 % less CPU time on this CPU at
-  B = 4, T = 2048, H = 4, K = V = 64, together with the faster ``(I + A)⁻¹``, measured
-  under shared load). For cache locality the chunks are
+  ``A``, ``P`` and ``(I + A)⁻¹`` do not depend on S and are computed for a group of chunks
+  at once with batched matmuls; the sequential scan over chunks computes
+  ``U = (I + A)⁻¹ (β V − (β e^b K) S)`` (``= W_v − W_k S`` without forming ``W_v, W_k``),
+  ``o = e^b Q S + P U`` and ``S ← e^{b_C} S + K̃ᵀ U`` (= ``M_n S + D_n`` without forming
+  ``M_n``, ``D_n``): five products per chunk, where forming ``W_v, W_k`` takes six and
+  ``M_n, D_n, P W_k`` eight. Inside a group the chunk axis is leading (no transposes for
+  the scan). Measured interleaved against the six-product form at B = 4, T = 2048, H = 4,
+  K = V = 64 (float32, CPU time under shared load): forward −8 %, forward+backward −9 %
+  (docs/implementations.md). For cache locality the chunks are
   processed in groups of ``_GROUP_CHUNKS`` = 4 (an outer ``lax.scan`` carrying S, its body
   rematerialised for the backward pass). The chunk step is
   :func:`tttla_jax.ops.chunk.delta_chunk_group` (the reference of the kernels' backward tests).
@@ -86,6 +87,13 @@ _GROUP_CHUNKS = chunk.GROUP_CHUNKS
 # 417 vs 456 ms (the unpacked form, groups of 4: 109 / 391 ms); T = 4096 likewise. Groups of
 # more chunks (resets inside a group) stay supported and tested.
 _VARLEN_GROUP_CHUNKS = 1
+# On a CPU host the chunked form with a per-head or no log-decay runs chunks of at most this
+# many tokens, whatever chunk_size asks for (the chunk size is a tiling choice: the results
+# do not depend on it beyond rounding). Gated, B = 4, T = 2048, H = 4, K = V = 64, float32,
+# groups of 4 chunks, interleaved (wall, real-time priority on a loaded 2-core host):
+# chunk 64 vs 32 forward 32.2 -> 27.8 ms, forward+backward 137 -> 93 ms; chunks of 32 in
+# groups of 8: 28.2 / 102 ms; chunks of 16: 28.9 / 98 ms (groups of 8), 32.1 / 128 ms (16).
+_CPU_TILE = 32
 
 
 def impl_reasons(q, k, v, *, chunk_size: int = 64, cu_seqlens=None, interpret: Any = None,
@@ -146,7 +154,8 @@ def delta_rule(
       initial_state: optional ``[B, H, K, V]`` state ``S_0`` (zeros if absent).
       output_final_state: also return the state after the last token.
       chunk_size: chunk length of the chunked form (a tiling choice for the kernel); a
-        Python, NumPy or concrete JAX integer.
+        Python, NumPy or concrete JAX integer. The chunked form on a CPU host runs chunks of
+        at most 32 tokens (faster there; per-head or no decay; same results up to rounding).
       impl: ``"auto"`` | ``"pallas"`` (the Pallas forward and backward kernels of
         :mod:`tttla_jax.kernels`; interpret mode on a CPU host) | ``"chunked"`` | ``"recurrent"``
         (docs/implementations.md). ``"auto"``: the kernel on GPU/TPU where it supports the
@@ -196,6 +205,8 @@ def delta_rule(
     qf = q.astype(sd) * jnp.asarray(scale, sd)
     kf, vf, bf = k.astype(sd), v.astype(sd), beta.astype(sd)
     g = None if log_decay is None else log_decay.astype(sd)
+    if impl == "chunked" and (g is None or g.ndim == 3) and _impl.platform() == "cpu":
+        chunk_size = min(chunk_size, _CPU_TILE)  # a tiling choice only (see _CPU_TILE)
     if cu_seqlens is not None:
         N = cu_seqlens.shape[0] - 1
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
