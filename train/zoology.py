@@ -15,7 +15,8 @@ What is the same as Zoology's Fig. 2 recipe:
   tied embedding head; the attention baseline is one head of full causal softmax attention
   with learned absolute positions; embedding dropout 0.1.
 * training: AdamW, weight decay 0.1 on every parameter (as torch's AdamW), a cosine
-  learning-rate schedule from the peak to 0, no warm-up, early stop once the held-out
+  learning-rate schedule from the peak to 0, no warm-up (``--warmup N`` adds a linear one,
+  not Zoology's), early stop once the held-out
   accuracy reaches 0.99; a learning-rate sweep, the best learning rate reported per
   (mixer, setting, width).
 
