@@ -488,16 +488,16 @@ def _la_states_first(local_cot, axis_name, C):
         A = jnp.where(lay.last_span()[:, None], a, 0.0)
         c = _carry_in(A, B0 + a[..., None, None] * h0m, axis_name, p, False)
         S_in = lay.enter(h0m, c)
-        Ss = Sb + Phi[..., None, None] * S_in[None]                   # states before every chunk
         SF = B0 + a[..., None, None] * S_in
         qs = ck.scan_layout(q_ * s_, C)
 
-        def outputs(_, x):  # the chunk step's outputs from the given state (its update unused)
-            qn, kn, vn, gn, S = x
+        def outputs(_, x):  # the chunk step's outputs from the state before the chunk (its update unused)
+            qn, kn, vn, gn, Sn, phi = x
+            S = Sn + phi[..., None, None] * S_in
             return None, _chunk_fwd_step(S, (qn, kn, vn, gn), True, True)[1]
 
-        _, os = lax.scan(outputs, None, (qs, ks, vs, gs, Ss), unroll=_scan_unroll(ks.shape[0]))
-        return (ck.from_scan_layout(os, L), SF), (A, qs, ks, vs, gs, Ss)
+        _, os = lax.scan(outputs, None, (qs, ks, vs, gs, Sb, Phi), unroll=_scan_unroll(ks.shape[0]))
+        return (ck.from_scan_layout(os, L), SF), (A, qs, ks, vs, gs, Sb, Phi, S_in)
 
     @jax.custom_vjp
     def core(xs, h0m, lay):
@@ -508,7 +508,14 @@ def _la_states_first(local_cot, axis_name, C):
         return out, (res, xs, lay)
 
     def bwd(res, cts):
-        (A, qs, ks, vs, gs, Ss), xs, lay = res
+        (A, qs, ks, vs, gs, Sb, Phi, S_in), xs, lay = res
+
+        def state(n, S):  # S_n = S⁰_n + Φ_n c, chunk by chunk in place (one state stack alive)
+            upd = lax.dynamic_index_in_dim(S, n, 0, False) + lax.dynamic_index_in_dim(Phi, n, 0, False)[
+                ..., None, None] * S_in
+            return lax.dynamic_update_index_in_dim(S, upd, n, 0)
+
+        Ss = lax.fori_loop(0, Sb.shape[0], state, Sb)
         q_, _, _, g_, s_ = xs
         dO, dSF = cts
         L = q_.shape[1]
