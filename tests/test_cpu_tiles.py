@@ -1,0 +1,53 @@
+"""On a CPU host the chunked forms run chunks of at most 32 tokens where the chunk size is
+only a tiling choice (linear attention without decay, causal or bidirectional; the delta
+rule with a per-head or no log-decay): ``chunk_size=64`` then runs 32-token tiles. Those
+tiles equal the token scan — outputs, final states and every gradient (float64, the
+harness' 1e-10) — with at least 16 tiles, so the unrolled chunk scans run, and with a
+``-inf`` log-decay for the delta rule. (Packed sequences run the same chunk scans with
+any chunk size: tests/test_varlen_delta.py, tests/test_linear_attention_nodecay.py.)"""
+import jax.numpy as jnp
+import numpy as np
+
+import tttla_jax as tt
+
+T, H, K, V, C = 520, 2, 4, 3, 64  # 17 tiles of 32 tokens on a CPU host, 9 chunks of 64 elsewhere
+
+
+def _inputs(seed, B=1):
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(B, T, H, K))
+    return {n: jnp.asarray(a, jnp.float64) for n, a in dict(
+        q=rng.normal(size=(B, T, H, K)), k=k / np.linalg.norm(k, axis=-1, keepdims=True),
+        v=rng.normal(size=(B, T, H, V))).items()}
+
+
+def _check(forms, x):
+    report = tt.testing.check_equivalence(forms, x, baseline="recurrent")
+    print(report)
+    report.assert_ok()
+    return report
+
+
+def test_linear_attention_without_decay_tiles_equal_token_scan_float64():
+    x = dict(_inputs(0, B=2), h0=jnp.asarray(np.random.default_rng(1).normal(size=(2, H, K, V))))
+
+    def form(impl):
+        return lambda q, k, v, h0: tt.linear_attention(q, k, v, initial_state=h0, output_final_state=True,
+                                                       chunk_size=C, impl=impl)
+
+    _check({"recurrent": form("recurrent"), "chunked": form("chunked")}, x)
+
+
+def test_gated_delta_rule_tiles_equal_token_scan_float64_with_cut():
+    rng = np.random.default_rng(2)
+    g = -rng.uniform(0.0, 0.3, size=(2, T, H))
+    g[1, 250, 0] = -np.inf  # a cut inside a tile
+    x = dict(_inputs(3, B=2), beta=jnp.asarray(rng.uniform(0.1, 0.9, size=(2, T, H))), g=jnp.asarray(g),
+             h0=jnp.asarray(rng.normal(size=(2, H, K, V))))
+
+    def form(impl):
+        return lambda q, k, v, beta, g, h0: tt.delta_rule(q, k, v, beta, log_decay=g, initial_state=h0,
+                                                          output_final_state=True, chunk_size=C, impl=impl)
+
+    report = _check({"recurrent": form("recurrent"), "chunked": form("chunked")}, x)
+    assert {e.quantity for e in report.entries} >= {"output", "state", "grad[g]", "grad[beta]", "grad[h0]"}
