@@ -190,6 +190,9 @@ def main():
     ap.add_argument("--lact-chunk", type=int, default=2048, help="chunk of the LaCT layer rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel.json"))
     ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
+    ap.add_argument("--la-transform", action="store_true",
+                    help="combine share of linear_attention: also time the separate-transform form "
+                         "(tttla_jax.parallel.ops._LA_STATES_FIRST off) in the same interleaved rounds")
     a = ap.parse_args()
     start = setup(tune=not a.no_tune_malloc)
     H, D, C = a.H, a.D, a.chunk
@@ -231,14 +234,27 @@ def main():
             x = inputs_for(op, T, H, D, P, mesh)
             fns = {"full": jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))),
                    "local": jax.jit(jax.grad(local_loss_fn(op, C, mesh, H, D)))}
+            if a.la_transform and op == "linear_attention":  # traced (and compiled) with the flag off
+                from tttla_jax.parallel import ops as cp_ops
+                cp_ops._LA_STATES_FIRST = False
+                try:
+                    fns["full_transform"] = jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))).lower(x).compile()
+                finally:
+                    cp_ops._LA_STATES_FIRST = True
             r = interleaved(fns, x, rounds=a.rounds)
             full, floor = r["full"]["median"], r["local"]["median"]
             rec = {"op": op, "T": T, "P": P, "times": {k: v["median"] for k, v in r.items()},
+                   "best": {k: v["best"] for k, v in r.items()},
                    "combine_share": (full - floor) / full, "loadavg": list(os.getloadavg())}
+            if "full_transform" in r:
+                ft = r["full_transform"]["median"]
+                rec["combine_share_transform"] = (ft - floor) / ft
             combine.append(rec)
             print(f"{op:17s} T={T} P=8 combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
-                  + f"; combine {100 * rec['combine_share']:.1f} % of the step (load {os.getloadavg()[0]:.1f})",
-                  flush=True)
+                  + f"; combine {100 * rec['combine_share']:.1f} % of the step"
+                  + (f" (separate transform: {100 * rec['combine_share_transform']:.1f} %)"
+                     if "combine_share_transform" in rec else "")
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
             del x
     m = machine(start)
     print()
