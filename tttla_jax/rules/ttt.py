@@ -317,6 +317,30 @@ def _primal_rows_bwd(bias, res, cot):
 _primal_rows.defvjp(_primal_rows_fwd, _primal_rows_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _primal_rows_replay(W, b, q, a, g, lr, te, bias, Z):
+    """:func:`_primal_rows` in the backward pass, with its outputs ``Z`` saved by the forward:
+    returns ``Z`` as given and the mini-batch's last-row weights, and differentiates as
+    :func:`_primal_rows` (the row passes of :func:`_primal_rows_bwd`), so the backward does
+    not run the rows forward a third time. ``Z`` gets no gradient (a saved value)."""
+    return _primal_rows_replay_fwd(W, b, q, a, g, lr, te, bias, Z)[0]
+
+
+def _primal_rows_replay_fwd(W, b, q, a, g, lr, te, bias, Z):
+    lg = lr[..., None] * g
+    S = jnp.einsum("bhci,bhco->bhio", a, lg)
+    s = jnp.sum(lg, axis=2)
+    t = te[-1]
+    return (Z, W - t * S, (b - t * s if bias else b)), (W, b, q, a, g, lr, te, S, s)
+
+
+def _primal_rows_replay_bwd(bias, res, cot):
+    return _primal_rows_bwd(bias, res, cot) + (jnp.zeros_like(cot[0]),)
+
+
+_primal_rows_replay.defvjp(_primal_rows_replay_fwd, _primal_rows_replay_bwd)
+
+
 def _last_row_update(te, lr, G):  # eta[c−1, j] G_j: the mini-batch's update is k_jᵀ of this
     return (te[-1] * lr)[..., None] * G
 
@@ -444,7 +468,10 @@ class _TTTBase(Rule):
         only the scaled gradients ``eta[c−1, j] G_j`` per mini-batch (``[C, D]``, TTT-MLP
         ``[C, F]`` and ``[C, D]``), not the weights (``[D, D]``; ``[D, F]`` and ``[F, D]``).
         Rebuilt weights differ from the forward's by rounding only (each step adds back the
-        stored update). Reverse mode only (``jax.jvp`` is not supported).
+        stored update). The primal form also keeps its read-outs ``Z̄`` (TTT-MLP ``Z̄1``,
+        ``Z̄2``; ``[C, D]``/``[C, F]``), so its backward runs the row loop's VJP passes but not
+        the row loop itself again (:func:`_primal_rows_replay`). Reverse mode only
+        (``jax.jvp`` is not supported).
         """
 
         @jax.custom_vjp
@@ -467,7 +494,7 @@ class _TTTBase(Rule):
                 s_next, ds, acc = carry
                 x, u, don = inp
                 s = self._rebuild(s_next, x, u)
-                _, vjp = jax.vjp(lambda s, x, te, g, b: self._step(s, x, te, g, b)[:2],
+                _, vjp = jax.vjp(lambda s, x, te, g, b: self._step(s, x, te, g, b, replay=u[1])[:2],
                                  s, x, te, gamma, beta)
                 ds, dx, *dp = vjp((ds, don))
                 return (s, ds, jax.tree.map(jnp.add, acc, tuple(dp))), dx
@@ -542,7 +569,10 @@ class TTTLinearRule(_TTTBase):
         return TTTLinearState(jnp.broadcast_to(W.astype(sd), (batch, H, D, D)),
                               jnp.broadcast_to(b.astype(sd), (batch, H, D)))
 
-    def _step(self, st, x, token_eta, gamma, beta):
+    def _step(self, st, x, token_eta, gamma, beta, replay=None):
+        """One mini-batch: ``(next state, o, (eta[c−1, j] G_j, kept))``; ``kept`` is the
+        primal form's ``Z̄`` (``()`` for the dual), which the backward passes back as
+        ``replay`` (:func:`_primal_rows_replay`)."""
         W, b = st
         q, k, v, lr = x  # [B, H, c, D] ×3, [B, H, c]
         c = q.shape[2]
@@ -565,13 +595,18 @@ class TTTLinearRule(_TTTBase):
             W_new = W - jnp.einsum("bhjd,bhje->bhde", k, lG)
             b_new = b - jnp.sum(lG, axis=2) if self.bias else b
         else:
-            Zbar, W_new, b_new = _primal_rows(W, b, q, k, G, lr, token_eta, self.bias)
+            if replay:
+                Zbar, W_new, b_new = _primal_rows_replay(W, b, q, k, G, lr, token_eta, self.bias, replay[0])
+            else:
+                Zbar, W_new, b_new = _primal_rows(W, b, q, k, G, lr, token_eta, self.bias)
             lG = _last_row_update(token_eta, lr, G)
-        return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta), lG
+        kept = (Zbar,) if self.impl == "primal" else ()
+        return TTTLinearState(W_new, b_new), self._read_out(q, Zbar, gamma, beta), (lG, kept)
 
-    def _rebuild(self, st, x, lG):
+    def _rebuild(self, st, x, upd):
         """The mini-batch's initial state from its final one and the stored ``eta[c−1, j] G_j``."""
         W, b = st
+        lG = upd[0]
         k = x[1]
         return TTTLinearState(W + jnp.einsum("bhjd,bhje->bhde", k, lG),
                               b + jnp.sum(lG, axis=2) if self.bias else b)
@@ -716,7 +751,8 @@ class TTTMLPRule(_TTTBase):
         bc = lambda x: jnp.broadcast_to(x.astype(sd), (batch,) + x.shape)
         return TTTMLPState(bc(W1), bc(b1), bc(W2), bc(b2))
 
-    def _step(self, st, x, token_eta, gamma, beta):
+    def _step(self, st, x, token_eta, gamma, beta, replay=None):
+        """As :meth:`TTTLinearRule._step`; the primal form keeps ``(Z̄1, Z̄2)``."""
         W1, b1, W2, b2 = st
         q, k, v, lr = x
         c = q.shape[2]
@@ -756,16 +792,22 @@ class TTTMLPRule(_TTTBase):
         else:
             # row i's weights of both layers: W1_i from (k_j, G1_j), W2_i from (x2_j, G2_j);
             # q_i is read through W1_i, its hidden features gelu(·) through W2_i
-            Z1bar, W1n, b1n = _primal_rows(W1, b1, q, k, G1, lr, token_eta, self.bias)
-            Z2bar, W2n, b2n = _primal_rows(W2, b2, gelu_tanh(Z1bar), x2, G2, lr, token_eta, self.bias)
+            if replay:
+                Z1bar, W1n, b1n = _primal_rows_replay(W1, b1, q, k, G1, lr, token_eta, self.bias, replay[0])
+                Z2bar, W2n, b2n = _primal_rows_replay(W2, b2, gelu_tanh(Z1bar), x2, G2, lr, token_eta,
+                                                      self.bias, replay[1])
+            else:
+                Z1bar, W1n, b1n = _primal_rows(W1, b1, q, k, G1, lr, token_eta, self.bias)
+                Z2bar, W2n, b2n = _primal_rows(W2, b2, gelu_tanh(Z1bar), x2, G2, lr, token_eta, self.bias)
             lG1, lG2 = _last_row_update(token_eta, lr, G1), _last_row_update(token_eta, lr, G2)
-        return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta), (lG1, lG2)
+        kept = (Z1bar, Z2bar) if self.impl == "primal" else ()
+        return TTTMLPState(W1n, b1n, W2n, b2n), self._read_out(q, Z2bar, gamma, beta), ((lG1, lG2), kept)
 
     def _rebuild(self, st, x, upd):
         """The mini-batch's initial state from its final one and the stored ``eta[c−1, j] G1_j``,
         ``eta[c−1, j] G2_j``: ``W1`` first, then the hidden features ``x2`` at it, then ``W2``."""
         W1, b1, W2, b2 = st
-        lG1, lG2 = upd
+        lG1, lG2 = upd[0]
         k = x[1]
         W1 = W1 + jnp.einsum("bhjd,bhjf->bhdf", k, lG1)
         Z1 = jnp.einsum("bhcd,bhdf->bhcf", k, W1)
