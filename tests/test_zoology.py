@@ -343,6 +343,7 @@ def test_per_preset_learning_rates():
         zoology.parse(["--sweep", "tiny", "--warmup", "4"])   # not below the tiny sweep's 4 steps
 
 
+@pytest.mark.slow   # the presets' registration stays in the default suite (test_per_preset_learning_rates)
 def test_recall_size_variants_and_preset_heads(capsys):
     """The smaller-state recall presets are ``"<mixer>+recall"`` with only the named options
     and head count changed, and the two equal-state ones (``lact+recall-dh8``,
