@@ -341,6 +341,26 @@ def _primal_rows_replay_bwd(bias, res, cot):
 _primal_rows_replay.defvjp(_primal_rows_replay_fwd, _primal_rows_replay_bwd)
 
 
+@jax.custom_vjp
+def _mm(x, W):
+    """``x W`` per batch and head (``[B, H, C, I] × [B, H, I, O]``). Its VJP forms ``xᵀ ∂y``
+    directly as ``[I, O]``: autodiff of the product computes ``∂yᵀ x`` and transposes it, which
+    XLA:CPU wrote out as a copy of every weight gradient in the backward scan."""
+    return jnp.einsum("bhci,bhio->bhco", x, W)
+
+
+def _mm_fwd(x, W):
+    return _mm(x, W), (x, W)
+
+
+def _mm_bwd(res, g):
+    x, W = res
+    return jnp.einsum("bhco,bhio->bhci", g, W), jnp.einsum("bhci,bhco->bhio", x, g)
+
+
+_mm.defvjp(_mm_fwd, _mm_bwd)
+
+
 def _last_row_update(te, lr, G):  # eta[c−1, j] G_j: the mini-batch's update is k_jᵀ of this
     return (te[-1] * lr)[..., None] * G
 
@@ -757,14 +777,14 @@ class TTTMLPRule(_TTTBase):
         q, k, v, lr = x
         c = q.shape[2]
         if self.impl == "dual":  # k W1 and q W1 in one matmul
-            Z1kq = jnp.einsum("bhcd,bhdf->bhcf", jnp.concatenate([k, q], axis=2), W1)
+            Z1kq = _mm(jnp.concatenate([k, q], axis=2), W1)
             Z1, qW1 = Z1kq[:, :, :c], Z1kq[:, :, c:]
         else:
             Z1 = jnp.einsum("bhcd,bhdf->bhcf", k, W1)
         if self.bias:
             Z1 = Z1 + b1[:, :, None, :]
         x2 = gelu_tanh(Z1)
-        Z2 = jnp.einsum("bhcf,bhfd->bhcd", x2, W2)
+        Z2 = _mm(x2, W2)
         if self.bias:
             Z2 = Z2 + b2[:, :, None, :]
         G2 = _grad_z(Z2, v - k if self.residual else v, gamma, beta, self.eps, self.layer_norm)
@@ -779,7 +799,7 @@ class TTTMLPRule(_TTTBase):
             a2 = jnp.einsum("bhif,bhjf->bhij", x2bar, x2)
             if self.bias:
                 a2 = a2 + 1.0
-            Z2bar = (jnp.einsum("bhif,bhfd->bhid", x2bar, W2)
+            Z2bar = (_mm(x2bar, W2)
                      - jnp.einsum("bhij,bhjd->bhid", eta * a2, G2))
             if self.bias:
                 Z2bar = Z2bar + b2[:, :, None, :]
