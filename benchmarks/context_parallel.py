@@ -143,6 +143,57 @@ def local_loss_fn(op, C, mesh, H=4, D=64):
     return f
 
 
+def delta_breakdown_fns(x, P, C, mesh, H, D):
+    """The parts of the delta rule's sharded step (``--delta-breakdown``), each a jitted
+    shard_map over the P devices on the same inputs: the step with the state-only passes
+    (``_DELTA_WIDENED`` off: a transform pass, then the local op; backward a cotangent pass,
+    then the local backward), the forwards alone (sharded new / old, the local op), the
+    transform pass (``_delta_state_pass`` from ``[0 | I_K]``), the cotangent pass
+    (``_delta_cot_pass``) and the collectives with their scans (``_carry_in`` + ``_carry_back``)."""
+    from tttla_jax.parallel import ops as cp_ops
+    tok = Ps(None, "seq")
+    names = ("q", "k", "v", "log_decay", "beta")
+
+    def sharded(body):
+        def f(x):
+            return jax.shard_map(body, mesh=mesh, in_specs=(tok,) * 5, out_specs=Ps(), check_vma=False)(
+                *[x[n] for n in names])
+        return jax.jit(f)
+
+    def fwd(q, k, v, g, b):
+        o, _ = tp.delta_rule(q, k, v, b, g, axis_name="seq", chunk_size=C, impl="chunked")
+        return jax.lax.psum(jnp.sum(o), "seq")
+
+    def local_fwd(q, k, v, g, b):
+        o, _ = tt.delta_rule(q, k, v, b, log_decay=g, chunk_size=C, impl="chunked")
+        return jax.lax.psum(jnp.sum(o), "seq")
+
+    def transform(q, k, v, g, b):
+        S0 = jnp.concatenate([jnp.zeros((1, H, D, D), jnp.float32),
+                              jnp.broadcast_to(jnp.eye(D, dtype=jnp.float32), (1, H, D, D))], -1)
+        return jax.lax.psum(jnp.sum(cp_ops._delta_state_pass(k, v, b, g, S0, C)), "seq")
+
+    def cot(q, k, v, g, b):
+        X = cp_ops._delta_cot_pass(q, k, b, g, v, jnp.zeros((1, H, D, D), jnp.float32), C, D ** -0.5)
+        return jax.lax.psum(jnp.sum(X), "seq")
+
+    def collectives(q, k, v, g, b):
+        p = jax.lax.axis_index("seq")
+        A, Bst = jnp.swapaxes(k[:, :D], 1, 2), jnp.swapaxes(v[:, :D], 1, 2)   # [1, H, K, K], [1, H, K, V]
+        c = cp_ops._carry_in(A, Bst, "seq", p, True)
+        dE = cp_ops._carry_back(A, c, "seq", p, P, True)
+        return jax.lax.psum(jnp.sum(dE), "seq")
+
+    cp_ops._DELTA_WIDENED = False
+    try:  # traced (and compiled) with the flag off
+        old = {"full_state_passes": jax.jit(jax.grad(loss_fn("delta_rule", P, C, mesh, H, D))).lower(x).compile(),
+               "fwd_state_passes": sharded(fwd).lower(x).compile()}
+    finally:
+        cp_ops._DELTA_WIDENED = True
+    return {**old, "fwd": sharded(fwd), "local_fwd": sharded(local_fwd), "transform_pass": sharded(transform),
+            "cot_pass": sharded(cot), "collectives": sharded(collectives)}
+
+
 def specs_for(op, T, H, D, P, mesh):
     tok = NamedSharding(mesh, Ps(None, "seq")) if P > 1 else None
     if op in LAYERS:
@@ -193,6 +244,10 @@ def main():
     ap.add_argument("--la-transform", action="store_true",
                     help="combine share of linear_attention: also time the separate-transform form "
                          "(tttla_jax.parallel.ops._LA_STATES_FIRST off) in the same interleaved rounds")
+    ap.add_argument("--delta-breakdown", action="store_true",
+                    help="combine share of delta_rule: also time, in the same interleaved rounds, the "
+                         "state-only-passes form (tttla_jax.parallel.ops._DELTA_WIDENED off) and the parts "
+                         "of the step (forwards alone, the transform pass, the cotangent pass, the collectives)")
     a = ap.parse_args()
     start = setup(tune=not a.no_tune_malloc)
     H, D, C = a.H, a.D, a.chunk
@@ -241,11 +296,16 @@ def main():
                     fns["full_transform"] = jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))).lower(x).compile()
                 finally:
                     cp_ops._LA_STATES_FIRST = True
+            if a.delta_breakdown and op == "delta_rule":
+                fns.update(delta_breakdown_fns(x, P, C, mesh, H, D))
             r = interleaved(fns, x, rounds=a.rounds)
             full, floor = r["full"]["median"], r["local"]["median"]
             rec = {"op": op, "T": T, "P": P, "times": {k: v["median"] for k, v in r.items()},
                    "best": {k: v["best"] for k, v in r.items()},
                    "combine_share": (full - floor) / full, "loadavg": list(os.getloadavg())}
+            if "full_state_passes" in r:
+                ft = r["full_state_passes"]["median"]
+                rec["combine_share_state_passes"] = (ft - floor) / ft
             if "full_transform" in r:
                 ft = r["full_transform"]["median"]
                 rec["combine_share_transform"] = (ft - floor) / ft
@@ -254,6 +314,8 @@ def main():
                   + f"; combine {100 * rec['combine_share']:.1f} % of the step"
                   + (f" (separate transform: {100 * rec['combine_share_transform']:.1f} %)"
                      if "combine_share_transform" in rec else "")
+                  + (f" (state-only passes: {100 * rec['combine_share_state_passes']:.1f} %)"
+                     if "combine_share_state_passes" in rec else "")
                   + f" (load {os.getloadavg()[0]:.1f})", flush=True)
             del x
     m = machine(start)

@@ -217,6 +217,10 @@ _CONTRACT_MIN_BLOCK = 64
 # linear attention on unpacked slices with the chunk states first (_la_states_first); False:
 # the transform's separate kᵀv pass, then the op from the incoming state (as packed slices)
 _LA_STATES_FIRST = True
+# the (gated) delta rule on unpacked slices with one log-decay per head (or none) and the
+# chunked local form: the transform folded into the local pass (_delta_widened_first); False:
+# the state-only transform pass and the reverse cotangent pass (_delta_state_pass, _delta_cot_pass)
+_DELTA_WIDENED = True
 
 
 def _contract_tokens(a, b, w=None):
@@ -645,10 +649,137 @@ def delta_rule(
         phi, dcl = widened(xs, h0m, lay, dO)
         return dcl + lay.to_carry(jnp.einsum("nhkj,nhkv->nhjv", phi, dSF))
 
-    core = _state_passing(local, transform, local_cot, axis_name, matrix=True)
+    if state_only and _delta_widened_applies(q, k, v, log_decay, chunk_size, impl):
+        core = _delta_widened_first(axis_name, chunk_size, L)
+    else:
+        core = _state_passing(local, transform, local_cot, axis_name, matrix=True)
     o, SF = core((qf, kf, vf, bf, g, sc), lay.h0m(h0 + _varying_zero(qf)), lay)
     S = _final_states(SF, lay.owns, h0, lay.nonempty, axis_name) if output_final_state else None
     return o.astype(q.dtype), S
+
+
+def _delta_widened_applies(q, k, v, log_decay, chunk_size, impl) -> bool:
+    """Whether :func:`delta_rule` runs :func:`_delta_widened_first` (the caller has checked an
+    unpacked slice with one log-decay per head or none): the local op's implementation is the
+    chunked form."""
+    from tttla_jax import impl as _impl
+    from tttla_jax.ops import delta_rule_impl_reasons
+    if not _DELTA_WIDENED:
+        return False
+    reasons = delta_rule_impl_reasons(q, k, v, chunk_size=chunk_size, impl=impl, log_decay=log_decay)
+    return _impl.resolve(impl, reasons, where="tttla_jax.parallel.delta_rule") == "chunked"
+
+
+def _delta_widened_first(axis_name, chunk_size, L):
+    """The (gated) delta rule's per-device step with the transform folded into the local
+    pass (unpacked slices, one log-decay per head or none; the chunked form's own group step,
+    :func:`tttla_jax.ops.chunk.delta_chunked`, with its chunk, group and unroll choices):
+
+    * forward: ONE pass of the chunked form over the slice on the values widened to
+      ``[v | 0_K]`` from ``[h0 | I_K]`` (``[h0 | 0]`` on device 0). The state's V columns are
+      the states from a zero incoming state ``S⁰``, its K columns ``Φ`` (the state's columns
+      evolve independently), the outputs' V columns ``o⁰`` and K columns ``q̃ Φ``. The final
+      state is the transform ``(A, B) = (Φ_L, S⁰_L)``; the combine gives the incoming state
+      ``c``; the outputs are ``o = o⁰ + (q̃ Φ) c``, the states at the starts of the groups
+      ``S_g = S⁰_g + Φ_g c`` (stored, the residuals of the chunked form's rematerialised
+      scan), and ``q̃ Φ`` ``[B, L, H, K]`` is stored (the size of ``k``);
+    * backward: the cotangent of ``c`` through the slice is ``Σ_t (q̃_t Φ_t)ᵀ dO_t + Φ_Lᵀ dS_L``
+      (one ``[K, L] × [L, V]`` contraction instead of a reverse pass over the chunk maps), the
+      reverse combine gives the cotangent of the state leaving the device, and the chunked
+      form's backward runs ONCE from the stored ``S_g``: a reverse scan over the groups, each
+      recomputed and differentiated (what autodiff of the rematerialised scan does).
+    """
+    import importlib
+
+    from tttla_jax import impl as _impl
+    from tttla_jax.ops import chunk as ck
+    dmod = importlib.import_module("tttla_jax.ops.delta_rule")
+    C = chunk_size
+    if _impl.platform() == "cpu":
+        C = min(C, dmod._CPU_TILE)  # the local op's tiling on a CPU host
+    C = min(C, L)
+    n = ck.num_chunks(L, C)
+    G = min(dmod._GROUP_CHUNKS, n)
+    unroll = G <= ck._UNROLL_MAX and n >= ck._UNROLL_MIN_CHUNKS
+
+    NG = ck.num_chunks(n, G)
+    blk, Lp = G * C, NG * G * C  # tokens per group, the slice padded to whole groups
+
+    def block(S, q_, k_, v_, b_, g_, s_):
+        # one group of the chunked form on [B, blk, H, ·] token slices: (S after it, o [B, blk, H, ·])
+        xg = tuple(None if x is None else ck.group_layout(x, C, G)[0] for x in (q_ * s_, k_, v_, b_, g_))
+        S_next, o = ck._chunks_first_group(*xg, S, unroll=unroll)
+        return S_next, ck.from_group_layout(o[None], blk)
+
+    def pad(x):
+        return None if x is None else ck.pad_time(x, Lp)
+
+    def sl(x, i):
+        return None if x is None else lax.dynamic_slice_in_dim(x, i * blk, blk, axis=1)
+
+    def buffer(x, width):  # zeros [B, Lp, H, width] with x's sharding type (a loop carry)
+        return jnp.zeros(x.shape[:1] + (Lp,) + x.shape[2:3] + (width,), x.dtype) + jnp.zeros_like(x[:, :1, :, :1])
+
+    def put(buf, y, i):
+        return None if buf is None else lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), i * blk, axis=1)
+
+    def run(xs, h0m, lay):
+        q_, k_, v_, b_, g_, s_ = xs
+        P, p = _check_axis(axis_name)
+        K, V = k_.shape[-1], v_.shape[-1]
+        eye = jnp.broadcast_to(jnp.eye(K, dtype=h0m.dtype), h0m.shape[:2] + (K, K))
+        phi0 = jnp.where(_bcast(lay.span, 4), eye, 0.0) + _varying_zero(q_)
+        qp, kp, vp, bp, gp = (pad(x) for x in (q_, k_, v_, b_, g_))
+
+        def body(i, carry):  # group i: the widened state [S⁰ | Φ] at its start stored, outputs written in place
+            S, o0, qphi, Sw = carry
+            S_next, ow = block(S, sl(qp, i), sl(kp, i), _widen(sl(vp, i), K), sl(bp, i), sl(gp, i), s_)
+            return (S_next, put(o0, ow[..., :V], i), put(qphi, ow[..., V:], i),
+                    lax.dynamic_update_index_in_dim(Sw, S, i, 0))
+
+        S0w = jnp.concatenate([h0m, phi0], -1)
+        Sw0 = jnp.zeros((NG,) + S0w.shape, S0w.dtype) + S0w[None] * 0.0
+        SFw, o0, qphi, Sw = lax.fori_loop(0, NG, body, (S0w, buffer(v_, V), buffer(k_, K), Sw0))
+        A, B0 = SFw[..., V:], SFw[..., :V]
+        c = _carry_in(A, B0, axis_name, p, True)
+        o = (o0 + jnp.einsum("blhk,bhkv->blhv", qphi, c))[:, :L]
+        Sg = Sw[..., :V] + jnp.matmul(Sw[..., V:], c)                   # [NG, B, H, K, V] true group starts
+        return (o, B0 + jnp.matmul(A, c)), (A, qphi, Sg)
+
+    @jax.custom_vjp
+    def core(xs, h0m, lay):
+        return run(xs, h0m, lay)[0]
+
+    def fwd(xs, h0m, lay):
+        out, res = run(xs, h0m, lay)
+        return out, (res, xs, lay)
+
+    def bwd(res, cts):
+        (A, qphi, Sg), xs, lay = res
+        dO, dSF = cts
+        P, p = _check_axis(axis_name)
+        # Φ = 0 on a device whose rows do not enter from the previous one: dcl = 0 there
+        dcl = _contract_tokens(qphi[:, :L], dO) + jnp.einsum("bhkj,bhkv->bhjv", A, dSF)
+        dE = _carry_back(A, dcl, axis_name, p, P, True)
+        q_, k_, v_, b_, g_, s_ = xs
+        qp, kp, vp, bp, gp, dOp = (pad(x) for x in (q_, k_, v_, b_, g_, dO))
+
+        def body(r, carry):  # groups from the last: recompute, differentiate, write the input cotangents
+            i = NG - 1 - r
+            dS, dbufs, ds = carry
+            S = lax.dynamic_index_in_dim(Sg, i, 0, keepdims=False)
+            _, vjp = jax.vjp(block, S, *(sl(x, i) for x in (qp, kp, vp, bp, gp)), s_)
+            dS_prev, *dx, dsi = vjp((dS, sl(dOp, i)))
+            return dS_prev, tuple(put(bf, d, i) for bf, d in zip(dbufs, dx)), ds + dsi
+
+        dbufs = tuple(None if x is None else buffer(x, x.shape[-1]) if x.ndim == 4 else buffer(x[..., None], 1)[..., 0]
+                      for x in (q_, k_, v_, b_, g_))
+        dS0, dbufs, ds = lax.fori_loop(0, NG, body, (lay.inject(dSF, dE), dbufs, jnp.zeros_like(s_)))
+        dxs = tuple(None if d is None else d[:, :L] for d in dbufs) + (ds,)
+        return dxs, lay.leave(dS0), None
+
+    core.defvjp(fwd, bwd)
+    return core
 
 
 # state-only passes of the (gated) delta rule (unpacked slices, one log-decay per head): the
