@@ -6,8 +6,11 @@ On 8 forced host CPU devices (one subprocess; compilation dominates): the layer 
 — outputs, the final cache and the gradients of a loss of both w.r.t. the input and every
 parameter; through ``sharded_mixer`` with T not a multiple of the devices (padded at the
 end); the combined form is really taken (``combine_reason`` is None) and the pipelined
-fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, packed
-documents crossing devices) still equals one device. A Titans cache runs combined at a
+fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, Titans
+with packed documents, packed documents continuing a cache) still equals one device. LaCT with
+packed documents (a fresh call) runs combined: documents cross device boundaries at every
+phase within a chunk (exactly at a chunk boundary too), chunks spanning three devices,
+documents shorter than a chunk, empty documents, ``T`` not a multiple of ``P·C``. A Titans cache runs combined at a
 TTT-batch boundary and pipelined inside a batch, a LaCT cache combined at a chunk boundary
 (``buf_len`` 0 or C, per row) and pipelined inside a chunk (chosen at run time). The
 default suite keeps one case (LaCT V2 with the window branch and a short conv whose halos
@@ -76,11 +79,14 @@ CHECKS = textwrap.dedent('''
         out.update(y=diff(o0[0], o1[0]), cache=diff(o0[1], o1[1]), grads=diff(g0, g1), loss=abs(float(l0 - l1)),
                    y_scale=float(jnp.max(jnp.abs(o0[0]))))
         if Tpad is not None:  # sharded_mixer pads T to a multiple of seq (the cache then holds the padding)
-            xp = jax.random.normal(jax.random.key(5), (B, Tpad, W), F64)
-            wp = weights((B, Tpad, W))
+            xp = jax.random.normal(jax.random.key(5), (Bx, Tpad, W), F64)
+            wp = weights((Bx, Tpad, W))
+            kp = {}
+            if packed is not None:  # the same documents cut at Tpad (the padding joins the last one)
+                kp = {"cu_seqlens": jnp.asarray([min(c, Tpad) for c in packed[:-1]] + [Tpad], jnp.int32)}
             f = lambda g: jax.jit(jax.value_and_grad(lambda st, x: jnp.sum(g(st, x) * wp), argnums=(0, 1)))
-            a0, h0 = f(lambda st, x: nnx.merge(gd, st)(x)[0])(st, xp)
-            a1, h1 = f(lambda st, x: sharded_mixer(nnx.merge(gd, st), x, mesh=mesh))(st, xp)
+            a0, h0 = f(lambda st, x: nnx.merge(gd, st)(x, **kp)[0])(st, xp)
+            a1, h1 = f(lambda st, x: sharded_mixer(nnx.merge(gd, st), x, mesh=mesh, **kp))(st, xp)
             out.update(pad_loss=abs(float(a0 - a1)), pad_grads=diff(h0, h1))
         return out
 
@@ -137,9 +143,33 @@ SLOW_CASES = [
                 opts={"chunk_size": 2, "batch_size": 4, "short_conv": 3})),
     (True, dict(id="titans_cache_boundary_seq8", name="titans", seq=8, T=16, cached=2,
                 opts={"chunk_size": 1, "batch_size": 2})),
-    # packed documents crossing device boundaries (lengths 3, 6, 0, 3 over 4 x 3 tokens)
-    (False, dict(id="lact_v2_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
+    # LaCT with packed documents (a fresh call): combined. h = the tokens of the crossing
+    # document's current chunk on the earlier devices (1 … C; C: the boundary is a chunk boundary)
+    # lengths 3, 6, 0, 3 over 4 x 3 tokens, chunk 3: document 1 crosses device 2 at h = C
+    (True, dict(id="lact_v2_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
+                opts={"preset": "v2", "chunk_size": 3})),
+    # 8 x 5 tokens, chunk 4 (T = 40 not a multiple of P·C): document 1 crosses devices 1-4 at
+    # h = 4, 1, 2, 3, document 2 devices 5-7 at h = 3, 4, 1
+    (True, dict(id="lact_v4_packed_phases_seq8", name="lact", seq=8, T=40, packed=[0, 1, 22, 40],
+                opts={"preset": "v4", "chunk_size": 4})),
+    # 8 x 2 tokens, chunk 4: chunks span 3 devices; a 1-token document, an empty one; window and
+    # conv halos across devices; T = 13 padded (the padding joins the last document)
+    (True, dict(id="lact_v3_packed_win_conv_seq8", name="lact", seq=8, T=16, Tpad=13,
+                packed=[0, 1, 11, 11, 16], opts={"preset": "v3", "chunk_size": 4, "window": 3, "short_conv": 3})),
+    # no momentum (low-rank NS5), documents shorter than a chunk, 2 x 7 tokens
+    (True, dict(id="lact_v5_packed_seq2", name="lact", seq=2, T=14, Tpad=11, packed=[0, 3, 5, 14],
+                opts={"preset": "v5", "chunk_size": 4})),
+    # no Muon; an empty document at the end; a document over 3 devices
+    (True, dict(id="lact_v6_packed_seq4", name="lact", seq=4, T=12, packed=[0, 5, 12, 12],
+                opts={"preset": "v6", "chunk_size": 2})),
+    # documents starting exactly at device boundaries, short ones, window 2 and conv
+    (True, dict(id="lact_v2_packed_starts_seq4", name="lact", seq=4, T=16, packed=[0, 4, 5, 6, 13, 16],
+                opts={"preset": "v2", "chunk_size": 2, "window": 2, "short_conv": 2})),
+    # packed documents that stay pipelined: continuing a cache, V1, Titans
+    (False, dict(id="lact_v2_packed_cache_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12], cached=2,
                  opts={"preset": "v2", "chunk_size": 3})),
+    (False, dict(id="lact_v1_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
+                 opts={"preset": "v1", "chunk_size": 3})),
     (False, dict(id="titans_packed_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16],
                  opts={"chunk_size": 2, "batch_size": 4})),
 ]

@@ -37,11 +37,19 @@ acts on each column alone). The device's transform ``[S; M] ↦ A [S; M] + b`` (
 (the identity in the ``S`` and the ``M`` part, zero values there; ``θ`` rescaled so that
 the loss's ``1/V`` is unchanged) — the delta rule's trick (docs/context_parallel.md).
 
+LaCT with packed documents (``cu_seqlens``, a fresh call: the packed training path): chunks
+restart at every document's start, so device boundaries fall inside chunks. The document
+crossing into a device continues from the cache the single-device layer holds after the
+device's first token minus one — the state before its current chunk (combined) and that chunk's
+1 … C tokens so far (a halo) — and the layer's packed chunk scan runs once per device
+(:func:`_lact_packed_apply`); any slice length works.
+
 When the combined form applies (:func:`combine_reason` is ``None``): a fresh sequence
 (``cache=None``, the training path) or a cache at a segment boundary (:func:`cache_at_boundary`,
-checked at run time), no packed documents, and the slice aligned to the layer's segments
-(LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of ``batch_size``). Otherwise the
-layer runs pipelined. Gradients: plain autodiff through the collectives
+checked at run time), and the slice aligned to the layer's segments (LaCT: ``T_local`` a
+multiple of ``chunk_size``; Titans: of ``batch_size``); or, for LaCT, packed documents on a
+fresh call (any ``T_local``). Otherwise the layer runs pipelined (Titans with packed
+documents, packed documents continuing a cache). Gradients: plain autodiff through the collectives
 (``all_gather``); Titans' transform (step 1–2) is rematerialised in the backward pass.
 """
 from __future__ import annotations
@@ -50,6 +58,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from tttla_jax.parallel import context as _ctx
@@ -72,12 +81,16 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
     for a call on ``local_len`` tokens per device (``None``: any aligned length) with this
     ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A call with a cache
     runs combined when the cache sits at a segment boundary (:func:`cache_at_boundary`,
-    decided at run time by a ``lax.cond``), else pipelined."""
+    decided at run time by a ``lax.cond``), else pipelined. LaCT with packed documents
+    (``cu_seqlens``) runs combined on a fresh call, for any ``local_len``."""
     kind = _kind(mixer)
     if kind is None:
         return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
-    if cu_seqlens is not None:
-        return "packed documents (cu_seqlens) run pipelined"
+    packed = cu_seqlens is not None
+    if packed and kind == "titans":
+        return "Titans with packed documents (cu_seqlens) runs pipelined"
+    if packed and cache is not None:
+        return "packed documents (cu_seqlens) continuing a cache run pipelined"
     if kind == "lact":
         rule = mixer.rule
         why = rule.breaks_associativity()
@@ -93,7 +106,7 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
             return ("Titans memory='mlp': the first layer's features act(k W1) depend on the state "
                     "(not affine in it)")
         seg, what = mixer.batch_size, "batch_size"
-    if local_len is not None and local_len % seg:
+    if local_len is not None and local_len % seg and not packed:
         return (f"the tokens per device ({local_len}) are not a multiple of {what} = {seg}: "
                 f"segments would straddle devices")
     return None
@@ -112,7 +125,8 @@ def cache_at_boundary(mixer, cache) -> jax.Array:
     return jnp.all(n == 0)
 
 
-def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None, cache=None):
+def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None, cache=None,
+                   cu_seqlens=None):
     """The combined form of a LaCT (V2–V6) or Titans (linear memory) layer on this device's
     slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``), or of one
     continuing a ``cache`` at a segment boundary (:func:`cache_at_boundary`; not checked here,
@@ -132,22 +146,30 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
     from flax import nnx
     axis = _ctx._resolve_axis(axis_name, "combined_apply")
     B, L = x.shape[0], x.shape[1]
-    why = combine_reason(mixer, L, cache=cache)
+    why = combine_reason(mixer, L, cache=cache, cu_seqlens=cu_seqlens)
     if why is not None:
         raise ValueError(f"combined_apply: {why}")
     off = _ctx.shard_offset(L, axis)
-    if positions is None:
+    packed = cu_seqlens is not None
+    if packed:
+        NB = _ctx._check_global_cu(cu_seqlens, B, L, axis)
+    elif positions is None:
         start = (mixer.init_cache(B) if cache is None else cache).get(
             "pos", jnp.zeros((B,), jnp.int32))  # Titans has no positions
         positions = start[:, None] + off + jnp.arange(L, dtype=jnp.int32)[None]
-    positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, L))
+    if positions is not None:
+        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, L))
     graphdef, state = nnx.split(mixer)
     axes = frozenset({axis}).union(*(_ctx._vma(a) for a in jax.tree.leaves((x, state, positions))))
     state = jax.tree.map(lambda a: _ctx._varying(a, axes), state)
     x = _ctx._varying(x, axes)
-    positions = _ctx._varying(positions, axes)
+    if positions is not None:
+        positions = _ctx._varying(positions, axes)
     m = nnx.merge(graphdef, state)
-    c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes), m.init_cache(B) if cache is None else cache)
+    c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes),
+                      m.init_cache(NB if packed else B) if cache is None else cache)
+    if packed:
+        return _lact_packed_apply(m, x, positions, c0, cu_seqlens, axis)
     if _kind(mixer) == "lact":
         return _lact_apply(m, x, positions, c0, axis, given=cache is not None)
     return _titans_apply(m, x, positions, c0, axis)
@@ -261,6 +283,191 @@ def _lact_apply(mixer, x, positions, c0, axis, given=False):
     cache = _ctx.from_last_shard(cache, axis)
     cache.update(conv_cache)                                       # already the global final taps
     return mixer.o_proj(o), cache
+
+
+# ------------------------------------------------------------------ LaCT, packed documents
+
+def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
+    """LaCT (V2–V6) on this device's slice ``x`` ``[1, L, W]`` of N packed documents (global
+    ``cu`` ``[N + 1]``, a fresh call): the combined form across devices.
+
+    Chunks restart at every document's start, so a device boundary generally falls inside a
+    chunk. The document crossing into device ``p`` continues from the cache the single-device
+    layer would hold after token ``p·L − 1``: the state before that document's last chunk so
+    far (from the combine) and that chunk's ``h ∈ 1 … C`` tokens as its buffer (a halo of the
+    earlier devices' keys, values, learning rates and momentum gates). Those ``h`` tokens were
+    read on the earlier devices, with the same state (a partial last chunk is apply-only), and
+    the first chunk here is completed with them, so every chunk's update is formed on the
+    device holding its end. Then the layer's own packed chunk scan runs once on the slice
+    (:meth:`LaCTLayer._packed`), every other document from ``W^(0)``.
+
+    The state handed on — of the document holding the device's last token — is
+    ``(M, W1) ↦ (A M + X, a W1 + b)``: ``a = A = 0`` when that document starts on the device
+    (a reset), else ``A = Π ᾱ_j`` over its updating chunks here, ``X = Σ_j (Π_{i>j} ᾱ_i) G_j``
+    (``G_j = ±Σ_{t∈j} lr1_t v_tᵀ φ(k_t)``: one product over the tokens) and ``a = 1``. The
+    momentum maps combine first (all-gather + associative scan); the chunk scan then runs from
+    the exact incoming momentum with ``W1 = 0`` for the crossing document, which gives
+    ``b = Σ_j NS5(M_j)`` and its outputs without the incoming ``W1``. Since ``φ`` is static,
+    the outputs are linear in ``W1``: after the second combine (of the ``(a, b)`` pairs) the
+    crossing document's tokens add ``φ(q_t) W1_inᵀ``. Final caches come from the device
+    holding each document's last token."""
+    from tttla_jax.nn._segments import _seq_of, packed_next_pos, packed_positions
+    from tttla_jax.rules.lact import LaCTState
+    from tttla_jax.rules.lact.fastnet import features
+    rule = mixer.rule
+    L = x.shape[1]
+    C = rule.chunk_size
+    H, D = mixer.num_heads, mixer.head_dim
+    sd = mixer._state_dtype()
+    N = _ctx._check_global_cu(cu, 1, L, axis)
+    cu = jnp.asarray(cu, jnp.int32)
+    p = lax.axis_index(axis).astype(jnp.int32)
+    off = p * jnp.int32(L)
+    positions = packed_positions(positions, c0["pos"], cu, L)      # restart per document (global)
+    conv_cache = {}
+    fq, fk, fv, lr, m, attn = mixer._project(x, positions, c0, conv_cache, cu)  # conv: halo by document
+    # the document crossing into this device (holding tokens off − 1 and off) and its buffer length
+    d = _seq_of(cu, off - 1, N)
+    cross_in = (p > 0) & (cu[d + 1] > off)
+    h = jnp.where(cross_in, jnp.mod(off - cu[d] - 1, C) + 1, 0)
+    # halo: the C rows before the slice of (k, v, lr, m)
+    parts = [fk.reshape(1, L, H * D), fv.reshape(1, L, H * D)]
+    if lr is not None:
+        parts.append(lr.reshape(1, L, H * 3))
+    if m is not None:
+        parts.append(m.reshape(1, L, H))
+    feat = jnp.concatenate([a.astype(sd) for a in parts], axis=-1)
+    hal = _ctx.halo(feat, jnp.zeros((1, C, feat.shape[-1]), sd), axis)            # [1, C, F]
+    ext = jnp.concatenate([hal, feat], axis=1)                                     # [1, C + L, F]
+    sizes = [H * D, H * D] + ([H * 3] if lr is not None else []) + ([H] if m is not None else [])
+    split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
+    buf = split(lax.dynamic_slice_in_dim(jnp.concatenate([hal, jnp.zeros_like(hal)], axis=1), C - h, C, 1))
+    buf_k, buf_v = buf[0].reshape(1, C, H, D), buf[1].reshape(1, C, H, D)
+    buf_lr = buf[2].reshape(1, C, H, 3) if lr is not None else None
+    buf_m = buf[-1].reshape(1, C, H) if m is not None else None
+    st0 = rule.init_state(*mixer._fast_params(), 1)
+
+    # the document holding the device's last token: its stream here (ext coordinates) and updates
+    e = _seq_of(cu, off + L - 1, N)
+    cont = cross_in & (e == d)
+    s0 = jnp.where(cont, C - h, C + cu[e] - off)
+    R = C + L - s0
+    nu = (R + C - 1) // C - 1                                       # updating chunks of the stream
+    Jmax = (C + L) // C + 1
+    s = jnp.arange(C + L, dtype=jnp.int32) - s0
+    j = jnp.where(s >= 0, s // C, Jmax)
+    upd = (s >= 0) & (j < nu)                                       # [C + L]
+    mom_in = None
+    if rule.use_momentum:
+        ek = ext[..., :H * D].reshape(1, C + L, H, D)
+        ev = ext[..., H * D:2 * H * D].reshape(1, C + L, H, D)
+        elr = ext[..., 2 * H * D:2 * H * D + 3 * H].reshape(1, C + L, H, 3) if lr is not None else None
+        em = ext[..., -H:]                                          # [1, C + L, H]
+        xi = rule.prepare(ek, ek, ev, elr, st0, em)
+        jj = jnp.where(upd, j, Jmax)
+        msum = jax.ops.segment_sum(jnp.where(upd[:, None], em[0], 0), jj, num_segments=Jmax + 1)[:Jmax]
+        abar = jnp.where((jnp.arange(Jmax) < nu)[:, None], msum / C, 1)             # [Jmax, H]
+        incl = jnp.flip(jnp.cumprod(jnp.flip(abar, 0), axis=0), 0)                  # Π_{i ≥ j}
+        after = jnp.concatenate([incl[1:], jnp.ones_like(incl[:1])], axis=0)        # Π_{i > j}
+        sign = 1.0 if rule.ascent else -1.0
+        coef = jnp.where(upd[:, None], after[jnp.minimum(j, Jmax - 1)], 0) * sign    # [C + L, H]
+        pk = xi.lrs[1][0] * jnp.moveaxis(features(xi.state.w, jnp.moveaxis(xi.k, 1, 2), rule.fast_net)[0], 1, 0)
+        X = jnp.einsum("th,thv,thd->hvd", coef, xi.v[0], pk)[None]                  # [1, H, dv, dh]
+        A = jnp.where(cont, incl[0], 0)[None]                                        # [1, H]
+        mom_in = _carry_in(A, X, axis, p, matrix=False)             # momentum entering this device
+    # the per-document caches: the crossing document continues (W1 = 0 for now), the others fresh
+    fc = {key: val for key, val in c0.items()
+          if key not in ("pos",) and not key.startswith(("attn_", "conv_"))}
+    at_d = (jnp.arange(N) == d) & cross_in                          # [N]
+    put = lambda a, val: jnp.where(at_d.reshape((N,) + (1,) * (a.ndim - 1)), val.astype(a.dtype), a)  # noqa: E731
+    for i, w in enumerate(st0.w):
+        if w is not None:
+            fc[f"w{i}"] = put(fc[f"w{i}"], jnp.zeros_like(w) if i == 1 else w)
+    if mom_in is not None:
+        fc["mom1"] = put(fc["mom1"], mom_in)
+    fc["buf_k"], fc["buf_v"] = put(fc["buf_k"], buf_k), put(fc["buf_v"], buf_v)
+    if buf_lr is not None:
+        fc["buf_lr"] = put(fc["buf_lr"], buf_lr)
+    if buf_m is not None:
+        fc["buf_m"] = put(fc["buf_m"], buf_m)
+    fc["buf_len"] = jnp.where(at_d, h, fc["buf_len"])
+    local_cu = jnp.clip(cu - off, 0, L)
+    o, new_fc = mixer._packed(fq, fk, fv, lr, m, fc, local_cu, True)
+    # W1 handed on: a W1_in + b; the incoming W1 from the combine
+    b = new_fc["w1"][e][None].astype(sd)
+    w1_in = _carry_in(jnp.where(cont, 1.0, 0.0).astype(sd) * jnp.ones((1, H), sd), b, axis, p, matrix=False)
+    # the crossing document's tokens read the incoming W1 too (the read is linear in W1)
+    ws = tuple(None if w is None else w.astype(sd) for w in st0.w)
+    corr = rule.read(LaCTState(w=(ws[0], w1_in, ws[2])), jnp.moveaxis(fq.astype(sd), 1, 2))  # [1, H, L, dv]
+    mine = cross_in & (jnp.arange(L) < cu[d + 1] - off)              # [L]
+    o = o + jnp.where(mine[None, :, None, None], jnp.moveaxis(corr, 1, 2), 0).astype(o.dtype)
+    new_fc["w1"] = put(new_fc["w1"], new_fc["w1"][d] + w1_in[0].astype(new_fc["w1"].dtype))
+    # every document's final cache from the device holding its last token
+    cache = {**_from_owner(new_fc, cu, L, axis),
+             **_from_first({"pos": packed_next_pos(positions, c0["pos"], cu), **conv_cache}, axis)}
+    o = o.astype(mixer._act_dtype())
+    if mixer.ttt_norm is not None:
+        o = mixer.ttt_norm(o)
+    if mixer.output_gate:
+        gate = jax.nn.silu(mixer.ttt_scale_proj(x))                # [1, L, H]
+        o = o * gate[..., None].astype(o.dtype)
+    o = o.reshape(1, L, H * D)
+    if mixer.window is not None:
+        o, sub = _window_packed(mixer, attn, positions, c0, cu, axis, o)
+        cache.update(sub)
+    return mixer.o_proj(o), cache
+
+
+def _window_packed(mixer, attn, positions, c0, cu, axis, o):
+    """The window branch of packed documents on this device: the slice's queries attend over
+    ``[halo ; slice]`` (the ``window`` rows before the slice, from the earlier devices) with a
+    document mask; each document's cache from the device holding its last token."""
+    from tttla_jax.nn.mixers import sliding_window_attend_packed
+    qa, ka, va = attn
+    _, L, Ha, Da = qa.shape
+    w = mixer.window
+    N = cu.shape[0] - 1
+    off = lax.axis_index(axis).astype(jnp.int32) * jnp.int32(L)
+    hk = _halo_rows(ka, jnp.zeros((1, w, Ha, Da), ka.dtype), axis)
+    hv = _halo_rows(va, jnp.zeros((1, w, Ha, Da), va.dtype), axis)
+    hp = _halo_rows(positions[..., None], jnp.full((1, w, 1), -1, jnp.int32), axis)[..., 0]
+    cat = lambda a, b: jnp.concatenate([a, b], axis=1)             # noqa: E731
+    # a dummy document 0 holds the halo rows before every real document (before token 0)
+    ext_cu = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.clip(cu - off + w, 0, w + L)])
+    sub = {"k": c0["attn_k"][:1], "v": c0["attn_v"][:1], "kpos": c0["attn_kpos"][:1]}
+    with _ctx.sequence_parallel(None):
+        oa, new = sliding_window_attend_packed(cat(jnp.zeros_like(hk), qa), cat(hk, ka), cat(hv, va),
+                                               cat(hp, positions), sub, window=w, cu_seqlens=ext_cu,
+                                               fresh=True)
+    o = o + oa[:, w:].reshape(1, L, Ha * Da).astype(o.dtype)
+    nonempty = (cu[1:] > cu[:-1]).reshape((N, 1))
+    out = {name: jnp.where(nonempty.reshape((N,) + (1,) * (c0[name].ndim - 1)),
+                           new[key][1:].astype(c0[name].dtype), c0[name])   # an empty document: as it was
+           for key, name in (("k", "attn_k"), ("v", "attn_v"), ("kpos", "attn_kpos"))}
+    return o, _from_owner(out, cu, L, axis)
+
+
+def _from_owner(tree, cu, L, axis):
+    """Per-document cache entries ``[N, ...]`` as held by the device holding each document's
+    last token (an empty document: device 0's, the same everywhere), on every device (a masked
+    ``psum``)."""
+    p = lax.axis_index(axis)
+    off = p.astype(jnp.int32) * jnp.int32(L)
+    nonempty = cu[1:] > cu[:-1]
+    last = cu[1:] - 1 - off
+    owner = jnp.where(nonempty, (last >= 0) & (last < L), p == 0)
+
+    def one(a):
+        sel = owner.reshape((-1,) + (1,) * (a.ndim - 1))
+        return lax.psum(jnp.where(sel, a, jnp.zeros_like(a)), axis)
+
+    return jax.tree.map(one, tree)
+
+
+def _from_first(tree, axis):
+    """Leaves that are the same on every device, typed so (device 0's, by a masked ``psum``)."""
+    first = lax.axis_index(axis) == 0
+    return jax.tree.map(lambda a: lax.psum(jnp.where(first, a, jnp.zeros_like(a)), axis), tree)
 
 
 # -------------------------------------------------------------------------------- Titans
