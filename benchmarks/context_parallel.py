@@ -24,7 +24,10 @@ Layers (``--ops lact_v2 lact_v2_pipelined``): the LaCT layer at ladder step V2 (
 through :func:`tttla_jax.parallel.sharded_mixer` — ``lact_v2`` takes the associative combined
 form (:mod:`tttla_jax.parallel.combine`), ``lact_v2_pipelined`` forces the pipelined form
 (:func:`tttla_jax.parallel.mixer_apply`) for comparison; gradients w.r.t. the input and every
-parameter; ``local`` = the layer alone on each slice.
+parameter; ``local`` = the layer alone on each slice. ``lact_v2_packed`` /
+``lact_v2_packed_pipelined``: the same on packed documents of ``--doc-len`` tokens
+(``cu_seqlens``; P = 1 is the single-device packed call, ``local`` the layer on each slice's
+local documents).
 
 Prints a Markdown table and writes ``benchmarks/results/context_parallel.json`` (rows of the ops
 not run this time are kept from the existing file).
@@ -55,9 +58,16 @@ import tttla_jax as tt  # noqa: E402
 from tttla_jax import parallel as tp  # noqa: E402
 
 
-LAYERS = ("lact_v2", "lact_v2_pipelined")
+LAYERS = ("lact_v2", "lact_v2_pipelined", "lact_v2_packed", "lact_v2_packed_pipelined")
 OPS = ("linear_attention", "delta_rule") + LAYERS
 LACT_CHUNK = [2048]  # set from --lact-chunk
+DOC_LEN = [3000]     # set from --doc-len: packed rows' documents (the last one shorter)
+
+
+def doc_offsets(T):
+    """``cu_seqlens`` of the packed LaCT rows: documents of ``DOC_LEN`` tokens (the last one
+    takes the rest), so device boundaries fall inside chunks at changing phases."""
+    return jnp.asarray(list(range(0, T, DOC_LEN[0])) + [T], jnp.int32)
 
 
 def lact_layer(H, D):
@@ -74,19 +84,24 @@ def layer_loss_fn(op, P, mesh, H, D, local=False):
     gd, _ = lact_layer(H, D)
     tok = Ps(None, "seq")
 
+    packed = "packed" in op
+
     def f(x):
+        T = x["x"].shape[1]
+        kw = {"cu_seqlens": doc_offsets(T)} if packed else {}
         if P == 1:
-            return jnp.sum(nnx.merge(gd, x["params"])(x["x"])[0])
-        if op == "lact_v2" and not local:
-            return jnp.sum(tp.sharded_mixer(nnx.merge(gd, x["params"]), x["x"], mesh=mesh))
+            return jnp.sum(nnx.merge(gd, x["params"])(x["x"], **kw)[0])
+        if op in ("lact_v2", "lact_v2_packed") and not local:
+            return jnp.sum(tp.sharded_mixer(nnx.merge(gd, x["params"]), x["x"], mesh=mesh, **kw))
 
         def body(st, xs):
             m = nnx.merge(gd, st)
             if local:
+                lk = {"cu_seqlens": tp.local_cu_seqlens(kw["cu_seqlens"], T // P, "seq")} if packed else {}
                 with tp.sequence_parallel(None):
-                    y = m(xs)[0]
+                    y = m(xs, **lk)[0]
             else:
-                y = tp.mixer_apply(m, xs, axis_name="seq")[0]
+                y = tp.mixer_apply(m, xs, axis_name="seq", **kw)[0]
             return jax.lax.psum(jnp.sum(y), "seq")
 
         return jax.shard_map(body, mesh=mesh, in_specs=(Ps(), tok), out_specs=Ps(),
@@ -148,6 +163,8 @@ def delta_breakdown_fns(x, P, C, mesh, H, D):
     shard_map over the P devices on the same inputs: the step with the state-only passes
     (``_DELTA_WIDENED`` off: a transform pass, then the local op; backward a cotangent pass,
     then the local backward), the forwards alone (sharded new / old, the local op), the
+    widened form's own loops without the widening and the combine (``local_loops``: its floor;
+    ``_delta_widened_first(..., combine=False)``), the
     transform pass (``_delta_state_pass`` from ``[0 | I_K]``), the cotangent pass
     (``_delta_cot_pass``) and the collectives with their scans (``_carry_in`` + ``_carry_back``)."""
     from tttla_jax.parallel import ops as cp_ops
@@ -184,13 +201,29 @@ def delta_breakdown_fns(x, P, C, mesh, H, D):
         dE = cp_ops._carry_back(A, c, "seq", p, P, True)
         return jax.lax.psum(jnp.sum(dE), "seq")
 
+    def loops(q, k, v, g, b):  # the widened form's loops without the widening and the combine
+        P_, p = jax.lax.axis_size("seq"), jax.lax.axis_index("seq")
+        L = q.shape[1]
+        core = cp_ops._delta_widened_first("seq", C, L, combine=False)
+        lay = cp_ops._Layout.build(None, p, P_, 1, L)
+        h0m = jnp.zeros((1, H, D, D), jnp.float32) + jnp.zeros_like(q[:1, 0, :, :, None])
+        o, _ = core((q, k, v, b, g, jnp.asarray(D ** -0.5, jnp.float32)), h0m, lay)
+        return jax.lax.psum(jnp.sum(o), "seq")
+
+    def grad_of(body):
+        def f(x):
+            return jax.shard_map(body, mesh=mesh, in_specs=(tok,) * 5, out_specs=Ps(), check_vma=False)(
+                *[x[n] for n in names])
+        return jax.jit(jax.grad(f))
+
     cp_ops._DELTA_WIDENED = False
     try:  # traced (and compiled) with the flag off
         old = {"full_state_passes": jax.jit(jax.grad(loss_fn("delta_rule", P, C, mesh, H, D))).lower(x).compile(),
                "fwd_state_passes": sharded(fwd).lower(x).compile()}
     finally:
         cp_ops._DELTA_WIDENED = True
-    return {**old, "fwd": sharded(fwd), "local_fwd": sharded(local_fwd), "transform_pass": sharded(transform),
+    return {**old, "local_loops": grad_of(loops), "fwd": sharded(fwd), "local_fwd": sharded(local_fwd),
+            "local_loops_fwd": sharded(loops), "transform_pass": sharded(transform),
             "cot_pass": sharded(cot), "collectives": sharded(collectives)}
 
 
@@ -239,6 +272,7 @@ def main():
     ap.add_argument("--combine-T", type=int, default=65536)
     ap.add_argument("--ops", nargs="+", default=["linear_attention", "delta_rule"], choices=list(OPS))
     ap.add_argument("--lact-chunk", type=int, default=2048, help="chunk of the LaCT layer rows")
+    ap.add_argument("--doc-len", type=int, default=3000, help="document length of the packed LaCT rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "context_parallel.json"))
     ap.add_argument("--no-tune-malloc", action="store_true", help="measure with glibc's default malloc")
     ap.add_argument("--la-transform", action="store_true",
@@ -252,6 +286,7 @@ def main():
     start = setup(tune=not a.no_tune_malloc)
     H, D, C = a.H, a.D, a.chunk
     LACT_CHUNK[0] = a.lact_chunk
+    DOC_LEN[0] = a.doc_len
     rows, combine = [], []
     for op in a.ops:
         for T in a.T:
@@ -335,7 +370,7 @@ def main():
         print(f"\n{c['op']} T={c['T']} P=8: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["times"].items())
               + f" — combine {100 * c['combine_share']:.1f} % of the step")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    cfg = {"H": H, "D": D, "chunk": C, "lact_chunk": a.lact_chunk, "dtype": "float32", "B": 1,
+    cfg = {"H": H, "D": D, "chunk": C, "lact_chunk": a.lact_chunk, "doc_len": a.doc_len, "dtype": "float32", "B": 1,
            "time_max_T": a.time_max_T, "repeats": a.repeats, "ops": a.ops}
     old = {}
     if os.path.exists(a.out):  # keep the rows of the ops not run now (with their own run's record)

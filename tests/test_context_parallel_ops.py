@@ -18,9 +18,12 @@ tokens (hard resets) inside a spanning document, one on a device's first token.
 
 All multi-device cases run in one subprocess with ``--xla_force_host_platform_device_count=8``
 (compilation dominates). The default suite runs P = 4 on packed documents for both ops (the
-delta rule's state passes on token blocks of 4) and an unpacked linear attention on a
+delta rule's state passes on token blocks of 4), the unpacked delta rule (its transform folded
+into the local pass, over two groups of chunks, the last one padded) and an unpacked linear
+attention on a
 (data=2, seq=4) mesh; the sweep over P = 2, 4, 8, packed and not, float32, the in-``shard_map``
-call written by hand, batch axes for both ops and the token-block loops is ``slow``.
+call written by hand, batch axes for both ops, the token-block loops and the delta rule's
+state-only passes on unpacked slices (``_DELTA_WIDENED`` off) is ``slow``.
 """
 import json
 import os
@@ -105,8 +108,11 @@ SCRIPT = textwrap.dedent(r"""
 
         return {"single": ref, "cp": hand if by_hand else cp}
 
+    import importlib
     from tttla_jax.parallel import ops as cp_ops
+    dr_mod = importlib.import_module("tttla_jax.ops.delta_rule")
     default_blocks = (cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK)
+    default_group = dr_mod._GROUP_CHUNKS
     results = []
     for case in json.loads(sys.argv[1]):
         op, P, packed, dtype = case["op"], case["P"], case["packed"], case["dtype"]
@@ -115,6 +121,11 @@ SCRIPT = textwrap.dedent(r"""
         # instead of the default sizes
         blocks = (4, 4, 1) if case.get("blocks") else default_blocks
         cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK = blocks
+        # "blocks" also runs the chunked form (single device and the delta rule's widened
+        # pass) in groups of 2 chunks, so the widened pass loops over several groups, the last
+        # one padded; "widened": False the delta rule's state-only transform and cotangent passes
+        dr_mod._GROUP_CHUNKS = 2 if case.get("blocks") else default_group
+        cp_ops._DELTA_WIDENED = case.get("widened", True)
         data = case.get("data", 1)
         types = (jax.sharding.AxisType.Auto if case.get("auto") else jax.sharding.AxisType.Explicit,) * 2
         mesh = jax.make_mesh((data, P), ("data", "seq"), devices=jax.devices()[:data * P], axis_types=types)
@@ -177,6 +188,8 @@ def test_sharded_ops_match_single_device_sweep():
     cases += [{"op": op, "P": 2, "packed": False, "dtype": "float64", "data": 2} for op in ("linear", "delta")]
     cases += [{"op": op, "P": P, "packed": packed, "dtype": "float64", "blocks": True}
               for op in ("linear", "delta") for P in (2, 8) for packed in (False, True)]
+    cases += [{"op": "delta", "P": P, "packed": False, "dtype": "float64", "widened": False, "blocks": blocks}
+              for P, blocks in ((2, False), (8, True))]
     _run(cases)
 
 

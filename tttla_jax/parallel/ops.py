@@ -670,7 +670,7 @@ def _delta_widened_applies(q, k, v, log_decay, chunk_size, impl) -> bool:
     return _impl.resolve(impl, reasons, where="tttla_jax.parallel.delta_rule") == "chunked"
 
 
-def _delta_widened_first(axis_name, chunk_size, L):
+def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
     """The (gated) delta rule's per-device step with the transform folded into the local
     pass (unpacked slices, one log-decay per head or none; the chunked form's own group step,
     :func:`tttla_jax.ops.chunk.delta_chunked`, with its chunk, group and unroll choices):
@@ -688,6 +688,10 @@ def _delta_widened_first(axis_name, chunk_size, L):
       reverse combine gives the cotangent of the state leaving the device, and the chunked
       form's backward runs ONCE from the stored ``S_g``: a reverse scan over the groups, each
       recomputed and differentiated (what autodiff of the rematerialised scan does).
+
+    ``combine=False`` (a measurement floor, ``benchmarks/context_parallel.py``): the same loops
+    without the ``K`` extra columns and without the combine — the local op alone on the slice
+    from its own initial state, in this function's loop layout.
     """
     import importlib
 
@@ -727,20 +731,23 @@ def _delta_widened_first(axis_name, chunk_size, L):
         q_, k_, v_, b_, g_, s_ = xs
         P, p = _check_axis(axis_name)
         K, V = k_.shape[-1], v_.shape[-1]
-        eye = jnp.broadcast_to(jnp.eye(K, dtype=h0m.dtype), h0m.shape[:2] + (K, K))
+        Kw = K if combine else 0  # the extra columns
+        eye = jnp.broadcast_to(jnp.eye(K, Kw, dtype=h0m.dtype), h0m.shape[:2] + (K, Kw))
         phi0 = jnp.where(_bcast(lay.span, 4), eye, 0.0) + _varying_zero(q_)
         qp, kp, vp, bp, gp = (pad(x) for x in (q_, k_, v_, b_, g_))
 
         def body(i, carry):  # group i: the widened state [S⁰ | Φ] at its start stored, outputs written in place
             S, o0, qphi, Sw = carry
-            S_next, ow = block(S, sl(qp, i), sl(kp, i), _widen(sl(vp, i), K), sl(bp, i), sl(gp, i), s_)
+            S_next, ow = block(S, sl(qp, i), sl(kp, i), _widen(sl(vp, i), Kw), sl(bp, i), sl(gp, i), s_)
             return (S_next, put(o0, ow[..., :V], i), put(qphi, ow[..., V:], i),
                     lax.dynamic_update_index_in_dim(Sw, S, i, 0))
 
         S0w = jnp.concatenate([h0m, phi0], -1)
         Sw0 = jnp.zeros((NG,) + S0w.shape, S0w.dtype) + S0w[None] * 0.0
-        SFw, o0, qphi, Sw = lax.fori_loop(0, NG, body, (S0w, buffer(v_, V), buffer(k_, K), Sw0))
+        SFw, o0, qphi, Sw = lax.fori_loop(0, NG, body, (S0w, buffer(v_, V), buffer(k_, Kw), Sw0))
         A, B0 = SFw[..., V:], SFw[..., :V]
+        if not combine:
+            return (o0[:, :L], B0), (A, qphi, Sw)
         c = _carry_in(A, B0, axis_name, p, True)
         o = (o0 + jnp.einsum("blhk,bhkv->blhv", qphi, c))[:, :L]
         Sg = Sw[..., :V] + jnp.matmul(Sw[..., V:], c)                   # [NG, B, H, K, V] true group starts
@@ -759,8 +766,11 @@ def _delta_widened_first(axis_name, chunk_size, L):
         dO, dSF = cts
         P, p = _check_axis(axis_name)
         # Φ = 0 on a device whose rows do not enter from the previous one: dcl = 0 there
-        dcl = _contract_tokens(qphi[:, :L], dO) + jnp.einsum("bhkj,bhkv->bhjv", A, dSF)
-        dE = _carry_back(A, dcl, axis_name, p, P, True)
+        if combine:
+            dcl = _contract_tokens(qphi[:, :L], dO) + jnp.einsum("bhkj,bhkv->bhjv", A, dSF)
+            dE = _carry_back(A, dcl, axis_name, p, P, True)
+        else:
+            dE = jnp.zeros_like(dSF)
         q_, k_, v_, b_, g_, s_ = xs
         qp, kp, vp, bp, gp, dOp = (pad(x) for x in (q_, k_, v_, b_, g_, dO))
 
