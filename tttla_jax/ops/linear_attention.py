@@ -65,6 +65,8 @@ from tttla_jax.ops.chunk import (
     from_scan_layout,
     from_token_blocks,
     lower_mask,
+    num_chunks,
+    pad_time,
     reverse_cumsum_by_matmul,
     scan_layout,
     token_blocks,
@@ -278,8 +280,11 @@ def linear_attention(
                                         interpret=interpret)
 
     sd = _checks.state_dtype(q, k, v)
-    qf = q.astype(sd) * jnp.asarray(scale, sd)
     kf, vf = k.astype(sd), v.astype(sd)
+    # the chunked form scales q chunk by chunk (no whole-sequence pass); a traced scale is
+    # applied here (its gradient then flows through the product)
+    in_chunks = impl == "chunked" and cu_seqlens is None and not per_channel(log_decay) and isinstance(scale, float)
+    qf = q.astype(sd) if in_chunks else q.astype(sd) * jnp.asarray(scale, sd)
     # zeros_like: under shard_map the zero gate varies over the mesh axes like q does (the
     # chunked form's custom_vjp returns cotangents of that type)
     g = jnp.zeros_like(qf[..., 0]) if log_decay is None else log_decay.astype(sd)
@@ -295,6 +300,9 @@ def linear_attention(
         o, S = form(qf, kf, vf, g, h0, masking, chunk_size, cu_seqlens)
         return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
+    if in_chunks:
+        o, S = _chunked(qf, kf, vf, g, S0, masking, chunk_size, scale)
+        return o.astype(q.dtype), (S if output_final_state else None)
     form = {"recurrent": _recurrent, "associative": _associative,
             "chunked": _chunked_channel if per_channel(g) else _chunked}[impl]
     o, S = form(qf, kf, vf, g, S0, masking, chunk_size)
@@ -374,25 +382,105 @@ def _associative(q, k, v, g, S0, masking, chunk_size):
 # --------------------------------------------------------------------------- chunked
 
 
-def _chunked(q, k, v, g, S0, masking, chunk_size):
+def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0):
     """Chunk-parallel form: masked matmuls inside chunks, a scan over chunks carrying the state.
 
     The scan runs over chunks with all (B, H) pairs of one chunk batched in each step:
     XLA:CPU runs a batched dot of a few dozen 64×64 blocks at 2–3× the rate of one
     batched dot over every chunk at once (cache), so the scan is also the fast layout.
-    The backward pass is hand-written (:func:`_chunk_scan` has a ``custom_vjp``): it keeps
-    only the state before each chunk and recomputes the intra-chunk products.
-    ``g=None`` (no decay): the same scan without any decay term (a causal mask instead of
-    ``D``, no exponentials, no log-decay gradient).
+    Each step slices its chunk straight from the ``[B, T, H, d]`` inputs and writes its
+    outputs back in place (:func:`_chunk_tokens`): no whole-sequence layout copy is made.
+    The backward pass is hand-written: it keeps only the state before each chunk and
+    recomputes the intra-chunk products. ``g=None`` (no decay): the same scan without any
+    decay term (a causal mask instead of ``D``, no exponentials, no log-decay gradient).
+    ``scale`` (a Python float) multiplies each chunk's queries.
     """
     T = q.shape[1]
     C = min(chunk_size, T) if masking != "chunk" else chunk_size
-    xs = tuple(None if x is None else scan_layout(x, C) for x in (q, k, v, g))  # [N, B, H, C, ...]
+    Tp = num_chunks(T, C) * C
+    q, k, v = (pad_time(x, Tp) for x in (q, k, v))
+    g = None if g is None else pad_time(g, Tp)
     if masking == "none":
-        _, S_final = _chunk_scan(*xs, S0, None, None, False, False)
-        return jnp.einsum("bthk,bhkv->bthv", q, S_final), S_final
-    o, S_final = _chunk_scan(*xs, S0, None, None, masking == "causal", True)
-    return from_scan_layout(o, T), S_final
+        _, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, False, False)
+        return jnp.einsum("bthk,bhkv->bthv", q[:, :T] * scale, S_final), S_final
+    o, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, masking == "causal", True)
+    return o[:, :T], S_final
+
+
+def _token_chunk(x, t0, C, scale=None):
+    """Tokens ``[t0, t0 + C)`` of ``x [B, Tp, H, ...]`` as one chunk ``[B, H, C, ...]``."""
+    if x is None:
+        return None
+    x = jnp.swapaxes(lax.dynamic_slice_in_dim(x, t0, C, axis=1), 1, 2)
+    return x if scale is None else x * jnp.asarray(scale, x.dtype)
+
+
+def _put_chunk(y, yn, t0):
+    """Write one chunk ``yn [B, H, C, ...]`` into ``y [B, Tp, H, ...]`` at token ``t0``."""
+    return lax.dynamic_update_slice_in_dim(y, jnp.swapaxes(yn, 1, 2), t0, axis=1)
+
+
+def _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, keep_states):
+    """The scan of :func:`_chunk_tokens`: returns ``(o or None, S_final, S_prev [N, B, H, K, V]
+    or None)`` (the state before every chunk if ``keep_states``)."""
+    Tp = q.shape[1]
+
+    def step(carry, n):
+        S, o = carry
+        t0 = n * C
+        x = (_token_chunk(q, t0, C, scale), _token_chunk(k, t0, C), _token_chunk(v, t0, C), _token_chunk(g, t0, C))
+        S_next, on = _chunk_fwd_step(S, x, intra, emit)
+        if emit:
+            o = _put_chunk(o, on, t0)
+        return (S_next, o), (S if keep_states else None)
+
+    o = jnp.zeros_like(v, S0.dtype) if emit else None  # zeros_like: varies like v under shard_map
+    (S, o), S_prev = lax.scan(step, (S0, o), jnp.arange(Tp // C), unroll=_scan_unroll(Tp // C))
+    return o, S, S_prev
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunk_tokens(q, k, v, g, S0, scale, C, intra, emit):
+    """The chunk scan over token-major inputs ``[B, Tp, H, d]`` (``Tp`` a multiple of ``C``;
+    see :func:`_chunked`). Returns ``(o [B, Tp, H, V] or None, S_final)``. Same step and
+    backward formulas as :func:`_chunk_scan`."""
+    o, S, _ = _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, False)
+    return o, S
+
+
+def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit):
+    o, S, S_prev = _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, True)
+    return (o, S), (q, k, v, g, S_prev)
+
+
+def _chunk_tokens_bwd(scale, C, intra, emit, res, cts):
+    """Chunks in reverse, each through the step of :func:`_chunk_scan_bwd`; the gradients
+    are written back to ``[B, Tp, H, d]`` in place."""
+    q, k, v, g, S_prev = res
+    do, dS = cts
+    Tp = q.shape[1]
+    emit_do = emit and do is not None
+    zeros = lambda x: None if x is None else jnp.zeros_like(x, S_prev.dtype)  # noqa: E731
+
+    def step(carry, xs):
+        dS, dq, dk, dv, dg = carry
+        n, S = xs
+        t0 = n * C
+        x = (_token_chunk(q, t0, C, scale), _token_chunk(k, t0, C), _token_chunk(v, t0, C), _token_chunk(g, t0, C))
+        don = _token_chunk(do, t0, C) if emit_do else None
+        dqn, dkn, dvn, dgn, dS = _chunk_bwd_step(dS, x, S, don, intra)
+        dq = _put_chunk(dq, dqn * jnp.asarray(scale, dqn.dtype), t0)
+        dk, dv = _put_chunk(dk, dkn, t0), _put_chunk(dv, dvn, t0)
+        if g is not None:
+            dg = _put_chunk(dg, dgn, t0)
+        return (dS, dq, dk, dv, dg), None
+
+    (dS0, dq, dk, dv, dg), _ = lax.scan(step, (dS, zeros(q), zeros(k), zeros(v), zeros(g)),
+                                        (jnp.arange(Tp // C), S_prev), reverse=True, unroll=_scan_unroll(Tp // C))
+    return dq, dk, dv, dg, dS0
+
+
+_chunk_tokens.defvjp(_chunk_tokens_fwd, _chunk_tokens_bwd)
 
 
 def _chunk_fwd_step(S, x, intra, emit):
@@ -480,41 +568,7 @@ def _chunk_scan_bwd(intra, emit, res, cts):
         if m is not None:
             f, e, n = m
             dS = jnp.where(e, lax.dynamic_index_in_dim(dSF, n, 0, keepdims=False), dS)
-        if gn is None:  # no decay: D the causal mask, γ = λ = Γ = 1, no log-decay gradient
-            return _nodecay_bwd_step(dS, dh0, qn, kn, vn, S, don, m, intra)
-        D, gamma, lam, Gam = decay_terms(gn)
-        kl = kn * lam[..., None]
-        # contributions through the state update S' = Γ S + (λK)ᵀ V
-        dv = jnp.einsum("bhck,bhkv->bhcv", kl, dS)
-        vdS = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
-        dk = vdS * lam[..., None]
-        e = jnp.sum(kl * vdS, axis=-1)  # ∂/∂b_j through λ_j (negative sign below)
-        db = -e
-        dbC = jnp.sum(e, axis=-1) + Gam * jnp.sum(S * dS, axis=(-2, -1))
-        dS_prev = Gam[..., None, None] * dS
-        dq = jnp.zeros_like(qn)
-        if don is not None:
-            if intra:
-                P = jnp.einsum("bhik,bhjk->bhij", qn, kn)
-                A = P * D
-                dA = jnp.einsum("bhiv,bhjv->bhij", don, vn)
-                dv = dv + jnp.einsum("bhij,bhiv->bhjv", A, don)
-                dP = dA * D
-                dq = jnp.einsum("bhij,bhjk->bhik", dP, kn)
-                dk = dk + jnp.einsum("bhij,bhik->bhjk", dP, qn)
-                E = dA * A
-                db = db + jnp.sum(E, axis=-1) - jnp.sum(E, axis=-2)
-                dOS = jnp.einsum("bhiv,bhkv->bhik", don, S)
-                qg = qn * gamma[..., None]
-                dq = dq + dOS * gamma[..., None]
-                db = db + jnp.sum(qg * dOS, axis=-1)
-                dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qg, don)
-            else:
-                dq = jnp.einsum("bhiv,bhkv->bhik", don, S)
-                dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
-        db = db.at[..., -1].add(dbC)
-        # b = cumsum(g) with cuts as resets (decay_terms): the gradient w.r.t. a cut's g is 0
-        dg = cut_grad(reverse_cumsum_by_matmul(db), gn)
+        dq, dk, dv, dg, dS_prev = _chunk_bwd_step(dS, (qn, kn, vn, gn), S, don, intra)
         if m is not None:  # a first chunk read its sequence's h0, not the chunk before
             cur = lax.dynamic_index_in_dim(dh0, n, 0, keepdims=False)
             dh0 = lax.dynamic_update_index_in_dim(dh0, cur + jnp.where(f, dS_prev, 0.0), n, 0)
@@ -530,10 +584,52 @@ def _chunk_scan_bwd(intra, emit, res, cts):
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
-def _nodecay_bwd_step(dS, dh0, qn, kn, vn, S, don, m, intra):
-    """One step of :func:`_chunk_scan_bwd` without decay (``g=None``; ``dS`` already the
-    cotangent of the state after the chunk): the same formulas with ``D`` the causal mask
-    and ``γ = λ = Γ = 1``."""
+def _chunk_bwd_step(dS, x, S, don, intra):
+    """The backward of one chunk (formulas in :func:`_chunk_scan_bwd`): ``dS`` the cotangent
+    of the state after the chunk, ``S`` the state before it, ``don`` the output cotangent
+    (``None``: no outputs). Returns ``(dq, dk, dv, dg or None, dS_prev)``."""
+    qn, kn, vn, gn = x
+    if gn is None:  # no decay: D the causal mask, γ = λ = Γ = 1, no log-decay gradient
+        return _nodecay_bwd_step(dS, qn, kn, vn, S, don, intra)
+    D, gamma, lam, Gam = decay_terms(gn)
+    kl = kn * lam[..., None]
+    # contributions through the state update S' = Γ S + (λK)ᵀ V
+    dv = jnp.einsum("bhck,bhkv->bhcv", kl, dS)
+    vdS = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
+    dk = vdS * lam[..., None]
+    e = jnp.sum(kl * vdS, axis=-1)  # ∂/∂b_j through λ_j (negative sign below)
+    db = -e
+    dbC = jnp.sum(e, axis=-1) + Gam * jnp.sum(S * dS, axis=(-2, -1))
+    dS_prev = Gam[..., None, None] * dS
+    dq = jnp.zeros_like(qn)
+    if don is not None:
+        if intra:
+            P = jnp.einsum("bhik,bhjk->bhij", qn, kn)
+            A = P * D
+            dA = jnp.einsum("bhiv,bhjv->bhij", don, vn)
+            dv = dv + jnp.einsum("bhij,bhiv->bhjv", A, don)
+            dP = dA * D
+            dq = jnp.einsum("bhij,bhjk->bhik", dP, kn)
+            dk = dk + jnp.einsum("bhij,bhik->bhjk", dP, qn)
+            E = dA * A
+            db = db + jnp.sum(E, axis=-1) - jnp.sum(E, axis=-2)
+            dOS = jnp.einsum("bhiv,bhkv->bhik", don, S)
+            qg = qn * gamma[..., None]
+            dq = dq + dOS * gamma[..., None]
+            db = db + jnp.sum(qg * dOS, axis=-1)
+            dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qg, don)
+        else:
+            dq = jnp.einsum("bhiv,bhkv->bhik", don, S)
+            dS_prev = dS_prev + jnp.einsum("bhik,bhiv->bhkv", qn, don)
+    db = db.at[..., -1].add(dbC)
+    # b = cumsum(g) with cuts as resets (decay_terms): the gradient w.r.t. a cut's g is 0
+    dg = cut_grad(reverse_cumsum_by_matmul(db), gn)
+    return dq, dk, dv, dg, dS_prev
+
+
+def _nodecay_bwd_step(dS, qn, kn, vn, S, don, intra):
+    """:func:`_chunk_bwd_step` without decay (``g=None``): the same formulas with ``D`` the
+    causal mask and ``γ = λ = Γ = 1``."""
     dv = jnp.einsum("bhck,bhkv->bhcv", kn, dS)
     dk = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
     dS_prev = dS
@@ -548,12 +644,7 @@ def _nodecay_bwd_step(dS, dh0, qn, kn, vn, S, don, m, intra):
             dv = dv + jnp.einsum("bhij,bhiv->bhjv", A, don)
             dq = dq + jnp.einsum("bhij,bhjk->bhik", dP, kn)
             dk = dk + jnp.einsum("bhij,bhik->bhjk", dP, qn)
-    if m is not None:  # a first chunk read its sequence's h0, not the chunk before
-        f, _, n = m
-        cur = lax.dynamic_index_in_dim(dh0, n, 0, keepdims=False)
-        dh0 = lax.dynamic_update_index_in_dim(dh0, cur + jnp.where(f, dS_prev, 0.0), n, 0)
-        dS_prev = jnp.where(f, 0.0, dS_prev)
-    return (dS_prev, dh0), (dq, dk, dv, None)
+    return dq, dk, dv, None, dS_prev
 
 
 # --------------------------------------------------------------------------- chunked, per-channel decay
