@@ -327,3 +327,62 @@ def test_data_state_round_trip_over_process_counts():
     # the same records as the single-process batch (rows interleaved over processes)
     assert sorted(map(bytes, got.astype(np.uint8))) == sorted(map(bytes, want.astype(np.uint8)))
     assert isinstance(grain.ShardOptions(0, 2), grain.ShardOptions)
+
+
+PACKED_LACT = textwrap.dedent("""
+    import json, os, sys
+    import jax, numpy as np
+    import tttla_jax.parallel.combine as comb
+    import tttla_jax.parallel.context as ctx
+    from tttla_jax.train.config import make_config
+    from tttla_jax.train.loop import run
+    assert jax.device_count() == 4
+    tiny, root = json.loads(sys.argv[1]), sys.argv[2]
+    tiny["mixers"] = tuple(tiny["mixers"])
+    traced = {"combined": 0, "pipelined": []}   # counted at trace time
+    orig_c, orig_p = comb._lact_packed_apply, ctx.mixer_apply
+    def counted_c(*a, **k):
+        traced["combined"] += 1
+        return orig_c(*a, **k)
+    def counted_p(mixer, *a, **k):
+        traced["pipelined"].append(type(mixer).__name__)
+        return orig_p(mixer, *a, **k)
+    comb._lact_packed_apply, ctx.mixer_apply = counted_c, counted_p
+    out = {}
+    for name, mesh in [("one", "data=1"), ("seq", "data=1,seq=4")]:
+        traced.update(combined=0, pipelined=[])
+        run(make_config("lm-tiny", ckpt_dir=os.path.join(root, name), mesh=mesh, **tiny), log=lambda *a: None)
+        out[name] = dict(traced)
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_packed_lact_seq_mesh_takes_the_combined_form_and_agrees_with_one_device(tmp_path):
+    """``python -m train``'s loop with a LaCT V2 layer (window branch) and packed documents on
+    a ``data=1,seq=4`` mesh: the LaCT layer takes the combined form (its packed combined
+    function is traced, ``mixer_apply`` never sees a LaCT layer) and the loss and eval curves
+    equal the single-device packed run's."""
+    # chunk 5 on slices of 8 tokens: every device boundary falls inside a chunk
+    over = dict(TINY, mixers=["lact"], lact_preset="v2", lact_window=8, chunk_size=5,
+                pack_documents=True, seed=38)
+    p = subprocess.run([sys.executable, "-c", PACKED_LACT, json.dumps(over), str(tmp_path)],
+                       cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    assert res["one"]["combined"] == 0
+    assert res["seq"]["combined"] > 0 and "LaCTLayer" not in res["seq"]["pipelined"], res
+    one, seq = _losses(tmp_path / "one"), _losses(tmp_path / "seq")
+    assert len(one) == TINY["steps"] and one[-1] < one[0]
+    np.testing.assert_allclose(seq, one, rtol=RTOL)
+    np.testing.assert_allclose(_losses(tmp_path / "seq", "eval_loss", "eval"),
+                               _losses(tmp_path / "one", "eval_loss", "eval"), rtol=RTOL)
+    # not vacuous: documents also start inside rows, on a device that is not the row's first
+    from tttla_jax.train import data as data_lib
+    from tttla_jax.train.config import make_config
+    cfg = make_config("lm-tiny", steps=TINY["steps"], seq_len=TINY["seq_len"], batch_size=TINY["batch_size"],
+                      pack_documents=True, seed=over["seed"])
+    it = iter(data_lib.train_loader(cfg))
+    cus = np.concatenate([np.asarray(next(it)["cu_seqlens"]) for _ in range(TINY["steps"])])
+    inner = cus[(cus > 0) & (cus < TINY["seq_len"])]
+    assert np.any(inner > TINY["seq_len"] // 4), cus
