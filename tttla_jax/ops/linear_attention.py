@@ -460,7 +460,11 @@ def _chunk_tokens_bwd(scale, C, intra, emit, res, cts):
     do, dS = cts
     Tp = q.shape[1]
     emit_do = emit and do is not None
-    zeros = lambda x: None if x is None else jnp.zeros_like(x, S_prev.dtype)  # noqa: E731
+
+    def buf(x, fill):
+        # every element is overwritten (the chunks tile [0, Tp)); distinct fill values keep
+        # XLA from sharing one zero buffer among the gradients and copying it for each
+        return None if x is None else jnp.full_like(x, fill, S_prev.dtype)
 
     def step(carry, xs):
         dS, dq, dk, dv, dg = carry
@@ -475,7 +479,7 @@ def _chunk_tokens_bwd(scale, C, intra, emit, res, cts):
             dg = _put_chunk(dg, dgn, t0)
         return (dS, dq, dk, dv, dg), None
 
-    (dS0, dq, dk, dv, dg), _ = lax.scan(step, (dS, zeros(q), zeros(k), zeros(v), zeros(g)),
+    (dS0, dq, dk, dv, dg), _ = lax.scan(step, (dS, buf(q, 1.0), buf(k, 2.0), buf(v, 3.0), buf(g, 4.0)),
                                         (jnp.arange(Tp // C), S_prev), reverse=True, unroll=_scan_unroll(Tp // C))
     return dq, dk, dv, dg, dS0
 
