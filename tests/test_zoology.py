@@ -211,6 +211,70 @@ def test_attention_capacity_errors_and_registry():
         Attention(width=W, num_heads=H, impl="pallas", rngs=nnx.Rngs(0))
 
 
+def test_attention_dropout():
+    """attn_dropout (Zoology's MHA: 0.1): inert without a key (the dropout-free attention);
+    with a key, outputs and gradients (parameters, x, cached k/v) equal a float64 reference
+    ``(softmax(QKᵀ/√D + mask) · keep / (1 − rate)) V`` with the same keep mask — fresh, from a
+    cache, and packed (cu_seqlens); a recurrent impl with a key and bad rates raise."""
+    from tttla_jax.impl import ImplError
+    rate, key = 0.3, jax.random.key(5)
+    m = make_attn("chunked", attn_dropout=rate, use_bias=True)
+    x = jax.random.normal(jax.random.key(1), (B, T, W), F64)
+    cache = prefilled_cache(m)
+    gd, params = nnx.split(m)
+    D, n = W // H, 3
+    cu = jnp.asarray([0, 4, T], jnp.int32)                  # packed: two documents in row 0
+    seg = (jnp.arange(T) >= 4).astype(jnp.int32)
+
+    def ref(params, x, kc, vc, cached, keep, r, seg=None):
+        mm, b = nnx.merge(gd, params), x.shape[0]
+        q, k, v = (f(x).reshape(b, T, H, D) for f in (mm.q_proj, mm.k_proj, mm.v_proj))
+        vis = jnp.tril(jnp.ones((T, T), bool))
+        if seg is not None:
+            vis = vis & (seg[:, None] == seg[None, :])
+        if cached:
+            k, v = jnp.concatenate([kc[:, :n], k], 1), jnp.concatenate([vc[:, :n], v], 1)
+            vis = jnp.concatenate([jnp.ones((T, n), bool), vis], 1)
+        sc = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(D)
+        p = jax.nn.softmax(jnp.where(vis, sc, -jnp.inf), -1) * keep / (1 - r)
+        return mm.o_proj(jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, T, H * D))
+
+    def layer(params, x, kc, vc, cached, k=key):
+        c = {**cache, "k": kc, "v": vc} if cached else None
+        return nnx.merge(gd, params)(x, cache=c, dropout_key=k)[0]
+
+    w = jnp.cos(jnp.arange(B * T * W, dtype=F64)).reshape(B, T, W)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(cached, keep, *args):
+        fl = lambda *a: jnp.sum(layer(*a, cached) * w)                                 # noqa: E731
+        fr = lambda *a: jnp.sum(ref(*a, cached, keep, rate) * w)                       # noqa: E731
+        grads = [jax.grad(f, argnums=(0, 1, 2, 3))(*args) for f in (fl, fr)] if cached else [0, 0]
+        ones = jnp.ones(keep.shape, bool)
+        return (layer(*args, cached), ref(*args, cached, keep, rate), *grads,
+                layer(*args, cached, k=None), ref(*args, cached, ones, 0.0),
+                nnx.merge(gd, args[0])(x[:1], cu_seqlens=cu, dropout_key=key)[0],
+                ref(args[0], x[:1], None, None, False, jax.random.bernoulli(key, 1 - rate, (1, H, T, T)),
+                    rate, seg))
+
+    args = (params, x, cache["k"], cache["v"])
+    for cached in (False, True):
+        keep = jax.random.bernoulli(key, 1 - rate, (B, H, T, S + T if cached else T))
+        assert 0.6 < float(jnp.mean(keep)) < 0.8
+        keep = jnp.concatenate([keep[..., :n], keep[..., S:]], -1) if cached else keep
+        yl, yr, gl, gr, y0, y0r, yp, ypr = run(cached, keep, *args)
+        assert_close(yl, yr)
+        assert_close(gl, gr)
+        assert_close(y0, y0r)                                # no key: no dropout
+        assert_close(yp, ypr)
+        assert float(jnp.max(jnp.abs(yl - y0))) > 1e-3
+    with pytest.raises(ImplError, match=r"attention dropout .* parallel form only; got impl='recurrent'"):
+        make_attn("recurrent", attn_dropout=rate)(x, dropout_key=key)
+    for bad in (1.0, -0.1, True, "x"):
+        with pytest.raises(ValueError, match=r"attn_dropout: expected a float in \[0, 1\)"):
+            make_attn("chunked", attn_dropout=bad)
+
+
 # --------------------------------------------------------------------------- model options
 
 def zoo_lm(**kw):

@@ -13,7 +13,8 @@ What is the same as Zoology's Fig. 2 recipe:
   and 3 000 test examples per setting; the defaults here are smaller (see ``--help``).
 * model: 2 blocks, a token mixer and the identity state mixer (``x + norm(x)``, no MLP),
   tied embedding head; the attention baseline is one head of full causal softmax attention
-  with learned absolute positions; embedding dropout 0.1.
+  with learned absolute positions and attention dropout 0.1 (``attn_dropout``, as Zoology's
+  MHA); embedding dropout 0.1.
 * training: AdamW, weight decay 0.1 on every parameter (as torch's AdamW), a cosine
   learning-rate schedule from the peak to 0, no warm-up (``--warmup N`` adds a linear one,
   not Zoology's), early stop once the held-out
@@ -21,7 +22,8 @@ What is the same as Zoology's Fig. 2 recipe:
   (mixer, setting, width).
 
 What differs (CPU budget): far fewer steps and examples, smaller batches, RMSNorm instead of
-LayerNorm, no attention dropout, evaluation every ``--eval-every`` steps instead of every
+LayerNorm, the library's initialisation (LeCun-normal projections; Zoology draws every
+linear layer from N(0, 0.02²)), evaluation every ``--eval-every`` steps instead of every
 epoch. Every number it writes is measured; nothing is extrapolated.
 
 Outputs (``--out``, default ``runs/zoology/<name>``): ``results.json`` (every run: its
@@ -77,7 +79,7 @@ def _p(mixer, num_heads=1, learned_positions=False, **options):
 
 #: Named mixer presets of the sweep (``register_preset`` / ``--preset`` add more).
 MIXER_PRESETS: dict = {
-    "attention": _p("attention", learned_positions=True, use_bias=True),
+    "attention": _p("attention", learned_positions=True, use_bias=True, attn_dropout=0.1),
     # attention with the short-conv recall recipe (docs/recipes.md): the previous-token
     # information an induction head otherwise has to learn
     "attention+conv": _p("attention", learned_positions=True, use_bias=True, short_conv=4),
@@ -206,13 +208,16 @@ class SweepConfig:
 
 def _sparse_forward(model, tokens, index, dropout_key):
     """Logits at the query positions ``index`` ``[B, Q]``: ``[B, Q, V]`` (the head at Q
-    positions only), with embedding dropout when ``dropout_key`` is given."""
+    positions only), with embedding dropout, and the attention dropout of mixers that have
+    one (``attn_dropout``), when ``dropout_key`` is given."""
+    import jax
     import jax.numpy as jnp
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
     x = model.embed_inputs(tokens, positions, dropout_key=dropout_key)
-    for block in model.blocks:
-        x, _ = block(x, None, positions)
+    for i, block in enumerate(model.blocks):
+        drops = dropout_key is not None and getattr(block.mixer, "attn_dropout", 0.0) > 0
+        x, _ = block(x, None, positions, None, jax.random.fold_in(dropout_key, i + 1) if drops else None)
     x = jnp.take_along_axis(x, index[..., None], axis=1)
     return model.embed.attend(model.final_norm(x)).astype(jnp.float32)
 

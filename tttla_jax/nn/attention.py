@@ -26,7 +26,7 @@ from tttla_jax.nn.mixers import (Cache, Mixer, _check_cache, check_layer_impl, r
 from tttla_jax.nn.recipes import RecipeMixin
 
 
-def causal_attend(q, k, v, qpos, kpos, visible):
+def causal_attend(q, k, v, qpos, kpos, visible, keep=None, rate=0.0):
     """``o_t = softmax_j(q_t·k_j / √D over visible keys) v_j``; every query sees at least
     itself (the caller guarantees it).
 
@@ -34,6 +34,8 @@ def causal_attend(q, k, v, qpos, kpos, visible):
       q: ``[B, T, H, D]``; k, v: ``[B, N, H, D]``; qpos ``[B, T]``, kpos ``[B, N]`` int
       (−1: empty slot); visible ``[T, N]`` bool (the order condition: key j was fed no later
       than query t). A key is attended iff ``visible & kpos >= 0 & kpos <= qpos``.
+      keep: optional ``[B, H, T, N]`` bool, attention dropout: the probabilities become
+        ``p · keep / (1 − rate)`` (inverted dropout after the softmax, as in Zoology's MHA).
     """
     D = q.shape[-1]
     sd = _checks.state_dtype(q, k)
@@ -41,6 +43,8 @@ def causal_attend(q, k, v, qpos, kpos, visible):
     mask = visible[None] & (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= qpos[:, :, None])
     s = jnp.where(mask[:, None], s, jnp.finfo(sd).min)
     p = jax.nn.softmax(s, axis=-1)
+    if keep is not None:
+        p = jnp.where(keep, p / (1.0 - rate), 0.0)
     return jnp.einsum("bhts,bshd->bthd", p, v.astype(sd)).astype(q.dtype)
 
 
@@ -50,6 +54,13 @@ class Attention(RecipeMixin, Mixer):
     ``o_t = softmax(q_t Kᵀ / √D + mask) V`` over every earlier token ``j ≤ t`` whose
     position is ``≤`` the query's (the same thing for increasing positions), then ``o_proj``.
     Optional RoPE (``use_rope``) and projection biases (``use_bias``; Zoology's MHA has them).
+
+    Attention dropout (``attn_dropout``, default 0; Zoology's MHA uses 0.1): inverted
+    dropout on the attention probabilities, active only when a call is given a
+    ``dropout_key`` (training; the same convention as the embedding dropout of
+    :meth:`tttla_jax.nn.LanguageModel.embed_inputs`); without a key the layer is
+    deterministic. Parallel forms only (``"chunked"``/``"auto"``, packed too); a
+    ``dropout_key`` with ``impl="recurrent"`` raises :class:`tttla_jax.impl.ImplError`.
 
     Implementations (``impl``, docs/implementations.md): ``"chunked"`` (and ``"auto"``) is
     the parallel form: all T queries at once against ``[cache ; T new keys]`` (a fresh call,
@@ -79,7 +90,7 @@ class Attention(RecipeMixin, Mixer):
 
     def __init__(self, *, width: int, num_heads: int, head_dim: Optional[int] = None,
                  max_len: int = 2048, use_rope: bool = False, rope_base: float = 10000.0,
-                 use_bias: bool = False, impl: str = "auto", short_conv: int = 0,
+                 use_bias: bool = False, attn_dropout: float = 0.0, impl: str = "auto", short_conv: int = 0,
                  feature_map: str = "identity", qk_norm: bool = False, head_norm: bool = False,
                  dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
@@ -89,6 +100,7 @@ class Attention(RecipeMixin, Mixer):
             raise ValueError(f"head_dim: RoPE needs an even head dim, got {self.head_dim}")
         self.width, self.num_heads = operator.index(width), operator.index(num_heads)
         self.use_rope, self.rope_base = bool(use_rope), positive_float("rope_base", rope_base)
+        self.attn_dropout = _dropout_rate("attn_dropout", attn_dropout)
         self.dtype, self.param_dtype = dtype, param_dtype
         HD = num_heads * self.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=bool(use_bias))
@@ -127,18 +139,22 @@ class Attention(RecipeMixin, Mixer):
 
     def __call__(self, x: Float[Array, "b t w"], *, cache: Optional[Cache] = None,
                  positions: Optional[Int[Array, "b t"]] = None,
-                 cu_seqlens: Optional[Int[Array, "n1"]] = None):
+                 cu_seqlens: Optional[Int[Array, "n1"]] = None, dropout_key: Optional[jax.Array] = None):
         """Returns ``(y [B, T, W], new_cache)``. ``positions`` ``[B, T]`` (or ``[T]``):
         absolute positions (default ``cache["pos"] + arange(T)``); they drive RoPE and the
         position condition of the mask.
+
+        ``dropout_key``: a PRNG key switches on the attention dropout (``attn_dropout``;
+        training); ``None`` (default) is the deterministic forward.
 
         ``cu_seqlens`` ``[N + 1]``: N packed sequences in ``x`` ``[1, T, W]``, each attending
         only to itself and its own cache entry (caches in and out per sequence, leading dim
         N; positions restart per sequence); the ``"chunked"``/``"auto"`` impl only.
         """
         if cu_seqlens is not None:
-            return self._packed(x, cache, positions, cu_seqlens)
+            return self._packed(x, cache, positions, cu_seqlens, dropout_key)
         B, T = self._check_x(x)
+        drop = self._dropping(dropout_key)
         fresh = cache is None
         if fresh:
             if T > self.max_len:
@@ -168,19 +184,40 @@ class Attention(RecipeMixin, Mixer):
         else:
             tri = jnp.tril(jnp.ones((T, T), bool))
             if fresh:  # nothing cached: T x T scores only
-                o = causal_attend(q, k, v, positions, positions, tri)
+                o = causal_attend(q, k, v, positions, positions, tri,
+                                  *self._keep(dropout_key, drop, (B, T, T)))
             else:
                 kk = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
                 vv = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
                 kp = jnp.concatenate([cache["kpos"], positions], axis=1)
                 visible = jnp.concatenate([jnp.ones((T, S), bool), tri], axis=1)
-                o = causal_attend(q, kk, vv, positions, kp, visible)
+                o = causal_attend(q, kk, vv, positions, kp, visible,
+                                  *self._keep(dropout_key, drop, (B, T, S + T)))
             new_cache, overflow = self._write(cache, k, v, positions)
         o = jnp.where(overflow[:, None, None, None], jnp.nan, self._recipe_out(o))
         y = self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim))
         return y, {**new_cache, **conv_cache}
 
-    def _packed(self, x, cache, positions, cu_seqlens):
+    def _dropping(self, dropout_key) -> bool:
+        """Whether this call applies attention dropout (a key and a positive rate)."""
+        if dropout_key is None or self.attn_dropout == 0.0:
+            return False
+        if self.impl == "recurrent":
+            from tttla_jax.impl import ImplError
+            raise ImplError("impl: Attention applies attention dropout (a dropout_key with "
+                            f"attn_dropout = {self.attn_dropout}) in its parallel form only; got "
+                            "impl='recurrent', use impl='chunked' or 'auto'")
+        return True
+
+    def _keep(self, dropout_key, drop: bool, shape) -> tuple:
+        """``(keep [B, H, T, N], rate)`` for :func:`causal_attend`, or ``()`` without dropout."""
+        if not drop:
+            return ()
+        B, T, N = shape
+        keep = jax.random.bernoulli(dropout_key, 1.0 - self.attn_dropout, (B, self.num_heads, T, N))
+        return keep, self.attn_dropout
+
+    def _packed(self, x, cache, positions, cu_seqlens, dropout_key=None):
         """The ``cu_seqlens`` form of :meth:`__call__`: a sequence-id mask on the parallel form
         (``T × T`` scores fresh, ``T × (N·max_len + T)`` with a cache); each sequence's new
         keys are written into its own cache rows."""
@@ -190,6 +227,7 @@ class Attention(RecipeMixin, Mixer):
             raise ImplError("impl: Attention runs packed sequences (cu_seqlens) with its parallel form "
                             "only; got impl='recurrent', use impl='chunked' or 'auto'")
         B, T = self._check_x(x)
+        drop = self._dropping(dropout_key)
         N, nb = self._cache_batch(B, T, cu_seqlens)
         fresh = cache is None
         if fresh:
@@ -210,13 +248,14 @@ class Attention(RecipeMixin, Mixer):
         seq = jnp.minimum(jnp.searchsorted(cu[1:], t, side="right"), N - 1).astype(jnp.int32)
         same = jnp.tril(seq[:, None] == seq[None, :])                               # [T, T]
         if fresh:
-            o = causal_attend(q, k, v, positions, positions, same)
+            o = causal_attend(q, k, v, positions, positions, same, *self._keep(dropout_key, drop, (B, T, T)))
         else:
             kk = jnp.concatenate([cache["k"].reshape(1, N * S, H, D), k.astype(cache["k"].dtype)], axis=1)
             vv = jnp.concatenate([cache["v"].reshape(1, N * S, H, D), v.astype(cache["v"].dtype)], axis=1)
             kp = jnp.concatenate([cache["kpos"].reshape(1, N * S), positions], axis=1)
             own = seq[:, None] == jnp.repeat(jnp.arange(N, dtype=jnp.int32), S)[None, :]  # [T, N·S]
-            o = causal_attend(q, kk, vv, positions, kp, jnp.concatenate([own, same], axis=1))
+            o = causal_attend(q, kk, vv, positions, kp, jnp.concatenate([own, same], axis=1),
+                              *self._keep(dropout_key, drop, (B, T, N * S + T)))
         slot = cache["len"][seq] + t - cu[seq]                                      # [T]
         overflow = cache["len"] + (cu[1:] - cu[:-1]) > S                            # [N]
         flat = seq * S + jnp.where(slot < S, slot, N * S)   # out of capacity: dropped (NaN below)
@@ -229,6 +268,16 @@ class Attention(RecipeMixin, Mixer):
         o = jnp.where(overflow[seq][None, :, None, None], jnp.nan, self._recipe_out(o))
         y = self.o_proj(o.reshape(B, T, H * D))
         return y, {**new_cache, **conv_cache}
+
+
+def _dropout_rate(name: str, rate) -> float:
+    try:
+        r = float(rate)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if isinstance(rate, bool) or not 0.0 <= r < 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1), got {rate!r}")
+    return r
 
 
 register_mixer("attention", Attention)

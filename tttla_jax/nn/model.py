@@ -215,8 +215,10 @@ class Block(nnx.Module):
         self.mlp = (SwiGLU(config.width, config.hidden, rngs=rngs, **kw)
                     if config.state_mixer == "swiglu" else None)
 
-    def __call__(self, x, cache=None, positions=None, cu_seqlens=None):
+    def __call__(self, x, cache=None, positions=None, cu_seqlens=None, dropout_key=None):
         packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        if dropout_key is not None:  # the mixer's own dropout (e.g. Attention's attn_dropout)
+            packed["dropout_key"] = dropout_key
         h, cache = self.mixer(self.mixer_norm(x), cache=cache, positions=positions, **packed)
         x = x + h
         if self.mlp is not None:
