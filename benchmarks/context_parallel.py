@@ -15,7 +15,8 @@ backward (the gradient of the sum of the outputs w.r.t. q, k, v, log-decay and �
 * **wall time** (T ≤ ``--time-max-T``): median of ``--repeats`` calls. The P devices are
   ``--xla_force_host_platform_device_count=8`` host devices sharing this machine's cores, so the
   time is the *total* work of the P devices on those cores, not the time on P accelerators.
-* **combine share** (T = ``--combine-T``, P = 8, interleaved rounds): the full sharded step vs the
+* **combine share** (T = ``--combine-T``, P = 8, and each ``--combine-extra T:P``; interleaved
+  rounds): the full sharded step vs the
   same shard_map running only the local op on each slice (``local``: no state passing, the
   compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans).
 
@@ -270,6 +271,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--time-max-T", type=int, default=65536, help="time the steps up to this T (memory: every T)")
     ap.add_argument("--combine-T", type=int, default=65536)
+    ap.add_argument("--combine-extra", nargs="*", default=[], metavar="T:P",
+                    help="further combine-share measurements at T tokens on P devices (e.g. 16384:2, the "
+                         "per-device slice of 65536:8 with one core per device)")
     ap.add_argument("--ops", nargs="+", default=["linear_attention", "delta_rule"], choices=list(OPS))
     ap.add_argument("--lact-chunk", type=int, default=2048, help="chunk of the LaCT layer rows")
     ap.add_argument("--doc-len", type=int, default=3000, help="document length of the packed LaCT rows")
@@ -318,8 +322,9 @@ def main():
                       f"  x ideal {rec.get('vs_ideal', float('nan')):5.2f}"
                       f"  x local {rec.get('vs_local', float('nan')):5.2f}"
                       + (f"  fwd+bwd {t * 1e3:9.1f} ms" if t else ""), flush=True)
-        if a.combine_T and 8 in a.P:
-            T, P = a.combine_T, 8
+        runs = ([(a.combine_T, 8)] if a.combine_T and 8 in a.P else []) + [
+            tuple(int(n) for n in r.split(":")) for r in a.combine_extra]
+        for T, P in runs:
             mesh = mesh_of(P)
             x = inputs_for(op, T, H, D, P, mesh)
             fns = {"full": jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))),
@@ -345,7 +350,7 @@ def main():
                 ft = r["full_transform"]["median"]
                 rec["combine_share_transform"] = (ft - floor) / ft
             combine.append(rec)
-            print(f"{op:17s} T={T} P=8 combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
+            print(f"{op:17s} T={T} P={P} combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
                   + f"; combine {100 * rec['combine_share']:.1f} % of the step"
                   + (f" (separate transform: {100 * rec['combine_share_transform']:.1f} %)"
                      if "combine_share_transform" in rec else "")
@@ -367,7 +372,7 @@ def main():
               f"{r.get('vs_local', float('nan')):.2f} | "
               f"{'' if t is None else f'{t * 1e3:.1f}'} |")
     for c in combine:
-        print(f"\n{c['op']} T={c['T']} P=8: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["times"].items())
+        print(f"\n{c['op']} T={c['T']} P={c['P']}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in c["times"].items())
               + f" — combine {100 * c['combine_share']:.1f} % of the step")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     cfg = {"H": H, "D": D, "chunk": C, "lact_chunk": a.lact_chunk, "doc_len": a.doc_len, "dtype": "float32", "B": 1,
