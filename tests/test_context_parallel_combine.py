@@ -6,11 +6,11 @@ On 8 forced host CPU devices (one subprocess; compilation dominates): the layer 
 — outputs, the final cache and the gradients of a loss of both w.r.t. the input and every
 parameter; through ``sharded_mixer`` with T not a multiple of the devices (padded at the
 end); the combined form is really taken (``combine_reason`` is None) and the pipelined
-fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, Titans
-with packed documents, packed documents continuing a cache) still equals one device. LaCT with
-packed documents (a fresh call) runs combined: documents cross device boundaries at every
-phase within a chunk (exactly at a chunk boundary too), chunks spanning three devices,
-documents shorter than a chunk, empty documents, ``T`` not a multiple of ``P·C``. A Titans cache runs combined at a
+fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, packed
+documents continuing a cache) still equals one device. LaCT and Titans with packed documents
+(a fresh call) run combined: documents cross device boundaries at every phase within a chunk /
+TTT batch (exactly at a boundary too), chunks / batches spanning three devices, documents
+shorter than a chunk, empty documents, ``T`` not a multiple of ``P·C``. A Titans cache runs combined at a
 TTT-batch boundary and pipelined inside a batch, a LaCT cache combined at a chunk boundary
 (``buf_len`` 0 or C, per row) and pipelined inside a chunk (chosen at run time). The
 default suite keeps one case (LaCT V2 with the window branch and a short conv whose halos
@@ -173,13 +173,28 @@ SLOW_CASES = [
     # documents starting exactly at device boundaries, short ones, window 2 and conv
     (True, dict(id="lact_v2_packed_starts_seq4", name="lact", seq=4, T=16, packed=[0, 4, 5, 6, 13, 16],
                 opts={"preset": "v2", "chunk_size": 2, "window": 2, "short_conv": 2})),
-    # packed documents that stay pipelined: continuing a cache, V1, Titans
+    # Titans (linear memory) with packed documents (a fresh call): combined. h = the tokens of
+    # the crossing document's current TTT batch on the earlier devices (0 … batch_size − 1)
+    (True, dict(id="titans_packed_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16],
+                opts={"chunk_size": 2, "batch_size": 4})),
+    # 8 x 5 tokens, batch 4: document 1 crosses devices 1-4 at h = 0, 1, 2, 3, document 2
+    # devices 5-7 at h = 3, 0, 1
+    (True, dict(id="titans_packed_phases_seq8", name="titans", seq=8, T=40, packed=[0, 1, 22, 40],
+                opts={"chunk_size": 2, "batch_size": 4})),
+    # 8 x 2 tokens, batch 4: batches span 3 devices; a 1-token document, an empty one; conv halo;
+    # T = 13 padded
+    (True, dict(id="titans_packed_conv_seq8", name="titans", seq=8, T=16, Tpad=13, packed=[0, 1, 11, 11, 16],
+                opts={"chunk_size": 2, "batch_size": 4, "short_conv": 3})),
+    # 2 x 7 tokens, batch 6 (3 chunks), documents shorter than a batch, an empty one at the end
+    (True, dict(id="titans_packed_seq2", name="titans", seq=2, T=14, packed=[0, 3, 5, 14, 14],
+                opts={"chunk_size": 2, "batch_size": 6})),
+    # packed documents that stay pipelined: continuing a cache, V1, the MLP memory
     (False, dict(id="lact_v2_packed_cache_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12], cached=2,
                  opts={"preset": "v2", "chunk_size": 3})),
     (False, dict(id="lact_v1_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
                  opts={"preset": "v1", "chunk_size": 3})),
-    (False, dict(id="titans_packed_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16],
-                 opts={"chunk_size": 2, "batch_size": 4})),
+    (False, dict(id="titans_mlp_packed_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16],
+                 opts={"chunk_size": 2, "batch_size": 4, "memory": "mlp"})),
 ]
 
 

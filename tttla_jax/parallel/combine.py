@@ -42,14 +42,17 @@ restart at every document's start, so device boundaries fall inside chunks. The 
 crossing into a device continues from the cache the single-device layer holds after the
 device's first token minus one — the state before its current chunk (combined) and that chunk's
 1 … C tokens so far (a halo) — and the layer's packed chunk scan runs once per device
-(:func:`_lact_packed_apply`); any slice length works.
+(:func:`_lact_packed_apply`); any slice length works. Titans (linear memory) likewise, from
+``(S, M)`` at the crossing document's last TTT-batch boundary plus its batch tokens so far: one
+widened run of the layer's packed stream gives the transform and, as coefficients of the
+incoming state, the outputs and caches (:func:`_titans_packed_apply`).
 
 When the combined form applies (:func:`combine_reason` is ``None``): a fresh sequence
 (``cache=None``, the training path) or a cache at a segment boundary (:func:`cache_at_boundary`,
 checked at run time), and the slice aligned to the layer's segments (LaCT: ``T_local`` a
-multiple of ``chunk_size``; Titans: of ``batch_size``); or, for LaCT, packed documents on a
-fresh call (any ``T_local``). Otherwise the layer runs pipelined (Titans with packed
-documents, packed documents continuing a cache). Gradients: plain autodiff through the collectives
+multiple of ``chunk_size``; Titans: of ``batch_size``); or packed documents on a fresh call
+(any ``T_local``). Otherwise the layer runs pipelined (e.g. packed documents continuing a
+cache). Gradients: plain autodiff through the collectives
 (``all_gather``); Titans' transform (step 1–2) is rematerialised in the backward pass.
 """
 from __future__ import annotations
@@ -81,14 +84,12 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
     for a call on ``local_len`` tokens per device (``None``: any aligned length) with this
     ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A call with a cache
     runs combined when the cache sits at a segment boundary (:func:`cache_at_boundary`,
-    decided at run time by a ``lax.cond``), else pipelined. LaCT with packed documents
-    (``cu_seqlens``) runs combined on a fresh call, for any ``local_len``."""
+    decided at run time by a ``lax.cond``), else pipelined. Packed documents (``cu_seqlens``)
+    run combined on a fresh call, for any ``local_len``."""
     kind = _kind(mixer)
     if kind is None:
         return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
     packed = cu_seqlens is not None
-    if packed and kind == "titans":
-        return "Titans with packed documents (cu_seqlens) runs pipelined"
     if packed and cache is not None:
         return "packed documents (cu_seqlens) continuing a cache run pipelined"
     if kind == "lact":
@@ -168,8 +169,10 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
     m = nnx.merge(graphdef, state)
     c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes),
                       m.init_cache(NB if packed else B) if cache is None else cache)
-    if packed:
+    if packed and _kind(mixer) == "lact":
         return _lact_packed_apply(m, x, positions, c0, cu_seqlens, axis)
+    if packed:
+        return _titans_packed_apply(m, x, c0, cu_seqlens, axis)
     if _kind(mixer) == "lact":
         return _lact_apply(m, x, positions, c0, axis, given=cache is not None)
     return _titans_apply(m, x, positions, c0, axis)
@@ -528,3 +531,105 @@ def _titans_apply(mixer, x, positions, c0, axis):
     cache.update(conv_cache)
     o = mixer._recipe_out(o.astype(mixer._act_dtype())).reshape(B, L, H * D)
     return mixer.o_proj(o), cache
+
+
+def _titans_packed_apply(mixer, x, c0, cu, axis):
+    """Titans (linear memory) on this device's slice ``x`` ``[1, L, W]`` of N packed
+    documents (global ``cu`` ``[N + 1]``, a fresh call): the combined form across devices.
+
+    The document crossing into device ``p`` continues from the cache the single-device layer
+    holds after token ``p·L − 1``: ``(S, M)`` at its last TTT-batch boundary (from the combine)
+    and the ``h ∈ 0 … batch_size − 1`` tokens of its current batch so far (a halo of the
+    earlier devices' q, k, v, θ and gate projections). Everything the device computes is affine
+    in that incoming ``(S, M)``, so ONE run of the layer's packed stream
+    (:func:`tttla_jax.nn._segments.run_segments_packed`) with the state widened by ``2K``
+    columns (the crossing document's columns start from ``[0 | I | 0]`` / ``[0 | 0 | I]``, every
+    other document's from ``[W_0 | 0 | 0]`` / ``0``; zero values there, ``θ`` × 3 so that the
+    loss's ``1/V`` is unchanged) gives the device's transform ``[S; M] ↦ A [S; M] + b`` (a reset,
+    ``A = 0``, when the document holding the last token starts on the device) and, as
+    coefficients of the incoming state, its outputs and final caches: after the combine,
+    ``o_t = o⁰_t + (q_t A_MM) M_in + (q_t A_MS) S_in``."""
+    from tttla_jax.nn._segments import _seq_of, run_segments_packed
+    from tttla_jax.rules.titans import TitansState
+    L = x.shape[1]
+    H, D, c, Pb = mixer.num_heads, mixer.head_dim, mixer.chunk_size, mixer.batch_size
+    N = _ctx._check_global_cu(cu, 1, L, axis)
+    cu = jnp.asarray(cu, jnp.int32)
+    p = lax.axis_index(axis).astype(jnp.int32)
+    off = p * jnp.int32(L)
+    conv_cache = {}
+    q, k, v = mixer._recipe_qkv(mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x), c0, conv_cache,
+                                1, L, H, D, cu)
+    sd = c0["buf_theta"].dtype
+    theta = mixer.max_lr * jax.nn.sigmoid(mixer.theta_proj(x).astype(sd))
+    eta_pre, alpha_pre = mixer.eta_proj(x).astype(sd), mixer.alpha_proj(x).astype(sd)
+    # the document crossing into this device and the tokens of its current TTT batch before it
+    d = _seq_of(cu, off - 1, N)
+    cross_in = (p > 0) & (cu[d + 1] > off)
+    h = jnp.where(cross_in, jnp.mod(off - cu[d], Pb), 0)
+    xs = (q, k, v, theta, eta_pre, alpha_pre)
+    names = ("buf_q", "buf_k", "buf_v", "buf_theta", "buf_eta", "buf_alpha")
+    bufs = []
+    for a, name in zip(xs, names):
+        old = c0[name]                                             # [N, Pb − 1, ...]
+        if Pb == 1:
+            bufs.append(old)
+            continue
+        flat = a.reshape(1, L, -1).astype(old.dtype)
+        hal = _ctx.halo(flat, jnp.zeros((1, Pb - 1, flat.shape[-1]), old.dtype), axis)
+        buf = lax.dynamic_slice_in_dim(jnp.concatenate([hal, jnp.zeros_like(hal)], axis=1), Pb - 1 - h, Pb - 1, 1)
+        buf = jnp.where(jnp.arange(Pb - 1)[None, :, None] < h, buf, 0).reshape((1,) + old.shape[1:])
+        at = ((jnp.arange(N) == d) & cross_in).reshape((N,) + (1,) * (old.ndim - 1))
+        bufs.append(jnp.where(at, buf, old))
+    at_d = ((jnp.arange(N) == d) & cross_in)[:, None, None, None]
+    n = jnp.where(at_d[:, 0, 0, 0], h, c0["buf_len"])
+    # the widened state: columns [own | from M = I | from S = I] (the crossing document only)
+    M0, S0 = c0["memory"].astype(sd), c0["momentum"].astype(sd)   # [N, H, D, D]
+    eye = jnp.broadcast_to(jnp.eye(D, dtype=sd), M0.shape)
+    zero = jnp.zeros_like(M0)
+    Mw = jnp.concatenate([jnp.where(at_d, 0, M0), jnp.where(at_d, eye, 0), zero], axis=-1)
+    Sw = jnp.concatenate([jnp.where(at_d, 0, S0), zero, jnp.where(at_d, eye, 0)], axis=-1)
+    wide = lambda a: jnp.concatenate([a, jnp.zeros(a.shape[:-1] + (2 * D,), a.dtype)], axis=-1)  # noqa: E731
+    xs = (q, k, wide(v.astype(sd)), theta * 3.0, eta_pre, alpha_pre)
+    bufs[2], bufs[3] = wide(bufs[2].astype(sd)), bufs[3] * 3.0
+    rule = mixer._rule()
+    impl = rule.resolve_impl(mixer.impl)
+
+    def step(st, seg):
+        qs, ks, vs, th, ep, ap = seg
+        Nc = -(-qs.shape[1] // c)
+
+        def pool(a):  # [1, T, H] -> [1, H, Nc]: mean over each chunk (zero-padded at the end)
+            a = jnp.pad(a, ((0, 0), (0, Nc * c - a.shape[1]), (0, 0)))
+            return jnp.moveaxis(jnp.mean(a.reshape(1, Nc, c, H), axis=2), 1, 2)
+
+        eta, alpha = jax.nn.sigmoid(pool(ep)), jax.nn.sigmoid(pool(ap))
+        o, st2 = rule(qs, ks, vs, th, eta, alpha, st, impl=impl)
+        return jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype), st2, st), o
+
+    ow, stw, nbufs, nlen = run_segments_packed(step, TitansState(Mw, Sw), xs, tuple(bufs), n, Pb,
+                                               jnp.clip(cu - off, 0, L))
+    blk = lambda a, i: a[..., i * D:(i + 1) * D]                   # noqa: E731
+    Mo, So = stw.memory, stw.momentum                              # [N, H, D, 3D]
+    # the state handed on: of the document holding the device's last token
+    e = _seq_of(cu, off + L - 1, N)
+    cont = (cross_in & (e == d)).astype(sd)
+    A = jnp.concatenate([jnp.concatenate([blk(So[e], 2), blk(So[e], 1)], -1),
+                         jnp.concatenate([blk(Mo[e], 2), blk(Mo[e], 1)], -1)], -2)[None] * cont
+    b = jnp.concatenate([blk(So[e], 0), blk(Mo[e], 0)], -2)[None]  # [1, H, 2D, D]
+    E = _carry_in(A, b, axis, p, matrix=True)
+    S_in, M_in = E[..., :D, :], E[..., D:, :]                      # [1, H, D, D]
+    o = blk(ow, 0) + jnp.einsum("bthk,bhkv->bthv", blk(ow, 1), M_in) + jnp.einsum("bthk,bhkv->bthv", blk(ow, 2), S_in)
+    app = lambda W: (blk(W, 0) + jnp.einsum("nhkj,bhjv->nhkv", blk(W, 1), M_in)  # noqa: E731
+                     + jnp.einsum("nhkj,bhjv->nhkv", blk(W, 2), S_in))
+    cache = {"memory": app(Mo).astype(c0["memory"].dtype), "momentum": app(So).astype(c0["momentum"].dtype)}
+    for name, nb in zip(names, nbufs):
+        old = c0[name]
+        nb = nb[..., :D] if name == "buf_v" else (nb / 3.0 if name == "buf_theta" else nb)
+        cache[name] = nb.astype(old.dtype)
+    cache["buf_len"] = nlen
+    cache = _from_owner(cache, cu, L, axis)
+    cache.update(_from_first(conv_cache, axis))
+    o = mixer._recipe_out(o.astype(mixer._act_dtype())).reshape(1, L, H * D)
+    return mixer.o_proj(o), cache
+
