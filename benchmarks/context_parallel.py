@@ -336,6 +336,8 @@ def main():
                     fns["full_transform"] = jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))).lower(x).compile()
                 finally:
                     cp_ops._LA_STATES_FIRST = True
+            if op == "lact_v2_packed":  # the pipelined form in the same interleaved rounds
+                fns["full_pipelined"] = jax.jit(jax.grad(loss_fn("lact_v2_packed_pipelined", P, C, mesh, H, D)))
             if a.delta_breakdown and op == "delta_rule":
                 fns.update(delta_breakdown_fns(x, P, C, mesh, H, D))
             r = interleaved(fns, x, rounds=a.rounds)
