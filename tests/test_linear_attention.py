@@ -107,9 +107,11 @@ def assert_close_tree(a, b, atol, rtol=0.0, what=""):
     chex.assert_trees_all_close(_f64(a), _f64(b), atol=atol, rtol=rtol, custom_message=what)
 
 
-# the recurrent form without decay runs the decayed code with a zero gate (covered by the
-# variants below): @slow, offsetting tests/test_cpu_tiles.py
-@pytest.mark.parametrize("impl", [pytest.param(f, marks=pytest.mark.slow) if f == "recurrent" else f for f in FORMS])
+# the recurrent and associative forms without decay run the decayed code with a zero gate
+# (covered by the variants below): @slow, offsetting tests/test_cpu_tiles.py and
+# tests/test_linear_attention_token_major.py
+@pytest.mark.parametrize("impl", [pytest.param(f, marks=pytest.mark.slow) if f in ("recurrent", "associative") else f
+                                  for f in FORMS])
 @pytest.mark.parametrize("masking", MASKINGS)
 def test_forms_match_reference_float64(impl, masking):
     """No decay (the decayed case runs under chex variants below)."""
