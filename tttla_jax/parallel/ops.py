@@ -31,6 +31,11 @@ in the incoming state: over one device's tokens the state after the device is
    ``lax.associative_scan`` (log depth in P): ``c_p = E_{p−1}``, ``c_0 = 0``;
 3. runs the single-device chunked op ONCE on its slice from ``c_p`` (``initial_state``).
 
+The (gated) delta rule on unpacked slices (one log-decay per head or none, the chunked form)
+folds step 1 into step 3 (:func:`_delta_widened_first`): ONE chunked pass on ``[v | 0_K]`` from
+``[h0 | I_K]`` gives the transform (its final state), the outputs from a zero incoming state and
+``q̃_t Φ_t``; after the combine the outputs are corrected by ``(q̃_t Φ_t) c_p``.
+
 Linear attention on unpacked slices (one log-decay per head, the chunked form) puts the chunk
 states first instead (:func:`_la_states_first`): step 1 is the chunked form's own state scan
 from a zero state (its final state is ``B_p``, no separate ``kᵀv`` pass), and step 3 reads the
@@ -38,8 +43,8 @@ outputs from the states ``S⁰_n + Φ_n c_p`` — the forward then costs what th
 
 Gradients (a ``jax.custom_vjp``, LASP-2 style): the cotangent of ``c_p`` through the device's
 own outputs is a state-sized contraction (linear attention: ``Σ_t e^{G_t} q̃_tᵀ dO_t``; delta
-rule: ``Σ_t (q̃_t Φ_t)ᵀ dO_t``, a reverse pass over the chunk maps ``X ← M_nᵀ X + Q̃_nᵀ dO_n``,
-:func:`_delta_cot_pass`); a reverse scan of
+rule: ``Σ_t (q̃_t Φ_t)ᵀ dO_t``, a contraction of the stored ``q̃ Φ`` in the folded form, else a
+reverse pass over the chunk maps ``X ← M_nᵀ X + Q̃_nᵀ dO_n``, :func:`_delta_cot_pass`); a reverse scan of
 the transposed transforms gives the cotangent of the state leaving each device, which joins
 the final-state cotangent of the local op's own backward — one backward pass, exact (``E_p``
 is the only way ``A_p`` and ``B_p`` reach the rest), with only the local op's residuals stored.
@@ -557,10 +562,11 @@ def delta_rule(
 
     ``S_t = (I − β_t k_tᵀ k_t) e^{g_t} S_{t−1} + β_t k_tᵀ v_t``, ``o_t = (scale·q_t) S_t`` over
     the whole sequence (``tt.delta_rule``). Over one device the map from the incoming state is
-    affine, ``S ↦ A_p S + B_p`` with ``A_p`` ``K × K``: a forward-only state pass (the chunk
-    maps alone) from ``[0 | I_K]`` gives ``A_p`` and ``B_p``, an all-gather and a log-depth scan of the P
-    transforms the incoming state, and one chunked pass from it the outputs
-    (docs/context_parallel.md).
+    affine, ``S ↦ A_p S + B_p`` with ``A_p`` ``K × K``: the chunked pass on ``[v | 0_K]`` from
+    ``[h0 | I_K]`` gives ``A_p`` and ``B_p`` with the outputs from a zero incoming state (unpacked
+    slices with one log-decay per head, the chunked local op; else a forward-only state pass from
+    ``[0 | I_K]``, then one chunked pass from the incoming state), an all-gather and a log-depth
+    scan of the P transforms the incoming state (docs/context_parallel.md).
 
     Args:
       q, k: ``[B, L, H, K]``; v: ``[B, L, H, V]``; beta: ``[B, L, H]`` write strengths.
