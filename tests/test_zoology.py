@@ -211,11 +211,14 @@ def test_attention_capacity_errors_and_registry():
         Attention(width=W, num_heads=H, impl="pallas", rngs=nnx.Rngs(0))
 
 
-def test_attention_dropout():
+@pytest.mark.parametrize("cached,grads", [(True, False), pytest.param(True, True, marks=pytest.mark.slow),
+                                          pytest.param(False, True, marks=pytest.mark.slow)])
+def test_attention_dropout(cached, grads):
     """attn_dropout (Zoology's MHA: 0.1): inert without a key (the dropout-free attention);
     with a key, outputs and gradients (parameters, x, cached k/v) equal a float64 reference
-    ``(softmax(QKᵀ/√D + mask) · keep / (1 − rate)) V`` with the same keep mask — fresh, from a
-    cache, and packed (cu_seqlens); a recurrent impl with a key and bad rates raise."""
+    ``(softmax(QKᵀ/√D + mask) · keep / (1 − rate)) V`` with the same keep mask — from a cache
+    (fresh: slow), and packed (cu_seqlens); gradients and the packed form in the slow cases; a
+    recurrent impl with a key and bad rates raise."""
     from tttla_jax.impl import ImplError
     rate, key = 0.3, jax.random.key(5)
     m = make_attn("chunked", attn_dropout=rate, use_bias=True)
@@ -245,29 +248,28 @@ def test_attention_dropout():
 
     w = jnp.cos(jnp.arange(B * T * W, dtype=F64)).reshape(B, T, W)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def run(cached, keep, *args):
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def run(cached, grads, keep, *args):
         fl = lambda *a: jnp.sum(layer(*a, cached) * w)                                 # noqa: E731
         fr = lambda *a: jnp.sum(ref(*a, cached, keep, rate) * w)                       # noqa: E731
-        grads = [jax.grad(f, argnums=(0, 1, 2, 3))(*args) for f in (fl, fr)] if cached else [0, 0]
+        g = [jax.grad(f, argnums=(0, 1, 2, 3))(*args) for f in (fl, fr)] if grads else [0, 0]
         ones = jnp.ones(keep.shape, bool)
-        return (layer(*args, cached), ref(*args, cached, keep, rate), *grads,
-                layer(*args, cached, k=None), ref(*args, cached, ones, 0.0),
-                nnx.merge(gd, args[0])(x[:1], cu_seqlens=cu, dropout_key=key)[0],
-                ref(args[0], x[:1], None, None, False, jax.random.bernoulli(key, 1 - rate, (1, H, T, T)),
-                    rate, seg))
+        packed = (nnx.merge(gd, args[0])(x[:1], cu_seqlens=cu, dropout_key=key)[0],
+                  ref(args[0], x[:1], None, None, False,
+                      jax.random.bernoulli(key, 1 - rate, (1, H, T, T)), rate, seg)) if grads else (0, 0)
+        return (layer(*args, cached), ref(*args, cached, keep, rate), *g,
+                layer(*args, cached, k=None), ref(*args, cached, ones, 0.0), *packed)
 
     args = (params, x, cache["k"], cache["v"])
-    for cached in (False, True):
-        keep = jax.random.bernoulli(key, 1 - rate, (B, H, T, S + T if cached else T))
-        assert 0.6 < float(jnp.mean(keep)) < 0.8
-        keep = jnp.concatenate([keep[..., :n], keep[..., S:]], -1) if cached else keep
-        yl, yr, gl, gr, y0, y0r, yp, ypr = run(cached, keep, *args)
-        assert_close(yl, yr)
-        assert_close(gl, gr)
-        assert_close(y0, y0r)                                # no key: no dropout
-        assert_close(yp, ypr)
-        assert float(jnp.max(jnp.abs(yl - y0))) > 1e-3
+    keep = jax.random.bernoulli(key, 1 - rate, (B, H, T, S + T if cached else T))
+    assert 0.6 < float(jnp.mean(keep)) < 0.8
+    keep = jnp.concatenate([keep[..., :n], keep[..., S:]], -1) if cached else keep
+    yl, yr, gl, gr, y0, y0r, yp, ypr = run(cached, grads, keep, *args)
+    assert_close(yl, yr)
+    assert_close(gl, gr)
+    assert_close(y0, y0r)                                    # no key: no dropout
+    assert_close(yp, ypr)
+    assert float(jnp.max(jnp.abs(yl - y0))) > 1e-3
     with pytest.raises(ImplError, match=r"attention dropout .* parallel form only; got impl='recurrent'"):
         make_attn("recurrent", attn_dropout=rate)(x, dropout_key=key)
     for bad in (1.0, -0.1, True, "x"):
@@ -334,6 +336,7 @@ def test_zoology_model_config_errors(kw, match):
 
 # --------------------------------------------------------------------------- the sweep
 
+@pytest.mark.slow   # (the tiny sweep of test_sweep_command_end_to_end builds two presets by default)
 def test_every_preset_builds_a_zoology_model():
     """Every mixer preset of the sweep gives a valid 2-block identity-state-mixer model at
     every Fig. 2 setting; attention has learned positions and a cache of the sequence."""
