@@ -625,3 +625,44 @@ def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool
         body = jax.checkpoint(body)
     S_final, o = lax.scan(body, S0, xs)  # o: [NG, G, B, H, C, V]
     return from_group_layout(o, T), S_final
+
+
+def delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size: int, group=None):
+    """The forward of :func:`delta_chunked` (same arguments, chunks, groups and step, same
+    results) on token-major inputs ``[B, T, H, ·]``: each step of the scan over groups slices
+    its ``G·C`` tokens straight from ``[B, Tp, H, ·]`` (``lax.dynamic_slice``, a cache-sized
+    transpose to ``[G, B, H, C, ·]``) and writes its outputs into a carried ``[B, Tp, H, V]``
+    buffer in place (``lax.dynamic_update_slice``), instead of laying the whole sequence out
+    in :func:`group_layout` and back (copies that leave the cache at long T:
+    docs/implementations.md, "The chunked forms on a CPU host"). Forward only: per-step
+    slicing of closed-over inputs would accumulate full-size cotangent buffers under reverse
+    mode, so the differentiated call stays on :func:`delta_chunked`
+    (:func:`tttla_jax.ops.delta_rule.delta_rule` chooses). ``g``: ``None`` or ``[B, T, H]``
+    (a per-channel log-decay works too: every input is sliced alike)."""
+    B, T, H = q.shape[:3]
+    V = v.shape[-1]
+    C = min(chunk_size, T)
+    N = num_chunks(T, C)
+    G = min(group or GROUP_CHUNKS, N)
+    unroll = G <= _UNROLL_MAX and N >= _UNROLL_MIN_CHUNKS
+    NG = num_chunks(N, G)
+    L = G * C
+    Tp = NG * L
+    xs = tuple(None if x is None else pad_time(x, Tp) for x in (q, k, v, beta, g))
+
+    def take(x, t0):  # tokens [t0, t0 + L) of [B, Tp, H, ·] -> [G, B, H, C, ·]
+        if x is None:
+            return None
+        y = lax.dynamic_slice_in_dim(x, t0, L, axis=1).reshape((B, G, C) + x.shape[2:])
+        return jnp.transpose(y, (1, 0, 3, 2) + tuple(range(4, y.ndim)))
+
+    def body(carry, n):
+        S, o = carry
+        t0 = n * L
+        S, on = _chunks_first_group(*(take(x, t0) for x in xs), S, unroll=unroll)  # on [G, B, H, C, V]
+        on = jnp.transpose(on, (1, 0, 3, 2, 4)).reshape(B, L, H, V)
+        return (S, lax.dynamic_update_slice_in_dim(o, on, t0, axis=1)), None
+
+    o0 = jnp.zeros_like(xs[2])  # [B, Tp, H, V]; zeros_like: varies like v under shard_map
+    (S_final, o), _ = lax.scan(body, (S0, o0), jnp.arange(NG))
+    return o[:, :T], S_final

@@ -61,11 +61,13 @@ first chunk of every sequence. Zero-padded slots (β = k = g = 0) have ``M = I, 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
@@ -255,8 +257,40 @@ def _recurrent(q, k, v, beta, g, S0):
 
 def _chunked(q, k, v, beta, g, S0, chunk_size, group=None, remat=True):
     """WY / UT chunked form (module docstring): :func:`tttla_jax.ops.chunk.delta_chunked` with
-    groups of ``group`` (default ``_GROUP_CHUNKS``) chunks."""
-    return chunk.delta_chunked(q, k, v, beta, g, S0, chunk_size, group=group or _GROUP_CHUNKS, remat=remat)
+    groups of ``group`` (default ``_GROUP_CHUNKS``) chunks. With one log-decay per head or
+    none, a call that is not differentiated runs the token-major forward
+    (:func:`tttla_jax.ops.chunk.delta_chunked_tokens`, :func:`_chunked_token_major`)."""
+    group = group or _GROUP_CHUNKS
+    if g is None or g.ndim == 3:
+        return _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, remat)
+    return chunk.delta_chunked(q, k, v, beta, g, S0, chunk_size, group=group, remat=remat)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
+def _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, remat):
+    """The chunked form whose *forward* is token-major (no whole-sequence layout copies:
+    :func:`tttla_jax.ops.chunk.delta_chunked_tokens`) and whose derivatives, forward and
+    reverse mode, are those of :func:`tttla_jax.ops.chunk.delta_chunked` (its JVP, which
+    reverse mode linearises and transposes): differentiated calls compute exactly what they
+    did before; inference and prefill get the faster forward (docs/implementations.md)."""
+    return chunk.delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size, group)
+
+
+def _chunked_token_major_jvp(chunk_size, group, remat, primals, tangents):
+    # jvp of delta_chunked in the arguments whose tangent is not a symbolic zero (so a grad
+    # w.r.t. a few inputs prunes the others exactly as a direct call would)
+    live = [p is not None and not isinstance(t, SymbolicZero) for p, t in zip(primals, tangents)]
+
+    def f(*dyn):
+        it = iter(dyn)
+        full = [next(it) if l else p for p, l in zip(primals, live)]
+        return chunk.delta_chunked(*full, chunk_size, group=group, remat=remat)
+
+    return jax.jvp(f, tuple(p for p, l in zip(primals, live) if l),
+                   tuple(t for t, l in zip(tangents, live) if l))
+
+
+_chunked_token_major.defjvp(_chunked_token_major_jvp, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------- packed sequences
