@@ -69,10 +69,12 @@ def test_token_major_forward_equals_token_scan_float64(decayed, monkeypatch):
 @pytest.mark.slow
 def test_token_major_scan_equals_group_layout_exactly():
     """The token-major scan and the group-layout scan run the same group step: bitwise equal
-    outputs and states (groups of 3: the last group padded with whole chunks)."""
+    outputs and states (groups of 3: the last group padded with whole chunks; also a
+    per-channel log-decay, which the scan supports though the dispatch does not use it)."""
     x = _inputs(True)
-    args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["h0"])
-    for c, G in ((C, 3),):
+    g_channel = jnp.asarray(-np.random.default_rng(2).uniform(0, 0.5, size=(B, T, H, K))).at[0, 9, 1, 2].set(-jnp.inf)
+    for c, G, g in ((C, 3, x["g"]), (C, 4, g_channel)):
+        args = (x["q"], x["k"], x["v"], x["beta"], g, x["h0"])
         ref = jax.jit(lambda *a: chunk.delta_chunked(*a, c, group=G))(*args)
         got = jax.jit(lambda *a: chunk.delta_chunked_tokens(*a, c, G))(*args)
         for a, b in zip(got, ref):
