@@ -21,8 +21,11 @@ def device_env(devices):
     return env
 
 
-#: Defined for every check script: ``diff`` (float64 max |a − b| over two trees with the same
-#: leaves) and ``weights`` (a deterministic dense array weighting a loss).
+#: Defined for every check script: ``diff`` (over two trees with the same leaves, the largest
+#: per-leaf float64 ``max |a − b| / max(1, max |b|)``: absolute for leaves of magnitude ≤ 1,
+#: relative above, so a 1e-10 bound means 1e-10 of a large gradient's scale, not an absolute
+#: 1e-10 on a sum of thousands of terms) and ``weights`` (a deterministic dense array
+#: weighting a loss).
 CHECK_HELPERS = textwrap.dedent('''
     import jax
     import jax.numpy as jnp
@@ -31,8 +34,12 @@ CHECK_HELPERS = textwrap.dedent('''
     def diff(a, b):
         la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
         assert len(la) == len(lb), (len(la), len(lb))
-        return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float64) - jnp.asarray(y, jnp.float64))))
-                   for x, y in zip(la, lb))
+        def one(x, y):
+            x, y = jnp.asarray(x, jnp.float64), jnp.asarray(y, jnp.float64)
+            if x.size == 0:
+                return 0.0
+            return float(jnp.max(jnp.abs(x - y)) / jnp.maximum(1.0, jnp.max(jnp.abs(y))))
+        return max(one(x, y) for x, y in zip(la, lb))
 
     def weights(shape, seed=3):
         return jnp.cos(jnp.arange(int(np.prod(shape)), dtype=jnp.float64) * 0.7 + seed).reshape(shape)
