@@ -473,10 +473,12 @@ def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit):
     return (o, S), (q, k, v, g, S_prev)
 
 
-def _chunk_tokens_bwd(scale, C, intra, emit, res, cts):
+def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = False):
     """Chunks in reverse, each through the step of :func:`_chunk_scan_bwd`; the gradients
     are written back to ``[B, Tp, H, d]`` in place (after the whole-sequence layout of
-    :func:`_bulk_layout`: :func:`_chunk_scan_bwd` on it)."""
+    :func:`_bulk_layout`: :func:`_chunk_scan_bwd` on it). ``scale_grad`` (chunk-by-chunk
+    form only): also return ``Σ q ⊙ ∂/∂(scale·q)``, the gradient w.r.t. ``scale`` (a scalar of
+    ``q``'s sharding type), accumulated chunk by chunk."""
     do, dS = cts
     if len(res) == 6:  # the whole-sequence layout of _bulk_layout
         Tp = res[0].shape[0] * C
@@ -494,21 +496,27 @@ def _chunk_tokens_bwd(scale, C, intra, emit, res, cts):
         return None if x is None else jnp.full_like(x, fill, S_prev.dtype)
 
     def step(carry, xs):
-        dS, dq, dk, dv, dg = carry
+        dS, dq, dk, dv, dg, dsc = carry
         n, S = xs
         t0 = n * C
-        x = (_token_chunk(q, t0, C, scale), _token_chunk(k, t0, C), _token_chunk(v, t0, C), _token_chunk(g, t0, C))
+        qn = _token_chunk(q, t0, C)
+        x = (qn * jnp.asarray(scale, qn.dtype), _token_chunk(k, t0, C), _token_chunk(v, t0, C),
+             _token_chunk(g, t0, C))
         don = _token_chunk(do, t0, C) if emit_do else None
         dqn, dkn, dvn, dgn, dS = _chunk_bwd_step(dS, x, S, don, intra)
+        if scale_grad:
+            dsc = dsc + jnp.sum(qn * dqn)
         dq = _put_chunk(dq, dqn * jnp.asarray(scale, dqn.dtype), t0)
         dk, dv = _put_chunk(dk, dkn, t0), _put_chunk(dv, dvn, t0)
         if g is not None:
             dg = _put_chunk(dg, dgn, t0)
-        return (dS, dq, dk, dv, dg), None
+        return (dS, dq, dk, dv, dg, dsc), None
 
-    (dS0, dq, dk, dv, dg), _ = lax.scan(step, (dS, buf(q, 1.0), buf(k, 2.0), buf(v, 3.0), buf(g, 4.0)),
-                                        (jnp.arange(Tp // C), S_prev), reverse=True, unroll=_scan_unroll(Tp // C))
-    return dq, dk, dv, dg, dS0
+    dsc0 = jnp.zeros_like(q[0, 0, 0, 0], S_prev.dtype) if scale_grad else None
+    (dS0, dq, dk, dv, dg, dsc), _ = lax.scan(
+        step, (dS, buf(q, 1.0), buf(k, 2.0), buf(v, 3.0), buf(g, 4.0), dsc0),
+        (jnp.arange(Tp // C), S_prev), reverse=True, unroll=_scan_unroll(Tp // C))
+    return (dq, dk, dv, dg, dS0, dsc) if scale_grad else (dq, dk, dv, dg, dS0)
 
 
 _chunk_tokens.defvjp(_chunk_tokens_fwd, _chunk_tokens_bwd)

@@ -469,44 +469,51 @@ def _la_states_first(local_cot, axis_name, C):
     * backward: the cotangent of ``c`` through the slice (``local_cot``, a state-sized
       contraction), the reverse combine, then the chunked form's hand-written backward on the
       stored states ``S_n`` with the final-state cotangent plus the one from the devices after.
+
+    Both scans, like the chunked form's, take each chunk straight from the ``[B, L, H, d]``
+    inputs and write outputs (and, backward, gradients) in place: no copy of the slice in a
+    chunk layout is made or kept; the residuals are the state stack and the inputs.
     """
     from tttla_jax.ops import chunk as ck
-    from tttla_jax.ops.linear_attention import _chunk_fwd_step, _chunk_scan_bwd, _scan_unroll
+    from tttla_jax.ops.linear_attention import (_chunk_fwd_step, _chunk_tokens_bwd, _put_chunk,
+                                                _scan_unroll, _token_chunk, _tokens_forward)
+
+    def padded(xs):
+        q_, k_, v_, g_, _ = xs
+        Lp = ck.num_chunks(q_.shape[1], C) * C
+        return tuple(None if x is None else ck.pad_time(x, Lp) for x in (q_, k_, v_, g_))
 
     def run(xs, h0m, lay):
-        q_, k_, v_, g_, s_ = xs
-        L = q_.shape[1]
+        s_ = xs[4]
+        L = xs[0].shape[1]
         P, p = _check_axis(axis_name)
-        ks, vs = ck.scan_layout(k_, C), ck.scan_layout(v_, C)
-        gs = None if g_ is None else ck.scan_layout(g_, C)          # [N, B, H, C]
-
-        def states(S, x):  # the chunk step's state update alone (no outputs)
-            kn, vn, gn = x
-            S_next, _ = _chunk_fwd_step(S, (None, kn, vn, gn), False, False)
-            return S_next, S
-
-        S0 = jnp.zeros(h0m.shape, h0m.dtype) + _varying_zero(q_)
-        B0, Sb = lax.scan(states, S0, (ks, vs, gs), unroll=_scan_unroll(ks.shape[0]))
-        if gs is None:
+        qp, kp, vp, gp = padded(xs)
+        N = qp.shape[1] // C
+        S0 = jnp.zeros(h0m.shape, h0m.dtype) + _varying_zero(qp)
+        # the chunk step's state updates alone (no outputs): B = S⁰_N and the stack S⁰_n
+        _, B0, Sb = _tokens_forward(kp, kp, vp, gp, S0, 1.0, C, False, False, True)
+        if gp is None:
             Phi = jnp.ones(Sb.shape[:3], Sb.dtype)
             a = jnp.ones(Sb.shape[1:3], Sb.dtype)
         else:
-            Gam = ck.decay_terms(gs)[3]                               # [N, B, H] chunk decays
+            Gam = ck.decay_terms(ck.scan_layout(gp, C))[3]            # [N, B, H] chunk decays
             Phi = jnp.cumprod(jnp.concatenate([jnp.ones_like(Gam[:1]), Gam[:-1]]), axis=0)
             a = Phi[-1] * Gam[-1]                                     # the whole slice's decay
         A = jnp.where(lay.last_span()[:, None], a, 0.0)
         c = _carry_in(A, B0 + a[..., None, None] * h0m, axis_name, p, False)
         S_in = lay.enter(h0m, c)
         SF = B0 + a[..., None, None] * S_in
-        qs = ck.scan_layout(q_ * s_, C)
 
-        def outputs(_, x):  # the chunk step's outputs from the state before the chunk (its update unused)
-            qn, kn, vn, gn, Sn, phi = x
-            S = Sn + phi[..., None, None] * S_in
-            return None, _chunk_fwd_step(S, (qn, kn, vn, gn), True, True)[1]
+        def outputs(o, x):  # the chunk step's outputs from the state before the chunk (its update unused)
+            n, Sn, phi = x
+            t0 = n * C
+            xn = (_token_chunk(qp, t0, C, s_), _token_chunk(kp, t0, C), _token_chunk(vp, t0, C),
+                  _token_chunk(gp, t0, C))
+            on = _chunk_fwd_step(Sn + phi[..., None, None] * S_in, xn, True, True)[1]
+            return _put_chunk(o, on, t0), None
 
-        _, os = lax.scan(outputs, None, (qs, ks, vs, gs, Sb, Phi), unroll=_scan_unroll(ks.shape[0]))
-        return (ck.from_scan_layout(os, L), SF), (A, qs, ks, vs, gs, Sb, Phi, S_in)
+        o, _ = lax.scan(outputs, jnp.zeros_like(vp, SF.dtype), (jnp.arange(N), Sb, Phi), unroll=_scan_unroll(N))
+        return (o[:, :L], SF), (A, Sb, Phi, S_in)
 
     @jax.custom_vjp
     def core(xs, h0m, lay):
@@ -517,7 +524,7 @@ def _la_states_first(local_cot, axis_name, C):
         return out, (res, xs, lay)
 
     def bwd(res, cts):
-        (A, qs, ks, vs, gs, Sb, Phi, S_in), xs, lay = res
+        (A, Sb, Phi, S_in), xs, lay = res
 
         def state(n, S):  # S_n = S⁰_n + Φ_n c, chunk by chunk in place (one state stack alive)
             upd = lax.dynamic_index_in_dim(S, n, 0, False) + lax.dynamic_index_in_dim(Phi, n, 0, False)[
@@ -530,13 +537,14 @@ def _la_states_first(local_cot, axis_name, C):
         L = q_.shape[1]
         P, p = _check_axis(axis_name)
         dE = _carry_back(A, local_cot(xs, None, dO, dSF, lay), axis_name, p, P, False)
-        dqs, dks, dvs, dgs, dS0, _, _ = _chunk_scan_bwd(
-            True, True, (qs, ks, vs, gs, Ss, None), (ck.scan_layout(dO, C), lay.inject(dSF, dE)))
-        back = lambda x: ck.from_scan_layout(x, L)                    # noqa: E731
-        dq = back(dqs)                                                # w.r.t. the scaled queries
-        dg = None if gs is None else back(dgs[..., None])[..., 0]
-        dqx, ds = jax.vjp(lambda a, s: a * s, q_, s_)[1](dq)         # the scale as the op: q·scale
-        return (dqx, back(dks), back(dvs), dg, ds), lay.leave(dS0), None
+        qp, kp, vp, gp = padded(xs)
+        dq, dk, dv, dg, dS0, dsl = _chunk_tokens_bwd(s_, C, True, True, (qp, kp, vp, gp, Ss),
+                                                     (ck.pad_time(dO, qp.shape[1]), lay.inject(dSF, dE)),
+                                                     scale_grad=True)
+        # the scale's cotangent: this slice's Σ q ⊙ ∂/∂(scale·q), summed over the devices as
+        # the transpose of the scale's broadcast to the slice does
+        ds = jax.vjp(lambda s: s * jnp.ones_like(dsl), s_)[1](dsl)[0]
+        return (dq[:, :L], dk[:, :L], dv[:, :L], None if dg is None else dg[:, :L], ds), lay.leave(dS0), None
 
     core.defvjp(fwd, bwd)
     return core
