@@ -259,8 +259,6 @@ def test_two_processes_packed_seq_mesh_agree_with_one_device(tmp_path):
     devices, mesh data=1,seq=4 (every row split over the 4 devices of both processes, 8 bytes
     a device), --pack-documents true: documents span devices and the process boundary; the
     loss curve equals the single-device packed run's."""
-    from tttla_jax.train import data as data_lib
-    from tttla_jax.train.config import make_config
     args = [sys.executable, "-m", "train", "--ckpt-dir", str(tmp_path / "one"), "--mesh", "data=1"]
     for k, v in {**TINY, **PACKED}.items():
         args += ["--" + k.replace("_", "-")] + (v if isinstance(v, list) else [str(v)])
@@ -271,8 +269,16 @@ def test_two_processes_packed_seq_mesh_agree_with_one_device(tmp_path):
     outs = _two_processes(tmp_path / "two", 2, "data=1,seq=4", **PACKED)
     _check_two_process_run(tmp_path / "two", outs, tmp_path, 4, "data=1, fsdp=1, seq=4")
     # not vacuous: documents start inside rows, on a device that is not the row's first
+    _assert_documents_start_past_the_first_device(PACKED["seed"])
+
+
+def _assert_documents_start_past_the_first_device(seed):
+    """The packed training rows of ``seed`` hold a document start beyond the first quarter of
+    a row (on a device that is not the row's first, with seq = 4)."""
+    from tttla_jax.train import data as data_lib
+    from tttla_jax.train.config import make_config
     cfg = make_config("lm-tiny", steps=TINY["steps"], seq_len=TINY["seq_len"], batch_size=TINY["batch_size"],
-                      pack_documents=True, seed=PACKED["seed"])
+                      pack_documents=True, seed=seed)
     it = iter(data_lib.train_loader(cfg))
     cus = np.concatenate([np.asarray(next(it)["cu_seqlens"]) for _ in range(TINY["steps"])])
     inner = cus[(cus > 0) & (cus < TINY["seq_len"])]
@@ -378,11 +384,4 @@ def test_packed_lact_seq_mesh_takes_the_combined_form_and_agrees_with_one_device
     np.testing.assert_allclose(_losses(tmp_path / "seq", "eval_loss", "eval"),
                                _losses(tmp_path / "one", "eval_loss", "eval"), rtol=RTOL)
     # not vacuous: documents also start inside rows, on a device that is not the row's first
-    from tttla_jax.train import data as data_lib
-    from tttla_jax.train.config import make_config
-    cfg = make_config("lm-tiny", steps=TINY["steps"], seq_len=TINY["seq_len"], batch_size=TINY["batch_size"],
-                      pack_documents=True, seed=over["seed"])
-    it = iter(data_lib.train_loader(cfg))
-    cus = np.concatenate([np.asarray(next(it)["cu_seqlens"]) for _ in range(TINY["steps"])])
-    inner = cus[(cus > 0) & (cus < TINY["seq_len"])]
-    assert np.any(inner > TINY["seq_len"] // 4), cus
+    _assert_documents_start_past_the_first_device(over["seed"])

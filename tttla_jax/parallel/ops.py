@@ -60,7 +60,7 @@ device that holds its last token and shared with a masked ``lax.psum``.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -329,6 +329,22 @@ def _state_passing(local, transform, local_cot, axis_name, matrix: bool):
     return core
 
 
+def _stored_run(run, bwd):
+    """``run(xs, h0m, lay) -> (outputs, res)`` as a custom-VJP function whose backward is
+    ``bwd((res, xs, lay), cotangents)``: the per-device forms that store their own residuals
+    (:func:`_la_states_first`, :func:`_delta_widened_first`)."""
+    @jax.custom_vjp
+    def core(xs, h0m, lay):
+        return run(xs, h0m, lay)[0]
+
+    def fwd(xs, h0m, lay):
+        out, res = run(xs, h0m, lay)
+        return out, (res, xs, lay)
+
+    core.defvjp(fwd, bwd)
+    return core
+
+
 def _final_states(SF, owns, h0, nonempty, axis_name):
     """One final state per document, identical on every device: the device holding the
     document's last token contributes it (a masked ``lax.psum``); an empty document keeps its
@@ -515,14 +531,6 @@ def _la_states_first(local_cot, axis_name, C):
         o, _ = lax.scan(outputs, jnp.zeros_like(vp, SF.dtype), (jnp.arange(N), Sb, Phi), unroll=_scan_unroll(N))
         return (o[:, :L], SF), (A, Sb, Phi, S_in)
 
-    @jax.custom_vjp
-    def core(xs, h0m, lay):
-        return run(xs, h0m, lay)[0]
-
-    def fwd(xs, h0m, lay):
-        out, res = run(xs, h0m, lay)
-        return out, (res, xs, lay)
-
     def bwd(res, cts):
         (A, Sb, Phi, S_in), xs, lay = res
 
@@ -546,8 +554,7 @@ def _la_states_first(local_cot, axis_name, C):
         ds = jax.vjp(lambda s: s * jnp.ones_like(dsl), s_)[1](dsl)[0]
         return (dq[:, :L], dk[:, :L], dv[:, :L], None if dg is None else dg[:, :L], ds), lay.leave(dS0), None
 
-    core.defvjp(fwd, bwd)
-    return core
+    return _stored_run(run, bwd)
 
 
 def delta_rule(
@@ -767,14 +774,6 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
         Sg = Sw[..., :V] + jnp.matmul(Sw[..., V:], c)                   # [NG, B, H, K, V] true group starts
         return (o, B0 + jnp.matmul(A, c)), (A, qphi, Sg)
 
-    @jax.custom_vjp
-    def core(xs, h0m, lay):
-        return run(xs, h0m, lay)[0]
-
-    def fwd(xs, h0m, lay):
-        out, res = run(xs, h0m, lay)
-        return out, (res, xs, lay)
-
     def bwd(res, cts):
         (A, qphi, Sg), xs, lay = res
         dO, dSF = cts
@@ -802,8 +801,7 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
         dxs = tuple(None if d is None else d[:, :L] for d in dbufs) + (ds,)
         return dxs, lay.leave(dS0), None
 
-    core.defvjp(fwd, bwd)
-    return core
+    return _stored_run(run, bwd)
 
 
 # state-only passes of the (gated) delta rule (unpacked slices, one log-decay per head): the
