@@ -5,6 +5,7 @@ options of LMConfig (identity state mixer, learned positions, embedding dropout)
 float64 checks at 1e-10 (attention: chunked vs recurrent vs a numpy loop, outputs, caches
 and gradients).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -351,20 +352,31 @@ def test_every_preset_builds_a_zoology_model():
     assert state_size(model) == 2 * 64 * 64  # K and V of 64 tokens, one head of 64
 
 
-def test_sweep_command_end_to_end(tmp_path, capsys):
+def test_sweep_command_end_to_end(tmp_path, capsys, monkeypatch):
     """python -m train.zoology --sweep tiny (in-process): trains attention (learned
     positions, no MLP) and linear attention a few steps, writes results.json, results.md and the
-    plot; a second call with --resume trains nothing; a bad preset is a usage error."""
+    plot; ``--steps-for attention=6`` gives attention its own budget (the training loop runs 6
+    steps and the cosine spans 6) while linear attention keeps the sweep's 4; a second call with
+    --resume trains nothing; a bad preset is a usage error."""
     from tttla_jax.train import zoology
+    schedule = []
+    lr_at = zoology._lr_at
+    monkeypatch.setattr(zoology, "_lr_at", lambda *a: schedule.append(a) or lr_at(*a))
     out = str(tmp_path / "z")
-    assert zoology.main(["--sweep", "tiny", "--out", out, "--no-progress"]) == 0
+    assert zoology.main(["--sweep", "tiny", "--out", out, "--no-progress", "--steps-for", "attention=6"]) == 0
+    # the schedule the loop asked for, per step: attention's 6 steps over a 6-step cosine, then 4 of 4
+    assert [a[1:3] for a in schedule] == [(s, 6) for s in range(1, 7)] + [(s, 4) for s in range(1, 5)]
     res = json.load(open(os.path.join(out, "results.json")))
     assert [r["mixer"] for r in res["runs"]] == ["attention", "linear_attention"]
     assert [r["lr"] for r in res["runs"]] == [3e-3, 1e-2]  # the tiny sweep's per-preset lr
-    for r in res["runs"]:
-        assert r["steps"] == 4 and 0.0 <= r["accuracy"] <= 1.0 and len(r["curve"]) == 2
+    assert res["config"]["preset_steps"] == [["attention", 6]]
+    for r, steps in zip(res["runs"], (6, 4)):
+        assert r["steps"] == r["max_steps"] == steps and 0.0 <= r["accuracy"] <= 1.0
+        assert [c["step"] for c in r["curve"]] == list(range(2, steps + 1, 2))
         assert r["state_size"] > 0 and np.isfinite(r["curve"][-1]["train_loss"])
+        assert 0 < r["curve"][0]["cpu_seconds"] <= r["curve"][-1]["cpu_seconds"]
     md = open(os.path.join(out, "results.md")).read()
+    assert "attention: at most 6 steps." in md
     assert "| 16 | 2 | attention | 16 | 512 |" in md  # 2 * L * width floats
     assert os.path.getsize(os.path.join(out, "accuracy.png")) > 1000
     assert zoology.main(["--sweep", "tiny", "--out", out, "--resume", "--no-progress"]) == 0
@@ -375,7 +387,7 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     assert "unknown mixer 'nope'" in capsys.readouterr().err
 
 
-def test_per_preset_learning_rates():
+def test_per_preset_learning_rates(capsys):
     """``preset_lrs`` replaces ``lrs`` for the presets it names (the table header lists
     them); ``--lrs`` on the command line applies to every preset."""
     from tttla_jax.train import zoology
@@ -408,6 +420,25 @@ def test_per_preset_learning_rates():
     assert zoology.parse(["--sweep", "tiny", "--warmup", "2"])[2].warmup == 2
     with pytest.raises(SystemExit):
         zoology.parse(["--sweep", "tiny", "--warmup", "4"])   # not below the tiny sweep's 4 steps
+    # per-preset step budgets: --steps-for, and the attention-long sweep (attention only, a
+    # 15 000-step cosine, the default sweep's data and optimiser)
+    cfg = zoology.parse(["--steps-for", "attention=15000", "--steps-for", "delta_net=900"])[2]
+    assert cfg.steps_for("attention") == 15000 and cfg.steps_for("delta_net") == 900
+    assert cfg.steps_for("linear_attention") == zoology.DEFAULT.steps == 600
+    long = zoology.parse(["--sweep", "attention-long", "--settings", "128x8"])[2]
+    assert long.mixers == ("attention",) and long.steps_for("attention") == 15000
+    assert long.settings == ((128, 8),) and long.widths == (64, 128) and long.lrs_for("attention") == (3e-3,)
+    assert dataclasses.replace(long, mixers=(), settings=(), widths=(), lrs=(), steps=0, eval_every=0) == \
+        dataclasses.replace(zoology.DEFAULT, mixers=(), settings=(), widths=(), lrs=(), preset_lrs=(),
+                            steps=0, eval_every=0)
+    for argv, msg in ((["--steps-for", "nope=5"], "unknown preset 'nope'"),
+                      (["--steps-for", "attention=0"], "N a positive integer, got '0'"),
+                      (["--steps-for", "attention"], "N a positive integer, got ''"),
+                      (["--sweep", "tiny", "--warmup", "3", "--steps-for", "attention=3"],
+                       "steps = 3 (the budget of attention), got 3")):
+        with pytest.raises(SystemExit):
+            zoology.parse(argv)
+        assert msg in capsys.readouterr().err, argv
 
 
 @pytest.mark.slow   # the presets' registration stays in the default suite (test_per_preset_learning_rates)

@@ -26,6 +26,11 @@ LayerNorm, the library's initialisation (LeCun-normal projections; Zoology draws
 linear layer from N(0, 0.02²)), evaluation every ``--eval-every`` steps instead of every
 epoch. Every number it writes is measured; nothing is extrapolated.
 
+Plain attention forms its induction head only after the learning rate has stayed near its peak
+for thousands of steps (docs/recipes.md): ``--sweep attention-long`` runs its cells on a
+15 000-step cosine ended by the early stop, and ``--steps-for attention=15000`` gives one preset
+that budget inside any sweep (the cosine runs over each preset's own budget).
+
 Outputs (``--out``, default ``runs/zoology/<name>``): ``results.json`` (every run: its
 config, held-out accuracy curve, best accuracy, steps, wall time, recurrent state size),
 ``results.md`` (accuracy vs state size, best learning rate per cell) and ``accuracy.png``
@@ -109,6 +114,8 @@ def register_preset(name: str, mixer: str, options: Optional[dict] = None, *, nu
         raise ValueError(f"options: expected a dict of mixer options, got {options!r}")
     preset = MixerPreset(mixer, tuple(sorted((options or {}).items())), int(num_heads),
                          bool(learned_positions))
+    if MIXER_PRESETS.get(name) == preset:   # already registered (and validated) as is
+        return preset
     lm_config(preset, seq_len=64, width=16 * preset.num_heads, vocab_size=64)  # validates
     MIXER_PRESETS[name] = preset
     return preset
@@ -184,6 +191,11 @@ class SweepConfig:
     def lrs_for(self, preset: str) -> tuple:
         """The learning rates swept for ``preset``: its ``preset_lrs`` entry, else ``lrs``."""
         return tuple(dict(self.preset_lrs).get(preset, self.lrs))
+
+    def steps_for(self, preset: str) -> int:
+        """The step budget of ``preset``'s runs (the cosine's length): its ``preset_steps``
+        entry, else ``steps``."""
+        return int(dict(self.preset_steps).get(preset, self.steps))
     mixers: tuple = ("attention", "linear_attention", "delta_net", "gated_delta_net")
     settings: tuple = ((64, 4),)
     widths: tuple = (64,)
@@ -192,6 +204,9 @@ class SweepConfig:
     #: preset (``--lrs`` on the command line clears them)
     preset_lrs: tuple = ()
     steps: int = 2000
+    #: per-preset step budgets ``((preset, steps), ...)`` replacing ``steps`` for that preset
+    #: (``--steps-for PRESET=N``); the cosine runs over the preset's own budget
+    preset_steps: tuple = ()
     #: linear warm-up steps from 0 to the peak learning rate before the cosine (Zoology: none)
     warmup: int = 0
     batch_size: int = 64
@@ -310,14 +325,19 @@ def run_one(runner: _Runner, cfg: SweepConfig, lr: float, train, test, kv: int, 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             loss, acc = float(l_), float(a_)
             ev = evaluate()
+            try:
+                load_now = os.getloadavg()[0]
+            except OSError:
+                load_now = None
             curve.append({"step": step, "train_loss": loss, "train_accuracy": acc, "accuracy": ev,
-                          "time": time.perf_counter() - t0})
+                          "time": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                          "load": load_now})
             if progress:
                 progress(step, ev)
             if ev >= cfg.early_stop:
                 stopped = True
                 break
-    return {"lr": lr, "steps": step, "early_stopped": stopped, "skipped_steps": skipped,
+    return {"lr": lr, "steps": step, "max_steps": cfg.steps, "early_stopped": stopped, "skipped_steps": skipped,
             "accuracy": curve[-1]["accuracy"], "best_accuracy": max(c["accuracy"] for c in curve),
             "curve": curve, "seconds": time.perf_counter() - t0,
             # this process's CPU time (all threads) for the run: load-independent, unlike wall time
@@ -362,6 +382,10 @@ def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: b
         results["load_at_start"] = os.getloadavg()[0]
     except OSError:
         pass
+    for m, n in cfg.preset_steps:
+        if not isinstance(n, int) or isinstance(n, bool) or n <= cfg.warmup:
+            raise ValueError(f"preset_steps: expected an int above warmup = {cfg.warmup} for preset "
+                             f"{m!r}, got {n!r}")
     total = len(cfg.settings) * len(cfg.widths) * sum(len(cfg.lrs_for(m)) for m in cfg.mixers)
     i, t_sweep = 0, time.perf_counter()
     with jax.enable_x64(False):
@@ -371,6 +395,7 @@ def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: b
             train = _batches(mqar_batch(cfg.seed, range(cfg.train_examples), **kw), kv)
             test = _batches(mqar_batch(cfg.seed + TEST_SEED_OFFSET, range(cfg.test_examples), **kw), kv)
             for mixer in cfg.mixers:
+                run_cfg = dataclasses.replace(cfg, steps=cfg.steps_for(mixer))
                 for width in cfg.widths:
                     preset = MIXER_PRESETS[mixer]
                     runner = None
@@ -392,10 +417,15 @@ def sweep(cfg: SweepConfig, out: str, *, resume: bool = False, log=print, bar: b
                         def progress(step, acc, label=label):
                             if bar:
                                 el = time.perf_counter() - t_sweep
-                                print(f"{label} step {step}/{cfg.steps} test acc {acc:.3f} "
-                                      f"(sweep {el / 60:.1f} min)", file=sys.stderr, flush=True)
+                                try:
+                                    load_now = f", load {os.getloadavg()[0]:.1f}"
+                                except OSError:
+                                    load_now = ""
+                                print(f"{label} step {step}/{run_cfg.steps} test acc {acc:.3f} "
+                                      f"(sweep {el / 60:.1f} min, process CPU {time.process_time():.0f} s"
+                                      f"{load_now})", file=sys.stderr, flush=True)
 
-                        rec = run_one(runner, cfg, lr, train, test, kv, progress)
+                        rec = run_one(runner, run_cfg, lr, train, test, kv, progress)
                         try:
                             load = os.getloadavg()[0]
                         except OSError:
@@ -471,7 +501,8 @@ def markdown_table(results: dict) -> str:
     lines = [f"MQAR (Zoology protocol), vocab {cfg['vocab_size']}, {cfg['train_examples']} train / "
              f"{cfg['test_examples']} test examples, batch {cfg['batch_size']}, at most {cfg['steps']} "
              f"steps (early stop at {cfg['early_stop']}), learning rates {list(cfg['lrs'])}"
-             + "".join(f"; {m}: {list(v)}" for m, v in cfg.get("preset_lrs", ())) + ".",
+             + "".join(f"; {m}: {list(v)}" for m, v in cfg.get("preset_lrs", ())) + "."
+             + "".join(f" {m}: at most {n} steps." for m, n in cfg.get("preset_steps", ())),
              "",
              "| L | kv | mixer | width | state (floats/layer) | params | test accuracy | best lr | steps | wall s (load) | CPU s | all lrs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -546,7 +577,14 @@ TINY = SweepConfig(mixers=("attention", "linear_attention"), settings=((16, 2),)
 FULL = SweepConfig(mixers=tuple(MIXER_PRESETS), settings=SETTINGS, widths=(64, 128, 256, 512),
                    lrs=ZOOLOGY_LRS, steps=12_500, batch_size=512, train_examples=100_000,
                    test_examples=3_000, eval_every=200)
-SWEEPS = {"default": DEFAULT, "tiny": TINY, "full": FULL}
+#: Plain attention's long budget (docs/recipes.md, "Plain attention needs a long budget"): the
+#: induction head forms only after the learning rate has stayed near its peak for thousands of
+#: steps, so a 15 000-step cosine whose early stop at 0.99 ends the run near its middle; the
+#: same data, model and optimiser as the default sweep. The issue's four attention cells.
+ATTENTION_LONG = dataclasses.replace(DEFAULT, mixers=("attention",), settings=((64, 4), (128, 8)),
+                                     widths=(64, 128), lrs=(3e-3,), preset_lrs=(), steps=15_000,
+                                     eval_every=250)
+SWEEPS = {"default": DEFAULT, "tiny": TINY, "full": FULL, "attention-long": ATTENTION_LONG}
 
 
 def _settings(s: str):
@@ -578,6 +616,9 @@ def build_parser():
     p.add_argument("--lrs", nargs="+", type=float, help="peak learning rates")
     for name in ("steps", "batch_size", "train_examples", "test_examples", "eval_every", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int)
+    p.add_argument("--steps-for", action="append", default=[], metavar="PRESET=N",
+                   help="step budget of one preset's runs (its cosine's length), e.g. "
+                        "attention=15000 (plain attention's long budget); repeatable")
     p.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine [0, as Zoology]")
     p.add_argument("--early-stop", type=float, help="held-out accuracy that ends a run [0.99]")
     p.add_argument("--out", default="", help="output directory [runs/zoology/<sweep>]")
@@ -623,9 +664,25 @@ def parse(argv=None):
             p.error(f"--{name}: expected positive values, got {list(over[name])}")
     if "lrs" in over:
         over["preset_lrs"] = ()   # --lrs applies to every preset
+    if a.steps_for:
+        budgets = dict(SWEEPS[a.sweep].preset_steps)
+        for spec in a.steps_for:
+            name, _, n = spec.partition("=")
+            if name not in MIXER_PRESETS:
+                p.error(f"--steps-for {spec!r}: unknown preset {name!r}, expected one of "
+                        f"{tuple(MIXER_PRESETS)}")
+            try:
+                budgets[name] = int(n)
+            except ValueError:
+                budgets[name] = 0
+            if budgets[name] <= 0:
+                p.error(f"--steps-for {spec!r}: expected PRESET=N with N a positive integer, got {n!r}")
+        over["preset_steps"] = tuple(sorted(budgets.items()))
     cfg = dataclasses.replace(SWEEPS[a.sweep], **over)
-    if not 0 <= cfg.warmup < cfg.steps:
-        p.error(f"--warmup: expected 0 <= warmup < steps = {cfg.steps}, got {cfg.warmup}")
+    for name, n in (("steps", cfg.steps), *cfg.preset_steps):
+        if not 0 <= cfg.warmup < n:
+            p.error(f"--warmup: expected 0 <= warmup < steps = {n}"
+                    + ("" if name == "steps" else f" (the budget of {name})") + f", got {cfg.warmup}")
     if cfg.batch_size > cfg.train_examples:
         p.error(f"--batch-size: expected at most train_examples = {cfg.train_examples}, got {cfg.batch_size}")
     return p, a, cfg
