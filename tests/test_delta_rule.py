@@ -328,14 +328,22 @@ def test_unit_lower_inverse_by_doubling(C):
 
 
 def test_forward_mode_jvp_matches_reference():
-    """jax.jvp works through both forms (the chunked form's custom JVPs included)."""
+    """jax.jvp works through the recurrent form and through the group-layout chunked form
+    (``chunk.delta_chunked``, which a per-channel log-decay runs; its custom JVPs included).
+    The token-major chunked form (one log-decay per head or none) has a hand-written reverse
+    mode (a ``custom_vjp``): forward mode raises there instead of computing something else."""
+    from tttla_jax.ops import chunk
     q, k, v, beta, g, S0 = make_inputs(11, 1, 6, 2, 3, 4)
     args = (q, k, v, beta, g, S0)
     tang = make_inputs(12, 1, 6, 2, 3, 4)
     _, t_ref = jax.jvp(run_ref(), args, tang)
-    for impl in FORMS:
-        _, t = jax.jit(lambda a, t: jax.jvp(run_form(impl, 4), a, t))(args, tang)
-        assert_close_tree(t, t_ref, 1e-10, what=f"jvp {impl}")
+    _, t = jax.jit(lambda a, t: jax.jvp(run_form("recurrent", 4), a, t))(args, tang)
+    assert_close_tree(t, t_ref, 1e-10, what="jvp recurrent")
+    group_layout = lambda q, k, v, beta, g, S0: chunk.delta_chunked(q * 3 ** -0.5, k, v, beta, g, S0, 4)  # noqa: E731
+    _, t = jax.jit(lambda a, t: jax.jvp(group_layout, a, t))(args, tang)
+    assert_close_tree(t, t_ref, 1e-10, what="jvp chunk.delta_chunked")
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(run_form("chunked", 4), args, tang)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,14 +1,16 @@
-"""The chunked (gated) delta rule's forward reads each group of chunks straight from the
-``[B, T, H, d]`` inputs and writes outputs in place (``chunk.delta_chunked_tokens``); its
-derivatives (forward and reverse mode) are those of the group-layout form.
+"""The chunked (gated) delta rule runs token-major, forward and backward: each group of
+chunks is sliced straight from the ``[B, T, H, d]`` inputs, outputs and gradients are
+written in place (``chunk.delta_chunked_tokens`` / ``chunk.delta_chunked_tokens_bwd``, a
+hand-written reverse mode that recomputes each group from its stored start state).
 
-Checked against the token scan in float64 at the harness' 1e-10: outputs and final state of
-the forward-only call (which must run the token-major scan), with a per-head log-decay
-holding ``-inf`` (hard resets) and without one, at a length that is not a multiple of the
-chunk, over several groups and at least 16 chunks (the unrolled group scan); gradients with
-respect to a subset (keys, log-decay: the other tangents are symbolic zeros). The rest of
-the delta-rule suite differentiates through the same call (``test_delta_rule.py``: every
-gradient, and the JVP); the token-major and group-layout scans agree bitwise."""
+Checked against the token scan in float64 at the harness' 1e-10: outputs, final state and
+gradients w.r.t. every input (queries, keys, values, β, the log-decay, the initial state and
+a traced scale), with a per-head log-decay holding ``-inf`` (hard resets) and a single
+``-1e30`` token, and without a log-decay; at lengths that are not a multiple of the chunk
+(padded), over several groups; forward-only and differentiated calls must run the token-major
+scans (checked with spies). ``@slow``: gradients over 17 chunks (the unrolled group scan),
+under ``jax.vmap``; the token-major and group-layout scans agree bitwise in the forward and
+to rounding in the backward."""
 import importlib
 
 import jax
@@ -24,7 +26,7 @@ dr = importlib.import_module("tttla_jax.ops.delta_rule")
 B, T, H, K, V, C = 2, 67, 2, 4, 3, 4  # 17 chunks (the last one padded), 5 groups of 4
 
 
-def _inputs(decayed):
+def _inputs(decayed, T=T):
     rng = np.random.default_rng(1)
     k = rng.normal(size=(B, T, H, K))
     x = dict(q=rng.normal(size=(B, T, H, K)), k=k / np.linalg.norm(k, axis=-1, keepdims=True),
@@ -32,45 +34,81 @@ def _inputs(decayed):
              h0=rng.normal(size=(B, H, K, V)))
     if decayed:
         g = -rng.uniform(0, 0.5, size=(B, T, H))
-        g[0, 50, 1] = g[1, 5, 0] = -np.inf
+        g[0, min(50, T - 2), 1] = g[1, 5, 0] = -np.inf
+        g[0, 9, 0] = -1e30
         x["g"] = g
     return {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
 
 
 def _form(impl):
-    def run(q, k, v, beta, h0, g=None):
+    def run(q, k, v, beta, h0, g=None, scale=None):
         return tt.delta_rule(q, k, v, beta, log_decay=g, initial_state=h0, output_final_state=True,
-                             chunk_size=C, impl=impl)
+                             chunk_size=C, impl=impl, scale=scale)
     return run
 
 
-@pytest.mark.parametrize("decayed", [True, False], ids=["gated", "no_decay"])
-def test_token_major_forward_equals_token_scan_float64(decayed, monkeypatch):
+def _spy(monkeypatch, name):
     calls = []
-    tokens = chunk.delta_chunked_tokens
-    monkeypatch.setattr(chunk, "delta_chunked_tokens", lambda *a, **kw: calls.append(1) or tokens(*a, **kw))
+    f = getattr(chunk, name)
+    monkeypatch.setattr(chunk, name, lambda *a, **kw: calls.append(1) or f(*a, **kw))
+    return calls
+
+
+def _forms():
+    return {"recurrent": _form("recurrent"), "chunked": _form("chunked")}
+
+
+@pytest.mark.parametrize("decayed", [True, False], ids=["gated", "no_decay"])
+def test_token_major_equals_token_scan_float64(decayed, monkeypatch):
+    fwd, bwd = _spy(monkeypatch, "delta_chunked_tokens"), _spy(monkeypatch, "delta_chunked_tokens_bwd")
     x = _inputs(decayed)
-    forms = {"recurrent": _form("recurrent"), "chunked": _form("chunked")}
-    # forward only (outputs and final state): the token-major scan
-    report = tt.testing.check_equivalence(forms, x, baseline="recurrent", check_grads=False)
+    # forward only (outputs and final state), 17 chunks: the token-major scan
+    report = tt.testing.check_equivalence(_forms(), x, baseline="recurrent", check_grads=False)
     print(report)
     report.assert_ok()
-    assert calls, "the chunked forward did not run the token-major scan"
+    assert fwd, "the chunked forward did not run the token-major scan"
+    # gradients w.r.t. every input on 21 tokens (6 chunks in 2 groups, the last chunk padded);
+    # gated: the default scale, applied group by group; no decay: a traced scale (applied
+    # before the scan, its gradient through the product)
+    short = {n: a if n == "h0" else a[:, :21] for n, a in x.items()}
     if not decayed:
-        return
-    # reverse mode w.r.t. a subset (the other tangents are symbolic zeros), on a shorter
-    # sequence (two groups; the unrolled scan's gradient compiles slowly)
-    short = {n: a if n == "h0" else a[:, :13] for n, a in x.items()}
-    report = tt.testing.check_equivalence(forms, short, baseline="recurrent", grad_wrt=["k", "g"])
+        short["scale"] = jnp.asarray(0.7, jnp.float64)
+    report = tt.testing.check_equivalence(_forms(), short, baseline="recurrent")
     print(report)
     report.assert_ok()
+    assert {e.quantity for e in report.entries} >= {f"grad[{n}]" for n in short}, report
+    assert bwd, "the chunked backward did not run the token-major scan"
 
 
 @pytest.mark.slow
-def test_token_major_scan_equals_group_layout_exactly():
-    """The token-major scan and the group-layout scan run the same group step: bitwise equal
+@pytest.mark.parametrize("decayed", [True, False], ids=["gated", "no_decay"])
+def test_token_major_gradients_unrolled_and_vmapped(decayed):
+    """Gradients w.r.t. every input over 17 chunks (groups of 4 unrolled, the last group
+    padded), and ``jax.vmap`` of the gradient over a leading axis equals the row-by-row
+    gradients."""
+    x = _inputs(decayed)
+    report = tt.testing.check_equivalence(_forms(), x, baseline="recurrent")
+    print(report)
+    report.assert_ok()
+
+    def loss(x):
+        o, S = _form("chunked")(**x)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(S * S)
+
+    rows = [jax.tree.map(lambda a: a[i:i + 1], x) for i in range(B)]
+    batched = jax.jit(jax.vmap(jax.grad(loss)))(jax.tree.map(lambda *a: jnp.stack(a), *rows))
+    for i, r in enumerate(rows):
+        ref = jax.jit(jax.grad(loss))(r)
+        for n in ref:
+            np.testing.assert_allclose(batched[n][i], ref[n], rtol=0, atol=1e-12, err_msg=n)
+
+
+@pytest.mark.slow
+def test_token_major_scan_equals_group_layout():
+    """The token-major scans and the group-layout scan run the same group step: bitwise equal
     outputs and states (groups of 3: the last group padded with whole chunks; also a
-    per-channel log-decay, which the scan supports though the dispatch does not use it)."""
+    per-channel log-decay, which the scan supports though the dispatch does not use it), and
+    gradients equal to rounding (the same group step differentiated)."""
     x = _inputs(True)
     g_channel = jnp.asarray(-np.random.default_rng(2).uniform(0, 0.5, size=(B, T, H, K))).at[0, 9, 1, 2].set(-jnp.inf)
     for c, G, g in ((C, 3, x["g"]), (C, 4, g_channel)):
@@ -79,3 +117,10 @@ def test_token_major_scan_equals_group_layout_exactly():
         got = jax.jit(lambda *a: chunk.delta_chunked_tokens(*a, c, G))(*args)
         for a, b in zip(got, ref):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["h0"])
+    w = jnp.cos(jnp.arange(B * T * H * V, dtype=jnp.float64)).reshape(B, T, H, V)
+    loss = lambda f: lambda *a: jnp.sum(f(*a)[0] * w) + jnp.sum(f(*a)[1])  # noqa: E731
+    ref = jax.jit(jax.grad(loss(lambda *a: chunk.delta_chunked(*a, C, group=3)), argnums=range(6)))(*args)
+    got = jax.jit(jax.grad(loss(lambda *a: dr._chunked_token_major(*a, C, 3, None)), argnums=range(6)))(*args)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)

@@ -627,42 +627,115 @@ def delta_chunked(q, k, v, beta, g, S0, chunk_size: int, group=None, remat: bool
     return from_group_layout(o, T), S_final
 
 
-def delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size: int, group=None):
+def _token_groups(T: int, chunk_size: int, group):
+    """The chunk and group choices of :func:`delta_chunked` for ``T`` tokens:
+    ``(C, G, unroll, NG, L, Tp)`` with ``L = G·C`` tokens per group and ``Tp = NG·L``."""
+    C = min(chunk_size, T)
+    N = num_chunks(T, C)
+    G = min(group or GROUP_CHUNKS, N)
+    NG = num_chunks(N, G)
+    return C, G, G <= _UNROLL_MAX and N >= _UNROLL_MIN_CHUNKS, NG, G * C, NG * G * C
+
+
+def _token_group_step(C, G, unroll, scale=None):
+    """One group of :func:`delta_chunked` on token-major slices: ``step(S, q, k, v, β, g)``
+    with ``[B, G·C, H, ·]`` slices (``g`` may be ``None``; ``q`` multiplied by ``scale`` here
+    unless it is ``None``) → ``(S after the group, o [B, G·C, H, V])``. The transposes to the
+    group's ``[G, B, H, C, ·]`` and back are cache-sized."""
+
+    def grouped(x):  # [B, G·C, H, ·] -> [G, B, H, C, ·]
+        if x is None:
+            return None
+        y = x.reshape((x.shape[0], G, C) + x.shape[2:])
+        return jnp.transpose(y, (1, 0, 3, 2) + tuple(range(4, y.ndim)))
+
+    def step(S, q, k, v, beta, g):
+        if scale is not None:
+            q = q * jnp.asarray(scale, q.dtype)
+        S, on = _chunks_first_group(*(grouped(x) for x in (q, k, v, beta, g)), S, unroll=unroll)
+        Gn, B, H, Cn, V = on.shape
+        return S, jnp.transpose(on, (1, 0, 3, 2, 4)).reshape(B, Gn * Cn, H, V)
+
+    return step
+
+
+def _varying_zero(*xs):
+    """A float zero scalar that varies over every mesh axis any of ``xs`` varies over (under
+    ``shard_map``; a plain zero otherwise): added to a loop-carried buffer so its type holds
+    whatever the loop body writes into it."""
+    return sum(jnp.zeros_like(x.reshape(-1)[:1]).sum() for x in xs if x is not None)
+
+
+def delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size: int, group=None, *, scale=None,
+                         keep_states: bool = False):
     """The forward of :func:`delta_chunked` (same arguments, chunks, groups and step, same
     results) on token-major inputs ``[B, T, H, ·]``: each step of the scan over groups slices
     its ``G·C`` tokens straight from ``[B, Tp, H, ·]`` (``lax.dynamic_slice``, a cache-sized
     transpose to ``[G, B, H, C, ·]``) and writes its outputs into a carried ``[B, Tp, H, V]``
     buffer in place (``lax.dynamic_update_slice``), instead of laying the whole sequence out
     in :func:`group_layout` and back (copies that leave the cache at long T:
-    docs/implementations.md, "The chunked forms on a CPU host"). Forward only: per-step
-    slicing of closed-over inputs would accumulate full-size cotangent buffers under reverse
-    mode, so the differentiated call stays on :func:`delta_chunked`
-    (:func:`tttla_jax.ops.delta_rule.delta_rule` chooses). ``g``: ``None`` or ``[B, T, H]``
-    (a per-channel log-decay works too: every input is sliced alike)."""
-    B, T, H = q.shape[:3]
-    V = v.shape[-1]
-    C = min(chunk_size, T)
-    N = num_chunks(T, C)
-    G = min(group or GROUP_CHUNKS, N)
-    unroll = G <= _UNROLL_MAX and N >= _UNROLL_MIN_CHUNKS
-    NG = num_chunks(N, G)
-    L = G * C
-    Tp = NG * L
-    xs = tuple(None if x is None else pad_time(x, Tp) for x in (q, k, v, beta, g))
+    docs/implementations.md, "The chunked forms on a CPU host"). Not differentiable by
+    autodiff (per-step slicing of closed-over inputs would accumulate full-size cotangent
+    buffers): its reverse mode is :func:`delta_chunked_tokens_bwd`, from the states kept
+    with ``keep_states``. ``g``: ``None`` or ``[B, T, H]`` (a per-channel log-decay works
+    too: every input is sliced alike). ``scale``: if given, ``q`` is unscaled and each
+    group's queries are multiplied by it (no whole-sequence pass).
 
-    def take(x, t0):  # tokens [t0, t0 + L) of [B, Tp, H, ·] -> [G, B, H, C, ·]
-        if x is None:
-            return None
-        y = lax.dynamic_slice_in_dim(x, t0, L, axis=1).reshape((B, G, C) + x.shape[2:])
-        return jnp.transpose(y, (1, 0, 3, 2) + tuple(range(4, y.ndim)))
+    Returns ``(o [B, T, H, V], S_T)``, and with ``keep_states`` also the state before every
+    group ``[NG, B, H, K, V]``."""
+    B, T = q.shape[:2]
+    C, G, unroll, NG, L, Tp = _token_groups(T, chunk_size, group)
+    xs = tuple(None if x is None else pad_time(x, Tp) for x in (q, k, v, beta, g))
+    step = _token_group_step(C, G, unroll, scale)
 
     def body(carry, n):
         S, o = carry
         t0 = n * L
-        S, on = _chunks_first_group(*(take(x, t0) for x in xs), S, unroll=unroll)  # on [G, B, H, C, V]
-        on = jnp.transpose(on, (1, 0, 3, 2, 4)).reshape(B, L, H, V)
-        return (S, lax.dynamic_update_slice_in_dim(o, on, t0, axis=1)), None
+        S_next, on = step(S, *(None if x is None else lax.dynamic_slice_in_dim(x, t0, L, axis=1) for x in xs))
+        return (S_next, lax.dynamic_update_slice_in_dim(o, on.astype(o.dtype), t0, axis=1)), (S if keep_states else None)
 
-    o0 = jnp.zeros_like(xs[2])  # [B, Tp, H, V]; zeros_like: varies like v under shard_map
-    (S_final, o), _ = lax.scan(body, (S0, o0), jnp.arange(NG))
-    return o[:, :T], S_final
+    # zeros_like: varies like v (and the state) under shard_map
+    o0 = jnp.zeros(xs[2].shape[:3] + S0.shape[-1:], S0.dtype) + _varying_zero(xs[2], S0, *xs[:2])
+    (S_final, o), S_groups = lax.scan(body, (S0, o0), jnp.arange(NG))
+    return (o[:, :T], S_final) + ((S_groups,) if keep_states else ())
+
+
+def delta_chunked_tokens_bwd(q, k, v, beta, g, S_groups, do, dS, chunk_size: int, group=None, *,
+                             scale=None):
+    """Reverse mode of :func:`delta_chunked_tokens` from the states it kept before every group
+    (``S_groups [NG, B, H, K, V]``; the other arguments as there, ``do [B, T, H, V]`` and
+    ``dS [B, H, K, V]`` the cotangents of the outputs and the final state).
+
+    A reverse scan over the groups: each group's ``G·C`` tokens are sliced from the
+    token-major inputs and the group step is recomputed from its stored start state and
+    differentiated (``jax.vjp`` of the step: the decay terms, the ``(I + A)⁻¹`` of its chunks,
+    the chunk scan; what autodiff of :func:`delta_chunked`'s rematerialised scan computes for a
+    group), and its input cotangents are written into ``[B, Tp, H, ·]`` buffers in place — no
+    whole-sequence layout copies of the inputs, of ``do`` or of the gradients. Returns
+    ``(dq, dk, dv, dβ, dg or None, dS_0)`` (``dq`` w.r.t. the unscaled ``q`` if ``scale`` is
+    given)."""
+    B, T = q.shape[:2]
+    C, G, unroll, NG, L, Tp = _token_groups(T, chunk_size, group)
+    xs = tuple(None if x is None else pad_time(x, Tp) for x in (q, k, v, beta, g))
+    dop = pad_time(do, Tp)
+    step = _token_group_step(C, G, unroll, scale)
+    vz = _varying_zero(*xs, S_groups, dop, dS)
+
+    def sl(x, t0):
+        return None if x is None else lax.dynamic_slice_in_dim(x, t0, L, axis=1)
+
+    def body(carry, x):
+        dS, bufs = carry
+        n, S = x
+        t0 = n * L
+        _, vjp = jax.vjp(step, S, *(sl(x, t0) for x in xs))
+        dS_prev, *dx = vjp((dS, sl(dop, t0)))
+        bufs = tuple(None if b is None else lax.dynamic_update_slice_in_dim(b, d.astype(b.dtype), t0, axis=1)
+                     for b, d in zip(bufs, dx))
+        return (dS_prev + vz, bufs), None
+
+    # every element is overwritten (the groups tile [0, Tp)); distinct fill values keep XLA
+    # from sharing one buffer among the gradients and copying it for each
+    bufs = tuple(None if x is None else jnp.full_like(x, i + 1.0) + vz for i, x in enumerate(xs))
+    (dS0, bufs), _ = lax.scan(body, (dS + vz, bufs), (jnp.arange(NG), S_groups), reverse=True)
+    return tuple(None if b is None else b[:, :T] for b in bufs) + (dS0,)

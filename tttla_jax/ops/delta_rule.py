@@ -67,7 +67,6 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int
 
 from tttla_jax import _checks
@@ -204,7 +203,12 @@ def delta_rule(
                                   interpret=interpret)
 
     sd = _checks.state_dtype(q, k, v, beta, log_decay, initial_state)
-    qf = q.astype(sd) * jnp.asarray(scale, sd)
+    # the unpacked chunked form with one log-decay per head or none scales q group by group
+    # (no whole-sequence pass); a traced scale is applied here (its gradient then flows
+    # through the product)
+    in_groups = (impl == "chunked" and cu_seqlens is None and (log_decay is None or log_decay.ndim == 3)
+                 and isinstance(scale, float))
+    qf = q.astype(sd) if in_groups else q.astype(sd) * jnp.asarray(scale, sd)
     kf, vf, bf = k.astype(sd), v.astype(sd), beta.astype(sd)
     g = None if log_decay is None else log_decay.astype(sd)
     if impl == "chunked" and (g is None or g.ndim == 3) and _impl.platform() == "cpu":
@@ -219,7 +223,7 @@ def delta_rule(
     if impl == "recurrent":
         o, S = _recurrent(qf, kf, vf, bf, g, S0)
     else:
-        o, S = _chunked(qf, kf, vf, bf, g, S0, chunk_size)
+        o, S = _chunked(qf, kf, vf, bf, g, S0, chunk_size, scale=scale if in_groups else None)
     return o.astype(q.dtype), (S if output_final_state else None)
 
 
@@ -255,42 +259,45 @@ def _recurrent(q, k, v, beta, g, S0):
 # --------------------------------------------------------------------------- chunked
 
 
-def _chunked(q, k, v, beta, g, S0, chunk_size, group=None, remat=True):
+def _chunked(q, k, v, beta, g, S0, chunk_size, group=None, remat=True, scale=None):
     """WY / UT chunked form (module docstring): :func:`tttla_jax.ops.chunk.delta_chunked` with
     groups of ``group`` (default ``_GROUP_CHUNKS``) chunks. With one log-decay per head or
-    none, a call that is not differentiated runs the token-major forward
-    (:func:`tttla_jax.ops.chunk.delta_chunked_tokens`, :func:`_chunked_token_major`)."""
+    none it runs token-major, forward and backward (:func:`_chunked_token_major`); ``scale``
+    (a Python float) then multiplies each group's queries (``q`` unscaled), else ``q`` comes
+    scaled. A per-channel log-decay takes the group layout (``scale`` must be ``None``)."""
     group = group or _GROUP_CHUNKS
     if g is None or g.ndim == 3:
-        return _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, remat)
+        return _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, scale)
+    assert scale is None, "the group-layout form takes scaled queries"
     return chunk.delta_chunked(q, k, v, beta, g, S0, chunk_size, group=group, remat=remat)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8))
-def _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, remat):
-    """The chunked form whose *forward* is token-major (no whole-sequence layout copies:
-    :func:`tttla_jax.ops.chunk.delta_chunked_tokens`) and whose derivatives, forward and
-    reverse mode, are those of :func:`tttla_jax.ops.chunk.delta_chunked` (its JVP, which
-    reverse mode linearises and transposes): differentiated calls compute exactly what they
-    did before; inference and prefill get the faster forward (docs/implementations.md)."""
-    return chunk.delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size, group)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, scale):
+    """The chunked form on token-major inputs, forward and backward (no whole-sequence
+    layout copies: docs/implementations.md, "The chunked forms on a CPU host"). Forward:
+    :func:`tttla_jax.ops.chunk.delta_chunked_tokens`, keeping the state before every group
+    when differentiated; backward: :func:`tttla_jax.ops.chunk.delta_chunked_tokens_bwd`, the
+    groups in reverse, each recomputed from its stored start state and differentiated, the
+    gradients written in place. Results and gradients are those of
+    :func:`tttla_jax.ops.chunk.delta_chunked` (same chunks, groups and group step). A
+    ``custom_vjp``: reverse mode only (``jax.jvp`` through the chunked form raises; the
+    recurrent form supports it)."""
+    return chunk.delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size, group, scale=scale)
 
 
-def _chunked_token_major_jvp(chunk_size, group, remat, primals, tangents):
-    # jvp of delta_chunked in the arguments whose tangent is not a symbolic zero (so a grad
-    # w.r.t. a few inputs prunes the others exactly as a direct call would)
-    live = [p is not None and not isinstance(t, SymbolicZero) for p, t in zip(primals, tangents)]
-
-    def f(*dyn):
-        it = iter(dyn)
-        full = [next(it) if l else p for p, l in zip(primals, live)]
-        return chunk.delta_chunked(*full, chunk_size, group=group, remat=remat)
-
-    return jax.jvp(f, tuple(p for p, l in zip(primals, live) if l),
-                   tuple(t for t, l in zip(tangents, live) if l))
+def _chunked_token_major_fwd(q, k, v, beta, g, S0, chunk_size, group, scale):
+    o, S, S_groups = chunk.delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size, group, scale=scale,
+                                                keep_states=True)
+    return (o, S), (q, k, v, beta, g, S_groups)
 
 
-_chunked_token_major.defjvp(_chunked_token_major_jvp, symbolic_zeros=True)
+def _chunked_token_major_bwd(chunk_size, group, scale, res, cts):
+    do, dS = cts
+    return chunk.delta_chunked_tokens_bwd(*res, do, dS, chunk_size, group, scale=scale)
+
+
+_chunked_token_major.defvjp(_chunked_token_major_fwd, _chunked_token_major_bwd)
 
 
 # --------------------------------------------------------------------------- packed sequences
