@@ -467,7 +467,7 @@ def test_recall_size_variants_and_preset_heads(capsys):
         return out[0]
     ref = state("delta_net")
     assert ref == 64 * 64 + 3 * 3 * 64  # its D x D state and the conv taps of q, k, v
-    for name in ("lact+recall-dh8", "ttt_linear+recall-h4"):
+    for name in ("lact+recall-dh8", "ttt_linear+recall-h4", "ttt_linear+recall-mb1"):
         assert abs(state(name) - ref) <= 0.015 * ref, (name, state(name), ref)
 
     with pytest.raises(SystemExit):
