@@ -124,3 +124,65 @@ def test_token_major_scan_equals_group_layout():
     got = jax.jit(jax.grad(loss(lambda *a: dr._chunked_token_major(*a, C, 3, None)), argnums=range(6)))(*args)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+
+
+SHARD_MAP_SCRIPT = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+from jax.sharding import PartitionSpec as P
+import tttla_jax as tt
+mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+B, T, H, K, V = 2, 21, 2, 4, 3
+r = np.random.default_rng(0)
+kk = r.normal(size=(B, T, H, K)); kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+g = -r.uniform(0, 0.4, (B, T, H)); g[0, 7, 1] = -np.inf
+args = tuple(jnp.asarray(a) for a in (r.normal(size=(B, T, H, K)), kk, r.normal(size=(B, T, H, V)),
+                                      r.uniform(0.1, 1, (B, T, H)), g, r.normal(size=(2 * B, H, K, V))))
+
+def op(impl, q, k, v, beta, g, h0):
+    return tt.delta_rule(q, k, v, beta, log_decay=g, initial_state=h0, output_final_state=True, chunk_size=4, impl=impl)
+
+def scalar(o, S):
+    return jnp.sum(jnp.sin(o)) + jnp.sum(S * S)
+
+errs = {}
+# (name, in_specs of q, k, v, beta, g and of h0 (None: no initial state))
+for name, xs, hs in (("sharded", P("x"), P("x")), ("h0_varies", P(), P("x")), ("h0_shared", P("x"), P()),
+                     ("no_h0", P("x"), None)):
+    def body(q, k, v, beta, g, h0):
+        o, S = op("chunked", q, k, v, beta, g, None if hs is None else h0)
+        return (o[None] if xs == P() else o), S
+    sm = jax.shard_map(body, mesh=mesh, in_specs=(xs,) * 5 + (P() if hs is None else hs,), out_specs=(P("x"), P("x")))
+    a = args[:5] + ({"sharded": args[5][:B], "h0_varies": args[5]}.get(name, args[5][:1]),)
+    got = jax.jit(jax.value_and_grad(lambda *a: scalar(*sm(*a)), argnums=range(6)))(*a)
+
+    def ref(q, k, v, beta, g, h0):
+        if xs == P():  # every device runs the whole batch from its own states
+            return sum(scalar(*op("recurrent", q, k, v, beta, g, h0[i * B:(i + 1) * B])) for i in range(2))
+        h = None if hs is None else jnp.broadcast_to(h0, (B,) + h0.shape[1:])
+        return scalar(*op("recurrent", q, k, v, beta, g, h))
+    want = jax.jit(jax.value_and_grad(ref, argnums=range(6)))(*a)
+    errs[name] = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+print("RESULT" + json.dumps(errs))
+'''
+
+
+@pytest.mark.slow
+def test_token_major_under_shard_map():
+    """Under ``shard_map`` (2 devices, check_vma) the custom VJP returns every cotangent in its
+    input's type: sequences sharded with their states; replicated sequences with per-device
+    states (their cotangents summed over the devices); sharded sequences with one shared
+    initial state, and with none (the state's cotangent summed). Float64, against the token
+    scan at 1e-10."""
+    import json
+    import subprocess
+    import sys
+
+    from _devices import REPO, device_env
+    p = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], cwd=REPO, env=device_env(2),
+                       capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-4000:]
+    errs = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    assert set(errs) == {"sharded", "h0_varies", "h0_shared", "no_h0"}, errs
+    assert max(errs.values()) <= 1e-10, errs

@@ -694,9 +694,9 @@ def delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size: int, group=None, *, s
         S_next, on = step(S, *(None if x is None else lax.dynamic_slice_in_dim(x, t0, L, axis=1) for x in xs))
         return (S_next, lax.dynamic_update_slice_in_dim(o, on.astype(o.dtype), t0, axis=1)), (S if keep_states else None)
 
-    # zeros_like: varies like v (and the state) under shard_map
-    o0 = jnp.zeros(xs[2].shape[:3] + S0.shape[-1:], S0.dtype) + _varying_zero(xs[2], S0, *xs[:2])
-    (S_final, o), S_groups = lax.scan(body, (S0, o0), jnp.arange(NG))
+    # under shard_map the carries vary over every mesh axis any input varies over
+    vz = _varying_zero(*xs, S0)
+    (S_final, o), S_groups = lax.scan(body, (S0 + vz, jnp.zeros_like(xs[2]) + vz), jnp.arange(NG))
     return (o[:, :T], S_final) + ((S_groups,) if keep_states else ())
 
 
@@ -719,7 +719,7 @@ def delta_chunked_tokens_bwd(q, k, v, beta, g, S_groups, do, dS, chunk_size: int
     xs = tuple(None if x is None else pad_time(x, Tp) for x in (q, k, v, beta, g))
     dop = pad_time(do, Tp)
     step = _token_group_step(C, G, unroll, scale)
-    vz = _varying_zero(*xs, S_groups, dop, dS)
+    vz = _varying_zero(*xs, S_groups, dop, dS)  # the state's cotangent varies like the state
 
     def sl(x, t0):
         return None if x is None else lax.dynamic_slice_in_dim(x, t0, L, axis=1)
@@ -735,7 +735,8 @@ def delta_chunked_tokens_bwd(q, k, v, beta, g, S_groups, do, dS, chunk_size: int
         return (dS_prev + vz, bufs), None
 
     # every element is overwritten (the groups tile [0, Tp)); distinct fill values keep XLA
-    # from sharing one buffer among the gradients and copying it for each
-    bufs = tuple(None if x is None else jnp.full_like(x, i + 1.0) + vz for i, x in enumerate(xs))
+    # from sharing one buffer among the gradients and copying it for each. Each buffer has
+    # its input's type under shard_map, as the cotangents jax.vjp gives for the slices
+    bufs = tuple(None if x is None else jnp.full_like(x, i + 1.0) for i, x in enumerate(xs))
     (dS0, bufs), _ = lax.scan(body, (dS + vz, bufs), (jnp.arange(NG), S_groups), reverse=True)
     return tuple(None if b is None else b[:, :T] for b in bufs) + (dS0,)

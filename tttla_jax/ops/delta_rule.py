@@ -289,12 +289,24 @@ def _chunked_token_major(q, k, v, beta, g, S0, chunk_size, group, scale):
 def _chunked_token_major_fwd(q, k, v, beta, g, S0, chunk_size, group, scale):
     o, S, S_groups = chunk.delta_chunked_tokens(q, k, v, beta, g, S0, chunk_size, group, scale=scale,
                                                 keep_states=True)
-    return (o, S), (q, k, v, beta, g, S_groups)
+    return (o, S), (q, k, v, beta, g, S_groups, S0)
 
 
 def _chunked_token_major_bwd(chunk_size, group, scale, res, cts):
     do, dS = cts
-    return chunk.delta_chunked_tokens_bwd(*res, do, dS, chunk_size, group, scale=scale)
+    grads = chunk.delta_chunked_tokens_bwd(*res[:6], do, dS, chunk_size, group, scale=scale)
+    # under shard_map the state is carried varying over every mesh axis any input varies
+    # over; an initial state that does not (e.g. zeros) gets the sum of the per-device
+    # cotangents (the transpose of that broadcast), in its own type. The inputs' cotangents
+    # already have their inputs' types (the group step's vjp transposes their broadcasts).
+    return grads[:5] + (_sum_over_extra_axes(grads[5], res[6]),)
+
+
+def _sum_over_extra_axes(d, x):
+    from tttla_jax.parallel.context import _vma  # deferred: parallel sits above ops
+
+    extra = tuple(sorted(_vma(d) - _vma(x)))
+    return lax.psum(d, extra) if extra else d
 
 
 _chunked_token_major.defvjp(_chunked_token_major_fwd, _chunked_token_major_bwd)
