@@ -47,6 +47,11 @@ both against the float64 loop :func:`tttla_jax.reference.delta.delta_rule_loop`)
   processed in groups of ``_GROUP_CHUNKS`` = 4 (an outer ``lax.scan`` carrying S, its body
   rematerialised for the backward pass). The chunk step is
   :func:`tttla_jax.ops.chunk.delta_chunk_group` (the reference of the kernels' backward tests).
+  With one log-decay per head or none (not packed) the groups are sliced from the
+  token-major inputs and written back in place, forward and backward, by a hand-written
+  reverse mode that stores the state before every group and recomputes each group
+  (:func:`_chunked_token_major`; docs/implementations.md): reverse mode only, ``jax.jvp``
+  through it raises.
 * ``pallas`` — the Pallas kernels :func:`tttla_jax.kernels.delta_rule` (forward and backward).
 
 ``impl="auto"`` resolves with :func:`tttla_jax.impl.resolve` over ``pallas`` (only on
@@ -160,7 +165,9 @@ def delta_rule(
       impl: ``"auto"`` | ``"pallas"`` (the Pallas forward and backward kernels of
         :mod:`tttla_jax.kernels`; interpret mode on a CPU host) | ``"chunked"`` | ``"recurrent"``
         (docs/implementations.md). ``"auto"``: the kernel on GPU/TPU where it supports the
-        shape, else chunked.
+        shape, else chunked. Forward-mode autodiff (``jax.jvp``) needs ``"recurrent"`` unless
+        the log-decay is per channel or ``cu_seqlens`` is given: the chunked form has a
+        hand-written reverse mode.
       cu_seqlens: optional ``[N + 1]`` int offsets of N packed sequences in a batch of one
         (``B = 1``; :mod:`tttla_jax.ops.varlen`): every sequence runs as if alone — its own
         initial state, no state crossing a boundary (an empty sequence's final state is its
