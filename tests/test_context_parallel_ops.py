@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(r"""
     CU = [0, 0, 5, 5, 30, 36, 36, 45]
     T, H, K, V, C = 45, 2, 3, 4, 4
 
-    def inputs(op, B, packed, dtype, seed):
+    def inputs(op, B, packed, dtype, seed, scale=False, decay=True):
         shapes = {"q": (B, T, H, K), "k": (B, T, H, K), "v": (B, T, H, V), "log_decay": (B, T, H)}
         if op == "delta":
             shapes["beta"] = (B, T, H)
@@ -68,6 +68,10 @@ SCRIPT = textwrap.dedent(r"""
         x["initial_state"] = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(N, H, K, V)), dtype)
         if packed:
             x["cu_seqlens"] = jnp.asarray(CU, jnp.int32)
+        if not decay:  # no log-decay (the chunked form's path without decay terms)
+            del x["log_decay"]
+        if scale:  # a traced query scale, differentiated (its gradient summed over the devices)
+            x["scale"] = jnp.asarray(0.37, dtype)
         return x
 
     def forms(op, mesh, batch_axes, by_hand):
@@ -75,15 +79,16 @@ SCRIPT = textwrap.dedent(r"""
         sharded = tp.sharded_delta_rule if op == "delta" else tp.sharded_linear_attention
         inside = tp.delta_rule if op == "delta" else tp.linear_attention
 
-        def ref(q, k, v, log_decay, initial_state, beta=None, cu_seqlens=None):
+        def ref(q, k, v, initial_state, log_decay=None, beta=None, cu_seqlens=None, scale=None):
             gates = (beta,) if op == "delta" else ()
-            return single(q, k, v, *gates, log_decay=log_decay, initial_state=initial_state,
+            return single(q, k, v, *gates, log_decay=log_decay, initial_state=initial_state, scale=scale,
                           output_final_state=True, chunk_size=C, cu_seqlens=cu_seqlens)
 
-        def cp(q, k, v, log_decay, initial_state, beta=None, cu_seqlens=None):
+        def cp(q, k, v, initial_state, log_decay=None, beta=None, cu_seqlens=None, scale=None):
             gates = (beta,) if op == "delta" else ()
             return sharded(q, k, v, *gates, log_decay, mesh=mesh, batch_axes=batch_axes, chunk_size=C,
-                           initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens)
+                           initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens,
+                           scale=scale)
 
         def hand(q, k, v, log_decay, initial_state, beta=None, cu_seqlens=None):
             # the in-shard_map function called by hand (T padded by the caller: 45 -> 48)
@@ -113,8 +118,18 @@ SCRIPT = textwrap.dedent(r"""
     dr_mod = importlib.import_module("tttla_jax.ops.delta_rule")
     default_blocks = (cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK)
     default_group = dr_mod._GROUP_CHUNKS
+    # trace-time counter: the unpacked linear attention takes the chunk-states-first form
+    used = {"la": 0}
+    la_form = cp_ops._la_states_first
+
+    def counted(*a, **kw):
+        used["la"] += 1
+        return la_form(*a, **kw)
+
+    cp_ops._la_states_first = counted
     results = []
     for case in json.loads(sys.argv[1]):
+        used["la"] = 0
         op, P, packed, dtype = case["op"], case["P"], case["packed"], case["dtype"]
         # "blocks": the token-block loops of the state passes (forward-only widened passes, the
         # delta rule's state-only passes, state-sized contractions) on blocks of 4 tokens
@@ -130,9 +145,10 @@ SCRIPT = textwrap.dedent(r"""
         types = (jax.sharding.AxisType.Auto if case.get("auto") else jax.sharding.AxisType.Explicit,) * 2
         mesh = jax.make_mesh((data, P), ("data", "seq"), devices=jax.devices()[:data * P], axis_types=types)
         B = 1 if packed else 2 * data
-        x = inputs(op, B, packed, jnp.dtype(dtype), seed=P + 10 * packed)
+        x = inputs(op, B, packed, jnp.dtype(dtype), seed=P + 10 * packed, scale=case.get("scale", False),
+                   decay=case.get("decay", True))
         rep = check_equivalence(forms(op, mesh, "data" if data > 1 else None, case.get("by_hand", False)), x)
-        results.append({"case": case, "ok": rep.ok, "report": str(rep)})
+        results.append({"case": case, "ok": rep.ok, "report": str(rep), "la_form": used["la"]})
     print("RESULTS" + json.dumps(results))
 """)
 
@@ -153,13 +169,17 @@ def _run(cases):
     results = json.loads(line[len("RESULTS"):])
     bad = [f"{r['case']}\n{r['report']}" for r in results if not r["ok"]]
     assert not bad, "\n\n".join(bad)
+    # not vacuous: the unpacked linear attention ran the chunk-states-first form
+    missed = [r["case"] for r in results if r["case"]["op"] == "linear" and not r["case"]["packed"] and not r["la_form"]]
+    assert not missed, missed
     assert len(results) == len(cases)
 
 
 DEFAULT_CASES = [
     {"op": "delta", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
     {"op": "delta", "P": 4, "packed": False, "dtype": "float64", "blocks": True},
-    {"op": "linear", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True},
+    {"op": "linear", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True, "scale": True,
+     "blocks": True},
 ]
 
 
@@ -186,6 +206,8 @@ def test_sharded_ops_match_single_device_sweep():
     cases += [{"op": op, "P": 4, "packed": packed, "dtype": "float64", "by_hand": True}
               for op in ("linear", "delta") for packed in (False, True)]
     cases += [{"op": op, "P": 2, "packed": False, "dtype": "float64", "data": 2} for op in ("linear", "delta")]
+    cases += [{"op": "linear", "P": P, "packed": False, "dtype": "float64", "scale": True, "decay": decay}
+              for P in (2, 8) for decay in (True, False)]
     cases += [{"op": op, "P": P, "packed": packed, "dtype": "float64", "blocks": True}
               for op in ("linear", "delta") for P in (2, 8) for packed in (False, True)]
     cases += [{"op": "delta", "P": P, "packed": False, "dtype": "float64", "widened": False, "blocks": blocks}

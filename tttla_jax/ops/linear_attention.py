@@ -473,12 +473,14 @@ def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit):
     return (o, S), (q, k, v, g, S_prev)
 
 
-def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = False):
+def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = False, offset=None):
     """Chunks in reverse, each through the step of :func:`_chunk_scan_bwd`; the gradients
     are written back to ``[B, Tp, H, d]`` in place (after the whole-sequence layout of
     :func:`_bulk_layout`: :func:`_chunk_scan_bwd` on it). ``scale_grad`` (chunk-by-chunk
     form only): also return ``Σ q ⊙ ∂/∂(scale·q)``, the gradient w.r.t. ``scale`` (a scalar of
-    ``q``'s sharding type), accumulated chunk by chunk."""
+    ``q``'s sharding type), accumulated chunk by chunk. ``offset = (Φ [N, B, H], S_in)``
+    (chunk-by-chunk form only): the state before chunk ``n`` is ``S_prev[n] + Φ_n S_in``,
+    formed chunk by chunk (no second stack of states)."""
     do, dS = cts
     if len(res) == 6:  # the whole-sequence layout of _bulk_layout
         Tp = res[0].shape[0] * C
@@ -497,7 +499,9 @@ def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = Fal
 
     def step(carry, xs):
         dS, dq, dk, dv, dg, dsc = carry
-        n, S = xs
+        n, S, phi = xs
+        if phi is not None:
+            S = S + phi[..., None, None] * offset[1]
         t0 = n * C
         qn = _token_chunk(q, t0, C)
         x = (qn * jnp.asarray(scale, qn.dtype), _token_chunk(k, t0, C), _token_chunk(v, t0, C),
@@ -515,7 +519,8 @@ def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = Fal
     dsc0 = jnp.zeros_like(q[0, 0, 0, 0], S_prev.dtype) if scale_grad else None
     (dS0, dq, dk, dv, dg, dsc), _ = lax.scan(
         step, (dS, buf(q, 1.0), buf(k, 2.0), buf(v, 3.0), buf(g, 4.0), dsc0),
-        (jnp.arange(Tp // C), S_prev), reverse=True, unroll=_scan_unroll(Tp // C))
+        (jnp.arange(Tp // C), S_prev, None if offset is None else offset[0]), reverse=True,
+        unroll=_scan_unroll(Tp // C))
     return (dq, dk, dv, dg, dS0, dsc) if scale_grad else (dq, dk, dv, dg, dS0)
 
 

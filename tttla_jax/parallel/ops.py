@@ -483,12 +483,15 @@ def _la_states_first(local_cot, axis_name, C):
       ``(Q Kᵀ ⊙ D) V + (γ Q) S_n`` from them. The two scans together are the chunked form's
       products, split (intra-chunk work in the second, state updates in the first);
     * backward: the cotangent of ``c`` through the slice (``local_cot``, a state-sized
-      contraction), the reverse combine, then the chunked form's hand-written backward on the
-      stored states ``S_n`` with the final-state cotangent plus the one from the devices after.
+      contraction), the reverse combine, then the chunked form's hand-written backward with
+      the final-state cotangent plus the one from the devices after, each step forming its
+      state ``S⁰_n + Φ_n c`` from the stored ``S⁰_n`` (``_chunk_tokens_bwd(..., offset=)``: no
+      second stack of states, no pass over the stack).
 
     Both scans, like the chunked form's, take each chunk straight from the ``[B, L, H, d]``
     inputs and write outputs (and, backward, gradients) in place: no copy of the slice in a
-    chunk layout is made or kept; the residuals are the state stack and the inputs.
+    chunk layout is made or kept; the residuals are the state stack ``S⁰_n``, ``Φ``, ``c`` and
+    the inputs.
     """
     from tttla_jax.ops import chunk as ck
     from tttla_jax.ops.linear_attention import (_chunk_fwd_step, _chunk_tokens_bwd, _put_chunk,
@@ -534,21 +537,16 @@ def _la_states_first(local_cot, axis_name, C):
     def bwd(res, cts):
         (A, Sb, Phi, S_in), xs, lay = res
 
-        def state(n, S):  # S_n = S⁰_n + Φ_n c, chunk by chunk in place (one state stack alive)
-            upd = lax.dynamic_index_in_dim(S, n, 0, False) + lax.dynamic_index_in_dim(Phi, n, 0, False)[
-                ..., None, None] * S_in
-            return lax.dynamic_update_index_in_dim(S, upd, n, 0)
-
-        Ss = lax.fori_loop(0, Sb.shape[0], state, Sb)
         q_, _, _, g_, s_ = xs
         dO, dSF = cts
         L = q_.shape[1]
         P, p = _check_axis(axis_name)
         dE = _carry_back(A, local_cot(xs, None, dO, dSF, lay), axis_name, p, P, False)
         qp, kp, vp, gp = padded(xs)
-        dq, dk, dv, dg, dS0, dsl = _chunk_tokens_bwd(s_, C, True, True, (qp, kp, vp, gp, Ss),
+        # the states S_n = S⁰_n + Φ_n c formed chunk by chunk inside the backward's step
+        dq, dk, dv, dg, dS0, dsl = _chunk_tokens_bwd(s_, C, True, True, (qp, kp, vp, gp, Sb),
                                                      (ck.pad_time(dO, qp.shape[1]), lay.inject(dSF, dE)),
-                                                     scale_grad=True)
+                                                     scale_grad=True, offset=(Phi, S_in))
         # the scale's cotangent: this slice's Σ q ⊙ ∂/∂(scale·q), summed over the devices as
         # the transpose of the scale's broadcast to the slice does
         ds = jax.vjp(lambda s: s * jnp.ones_like(dsl), s_)[1](dsl)[0]
