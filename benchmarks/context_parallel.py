@@ -18,7 +18,12 @@ backward (the gradient of the sum of the outputs w.r.t. q, k, v, log-decay and �
 * **combine share** (T = ``--combine-T``, P = 8, and each ``--combine-extra T:P``; interleaved
   rounds): the full sharded step vs the
   same shard_map running only the local op on each slice (``local``: no state passing, the
-  compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans).
+  compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans). For
+  linear attention also against the single-device op forced token-major
+  (``local_token_major``, like for like: on a slice of at most 8 MiB the op alone otherwise
+  takes its whole-slice layout when differentiated). Each call's CPU time of the process (the 8
+  devices' total work) is recorded too (``cpu_times``): under a loaded machine it moves far less
+  than wall time.
 
 Layers (``--ops lact_v2 lact_v2_pipelined``): the LaCT layer at ladder step V2 (width
 ``H·D``, SwiGLU fast weights, momentum, Muon; chunk ``--lact-chunk``, the reference's 2048)
@@ -43,6 +48,7 @@ _FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_
 os.environ["XLA_FLAGS"] = " ".join(_FLAGS + ["--xla_force_host_platform_device_count=8"])
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -260,6 +266,17 @@ def inputs_for(op, T, H, D, P, mesh, seed=0):
     return x
 
 
+def cpu_timed(fn, acc):
+    """``fn`` recording the process's CPU time of every call in ``acc`` (the host devices'
+    total work, less sensitive to other processes on the machine than wall time)."""
+    def g(*args):
+        c0 = time.process_time()
+        out = jax.block_until_ready(fn(*args))
+        acc.append(time.process_time() - c0)
+        return out
+    return g
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536, 131072, 262144])
@@ -336,14 +353,26 @@ def main():
                     fns["full_transform"] = jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))).lower(x).compile()
                 finally:
                     cp_ops._LA_STATES_FIRST = True
+            if op == "linear_attention":
+                # like for like: the single-device op forced token-major (chunk by chunk, as the
+                # sharded form runs) — on a slice of at most _BULK_LAYOUT_BYTES it otherwise lays the
+                # whole slice out at once when differentiated (traced and compiled with the limit 0)
+                la_mod = importlib.import_module("tttla_jax.ops.linear_attention")
+                bulk, la_mod._BULK_LAYOUT_BYTES = la_mod._BULK_LAYOUT_BYTES, 0
+                try:
+                    fns["local_token_major"] = jax.jit(jax.grad(local_loss_fn(op, C, mesh, H, D))).lower(x).compile()
+                finally:
+                    la_mod._BULK_LAYOUT_BYTES = bulk
             if op == "lact_v2_packed":  # the pipelined form in the same interleaved rounds
                 fns["full_pipelined"] = jax.jit(jax.grad(loss_fn("lact_v2_packed_pipelined", P, C, mesh, H, D)))
             if a.delta_breakdown and op == "delta_rule":
                 fns.update(delta_breakdown_fns(x, P, C, mesh, H, D))
-            r = interleaved(fns, x, rounds=a.rounds)
+            cpu = {k: [] for k in fns}  # CPU time of the process per call (all 8 devices' work; the first call dropped)
+            r = interleaved({k: cpu_timed(f, cpu[k]) for k, f in fns.items()}, x, rounds=a.rounds)
             full, floor = r["full"]["median"], r["local"]["median"]
             rec = {"op": op, "T": T, "P": P, "times": {k: v["median"] for k, v in r.items()},
                    "best": {k: v["best"] for k, v in r.items()},
+                   "cpu_times": {k: float(np.median(v[1:])) for k, v in cpu.items()},
                    "combine_share": (full - floor) / full, "loadavg": list(os.getloadavg())}
             if "full_state_passes" in r:
                 ft = r["full_state_passes"]["median"]
@@ -351,9 +380,17 @@ def main():
             if "full_transform" in r:
                 ft = r["full_transform"]["median"]
                 rec["combine_share_transform"] = (ft - floor) / ft
+            if "local_token_major" in r:
+                tm = r["local_token_major"]["median"]
+                rec["combine_share_token_major"] = (full - tm) / full
+                ct = rec["cpu_times"]
+                rec["combine_share_token_major_cpu"] = (ct["full"] - ct["local_token_major"]) / ct["full"]
             combine.append(rec)
             print(f"{op:17s} T={T} P={P} combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
                   + f"; combine {100 * rec['combine_share']:.1f} % of the step"
+                  + (f" (against the token-major op alone: {100 * rec['combine_share_token_major']:.1f} %, "
+                     f"CPU time {100 * rec['combine_share_token_major_cpu']:.1f} %)"
+                     if "combine_share_token_major" in rec else "")
                   + (f" (separate transform: {100 * rec['combine_share_transform']:.1f} %)"
                      if "combine_share_transform" in rec else "")
                   + (f" (state-only passes: {100 * rec['combine_share_state_passes']:.1f} %)"
