@@ -28,7 +28,10 @@ every chunked computation needs, once:
   factorised per sub-chunk around a reference point so no exponent is positive);
 * **the delta-rule chunk step** (WY / UT form) — :func:`delta_chunk_group` (a group of
   chunks, optionally resetting to per-sequence initial states) and the whole chunked form
-  :func:`delta_chunked`, which is also the XLA path that differentiates the delta-rule kernel.
+  :func:`delta_chunked`, which is also the XLA path that differentiates the delta-rule kernel;
+  the same form on token-major inputs with its hand-written reverse mode,
+  :func:`delta_chunked_tokens` / :func:`delta_chunked_tokens_bwd` (no whole-sequence layout
+  copies).
 """
 from __future__ import annotations
 
