@@ -125,7 +125,7 @@ def register_preset(name: str, mixer: str, options: Optional[dict] = None, *, nu
 #: Fig. 2 axis): name -> (mixer, options changed from ``"<mixer>+recall"``, num_heads).
 #: LaCT: a smaller SwiGLU hidden dim ``dh = inter_multi · 64`` at width 64 (``-dh8`` has
 #: DeltaNet's state, 4 704 floats/layer); TTT-Linear: more, smaller heads (``-h4``: 4 604)
-#: or a mini-batch of 1, which has no write buffer (``-mb1``: 4 736).
+#: or a mini-batch of 1, which has no write buffer (``-mb1``, with a larger inner lr: 4 736).
 #: Measured in docs/recipes.md ("Recall against state size").
 RECALL_SIZE_VARIANTS: dict = {
     "lact+recall-dh8": ("lact", {"inter_multi": 0.125}, 1),
@@ -133,7 +133,7 @@ RECALL_SIZE_VARIANTS: dict = {
     "lact+recall-dh32": ("lact", {"inter_multi": 0.5}, 1),
     "ttt_linear+recall-h2": ("ttt_linear", {}, 2),
     "ttt_linear+recall-h4": ("ttt_linear", {}, 4),
-    "ttt_linear+recall-mb1": ("ttt_linear", {"mini_batch_size": 1}, 1),
+    "ttt_linear+recall-mb1": ("ttt_linear", {"mini_batch_size": 1, "base_lr": 8.0}, 1),
 }
 
 
