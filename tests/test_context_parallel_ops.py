@@ -230,8 +230,7 @@ def _qkv(B=1, T=8, H=2, K=3, V=4):
 
 @pytest.mark.slow
 def test_one_device_mesh_equals_the_op():
-    """A one-device mesh (P = 1) equals the op (the default suite keeps a one-device mesh in
-    test_traced_scale_and_jit)."""
+    """A one-device mesh (P = 1) equals the op (also test_traced_scale_and_jit)."""
     q, k, v = _qkv()
     beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
     o, S = tp.sharded_delta_rule(q, k, v, beta, mesh=_mesh(), output_final_state=True, chunk_size=4)
@@ -279,6 +278,7 @@ def test_inside_errors():
                       out_specs=jax.sharding.PartitionSpec(None, "seq"))(q, k, v)
 
 
+@pytest.mark.slow  # offsets the traced scale of the default multi-device case, which covers it on 4 devices
 def test_traced_scale_and_jit():
     """A scale computed under jit reaches every device as an operand (and is differentiable)."""
     q, k, v = _qkv()
