@@ -582,7 +582,7 @@ FULL = SweepConfig(mixers=tuple(MIXER_PRESETS), settings=SETTINGS, widths=(64, 1
 #: Plain attention's long budget (docs/recipes.md, "Plain attention needs a long budget"): the
 #: induction head forms only after the learning rate has stayed near its peak for thousands of
 #: steps, so a 15 000-step cosine that the early stop at 0.99 ends well before its end; the
-#: same data, model and optimiser as the default sweep. The issue's four attention cells.
+#: same data, model and optimiser as the default sweep. Settings (64, 4) and (128, 8) at widths 64 and 128.
 ATTENTION_LONG = dataclasses.replace(DEFAULT, mixers=("attention",), settings=((64, 4), (128, 8)),
                                      widths=(64, 128), lrs=(3e-3,), preset_lrs=(), steps=15_000,
                                      eval_every=250)
