@@ -579,7 +579,7 @@ TINY = SweepConfig(mixers=("attention", "linear_attention"), settings=((16, 2),)
 FULL = SweepConfig(mixers=tuple(MIXER_PRESETS), settings=SETTINGS, widths=(64, 128, 256, 512),
                    lrs=ZOOLOGY_LRS, steps=12_500, batch_size=512, train_examples=100_000,
                    test_examples=3_000, eval_every=200)
-#: Plain attention's long budget (docs/recipes.md, "Plain attention needs a long budget"): the
+#: Plain attention's long budget (docs/recipes.md, "Attention: the induction-head plateau, and the conv as its recipe"): the
 #: induction head forms only after the learning rate has stayed near its peak for thousands of
 #: steps, so a 15 000-step cosine that the early stop at 0.99 ends well before its end; the
 #: same data, model and optimiser as the default sweep. Settings (64, 4) and (128, 8) at widths 64 and 128.
