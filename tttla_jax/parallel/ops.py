@@ -728,11 +728,12 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
     NG = ck.num_chunks(n, G)
     blk, Lp = G * C, NG * G * C  # tokens per group, the slice padded to whole groups
 
+    group_step = ck._token_group_step(C, G, unroll)  # the chunked form's group step on token slices
+
     def block(S, q_, k_, v_, b_, g_, s_):
-        # one group of the chunked form on [B, blk, H, ·] token slices: (S after it, o [B, blk, H, ·])
-        xg = tuple(None if x is None else ck.group_layout(x, C, G)[0] for x in (q_ * s_, k_, v_, b_, g_))
-        S_next, o = ck._chunks_first_group(*xg, S, unroll=unroll)
-        return S_next, ck.from_group_layout(o[None], blk)
+        # one group on [B, blk, H, ·] token slices: (S after it, o [B, blk, H, ·]); the scale is
+        # an argument here (differentiated by the backward's vjp)
+        return group_step(S, q_ * s_, k_, v_, b_, g_)
 
     def pad(x):
         return None if x is None else ck.pad_time(x, Lp)
