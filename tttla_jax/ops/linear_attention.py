@@ -297,8 +297,12 @@ def linear_attention(
     g = jnp.zeros_like(qf[..., 0]) if log_decay is None else log_decay.astype(sd)
     if impl == "chunked" and log_decay is None:
         g = None  # the chunked form's no-decay path: no decay terms, no log-decay gradient
-    if impl == "chunked" and g is None and masking != "chunk" and _impl.platform() == "cpu":
-        chunk_size = min(chunk_size, _CPU_TILE)  # a tiling choice only (see _CPU_TILE)
+    fwd_tile = None
+    if impl == "chunked" and masking != "chunk" and _impl.platform() == "cpu":
+        if g is None:
+            chunk_size = min(chunk_size, _CPU_TILE)  # a tiling choice only (see _CPU_TILE)
+        else:
+            fwd_tile = _CPU_TILE  # a per-head log-decay: the forward-only call's tile (_CPU_TILE)
     if cu_seqlens is not None:
         N = cu_seqlens.shape[0] - 1
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
@@ -308,7 +312,7 @@ def linear_attention(
         return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     if in_chunks:
-        o, S = _chunked(qf, kf, vf, g, S0, masking, chunk_size, scale)
+        o, S = _chunked(qf, kf, vf, g, S0, masking, chunk_size, scale, fwd_tile)
         return o.astype(q.dtype), (S if output_final_state else None)
     form = {"recurrent": _recurrent, "associative": _associative,
             "chunked": _chunked_channel if per_channel(g) else _chunked}[impl]
@@ -389,7 +393,7 @@ def _associative(q, k, v, g, S0, masking, chunk_size):
 # --------------------------------------------------------------------------- chunked
 
 
-def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0):
+def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0, fwd_tile=None):
     """Chunk-parallel form: masked matmuls inside chunks, a scan over chunks carrying the state.
 
     The scan runs over chunks with all (B, H) pairs of one chunk batched in each step:
@@ -400,17 +404,20 @@ def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0):
     The backward pass is hand-written: it keeps only the state before each chunk and
     recomputes the intra-chunk products. ``g=None`` (no decay): the same scan without any
     decay term (a causal mask instead of ``D``, no exponentials, no log-decay gradient).
-    ``scale`` (a Python float) multiplies each chunk's queries.
+    ``scale`` (a Python float) multiplies each chunk's queries. ``fwd_tile``
+    (``masking="causal"`` / ``"none"`` only): the tile of a call that is not differentiated,
+    used where it divides the chunk (:func:`_chunk_tokens`).
     """
     T = q.shape[1]
     C = min(chunk_size, T) if masking != "chunk" else chunk_size
     Tp = num_chunks(T, C) * C
     q, k, v = (pad_time(x, Tp) for x in (q, k, v))
     g = None if g is None else pad_time(g, Tp)
+    ft = fwd_tile if masking != "chunk" and fwd_tile and fwd_tile < C and C % fwd_tile == 0 else None
     if masking == "none":
-        _, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, False, False)
+        _, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, False, False, ft)
         return jnp.einsum("bthk,bhkv->bthv", q[:, :T] * scale, S_final), S_final
-    o, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, masking == "causal", True)
+    o, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, masking == "causal", True, ft)
     return o[:, :T], S_final
 
 
@@ -420,6 +427,13 @@ def _token_chunk(x, t0, C, scale=None):
         return None
     x = jnp.swapaxes(lax.dynamic_slice_in_dim(x, t0, C, axis=1), 1, 2)
     return x if scale is None else x * jnp.asarray(scale, x.dtype)
+
+
+def _token_chunk_kmajor(x, t0, C):
+    """Tokens ``[t0, t0 + C)`` of ``x [B, Tp, H, K]`` as one chunk ``[B, H, K, C]`` (keys with
+    the token axis last: ``Q Kᵀ`` and ``Kᵀ V`` are then plain matmuls, no transposed operand;
+    see :func:`_chunk_fwd_step`)."""
+    return jnp.transpose(lax.dynamic_slice_in_dim(x, t0, C, axis=1), (0, 2, 3, 1))
 
 
 def _put_chunk(y, yn, t0):
@@ -435,8 +449,9 @@ def _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, keep_states):
     def step(carry, n):
         S, o = carry
         t0 = n * C
-        x = (_token_chunk(q, t0, C, scale), _token_chunk(k, t0, C), _token_chunk(v, t0, C), _token_chunk(g, t0, C))
-        S_next, on = _chunk_fwd_step(S, x, intra, emit)
+        x = (_token_chunk(q, t0, C, scale), _token_chunk_kmajor(k, t0, C), _token_chunk(v, t0, C),
+             _token_chunk(g, t0, C))
+        S_next, on = _chunk_fwd_step(S, x, intra, emit, k_major=True)
         if emit:
             o = _put_chunk(o, on, t0)
         return (S_next, o), (S if keep_states else None)
@@ -446,12 +461,14 @@ def _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, keep_states):
     return o, S, S_prev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _chunk_tokens(q, k, v, g, S0, scale, C, intra, emit):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _chunk_tokens(q, k, v, g, S0, scale, C, intra, emit, fwd_tile=None):
     """The chunk scan over token-major inputs ``[B, Tp, H, d]`` (``Tp`` a multiple of ``C``;
     see :func:`_chunked`). Returns ``(o [B, Tp, H, V] or None, S_final)``. Same step and
-    backward formulas as :func:`_chunk_scan`."""
-    o, S, _ = _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, False)
+    backward formulas as :func:`_chunk_scan`. ``fwd_tile`` (a divisor of ``C``, only where
+    the chunk size is a tiling choice): the tile of a call that is not differentiated (this
+    primal); the differentiated call (:func:`_chunk_tokens_fwd`) keeps ``C``."""
+    o, S, _ = _tokens_forward(q, k, v, g, S0, scale, fwd_tile or C, intra, emit, False)
     return o, S
 
 
@@ -464,7 +481,7 @@ def _bulk_layout(q, g) -> bool:
     return g is not None and q.size * q.dtype.itemsize <= _BULK_LAYOUT_BYTES
 
 
-def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit):
+def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit, fwd_tile=None):
     if _bulk_layout(q, g):
         xs = (scan_layout(q * jnp.asarray(scale, q.dtype), C),) + tuple(scan_layout(x, C) for x in (k, v, g))
         (o, S), res = _chunk_scan_fwd(*xs, S0, None, None, intra, emit)
@@ -524,11 +541,19 @@ def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = Fal
     return (dq, dk, dv, dg, dS0, dsc) if scale_grad else (dq, dk, dv, dg, dS0)
 
 
-_chunk_tokens.defvjp(_chunk_tokens_fwd, _chunk_tokens_bwd)
+_chunk_tokens.defvjp(_chunk_tokens_fwd,
+                     lambda scale, C, intra, emit, fwd_tile, res, cts: _chunk_tokens_bwd(scale, C, intra, emit, res, cts))
 
 
-def _chunk_fwd_step(S, x, intra, emit):
-    qn, kn, vn, gn = x  # [B, H, C, K], [B, H, C, K], [B, H, C, V], [B, H, C] (or None: no decay)
+def _chunk_fwd_step(S, x, intra, emit, k_major=False):
+    """One chunk of the forward: ``(S_next, o or None)``. ``x = (q, k, v, g)`` as
+    ``[B, H, C, K]``, ``[B, H, C, K]``, ``[B, H, C, V]``, ``[B, H, C]`` (``g`` None: no decay);
+    ``k_major``: the keys come as ``[B, H, K, C]`` (:func:`_token_chunk_kmajor`), so that
+    ``Q Kᵀ`` and ``Kᵀ V`` are plain batched matmuls (XLA:CPU hands those to its fused matmul
+    library; with a transposed operand the state increment was a separate, slower dot)."""
+    if k_major:
+        return _chunk_fwd_step_kmajor(S, x, intra, emit)
+    qn, kn, vn, gn = x
     if gn is None:
         o = None
         if emit:
@@ -547,6 +572,28 @@ def _chunk_fwd_step(S, x, intra, emit):
         else:  # block causal: O = Q S
             o = jnp.einsum("bhik,bhkv->bhiv", qn, S)
     S_next = Gam[..., None, None] * S + jnp.einsum("bhck,bhcv->bhkv", kn * lam[..., None], vn)
+    return S_next, o
+
+
+def _chunk_fwd_step_kmajor(S, x, intra, emit):
+    """:func:`_chunk_fwd_step` with keys ``kt [B, H, K, C]``: the same formulas, every
+    product a plain batched matmul."""
+    qn, kt, vn, gn = x
+    if gn is None:
+        o = None
+        if emit:
+            o = jnp.matmul(qn, S)
+            if intra:  # causal: O = tril(Q Kᵀ) V + Q S
+                o = jnp.matmul(jnp.where(lower_mask(qn.shape[-2]), jnp.matmul(qn, kt), 0.0), vn) + o
+        return S + jnp.matmul(kt, vn), o
+    D, gamma, lam, Gam = decay_terms(gn)
+    o = None
+    if emit:
+        if intra:  # causal: O = (Q Kᵀ ⊙ D) V + (γ ⊙ Q) S
+            o = jnp.matmul(jnp.matmul(qn, kt) * D, vn) + jnp.matmul(qn * gamma[..., None], S)
+        else:  # block causal: O = Q S
+            o = jnp.matmul(qn, S)
+    S_next = Gam[..., None, None] * S + jnp.matmul(kt * lam[..., None, :], vn)
     return S_next, o
 
 
