@@ -19,12 +19,14 @@ tokens (hard resets) inside a spanning document, one on a device's first token.
 All multi-device cases run in one subprocess with ``--xla_force_host_platform_device_count=8``
 (compilation dominates). The default suite runs P = 4 on packed documents for both ops (the
 delta rule's state passes on token blocks of 4), the unpacked delta rule (its transform folded
-into the local pass, over two groups of chunks, the last one padded) and an unpacked linear
+into the local pass; groups of one chunk, so its states are stored for two blocks of two groups,
+the last group of the last block all padding) and an unpacked linear
 attention on a (data=2, seq=4) mesh with a traced query scale among the differentiated inputs
 (its chunk-states-first form, which the script checks was taken); the sweep over P = 2, 4, 8,
 packed and not, float32, the in-``shard_map`` call written by hand, batch axes for both ops,
-linear attention without a log-decay, the token-block loops and the delta rule's state-only
-passes on unpacked slices (``_DELTA_WIDENED`` off) is ``slow``.
+linear attention without a log-decay, the token-block loops, the delta rule's state-only
+passes on unpacked slices (``_DELTA_WIDENED`` off) and its widened pass storing a state every
+1, 2 or 3 groups is ``slow``.
 """
 import json
 import os
@@ -119,6 +121,7 @@ SCRIPT = textwrap.dedent(r"""
     dr_mod = importlib.import_module("tttla_jax.ops.delta_rule")
     default_blocks = (cp_ops._BLOCK_TOKENS, cp_ops._CONTRACT_BLOCK, cp_ops._CONTRACT_MIN_BLOCK)
     default_group = dr_mod._GROUP_CHUNKS
+    default_state_groups = cp_ops._DELTA_STATE_GROUPS
     # trace-time counter: the unpacked linear attention takes the chunk-states-first form
     used = {"la": 0}
     la_form = cp_ops._la_states_first
@@ -140,7 +143,11 @@ SCRIPT = textwrap.dedent(r"""
         # "blocks" also runs the chunked form (single device and the delta rule's widened
         # pass) in groups of 2 chunks, so the widened pass loops over several groups, the last
         # one padded; "widened": False the delta rule's state-only transform and cotangent passes
-        dr_mod._GROUP_CHUNKS = 2 if case.get("blocks") else default_group
+        dr_mod._GROUP_CHUNKS = case.get("group", 2 if case.get("blocks") else default_group)
+        # "state_groups": groups per stored state of the delta rule's widened pass (default 2:
+        # the slice's groups are stored and recomputed in blocks of two, the last block padded
+        # when the number of groups is odd)
+        cp_ops._DELTA_STATE_GROUPS = case.get("state_groups", default_state_groups)
         cp_ops._DELTA_WIDENED = case.get("widened", True)
         data = case.get("data", 1)
         types = (jax.sharding.AxisType.Auto if case.get("auto") else jax.sharding.AxisType.Explicit,) * 2
@@ -178,7 +185,7 @@ def _run(cases):
 
 DEFAULT_CASES = [
     {"op": "delta", "P": 4, "packed": True, "dtype": "float64", "blocks": True},
-    {"op": "delta", "P": 4, "packed": False, "dtype": "float64", "blocks": True},
+    {"op": "delta", "P": 4, "packed": False, "dtype": "float64", "blocks": True, "group": 1},
     {"op": "linear", "P": 4, "packed": False, "dtype": "float64", "data": 2, "auto": True, "scale": True},
 ]
 
@@ -212,6 +219,10 @@ def test_sharded_ops_match_single_device_sweep():
               for op in ("linear", "delta") for P in (2, 8) for packed in (False, True)]
     cases += [{"op": "delta", "P": P, "packed": False, "dtype": "float64", "widened": False, "blocks": blocks}
               for P, blocks in ((2, False), (8, True))]
+    # the widened pass's stored states: one per group, or per block of 2 / 3 groups (P = 2: 6
+    # chunks in groups of 2 -> 3 groups: blocks of 2 with a padded last one, of 3 exactly)
+    cases += [{"op": "delta", "P": P, "packed": False, "dtype": "float64", "blocks": True, "state_groups": r}
+              for P, r in ((2, 1), (2, 3), (2, 2), (4, 1))]
     _run(cases)
 
 

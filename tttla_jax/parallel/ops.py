@@ -226,6 +226,10 @@ _LA_STATES_FIRST = True
 # chunked local form: the transform folded into the local pass (_delta_widened_first); False:
 # the state-only transform pass and the reverse cotangent pass (_delta_state_pass, _delta_cot_pass)
 _DELTA_WIDENED = True
+# groups of chunks per stored state in _delta_widened_first: the forward keeps the widened state
+# [S⁰ | Φ] before every block of this many groups and the backward recomputes a block at a time
+# (2: half the stored states of the single-device op's one per group; same products)
+_DELTA_STATE_GROUPS = 2
 
 
 def _contract_tokens(a, b, w=None):
@@ -725,15 +729,23 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
     G = min(dmod._GROUP_CHUNKS, n)
     unroll = G <= ck._UNROLL_MAX and n >= ck._UNROLL_MIN_CHUNKS
 
-    NG = ck.num_chunks(n, G)
-    blk, Lp = G * C, NG * G * C  # tokens per group, the slice padded to whole groups
+    # the state is stored before every block of R groups (the backward recomputes a block)
+    R = min(_DELTA_STATE_GROUPS, ck.num_chunks(n, G))
+    NG = ck.num_chunks(n, G * R)  # blocks
+    gl = G * C
+    blk, Lp = R * gl, NG * R * gl  # tokens per block, the slice padded to whole blocks
 
     group_step = ck._token_group_step(C, G, unroll)  # the chunked form's group step on token slices
 
     def block(S, q_, k_, v_, b_, g_, s_):
-        # one group on [B, blk, H, ·] token slices: (S after it, o [B, blk, H, ·]); the scale is
+        # R groups on [B, blk, H, ·] token slices: (S after them, o [B, blk, H, ·]); the scale is
         # an argument here (differentiated by the backward's vjp)
-        return group_step(S, q_ * s_, k_, v_, b_, g_)
+        os_ = []
+        for r in range(R):
+            part = lambda x: None if x is None else x[:, r * gl:(r + 1) * gl]  # noqa: E731
+            S, o = group_step(S, part(q_) * s_, part(k_), part(v_), part(b_), part(g_))
+            os_.append(o)
+        return S, os_[0] if R == 1 else jnp.concatenate(os_, axis=1)
 
     def pad(x):
         return None if x is None else ck.pad_time(x, Lp)
@@ -756,21 +768,31 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
         phi0 = jnp.where(_bcast(lay.span, 4), eye, 0.0) + _varying_zero(q_)
         qp, kp, vp, bp, gp = (pad(x) for x in (q_, k_, v_, b_, g_))
 
-        def body(i, carry):  # group i: the widened state [S⁰ | Φ] at its start stored, outputs written in place
-            S, o0, qphi, Sw = carry
+        def stack(x):  # zeros [NG, *x.shape] with x's sharding type (a loop carry)
+            return jnp.zeros((NG,) + x.shape, x.dtype) + x[None] * 0.0
+
+        def body(i, carry):  # block i: its start state stored as S⁰ and Φ apart, outputs written in place
+            S, o0, qphi, S0s, Phis = carry
             S_next, ow = block(S, sl(qp, i), sl(kp, i), _widen(sl(vp, i), Kw), sl(bp, i), sl(gp, i), s_)
             return (S_next, put(o0, ow[..., :V], i), put(qphi, ow[..., V:], i),
-                    lax.dynamic_update_index_in_dim(Sw, S, i, 0))
+                    lax.dynamic_update_index_in_dim(S0s, S[..., :V], i, 0),
+                    lax.dynamic_update_index_in_dim(Phis, S[..., V:], i, 0))
 
         S0w = jnp.concatenate([h0m, phi0], -1)
-        Sw0 = jnp.zeros((NG,) + S0w.shape, S0w.dtype) + S0w[None] * 0.0
-        SFw, o0, qphi, Sw = lax.fori_loop(0, NG, body, (S0w, buffer(v_, V), buffer(k_, Kw), Sw0))
+        SFw, o0, qphi, S0s, Phis = lax.fori_loop(
+            0, NG, body, (S0w, buffer(v_, V), buffer(k_, Kw), stack(h0m), stack(phi0)))
         A, B0 = SFw[..., V:], SFw[..., :V]
         if not combine:
-            return (o0[:, :L], B0), (A, qphi, Sw)
+            return (o0[:, :L], B0), (A, qphi, S0s)
         c = _carry_in(A, B0, axis_name, p, True)
         o = (o0 + jnp.einsum("blhk,bhkv->blhv", qphi, c))[:, :L]
-        Sg = Sw[..., :V] + jnp.matmul(Sw[..., V:], c)                   # [NG, B, H, K, V] true group starts
+
+        def true_start(i, Sg):  # S_g = S⁰_g + Φ_g c, in place of the S⁰ stack (no third stack)
+            Si = lax.dynamic_index_in_dim(Sg, i, 0, keepdims=False)
+            Phi = lax.dynamic_index_in_dim(Phis, i, 0, keepdims=False)
+            return lax.dynamic_update_index_in_dim(Sg, Si + jnp.matmul(Phi, c), i, 0)
+
+        Sg = lax.fori_loop(0, NG, true_start, S0s)                      # [NG, B, H, K, V] true group starts
         return (o, B0 + jnp.matmul(A, c)), (A, qphi, Sg)
 
     def bwd(res, cts):
@@ -786,7 +808,7 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
         q_, k_, v_, b_, g_, s_ = xs
         qp, kp, vp, bp, gp, dOp = (pad(x) for x in (q_, k_, v_, b_, g_, dO))
 
-        def body(r, carry):  # groups from the last: recompute, differentiate, write the input cotangents
+        def body(r, carry):  # blocks from the last: recompute, differentiate, write the input cotangents
             i = NG - 1 - r
             dS, dbufs, ds = carry
             S = lax.dynamic_index_in_dim(Sg, i, 0, keepdims=False)
@@ -796,6 +818,10 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
 
         dbufs = tuple(None if x is None else buffer(x, x.shape[-1]) if x.ndim == 4 else buffer(x[..., None], 1)[..., 0]
                       for x in (q_, k_, v_, b_, g_))
+        if combine:
+            # q̃Φ is dead once dcl is formed and has dq's shape [B, Lp, H, K]: it is dq's buffer
+            # (every block is overwritten), so XLA can write dq in place of it, not in a new one
+            dbufs = (qphi,) + dbufs[1:]
         dS0, dbufs, ds = lax.fori_loop(0, NG, body, (lay.inject(dSF, dE), dbufs, jnp.zeros_like(s_)))
         dxs = tuple(None if d is None else d[:, :L] for d in dbufs) + (ds,)
         return dxs, lay.leave(dS0), None
