@@ -32,7 +32,7 @@ its own call in its own process; the table reports medians and the ratio
 ratios. The load average (``uptime``) is recorded with every row: on a shared machine the
 numbers are only as good as the load they were measured under.
 
-    python benchmarks/peers.py [--lact PATH] [--ttt PATH] [--fla PATH]
+    python benchmarks/peers.py [--lact PATH] [--ttt PATH] [--fla PATH [--fla-ops la gdn]]
                                [--torch-python /tmp/torchenv/bin/python] [--rounds 7]
                                [--out benchmarks/results/peers.json]
 """
@@ -451,6 +451,8 @@ def bench_fla(a, rows, workdir):
             lambda q, k, v, g, beta: tt.delta_rule(q, k, v, beta, log_decay=g, scale=scale, impl="chunked",
                                                    chunk_size=C)[0]))
     for label, kind, path, names, fn in ops:
+        if {"fla_la": "la", "fla_gdn": "gdn"}[kind] not in a.fla_ops:
+            continue
         peer = TorchPeer(a.torch_python, dict(kind=kind, file=path, chunk=C, scale=scale),
                          {n: dict(q=q, k=k, v=v, g=g, beta=beta)[n] for n in names}, a.torch_threads, workdir)
         argv = tuple(J[n] for n in names)
@@ -521,6 +523,8 @@ def main(argv=None):
     p.add_argument("--fla-T", type=int, default=2048)
     p.add_argument("--fla-H", type=int, default=4)
     p.add_argument("--fla-D", type=int, default=64)
+    p.add_argument("--fla-ops", nargs="+", default=["la", "gdn"], choices=["la", "gdn"],
+                   help="which fla ops to compare: la (linear attention), gdn (gated delta rule)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "peers.json"))
     p.add_argument("--no-tune-malloc", action="store_true")
     a = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """On a CPU host the chunked forms run chunks of at most 32 tokens where the chunk size is
-only a tiling choice (linear attention without decay, causal or bidirectional; the delta
-rule with a per-head or no log-decay): ``chunk_size=64`` then runs 32-token tiles. Those
+only a tiling choice (linear attention without decay, causal or bidirectional, and with a
+per-head log-decay in a call that is not differentiated; the delta rule with a per-head or
+no log-decay): ``chunk_size=64`` then runs 32-token tiles. Those
 tiles equal the token scan — outputs, final states and every gradient (float64, the
 harness' 1e-10) — with at least 16 tiles, so the unrolled chunk scans run, and with a
 ``-inf`` log-decay for the delta rule. (Packed sequences run the same chunk scans with

@@ -100,7 +100,10 @@ _UNROLL_MIN_CHUNKS = 16
 # 25.8 -> 25.4 / 75.5 -> 78.6 ms), CPU time at normal priority 25.7 -> 24.1 / 77.6 -> 70.2 ms.
 # With a log-decay the runs disagreed (forward+backward 52.8 -> 53.2, 74.5 -> 90.1 and
 # 76.0 -> 80.0 ms wall at real-time priority, 94.4 -> 85.7 ms CPU at normal priority), so
-# decayed calls keep chunk_size; 16-token tiles were slower forward+backward (62 ms).
+# differentiated decayed calls keep chunk_size; 16-token tiles were slower forward+backward
+# (62 ms). A decayed call that is not differentiated (the custom VJP's primal) runs these
+# tiles too: forward, chunk_size 64 as 64 vs 32-token tiles, interleaved, load 2.3-2.4,
+# 29.1 -> 25.1 ms at T=2048 and 113.9 -> 107.3 ms at T=8192 (16-token tiles: 26.9 / 115.0).
 _CPU_TILE = 32
 # The differentiated chunked form with a log-decay lays the whole sequence out at once while
 # one [B, T, H, K] tensor is at most this many bytes (see _bulk_layout): B=4, T=2048, H=4,
@@ -240,7 +243,8 @@ def linear_attention(
       chunk_size: chunk length for ``impl="chunked"`` and for ``masking="chunk"``; a Python,
         NumPy or concrete JAX integer. With ``masking="causal"`` / ``"none"`` it is a tiling
         choice only (the results do not depend on it beyond rounding); the chunked form on a
-        CPU host then runs tiles of at most 32 tokens without a log-decay (faster there).
+        CPU host then runs tiles of at most 32 tokens without a log-decay, and with a per-head
+        log-decay in a call that is not differentiated (faster there).
       impl: ``"auto"`` | ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"associative"``
         (docs/implementations.md). ``"auto"`` takes the first of these that can run: the
         kernel only on GPU/TPU for shapes it supports, else the chunked XLA form.

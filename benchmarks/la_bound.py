@@ -1,0 +1,213 @@
+"""Benchmark: how fast can the chunked linear-attention forward be on XLA:CPU here?
+
+Times ONLY the products the chunked forward must do — per tile of C tokens and per (B, H)
+pair ``Q Kᵀ`` (C×K·K×C), ``(Q Kᵀ) V`` (C×C·C×V), ``Q S`` (C×K·K×V) and the state increment
+``Kᵀ V`` (K×C·C×V) — on inputs already laid out per tile (``[N, B, H, C, d]``, keys as
+``[N, B, H, K, C]``: every product a plain batched matmul, the layout the forward's step uses),
+nothing else: no causal mask, no slicing from ``[B, T, H, d]``, no transposes. Two ways:
+
+* ``batched``: each product as one batched dot over all ``N·B·H`` tiles at once (no loop, no
+  dependency between tiles; ``Q S`` reads one stand-in state per tile, the work is the same);
+* ``scan``: the recurrence itself — a ``lax.scan`` over the N tiles whose step does the four
+  products batched over the (B, H) pairs, plus the two adds the data flow needs
+  (``o = (Q Kᵀ) V + Q S``, ``S ← S + Kᵀ V``) and the stacking of the outputs (unroll 4, as
+  the chunked form).
+
+and prints, next to them: the FLOPs, their rate, the rate of one large 2-D matmul measured in
+the same run (``--matmul-n``³, before and after), the forward of ``tt.linear_attention``
+(``impl="chunked"``, ``chunk_size=64``, no decay: it runs 32-token tiles on a CPU host) and, with
+``--fla``, flash-linear-attention's PyTorch ``naive_chunk_linear_attn`` (in a worker of
+``--torch-python``, as ``benchmarks/peers.py``). The faster of the two product timings is the
+implied best-possible forward on XLA:CPU in this layout; ``peer / 3`` is what 3× the peer needs.
+All timings are interleaved (every form once per round), medians of ``--rounds``.
+
+    python benchmarks/la_bound.py [--fla PATH] [--rounds 11] [--tile 32] [--T 2048]
+                                  [--out benchmarks/results/la_bound.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import describe, machine, setup  # noqa: E402
+
+import tttla_jax as tt  # noqa: E402
+
+
+def product_flops(B, T, H, K, V, C):
+    """FLOPs of the four products over ``ceil(T / C)`` tiles of C tokens (multiply-add = 2)."""
+    N = -(-T // C)
+    return B * H * N * (2 * C * C * K + 2 * C * C * V + 4 * C * K * V)
+
+
+def forms(B, T, H, K, V, C, scale):
+    """The timed callables (jitted) and their inputs."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
+    N = T // C
+    tiles = lambda x: jnp.transpose(x.reshape(B, N, C, H, -1), (1, 0, 3, 2, 4))  # noqa: E731  [N, B, H, C, d]
+    Qc, Vc = jax.block_until_ready(tiles(q) * scale), jax.block_until_ready(tiles(v))
+    Kt = jax.block_until_ready(jnp.swapaxes(tiles(k), -1, -2))  # [N, B, H, K, C]
+    S_all = jnp.asarray(rng.normal(size=(N, B, H, K, V)), jnp.float32)  # stand-in states, one per tile
+    A_all = jnp.asarray(rng.normal(size=(N, B, H, C, C)), jnp.float32)  # stand-in C×C scores, one per tile
+
+    mm = jnp.matmul
+
+    def batched(Qc, Kt, Vc, S_all, A_all):
+        return mm(Qc, Kt), mm(mm(Qc, Kt), Vc), mm(Qc, S_all), mm(Kt, Vc)
+
+    def batched_each(which):
+        return {"qk": lambda Qc, Kt, Vc, S_all, A_all: mm(Qc, Kt),
+                "av": lambda Qc, Kt, Vc, S_all, A_all: mm(A_all, Vc),
+                "qs": lambda Qc, Kt, Vc, S_all, A_all: mm(Qc, S_all),
+                "kv": lambda Qc, Kt, Vc, S_all, A_all: mm(Kt, Vc)}[which]
+
+    def scan(Qc, Kt, Vc, S_all, A_all):
+        def step(S, x):
+            qn, ktn, vn = x
+            o = mm(mm(qn, ktn), vn) + mm(qn, S)
+            return S + mm(ktn, vn), o
+
+        S, o = lax.scan(step, jnp.zeros((B, H, K, V), jnp.float32), (Qc, Kt, Vc), unroll=4)
+        return o, S
+
+    def ours(q, k, v):
+        return tt.linear_attention(q, k, v, scale=scale, impl="chunked", chunk_size=64)[0]
+
+    tile_args = (Qc, Kt, Vc, S_all, A_all)
+    fns = {"products, scan": (jax.jit(scan), tile_args),
+           "products, batched (4 dots)": (jax.jit(batched), tile_args)}
+    for w in ("qk", "av", "qs", "kv"):
+        fns[f"  batched {w}"] = (jax.jit(batched_each(w)), tile_args)
+    fns["tt.linear_attention fwd"] = (jax.jit(ours), (q, k, v))
+    return fns, dict(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
+
+
+def matmul_rate(n, repeats=5):
+    a = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def timed(fn, args):
+    def run():
+        c0, t0 = time.process_time(), time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        return time.perf_counter() - t0, time.process_time() - c0
+    return run
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--tile", type=int, default=32, help="tokens per tile of the products [32: what the forward runs]")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument("--fla", help="checkout of flash-linear-attention: also time its naive_chunk_linear_attn")
+    p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", "/tmp/torchenv/bin/python"))
+    p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "la_bound.json"))
+    a = p.parse_args(argv)
+    start = setup()
+    B, T, H, K, V, C = a.B, a.T, a.H, a.D, a.D, a.tile
+    if T % C or T % 64:
+        p.error(f"--T: got {T}, expected a multiple of --tile ({C}) and of 64 (the peer's chunk)")
+    scale = K ** -0.5
+    fns, arrays = forms(B, T, H, K, V, C, scale)
+    runs = {n: timed(f, args) for n, (f, args) in fns.items()}
+    peer = None
+    workdir = tempfile.mkdtemp()
+    if a.fla:
+        from peers import TorchPeer  # the PyTorch worker of benchmarks/peers.py
+        path = os.path.join(a.fla, "fla", "ops", "linear_attn", "naive.py")
+        peer = TorchPeer(a.torch_python, dict(kind="fla_la", file=path, chunk=64, scale=scale), arrays,
+                         a.torch_threads, workdir)
+        runs["fla naive_chunk_linear_attn fwd (PyTorch)"] = lambda: (peer.call("fwd")(), float("nan"))
+    rate_before = matmul_rate(a.matmul_n)
+    for r in runs.values():  # compile / warm up
+        r()
+    wall = {n: [] for n in runs}
+    cpu = {n: [] for n in runs}
+    load0 = os.getloadavg()
+    for i in range(a.rounds):
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        for n in order:
+            w, c = runs[n]()
+            wall[n].append(w)
+            cpu[n].append(c)
+    load1 = os.getloadavg()
+    rate_after = matmul_rate(a.matmul_n)
+    if peer is not None:
+        peer.close()
+    rate = 0.5 * (rate_before + rate_after)
+
+    fl = product_flops(B, T, H, K, V, C)
+    fl_each = {"qk": B * H * (T // C) * 2 * C * C * K, "av": B * H * (T // C) * 2 * C * C * V,
+               "qs": B * H * (T // C) * 2 * C * K * V, "kv": B * H * (T // C) * 2 * C * K * V}
+    rows = []
+    for n in runs:
+        w = statistics.median(wall[n])
+        c = statistics.median(cpu[n]) if not np.isnan(cpu[n][0]) else None
+        f = next((fl_each[key] for key in fl_each if n.strip() == f"batched {key}"), fl)
+        rows.append(dict(name=n, wall_ms=1e3 * w, cpu_ms=None if c is None else 1e3 * c, flops=f,
+                         gflops=f / w / 1e9, frac_matmul=f / w / 1e9 / rate, wall_samples_ms=[1e3 * x for x in wall[n]]))
+    get = {r["name"]: r for r in rows}
+    best = min(get["products, scan"]["wall_ms"], get["products, batched (4 dots)"]["wall_ms"])
+    ideal_ms = fl / (rate * 1e9) * 1e3
+    print(f"B={B} T={T} H={H} K=V={K}, tiles of {C} tokens: {fl / 1e9:.3f} GFLOP of products "
+          f"(the 64-token chunks of forms.py count {product_flops(B, T, H, K, V, 64) / 1e9:.3f})")
+    print(f"2-D matmul {a.matmul_n}^3 float32: {rate_before:.1f} GFLOP/s before, {rate_after:.1f} after; "
+          f"load {load0[0]:.2f} -> {load1[0]:.2f}\n")
+    print("| what | wall ms | CPU ms | GFLOP/s | % of 2-D matmul |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        cpu_s = "—" if r["cpu_ms"] is None else f"{r['cpu_ms']:.2f}"
+        print(f"| {r['name']} | {r['wall_ms']:.2f} | {cpu_s} | {r['gflops']:.1f} | {100 * r['frac_matmul']:.1f} |")
+    summary = dict(product_gflop=fl / 1e9, matmul_gflops=rate, ideal_ms_at_matmul_rate=ideal_ms,
+                   best_products_ms=best, ours_fwd_ms=get["tt.linear_attention fwd"]["wall_ms"],
+                   ours_over_products=get["tt.linear_attention fwd"]["wall_ms"] / best)
+    print(f"\nproducts alone at the 2-D matmul rate: {ideal_ms:.2f} ms; measured products alone (best of the two): "
+          f"{best:.2f} ms; our forward {summary['ours_fwd_ms']:.2f} ms ({summary['ours_over_products']:.2f}x the products)")
+    if peer is not None:
+        pm = get["fla naive_chunk_linear_attn fwd (PyTorch)"]["wall_ms"]
+        summary.update(peer_fwd_ms=pm, peer_over_3_ms=pm / 3, ours_speedup=pm / summary["ours_fwd_ms"],
+                       best_possible_speedup=pm / best, peer_min_ms=min(get["fla naive_chunk_linear_attn fwd (PyTorch)"]["wall_samples_ms"]),
+                       three_x_reachable_by_products=best <= pm / 3)
+        print(f"peer {pm:.2f} ms (fastest round {summary['peer_min_ms']:.2f} ms): 3x the peer needs <= {pm / 3:.2f} ms; "
+              f"ours {summary['ours_speedup']:.2f}x; the products alone would give {summary['best_possible_speedup']:.2f}x "
+              f"({'reachable' if best <= pm / 3 else 'NOT reachable'} by the products alone)")
+    m = machine(start)
+    print(describe(m))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(dict(config=dict(B=B, T=T, H=H, K=K, V=V, tile=C, dtype="float32", rounds=a.rounds,
+                                   matmul_n=a.matmul_n, statistic="median of interleaved rounds"),
+                       machine=m, matmul_gflops_before=rate_before, matmul_gflops_after=rate_after,
+                       rows=rows, summary=summary), fh, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
