@@ -32,6 +32,9 @@ CASES = {
     "ttt_linear_qk_gate": (TTTLinear, dict(mini_batch_size=3, init_std=0.3, share_qk=True,
                                            conv_kernel=3, use_gate=True, base_lr=0.5)),
     "ttt_mlp": (TTTMLP, dict(mini_batch_size=3, init_std=0.3, mlp_expansion=2)),
+    # fast network without its bias (x + LN(x W)), with the recall recipe's conv taps
+    "ttt_linear_nobias": (TTTLinear, dict(mini_batch_size=3, init_std=0.3, fast_bias=False, short_conv=2)),
+    "ttt_mlp_nobias": (TTTMLP, dict(mini_batch_size=3, init_std=0.3, mlp_expansion=2, fast_bias=False)),
     "titans_linear": (TitansMemory, dict(chunk_size=2, batch_size=4, max_lr=0.5)),
     "titans_mlp": (TitansMemory, dict(chunk_size=2, batch_size=4, max_lr=0.5, memory="mlp",
                                       mlp_expansion=2, activation="silu")),
@@ -143,8 +146,11 @@ def run(case, view):
 # default suite: TTT-Linear (with the shared-QK conv and the gate) and Titans (linear
 # memory); plain TTT-Linear, TTT-MLP and the Titans MLP memory run in the slow sweep (the
 # MLP variants' views are also compared in float32 below), to keep compile time low
+# (the bias-free layers too: test_bias_free_* below check them against the float64 loop and
+# decode against the full forward in the default suite)
 DEFAULT = ["ttt_linear_qk_gate", "titans_linear"]
-ALL = DEFAULT + [pytest.param(c, marks=pytest.mark.slow) for c in ("ttt_linear", "ttt_mlp", "titans_mlp")]
+ALL = DEFAULT + [pytest.param(c, marks=pytest.mark.slow)
+                 for c in ("ttt_linear", "ttt_mlp", "titans_mlp", "ttt_linear_nobias", "ttt_mlp_nobias")]
 
 
 @pytest.mark.parametrize("case", ALL)
@@ -205,6 +211,91 @@ def test_ttt_linear_layer_is_projections_plus_rule_op():
 
     y, ref = on_jit(make("ttt_linear_qk_gate", "parallel"), check, inputs())
     assert_close(y, ref)
+
+
+@pytest.mark.parametrize("view", ["parallel", pytest.param("recurrent", marks=pytest.mark.slow)])
+def test_bias_free_ttt_linear_layer_equals_float64_loop(view):
+    """``fast_bias=False``, primal and dual form, from an empty cache == projections, RoPE,
+    the lr gate, the float64 per-token loop of ``x + LN(x W)`` (``ttt_linear_loop`` with
+    ``bias=False``), post LN, o_proj: outputs and gradients w.r.t. every parameter and x.
+    T = 5: a full mini-batch of 3 and a partial one. (The primal form is also compared with
+    the dual one in test_recurrent_and_parallel_agree_f64, with a non-empty cache.)"""
+    from tttla_jax.reference.ttt import ttt_linear_loop
+    m = make("ttt_linear_nobias", view, short_conv=0)
+    assert m.b1 is None and "b1" not in m.init_cache(1)
+    C, T = m.mini_batch_size, 5
+
+    def reference(m, x):
+        q, k, v = ((x @ p.kernel[...]).reshape(B, T, H, D) for p in (m.q_proj, m.k_proj, m.v_proj))
+        pos = jnp.broadcast_to(jnp.arange(T) % C, (B, T))
+        q, k = rope_interleaved(q, pos, base=m.rope_theta), rope_interleaved(k, pos, base=m.rope_theta)
+        lr = ttt_lr(x, m.ttt_lr_weight[...], m.ttt_lr_bias[...], base_lr=m.base_lr, head_dim=D)
+        o, (_, b_final) = ttt_linear_loop(
+            q, k, v, lr, W=m.W1[...], b=jnp.zeros((H, D), F64), ln_scale=m.ttt_norm_weight[...],
+            ln_bias=m.ttt_norm_bias[...], mini_batch_size=C, bias=False,
+            token_eta=default_token_eta(C, m.learnable_token_idx[...], dtype=F64))
+        o = o.reshape(B, T, H * D)
+        mu = o.mean(-1, keepdims=True)
+        var = ((o - mu) ** 2).mean(-1, keepdims=True)
+        o = (o - mu) / jnp.sqrt(var + 1e-6) * m.post_norm.scale[...] + m.post_norm.bias[...]
+        return o @ m.o_proj.kernel[...]
+
+    gd, params = nnx.split(m)
+    wts = jnp.cos(jnp.arange(B * T * W, dtype=F64)).reshape(B, T, W)
+    assert "b1" not in {str(p[-1]) for p, _ in nnx.to_flat_state(params)}
+
+    def grads(fn):
+        def loss(params, x):
+            y = fn(nnx.merge(gd, params), x)
+            return jnp.sum(y * wts), y
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)
+
+    (g, y), (g_ref, y_ref) = jit(lambda p, x: (grads(lambda mm, xx: mm(xx)[0])(p, x),
+                                              grads(reference)(p, x)))(params, inputs(t=T))
+    assert_close(y, y_ref)
+    assert_close(g, g_ref)
+    assert all(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(g))
+
+
+def test_bias_free_decode_equals_full_forward():
+    """``fast_bias=False`` at mini-batch 1 (no write buffer, the recall configuration), with
+    conv taps: prefill 5 tokens, decode 1 + 1 == one call on 7 tokens (outputs and final
+    cache, which has no bias). A partial mini-batch in the cache: the slow sweep's
+    test_pieces_equal_full_forward[ttt_linear_nobias]."""
+    ms = [make("ttt_linear_nobias", "parallel", mini_batch_size=1)]
+    graphs = [nnx.split(mm) for mm in ms]
+
+    @jit
+    def f(states, x):
+        out = []
+        for (gd, _), st in zip(graphs, states):
+            mm = nnx.merge(gd, st)
+            y_full, c_full = mm(x)
+            c, ys, start = mm.init_cache(B), [], 0
+            for stop in (*SPLIT, T):
+                yp, c = mm(x[:, start:stop], cache=c)
+                ys.append(yp)
+                start = stop
+            out.append((y_full, c_full, jnp.concatenate(ys, axis=1), c))
+        return out
+
+    for y_full, c_full, y_p, c_p in f([st for _, st in graphs], inputs()):
+        assert "b1" not in c_full
+        assert_close(y_p, y_full)
+        assert_close(c_p, c_full)
+
+
+def test_bias_free_state_is_deltanets():
+    """At width 64 with conv taps 4 and mini-batch 1 (no write buffer), a bias-free
+    TTT-Linear head carries DeltaNet's state: a 64 × 64 matrix and the q, k, v taps."""
+    floats = lambda c: sum(int(v.size) for v in c.values() if jnp.issubdtype(v.dtype, jnp.floating))
+    cache = lambda cls, **kw: jax.eval_shape(  # traced: no parameters are materialised
+        lambda: cls(width=64, num_heads=1, short_conv=4, rngs=nnx.Rngs(0), **kw).init_cache(1))
+    c_dn = cache(MIXERS["delta_net"])
+    c_nb = cache(TTTLinear, mini_batch_size=1, fast_bias=False)
+    c_b = cache(TTTLinear, mini_batch_size=1)
+    assert floats(c_nb) == floats(c_dn) == 64 * 64 + 3 * 3 * 64
+    assert floats(c_b) == floats(c_nb) + 64 and set(c_b) - set(c_nb) == {"b1"}
 
 
 def test_rope_interleaved_matches_reference_permutation():
@@ -295,6 +386,8 @@ def test_parameter_counts_by_hand():
     assert n(TTTLinear, mini_batch_size=C, share_qk=True, conv_kernel=K, use_gate=True) == (
         common - W * HD + 2 * (K * HD + HD) + W * HD + C + H * D * D + H * D)
     assert n(TTTMLP, mini_batch_size=C, mlp_expansion=2) == common + C + H * (2 * D * F + F + D)
+    assert n(TTTLinear, mini_batch_size=C, fast_bias=False) == common + C + H * D * D
+    assert n(TTTMLP, mini_batch_size=C, mlp_expansion=2, fast_bias=False) == common + C + H * 2 * D * F
     tit = 4 * W * HD + 3 * W * H + D
     assert n(TitansMemory, chunk_size=2, batch_size=4) == tit + H * D * D
     assert n(TitansMemory, chunk_size=2, batch_size=4, memory="mlp", mlp_expansion=2) == tit + 2 * H * D * F
@@ -379,3 +472,16 @@ def test_errors():
     bad["buf_q"] = bad["buf_q"][:, :2]
     with pytest.raises(ValueError, match=r"cache\['buf_q'\]"):
         m(jnp.zeros((2, 3, W)), cache=bad)
+    # fast_bias: a bool; a bias-free layer takes no bias in its cache and has no reference layout
+    with pytest.raises(ValueError, match=r"fast_bias: expected True .* or False .*, got 'no'"):
+        TTTLinear(width=W, num_heads=H, fast_bias="no", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"fast_bias: expected .* got 0"):
+        TTTMLP(width=W, num_heads=H, fast_bias=0, rngs=nnx.Rngs(0))
+    nb = TTTLinear(width=W, num_heads=H, mini_batch_size=4, fast_bias=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"cache: has fast-weight biases \['b1'\], but this layer has fast_bias=False"):
+        nb(jnp.zeros((2, 3, W)), cache=m.init_cache(2))
+    from tttla_jax.nn import export_reference_weights, load_reference_weights
+    with pytest.raises(ValueError, match=r"fast_bias: the reference layout has fast-weight biases"):
+        load_reference_weights(nb, export_reference_weights(m))
+    with pytest.raises(ValueError, match=r"fast_bias: the reference layout"):
+        export_reference_weights(nb)

@@ -241,6 +241,78 @@ def test_ablation_switches_match_reference(flags):
         close((o, tuple(s)), (o_r, tuple(s_r)), 1e-10, what=f"{flags} {form}")
 
 
+def _mlp_nobias_loop(q, k, v, lr, te, g, bt, W1, W2, C):
+    """Bias-free TTT-MLP, ``o = q + LN(gelu(q W1) W2)``, token by token in float64 (the
+    reference loop's MLP always has biases): per mini-batch, every token's inner gradient
+    at the mini-batch's initial weights (through the reference's GELU derivative); row i
+    reads with ``θ − token_eta[i] · Σ_{j≤i} lr[j] g_j`` (docs/rules/ttt.md)."""
+    Bn, T = q.shape[:2]
+
+    def f(Ws, x, act):
+        return jnp.einsum("bhf,bhfd->bhd", act(jnp.einsum("bhd,bhdf->bhf", x, Ws[0])), Ws[1])
+
+    def ln(z):
+        mu = z.mean(-1, keepdims=True)
+        return g * (z - mu) / jnp.sqrt(((z - mu) ** 2).mean(-1, keepdims=True) + 1e-6) + bt
+
+    Ws = (jnp.broadcast_to(W1, (Bn,) + W1.shape), jnp.broadcast_to(W2, (Bn,) + W2.shape))
+    outs = []
+    for s in range(0, T, C):
+        idx = list(range(s, min(s + C, T)))
+        grads = [jax.grad(lambda P, t=t: 0.5 * jnp.sum((ln(f(P, k[:, t], gelu_inner)) - (v[:, t] - k[:, t])) ** 2))(Ws)
+                 for t in idx]
+        acc = tuple(jnp.zeros_like(w) for w in Ws)
+        for i, t in enumerate(idx):
+            acc = tuple(a + lr[:, t][..., None, None] * gi for a, gi in zip(acc, grads[i]))
+            row = tuple(w - te[i] * a for w, a in zip(Ws, acc))
+            outs.append(q[:, t] + ln(f(row, q[:, t], gelu)))
+        Ws = row
+    return jnp.stack(outs, axis=1), Ws
+
+
+@pytest.mark.parametrize("family", ["linear", pytest.param("mlp", marks=pytest.mark.slow)])
+def test_bias_free_matches_float64_loop_with_gradients(family):
+    """``bias=False`` (fast networks ``x W`` / ``gelu(x W1) W2``, the layers' ``fast_bias=False``):
+    both forms equal a float64 per-token loop at 1e-10 in outputs, final fast weights and the
+    gradients w.r.t. every input; the (unused) bias leaves of the state come back unchanged."""
+    C, T, Bn = 3, 5, 2  # a full mini-batch and a partial one
+    cls = TTTMLPRule if family == "mlp" else TTTLinearRule
+    *xs, st = _example_inputs(cls(mini_batch_size=C), seed=7, B=Bn, T=T)
+    mats = learned(st)[0::2]  # (W,) or (W1, W2)
+    args = tuple(xs) + (mats,)
+
+    def rule_fn_nb(rule):
+        def fn(q, k, v, lr, te, g, bt, ws):
+            full = (ws[0], None) if family == "linear" else (ws[0], None, ws[1], None)
+            return rule.recurrent(q, k, v, lr, te, g, bt, rule.init_state(*full, Bn), output_final_state=True)
+        return fn
+
+    def ref(q, k, v, lr, te, g, bt, ws):  # the final state with its biases still zero
+        zeros = lambda *shape: jnp.zeros((Bn,) + shape, F64)
+        H, D = ws[0].shape[:2]
+        if family == "mlp":
+            o, (W1, W2) = _mlp_nobias_loop(q, k, v, lr, te, g, bt, *ws, C)
+            return o, (W1, zeros(H, ws[0].shape[2]), W2, zeros(H, D))
+        o, (Wf, _) = ttt_linear_loop(q, k, v, lr, W=ws[0], b=jnp.zeros((H, D), F64), ln_scale=g,
+                                     ln_bias=bt, token_eta=te, mini_batch_size=C, bias=False)
+        return o, (Wf, zeros(H, D))
+
+    o_r, s_r, g_r = outputs_state_grads(ref, args, jit=False)
+    for form in ("dual", "primal"):
+        o, s, g = outputs_state_grads(rule_fn_nb(cls(mini_batch_size=C, impl=form, bias=False)), args)
+        close(o, o_r, 1e-10, what=f"{form} output")
+        close(s, s_r, 1e-10, what=f"{form} final state")
+        for name, a, b in zip(ARGNAMES, g, g_r):
+            assert max(float(jnp.abs(x).max()) for x in leaves(b)) > 0, name
+            close(a, b, 1e-10, what=f"{form} grad[{name}]")
+    # and the bias matters: the reference rule (bias=True, from a zero bias) differs
+    W0 = mats[0]
+    zb = (W0, jnp.zeros(W0.shape[:2], F64)) if family == "linear" else (
+        W0, jnp.zeros(W0.shape[::2], F64), mats[1], jnp.zeros(W0.shape[:2], F64))
+    o_b, _ = rule_fn(cls(mini_batch_size=C))(*xs, zb)
+    assert float(jnp.max(jnp.abs(o_b - o_r))) > 1e-6
+
+
 def test_reduces_to_delta_rule():
     """docs/rules/ttt.md note: without LN, bias and residual, mini-batch 1, TTT-Linear *is* DeltaNet:
     ``S_t = S_{t−1} + β_t k_tᵀ (v_t − k_t S_{t−1})``, ``o_t = q_t S_t``, ``β_t = token_eta[0] lr_t``."""

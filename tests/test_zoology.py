@@ -469,6 +469,9 @@ def test_recall_size_variants_and_preset_heads(capsys):
     assert ref == 64 * 64 + 3 * 3 * 64  # its D x D state and the conv taps of q, k, v
     for name in ("lact+recall-dh8", "ttt_linear+recall-h4", "ttt_linear+recall-mb1"):
         assert abs(state(name) - ref) <= 0.015 * ref, (name, state(name), ref)
+    # without the fast bias b, TTT-Linear at mini-batch 1 holds exactly DeltaNet's state
+    assert state("ttt_linear+recall-mb1-nobias") == ref
+    assert state("ttt_linear+recall-mb1") == ref + 64  # the bias b [1, 64]
 
     with pytest.raises(SystemExit):
         zoology.parse(["--sweep", "tiny", "--preset", 'h=ttt_linear:{"num_heads": 0}'])

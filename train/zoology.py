@@ -134,6 +134,9 @@ RECALL_SIZE_VARIANTS: dict = {
     "ttt_linear+recall-h2": ("ttt_linear", {}, 2),
     "ttt_linear+recall-h4": ("ttt_linear", {}, 4),
     "ttt_linear+recall-mb1": ("ttt_linear", {"mini_batch_size": 1, "base_lr": 8.0}, 1),
+    # the same without the fast bias b (f(x) = x + LN(x W)): DeltaNet's 4 672 floats exactly
+    "ttt_linear+recall-mb1-nobias": ("ttt_linear", {"mini_batch_size": 1, "base_lr": 8.0,
+                                                    "fast_bias": False}, 1),
 }
 
 

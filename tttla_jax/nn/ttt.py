@@ -53,7 +53,7 @@ from tttla_jax.nn.mixers import (Mixer, _check_cache, check_layer_impl, register
 from tttla_jax.nn.recipes import RecipeMixin
 from tttla_jax.nn.weights import identity, jax_to_torch_linear, torch_linear_to_jax
 from tttla_jax.rules.ttt import (
-    TTTLinearRule, TTTLinearState, TTTMLPRule, TTTMLPState, default_token_eta, gelu_tanh, ttt_lr,
+    TTTLinearRule, TTTMLPRule, default_token_eta, gelu_tanh, ttt_lr,
 )
 
 __all__ = ["TTTLinear", "TTTMLP", "rope_interleaved"]
@@ -102,8 +102,13 @@ class _TTTLayer(RecipeMixin, Mixer):
                  use_rope: bool = True, share_qk: bool = False, conv_kernel: int = 4,
                  use_gate: bool = False, init_std: float = 0.02, impl: str = "auto",
                  short_conv: int = 0, feature_map: str = "identity", qk_norm: bool = False,
-                 head_norm: bool = False, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 head_norm: bool = False, fast_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         self.head_dim = resolve_heads(width, num_heads, head_dim)
+        if not isinstance(fast_bias, (bool, np.bool_)):
+            raise ValueError(f"fast_bias: expected True (the reference's fast network x W + b) or False "
+                             f"(bias-free x W), got {fast_bias!r}")
+        self.fast_bias = bool(fast_bias)
         if share_qk and short_conv:
             raise ValueError(f"short_conv: the recipe conv (short_conv={short_conv!r}) and share_qk=True "
                              f"(the reference's shared q/k projection with its own convs) are exclusive; "
@@ -164,8 +169,20 @@ class _TTTLayer(RecipeMixin, Mixer):
 
     def _rule(self):
         """The rule running this layer's core, in the layer's resolved ``impl``."""
-        rule = self._rule_cls(mini_batch_size=self.mini_batch_size)
+        rule = self._rule_cls(mini_batch_size=self.mini_batch_size, bias=self.fast_bias)
         return dataclasses.replace(rule, impl=rule.resolve_impl(self.impl))
+
+    @property
+    def _cached_fast_names(self) -> tuple:
+        """The fast weights the cache carries: all of them, or (``fast_bias=False``) the
+        matrices only; the rule's bias leaves are then zeros it never reads or updates."""
+        return tuple(n for n in self._fast_names if self.fast_bias or not n.startswith("b"))
+
+    def _rule_state(self, cache: dict, batch: int):
+        """The rule's state from the cache's fast weights (zero biases when bias-free)."""
+        full = self._fast_weights(batch)
+        return type(full)(*(cache[n] if n in cache else jnp.zeros(a.shape, cache["W1"].dtype)
+                            for n, a in zip(self._fast_names, full)))
 
     def _fast_weights(self, batch: int):
         """Learned initial fast weights broadcast to ``[B, ...]`` (the rule's state)."""
@@ -175,7 +192,7 @@ class _TTTLayer(RecipeMixin, Mixer):
     def _cache_spec(self, B: int, b: str = "B") -> dict:
         H, D, C = self.num_heads, self.head_dim, self.mini_batch_size
         spec = {name: ((B,) + tuple(getattr(self, name).shape), f"[{b}, {name} shape]")
-                for name in self._fast_names}
+                for name in self._cached_fast_names}
         for name in ("buf_q", "buf_k", "buf_v"):
             spec[name] = ((B, C - 1, H, D), f"[{b}, mini_batch_size-1, H, D]")
         spec["buf_lr"] = ((B, C - 1, H), f"[{b}, mini_batch_size-1, H]")
@@ -191,7 +208,7 @@ class _TTTLayer(RecipeMixin, Mixer):
 
         Keys: the fast weights (``"W1"``, ``"b1"`` and, for TTT-MLP, ``"W2"``, ``"b2"``;
         ``[B, H, ...]``, the learned initial weights broadcast, float32/float64) at the last
-        mini-batch boundary; ``"buf_q"``, ``"buf_k"``, ``"buf_v"`` ``[B, C−1, H, D]``
+        mini-batch boundary (``fast_bias=False``: no ``"b1"``, ``"b2"``); ``"buf_q"``, ``"buf_k"``, ``"buf_v"`` ``[B, C−1, H, D]``
         (activation dtype) and ``"buf_lr"`` ``[B, C−1, H]`` (state dtype): the partial
         mini-batch; ``"buf_len"`` ``[B]`` its valid length; ``"pos"`` ``[B]`` the next
         position (RoPE when ``positions`` is not passed); ``"conv"`` ``[B, K−1, H·D]``
@@ -200,7 +217,8 @@ class _TTTLayer(RecipeMixin, Mixer):
         _checks.check_positive_int("batch_size", batch_size)
         H, D, C = self.num_heads, self.head_dim, self.mini_batch_size
         sd, ad = self._state_dtype(), self._act_dtype()
-        cache = dict(zip(self._fast_names, (x.astype(sd) for x in self._fast_weights(batch_size))))
+        cache = {n: x.astype(sd) for n, x in zip(self._fast_names, self._fast_weights(batch_size))
+                 if n in self._cached_fast_names}
         for name in ("buf_q", "buf_k", "buf_v"):
             cache[name] = jnp.zeros((batch_size, C - 1, H, D), ad)
         cache["buf_lr"] = jnp.zeros((batch_size, C - 1, H), sd)
@@ -233,6 +251,10 @@ class _TTTLayer(RecipeMixin, Mixer):
         if empty:
             cache = self.init_cache(NB)
         _check_cache(cache, self._cache_spec(NB, nb))
+        extra = [n for n in self._fast_names if n in cache and n not in self._cached_fast_names]
+        if extra:
+            raise ValueError(f"cache: has fast-weight biases {extra}, but this layer has fast_bias=False "
+                             f"(its fast network has no bias); build the cache with its init_cache")
         if packed:
             positions = packed_positions(positions, cache["pos"], cu_seqlens, T)
         else:
@@ -261,8 +283,7 @@ class _TTTLayer(RecipeMixin, Mixer):
         gamma = self.ttt_norm_weight[...].astype(sd)
         beta = self.ttt_norm_bias[...].astype(sd)
         rule = self._rule()
-        state_cls = TTTMLPState if isinstance(rule, TTTMLPRule) else TTTLinearState
-        state = state_cls(*(cache[n] for n in self._fast_names))
+        state = self._rule_state(cache, NB)
 
         def step(st, seg):
             q, k, v, l = seg
@@ -278,7 +299,7 @@ class _TTTLayer(RecipeMixin, Mixer):
         else:
             o, st, nbufs, nlen = run_segments(step, state, xs, bufs, cache["buf_len"], C, empty=empty)
             new_cache["pos"] = (positions[:, -1] + 1).astype(jnp.int32)
-        new_cache.update(zip(self._fast_names, st))
+        new_cache.update((n, a) for n, a in zip(self._fast_names, st) if n in self._cached_fast_names)
         for name, b, old in zip(("buf_q", "buf_k", "buf_v", "buf_lr"), nbufs, bufs):
             new_cache[name] = b.astype(old.dtype)
         new_cache["buf_len"] = nlen
@@ -314,7 +335,7 @@ class _TTTLayer(RecipeMixin, Mixer):
         if self.use_gate:
             m["g_proj.weight"] = (("g_proj", "kernel"),) + lin
         # fast-weight biases: reference [H, 1, F] <-> [H, F]
-        for name in self._fast_names:
+        for name in self._cached_fast_names:
             if name.startswith("b"):
                 m[name] = ((name,), lambda a: np.asarray(a)[:, 0, :], lambda b: np.asarray(b)[:, None, :])
             else:
@@ -330,9 +351,19 @@ class _TTTLayer(RecipeMixin, Mixer):
         The reference's o_proj and post_norm act on ``width`` features, so porting needs
         ``num_heads · head_dim == width`` (the reference's only configuration).
 
+        A bias-free layer (``fast_bias=False``) has no reference layout: the reference's
+        inner loop also updates ``b1`` (and ``b2``), so a reference layer with zero biases is
+        a different function, and this layer's weights are not a reference checkpoint.
+
         Raises:
-          ValueError: if ``num_heads · head_dim != width``.
+          ValueError: if ``num_heads · head_dim != width``, or ``fast_bias=False``.
         """
+        if not self.fast_bias:
+            raise ValueError(
+                "fast_bias: the reference layout has fast-weight biases (b1, updated by the inner "
+                "loop), which a fast_bias=False layer does not have; a reference checkpoint cannot be "
+                "loaded into it (not even one with zero biases: the reference would still update them) "
+                "and its weights cannot be exported to one")
         if self.num_heads * self.head_dim != self.width:
             raise ValueError(
                 f"head_dim: the reference layout needs num_heads * head_dim == width, got "
@@ -358,10 +389,15 @@ class TTTLinear(_TTTLayer):
         off; exclusive with ``share_qk``), a feature map and an L2 norm on q, k (before
         RoPE), a per-head RMSNorm of the output before ``post_norm``. Cache with
         ``short_conv``: ``"conv_q"``, ``"conv_k"``, ``"conv_v"`` ``[B, short_conv−1, H·D]``.
+      fast_bias: ``True`` (the reference): fast network ``x + LN(x W + b)``, both updated by
+        the inner loop. ``False``: ``x + LN(x W)`` (the rule's ``bias=False``), a fast
+        network ending in a bias-free linear layer (docs/rules/ttt.md); no ``b1`` parameter
+        or cache entry (``H·D`` fewer floats of state), and no reference weight layout.
 
     Parameters (``HD = H·D``): ``4·W·HD`` (q, k, v, o) ``+ W·H + H`` (lr gate) ``+ C``
     (token offsets) ``+ 2·H·D`` (inner LN) ``+ H·D² + H·D`` (W1, b1) ``+ 2·HD`` (post
-    LN); share_qk: ``− W·HD + 2·(K·HD + HD)``; use_gate: ``+ W·HD``.
+    LN); share_qk: ``− W·HD + 2·(K·HD + HD)``; use_gate: ``+ W·HD``; fast_bias=False:
+    ``− H·D``.
     """
 
     _fast_names = ("W1", "b1")
@@ -371,11 +407,11 @@ class TTTLinear(_TTTLayer):
         H, D, pd = self.num_heads, self.head_dim, self.param_dtype
         self.W1 = nnx.Param(partitioned(_normal(std), (None, "head_dim", None))(rngs.params(), (H, D, D), pd))
         self.b1 = nnx.Param(partitioned(nnx.initializers.zeros_init(), (None, "head_dim"))(
-            rngs.params(), (H, D), pd))
+            rngs.params(), (H, D), pd)) if self.fast_bias else None
 
     def _fast_weights(self, batch):
         return TTTLinearRule(mini_batch_size=self.mini_batch_size).init_state(
-            self.W1[...], self.b1[...], batch)
+            self.W1[...], self.b1[...] if self.fast_bias else None, batch)
 
 
 class TTTMLP(_TTTLayer):
@@ -383,10 +419,11 @@ class TTTMLP(_TTTLayer):
     ``W1 [H, D, F]``, ``W2 [H, F, D]`` (``F = mlp_expansion · D``, 4 in the reference;
     normal std ``init_std``), ``b1 [H, F]``, ``b2 [H, D]`` (zeros).
 
-    Args: as :class:`TTTLinear`, plus ``mlp_expansion``.
+    Args: as :class:`TTTLinear`, plus ``mlp_expansion``. ``fast_bias=False`` drops both
+    ``b1`` and ``b2`` (``gelu_tanh(x W1) W2``).
 
     Parameters: as :class:`TTTLinear` with ``H·(2·D·F + F + D)`` fast weights in place of
-    ``H·D² + H·D``.
+    ``H·D² + H·D`` (``fast_bias=False``: ``H·2·D·F``).
     """
 
     _fast_names = ("W1", "b1", "W2", "b2")
@@ -397,29 +434,31 @@ class TTTMLP(_TTTLayer):
                  use_rope: bool = True, share_qk: bool = False, conv_kernel: int = 4,
                  use_gate: bool = False, init_std: float = 0.02, mlp_expansion: int = 4,
                  impl: str = "auto", short_conv: int = 0, feature_map: str = "identity",
-                 qk_norm: bool = False, head_norm: bool = False, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 qk_norm: bool = False, head_norm: bool = False, fast_bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         _checks.check_positive_int("mlp_expansion", mlp_expansion)
         self.mlp_expansion = mlp_expansion
         super().__init__(width=width, num_heads=num_heads, head_dim=head_dim,
                          mini_batch_size=mini_batch_size, base_lr=base_lr, rope_theta=rope_theta,
                          use_rope=use_rope, share_qk=share_qk, conv_kernel=conv_kernel,
                          use_gate=use_gate, init_std=init_std, impl=impl, short_conv=short_conv,
-                         feature_map=feature_map, qk_norm=qk_norm, head_norm=head_norm, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+                         feature_map=feature_map, qk_norm=qk_norm, head_norm=head_norm,
+                         fast_bias=fast_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _init_fast_weights(self, rngs, std):
         H, D, pd = self.num_heads, self.head_dim, self.param_dtype
         F = self.mlp_expansion * D
         z = nnx.initializers.zeros_init()
+        fb = self.fast_bias
         self.W1 = nnx.Param(partitioned(_normal(std), (None, "head_dim", None))(rngs.params(), (H, D, F), pd))
-        self.b1 = nnx.Param(partitioned(z, (None, None))(rngs.params(), (H, F), pd))
+        self.b1 = nnx.Param(partitioned(z, (None, None))(rngs.params(), (H, F), pd)) if fb else None
         self.W2 = nnx.Param(partitioned(_normal(std), (None, None, "head_dim"))(rngs.params(), (H, F, D), pd))
-        self.b2 = nnx.Param(partitioned(z, (None, "head_dim"))(rngs.params(), (H, D), pd))
+        self.b2 = nnx.Param(partitioned(z, (None, "head_dim"))(rngs.params(), (H, D), pd)) if fb else None
 
     def _fast_weights(self, batch):
+        b = (lambda p: p[...]) if self.fast_bias else (lambda p: None)
         return TTTMLPRule(mini_batch_size=self.mini_batch_size).init_state(
-            self.W1[...], self.b1[...], self.W2[...], self.b2[...], batch)
+            self.W1[...], b(self.b1), self.W2[...], b(self.b2), batch)
 
 
 register_mixer("ttt_linear", TTTLinear)
