@@ -1,6 +1,6 @@
 """Benchmark: how fast can the chunked linear-attention forward be on XLA:CPU here?
 
-Times ONLY the products the chunked forward must do — per tile of C tokens and per (B, H)
+Times ONLY the products the chunked forward must do — per tile of C tokens (``--tiles``) and per (B, H)
 pair ``Q Kᵀ`` (C×K·K×C), ``(Q Kᵀ) V`` (C×C·C×V), ``Q S`` (C×K·K×V) and the state increment
 ``Kᵀ V`` (K×C·C×V) — on inputs already laid out per tile (``[N, B, H, C, d]``, keys as
 ``[N, B, H, K, C]``: every product a plain batched matmul, the layout the forward's step uses),
@@ -21,7 +21,7 @@ the same run (``--matmul-n``³, before and after), the forward of ``tt.linear_at
 implied best-possible forward on XLA:CPU in this layout; ``peer / 3`` is what 3× the peer needs.
 All timings are interleaved (every form once per round), medians of ``--rounds``.
 
-    python benchmarks/la_bound.py [--fla PATH] [--rounds 11] [--tile 32] [--T 2048]
+    python benchmarks/la_bound.py [--fla PATH] [--rounds 11] [--tiles 32 64] [--T 2048]
                                   [--out benchmarks/results/la_bound.json]
 """
 from __future__ import annotations
@@ -51,12 +51,19 @@ def product_flops(B, T, H, K, V, C):
     return B * H * N * (2 * C * C * K + 2 * C * C * V + 4 * C * K * V)
 
 
-def forms(B, T, H, K, V, C, scale):
-    """The timed callables (jitted) and their inputs."""
+def inputs(B, T, H, K, V):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(B, T, H, K)) / np.sqrt(K), jnp.float32)
     v = jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32)
+    return q, k, v
+
+
+def tile_forms(q, k, v, C, scale):
+    """The product-only callables (jitted) for tiles of C tokens, with their inputs."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    rng = np.random.default_rng(1)
     N = T // C
     tiles = lambda x: jnp.transpose(x.reshape(B, N, C, H, -1), (1, 0, 3, 2, 4))  # noqa: E731  [N, B, H, C, d]
     Qc, Vc = jax.block_until_ready(tiles(q) * scale), jax.block_until_ready(tiles(v))
@@ -84,16 +91,12 @@ def forms(B, T, H, K, V, C, scale):
         S, o = lax.scan(step, jnp.zeros((B, H, K, V), jnp.float32), (Qc, Kt, Vc), unroll=4)
         return o, S
 
-    def ours(q, k, v):
-        return tt.linear_attention(q, k, v, scale=scale, impl="chunked", chunk_size=64)[0]
-
     tile_args = (Qc, Kt, Vc, S_all, A_all)
-    fns = {"products, scan": (jax.jit(scan), tile_args),
-           "products, batched (4 dots)": (jax.jit(batched), tile_args)}
+    fns = {f"products, scan, tile {C}": (jax.jit(scan), tile_args),
+           f"products, batched (4 dots), tile {C}": (jax.jit(batched), tile_args)}
     for w in ("qk", "av", "qs", "kv"):
-        fns[f"  batched {w}"] = (jax.jit(batched_each(w)), tile_args)
-    fns["tt.linear_attention fwd"] = (jax.jit(ours), (q, k, v))
-    return fns, dict(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
+        fns[f"  batched {w}, tile {C}"] = (jax.jit(batched_each(w)), tile_args)
+    return fns
 
 
 def matmul_rate(n, repeats=5):
@@ -122,7 +125,8 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--H", type=int, default=4)
     p.add_argument("--D", type=int, default=64)
-    p.add_argument("--tile", type=int, default=32, help="tokens per tile of the products [32: what the forward runs]")
+    p.add_argument("--tiles", type=int, nargs="+", default=[32, 64],
+                   help="tokens per tile of the products [32 (what the forward runs on a CPU host) and 64]")
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--fla", help="checkout of flash-linear-attention: also time its naive_chunk_linear_attn")
@@ -131,11 +135,18 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "la_bound.json"))
     a = p.parse_args(argv)
     start = setup()
-    B, T, H, K, V, C = a.B, a.T, a.H, a.D, a.D, a.tile
-    if T % C or T % 64:
-        p.error(f"--T: got {T}, expected a multiple of --tile ({C}) and of 64 (the peer's chunk)")
+    B, T, H, K, V = a.B, a.T, a.H, a.D, a.D
+    for C in a.tiles + [64]:
+        if T % C:
+            p.error(f"--T: got {T}, expected a multiple of every --tiles entry ({a.tiles}) and of 64 (the peer's chunk)")
     scale = K ** -0.5
-    fns, arrays = forms(B, T, H, K, V, C, scale)
+    q, k, v = inputs(B, T, H, K, V)
+    fns = {}
+    for C in a.tiles:
+        fns.update(tile_forms(q, k, v, C, scale))
+    fns["tt.linear_attention fwd"] = (
+        jax.jit(lambda q, k, v: tt.linear_attention(q, k, v, scale=scale, impl="chunked", chunk_size=64)[0]), (q, k, v))
+    arrays = dict(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
     runs = {n: timed(f, args) for n, (f, args) in fns.items()}
     peer = None
     workdir = tempfile.mkdtemp()
@@ -163,21 +174,30 @@ def main(argv=None):
         peer.close()
     rate = 0.5 * (rate_before + rate_after)
 
-    fl = product_flops(B, T, H, K, V, C)
-    fl_each = {"qk": B * H * (T // C) * 2 * C * C * K, "av": B * H * (T // C) * 2 * C * C * V,
-               "qs": B * H * (T // C) * 2 * C * K * V, "kv": B * H * (T // C) * 2 * C * K * V}
+    def flops_of(name):
+        """The FLOPs a row does: its tile's four products, or one of them; the forward is
+        charged the 32-token tiles' products (what it runs on a CPU host)."""
+        C = int(name.rsplit("tile ", 1)[1]) if "tile " in name else 32
+        each = {"qk": 2 * C * C * K, "av": 2 * C * C * V, "qs": 2 * C * K * V, "kv": 2 * C * K * V}
+        for key, f in each.items():
+            if name.strip().startswith(f"batched {key}"):
+                return B * H * (T // C) * f
+        return product_flops(B, T, H, K, V, C)
+
     rows = []
     for n in runs:
         w = statistics.median(wall[n])
         c = statistics.median(cpu[n]) if not np.isnan(cpu[n][0]) else None
-        f = next((fl_each[key] for key in fl_each if n.strip() == f"batched {key}"), fl)
+        f = flops_of(n)
         rows.append(dict(name=n, wall_ms=1e3 * w, cpu_ms=None if c is None else 1e3 * c, flops=f,
                          gflops=f / w / 1e9, frac_matmul=f / w / 1e9 / rate, wall_samples_ms=[1e3 * x for x in wall[n]]))
     get = {r["name"]: r for r in rows}
-    best = min(get["products, scan"]["wall_ms"], get["products, batched (4 dots)"]["wall_ms"])
+    best_name = min((n for n in get if n.startswith("products,")), key=lambda n: get[n]["wall_ms"])
+    best = get[best_name]["wall_ms"]
+    fl = product_flops(B, T, H, K, V, min(a.tiles))
     ideal_ms = fl / (rate * 1e9) * 1e3
-    print(f"B={B} T={T} H={H} K=V={K}, tiles of {C} tokens: {fl / 1e9:.3f} GFLOP of products "
-          f"(the 64-token chunks of forms.py count {product_flops(B, T, H, K, V, 64) / 1e9:.3f})")
+    print(f"B={B} T={T} H={H} K=V={K}: " + ", ".join(
+        f"tiles of {C} tokens {product_flops(B, T, H, K, V, C) / 1e9:.3f} GFLOP of products" for C in a.tiles))
     print(f"2-D matmul {a.matmul_n}^3 float32: {rate_before:.1f} GFLOP/s before, {rate_after:.1f} after; "
           f"load {load0[0]:.2f} -> {load1[0]:.2f}\n")
     print("| what | wall ms | CPU ms | GFLOP/s | % of 2-D matmul |")
@@ -186,10 +206,10 @@ def main(argv=None):
         cpu_s = "—" if r["cpu_ms"] is None else f"{r['cpu_ms']:.2f}"
         print(f"| {r['name']} | {r['wall_ms']:.2f} | {cpu_s} | {r['gflops']:.1f} | {100 * r['frac_matmul']:.1f} |")
     summary = dict(product_gflop=fl / 1e9, matmul_gflops=rate, ideal_ms_at_matmul_rate=ideal_ms,
-                   best_products_ms=best, ours_fwd_ms=get["tt.linear_attention fwd"]["wall_ms"],
+                   best_products_ms=best, best_products=best_name, ours_fwd_ms=get["tt.linear_attention fwd"]["wall_ms"],
                    ours_over_products=get["tt.linear_attention fwd"]["wall_ms"] / best)
-    print(f"\nproducts alone at the 2-D matmul rate: {ideal_ms:.2f} ms; measured products alone (best of the two): "
-          f"{best:.2f} ms; our forward {summary['ours_fwd_ms']:.2f} ms ({summary['ours_over_products']:.2f}x the products)")
+    print(f"\nproducts of {min(a.tiles)}-token tiles at the 2-D matmul rate: {ideal_ms:.2f} ms; fastest measured "
+          f"products alone ({best_name}): {best:.2f} ms; our forward {summary['ours_fwd_ms']:.2f} ms ({summary['ours_over_products']:.2f}x the products)")
     if peer is not None:
         pm = get["fla naive_chunk_linear_attn fwd (PyTorch)"]["wall_ms"]
         summary.update(peer_fwd_ms=pm, peer_over_3_ms=pm / 3, ours_speedup=pm / summary["ours_fwd_ms"],
@@ -202,7 +222,7 @@ def main(argv=None):
     print(describe(m))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
-        json.dump(dict(config=dict(B=B, T=T, H=H, K=K, V=V, tile=C, dtype="float32", rounds=a.rounds,
+        json.dump(dict(config=dict(B=B, T=T, H=H, K=K, V=V, tiles=a.tiles, dtype="float32", rounds=a.rounds,
                                    matmul_n=a.matmul_n, statistic="median of interleaved rounds"),
                        machine=m, matmul_gflops_before=rate_before, matmul_gflops_after=rate_after,
                        rows=rows, summary=summary), fh, indent=1)

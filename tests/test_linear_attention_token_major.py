@@ -39,3 +39,33 @@ def test_decayed_chunk_by_chunk_backward_equals_token_scan_float64(chunk_by_chun
                                               baseline="recurrent")
         print(masking, report)
         report.assert_ok()
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 2, T), (1, 4, 2, 70), (2, 2, 4, 70)],
+                         ids=["batch-split", "head-split", "row-head-split"])
+def test_pair_groups_equal_token_scan_float64(monkeypatch, shape):
+    """The forward chunk scan without decay runs the (B, H) pairs as independent groups
+    (``_PAIR_GROUPS``, at least ``_MIN_GROUP_PAIRS`` pairs each): forced on small shapes here,
+    split over the batch, over the heads of one row, and over rows and heads; outputs, final
+    state and gradients (the forward of the backward pass keeps every state) against the token
+    scan, float64, causal (and bidirectional on the batch split, with 18 chunks: the unrolled
+    scan)."""
+    Bg, Hg, G, Tg = shape
+    la = sys.modules["tttla_jax.ops.linear_attention"]
+    monkeypatch.setattr(la, "_PAIR_GROUPS", G)
+    monkeypatch.setattr(la, "_MIN_GROUP_PAIRS", 1)
+    assert len(la._pair_groups(Bg, Hg, G)) == G
+    rng = np.random.default_rng(1)
+    x = {n: jnp.asarray(a, jnp.float64) for n, a in dict(
+        q=rng.normal(size=(Bg, Tg, Hg, K)), k=rng.normal(size=(Bg, Tg, Hg, K)) / 2, v=rng.normal(size=(Bg, Tg, Hg, V)),
+        h0=rng.normal(size=(Bg, Hg, K, V))).items()}
+    for masking in ("causal", "none") if Bg == 4 else ("causal",):
+        def form(impl, masking=masking):
+            return lambda q, k, v, h0: tt.linear_attention(q, k, v, initial_state=h0, output_final_state=True,
+                                                           masking=masking, chunk_size=C, impl=impl)
+
+        forms = {"recurrent": form("recurrent"), "chunked": form("chunked")}
+        for grads in (False, True):  # the forward alone (the custom VJP's primal) and with the backward
+            report = tt.testing.check_equivalence(forms, x, baseline="recurrent", check_grads=grads)
+            print(masking, grads, report)
+            report.assert_ok()

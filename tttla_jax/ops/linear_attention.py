@@ -105,6 +105,12 @@ _UNROLL_MIN_CHUNKS = 16
 # tiles too: forward, chunk_size 64 as 64 vs 32-token tiles, interleaved, load 2.3-2.4,
 # 29.1 -> 25.1 ms at T=2048 and 113.9 -> 107.3 ms at T=8192 (16-token tiles: 26.9 / 115.0).
 _CPU_TILE = 32
+# Independent groups of (B, H) pairs in each step of the linear-attention forward chunk scan
+# (_tokens_forward): each group slices its own part of the chunk and has its own products,
+# state and output write, and XLA:CPU runs independent operations of a loop body
+# concurrently, on both cores of this host, where one batched product per step runs on one.
+_PAIR_GROUPS = 2
+_MIN_GROUP_PAIRS = 8
 # The differentiated chunked form with a log-decay lays the whole sequence out at once while
 # one [B, T, H, K] tensor is at most this many bytes (see _bulk_layout): B=4, T=2048, H=4,
 # K=64 float32 (8 MiB) forward+backward, interleaved, real-time priority, load 8-14, chunk by
@@ -445,24 +451,70 @@ def _put_chunk(y, yn, t0):
     return lax.dynamic_update_slice_in_dim(y, jnp.swapaxes(yn, 1, 2), t0, axis=1)
 
 
-def _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, keep_states):
+def _pair_groups(B: int, H: int, G: int):
+    """Static blocks ``(b0, nb, h0, nh)`` splitting the ``(B, H)`` pairs into ``G`` groups of
+    equal size: over the batch if ``G`` divides ``B``, else one batch row at a time with
+    its heads split; fewer groups (``G // 2``, down to 1) when neither divides or a group
+    would have fewer than ``_MIN_GROUP_PAIRS`` pairs."""
+    while G > 1 and B * H // G < _MIN_GROUP_PAIRS:
+        G //= 2
+    if G <= 1:
+        return ((0, B, 0, H),)
+    if B % G == 0:
+        return tuple((i * (B // G), B // G, 0, H) for i in range(G))
+    if G % B == 0 and H % (G // B) == 0:
+        nh = H // (G // B)
+        return tuple((b, 1, j * nh, nh) for b in range(B) for j in range(G // B))
+    return _pair_groups(B, H, G // 2)
+
+
+def _block(x, b0, nb, t0, C, h0, nh):
+    """``x [B, Tp, H, ...]`` restricted to batch rows ``[b0, b0 + nb)``, tokens
+    ``[t0, t0 + C)`` and heads ``[h0, h0 + nh)``: ``[nb, C, nh, ...]``."""
+    if x is None:
+        return None
+    return lax.dynamic_slice(x, (b0, t0, h0) + (0,) * (x.ndim - 3), (nb, C, nh) + x.shape[3:])
+
+
+def _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, keep_states, groups=None):
     """The scan of :func:`_chunk_tokens`: returns ``(o or None, S_final, S_prev [N, B, H, K, V]
-    or None)`` (the state before every chunk if ``keep_states``)."""
-    Tp = q.shape[1]
+    or None)`` (the state before every chunk if ``keep_states``).
+
+    Each step runs the (B, H) pairs as ``groups`` independent blocks (default
+    :func:`_pair_groups` with ``_PAIR_GROUPS``), each with its own slices, products, state and
+    in-place output write, so that XLA:CPU can run the blocks on different cores."""
+    B, Tp, H = q.shape[:3]
+    if groups is None:  # with a log-decay the groups were no faster (_PAIR_GROUPS)
+        groups = _pair_groups(B, H, _PAIR_GROUPS if g is None else 1)
+
+    def assemble(parts):
+        if len(parts) == 1:
+            return parts[0]
+        out = jnp.zeros(S0.shape, parts[0].dtype)
+        for (b0, nb, h0, nh), Sg in zip(groups, parts):
+            out = lax.dynamic_update_slice(out, Sg, (b0, h0, 0, 0))
+        return out
 
     def step(carry, n):
         S, o = carry
         t0 = n * C
-        x = (_token_chunk(q, t0, C, scale), _token_chunk_kmajor(k, t0, C), _token_chunk(v, t0, C),
-             _token_chunk(g, t0, C))
-        S_next, on = _chunk_fwd_step(S, x, intra, emit, k_major=True)
-        if emit:
-            o = _put_chunk(o, on, t0)
-        return (S_next, o), (S if keep_states else None)
+        S_next = []
+        for (b0, nb, h0, nh), Sg in zip(groups, S):
+            blk = lambda x: _block(x, b0, nb, t0, C, h0, nh)  # noqa: E731
+            qn = jnp.swapaxes(blk(q), 1, 2) * jnp.asarray(scale, q.dtype)
+            kt = jnp.transpose(blk(k), (0, 2, 3, 1))
+            vn = jnp.swapaxes(blk(v), 1, 2)
+            gn = None if g is None else jnp.swapaxes(blk(g), 1, 2)
+            Sg_next, on = _chunk_fwd_step(Sg, (qn, kt, vn, gn), intra, emit, k_major=True)
+            S_next.append(Sg_next)
+            if emit:
+                o = lax.dynamic_update_slice(o, jnp.swapaxes(on, 1, 2), (b0, t0, h0, 0))
+        return (tuple(S_next), o), (assemble(S) if keep_states else None)
 
     o = jnp.zeros_like(v, S0.dtype) if emit else None  # zeros_like: varies like v under shard_map
-    (S, o), S_prev = lax.scan(step, (S0, o), jnp.arange(Tp // C), unroll=_scan_unroll(Tp // C))
-    return o, S, S_prev
+    S0g = tuple(S0[b0:b0 + nb, h0:h0 + nh] for b0, nb, h0, nh in groups)
+    (S, o), S_prev = lax.scan(step, (S0g, o), jnp.arange(Tp // C), unroll=_scan_unroll(Tp // C))
+    return o, assemble(S), S_prev
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
