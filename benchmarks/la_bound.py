@@ -11,7 +11,8 @@ nothing else: no causal mask, no slicing from ``[B, T, H, d]``, no transposes. T
 * ``scan``: the recurrence itself — a ``lax.scan`` over the N tiles whose step does the four
   products batched over the (B, H) pairs, plus the two adds the data flow needs
   (``o = (Q Kᵀ) V + Q S``, ``S ← S + Kᵀ V``) and the stacking of the outputs (unroll 4, as
-  the chunked form).
+  the chunked form); ``scan in 2 groups``: the same with the batch split into two
+  independent groups inside each step, as the forward without decay runs it.
 
 and prints, next to them: the FLOPs, their rate, the rate of one large 2-D matmul measured in
 the same run (``--matmul-n``³, before and after), the forward of ``tt.linear_attention``
@@ -27,6 +28,7 @@ All timings are interleaved (every form once per round), medians of ``--rounds``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -82,17 +84,24 @@ def tile_forms(q, k, v, C, scale):
                 "qs": lambda Qc, Kt, Vc, S_all, A_all: mm(Qc, S_all),
                 "kv": lambda Qc, Kt, Vc, S_all, A_all: mm(Kt, Vc)}[which]
 
-    def scan(Qc, Kt, Vc, S_all, A_all):
+    def scan(Qc, Kt, Vc, S_all, A_all, groups=1):
+        # groups > 1: the batch split into independent groups inside each step, as the
+        # forward's step without decay does (two groups of (B, H) pairs)
         def step(S, x):
-            qn, ktn, vn = x
-            o = mm(mm(qn, ktn), vn) + mm(qn, S)
-            return S + mm(ktn, vn), o
+            outs, states = [], []
+            for i, Sg in enumerate(S):
+                qn, ktn, vn = (y[i * (B // groups):(i + 1) * (B // groups)] for y in x)
+                outs.append(mm(mm(qn, ktn), vn) + mm(qn, Sg))
+                states.append(Sg + mm(ktn, vn))
+            return tuple(states), tuple(outs)
 
-        S, o = lax.scan(step, jnp.zeros((B, H, K, V), jnp.float32), (Qc, Kt, Vc), unroll=4)
+        S0 = tuple(jnp.zeros((B // groups, H, K, V), jnp.float32) for _ in range(groups))
+        S, o = lax.scan(step, S0, (Qc, Kt, Vc), unroll=4)
         return o, S
 
     tile_args = (Qc, Kt, Vc, S_all, A_all)
     fns = {f"products, scan, tile {C}": (jax.jit(scan), tile_args),
+           f"products, scan in 2 groups, tile {C}": (jax.jit(functools.partial(scan, groups=2)), tile_args),
            f"products, batched (4 dots), tile {C}": (jax.jit(batched), tile_args)}
     for w in ("qk", "av", "qs", "kv"):
         fns[f"  batched {w}, tile {C}"] = (jax.jit(batched_each(w)), tile_args)
