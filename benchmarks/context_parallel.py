@@ -234,6 +234,50 @@ def delta_breakdown_fns(x, P, C, mesh, H, D):
             "cot_pass": sharded(cot), "collectives": sharded(collectives)}
 
 
+def delta_flop_counts(L, H, D, C):
+    """Where the folded delta form's extra work goes, in FLOPs per device on a slice of ``L``
+    tokens (XLA's ``cost_analysis()`` of one group step of the chunked form, compiled alone, so
+    loop-free and load-independent): the local op is ``NG`` group steps forward plus ``NG``
+    backward steps (each the group's ``jax.vjp``, its forward recomputed); the folded form runs
+    its forward group step on ``V + K`` value columns instead of ``V``, plus the output correction
+    ``(q̃Φ) c`` and the contraction ``Σ_t (q̃_t Φ_t)ᵀ dO_t`` (``2 L H K V`` each). ``phi_only``:
+    the recurrence of ``Φ`` alone (per chunk ``W Φ``, ``(I + A)⁻¹ ·``, ``K̃ᵀ ·`` on ``K``
+    columns, no outputs) — what any form needs for the device's transform ``A_p``."""
+    from tttla_jax import impl as _impl
+    from tttla_jax.ops import chunk as ck
+    dmod = importlib.import_module("tttla_jax.ops.delta_rule")
+    C = min(C, dmod._CPU_TILE) if _impl.platform() == "cpu" else C
+    G = dmod._GROUP_CHUNKS
+    n = G * C
+    step = ck._token_group_step(C, G, True)
+
+    def sds(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    def flops(f, *a):
+        ca = jax.jit(f).lower(*a).compile().cost_analysis()
+        return float((ca[0] if isinstance(ca, list) else ca)["flops"])
+
+    def args(W):
+        return sds(1, H, D, W), sds(1, n, H, D), sds(1, n, H, D), sds(1, n, H, W), sds(1, n, H), sds(1, n, H)
+
+    def fwd_bwd(*a):
+        out, vjp = jax.vjp(step, *a)
+        return vjp(out)
+
+    fwd, fwd_w, bwd = flops(step, *args(D)), flops(step, *args(2 * D)), flops(fwd_bwd, *args(D))
+    NG = L // n
+    local = NG * (fwd + bwd)
+    rec = {"L": L, "chunk": C, "group_chunks": G, "group_fwd": fwd, "group_fwd_widened": fwd_w,
+           "group_vjp": bwd, "local": local, "widening": NG * (fwd_w - fwd),
+           "correction": 2.0 * L * H * D * D, "dcl": 2.0 * L * H * D * D,
+           "phi_only": NG * G * 2.0 * H * (C * D * D + C * C * D + D * C * D)}
+    rec["extra"] = rec["widening"] + rec["correction"] + rec["dcl"]
+    rec["extra_share_of_full"] = rec["extra"] / (local + rec["extra"])
+    rec["phi_only_share_of_full"] = rec["phi_only"] / (local + rec["phi_only"])
+    return rec
+
+
 def specs_for(op, T, H, D, P, mesh):
     tok = NamedSharding(mesh, Ps(None, "seq")) if P > 1 else None
     if op in LAYERS:
@@ -299,6 +343,9 @@ def main():
     ap.add_argument("--la-transform", action="store_true",
                     help="combine share of linear_attention: also time the separate-transform form "
                          "(tttla_jax.parallel.ops._LA_STATES_FIRST off) in the same interleaved rounds")
+    ap.add_argument("--delta-flops", action="store_true",
+                    help="delta_rule: FLOPs per device of the folded form's extra work against the local "
+                         "op (cost_analysis of one compiled group step; the slice of --combine-T / 8 tokens)")
     ap.add_argument("--delta-breakdown", action="store_true",
                     help="combine share of delta_rule: also time, in the same interleaved rounds, the "
                          "state-only-passes form (tttla_jax.parallel.ops._DELTA_WIDENED off) and the parts "
@@ -309,6 +356,14 @@ def main():
     LACT_CHUNK[0] = a.lact_chunk
     DOC_LEN[0] = a.doc_len
     rows, combine = [], []
+    flop_rec = None
+    if a.delta_flops and "delta_rule" in a.ops:
+        flop_rec = delta_flop_counts((a.combine_T or 65536) // 8, H, D, C)
+        print("delta_rule FLOPs per device on L = {L}: local op {local:.3e}; folded form's extra {extra:.3e} "
+              "(widening {widening:.3e}, correction {correction:.3e}, dcl {dcl:.3e}) = {s:.1f} % of its step; "
+              "the recurrence of Phi alone {phi_only:.3e} = {p:.1f} %".format(
+                  **flop_rec, s=100 * flop_rec["extra_share_of_full"], p=100 * flop_rec["phi_only_share_of_full"]),
+              flush=True)
     for op in a.ops:
         for T in a.T:
             base = None
@@ -423,6 +478,8 @@ def main():
     keep = lambda key: [r for r in old.get(key, []) if r["op"] not in a.ops]  # noqa: E731
     out = dict(old) if old else {"config": cfg, "machine": m}
     out["rows"], out["combine"] = keep("rows") + rows, keep("combine") + combine
+    if flop_rec is not None:
+        out["delta_flops"] = flop_rec
     out.setdefault("runs_by_ops", [])
     out["runs_by_ops"] = [r for r in out["runs_by_ops"] if r["ops"] != a.ops] + [{"ops": a.ops, "config": cfg, "machine": m}]
     with open(a.out, "w") as f:
