@@ -785,15 +785,18 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
         if not combine:
             return (o0[:, :L], B0), (A, qphi, S0s)
         c = _carry_in(A, B0, axis_name, p, True)
-        o = (o0 + jnp.einsum("blhk,bhkv->blhv", qphi, c))[:, :L]
 
-        def true_start(i, Sg):  # S_g = S⁰_g + Φ_g c, in place of the S⁰ stack (no third stack)
+        def correct(i, carry):
+            # block i: o = o⁰ + (q̃Φ) c and S_g = S⁰_g + Φ_g c, in place of o⁰ and of the S⁰ stack
+            # (block by block: no whole-slice product or transposed copy of q̃Φ)
+            o, Sg = carry
             Si = lax.dynamic_index_in_dim(Sg, i, 0, keepdims=False)
             Phi = lax.dynamic_index_in_dim(Phis, i, 0, keepdims=False)
-            return lax.dynamic_update_index_in_dim(Sg, Si + jnp.matmul(Phi, c), i, 0)
+            oi = sl(o, i) + jnp.einsum("blhk,bhkv->blhv", sl(qphi, i), c)
+            return put(o, oi, i), lax.dynamic_update_index_in_dim(Sg, Si + jnp.matmul(Phi, c), i, 0)
 
-        Sg = lax.fori_loop(0, NG, true_start, S0s)                      # [NG, B, H, K, V] true group starts
-        return (o, B0 + jnp.matmul(A, c)), (A, qphi, Sg)
+        o, Sg = lax.fori_loop(0, NG, correct, (o0, S0s))                # Sg [NG, B, H, K, V]: true block starts
+        return (o[:, :L], B0 + jnp.matmul(A, c)), (A, qphi, Sg)
 
     def bwd(res, cts):
         (A, qphi, Sg), xs, lay = res
