@@ -65,6 +65,9 @@ import tttla_jax as tt  # noqa: E402
 from tttla_jax import parallel as tp  # noqa: E402
 
 
+# "ones": the loss is the sum of the outputs (the output cotangent a constant); "data": the sum
+# of the outputs weighted by an input "w" of their shape (the cotangent data, as in training)
+COTANGENT = ["ones"]
 LAYERS = ("lact_v2", "lact_v2_pipelined", "lact_v2_packed", "lact_v2_packed_pipelined")
 OPS = ("linear_attention", "delta_rule") + LAYERS
 LACT_CHUNK = [2048]  # set from --lact-chunk
@@ -124,6 +127,8 @@ def shapes(op, T, H, D):
     s = {"q": (1, T, H, D), "k": (1, T, H, D), "v": (1, T, H, D), "log_decay": (1, T, H)}
     if op == "delta_rule":
         s["beta"] = (1, T, H)
+    if COTANGENT[0] == "data" and op not in LAYERS:
+        s["w"] = (1, T, H, D)
     return s
 
 
@@ -140,7 +145,7 @@ def loss_fn(op, P, C, mesh, H=4, D=64):
         else:
             fn = tp.sharded_delta_rule if op == "delta_rule" else tp.sharded_linear_attention
             o, _ = fn(x["q"], x["k"], x["v"], *gates, x["log_decay"], mesh=mesh, chunk_size=C, impl="chunked")
-        return jnp.sum(o)
+        return jnp.sum(o) if "w" not in x else jnp.sum(o * x["w"])
     return f
 
 
@@ -149,17 +154,19 @@ def local_loss_fn(op, C, mesh, H=4, D=64):
     if op in LAYERS:
         return layer_loss_fn(op, 8 if mesh is None else len(mesh.devices.flat), mesh, H, D, local=True)
 
-    def body(q, k, v, g, *beta):
+    def body(q, k, v, g, *rest):
         if op == "delta_rule":
-            o, _ = tt.delta_rule(q, k, v, beta[0], log_decay=g, chunk_size=C, impl="chunked")
+            o, _ = tt.delta_rule(q, k, v, rest[0], log_decay=g, chunk_size=C, impl="chunked")
         else:
             o, _ = tt.linear_attention(q, k, v, log_decay=g, chunk_size=C, impl="chunked")
-        return jax.lax.psum(jnp.sum(o), "seq")
+        w = rest[-1] if COTANGENT[0] == "data" else None
+        return jax.lax.psum(jnp.sum(o) if w is None else jnp.sum(o * w), "seq")
 
     tok = Ps(None, "seq")
 
     def f(x):
         args = [x[n] for n in ("q", "k", "v", "log_decay")] + ([x["beta"]] if op == "delta_rule" else [])
+        args += [x["w"]] if "w" in x else []
         # check_vma off: the ops create their zero initial state inside (not marked varying)
         return jax.shard_map(body, mesh=mesh, in_specs=(tok,) * len(args), out_specs=Ps(), check_vma=False)(*args)
     return f
@@ -343,6 +350,10 @@ def main():
     ap.add_argument("--la-transform", action="store_true",
                     help="combine share of linear_attention: also time the separate-transform form "
                          "(tttla_jax.parallel.ops._LA_STATES_FIRST off) in the same interleaved rounds")
+    ap.add_argument("--cotangent", choices=["ones", "data"], default="ones",
+                    help="the loss: the sum of the outputs (ones: a constant output cotangent), or weighted by "
+                         "an input of their shape (data: the cotangent is an argument, as in training); the "
+                         "rows of 'data' go to rows_data_cotangent / combine_data_cotangent in the JSON")
     ap.add_argument("--delta-flops", action="store_true",
                     help="delta_rule: FLOPs per device of the folded form's extra work against the local "
                          "op (cost_analysis of one compiled group step; the slice of --combine-T / 8 tokens)")
@@ -351,6 +362,7 @@ def main():
                          "state-only-passes form (tttla_jax.parallel.ops._DELTA_WIDENED off) and the parts "
                          "of the step (forwards alone, the transform pass, the cotangent pass, the collectives)")
     a = ap.parse_args()
+    COTANGENT[0] = a.cotangent
     start = setup(tune=not a.no_tune_malloc)
     H, D, C = a.H, a.D, a.chunk
     LACT_CHUNK[0] = a.lact_chunk
@@ -477,7 +489,13 @@ def main():
             old = json.load(f)
     keep = lambda key: [r for r in old.get(key, []) if r["op"] not in a.ops]  # noqa: E731
     out = dict(old) if old else {"config": cfg, "machine": m}
-    out["rows"], out["combine"] = keep("rows") + rows, keep("combine") + combine
+    if a.cotangent == "data":
+        out["rows_data_cotangent"] = keep("rows_data_cotangent") + rows
+        out["combine_data_cotangent"] = keep("combine_data_cotangent") + combine
+        out.setdefault("rows", [])
+        out.setdefault("combine", [])
+    else:
+        out["rows"], out["combine"] = keep("rows") + rows, keep("combine") + combine
     if flop_rec is not None:
         out["delta_flops"] = flop_rec
     out.setdefault("runs_by_ops", [])
