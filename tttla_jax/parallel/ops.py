@@ -703,14 +703,17 @@ def _delta_widened_first(axis_name, chunk_size, L, combine: bool = True):
       the states from a zero incoming state ``S⁰``, its K columns ``Φ`` (the state's columns
       evolve independently), the outputs' V columns ``o⁰`` and K columns ``q̃ Φ``. The final
       state is the transform ``(A, B) = (Φ_L, S⁰_L)``; the combine gives the incoming state
-      ``c``; the outputs are ``o = o⁰ + (q̃ Φ) c``, the states at the starts of the groups
-      ``S_g = S⁰_g + Φ_g c`` (stored, the residuals of the chunked form's rematerialised
-      scan), and ``q̃ Φ`` ``[B, L, H, K]`` is stored (the size of ``k``);
+      ``c``. The pass keeps ``S⁰_g`` and ``Φ_g`` at the start of every block of
+      ``_DELTA_STATE_GROUPS`` groups, as two stacks; one loop over the blocks then forms the
+      outputs ``o = o⁰ + (q̃ Φ) c`` in place of ``o⁰`` and the block-start states
+      ``S_g = S⁰_g + Φ_g c`` in place of the ``S⁰`` stack (stored, the residuals of a
+      rematerialised scan over blocks), and ``q̃ Φ`` ``[B, L, H, K]`` is stored (the size of ``k``);
     * backward: the cotangent of ``c`` through the slice is ``Σ_t (q̃_t Φ_t)ᵀ dO_t + Φ_Lᵀ dS_L``
       (one ``[K, L] × [L, V]`` contraction instead of a reverse pass over the chunk maps), the
       reverse combine gives the cotangent of the state leaving the device, and the chunked
-      form's backward runs ONCE from the stored ``S_g``: a reverse scan over the groups, each
-      recomputed and differentiated (what autodiff of the rematerialised scan does).
+      form's backward runs ONCE from the stored ``S_g``: a reverse loop over the blocks, each
+      recomputed and differentiated (its groups' steps: what autodiff of the rematerialised scan
+      does). ``q̃ Φ``, dead after the contraction, is the buffer ``dq`` is written into.
 
     ``combine=False`` (a measurement floor, ``benchmarks/context_parallel.py``): the same loops
     without the ``K`` extra columns and without the combine — the local op alone on the slice
