@@ -125,7 +125,8 @@ def register_preset(name: str, mixer: str, options: Optional[dict] = None, *, nu
 #: Fig. 2 axis): name -> (mixer, options changed from ``"<mixer>+recall"``, num_heads).
 #: LaCT: a smaller SwiGLU hidden dim ``dh = inter_multi · 64`` at width 64 (``-dh8`` has
 #: DeltaNet's state, 4 704 floats/layer); TTT-Linear: more, smaller heads (``-h4``: 4 604)
-#: or a mini-batch of 1, which has no write buffer (``-mb1``, with a larger inner lr: 4 736).
+#: or a mini-batch of 1, which has no write buffer (``-mb1``, with a larger inner lr: 4 736;
+#: ``-mb1-nobias`` without the fast bias: DeltaNet's 4 672).
 #: Measured in docs/recipes.md ("Recall against state size").
 RECALL_SIZE_VARIANTS: dict = {
     "lact+recall-dh8": ("lact", {"inter_multi": 0.125}, 1),
