@@ -439,13 +439,6 @@ def _token_chunk(x, t0, C, scale=None):
     return x if scale is None else x * jnp.asarray(scale, x.dtype)
 
 
-def _token_chunk_kmajor(x, t0, C):
-    """Tokens ``[t0, t0 + C)`` of ``x [B, Tp, H, K]`` as one chunk ``[B, H, K, C]`` (keys with
-    the token axis last: ``Q Kᵀ`` and ``Kᵀ V`` are then plain matmuls, no transposed operand;
-    see :func:`_chunk_fwd_step`)."""
-    return jnp.transpose(lax.dynamic_slice_in_dim(x, t0, C, axis=1), (0, 2, 3, 1))
-
-
 def _put_chunk(y, yn, t0):
     """Write one chunk ``yn [B, H, C, ...]`` into ``y [B, Tp, H, ...]`` at token ``t0``."""
     return lax.dynamic_update_slice_in_dim(y, jnp.swapaxes(yn, 1, 2), t0, axis=1)
@@ -604,7 +597,7 @@ _chunk_tokens.defvjp(_chunk_tokens_fwd,
 def _chunk_fwd_step(S, x, intra, emit, k_major=False):
     """One chunk of the forward: ``(S_next, o or None)``. ``x = (q, k, v, g)`` as
     ``[B, H, C, K]``, ``[B, H, C, K]``, ``[B, H, C, V]``, ``[B, H, C]`` (``g`` None: no decay);
-    ``k_major``: the keys come as ``[B, H, K, C]`` (:func:`_token_chunk_kmajor`), so that
+    ``k_major``: the keys come as ``[B, H, K, C]`` (as :func:`_tokens_forward` slices them), so that
     ``Q Kᵀ`` and ``Kᵀ V`` are plain batched matmuls (XLA:CPU hands those to its fused matmul
     library; with a transposed operand the state increment was a separate, slower dot)."""
     if k_major:
