@@ -180,9 +180,9 @@ class _TTTLayer(RecipeMixin, Mixer):
 
     def _rule_state(self, cache: dict, batch: int):
         """The rule's state from the cache's fast weights (zero biases when bias-free)."""
-        full = self._fast_weights(batch)
-        return type(full)(*(cache[n] if n in cache else jnp.zeros(a.shape, cache["W1"].dtype)
-                            for n, a in zip(self._fast_names, full)))
+        shapes = jax.eval_shape(lambda: self._fast_weights(batch))  # the state's type and shapes only
+        return type(shapes)(*(cache[n] if n in cache else jnp.zeros(a.shape, cache["W1"].dtype)
+                              for n, a in zip(self._fast_names, shapes)))
 
     def _fast_weights(self, batch: int):
         """Learned initial fast weights broadcast to ``[B, ...]`` (the rule's state)."""
