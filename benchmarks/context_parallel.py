@@ -33,7 +33,11 @@ form (:mod:`tttla_jax.parallel.combine`), ``lact_v2_pipelined`` forces the pipel
 parameter; ``local`` = the layer alone on each slice. ``lact_v2_packed`` /
 ``lact_v2_packed_pipelined``: the same on packed documents of ``--doc-len`` tokens
 (``cu_seqlens``; P = 1 is the single-device packed call, ``local`` the layer on each slice's
-local documents).
+local documents). ``lact_v2_unaligned`` / ``lact_v2_unaligned_pipelined``: unpacked rows whose
+slices are not a multiple of the chunk (``T / P`` not a multiple of ``--lact-chunk``, e.g.
+T = 12288 on 8 devices with chunk 2048: chunks straddle devices); the combined form runs each
+row as one packed document (docs/context_parallel.md, "When it applies"), the pipelined one is
+forced for comparison, also in the same interleaved rounds of the combine-share run.
 
 Prints a Markdown table and writes ``benchmarks/results/context_parallel.json`` (rows of the ops
 not run this time are kept from the existing file).
@@ -68,7 +72,8 @@ from tttla_jax import parallel as tp  # noqa: E402
 # "ones": the loss is the sum of the outputs (the output cotangent a constant); "data": the sum
 # of the outputs weighted by an input "w" of their shape (the cotangent data, as in training)
 COTANGENT = ["ones"]
-LAYERS = ("lact_v2", "lact_v2_pipelined", "lact_v2_packed", "lact_v2_packed_pipelined")
+LAYERS = ("lact_v2", "lact_v2_pipelined", "lact_v2_packed", "lact_v2_packed_pipelined",
+          "lact_v2_unaligned", "lact_v2_unaligned_pipelined")
 OPS = ("linear_attention", "delta_rule") + LAYERS
 LACT_CHUNK = [2048]  # set from --lact-chunk
 DOC_LEN = [3000]     # set from --doc-len: packed rows' documents (the last one shorter)
@@ -101,7 +106,7 @@ def layer_loss_fn(op, P, mesh, H, D, local=False):
         kw = {"cu_seqlens": doc_offsets(T)} if packed else {}
         if P == 1:
             return jnp.sum(nnx.merge(gd, x["params"])(x["x"], **kw)[0])
-        if op in ("lact_v2", "lact_v2_packed") and not local:
+        if op in ("lact_v2", "lact_v2_packed", "lact_v2_unaligned") and not local:
             return jnp.sum(tp.sharded_mixer(nnx.merge(gd, x["params"]), x["x"], mesh=mesh, **kw))
 
         def body(st, xs):
@@ -368,6 +373,14 @@ def main():
     LACT_CHUNK[0] = a.lact_chunk
     DOC_LEN[0] = a.doc_len
     rows, combine = [], []
+    for op in a.ops:
+        if op.startswith("lact_v2_unaligned"):
+            runs = [(T, P) for T in a.T for P in a.P if P > 1] + [(T, 8) for T in [a.combine_T] if T and 8 in a.P]
+            runs += [tuple(int(n) for n in r.split(":")) for r in a.combine_extra]
+            bad = [(T, P) for T, P in runs if (T // P) % a.lact_chunk == 0]
+            if bad:
+                raise SystemExit(f"--ops {op}: T / P must not be a multiple of --lact-chunk = {a.lact_chunk} "
+                                 f"(aligned slices: {bad}); e.g. --T 12288 --P 1 8 --combine-T 12288")
     flop_rec = None
     if a.delta_flops and "delta_rule" in a.ops:
         flop_rec = delta_flop_counts((a.combine_T or 65536) // 8, H, D, C)
@@ -385,6 +398,11 @@ def main():
                 t0 = time.perf_counter()
                 compiled = grad.lower(specs_for(op, T, H, D, P, mesh)).compile()
                 rec = {"op": op, "T": T, "P": P, "compile_s": time.perf_counter() - t0, "memory": memory(compiled)}
+                if op in LAYERS and P > 1 and not op.endswith("_pipelined"):  # the form the call takes
+                    from flax import nnx
+                    from tttla_jax.parallel.combine import combine_reason
+                    rec["combine_reason"] = combine_reason(
+                        nnx.merge(*lact_layer(H, D)), T // P, cu_seqlens=doc_offsets(T) if "packed" in op else None)
                 peak = rec["memory"]["peak_bytes"] if rec["memory"] else None
                 if P == 1:
                     base = peak
@@ -430,8 +448,8 @@ def main():
                     fns["local_token_major"] = jax.jit(jax.grad(local_loss_fn(op, C, mesh, H, D))).lower(x).compile()
                 finally:
                     la_mod._BULK_LAYOUT_BYTES = bulk
-            if op == "lact_v2_packed":  # the pipelined form in the same interleaved rounds
-                fns["full_pipelined"] = jax.jit(jax.grad(loss_fn("lact_v2_packed_pipelined", P, C, mesh, H, D)))
+            if op in ("lact_v2_packed", "lact_v2_unaligned"):  # the pipelined form in the same interleaved rounds
+                fns["full_pipelined"] = jax.jit(jax.grad(loss_fn(op + "_pipelined", P, C, mesh, H, D)))
             if a.delta_breakdown and op == "delta_rule":
                 fns.update(delta_breakdown_fns(x, P, C, mesh, H, D))
             cpu = {k: [] for k in fns}  # CPU time of the process per call (all 8 devices' work; the first call dropped)

@@ -5,17 +5,23 @@ On 8 forced host CPU devices (one subprocess; compilation dominates): the layer 
 ``sequence_parallel`` inside ``shard_map`` equals the single-device call in float64 at 1e-10
 — outputs, the final cache and the gradients of a loss of both w.r.t. the input and every
 parameter; through ``sharded_mixer`` with T not a multiple of the devices (padded at the
-end); the combined form is really taken (``combine_reason`` is None) and the pipelined
-fallback for the cases it does not cover (V0/V1, the MLP memory, unaligned slices, packed
-documents continuing a cache) still equals one device. LaCT and Titans with packed documents
+end); the combined form is really taken (``combine_reason`` is None, and trace-time spies: a
+fresh combined call never reaches ``mixer_apply``, the pipelined form) and the pipelined
+fallback for the cases it does not cover (V0/V1, the MLP memory, an unaligned slice
+continuing a cache, packed documents continuing a cache) still equals one device. Unaligned
+unpacked slices on a fresh call (``T_local`` not a multiple of the chunk / TTT batch) run
+combined, every row as one packed document: LaCT V2 (with and without Muon, window and conv
+halos), V3–V6 and Titans at seq = 2, 4, 8, chunks / batches spanning two and three devices,
+``T`` not a multiple of ``P`` (padded). LaCT and Titans with packed documents
 (a fresh call) run combined: documents cross device boundaries at every phase within a chunk /
 TTT batch (exactly at a boundary too), chunks / batches spanning three devices, documents
 shorter than a chunk, empty documents, ``T`` not a multiple of ``P·C``. A Titans cache runs combined at a
 TTT-batch boundary and pipelined inside a batch, a LaCT cache combined at a chunk boundary
 (``buf_len`` 0 or C, per row) and pipelined inside a chunk (chosen at run time). The
-default suite keeps one case (LaCT V2 with the window branch and a short conv whose halos
-span devices); the sweep over seq = 2, 4, 8, Titans (fresh and continuing a cache), the padded
-calls and the fallbacks are ``@slow``.
+default suite keeps three cases (LaCT V2 with the window branch and a short conv whose halos
+span devices; packed documents and an unaligned slice, outputs and caches only); the sweep over
+seq = 2, 4, 8, Titans (fresh and continuing a cache), the padded calls, the gradients of the
+unaligned and packed forms and the fallbacks are ``@slow``.
 """
 import textwrap
 
@@ -33,7 +39,24 @@ CHECKS = textwrap.dedent('''
     from tttla_jax.nn import MIXERS
     from tttla_jax.parallel import sequence_parallel, sharded_mixer
     from tttla_jax.parallel.combine import combine_reason
+    import tttla_jax.parallel.context as ctxmod
+    import tttla_jax.parallel.combine as cmb
     F64 = jnp.float64
+
+    # trace-time spies: which sequence-parallel form a call takes (the pipelined form is
+    # mixer_apply; an unaligned fresh call runs its rows as one-document packed calls)
+    CALLS = {}
+
+    def spy(mod, name, key):
+        orig = getattr(mod, name)
+        def wrapped(*a, **k):
+            CALLS[key] = CALLS.get(key, 0) + 1
+            return orig(*a, **k)
+        setattr(mod, name, wrapped)
+
+    spy(ctxmod, "mixer_apply", "pipelined")
+    spy(cmb, "combined_apply", "combined")
+    spy(cmb, "_rows_as_documents", "rows_as_documents")
 
     # diff(a, b), weights(shape, seed): tests/_devices.py CHECK_HELPERS
 
@@ -77,7 +100,9 @@ CHECKS = textwrap.dedent('''
         if not grads:  # outputs and final cache only (the gradients: the @slow sweep)
             vg = lambda f: jax.jit(lambda st, x, c: (lambda o: ((loss(o), o), None))(f(st, x, c)))  # noqa: E731
         (l0, o0), g0 = vg(ref)(st, x, c0)
+        CALLS.clear()
         (l1, o1), g1 = vg(sp)(st, x, c0)
+        out["calls"] = dict(CALLS)
         out.update(y=diff(o0[0], o1[0]), cache=diff(o0[1], o1[1]), loss=abs(float(l0 - l1)),
                    y_scale=float(jnp.max(jnp.abs(o0[0]))))
         if grads:
@@ -112,6 +137,10 @@ DEFAULT_CASES = [
     # document 1 crosses the device boundary with 2 of its chunk's 3 tokens on device 0
     (True, dict(id="lact_v2_packed_seq2", name="lact", seq=2, T=6, packed=[0, 1, 6], grads=False,
                 opts={"preset": "v2", "chunk_size": 3})),
+    # unaligned unpacked slices (a fresh call): 4 x 3 tokens, chunk 4, every row one packed
+    # document (outputs and final cache; gradients: the @slow sweep)
+    (True, dict(id="lact_v2_unaligned_seq4", name="lact", seq=4, T=12, grads=False, rows=True,
+                opts={"preset": "v2", "chunk_size": 4})),
 ]
 SLOW_CASES = [
     (True, dict(id="lact_v2_seq2", name="lact", seq=2, T=16, Tpad=13, opts={"preset": "v2", "chunk_size": 4})),
@@ -125,8 +154,38 @@ SLOW_CASES = [
                 opts={"chunk_size": 2, "batch_size": 4, "short_conv": 3})),
     (True, dict(id="titans_seq8", name="titans", seq=8, T=16, Tpad=11,
                 opts={"chunk_size": 1, "batch_size": 2})),
+    # unaligned unpacked slices on a fresh call: combined, each row one packed document.
+    # 8 x 2 tokens, chunk 3: chunks span 2 and 3 devices; window and conv halos; T = 13 padded
+    (True, dict(id="lact_v2_unaligned_win_conv_seq8", name="lact", seq=8, T=16, Tpad=13, rows=True,
+                opts={"preset": "v2", "chunk_size": 3, "window": 3, "short_conv": 3})),
+    # no Muon (momentum kept), 4 x 3 tokens, chunk 4 (T = 11 padded to 12)
+    (True, dict(id="lact_v2_nomuon_unaligned_seq4", name="lact", seq=4, T=12, Tpad=11, rows=True,
+                opts={"preset": "v2", "muon": False, "chunk_size": 4})),
+    # 2 x 5 tokens, chunk 4: the second chunk straddles the boundary
+    (True, dict(id="lact_v2_unaligned_seq2", name="lact", seq=2, T=10, Tpad=9, rows=True,
+                opts={"preset": "v2", "chunk_size": 4, "window": 2})),
+    (True, dict(id="lact_v3_unaligned_seq4", name="lact", seq=4, T=12, rows=True,
+                opts={"preset": "v3", "chunk_size": 5})),
+    (True, dict(id="lact_v4_unaligned_seq8", name="lact", seq=8, T=24, rows=True,
+                opts={"preset": "v4", "chunk_size": 5})),
+    (True, dict(id="lact_v5_unaligned_seq4", name="lact", seq=4, T=12, Tpad=11, rows=True,
+                opts={"preset": "v5", "chunk_size": 2})),
+    (True, dict(id="lact_v6_unaligned_seq2", name="lact", seq=2, T=10, rows=True,
+                opts={"preset": "v6", "chunk_size": 4})),
+    # Titans: 4 x 3 tokens, batch 4; 8 x 2 tokens, batch 5 (batches over 3 devices) with a
+    # conv halo; 2 x 5 tokens, batch 4 (T = 9 padded)
+    (True, dict(id="titans_unaligned_seq4", name="titans", seq=4, T=12, Tpad=10, rows=True,
+                opts={"chunk_size": 2, "batch_size": 4})),
+    (True, dict(id="titans_unaligned_conv_seq8", name="titans", seq=8, T=16, rows=True,
+                opts={"chunk_size": 1, "batch_size": 5, "short_conv": 3})),
+    (True, dict(id="titans_unaligned_seq2", name="titans", seq=2, T=10, Tpad=9, rows=True,
+                opts={"chunk_size": 2, "batch_size": 4})),
     # the pipelined fallback
-    (False, dict(id="titans_unaligned_seq4", name="titans", seq=4, T=8, opts={"chunk_size": 2, "batch_size": 4})),
+    # an unaligned slice continuing a cache (LaCT at a chunk boundary, Titans at a batch one)
+    (False, dict(id="lact_v2_cache_unaligned_seq4", name="lact", seq=4, T=12, cached=4,
+                 opts={"preset": "v2", "chunk_size": 4})),
+    (False, dict(id="titans_cache_unaligned_seq4", name="titans", seq=4, T=12, cached=4,
+                 opts={"chunk_size": 2, "batch_size": 4})),
     (False, dict(id="lact_v1_seq4", name="lact", seq=4, T=8, opts={"preset": "v1", "chunk_size": 2})),
     (False, dict(id="titans_mlp_seq4", name="titans", seq=4, T=16,
                  opts={"chunk_size": 2, "batch_size": 4, "memory": "mlp"})),
@@ -199,13 +258,24 @@ SLOW_CASES = [
 
 
 def _check(cases, timeout=3000):
-    # want_buf: the cache's buf_len per row the case is about (checked, not passed on)
-    res = run_checks(CHECKS, [{k: v for k, v in c.items() if k != "want_buf"} for _, c in cases],
+    # want_buf: the cache's buf_len per row the case is about; rows: an unaligned fresh call whose
+    # rows run as one-document packed calls (both checked, not passed on)
+    res = run_checks(CHECKS, [{k: v for k, v in c.items() if k not in ("want_buf", "rows")} for _, c in cases],
                      devices=8, timeout=timeout)
     assert set(res) == {c["id"] for _, c in cases}
     for combined, c in cases:
         r = res[c["id"]]
         assert (r["reason"] is None) == combined, (c["id"], r["reason"])
+        # the form really taken (trace-time spies): the pipelined form is mixer_apply; a fresh
+        # combined call never reaches it (a cache traces both branches of the run-time choice)
+        calls = r["calls"]
+        if combined:
+            assert calls.get("combined", 0) >= 1, (c["id"], calls)
+            if not c.get("cached"):
+                assert calls.get("pipelined", 0) == 0, (c["id"], calls)
+        else:
+            assert calls.get("pipelined", 0) >= 1 and calls.get("combined", 0) == 0, (c["id"], calls)
+        assert (calls.get("rows_as_documents", 0) >= 1) == c.get("rows", False), (c["id"], calls)
         assert r["y_scale"] > 1e-3, (c["id"], r)  # outputs are not trivially zero
         for what in ("y", "cache", "grads", "loss", "pad_loss", "pad_grads"):
             if what in r:

@@ -47,12 +47,20 @@ device's first token minus one — the state before its current chunk (combined)
 widened run of the layer's packed stream gives the transform and, as coefficients of the
 incoming state, the outputs and caches (:func:`_titans_packed_apply`).
 
+Unaligned unpacked slices on a fresh call (``T_local`` not a multiple of the chunk / TTT
+batch, so segments straddle devices): an unpacked row is a packed row holding one document,
+so every row runs the packed combined form with the global offsets ``[0, P·L]`` (``vmap`` over
+the ``B`` rows inside ``shard_map``, :func:`_rows_as_documents`); the one-document caches,
+stacked, are the unpacked cache ``[B, ...]`` the single-device call returns.
+
 When the combined form applies (:func:`combine_reason` is ``None``): a fresh sequence
-(``cache=None``, the training path) or a cache at a segment boundary (:func:`cache_at_boundary`,
-checked at run time), and the slice aligned to the layer's segments (LaCT: ``T_local`` a
-multiple of ``chunk_size``; Titans: of ``batch_size``); or packed documents on a fresh call
-(any ``T_local``). Otherwise the layer runs pipelined (e.g. packed documents continuing a
-cache). Gradients: plain autodiff through the collectives
+(``cache=None``, the training path), for any ``T_local`` (aligned slices run the rule's own
+parallel form per device; unaligned ones the packed form, one document per row); a cache at a
+segment boundary (:func:`cache_at_boundary`, checked at run time) with the slice aligned to
+the layer's segments (LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of
+``batch_size``); packed documents on a fresh call (any ``T_local``). Otherwise the layer runs
+pipelined (packed documents continuing a cache, an unaligned slice continuing a cache).
+Gradients: plain autodiff through the collectives
 (``all_gather``); Titans' transform (step 1–2) is rematerialised in the backward pass.
 """
 from __future__ import annotations
@@ -82,10 +90,13 @@ def _kind(mixer) -> Optional[str]:
 def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seqlens=None) -> Optional[str]:
     """``None`` if ``mixer`` runs the associative combined form under sequence parallelism
     for a call on ``local_len`` tokens per device (``None``: any aligned length) with this
-    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A call with a cache
-    runs combined when the cache sits at a segment boundary (:func:`cache_at_boundary`,
-    decided at run time by a ``lax.cond``), else pipelined. Packed documents (``cu_seqlens``)
-    run combined on a fresh call, for any ``local_len``."""
+    ``cache`` / ``cu_seqlens``; else why it runs pipelined (a sentence). A fresh call
+    (``cache=None``) runs combined for any ``local_len``: slices aligned to the layer's
+    segments (LaCT ``chunk_size``, Titans ``batch_size``) with the rule's parallel form per
+    device, unaligned ones with every row as one packed document. A call with a cache runs
+    combined when ``local_len`` is aligned and the cache sits at a segment boundary
+    (:func:`cache_at_boundary`, decided at run time by a ``lax.cond``), else pipelined. Packed
+    documents (``cu_seqlens``) run combined on a fresh call, for any ``local_len``."""
     kind = _kind(mixer)
     if kind is None:
         return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
@@ -107,9 +118,9 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
             return ("Titans memory='mlp': the first layer's features act(k W1) depend on the state "
                     "(not affine in it)")
         seg, what = mixer.batch_size, "batch_size"
-    if local_len is not None and local_len % seg and not packed:
-        return (f"the tokens per device ({local_len}) are not a multiple of {what} = {seg}: "
-                f"segments would straddle devices")
+    if local_len is not None and local_len % seg and not packed and cache is not None:
+        return (f"a cache continued on {local_len} tokens per device, not a multiple of "
+                f"{what} = {seg}: runs pipelined")
     return None
 
 
@@ -129,7 +140,8 @@ def cache_at_boundary(mixer, cache) -> jax.Array:
 def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None, cache=None,
                    cu_seqlens=None):
     """The combined form of a LaCT (V2–V6) or Titans (linear memory) layer on this device's
-    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``), or of one
+    slice ``x`` ``[B, T_local, W]`` of a fresh sequence (call inside ``shard_map``; an
+    unaligned ``T_local`` runs every row as one packed document, :func:`_rows_as_documents`), or of one
     continuing a ``cache`` at a segment boundary (:func:`cache_at_boundary`; not checked here,
     see :func:`tttla_jax.parallel.context.sequence_parallel_call`). Titans: the cache's memory
     and momentum enter device 0. LaCT: a row with a whole buffered chunk (``buf_len = C``)
@@ -169,6 +181,8 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
     m = nnx.merge(graphdef, state)
     c0 = jax.tree.map(lambda a: _ctx._varying(jnp.asarray(a), axes),
                       m.init_cache(NB if packed else B) if cache is None else cache)
+    if not packed and cache is None and L % _segment(mixer):
+        return _rows_as_documents(m, x, positions, c0, axis)
     if packed and _kind(mixer) == "lact":
         return _lact_packed_apply(m, x, positions, c0, cu_seqlens, axis)
     if packed:
@@ -179,6 +193,30 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
 
 
 # ------------------------------------------------------------------------------- helpers
+
+def _segment(mixer) -> int:
+    """The layer's segment: LaCT's ``chunk_size``, Titans' ``batch_size``."""
+    return mixer.rule.chunk_size if _kind(mixer) == "lact" else mixer.batch_size
+
+
+def _rows_as_documents(mixer, x, positions, c0, axis):
+    """A fresh unpacked call whose slices are not aligned to the layer's segments: every row is
+    one packed document spanning the whole sequence (global offsets ``[0, P·L]``), run by the
+    packed combined form (:func:`_lact_packed_apply` / :func:`_titans_packed_apply`, ``vmap``-ed
+    over the ``B`` rows); the one-document caches stacked are the unpacked cache ``[B, ...]``."""
+    L = x.shape[1]
+    cu = jnp.asarray([0, _ctx.axis_size(axis) * L], jnp.int32)
+    one = jax.tree.map(lambda a: a[:1], c0)                       # a fresh one-document cache
+
+    def row(xr, pr):
+        if _kind(mixer) == "lact":
+            y, c = _lact_packed_apply(mixer, xr[None], pr[None], one, cu, axis)
+        else:
+            y, c = _titans_packed_apply(mixer, xr[None], one, cu, axis)
+        return y[0], jax.tree.map(lambda a: a[0], c)
+
+    return jax.vmap(row)(x, positions)
+
 
 def _halo_rows(a, start, axis):
     """:func:`context.halo` for ``[B, T, ...]`` rows with the start ``[B, K, ...]`` (any trailing dims)."""

@@ -376,7 +376,8 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
     """A ``"pipelined"`` mixer's call under :func:`sequence_parallel` (the ``Mixer`` base
     class routes it here): :func:`mixer_apply` (``cu_seqlens``: the global offsets of packed
     documents), or, for the LaCT (ladder V2–V6) and Titans (linear memory) layers on a fresh
-    sequence (or a cache at a segment boundary) with device-aligned segments, their combined form
+    sequence (any slice length; packed documents too) or a cache at a segment boundary with
+    device-aligned segments, their combined form
     (:func:`tttla_jax.parallel.combine.combined_apply`; ``combine_reason`` says which applies).
     Other keyword arguments are rejected with a ``ValueError`` naming them."""
     extra = sorted(k for k, v in kw.items() if v is not None)
