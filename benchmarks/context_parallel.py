@@ -18,10 +18,11 @@ backward (the gradient of the sum of the outputs w.r.t. q, k, v, log-decay and �
 * **combine share** (T = ``--combine-T``, P = 8, and each ``--combine-extra T:P``; interleaved
   rounds): the full sharded step vs the
   same shard_map running only the local op on each slice (``local``: no state passing, the
-  compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans). For
-  linear attention also against the single-device op forced token-major
-  (``local_token_major``, like for like: on a slice of at most 8 MiB the op alone otherwise
-  takes its whole-slice layout when differentiated). Each call's CPU time of the process (the 8
+  compute floor): ``combine = (full − local) / full`` (state passes, collectives, scans). (The
+  single-device linear-attention op is token-major at every size, like the sharded form, so
+  ``local`` is its like-for-like floor; older results also have a ``local_token_major`` row
+  from when a differentiated slice of at most 8 MiB took a whole-slice layout.) Each call's
+  CPU time of the process (the 8
   devices' total work) is recorded too (``cpu_times``): under a loaded machine it moves far less
   than wall time.
 
@@ -438,16 +439,6 @@ def main():
                     fns["full_transform"] = jax.jit(jax.grad(loss_fn(op, P, C, mesh, H, D))).lower(x).compile()
                 finally:
                     cp_ops._LA_STATES_FIRST = True
-            if op == "linear_attention":
-                # like for like: the single-device op forced token-major (chunk by chunk, as the
-                # sharded form runs) — on a slice of at most _BULK_LAYOUT_BYTES it otherwise lays the
-                # whole slice out at once when differentiated (traced and compiled with the limit 0)
-                la_mod = importlib.import_module("tttla_jax.ops.linear_attention")
-                bulk, la_mod._BULK_LAYOUT_BYTES = la_mod._BULK_LAYOUT_BYTES, 0
-                try:
-                    fns["local_token_major"] = jax.jit(jax.grad(local_loss_fn(op, C, mesh, H, D))).lower(x).compile()
-                finally:
-                    la_mod._BULK_LAYOUT_BYTES = bulk
             if op in ("lact_v2_packed", "lact_v2_unaligned"):  # the pipelined form in the same interleaved rounds
                 fns["full_pipelined"] = jax.jit(jax.grad(loss_fn(op + "_pipelined", P, C, mesh, H, D)))
             if a.delta_breakdown and op == "delta_rule":

@@ -53,6 +53,14 @@ def product_flops(B, T, H, K, V, C):
     return B * H * N * (2 * C * C * K + 2 * C * C * V + 4 * C * K * V)
 
 
+def fwdbwd_flops(B, T, H, K, V, C):
+    """FLOPs of the forward's four products and the backward's nine over ``ceil(T / C)`` tiles:
+    ``Aᵀ``, ``dPᵀ``, ``Aᵀ dO``, ``dPᵀ Q``, ``Kᵀ dPᵀ`` (C×C each) and ``K dS``, ``V dSᵀ``,
+    ``S dOᵀ``, ``Qᵀ dO`` (C×K×V each)."""
+    N = -(-T // C)
+    return product_flops(B, T, H, K, V, C) + B * H * N * (2 * C * C * (3 * K + 2 * V) + 8 * C * K * V)
+
+
 def inputs(B, T, H, K, V):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32)
@@ -99,8 +107,51 @@ def tile_forms(q, k, v, C, scale):
         S, o = lax.scan(step, S0, (Qc, Kt, Vc), unroll=4)
         return o, S
 
+    Kc, Qt = jax.block_until_ready(tiles(k)), jax.block_until_ready(jnp.swapaxes(tiles(q) * scale, -1, -2))
+    dOc = jax.block_until_ready(jnp.asarray(rng.normal(size=(N, B, H, C, V)), jnp.float32))  # stand-in dO
+
+    def fwdbwd(Qc, Qt, Kc, Kt, Vc, dOc, groups=1):
+        # the forward as above, also keeping the state before every tile (the residual the
+        # backward reads), then the backward's nine products per tile in a reverse scan:
+        # Aᵀ = K Qᵀ, dPᵀ = V dOᵀ, dV = K dS + Aᵀ dO, dK = V dSᵀ + dPᵀ Q, dQᵀ = Kᵀ dPᵀ + S dOᵀ,
+        # dS ← dS + Qᵀ dO (every left operand contracted over its last axis), the three adds
+        # to dV, dK, dQ and the state-cotangent add, the gradients stacked
+        nb = B // groups
+        sl = lambda x, i: x[i * nb:(i + 1) * nb]  # noqa: E731
+
+        def fstep(S, x):
+            outs, states = [], []
+            for i, Sg in enumerate(S):
+                qn, ktn, vn = (sl(y, i) for y in x)
+                outs.append(mm(mm(qn, ktn), vn) + mm(qn, Sg))
+                states.append(Sg + mm(ktn, vn))
+            return tuple(states), (tuple(outs), S)
+
+        S0 = tuple(jnp.zeros((nb, H, K, V), jnp.float32) for _ in range(groups))
+        S, (o, S_prev) = lax.scan(fstep, S0, (Qc, Kt, Vc), unroll=4)
+
+        def bstep(dS, x):
+            grads, dSn = [], []
+            for i, dSg in enumerate(dS):
+                qn, qt, kn, kt, vn, don = (sl(y, i) for y in x[:6])
+                Sg = x[6][i]
+                At = jnp.einsum("bhjk,bhik->bhji", kn, qn)
+                dPt = jnp.einsum("bhjv,bhiv->bhji", vn, don)
+                dv = mm(kn, dSg) + mm(At, don)
+                dk = jnp.einsum("bhcv,bhkv->bhck", vn, dSg) + mm(dPt, qn)
+                dqt = mm(kt, dPt) + jnp.einsum("bhkv,bhiv->bhki", Sg, don)
+                grads.append((dqt, dk, dv))
+                dSn.append(dSg + mm(qt, don))
+            return tuple(dSn), tuple(grads)
+
+        dS, grads = lax.scan(bstep, S, (Qc, Qt, Kc, Kt, Vc, dOc, S_prev), reverse=True, unroll=4)
+        return o, grads, dS
+
     tile_args = (Qc, Kt, Vc, S_all, A_all)
-    fns = {f"products, scan, tile {C}": (jax.jit(scan), tile_args),
+    fb_args = (Qc, Qt, Kc, Kt, Vc, dOc)
+    fns = {f"fwd+bwd products, scan, tile {C}": (jax.jit(fwdbwd), fb_args),
+           f"fwd+bwd products, scan in 2 groups, tile {C}": (jax.jit(functools.partial(fwdbwd, groups=2)), fb_args),
+           f"products, scan, tile {C}": (jax.jit(scan), tile_args),
            f"products, scan in 2 groups, tile {C}": (jax.jit(functools.partial(scan, groups=2)), tile_args),
            f"products, batched (4 dots), tile {C}": (jax.jit(batched), tile_args)}
     for w in ("qk", "av", "qs", "kv"):
@@ -155,6 +206,13 @@ def main(argv=None):
         fns.update(tile_forms(q, k, v, C, scale))
     fns["tt.linear_attention fwd"] = (
         jax.jit(lambda q, k, v: tt.linear_attention(q, k, v, scale=scale, impl="chunked", chunk_size=64)[0]), (q, k, v))
+    g = jnp.asarray(-np.random.default_rng(2).uniform(0, 0.1, size=(B, T, H)), jnp.float32)
+
+    def loss(q, k, v, g=None):  # as benchmarks/forms.py
+        return jnp.sum(tt.linear_attention(q, k, v, scale=scale, log_decay=g, impl="chunked", chunk_size=64)[0] ** 2)
+
+    fns["tt.linear_attention fwd+bwd"] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), (q, k, v))
+    fns["tt.linear_attention fwd+bwd, log-decay"] = (jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))), (q, k, v, g))
     arrays = dict(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
     runs = {n: timed(f, args) for n, (f, args) in fns.items()}
     peer = None
@@ -187,6 +245,8 @@ def main(argv=None):
         """The FLOPs a row does: its tile's four products, or one of them; the forward is
         charged the 32-token tiles' products (what it runs on a CPU host)."""
         C = int(name.rsplit("tile ", 1)[1]) if "tile " in name else 32
+        if "fwd+bwd" in name:
+            return fwdbwd_flops(B, T, H, K, V, C)
         each = {"qk": 2 * C * C * K, "av": 2 * C * C * V, "qs": 2 * C * K * V, "kv": 2 * C * K * V}
         for key, f in each.items():
             if name.strip().startswith(f"batched {key}"):
@@ -217,6 +277,19 @@ def main(argv=None):
     summary = dict(product_gflop=fl / 1e9, matmul_gflops=rate, ideal_ms_at_matmul_rate=ideal_ms,
                    best_products_ms=best, best_products=best_name, ours_fwd_ms=get["tt.linear_attention fwd"]["wall_ms"],
                    ours_over_products=get["tt.linear_attention fwd"]["wall_ms"] / best)
+    fb_name = min((n for n in get if n.startswith("fwd+bwd products")), key=lambda n: get[n]["wall_ms"])
+    fb_best = get[fb_name]["wall_ms"]
+    fb_fl = fwdbwd_flops(B, T, H, K, V, min(a.tiles))
+    summary.update(fwdbwd_product_gflop=fb_fl / 1e9, fwdbwd_ideal_ms_at_matmul_rate=fb_fl / (rate * 1e9) * 1e3,
+                   best_fwdbwd_products_ms=fb_best, best_fwdbwd_products=fb_name,
+                   ours_fwdbwd_ms=get["tt.linear_attention fwd+bwd"]["wall_ms"],
+                   ours_fwdbwd_over_products=get["tt.linear_attention fwd+bwd"]["wall_ms"] / fb_best,
+                   ours_fwdbwd_decay_ms=get["tt.linear_attention fwd+bwd, log-decay"]["wall_ms"],
+                   ours_fwdbwd_decay_over_products=get["tt.linear_attention fwd+bwd, log-decay"]["wall_ms"] / fb_best)
+    print(f"\nfwd+bwd products of {min(a.tiles)}-token tiles ({fb_fl / 1e9:.3f} GFLOP) at the 2-D matmul rate: "
+          f"{summary['fwdbwd_ideal_ms_at_matmul_rate']:.2f} ms; fastest measured products alone ({fb_name}): {fb_best:.2f} ms; "
+          f"our fwd+bwd {summary['ours_fwdbwd_ms']:.2f} ms ({summary['ours_fwdbwd_over_products']:.2f}x), with a log-decay "
+          f"{summary['ours_fwdbwd_decay_ms']:.2f} ms ({summary['ours_fwdbwd_decay_over_products']:.2f}x)")
     print(f"\nproducts of {min(a.tiles)}-token tiles at the 2-D matmul rate: {ideal_ms:.2f} ms; fastest measured "
           f"products alone ({best_name}): {best:.2f} ms; our forward {summary['ours_fwd_ms']:.2f} ms ({summary['ours_over_products']:.2f}x the products)")
     if peer is not None:

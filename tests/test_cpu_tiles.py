@@ -1,7 +1,7 @@
 """On a CPU host the chunked forms run chunks of at most 32 tokens where the chunk size is
-only a tiling choice (linear attention without decay, causal or bidirectional, and with a
-per-head log-decay in a call that is not differentiated; the delta rule with a per-head or
-no log-decay): ``chunk_size=64`` then runs 32-token tiles. Those
+only a tiling choice (linear attention without decay or with a per-head log-decay, causal or
+bidirectional; the delta rule with a per-head or no log-decay): ``chunk_size=64`` then runs
+32-token tiles. Those
 tiles equal the token scan — outputs, final states and every gradient (float64, the
 harness' 1e-10) — with at least 16 tiles, so the unrolled chunk scans run, and with a
 ``-inf`` log-decay for the delta rule. (Packed sequences run the same chunk scans with
@@ -54,11 +54,11 @@ def test_gated_delta_rule_tiles_equal_token_scan_float64_with_cut():
     assert {e.quantity for e in report.entries} >= {"output", "state", "grad[g]", "grad[beta]", "grad[h0]"}
 
 
-def test_linear_attention_decayed_forward_tiles_equal_token_scan_float64():
-    """With a per-head log-decay a call that is not differentiated runs 32-token tiles on a CPU
-    host (the differentiated call keeps ``chunk_size``): outputs and final states of the
-    forward alone against the token scan, with cuts (``-inf``, ``-1e30``) inside tiles, for
-    ``masking="causal"`` and ``"none"``."""
+def test_linear_attention_decayed_tiles_equal_token_scan_float64():
+    """With a per-head log-decay the chunked form runs 32-token tiles on a CPU host, forward
+    alone and differentiated: outputs and final states of the forward alone, then outputs,
+    states and every gradient (q, k, v, log-decay, initial state), against the token scan,
+    with cuts (``-inf``, ``-1e30``) inside tiles, for ``masking="causal"`` and ``"none"``."""
     rng = np.random.default_rng(4)
     g = -rng.uniform(0.0, 0.3, size=(2, T, H))
     g[0, 100, 1] = -np.inf  # a cut inside a tile
@@ -71,8 +71,10 @@ def test_linear_attention_decayed_forward_tiles_equal_token_scan_float64():
                                                               output_final_state=True, masking=masking,
                                                               chunk_size=C, impl=impl)
 
-        report = tt.testing.check_equivalence({"recurrent": form("recurrent"), "chunked": form("chunked")}, x,
-                                              baseline="recurrent", check_grads=False)
-        print(report)
-        report.assert_ok()
-        assert {e.quantity for e in report.entries} >= {"output", "state"}
+        for grads in (False, True):
+            report = tt.testing.check_equivalence({"recurrent": form("recurrent"), "chunked": form("chunked")}, x,
+                                                  baseline="recurrent", check_grads=grads)
+            print(report)
+            report.assert_ok()
+            assert {e.quantity for e in report.entries} >= {"output", "state"} | (
+                {"grad[q]", "grad[k]", "grad[v]", "grad[g]", "grad[h0]"} if grads else set())

@@ -65,10 +65,13 @@ from tttla_jax.ops.chunk import (
     from_scan_layout,
     from_token_blocks,
     lower_mask,
+    masked_decay,
     num_chunks,
     pad_time,
     reverse_cumsum_by_matmul,
     scan_layout,
+    segment_cumsum,
+    segment_decays,
     token_blocks,
 )
 
@@ -98,12 +101,12 @@ _UNROLL_MIN_CHUNKS = 16
 # float32, chunk_size 64 vs 32, interleaved: forward 17.6 -> 15.4 ms, forward+backward
 # 49.7 -> 44.2 ms (wall, real-time priority on a loaded 2-core host; on another run
 # 25.8 -> 25.4 / 75.5 -> 78.6 ms), CPU time at normal priority 25.7 -> 24.1 / 77.6 -> 70.2 ms.
-# With a log-decay the runs disagreed (forward+backward 52.8 -> 53.2, 74.5 -> 90.1 and
-# 76.0 -> 80.0 ms wall at real-time priority, 94.4 -> 85.7 ms CPU at normal priority), so
-# differentiated decayed calls keep chunk_size; 16-token tiles were slower forward+backward
-# (62 ms). A decayed call that is not differentiated (the custom VJP's primal) runs these
-# tiles too: forward, chunk_size 64 as 64 vs 32-token tiles, interleaved, load 2.3-2.4,
-# 29.1 -> 25.1 ms at T=2048 and 113.9 -> 107.3 ms at T=8192 (16-token tiles: 26.9 / 115.0).
+# 16-token tiles were slower forward+backward (62 ms). With a per-head log-decay (token-major
+# chunk scan only: not packed sequences, not per-channel gates) the same tiles: forward,
+# chunk_size 64 as 64 vs 32-token tiles, interleaved, load 2.3-2.4, 29.1 -> 25.1 ms at T=2048
+# and 113.9 -> 107.3 ms at T=8192 (16-token tiles: 26.9 / 115.0); forward+backward (with the
+# key-major backward step, _chunk_bwd_step_kmajor), interleaved, 11 rounds, real-time
+# priority, load 8-9: 69.3 -> 63.1 ms at T=2048, 287 -> 276 ms at T=8192 (docs/implementations.md).
 _CPU_TILE = 32
 # Independent groups of (B, H) pairs in each step of the linear-attention forward chunk scan
 # (_tokens_forward): each group slices its own part of the chunk and has its own products,
@@ -111,13 +114,11 @@ _CPU_TILE = 32
 # concurrently, on both cores of this host, where one batched product per step runs on one.
 _PAIR_GROUPS = 2
 _MIN_GROUP_PAIRS = 8
-# The differentiated chunked form with a log-decay lays the whole sequence out at once while
-# one [B, T, H, K] tensor is at most this many bytes (see _bulk_layout): B=4, T=2048, H=4,
-# K=64 float32 (8 MiB) forward+backward, interleaved, real-time priority, load 8-14, chunk by
-# chunk vs whole sequence: 77.9 vs 76.7 ms, 73.4 vs 71.6, 72.9 vs 71.7, 100.3 vs 95.4, 90.2 vs
-# 90.8 (but 2-4 % less CPU time chunk by chunk). At T=8192 (32 MiB) chunk by chunk: 336 vs
-# 351 ms, 247 vs 267 ms.
-_BULK_LAYOUT_BYTES = 8 * 2**20
+# Groups of (B, H) pairs in each step of the backward chunk scan (_tokens_backward). Two
+# groups were slower there (forward+backward without decay, B=4, T=2048, H=4, K=V=64,
+# interleaved, 15 rounds, real-time priority, load 7: 57.3 ms with two groups, 49.3 ms with
+# one; CPU time 76.7 / 77.8 ms), so the backward runs one.
+_BWD_PAIR_GROUPS = 1
 
 
 def _scan_unroll(n_chunks: int) -> int:
@@ -249,8 +250,8 @@ def linear_attention(
       chunk_size: chunk length for ``impl="chunked"`` and for ``masking="chunk"``; a Python,
         NumPy or concrete JAX integer. With ``masking="causal"`` / ``"none"`` it is a tiling
         choice only (the results do not depend on it beyond rounding); the chunked form on a
-        CPU host then runs tiles of at most 32 tokens without a log-decay, and with a per-head
-        log-decay in a call that is not differentiated (faster there).
+        CPU host then runs tiles of at most 32 tokens without a log-decay or with a per-head
+        one (faster there; packed sequences and per-channel gates keep ``chunk_size``).
       impl: ``"auto"`` | ``"pallas"`` | ``"chunked"`` | ``"recurrent"`` | ``"associative"``
         (docs/implementations.md). ``"auto"`` takes the first of these that can run: the
         kernel only on GPU/TPU for shapes it supports, else the chunked XLA form.
@@ -307,12 +308,9 @@ def linear_attention(
     g = jnp.zeros_like(qf[..., 0]) if log_decay is None else log_decay.astype(sd)
     if impl == "chunked" and log_decay is None:
         g = None  # the chunked form's no-decay path: no decay terms, no log-decay gradient
-    fwd_tile = None
-    if impl == "chunked" and masking != "chunk" and _impl.platform() == "cpu":
-        if g is None:
-            chunk_size = min(chunk_size, _CPU_TILE)  # a tiling choice only (see _CPU_TILE)
-        else:
-            fwd_tile = _CPU_TILE  # a per-head log-decay: the forward-only call's tile (_CPU_TILE)
+    if (impl == "chunked" and masking != "chunk" and _impl.platform() == "cpu"
+            and (g is None or (cu_seqlens is None and not per_channel(g)))):
+        chunk_size = min(chunk_size, _CPU_TILE)  # a tiling choice only (see _CPU_TILE)
     if cu_seqlens is not None:
         N = cu_seqlens.shape[0] - 1
         h0 = jnp.zeros((N, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
@@ -322,7 +320,7 @@ def linear_attention(
         return o.astype(q.dtype), (S if output_final_state else None)
     S0 = jnp.zeros((B, H, K, V), sd) if initial_state is None else initial_state.astype(sd)
     if in_chunks:
-        o, S = _chunked(qf, kf, vf, g, S0, masking, chunk_size, scale, fwd_tile)
+        o, S = _chunked(qf, kf, vf, g, S0, masking, chunk_size, scale)
         return o.astype(q.dtype), (S if output_final_state else None)
     form = {"recurrent": _recurrent, "associative": _associative,
             "chunked": _chunked_channel if per_channel(g) else _chunked}[impl]
@@ -403,7 +401,7 @@ def _associative(q, k, v, g, S0, masking, chunk_size):
 # --------------------------------------------------------------------------- chunked
 
 
-def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0, fwd_tile=None):
+def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0):
     """Chunk-parallel form: masked matmuls inside chunks, a scan over chunks carrying the state.
 
     The scan runs over chunks with all (B, H) pairs of one chunk batched in each step:
@@ -411,23 +409,20 @@ def _chunked(q, k, v, g, S0, masking, chunk_size, scale=1.0, fwd_tile=None):
     batched dot over every chunk at once (cache), so the scan is also the fast layout.
     Each step slices its chunk straight from the ``[B, T, H, d]`` inputs and writes its
     outputs back in place (:func:`_chunk_tokens`): no whole-sequence layout copy is made.
-    The backward pass is hand-written: it keeps only the state before each chunk and
-    recomputes the intra-chunk products. ``g=None`` (no decay): the same scan without any
-    decay term (a causal mask instead of ``D``, no exponentials, no log-decay gradient).
-    ``scale`` (a Python float) multiplies each chunk's queries. ``fwd_tile``
-    (``masking="causal"`` / ``"none"`` only): the tile of a call that is not differentiated,
-    used where it divides the chunk (:func:`_chunk_tokens`).
+    The backward pass is hand-written (:func:`_tokens_backward`): it keeps only the state
+    before each chunk and recomputes the intra-chunk products. ``g=None`` (no decay): the
+    same scan without any decay term (a causal mask instead of ``D``, no exponentials, no
+    log-decay gradient). ``scale`` (a Python float) multiplies each chunk's queries.
     """
     T = q.shape[1]
     C = min(chunk_size, T) if masking != "chunk" else chunk_size
     Tp = num_chunks(T, C) * C
     q, k, v = (pad_time(x, Tp) for x in (q, k, v))
     g = None if g is None else pad_time(g, Tp)
-    ft = fwd_tile if masking != "chunk" and fwd_tile and fwd_tile < C and C % fwd_tile == 0 else None
     if masking == "none":
-        _, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, False, False, ft)
+        _, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, False, False)
         return jnp.einsum("bthk,bhkv->bthv", q[:, :T] * scale, S_final), S_final
-    o, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, masking == "causal", True, ft)
+    o, S_final = _chunk_tokens(q, k, v, g, S0, scale, C, masking == "causal", True)
     return o[:, :T], S_final
 
 
@@ -510,88 +505,167 @@ def _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, keep_states, groups=N
     return o, assemble(S), S_prev
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _chunk_tokens(q, k, v, g, S0, scale, C, intra, emit, fwd_tile=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _chunk_tokens(q, k, v, g, S0, scale, C, intra, emit):
     """The chunk scan over token-major inputs ``[B, Tp, H, d]`` (``Tp`` a multiple of ``C``;
     see :func:`_chunked`). Returns ``(o [B, Tp, H, V] or None, S_final)``. Same step and
-    backward formulas as :func:`_chunk_scan`. ``fwd_tile`` (a divisor of ``C``, only where
-    the chunk size is a tiling choice): the tile of a call that is not differentiated (this
-    primal); the differentiated call (:func:`_chunk_tokens_fwd`) keeps ``C``."""
-    o, S, _ = _tokens_forward(q, k, v, g, S0, scale, fwd_tile or C, intra, emit, False)
+    backward formulas as :func:`_chunk_scan` (the backward's step key-major:
+    :func:`_chunk_bwd_step_kmajor`)."""
+    o, S, _ = _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, False)
     return o, S
 
 
-def _bulk_layout(q, g) -> bool:
-    """Whether the differentiated decayed form lays the whole sequence out at once (the
-    previous form, :func:`_chunk_scan`) instead of chunk by chunk: while one ``[B, T, H, K]``
-    tensor is at most ``_BULK_LAYOUT_BYTES`` (it then stays in cache), its forward+backward
-    was 1.6–5 % faster in wall time that way in four runs of five (the whole-sequence copies
-    run on both cores), though 2–4 % slower in CPU time."""
-    return g is not None and q.size * q.dtype.itemsize <= _BULK_LAYOUT_BYTES
-
-
-def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit, fwd_tile=None):
-    if _bulk_layout(q, g):
-        xs = (scan_layout(q * jnp.asarray(scale, q.dtype), C),) + tuple(scan_layout(x, C) for x in (k, v, g))
-        (o, S), res = _chunk_scan_fwd(*xs, S0, None, None, intra, emit)
-        return (None if o is None else from_scan_layout(o, q.shape[1]), S), res
+def _chunk_tokens_fwd(q, k, v, g, S0, scale, C, intra, emit):
     o, S, S_prev = _tokens_forward(q, k, v, g, S0, scale, C, intra, emit, True)
     return (o, S), (q, k, v, g, S_prev)
 
 
 def _chunk_tokens_bwd(scale, C, intra, emit, res, cts, *, scale_grad: bool = False, offset=None):
-    """Chunks in reverse, each through the step of :func:`_chunk_scan_bwd`; the gradients
-    are written back to ``[B, Tp, H, d]`` in place (after the whole-sequence layout of
-    :func:`_bulk_layout`: :func:`_chunk_scan_bwd` on it). ``scale_grad`` (chunk-by-chunk
-    form only): also return ``Σ q ⊙ ∂/∂(scale·q)``, the gradient w.r.t. ``scale`` (a scalar of
-    ``q``'s sharding type), accumulated chunk by chunk. ``offset = (Φ [N, B, H], S_in)``
-    (chunk-by-chunk form only): the state before chunk ``n`` is ``S_prev[n] + Φ_n S_in``,
-    formed chunk by chunk (no second stack of states)."""
+    """Chunks in reverse (:func:`_tokens_backward`), the gradients written back to
+    ``[B, Tp, H, d]`` in place. ``scale_grad``: also return ``Σ q ⊙ ∂/∂(scale·q)``, the
+    gradient w.r.t. ``scale`` (a scalar of ``q``'s sharding type), accumulated chunk by
+    chunk. ``offset = (Φ [N, B, H], S_in)``: the state before chunk ``n`` is
+    ``S_prev[n] + Φ_n S_in``, formed chunk by chunk (no second stack of states)."""
     do, dS = cts
-    if len(res) == 6:  # the whole-sequence layout of _bulk_layout
-        Tp = res[0].shape[0] * C
-        do = scan_layout(do, C) if emit and do is not None else None
-        dq, dk, dv, dg, dS0, _, _ = _chunk_scan_bwd(intra, emit, res, (do, dS))
-        back = lambda y: from_scan_layout(y, Tp)  # noqa: E731
-        return (back(dq) * jnp.asarray(scale, dq.dtype), back(dk), back(dv), back(dg[..., None])[..., 0], dS0)
     q, k, v, g, S_prev = res
-    Tp = q.shape[1]
-    emit_do = emit and do is not None
+    return _tokens_backward(q, k, v, g, S_prev, do if emit else None, dS, scale, C, intra,
+                            scale_grad=scale_grad, offset=offset)
+
+
+def _tokens_backward(q, k, v, g, S_prev, do, dS, scale, C, intra, *, scale_grad=False, offset=None,
+                     groups=None):
+    """The chunk-by-chunk backward of :func:`_chunk_tokens_bwd`: a reverse scan over the chunks
+    whose step runs the (B, H) pairs as ``groups`` independent blocks (default
+    :func:`_pair_groups` with ``_BWD_PAIR_GROUPS``), each slicing its chunk from the
+    ``[B, Tp, H, d]`` inputs (queries and keys both token-major ``[C, K]`` and key-major
+    ``[K, C]``), differentiating it with :func:`_chunk_bwd_step_kmajor` (every product a
+    plain batched matmul, or one whose right operand is transposed) and writing its gradients
+    in place. ``do`` None: no output cotangent."""
+    B, Tp, H = q.shape[:3]
+    if groups is None:
+        groups = _pair_groups(B, H, _BWD_PAIR_GROUPS)
+    sd = S_prev.dtype
 
     def buf(x, fill):
         # every element is overwritten (the chunks tile [0, Tp)); distinct fill values keep
         # XLA from sharing one zero buffer among the gradients and copying it for each
-        return None if x is None else jnp.full_like(x, fill, S_prev.dtype)
+        return None if x is None else jnp.full_like(x, fill, sd)
+
+    def part(x, b0, nb, h0, nh):
+        return x[b0:b0 + nb, h0:h0 + nh]
 
     def step(carry, xs):
         dS, dq, dk, dv, dg, dsc = carry
         n, S, phi = xs
-        if phi is not None:
-            S = S + phi[..., None, None] * offset[1]
         t0 = n * C
-        qn = _token_chunk(q, t0, C)
-        x = (qn * jnp.asarray(scale, qn.dtype), _token_chunk(k, t0, C), _token_chunk(v, t0, C),
-             _token_chunk(g, t0, C))
-        don = _token_chunk(do, t0, C) if emit_do else None
-        dqn, dkn, dvn, dgn, dS = _chunk_bwd_step(dS, x, S, don, intra)
-        if scale_grad:
-            dsc = dsc + jnp.sum(qn * dqn)
-        dq = _put_chunk(dq, dqn * jnp.asarray(scale, dqn.dtype), t0)
-        dk, dv = _put_chunk(dk, dkn, t0), _put_chunk(dv, dvn, t0)
-        if g is not None:
-            dg = _put_chunk(dg, dgn, t0)
-        return (dS, dq, dk, dv, dg, dsc), None
+        dS_next = []
+        for (b0, nb, h0, nh), dSg in zip(groups, dS):
+            blk = lambda x: _block(x, b0, nb, t0, C, h0, nh)  # noqa: E731
+            Sg = part(S, b0, nb, h0, nh)
+            if phi is not None:
+                Sg = Sg + part(phi, b0, nb, h0, nh)[..., None, None] * part(offset[1], b0, nb, h0, nh)
+            qb, kb = blk(q), blk(k)
+            sc = jnp.asarray(scale, qb.dtype)
+            qt_raw = jnp.transpose(qb, (0, 2, 3, 1))
+            x = (jnp.swapaxes(qb, 1, 2) * sc, qt_raw * sc, jnp.swapaxes(kb, 1, 2), jnp.transpose(kb, (0, 2, 3, 1)),
+                 jnp.swapaxes(blk(v), 1, 2), None if g is None else jnp.swapaxes(blk(g), 1, 2))
+            don = None if do is None else jnp.swapaxes(blk(do), 1, 2)
+            dqt, dkn, dvn, dgn, dSg = _chunk_bwd_step_kmajor(dSg, x, Sg, don, intra)
+            dS_next.append(dSg)
+            if scale_grad:
+                dsc = dsc + jnp.sum(qt_raw * dqt)
+            dq = lax.dynamic_update_slice(dq, jnp.transpose(dqt * sc, (0, 3, 1, 2)), (b0, t0, h0, 0))
+            dk = lax.dynamic_update_slice(dk, jnp.swapaxes(dkn, 1, 2), (b0, t0, h0, 0))
+            dv = lax.dynamic_update_slice(dv, jnp.swapaxes(dvn, 1, 2), (b0, t0, h0, 0))
+            if g is not None:
+                dg = lax.dynamic_update_slice(dg, jnp.swapaxes(dgn, 1, 2), (b0, t0, h0))
+        return (tuple(dS_next), dq, dk, dv, dg, dsc), None
 
-    dsc0 = jnp.zeros_like(q[0, 0, 0, 0], S_prev.dtype) if scale_grad else None
-    (dS0, dq, dk, dv, dg, dsc), _ = lax.scan(
-        step, (dS, buf(q, 1.0), buf(k, 2.0), buf(v, 3.0), buf(g, 4.0), dsc0),
+    dS0g = tuple(part(dS, b0, nb, h0, nh) for b0, nb, h0, nh in groups)
+    dsc0 = jnp.zeros_like(q[0, 0, 0, 0], sd) if scale_grad else None
+    (dSg, dq, dk, dv, dg, dsc), _ = lax.scan(
+        step, (dS0g, buf(q, 1.0), buf(k, 2.0), buf(v, 3.0), buf(g, 4.0), dsc0),
         (jnp.arange(Tp // C), S_prev, None if offset is None else offset[0]), reverse=True,
         unroll=_scan_unroll(Tp // C))
+    if len(groups) == 1:
+        dS0 = dSg[0]
+    else:
+        dS0 = jnp.zeros(dS.shape, sd)
+        for (b0, nb, h0, nh), d in zip(groups, dSg):
+            dS0 = lax.dynamic_update_slice(dS0, d, (b0, h0, 0, 0))
     return (dq, dk, dv, dg, dS0, dsc) if scale_grad else (dq, dk, dv, dg, dS0)
 
 
-_chunk_tokens.defvjp(_chunk_tokens_fwd,
-                     lambda scale, C, intra, emit, fwd_tile, res, cts: _chunk_tokens_bwd(scale, C, intra, emit, res, cts))
+def _upper_decay(gn):
+    """:func:`tttla_jax.ops.chunk.decay_terms` with ``D`` transposed: ``(Dᵀ, γ, λ, Γ)``,
+    ``Dᵀ_ji = exp(b_i − b_j)·[j ≤ i]`` (same cuts, same exponents)."""
+    c, s = segment_cumsum(gn, by_matmul=True)
+    mask, gamma, lam, Gam = segment_decays(c, s)
+    maskt = jnp.swapaxes(mask, -1, -2)
+    Dt = masked_decay(c[..., None, :], c[..., :, None], maskt)
+    return Dt, gamma, lam, Gam
+
+
+def _chunk_bwd_step_kmajor(dS, x, S, don, intra):
+    """:func:`_chunk_bwd_step` with every product's left operand contracted over its last
+    axis (XLA:CPU hands those to its fused matmul library; a transposed left operand ran as a
+    separate, slower dot). ``x = (q [B, H, C, K], qᵀ [B, H, K, C], k, kᵀ, v [B, H, C, V],
+    g [B, H, C] or None)``; the intra-chunk matrices are formed transposed,
+    ``Aᵀ = (K Qᵀ) ⊙ Dᵀ`` and ``dPᵀ = (V dOᵀ) ⊙ Dᵀ``, so that
+    ``dV = (λK) dS' + Aᵀ dO``, ``dK = λ ⊙ (V dS'ᵀ) + dPᵀ Q``,
+    ``dQᵀ = Kᵀ dPᵀ + γ ⊙ (S dOᵀ)`` (the query gradient comes out key-major) and
+    ``dS = Γ dS' + (γ ⊙ Q)ᵀ dO``. Returns ``(dqᵀ [B, H, K, C], dk, dv, dg or None, dS_prev)``."""
+    qn, qt, kn, kt, vn, gn = x
+    mm = jnp.matmul
+    if gn is None:
+        dv = mm(kn, dS)
+        dk = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
+        dS_prev = dS
+        dqt = jnp.zeros_like(qt)
+        if don is not None:
+            dqt = jnp.einsum("bhkv,bhiv->bhki", S, don)
+            dS_prev = dS_prev + mm(qt, don)
+            if intra:
+                maskt = jnp.swapaxes(lower_mask(qn.shape[-2]), 0, 1)
+                At = jnp.where(maskt, jnp.einsum("bhjk,bhik->bhji", kn, qn), 0.0)
+                dPt = jnp.where(maskt, jnp.einsum("bhjv,bhiv->bhji", vn, don), 0.0)
+                dv = dv + mm(At, don)
+                dk = dk + mm(dPt, qn)
+                dqt = dqt + mm(kt, dPt)
+        return dqt, dk, dv, None, dS_prev
+    Dt, gamma, lam, Gam = _upper_decay(gn)
+    kl = kn * lam[..., None]
+    dv = mm(kl, dS)
+    vdS = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
+    dk = vdS * lam[..., None]
+    e = jnp.sum(kl * vdS, axis=-1)  # ∂/∂b_j through λ_j (negative sign below)
+    db = -e
+    dbC = jnp.sum(e, axis=-1) + Gam * jnp.sum(S * dS, axis=(-2, -1))
+    dS_prev = Gam[..., None, None] * dS
+    dqt = jnp.zeros_like(qt)
+    if don is not None:
+        if intra:
+            At = jnp.einsum("bhjk,bhik->bhji", kn, qn) * Dt
+            dAt = jnp.einsum("bhjv,bhiv->bhji", vn, don)
+            dv = dv + mm(At, don)
+            dPt = dAt * Dt
+            dk = dk + mm(dPt, qn)
+            Et = dAt * At
+            db = db + jnp.sum(Et, axis=-2) - jnp.sum(Et, axis=-1)
+            dOSt = jnp.einsum("bhkv,bhiv->bhki", S, don)
+            qgt = qt * gamma[..., None, :]
+            dqt = mm(kt, dPt) + dOSt * gamma[..., None, :]
+            db = db + jnp.sum(qgt * dOSt, axis=-2)
+            dS_prev = dS_prev + mm(qgt, don)
+        else:
+            dqt = jnp.einsum("bhkv,bhiv->bhki", S, don)
+            dS_prev = dS_prev + mm(qt, don)
+    db = db.at[..., -1].add(dbC)
+    dg = cut_grad(reverse_cumsum_by_matmul(db), gn)
+    return dqt, dk, dv, dg, dS_prev
+
+
+_chunk_tokens.defvjp(_chunk_tokens_fwd, _chunk_tokens_bwd)
 
 
 def _chunk_fwd_step(S, x, intra, emit, k_major=False):
