@@ -1,4 +1,4 @@
-"""Benchmark: how fast can the chunked linear-attention forward be on XLA:CPU here?
+"""Benchmark: how fast can the chunked linear-attention forward (and forward+backward) be on XLA:CPU here?
 
 Times ONLY the products the chunked forward must do — per tile of C tokens (``--tiles``) and per (B, H)
 pair ``Q Kᵀ`` (C×K·K×C), ``(Q Kᵀ) V`` (C×C·C×V), ``Q S`` (C×K·K×V) and the state increment
@@ -14,10 +14,18 @@ nothing else: no causal mask, no slicing from ``[B, T, H, d]``, no transposes. T
   the chunked form); ``scan in 2 groups``: the same with the batch split into two
   independent groups inside each step, as the forward without decay runs it.
 
+and ``fwd+bwd products``: the forward's products (keeping the state before every tile) then
+the backward's nine per tile in a reverse scan (``Aᵀ = K Qᵀ``, ``dPᵀ = V dOᵀ``,
+``dV = K dS + Aᵀ dO``, ``dK = V dSᵀ + dPᵀ Q``, ``dQᵀ = Kᵀ dPᵀ + S dOᵀ``, ``dS ← dS + Qᵀ dO``;
+the chunked backward's step without decay, :func:`tttla_jax.ops.linear_attention._chunk_bwd_step_kmajor`),
+with a stand-in output cotangent, nothing else — the implied best-possible forward+backward;
+
 and prints, next to them: the FLOPs, their rate, the rate of one large 2-D matmul measured in
 the same run (``--matmul-n``³, before and after), the forward of ``tt.linear_attention``
-(``impl="chunked"``, ``chunk_size=64``, no decay: it runs 32-token tiles on a CPU host) and, with
-``--fla``, flash-linear-attention's PyTorch ``naive_chunk_linear_attn`` (in a worker of
+(``impl="chunked"``, ``chunk_size=64``, no decay: it runs 32-token tiles on a CPU host), its
+forward+backward (loss ``sum(o²)``, as ``benchmarks/forms.py``; without and with a per-head
+log-decay) and, with ``--fla``, flash-linear-attention's PyTorch ``naive_chunk_linear_attn``
+(forward, and forward+backward of the same loss; in a worker of
 ``--torch-python``, as ``benchmarks/peers.py``). The faster of the two product timings is the
 implied best-possible forward on XLA:CPU in this layout; ``peer / 3`` is what 3× the peer needs.
 All timings are interleaved (every form once per round), medians of ``--rounds``.
@@ -223,6 +231,7 @@ def main(argv=None):
         peer = TorchPeer(a.torch_python, dict(kind="fla_la", file=path, chunk=64, scale=scale), arrays,
                          a.torch_threads, workdir)
         runs["fla naive_chunk_linear_attn fwd (PyTorch)"] = lambda: (peer.call("fwd")(), float("nan"))
+        runs["fla naive_chunk_linear_attn fwd+bwd (PyTorch)"] = lambda: (peer.call("fwdbwd")(), float("nan"))
     rate_before = matmul_rate(a.matmul_n)
     for r in runs.values():  # compile / warm up
         r()
@@ -297,6 +306,13 @@ def main(argv=None):
         summary.update(peer_fwd_ms=pm, peer_over_3_ms=pm / 3, ours_speedup=pm / summary["ours_fwd_ms"],
                        best_possible_speedup=pm / best, peer_min_ms=min(get["fla naive_chunk_linear_attn fwd (PyTorch)"]["wall_samples_ms"]),
                        three_x_reachable_by_products=best <= pm / 3)
+        pfb = get["fla naive_chunk_linear_attn fwd+bwd (PyTorch)"]["wall_ms"]
+        summary.update(peer_fwdbwd_ms=pfb, ours_fwdbwd_speedup=pfb / summary["ours_fwdbwd_ms"],
+                       ours_fwdbwd_decay_vs_peer_nodecay=pfb / summary["ours_fwdbwd_decay_ms"],
+                       best_possible_fwdbwd_speedup=pfb / fb_best)
+        print(f"peer fwd+bwd {pfb:.2f} ms: ours {summary['ours_fwdbwd_speedup']:.2f}x (with a log-decay "
+              f"{summary['ours_fwdbwd_decay_vs_peer_nodecay']:.2f}x); the products alone would give "
+              f"{summary['best_possible_fwdbwd_speedup']:.2f}x")
         print(f"peer {pm:.2f} ms (fastest round {summary['peer_min_ms']:.2f} ms): 3x the peer needs <= {pm / 3:.2f} ms; "
               f"ours {summary['ours_speedup']:.2f}x; the products alone would give {summary['best_possible_speedup']:.2f}x "
               f"({'reachable' if best <= pm / 3 else 'NOT reachable'} by the products alone)")
