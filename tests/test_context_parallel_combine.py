@@ -8,14 +8,18 @@ parameter; through ``sharded_mixer`` with T not a multiple of the devices (padde
 end); the combined form is really taken (``combine_reason`` is None, and trace-time spies: a
 fresh combined call never reaches ``mixer_apply``, the pipelined form) and the pipelined
 fallback for the cases it does not cover (V0/V1, the MLP memory, an unaligned slice
-continuing a cache, packed documents continuing a cache) still equals one device. Unaligned
+continuing a cache, LaCT with a window on packed documents continuing a cache) still equals
+one device. Unaligned
 unpacked slices on a fresh call (``T_local`` not a multiple of the chunk / TTT batch) run
 combined, every row as one packed document: LaCT V2 (with and without Muon, window and conv
 halos), V3–V6 and Titans at seq = 2, 4, 8, chunks / batches spanning two and three devices,
 ``T`` not a multiple of ``P`` (padded). LaCT and Titans with packed documents
 (a fresh call) run combined: documents cross device boundaries at every phase within a chunk /
 TTT batch (exactly at a boundary too), chunks / batches spanning three devices, documents
-shorter than a chunk, empty documents, ``T`` not a multiple of ``P·C``. A Titans cache runs combined at a
+shorter than a chunk, empty documents, ``T`` not a multiple of ``P·C``; packed documents also
+continuing a per-document cache (LaCT V2–V6 and Titans: a crossing chunk / batch begun in the
+cache's buffer, chunks and batches over three devices, LaCT entries with ``buf_len`` 0 and C,
+a conv halo; LaCT with a window stays pipelined). A Titans cache runs combined at a
 TTT-batch boundary and pipelined inside a batch, a LaCT cache combined at a chunk boundary
 (``buf_len`` 0 or C, per row) and pipelined inside a chunk (chosen at run time). The
 default suite keeps three cases (LaCT V2 with the window branch and a short conv whose halos
@@ -247,9 +251,45 @@ SLOW_CASES = [
     # 2 x 7 tokens, batch 6 (3 chunks), documents shorter than a batch, an empty one at the end
     (True, dict(id="titans_packed_seq2", name="titans", seq=2, T=14, packed=[0, 3, 5, 14, 14],
                 opts={"chunk_size": 2, "batch_size": 6})),
-    # packed documents that stay pipelined: continuing a cache, V1, the MLP memory
-    (False, dict(id="lact_v2_packed_cache_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12], cached=2,
-                 opts={"preset": "v2", "chunk_size": 3})),
+    # Titans packed documents continuing a cache: combined. Each document continues from its own
+    # cache entry ((S, M) and its buf_len buffered tokens); the crossing document's current TTT
+    # batch may begin in its cache's buffer (h = buf_len + its tokens on earlier devices).
+    # 4 x 4 tokens, batch 4, 3 tokens buffered per document: document 1 crosses device 2 at h = 2
+    (True, dict(id="titans_packed_cache_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16], cached=3,
+                want_buf=[3, 3, 3], opts={"chunk_size": 2, "batch_size": 4})),
+    # 8 x 5 tokens, 2 buffered: document 1 crosses at h = 2, 3, 0, 1; document 2 (from token 24)
+    # crosses device 5 with its batch begun in its cache's buffer (h = 3: 2 buffered + 1)
+    (True, dict(id="titans_packed_cache_phases_seq8", name="titans", seq=8, T=40, packed=[0, 1, 24, 40],
+                cached=2, want_buf=[2, 2, 2], opts={"chunk_size": 2, "batch_size": 4})),
+    # 8 x 2 tokens, batch 5 (over 3 devices), 3 buffered (document 0: buf_len overridden to 0),
+    # a conv halo, an empty document: document 1 crosses device 1 at h = 4 (3 from its cache)
+    (True, dict(id="titans_packed_cache_conv_seq8", name="titans", seq=8, T=16, packed=[0, 1, 11, 11, 16],
+                cached=3, buf=[0, None, None, None], want_buf=[0, 3, 3, 3],
+                opts={"chunk_size": 1, "batch_size": 5, "short_conv": 3})),
+    # LaCT packed documents continuing a cache (no window branch): combined. Each document
+    # continues from its own entry (state, buf_len buffered tokens: 0 = W^(0), C = a pending
+    # update); h = (buf_len + its tokens on earlier devices − 1) mod C + 1
+    # lengths 3, 6, 0, 3 over 4 x 3 tokens, chunk 3, 2 buffered: document 1 crosses device 2 at h = 2
+    (True, dict(id="lact_v2_packed_cache_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12], cached=2,
+                want_buf=[2, 2, 2, 2], opts={"preset": "v2", "chunk_size": 3})),
+    # 8 x 5 tokens, chunk 4, 2 buffered: document 2 (from token 24) crosses device 5 with its
+    # chunk begun in its cache's buffer (h = 3: 2 buffered + 1)
+    (True, dict(id="lact_v4_packed_cache_phases_seq8", name="lact", seq=8, T=40, packed=[0, 1, 24, 40],
+                cached=2, want_buf=[2, 2, 2], opts={"preset": "v4", "chunk_size": 4})),
+    # 8 x 2 tokens, chunk 4 (over 3 devices), a conv halo: document 0 from W^(0) (buf_len 0),
+    # document 1 with a pending whole chunk (buf_len C), an empty one, document 3 with 2 buffered
+    # crossing device 6 at h = 3 (2 from its cache)
+    (True, dict(id="lact_v3_packed_cache_conv_seq8", name="lact", seq=8, T=16, packed=[0, 1, 11, 11, 16],
+                cached=4, buf=[0, None, None, 2], want_buf=[0, 4, 4, 2],
+                opts={"preset": "v3", "chunk_size": 4, "short_conv": 3})),
+    # no momentum (V5), 2 x 7 tokens; no Muon (V6)
+    (True, dict(id="lact_v5_packed_cache_seq2", name="lact", seq=2, T=14, packed=[0, 3, 5, 14], cached=3,
+                opts={"preset": "v5", "chunk_size": 4})),
+    (True, dict(id="lact_v6_packed_cache_seq4", name="lact", seq=4, T=12, packed=[0, 5, 12, 12], cached=1,
+                opts={"preset": "v6", "chunk_size": 2})),
+    # packed documents that stay pipelined: LaCT with a window continuing a cache, V1, the MLP memory
+    (False, dict(id="lact_v2_win_packed_cache_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12], cached=2,
+                 opts={"preset": "v2", "chunk_size": 3, "window": 2})),
     (False, dict(id="lact_v1_packed_seq4", name="lact", seq=4, T=12, packed=[0, 3, 9, 9, 12],
                  opts={"preset": "v1", "chunk_size": 3})),
     (False, dict(id="titans_mlp_packed_seq4", name="titans", seq=4, T=16, packed=[0, 5, 11, 16],

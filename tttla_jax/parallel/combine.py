@@ -45,7 +45,12 @@ device's first token minus one — the state before its current chunk (combined)
 (:func:`_lact_packed_apply`); any slice length works. Titans (linear memory) likewise, from
 ``(S, M)`` at the crossing document's last TTT-batch boundary plus its batch tokens so far: one
 widened run of the layer's packed stream gives the transform and, as coefficients of the
-incoming state, the outputs and caches (:func:`_titans_packed_apply`).
+incoming state, the outputs and caches (:func:`_titans_packed_apply`). Both packed forms also
+continue a per-document cache (LaCT without the window branch): every document from its own
+entry (state and its ``buf_len`` buffered tokens), the crossing document's current chunk /
+batch beginning in its cache's buffer when it has fewer tokens on the earlier devices than
+the segment so far; a LaCT document starting on a device hands on the cache's momentum
+decayed by its updated chunks' ``ᾱ`` plus its ``X`` (buffered tokens included).
 
 Unaligned unpacked slices on a fresh call (``T_local`` not a multiple of the chunk / TTT
 batch, so segments straddle devices): an unpacked row is a packed row holding one document,
@@ -58,8 +63,10 @@ When the combined form applies (:func:`combine_reason` is ``None``): a fresh seq
 parallel form per device; unaligned ones the packed form, one document per row); a cache at a
 segment boundary (:func:`cache_at_boundary`, checked at run time) with the slice aligned to
 the layer's segments (LaCT: ``T_local`` a multiple of ``chunk_size``; Titans: of
-``batch_size``); packed documents on a fresh call (any ``T_local``). Otherwise the layer runs
-pipelined (packed documents continuing a cache, an unaligned slice continuing a cache).
+``batch_size``); packed documents (any ``T_local``) on a fresh call or continuing a cache
+(LaCT: without the window branch). Otherwise the layer runs pipelined (LaCT with the window
+branch on packed documents continuing a cache, an unaligned unpacked slice continuing a
+cache).
 Gradients: plain autodiff through the collectives
 (``all_gather``); Titans' transform (step 1–2) is rematerialised in the backward pass.
 """
@@ -96,13 +103,15 @@ def combine_reason(mixer, local_len: Optional[int] = None, *, cache=None, cu_seq
     device, unaligned ones with every row as one packed document. A call with a cache runs
     combined when ``local_len`` is aligned and the cache sits at a segment boundary
     (:func:`cache_at_boundary`, decided at run time by a ``lax.cond``), else pipelined. Packed
-    documents (``cu_seqlens``) run combined on a fresh call, for any ``local_len``."""
+    documents (``cu_seqlens``) run combined for any ``local_len``, on a fresh call or
+    continuing a cache (LaCT with the window branch then runs pipelined)."""
     kind = _kind(mixer)
     if kind is None:
         return f"{type(mixer).__name__}: no combined form (LaCT and Titans layers only)"
     packed = cu_seqlens is not None
-    if packed and cache is not None:
-        return "packed documents (cu_seqlens) continuing a cache run pipelined"
+    if packed and cache is not None and kind == "lact" and mixer.window is not None:
+        return ("LaCT with a window branch: packed documents (cu_seqlens) continuing a cache run "
+                "pipelined (each document's cached keys would cross devices)")
     if kind == "lact":
         rule = mixer.rule
         why = rule.breaks_associativity()
@@ -184,7 +193,7 @@ def combined_apply(mixer, x, *, positions=None, axis_name: Optional[str] = None,
     if not packed and cache is None and L % _segment(mixer):
         return _rows_as_documents(m, x, positions, c0, axis)
     if packed and _kind(mixer) == "lact":
-        return _lact_packed_apply(m, x, positions, c0, cu_seqlens, axis)
+        return _lact_packed_apply(m, x, positions, c0, cu_seqlens, axis, given=cache is not None)
     if packed:
         return _titans_packed_apply(m, x, c0, cu_seqlens, axis)
     if _kind(mixer) == "lact":
@@ -328,9 +337,11 @@ def _lact_apply(mixer, x, positions, c0, axis, given=False):
 
 # ------------------------------------------------------------------ LaCT, packed documents
 
-def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
+def _lact_packed_apply(mixer, x, positions, c0, cu, axis, given=False):
     """LaCT (V2–V6) on this device's slice ``x`` ``[1, L, W]`` of N packed documents (global
-    ``cu`` ``[N + 1]``, a fresh call): the combined form across devices.
+    ``cu`` ``[N + 1]``; a fresh call, or ``given``: continuing the per-document cache ``c0``,
+    no window branch — each stream then starts with its entry's buffered tokens, see
+    docs/context_parallel.md): the combined form across devices.
 
     Chunks restart at every document's start, so a device boundary generally falls inside a
     chunk. The document crossing into device ``p`` continues from the cache the single-device
@@ -370,7 +381,11 @@ def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
     # the document crossing into this device (holding tokens off − 1 and off) and its buffer length
     d = _seq_of(cu, off - 1, N)
     cross_in = (p > 0) & (cu[d + 1] > off)
-    h = jnp.where(cross_in, jnp.mod(off - cu[d] - 1, C) + 1, 0)
+    # (given: continuing the per-document cache c0, whose buf_len buffered tokens start each
+    # document's stream; a current chunk that began in the buffer takes its first na rows there)
+    n_all = c0["buf_len"].astype(jnp.int32) if given else jnp.zeros((N,), jnp.int32)
+    h = jnp.where(cross_in, jnp.mod(n_all[d] + off - cu[d] - 1, C) + 1, 0)
+    na = jnp.where(cross_in, jnp.maximum(h - (off - cu[d]), 0), 0)
     # halo: the C rows before the slice of (k, v, lr, m)
     parts = [fk.reshape(1, L, H * D), fv.reshape(1, L, H * D)]
     if lr is not None:
@@ -382,16 +397,34 @@ def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
     ext = jnp.concatenate([hal, feat], axis=1)                                     # [1, C + L, F]
     sizes = [H * D, H * D] + ([H * 3] if lr is not None else []) + ([H] if m is not None else [])
     split = lambda a: jnp.split(a, np.cumsum(sizes)[:-1].tolist(), axis=-1)  # noqa: E731
-    buf = split(lax.dynamic_slice_in_dim(jnp.concatenate([hal, jnp.zeros_like(hal)], axis=1), C - h, C, 1))
+    bufd = lax.dynamic_slice_in_dim(jnp.concatenate([hal, jnp.zeros_like(hal)], axis=1), C - h, C, 1)
+    if given:  # the cache's buffered rows, in the halo's layout [N, C, F]
+        names = ["buf_k", "buf_v"] + (["buf_lr"] if lr is not None else []) + (["buf_m"] if m is not None else [])
+        crow = jnp.concatenate([c0[k].reshape(N, C, -1).astype(sd) for k in names], axis=-1)
+        bufd = jnp.where((jnp.arange(C) < na)[None, :, None], crow[d][None], bufd)
+    buf = split(bufd)
     buf_k, buf_v = buf[0].reshape(1, C, H, D), buf[1].reshape(1, C, H, D)
     buf_lr = buf[2].reshape(1, C, H, 3) if lr is not None else None
     buf_m = buf[-1].reshape(1, C, H) if m is not None else None
     st0 = rule.init_state(*mixer._fast_params(), 1)
 
+    def doc_w(q):
+        """Document ``q``'s static fast weights (φ's W0, W2; W1 unused): ``W^(0)``, or continuing
+        a cache entry with ``buf_len > 0``, that entry's (as the single-device packed call)."""
+        if not given:
+            return st0.w
+        return tuple(None if w is None else jnp.where(n_all[q] == 0, w, c0[f"w{i}"][q][None].astype(w.dtype))
+                     for i, w in enumerate(st0.w))
+
     # the document holding the device's last token: its stream here (ext coordinates) and updates
     e = _seq_of(cu, off + L - 1, N)
     cont = cross_in & (e == d)
-    s0 = jnp.where(cont, C - h, C + cu[e] - off)
+    s0 = jnp.where(cont, C - h, C + cu[e] - off - n_all[e])          # a reset: its buffered rows first
+    if given:  # the stream's rows that come from the cache's buffer (ext coordinates s0 …)
+        cnt = jnp.where(cont, na, n_all[e])
+        i = jnp.arange(C + L, dtype=jnp.int32)
+        fromc = (i >= s0) & (i < s0 + cnt)
+        ext = jnp.where(fromc[None, :, None], crow[e][jnp.clip(i - s0, 0, C - 1)][None], ext)
     R = C + L - s0
     nu = (R + C - 1) // C - 1                                       # updating chunks of the stream
     Jmax = (C + L) // C + 1
@@ -404,7 +437,7 @@ def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
         ev = ext[..., H * D:2 * H * D].reshape(1, C + L, H, D)
         elr = ext[..., 2 * H * D:2 * H * D + 3 * H].reshape(1, C + L, H, 3) if lr is not None else None
         em = ext[..., -H:]                                          # [1, C + L, H]
-        xi = rule.prepare(ek, ek, ev, elr, st0, em)
+        xi = rule.prepare(ek, ek, ev, elr, st0._replace(w=doc_w(e)), em)
         jj = jnp.where(upd, j, Jmax)
         msum = jax.ops.segment_sum(jnp.where(upd[:, None], em[0], 0), jj, num_segments=Jmax + 1)[:Jmax]
         abar = jnp.where((jnp.arange(Jmax) < nu)[:, None], msum / C, 1)             # [Jmax, H]
@@ -414,6 +447,9 @@ def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
         coef = jnp.where(upd[:, None], after[jnp.minimum(j, Jmax - 1)], 0) * sign    # [C + L, H]
         pk = xi.lrs[1][0] * jnp.moveaxis(features(xi.state.w, jnp.moveaxis(xi.k, 1, 2), rule.fast_net)[0], 1, 0)
         X = jnp.einsum("th,thv,thd->hvd", coef, xi.v[0], pk)[None]                  # [1, H, dv, dh]
+        if given:  # a reset continues the cache's momentum (W^(0)'s for a fresh entry, buf_len 0)
+            M_e = jnp.where(n_all[e] == 0, st0.mom[1][0].astype(sd), c0["mom1"][e].astype(sd))
+            X = X + jnp.where(cont, 0, incl[0][:, None, None] * M_e)[None]
         A = jnp.where(cont, incl[0], 0)[None]                                        # [1, H]
         mom_in = _carry_in(A, X, axis, p, matrix=False)             # momentum entering this device
     # the per-document caches: the crossing document continues (W1 = 0 for now), the others fresh
@@ -421,7 +457,7 @@ def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
           if key not in ("pos",) and not key.startswith(("attn_", "conv_"))}
     at_d = (jnp.arange(N) == d) & cross_in                          # [N]
     put = lambda a, val: jnp.where(at_d.reshape((N,) + (1,) * (a.ndim - 1)), val.astype(a.dtype), a)  # noqa: E731
-    for i, w in enumerate(st0.w):
+    for i, w in enumerate(doc_w(d)):
         if w is not None:
             fc[f"w{i}"] = put(fc[f"w{i}"], jnp.zeros_like(w) if i == 1 else w)
     if mom_in is not None:
@@ -438,7 +474,7 @@ def _lact_packed_apply(mixer, x, positions, c0, cu, axis):
     b = new_fc["w1"][e][None].astype(sd)
     w1_in = _carry_in(jnp.where(cont, 1.0, 0.0).astype(sd) * jnp.ones((1, H), sd), b, axis, p, matrix=False)
     # the crossing document's tokens read the incoming W1 too (the read is linear in W1)
-    ws = tuple(None if w is None else w.astype(sd) for w in st0.w)
+    ws = tuple(None if w is None else w.astype(sd) for w in doc_w(d))
     corr = rule.read(LaCTState(w=(ws[0], w1_in, ws[2])), jnp.moveaxis(fq.astype(sd), 1, 2))  # [1, H, L, dv]
     mine = cross_in & (jnp.arange(L) < cu[d + 1] - off)              # [L]
     o = o + jnp.where(mine[None, :, None, None], jnp.moveaxis(corr, 1, 2), 0).astype(o.dtype)
@@ -573,12 +609,15 @@ def _titans_apply(mixer, x, positions, c0, axis):
 
 def _titans_packed_apply(mixer, x, c0, cu, axis):
     """Titans (linear memory) on this device's slice ``x`` ``[1, L, W]`` of N packed
-    documents (global ``cu`` ``[N + 1]``, a fresh call): the combined form across devices.
+    documents (global ``cu`` ``[N + 1]``; a fresh call, or continuing the per-document cache
+    ``c0``): the combined form across devices.
 
     The document crossing into device ``p`` continues from the cache the single-device layer
     holds after token ``p·L − 1``: ``(S, M)`` at its last TTT-batch boundary (from the combine)
     and the ``h ∈ 0 … batch_size − 1`` tokens of its current batch so far (a halo of the
-    earlier devices' q, k, v, θ and gate projections). Everything the device computes is affine
+    earlier devices' q, k, v, θ and gate projections; with a cache, ``h`` counts the document's
+    ``buf_len`` buffered tokens too, and a batch that began in the cache's buffer takes its
+    first ``buf_len`` rows from there). Every other document continues from its cache entry. Everything the device computes is affine
     in that incoming ``(S, M)``, so ONE run of the layer's packed stream
     (:func:`tttla_jax.nn._segments.run_segments_packed`) with the state widened by ``2K``
     columns (the crossing document's columns start from ``[0 | I | 0]`` / ``[0 | 0 | I]``, every
@@ -601,10 +640,13 @@ def _titans_packed_apply(mixer, x, c0, cu, axis):
     sd = c0["buf_theta"].dtype
     theta = mixer.max_lr * jax.nn.sigmoid(mixer.theta_proj(x).astype(sd))
     eta_pre, alpha_pre = mixer.eta_proj(x).astype(sd), mixer.alpha_proj(x).astype(sd)
-    # the document crossing into this device and the tokens of its current TTT batch before it
+    # the document crossing into this device and the tokens of its current TTT batch before it:
+    # its cache's buf_len buffered tokens (a fresh call: none) and its tokens on earlier devices
     d = _seq_of(cu, off - 1, N)
     cross_in = (p > 0) & (cu[d + 1] > off)
-    h = jnp.where(cross_in, jnp.mod(off - cu[d], Pb), 0)
+    n_d = c0["buf_len"][d].astype(jnp.int32)
+    h = jnp.where(cross_in, jnp.mod(n_d + off - cu[d], Pb), 0)
+    na = jnp.maximum(h - (off - cu[d]), 0)     # > 0: the batch began in the cache's buffer (na = n_d)
     xs = (q, k, v, theta, eta_pre, alpha_pre)
     names = ("buf_q", "buf_k", "buf_v", "buf_theta", "buf_eta", "buf_alpha")
     bufs = []
@@ -616,7 +658,9 @@ def _titans_packed_apply(mixer, x, c0, cu, axis):
         flat = a.reshape(1, L, -1).astype(old.dtype)
         hal = _ctx.halo(flat, jnp.zeros((1, Pb - 1, flat.shape[-1]), old.dtype), axis)
         buf = lax.dynamic_slice_in_dim(jnp.concatenate([hal, jnp.zeros_like(hal)], axis=1), Pb - 1 - h, Pb - 1, 1)
-        buf = jnp.where(jnp.arange(Pb - 1)[None, :, None] < h, buf, 0).reshape((1,) + old.shape[1:])
+        i = jnp.arange(Pb - 1)[None, :, None]
+        own = old[d].reshape(1, Pb - 1, -1).astype(old.dtype)          # the crossing document's cache buffer
+        buf = jnp.where(i < na, own, jnp.where(i < h, buf, 0)).reshape((1,) + old.shape[1:])
         at = ((jnp.arange(N) == d) & cross_in).reshape((N,) + (1,) * (old.ndim - 1))
         bufs.append(jnp.where(at, buf, old))
     at_d = ((jnp.arange(N) == d) & cross_in)[:, None, None, None]
