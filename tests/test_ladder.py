@@ -156,7 +156,7 @@ def test_parallel_equals_recurrent_with_grads_float64(name, T):
 
 
 @pytest.mark.parametrize("name", ["v2", "v3", "v4", "v5", "v6"])
-@pytest.mark.parametrize("T", [1, 4, 9, 12])
+@pytest.mark.parametrize("T", [1, 4, 9, pytest.param(12, marks=pytest.mark.slow)])
 def test_parallel_equals_recurrent_shapes_float64(name, T):
     """T = 1, one chunk only (T = C), T not a multiple of C, T a multiple of C."""
     rule = ladder(name, chunk_size=4)

@@ -84,7 +84,7 @@ def test_recurrent_and_chunked_lm_agree_with_remat():
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(g0))
 
 
-@pytest.mark.parametrize("impl,remat", [("recurrent", False), ("chunked", True)])
+@pytest.mark.parametrize("impl,remat", [pytest.param("recurrent", False, marks=pytest.mark.slow), ("chunked", True)])
 def test_prefill_then_decode_equals_full_forward(impl, remat):
     logits, cache, _, stepped, c = run(impl, remat)
     assert_close(stepped, logits)

@@ -130,7 +130,7 @@ SLOW_CASES = ("delta_conv_gated",)
 DEFAULT_CASES = [c if c not in SLOW_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
+@pytest.mark.parametrize("impl", ["chunked", pytest.param("recurrent", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", DEFAULT_CASES)
 def test_packed_equals_separate_calls(case, impl):
     r = run(case, impl, full=impl == "chunked")

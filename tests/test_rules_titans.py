@@ -78,7 +78,7 @@ def outs_and_grads(fn, args, argnums):
 # (fully sequential), batch = several chunks, batch = whole sequence (None)
 CASES = [
     ("linear", 3, None, 8),
-    ("linear", 2, 4, 9),
+    pytest.param("linear", 2, 4, 9, marks=pytest.mark.slow),
     ("linear", 1, 1, 4),
     ("mlp", 2, 4, 7),
     pytest.param("linear", 4, None, 11, marks=pytest.mark.slow),

@@ -51,7 +51,7 @@ def _packed_form(cu, masking, impl):
     return f
 
 
-@pytest.mark.parametrize("masking", ["causal", "chunk", "none"])
+@pytest.mark.parametrize("masking", ["causal", "chunk", pytest.param("none", marks=pytest.mark.slow)])
 def test_every_form_equals_each_sequence_alone_float64(masking):
     cu, x = _packed()
     forms = {"per_sequence": _per_sequence(cu, masking)}
