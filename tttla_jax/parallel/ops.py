@@ -455,7 +455,12 @@ def linear_attention(
         return dcl + lay.to_carry(a_end[..., None, None] * dSF)
 
     if _la_states_first_applies(q, k, v, log_decay, cu_seqlens, chunk_size, impl):
-        core = _la_states_first(local_cot, axis_name, min(chunk_size, L))
+        import importlib
+
+        from tttla_jax import impl as _impl
+        tile = importlib.import_module("tttla_jax.ops.linear_attention")._CPU_TILE
+        C = min(chunk_size, tile) if _impl.platform() == "cpu" else chunk_size
+        core = _la_states_first(local_cot, axis_name, min(C, L))  # the local op's tiling
     else:
         core = _state_passing(local, transform, local_cot, axis_name, matrix=False)
     o, SF = core((qf, kf, vf, g, sc), lay.h0m(h0 + _varying_zero(qf)), lay)
