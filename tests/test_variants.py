@@ -15,7 +15,8 @@ compile of all forms' forward passes, on the registry's small example inputs.
 The vmap variant stacks two differently seeded input sets along a new leading axis (every
 input, initial states included) and compares the forms under ``jax.vmap`` with the vmapped
 recurrence (itself a pure ``lax.scan``, batched by JAX). The default suite runs it jitted
-for two rules; every rule, with and without jit, is ``@pytest.mark.slow``. Measured on the
+for two rules; every rule, with and without jit, is ``@pytest.mark.slow``. Likewise without
+``jit`` (no vmap): three rules by default, every rule in the slow sweep. Measured on the
 2 shared CPU cores of the development machine (load 3-5): this file's default set ~70 s wall
 (~50 s of CPU, almost all compilation — one compile per rule and variant), the slow vmap
 matrix ~2 min.
@@ -49,6 +50,8 @@ NAMES = _distinct_names()
 # the default suite's vmap variant: the two rules with the most hand-written batching-
 # sensitive machinery (the ops' WY chunk step; LaCT's chunked and associative layouts)
 VMAP_DEFAULT = [n for n in ("gated_delta_net", "ladder_v2") if n in NAMES]
+# the default suite's eager (no jit) variant: one cheap rule per family of ops
+EAGER_DEFAULT = [n for n in ("linear_attention", "delta_net", "ladder_v6") if n in NAMES]
 
 
 def _forms(rule):
@@ -83,10 +86,34 @@ def _inputs(name, seed):
 
 
 class FormsAgreeTest(chex.TestCase):
-    """Each rule: all its forms in one function, run with and without ``jax.jit``."""
+    """Each rule: all its forms in one function, run under ``jax.jit``."""
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     @parameterized.named_parameters(*[(name, name) for name in NAMES])
+    def test_forms_agree(self, name):
+        rule, args = _inputs(name, seed=0)
+        _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
+
+
+class FormsAgreeEagerTest(chex.TestCase):
+    """Three rules (linear attention, the delta rule, LaCT) without ``jax.jit``: op by op,
+    as in a notebook; every rule: the slow class below. (Eager runs dispatch every primitive
+    on its own: this was two thirds of the file's time for all rules.)"""
+
+    @chex.variants(without_jit=True)
+    @parameterized.named_parameters(*[(name, name) for name in EAGER_DEFAULT])
+    def test_forms_agree(self, name):
+        rule, args = _inputs(name, seed=0)
+        _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
+
+
+class FormsAgreeEagerSlowTest(chex.TestCase):
+    """Every other rule without ``jax.jit`` (slow)."""
+
+    pytestmark = pytest.mark.slow
+
+    @chex.variants(without_jit=True)
+    @parameterized.named_parameters(*[(name, name) for name in NAMES if name not in EAGER_DEFAULT])
     def test_forms_agree(self, name):
         rule, args = _inputs(name, seed=0)
         _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
