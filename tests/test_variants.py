@@ -85,14 +85,18 @@ def _inputs(name, seed):
     return rule, build(rule, seed=seed, dtype=F64)
 
 
+def _check_forms(self, name):
+    rule, args = _inputs(name, seed=0)
+    _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
+
+
 class FormsAgreeTest(chex.TestCase):
     """Each rule: all its forms in one function, run under ``jax.jit``."""
 
     @chex.variants(with_jit=True)
     @parameterized.named_parameters(*[(name, name) for name in NAMES])
     def test_forms_agree(self, name):
-        rule, args = _inputs(name, seed=0)
-        _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
+        _check_forms(self, name)
 
 
 class FormsAgreeEagerTest(chex.TestCase):
@@ -103,8 +107,7 @@ class FormsAgreeEagerTest(chex.TestCase):
     @chex.variants(without_jit=True)
     @parameterized.named_parameters(*[(name, name) for name in EAGER_DEFAULT])
     def test_forms_agree(self, name):
-        rule, args = _inputs(name, seed=0)
-        _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
+        _check_forms(self, name)
 
 
 class FormsAgreeEagerSlowTest(chex.TestCase):
@@ -115,8 +118,7 @@ class FormsAgreeEagerSlowTest(chex.TestCase):
     @chex.variants(without_jit=True)
     @parameterized.named_parameters(*[(name, name) for name in NAMES if name not in EAGER_DEFAULT])
     def test_forms_agree(self, name):
-        rule, args = _inputs(name, seed=0)
-        _assert_forms_agree(name, self.variant(_all_forms(rule))(*args))
+        _check_forms(self, name)
 
 
 def _check_under_vmap(self, name):

@@ -606,6 +606,19 @@ def _upper_decay(gn):
     return Dt, gamma, lam, Gam
 
 
+def _state_update_grads(kn, vn, lam, Gam, S, dS):
+    """A decayed chunk's contributions through its state update ``S' = Γ S + (λK)ᵀ V``:
+    ``(dv, dk, db, dbC, dS_prev)`` — ``db`` the log-decay-cumsum gradient through ``λ_j``,
+    ``dbC`` the one through ``Γ`` (added at the chunk's last token)."""
+    kl = kn * lam[..., None]
+    dv = jnp.matmul(kl, dS)
+    vdS = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
+    dk = vdS * lam[..., None]
+    e = jnp.sum(kl * vdS, axis=-1)  # ∂/∂b_j through λ_j (negative sign)
+    dbC = jnp.sum(e, axis=-1) + Gam * jnp.sum(S * dS, axis=(-2, -1))
+    return dv, dk, -e, dbC, Gam[..., None, None] * dS
+
+
 def _chunk_bwd_step_kmajor(dS, x, S, don, intra):
     """:func:`_chunk_bwd_step` with every product's left operand contracted over its last
     axis (XLA:CPU hands those to its fused matmul library; a transposed left operand ran as a
@@ -634,14 +647,7 @@ def _chunk_bwd_step_kmajor(dS, x, S, don, intra):
                 dqt = dqt + mm(kt, dPt)
         return dqt, dk, dv, None, dS_prev
     Dt, gamma, lam, Gam = _upper_decay(gn)
-    kl = kn * lam[..., None]
-    dv = mm(kl, dS)
-    vdS = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
-    dk = vdS * lam[..., None]
-    e = jnp.sum(kl * vdS, axis=-1)  # ∂/∂b_j through λ_j (negative sign below)
-    db = -e
-    dbC = jnp.sum(e, axis=-1) + Gam * jnp.sum(S * dS, axis=(-2, -1))
-    dS_prev = Gam[..., None, None] * dS
+    dv, dk, db, dbC, dS_prev = _state_update_grads(kn, vn, lam, Gam, S, dS)
     dqt = jnp.zeros_like(qt)
     if don is not None:
         if intra:
@@ -806,15 +812,7 @@ def _chunk_bwd_step(dS, x, S, don, intra):
     if gn is None:  # no decay: D the causal mask, γ = λ = Γ = 1, no log-decay gradient
         return _nodecay_bwd_step(dS, qn, kn, vn, S, don, intra)
     D, gamma, lam, Gam = decay_terms(gn)
-    kl = kn * lam[..., None]
-    # contributions through the state update S' = Γ S + (λK)ᵀ V
-    dv = jnp.einsum("bhck,bhkv->bhcv", kl, dS)
-    vdS = jnp.einsum("bhcv,bhkv->bhck", vn, dS)
-    dk = vdS * lam[..., None]
-    e = jnp.sum(kl * vdS, axis=-1)  # ∂/∂b_j through λ_j (negative sign below)
-    db = -e
-    dbC = jnp.sum(e, axis=-1) + Gam * jnp.sum(S * dS, axis=(-2, -1))
-    dS_prev = Gam[..., None, None] * dS
+    dv, dk, db, dbC, dS_prev = _state_update_grads(kn, vn, lam, Gam, S, dS)
     dq = jnp.zeros_like(qn)
     if don is not None:
         if intra:
