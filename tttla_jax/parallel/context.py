@@ -387,7 +387,7 @@ def sequence_parallel_call(mixer, axis_name: str, x, *, cache=None, positions=No
                          f"outside `sequence_parallel(...)` or without them")
     from tttla_jax.parallel import combine
     if combine.combine_reason(mixer, x.shape[1], cache=cache, cu_seqlens=cu_seqlens) is None:
-        if cache is None or cu_seqlens is not None:  # fresh, or packed documents continuing a cache (Titans)
+        if cache is None or cu_seqlens is not None:  # fresh, or packed documents continuing a cache
             return combine.combined_apply(mixer, x, positions=positions, axis_name=axis_name,
                                           cu_seqlens=cu_seqlens, cache=cache)
         # continuing a cache: combined at a segment boundary (combine.cache_at_boundary: Titans'
