@@ -116,8 +116,9 @@ def _packed_mixers():
 
 
 #: @slow in this default check: ttt_mlp shares its packed path with ttt_linear, and the packed
-#: linear_attention layer is checked (outputs, caches, gradients) in test_nn_varlen
-SLOW_DEFAULT = ("ttt_mlp", "linear_attention")
+#: linear_attention and delta_net layers are checked (outputs, caches, gradients, decoding) in
+#: test_nn_varlen
+SLOW_DEFAULT = ("ttt_mlp", "linear_attention", "delta_net")
 
 
 @pytest.mark.parametrize("name", [n if n not in SLOW_DEFAULT else pytest.param(n, marks=pytest.mark.slow)

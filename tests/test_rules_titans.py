@@ -77,7 +77,7 @@ def outs_and_grads(fn, args, argnums):
 # (memory, chunk_size, batch_size, T): T not a multiple of c, T = 1, c = 1 with batch 1
 # (fully sequential), batch = several chunks, batch = whole sequence (None)
 CASES = [
-    ("linear", 3, None, 8),
+    pytest.param("linear", 3, None, 8, marks=pytest.mark.slow),
     pytest.param("linear", 2, 4, 9, marks=pytest.mark.slow),
     ("linear", 1, 1, 4),
     ("mlp", 2, 4, 7),

@@ -68,7 +68,7 @@ def _grouped(cu, group):
     return f
 
 
-@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("gated", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_every_form_equals_each_sequence_alone_float64(gated):
     """chunked: the default (one chunk slot per group); group4 (gated only, to keep the test
     short): groups of 4 of the 12 slots — resets inside a group, groups starting
