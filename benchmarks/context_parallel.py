@@ -456,17 +456,9 @@ def main():
             if "full_transform" in r:
                 ft = r["full_transform"]["median"]
                 rec["combine_share_transform"] = (ft - floor) / ft
-            if "local_token_major" in r:
-                tm = r["local_token_major"]["median"]
-                rec["combine_share_token_major"] = (full - tm) / full
-                ct = rec["cpu_times"]
-                rec["combine_share_token_major_cpu"] = (ct["full"] - ct["local_token_major"]) / ct["full"]
             combine.append(rec)
             print(f"{op:17s} T={T} P={P} combine: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rec["times"].items())
                   + f"; combine {100 * rec['combine_share']:.1f} % of the step"
-                  + (f" (against the token-major op alone: {100 * rec['combine_share_token_major']:.1f} %, "
-                     f"CPU time {100 * rec['combine_share_token_major_cpu']:.1f} %)"
-                     if "combine_share_token_major" in rec else "")
                   + (f" (separate transform: {100 * rec['combine_share_transform']:.1f} %)"
                      if "combine_share_transform" in rec else "")
                   + (f" (state-only passes: {100 * rec['combine_share_state_passes']:.1f} %)"
