@@ -16,6 +16,21 @@ import tttla_jax as tt
 B, T, H, K, V, C = 2, 139, 2, 4, 3, 8  # 18 chunks, the last one padded
 
 
+def _chunked_equals_token_scan(x, masking):
+    """The chunked form against the token scan on the inputs ``x`` (q, k, v, h0 and optionally
+    g), outputs, final state and every gradient; returns the report."""
+    def form(impl):
+        return lambda q, k, v, h0, g=None: tt.linear_attention(
+            q, k, v, log_decay=g, initial_state=h0, output_final_state=True, masking=masking,
+            chunk_size=C, impl=impl)
+
+    report = tt.testing.check_equivalence({"recurrent": form("recurrent"), "chunked": form("chunked")}, x,
+                                          baseline="recurrent")
+    print(masking, report)
+    report.assert_ok()
+    return report
+
+
 def test_decayed_chunk_by_chunk_backward_equals_token_scan_float64():
     rng = np.random.default_rng(0)
     g = -rng.uniform(0, 0.5, size=(B, T, H))
@@ -24,15 +39,7 @@ def test_decayed_chunk_by_chunk_backward_equals_token_scan_float64():
         q=rng.normal(size=(B, T, H, K)), k=rng.normal(size=(B, T, H, K)) / 2, v=rng.normal(size=(B, T, H, V)),
         g=g, h0=rng.normal(size=(B, H, K, V))).items()}
     for masking in ("causal", "chunk", "none"):
-        def form(impl, masking=masking):
-            return lambda q, k, v, g, h0: tt.linear_attention(
-                q, k, v, log_decay=g, initial_state=h0, output_final_state=True, masking=masking,
-                chunk_size=C, impl=impl)
-
-        report = tt.testing.check_equivalence({"recurrent": form("recurrent"), "chunked": form("chunked")}, x,
-                                              baseline="recurrent")
-        print(masking, report)
-        report.assert_ok()
+        _chunked_equals_token_scan(x, masking)
 
 
 @pytest.mark.parametrize("shape", [(4, 2, 2, T), (1, 4, 2, 70), (2, 2, 4, 70)],
@@ -84,14 +91,6 @@ def test_backward_pair_groups_equal_token_scan_float64(monkeypatch, decayed):
         x["g"] = g
     x = {n: jnp.asarray(a, jnp.float64) for n, a in x.items()}
     for masking in ("causal", "chunk"):
-        def form(impl, masking=masking):
-            return lambda q, k, v, h0, g=None: tt.linear_attention(
-                q, k, v, log_decay=g, initial_state=h0, output_final_state=True, masking=masking,
-                chunk_size=C, impl=impl)
-
-        report = tt.testing.check_equivalence({"recurrent": form("recurrent"), "chunked": form("chunked")}, x,
-                                              baseline="recurrent")
-        print(masking, report)
-        report.assert_ok()
+        report = _chunked_equals_token_scan(x, masking)
         assert {e.quantity for e in report.entries} >= {"grad[q]", "grad[k]", "grad[v]", "grad[h0]"} | (
             {"grad[g]"} if decayed else set())
